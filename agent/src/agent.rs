@@ -1,0 +1,162 @@
+//! The `tally agent` role: the sampling loop and the HTTP endpoints.
+//!
+//! One thread samples (NVML and kernel maps block; they never run on the
+//! async runtime) and publishes an immutable [`Snapshot`] through a watch
+//! channel; every output reads the latest one.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use hyper::{Method, Request, StatusCode, body::Incoming};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span};
+
+use crate::{
+    config::Config,
+    gpu::Sampler,
+    http::{self, Body},
+    metrics::{self, Latest},
+    snapshot::Snapshot,
+    tenants::Resolver,
+};
+
+/// Everything the agent needs to run, after flags override the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub listen: SocketAddr,
+    pub sample_interval: Duration,
+    pub nvml_lib: PathBuf,
+    pub node: String,
+}
+
+impl Settings {
+    /// Node name: `[agent] node`, else the host name.
+    pub fn node_name(config: &Config) -> String {
+        config.agent.node.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into())
+        })
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = http::bind(settings.listen).await?;
+    info!(listen = %settings.listen, node = %settings.node, "agent serving /metrics, /healthz, /readyz, /api/v1/snapshot");
+
+    let (tx, latest) = watch::channel(Arc::new(Snapshot {
+        node: settings.node.clone(),
+        ..Default::default()
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let settings = settings.clone();
+        std::thread::Builder::new()
+            .name("tally-sampler".into())
+            .spawn(move || sample_loop(settings, tx, stop))?
+    };
+
+    let server = {
+        let latest = latest.clone();
+        http::serve(
+            listener,
+            move |req| route(req, latest.clone()),
+            shutdown.clone(),
+        )
+    };
+    server.await;
+    stop.store(true, Ordering::Relaxed);
+    if sampler.join().is_err() {
+        error!("the sampling thread panicked");
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+/// Samples every `sample_interval` on a fixed schedule until `stop`.
+fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<AtomicBool>) {
+    let _span = info_span!("sampler", node = %settings.node).entered();
+    let mut resolver = Resolver::new(settings.config.tenant.rules.clone());
+    let mut gpus = Sampler::new(settings.nvml_lib.clone(), stop.clone());
+    let mut samples = 0u64;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let sample = gpus.sample(&mut resolver);
+        samples += 1;
+        let snapshot = Snapshot {
+            node: settings.node.clone(),
+            taken_at_ms: unix_ms(),
+            samples,
+            nvml: sample.nvml,
+            gpus: sample.gpus,
+            tenant_gpu: sample.tenant_gpu,
+            tenant_io: Vec::new(),
+            probes: Vec::new(),
+            sample_duration_seconds: started.elapsed().as_secs_f64(),
+        };
+        tx.send_replace(Arc::new(snapshot));
+
+        next += settings.sample_interval;
+        let now = Instant::now();
+        if next < now {
+            // Fell behind (a slow driver): restart the schedule from now.
+            next = now;
+        }
+        while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn route(req: Request<Incoming>, latest: Latest) -> hyper::Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return http::text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/metrics" => http::respond(
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            metrics::encode(&latest),
+        ),
+        "/healthz" => http::text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let snap = latest.borrow().clone();
+            if snap.samples > 0 {
+                http::text(StatusCode::OK, "ready\n")
+            } else {
+                http::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no sample yet\n",
+                )
+            }
+        }
+        "/api/v1/snapshot" => {
+            let snap = latest.borrow().clone();
+            http::json(StatusCode::OK, &*snap)
+        }
+        "/" => http::text(
+            StatusCode::OK,
+            "tally agent: /metrics /healthz /readyz /api/v1/snapshot\n",
+        ),
+        _ => http::text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

@@ -1,0 +1,483 @@
+//! The agent's config file (`tally.toml`): typed, strict, and checked whole.
+//!
+//! Each section is deserialized on its own (with `deny_unknown_fields`) and
+//! then validated, so that one run of `tally config check` reports every
+//! problem in the file at once, each with its key. The aggregator's config
+//! reuses [`Problems`] and [`section`] for the same behaviour.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use regex::Regex;
+use serde::{Deserialize, de::DeserializeOwned};
+
+use crate::paths;
+
+/// Exit code for a bad config or command line (`EX_USAGE`).
+pub const EX_USAGE: u8 = 64;
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path (`tenant.rule[1].cgroup`), empty for the whole file.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct Problems {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            if p.key.is_empty() {
+                write!(f, "\n  {}: {}", self.file.display(), p.message)?;
+            } else {
+                write!(
+                    f,
+                    "\n  {}: key `{}`: {}",
+                    self.file.display(),
+                    p.key,
+                    p.message
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Problems {
+    pub fn new(file: &Path) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            problems: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// `Ok(value)` when nothing was found, else every problem.
+    pub fn finish<T>(self, value: T) -> Result<T, Problems> {
+        if self.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+/// Reads a TOML file into a table, or says why it cannot.
+pub fn read_table(file: &Path) -> Result<toml::Table, Problems> {
+    let mut problems = Problems::new(file);
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            problems.push("", format!("cannot read the file: {e}"));
+            return Err(problems);
+        }
+    };
+    match text.parse::<toml::Table>() {
+        Ok(table) => Ok(table),
+        Err(e) => {
+            problems.push("", format!("not valid TOML: {}", e.to_string().trim()));
+            Err(problems)
+        }
+    }
+}
+
+/// Takes `key` out of `table` and deserializes it, recording a problem (and
+/// returning the default) when it does not fit. Absent keys give the default.
+pub fn section<T: DeserializeOwned + Default>(
+    table: &mut toml::Table,
+    key: &str,
+    problems: &mut Problems,
+) -> T {
+    match table.remove(key) {
+        None => T::default(),
+        Some(value) => match T::deserialize(value) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(key, e.message().to_string());
+                T::default()
+            }
+        },
+    }
+}
+
+/// Flags every key left in `table` as unknown.
+pub fn reject_unknown(table: &toml::Table, prefix: &str, known: &[&str], problems: &mut Problems) {
+    for key in table.keys() {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        problems.push(
+            path,
+            format!("unknown key; expected one of: {}", known.join(", ")),
+        );
+    }
+}
+
+/// The agent's whole configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub agent: AgentSection,
+    pub tenant: TenantSection,
+}
+
+/// `[agent]`: how the agent runs. Command-line flags override these.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// Address of `/metrics` and the JSON API. Default `0.0.0.0:9477`.
+    pub listen: SocketAddr,
+    /// Time between two samples. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+    /// NVML library to open. Default: the system `libnvidia-ml.so.1`.
+    pub nvml_lib: PathBuf,
+    /// Where the spool and the audit log live. Default `/var/lib/tally`.
+    pub state_dir: PathBuf,
+    /// Node name. Default: the host name.
+    pub node: Option<String>,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9477)),
+            sample_interval: Duration::from_secs(1),
+            nvml_lib: PathBuf::from(paths::DEFAULT_NVML_LIB),
+            state_dir: PathBuf::from(paths::DEFAULT_STATE_DIR),
+            node: None,
+        }
+    }
+}
+
+/// `[tenant]`: how processes map to tenants.
+#[derive(Debug, Clone, Default)]
+pub struct TenantSection {
+    /// `[[tenant.rule]]`, first match wins.
+    pub rules: Vec<TenantRule>,
+}
+
+/// One `[[tenant.rule]]` as written in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRuleSpec {
+    /// Regex on the cgroup v2 path; the named group `tenant` (or, when
+    /// absent, the `tenant` key) gives the tenant.
+    pub cgroup: Option<String>,
+    /// Match on the process owner's user name: the tenant is that name.
+    pub user: Option<bool>,
+    /// Fixed tenant for a `cgroup` rule without a `tenant` capture group.
+    pub tenant: Option<String>,
+}
+
+/// A validated tenant rule.
+#[derive(Debug, Clone)]
+pub enum TenantRule {
+    /// Regex on the cgroup v2 path.
+    Cgroup {
+        pattern: Regex,
+        /// Used when the regex has no `tenant` group.
+        fixed: Option<String>,
+    },
+    /// The process owner's user name.
+    User,
+}
+
+impl Config {
+    /// Loads and validates `file`, reporting every problem at once.
+    pub fn load(file: &Path) -> Result<Config, Problems> {
+        let mut table = read_table(file)?;
+        let mut problems = Problems::new(file);
+        let config = Self::from_table(&mut table, &mut problems);
+        reject_unknown(&table, "", &["agent", "tenant"], &mut problems);
+        problems.finish(config)
+    }
+
+    /// Parses a config from TOML text (for tests and defaults).
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, Problems> {
+        let mut problems = Problems::new(origin);
+        let mut table = match text.parse::<toml::Table>() {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push("", format!("not valid TOML: {}", e.to_string().trim()));
+                return Err(problems);
+            }
+        };
+        let config = Self::from_table(&mut table, &mut problems);
+        reject_unknown(&table, "", &["agent", "tenant"], &mut problems);
+        problems.finish(config)
+    }
+
+    fn from_table(table: &mut toml::Table, problems: &mut Problems) -> Config {
+        let agent: AgentSection = section(table, "agent", problems);
+        if agent.sample_interval < Duration::from_millis(100) {
+            problems.push(
+                "agent.sample_interval",
+                "must be at least 100ms (NVML calls take tens of milliseconds)",
+            );
+        }
+        let tenant = tenant_section(table, problems);
+        Config { agent, tenant }
+    }
+}
+
+fn tenant_section(table: &mut toml::Table, problems: &mut Problems) -> TenantSection {
+    let Some(value) = table.remove("tenant") else {
+        return TenantSection::default();
+    };
+    let toml::Value::Table(mut tenant) = value else {
+        problems.push("tenant", "must be a table");
+        return TenantSection::default();
+    };
+    let mut rules = Vec::new();
+    match tenant.remove("rule") {
+        None => {}
+        Some(toml::Value::Array(items)) => {
+            for (i, item) in items.into_iter().enumerate() {
+                let key = format!("tenant.rule[{i}]");
+                match TenantRuleSpec::deserialize(item) {
+                    Ok(spec) => {
+                        if let Some(rule) = validate_rule(spec, &key, problems) {
+                            rules.push(rule);
+                        }
+                    }
+                    Err(e) => problems.push(key, e.message().to_string()),
+                }
+            }
+        }
+        Some(_) => problems.push(
+            "tenant.rule",
+            "must be an array of tables ([[tenant.rule]])",
+        ),
+    }
+    reject_unknown(&tenant, "tenant", &["rule"], problems);
+    TenantSection { rules }
+}
+
+fn validate_rule(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Option<TenantRule> {
+    match (spec.cgroup, spec.user) {
+        (Some(_), Some(_)) => {
+            problems.push(key, "a rule has either `cgroup` or `user`, not both");
+            None
+        }
+        (Some(pattern), None) => {
+            let regex = match Regex::new(&pattern) {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push(format!("{key}.cgroup"), format!("not a valid regex: {e}"));
+                    return None;
+                }
+            };
+            let has_group = regex.capture_names().flatten().any(|n| n == "tenant");
+            if !has_group && spec.tenant.is_none() {
+                problems.push(
+                    format!("{key}.cgroup"),
+                    "needs a named group `(?P<tenant>…)` or a `tenant = \"…\"` key",
+                );
+                return None;
+            }
+            if let Some(Err(msg)) = spec.tenant.as_deref().map(check_tenant_name) {
+                problems.push(format!("{key}.tenant"), msg);
+                return None;
+            }
+            Some(TenantRule::Cgroup {
+                pattern: regex,
+                fixed: spec.tenant,
+            })
+        }
+        (None, Some(true)) => {
+            if spec.tenant.is_some() {
+                problems.push(format!("{key}.tenant"), "a `user` rule takes no `tenant`");
+                return None;
+            }
+            Some(TenantRule::User)
+        }
+        (None, Some(false)) => {
+            problems.push(
+                format!("{key}.user"),
+                "`user = false` matches nothing; remove the rule",
+            );
+            None
+        }
+        (None, None) => {
+            problems.push(key, "a rule needs `cgroup = '<regex>'` or `user = true`");
+            None
+        }
+    }
+}
+
+/// Tenant names become label values and ledger keys: keep them printable
+/// and bounded. Names starting with `_` are Tally's own (`_idle`, …).
+pub fn check_tenant_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err(format!(
+            "tenant name must be 1..=128 characters, got {}",
+            name.len()
+        ));
+    }
+    if name.starts_with('_') {
+        return Err(format!(
+            "tenant name `{name}` starts with `_`, which Tally reserves"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!("tenant name contains a control character {c:?}"));
+    }
+    Ok(())
+}
+
+/// Parses a size such as `8GiB`, `512MiB`, `20GB` or `1024` (bytes).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. `8GiB`, `512MiB`)"))?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    Ok((value * mult).round() as u64)
+}
+
+/// Helper for sections that are maps keyed by name (`[tenant.quota.X]`).
+pub type Named<T> = BTreeMap<String, T>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Problems> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.agent.listen.to_string(), "0.0.0.0:9477");
+        assert_eq!(c.agent.sample_interval, Duration::from_secs(1));
+        assert!(c.tenant.rules.is_empty());
+    }
+
+    #[test]
+    fn issue_example_parses() {
+        let c = parse(
+            r#"
+            [[tenant.rule]]
+            cgroup = '^/tally/(?P<tenant>[^/]+)'
+            [[tenant.rule]]
+            user = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.tenant.rules.len(), 2);
+        assert!(matches!(c.tenant.rules[1], TenantRule::User));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = parse(
+            r#"
+            colour = "blue"
+            [agent]
+            sample_interval = "fast"
+            [[tenant.rule]]
+            cgroup = '^/tally/([^/]+'
+            [[tenant.rule]]
+            cgroup = '^/x'
+            [[tenant.rule]]
+            user = true
+            cgroup = 'a'
+            [[tenant.rule]]
+            uesr = true
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "agent",
+                "tenant.rule[0].cgroup",
+                "tenant.rule[1].cgroup",
+                "tenant.rule[2]",
+                "tenant.rule[3]",
+                "colour"
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("test.toml: 6 problems"), "{text}");
+        assert!(text.contains("uesr"), "{text}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_file() {
+        let err = parse("[agent\n").unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert!(err.to_string().contains("not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn reserved_tenant_names_are_refused() {
+        assert!(check_tenant_name("acme").is_ok());
+        assert!(check_tenant_name("_idle").is_err());
+        assert!(check_tenant_name("").is_err());
+        assert!(check_tenant_name("a\nb").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("20GB").unwrap(), 20_000_000_000);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("8 gigs").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("lots").is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! `tally doctor`: checks this node point by point and says what to fix.
+
+use std::{path::Path, process::ExitCode};
+
+use crate::{gpu, paths, tenants};
+
+/// Outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Ok(String),
+    /// Works, with a caveat.
+    Warn(String),
+    /// Does not work; the text says what to do.
+    Fail(String),
+}
+
+/// One line of the doctor's report.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub verdict: Verdict,
+}
+
+/// Runs every check and prints them; exit 1 if any failed.
+pub fn run(nvml_lib: &Path) -> ExitCode {
+    let checks = checks(nvml_lib);
+    let mut failed = false;
+    for c in &checks {
+        let (tag, text) = match &c.verdict {
+            Verdict::Ok(t) => ("ok  ", t),
+            Verdict::Warn(t) => ("warn", t),
+            Verdict::Fail(t) => {
+                failed = true;
+                ("FAIL", t)
+            }
+        };
+        println!("[{tag}] {:<12} {text}", c.name);
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Every check, in the order they are printed.
+pub fn checks(nvml_lib: &Path) -> Vec<Check> {
+    vec![
+        Check {
+            name: "nvml",
+            verdict: nvml(nvml_lib),
+        },
+        Check {
+            name: "privileges",
+            verdict: privileges(),
+        },
+        Check {
+            name: "cgroups",
+            verdict: cgroups(),
+        },
+        Check {
+            name: "btf",
+            verdict: btf(),
+        },
+        Check {
+            name: "bpffs",
+            verdict: bpffs(),
+        },
+    ]
+}
+
+fn nvml(lib: &Path) -> Verdict {
+    let shown = gpu::describe_library(lib);
+    match gpu::open(lib) {
+        Err(e) => Verdict::Fail(format!(
+            "cannot open {shown}: {e}; install the NVIDIA driver, or pass --nvml-lib PATH"
+        )),
+        Ok(nvml) => {
+            let driver = nvml.sys_driver_version().unwrap_or_else(|_| "?".into());
+            match nvml.device_count() {
+                Ok(n) => Verdict::Ok(format!("{shown}: driver {driver}, {n} GPU(s)")),
+                Err(e) => Verdict::Fail(format!("{shown} opened but cannot count GPUs: {e}")),
+            }
+        }
+    }
+}
+
+/// Effective capabilities of this process, from `/proc/self/status`.
+pub fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+fn privileges() -> Verdict {
+    let caps = effective_caps();
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(c, _)| !has(*c))
+    .map(|(_, n)| n)
+    .collect();
+    if missing.is_empty() {
+        Verdict::Ok("CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN present (eBPF and cgroups work)".into())
+    } else {
+        Verdict::Fail(format!(
+            "missing {}: eBPF probes and enforcement are off; run as root or grant them \
+             (DaemonSet securityContext.capabilities.add, systemd AmbientCapabilities=)",
+            missing.join(", ")
+        ))
+    }
+}
+
+fn cgroups() -> Verdict {
+    let pure = Path::new(paths::CGROUP_ROOT)
+        .join("cgroup.controllers")
+        .exists();
+    match tenants::unified_root() {
+        Some(root) if pure => Verdict::Ok(format!("cgroup v2 at {}", root.display())),
+        Some(root) => Verdict::Ok(format!(
+            "hybrid: v1 controllers under {}, cgroup v2 at {} (network probes attach there)",
+            paths::CGROUP_ROOT,
+            root.display()
+        )),
+        None => Verdict::Fail(format!(
+            "no cgroup v2 hierarchy at {} or {}: tenants by cgroup and network probes need it; \
+             mount one (`mount -t cgroup2 none {}`)",
+            paths::CGROUP_ROOT,
+            paths::CGROUP_UNIFIED_HYBRID,
+            paths::CGROUP_UNIFIED_HYBRID
+        )),
+    }
+}
+
+fn btf() -> Verdict {
+    if Path::new(paths::KERNEL_BTF).exists() {
+        Verdict::Ok(format!("{} present", paths::KERNEL_BTF))
+    } else {
+        Verdict::Fail(format!(
+            "{} missing: the kernel was built without CONFIG_DEBUG_INFO_BTF; BTF tracepoints are off",
+            paths::KERNEL_BTF
+        ))
+    }
+}
+
+fn bpffs() -> Verdict {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+        })
+        .unwrap_or(false);
+    if mounted {
+        Verdict::Ok(format!(
+            "bpffs mounted; maps pin under {}",
+            paths::BPF_PIN_DIR
+        ))
+    } else {
+        Verdict::Warn(format!(
+            "bpffs not mounted: the agent mounts it at {} on start (needs CAP_SYS_ADMIN); \
+             without it counters reset on agent restart",
+            paths::BPFFS
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_fails_with_the_fix() {
+        let v = nvml(Path::new("/nonexistent/libnvidia-ml.so.1"));
+        let Verdict::Fail(text) = v else {
+            panic!("{v:?}")
+        };
+        assert!(text.contains("/nonexistent/libnvidia-ml.so.1"), "{text}");
+        assert!(text.contains("--nvml-lib"), "{text}");
+    }
+
+    #[test]
+    fn every_check_runs() {
+        let names: Vec<_> = checks(Path::new("/nonexistent"))
+            .iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["nvml", "privileges", "cgroups", "btf", "bpffs"]);
+    }
+}

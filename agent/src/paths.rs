@@ -1,0 +1,31 @@
+//! Every on-disk path the agent knows about, in one place.
+
+use std::path::{Path, PathBuf};
+
+/// Where the kernel exposes cgroups.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// The cgroup v2 hierarchy on hybrid hosts (v1 controllers + a v2 tree).
+pub const CGROUP_UNIFIED_HYBRID: &str = "/sys/fs/cgroup/unified";
+/// bpffs mount point, and the directory Tally pins its maps under.
+pub const BPFFS: &str = "/sys/fs/bpf";
+pub const BPF_PIN_DIR: &str = "/sys/fs/bpf/tally";
+/// Kernel BTF, needed by CO-RE programs.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Default config file of the agent and the aggregator.
+pub const DEFAULT_CONFIG: &str = "/etc/tally/tally.toml";
+/// Default state directory (spool, audit log).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tally";
+/// The NVIDIA driver's management library, as the loader finds it.
+pub const DEFAULT_NVML_LIB: &str = "libnvidia-ml.so.1";
+/// The kernel's boot id: changes on every boot, names report sequences.
+pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// `/proc/<pid>/cgroup`.
+pub fn proc_cgroup(pid: u32) -> PathBuf {
+    Path::new("/proc").join(pid.to_string()).join("cgroup")
+}
+
+/// `/proc/<pid>`.
+pub fn proc_dir(pid: u32) -> PathBuf {
+    Path::new("/proc").join(pid.to_string())
+}

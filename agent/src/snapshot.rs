@@ -1,0 +1,154 @@
+//! The agent's view of the node at one sampling instant.
+//!
+//! Samplers and attribution build a [`Snapshot`]; `/metrics`,
+//! `/api/v1/snapshot` and the report to the aggregator only read it. It is
+//! the one contract between the sampling side and every output.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Tenant that receives GPU time and energy nobody holds.
+pub const TENANT_IDLE: &str = "_idle";
+/// Tenant of processes no rule matched, and of bytes no probe could place.
+pub const TENANT_UNATTRIBUTED: &str = "_unattributed";
+
+/// Everything the agent knows, as of `taken_at_ms`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    /// Node name (`[report] node`, default the host name).
+    pub node: String,
+    /// Wall-clock time of the sample, milliseconds since the Unix epoch.
+    pub taken_at_ms: u64,
+    /// Number of completed sampling cycles since start.
+    pub samples: u64,
+    /// Whether NVML could be opened; `None` until the first attempt.
+    pub nvml: NvmlStatus,
+    /// Every physical GPU and every MIG instance, physical GPUs first.
+    pub gpus: Vec<GpuSnapshot>,
+    /// Cumulative per-(tenant, gpu) counters since the agent started.
+    pub tenant_gpu: Vec<TenantGpuUsage>,
+    /// Cumulative per-tenant counters from the eBPF probes.
+    pub tenant_io: Vec<TenantIoUsage>,
+    /// State of each eBPF probe.
+    pub probes: Vec<ProbeStatus>,
+    /// How long the last sampling cycle took, in seconds.
+    pub sample_duration_seconds: f64,
+}
+
+/// Whether the NVML library is usable.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NvmlStatus {
+    pub up: bool,
+    /// Library path that was opened (or tried).
+    pub library: String,
+    /// Driver version as NVML reports it, when up.
+    pub driver_version: Option<String>,
+    /// Why NVML is down, when it is.
+    pub error: Option<String>,
+}
+
+/// Health of one GPU as the sampler sees it. (The issue on GPU states adds
+/// idle/stuck detection on top of this.)
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuHealth {
+    #[default]
+    Ok,
+    /// NVML answered `GPU_IS_LOST`: the device fell off the bus.
+    Lost,
+    /// An NVML call failed for another reason (see `error`).
+    Error,
+}
+
+/// One physical GPU or one MIG instance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GpuSnapshot {
+    /// `"<index>"` for a GPU, `"<index>/<gi>/<ci>"` for a MIG instance.
+    pub gpu: String,
+    pub uuid: String,
+    pub model: String,
+    /// Physical GPU: MIG mode on. MIG instance: always true.
+    pub mig_mode: bool,
+    /// MIG instance only: profile name (`"3g.40gb"`).
+    pub mig_profile: Option<String>,
+    /// MIG instance only: UUID of the parent GPU.
+    pub parent_uuid: Option<String>,
+    /// MIG instance only: its compute slices over the parent's total, used
+    /// to split the parent's energy and to price the slice.
+    pub slice_fraction: Option<f64>,
+    pub health: GpuHealth,
+    /// The last NVML error for this device, when `health` is not `ok`.
+    pub error: Option<String>,
+    /// 0..1; `None` where NVML has none (MIG instances).
+    pub utilization_ratio: Option<f64>,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// Physical GPUs only.
+    pub power_watts: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    /// NVML's total energy counter, in joules (physical GPUs only).
+    pub energy_joules_total: Option<f64>,
+    /// Cumulative PCIe bytes integrated from NVML's throughput (physical
+    /// GPUs only): `(tx, rx)`.
+    pub pcie_tx_bytes_total: Option<f64>,
+    pub pcie_rx_bytes_total: Option<f64>,
+    /// XID events seen since start, by XID code.
+    pub xid_errors_total: BTreeMap<u64, u64>,
+    /// Processes on this device at the sample.
+    pub processes: Vec<GpuProcess>,
+}
+
+/// A process that holds memory on a GPU or MIG instance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    pub tenant: String,
+    /// The process's cgroup v2 path (`0::` line), when it could be read.
+    pub cgroup: Option<String>,
+    pub memory_bytes: u64,
+    /// SM utilization 0..1 from NVML's per-process samples; `None` where
+    /// NVML has none (MIG instances) or no sample arrived this interval.
+    pub sm_ratio: Option<f64>,
+}
+
+/// Cumulative usage of one tenant on one GPU (or MIG instance).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TenantGpuUsage {
+    pub tenant: String,
+    pub gpu: String,
+    pub uuid: String,
+    /// Wall time the tenant held the device (its share when shared).
+    pub allocated_seconds_total: f64,
+    /// Allocated time weighted by SM utilization. `None` on MIG instances,
+    /// where NVML has no per-process utilization.
+    pub sm_seconds_total: Option<f64>,
+    /// GPU memory held now.
+    pub memory_bytes: u64,
+    /// Integral of memory held over time.
+    pub memory_byte_seconds_total: f64,
+    pub energy_joules_total: f64,
+}
+
+/// Cumulative eBPF-counted I/O of one tenant.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TenantIoUsage {
+    pub tenant: String,
+    pub network_ingress_bytes_total: u64,
+    pub network_egress_bytes_total: u64,
+    pub network_ingress_packets_total: u64,
+    pub network_egress_packets_total: u64,
+    pub network_ingress_dropped_packets_total: u64,
+    pub network_egress_dropped_packets_total: u64,
+    pub pcie_h2d_bytes_total: u64,
+    pub pcie_d2h_bytes_total: u64,
+}
+
+/// Whether one eBPF program is attached.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProbeStatus {
+    pub probe: String,
+    pub up: bool,
+    /// Why it is down, and what to do about it.
+    pub error: Option<String>,
+}

@@ -1,0 +1,242 @@
+//! Attribution of processes and cgroups to tenants.
+//!
+//! pid → cgroup v2 path (the `0::` line of `/proc/PID/cgroup`) → tenant, by
+//! the first `[[tenant.rule]]` that matches; no match gives
+//! [`TENANT_UNATTRIBUTED`]. The eBPF probes map cgroup ids to paths and use
+//! the same [`Resolver::tenant_for_cgroup`], so GPU, network and PCIe usage
+//! of one workload land on one tenant.
+
+use std::{collections::HashMap, io, path::Path};
+
+use crate::{config::TenantRule, paths, snapshot::TENANT_UNATTRIBUTED};
+
+/// Why a process's cgroup could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// The process is gone (or its `/proc` entry is unreadable).
+    #[error("cannot read /proc/{pid}/cgroup: {source}")]
+    Read { pid: u32, source: io::Error },
+    /// The file has no `0::` (cgroup v2) line.
+    #[error("/proc/{pid}/cgroup has no cgroup v2 (`0::`) line")]
+    NoUnifiedLine { pid: u32 },
+}
+
+/// The cgroup v2 path in the text of a `/proc/PID/cgroup` file.
+///
+/// Lines look like `hierarchy-id:controllers:path`; cgroup v2 is the line
+/// with id `0` and no controllers. The path may itself contain `:`.
+pub fn parse_unified_cgroup(text: &str) -> Option<&str> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix("0::")?;
+        Some(rest.trim_end())
+    })
+}
+
+/// The controller-specific (v1) path of `controller` in a
+/// `/proc/PID/cgroup` text, e.g. `memory` → `/process_api/abc`.
+pub fn parse_v1_cgroup<'a>(text: &'a str, controller: &str) -> Option<&'a str> {
+    text.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let _id = parts.next()?;
+        let controllers = parts.next()?;
+        let path = parts.next()?;
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then_some(path)
+    })
+}
+
+/// Reads the cgroup v2 path of a process.
+pub fn cgroup_of(pid: u32) -> Result<String, CgroupError> {
+    let text = std::fs::read_to_string(paths::proc_cgroup(pid))
+        .map_err(|source| CgroupError::Read { pid, source })?;
+    parse_unified_cgroup(&text)
+        .map(str::to_owned)
+        .ok_or(CgroupError::NoUnifiedLine { pid })
+}
+
+/// The uid that owns a process (the owner of its `/proc` directory).
+pub fn uid_of(pid: u32) -> io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(paths::proc_dir(pid))?.uid())
+}
+
+/// User name of a uid from `/etc/passwd`; the number as text when unknown.
+fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string())
+}
+
+/// A process's tenant and the facts it was derived from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution {
+    pub tenant: String,
+    pub cgroup: Option<String>,
+}
+
+/// Applies the tenant rules; caches user names (a passwd lookup per
+/// process per sample would dominate the sampling cycle).
+#[derive(Debug)]
+pub struct Resolver {
+    rules: Vec<TenantRule>,
+    users: HashMap<u32, String>,
+}
+
+impl Resolver {
+    pub fn new(rules: Vec<TenantRule>) -> Self {
+        Self {
+            rules,
+            users: HashMap::new(),
+        }
+    }
+
+    /// Tenant of a cgroup v2 path by the `cgroup` rules alone (the eBPF
+    /// probes see cgroups, not processes). `None` when no rule matches.
+    pub fn tenant_for_cgroup(&self, cgroup: &str) -> Option<String> {
+        self.rules.iter().find_map(|rule| match rule {
+            TenantRule::Cgroup { pattern, fixed } => cgroup_rule(pattern, fixed, cgroup),
+            TenantRule::User => None,
+        })
+    }
+
+    /// Tenant of a live process: every rule in order, first match wins.
+    pub fn attribute(&mut self, pid: u32) -> Attribution {
+        let cgroup = cgroup_of(pid).ok();
+        for rule in &self.rules {
+            let tenant = match rule {
+                TenantRule::Cgroup { pattern, fixed } => cgroup
+                    .as_deref()
+                    .and_then(|cg| cgroup_rule(pattern, fixed, cg)),
+                TenantRule::User => uid_of(pid).ok().map(|uid| {
+                    self.users
+                        .entry(uid)
+                        .or_insert_with(|| user_name(uid))
+                        .clone()
+                }),
+            };
+            if let Some(tenant) = tenant {
+                return Attribution { tenant, cgroup };
+            }
+        }
+        Attribution {
+            tenant: TENANT_UNATTRIBUTED.to_owned(),
+            cgroup,
+        }
+    }
+}
+
+fn cgroup_rule(pattern: &regex::Regex, fixed: &Option<String>, cgroup: &str) -> Option<String> {
+    let caps = pattern.captures(cgroup)?;
+    match caps.name("tenant") {
+        Some(m) if !m.as_str().is_empty() => Some(m.as_str().to_owned()),
+        Some(_) => None,
+        None => fixed.clone(),
+    }
+}
+
+/// The root of the cgroup v2 hierarchy on this host: `/sys/fs/cgroup` on
+/// pure v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn unified_root() -> Option<&'static Path> {
+    let pure = Path::new(paths::CGROUP_ROOT);
+    if pure.join("cgroup.controllers").exists() {
+        return Some(pure);
+    }
+    let hybrid = Path::new(paths::CGROUP_UNIFIED_HYBRID);
+    hybrid.join("cgroup.procs").exists().then_some(hybrid)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    const HYBRID: &str =
+        "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/f88c\n1:cpu:/\n0::/tally/acme/job1\n";
+
+    #[test]
+    fn unified_line_is_found_among_v1_lines() {
+        assert_eq!(parse_unified_cgroup(HYBRID), Some("/tally/acme/job1"));
+        assert_eq!(parse_unified_cgroup("0::/\n"), Some("/"));
+        assert_eq!(parse_unified_cgroup("4:memory:/x\n"), None);
+        assert_eq!(parse_unified_cgroup(""), None);
+        // A path with a colon stays whole.
+        assert_eq!(parse_unified_cgroup("0::/a:b\n"), Some("/a:b"));
+    }
+
+    #[test]
+    fn v1_controller_paths_are_found() {
+        assert_eq!(parse_v1_cgroup(HYBRID, "memory"), Some("/process_api/f88c"));
+        assert_eq!(parse_v1_cgroup("3:cpu,cpuacct:/a\n", "cpuacct"), Some("/a"));
+        assert_eq!(parse_v1_cgroup(HYBRID, "blkio"), None);
+    }
+
+    fn resolver(text: &str) -> Resolver {
+        Resolver::new(
+            Config::parse(text, Path::new("t.toml"))
+                .unwrap()
+                .tenant
+                .rules,
+        )
+    }
+
+    #[test]
+    fn first_matching_cgroup_rule_wins() {
+        let r = resolver(
+            r#"
+            [[tenant.rule]]
+            cgroup = '^/kubepods/.*/ns-(?P<tenant>[a-z]+)/'
+            [[tenant.rule]]
+            cgroup = '^/tally/(?P<tenant>[^/]+)'
+            [[tenant.rule]]
+            cgroup = '^/system\.slice/slurmstepd'
+            tenant = "hpc"
+            "#,
+        );
+        assert_eq!(
+            r.tenant_for_cgroup("/tally/acme/job1").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            r.tenant_for_cgroup("/kubepods/x/ns-beta/c").as_deref(),
+            Some("beta")
+        );
+        assert_eq!(
+            r.tenant_for_cgroup("/system.slice/slurmstepd.scope/job_7")
+                .as_deref(),
+            Some("hpc")
+        );
+        assert_eq!(r.tenant_for_cgroup("/user.slice"), None);
+    }
+
+    #[test]
+    fn own_process_falls_through_to_user_rule() {
+        let mut r = resolver(
+            r#"
+            [[tenant.rule]]
+            cgroup = '^/never-matches/(?P<tenant>.+)'
+            [[tenant.rule]]
+            user = true
+            "#,
+        );
+        let me = std::process::id();
+        let a = r.attribute(me);
+        let expected = user_name(nix::unistd::getuid().as_raw());
+        assert_eq!(a.tenant, expected);
+    }
+
+    #[test]
+    fn no_rule_means_unattributed() {
+        let mut r = resolver("");
+        assert_eq!(r.attribute(std::process::id()).tenant, TENANT_UNATTRIBUTED);
+        // A pid that cannot exist has no cgroup, and no tenant.
+        let gone = r.attribute(u32::MAX - 1);
+        assert_eq!(gone.tenant, TENANT_UNATTRIBUTED);
+        assert_eq!(gone.cgroup, None);
+    }
+}

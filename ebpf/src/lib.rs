@@ -1,0 +1,1 @@
+//! placeholder: eBPF objects and map types
