@@ -1,0 +1,1040 @@
+//! NVML's C API over [`crate::sim`]. Every export runs inside
+//! `catch_unwind`, so no panic crosses into the caller; pointers are
+//! null-checked and written only with NVML's documented layouts (nvml.h,
+//! x86_64).
+//!
+//! Each export is `unsafe` because its caller promises what nvml.h says:
+//! non-null pointers point to writable objects of the documented type, and
+//! buffers hold `*count` elements. That contract is NVML's and is not
+//! restated on every function.
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+use std::{
+    ffi::{CStr, c_char, c_int, c_uint, c_ulonglong, c_void},
+    panic::{AssertUnwindSafe, catch_unwind},
+    ptr,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use crate::sim::{self, Code, Handle, NO_INSTANCE, Sim, View, code, driver, event};
+
+type Ret = c_uint;
+type Device = *mut c_void;
+type EventSet = *mut c_void;
+
+/// `nvmlProcessInfo_t` as filled by the `_v2`/`_v3` calls.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessInfo {
+    pid: c_uint,
+    used_gpu_memory: c_ulonglong,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+/// `nvmlProcessInfo_v1_t`, filled by the unversioned call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessInfoV1 {
+    pid: c_uint,
+    used_gpu_memory: c_ulonglong,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessUtilizationSample {
+    pid: c_uint,
+    time_stamp: c_ulonglong,
+    sm_util: c_uint,
+    mem_util: c_uint,
+    enc_util: c_uint,
+    dec_util: c_uint,
+}
+
+#[repr(C)]
+pub struct Memory {
+    total: c_ulonglong,
+    free: c_ulonglong,
+    used: c_ulonglong,
+}
+
+#[repr(C)]
+pub struct MemoryV2 {
+    version: c_uint,
+    total: c_ulonglong,
+    reserved: c_ulonglong,
+    free: c_ulonglong,
+    used: c_ulonglong,
+}
+
+/// `NVML_STRUCT_VERSION(Memory, 2)`.
+const MEMORY_V2_VERSION: c_uint = (size_of::<MemoryV2>() | (2 << 24)) as c_uint;
+
+#[repr(C)]
+pub struct Utilization {
+    gpu: c_uint,
+    memory: c_uint,
+}
+
+#[repr(C)]
+pub struct EventData {
+    device: Device,
+    event_type: c_ulonglong,
+    event_data: c_ulonglong,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+/// `nvmlEventData_t` before the instance ids were added (`nvmlEventSetWait`).
+#[repr(C)]
+pub struct EventDataV1 {
+    device: Device,
+    event_type: c_ulonglong,
+    event_data: c_ulonglong,
+}
+
+#[repr(C)]
+pub struct DeviceAttributes {
+    multiprocessor_count: c_uint,
+    shared_copy_engine_count: c_uint,
+    shared_decoder_count: c_uint,
+    shared_encoder_count: c_uint,
+    shared_jpeg_count: c_uint,
+    shared_ofa_count: c_uint,
+    gpu_instance_slice_count: c_uint,
+    compute_instance_slice_count: c_uint,
+    memory_size_mb: c_ulonglong,
+}
+
+#[repr(C)]
+pub struct PciInfo {
+    bus_id_legacy: [c_char; 16],
+    domain: c_uint,
+    bus: c_uint,
+    device: c_uint,
+    pci_device_id: c_uint,
+    pci_sub_system_id: c_uint,
+    bus_id: [c_char; 32],
+}
+
+const _: () = {
+    assert!(size_of::<ProcessInfo>() == 24);
+    assert!(size_of::<ProcessInfoV1>() == 16);
+    assert!(size_of::<ProcessUtilizationSample>() == 32);
+    assert!(size_of::<Memory>() == 24);
+    assert!(size_of::<MemoryV2>() == 40);
+    assert!(size_of::<Utilization>() == 8);
+    assert!(size_of::<EventData>() == 32);
+    assert!(size_of::<EventDataV1>() == 24);
+    assert!(size_of::<DeviceAttributes>() == 40);
+    assert!(size_of::<PciInfo>() == 68);
+};
+
+const MIB: u64 = 1024 * 1024;
+const DRIVER_VERSION: &str = "550.54.15";
+const NVML_VERSION: &str = "12.550.54.15";
+const CUDA_DRIVER_VERSION: c_int = 12040;
+/// Event set handles are this plus a small id.
+const EVENT_SET_BASE: usize = 0xE5E7_0000;
+/// `nvmlClocksThrottleReasonGpuIdle`.
+const THROTTLE_GPU_IDLE: u64 = 0x1;
+
+/// Runs `f` with panics turned into NVML_ERROR_UNKNOWN.
+fn guard(f: impl FnOnce() -> Result<(), Code>) -> Ret {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => code::SUCCESS,
+        Ok(Err(c)) => c,
+        Err(_) => code::UNKNOWN,
+    }
+}
+
+/// Runs `f` on the initialized simulator.
+fn with_sim(f: impl FnOnce(&mut Sim) -> Result<(), Code>) -> Ret {
+    guard(|| f(driver().sim()?))
+}
+
+/// Runs `f` on a fresh reading of `device` (GPU_IS_LOST for a lost GPU).
+fn with_view(device: Device, f: impl FnOnce(&mut Sim, &View) -> Result<(), Code>) -> Ret {
+    with_sim(|sim| {
+        let h = sim.resolve(device as usize)?;
+        let view = sim.observe(h)?;
+        f(sim, &view)
+    })
+}
+
+/// Writes `v` to an out-pointer.
+///
+/// # Safety
+/// `p` is null or valid for writing a `T`.
+unsafe fn put<T>(p: *mut T, v: T) -> Result<(), Code> {
+    if p.is_null() {
+        return Err(code::INVALID_ARGUMENT);
+    }
+    // SAFETY: non-null, and valid for writes per this function's contract.
+    unsafe { p.write(v) };
+    Ok(())
+}
+
+/// Copies `s` and a NUL into `buf` of `len` bytes.
+///
+/// # Safety
+/// `buf` is null or valid for writing `len` bytes.
+unsafe fn put_str(buf: *mut c_char, len: c_uint, s: &str) -> Result<(), Code> {
+    if buf.is_null() {
+        return Err(code::INVALID_ARGUMENT);
+    }
+    if (len as usize) < s.len() + 1 {
+        return Err(code::INSUFFICIENT_SIZE);
+    }
+    // SAFETY: `buf` holds at least `s.len() + 1` bytes (checked above) and
+    // cannot overlap the Rust string.
+    unsafe {
+        ptr::copy_nonoverlapping(s.as_ptr().cast::<c_char>(), buf, s.len());
+        buf.add(s.len()).write(0);
+    }
+    Ok(())
+}
+
+/// NVML's count protocol: with a NULL buffer or `*count` below the number of
+/// items, sets `*count` and returns INSUFFICIENT_SIZE; else copies the items
+/// and sets `*count` to how many. Zero items always succeed.
+///
+/// # Safety
+/// `count` is null or valid for reads and writes; `buf` is null or valid for
+/// writing `*count` elements.
+unsafe fn put_slice<T: Copy>(buf: *mut T, count: *mut c_uint, items: &[T]) -> Result<(), Code> {
+    if count.is_null() {
+        return Err(code::INVALID_ARGUMENT);
+    }
+    let n = items.len() as c_uint;
+    // SAFETY: `count` is non-null and valid per the contract.
+    let room = unsafe { count.read() };
+    if n > 0 && (buf.is_null() || room < n) {
+        // SAFETY: as above.
+        unsafe { count.write(n) };
+        return Err(code::INSUFFICIENT_SIZE);
+    }
+    // SAFETY: `buf` has room for `room >= n` elements (or n == 0); `count` as above.
+    unsafe {
+        if n > 0 {
+            ptr::copy_nonoverlapping(items.as_ptr(), buf, items.len());
+        }
+        count.write(n);
+    }
+    Ok(())
+}
+
+/// Handle → C pointer value.
+fn raw(h: Handle) -> Device {
+    ptr::without_provenance_mut(h.to_raw())
+}
+
+// ----------------------------------------------------------------------------
+// Init, shutdown, system
+// ----------------------------------------------------------------------------
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlInit_v2() -> Ret {
+    guard(|| driver().init())
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlInit() -> Ret {
+    guard(|| driver().init())
+}
+
+/// Flags (NO_GPUS, NO_ATTACH) change nothing: a scenario may have no GPUs.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> Ret {
+    guard(|| driver().init())
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlShutdown() -> Ret {
+    guard(|| driver().shutdown())
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
+    let s: &'static CStr = match result {
+        code::SUCCESS => c"Success",
+        code::UNINITIALIZED => c"Uninitialized",
+        code::INVALID_ARGUMENT => c"Invalid Argument",
+        code::NOT_SUPPORTED => c"Not Supported",
+        4 => c"Insufficient Permissions",
+        5 => c"Already Initialized",
+        code::NOT_FOUND => c"Not Found",
+        code::INSUFFICIENT_SIZE => c"Insufficient Size",
+        8 => c"Insufficient External Power",
+        code::DRIVER_NOT_LOADED => c"Driver Not Loaded",
+        code::TIMEOUT => c"Timeout",
+        code::GPU_IS_LOST => c"GPU is lost",
+        code::ARGUMENT_VERSION_MISMATCH => c"Argument version mismatch",
+        _ => c"Unknown Error",
+    };
+    s.as_ptr()
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_sim(|_| unsafe { put_str(version, length, DRIVER_VERSION) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(version: *mut c_char, length: c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_sim(|_| unsafe { put_str(version, length, NVML_VERSION) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_sim(|_| unsafe { put(v, CUDA_DRIVER_VERSION) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_sim(|_| unsafe { put(v, CUDA_DRIVER_VERSION) })
+}
+
+/// The process's executable path (first word of `/proc/<pid>/cmdline`, else `comm`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlSystemGetProcessName(
+    pid: c_uint,
+    name: *mut c_char,
+    length: c_uint,
+) -> Ret {
+    with_sim(|_| {
+        let proc = std::path::Path::new("/proc").join(pid.to_string());
+        let cmd = std::fs::read(proc.join("cmdline")).unwrap_or_default();
+        let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
+        let s = if first.is_empty() {
+            std::fs::read_to_string(proc.join("comm"))
+                .map_err(|_| code::NOT_FOUND)?
+                .trim_end()
+                .to_owned()
+        } else {
+            String::from_utf8_lossy(first).into_owned()
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put_str(name, length, &s) }
+    })
+}
+
+// ----------------------------------------------------------------------------
+// Handles and identity
+// ----------------------------------------------------------------------------
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_sim(|sim| unsafe { put(count, sim.gpu_count()) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    unsafe { nvmlDeviceGetCount_v2(count) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut Device) -> Ret {
+    with_sim(|sim| {
+        let h = sim.handle_by_index(index)?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(device, raw(h)) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut Device) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    unsafe { nvmlDeviceGetHandleByIndex_v2(index, device) }
+}
+
+/// Accepts `GPU-…` and `MIG-…` UUIDs.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut Device) -> Ret {
+    with_sim(|sim| {
+        if uuid.is_null() {
+            return Err(code::INVALID_ARGUMENT);
+        }
+        // SAFETY: NVML contract: `uuid` is a NUL-terminated string.
+        let uuid = unsafe { CStr::from_ptr(uuid) };
+        let uuid = uuid.to_str().map_err(|_| code::INVALID_ARGUMENT)?;
+        let h = sim.handle_by_uuid(uuid)?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(device, raw(h)) }
+    })
+}
+
+/// On a MIG handle: the parent GPU's index.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetIndex(device: Device, index: *mut c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_view(device, |_, v| unsafe { put(index, v.gpu.index) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetUUID(device: Device, uuid: *mut c_char, length: c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let s = v.mig.as_ref().map_or(&v.gpu.uuid, |m| &m.uuid);
+        // SAFETY: NVML contract (module docs).
+        unsafe { put_str(uuid, length, s) }
+    })
+}
+
+/// On a MIG handle: `<model> MIG <profile>`, as the driver names them.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetName(device: Device, name: *mut c_char, length: c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let s = match &v.mig {
+            None => v.gpu.model.clone(),
+            Some(m) => format!("{} MIG {}", v.gpu.model, m.profile),
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put_str(name, length, &s) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSerial(device: Device, serial: *mut c_char, length: c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_view(device, |_, v| unsafe { put_str(serial, length, &v.gpu.serial) })
+}
+
+/// The parent GPU's PCI location, also for MIG handles.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: Device, pci: *mut PciInfo) -> Ret {
+    with_view(device, |_, v| {
+        let bus = 0x18 + v.gpu.index * 3;
+        let mut info = PciInfo {
+            bus_id_legacy: [0; 16],
+            domain: 0,
+            bus,
+            device: 0,
+            pci_device_id: match v.gpu.arch {
+                Some(crate::scenario::Arch::Hopper) => 0x2330_10DE,
+                Some(crate::scenario::Arch::Ampere) => 0x20B2_10DE,
+                _ => 0x1DB4_10DE,
+            },
+            pci_sub_system_id: 0x16C1_10DE,
+            bus_id: [0; 32],
+        };
+        let legacy = format!("0000:{bus:02x}:00.0");
+        let full = format!("00000000:{bus:02x}:00.0");
+        for (dst, src) in info.bus_id_legacy.iter_mut().zip(legacy.bytes()) {
+            *dst = src as c_char;
+        }
+        for (dst, src) in info.bus_id.iter_mut().zip(full.bytes()) {
+            *dst = src as c_char;
+        }
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(pci, info) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetArchitecture(device: Device, arch: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let a = v.gpu.arch.map_or(0xFFFF_FFFF, |a| a as c_uint);
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(arch, a) }
+    })
+}
+
+/// NVML_BRAND_NVIDIA (14) for Hopper and later, NVML_BRAND_TESLA (2) before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetBrand(device: Device, brand: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        use crate::scenario::Arch;
+        let b = match v.gpu.arch {
+            Some(Arch::Hopper | Arch::Blackwell) => 14,
+            _ => 2,
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(brand, b) }
+    })
+}
+
+// ----------------------------------------------------------------------------
+// Memory, utilization, power, thermals, clocks, PCIe
+// ----------------------------------------------------------------------------
+
+/// Per instance on MIG handles.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: Device, memory: *mut Memory) -> Ret {
+    with_view(device, |_, v| {
+        let m = Memory {
+            total: v.mem_total_mib * MIB,
+            free: (v.mem_total_mib - v.mem_used_mib) * MIB,
+            used: v.mem_used_mib * MIB,
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(memory, m) }
+    })
+}
+
+/// `reserved` is 0: free = total − used.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: Device, memory: *mut MemoryV2) -> Ret {
+    with_view(device, |_, v| {
+        if memory.is_null() {
+            return Err(code::INVALID_ARGUMENT);
+        }
+        // SAFETY: non-null; NVML contract (module docs).
+        let version = unsafe { (*memory).version };
+        if version != MEMORY_V2_VERSION {
+            return Err(code::ARGUMENT_VERSION_MISMATCH);
+        }
+        let m = MemoryV2 {
+            version,
+            total: v.mem_total_mib * MIB,
+            reserved: 0,
+            free: (v.mem_total_mib - v.mem_used_mib) * MIB,
+            used: v.mem_used_mib * MIB,
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(memory, m) }
+    })
+}
+
+/// NOT_SUPPORTED on MIG handles and on GPUs in MIG mode, as on real GPUs.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: Device, u: *mut Utilization) -> Ret {
+    with_view(device, |_, v| {
+        if v.is_mig_handle() || v.gpu.mig.is_some() {
+            return Err(code::NOT_SUPPORTED);
+        }
+        let rates = Utilization {
+            gpu: (v.gpu_util * 100.0).round() as c_uint,
+            memory: (v.gpu_mem_util * 100.0).round() as c_uint,
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(u, rates) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: Device, power: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let mw = v.physical()?.power_mw as c_uint;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(power, mw) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
+    device: Device,
+    energy: *mut c_ulonglong,
+) -> Ret {
+    with_view(device, |_, v| {
+        let mj = v.physical()?.energy_mj;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(energy, mj) }
+    })
+}
+
+fn power_limit(device: Device, limit: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let mw = v.physical()?.gpu.power_max_mw as c_uint;
+        // SAFETY: callers pass their own NVML out-pointer (module docs).
+        unsafe { put(limit, mw) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(device: Device, limit: *mut c_uint) -> Ret {
+    power_limit(device, limit)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPowerManagementLimit(device: Device, limit: *mut c_uint) -> Ret {
+    power_limit(device, limit)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPowerManagementDefaultLimit(
+    device: Device,
+    limit: *mut c_uint,
+) -> Ret {
+    power_limit(device, limit)
+}
+
+/// Only NVML_TEMPERATURE_GPU (0).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetTemperature(device: Device, sensor: c_uint, temp: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        if sensor != 0 {
+            return Err(code::INVALID_ARGUMENT);
+        }
+        let t = v.physical()?.temperature_c();
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(temp, t) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetClockInfo(device: Device, kind: c_uint, clock: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let mhz = v.physical()?.clock_mhz(kind).ok_or(code::INVALID_ARGUMENT)?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(clock, mhz) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(device: Device, kind: c_uint, clock: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let mhz = v.physical()?.max_clock_mhz(kind).ok_or(code::INVALID_ARGUMENT)?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(clock, mhz) }
+    })
+}
+
+/// Clock id 0 (current) is the current clock; the others the maximum.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetClock(
+    device: Device,
+    kind: c_uint,
+    id: c_uint,
+    clock: *mut c_uint,
+) -> Ret {
+    with_view(device, |_, v| {
+        let v = v.physical()?;
+        let mhz = match id {
+            0 => v.clock_mhz(kind),
+            1..=3 => v.max_clock_mhz(kind),
+            _ => None,
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(clock, mhz.ok_or(code::INVALID_ARGUMENT)?) }
+    })
+}
+
+fn throttle_reasons(device: Device, reasons: *mut c_ulonglong) -> Ret {
+    with_view(device, |_, v| {
+        let bits = if v.physical()?.gpu_util > 0.0 {
+            0
+        } else {
+            THROTTLE_GPU_IDLE
+        };
+        // SAFETY: callers pass their own NVML out-pointer (module docs).
+        unsafe { put(reasons, bits) }
+    })
+}
+
+/// GpuIdle (0x1) at 0 % utilization, none otherwise.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
+    device: Device,
+    reasons: *mut c_ulonglong,
+) -> Ret {
+    throttle_reasons(device, reasons)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksEventReasons(
+    device: Device,
+    reasons: *mut c_ulonglong,
+) -> Ret {
+    throttle_reasons(device, reasons)
+}
+
+/// Counter 0 = TX, 1 = RX, KB/s, proportional to utilization.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(device: Device, counter: c_uint, value: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let kbps = v.physical()?.pcie_kbps(counter).ok_or(code::INVALID_ARGUMENT)?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(value, kbps) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPcieReplayCounter(device: Device, value: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        v.physical()?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(value, 0) }
+    })
+}
+
+fn pcie_gen(v: &View) -> c_uint {
+    use crate::scenario::Arch;
+    match v.gpu.arch {
+        Some(Arch::Hopper | Arch::Blackwell) => 5,
+        _ => 4,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(device: Device, value: *mut c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_view(device, |_, v| unsafe { put(value, pcie_gen(v.physical()?)) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(device: Device, value: *mut c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_view(device, |_, v| unsafe { put(value, pcie_gen(v.physical()?)) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkWidth(device: Device, value: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        v.physical()?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(value, 16) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(device: Device, value: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        v.physical()?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(value, 16) }
+    })
+}
+
+// ----------------------------------------------------------------------------
+// Processes
+// ----------------------------------------------------------------------------
+
+fn process_infos(v: &View) -> Vec<ProcessInfo> {
+    v.procs
+        .iter()
+        .map(|p| ProcessInfo {
+            pid: p.pid,
+            used_gpu_memory: p.reg.memory_mib * MIB,
+            gpu_instance_id: p.gpu_instance_id,
+            compute_instance_id: p.compute_instance_id,
+        })
+        .collect()
+}
+
+/// A physical handle lists every process on the GPU (with its MIG
+/// instance's ids, or 0xFFFFFFFF); a MIG handle the processes on that instance.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    device: Device,
+    count: *mut c_uint,
+    infos: *mut ProcessInfo,
+) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_view(device, |_, v| unsafe { put_slice(infos, count, &process_infos(v)) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
+    device: Device,
+    count: *mut c_uint,
+    infos: *mut ProcessInfo,
+) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_view(device, |_, v| unsafe { put_slice(infos, count, &process_infos(v)) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
+    device: Device,
+    count: *mut c_uint,
+    infos: *mut ProcessInfoV1,
+) -> Ret {
+    with_view(device, |_, v| {
+        let items: Vec<ProcessInfoV1> = process_infos(v)
+            .into_iter()
+            .map(|p| ProcessInfoV1 {
+                pid: p.pid,
+                used_gpu_memory: p.used_gpu_memory,
+            })
+            .collect();
+        // SAFETY: NVML contract (module docs).
+        unsafe { put_slice(infos, count, &items) }
+    })
+}
+
+/// No graphics or MPS processes are simulated: always an empty list.
+fn no_processes(device: Device, count: *mut c_uint) -> Ret {
+    with_view(device, |_, _| {
+        // SAFETY: callers pass their own NVML out-pointer (module docs).
+        unsafe { put_slice::<ProcessInfo>(ptr::null_mut(), count, &[]) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+    device: Device,
+    count: *mut c_uint,
+    _infos: *mut ProcessInfo,
+) -> Ret {
+    no_processes(device, count)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(
+    device: Device,
+    count: *mut c_uint,
+    _infos: *mut ProcessInfo,
+) -> Ret {
+    no_processes(device, count)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
+    device: Device,
+    count: *mut c_uint,
+    _infos: *mut ProcessInfo,
+) -> Ret {
+    no_processes(device, count)
+}
+
+/// One sample per registered process, newer than `last_seen`; NOT_FOUND when
+/// there is none; NOT_SUPPORTED in MIG mode.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+    device: Device,
+    samples: *mut ProcessUtilizationSample,
+    count: *mut c_uint,
+    last_seen: c_ulonglong,
+) -> Ret {
+    with_view(device, |sim, v| {
+        if v.is_mig_handle() || v.gpu.mig.is_some() {
+            return Err(code::NOT_SUPPORTED);
+        }
+        let items: Vec<ProcessUtilizationSample> = sim
+            .samples(v, last_seen)
+            .into_iter()
+            .map(|s| ProcessUtilizationSample {
+                pid: s.pid,
+                time_stamp: s.time_stamp_us,
+                sm_util: s.sm_pct,
+                mem_util: s.mem_pct,
+                enc_util: 0,
+                dec_util: 0,
+            })
+            .collect();
+        if items.is_empty() {
+            return Err(code::NOT_FOUND);
+        }
+        // SAFETY: NVML contract (module docs).
+        unsafe { put_slice(samples, count, &items) }
+    })
+}
+
+// ----------------------------------------------------------------------------
+// MIG
+// ----------------------------------------------------------------------------
+
+/// Every simulated GPU is MIG-capable; current = pending = whether the
+/// scenario lists MIG instances.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: Device, current: *mut c_uint, pending: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let on = c_uint::from(v.physical()?.gpu.mig.is_some());
+        // SAFETY: NVML contract (module docs).
+        unsafe {
+            put(current, on)?;
+            put(pending, on)
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: Device, count: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        v.physical()?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(count, sim::MAX_MIG_DEVICES) }
+    })
+}
+
+/// NOT_FOUND for an index without an instance (or MIG mode off).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: Device,
+    index: c_uint,
+    mig: *mut Device,
+) -> Ret {
+    with_view(device, |_, v| {
+        v.physical()?;
+        if index >= sim::MAX_MIG_DEVICES {
+            return Err(code::INVALID_ARGUMENT);
+        }
+        let n = v.gpu.mig.as_ref().map_or(0, Vec::len);
+        if index as usize >= n {
+            return Err(code::NOT_FOUND);
+        }
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(mig, raw(Handle::Mig(v.gpu.index, index))) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: Device, is_mig: *mut c_uint) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    with_view(device, |_, v| unsafe { put(is_mig, c_uint::from(v.is_mig_handle())) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(mig: Device, device: *mut Device) -> Ret {
+    with_view(mig, |_, v| {
+        if !v.is_mig_handle() {
+            return Err(code::INVALID_ARGUMENT);
+        }
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(device, raw(Handle::Gpu(v.gpu.index))) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(device: Device, id: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let m = v.mig.as_ref().ok_or(code::INVALID_ARGUMENT)?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(id, m.gpu_instance_id) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(device: Device, id: *mut c_uint) -> Ret {
+    with_view(device, |_, v| {
+        let m = v.mig.as_ref().ok_or(code::INVALID_ARGUMENT)?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(id, m.compute_instance_id) }
+    })
+}
+
+/// MIG handles only (NOT_SUPPORTED on physical GPUs, as nvml.h documents).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(device: Device, attrs: *mut DeviceAttributes) -> Ret {
+    with_view(device, |_, v| {
+        let m = v.mig.as_ref().ok_or(code::NOT_SUPPORTED)?;
+        let cs = m.compute_slices;
+        let a = DeviceAttributes {
+            multiprocessor_count: v.gpu.sm_count / crate::scenario::COMPUTE_SLICES * cs,
+            shared_copy_engine_count: cs,
+            shared_decoder_count: cs.div_ceil(2),
+            shared_encoder_count: 0,
+            shared_jpeg_count: cs.div_ceil(2),
+            shared_ofa_count: c_uint::from(cs == crate::scenario::COMPUTE_SLICES),
+            gpu_instance_slice_count: cs,
+            compute_instance_slice_count: cs,
+            memory_size_mb: m.memory_mib,
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(attrs, a) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetAttributes(device: Device, attrs: *mut DeviceAttributes) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    unsafe { nvmlDeviceGetAttributes_v2(device, attrs) }
+}
+
+// ----------------------------------------------------------------------------
+// Events
+// ----------------------------------------------------------------------------
+
+fn set_id(set: EventSet) -> Result<usize, Code> {
+    (set as usize)
+        .checked_sub(EVENT_SET_BASE)
+        .filter(|id| *id > 0)
+        .ok_or(code::INVALID_ARGUMENT)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut EventSet) -> Ret {
+    with_sim(|sim| {
+        if set.is_null() {
+            return Err(code::INVALID_ARGUMENT);
+        }
+        let id = sim.event_set_create();
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(set, ptr::without_provenance_mut(EVENT_SET_BASE + id)) }
+    })
+}
+
+/// nvml-wrapper's `Drop for EventSet` calls this unconditionally; after
+/// shutdown it answers UNINITIALIZED.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetFree(set: EventSet) -> Ret {
+    with_sim(|sim| sim.event_set_free(set_id(set)?))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceRegisterEvents(device: Device, types: c_ulonglong, set: EventSet) -> Ret {
+    with_sim(|sim| {
+        let h = sim.resolve(device as usize)?;
+        sim.register_events(h, types, set_id(set)?)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(device: Device, types: *mut c_ulonglong) -> Ret {
+    with_view(device, |_, v| {
+        v.physical()?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(types, event::SUPPORTED) }
+    })
+}
+
+/// Polls the state directory every 20 ms until an XID for a registered GPU
+/// is claimed or `timeout_ms` passes. The driver lock is not held while
+/// sleeping.
+fn wait_event(set: EventSet, timeout_ms: c_uint) -> Result<sim::Event, Code> {
+    let id = set_id(set)?;
+    let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+    loop {
+        if let Some(ev) = driver().sim()?.poll_xid(id)? {
+            return Ok(ev);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(code::TIMEOUT);
+        }
+        sleep((deadline - now).min(Duration::from_millis(20)));
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetWait_v2(set: EventSet, data: *mut EventData, timeout_ms: c_uint) -> Ret {
+    guard(|| {
+        if data.is_null() {
+            return Err(code::INVALID_ARGUMENT);
+        }
+        let ev = wait_event(set, timeout_ms)?;
+        let d = EventData {
+            device: raw(Handle::Gpu(ev.gpu)),
+            event_type: ev.event_type,
+            event_data: ev.data,
+            gpu_instance_id: NO_INSTANCE,
+            compute_instance_id: NO_INSTANCE,
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(data, d) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetWait(set: EventSet, data: *mut EventDataV1, timeout_ms: c_uint) -> Ret {
+    guard(|| {
+        if data.is_null() {
+            return Err(code::INVALID_ARGUMENT);
+        }
+        let ev = wait_event(set, timeout_ms)?;
+        let d = EventDataV1 {
+            device: raw(Handle::Gpu(ev.gpu)),
+            event_type: ev.event_type,
+            event_data: ev.data,
+        };
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(data, d) }
+    })
+}

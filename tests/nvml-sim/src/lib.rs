@@ -1,0 +1,20 @@
+//! A simulated NVML (`libnvidia-ml`) for testing Tally without a GPU.
+//!
+//! Built as a `cdylib` (`libnvml_sim.so`) it exports the NVML C functions
+//! the agent calls, with NVML's struct layouts, count protocol and return
+//! codes, so `nvml_wrapper::Nvml::builder().lib_path(..).init()` runs its
+//! real code path against it. The GPUs come from the scenario file named by
+//! `TALLY_SIM_SCENARIO`; what runs on them and which faults are injected
+//! from the state directory named by `TALLY_SIM_STATE` (see README.md).
+//!
+//! As an `rlib` it gives Rust tests the file formats: [`state::register`],
+//! [`state::inject_xid`], [`state::set_lost`], [`scenario::parse`].
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)] // the extern "C" exports; every unsafe block says why it holds
+mod ffi;
+pub mod scenario;
+mod sim;
+pub mod state;
+
+pub use state::{Registration, XidFault, register, unregister};

@@ -1,0 +1,709 @@
+//! The simulated driver: device handles, the state directory read on every
+//! call, derived readings (utilization, power, energy, temperature, PCIe)
+//! and XID delivery. Safe Rust; `ffi` turns it into NVML's C API.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    io::{Read, Seek, Write},
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    scenario::{self, COMPUTE_SLICES, Gpu, MigInstance, Scenario},
+    state::{self, Registration, XidFault},
+};
+
+/// Most GPUs a scenario may have (handles encode the index in 12 bits).
+pub const MAX_GPUS: usize = 64;
+/// What `nvmlDeviceGetMaxMigDeviceCount` reports (A100/H100: 7).
+pub const MAX_MIG_DEVICES: u32 = 7;
+/// `gpuInstanceId`/`computeInstanceId` of a process not in a MIG instance.
+pub const NO_INSTANCE: u32 = 0xFFFF_FFFF;
+
+/// NVML return codes (`nvmlReturn_t`).
+pub mod code {
+    pub const SUCCESS: u32 = 0;
+    pub const UNINITIALIZED: u32 = 1;
+    pub const INVALID_ARGUMENT: u32 = 2;
+    pub const NOT_SUPPORTED: u32 = 3;
+    pub const NOT_FOUND: u32 = 6;
+    pub const INSUFFICIENT_SIZE: u32 = 7;
+    pub const DRIVER_NOT_LOADED: u32 = 9;
+    pub const TIMEOUT: u32 = 10;
+    pub const GPU_IS_LOST: u32 = 15;
+    pub const ARGUMENT_VERSION_MISMATCH: u32 = 25;
+    pub const UNKNOWN: u32 = 999;
+}
+
+/// NVML event type bits.
+pub mod event {
+    pub const SINGLE_BIT_ECC: u64 = 0x1;
+    pub const DOUBLE_BIT_ECC: u64 = 0x2;
+    pub const PSTATE: u64 = 0x4;
+    pub const XID_CRITICAL: u64 = 0x8;
+    pub const CLOCK: u64 = 0x10;
+    /// What every simulated physical GPU claims to support; only XIDs fire.
+    pub const SUPPORTED: u64 = SINGLE_BIT_ECC | DOUBLE_BIT_ECC | PSTATE | XID_CRITICAL | CLOCK;
+}
+
+/// An `nvmlReturn_t` error code.
+pub type Code = u32;
+
+/// A device handle: a physical GPU or one of its MIG instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handle {
+    Gpu(u32),
+    Mig(u32, u32),
+}
+
+const HANDLE_BASE: usize = 0x7A11_0000;
+
+impl Handle {
+    /// The opaque pointer value handed to C: stable for the life of the
+    /// process, never dereferenced.
+    pub fn to_raw(self) -> usize {
+        match self {
+            Handle::Gpu(g) => HANDLE_BASE + (g as usize) * 16,
+            Handle::Mig(g, m) => HANDLE_BASE + (g as usize) * 16 + 1 + m as usize,
+        }
+    }
+
+    fn from_raw(raw: usize) -> Option<Handle> {
+        let off = raw.checked_sub(HANDLE_BASE)?;
+        let (g, slot) = (off / 16, off % 16);
+        if g >= MAX_GPUS {
+            return None;
+        }
+        let g = g as u32;
+        Some(match slot {
+            0 => Handle::Gpu(g),
+            s if s <= MAX_MIG_DEVICES as usize => Handle::Mig(g, s as u32 - 1),
+            _ => return None,
+        })
+    }
+
+    pub fn gpu(self) -> u32 {
+        match self {
+            Handle::Gpu(g) | Handle::Mig(g, _) => g,
+        }
+    }
+}
+
+/// A live registered process on a GPU.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub pid: u32,
+    pub reg: Registration,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+}
+
+/// Everything a device query can answer, computed at one instant.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub gpu: Gpu,
+    pub mig: Option<MigInstance>,
+    /// Processes on this handle (the whole GPU for a physical handle), by pid.
+    pub procs: Vec<Proc>,
+    /// Utilization of the physical GPU, 0..=1.
+    pub gpu_util: f64,
+    /// Memory-bandwidth utilization of the physical GPU, 0..=1.
+    pub gpu_mem_util: f64,
+    pub mem_total_mib: u64,
+    pub mem_used_mib: u64,
+    /// Power of the physical GPU now, mW.
+    pub power_mw: u64,
+    /// Energy counter of the physical GPU, mJ.
+    pub energy_mj: u64,
+}
+
+impl View {
+    pub fn is_mig_handle(&self) -> bool {
+        self.mig.is_some()
+    }
+
+    /// Errors with NOT_SUPPORTED on MIG handles: the query is physical-only.
+    pub fn physical(&self) -> Result<&Self, Code> {
+        if self.is_mig_handle() {
+            Err(code::NOT_SUPPORTED)
+        } else {
+            Ok(self)
+        }
+    }
+
+    pub fn temperature_c(&self) -> u32 {
+        let g = &self.gpu;
+        let span = f64::from(g.temperature_max_c - g.temperature_idle_c);
+        g.temperature_idle_c + (span * self.gpu_util).round() as u32
+    }
+
+    /// PCIe throughput, KB/s: RX (host to GPU) = 50 % of the link × utilization,
+    /// TX (GPU to host) = 25 % of the link × utilization.
+    pub fn pcie_kbps(&self, counter: u32) -> Option<u32> {
+        let share = match counter {
+            0 => 0.25,
+            1 => 0.5,
+            _ => return None,
+        };
+        Some((f64::from(self.gpu.pcie_max_kbps) * share * self.gpu_util).round() as u32)
+    }
+
+    /// (max SM/graphics MHz, memory MHz, video MHz) of the architecture.
+    pub fn max_clocks(&self) -> (u32, u32, u32) {
+        match self.gpu.arch {
+            Some(scenario::Arch::Hopper | scenario::Arch::Blackwell) => (1980, 2619, 1755),
+            Some(scenario::Arch::Ampere) => (1410, 1593, 1440),
+            _ => (1740, 1750, 1500),
+        }
+    }
+
+    /// Current clock of `clock_type` (0 graphics, 1 SM, 2 memory, 3 video):
+    /// idle clocks at 0 % utilization, boost otherwise.
+    pub fn clock_mhz(&self, clock_type: u32) -> Option<u32> {
+        let (sm, mem, video) = self.max_clocks();
+        let busy = self.gpu_util > 0.0;
+        Some(match clock_type {
+            0 | 1 if busy => sm,
+            0 | 1 => 345,
+            2 => mem,
+            3 if busy => video,
+            3 => 555,
+            _ => return None,
+        })
+    }
+
+    pub fn max_clock_mhz(&self, clock_type: u32) -> Option<u32> {
+        let (sm, mem, video) = self.max_clocks();
+        Some(match clock_type {
+            0 | 1 => sm,
+            2 => mem,
+            3 => video,
+            _ => return None,
+        })
+    }
+}
+
+/// One per-process utilization sample.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub pid: u32,
+    pub time_stamp_us: u64,
+    pub sm_pct: u32,
+    pub mem_pct: u32,
+}
+
+/// Energy integral kept in memory when there is no state directory.
+#[derive(Debug, Clone, Copy)]
+struct Energy {
+    last_ns: u128,
+    picojoules: u128,
+    power_mw: u64,
+}
+
+/// An event set: which GPUs registered which event types.
+#[derive(Debug, Default)]
+struct EventSet {
+    registered: HashMap<u32, u64>,
+}
+
+/// A delivered event.
+#[derive(Debug, Clone, Copy)]
+pub struct Event {
+    pub gpu: u32,
+    pub event_type: u64,
+    pub data: u64,
+}
+
+/// The initialized simulator.
+#[derive(Debug)]
+pub struct Sim {
+    scenario: Scenario,
+    state: Option<PathBuf>,
+    /// Bad state files already reported: (path, mtime).
+    reported: HashSet<(PathBuf, Option<SystemTime>)>,
+    energy_mem: HashMap<u32, Energy>,
+    event_sets: HashMap<usize, EventSet>,
+    next_set: usize,
+}
+
+/// Global driver state: the init count and the simulator while initialized.
+#[derive(Debug, Default)]
+pub struct Driver {
+    pub refcount: u32,
+    pub sim: Option<Sim>,
+}
+
+static DRIVER: Mutex<Driver> = Mutex::new(Driver {
+    refcount: 0,
+    sim: None,
+});
+
+/// Locks the driver; a panic caught at the FFI boundary must not wedge it.
+pub fn driver() -> MutexGuard<'static, Driver> {
+    DRIVER.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Driver {
+    /// `nvmlInit`: the first init reads the environment and the scenario;
+    /// later ones only count.
+    pub fn init(&mut self) -> Result<(), Code> {
+        if self.refcount > 0 {
+            self.refcount += 1;
+            return Ok(());
+        }
+        let Some(path) = std::env::var_os(state::SCENARIO_ENV) else {
+            eprintln!("nvml-sim: {}", scenario::ScenarioError::NotSet);
+            return Err(code::DRIVER_NOT_LOADED);
+        };
+        let scenario = match scenario::load(Path::new(&path)) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("nvml-sim: {e}");
+                return Err(match e {
+                    scenario::ScenarioError::Invalid { .. } => code::INVALID_ARGUMENT,
+                    _ => code::UNKNOWN,
+                });
+            }
+        };
+        let state = std::env::var_os(state::STATE_ENV)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        self.sim = Some(Sim {
+            scenario,
+            state,
+            reported: HashSet::new(),
+            energy_mem: HashMap::new(),
+            event_sets: HashMap::new(),
+            next_set: 0,
+        });
+        self.refcount = 1;
+        Ok(())
+    }
+
+    /// `nvmlShutdown`.
+    pub fn shutdown(&mut self) -> Result<(), Code> {
+        match self.refcount {
+            0 => Err(code::UNINITIALIZED),
+            1 => {
+                self.refcount = 0;
+                self.sim = None;
+                Ok(())
+            }
+            _ => {
+                self.refcount -= 1;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn sim(&mut self) -> Result<&mut Sim, Code> {
+        self.sim.as_mut().ok_or(code::UNINITIALIZED)
+    }
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+impl Sim {
+    pub fn gpu_count(&self) -> u32 {
+        self.scenario.gpus.len() as u32
+    }
+
+    fn gpu(&self, index: u32) -> Result<&Gpu, Code> {
+        self.scenario
+            .gpus
+            .get(index as usize)
+            .ok_or(code::INVALID_ARGUMENT)
+    }
+
+    /// Validates a raw handle from C.
+    pub fn resolve(&self, raw: usize) -> Result<Handle, Code> {
+        let h = Handle::from_raw(raw).ok_or(code::INVALID_ARGUMENT)?;
+        let gpu = self.gpu(h.gpu())?;
+        if let Handle::Mig(_, m) = h {
+            let n = gpu.mig.as_ref().map_or(0, Vec::len);
+            if m as usize >= n {
+                return Err(code::INVALID_ARGUMENT);
+            }
+        }
+        Ok(h)
+    }
+
+    pub fn handle_by_index(&self, index: u32) -> Result<Handle, Code> {
+        self.gpu(index).map(|_| Handle::Gpu(index))
+    }
+
+    /// A GPU or MIG UUID to its handle.
+    pub fn handle_by_uuid(&self, uuid: &str) -> Result<Handle, Code> {
+        for g in &self.scenario.gpus {
+            if g.uuid == uuid {
+                return Ok(Handle::Gpu(g.index));
+            }
+            for m in g.mig.iter().flatten() {
+                if m.uuid == uuid {
+                    return Ok(Handle::Mig(g.index, m.index));
+                }
+            }
+        }
+        Err(code::NOT_FOUND)
+    }
+
+    /// Returns GPU_IS_LOST when `lost/<gpu>` exists.
+    pub fn check_lost(&self, gpu: u32) -> Result<(), Code> {
+        match &self.state {
+            Some(dir) if state::lost_file(dir, gpu).exists() => Err(code::GPU_IS_LOST),
+            _ => Ok(()),
+        }
+    }
+
+    fn report_once(&mut self, path: &Path, problem: &str) {
+        let mtime = fs::metadata(path).and_then(|m| m.modified()).ok();
+        if self.reported.insert((path.to_owned(), mtime)) {
+            eprintln!("nvml-sim: {}: {problem}; ignored", path.display());
+        }
+    }
+
+    /// Live, valid registrations on `gpu`, sorted by pid.
+    fn procs_on(&mut self, gpu: &Gpu) -> Vec<Proc> {
+        let Some(dir) = self.state.clone() else {
+            return Vec::new();
+        };
+        let Ok(entries) = fs::read_dir(state::procs_dir(&dir)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            // Temporary files of atomic writes start with '.'.
+            if name.starts_with('.') {
+                continue;
+            }
+            let Some(pid) = name.strip_suffix(".toml") else {
+                continue;
+            };
+            let Ok(pid) = pid.parse::<u32>() else {
+                self.report_once(&path, "file name is not <pid>.toml");
+                continue;
+            };
+            // Zombies keep their /proc entry and stay visible, as a process
+            // holding GPU memory would.
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
+            match self.parse_registration(&text) {
+                Ok(reg) if reg.gpu == gpu.index => {
+                    let (gi, ci) = match (reg.mig, &gpu.mig) {
+                        (Some(m), Some(mig)) => {
+                            let inst = &mig[m as usize];
+                            (inst.gpu_instance_id, inst.compute_instance_id)
+                        }
+                        _ => (NO_INSTANCE, NO_INSTANCE),
+                    };
+                    out.push(Proc {
+                        pid,
+                        reg,
+                        gpu_instance_id: gi,
+                        compute_instance_id: ci,
+                    });
+                }
+                Ok(_) => {}
+                Err(problem) => self.report_once(&path, &problem),
+            }
+        }
+        out.sort_by_key(|p| p.pid);
+        out
+    }
+
+    fn parse_registration(&self, text: &str) -> Result<Registration, String> {
+        let reg: Registration =
+            toml::from_str(text).map_err(|e| scenario::one_line_toml_error(text, &e))?;
+        reg.validate().map_err(str::to_owned)?;
+        let Some(gpu) = self.scenario.gpus.get(reg.gpu as usize) else {
+            return Err(format!(
+                "gpu = {} is out of range ({} GPUs)",
+                reg.gpu,
+                self.gpu_count()
+            ));
+        };
+        match (reg.mig, &gpu.mig) {
+            (Some(m), Some(mig)) if m as usize >= mig.len() => Err(format!(
+                "mig = {m} is out of range (gpu {} has {} MIG instances)",
+                reg.gpu,
+                mig.len()
+            )),
+            (Some(m), None) => Err(format!("mig = {m} but gpu {} is not in MIG mode", reg.gpu)),
+            (None, Some(_)) => Err(format!(
+                "gpu {} is in MIG mode; say which instance with mig = N",
+                reg.gpu
+            )),
+            _ => Ok(reg),
+        }
+    }
+
+    /// Reads the state for the device behind `h`, advances the GPU's energy
+    /// integral, and returns every reading. GPU_IS_LOST for a lost GPU.
+    pub fn observe(&mut self, h: Handle) -> Result<View, Code> {
+        let gpu = self.gpu(h.gpu())?.clone();
+        self.check_lost(gpu.index)?;
+        let all = self.procs_on(&gpu);
+        let inst_util = |m: u32| {
+            all.iter()
+                .filter(|p| p.reg.mig == Some(m))
+                .map(|p| p.reg.sm)
+                .sum::<f64>()
+                .min(1.0)
+        };
+        let gpu_util = match &gpu.mig {
+            None => all.iter().map(|p| p.reg.sm).sum::<f64>().min(1.0),
+            Some(mig) => mig
+                .iter()
+                .map(|m| inst_util(m.index) * f64::from(m.compute_slices))
+                .sum::<f64>()
+                .min(f64::from(COMPUTE_SLICES))
+                / f64::from(COMPUTE_SLICES),
+        };
+        let gpu_mem_util = all
+            .iter()
+            .map(|p| f64::from(mem_pct(p.reg.sm)) / 100.0)
+            .sum::<f64>()
+            .min(1.0);
+        let power_mw = gpu.power_idle_mw
+            + ((gpu.power_max_mw - gpu.power_idle_mw) as f64 * gpu_util).round() as u64;
+        let energy_mj = self.advance_energy(gpu.index, power_mw)?;
+        let (mig, procs, mem_total_mib) = match h {
+            Handle::Gpu(_) => (None, all, gpu.memory_mib),
+            Handle::Mig(_, m) => {
+                let inst = gpu.mig.as_ref().and_then(|v| v.get(m as usize)).cloned();
+                let inst = inst.ok_or(code::INVALID_ARGUMENT)?;
+                let procs = all.into_iter().filter(|p| p.reg.mig == Some(m)).collect();
+                let total = inst.memory_mib;
+                (Some(inst), procs, total)
+            }
+        };
+        let used: u64 = procs.iter().map(|p: &Proc| p.reg.memory_mib).sum();
+        Ok(View {
+            mem_used_mib: used.min(mem_total_mib),
+            gpu,
+            mig,
+            procs,
+            gpu_util,
+            gpu_mem_util,
+            mem_total_mib,
+            power_mw,
+            energy_mj,
+        })
+    }
+
+    /// Advances the energy integral of `gpu` to now with the power stored at
+    /// the previous update (left Riemann sum), stores `power_mw` for the next
+    /// interval and returns the total in mJ. With a state directory the
+    /// integral lives in `.energy/<gpu>` under an exclusive lock, so every
+    /// process that loads the simulator sees one monotonic counter.
+    fn advance_energy(&mut self, gpu: u32, power_mw: u64) -> Result<u64, Code> {
+        let step = |prev: Option<Energy>, now: u128| match prev {
+            None => Energy {
+                last_ns: now,
+                picojoules: 0,
+                power_mw,
+            },
+            Some(e) => Energy {
+                last_ns: e.last_ns.max(now),
+                picojoules: e.picojoules
+                    + u128::from(e.power_mw) * now.saturating_sub(e.last_ns),
+                power_mw,
+            },
+        };
+        let to_mj = |e: Energy| (e.picojoules / 1_000_000_000) as u64;
+        let Some(dir) = &self.state else {
+            let e = step(self.energy_mem.get(&gpu).copied(), now_ns());
+            self.energy_mem.insert(gpu, e);
+            return Ok(to_mj(e));
+        };
+        let path = state::energy_file(dir, gpu);
+        let e = (|| -> std::io::Result<Energy> {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let mut f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            f.lock()?;
+            let mut text = String::new();
+            f.read_to_string(&mut text)?;
+            let nums: Vec<u128> = text
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            let prev = match nums[..] {
+                [last_ns, picojoules, power] => Some(Energy {
+                    last_ns,
+                    picojoules,
+                    power_mw: u64::try_from(power).unwrap_or(0),
+                }),
+                _ => None,
+            };
+            // Read the clock under the lock so updates are ordered.
+            let e = step(prev, now_ns());
+            f.set_len(0)?;
+            f.rewind()?;
+            writeln!(f, "{} {} {}", e.last_ns, e.picojoules, e.power_mw)?;
+            Ok(e)
+        })();
+        match e {
+            Ok(e) => Ok(to_mj(e)),
+            Err(err) => {
+                eprintln!("nvml-sim: {}: {err}", path.display());
+                Err(code::UNKNOWN)
+            }
+        }
+    }
+
+    /// Per-process samples newer than `last_seen_us`. Samples are taken once
+    /// per sampling period and stamped with the period's start.
+    pub fn samples(&self, view: &View, last_seen_us: u64) -> Vec<Sample> {
+        let period_us = u128::from(self.scenario.sample_period_ms) * 1000;
+        let now_us = now_ns() / 1000;
+        let ts = (now_us / period_us * period_us) as u64;
+        if ts <= last_seen_us {
+            return Vec::new();
+        }
+        view.procs
+            .iter()
+            .map(|p| Sample {
+                pid: p.pid,
+                time_stamp_us: ts,
+                sm_pct: (p.reg.sm * 100.0).round() as u32,
+                mem_pct: mem_pct(p.reg.sm),
+            })
+            .collect()
+    }
+
+    pub fn event_set_create(&mut self) -> usize {
+        self.next_set += 1;
+        let id = self.next_set;
+        self.event_sets.insert(id, EventSet::default());
+        id
+    }
+
+    pub fn event_set_free(&mut self, id: usize) -> Result<(), Code> {
+        self.event_sets
+            .remove(&id)
+            .map(|_| ())
+            .ok_or(code::INVALID_ARGUMENT)
+    }
+
+    pub fn register_events(&mut self, h: Handle, types: u64, set: usize) -> Result<(), Code> {
+        let Handle::Gpu(g) = h else {
+            return Err(code::NOT_SUPPORTED);
+        };
+        self.check_lost(g)?;
+        if types & !event::SUPPORTED != 0 {
+            return Err(code::NOT_SUPPORTED);
+        }
+        let set = self.event_sets.get_mut(&set).ok_or(code::INVALID_ARGUMENT)?;
+        *set.registered.entry(g).or_insert(0) |= types;
+        Ok(())
+    }
+
+    /// Claims the first pending XID for a GPU that `set` watches. Claiming is
+    /// a rename to `*.delivered`, so each XID goes to exactly one waiter,
+    /// across processes too.
+    pub fn poll_xid(&mut self, set: usize) -> Result<Option<Event>, Code> {
+        let watched: Vec<u32> = self
+            .event_sets
+            .get(&set)
+            .ok_or(code::INVALID_ARGUMENT)?
+            .registered
+            .iter()
+            .filter(|(_, t)| *t & event::XID_CRITICAL != 0)
+            .map(|(g, _)| *g)
+            .collect();
+        let Some(dir) = self.state.clone() else {
+            return Ok(None);
+        };
+        if watched.is_empty() {
+            return Ok(None);
+        }
+        let Ok(entries) = fs::read_dir(state::xid_dir(&dir)) else {
+            return Ok(None);
+        };
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "toml")
+                    && !p
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with('.'))
+            })
+            .collect();
+        files.sort();
+        for path in files {
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
+            let fault: XidFault = match toml::from_str(&text) {
+                Ok(f) => f,
+                Err(e) => {
+                    let problem = scenario::one_line_toml_error(&text, &e);
+                    self.report_once(&path, &problem);
+                    continue;
+                }
+            };
+            if fault.gpu >= self.gpu_count() {
+                let problem = format!("gpu = {} is out of range", fault.gpu);
+                self.report_once(&path, &problem);
+                continue;
+            }
+            if !watched.contains(&fault.gpu) {
+                continue;
+            }
+            let mut delivered = path.clone().into_os_string();
+            delivered.push(state::DELIVERED_SUFFIX);
+            if fs::rename(&path, &delivered).is_ok() {
+                return Ok(Some(Event {
+                    gpu: fault.gpu,
+                    event_type: event::XID_CRITICAL,
+                    data: fault.xid,
+                }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Memory-bandwidth utilization attributed to a process: 60 % of its SM use.
+fn mem_pct(sm: f64) -> u32 {
+    (sm * 60.0).round() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_round_trip() {
+        for h in [Handle::Gpu(0), Handle::Gpu(63), Handle::Mig(2, 0), Handle::Mig(5, 6)] {
+            assert_eq!(Handle::from_raw(h.to_raw()), Some(h));
+        }
+        assert_eq!(Handle::from_raw(0), None);
+        assert_eq!(Handle::from_raw(HANDLE_BASE + 8), None);
+        assert_eq!(Handle::from_raw(HANDLE_BASE + 64 * 16), None);
+    }
+}

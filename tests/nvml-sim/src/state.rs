@@ -1,0 +1,178 @@
+//! The state directory (`TALLY_SIM_STATE`): what runs on the simulated GPUs
+//! and which faults are injected. The simulator re-reads it on every call;
+//! tests and `tally-sim-run` write it through the functions here.
+//!
+//! Layout (every on-disk path of the simulator is named in this module):
+//! - `procs/<pid>.toml` — a [`Registration`];
+//! - `lost/<index>` — GPU `index` has fallen off the bus;
+//! - `xid/<name>.toml` — an [`XidFault`], renamed to `<name>.toml.delivered`
+//!   once an event set has received it;
+//! - `.energy/<index>` — the simulator's energy integral (internal).
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the scenario file.
+pub const SCENARIO_ENV: &str = "TALLY_SIM_SCENARIO";
+/// Environment variable naming the state directory.
+pub const STATE_ENV: &str = "TALLY_SIM_STATE";
+
+/// Directory of process registrations.
+pub fn procs_dir(state: &Path) -> PathBuf {
+    state.join("procs")
+}
+/// Registration file of `pid`.
+pub fn proc_file(state: &Path, pid: u32) -> PathBuf {
+    procs_dir(state).join(format!("{pid}.toml"))
+}
+/// Marker file that makes GPU `index` lost.
+pub fn lost_file(state: &Path, index: u32) -> PathBuf {
+    state.join("lost").join(index.to_string())
+}
+/// Directory of pending (and delivered) XID faults.
+pub fn xid_dir(state: &Path) -> PathBuf {
+    state.join("xid")
+}
+/// Suffix a delivered XID file gets.
+pub const DELIVERED_SUFFIX: &str = ".delivered";
+/// Energy integral of GPU `index` (`<last update ns> <picojoules> <power mW>`).
+pub fn energy_file(state: &Path, index: u32) -> PathBuf {
+    state.join(".energy").join(index.to_string())
+}
+
+/// A process's use of a simulated GPU: the content of `procs/<pid>.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// NVML index of the physical GPU.
+    pub gpu: u32,
+    /// MIG instance: position in that GPU's scenario `mig` list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<u32>,
+    /// Framebuffer the process holds, MiB.
+    pub memory_mib: u64,
+    /// SM utilization of the process, 0..=1 (of its GPU or MIG instance).
+    pub sm: f64,
+}
+
+/// A critical XID error to deliver once: the content of `xid/<name>.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XidFault {
+    /// NVML index of the physical GPU that reports it.
+    pub gpu: u32,
+    /// The XID number (e.g. 79, fallen off the bus; 48, double-bit ECC).
+    pub xid: u64,
+}
+
+/// Why the state directory could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A registration value is out of range.
+    #[error("invalid registration: {0}")]
+    Invalid(&'static str),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Registration {
+    /// Checks the ranges the simulator enforces when reading.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if !(0.0..=1.0).contains(&self.sm) {
+            return Err("sm must be within 0..=1");
+        }
+        Ok(())
+    }
+}
+
+/// Writes `contents` to `path` atomically (temporary file, then rename), so
+/// the simulator never reads half a file.
+fn write_atomic(path: &Path, contents: &str) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    fs::write(&tmp, contents).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Registers `pid` as a GPU process: writes `procs/<pid>.toml`. The
+/// simulator ignores it once `/proc/<pid>` is gone.
+pub fn register(state: &Path, pid: u32, reg: &Registration) -> Result<PathBuf, StateError> {
+    reg.validate().map_err(StateError::Invalid)?;
+    let path = proc_file(state, pid);
+    let text = toml::to_string(reg).map_err(|_| StateError::Invalid("not serializable"))?;
+    write_atomic(&path, &text)?;
+    Ok(path)
+}
+
+/// Removes the registration of `pid` (no error when there is none).
+pub fn unregister(state: &Path, pid: u32) -> Result<(), StateError> {
+    let path = proc_file(state, pid);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Marks GPU `index` lost (`lost = true`) or back (`false`).
+pub fn set_lost(state: &Path, index: u32, lost: bool) -> Result<(), StateError> {
+    let path = lost_file(state, index);
+    if lost {
+        write_atomic(&path, "")
+    } else {
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Queues a critical XID error as `xid/<name>.toml`; `name` must be a plain
+/// file name. Returns the path.
+pub fn inject_xid(state: &Path, name: &str, fault: &XidFault) -> Result<PathBuf, StateError> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(StateError::Invalid("xid name must be a plain file name"));
+    }
+    let path = xid_dir(state).join(format!("{name}.toml"));
+    let text = toml::to_string(fault).map_err(|_| StateError::Invalid("not serializable"))?;
+    write_atomic(&path, &text)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registration {
+            gpu: 1,
+            mig: Some(2),
+            memory_mib: 4096,
+            sm: 0.5,
+        };
+        let path = register(dir.path(), 42, &reg).unwrap();
+        assert_eq!(path, dir.path().join("procs/42.toml"));
+        let back: Registration = toml::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(back, reg);
+        let bad = Registration { sm: 1.5, ..reg };
+        assert!(register(dir.path(), 43, &bad).is_err());
+        unregister(dir.path(), 42).unwrap();
+        unregister(dir.path(), 42).unwrap();
+        assert!(!path.exists());
+    }
+}
