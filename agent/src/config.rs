@@ -149,7 +149,12 @@ pub fn reject_unknown(table: &toml::Table, prefix: &str, known: &[&str], problem
 pub struct Config {
     pub agent: AgentSection,
     pub tenant: TenantSection,
+    pub probes: crate::probes::ProbesConfig,
+    pub report: crate::report::ReportConfig,
 }
+
+/// Top-level keys of the agent's config file.
+const KNOWN: &[&str] = &["agent", "tenant", "probes", "report"];
 
 /// `[agent]`: how the agent runs. Command-line flags override these.
 #[derive(Debug, Clone, Deserialize)]
@@ -219,7 +224,7 @@ impl Config {
         let mut table = read_table(file)?;
         let mut problems = Problems::new(file);
         let config = Self::from_table(&mut table, &mut problems);
-        reject_unknown(&table, "", &["agent", "tenant"], &mut problems);
+        reject_unknown(&table, "", KNOWN, &mut problems);
         problems.finish(config)
     }
 
@@ -234,7 +239,7 @@ impl Config {
             }
         };
         let config = Self::from_table(&mut table, &mut problems);
-        reject_unknown(&table, "", &["agent", "tenant"], &mut problems);
+        reject_unknown(&table, "", KNOWN, &mut problems);
         problems.finish(config)
     }
 
@@ -247,7 +252,14 @@ impl Config {
             );
         }
         let tenant = tenant_section(table, problems);
-        Config { agent, tenant }
+        let probes = section(table, "probes", problems);
+        let report = section(table, "report", problems);
+        Config {
+            agent,
+            tenant,
+            probes,
+            report,
+        }
     }
 }
 

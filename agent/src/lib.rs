@@ -8,14 +8,18 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod aggregator;
 pub mod attribution;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod enforce;
 pub mod gpu;
 pub mod http;
 pub mod metrics;
 pub mod paths;
+pub mod probes;
+pub mod report;
 pub mod signal;
 pub mod snapshot;
 pub mod tenants;
