@@ -357,7 +357,10 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut 
 
 /// Accepts `GPU-…` and `MIG-…` UUIDs.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut Device) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
+    uuid: *const c_char,
+    device: *mut Device,
+) -> Ret {
     with_sim(|sim| {
         if uuid.is_null() {
             return Err(code::INVALID_ARGUMENT);
@@ -379,7 +382,11 @@ pub unsafe extern "C" fn nvmlDeviceGetIndex(device: Device, index: *mut c_uint) 
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetUUID(device: Device, uuid: *mut c_char, length: c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetUUID(
+    device: Device,
+    uuid: *mut c_char,
+    length: c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         let s = v.mig.as_ref().map_or(&v.gpu.uuid, |m| &m.uuid);
         // SAFETY: NVML contract (module docs).
@@ -389,7 +396,11 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(device: Device, uuid: *mut c_char, le
 
 /// On a MIG handle: `<model> MIG <profile>`, as the driver names them.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetName(device: Device, name: *mut c_char, length: c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetName(
+    device: Device,
+    name: *mut c_char,
+    length: c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         let s = match &v.mig {
             None => v.gpu.model.clone(),
@@ -401,9 +412,15 @@ pub unsafe extern "C" fn nvmlDeviceGetName(device: Device, name: *mut c_char, le
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetSerial(device: Device, serial: *mut c_char, length: c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetSerial(
+    device: Device,
+    serial: *mut c_char,
+    length: c_uint,
+) -> Ret {
     // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe { put_str(serial, length, &v.gpu.serial) })
+    with_view(device, |_, v| unsafe {
+        put_str(serial, length, &v.gpu.serial)
+    })
 }
 
 /// The parent GPU's PCI location, also for MIG handles.
@@ -548,12 +565,18 @@ fn power_limit(device: Device, limit: *mut c_uint) -> Ret {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(device: Device, limit: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(
+    device: Device,
+    limit: *mut c_uint,
+) -> Ret {
     power_limit(device, limit)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPowerManagementLimit(device: Device, limit: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetPowerManagementLimit(
+    device: Device,
+    limit: *mut c_uint,
+) -> Ret {
     power_limit(device, limit)
 }
 
@@ -567,7 +590,11 @@ pub unsafe extern "C" fn nvmlDeviceGetPowerManagementDefaultLimit(
 
 /// Only NVML_TEMPERATURE_GPU (0).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetTemperature(device: Device, sensor: c_uint, temp: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetTemperature(
+    device: Device,
+    sensor: c_uint,
+    temp: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         if sensor != 0 {
             return Err(code::INVALID_ARGUMENT);
@@ -579,18 +606,32 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(device: Device, sensor: c_uint
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetClockInfo(device: Device, kind: c_uint, clock: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
+    device: Device,
+    kind: c_uint,
+    clock: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
-        let mhz = v.physical()?.clock_mhz(kind).ok_or(code::INVALID_ARGUMENT)?;
+        let mhz = v
+            .physical()?
+            .clock_mhz(kind)
+            .ok_or(code::INVALID_ARGUMENT)?;
         // SAFETY: NVML contract (module docs).
         unsafe { put(clock, mhz) }
     })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(device: Device, kind: c_uint, clock: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(
+    device: Device,
+    kind: c_uint,
+    clock: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
-        let mhz = v.physical()?.max_clock_mhz(kind).ok_or(code::INVALID_ARGUMENT)?;
+        let mhz = v
+            .physical()?
+            .max_clock_mhz(kind)
+            .ok_or(code::INVALID_ARGUMENT)?;
         // SAFETY: NVML contract (module docs).
         unsafe { put(clock, mhz) }
     })
@@ -647,9 +688,16 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksEventReasons(
 
 /// Counter 0 = TX, 1 = RX, KB/s, proportional to utilization.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(device: Device, counter: c_uint, value: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(
+    device: Device,
+    counter: c_uint,
+    value: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
-        let kbps = v.physical()?.pcie_kbps(counter).ok_or(code::INVALID_ARGUMENT)?;
+        let kbps = v
+            .physical()?
+            .pcie_kbps(counter)
+            .ok_or(code::INVALID_ARGUMENT)?;
         // SAFETY: NVML contract (module docs).
         unsafe { put(value, kbps) }
     })
@@ -673,15 +721,25 @@ fn pcie_gen(v: &View) -> c_uint {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(device: Device, value: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(
+    device: Device,
+    value: *mut c_uint,
+) -> Ret {
     // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe { put(value, pcie_gen(v.physical()?)) })
+    with_view(device, |_, v| unsafe {
+        put(value, pcie_gen(v.physical()?))
+    })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(device: Device, value: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(
+    device: Device,
+    value: *mut c_uint,
+) -> Ret {
     // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe { put(value, pcie_gen(v.physical()?)) })
+    with_view(device, |_, v| unsafe {
+        put(value, pcie_gen(v.physical()?))
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -727,7 +785,9 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     infos: *mut ProcessInfo,
 ) -> Ret {
     // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe { put_slice(infos, count, &process_infos(v)) })
+    with_view(device, |_, v| unsafe {
+        put_slice(infos, count, &process_infos(v))
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -737,7 +797,9 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
     infos: *mut ProcessInfo,
 ) -> Ret {
     // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe { put_slice(infos, count, &process_infos(v)) })
+    with_view(device, |_, v| unsafe {
+        put_slice(infos, count, &process_infos(v))
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -834,7 +896,11 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
 /// Every simulated GPU is MIG-capable; current = pending = whether the
 /// scenario lists MIG instances.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: Device, current: *mut c_uint, pending: *mut c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+    device: Device,
+    current: *mut c_uint,
+    pending: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         let on = c_uint::from(v.physical()?.gpu.mig.is_some());
         // SAFETY: NVML contract (module docs).
@@ -878,11 +944,16 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: Device, is_mig: *mut c_uint) -> Ret {
     // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe { put(is_mig, c_uint::from(v.is_mig_handle())) })
+    with_view(device, |_, v| unsafe {
+        put(is_mig, c_uint::from(v.is_mig_handle()))
+    })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(mig: Device, device: *mut Device) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+    mig: Device,
+    device: *mut Device,
+) -> Ret {
     with_view(mig, |_, v| {
         if !v.is_mig_handle() {
             return Err(code::INVALID_ARGUMENT);
@@ -912,7 +983,10 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(device: Device, id: *mut
 
 /// MIG handles only (NOT_SUPPORTED on physical GPUs, as nvml.h documents).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(device: Device, attrs: *mut DeviceAttributes) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
+    device: Device,
+    attrs: *mut DeviceAttributes,
+) -> Ret {
     with_view(device, |_, v| {
         let m = v.mig.as_ref().ok_or(code::NOT_SUPPORTED)?;
         let cs = m.compute_slices;
@@ -933,7 +1007,10 @@ pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(device: Device, attrs: *mut 
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetAttributes(device: Device, attrs: *mut DeviceAttributes) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetAttributes(
+    device: Device,
+    attrs: *mut DeviceAttributes,
+) -> Ret {
     // SAFETY: NVML contract (module docs).
     unsafe { nvmlDeviceGetAttributes_v2(device, attrs) }
 }
@@ -969,7 +1046,11 @@ pub unsafe extern "C" fn nvmlEventSetFree(set: EventSet) -> Ret {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceRegisterEvents(device: Device, types: c_ulonglong, set: EventSet) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceRegisterEvents(
+    device: Device,
+    types: c_ulonglong,
+    set: EventSet,
+) -> Ret {
     with_sim(|sim| {
         let h = sim.resolve(device as usize)?;
         sim.register_events(h, types, set_id(set)?)
@@ -977,7 +1058,10 @@ pub unsafe extern "C" fn nvmlDeviceRegisterEvents(device: Device, types: c_ulong
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(device: Device, types: *mut c_ulonglong) -> Ret {
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
+    device: Device,
+    types: *mut c_ulonglong,
+) -> Ret {
     with_view(device, |_, v| {
         v.physical()?;
         // SAFETY: NVML contract (module docs).
@@ -1004,7 +1088,11 @@ fn wait_event(set: EventSet, timeout_ms: c_uint) -> Result<sim::Event, Code> {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlEventSetWait_v2(set: EventSet, data: *mut EventData, timeout_ms: c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    set: EventSet,
+    data: *mut EventData,
+    timeout_ms: c_uint,
+) -> Ret {
     guard(|| {
         if data.is_null() {
             return Err(code::INVALID_ARGUMENT);
@@ -1023,7 +1111,11 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(set: EventSet, data: *mut EventData
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlEventSetWait(set: EventSet, data: *mut EventDataV1, timeout_ms: c_uint) -> Ret {
+pub unsafe extern "C" fn nvmlEventSetWait(
+    set: EventSet,
+    data: *mut EventDataV1,
+    timeout_ms: c_uint,
+) -> Ret {
     guard(|| {
         if data.is_null() {
             return Err(code::INVALID_ARGUMENT);

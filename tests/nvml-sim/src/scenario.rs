@@ -18,16 +18,45 @@ pub const MEMORY_SLICES: u32 = 8;
 /// the number before `gb`; `+me` adds the media extensions.
 pub const KNOWN_MIG_PROFILES: &[&str] = &[
     // A30 24 GB
-    "1g.6gb", "1g.6gb+me", "2g.12gb", "2g.12gb+me", "4g.24gb",
+    "1g.6gb",
+    "1g.6gb+me",
+    "2g.12gb",
+    "2g.12gb+me",
+    "4g.24gb",
     // A100 40 GB
-    "1g.5gb", "1g.5gb+me", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb",
+    "1g.5gb",
+    "1g.5gb+me",
+    "1g.10gb",
+    "2g.10gb",
+    "3g.20gb",
+    "4g.20gb",
+    "7g.40gb",
     // A100 80 GB, H100 80 GB
-    "1g.10gb+me", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb",
+    "1g.10gb+me",
+    "1g.20gb",
+    "2g.20gb",
+    "3g.40gb",
+    "4g.40gb",
+    "7g.80gb",
     // H100 94/96 GB (NVL, GH200)
-    "1g.12gb", "1g.12gb+me", "1g.24gb", "2g.24gb", "3g.47gb", "3g.48gb", "4g.47gb",
-    "4g.48gb", "7g.94gb", "7g.96gb",
+    "1g.12gb",
+    "1g.12gb+me",
+    "1g.24gb",
+    "2g.24gb",
+    "3g.47gb",
+    "3g.48gb",
+    "4g.47gb",
+    "4g.48gb",
+    "7g.94gb",
+    "7g.96gb",
     // H200 141 GB
-    "1g.18gb", "1g.18gb+me", "1g.35gb", "2g.35gb", "3g.71gb", "4g.71gb", "7g.141gb",
+    "1g.18gb",
+    "1g.18gb+me",
+    "1g.35gb",
+    "2g.35gb",
+    "3g.71gb",
+    "4g.71gb",
+    "7g.141gb",
 ];
 
 /// The scenario file as written by a test or demo.
@@ -128,7 +157,10 @@ pub struct MigInstance {
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     /// `TALLY_SIM_SCENARIO` is not set.
-    #[error("{} is not set; point it at a scenario TOML file", crate::state::SCENARIO_ENV)]
+    #[error(
+        "{} is not set; point it at a scenario TOML file",
+        crate::state::SCENARIO_ENV
+    )]
     NotSet,
     /// The file could not be read.
     #[error("{path}: cannot read: {source}")]
@@ -170,7 +202,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
     };
     let sample_period_ms = file.sample_period_ms.unwrap_or(1000);
     if sample_period_ms == 0 {
-        return Err(invalid("sample_period_ms".into(), "must be at least 1".into()));
+        return Err(invalid(
+            "sample_period_ms".into(),
+            "must be at least 1".into(),
+        ));
     }
     let mut gpus = Vec::with_capacity(file.gpu.len());
     for (i, spec) in file.gpu.into_iter().enumerate() {
@@ -188,9 +223,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         if spec.memory_mib == 0 {
             return Err(invalid(at("memory_mib"), "must be greater than 0".into()));
         }
-        for (key, w) in [("power_idle_w", spec.power_idle_w), ("power_max_w", spec.power_max_w)] {
-            if !w.is_finite() || w < 0.0 || w > 100_000.0 {
-                return Err(invalid(at(key), format!("{w} is not a power in watts (0..=100000)")));
+        for (key, w) in [
+            ("power_idle_w", spec.power_idle_w),
+            ("power_max_w", spec.power_max_w),
+        ] {
+            if !w.is_finite() || !(0.0..=100_000.0).contains(&w) {
+                return Err(invalid(
+                    at(key),
+                    format!("{w} is not a power in watts (0..=100000)"),
+                ));
             }
         }
         if spec.power_max_w <= 0.0 {
@@ -210,18 +251,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         if temperature_idle_c > temperature_max_c {
             return Err(invalid(
                 at("temperature_idle_c"),
-                format!("{temperature_idle_c} °C is above temperature_max_c {temperature_max_c} °C"),
+                format!(
+                    "{temperature_idle_c} °C is above temperature_max_c {temperature_max_c} °C"
+                ),
             ));
         }
         let uuid = match spec.uuid {
             Some(u) if !u.starts_with("GPU-") || u.len() < 5 || u.len() > 79 => {
-                return Err(invalid(at("uuid"), format!("{u:?} must look like \"GPU-…\"")));
+                return Err(invalid(
+                    at("uuid"),
+                    format!("{u:?} must look like \"GPU-…\""),
+                ));
             }
             Some(u) => u,
             None => format!("GPU-{}", uuid_from(&format!("tally-sim-gpu-{index}"))),
         };
         if gpus.iter().any(|g: &Gpu| g.uuid == uuid) {
-            return Err(invalid(at("uuid"), format!("{uuid} is used by another GPU")));
+            return Err(invalid(
+                at("uuid"),
+                format!("{uuid} is used by another GPU"),
+            ));
         }
         let arch = arch_of(&spec.model);
         let sm_count = match arch {
@@ -231,9 +280,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         };
         let mig = match spec.mig {
             None => None,
-            Some(profiles) => Some(mig_instances(&uuid, spec.memory_mib, &profiles).map_err(
-                |(j, problem)| invalid(format!("gpu[{i}].mig[{j}]"), problem),
-            )?),
+            Some(profiles) => Some(
+                mig_instances(&uuid, spec.memory_mib, &profiles)
+                    .map_err(|(j, problem)| invalid(format!("gpu[{i}].mig[{j}]"), problem))?,
+            ),
         };
         gpus.push(Gpu {
             index,
@@ -339,7 +389,10 @@ pub fn parse_profile(name: &str) -> Option<(u32, u32)> {
 /// Guesses the architecture from the marketing name.
 fn arch_of(model: &str) -> Option<Arch> {
     let m = model.to_ascii_uppercase();
-    let has = |s: &str| m.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| w == s);
+    let has = |s: &str| {
+        m.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w == s)
+    };
     if has("B200") || has("GB200") || has("B100") {
         Some(Arch::Blackwell)
     } else if has("H100") || has("H200") || has("H800") || has("GH200") || has("H20") {
@@ -385,7 +438,8 @@ fn uuid_from(seed: &str) -> String {
 pub(crate) fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {
     let mut out = String::new();
     if let Some(span) = e.span() {
-        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
         let _ = write!(out, "line {line}: ");
     }
     out.push_str(&e.message().replace('\n', " "));
@@ -404,7 +458,10 @@ mod tests {
 
     #[test]
     fn mig_slices_and_ids() {
-        let s = p(&format!("{H100}mig = [\"3g.40gb\", \"2g.20gb\", \"1g.10gb\", \"1g.10gb\"]\n")).unwrap();
+        let s = p(&format!(
+            "{H100}mig = [\"3g.40gb\", \"2g.20gb\", \"1g.10gb\", \"1g.10gb\"]\n"
+        ))
+        .unwrap();
         let mig = s.gpus[0].mig.as_ref().unwrap();
         assert_eq!(mig.len(), 4);
         assert_eq!((mig[0].compute_slices, mig[0].memory_slices), (3, 4));
@@ -417,19 +474,33 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let e = p(&format!("{H100}mig = [\"3g.40gb\", \"9g.99gb\"]\n")).unwrap_err();
-        assert_eq!(e.to_string(), "/s.toml: gpu[0].mig[1]: unknown MIG profile \"9g.99gb\"");
+        assert_eq!(
+            e.to_string(),
+            "/s.toml: gpu[0].mig[1]: unknown MIG profile \"9g.99gb\""
+        );
         let e = p(&format!("{H100}mig = [\"7g.80gb\", \"1g.10gb\"]\n")).unwrap_err();
         assert!(e.to_string().contains("compute slices to 8"), "{e}");
-        let e = p(&format!("{H100}mig = [\"3g.40gb\", \"3g.40gb\", \"1g.10gb\"]\n")).unwrap_err();
+        let e = p(&format!(
+            "{H100}mig = [\"3g.40gb\", \"3g.40gb\", \"1g.10gb\"]\n"
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("memory slices to 9"), "{e}");
         let e = p(&format!("{H100}mig = [\"1g.5gb\"]\n")).unwrap_err();
         assert!(e.to_string().contains("does not fit"), "{e}");
         let e = p(&H100.replace("power_idle_w = 70", "power_idle_w = 800")).unwrap_err();
-        assert!(e.to_string().starts_with("/s.toml: gpu[0].power_idle_w: idle power 800 W"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/s.toml: gpu[0].power_idle_w: idle power 800 W"),
+            "{e}"
+        );
         let e = p(&H100.replace("81559", "0")).unwrap_err();
         assert!(e.to_string().contains("gpu[0].memory_mib"), "{e}");
         let e = p(&format!("{H100}colour = 1\n")).unwrap_err();
-        assert!(e.to_string().starts_with("/s.toml: line 6: unknown field `colour`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/s.toml: line 6: unknown field `colour`"),
+            "{e}"
+        );
         assert!(!e.to_string().contains('\n'));
     }
 

@@ -467,12 +467,13 @@ impl Sim {
         };
         let gpu_util = match &gpu.mig {
             None => all.iter().map(|p| p.reg.sm).sum::<f64>().min(1.0),
-            Some(mig) => mig
-                .iter()
-                .map(|m| inst_util(m.index) * f64::from(m.compute_slices))
-                .sum::<f64>()
-                .min(f64::from(COMPUTE_SLICES))
-                / f64::from(COMPUTE_SLICES),
+            Some(mig) => {
+                mig.iter()
+                    .map(|m| inst_util(m.index) * f64::from(m.compute_slices))
+                    .sum::<f64>()
+                    .min(f64::from(COMPUTE_SLICES))
+                    / f64::from(COMPUTE_SLICES)
+            }
         };
         let gpu_mem_util = all
             .iter()
@@ -520,8 +521,7 @@ impl Sim {
             },
             Some(e) => Energy {
                 last_ns: e.last_ns.max(now),
-                picojoules: e.picojoules
-                    + u128::from(e.power_mw) * now.saturating_sub(e.last_ns),
+                picojoules: e.picojoules + u128::from(e.power_mw) * now.saturating_sub(e.last_ns),
                 power_mw,
             },
         };
@@ -615,7 +615,10 @@ impl Sim {
         if types & !event::SUPPORTED != 0 {
             return Err(code::NOT_SUPPORTED);
         }
-        let set = self.event_sets.get_mut(&set).ok_or(code::INVALID_ARGUMENT)?;
+        let set = self
+            .event_sets
+            .get_mut(&set)
+            .ok_or(code::INVALID_ARGUMENT)?;
         *set.registered.entry(g).or_insert(0) |= types;
         Ok(())
     }
@@ -699,7 +702,12 @@ mod tests {
 
     #[test]
     fn handles_round_trip() {
-        for h in [Handle::Gpu(0), Handle::Gpu(63), Handle::Mig(2, 0), Handle::Mig(5, 6)] {
+        for h in [
+            Handle::Gpu(0),
+            Handle::Gpu(63),
+            Handle::Mig(2, 0),
+            Handle::Mig(5, 6),
+        ] {
             assert_eq!(Handle::from_raw(h.to_raw()), Some(h));
         }
         assert_eq!(Handle::from_raw(0), None);

@@ -1,0 +1,167 @@
+//! Shared helpers: locate `libnvml_sim.so`, give each test its own scenario
+//! and state directory, run child processes that are killed on drop.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use nvml_wrapper::Nvml;
+use tempfile::TempDir;
+
+/// The simulated library. Cargo builds a package's library target (here
+/// both the rlib and the cdylib, from one rustc invocation) before its
+/// integration tests, and puts the cdylib in `target/<profile>/`, the parent
+/// of the test binary's `deps/` directory.
+pub fn lib_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let lib = profile_dir.join("libnvml_sim.so");
+    assert!(
+        lib.exists(),
+        "{} not found; run `cargo build -p nvml-sim`",
+        lib.display()
+    );
+    lib
+}
+
+/// NVML init reads process-wide environment variables and the simulator's
+/// state is per process: tests in one binary take turns.
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// One test's scenario and state directory, exported through the
+/// environment while the test holds the lock.
+pub struct Sim {
+    _lock: MutexGuard<'static, ()>,
+    pub dir: TempDir,
+    pub scenario: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Sim {
+    pub fn new(scenario_toml: &str) -> Sim {
+        let lock = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let scenario = dir.path().join("scenario.toml");
+        let state = dir.path().join("state");
+        fs::write(&scenario, scenario_toml).expect("write scenario");
+        fs::create_dir(&state).expect("create state dir");
+        // SAFETY: every test in this binary holds LOCK while it runs, so no
+        // other thread reads or writes the environment meanwhile.
+        unsafe {
+            std::env::set_var(nvml_sim::state::SCENARIO_ENV, &scenario);
+            std::env::set_var(nvml_sim::state::STATE_ENV, &state);
+        }
+        Sim {
+            _lock: lock,
+            dir,
+            scenario,
+            state,
+        }
+    }
+
+    /// Initializes nvml-wrapper against the simulator.
+    pub fn nvml(&self) -> Nvml {
+        Nvml::builder()
+            .lib_path(lib_path().as_os_str())
+            .init()
+            .expect("nvml init against the simulator")
+    }
+
+    /// Starts `sleep 60` and registers it.
+    pub fn spawn(&self, gpu: u32, mig: Option<u32>, memory_mib: u64, sm: f64) -> ChildGuard {
+        let child = ChildGuard::sleep();
+        let reg = nvml_sim::Registration {
+            gpu,
+            mig,
+            memory_mib,
+            sm,
+        };
+        nvml_sim::register(&self.state, child.pid(), &reg).expect("register");
+        child
+    }
+}
+
+/// A child process killed and reaped on drop.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    pub fn sleep() -> ChildGuard {
+        let child = Command::new("sleep")
+            .arg("60")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        ChildGuard(Some(child))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().expect("child").id()
+    }
+
+    /// Kills the child without reaping it: it stays a zombie.
+    pub fn kill_leave_zombie(&mut self) {
+        let child = self.0.as_mut().expect("child");
+        child.kill().expect("kill");
+        // Wait until the kernel has made it a zombie.
+        let stat = format!("/proc/{}/stat", child.id());
+        while !fs::read_to_string(&stat)
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Kills and reaps the child: its `/proc` entry is gone afterwards.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub const H100: &str = r#"
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+"#;
+
+pub const H100_MIG: &str = r#"
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+uuid = "GPU-11111111-2222-3333-4444-555555555555"
+power_idle_w = 70
+power_max_w = 700
+mig = ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]
+"#;
+
+pub const A100: &str = r#"
+[[gpu]]
+model = "NVIDIA A100-SXM4-40GB"
+memory_mib = 40536
+power_idle_w = 50
+power_max_w = 400
+"#;
