@@ -1,1 +1,31 @@
-fn main() {}
+//! `cargo xtask …`: everything beyond `cargo build/test`, each command
+//! doing its own set-up on a fresh machine.
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod deps;
+mod exec;
+mod test;
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every test (unit, end-to-end, root ones, ops checks) and the lints.
+    Test(test::Options),
+    /// Start the agent on a simulated node with three tenants and show them live.
+    Demo(demo::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Test(o) => test::run(o),
+        Command::Demo(o) => demo::run(o),
+    }
+}

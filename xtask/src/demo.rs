@@ -1,0 +1,390 @@
+//! `cargo xtask demo`: a simulated GPU node with three tenants as real
+//! processes in real cgroups, the real agent, and a live table.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::{
+    deps,
+    exec::{cargo, exec, is_root, workspace_root},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Where the agent listens.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    pub listen: SocketAddr,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+}
+
+const SCENARIO: &str = r#"# The demo node: two H100s, an L4, and an A100 in MIG mode.
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA L4"
+memory_mib = 23034
+power_idle_w = 16
+power_max_w = 72
+
+[[gpu]]
+model = "NVIDIA A100-SXM4-40GB"
+memory_mib = 40960
+power_idle_w = 50
+power_max_w = 400
+mig = ["3g.20gb", "2g.10gb", "1g.5gb", "1g.5gb"]
+"#;
+
+const CONFIG: &str = r#"# Tenants are the second component under a `tally/` cgroup.
+[[tenant.rule]]
+cgroup = '/tally/(?P<tenant>[^/]+)/'
+
+[[tenant.rule]]
+user = true
+"#;
+
+/// One demo workload: tenant, job, GPU, MIG instance, memory MiB, base SM.
+type Job = (&'static str, &'static str, u32, Option<u32>, u64, f64);
+
+const JOBS: &[Job] = &[
+    ("acme", "train-llm", 0, None, 61_440, 0.85),
+    ("acme", "eval", 3, Some(0), 12_288, 0.40),
+    ("beta", "notebook", 0, None, 8_192, 0.10),
+    ("beta", "finetune", 1, None, 40_960, 0.70),
+    ("gamma", "inference", 3, Some(2), 3_072, 0.30),
+];
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the demo puts its tenants in real cgroups, which needs root: run `sudo cargo xtask demo`");
+    }
+    deps::ensure(deps::BUILD)?;
+    exec(cargo().args(["build", "--workspace", "--bins", "--lib"]))?;
+    let target = workspace_root().join("target/debug");
+    let dir = workspace_root().join("target/demo");
+    let _ = fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    fs::create_dir_all(state.join("procs"))?;
+    fs::write(dir.join("scenario.toml"), SCENARIO)?;
+    fs::write(dir.join("tally.toml"), CONFIG)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .context("cannot install the Ctrl-C handler")?;
+    }
+
+    let root = DemoCgroups::create()?;
+    let mut workloads = Vec::new();
+    for (tenant, job, gpu, mig, mem, sm) in JOBS {
+        let cg = root.child(&format!("tally/{tenant}/{job}"))?;
+        let child = spawn_in(&cg, &["sleep", "infinity"])?;
+        workloads.push(Workload {
+            pid: child.id(),
+            child,
+            gpu: *gpu,
+            mig: *mig,
+            memory_mib: *mem,
+            base_sm: *sm,
+        });
+    }
+
+    let log = fs::File::create(dir.join("agent.log"))?;
+    let agent = Command::new(target.join("tally"))
+        .arg("agent")
+        .arg("--config")
+        .arg(dir.join("tally.toml"))
+        .arg("--listen")
+        .arg(o.listen.to_string())
+        .arg("--nvml-lib")
+        .arg(target.join("libnvml_sim.so"))
+        .env("TALLY_SIM_SCENARIO", dir.join("scenario.toml"))
+        .env("TALLY_SIM_STATE", &state)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start tally agent")?;
+    let mut agent = KillOnDrop(agent);
+
+    let started = Instant::now();
+    let mut tick = 0u64;
+    let mut previous: Option<Value> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(limit) = o.seconds
+            && started.elapsed() >= Duration::from_secs(limit)
+        {
+            break;
+        }
+        // Workloads breathe: SM utilization moves so the numbers do.
+        for (i, w) in workloads.iter().enumerate() {
+            let phase = (tick as f64 / 5.0 + i as f64).sin();
+            let sm = (w.base_sm + 0.15 * phase).clamp(0.0, 1.0);
+            w.register(&state, sm)?;
+        }
+        if let Some(status) = agent.0.try_wait()? {
+            bail!(
+                "tally agent exited ({status}); its log is {}",
+                dir.join("agent.log").display()
+            );
+        }
+        if let Ok(snap) = get_json(o.listen, "/api/v1/snapshot") {
+            print!("\x1b[2J\x1b[H");
+            println!(
+                "Tally demo — simulated node, {} tenants in real cgroups under {}",
+                3,
+                root.path
+            );
+            println!(
+                "metrics: http://{}/metrics   snapshot: http://{}/api/v1/snapshot   agent log: {}",
+                o.listen,
+                o.listen,
+                dir.join("agent.log").display()
+            );
+            println!("{}", render(&snap, previous.as_ref()));
+            println!("Ctrl-C to stop.");
+            previous = Some(snap);
+        }
+        tick += 1;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    println!("stopping…");
+    drop(workloads);
+    Ok(())
+}
+
+struct Workload {
+    pid: u32,
+    child: Child,
+    gpu: u32,
+    mig: Option<u32>,
+    memory_mib: u64,
+    base_sm: f64,
+}
+
+impl Workload {
+    fn register(&self, state: &Path, sm: f64) -> anyhow::Result<()> {
+        let mut text = format!(
+            "gpu = {}\nmemory_mib = {}\nsm = {sm:.3}\n",
+            self.gpu, self.memory_mib
+        );
+        if let Some(m) = self.mig {
+            text.push_str(&format!("mig = {m}\n"));
+        }
+        let tmp = state.join(format!("procs/.{}.tmp", self.pid));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, state.join(format!("procs/{}.toml", self.pid)))?;
+        Ok(())
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The demo's cgroup tree on the v2 hierarchy, beneath our own cgroup.
+struct DemoCgroups {
+    dir: PathBuf,
+    path: String,
+    created: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl DemoCgroups {
+    fn create() -> anyhow::Result<DemoCgroups> {
+        let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|m| m.join("cgroup.procs").exists() && is_cgroup2(m))
+            .context("no cgroup v2 hierarchy mounted")?;
+        let own = fs::read_to_string("/proc/self/cgroup")?
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            .unwrap_or_else(|| "/".into());
+        let dir = mount
+            .join(own.trim().trim_start_matches('/'))
+            .join(format!("tally-demo-{}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let path = format!("/{}", dir.strip_prefix(&mount)?.display());
+        Ok(DemoCgroups {
+            created: std::cell::RefCell::new(vec![dir.clone()]),
+            dir,
+            path,
+        })
+    }
+
+    fn child(&self, relative: &str) -> anyhow::Result<PathBuf> {
+        let mut dir = self.dir.clone();
+        for part in relative.split('/') {
+            dir = dir.join(part);
+            if !dir.exists() {
+                fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+                self.created.borrow_mut().push(dir.clone());
+            }
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for DemoCgroups {
+    fn drop(&mut self) {
+        for dir in self.created.borrow().iter().rev() {
+            for _ in 0..50 {
+                if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn is_cgroup2(mount: &Path) -> bool {
+    fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                let mut f = l.split_whitespace();
+                let (_, at, kind) = (f.next(), f.next(), f.next());
+                at == Some(&*mount.to_string_lossy()) && kind == Some("cgroup2")
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Spawns `argv` so that it moves itself into cgroup `dir` before exec.
+fn spawn_in(dir: &Path, argv: &[&str]) -> anyhow::Result<Child> {
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg("echo $$ > \"$0\" && exec \"$@\"")
+        .arg(dir.join("cgroup.procs"))
+        .args(argv)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("cannot spawn a workload")
+}
+
+fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok(serde_json::from_str(body)?)
+}
+
+/// The live table: GPUs, then tenants with their rates over the last second.
+fn render(snap: &Value, previous: Option<&Value>) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\n{:<8} {:<24} {:<9} {:>6} {:>9} {:>8} {:>6}\n",
+        "GPU", "MODEL", "PROFILE", "UTIL", "MEM GiB", "POWER W", "PROCS"
+    ));
+    for g in snap["gpus"].as_array().into_iter().flatten() {
+        let util = g["utilization_ratio"]
+            .as_f64()
+            .map(|u| format!("{:.0}%", u * 100.0))
+            .unwrap_or_else(|| "-".into());
+        let power = g["power_watts"]
+            .as_f64()
+            .map(|p| format!("{p:.0}"))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<8} {:<24} {:<9} {:>6} {:>4.1}/{:<4.0} {:>8} {:>6}\n",
+            g["gpu"].as_str().unwrap_or("?"),
+            truncate(g["model"].as_str().unwrap_or(""), 24),
+            g["mig_profile"].as_str().unwrap_or("-"),
+            util,
+            g["memory_used_bytes"].as_f64().unwrap_or(0.0) / GIB,
+            g["memory_total_bytes"].as_f64().unwrap_or(0.0) / GIB,
+            power,
+            g["processes"].as_array().map(Vec::len).unwrap_or(0),
+        ));
+    }
+
+    let before: BTreeMap<(String, String), (f64, f64)> = previous
+        .and_then(|p| p["tenant_gpu"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                (
+                    r["tenant"].as_str().unwrap_or("").to_owned(),
+                    r["gpu"].as_str().unwrap_or("").to_owned(),
+                ),
+                (
+                    r["sm_seconds_total"].as_f64().unwrap_or(0.0),
+                    r["energy_joules_total"].as_f64().unwrap_or(0.0),
+                ),
+            )
+        })
+        .collect();
+    out.push_str(&format!(
+        "\n{:<14} {:<8} {:>10} {:>9} {:>8} {:>9} {:>11}\n",
+        "TENANT", "GPU", "ALLOC s", "SM s", "SM/s", "MEM GiB", "POWER W"
+    ));
+    for r in snap["tenant_gpu"].as_array().into_iter().flatten() {
+        let tenant = r["tenant"].as_str().unwrap_or("");
+        let gpu = r["gpu"].as_str().unwrap_or("");
+        let sm = r["sm_seconds_total"].as_f64();
+        let energy = r["energy_joules_total"].as_f64().unwrap_or(0.0);
+        let (sm0, e0) = before
+            .get(&(tenant.to_owned(), gpu.to_owned()))
+            .copied()
+            .unwrap_or((sm.unwrap_or(0.0), energy));
+        out.push_str(&format!(
+            "{:<14} {:<8} {:>10.1} {:>9} {:>8} {:>9.1} {:>11.1}\n",
+            tenant,
+            gpu,
+            r["allocated_seconds_total"].as_f64().unwrap_or(0.0),
+            sm.map(|s| format!("{s:.1}")).unwrap_or_else(|| "n/a".into()),
+            sm.map(|s| format!("{:.2}", s - sm0))
+                .unwrap_or_else(|| "n/a".into()),
+            r["memory_bytes"].as_f64().unwrap_or(0.0) / GIB,
+            energy - e0,
+        ));
+    }
+    out
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}

@@ -1,0 +1,42 @@
+//! Debian packages the commands need, installed when missing.
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::exec::{exec, is_root};
+
+/// Packages every build needs: clang and libbpf headers for the eBPF
+/// programs.
+pub const BUILD: &[&str] = &["clang", "libbpf-dev", "llvm"];
+
+/// True when dpkg has `package` installed.
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs the missing ones of `packages` (as root), or says exactly how.
+pub fn ensure(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: run `sudo apt-get update && sudo apt-get install -y {}`",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    exec(Command::new("apt-get").args(["update", "-qq"]))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
