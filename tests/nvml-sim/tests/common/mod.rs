@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard, PoisonError},
 };
@@ -14,21 +14,27 @@ use tempfile::TempDir;
 
 /// The simulated library. Cargo builds a package's library target (here
 /// both the rlib and the cdylib, from one rustc invocation) before its
-/// integration tests, and puts the cdylib in `target/<profile>/`, the parent
-/// of the test binary's `deps/` directory.
+/// integration tests and leaves the cdylib next to the test binary in
+/// `target/<profile>/deps/`. Only `cargo build` copies it up to
+/// `target/<profile>/`, so that copy can be stale under `cargo test`: the
+/// one in `deps/` is preferred.
 pub fn lib_path() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
+    let deps = exe.parent().expect("test binary has a directory");
+    let fresh = deps.join("libnvml_sim.so");
+    if fresh.exists() {
+        return fresh;
+    }
+    let built = deps
         .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let lib = profile_dir.join("libnvml_sim.so");
+        .expect("test binary lives in target/<profile>/deps")
+        .join("libnvml_sim.so");
     assert!(
-        lib.exists(),
+        built.exists(),
         "{} not found; run `cargo build -p nvml-sim`",
-        lib.display()
+        built.display()
     );
-    lib
+    built
 }
 
 /// NVML init reads process-wide environment variables and the simulator's
