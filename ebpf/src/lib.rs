@@ -1,1 +1,142 @@
-//! placeholder: eBPF objects and map types
+//! Tally's eBPF programs and the Rust mirror of their shared structs.
+//!
+//! The programs are C (`ebpf/*.bpf.c`), compiled by clang in `build.rs` and
+//! embedded here, one static per source (`NET` for `net.bpf.c`, …). The
+//! structs mirror `ebpf/include/tally.h`; each is `#[repr(C)]`, has no
+//! padding, and a test checks its size against the header. This crate holds
+//! the `unsafe` that marking them [`aya::Pod`] needs, so the agent stays safe.
+
+include!(concat!(env!("OUT_DIR"), "/objects.rs"));
+
+/// Name of the per-CPU network counter map (`net.bpf.c`).
+pub const MAP_NET: &str = "tally_net";
+/// Name of the per-CPU PCIe copy counter map (`pcie.bpf.c`).
+pub const MAP_PCIE: &str = "tally_pcie";
+/// Name of the recent-process map (`proc.bpf.c`).
+pub const MAP_PROCS: &str = "tally_procs";
+/// `dev.bpf.c` (enforcement): the `cgroup/dev` program, its config array
+/// (key 0: the `nvidia-caps` major) and its allow-list (key
+/// `major << 32 | minor`, value 1). Keys and values are plain integers.
+pub const PROG_DEV: &str = "tally_dev";
+pub const MAP_DEV_CONF: &str = "tally_dev_conf";
+pub const MAP_DEV_ALLOWED: &str = "tally_dev_allowed";
+
+/// `struct tally_net_value`: one cgroup's network counters on one CPU.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetValue {
+    pub ingress_bytes: u64,
+    pub ingress_packets: u64,
+    pub ingress_dropped: u64,
+    pub egress_bytes: u64,
+    pub egress_packets: u64,
+    pub egress_dropped: u64,
+}
+
+/// `struct tally_pcie_value`: one cgroup's CUDA copy counters on one CPU.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PcieValue {
+    pub h2d_bytes: u64,
+    pub h2d_calls: u64,
+    pub d2h_bytes: u64,
+    pub d2h_calls: u64,
+    /// Copies whose direction the arguments do not tell.
+    pub other_bytes: u64,
+    pub other_calls: u64,
+}
+
+/// `struct tally_proc`: a process's cgroup at exec and exit.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcRecord {
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns()` at exec, 0 if not seen.
+    pub exec_ns: u64,
+    /// `bpf_ktime_get_ns()` at exit, 0 while running.
+    pub exit_ns: u64,
+}
+
+// SAFETY: plain `#[repr(C)]` structs of u64 fields: no padding, no pointers,
+// every bit pattern is a valid value.
+unsafe impl aya::Pod for NetValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PcieValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ProcRecord {}
+
+impl NetValue {
+    /// Adds another CPU's (or cgroup's) counters.
+    pub fn add(&mut self, o: &Self) {
+        self.ingress_bytes += o.ingress_bytes;
+        self.ingress_packets += o.ingress_packets;
+        self.ingress_dropped += o.ingress_dropped;
+        self.egress_bytes += o.egress_bytes;
+        self.egress_packets += o.egress_packets;
+        self.egress_dropped += o.egress_dropped;
+    }
+}
+
+impl PcieValue {
+    /// Adds another CPU's (or cgroup's) counters.
+    pub fn add(&mut self, o: &Self) {
+        self.h2d_bytes += o.h2d_bytes;
+        self.h2d_calls += o.h2d_calls;
+        self.d2h_bytes += o.d2h_bytes;
+        self.d2h_calls += o.d2h_calls;
+        self.other_bytes += o.other_bytes;
+        self.other_calls += o.other_calls;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use super::*;
+
+    fn header() -> &'static str {
+        include_str!("../include/tally.h")
+    }
+
+    /// Number of `__u64` fields of `struct NAME` in the header.
+    fn u64_fields(name: &str) -> usize {
+        let text = header();
+        let start = text
+            .find(&format!("struct {name} {{"))
+            .unwrap_or_else(|| panic!("struct {name} not in tally.h"));
+        let body = &text[start..];
+        let body = &body[..body.find("};").expect("struct ends")];
+        assert!(
+            !body.contains("__u32"),
+            "{name}: only __u64 fields expected"
+        );
+        body.matches("__u64 ").count()
+    }
+
+    #[test]
+    fn sizes_match_the_header() {
+        assert_eq!(size_of::<NetValue>(), 8 * u64_fields("tally_net_value"));
+        assert_eq!(size_of::<PcieValue>(), 8 * u64_fields("tally_pcie_value"));
+        assert_eq!(size_of::<ProcRecord>(), 8 * u64_fields("tally_proc"));
+        assert_eq!(size_of::<NetValue>(), 48);
+        assert_eq!(size_of::<PcieValue>(), 48);
+        assert_eq!(size_of::<ProcRecord>(), 24);
+    }
+
+    #[test]
+    fn every_source_is_embedded() {
+        let names: Vec<_> = OBJECTS.iter().map(|(n, _)| *n).collect();
+        for want in ["net", "pcie", "proc"] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        for (name, bytes) in OBJECTS {
+            assert_eq!(&bytes[..4], b"\x7fELF", "{name} is not an ELF object");
+            assert_eq!(
+                bytes.as_ptr() as usize % 8,
+                0,
+                "{name} is not 8-byte aligned"
+            );
+        }
+    }
+}

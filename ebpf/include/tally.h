@@ -1,0 +1,65 @@
+/* Structs shared by Tally's eBPF programs and the agent.
+ *
+ * Every struct here is mirrored in ebpf/src/lib.rs with #[repr(C)] and a
+ * size test: change both together. Only fixed-size __u64/__u32 fields, no
+ * implicit padding, so the layout is the same for clang -target bpf and
+ * rustc x86_64. */
+#ifndef TALLY_H
+#define TALLY_H
+
+#include <linux/types.h>
+
+/* Entries of the per-cgroup counter maps. User space folds the counters of
+ * vanished cgroups into their tenant and deletes the entry, so this bounds
+ * the number of cgroups alive (with traffic) between two samples. */
+#define TALLY_MAX_CGROUPS 65536
+/* Recently exec'd / exited processes remembered (LRU). */
+#define TALLY_MAX_PROCS 32768
+
+/* Value of map `tally_net` (per-CPU hash, key: __u64 cgroup v2 id).
+ * Bytes are skb->len: IP header + L4 header + payload. The dropped counters
+ * are for a rate policer (enforcement); the counting programs never drop. */
+struct tally_net_value {
+	__u64 ingress_bytes;
+	__u64 ingress_packets;
+	__u64 ingress_dropped;
+	__u64 egress_bytes;
+	__u64 egress_packets;
+	__u64 egress_dropped;
+};
+
+/* Value of map `tally_pcie` (per-CPU hash, key: __u64 cgroup v2 id of the
+ * calling thread). `other_*`: copies whose direction the arguments do not
+ * tell (generic cuMemcpy with unified addressing). */
+struct tally_pcie_value {
+	__u64 h2d_bytes;
+	__u64 h2d_calls;
+	__u64 d2h_bytes;
+	__u64 d2h_calls;
+	__u64 other_bytes;
+	__u64 other_calls;
+};
+
+/* Value of map `tally_procs` (LRU hash, key: __u32 pid = thread group id).
+ * Written at exec and at exit of the group leader. */
+struct tally_proc {
+	__u64 cgroup_id;
+	/* bpf_ktime_get_ns() at exec (0 if exec was not seen). */
+	__u64 exec_ns;
+	/* bpf_ktime_get_ns() at exit, 0 while running. */
+	__u64 exit_ns;
+};
+
+/* CUmemorytype values used in CUDA_MEMCPY2D. */
+#define TALLY_CU_MEMORYTYPE_HOST 1
+#define TALLY_CU_MEMORYTYPE_DEVICE 2
+#define TALLY_CU_MEMORYTYPE_ARRAY 3
+#define TALLY_CU_MEMORYTYPE_UNIFIED 4
+
+/* Offsets in CUDA_MEMCPY2D (_v2, 64-bit: size_t fields, enum padded to 8). */
+#define TALLY_MEMCPY2D_SRC_MEMORY_TYPE 16
+#define TALLY_MEMCPY2D_DST_MEMORY_TYPE 72
+#define TALLY_MEMCPY2D_WIDTH_IN_BYTES 112
+#define TALLY_MEMCPY2D_HEIGHT 120
+
+#endif
