@@ -60,6 +60,9 @@ struct DeviceState {
     last_util_ts_us: u64,
     /// Last power seen while nobody held the device: its idle draw.
     idle_power_watts: Option<f64>,
+    /// Last SM ratio per pid: NVML samples at its own period, so a cycle
+    /// may bring no new sample; utilization is a rate, so it is held.
+    last_sm: HashMap<u32, f64>,
     pcie_tx_bytes: f64,
     pcie_rx_bytes: f64,
     /// The error last logged, so each distinct failure is logged once.
@@ -166,6 +169,9 @@ impl Sampler {
         for index in 0..count {
             self.sample_device(nvml, index, resolver, &mut gpus);
         }
+        for g in &mut gpus {
+            g.observed_seconds_total = self.accounts.observed_seconds(&g.gpu);
+        }
         Sample {
             nvml: status,
             gpus,
@@ -271,9 +277,17 @@ impl Sampler {
         snap.processes = processes
             .into_iter()
             .map(|mut p| {
-                p.sm_ratio = utilization.get(&p.pid).copied();
+                p.sm_ratio = utilization
+                    .get(&p.pid)
+                    .or_else(|| state.last_sm.get(&p.pid))
+                    .copied();
                 p
             })
+            .collect();
+        state.last_sm = snap
+            .processes
+            .iter()
+            .filter_map(|p| Some((p.pid, p.sm_ratio?)))
             .collect();
         if snap.processes.is_empty() {
             state.idle_power_watts = snap.power_watts;

@@ -74,9 +74,17 @@ pub fn tally_bin() -> PathBuf {
     built("tally")
 }
 
-/// The NVML simulator library.
+/// The NVML simulator library: the newer of `target/<profile>/` (copied
+/// there by `cargo build`) and `deps/` (where `cargo test` builds it).
 pub fn sim_lib() -> PathBuf {
-    built("libnvml_sim.so")
+    let top = target_dir().join("libnvml_sim.so");
+    let deps = target_dir().join("deps/libnvml_sim.so");
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (mtime(&top), mtime(&deps)) {
+        (Some(a), Some(b)) if b > a => deps,
+        (None, Some(_)) => deps,
+        _ => built("libnvml_sim.so"),
+    }
 }
 
 /// The `tally-sim-run` helper of the simulator.
