@@ -113,12 +113,15 @@ pub fn split_interval(
 #[derive(Debug, Default)]
 pub struct Accounts {
     rows: BTreeMap<(String, String), TenantGpuUsage>,
+    /// Wall time accounted per device: what the allocated seconds sum to.
+    observed: BTreeMap<String, f64>,
 }
 
 impl Accounts {
     /// Adds one interval's shares of device `gpu` (`uuid`), and sets the
     /// memory gauge of tenants that no longer hold it to zero.
     pub fn add(&mut self, gpu: &str, uuid: &str, seconds: f64, shares: &BTreeMap<String, Share>) {
+        *self.observed.entry(gpu.to_owned()).or_default() += seconds;
         for ((_, g), row) in self.rows.iter_mut() {
             if g == gpu {
                 row.memory_bytes = 0;
@@ -162,6 +165,11 @@ impl Accounts {
 
     pub fn rows(&self) -> Vec<TenantGpuUsage> {
         self.rows.values().cloned().collect()
+    }
+
+    /// Wall time accounted for device `gpu` so far.
+    pub fn observed_seconds(&self, gpu: &str) -> f64 {
+        self.observed.get(gpu).copied().unwrap_or(0.0)
     }
 }
 
@@ -244,6 +252,8 @@ mod tests {
         assert_eq!(a.allocated_seconds_total, 1.0);
         let idle = rows.iter().find(|r| r.tenant == TENANT_IDLE).unwrap();
         assert_eq!(idle.allocated_seconds_total, 1.0);
+        assert_eq!(acc.observed_seconds("0"), 2.0);
+        assert_eq!(acc.observed_seconds("1"), 0.0);
         assert_eq!(idle.energy_joules_total, 5.0);
     }
 }

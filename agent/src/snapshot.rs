@@ -93,6 +93,10 @@ pub struct GpuSnapshot {
     /// GPUs only): `(tx, rx)`.
     pub pcie_tx_bytes_total: Option<f64>,
     pub pcie_rx_bytes_total: Option<f64>,
+    /// Wall time the agent has accounted for this device since start: the
+    /// sum of its tenants' allocated seconds (intervals in which the device
+    /// failed are not accounted).
+    pub observed_seconds_total: f64,
     /// XID events seen since start, by XID code.
     pub xid_errors_total: BTreeMap<u64, u64>,
     /// Processes on this device at the sample.
