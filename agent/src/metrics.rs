@@ -242,6 +242,13 @@ impl Collector for SnapshotCollector {
             }),
         )?;
         counter(
+            "tally_gpu_observed",
+            "Wall time the agent accounted for this GPU or MIG instance: what \
+             sum by (gpu) (tally_tenant_gpu_allocated_seconds_total) adds up to.",
+            Some(Unit::Seconds),
+        )
+        .encode(e, gpus.iter().map(|g| (id(g), g.observed_seconds_total)))?;
+        counter(
             "tally_gpu_xid_errors",
             "XID errors reported by the driver, by XID code.",
             None,
