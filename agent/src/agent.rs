@@ -97,7 +97,7 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
         samples += 1;
         let snapshot = Snapshot {
             node: settings.node.clone(),
-            taken_at_ms: unix_ms(),
+            taken_at_ms,
             samples,
             nvml: sample.nvml,
             gpus: sample.gpus,

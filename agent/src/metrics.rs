@@ -111,6 +111,12 @@ impl Collector for SnapshotCollector {
                 f64::from(u8::from(snap.nvml.up)),
             )],
         )?;
+        gauge(
+            "tally_last_sample_timestamp",
+            "Unix time at which the last sampling cycle started.",
+            Some(Unit::Seconds),
+        )
+        .encode(e, [(NOLABELS, snap.taken_at_ms as f64 / 1000.0)])?;
         counter("tally_samples", "Sampling cycles completed.", None)
             .encode(e, [(NOLABELS, snap.samples as f64)])?;
         gauge(

@@ -18,7 +18,8 @@ pub const TENANT_UNATTRIBUTED: &str = "_unattributed";
 pub struct Snapshot {
     /// Node name (`[report] node`, default the host name).
     pub node: String,
-    /// Wall-clock time of the sample, milliseconds since the Unix epoch.
+    /// Wall-clock time at which the sampling cycle started, milliseconds
+    /// since the Unix epoch.
     pub taken_at_ms: u64,
     /// Number of completed sampling cycles since start.
     pub samples: u64,
