@@ -93,6 +93,7 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
+        let taken_at_ms = unix_ms();
         let sample = gpus.sample(&mut resolver);
         samples += 1;
         let snapshot = Snapshot {
