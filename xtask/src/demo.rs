@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::{
     deps,
-    exec::{cargo, exec, is_root, workspace_root},
+    exec::{cargo, exec, is_root, target_dir},
 };
 
 #[derive(Debug, clap::Args)]
@@ -85,8 +85,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     deps::ensure(deps::BUILD)?;
     exec(cargo().args(["build", "--workspace", "--bins", "--lib"]))?;
-    let target = workspace_root().join("target/debug");
-    let dir = workspace_root().join("target/demo");
+    let target = target_dir().join("debug");
+    let dir = target_dir().join("demo");
     let _ = fs::remove_dir_all(&dir);
     let state = dir.join("state");
     fs::create_dir_all(state.join("procs"))?;

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     deps,
-    exec::{cargo, exec, workspace_root},
+    exec::{cargo, exec, target_dir},
 };
 
 #[derive(Debug, clap::Args)]
@@ -42,7 +42,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // End-to-end tests run the built binaries and the simulator library.
     exec(cargo().args(["build", "--workspace", "--bins", "--lib"]))?;
 
-    let skip_log = workspace_root().join("target/xtask-skipped.log");
+    let skip_log = target_dir().join("xtask-skipped.log");
     let _ = std::fs::remove_file(&skip_log);
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"]);
