@@ -73,6 +73,14 @@ pub fn split_interval(
         *memory.entry(h.tenant).or_default() += h.memory_bytes;
         *sm.entry(h.tenant).or_default() += h.sm_ratio.unwrap_or(0.0) * seconds;
     }
+    // Per-process SM can over-report (sampling skew); a device cannot do
+    // more than one second of SM work per second, so scale the sum down.
+    let raw_sm: f64 = sm.values().sum();
+    if raw_sm > seconds {
+        for v in sm.values_mut() {
+            *v *= seconds / raw_sm;
+        }
+    }
     let total_memory: u64 = memory.values().sum();
     let tenants = memory.len() as f64;
     let weight = |tenant: &str| -> f64 {
@@ -220,6 +228,15 @@ mod tests {
         assert_eq!(s["acme"].memory_bytes, 2 << 30);
         assert!((s["acme"].sm_seconds.unwrap() - 0.7).abs() < 1e-12);
         assert_eq!(s["acme"].energy_joules, 100.0);
+    }
+
+    #[test]
+    fn sm_seconds_never_exceed_wall_time() {
+        let holders = [h("a", 1, 0.9), h("b", 1, 0.6)];
+        let s = split_interval(2.0, &holders, 0.0, None, true);
+        let total: f64 = s.values().filter_map(|x| x.sm_seconds).sum();
+        assert!((total - 2.0).abs() < 1e-12, "{total}");
+        assert!((s["a"].sm_seconds.unwrap() - 1.2).abs() < 1e-12);
     }
 
     #[test]
