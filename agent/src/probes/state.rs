@@ -1,0 +1,233 @@
+//! What the probes persist in the agent's state directory so that per-tenant
+//! counters continue across agent restarts and reboots without resets or
+//! double counts.
+//!
+//! Per-cgroup counters live in pinned maps, which survive an agent restart
+//! but not a reboot. The state file keeps what the maps cannot: counters of
+//! cgroups that vanished (folded into their tenant, their map entries
+//! deleted), the last per-tenant totals of live entries (folded in when the
+//! maps turn out to be new, e.g. after a reboot), and the PCIe remainder
+//! charged to `_unattributed`.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::TenantIoUsage;
+
+/// File name under `[agent] state_dir`.
+pub const FILE_NAME: &str = "probes-state.json";
+
+/// Counters of one tenant (the numbers of a [`TenantIoUsage`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Counters {
+    pub ingress_bytes: u64,
+    pub ingress_packets: u64,
+    pub ingress_dropped: u64,
+    pub egress_bytes: u64,
+    pub egress_packets: u64,
+    pub egress_dropped: u64,
+    pub h2d_bytes: u64,
+    pub d2h_bytes: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.ingress_bytes += o.ingress_bytes;
+        self.ingress_packets += o.ingress_packets;
+        self.ingress_dropped += o.ingress_dropped;
+        self.egress_bytes += o.egress_bytes;
+        self.egress_packets += o.egress_packets;
+        self.egress_dropped += o.egress_dropped;
+        self.h2d_bytes += o.h2d_bytes;
+        self.d2h_bytes += o.d2h_bytes;
+    }
+
+    pub fn add_net(&mut self, v: &tally_ebpf::NetValue) {
+        self.ingress_bytes += v.ingress_bytes;
+        self.ingress_packets += v.ingress_packets;
+        self.ingress_dropped += v.ingress_dropped;
+        self.egress_bytes += v.egress_bytes;
+        self.egress_packets += v.egress_packets;
+        self.egress_dropped += v.egress_dropped;
+    }
+
+    pub fn add_pcie(&mut self, v: &tally_ebpf::PcieValue) {
+        self.h2d_bytes += v.h2d_bytes;
+        self.d2h_bytes += v.d2h_bytes;
+    }
+
+    /// Only the network part.
+    pub fn net_part(&self) -> Counters {
+        Counters {
+            h2d_bytes: 0,
+            d2h_bytes: 0,
+            ..*self
+        }
+    }
+
+    /// Only the PCIe part.
+    pub fn pcie_part(&self) -> Counters {
+        Counters {
+            h2d_bytes: self.h2d_bytes,
+            d2h_bytes: self.d2h_bytes,
+            ..Counters::default()
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Counters::default()
+    }
+
+    pub fn usage(&self, tenant: &str) -> TenantIoUsage {
+        TenantIoUsage {
+            tenant: tenant.to_owned(),
+            network_ingress_bytes_total: self.ingress_bytes,
+            network_egress_bytes_total: self.egress_bytes,
+            network_ingress_packets_total: self.ingress_packets,
+            network_egress_packets_total: self.egress_packets,
+            network_ingress_dropped_packets_total: self.ingress_dropped,
+            network_egress_dropped_packets_total: self.egress_dropped,
+            pcie_h2d_bytes_total: self.h2d_bytes,
+            pcie_d2h_bytes_total: self.d2h_bytes,
+        }
+    }
+}
+
+/// The content of the state file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct State {
+    /// Boot the pinned maps belong to (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+    /// Counters no longer in any map, per tenant.
+    pub folded: BTreeMap<String, Counters>,
+    /// Per-tenant sums of the live map entries at the last sample.
+    pub live: BTreeMap<String, Counters>,
+    /// Cgroup ids folded into `folded` whose map entries may still exist
+    /// (the agent stopped between folding and deleting): deleted at start.
+    pub pending_net: Vec<u64>,
+    pub pending_pcie: Vec<u64>,
+    /// Device PCIe bytes no probe saw, charged to `_unattributed`.
+    pub residual_h2d_bytes: u64,
+    pub residual_d2h_bytes: u64,
+}
+
+/// Why the state file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// The file is not what this agent writes.
+    #[error("{path}: not a probes state file: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// The state file and the last content written to it.
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    written: Option<String>,
+}
+
+impl StateFile {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join(FILE_NAME),
+            written: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved state; default when there is no file yet.
+    pub fn load(&mut self) -> Result<State, StateError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let state = serde_json::from_str(&text).map_err(|source| StateError::Parse {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.written = Some(text);
+        Ok(state)
+    }
+
+    /// Writes `state` atomically (temp file + rename) when it changed.
+    pub fn save(&mut self, state: &State) -> Result<(), StateError> {
+        let text = serde_json::to_string_pretty(state).expect("plain data serializes");
+        if self.written.as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        let io = |source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, &text).map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        self.written = Some(text);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_skips_unchanged_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = StateFile::new(dir.path());
+        assert_eq!(file.load().unwrap(), State::default());
+        let mut state = State {
+            boot_id: "b".into(),
+            ..Default::default()
+        };
+        state.folded.insert(
+            "acme".into(),
+            Counters {
+                egress_bytes: 7,
+                ..Default::default()
+            },
+        );
+        file.save(&state).unwrap();
+        let mtime = std::fs::metadata(file.path()).unwrap().modified().unwrap();
+        file.save(&state).unwrap();
+        assert_eq!(
+            std::fs::metadata(file.path()).unwrap().modified().unwrap(),
+            mtime
+        );
+        let mut again = StateFile::new(dir.path());
+        assert_eq!(again.load().unwrap(), state);
+    }
+
+    #[test]
+    fn a_foreign_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), "not json").unwrap();
+        let err = StateFile::new(dir.path()).load().unwrap_err();
+        assert!(err.to_string().contains(FILE_NAME), "{err}");
+    }
+}
