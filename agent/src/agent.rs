@@ -66,6 +66,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .name("tally-sampler".into())
             .spawn(move || sample_loop(settings, tx, stop))?
     };
+    // Reports to the aggregator (when configured); on shutdown it cuts the
+    // final partial interval before the agent exits.
+    let reporter = crate::report::spawn(&settings, latest.clone(), shutdown.clone())?;
 
     let server = {
         let latest = latest.clone();
@@ -76,6 +79,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         )
     };
     server.await;
+    if let Some(reporter) = reporter
+        && reporter.await.is_err()
+    {
+        error!("the report sender panicked");
+    }
     stop.store(true, Ordering::Relaxed);
     if sampler.join().is_err() {
         error!("the sampling thread panicked");
@@ -89,6 +97,16 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
     let _span = info_span!("sampler", node = %settings.node).entered();
     let mut resolver = Resolver::new(settings.config.tenant.rules.clone());
     let mut gpus = Sampler::new(settings.nvml_lib.clone(), stop.clone());
+    // Quotas: acts on each snapshot without blocking; slow work (throttle
+    // duty cycles, SIGKILL timeouts) runs on its own threads.
+    let mut enforcer = crate::enforce::Enforcer::new(&settings.config, &settings.node);
+    // eBPF probes: attempted once before the first snapshot, so readiness
+    // means "probes started or said why not"; failures are statuses.
+    let mut probes =
+        crate::probes::Probes::start(&settings.config.probes, &settings.config.agent.state_dir);
+    if let Some(exited) = probes.take_exited() {
+        resolver.set_exited(Box::new(exited));
+    }
     let mut samples = 0u64;
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -96,7 +114,7 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
         let taken_at_ms = unix_ms();
         let sample = gpus.sample(&mut resolver);
         samples += 1;
-        let snapshot = Snapshot {
+        let mut snapshot = Snapshot {
             node: settings.node.clone(),
             taken_at_ms,
             samples,
@@ -104,9 +122,13 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
             gpus: sample.gpus,
             tenant_gpu: sample.tenant_gpu,
             tenant_io: Vec::new(),
-            probes: Vec::new(),
-            sample_duration_seconds: started.elapsed().as_secs_f64(),
+            probes: probes.statuses(),
+            sample_duration_seconds: 0.0,
+            ..Default::default()
         };
+        snapshot.tenant_io = probes.sample(&resolver, &snapshot.gpus);
+        snapshot.sample_duration_seconds = started.elapsed().as_secs_f64();
+        enforcer.observe(&mut snapshot);
         tx.send_replace(Arc::new(snapshot));
 
         next += settings.sample_interval;

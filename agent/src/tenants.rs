@@ -84,6 +84,15 @@ pub struct Attribution {
 pub struct Resolver {
     rules: Vec<TenantRule>,
     users: HashMap<u32, String>,
+    /// The cgroup of processes whose `/proc` entry is gone (eBPF probes).
+    exited: Option<Box<dyn ExitedCgroups>>,
+}
+
+/// Where the cgroup of a process that already exited can be found: the
+/// eBPF process-lifecycle probes (`crate::probes::ExitedProcs`).
+pub trait ExitedCgroups: Send + std::fmt::Debug {
+    /// The cgroup v2 path `pid` was in when it exited, if recorded.
+    fn cgroup_of_exited(&mut self, pid: u32) -> Option<String>;
 }
 
 impl Resolver {
@@ -91,7 +100,14 @@ impl Resolver {
         Self {
             rules,
             users: HashMap::new(),
+            exited: None,
         }
+    }
+
+    /// Consults `exited` for processes whose `/proc/PID/cgroup` is gone, so
+    /// a process that ended between two samples keeps its tenant.
+    pub fn set_exited(&mut self, exited: Box<dyn ExitedCgroups>) {
+        self.exited = Some(exited);
     }
 
     /// Tenant of a cgroup v2 path by the `cgroup` rules alone (the eBPF
@@ -105,7 +121,9 @@ impl Resolver {
 
     /// Tenant of a live process: every rule in order, first match wins.
     pub fn attribute(&mut self, pid: u32) -> Attribution {
-        let cgroup = cgroup_of(pid).ok();
+        let cgroup = cgroup_of(pid)
+            .ok()
+            .or_else(|| self.exited.as_mut()?.cgroup_of_exited(pid));
         for rule in &self.rules {
             let tenant = match rule {
                 TenantRule::Cgroup { pattern, fixed } => cgroup
