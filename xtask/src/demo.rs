@@ -81,7 +81,9 @@ const JOBS: &[Job] = &[
 
 pub fn run(o: Options) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the demo puts its tenants in real cgroups, which needs root: run `sudo cargo xtask demo`");
+        bail!(
+            "the demo puts its tenants in real cgroups, which needs root: run `sudo cargo xtask demo`"
+        );
     }
     deps::ensure(deps::BUILD)?;
     exec(cargo().args(["build", "--workspace", "--bins", "--lib"]))?;
@@ -157,8 +159,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             print!("\x1b[2J\x1b[H");
             println!(
                 "Tally demo — simulated node, {} tenants in real cgroups under {}",
-                3,
-                root.path
+                3, root.path
             );
             println!(
                 "metrics: http://{}/metrics   snapshot: http://{}/api/v1/snapshot   agent log: {}",
@@ -302,7 +303,10 @@ fn spawn_in(dir: &Path, argv: &[&str]) -> anyhow::Result<Child> {
 fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
@@ -373,7 +377,8 @@ fn render(snap: &Value, previous: Option<&Value>) -> String {
             tenant,
             gpu,
             r["allocated_seconds_total"].as_f64().unwrap_or(0.0),
-            sm.map(|s| format!("{s:.1}")).unwrap_or_else(|| "n/a".into()),
+            sm.map(|s| format!("{s:.1}"))
+                .unwrap_or_else(|| "n/a".into()),
             sm.map(|s| format!("{:.2}", s - sm0))
                 .unwrap_or_else(|| "n/a".into()),
             r["memory_bytes"].as_f64().unwrap_or(0.0) / GIB,

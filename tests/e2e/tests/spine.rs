@@ -304,7 +304,10 @@ fn a_lost_gpu_is_marked_and_the_others_keep_sampling() {
     // Logged once, with the reason, not every sample.
     let log = agent.log_text();
     assert_eq!(log.matches("GPU marked unhealthy").count(), 1, "{log}");
-    assert!(log.contains("fell off the bus"), "the reason is logged: {log}");
+    assert!(
+        log.contains("fell off the bus"),
+        "the reason is logged: {log}"
+    );
     node.set_lost(1, false);
     wait_for("gpu 1 to come back", Duration::from_secs(30), || {
         let m = agent.metrics();
