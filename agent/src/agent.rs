@@ -96,7 +96,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<AtomicBool>) {
     let _span = info_span!("sampler", node = %settings.node).entered();
     let mut resolver = Resolver::new(settings.config.tenant.rules.clone());
-    let mut gpus = Sampler::new(settings.nvml_lib.clone(), stop.clone());
+    let mut gpus = Sampler::new(
+        settings.nvml_lib.clone(),
+        settings.config.states.clone(),
+        stop.clone(),
+    );
     // Quotas: acts on each snapshot without blocking; slow work (throttle
     // duty cycles, SIGKILL timeouts) runs on its own threads.
     let mut enforcer = crate::enforce::Enforcer::new(&settings.config, &settings.node);

@@ -151,10 +151,11 @@ pub struct Config {
     pub tenant: TenantSection,
     pub probes: crate::probes::ProbesConfig,
     pub report: crate::report::ReportConfig,
+    pub states: crate::states::StatesConfig,
 }
 
 /// Top-level keys of the agent's config file.
-const KNOWN: &[&str] = &["agent", "tenant", "probes", "report"];
+const KNOWN: &[&str] = &["agent", "tenant", "probes", "report", "states"];
 
 /// `[agent]`: how the agent runs. Command-line flags override these.
 #[derive(Debug, Clone, Deserialize)]
@@ -254,11 +255,16 @@ impl Config {
         let tenant = tenant_section(table, problems);
         let probes = section(table, "probes", problems);
         let report = section(table, "report", problems);
+        let states: crate::states::StatesConfig = section(table, "states", problems);
+        for (key, message) in states.problems() {
+            problems.push(key, message);
+        }
         Config {
             agent,
             tenant,
             probes,
             report,
+            states,
         }
     }
 }

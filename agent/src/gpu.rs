@@ -8,7 +8,7 @@
 //! once; the others carry on.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     ffi::OsStr,
     path::{Path, PathBuf},
     sync::{
@@ -30,14 +30,23 @@ use tracing::{info, warn};
 use crate::{
     attribution::{Accounts, Holder, split_interval},
     snapshot::{GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TenantGpuUsage},
+    states::{DeviceObs, ProcObs, ProcState, StatesConfig, Tracker},
     tenants::Resolver,
 };
 
 /// Compute slices of a full A100/H100 when NVML does not say.
 const DEFAULT_COMPUTE_SLICES: u32 = 7;
 
-/// XID counts by device UUID, filled by the event thread.
-pub type XidCounts = Arc<Mutex<HashMap<String, BTreeMap<u64, u64>>>>;
+/// XID events, filled by the event thread, drained by the sampler.
+#[derive(Debug, Default)]
+pub struct XidLog {
+    /// Events by device UUID and XID code since start.
+    pub counts: HashMap<String, BTreeMap<u64, u64>>,
+    /// Events not yet tied to the tenants holding the device.
+    pub pending: Vec<(String, u64)>,
+}
+
+pub type XidCounts = Arc<Mutex<XidLog>>;
 
 /// Opens NVML from `library`: a path, or a bare name for the loader.
 pub fn open(library: &Path) -> Result<Nvml, NvmlError> {
@@ -82,10 +91,14 @@ pub struct Sampler {
     xids: XidCounts,
     events_started: bool,
     stop: Arc<AtomicBool>,
+    states: Tracker,
+    fatal_xids: BTreeSet<u64>,
+    /// XIDs by (device label, tenant holding it at the time).
+    xid_tenants: BTreeMap<(String, String), BTreeMap<u64, u64>>,
 }
 
 impl Sampler {
-    pub fn new(library: PathBuf, stop: Arc<AtomicBool>) -> Self {
+    pub fn new(library: PathBuf, states: StatesConfig, stop: Arc<AtomicBool>) -> Self {
         Self {
             library,
             nvml: None,
@@ -95,6 +108,9 @@ impl Sampler {
             xids: XidCounts::default(),
             events_started: false,
             stop,
+            fatal_xids: states.fatal_xids.clone(),
+            states: Tracker::new(states),
+            xid_tenants: BTreeMap::new(),
         }
     }
 
@@ -172,6 +188,8 @@ impl Sampler {
         for g in &mut gpus {
             g.observed_seconds_total = self.accounts.observed_seconds(&g.gpu);
         }
+        let fatal = self.tie_xids_to_tenants(&mut gpus);
+        self.update_states(&mut gpus, &fatal);
         Sample {
             nvml: status,
             gpus,
@@ -303,8 +321,118 @@ impl Sampler {
     fn xid_counts(&self, uuid: &str) -> BTreeMap<u64, u64> {
         self.xids
             .lock()
-            .map(|x| x.get(uuid).cloned().unwrap_or_default())
+            .map(|x| x.counts.get(uuid).cloned().unwrap_or_default())
             .unwrap_or_default()
+    }
+
+    /// Ties XIDs that arrived since the last cycle to the tenants holding
+    /// their device now; returns the UUIDs that had a fatal one.
+    fn tie_xids_to_tenants(&mut self, gpus: &mut [GpuSnapshot]) -> HashSet<String> {
+        let pending = self
+            .xids
+            .lock()
+            .map(|mut x| std::mem::take(&mut x.pending))
+            .unwrap_or_default();
+        let mut fatal = HashSet::new();
+        for (uuid, xid) in pending {
+            if self.fatal_xids.contains(&xid) {
+                fatal.insert(uuid.clone());
+            }
+            let Some(device) = gpus.iter().find(|g| g.uuid == uuid) else {
+                continue;
+            };
+            let gpu = device.gpu.clone();
+            let tenants: BTreeSet<String> = holders_of_device(gpus, &uuid)
+                .map(|p| p.tenant.clone())
+                .collect();
+            warn!(
+                gpu = %gpu,
+                gpu_uuid = %uuid,
+                xid,
+                tenants = ?tenants,
+                "XID error on a GPU held by these tenants"
+            );
+            for tenant in tenants {
+                *self
+                    .xid_tenants
+                    .entry((gpu.clone(), tenant))
+                    .or_default()
+                    .entry(xid)
+                    .or_default() += 1;
+            }
+        }
+        for g in gpus.iter_mut() {
+            g.xid_errors_by_tenant = self
+                .xid_tenants
+                .range((g.gpu.clone(), String::new())..)
+                .take_while(|((gpu, _), _)| *gpu == g.gpu)
+                .map(|((_, tenant), counts)| (tenant.clone(), counts.clone()))
+                .collect();
+        }
+        fatal
+    }
+
+    /// Sets each device's state from what was sampled and the holders'
+    /// process states.
+    fn update_states(&mut self, gpus: &mut [GpuSnapshot], fatal: &HashSet<String>) {
+        let now = Instant::now();
+        let parents: HashMap<String, (Option<f64>, bool)> = gpus
+            .iter()
+            .filter(|g| g.parent_uuid.is_none())
+            .map(|g| (g.uuid.clone(), (g.utilization_ratio, fatal.contains(&g.uuid))))
+            .collect();
+        let mut states = Vec::with_capacity(gpus.len());
+        for g in gpus.iter() {
+            let parent = g.parent_uuid.as_ref().and_then(|p| parents.get(p));
+            let holders: Vec<ProcObs> = holders_of_device(gpus, &g.uuid)
+                .map(|p| process_obs(p.pid))
+                .collect();
+            let obs = DeviceObs {
+                failing: g.health != GpuHealth::Ok,
+                // NVML has no utilization for a MIG instance: when its
+                // whole parent does nothing, neither does the instance.
+                utilization: g.utilization_ratio.or_else(|| parent.and_then(|p| p.0)),
+                holders,
+                fatal_xid: fatal.contains(&g.uuid) || parent.is_some_and(|p| p.1),
+            };
+            states.push(self.states.observe(&g.gpu, &obs, now));
+        }
+        for (g, state) in gpus.iter_mut().zip(states) {
+            g.state = state;
+        }
+    }
+}
+
+/// Processes holding the device `uuid`: its own, or for a physical GPU in
+/// MIG mode, those of all its instances.
+fn holders_of_device<'a>(
+    gpus: &'a [GpuSnapshot],
+    uuid: &'a str,
+) -> impl Iterator<Item = &'a GpuProcess> + 'a {
+    gpus.iter()
+        .filter(move |g| g.uuid == uuid || g.parent_uuid.as_deref() == Some(uuid))
+        .flat_map(|g| g.processes.iter())
+}
+
+/// What `/proc/<pid>/stat` says about a holder.
+fn process_obs(pid: u32) -> ProcObs {
+    let stat = procfs::process::Process::new(pid as i32).and_then(|p| p.stat());
+    match stat {
+        Err(_) => ProcObs {
+            pid,
+            state: ProcState::Gone,
+            cpu_ticks: None,
+        },
+        Ok(st) => ProcObs {
+            pid,
+            state: match st.state {
+                'Z' | 'X' => ProcState::Zombie,
+                'D' => ProcState::DiskSleep,
+                'T' | 't' => ProcState::Stopped,
+                _ => ProcState::Alive,
+            },
+            cpu_ticks: Some(st.utime + st.stime),
+        },
     }
 }
 
@@ -506,9 +634,9 @@ fn spawn_xid_thread(nvml: &'static Nvml, xids: XidCounts, stop: Arc<AtomicBool>)
                             continue;
                         };
                         let uuid = event.device.uuid().unwrap_or_default();
-                        warn!(gpu_uuid = %uuid, xid, "XID error");
                         if let Ok(mut x) = xids.lock() {
-                            *x.entry(uuid).or_default().entry(xid).or_default() += 1;
+                            *x.counts.entry(uuid.clone()).or_default().entry(xid).or_default() += 1;
+                            x.pending.push((uuid, xid));
                         }
                     }
                     Err(NvmlError::Timeout) => {}

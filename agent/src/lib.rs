@@ -22,4 +22,5 @@ pub mod probes;
 pub mod report;
 pub mod signal;
 pub mod snapshot;
+pub mod states;
 pub mod tenants;

@@ -15,7 +15,10 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::snapshot::{GpuHealth, Snapshot};
+use crate::{
+    snapshot::{GpuHealth, Snapshot},
+    states::GpuState,
+};
 
 /// The latest snapshot, as published by the sampling loop.
 pub type Latest = watch::Receiver<Arc<Snapshot>>;
@@ -89,8 +92,6 @@ fn other(unit: &str) -> Option<Unit> {
     Some(Unit::Other(unit.to_owned()))
 }
 
-/// States of `tally_gpu_state`, one-hot.
-pub const GPU_STATES: [&str; 5] = ["free", "busy", "idle", "stuck", "lost"];
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -151,26 +152,23 @@ impl Collector for SnapshotCollector {
         )?;
         gauge(
             "tally_gpu_state",
-            "Current state of the GPU or MIG instance, one-hot: free (no process), busy (held), \
-             lost (fell off the bus or NVML fails for it).",
+            "Current state of the GPU or MIG instance, one-hot: free (no process), busy (held and \
+             working), idle (held, utilization below [states] idle_utilization for idle_after), \
+             stuck (holders gone, zombie or in D state, or spinning without CPU progress, for \
+             stuck_after), lost (fell off the bus, NVML failing, or a fatal XID).",
             None,
         )
         .encode(
             e,
             gpus.iter().flat_map(|g| {
-                let current = match g.health {
-                    GpuHealth::Ok if g.processes.is_empty() => "free",
-                    GpuHealth::Ok => "busy",
-                    GpuHealth::Lost | GpuHealth::Error => "lost",
-                };
-                GPU_STATES.iter().map(move |s| {
+                GpuState::ALL.into_iter().map(move |s| {
                     (
                         [
                             ("gpu", g.gpu.clone()),
                             ("uuid", g.uuid.clone()),
-                            ("state", (*s).to_owned()),
+                            ("state", s.as_str().to_owned()),
                         ],
-                        f64::from(u8::from(*s == current)),
+                        f64::from(u8::from(s == g.state)),
                     )
                 })
             }),
@@ -254,6 +252,30 @@ impl Collector for SnapshotCollector {
             Some(Unit::Seconds),
         )
         .encode(e, gpus.iter().map(|g| (id(g), g.observed_seconds_total)))?;
+        counter(
+            "tally_tenant_gpu_xid_errors",
+            "XID errors by the tenants holding the GPU when they came (a shared GPU's XID counts \
+             for each of its tenants).",
+            None,
+        )
+        .encode(
+            e,
+            gpus.iter().flat_map(|g| {
+                g.xid_errors_by_tenant.iter().flat_map(move |(tenant, counts)| {
+                    counts.iter().map(move |(xid, n)| {
+                        (
+                            [
+                                ("tenant", tenant.clone()),
+                                ("gpu", g.gpu.clone()),
+                                ("uuid", g.uuid.clone()),
+                                ("xid", xid.to_string()),
+                            ],
+                            *n as f64,
+                        )
+                    })
+                })
+            }),
+        )?;
         counter(
             "tally_gpu_xid_errors",
             "XID errors reported by the driver, by XID code.",

@@ -100,6 +100,10 @@ pub struct GpuSnapshot {
     pub observed_seconds_total: f64,
     /// XID events seen since start, by XID code.
     pub xid_errors_total: BTreeMap<u64, u64>,
+    /// The same events by the tenant holding the device when they came.
+    pub xid_errors_by_tenant: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// free, busy, idle, stuck or lost (see `crate::states`).
+    pub state: crate::states::GpuState,
     /// Processes on this device at the sample.
     pub processes: Vec<GpuProcess>,
 }
