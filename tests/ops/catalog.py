@@ -1,0 +1,48 @@
+"""Which component produces each metric the boards and rules use.
+
+Used only to explain a SKIPPED check: when no target exposes a metric, the
+reason names the producer and its issue, so a re-run after that work lands
+shows the check turning into a pass (or a real failure).
+
+Names not in DESIGN.md's table (the aggregator's and a few agent extras)
+are proposals of the ops work (issue 7); the producing issue must expose
+them under exactly these names, or the boards and rules must be renamed.
+"""
+
+# (prefix or exact name, producer, why it may be absent)
+PRODUCERS = [
+    ("tally_probe_up", "agent eBPF probes", "issue 3 (eBPF probes) has not landed"),
+    ("tally_tenant_network_", "agent eBPF probes", "issue 3 (cgroup_skb network bytes) has not landed"),
+    ("tally_tenant_pcie_", "agent eBPF probes", "issue 3 (CUDA copy uprobes) has not landed"),
+    ("tally_tenant_quota_", "agent enforcement", "issue 4 (local quota enforcement) has not landed"),
+    ("tally_enforcement_actions_total", "agent enforcement", "issue 4 (enforcement actions) has not landed"),
+    ("tally_report_spool_reports", "agent report spool", "issue 5 (agent → aggregator reports) has not landed"),
+    ("tally_cluster_", "aggregator", "issue 5 (aggregator /metrics, tally_cluster_tenant_*) has not landed"),
+    ("tally_ingest_", "aggregator", "issue 5 (aggregator ingest metrics) has not landed"),
+    ("tally_ledger_", "aggregator", "issue 5 (aggregator ledger metrics) has not landed"),
+    ("tally_gpu_xid_errors_total", "agent NVML events", "no XID was delivered during the run"),
+    ("ALERTS", "Prometheus", "no Tally alert was firing"),
+]
+
+# Metrics the aggregator is expected to expose (issue 5). Proposed names.
+AGGREGATOR_METRICS = [
+    "tally_cluster_tenant_gpu_allocated_seconds_total",
+    "tally_cluster_tenant_gpu_energy_joules_total",
+    "tally_cluster_tenant_cost_total",
+    "tally_cluster_node_last_report_timestamp_seconds",
+    "tally_ingest_reports_total",
+    "tally_ledger_errors_total",
+]
+
+# States the agent exposes only once issue 6 has landed.
+LATER_STATES = {
+    "idle": "issue 6 (GPU states idle/stuck) has not landed: the agent never reported state=\"idle\"",
+    "stuck": "issue 6 (GPU states idle/stuck) has not landed: the agent never reported state=\"stuck\"",
+}
+
+
+def why_absent(metric: str) -> str:
+    for prefix, producer, why in PRODUCERS:
+        if metric == prefix or metric.startswith(prefix):
+            return f"no target exposes {metric} ({producer}): {why}"
+    return f"no target exposes {metric}"
