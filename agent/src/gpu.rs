@@ -79,6 +79,9 @@ struct DeviceState {
     /// Identity from the last good sample, for a device that is lost now.
     uuid: String,
     model: String,
+    /// MIG instances from the last good sample, so a lost GPU's instances
+    /// are reported lost rather than vanishing.
+    instances: Vec<GpuSnapshot>,
 }
 
 /// The GPU sampler: owns the NVML handle and the running totals.
@@ -226,6 +229,15 @@ impl Sampler {
                 state.last_at = None;
                 state.last_energy_mj = None;
                 let (uuid, model) = (state.uuid.clone(), state.model.clone());
+                let instances: Vec<GpuSnapshot> = state
+                    .instances
+                    .iter()
+                    .map(|i| GpuSnapshot {
+                        health,
+                        error: Some(reason.clone()),
+                        ..i.clone()
+                    })
+                    .collect();
                 let xid_errors_total = self.xid_counts(&uuid);
                 out.push(GpuSnapshot {
                     gpu: label,
@@ -236,6 +248,7 @@ impl Sampler {
                     xid_errors_total,
                     ..Default::default()
                 });
+                out.extend(instances);
                 return;
             }
         };
@@ -268,6 +281,20 @@ impl Sampler {
 
         if snap.mig_mode {
             let instances = read_mig_instances(&device, index, resolver);
+            state.instances = instances
+                .iter()
+                .map(|i| GpuSnapshot {
+                    gpu: i.gpu.clone(),
+                    uuid: i.uuid.clone(),
+                    model: i.model.clone(),
+                    mig_mode: true,
+                    mig_profile: i.mig_profile.clone(),
+                    parent_uuid: i.parent_uuid.clone(),
+                    slice_fraction: i.slice_fraction,
+                    memory_total_bytes: i.memory_total_bytes,
+                    ..Default::default()
+                })
+                .collect();
             let held = instances.iter().any(|i| !i.processes.is_empty());
             if !held {
                 state.idle_power_watts = snap.power_watts;
@@ -379,7 +406,12 @@ impl Sampler {
         let parents: HashMap<String, (Option<f64>, bool)> = gpus
             .iter()
             .filter(|g| g.parent_uuid.is_none())
-            .map(|g| (g.uuid.clone(), (g.utilization_ratio, fatal.contains(&g.uuid))))
+            .map(|g| {
+                (
+                    g.uuid.clone(),
+                    (g.utilization_ratio, fatal.contains(&g.uuid)),
+                )
+            })
             .collect();
         let mut states = Vec::with_capacity(gpus.len());
         for g in gpus.iter() {
@@ -490,13 +522,16 @@ fn read_processes(device: &Device<'_>, resolver: &mut Resolver) -> Vec<GpuProces
     let Ok(list) = device.running_compute_processes() else {
         return Vec::new();
     };
+    // Kubernetes tenants join the kubelet's device list on this UUID.
+    let uuid = device.uuid().ok();
     list.into_iter()
         .map(|p| {
-            let attribution = resolver.attribute(p.pid);
+            let attribution = resolver.attribute_on(p.pid, uuid.as_deref());
             GpuProcess {
                 pid: p.pid,
                 tenant: attribution.tenant,
                 cgroup: attribution.cgroup,
+                workload: attribution.workload,
                 memory_bytes: match p.used_gpu_memory {
                     UsedGpuMemory::Used(b) => b,
                     UsedGpuMemory::Unavailable => 0,
@@ -635,7 +670,11 @@ fn spawn_xid_thread(nvml: &'static Nvml, xids: XidCounts, stop: Arc<AtomicBool>)
                         };
                         let uuid = event.device.uuid().unwrap_or_default();
                         if let Ok(mut x) = xids.lock() {
-                            *x.counts.entry(uuid.clone()).or_default().entry(xid).or_default() += 1;
+                            *x.counts
+                                .entry(uuid.clone())
+                                .or_default()
+                                .entry(xid)
+                                .or_default() += 1;
                             x.pending.push((uuid, xid));
                         }
                     }
