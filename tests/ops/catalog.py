@@ -4,9 +4,8 @@ Used only to explain a SKIPPED check: when no target exposes a metric, the
 reason names the producer and its issue, so a re-run after that work lands
 shows the check turning into a pass (or a real failure).
 
-Names not in DESIGN.md's table (the aggregator's and a few agent extras)
-are proposals of the ops work (issue 7); the producing issue must expose
-them under exactly these names, or the boards and rules must be renamed.
+Names not in DESIGN.md's table (the aggregator's and the report metrics)
+are taken from the code of the issue that produces them.
 """
 
 # (prefix or exact name, producer, why it may be absent)
@@ -16,22 +15,24 @@ PRODUCERS = [
     ("tally_tenant_pcie_", "agent eBPF probes", "issue 3 (CUDA copy uprobes) has not landed"),
     ("tally_tenant_quota_", "agent enforcement", "issue 4 (local quota enforcement) has not landed"),
     ("tally_enforcement_actions_total", "agent enforcement", "issue 4 (enforcement actions) has not landed"),
-    ("tally_report_spool_reports", "agent report spool", "issue 5 (agent → aggregator reports) has not landed"),
+    ("tally_report_", "agent reports", "issue 5 (agent → aggregator reports) has not landed, or [report] is off"),
     ("tally_cluster_", "aggregator", "issue 5 (aggregator /metrics, tally_cluster_tenant_*) has not landed"),
-    ("tally_ingest_", "aggregator", "issue 5 (aggregator ingest metrics) has not landed"),
-    ("tally_ledger_", "aggregator", "issue 5 (aggregator ledger metrics) has not landed"),
+    ("tally_aggregator_", "aggregator", "issue 5 (aggregator ingest/ledger metrics) has not landed"),
     ("tally_gpu_xid_errors_total", "agent NVML events", "no XID was delivered during the run"),
     ("ALERTS", "Prometheus", "no Tally alert was firing"),
 ]
 
-# Metrics the aggregator is expected to expose (issue 5). Proposed names.
+# Aggregator metrics the boards and rules use (names as issue 5 builds
+# them); once `tally aggregator` exists, each must be seen in the live run.
 AGGREGATOR_METRICS = [
     "tally_cluster_tenant_gpu_allocated_seconds_total",
+    "tally_cluster_tenant_gpu_sm_seconds_total",
     "tally_cluster_tenant_gpu_energy_joules_total",
-    "tally_cluster_tenant_cost_total",
-    "tally_cluster_node_last_report_timestamp_seconds",
-    "tally_ingest_reports_total",
-    "tally_ledger_errors_total",
+    "tally_aggregator_node_last_report_timestamp_seconds",
+    "tally_aggregator_reports_total",
+    "tally_aggregator_ingest_duration_seconds_bucket",
+    "tally_aggregator_ledger_errors_total",
+    "tally_aggregator_ledger_up",
 ]
 
 # States the agent exposes only once issue 6 has landed.
