@@ -6,6 +6,9 @@
 //! Binaries are taken from the workspace's target directory: build them
 //! first (`cargo build --workspace`, which `cargo xtask test` does).
 
+pub mod enforce_support;
+pub mod probes_support;
+
 use std::{
     collections::BTreeMap,
     fs,

@@ -1,0 +1,245 @@
+//! Fixtures of the eBPF probe tests (`tests/probes.rs`): the fake libcuda,
+//! a private bpffs pin directory, loopback peers, and an agent run as an
+//! unprivileged user.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::OnceLock,
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::{ChildGuard, SimNode, free_port, http_get, sim_lib, tally_bin, unique, wait_for};
+
+/// The fake driver library and the program that calls it, built once per
+/// test process with the system C compiler (`cc`) from
+/// `tests/fake-libcuda/` into a directory under the target dir.
+pub struct FakeCuda {
+    /// `libcuda.so.1` exporting the `cuMemcpy*` family.
+    pub lib: PathBuf,
+    /// `cuda-copy LIB SYMBOL[@h2d|@d2h] BYTES COUNT...`.
+    pub caller: PathBuf,
+}
+
+/// Builds (once) and returns the fake libcuda and its caller.
+pub fn fake_cuda() -> &'static FakeCuda {
+    static BUILT: OnceLock<FakeCuda> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fake-libcuda");
+        let out = crate::target_dir().join(unique("fake-libcuda"));
+        fs::create_dir_all(&out).expect("fake-libcuda output dir");
+        let lib = out.join("libcuda.so.1");
+        let caller = out.join("cuda-copy");
+        cc(&[
+            "-shared",
+            "-fPIC",
+            "-O0",
+            "-fno-ipa-icf",
+            "-Wall",
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+            lib.to_str().unwrap(),
+            src.join("libcuda.c").to_str().unwrap(),
+        ]);
+        cc(&[
+            "-O2",
+            "-Wall",
+            "-o",
+            caller.to_str().unwrap(),
+            src.join("cuda-copy.c").to_str().unwrap(),
+            "-ldl",
+        ]);
+        FakeCuda { lib, caller }
+    })
+}
+
+fn cc(args: &[&str]) {
+    let out = Command::new("cc")
+        .args(args)
+        .output()
+        .expect("run cc (install gcc: apt-get install gcc)");
+    assert!(
+        out.status.success(),
+        "cc {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A bpffs directory of its own for one test's agent, so tests do not
+/// share maps with each other or with a real agent; removed on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new() -> PinDir {
+        PinDir(PathBuf::from("/sys/fs/bpf").join(unique("tally-e2e")))
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// Agent config for probe tests: tenants are the cgroups directly below
+/// a directory named `base`; maps pinned in `pin`; state in `state_dir`.
+pub fn probe_config(
+    base: &str,
+    pin: &Path,
+    state_dir: &Path,
+    cuda_libs: &[&Path],
+    interval: &str,
+) -> String {
+    let libs: Vec<String> = cuda_libs
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
+    format!(
+        r#"
+[agent]
+sample_interval = "{interval}"
+state_dir = "{state}"
+
+[probes]
+pin_dir = "{pin}"
+cuda_libs = [{libs}]
+
+[[tenant.rule]]
+cgroup = '/{base}/(?P<tenant>[^/]+)$'
+"#,
+        state = state_dir.display(),
+        pin = pin.display(),
+        libs = libs.join(", "),
+    )
+}
+
+/// Accepts one TCP connection, reads exactly `read` bytes, writes `write`
+/// bytes back, and closes. Returns the address and the thread (which
+/// yields the bytes it read).
+pub fn tcp_peer(read: u64, write: u64) -> (SocketAddr, JoinHandle<u64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind tcp peer");
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        while got < read {
+            let n = s.read(&mut buf).expect("read from tenant");
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        let chunk = vec![7u8; 1 << 16];
+        let mut left = write;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            s.write_all(&chunk[..n]).expect("write to tenant");
+            left -= n as u64;
+        }
+        got
+    });
+    (addr, handle)
+}
+
+/// A UDP socket on 127.0.0.1 to send datagrams to (never read: the
+/// sender's egress counts whatever the receiver does).
+pub fn udp_sink() -> (SocketAddr, UdpSocket) {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind udp sink");
+    (s.local_addr().unwrap(), s)
+}
+
+/// Shell (bash: `/dev/tcp`, `/dev/udp`) that connects to `addr`, sends
+/// `send` zero bytes, then reads `recv` bytes and exits.
+pub fn tcp_client_script(addr: SocketAddr, send: u64, recv: u64) -> String {
+    format!(
+        "exec 3<>/dev/tcp/{ip}/{port} && head -c {send} /dev/zero >&3 && \
+         head -c {recv} <&3 >/dev/null",
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+/// Shell that sends `count` UDP datagrams of `size` bytes to `addr` (dd
+/// writes one block per write(2), one datagram each).
+pub fn udp_sender_script(addr: SocketAddr, count: u64, size: u64) -> String {
+    format!(
+        "exec 3<>/dev/udp/{ip}/{port} && dd if=/dev/zero bs={size} count={count} status=none >&3",
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+/// Makes `dir` and every file in it world-readable (and the directory
+/// searchable), for an agent that runs as `nobody`.
+pub fn open_up(dir: &Path) {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    for e in fs::read_dir(dir).expect("read dir").flatten() {
+        if e.path().is_dir() {
+            open_up(&e.path());
+        } else {
+            fs::set_permissions(e.path(), fs::Permissions::from_mode(0o644)).expect("chmod file");
+        }
+    }
+}
+
+/// Starts `tally agent` as user `nobody` (uid/gid 65534, no supplementary
+/// groups, no capabilities) through `setpriv`; waits for `/readyz`.
+pub fn start_agent_as_nobody(node: &SimNode, config_toml: &str) -> crate::Agent {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = node.dir.path().join(unique("agent") + ".toml");
+    fs::write(&config, config_toml).expect("write config");
+    let log = node.dir.path().join(unique("agent") + ".log");
+    open_up(node.dir.path());
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+    ])
+    .arg(tally_bin())
+    .arg("agent")
+    .arg("--config")
+    .arg(&config)
+    .arg("--listen")
+    .arg(addr.to_string())
+    .arg("--nvml-lib")
+    .arg(sim_lib())
+    .envs(node.env())
+    .env("TALLY_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(fs::File::create(&log).expect("agent log"));
+    let agent = crate::Agent {
+        child: ChildGuard(cmd.spawn().expect("spawn setpriv tally agent")),
+        addr,
+        config,
+        log,
+    };
+    wait_for(
+        "unprivileged agent /readyz",
+        Duration::from_secs(60),
+        || matches!(http_get(agent.addr, "/readyz"), Ok((200, _))).then_some(()),
+    );
+    agent
+}

@@ -1,0 +1,553 @@
+//! eBPF probes end to end (issue 3): the real `tally agent` with its real
+//! programs attached (cgroup_skb at the cgroup v2 root, uprobes on a fake
+//! `libcuda.so.1`, raw tracepoints), real processes in real cgroup v2
+//! directories beneath our own, real loopback TCP and UDP.
+//!
+//! How network expectations are computed: the programs count `skb->len`,
+//! which at both hooks is the IP packet (IPv4 header + L4 header +
+//! payload), once per skb (loopback GSO/GRO skbs are up to 64 KiB and carry
+//! one header each). So for a tenant
+//! - UDP: each datagram of `s` payload bytes is one skb of `s + 20 + 8`;
+//! - TCP: payload + about 52 bytes per skb (20 IPv4 + 20 TCP + 12 for the
+//!   timestamp option; a SYN carries 8 more), and the packet counter says
+//!   how many skbs there were.
+//!
+//! The expected bytes are `payload + headers(packets)` and the counters
+//! must match within 1 %, the tolerance the issue sets (with 64 KiB skbs,
+//! header guesses move the total by well under 0.1 %).
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tally_e2e::{
+    Agent, Cgroup, Metrics, SimNode,
+    probes_support::{
+        PinDir, fake_cuda, probe_config, start_agent_as_nobody, tcp_client_script, tcp_peer,
+        udp_sender_script, udp_sink,
+    },
+    require_root, skip, unique, wait_for,
+};
+
+const LONG: Duration = Duration::from_secs(60);
+const PROBES: [&str; 5] = [
+    "network_ingress",
+    "network_egress",
+    "pcie_uprobes",
+    "process_exec",
+    "process_exit",
+];
+
+/// IPv4 + UDP header bytes per datagram.
+const UDP_HEADERS: u64 = 28;
+/// IPv4 + TCP (with timestamps) header bytes per skb.
+const TCP_HEADERS: u64 = 52;
+
+fn net(m: &Metrics, tenant: &str, what: &str, direction: &str) -> u64 {
+    m.value(
+        &format!("tally_tenant_network_{what}_total"),
+        &[("tenant", tenant), ("direction", direction)],
+    )
+    .unwrap_or(0.0) as u64
+}
+
+fn pcie(m: &Metrics, tenant: &str, direction: &str) -> u64 {
+    m.value(
+        "tally_tenant_pcie_bytes_total",
+        &[("tenant", tenant), ("direction", direction)],
+    )
+    .unwrap_or(0.0) as u64
+}
+
+/// Network counters of one tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Net {
+    in_bytes: u64,
+    in_packets: u64,
+    out_bytes: u64,
+    out_packets: u64,
+}
+
+fn net_of(m: &Metrics, tenant: &str) -> Net {
+    Net {
+        in_bytes: net(m, tenant, "bytes", "ingress"),
+        in_packets: net(m, tenant, "packets", "ingress"),
+        out_bytes: net(m, tenant, "bytes", "egress"),
+        out_packets: net(m, tenant, "packets", "egress"),
+    }
+}
+
+/// Asserts `got` is within 1 % of `want`.
+fn within_1pct(what: &str, got: u64, want: u64) {
+    let diff = got.abs_diff(want) as f64;
+    assert!(
+        diff <= want as f64 * 0.01,
+        "{what}: counted {got}, expected {want} (±1 %), off by {diff}"
+    );
+}
+
+/// Runs `bash -c script` inside `cg` and waits for it to exit successfully.
+fn run_in(cg: &Cgroup, script: &str) {
+    let status = cg
+        .command("/bin/bash", &["-c", script])
+        .stdin(Stdio::null())
+        .status()
+        .expect("run bash in cgroup");
+    assert!(
+        status.success(),
+        "`{script}` in {} failed: {status}",
+        cg.path
+    );
+}
+
+/// Runs the fake-libcuda caller inside `cg` with `calls` (SYMBOL BYTES COUNT…).
+fn cuda_in(cg: &Cgroup, calls: &[&str]) {
+    let cuda = fake_cuda();
+    let mut args = vec![cuda.lib.to_str().unwrap()];
+    args.extend_from_slice(calls);
+    let status = cg
+        .command(&cuda.caller, &args)
+        .stdin(Stdio::null())
+        .status()
+        .expect("run cuda-copy");
+    assert!(status.success(), "cuda-copy {calls:?} failed: {status}");
+}
+
+/// A tenant workload over loopback: TCP `send` bytes out and `recv` back,
+/// then `datagrams` UDP datagrams of `size` bytes. Returns once it exited.
+fn network_workload(cg: &Cgroup, send: u64, recv: u64, datagrams: u64, size: u64) {
+    let (tcp, peer) = tcp_peer(send, recv);
+    let (udp, _sink) = udp_sink();
+    run_in(
+        cg,
+        &format!(
+            "{} && {}",
+            tcp_client_script(tcp, send, recv),
+            udp_sender_script(udp, datagrams, size)
+        ),
+    );
+    assert_eq!(peer.join().expect("tcp peer"), send, "peer got every byte");
+}
+
+/// Checks a tenant's counters against a workload (see the module docs).
+fn check_network(tenant: &str, n: Net, send: u64, recv: u64, datagrams: u64, size: u64) {
+    assert!(
+        n.out_packets > datagrams,
+        "{tenant}: {n:?}: fewer egress packets than datagrams"
+    );
+    let tcp_out_packets = n.out_packets - datagrams;
+    let want_out = send + tcp_out_packets * TCP_HEADERS + datagrams * (size + UDP_HEADERS);
+    within_1pct(&format!("{tenant} egress bytes"), n.out_bytes, want_out);
+    let want_in = recv + n.in_packets * TCP_HEADERS;
+    within_1pct(&format!("{tenant} ingress bytes"), n.in_bytes, want_in);
+    // Payload alone is a floor no header guess can explain away.
+    assert!(
+        n.out_bytes >= send + datagrams * (size + UDP_HEADERS),
+        "{tenant}: {n:?}"
+    );
+    assert!(n.in_bytes >= recv, "{tenant}: {n:?}");
+}
+
+struct Setup {
+    base: Cgroup,
+    pin: PinDir,
+    state: tempfile::TempDir,
+    node: SimNode,
+}
+
+fn setup(prefix: &str) -> Setup {
+    let name = unique(prefix);
+    Setup {
+        base: Cgroup::create(&name),
+        pin: PinDir::new(),
+        state: tempfile::tempdir().expect("state dir"),
+        node: SimNode::standard(),
+    }
+}
+
+impl Setup {
+    fn name(&self) -> &str {
+        self.base.path.rsplit('/').next().unwrap()
+    }
+
+    fn tenant(&self, tenant: &str) -> Cgroup {
+        let own = tally_e2e::own_unified_cgroup();
+        let rel = self.base.path.trim_start_matches(own.trim_end_matches('/'));
+        Cgroup::create(&format!("{}/{tenant}", rel.trim_start_matches('/')))
+    }
+
+    fn config(&self, interval: &str) -> String {
+        probe_config(
+            self.name(),
+            &self.pin.0,
+            self.state.path(),
+            &[&fake_cuda().lib],
+            interval,
+        )
+    }
+
+    fn agent(&self, interval: &str) -> Agent {
+        let agent = Agent::start(&self.node, &self.config(interval), &[]);
+        let m = agent.metrics();
+        for probe in PROBES {
+            assert_eq!(
+                m.value("tally_probe_up", &[("probe", probe)]),
+                Some(1.0),
+                "probe {probe} is not up; snapshot probes: {}\nlog:\n{}",
+                agent.snapshot()["probes"],
+                agent.log_text()
+            );
+        }
+        agent
+    }
+}
+
+/// Waits until `f(metrics)` holds, for at least two more samples (so a
+/// counter that is still moving is seen moving).
+fn settle(agent: &Agent, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
+    wait_for(what, LONG, || f(&agent.metrics()).then_some(()));
+    agent.wait_samples(2);
+    agent.metrics()
+}
+
+#[test]
+fn network_bytes_of_two_tenants_over_loopback_tcp_and_udp() {
+    if !require_root() {
+        return;
+    }
+    let s = setup("tally-probes-net");
+    let agent = s.agent("500ms");
+    let alpha = s.tenant("alpha");
+    let beta = s.tenant("beta");
+
+    // (send, recv, datagrams, size) per tenant; both processes exit before
+    // the counters are read.
+    let wa = (8u64 << 20, 1u64 << 20, 300u64, 1200u64);
+    let wb = (2u64 << 20, 3u64 << 20, 1000u64, 100u64);
+    network_workload(&alpha, wa.0, wa.1, wa.2, wa.3);
+    network_workload(&beta, wb.0, wb.1, wb.2, wb.3);
+    assert!(alpha.pids().is_empty() && beta.pids().is_empty());
+
+    let m = settle(&agent, "both tenants counted", |m| {
+        net_of(m, "alpha").out_bytes >= wa.0 && net_of(m, "beta").out_bytes >= wb.0
+    });
+    let a = net_of(&m, "alpha");
+    let b = net_of(&m, "beta");
+    eprintln!("alpha {a:?}\nbeta {b:?}");
+    check_network("alpha", a, wa.0, wa.1, wa.2, wa.3);
+    check_network("beta", b, wb.0, wb.1, wb.2, wb.3);
+
+    // The cgroup of an exited tenant goes away: its bytes stay, folded into
+    // the tenant (state file) before the map entry is deleted.
+    drop(beta);
+    let state_file = s.state.path().join("probes-state.json");
+    wait_for("beta folded into the state file", LONG, || {
+        let text = fs::read_to_string(&state_file).ok()?;
+        let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (state["folded"]["beta"]["egress_bytes"].as_u64()? == b.out_bytes).then_some(())
+    });
+    agent.wait_samples(2);
+    assert_eq!(
+        net_of(&agent.metrics(), "beta"),
+        b,
+        "beta after its cgroup went"
+    );
+    assert_eq!(
+        net_of(&agent.metrics(), "alpha"),
+        a,
+        "alpha did nothing since"
+    );
+}
+
+#[test]
+fn pcie_copies_of_two_tenants_are_exact() {
+    if !require_root() {
+        return;
+    }
+    let s = setup("tally-probes-pcie");
+    let agent = s.agent("500ms");
+    let alpha = s.tenant("alpha");
+    let beta = s.tenant("beta");
+
+    // Every form of the family; the generic cuMemcpy has no direction and
+    // must not land in h2d or d2h.
+    cuda_in(
+        &alpha,
+        &[
+            "cuMemcpyHtoD_v2",
+            "4096",
+            "10", // 40960 h2d
+            "cuMemcpyHtoDAsync_v2",
+            "12345",
+            "2", // 24690 h2d
+            "cuMemcpyHtoD_v2_ptds",
+            "7",
+            "3", // 21 h2d
+            "cuMemcpyHtoD",
+            "100",
+            "1", // 100 h2d (32-bit ABI)
+            "cuMemcpy2D_v2@h2d",
+            "4000",
+            "2", // 8000 h2d
+            "cuMemcpyDtoH_v2",
+            "1000",
+            "3", // 3000 d2h
+            "cuMemcpyDtoHAsync_v2_ptsz",
+            "65536",
+            "1", // 65536 d2h
+            "cuMemcpy",
+            "777",
+            "5", // direction unknown
+            "cuMemcpyAsync",
+            "555",
+            "1", // direction unknown
+        ],
+    );
+    cuda_in(
+        &beta,
+        &[
+            "cuMemcpyDtoHAsync_v2",
+            "1048576",
+            "4", // 4194304 d2h
+            "cuMemcpyDtoH_v2_ptds",
+            "3",
+            "5", // 15 d2h
+            "cuMemcpyDtoH",
+            "200",
+            "2", // 400 d2h (32-bit ABI)
+            "cuMemcpyDtoHAsync",
+            "50",
+            "1", // 50 d2h (32-bit ABI)
+            "cuMemcpy2DAsync_v2_ptsz@d2h",
+            "1024",
+            "3", // 3072 d2h
+            "cuMemcpy2DUnaligned_v2@h2d",
+            "64",
+            "1", // 64 h2d
+            "cuMemcpyHtoDAsync_v2_ptsz",
+            "9",
+            "1", // 9 h2d
+        ],
+    );
+    let want = [
+        ("alpha", "h2d", 40960 + 24690 + 21 + 100 + 8000),
+        ("alpha", "d2h", 3000 + 65536),
+        ("beta", "h2d", 64 + 9),
+        ("beta", "d2h", 4194304 + 15 + 400 + 50 + 3072),
+    ];
+    let m = settle(&agent, "copies counted", |m| {
+        want.iter().all(|(t, d, n)| pcie(m, t, d) >= *n)
+    });
+    for (tenant, dir, n) in want {
+        assert_eq!(pcie(&m, tenant, dir), n, "{tenant} {dir}");
+    }
+    // What the probes did not see is _unattributed's, never spread: the
+    // series exists and no tenant got more than it copied.
+    assert!(
+        m.value(
+            "tally_tenant_pcie_bytes_total",
+            &[("tenant", "_unattributed"), ("direction", "h2d")]
+        )
+        .is_some(),
+        "no _unattributed pcie series"
+    );
+}
+
+#[test]
+fn agent_restart_continues_counters_without_double_count() {
+    if !require_root() {
+        return;
+    }
+    let s = setup("tally-probes-restart");
+    let alpha = s.tenant("alpha");
+    let gone = s.tenant("gone");
+    let config = s.state.path().join("agent.toml");
+    fs::write(&config, s.config("300ms")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", tally_e2e::free_port())
+        .parse()
+        .unwrap();
+    let first = Agent::start_with(&s.node, &config, addr, &[]);
+
+    let w = (4u64 << 20, 64u64 << 10, 50u64, 1000u64);
+    network_workload(&alpha, w.0, w.1, w.2, w.3);
+    cuda_in(&alpha, &["cuMemcpyHtoD_v2", "1000", "7"]);
+    network_workload(&gone, 1 << 20, 1000, 10, 10);
+    cuda_in(&gone, &["cuMemcpyDtoH_v2", "333", "3"]);
+    let before = settle(&first, "first agent counted", |m| {
+        net_of(m, "alpha").out_bytes >= w.0
+            && pcie(m, "alpha", "h2d") == 7000
+            && pcie(m, "gone", "d2h") == 999
+    });
+    let gone_net = net_of(&before, "gone");
+    // `gone` vanishes while the first agent runs: folded into the state.
+    drop(gone);
+    let state_file = s.state.path().join("probes-state.json");
+    wait_for("gone folded", LONG, || {
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&state_file).ok()?).ok()?;
+        (v["folded"]["gone"]["d2h_bytes"].as_u64()? == 999).then_some(())
+    });
+    let before = settle(&first, "fold settled", |_| true);
+    let alpha_before = net_of(&before, "alpha");
+    check_network("alpha", alpha_before, w.0, w.1, w.2, w.3);
+
+    // Kill -9 mid-test: no clean shutdown, no final state write.
+    drop(first);
+    let second = Agent::start_with(&s.node, &config, addr, &[]);
+    second.wait_samples(2);
+    let after = second.metrics();
+    assert_eq!(net_of(&after, "alpha"), alpha_before, "alpha after restart");
+    assert_eq!(
+        pcie(&after, "alpha", "h2d"),
+        7000,
+        "alpha pcie after restart"
+    );
+    assert_eq!(
+        net_of(&after, "gone"),
+        gone_net,
+        "folded tenant after restart"
+    );
+    assert_eq!(
+        pcie(&after, "gone", "d2h"),
+        999,
+        "folded pcie after restart"
+    );
+
+    // And they keep counting from there.
+    network_workload(&alpha, w.0, w.1, w.2, w.3);
+    cuda_in(&alpha, &["cuMemcpyHtoD_v2", "1000", "7"]);
+    let later = settle(&second, "second agent counted more", |m| {
+        net_of(m, "alpha").out_bytes >= alpha_before.out_bytes + w.0
+            && pcie(m, "alpha", "h2d") >= 14000
+    });
+    assert_eq!(pcie(&later, "alpha", "h2d"), 14000, "no double count");
+    let a = net_of(&later, "alpha");
+    let delta = Net {
+        in_bytes: a.in_bytes - alpha_before.in_bytes,
+        in_packets: a.in_packets - alpha_before.in_packets,
+        out_bytes: a.out_bytes - alpha_before.out_bytes,
+        out_packets: a.out_packets - alpha_before.out_packets,
+    };
+    check_network("alpha (second run)", delta, w.0, w.1, w.2, w.3);
+    assert_eq!(net_of(&later, "gone"), gone_net);
+}
+
+#[test]
+fn exited_process_keeps_its_cgroup_for_attribution() {
+    if !require_root() {
+        return;
+    }
+    let pin = PinDir::new();
+    let state = tempfile::tempdir().unwrap();
+    let base = Cgroup::create(&unique("tally-probes-exit"));
+    let name = base.path.rsplit('/').next().unwrap().to_owned();
+    let own = tally_e2e::own_unified_cgroup();
+    let rel = base.path.trim_start_matches(own.trim_end_matches('/'));
+    let short = Cgroup::create(&format!("{}/shortlived", rel.trim_start_matches('/')));
+
+    let config = tally::probes::ProbesConfig {
+        network: false,
+        pcie: false,
+        process: true,
+        cuda_libs: None,
+        pin_dir: pin.0.clone(),
+    };
+    let mut probes = tally::probes::Probes::start(&config, state.path());
+    for s in probes.statuses() {
+        if s.probe.starts_with("process_") {
+            assert!(s.up, "{s:?}");
+        }
+    }
+    let exited = probes.take_exited().expect("exited-process lookup");
+
+    // The shell moves itself in and execs /bin/true: one pid, exec'd in
+    // the cgroup, exited and reaped before we look.
+    let mut child = short
+        .command("/bin/true", &[])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("run a short-lived process");
+    let pid = child.id();
+    assert!(child.wait().expect("wait").success());
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "pid {pid} still alive"
+    );
+
+    let rec = exited.record(pid).expect("the kernel recorded the pid");
+    assert_ne!(rec.exit_ns, 0, "exit seen: {rec:?}");
+    assert_ne!(rec.exec_ns, 0, "exec seen: {rec:?}");
+    assert_eq!(rec.cgroup_id, short.id(), "cgroup at exit");
+    assert_eq!(exited.cgroup_of(pid).as_deref(), Some(short.path.as_str()));
+
+    // The tenant resolver falls back on it once /proc/PID is gone.
+    let rules = tally::config::Config::parse(
+        &format!("[[tenant.rule]]\ncgroup = '/{name}/(?P<tenant>[^/]+)$'\n"),
+        Path::new("t.toml"),
+    )
+    .unwrap()
+    .tenant
+    .rules;
+    let mut resolver = tally::tenants::Resolver::new(rules);
+    assert_eq!(resolver.attribute(pid).tenant, "_unattributed");
+    resolver.set_exited(Box::new(exited));
+    let att = resolver.attribute(pid);
+    assert_eq!(att.tenant, "shortlived", "{att:?}");
+    drop(probes);
+}
+
+#[test]
+fn unprivileged_agent_reports_probes_down_and_serves_gpu_metrics() {
+    if !require_root() {
+        // As root we can drop to `nobody`; as a normal user the test is the
+        // same as running the agent, which the other suites do.
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        skip("setpriv (util-linux) not installed");
+        return;
+    }
+    let node = SimNode::standard();
+    let pin = PinDir::new();
+    let state = tempfile::tempdir().unwrap();
+    let config = probe_config(
+        &unique("tally-probes-nobody"),
+        &pin.0,
+        state.path(),
+        &[],
+        "300ms",
+    );
+    let agent = start_agent_as_nobody(&node, &config);
+    let m = agent.metrics();
+    for probe in PROBES {
+        assert_eq!(
+            m.value("tally_probe_up", &[("probe", probe)]),
+            Some(0.0),
+            "{probe} as nobody; log:\n{}",
+            agent.log_text()
+        );
+    }
+    let snap = agent.snapshot();
+    for p in snap["probes"].as_array().expect("probes in snapshot") {
+        let err = p["error"].as_str().unwrap_or_default();
+        assert!(
+            err.contains("Permission denied") || err.contains("not permitted"),
+            "reason names the refusal: {p}"
+        );
+        assert!(err.contains("CAP_BPF"), "reason says how to fix it: {p}");
+    }
+    assert!(
+        m.sum("tally_gpu_info", &[]) >= 3.0,
+        "GPU metrics still served; log:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("probe not running"),
+        "the agent logs why"
+    );
+    assert!(!pin.0.exists(), "nothing pinned as nobody");
+}
