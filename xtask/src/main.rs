@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod deps;
 mod exec;
@@ -21,11 +22,14 @@ enum Command {
     Test(test::Options),
     /// Start the agent on a simulated node with three tenants and show them live.
     Demo(demo::Options),
+    /// Measure footprint, probe cost, scrape, ingest and chargeback; write BENCHMARKS.md.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Test(o) => test::run(o),
         Command::Demo(o) => demo::run(o),
+        Command::Bench(o) => bench::run(o),
     }
 }

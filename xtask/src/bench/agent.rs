@@ -1,0 +1,810 @@
+//! Benchmarks 1–3: the agent on a simulated node with hundreds of GPU
+//! processes in real cgroups — footprint against node_exporter, the cost of
+//! one sampling cycle at ×1/×4/×16, and `/metrics` at ~20k series.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    Check, Ctx, Section, Verdict, failed,
+    probes::{FakeCuda, fake_cuda},
+    util::{self, CgroupTree, Proc, Stats},
+};
+
+/// 8 GPUs: seven H100s and an A100 80GB split into seven 1g.10gb MIG
+/// instances — 14 devices a process can sit on.
+const SCENARIO: &str = r#"
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA A100-SXM4-80GB"
+memory_mib = 81920
+power_idle_w = 60
+power_max_w = 400
+mig = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb"]
+"#;
+
+/// Devices a process can be registered on: GPUs 0–6, then GPU 7's MIG 0–6.
+const DEVICES: usize = 14;
+
+/// Base scale of benchmark 1 (the issue's): 512 processes, 128 tenants.
+const BASE_PROCS: usize = 512;
+const BASE_TENANTS: usize = 128;
+
+/// A simulated node: scenario, state directory, tenants' processes in
+/// cgroups `…/tally/<tenant>/job<j>`.
+struct Node {
+    dir: PathBuf,
+    scenario: PathBuf,
+    state: PathBuf,
+    tree: CgroupTree,
+    procs: usize,
+    tenants: usize,
+}
+
+impl Node {
+    fn build(name: &str, procs: usize, tenants: usize) -> anyhow::Result<Node> {
+        let dir = util::scratch(name)?;
+        let scenario = dir.join("scenario.toml");
+        fs::write(&scenario, SCENARIO)?;
+        let state = dir.join("sim-state");
+        fs::create_dir_all(state.join("procs"))?;
+        let mut tree = CgroupTree::create("tally-bench")?;
+        let per = procs.div_ceil(tenants);
+        let started = Instant::now();
+        let mut last = 0;
+        let mut i = 0;
+        'outer: for t in 0..tenants {
+            for j in 0..per {
+                if i == procs {
+                    break 'outer;
+                }
+                let cg = tree.child(&format!("tally/t{t:04}/job{j}"))?;
+                let pid = tree.spawn_in(&cg, &["sleep", "infinity"])?;
+                // A tenant's processes sit on consecutive devices.
+                let slot = i % DEVICES;
+                let (gpu, mig, mem) = if slot < 7 {
+                    (slot, None, 512)
+                } else {
+                    (7, Some(slot - 7), 64)
+                };
+                let sm = 0.05 + 0.09 * (i % 10) as f64;
+                let mut text = format!("gpu = {gpu}\nmemory_mib = {mem}\nsm = {sm:.2}\n");
+                if let Some(m) = mig {
+                    text.push_str(&format!("mig = {m}\n"));
+                }
+                fs::write(state.join(format!("procs/{pid}.toml")), text)?;
+                last = pid;
+                i += 1;
+            }
+        }
+        let want = format!("{}/tally/", tree.path);
+        util::wait_for(
+            "the last workload to enter its cgroup",
+            Duration::from_secs(30),
+            || {
+                fs::read_to_string(format!("/proc/{last}/cgroup"))
+                    .ok()?
+                    .contains(&want)
+                    .then_some(())
+            },
+        )?;
+        eprintln!(
+            "bench: {procs} processes in {tenants} tenants' cgroups started in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Node {
+            dir,
+            scenario,
+            state,
+            tree,
+            procs,
+            tenants,
+        })
+    }
+
+    /// Starts the release agent on this node, every probe on.
+    fn agent(
+        &self,
+        ctx: &Ctx,
+        interval: &str,
+        cuda: Option<&FakeCuda>,
+    ) -> anyhow::Result<RunningAgent> {
+        let pin = PathBuf::from(format!("/sys/fs/bpf/tally-bench-{}", std::process::id()));
+        util::remove_pins(&pin);
+        let libs = cuda
+            .map(|c| format!("{:?}", c.lib.display().to_string()))
+            .unwrap_or_default();
+        let config = format!(
+            r#"
+[agent]
+state_dir = "{state}"
+
+[probes]
+pin_dir = "{pin}"
+cuda_libs = [{libs}]
+
+[[tenant.rule]]
+cgroup = '/tally/(?P<tenant>[^/]+)/'
+"#,
+            state = self.dir.join("agent-state").display(),
+            pin = pin.display(),
+        );
+        let file = self.dir.join("tally.toml");
+        fs::write(&file, config)?;
+        let addr = util::free_addr()?;
+        let log = self.dir.join("agent.log");
+        let proc = Proc::spawn(
+            "tally agent",
+            Command::new(&ctx.tally)
+                .arg("agent")
+                .arg("--config")
+                .arg(&file)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--nvml-lib")
+                .arg(&ctx.sim_lib)
+                .arg("--sample-interval")
+                .arg(interval)
+                .env("TALLY_SIM_SCENARIO", &self.scenario)
+                .env("TALLY_SIM_STATE", &self.state)
+                .env("TALLY_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&log)?),
+        )?;
+        let mut agent = RunningAgent {
+            proc,
+            addr,
+            log,
+            pin,
+        };
+        let started = Instant::now();
+        loop {
+            agent.proc.check_alive().with_context(|| agent.log_tail())?;
+            if matches!(util::get(addr, "/readyz", None), Ok(r) if r.status == 200) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(180) {
+                bail!("agent not ready after 180 s; {}", agent.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(agent)
+    }
+}
+
+struct RunningAgent {
+    proc: Proc,
+    addr: SocketAddr,
+    log: PathBuf,
+    pin: PathBuf,
+}
+
+impl RunningAgent {
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "agent log ({}): {}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(5)..].join(" / ")
+        )
+    }
+
+    fn metrics(&self) -> anyhow::Result<String> {
+        let r = util::get(self.addr, "/metrics", None)?;
+        if r.status != 200 {
+            bail!("/metrics answered {}", r.status);
+        }
+        Ok(r.text())
+    }
+
+    /// `tally_probe_up` lines, for the report.
+    fn probes_up(&self) -> String {
+        let body = self.metrics().unwrap_or_default();
+        let up: Vec<String> = body
+            .lines()
+            .filter(|l| l.starts_with("tally_probe_up{"))
+            .map(|l| {
+                let probe = l
+                    .split("probe=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("?");
+                format!("{probe}={}", l.rsplit(' ').next().unwrap_or("?"))
+            })
+            .collect();
+        up.join(", ")
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.proc.stop();
+        util::remove_pins(&self.pin);
+    }
+}
+
+/// Runs benchmarks 1 (footprint), 2 (sample cost) and 3 (scrape) as asked.
+pub fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec<Section> {
+    let mut out = Vec::new();
+    let cuda = match fake_cuda() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("bench: no fake libcuda ({e:#}); the pcie probe has no library");
+            None
+        }
+    };
+    let scales: &[usize] = if ctx.quick { &[1, 4] } else { &[1, 4, 16] };
+    let base = if ctx.quick {
+        (64, 16)
+    } else {
+        (BASE_PROCS, BASE_TENANTS)
+    };
+    let mut samples: Vec<SampleCost> = Vec::new();
+    let mut sample_errors = Vec::new();
+
+    if footprint || sample {
+        eprintln!("bench: 1. footprint at ×1");
+        match footprint_and_sample(ctx, base, cuda.as_ref(), footprint) {
+            Ok((section, cost)) => {
+                if let Some(s) = section {
+                    out.push(s);
+                }
+                samples.push(cost);
+            }
+            Err(e) => {
+                if footprint {
+                    out.push(failed("1. Agent footprint at scale", &e));
+                }
+                sample_errors.push(format!("×1: {e:#}"));
+            }
+        }
+    }
+    if sample {
+        for &s in &scales[1..] {
+            eprintln!("bench: 2. sample cost at ×{s}");
+            let profile = s == *scales.last().unwrap_or(&1);
+            match sample_only(ctx, (base.0 * s, base.1 * s), s, cuda.as_ref(), profile) {
+                Ok(c) => samples.push(c),
+                Err(e) => sample_errors.push(format!("×{s}: {e:#}")),
+            }
+        }
+        out.push(sample_section(&samples, &sample_errors));
+    }
+    if scrape {
+        eprintln!("bench: 3. scrape");
+        let (p, t) = if ctx.quick { (1024, 256) } else { (5120, 1280) };
+        out.push(super::guard("3. Scrape latency at ~20k series", || {
+            scrape_bench(ctx, p, t, cuda.as_ref())
+        }));
+    }
+    out
+}
+
+/// One scale's sampling cost.
+struct SampleCost {
+    scale: usize,
+    procs: usize,
+    tenants: usize,
+    /// `tally_sample_duration_seconds` of distinct cycles, in ms.
+    durations_ms: Vec<f64>,
+    /// Agent CPU per cycle (all threads), in ms.
+    cpu_per_sample_ms: f64,
+    profile: Option<String>,
+}
+
+/// Collects `n` distinct cycles' durations and CPU per cycle.
+fn collect_samples(
+    ctx: &Ctx,
+    agent: &RunningAgent,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    let pid = agent.proc.pid();
+    let mut durations = Vec::new();
+    let mut last_seen = -1.0;
+    let mut first: Option<(f64, f64)> = None;
+    let mut last: Option<(f64, f64)> = None;
+    let started = Instant::now();
+    while durations.len() < n && started.elapsed() < limit {
+        let body = agent.metrics()?;
+        let cpu = util::cpu_seconds(pid, ctx.tck)?;
+        let count = util::metric(&body, "tally_samples_total").unwrap_or(-1.0);
+        if count != last_seen {
+            if let Some(d) = util::metric(&body, "tally_sample_duration_seconds") {
+                // The first cycle includes start-up (probe loading).
+                if count > 1.0 {
+                    durations.push(d * 1000.0);
+                }
+            }
+            last_seen = count;
+            if first.is_none() {
+                first = Some((count, cpu));
+            }
+            last = Some((count, cpu));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let per = match (first, last) {
+        (Some((c0, t0)), Some((c1, t1))) if c1 > c0 => (t1 - t0) / (c1 - c0) * 1000.0,
+        _ => f64::NAN,
+    };
+    if durations.is_empty() {
+        bail!("no sampling cycle completed within {limit:?}");
+    }
+    Ok((durations, per))
+}
+
+/// CPU profile of `pid` for `seconds`: shares by library and top symbols.
+fn profile(pid: u32, seconds: u64, dir: &Path) -> String {
+    let data = dir.join("perf.data");
+    let rec = Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "997", "-g", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&data)
+        .args(["--", "sleep", &seconds.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    match rec {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => return format!("perf record failed: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => return format!("perf not runnable: {e}"),
+    }
+    let report = |sort: &str, n: usize| -> String {
+        Command::new("perf")
+            .args([
+                "report",
+                "--no-children",
+                "--stdio",
+                "-q",
+                "-g",
+                "none",
+                "--percent-limit",
+                "1.5",
+                "--sort",
+            ])
+            .arg(sort)
+            .arg("-i")
+            .arg(&data)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                    .take(n)
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    };
+    format!(
+        "CPU by library (perf, cpu-clock, {seconds} s):\n\n```\n{}\n```\n\nTop symbols:\n\n```\n{}\n```\n",
+        report("dso", 8),
+        report("dso,sym", 15)
+    )
+}
+
+fn footprint_and_sample(
+    ctx: &Ctx,
+    (procs, tenants): (usize, usize),
+    cuda: Option<&FakeCuda>,
+    footprint: bool,
+) -> anyhow::Result<(Option<Section>, SampleCost)> {
+    let node = Node::build("scale-x1", procs, tenants)?;
+    let agent = node.agent(ctx, "1s", cuda)?;
+    if !footprint {
+        let n = if ctx.quick { 5 } else { 20 };
+        let (durations_ms, cpu) = collect_samples(ctx, &agent, n, Duration::from_secs(120))?;
+        return Ok((
+            None,
+            SampleCost {
+                scale: 1,
+                procs,
+                tenants,
+                durations_ms,
+                cpu_per_sample_ms: cpu,
+                profile: None,
+            },
+        ));
+    }
+
+    // node_exporter, scraped at the same 1 s rate, in the same window.
+    let ne_addr = util::free_addr()?;
+    let mut ne = Proc::spawn(
+        "prometheus-node-exporter",
+        Command::new("prometheus-node-exporter")
+            .arg(format!("--web.listen-address={ne_addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    util::wait_for("node_exporter", Duration::from_secs(20), || {
+        util::get(ne_addr, "/metrics", None)
+            .ok()
+            .filter(|r| r.status == 200)
+    })?;
+    let (warmup, windows, window) = if ctx.quick { (3, 2, 5) } else { (10, 7, 10) };
+    let (apid, npid) = (agent.proc.pid(), ne.pid());
+    let tick = |durations: &mut Vec<f64>, last: &mut f64| -> anyhow::Result<(f64, f64)> {
+        let t = Instant::now();
+        let body = agent.metrics()?;
+        let r = util::get(ne_addr, "/metrics", None)?;
+        if r.status != 200 {
+            bail!("node_exporter answered {}", r.status);
+        }
+        let count = util::metric(&body, "tally_samples_total").unwrap_or(0.0);
+        if count != *last && count > 1.0 {
+            if let Some(d) = util::metric(&body, "tally_sample_duration_seconds") {
+                durations.push(d * 1000.0);
+            }
+            *last = count;
+        }
+        let rss = (util::rss_mib(apid)?, util::rss_mib(npid)?);
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
+        Ok(rss)
+    };
+    let mut durations = Vec::new();
+    let mut last = 0.0;
+    for _ in 0..warmup {
+        tick(&mut durations, &mut last)?;
+    }
+    durations.clear();
+    let (mut a_rss, mut n_rss, mut a_cpu, mut n_cpu) = (vec![], vec![], vec![], vec![]);
+    let t_start = Instant::now();
+    let (a0, n0) = (
+        util::cpu_seconds(apid, ctx.tck)?,
+        util::cpu_seconds(npid, ctx.tck)?,
+    );
+    let samples0 = util::metric(&agent.metrics()?, "tally_samples_total").unwrap_or(0.0);
+    for _ in 0..windows {
+        let w = Instant::now();
+        let (a, n) = (
+            util::cpu_seconds(apid, ctx.tck)?,
+            util::cpu_seconds(npid, ctx.tck)?,
+        );
+        for _ in 0..window {
+            let (ar, nr) = tick(&mut durations, &mut last)?;
+            a_rss.push(ar);
+            n_rss.push(nr);
+        }
+        let secs = w.elapsed().as_secs_f64();
+        a_cpu.push((util::cpu_seconds(apid, ctx.tck)? - a) / secs * 100.0);
+        n_cpu.push((util::cpu_seconds(npid, ctx.tck)? - n) / secs * 100.0);
+    }
+    let total = t_start.elapsed().as_secs_f64();
+    let a_total = (util::cpu_seconds(apid, ctx.tck)? - a0) / total * 100.0;
+    let n_total = (util::cpu_seconds(npid, ctx.tck)? - n0) / total * 100.0;
+    let samples1 = util::metric(&agent.metrics()?, "tally_samples_total").unwrap_or(0.0);
+    let cpu_per_sample = (a_total / 100.0 * total) / (samples1 - samples0).max(1.0) * 1000.0;
+    let body = agent.metrics()?;
+    let series = util::series_count(&body);
+    let probes = agent.probes_up();
+    let tenants_seen = body
+        .lines()
+        .filter(|l| l.starts_with("tally_tenant_gpu_allocated_seconds_total{"))
+        .filter_map(|l| l.split("tenant=\"").nth(1)?.split('"').next())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    ne.stop();
+    let prof = profile(apid, if ctx.quick { 5 } else { 20 }, &node.dir);
+
+    let (ar, nr, ac, nc) = (
+        Stats::of(&a_rss),
+        Stats::of(&n_rss),
+        Stats::of(&a_cpu),
+        Stats::of(&n_cpu),
+    );
+    let mut s = Section {
+        title: "1. Agent footprint at scale".into(),
+        ..Default::default()
+    };
+    let b = &mut s.body;
+    let _ = writeln!(
+        b,
+        "**Set-up.** The NVML simulator with 8 GPUs (seven H100 80GB, one A100 80GB in MIG mode \
+         with seven 1g.10gb instances); {procs} registered GPU processes (`sleep`) across \
+         {tenants} tenants, each process in its own real cgroup v2 directory \
+         (`…/tally/<tenant>/job<j>`, beneath this process's cgroup on `{}`); the release agent \
+         samples every 1 s with every eBPF probe on ({probes}); the agent saw {tenants_seen} \
+         tenants and serves {series} series. Reference in the same window: Debian's \
+         `prometheus-node-exporter` (default collectors). Both are scraped once per second, \
+         one after the other.\n",
+        node.tree.mount.display()
+    );
+    let _ = writeln!(
+        b,
+        "**Measured.** After {warmup} s of warm-up, {windows} windows of {window} s: CPU from \
+         `/proc/<pid>/stat` (utime + stime, all threads) per window; RSS from \
+         `/proc/<pid>/status` (VmRSS) every second. Median (min–max) over windows / readings.\n"
+    );
+    let _ = writeln!(
+        b,
+        "| | tally agent | node_exporter | ratio tally/node_exporter |"
+    );
+    let _ = writeln!(b, "| --- | --- | --- | --- |");
+    let _ = writeln!(
+        b,
+        "| RSS MiB | {} | {} | {:.2} |",
+        ar.show(1),
+        nr.show(1),
+        ar.median / nr.median
+    );
+    let _ = writeln!(
+        b,
+        "| CPU % of one core, per {window} s window | {} | {} | {:.2} |",
+        ac.show(2),
+        nc.show(2),
+        ac.median / nc.median.max(1e-9)
+    );
+    let _ = writeln!(
+        b,
+        "| CPU % over the whole {total:.0} s | {a_total:.2} | {n_total:.2} | {:.2} |",
+        a_total / n_total.max(1e-9)
+    );
+    let _ = writeln!(
+        b,
+        "\nAgent CPU per sampling cycle (all threads, incl. the in-process NVML simulator and \
+         the scrapes): {cpu_per_sample:.1} ms.\n"
+    );
+    let _ = writeln!(b, "{prof}");
+    s.checks.push(Check::new(
+        "1. agent RSS (steady state, max)",
+        "≤ 25 MiB",
+        format!(
+            "{:.1} MiB (median {:.1}); node_exporter {:.1} MiB; ratio {:.2}",
+            ar.max,
+            ar.median,
+            nr.median,
+            ar.median / nr.median
+        ),
+        Verdict::of(ar.max <= 25.0),
+    ));
+    s.checks.push(Check::new(
+        "1. agent CPU, 1 s sampling",
+        "≤ 0.5 % of one core",
+        format!(
+            "{a_total:.2} % (windows {}); node_exporter {n_total:.2} %; ratio {:.2}",
+            ac.show(2),
+            a_total / n_total.max(1e-9)
+        ),
+        Verdict::of(a_total <= 0.5),
+    ));
+    Ok((
+        Some(s),
+        SampleCost {
+            scale: 1,
+            procs,
+            tenants,
+            durations_ms: durations,
+            cpu_per_sample_ms: cpu_per_sample,
+            profile: None,
+        },
+    ))
+}
+
+fn sample_only(
+    ctx: &Ctx,
+    (procs, tenants): (usize, usize),
+    scale: usize,
+    cuda: Option<&FakeCuda>,
+    with_profile: bool,
+) -> anyhow::Result<SampleCost> {
+    let node = Node::build(&format!("scale-x{scale}"), procs, tenants)?;
+    let agent = node.agent(ctx, "1s", cuda)?;
+    let n = if ctx.quick { 5 } else { 15 };
+    let (durations_ms, cpu) = collect_samples(ctx, &agent, n, Duration::from_secs(240))?;
+    let profile =
+        with_profile.then(|| profile(agent.proc.pid(), if ctx.quick { 5 } else { 15 }, &node.dir));
+    Ok(SampleCost {
+        scale,
+        procs: node.procs,
+        tenants: node.tenants,
+        durations_ms,
+        cpu_per_sample_ms: cpu,
+        profile,
+    })
+}
+
+fn sample_section(costs: &[SampleCost], errors: &[String]) -> Section {
+    let mut s = Section {
+        title: "2. Sample cost".into(),
+        ..Default::default()
+    };
+    let b = &mut s.body;
+    let _ = writeln!(
+        b,
+        "**Measured.** `tally_sample_duration_seconds` (wall time of one full cycle: NVML calls \
+         into the simulator, per-process cgroup reads, attribution, eBPF map reads) of distinct \
+         cycles, read from `/metrics`; the first cycle (probe loading) is left out. Also the \
+         agent's CPU time per cycle (all threads) from `/proc/<pid>/stat`. Same node layout as \
+         benchmark 1, processes and tenants multiplied.\n"
+    );
+    let _ = writeln!(
+        b,
+        "| scale | processes | tenants | cycles | cycle ms, median (min–max) | p99 ms | CPU ms per cycle | ms per 100 processes |"
+    );
+    let _ = writeln!(b, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for c in costs {
+        let st = Stats::of(&c.durations_ms);
+        let _ = writeln!(
+            b,
+            "| ×{} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} |",
+            c.scale,
+            c.procs,
+            c.tenants,
+            st.n,
+            st.show(1),
+            st.p99,
+            c.cpu_per_sample_ms,
+            st.median / c.procs as f64 * 100.0
+        );
+        s.checks.push(Check::new(
+            format!(
+                "2. sample cycle ×{} ({} procs, {} tenants)",
+                c.scale, c.procs, c.tenants
+            ),
+            "(no target; growth)",
+            format!("{} ms", st.show(1)),
+            Verdict::Info,
+        ));
+    }
+    if let (Some(a), Some(z)) = (costs.first(), costs.last())
+        && z.scale > a.scale
+    {
+        let growth = Stats::of(&z.durations_ms).median / Stats::of(&a.durations_ms).median;
+        let _ = writeln!(
+            b,
+            "\nFrom ×{} to ×{} the cycle grew {growth:.1}× for {}× the processes and tenants.\n",
+            a.scale,
+            z.scale,
+            z.scale / a.scale
+        );
+    }
+    for c in costs {
+        if let Some(p) = &c.profile {
+            let _ = writeln!(b, "\nProfile of the agent at ×{}:\n\n{p}", c.scale);
+        }
+    }
+    for e in errors {
+        let _ = writeln!(b, "\nFailed: `{e}`");
+        s.checks
+            .push(Check::new("2. sample cost", "", e.clone(), Verdict::Failed));
+    }
+    s
+}
+
+fn scrape_bench(
+    ctx: &Ctx,
+    procs: usize,
+    tenants: usize,
+    cuda: Option<&FakeCuda>,
+) -> anyhow::Result<Section> {
+    let node = Node::build("scrape", procs, tenants)?;
+    let agent = node.agent(ctx, "1s", cuda)?;
+    // Let a few cycles pass so every tenant has its series.
+    std::thread::sleep(Duration::from_secs(3));
+    let n = if ctx.quick { 50 } else { 300 };
+    let mut lat = Vec::with_capacity(n);
+    let mut size = 0;
+    let mut series = 0;
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = util::get(agent.addr, "/metrics", None)?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        if r.status != 200 {
+            bail!("/metrics answered {}", r.status);
+        }
+        size = r.body.len();
+        series = util::series_count(&String::from_utf8_lossy(&r.body));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = Stats::of(&lat);
+    let p50 = st.median;
+    let mut s = Section {
+        title: "3. Scrape latency at ~20k series".into(),
+        ..Default::default()
+    };
+    let b = &mut s.body;
+    let _ = writeln!(
+        b,
+        "**Set-up.** Same simulated node, {procs} GPU processes across {tenants} tenants (4 \
+         processes per tenant on 4 different devices), sampling every 1 s: {series} series. \
+         Workload series (`[tenant.kubernetes] workload_series`) add one series per container \
+         and GPU but need the kubelet's pod-resources socket or pod log directories, which \
+         this machine does not have; the series count comes from tenants × devices instead \
+         (allocated, SM, memory and energy per tenant and device).\n"
+    );
+    let _ = writeln!(
+        b,
+        "**Measured.** {n} sequential `GET /metrics`, each on a new connection, 20 ms apart, \
+         timed from connect to the last body byte, while the agent keeps sampling.\n"
+    );
+    let _ = writeln!(b, "| series | body | p50 ms | p99 ms | min–max ms |");
+    let _ = writeln!(b, "| --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        b,
+        "| {series} | {:.2} MiB | {p50:.1} | {:.1} | {:.1}–{:.1} |",
+        size as f64 / 1048576.0,
+        st.p99,
+        st.min,
+        st.max
+    );
+    if st.p99 > 20.0 {
+        let prof_dir = node.dir.clone();
+        let addr = agent.addr;
+        let scraper = std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                let _ = util::get(addr, "/metrics", None);
+            }
+        });
+        let p = profile(agent.proc.pid(), 10, &prof_dir);
+        let _ = scraper.join();
+        let _ = writeln!(
+            b,
+            "\nProfile of the agent while scraped back to back:\n\n{p}"
+        );
+    }
+    s.checks.push(Check::new(
+        format!("3. /metrics p99 at {series} series"),
+        "≤ 20 ms",
+        format!(
+            "p50 {p50:.1} ms, p99 {:.1} ms, {:.2} MiB",
+            st.p99,
+            size as f64 / 1048576.0
+        ),
+        Verdict::of(st.p99 <= 20.0),
+    ));
+    Ok(s)
+}

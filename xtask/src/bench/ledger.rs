@@ -1,0 +1,735 @@
+//! Benchmarks 6 and 7: the aggregator's ingest under many concurrent
+//! simulated agents, and a month's chargeback over a generated fleet-sized
+//! ledger — each on SQLite and on a throwaway PostgreSQL.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Barrier},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    Check, Ctx, Section, Verdict, failed,
+    util::{self, Conn, Proc, Stats},
+};
+
+const AGENT_TOKEN: &str = "bench-agent-token-0123456789";
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
+/// 2026-10-01T00:00:00Z: the generated month starts here.
+const MONTH_START_S: i64 = 1_790_812_800;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// A ledger database and how to run SQL on it from the shell.
+struct Db {
+    backend: Backend,
+    url: String,
+    sqlite_file: Option<PathBuf>,
+    pg: Option<Postgres>,
+}
+
+impl Db {
+    fn sqlite(dir: &Path) -> Db {
+        let file = dir.join("ledger.db");
+        Db {
+            backend: Backend::Sqlite,
+            url: format!("sqlite://{}", file.display()),
+            sqlite_file: Some(file),
+            pg: None,
+        }
+    }
+
+    fn postgres() -> anyhow::Result<Db> {
+        let pg = Postgres::start()?;
+        Ok(Db {
+            backend: Backend::Postgres,
+            url: format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port),
+            sqlite_file: None,
+            pg: Some(pg),
+        })
+    }
+
+    /// Runs `sql` with the backend's shell client; returns its stdout.
+    fn sql(&self, sql: &str) -> anyhow::Result<String> {
+        let out = match (&self.sqlite_file, &self.pg) {
+            (Some(f), _) => Command::new("sqlite3")
+                .arg(f)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().expect("piped").write_all(sql.as_bytes())?;
+                    c.wait_with_output()
+                })?,
+            (_, Some(pg)) => Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &pg.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .args(["-v", "ON_ERROR_STOP=1", "-qtA", "-c", sql])
+                .output()?,
+            _ => bail!("no database"),
+        };
+        if !out.status.success() {
+            bail!(
+                "{} SQL failed: {}",
+                self.backend.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    fn count(&self, table: &str) -> anyhow::Result<u64> {
+        let out = self.sql(&format!("SELECT COUNT(*) FROM {table};"))?;
+        out.lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("COUNT(*) of {table}: {out:?}"))
+    }
+}
+
+/// A throwaway PostgreSQL cluster (initdb into a temporary directory,
+/// trust auth on 127.0.0.1, a free port), stopped and removed on drop.
+struct Postgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    fn start() -> anyhow::Result<Postgres> {
+        let bin = fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL is not installed (apt-get install postgresql)")?
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .context("no initdb under /usr/lib/postgresql")?;
+        let dir = PathBuf::from(format!("/tmp/tally-bench-pg-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))?;
+        let port = util::free_addr()?.port();
+        let pg_bin = bin.clone();
+        let as_pg = move |program: &str| {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(pg_bin.join(program));
+            c
+        };
+        let data = dir.join("data");
+        let out = as_pg("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .output()?;
+        if !out.status.success() {
+            bail!("initdb: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let pg = Postgres { dir, bin, port };
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300",
+            pg.dir.display()
+        );
+        let out = as_pg("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &opts, "-w", "-l"])
+            .arg(pg.dir.join("server.log"))
+            .arg("start")
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(pg)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `tally aggregator`.
+struct Aggregator {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+fn aggregator(ctx: &Ctx, dir: &Path, db: &Db, connections: u32) -> anyhow::Result<Aggregator> {
+    fs::write(dir.join("agent.token"), AGENT_TOKEN)?;
+    fs::write(dir.join("admin.token"), ADMIN_TOKEN)?;
+    let config = format!(
+        r#"
+[ledger]
+url = "{url}"
+max_connections = {connections}
+
+[prices]
+gpu_hour = {{ "NVIDIA H100 80GB HBM3" = 2.50, "NVIDIA A100-SXM4-80GB" = 1.20, default = 1.0 }}
+energy_kwh = 0.12
+network_gib = 0.01
+
+[[auth.token]]
+role = "agent"
+token_file = "{dir}/agent.token"
+
+[[auth.token]]
+role = "admin"
+token_file = "{dir}/admin.token"
+"#,
+        url = db.url,
+        dir = dir.display()
+    );
+    let file = dir.join("aggregator.toml");
+    fs::write(&file, config)?;
+    let addr = util::free_addr()?;
+    let mut proc = Proc::spawn(
+        "tally aggregator",
+        Command::new(&ctx.tally)
+            .arg("aggregator")
+            .arg("--config")
+            .arg(&file)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env("TALLY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(
+                dir.join(format!("aggregator-{}.log", db.backend.name())),
+            )?),
+    )?;
+    let started = Instant::now();
+    loop {
+        proc.check_alive()?;
+        if matches!(util::get(addr, "/readyz", None), Ok(r) if r.status == 200) {
+            return Ok(Aggregator { proc, addr });
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("aggregator not ready after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether this build has the aggregator role.
+fn has_aggregator(ctx: &Ctx) -> bool {
+    Command::new(&ctx.tally)
+        .args(["aggregator", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
+    let mut out = Vec::new();
+    if !has_aggregator(ctx) {
+        let why = "`tally aggregator` is not in this build (the aggregator role has not landed \
+                   in agent/src/cli.rs)";
+        for (on, title) in [
+            (ingest, "6. Aggregator ingest"),
+            (chargeback, "7. Chargeback query"),
+        ] {
+            if on {
+                out.push(Section {
+                    title: title.into(),
+                    body: format!("Skipped: {why}.\n"),
+                    checks: vec![Check::new(title, "", why, Verdict::Skipped)],
+                });
+            }
+        }
+        return out;
+    }
+    if ingest {
+        eprintln!("bench: 6. aggregator ingest");
+        let mut s = Section {
+            title: "6. Aggregator ingest".into(),
+            ..Default::default()
+        };
+        let _ = writeln!(
+            s.body,
+            "**Set-up.** The release aggregator on a fresh ledger; a closed-loop load generator \
+             (threads of `cargo xtask bench`, one keep-alive HTTP/1.1 connection each) where \
+             every thread is one simulated agent posting its reports back to back: each report \
+             has 50 tenant rows of GPU usage, 50 of I/O and 8 GPU gauges (~{} KiB of JSON), \
+             with a bearer token. The load generator shares the 2 cores with the aggregator \
+             and the database (its CPU is shown). After all levels the ledger is counted: \
+             every stored report and every one of its rows must be there.\n",
+            report_body("n", "b", 0, 0, 0).len() / 1024
+        );
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            match ingest_bench(ctx, backend) {
+                Ok((body, checks)) => {
+                    s.body.push_str(&body);
+                    s.checks.extend(checks);
+                }
+                Err(e) => {
+                    let f = failed(&format!("6. ingest on {}", backend.name()), &e);
+                    s.body.push_str(&f.body);
+                    s.checks.extend(f.checks);
+                }
+            }
+        }
+        out.push(s);
+    }
+    if chargeback {
+        eprintln!("bench: 7. chargeback");
+        let mut s = Section {
+            title: "7. Chargeback query".into(),
+            ..Default::default()
+        };
+        let (days, nodes, tenants) = if ctx.quick {
+            (3, 100, 200)
+        } else {
+            (30, 1000, 200)
+        };
+        let _ = writeln!(
+            s.body,
+            "**Set-up.** A generated ledger of {days} days × {nodes} nodes × {tenants} tenants: \
+             one report per node and day, each with a GPU-usage row and an I/O row per tenant \
+             ({} rows in each table), bulk-inserted with SQL straight into the aggregator's own \
+             schema (created by the aggregator's migrations on start-up), then the aggregator \
+             restarted on it. (A real ledger with 10 s reports holds 8,640 reports per node and \
+             day; this one is the same month at day granularity, so every query below is a lower \
+             bound for an unrolled-up ledger.) Query: `GET /api/v1/chargeback?from=…&to=…&\
+             group_by=tenant` over the whole month, admin token, timed end to end; one warm-up, \
+             then timed runs. The SQL the handler runs is also timed alone in the database's own \
+             shell to split database from aggregator time.\n",
+            days * nodes * tenants
+        );
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            match chargeback_bench(ctx, backend, days, nodes, tenants) {
+                Ok((body, checks)) => {
+                    s.body.push_str(&body);
+                    s.checks.extend(checks);
+                }
+                Err(e) => {
+                    let f = failed(&format!("7. chargeback on {}", backend.name()), &e);
+                    s.body.push_str(&f.body);
+                    s.checks.extend(f.checks);
+                }
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+// ---------------------------------------------------------------- 6. ingest
+
+/// One report: 50 tenants' GPU and I/O rows, 8 GPU gauges.
+fn report_body(node: &str, boot: &str, seq: u64, start_ms: u64, end_ms: u64) -> String {
+    let mut gpu = Vec::with_capacity(50);
+    let mut io = Vec::with_capacity(50);
+    for t in 0..50 {
+        let g = t % 8;
+        gpu.push(format!(
+            r#"{{"tenant":"tenant-{t:02}","gpu":"{g}","uuid":"GPU-{node}-{g}","model":"NVIDIA H100 80GB HBM3","slice_fraction":1.0,"allocated_us":1000000,"sm_us":500000,"memory_byte_seconds":4294967296,"energy_mj":250000}}"#
+        ));
+        io.push(format!(
+            r#"{{"tenant":"tenant-{t:02}","network_ingress_bytes":1048576,"network_egress_bytes":524288,"network_ingress_packets":800,"network_egress_packets":400,"network_dropped_packets":0,"pcie_h2d_bytes":8388608,"pcie_d2h_bytes":4194304}}"#
+        ));
+    }
+    let gauges: Vec<String> = (0..8)
+        .map(|g| {
+            format!(
+                r#"{{"gpu":"{g}","uuid":"GPU-{node}-{g}","model":"NVIDIA H100 80GB HBM3","mig_mode":false,"health":"ok","utilization_ratio":0.5,"memory_used_bytes":1073741824,"memory_total_bytes":85520809984,"processes":6}}"#
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"version":1,"node":"{node}","boot_id":"{boot}","seq":{seq},"interval_start_ms":{start_ms},"interval_end_ms":{end_ms},"gpu_usage":[{}],"io_usage":[{}],"gpus":[{}]}}"#,
+        gpu.join(","),
+        io.join(","),
+        gauges.join(",")
+    )
+}
+
+struct Level {
+    agents: usize,
+    stored: u64,
+    errors: u64,
+    secs: f64,
+    latencies_ms: Vec<f64>,
+    aggregator_cpu: f64,
+    loadgen_cpu: f64,
+}
+
+/// Runs `agents` closed-loop agents for `secs` seconds.
+fn level(
+    ctx: &Ctx,
+    agg: &Aggregator,
+    agents: usize,
+    secs: u64,
+    tag: &str,
+) -> anyhow::Result<Level> {
+    let barrier = Arc::new(Barrier::new(agents + 1));
+    let deadline = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let boot = format!("bench-{}-{tag}", std::process::id());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let mut threads = Vec::new();
+    for a in 0..agents {
+        let (barrier, deadline, boot) = (barrier.clone(), deadline.clone(), boot.clone());
+        let addr = agg.addr;
+        let tag = tag.to_owned();
+        threads.push(std::thread::spawn(
+            move || -> anyhow::Result<(u64, u64, Vec<f64>)> {
+                let node = format!("ingest-{tag}-{a:03}");
+                let mut conn = Conn::open(addr)?;
+                let mut lat = Vec::new();
+                let (mut stored, mut errors) = (0u64, 0u64);
+                barrier.wait();
+                let end = *deadline.wait();
+                let mut seq = 0u64;
+                // Reports cover 10 s each, ending before now.
+                let start0 = now_ms - 400_000_000;
+                while Instant::now() < end {
+                    let s = start0 + seq * 10_000;
+                    let body = report_body(&node, &boot, seq, s, s + 10_000);
+                    let t = Instant::now();
+                    match conn.request(
+                        "POST",
+                        "/api/v1/reports",
+                        Some(AGENT_TOKEN),
+                        Some(body.as_bytes()),
+                    ) {
+                        Ok(r) if r.status == 200 => stored += 1,
+                        Ok(_) => errors += 1,
+                        Err(_) => {
+                            errors += 1;
+                            conn = Conn::open(addr)?;
+                        }
+                    }
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    seq += 1;
+                }
+                Ok((stored, errors, lat))
+            },
+        ));
+    }
+    let self_pid = std::process::id();
+    let (c0, l0) = (
+        util::cpu_seconds(agg.proc.pid(), ctx.tck)?,
+        util::cpu_seconds(self_pid, ctx.tck)?,
+    );
+    let t0 = Instant::now();
+    let _ = deadline.set(t0 + Duration::from_secs(secs));
+    barrier.wait();
+    let mut out = Level {
+        agents,
+        stored: 0,
+        errors: 0,
+        secs: 0.0,
+        latencies_ms: Vec::new(),
+        aggregator_cpu: 0.0,
+        loadgen_cpu: 0.0,
+    };
+    for t in threads {
+        let (s, e, l) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        out.stored += s;
+        out.errors += e;
+        out.latencies_ms.extend(l);
+    }
+    out.secs = t0.elapsed().as_secs_f64();
+    out.aggregator_cpu = (util::cpu_seconds(agg.proc.pid(), ctx.tck)? - c0) / out.secs * 100.0;
+    out.loadgen_cpu = (util::cpu_seconds(self_pid, ctx.tck)? - l0) / out.secs * 100.0;
+    Ok(out)
+}
+
+fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Check>)> {
+    let dir = util::scratch(&format!("ingest-{}", backend.name()))?;
+    let db = match backend {
+        Backend::Sqlite => Db::sqlite(&dir),
+        Backend::Postgres => Db::postgres()?,
+    };
+    let agg = aggregator(ctx, &dir, &db, 16)?;
+    let (levels, secs): (&[usize], u64) = if ctx.quick {
+        (&[1, 8], 2)
+    } else {
+        (&[1, 4, 16, 64], 8)
+    };
+    let mut results = Vec::new();
+    for &n in levels {
+        eprintln!("bench: ingest on {}: {n} agents", backend.name());
+        results.push(level(
+            ctx,
+            &agg,
+            n,
+            secs,
+            &format!("{}-{n}", backend.name()),
+        )?);
+    }
+    // Completeness: every stored report and its rows are in the ledger.
+    let stored: u64 = results.iter().map(|l| l.stored).sum();
+    let (reports, gpu_rows, io_rows) = (
+        db.count("reports")?,
+        db.count("gpu_usage")?,
+        db.count("io_usage")?,
+    );
+    let complete = reports == stored && gpu_rows == stored * 50 && io_rows == stored * 50;
+    drop(agg);
+
+    let mut b = String::new();
+    let _ = writeln!(
+        b,
+        "\n**{}** (aggregator `max_connections = 16`{}):\n",
+        backend.name(),
+        match backend {
+            Backend::Sqlite => ", WAL, synchronous = FULL as the ledger sets it",
+            Backend::Postgres => ", PostgreSQL defaults: fsync on, synchronous_commit on",
+        }
+    );
+    let _ = writeln!(
+        b,
+        "| agents | reports/s | p50 ms | p99 ms | max ms | errors | aggregator CPU % | load generator CPU % |"
+    );
+    let _ = writeln!(b, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut best = (0.0f64, 0usize, 0.0f64);
+    for l in &results {
+        let st = Stats::of(&l.latencies_ms);
+        let rate = l.stored as f64 / l.secs;
+        if rate > best.0 {
+            best = (rate, l.agents, st.p99);
+        }
+        let _ = writeln!(
+            b,
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.0} |",
+            l.agents, rate, st.median, st.p99, st.max, l.errors, l.aggregator_cpu, l.loadgen_cpu
+        );
+    }
+    // Saturation: the fewest agents that reach 95 % of the best rate.
+    let saturation = results
+        .iter()
+        .find(|l| l.stored as f64 / l.secs >= 0.95 * best.0)
+        .map(|l| l.agents)
+        .unwrap_or(best.1);
+    let _ = writeln!(
+        b,
+        "\nSaturation: {saturation} concurrent agents reach ≥ 95 % of the best rate ({:.0} \
+         reports/s); more only add latency. Ledger after the run: {reports} reports (stored \
+         {stored}), {gpu_rows} GPU rows, {io_rows} I/O rows — {}.",
+        best.0,
+        if complete {
+            "complete"
+        } else {
+            "**INCOMPLETE**"
+        }
+    );
+    let target = match backend {
+        Backend::Sqlite => 2000.0,
+        Backend::Postgres => 1000.0,
+    };
+    let checks = vec![
+        Check::new(
+            format!("6. ingest on {}", backend.name()),
+            format!("≥ {target:.0} reports/s"),
+            format!(
+                "{:.0} reports/s at {} agents, p99 {:.1} ms; saturates at {saturation} agents",
+                best.0, best.1, best.2
+            ),
+            Verdict::of(best.0 >= target),
+        ),
+        Check::new(
+            format!("6. ledger complete after ingest ({})", backend.name()),
+            "every stored report and row present",
+            format!("{reports}/{stored} reports, {gpu_rows} + {io_rows} rows"),
+            Verdict::of(complete),
+        ),
+    ];
+    Ok((b, checks))
+}
+
+// ----------------------------------------------------------- 7. chargeback
+
+fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String {
+    let day_ms = 86_400_000i64;
+    let base = MONTH_START_S * 1000;
+    // Per tenant and day: a quarter of the tenants on A100s, the rest on
+    // H100s; 0.4 GPU-days each.
+    let (series, begin, end) = match backend {
+        Backend::Sqlite => (
+            format!(
+                "WITH RECURSIVE d(day) AS (SELECT 0 UNION ALL SELECT day + 1 FROM d WHERE day < {}), \
+                 n(node) AS (SELECT 0 UNION ALL SELECT node + 1 FROM n WHERE node < {}) ",
+                days - 1,
+                nodes - 1
+            ),
+            "PRAGMA synchronous = OFF; BEGIN;",
+            "COMMIT;",
+        ),
+        Backend::Postgres => (
+            format!(
+                "WITH d(day) AS (SELECT generate_series(0, {})), n(node) AS (SELECT generate_series(0, {})) ",
+                days - 1,
+                nodes - 1
+            ),
+            "BEGIN;",
+            "COMMIT; ANALYZE;",
+        ),
+    };
+    let tseries = match backend {
+        Backend::Sqlite => format!(
+            "WITH RECURSIVE t(tenant) AS (SELECT 0 UNION ALL SELECT tenant + 1 FROM t WHERE tenant < {}) ",
+            tenants - 1
+        ),
+        Backend::Postgres => format!(
+            "WITH t(tenant) AS (SELECT generate_series(0, {})) ",
+            tenants - 1
+        ),
+    };
+    format!(
+        "{begin}
+{series} INSERT INTO reports (id, node, boot_id, seq, interval_start_ms, interval_end_ms, received_ms, digest)
+  SELECT day * {nodes} + node + 1, 'node-' || node, 'generated', day, {base} + day * {day_ms}, {base} + (day + 1) * {day_ms}, {base} + (day + 1) * {day_ms}, 'generated' FROM d, n;
+{tseries} INSERT INTO gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, mig_profile, slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj)
+  SELECT r.id, r.node, r.interval_end_ms, 'tenant-' || t.tenant, CAST(t.tenant % 8 AS TEXT), 'GPU-' || r.node || '-' || (t.tenant % 8),
+         CASE WHEN t.tenant % 4 = 0 THEN 'NVIDIA A100-SXM4-80GB' ELSE 'NVIDIA H100 80GB HBM3' END, NULL, 1.0,
+         34560000000, 17280000000, 3710851743744000, 8640000000
+  FROM reports r, t;
+{tseries} INSERT INTO io_usage (report_id, node, interval_end_ms, tenant, network_ingress_bytes, network_egress_bytes, network_ingress_packets, network_egress_packets, network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes)
+  SELECT r.id, r.node, r.interval_end_ms, 'tenant-' || t.tenant, 10737418240, 5368709120, 8000000, 4000000, 0, 21474836480, 10737418240
+  FROM reports r, t;
+{end}
+"
+    )
+}
+
+fn chargeback_bench(
+    ctx: &Ctx,
+    backend: Backend,
+    days: u64,
+    nodes: u64,
+    tenants: u64,
+) -> anyhow::Result<(String, Vec<Check>)> {
+    let dir = util::scratch(&format!("chargeback-{}", backend.name()))?;
+    let db = match backend {
+        Backend::Sqlite => Db::sqlite(&dir),
+        Backend::Postgres => Db::postgres()?,
+    };
+    // The aggregator creates the schema; the rows go in while it is down.
+    drop(aggregator(ctx, &dir, &db, 8)?);
+    let t = Instant::now();
+    db.sql(&generate_sql(backend, days, nodes, tenants))?;
+    let generated_s = t.elapsed().as_secs_f64();
+    let rows = db.count("gpu_usage")?;
+    eprintln!(
+        "bench: generated {rows} rows on {} in {generated_s:.0} s",
+        backend.name()
+    );
+    let agg = aggregator(ctx, &dir, &db, 8)?;
+    let from = MONTH_START_S;
+    let to = MONTH_START_S + days as i64 * 86_400;
+    let path = format!("/api/v1/chargeback?from={from}&to={to}&group_by=tenant");
+    let runs = if ctx.quick { 2 } else { 5 };
+    let mut times = Vec::new();
+    let mut lines = 0;
+    for i in 0..=runs {
+        let t = Instant::now();
+        let r = util::get(agg.addr, &path, Some(ADMIN_TOKEN))?;
+        let secs = t.elapsed().as_secs_f64();
+        if r.status != 200 {
+            bail!("chargeback answered {}: {}", r.status, r.text());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&r.body)?;
+        lines = v["lines"].as_array().map(Vec::len).unwrap_or(0);
+        if i > 0 {
+            times.push(secs);
+        }
+    }
+    drop(agg);
+    // The handler's two queries, alone in the database.
+    let from_ms = from * 1000;
+    let to_ms = to * 1000;
+    let gpu_sql = format!(
+        "SELECT tenant, node, model, slice_fraction, CAST(SUM(allocated_us) AS BIGINT), \
+         CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT), CAST(SUM(energy_mj) AS BIGINT), \
+         CAST(SUM(memory_byte_seconds) AS BIGINT) FROM gpu_usage WHERE interval_end_ms >= {from_ms} \
+         AND interval_end_ms < {to_ms} GROUP BY tenant, node, model, slice_fraction \
+         ORDER BY tenant, node, model, slice_fraction"
+    );
+    let t = Instant::now();
+    let groups = db.sql(&format!("{gpu_sql};"))?.lines().count();
+    let sql_s = t.elapsed().as_secs_f64();
+    let plan = match backend {
+        Backend::Sqlite => db.sql(&format!("EXPLAIN QUERY PLAN {gpu_sql};"))?,
+        Backend::Postgres => db
+            .sql(&format!("EXPLAIN {gpu_sql};"))?
+            .lines()
+            .take(8)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    let st = Stats::of(&times);
+    let mut b = String::new();
+    let _ = writeln!(
+        b,
+        "\n**{}:** {rows} GPU rows generated in {generated_s:.0} s. Chargeback by tenant for \
+         the month: **{:.2} s** median (min–max {:.2}–{:.2} s, {} runs), {lines} lines. The GPU \
+         query alone in the `{}` shell: {sql_s:.2} s, {groups} groups (tenant × node × model × \
+         slice) handed to the aggregator to price and fold by tenant. Plan:\n\n```\n{plan}\n```\n",
+        backend.name(),
+        st.median,
+        st.min,
+        st.max,
+        st.n,
+        match backend {
+            Backend::Sqlite => "sqlite3",
+            Backend::Postgres => "psql",
+        }
+    );
+    let checks = vec![Check::new(
+        format!(
+            "7. chargeback, {days} d × {nodes} nodes × {tenants} tenants ({})",
+            backend.name()
+        ),
+        "≤ 1 s",
+        format!(
+            "{:.2} s ({:.2}–{:.2}); SQL alone {sql_s:.2} s",
+            st.median, st.min, st.max
+        ),
+        Verdict::of(st.median <= 1.0),
+    )];
+    Ok((b, checks))
+}

@@ -1,0 +1,312 @@
+//! `cargo xtask bench`: footprint, sample cost, scrape latency, probe cost,
+//! aggregator ingest and chargeback, measured on this machine and written
+//! to `BENCHMARKS.md`.
+//!
+//! Every benchmark that has a reference measures it in the same run,
+//! alternating A/B where the two cannot run side by side, because these
+//! machines are shared and noisy: the ratios hold, the absolute numbers
+//! move with the load (recorded in the report's header). A benchmark that
+//! fails or cannot run says why in its section; the others still run.
+//! Never part of `cargo xtask test`.
+
+use std::{fmt::Write as _, path::PathBuf, process::Command, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    deps,
+    exec::{cargo, exec, is_root, target_dir, workspace_root},
+};
+
+mod agent;
+mod ledger;
+mod probes;
+mod util;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// A short smoke run (small scales, few seconds per measurement); the
+    /// numbers are not worth publishing.
+    #[arg(long)]
+    pub quick: bool,
+    /// Run only these benchmarks (repeatable): footprint, sample, scrape,
+    /// network, uprobe, ingest, chargeback.
+    #[arg(long, value_name = "NAME")]
+    pub only: Vec<String>,
+    /// Where the report goes [default: BENCHMARKS.md at the workspace root,
+    /// or target/bench/BENCHMARKS-quick.md with --quick].
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Use the release binaries as they are (no `cargo build --release`).
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+/// Every benchmark, in run order.
+pub const NAMES: &[&str] = &[
+    "footprint",
+    "sample",
+    "scrape",
+    "network",
+    "uprobe",
+    "ingest",
+    "chargeback",
+];
+
+/// How a measurement compares with its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Miss,
+    /// Measured, no target.
+    Info,
+    Skipped,
+    Failed,
+}
+
+impl Verdict {
+    fn word(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Miss => "**MISS**",
+            Verdict::Info => "—",
+            Verdict::Skipped => "SKIPPED",
+            Verdict::Failed => "**FAILED**",
+        }
+    }
+
+    pub fn of(pass: bool) -> Verdict {
+        if pass { Verdict::Pass } else { Verdict::Miss }
+    }
+}
+
+/// One line of the summary table.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    pub verdict: Verdict,
+}
+
+impl Check {
+    pub fn new(
+        what: impl Into<String>,
+        target: impl Into<String>,
+        measured: impl Into<String>,
+        verdict: Verdict,
+    ) -> Check {
+        Check {
+            what: what.into(),
+            target: target.into(),
+            measured: measured.into(),
+            verdict,
+        }
+    }
+}
+
+/// What one benchmark contributes to the report.
+#[derive(Debug, Default)]
+pub struct Section {
+    pub title: String,
+    /// Markdown: method, tables, notes.
+    pub body: String,
+    pub checks: Vec<Check>,
+}
+
+/// Binaries and settings every benchmark uses.
+pub struct Ctx {
+    pub quick: bool,
+    pub tally: PathBuf,
+    pub sim_lib: PathBuf,
+    pub tck: f64,
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmarks put processes in real cgroups and load eBPF programs, which needs \
+             root: run `sudo cargo xtask bench`"
+        );
+    }
+    for name in &o.only {
+        if !NAMES.contains(&name.as_str()) {
+            bail!("unknown benchmark `{name}`: one of {}", NAMES.join(", "));
+        }
+    }
+    let mut packages = deps::BUILD.to_vec();
+    packages.extend([
+        "gcc",
+        "iperf3",
+        "prometheus-node-exporter",
+        "postgresql",
+        "sqlite3",
+        "bpftool",
+        "linux-perf",
+    ]);
+    deps::ensure(&packages)?;
+    if !o.no_build {
+        exec(cargo().args(["build", "--release", "-p", "tally", "-p", "nvml-sim"]))?;
+    }
+    let release = target_dir().join("release");
+    let ctx = Ctx {
+        quick: o.quick,
+        tally: release.join("tally"),
+        sim_lib: release.join("libnvml_sim.so"),
+        tck: util::clk_tck(),
+    };
+    for p in [&ctx.tally, &ctx.sim_lib] {
+        if !p.exists() {
+            bail!("{} is not built: run without --no-build", p.display());
+        }
+    }
+    let wanted = |n: &str| o.only.is_empty() || o.only.iter().any(|x| x == n);
+    let started = Instant::now();
+    let load_before = util::loadavg();
+    let busy_before = util::busy_processes();
+    let mut sections = Vec::new();
+    let mut durations = Vec::new();
+
+    // 1–3 share the simulated node's set-up (agent::run does all three).
+    let (f, s, sc) = (wanted("footprint"), wanted("sample"), wanted("scrape"));
+    if f || s || sc {
+        let t = Instant::now();
+        sections.extend(agent::run(&ctx, f, s, sc));
+        durations.push(("agent benchmarks", t.elapsed()));
+    }
+    if wanted("network") {
+        let t = Instant::now();
+        sections.push(guard("4. Network probe cost", || probes::network(&ctx)));
+        durations.push(("network", t.elapsed()));
+    }
+    if wanted("uprobe") {
+        let t = Instant::now();
+        sections.push(guard("5. uprobe cost", || probes::uprobe(&ctx)));
+        durations.push(("uprobe", t.elapsed()));
+    }
+    let (i, c) = (wanted("ingest"), wanted("chargeback"));
+    if i || c {
+        let t = Instant::now();
+        sections.extend(ledger::run(&ctx, i, c));
+        durations.push(("ledger benchmarks", t.elapsed()));
+    }
+
+    let report = render(
+        &o,
+        &sections,
+        &load_before,
+        &busy_before,
+        started,
+        &durations,
+    );
+    let out = o.output.clone().unwrap_or_else(|| {
+        if o.quick {
+            target_dir().join("bench/BENCHMARKS-quick.md")
+        } else {
+            workspace_root().join("BENCHMARKS.md")
+        }
+    });
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, &report).with_context(|| format!("write {}", out.display()))?;
+    println!("{report}");
+    println!("bench: wrote {}", out.display());
+    Ok(())
+}
+
+/// Runs one benchmark; an error becomes a FAILED section, not an abort.
+pub fn guard(title: &str, f: impl FnOnce() -> anyhow::Result<Section>) -> Section {
+    eprintln!("bench: {title}");
+    match f() {
+        Ok(s) => s,
+        Err(e) => failed(title, &e),
+    }
+}
+
+pub fn failed(title: &str, e: &anyhow::Error) -> Section {
+    eprintln!("bench: {title} failed: {e:#}");
+    Section {
+        title: title.to_owned(),
+        body: format!("The benchmark failed: `{e:#}`\n"),
+        checks: vec![Check::new(title, "", format!("{e:#}"), Verdict::Failed)],
+    }
+}
+
+fn render(
+    o: &Options,
+    sections: &[Section],
+    load_before: &str,
+    busy_before: &str,
+    started: Instant,
+    durations: &[(&str, std::time::Duration)],
+) -> String {
+    let mut r = String::new();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(workspace_root())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut command = String::from("cargo xtask bench");
+    if o.quick {
+        command.push_str(" --quick");
+    }
+    for n in &o.only {
+        command.push_str(&format!(" --only {n}"));
+    }
+    let _ = writeln!(r, "# Tally benchmarks\n");
+    let _ = writeln!(
+        r,
+        "Generated by `{command}` (as root; release build of commit `{commit}`). \
+         Re-run it to refresh this file; `--quick` is a smoke run, `--only NAME` runs one.\n"
+    );
+    let _ = writeln!(r, "- **Date:** {date}");
+    let _ = writeln!(r, "- **Machine:** {}", util::machine());
+    let _ = writeln!(
+        r,
+        "- **Load:** load average {load_before} at the start, {} at the end. The machine is \
+         shared with other engineers' compilers; busiest processes at the start: {busy_before}. \
+         Absolute numbers move with that load; ratios measured A/B in the same run are what \
+         holds.",
+        util::loadavg()
+    );
+    let total = started.elapsed();
+    let parts: Vec<String> = durations
+        .iter()
+        .map(|(n, d)| format!("{n} {:.0} s", d.as_secs_f64()))
+        .collect();
+    let _ = writeln!(
+        r,
+        "- **Duration:** {:.1} min ({})\n",
+        total.as_secs_f64() / 60.0,
+        parts.join(", ")
+    );
+    let _ = writeln!(r, "## Summary\n");
+    let _ = writeln!(r, "| benchmark | target | measured | verdict |");
+    let _ = writeln!(r, "| --- | --- | --- | --- |");
+    for s in sections {
+        for c in &s.checks {
+            let _ = writeln!(
+                r,
+                "| {} | {} | {} | {} |",
+                c.what,
+                c.target,
+                c.measured.replace('|', "\\|"),
+                c.verdict.word()
+            );
+        }
+    }
+    r.push('\n');
+    for s in sections {
+        let _ = writeln!(r, "## {}\n", s.title);
+        r.push_str(&s.body);
+        r.push('\n');
+    }
+    r
+}

@@ -1,0 +1,548 @@
+//! Plumbing shared by the benchmarks: statistics, /proc readings, plain
+//! HTTP/1.1, cgroups beneath our own, processes killed on drop.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::exec::target_dir;
+
+// ------------------------------------------------------------- statistics
+
+/// Median, spread and tail of a set of measurements.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub n: usize,
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+    pub p99: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Stats {
+        if values.is_empty() {
+            return Stats::default();
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Stats {
+            n: v.len(),
+            min: v[0],
+            median: quantile(&v, 0.5),
+            max: v[v.len() - 1],
+            p99: quantile(&v, 0.99),
+        }
+    }
+
+    /// `median (min–max)` with `digits` decimals.
+    pub fn show(&self, digits: usize) -> String {
+        format!(
+            "{:.d$} ({:.d$}–{:.d$})",
+            self.median,
+            self.min,
+            self.max,
+            d = digits
+        )
+    }
+}
+
+/// Quantile `q` of sorted `v` (nearest rank, interpolated).
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q * (v.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+}
+
+// ------------------------------------------------------------------ /proc
+
+/// Clock ticks per second of /proc/<pid>/stat times.
+pub fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds (user + system, all threads) a process has used.
+pub fn cpu_seconds(pid: u32, tck: f64) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
+    let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    Ok((utime + stime) / tck)
+}
+
+/// Resident set size in MiB (VmRSS).
+pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+/// The machine, for the report's header.
+pub fn machine() -> String {
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!("{nproc} CPUs ({model}), {mem} RAM, Linux {kernel}")
+}
+
+/// `/proc/loadavg`'s first three fields.
+pub fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Other busy processes right now (compilers of other engineers): the top
+/// few by CPU, as `ps` shows them.
+pub fn busy_processes() -> String {
+    Command::new("ps")
+        .args(["-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .take(5)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+// ------------------------------------------------------------------- HTTP
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// One HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// GET on a fresh connection.
+pub fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<Response> {
+    let mut c = Conn::open(addr)?;
+    c.request("GET", path, token, None)
+}
+
+/// A keep-alive HTTP/1.1 connection.
+pub struct Conn {
+    addr: SocketAddr,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        s.set_nodelay(true)?;
+        Ok(Conn {
+            addr,
+            reader: BufReader::with_capacity(1 << 16, s),
+        })
+    }
+
+    /// Sends one request and reads the whole response.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<Response> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+        if let Some(t) = token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if let Some(b) = body {
+            head.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        head.push_str("\r\n");
+        let s = self.reader.get_mut();
+        let mut out = head.into_bytes();
+        if let Some(b) = body {
+            out.extend_from_slice(b);
+        }
+        s.write_all(&out)?;
+        self.read_response()
+    }
+
+    fn read_response(&mut self) -> anyhow::Result<Response> {
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line {line:?}"))?;
+        let mut length = None;
+        let mut chunked = false;
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("connection closed in headers");
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+                if k == "content-length" {
+                    length = v.parse::<usize>().ok();
+                } else if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                    chunked = true;
+                }
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                self.reader.read_line(&mut line)?;
+                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                    .with_context(|| format!("bad chunk size {line:?}"))?;
+                if size == 0 {
+                    line.clear();
+                    self.reader.read_line(&mut line)?;
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + size, 0);
+                self.reader.read_exact(&mut body[start..])?;
+                let mut crlf = [0u8; 2];
+                self.reader.read_exact(&mut crlf)?;
+            }
+        } else if let Some(n) = length {
+            body.resize(n, 0);
+            self.reader.read_exact(&mut body)?;
+        } else {
+            self.reader.read_to_end(&mut body)?;
+        }
+        Ok(Response { status, body })
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, failing after `limit`.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The value of an unlabelled sample `name` in a Prometheus text body.
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        rest.strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// Sum of every sample of `name` (any labels).
+pub fn metric_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None;
+            }
+            rest.rsplit(' ').next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// Number of samples (series) in a Prometheus text body.
+pub fn series_count(body: &str) -> usize {
+    body.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count()
+}
+
+// -------------------------------------------------------------- processes
+
+/// A child process: SIGTERM, then SIGKILL after a grace period, on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Proc> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+        Ok(Proc {
+            child,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails when the process has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited: {status}", self.name);
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A scratch directory under the target dir, emptied first.
+pub fn scratch(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = target_dir().join("bench").join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    Ok(dir)
+}
+
+// ---------------------------------------------------------------- cgroups
+
+/// A tree of cgroup v2 directories beneath our own cgroup; on drop every
+/// process in it is killed and every directory removed.
+pub struct CgroupTree {
+    pub mount: PathBuf,
+    pub dir: PathBuf,
+    /// Path of `dir` relative to the v2 root, as /proc/PID/cgroup shows it.
+    pub path: String,
+    created: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+impl CgroupTree {
+    pub fn create(name: &str) -> anyhow::Result<CgroupTree> {
+        let mount = unified_mount().context("no cgroup v2 hierarchy mounted")?;
+        let own = fs::read_to_string("/proc/self/cgroup")?
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            .unwrap_or_else(|| "/".into());
+        let dir = mount
+            .join(own.trim().trim_start_matches('/'))
+            .join(format!("{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let path = format!("/{}", dir.strip_prefix(&mount)?.display());
+        Ok(CgroupTree {
+            mount,
+            created: vec![dir.clone()],
+            dir,
+            path,
+            children: Vec::new(),
+        })
+    }
+
+    /// Creates `relative` (and its parents) beneath the tree.
+    pub fn child(&mut self, relative: &str) -> anyhow::Result<PathBuf> {
+        let mut dir = self.dir.clone();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            dir = dir.join(part);
+            if !dir.exists() {
+                fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+                self.created.push(dir.clone());
+            }
+        }
+        Ok(dir)
+    }
+
+    /// A command that moves itself into `dir` before running `argv`.
+    pub fn command_in(dir: &Path, argv: &[&str]) -> Command {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$0\" && exec \"$@\"")
+            .arg(dir.join("cgroup.procs"))
+            .args(argv);
+        cmd
+    }
+
+    /// Starts `argv` in `dir`; it lives until the tree is dropped.
+    pub fn spawn_in(&mut self, dir: &Path, argv: &[&str]) -> anyhow::Result<u32> {
+        let child = Self::command_in(dir, argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot spawn a workload")?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Kills everything in the tree (cgroup.kill) and reaps our children.
+    pub fn kill_all(&mut self) {
+        let _ = fs::write(self.dir.join("cgroup.kill"), "1");
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        self.kill_all();
+        for dir in self.created.iter().rev() {
+            for _ in 0..250 {
+                if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// `/sys/fs/cgroup` on a pure v2 host, `/sys/fs/cgroup/unified` on a hybrid one.
+pub fn unified_mount() -> Option<PathBuf> {
+    let pure = Path::new("/sys/fs/cgroup");
+    if pure.join("cgroup.controllers").exists() {
+        return Some(pure.to_path_buf());
+    }
+    let hybrid = Path::new("/sys/fs/cgroup/unified");
+    hybrid
+        .join("cgroup.procs")
+        .exists()
+        .then(|| hybrid.to_path_buf())
+}
+
+/// Number of eBPF programs attached to the cgroup v2 root (bpftool).
+pub fn root_programs(mount: &Path) -> Option<usize> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(mount)
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("cgroup_skb") || l.contains("egress") || l.contains("ingress"))
+            .count()
+    })
+}
+
+/// Removes a bpffs pin directory (unpinning maps and links in it).
+pub fn remove_pins(dir: &Path) {
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_and_quantiles() {
+        let s = Stats::of(&[5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!((s.min, s.median, s.max), (1.0, 3.0, 5.0));
+        assert_eq!(quantile(&[1.0, 2.0], 0.5), 1.5);
+        assert_eq!(s.show(1), "3.0 (1.0–5.0)");
+    }
+
+    #[test]
+    fn metrics_are_read_from_text() {
+        let body = "# HELP x\nx_total 3\nx_total_more 9\ny{a=\"1\"} 2\ny{a=\"2\"} 5\n";
+        assert_eq!(metric(body, "x_total"), Some(3.0));
+        assert_eq!(metric_sum(body, "y"), 7.0);
+        assert_eq!(series_count(body), 4);
+    }
+}
