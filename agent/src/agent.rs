@@ -96,6 +96,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<AtomicBool>) {
     let _span = info_span!("sampler", node = %settings.node).entered();
     let mut resolver = Resolver::new(settings.config.tenant.rules.clone());
+    // Kubernetes pods: the kubelet is asked on a thread of its own; stops on drop.
+    let _kubelet = crate::kubernetes::attach(&settings.config, &mut resolver);
     let mut gpus = Sampler::new(
         settings.nvml_lib.clone(),
         settings.config.states.clone(),

@@ -191,6 +191,8 @@ impl Default for AgentSection {
 pub struct TenantSection {
     /// `[[tenant.rule]]`, first match wins.
     pub rules: Vec<TenantRule>,
+    /// `[tenant.kubernetes]`: how to reach the kubelet (`kubernetes` rules).
+    pub kubernetes: crate::kubernetes::KubernetesConfig,
 }
 
 /// One `[[tenant.rule]]` as written in the file.
@@ -204,6 +206,15 @@ pub struct TenantRuleSpec {
     pub user: Option<bool>,
     /// Fixed tenant for a `cgroup` rule without a `tenant` capture group.
     pub tenant: Option<String>,
+    /// Kubernetes pods: the tenant is the pod's namespace
+    /// (`crate::kubernetes`).
+    pub kubernetes: Option<bool>,
+    /// `kubernetes` rule: namespace → tenant, for namespaces whose name is
+    /// not the tenant's.
+    pub namespaces: Option<BTreeMap<String, String>>,
+    /// `kubernetes` rule: what a namespace not in `namespaces` gives:
+    /// `"namespace"` (its name, the default) or `"next-rule"`.
+    pub unmapped: Option<crate::kubernetes::Unmapped>,
 }
 
 /// A validated tenant rule.
@@ -217,6 +228,11 @@ pub enum TenantRule {
     },
     /// The process owner's user name.
     User,
+    /// A Kubernetes pod's namespace (through `namespaces` when listed).
+    Kubernetes {
+        namespaces: BTreeMap<String, String>,
+        unmapped: crate::kubernetes::Unmapped,
+    },
 }
 
 impl Config {
@@ -298,11 +314,15 @@ fn tenant_section(table: &mut toml::Table, problems: &mut Problems) -> TenantSec
             "must be an array of tables ([[tenant.rule]])",
         ),
     }
-    reject_unknown(&tenant, "tenant", &["rule"], problems);
-    TenantSection { rules }
+    let kubernetes = crate::kubernetes::parse_section(tenant.remove("kubernetes"), problems);
+    reject_unknown(&tenant, "tenant", &["rule", "kubernetes"], problems);
+    TenantSection { rules, kubernetes }
 }
 
 fn validate_rule(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Option<TenantRule> {
+    if spec.kubernetes.is_some() || spec.namespaces.is_some() || spec.unmapped.is_some() {
+        return crate::kubernetes::validate_rule(spec, key, problems);
+    }
     match (spec.cgroup, spec.user) {
         (Some(_), Some(_)) => {
             problems.push(key, "a rule has either `cgroup` or `user`, not both");
@@ -348,7 +368,7 @@ fn validate_rule(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Op
             None
         }
         (None, None) => {
-            problems.push(key, "a rule needs `cgroup = '<regex>'` or `user = true`");
+            problems.push(key, "a rule needs `cgroup = '<regex>'`, `user = true` or `kubernetes = true`");
             None
         }
     }

@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod enforce;
 pub mod gpu;
 pub mod http;
+pub mod kubernetes;
 pub mod metrics;
 pub mod paths;
 pub mod probes;

@@ -338,9 +338,36 @@ impl Collector for SnapshotCollector {
         )
         .encode(e, rows.iter().map(|r| (tg(r), r.energy_joules_total)))?;
 
+        encode_workloads(&snap, e)?;
         encode_io(&snap, e)?;
         encode_process(e)
     }
+}
+
+/// Per-workload GPU memory (opt-in: `[tenant.kubernetes] workload_series`;
+/// processes carry a workload only then).
+fn encode_workloads(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let mut memory: std::collections::BTreeMap<[(&str, String); 5], u64> = Default::default();
+    for g in &snap.gpus {
+        for p in &g.processes {
+            let Some(w) = &p.workload else { continue };
+            let labels = [
+                ("tenant", p.tenant.clone()),
+                ("namespace", w.namespace.clone()),
+                ("pod", w.pod.clone()),
+                ("container", w.container.clone()),
+                ("gpu", g.gpu.clone()),
+            ];
+            *memory.entry(labels).or_default() += p.memory_bytes;
+        }
+    }
+    gauge(
+        "tally_workload_gpu_memory",
+        "GPU memory held by one Kubernetes container's processes (opt-in: [tenant.kubernetes] \
+         workload_series).",
+        Some(Unit::Bytes),
+    )
+    .encode(e, memory.into_iter().map(|(l, v)| (l, v as f64)))
 }
 
 type NoLabels = [(&'static str, &'static str); 0];

@@ -20,6 +20,13 @@ pub const DEFAULT_NVML_LIB: &str = "libnvidia-ml.so.1";
 /// The kernel's boot id: changes on every boot, names report sequences.
 pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
+/// The kubelet pod-resources API's unix socket (`v1.PodResourcesLister`).
+pub const KUBELET_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
+/// The kubelet's pod log directories: `<namespace>_<pod>_<uid>/`.
+pub const KUBERNETES_POD_LOGS_DIR: &str = "/var/log/pods";
+/// The kubelet's container log links: `<pod>_<namespace>_<container>-<id>.log`.
+pub const KUBERNETES_CONTAINER_LOGS_DIR: &str = "/var/log/containers";
+
 /// `/proc/<pid>/cgroup`.
 pub fn proc_cgroup(pid: u32) -> PathBuf {
     Path::new("/proc").join(pid.to_string()).join("cgroup")

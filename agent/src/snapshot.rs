@@ -119,6 +119,19 @@ pub struct GpuProcess {
     /// SM utilization 0..1 from NVML's per-process samples; `None` where
     /// NVML has none (MIG instances) or no sample arrived this interval.
     pub sm_ratio: Option<f64>,
+    /// The Kubernetes pod and container, when `[tenant.kubernetes]
+    /// workload_series` is on and the pod is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+}
+
+/// A Kubernetes container, by name: the labels of per-workload series.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Workload {
+    pub namespace: String,
+    pub pod: String,
+    /// Empty when the pod is known but not which of its containers.
+    pub container: String,
 }
 
 /// Cumulative usage of one tenant on one GPU (or MIG instance).

@@ -76,6 +76,8 @@ fn user_name(uid: u32) -> String {
 pub struct Attribution {
     pub tenant: String,
     pub cgroup: Option<String>,
+    /// Kubernetes namespace/pod/container, when workload series are on.
+    pub workload: Option<crate::snapshot::Workload>,
 }
 
 /// Applies the tenant rules; caches user names (a passwd lookup per
@@ -86,6 +88,8 @@ pub struct Resolver {
     users: HashMap<u32, String>,
     /// The cgroup of processes whose `/proc` entry is gone (eBPF probes).
     exited: Option<Box<dyn ExitedCgroups>>,
+    /// Which pod a cgroup is (`kubernetes` rules, workload series).
+    kubernetes: Option<crate::kubernetes::Lookup>,
 }
 
 /// Where the cgroup of a process that already exited can be found: the
@@ -101,7 +105,14 @@ impl Resolver {
             rules,
             users: HashMap::new(),
             exited: None,
+            kubernetes: None,
         }
+    }
+
+    /// Names pods for `kubernetes` rules and workload series
+    /// (`crate::kubernetes::attach`).
+    pub fn set_kubernetes(&mut self, lookup: crate::kubernetes::Lookup) {
+        self.kubernetes = Some(lookup);
     }
 
     /// Consults `exited` for processes whose `/proc/PID/cgroup` is gone, so
@@ -110,20 +121,47 @@ impl Resolver {
         self.exited = Some(exited);
     }
 
-    /// Tenant of a cgroup v2 path by the `cgroup` rules alone (the eBPF
-    /// probes see cgroups, not processes). `None` when no rule matches.
+    /// Tenant of a cgroup v2 path by the `cgroup` rules, and `kubernetes`
+    /// rules for pods already known (the eBPF probes see cgroups, not
+    /// processes or GPUs). `None` when no rule matches.
     pub fn tenant_for_cgroup(&self, cgroup: &str) -> Option<String> {
         self.rules.iter().find_map(|rule| match rule {
             TenantRule::Cgroup { pattern, fixed } => cgroup_rule(pattern, fixed, cgroup),
             TenantRule::User => None,
+            TenantRule::Kubernetes {
+                namespaces,
+                unmapped,
+            } => {
+                let id = self.kubernetes.as_ref()?.identify_cgroup(cgroup)?;
+                crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)
+            }
         })
     }
 
     /// Tenant of a live process: every rule in order, first match wins.
     pub fn attribute(&mut self, pid: u32) -> Attribution {
+        self.attribute_on(pid, None)
+    }
+
+    /// [`Self::attribute`] for a process seen on GPU or MIG device
+    /// `device` (its UUID): `kubernetes` rules match it against the
+    /// kubelet's device assignments.
+    pub fn attribute_on(&mut self, pid: u32, device: Option<&str>) -> Attribution {
         let cgroup = cgroup_of(pid)
             .ok()
             .or_else(|| self.exited.as_mut()?.cgroup_of_exited(pid));
+        let identity = match (self.kubernetes.as_mut(), cgroup.as_deref()) {
+            (Some(k), Some(cg)) => k.identify(cg, device),
+            _ => None,
+        };
+        let workload = identity
+            .as_ref()
+            .filter(|_| {
+                self.kubernetes
+                    .as_ref()
+                    .is_some_and(|k| k.workload_series())
+            })
+            .and_then(crate::kubernetes::Identity::workload);
         for rule in &self.rules {
             let tenant = match rule {
                 TenantRule::Cgroup { pattern, fixed } => cgroup
@@ -135,14 +173,25 @@ impl Resolver {
                         .or_insert_with(|| user_name(uid))
                         .clone()
                 }),
+                TenantRule::Kubernetes {
+                    namespaces,
+                    unmapped,
+                } => identity.as_ref().and_then(|id| {
+                    crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)
+                }),
             };
             if let Some(tenant) = tenant {
-                return Attribution { tenant, cgroup };
+                return Attribution {
+                    tenant,
+                    cgroup,
+                    workload,
+                };
             }
         }
         Attribution {
             tenant: TENANT_UNATTRIBUTED.to_owned(),
             cgroup,
+            workload,
         }
     }
 }
