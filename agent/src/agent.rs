@@ -102,7 +102,8 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
         settings.nvml_lib.clone(),
         settings.config.states.clone(),
         stop.clone(),
-    );
+    )
+    .with_timeout(settings.config.agent.nvml_timeout);
     // Quotas: acts on each snapshot without blocking; slow work (throttle
     // duty cycles, SIGKILL timeouts) runs on its own threads.
     let mut enforcer = crate::enforce::Enforcer::new(&settings.config, &settings.node);

@@ -168,6 +168,10 @@ pub struct AgentSection {
     pub sample_interval: Duration,
     /// NVML library to open. Default: the system `libnvidia-ml.so.1`.
     pub nvml_lib: PathBuf,
+    /// How long one GPU's NVML calls may take per cycle before the GPU is
+    /// marked (state `lost`, error "timed out"). Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub nvml_timeout: Duration,
     /// Where the spool and the audit log live. Default `/var/lib/tally`.
     pub state_dir: PathBuf,
     /// Node name. Default: the host name.
@@ -180,6 +184,7 @@ impl Default for AgentSection {
             listen: SocketAddr::from(([0, 0, 0, 0], 9477)),
             sample_interval: Duration::from_secs(1),
             nvml_lib: PathBuf::from(paths::DEFAULT_NVML_LIB),
+            nvml_timeout: crate::gpu::DEFAULT_NVML_TIMEOUT,
             state_dir: PathBuf::from(paths::DEFAULT_STATE_DIR),
             node: None,
         }

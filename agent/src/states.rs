@@ -191,21 +191,30 @@ impl Tracker {
         }
 
         let dead_holder = obs.holders.iter().any(|p| {
-            matches!(p.state, ProcState::Gone | ProcState::Zombie | ProcState::DiskSleep)
+            matches!(
+                p.state,
+                ProcState::Gone | ProcState::Zombie | ProcState::DiskSleep
+            )
         });
         let util = obs.utilization;
         // Spinning: pinned utilization while no holder's CPU time moved.
-        let no_progress = obs.holders.iter().all(|p| match (p.cpu_ticks, cpu_before.get(&p.pid)) {
-            (Some(now), Some(before)) => now == *before,
-            _ => false,
-        });
+        let no_progress = obs
+            .holders
+            .iter()
+            .all(|p| match (p.cpu_ticks, cpu_before.get(&p.pid)) {
+                (Some(now), Some(before)) => now == *before,
+                _ => false,
+            });
         let spinning = util.is_some_and(|u| u >= c.stuck_utilization) && no_progress;
         t.stuck_since = if dead_holder || spinning {
             t.stuck_since.or(Some(now))
         } else {
             None
         };
-        let live_holder = obs.holders.iter().any(|p| matches!(p.state, ProcState::Alive | ProcState::Stopped));
+        let live_holder = obs
+            .holders
+            .iter()
+            .any(|p| matches!(p.state, ProcState::Alive | ProcState::Stopped));
         let doing_nothing = util.is_some_and(|u| u < c.idle_utilization);
         t.idle_since = if live_holder && doing_nothing {
             t.idle_since.or(Some(now))
@@ -213,9 +222,14 @@ impl Tracker {
             None
         };
 
-        if t.stuck_since.is_some_and(|s| now.duration_since(s) >= c.stuck_after) {
+        if t.stuck_since
+            .is_some_and(|s| now.duration_since(s) >= c.stuck_after)
+        {
             GpuState::Stuck
-        } else if t.idle_since.is_some_and(|s| now.duration_since(s) >= c.idle_after) {
+        } else if t
+            .idle_since
+            .is_some_and(|s| now.duration_since(s) >= c.idle_after)
+        {
             GpuState::Idle
         } else {
             GpuState::Busy
@@ -268,12 +282,24 @@ mod tests {
         let t0 = Instant::now();
         let held = || obs(0.01, vec![proc(1, ProcState::Alive, 10)]);
         assert_eq!(t.observe("0", &held(), t0), GpuState::Busy);
-        assert_eq!(t.observe("0", &held(), t0 + Duration::from_secs(9)), GpuState::Busy);
-        assert_eq!(t.observe("0", &held(), t0 + Duration::from_secs(10)), GpuState::Idle);
+        assert_eq!(
+            t.observe("0", &held(), t0 + Duration::from_secs(9)),
+            GpuState::Busy
+        );
+        assert_eq!(
+            t.observe("0", &held(), t0 + Duration::from_secs(10)),
+            GpuState::Idle
+        );
         // Work resumes: busy at once, and the idle clock restarts.
         let working = obs(0.5, vec![proc(1, ProcState::Alive, 11)]);
-        assert_eq!(t.observe("0", &working, t0 + Duration::from_secs(11)), GpuState::Busy);
-        assert_eq!(t.observe("0", &held(), t0 + Duration::from_secs(12)), GpuState::Busy);
+        assert_eq!(
+            t.observe("0", &working, t0 + Duration::from_secs(11)),
+            GpuState::Busy
+        );
+        assert_eq!(
+            t.observe("0", &held(), t0 + Duration::from_secs(12)),
+            GpuState::Busy
+        );
     }
 
     #[test]
@@ -282,7 +308,10 @@ mod tests {
         let t0 = Instant::now();
         let z = || obs(0.0, vec![proc(1, ProcState::Zombie, 10)]);
         assert_eq!(t.observe("0", &z(), t0), GpuState::Busy);
-        assert_eq!(t.observe("0", &z(), t0 + Duration::from_secs(5)), GpuState::Stuck);
+        assert_eq!(
+            t.observe("0", &z(), t0 + Duration::from_secs(5)),
+            GpuState::Stuck
+        );
     }
 
     #[test]
@@ -292,13 +321,22 @@ mod tests {
         // A stopped process at full utilization: CPU time frozen.
         let frozen = || obs(1.0, vec![proc(1, ProcState::Stopped, 10)]);
         assert_eq!(t.observe("0", &frozen(), t0), GpuState::Busy);
-        assert_eq!(t.observe("0", &frozen(), t0 + Duration::from_secs(1)), GpuState::Busy);
-        assert_eq!(t.observe("0", &frozen(), t0 + Duration::from_secs(6)), GpuState::Stuck);
+        assert_eq!(
+            t.observe("0", &frozen(), t0 + Duration::from_secs(1)),
+            GpuState::Busy
+        );
+        assert_eq!(
+            t.observe("0", &frozen(), t0 + Duration::from_secs(6)),
+            GpuState::Stuck
+        );
         // A healthy busy process: CPU time moves each sample.
         let mut t = tracker();
         for i in 0..10u64 {
             let o = obs(1.0, vec![proc(1, ProcState::Alive, 10 + i)]);
-            assert_eq!(t.observe("0", &o, t0 + Duration::from_secs(i)), GpuState::Busy);
+            assert_eq!(
+                t.observe("0", &o, t0 + Duration::from_secs(i)),
+                GpuState::Busy
+            );
         }
     }
 
@@ -317,8 +355,14 @@ mod tests {
         };
         assert_eq!(t.observe("1", &xid, t0), GpuState::Lost);
         let later = obs(0.5, vec![proc(1, ProcState::Alive, 2)]);
-        assert_eq!(t.observe("1", &later, t0 + Duration::from_secs(59)), GpuState::Lost);
-        assert_eq!(t.observe("1", &later, t0 + Duration::from_secs(60)), GpuState::Busy);
+        assert_eq!(
+            t.observe("1", &later, t0 + Duration::from_secs(59)),
+            GpuState::Lost
+        );
+        assert_eq!(
+            t.observe("1", &later, t0 + Duration::from_secs(60)),
+            GpuState::Busy
+        );
     }
 
     #[test]

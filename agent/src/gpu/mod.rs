@@ -1,11 +1,15 @@
 //! GPU sampling through NVML (`nvml-wrapper`): the one GPU code path.
 //!
-//! The sampler runs on its own thread (NVML calls block, and MIG queries can
-//! take tens of milliseconds on real hardware); HTTP handlers never call
-//! NVML. Each cycle reads every GPU and MIG instance, attributes their
-//! processes to tenants and accumulates per-tenant counters
-//! ([`crate::attribution`]). A device whose calls fail is marked and logged
-//! once; the others carry on.
+//! Each cycle, every GPU is read on its own worker thread ([`workers`],
+//! [`read`]) with a deadline, so a driver call that hangs marks its GPU and
+//! stalls nothing else; HTTP handlers never call NVML. The sampler then
+//! attributes the processes to tenants, accumulates per-tenant counters
+//! ([`crate::attribution`]) and sets each device's state
+//! ([`crate::states`]). A device whose calls fail is marked and logged once;
+//! the others carry on.
+
+mod read;
+mod workers;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -18,15 +22,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nvml_wrapper::{
-    Device, Nvml,
-    bitmasks::event::EventTypes,
-    enum_wrappers::device::{PcieUtilCounter, TemperatureSensor},
-    enums::{device::UsedGpuMemory, event::XidError},
-    error::NvmlError,
-};
+use nvml_wrapper::{Nvml, bitmasks::event::EventTypes, enums::event::XidError, error::NvmlError};
 use tracing::{info, warn};
 
+use self::{
+    read::{RawDevice, RawProcess},
+    workers::{Outcome, Workers},
+};
 use crate::{
     attribution::{Accounts, Holder, split_interval},
     snapshot::{GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TenantGpuUsage},
@@ -34,8 +36,9 @@ use crate::{
     tenants::Resolver,
 };
 
-/// Compute slices of a full A100/H100 when NVML does not say.
-const DEFAULT_COMPUTE_SLICES: u32 = 7;
+/// How long one GPU's NVML calls may take in a cycle before the GPU is
+/// marked (real MIG queries take up to ~100 ms each).
+pub const DEFAULT_NVML_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// XID events, filled by the event thread, drained by the sampler.
 #[derive(Debug, Default)]
@@ -66,17 +69,19 @@ pub struct Sample {
 struct DeviceState {
     last_at: Option<Instant>,
     last_energy_mj: Option<u64>,
-    last_util_ts_us: u64,
-    /// Last power seen while nobody held the device: its idle draw.
-    idle_power_watts: Option<f64>,
+    /// Newest per-process utilization sample consumed (µs): no sample is
+    /// counted twice.
+    util_cursor: u64,
     /// Last SM ratio per pid: NVML samples at its own period, so a cycle
     /// may bring no new sample; utilization is a rate, so it is held.
     last_sm: HashMap<u32, f64>,
+    /// Last power seen while nobody held the device: its idle draw.
+    idle_power_watts: Option<f64>,
     pcie_tx_bytes: f64,
     pcie_rx_bytes: f64,
     /// The error last logged, so each distinct failure is logged once.
     logged_error: Option<String>,
-    /// Identity from the last good sample, for a device that is lost now.
+    /// Identity from the last good sample, for a device that fails now.
     uuid: String,
     model: String,
     /// MIG instances from the last good sample, so a lost GPU's instances
@@ -84,12 +89,14 @@ struct DeviceState {
     instances: Vec<GpuSnapshot>,
 }
 
-/// The GPU sampler: owns the NVML handle and the running totals.
+/// The GPU sampler: owns the NVML handle, the readers and running totals.
 pub struct Sampler {
     library: PathBuf,
+    timeout: Duration,
     nvml: Option<&'static Nvml>,
     nvml_error_logged: bool,
-    devices: HashMap<String, DeviceState>,
+    workers: Workers,
+    devices: Vec<DeviceState>,
     accounts: Accounts,
     xids: XidCounts,
     events_started: bool,
@@ -104,9 +111,11 @@ impl Sampler {
     pub fn new(library: PathBuf, states: StatesConfig, stop: Arc<AtomicBool>) -> Self {
         Self {
             library,
+            timeout: DEFAULT_NVML_TIMEOUT,
             nvml: None,
             nvml_error_logged: false,
-            devices: HashMap::new(),
+            workers: Workers::default(),
+            devices: Vec::new(),
             accounts: Accounts::default(),
             xids: XidCounts::default(),
             events_started: false,
@@ -117,6 +126,12 @@ impl Sampler {
         }
     }
 
+    /// Sets how long a GPU's reads may take per cycle.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// NVML, opened on first use and retried each cycle until it opens.
     fn nvml(&mut self) -> Result<&'static Nvml, String> {
         if let Some(nvml) = self.nvml {
@@ -125,7 +140,7 @@ impl Sampler {
         match open(&self.library) {
             Ok(nvml) => {
                 // The handle lives as long as the agent; leaking it lets the
-                // event thread and the sampler share it without lifetimes.
+                // reader and event threads share it without lifetimes.
                 let nvml: &'static Nvml = Box::leak(Box::new(nvml));
                 info!(library = %self.library.display(), "NVML opened");
                 self.nvml = Some(nvml);
@@ -159,11 +174,7 @@ impl Sampler {
             Ok(n) => n,
             Err(e) => {
                 status.error = Some(e);
-                return Sample {
-                    nvml: status,
-                    gpus: Vec::new(),
-                    tenant_gpu: self.accounts.rows(),
-                };
+                return self.finish(status, Vec::new());
             }
         };
         status.up = true;
@@ -172,132 +183,162 @@ impl Sampler {
             self.events_started = true;
             spawn_xid_thread(nvml, self.xids.clone(), self.stop.clone());
         }
-
         let count = match nvml.device_count() {
-            Ok(c) => c,
+            Ok(c) => c as usize,
             Err(e) => {
                 status.error = Some(format!("nvmlDeviceGetCount failed: {e}"));
-                return Sample {
-                    nvml: status,
-                    gpus: Vec::new(),
-                    tenant_gpu: self.accounts.rows(),
-                };
+                return self.finish(status, Vec::new());
             }
         };
+        self.devices
+            .resize_with(count.max(self.devices.len()), Default::default);
+        let cursors: Vec<u64> = self.devices[..count]
+            .iter()
+            .map(|d| d.util_cursor)
+            .collect();
+        let outcomes = self.workers.read_all(nvml, &cursors, self.timeout);
+
         let mut gpus = Vec::new();
-        for index in 0..count {
-            self.sample_device(nvml, index, resolver, &mut gpus);
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Outcome::Read(raw) => self.account(index, *raw, resolver, &mut gpus),
+                Outcome::Failed(e) => {
+                    let health = if matches!(e, NvmlError::GpuLost) {
+                        GpuHealth::Lost
+                    } else {
+                        GpuHealth::Error
+                    };
+                    self.mark_failed(index, health, format!("NVML: {e}"), &mut gpus);
+                }
+                Outcome::Hung { since } => {
+                    let reason = format!(
+                        "NVML calls timed out (no answer for {:.1}s, limit {:?})",
+                        since.as_secs_f64(),
+                        self.timeout
+                    );
+                    self.mark_failed(index, GpuHealth::Error, reason, &mut gpus);
+                }
+            }
         }
+        self.finish(status, gpus)
+    }
+
+    fn finish(&mut self, nvml: NvmlStatus, mut gpus: Vec<GpuSnapshot>) -> Sample {
         for g in &mut gpus {
             g.observed_seconds_total = self.accounts.observed_seconds(&g.gpu);
+            g.xid_errors_total = self.xid_counts(&g.uuid);
         }
         let fatal = self.tie_xids_to_tenants(&mut gpus);
         self.update_states(&mut gpus, &fatal);
         Sample {
-            nvml: status,
+            nvml,
             gpus,
             tenant_gpu: self.accounts.rows(),
         }
     }
 
-    /// Samples GPU `index` and, in MIG mode, its instances into `out`.
-    fn sample_device(
+    /// A device whose read failed or hung: reported with its last known
+    /// identity (and its MIG instances), its interval not accounted.
+    fn mark_failed(
         &mut self,
-        nvml: &'static Nvml,
-        index: u32,
+        index: usize,
+        health: GpuHealth,
+        reason: String,
+        out: &mut Vec<GpuSnapshot>,
+    ) {
+        let label = index.to_string();
+        let state = &mut self.devices[index];
+        log_once(state, &label, &reason);
+        // The next good sample starts a fresh interval.
+        state.last_at = None;
+        state.last_energy_mj = None;
+        out.push(GpuSnapshot {
+            gpu: label,
+            uuid: state.uuid.clone(),
+            model: state.model.clone(),
+            health,
+            error: Some(reason.clone()),
+            ..Default::default()
+        });
+        out.extend(state.instances.iter().map(|i| GpuSnapshot {
+            health,
+            error: Some(reason.clone()),
+            ..i.clone()
+        }));
+    }
+
+    /// Turns one good read into snapshots and accounts its interval.
+    fn account(
+        &mut self,
+        index: usize,
+        raw: RawDevice,
         resolver: &mut Resolver,
         out: &mut Vec<GpuSnapshot>,
     ) {
         let label = index.to_string();
-        let now = Instant::now();
-        let read = nvml
-            .device_by_index(index)
-            .and_then(|device| read_physical(&device).map(|snap| (device, snap)));
-        let (device, mut snap) = match read {
-            Ok(v) => v,
-            Err(e) => {
-                let state = self.devices.entry(label.clone()).or_default();
-                let health = if matches!(e, NvmlError::GpuLost) {
-                    GpuHealth::Lost
-                } else {
-                    GpuHealth::Error
-                };
-                let reason = format!("NVML: {e}");
-                log_once(state, &label, &reason);
-                // The interval in which a device failed is not accounted:
-                // its next good sample starts a fresh interval.
-                state.last_at = None;
-                state.last_energy_mj = None;
-                let (uuid, model) = (state.uuid.clone(), state.model.clone());
-                let instances: Vec<GpuSnapshot> = state
-                    .instances
-                    .iter()
-                    .map(|i| GpuSnapshot {
-                        health,
-                        error: Some(reason.clone()),
-                        ..i.clone()
-                    })
-                    .collect();
-                let xid_errors_total = self.xid_counts(&uuid);
-                out.push(GpuSnapshot {
-                    gpu: label,
-                    uuid,
-                    model,
-                    health,
-                    error: Some(reason),
-                    xid_errors_total,
-                    ..Default::default()
-                });
-                out.extend(instances);
-                return;
-            }
-        };
-        snap.gpu = label.clone();
-        snap.xid_errors_total = self.xid_counts(&snap.uuid);
-
-        let state = self.devices.entry(label.clone()).or_default();
+        let state = &mut self.devices[index];
         if state.logged_error.take().is_some() {
             info!(gpu = %label, "GPU answers again");
         }
-        state.uuid.clone_from(&snap.uuid);
-        state.model.clone_from(&snap.model);
-        let seconds = state.last_at.map(|t| (now - t).as_secs_f64());
-        state.last_at = Some(now);
-        let energy_mj = device.total_energy_consumption().ok();
-        let energy_delta_j = match (state.last_energy_mj, energy_mj) {
+        state.uuid.clone_from(&raw.uuid);
+        state.model.clone_from(&raw.model);
+
+        let seconds = state.last_at.map(|t| (raw.read_at - t).as_secs_f64());
+        state.last_at = Some(raw.read_at);
+        let energy_delta_j = match (state.last_energy_mj, raw.energy_mj) {
             // A counter that went backwards (driver reload) restarts.
             (Some(prev), Some(cur)) if cur >= prev => Some((cur - prev) as f64 / 1000.0),
             _ => None,
         };
-        state.last_energy_mj = energy_mj;
-        snap.energy_joules_total = energy_mj.map(|mj| mj as f64 / 1000.0);
-        if let Some(dt) = seconds {
-            let kb = |c| device.pcie_throughput(c).map(|v| v as f64 * 1024.0 * dt);
-            state.pcie_tx_bytes += kb(PcieUtilCounter::Send).unwrap_or(0.0);
-            state.pcie_rx_bytes += kb(PcieUtilCounter::Receive).unwrap_or(0.0);
+        state.last_energy_mj = raw.energy_mj;
+        if let (Some(dt), Some((tx, rx))) = (seconds, raw.pcie_kbps) {
+            state.pcie_tx_bytes += f64::from(tx) * 1024.0 * dt;
+            state.pcie_rx_bytes += f64::from(rx) * 1024.0 * dt;
         }
-        snap.pcie_tx_bytes_total = Some(state.pcie_tx_bytes);
-        snap.pcie_rx_bytes_total = Some(state.pcie_rx_bytes);
+        let mut snap = GpuSnapshot {
+            gpu: label.clone(),
+            uuid: raw.uuid.clone(),
+            model: raw.model.clone(),
+            mig_mode: raw.mig_mode,
+            utilization_ratio: raw.utilization,
+            memory_used_bytes: raw.memory_used,
+            memory_total_bytes: raw.memory_total,
+            power_watts: raw.power_watts,
+            temperature_celsius: raw.temperature_celsius,
+            energy_joules_total: raw.energy_mj.map(|mj| mj as f64 / 1000.0),
+            pcie_tx_bytes_total: raw.pcie_kbps.map(|_| state.pcie_tx_bytes),
+            pcie_rx_bytes_total: raw.pcie_kbps.map(|_| state.pcie_rx_bytes),
+            ..Default::default()
+        };
 
-        if snap.mig_mode {
-            let instances = read_mig_instances(&device, index, resolver);
-            state.instances = instances
+        if raw.mig_mode {
+            let instances: Vec<GpuSnapshot> = raw
+                .instances
                 .iter()
                 .map(|i| GpuSnapshot {
-                    gpu: i.gpu.clone(),
+                    gpu: format!("{index}/{}/{}", i.gi, i.ci),
                     uuid: i.uuid.clone(),
-                    model: i.model.clone(),
+                    model: raw.model.clone(),
                     mig_mode: true,
-                    mig_profile: i.mig_profile.clone(),
-                    parent_uuid: i.parent_uuid.clone(),
-                    slice_fraction: i.slice_fraction,
-                    memory_total_bytes: i.memory_total_bytes,
+                    mig_profile: i.profile.clone(),
+                    parent_uuid: Some(raw.uuid.clone()),
+                    slice_fraction: Some(i.slice_fraction),
+                    memory_used_bytes: i.memory_used,
+                    memory_total_bytes: i.memory_total,
+                    processes: attribute(&i.processes, &i.uuid, resolver),
                     ..Default::default()
                 })
                 .collect();
-            let held = instances.iter().any(|i| !i.processes.is_empty());
-            if !held {
-                state.idle_power_watts = snap.power_watts;
+            state.instances = instances
+                .iter()
+                .map(|i| GpuSnapshot {
+                    processes: Vec::new(),
+                    memory_used_bytes: 0,
+                    ..i.clone()
+                })
+                .collect();
+            if instances.iter().all(|i| i.processes.is_empty()) {
+                state.idle_power_watts = raw.power_watts;
             }
             if let (Some(dt), Some(energy)) = (seconds, energy_delta_j) {
                 let mut occupied = 0.0;
@@ -305,27 +346,34 @@ impl Sampler {
                     let fraction = inst.slice_fraction.unwrap_or(0.0);
                     occupied += fraction;
                     let holders = holders_of(&inst.processes);
+                    // NVML has no per-process utilization on MIG: no SM split.
                     let shares = split_interval(dt, &holders, energy * fraction, None, false);
                     self.accounts.add(&inst.gpu, &inst.uuid, dt, &shares);
                 }
                 let unoccupied = (1.0 - occupied).max(0.0) * energy;
-                self.accounts
-                    .add_idle_energy(&label, &snap.uuid, unoccupied);
+                self.accounts.add_idle_energy(&label, &raw.uuid, unoccupied);
             }
             out.push(snap);
             out.extend(instances);
             return;
         }
 
-        let processes = read_processes(&device, resolver);
-        let utilization = read_process_utilization(&device, state);
-        snap.processes = processes
+        // Average SM per pid over the new samples; hold the last value for
+        // processes without one this cycle.
+        let mut fresh: HashMap<u32, (f64, u32)> = HashMap::new();
+        for &(pid, ts, sm) in &raw.sm_samples {
+            state.util_cursor = state.util_cursor.max(ts);
+            let e = fresh.entry(pid).or_default();
+            e.0 += sm;
+            e.1 += 1;
+        }
+        snap.processes = attribute(&raw.processes, &raw.uuid, resolver)
             .into_iter()
             .map(|mut p| {
-                p.sm_ratio = utilization
+                p.sm_ratio = fresh
                     .get(&p.pid)
-                    .or_else(|| state.last_sm.get(&p.pid))
-                    .copied();
+                    .map(|(sum, n)| sum / f64::from(*n))
+                    .or_else(|| state.last_sm.get(&p.pid).copied());
                 p
             })
             .collect();
@@ -335,12 +383,12 @@ impl Sampler {
             .filter_map(|p| Some((p.pid, p.sm_ratio?)))
             .collect();
         if snap.processes.is_empty() {
-            state.idle_power_watts = snap.power_watts;
+            state.idle_power_watts = raw.power_watts;
         }
         if let (Some(dt), Some(energy)) = (seconds, energy_delta_j) {
             let holders = holders_of(&snap.processes);
             let shares = split_interval(dt, &holders, energy, state.idle_power_watts, true);
-            self.accounts.add(&label, &snap.uuid, dt, &shares);
+            self.accounts.add(&label, &raw.uuid, dt, &shares);
         }
         out.push(snap);
     }
@@ -489,154 +537,24 @@ fn holders_of(processes: &[GpuProcess]) -> Vec<Holder<'_>> {
         .collect()
 }
 
-/// Device-level gauges of a physical GPU. Fails only on calls every GPU
-/// answers (UUID, name, memory); optional ones become `None`.
-fn read_physical(device: &Device<'_>) -> Result<GpuSnapshot, NvmlError> {
-    let uuid = device.uuid()?;
-    let model = device.name()?;
-    let memory = device.memory_info()?;
-    let mig_mode = device.mig_mode().map(|m| m.current == 1).unwrap_or(false);
-    let utilization_ratio = match device.utilization_rates() {
-        Ok(u) => Some(f64::from(u.gpu) / 100.0),
-        Err(NvmlError::GpuLost) => return Err(NvmlError::GpuLost),
-        Err(_) => None,
-    };
-    Ok(GpuSnapshot {
-        uuid,
-        model,
-        mig_mode,
-        utilization_ratio,
-        memory_used_bytes: memory.used,
-        memory_total_bytes: memory.total,
-        power_watts: device.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
-        temperature_celsius: device
-            .temperature(TemperatureSensor::Gpu)
-            .ok()
-            .map(f64::from),
-        ..Default::default()
-    })
-}
-
-/// Compute processes on a device (or MIG instance), attributed to tenants.
-fn read_processes(device: &Device<'_>, resolver: &mut Resolver) -> Vec<GpuProcess> {
-    let Ok(list) = device.running_compute_processes() else {
-        return Vec::new();
-    };
-    // Kubernetes tenants join the kubelet's device list on this UUID.
-    let uuid = device.uuid().ok();
-    list.into_iter()
+/// NVML's processes with their tenants; `device` is the UUID of the GPU or
+/// MIG instance they run on (Kubernetes tenants join the kubelet's device
+/// assignments on it).
+fn attribute(processes: &[RawProcess], device: &str, resolver: &mut Resolver) -> Vec<GpuProcess> {
+    processes
+        .iter()
         .map(|p| {
-            let attribution = resolver.attribute_on(p.pid, uuid.as_deref());
+            let attribution = resolver.attribute_on(p.pid, Some(device));
             GpuProcess {
                 pid: p.pid,
                 tenant: attribution.tenant,
                 cgroup: attribution.cgroup,
-                workload: attribution.workload,
-                memory_bytes: match p.used_gpu_memory {
-                    UsedGpuMemory::Used(b) => b,
-                    UsedGpuMemory::Unavailable => 0,
-                },
+                memory_bytes: p.memory_bytes,
                 sm_ratio: None,
+                workload: attribution.workload,
             }
         })
         .collect()
-}
-
-/// Average SM utilization per pid over the samples NVML took since the
-/// last cycle. The timestamp cursor makes sure no sample counts twice.
-fn read_process_utilization(device: &Device<'_>, state: &mut DeviceState) -> HashMap<u32, f64> {
-    let samples = match device.process_utilization_stats(state.last_util_ts_us) {
-        Ok(s) => s,
-        // NOT_FOUND: no sample since the cursor. Others: not supported here.
-        Err(_) => return HashMap::new(),
-    };
-    let mut sums: HashMap<u32, (f64, u32)> = HashMap::new();
-    for s in &samples {
-        state.last_util_ts_us = state.last_util_ts_us.max(s.timestamp);
-        let e = sums.entry(s.pid).or_default();
-        e.0 += f64::from(s.sm_util.min(100)) / 100.0;
-        e.1 += 1;
-    }
-    sums.into_iter()
-        .map(|(pid, (sum, n))| (pid, sum / f64::from(n)))
-        .collect()
-}
-
-/// Every MIG instance of a GPU in MIG mode.
-fn read_mig_instances(
-    parent: &Device<'_>,
-    index: u32,
-    resolver: &mut Resolver,
-) -> Vec<GpuSnapshot> {
-    let parent_uuid = parent.uuid().ok();
-    let parent_model = parent.name().unwrap_or_default();
-    let total_slices = parent
-        .attributes()
-        .ok()
-        .map(|a| a.gpu_instance_slice_count)
-        .filter(|&n| n > 0)
-        .unwrap_or(DEFAULT_COMPUTE_SLICES);
-    let max = parent.mig_device_count().unwrap_or(0);
-    let mut out = Vec::new();
-    for i in 0..max {
-        // Unpopulated indices answer NOT_FOUND: skip them.
-        let Ok(mig) = parent.mig_device_by_index(i) else {
-            continue;
-        };
-        let (gi, ci) = mig_ids(parent.nvml(), &mig).unwrap_or((i, 0));
-        let attrs = mig.attributes().ok();
-        let name = mig.name().unwrap_or_default();
-        let profile = name
-            .rsplit_once(" MIG ")
-            .map(|(_, p)| p.to_owned())
-            .or_else(|| {
-                attrs.as_ref().map(|a| {
-                    format!(
-                        "{}g.{}gb",
-                        a.compute_instance_slice_count,
-                        (a.memory_size_mb as f64 / 1024.0).round()
-                    )
-                })
-            });
-        let slices = attrs
-            .as_ref()
-            .map(|a| a.gpu_instance_slice_count)
-            .unwrap_or(0);
-        let memory = mig.memory_info().ok();
-        out.push(GpuSnapshot {
-            gpu: format!("{index}/{gi}/{ci}"),
-            uuid: mig.uuid().unwrap_or_default(),
-            model: parent_model.clone(),
-            mig_mode: true,
-            mig_profile: profile,
-            parent_uuid: parent_uuid.clone(),
-            slice_fraction: Some(f64::from(slices) / f64::from(total_slices)),
-            memory_used_bytes: memory.as_ref().map(|m| m.used).unwrap_or(0),
-            memory_total_bytes: memory.as_ref().map(|m| m.total).unwrap_or(0),
-            processes: read_processes(&mig, resolver),
-            ..Default::default()
-        });
-    }
-    out
-}
-
-/// GPU instance and compute instance ids of a MIG device handle.
-///
-/// nvml-wrapper 0.13 has no safe wrapper for these two calls, so they go
-/// through its raw symbol table: the only `unsafe` in the agent crate.
-#[allow(unsafe_code)]
-fn mig_ids(nvml: &Nvml, mig: &Device<'_>) -> Option<(u32, u32)> {
-    let lib = nvml.lib();
-    let gi_fn = lib.nvmlDeviceGetGpuInstanceId.as_ref().ok()?;
-    let ci_fn = lib.nvmlDeviceGetComputeInstanceId.as_ref().ok()?;
-    let (mut gi, mut ci) = (0u32, 0u32);
-    // SAFETY: `mig` is a live handle from this NVML instance, and both
-    // functions write one `unsigned int` through a valid pointer.
-    let ok = unsafe {
-        let handle = mig.handle();
-        gi_fn(handle, &mut gi) == 0 && ci_fn(handle, &mut ci) == 0
-    };
-    ok.then_some((gi, ci))
 }
 
 /// Waits for XID events on every GPU and counts them by device UUID. The

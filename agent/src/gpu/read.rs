@@ -1,0 +1,202 @@
+//! Reading one GPU through NVML: every driver call of a sampling cycle,
+//! and nothing else. Runs on the device's worker thread (see `workers`),
+//! so a hung driver call stalls only that device.
+
+use std::time::Instant;
+
+use nvml_wrapper::{
+    Device, Nvml,
+    enum_wrappers::device::{PcieUtilCounter, TemperatureSensor},
+    enums::device::UsedGpuMemory,
+    error::NvmlError,
+};
+
+/// Compute slices of a full A100/H100 when NVML does not say.
+const DEFAULT_COMPUTE_SLICES: u32 = 7;
+
+/// A process as NVML lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawProcess {
+    pub pid: u32,
+    pub memory_bytes: u64,
+}
+
+/// One MIG instance of a GPU in MIG mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawInstance {
+    pub gi: u32,
+    pub ci: u32,
+    pub uuid: String,
+    pub profile: Option<String>,
+    /// Its GPU-instance slices over the parent's total.
+    pub slice_fraction: f64,
+    pub memory_used: u64,
+    pub memory_total: u64,
+    pub processes: Vec<RawProcess>,
+}
+
+/// Everything one cycle reads of one physical GPU.
+#[derive(Debug, Clone)]
+pub struct RawDevice {
+    /// When the energy counter was read: the interval boundary.
+    pub read_at: Instant,
+    pub uuid: String,
+    pub model: String,
+    pub mig_mode: bool,
+    pub utilization: Option<f64>,
+    pub memory_used: u64,
+    pub memory_total: u64,
+    pub power_watts: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    pub energy_mj: Option<u64>,
+    /// PCIe throughput in KB/s: (tx, rx).
+    pub pcie_kbps: Option<(u32, u32)>,
+    pub processes: Vec<RawProcess>,
+    /// Per-process SM samples newer than the cursor: (pid, timestamp µs, SM 0..1).
+    pub sm_samples: Vec<(u32, u64, f64)>,
+    pub instances: Vec<RawInstance>,
+}
+
+/// Reads GPU `index`. Fails only on calls every GPU answers (handle, UUID,
+/// name, memory); optional readings become `None`. `util_cursor` is the
+/// newest per-process sample timestamp already consumed.
+pub fn read_device(nvml: &Nvml, index: u32, util_cursor: u64) -> Result<RawDevice, NvmlError> {
+    let device = nvml.device_by_index(index)?;
+    let uuid = device.uuid()?;
+    let model = device.name()?;
+    let memory = device.memory_info()?;
+    let mig_mode = device.mig_mode().map(|m| m.current == 1).unwrap_or(false);
+    let utilization = match device.utilization_rates() {
+        Ok(u) => Some(f64::from(u.gpu) / 100.0),
+        Err(NvmlError::GpuLost) => return Err(NvmlError::GpuLost),
+        Err(_) => None,
+    };
+    let read_at = Instant::now();
+    let energy_mj = device.total_energy_consumption().ok();
+    let pcie_kbps = device
+        .pcie_throughput(PcieUtilCounter::Send)
+        .and_then(|tx| Ok((tx, device.pcie_throughput(PcieUtilCounter::Receive)?)))
+        .ok();
+    let (processes, sm_samples, instances) = if mig_mode {
+        (Vec::new(), Vec::new(), read_instances(nvml, &device))
+    } else {
+        (
+            read_processes(&device),
+            read_sm_samples(&device, util_cursor),
+            Vec::new(),
+        )
+    };
+    Ok(RawDevice {
+        read_at,
+        uuid,
+        model,
+        mig_mode,
+        utilization,
+        memory_used: memory.used,
+        memory_total: memory.total,
+        power_watts: device.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
+        temperature_celsius: device
+            .temperature(TemperatureSensor::Gpu)
+            .ok()
+            .map(f64::from),
+        energy_mj,
+        pcie_kbps,
+        processes,
+        sm_samples,
+        instances,
+    })
+}
+
+fn read_processes(device: &Device<'_>) -> Vec<RawProcess> {
+    device
+        .running_compute_processes()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| RawProcess {
+            pid: p.pid,
+            memory_bytes: match p.used_gpu_memory {
+                UsedGpuMemory::Used(b) => b,
+                UsedGpuMemory::Unavailable => 0,
+            },
+        })
+        .collect()
+}
+
+fn read_sm_samples(device: &Device<'_>, cursor: u64) -> Vec<(u32, u64, f64)> {
+    // NOT_FOUND means no sample since the cursor; other errors mean the
+    // device has no per-process utilization. Either way: none.
+    device
+        .process_utilization_stats(cursor)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| (s.pid, s.timestamp, f64::from(s.sm_util.min(100)) / 100.0))
+        .collect()
+}
+
+fn read_instances(nvml: &Nvml, parent: &Device<'_>) -> Vec<RawInstance> {
+    let total_slices = parent
+        .attributes()
+        .ok()
+        .map(|a| a.gpu_instance_slice_count)
+        .filter(|&n| n > 0)
+        .unwrap_or(DEFAULT_COMPUTE_SLICES);
+    let max = parent.mig_device_count().unwrap_or(0);
+    let mut out = Vec::new();
+    for i in 0..max {
+        // Unpopulated indices answer NOT_FOUND: skip them.
+        let Ok(mig) = parent.mig_device_by_index(i) else {
+            continue;
+        };
+        let (gi, ci) = mig_ids(nvml, &mig).unwrap_or((i, 0));
+        let attrs = mig.attributes().ok();
+        // Real NVML names a MIG device "<model> MIG <profile>".
+        let profile = mig
+            .name()
+            .ok()
+            .and_then(|n| n.rsplit_once(" MIG ").map(|(_, p)| p.to_owned()))
+            .or_else(|| {
+                attrs.as_ref().map(|a| {
+                    format!(
+                        "{}g.{}gb",
+                        a.compute_instance_slice_count,
+                        (a.memory_size_mb as f64 / 1024.0).round()
+                    )
+                })
+            });
+        let slices = attrs
+            .as_ref()
+            .map(|a| a.gpu_instance_slice_count)
+            .unwrap_or(0);
+        let memory = mig.memory_info().ok();
+        out.push(RawInstance {
+            gi,
+            ci,
+            uuid: mig.uuid().unwrap_or_default(),
+            profile,
+            slice_fraction: f64::from(slices) / f64::from(total_slices),
+            memory_used: memory.as_ref().map(|m| m.used).unwrap_or(0),
+            memory_total: memory.as_ref().map(|m| m.total).unwrap_or(0),
+            processes: read_processes(&mig),
+        });
+    }
+    out
+}
+
+/// GPU instance and compute instance ids of a MIG device handle.
+///
+/// nvml-wrapper 0.13 has no safe wrapper for these two calls, so they go
+/// through its raw symbol table: the only `unsafe` in the agent crate.
+#[allow(unsafe_code)]
+fn mig_ids(nvml: &Nvml, mig: &Device<'_>) -> Option<(u32, u32)> {
+    let lib = nvml.lib();
+    let gi_fn = lib.nvmlDeviceGetGpuInstanceId.as_ref().ok()?;
+    let ci_fn = lib.nvmlDeviceGetComputeInstanceId.as_ref().ok()?;
+    let (mut gi, mut ci) = (0u32, 0u32);
+    // SAFETY: `mig` is a live handle from this NVML instance, and both
+    // functions write one `unsigned int` through a valid pointer.
+    let ok = unsafe {
+        let handle = mig.handle();
+        gi_fn(handle, &mut gi) == 0 && ci_fn(handle, &mut ci) == 0
+    };
+    ok.then_some((gi, ci))
+}
