@@ -154,13 +154,39 @@ fn with_sim(f: impl FnOnce(&mut Sim) -> Result<(), Code>) -> Ret {
     guard(|| f(driver().sim()?))
 }
 
-/// Runs `f` on a fresh reading of `device` (GPU_IS_LOST for a lost GPU).
+/// Runs `f` on a fresh reading of `device` (GPU_IS_LOST for a lost GPU),
+/// after the `hang/<index>` fault of its GPU, if any, is lifted.
 fn with_view(device: Device, f: impl FnOnce(&mut Sim, &View) -> Result<(), Code>) -> Ret {
-    with_sim(|sim| {
+    guard(|| {
+        wait_while_hung(device)?;
+        let mut driver = driver();
+        let sim = driver.sim()?;
         let h = sim.resolve(device as usize)?;
         let view = sim.observe(h)?;
         f(sim, &view)
     })
+}
+
+/// How often a hung query looks whether `hang/<index>` is gone.
+const HANG_POLL: Duration = Duration::from_millis(20);
+
+/// The `hang/<index>` fault: while the marker of the GPU behind `device`
+/// exists, the calling thread sleeps — without the driver lock, so queries
+/// of other GPUs (and `nvmlShutdown`) still run, as when a driver call is
+/// stuck on one device. Returns once the marker is removed.
+fn wait_while_hung(device: Device) -> Result<(), Code> {
+    loop {
+        let marker = {
+            let mut driver = driver();
+            let sim = driver.sim()?;
+            let h = sim.resolve(device as usize)?;
+            sim.hang_marker(h.gpu())
+        };
+        match marker {
+            Some(path) if path.exists() => sleep(HANG_POLL),
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// Writes `v` to an out-pointer.
@@ -1051,7 +1077,10 @@ pub unsafe extern "C" fn nvmlDeviceRegisterEvents(
     types: c_ulonglong,
     set: EventSet,
 ) -> Ret {
-    with_sim(|sim| {
+    guard(|| {
+        wait_while_hung(device)?;
+        let mut driver = driver();
+        let sim = driver.sim()?;
         let h = sim.resolve(device as usize)?;
         sim.register_events(h, types, set_id(set)?)
     })

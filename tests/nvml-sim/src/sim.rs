@@ -355,6 +355,11 @@ impl Sim {
         Err(code::NOT_FOUND)
     }
 
+    /// The `hang/<gpu>` marker to watch, when there is a state directory.
+    pub fn hang_marker(&self, gpu: u32) -> Option<PathBuf> {
+        self.state.as_deref().map(|dir| state::hang_file(dir, gpu))
+    }
+
     /// Returns GPU_IS_LOST when `lost/<gpu>` exists.
     pub fn check_lost(&self, gpu: u32) -> Result<(), Code> {
         match &self.state {
@@ -427,29 +432,7 @@ impl Sim {
     }
 
     fn parse_registration(&self, text: &str) -> Result<Registration, String> {
-        let reg: Registration =
-            toml::from_str(text).map_err(|e| scenario::one_line_toml_error(text, &e))?;
-        reg.validate().map_err(str::to_owned)?;
-        let Some(gpu) = self.scenario.gpus.get(reg.gpu as usize) else {
-            return Err(format!(
-                "gpu = {} is out of range ({} GPUs)",
-                reg.gpu,
-                self.gpu_count()
-            ));
-        };
-        match (reg.mig, &gpu.mig) {
-            (Some(m), Some(mig)) if m as usize >= mig.len() => Err(format!(
-                "mig = {m} is out of range (gpu {} has {} MIG instances)",
-                reg.gpu,
-                mig.len()
-            )),
-            (Some(m), None) => Err(format!("mig = {m} but gpu {} is not in MIG mode", reg.gpu)),
-            (None, Some(_)) => Err(format!(
-                "gpu {} is in MIG mode; say which instance with mig = N",
-                reg.gpu
-            )),
-            _ => Ok(reg),
-        }
+        state::parse_registration(&self.scenario, text)
     }
 
     /// Reads the state for the device behind `h`, advances the GPU's energy
@@ -661,19 +644,13 @@ impl Sim {
             let Ok(text) = fs::read_to_string(&path) else {
                 continue;
             };
-            let fault: XidFault = match toml::from_str(&text) {
+            let fault: XidFault = match state::parse_xid(&self.scenario, &text) {
                 Ok(f) => f,
-                Err(e) => {
-                    let problem = scenario::one_line_toml_error(&text, &e);
+                Err(problem) => {
                     self.report_once(&path, &problem);
                     continue;
                 }
             };
-            if fault.gpu >= self.gpu_count() {
-                let problem = format!("gpu = {} is out of range", fault.gpu);
-                self.report_once(&path, &problem);
-                continue;
-            }
             if !watched.contains(&fault.gpu) {
                 continue;
             }

@@ -5,6 +5,7 @@
 //! Layout (every on-disk path of the simulator is named in this module):
 //! - `procs/<pid>.toml` — a [`Registration`];
 //! - `lost/<index>` — GPU `index` has fallen off the bus;
+//! - `hang/<index>` — every query of GPU `index` blocks until it is removed;
 //! - `xid/<name>.toml` — an [`XidFault`], renamed to `<name>.toml.delivered`
 //!   once an event set has received it;
 //! - `.energy/<index>` — the simulator's energy integral (internal).
@@ -15,6 +16,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::scenario::{self, Scenario};
 
 /// Environment variable naming the scenario file.
 pub const SCENARIO_ENV: &str = "TALLY_SIM_SCENARIO";
@@ -32,6 +35,10 @@ pub fn proc_file(state: &Path, pid: u32) -> PathBuf {
 /// Marker file that makes GPU `index` lost.
 pub fn lost_file(state: &Path, index: u32) -> PathBuf {
     state.join("lost").join(index.to_string())
+}
+/// Marker file that makes every query of GPU `index` block while it exists.
+pub fn hang_file(state: &Path, index: u32) -> PathBuf {
+    state.join("hang").join(index.to_string())
 }
 /// Directory of pending (and delivered) XID faults.
 pub fn xid_dir(state: &Path) -> PathBuf {
@@ -138,6 +145,59 @@ pub fn set_lost(state: &Path, index: u32, lost: bool) -> Result<(), StateError> 
             _ => Ok(()),
         }
     }
+}
+
+/// Makes every query of GPU `index` (and of its MIG instances) block
+/// (`hang = true`) until called again with `false`.
+pub fn set_hang(state: &Path, index: u32, hang: bool) -> Result<(), StateError> {
+    let path = hang_file(state, index);
+    if hang {
+        write_atomic(&path, "")
+    } else {
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Parses the text of `procs/<pid>.toml` and checks it against `scenario`
+/// as the simulator does on every read; the error is one line.
+pub fn parse_registration(scenario: &Scenario, text: &str) -> Result<Registration, String> {
+    let reg: Registration =
+        toml::from_str(text).map_err(|e| scenario::one_line_toml_error(text, &e))?;
+    reg.validate().map_err(str::to_owned)?;
+    let Some(gpu) = scenario.gpus.get(reg.gpu as usize) else {
+        return Err(format!(
+            "gpu = {} is out of range ({} GPUs)",
+            reg.gpu,
+            scenario.gpus.len()
+        ));
+    };
+    match (reg.mig, &gpu.mig) {
+        (Some(m), Some(mig)) if m as usize >= mig.len() => Err(format!(
+            "mig = {m} is out of range (gpu {} has {} MIG instances)",
+            reg.gpu,
+            mig.len()
+        )),
+        (Some(m), None) => Err(format!("mig = {m} but gpu {} is not in MIG mode", reg.gpu)),
+        (None, Some(_)) => Err(format!(
+            "gpu {} is in MIG mode; say which instance with mig = N",
+            reg.gpu
+        )),
+        _ => Ok(reg),
+    }
+}
+
+/// Parses the text of `xid/<name>.toml` and checks its GPU against
+/// `scenario`; the error is one line.
+pub fn parse_xid(scenario: &Scenario, text: &str) -> Result<XidFault, String> {
+    let fault: XidFault =
+        toml::from_str(text).map_err(|e| scenario::one_line_toml_error(text, &e))?;
+    if fault.gpu as usize >= scenario.gpus.len() {
+        return Err(format!("gpu = {} is out of range", fault.gpu));
+    }
+    Ok(fault)
 }
 
 /// Queues a critical XID error as `xid/<name>.toml`; `name` must be a plain
