@@ -1258,7 +1258,6 @@ def lint_metrics(name, text, content_type, design):
                 break
         if len(f.samples) > 2000:
             problems.append(f"{f.name}: {len(f.samples)} series on one target")
-    contract = []
     for metric, (labels, kind) in design.items():
         f = exposed.get(metric)
         if not f:
@@ -1269,7 +1268,6 @@ def lint_metrics(name, text, content_type, design):
             missing = labels - set(s.labels)
             if missing:
                 problems.append(f"{metric}: labels {sorted(missing)} of DESIGN.md missing (has {sorted(s.labels)})")
-        contract.append(metric)
     return problems, exposed
 
 
