@@ -27,6 +27,10 @@ pub enum Command {
     Config(ConfigCommand),
     /// Check this node: NVML, BTF, cgroups, bpffs, privileges.
     Doctor(DoctorArgs),
+    /// Run the aggregator: report ingest, usage ledger, chargeback, audit store.
+    Aggregator(crate::aggregator::cli::AggregatorArgs),
+    /// Print a chargeback report from an aggregator (a table by default).
+    Report(crate::aggregator::cli::ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +55,10 @@ pub enum ConfigCommand {
     Check {
         /// The file to check.
         file: PathBuf,
+        /// Check it as an aggregator config (also chosen when the file has
+        /// only `[aggregator]`, `[ledger]`, `[prices]` or `[auth]` tables).
+        #[arg(long)]
+        aggregator: bool,
     },
 }
 
@@ -70,7 +78,14 @@ pub fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Agent(args) => run_agent(args),
-        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
+        Command::Config(ConfigCommand::Check { file, aggregator })
+            if aggregator || crate::aggregator::config::looks_like_aggregator(&file) =>
+        {
+            crate::aggregator::cli::check(&file)
+        }
+        Command::Aggregator(args) => crate::aggregator::cli::run_aggregator(args),
+        Command::Report(args) => crate::aggregator::cli::run_report(args),
+        Command::Config(ConfigCommand::Check { file, .. }) => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS

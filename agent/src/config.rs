@@ -275,7 +275,8 @@ impl Config {
         }
         let tenant = tenant_section(table, problems);
         let probes = section(table, "probes", problems);
-        let report = section(table, "report", problems);
+        let report: crate::report::ReportConfig = section(table, "report", problems);
+        report.check(problems);
         let states: crate::states::StatesConfig = section(table, "states", problems);
         for (key, message) in states.problems() {
             problems.push(key, message);

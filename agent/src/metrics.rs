@@ -340,6 +340,7 @@ impl Collector for SnapshotCollector {
 
         encode_workloads(&snap, e)?;
         encode_io(&snap, e)?;
+        encode_report(e)?;
         encode_process(e)
     }
 }
@@ -468,6 +469,28 @@ fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::
             ]
         }),
     )
+}
+
+/// The report sender's spool and delivery counters (`crate::report`).
+fn encode_report(e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    for s in crate::report::stats::stats().samples() {
+        let family = Family {
+            name: s.name,
+            help: s.help,
+            unit: s.unit.map(|u| match u {
+                "bytes" => Unit::Bytes,
+                "seconds" => Unit::Seconds,
+                other => Unit::Other(other.to_owned()),
+            }),
+            kind: if s.counter {
+                MetricType::Counter
+            } else {
+                MetricType::Gauge
+            },
+        };
+        family.encode(e, [(NOLABELS, s.value)])?;
+    }
+    Ok(())
 }
 
 /// The agent's own footprint, under the standard `process_` names.

@@ -20,6 +20,16 @@ pub const DEFAULT_NVML_LIB: &str = "libnvidia-ml.so.1";
 /// The kernel's boot id: changes on every boot, names report sequences.
 pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
+/// The enforcement audit log, in the state directory.
+pub fn audit_log(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit.log")
+}
+/// The report sender's state (next sequence number, reported counters),
+/// in the state directory.
+pub const REPORT_STATE_FILE: &str = "report-state.json";
+/// Reports waiting for the aggregator, in the state directory.
+pub const SPOOL_DIR: &str = "spool";
+
 /// The kubelet pod-resources API's unix socket (`v1.PodResourcesLister`).
 pub const KUBELET_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
 /// The kubelet's pod log directories: `<namespace>_<pod>_<uid>/`.

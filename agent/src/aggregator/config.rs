@@ -1,0 +1,479 @@
+//! The aggregator's config file, checked whole like the agent's:
+//!
+//! ```toml
+//! [aggregator]
+//! listen = "0.0.0.0:9478"        # --listen overrides
+//! max_body = "8MiB"              # larger report bodies get 413
+//! metrics_refresh = "10s"        # how often /metrics re-reads ledger totals
+//!
+//! [ledger]
+//! url = "sqlite:///var/lib/tally/ledger.db"   # or postgres://user@host/db
+//! max_connections = 8
+//!
+//! [prices]
+//! currency = "USD"
+//! decimals = 2                   # minor unit of the currency (JPY: 0)
+//! gpu_hour = { "NVIDIA H100 80GB HBM3" = 2.49, default = 1.00 }
+//! network_gib = 0.01             # ingress + egress
+//! energy_kwh = 0.12
+//! pcie_gib = 0.0
+//!
+//! [[auth.token]]
+//! token_file = "/etc/tally/tokens/agents"
+//! role = "agent"                 # agent | admin | tenant
+//! [[auth.token]]
+//! token_file = "/etc/tally/tokens/acme"
+//! role = "tenant"
+//! tenant = "acme"
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::config::{
+    Problems, check_tenant_name, parse_bytes, read_table, reject_unknown, section,
+};
+
+/// Default ledger: one SQLite file.
+pub const DEFAULT_LEDGER_URL: &str = "sqlite:///var/lib/tally/ledger.db";
+/// Top-level keys of the aggregator's config file.
+pub const KNOWN: &[&str] = &["aggregator", "ledger", "prices", "auth"];
+
+/// The aggregator's whole configuration.
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    pub server: ServerSection,
+    pub ledger: LedgerSection,
+    pub prices: Prices,
+    pub tokens: Vec<TokenSpec>,
+}
+
+/// `[aggregator]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Default `0.0.0.0:9478`.
+    pub listen: SocketAddr,
+    /// Largest accepted request body. Default `8MiB`.
+    pub max_body: String,
+    /// How often the `/metrics` totals are re-read from the ledger.
+    #[serde(with = "humantime_serde")]
+    pub metrics_refresh: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9478)),
+            max_body: "8MiB".into(),
+            metrics_refresh: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerSection {
+    pub fn max_body_bytes(&self) -> u64 {
+        parse_bytes(&self.max_body).unwrap_or(8 << 20)
+    }
+}
+
+/// `[ledger]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    /// `sqlite://PATH` or `postgres://…`.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_LEDGER_URL.into(),
+            max_connections: 8,
+        }
+    }
+}
+
+/// `[prices]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prices {
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Digits of the currency's minor unit: costs are rounded to it.
+    pub decimals: u32,
+    /// Price of one GPU-hour by model name; `default` for other models.
+    /// A MIG instance costs its slice fraction of its GPU's price.
+    pub gpu_hour: BTreeMap<String, f64>,
+    /// Per GiB of network traffic (ingress + egress).
+    pub network_gib: f64,
+    /// Per kWh of GPU energy.
+    pub energy_kwh: f64,
+    /// Per GiB of host↔device copies.
+    pub pcie_gib: f64,
+}
+
+impl Default for Prices {
+    fn default() -> Self {
+        Self {
+            currency: "USD".into(),
+            decimals: 2,
+            gpu_hour: BTreeMap::new(),
+            network_gib: 0.0,
+            energy_kwh: 0.0,
+            pcie_gib: 0.0,
+        }
+    }
+}
+
+impl Prices {
+    /// GPU-hour price of `model` (its own, else `default`, else 0).
+    pub fn gpu_hour(&self, model: &str) -> f64 {
+        self.gpu_hour
+            .get(model)
+            .or_else(|| self.gpu_hour.get("default"))
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+/// Who a token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// May only write reports.
+    Agent,
+    /// May read and write everything.
+    Admin,
+    /// May read its own tenant's lines only.
+    Tenant(String),
+}
+
+/// One `[[auth.token]]` after validation.
+#[derive(Debug, Clone)]
+pub struct TokenSpec {
+    pub token_file: PathBuf,
+    pub role: Role,
+    /// The tokens of the file (one per non-empty, non-`#` line).
+    pub tokens: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    token_file: Option<PathBuf>,
+    role: Option<String>,
+    tenant: Option<String>,
+}
+
+/// Shortest token accepted: guessable tokens are no access control.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl AggregatorConfig {
+    /// Loads and validates `file`, reporting every problem at once.
+    pub fn load(file: &Path) -> Result<Self, Problems> {
+        let mut table = read_table(file)?;
+        let mut problems = Problems::new(file);
+        let config = Self::from_table(&mut table, &mut problems);
+        reject_unknown(&table, "", KNOWN, &mut problems);
+        problems.finish(config)
+    }
+
+    /// Parses TOML text (tests).
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, Problems> {
+        let mut problems = Problems::new(origin);
+        let mut table = match text.parse::<toml::Table>() {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push("", format!("not valid TOML: {}", e.to_string().trim()));
+                return Err(problems);
+            }
+        };
+        let config = Self::from_table(&mut table, &mut problems);
+        reject_unknown(&table, "", KNOWN, &mut problems);
+        problems.finish(config)
+    }
+
+    fn from_table(table: &mut toml::Table, problems: &mut Problems) -> Self {
+        let server: ServerSection = section(table, "aggregator", problems);
+        if let Err(e) = parse_bytes(&server.max_body) {
+            problems.push("aggregator.max_body", e);
+        } else if server.max_body_bytes() < 1024 {
+            problems.push("aggregator.max_body", "must be at least 1KiB");
+        }
+        if server.metrics_refresh < Duration::from_millis(100) {
+            problems.push("aggregator.metrics_refresh", "must be at least 100ms");
+        }
+        let ledger: LedgerSection = section(table, "ledger", problems);
+        if !(ledger.url.starts_with("sqlite:")
+            || ledger.url.starts_with("postgres://")
+            || ledger.url.starts_with("postgresql://"))
+        {
+            problems.push(
+                "ledger.url",
+                "must start with `sqlite:` (e.g. sqlite:///var/lib/tally/ledger.db) or `postgres://`",
+            );
+        }
+        if ledger.max_connections == 0 {
+            problems.push("ledger.max_connections", "must be at least 1");
+        }
+        let prices: Prices = section(table, "prices", problems);
+        check_prices(&prices, problems);
+        let tokens = auth_section(table, problems);
+        Self {
+            server,
+            ledger,
+            prices,
+            tokens,
+        }
+    }
+}
+
+fn check_prices(p: &Prices, problems: &mut Problems) {
+    if p.currency.len() != 3 || !p.currency.chars().all(|c| c.is_ascii_uppercase()) {
+        problems.push(
+            "prices.currency",
+            "must be an ISO 4217 code such as \"USD\"",
+        );
+    }
+    if p.decimals > 6 {
+        problems.push("prices.decimals", "must be 0..=6");
+    }
+    let ok = |v: f64| v.is_finite() && v >= 0.0;
+    for (model, v) in &p.gpu_hour {
+        if !ok(*v) {
+            problems.push(
+                format!("prices.gpu_hour.\"{model}\""),
+                "must be a price ≥ 0",
+            );
+        }
+    }
+    for (key, v) in [
+        ("prices.network_gib", p.network_gib),
+        ("prices.energy_kwh", p.energy_kwh),
+        ("prices.pcie_gib", p.pcie_gib),
+    ] {
+        if !ok(v) {
+            problems.push(key, "must be a price ≥ 0");
+        }
+    }
+}
+
+fn auth_section(table: &mut toml::Table, problems: &mut Problems) -> Vec<TokenSpec> {
+    let mut out = Vec::new();
+    let Some(value) = table.remove("auth") else {
+        problems.push(
+            "auth.token",
+            "no [[auth.token]]: every request would be refused; add an agent and an admin token",
+        );
+        return out;
+    };
+    let toml::Value::Table(mut auth) = value else {
+        problems.push("auth", "must be a table");
+        return out;
+    };
+    match auth.remove("token") {
+        Some(toml::Value::Array(items)) => {
+            for (i, item) in items.into_iter().enumerate() {
+                let key = format!("auth.token[{i}]");
+                match TokenEntry::deserialize(item) {
+                    Ok(e) => {
+                        if let Some(spec) = token_entry(e, &key, problems) {
+                            out.push(spec);
+                        }
+                    }
+                    Err(e) => problems.push(key, e.message().to_string()),
+                }
+            }
+        }
+        Some(_) => problems.push("auth.token", "must be an array of tables ([[auth.token]])"),
+        None => problems.push(
+            "auth.token",
+            "no [[auth.token]]: add an agent and an admin token",
+        ),
+    }
+    reject_unknown(&auth, "auth", &["token"], problems);
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, spec) in out.iter().enumerate() {
+        for t in &spec.tokens {
+            if let Some(j) = seen.insert(t.as_str(), i) {
+                problems.push(
+                    format!("auth.token[{i}].token_file"),
+                    format!(
+                        "holds a token that auth.token[{j}] also holds: roles would be ambiguous"
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn token_entry(e: TokenEntry, key: &str, problems: &mut Problems) -> Option<TokenSpec> {
+    let role = match (e.role.as_deref(), e.tenant) {
+        (Some("agent"), None) => Role::Agent,
+        (Some("admin"), None) => Role::Admin,
+        (Some("tenant"), Some(t)) => {
+            if let Err(msg) = check_tenant_name(&t) {
+                problems.push(format!("{key}.tenant"), msg);
+                return None;
+            }
+            Role::Tenant(t)
+        }
+        (Some("tenant"), None) => {
+            problems.push(
+                format!("{key}.tenant"),
+                "a tenant token needs `tenant = \"…\"`",
+            );
+            return None;
+        }
+        (Some("agent" | "admin"), Some(_)) => {
+            problems.push(
+                format!("{key}.tenant"),
+                "only `role = \"tenant\"` takes a tenant",
+            );
+            return None;
+        }
+        (Some(other), _) => {
+            problems.push(
+                format!("{key}.role"),
+                format!("`{other}` is not a role; use agent, admin or tenant"),
+            );
+            return None;
+        }
+        (None, _) => {
+            problems.push(format!("{key}.role"), "missing: agent, admin or tenant");
+            return None;
+        }
+    };
+    let Some(file) = e.token_file else {
+        problems.push(format!("{key}.token_file"), "missing");
+        return None;
+    };
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(err) => {
+            problems.push(
+                format!("{key}.token_file"),
+                format!("cannot read {}: {err}", file.display()),
+            );
+            return None;
+        }
+    };
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
+        problems.push(
+            format!("{key}.token_file"),
+            format!("{} holds no token", file.display()),
+        );
+        return None;
+    }
+    if tokens.iter().any(|t| t.len() < MIN_TOKEN_LEN) {
+        problems.push(
+            format!("{key}.token_file"),
+            format!(
+                "{}: every token must be at least {MIN_TOKEN_LEN} characters",
+                file.display()
+            ),
+        );
+        return None;
+    }
+    Some(TokenSpec {
+        token_file: file,
+        role,
+        tokens,
+    })
+}
+
+/// Whether a parsed config file looks like an aggregator's rather than an
+/// agent's (`tally config check` picks the checker by this).
+pub fn looks_like_aggregator(file: &Path) -> bool {
+    let Ok(table) = read_table(file) else {
+        return false;
+    };
+    KNOWN.iter().any(|k| table.contains_key(*k))
+        && !["agent", "tenant", "probes", "report"]
+            .iter()
+            .any(|k| table.contains_key(*k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_example_parses_and_all_problems_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents");
+        std::fs::write(&agents, "# agents\nabcdefghijklmnopqrstuvwxyz\n").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "abc\n").unwrap();
+        let text = format!(
+            r#"
+            [prices]
+            currency = "USD"
+            gpu_hour = {{ "NVIDIA H100 80GB HBM3" = 2.49, default = 1.00 }}
+            network_gib = 0.01
+            energy_kwh = 0.12
+            [[auth.token]]
+            token_file = "{}"
+            role = "agent"
+            "#,
+            agents.display()
+        );
+        let c = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap();
+        assert_eq!(c.ledger.url, DEFAULT_LEDGER_URL);
+        assert_eq!(c.prices.gpu_hour("NVIDIA H100 80GB HBM3"), 2.49);
+        assert_eq!(c.prices.gpu_hour("Tesla T4"), 1.0);
+        assert_eq!(c.tokens[0].role, Role::Agent);
+        assert_eq!(c.server.listen.port(), 9478);
+
+        let bad = format!(
+            r#"
+            colour = 1
+            [ledger]
+            url = "mysql://x"
+            [prices]
+            currency = "dollars"
+            energy_kwh = -1
+            [[auth.token]]
+            token_file = "{}"
+            role = "tenant"
+            [[auth.token]]
+            token_file = "{}"
+            role = "root"
+            [[auth.token]]
+            token_file = "/nonexistent"
+            role = "admin"
+            "#,
+            agents.display(),
+            short.display()
+        );
+        let err = AggregatorConfig::parse(&bad, Path::new("a.toml")).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "ledger.url",
+                "prices.currency",
+                "prices.energy_kwh",
+                "auth.token[0].tenant",
+                "auth.token[1].role",
+                "auth.token[2].token_file",
+                "colour"
+            ],
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! The aggregator's `/metrics`: ingest health (live counters) and cluster
+//! totals per tenant (read from the ledger by a background task every
+//! `[aggregator] metrics_refresh`, never on the scrape path).
+//!
+//! With several replicas on one PostgreSQL, every replica exports the same
+//! `tally_cluster_*` totals: aggregate them with `max`, not `sum`.
+
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+        histogram::Histogram,
+    },
+    registry::{Registry, Unit},
+};
+
+use super::ledger::TenantTotals;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+/// What `/metrics` reads from the ledger, refreshed in the background.
+#[derive(Debug, Default)]
+pub struct Cached {
+    pub totals: Vec<TenantTotals>,
+    /// `(node, last report received, ms)`.
+    pub nodes: Vec<(String, i64)>,
+    pub ledger_up: bool,
+}
+
+/// The aggregator's metric families.
+pub struct Metrics {
+    registry: Registry,
+    /// Reports by result: stored, duplicate, conflict, rejected,
+    /// unauthorized, forbidden, error.
+    pub reports: Family<ResultLabel, Counter>,
+    pub ingest_duration: Histogram,
+    pub ledger_errors: Counter,
+    pub audit_chain_breaks: Family<NodeLabel, Counter>,
+    pub cached: Arc<RwLock<Cached>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let reports = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tally_aggregator_reports",
+            "Reports received, by result (stored, duplicate, conflict, rejected, unauthorized, \
+             forbidden, error).",
+            reports.clone(),
+        );
+        let ingest_duration = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]);
+        registry.register_with_unit(
+            "tally_aggregator_ingest_duration",
+            "Time to validate and store one report.",
+            Unit::Seconds,
+            ingest_duration.clone(),
+        );
+        let ledger_errors = Counter::default();
+        registry.register(
+            "tally_aggregator_ledger_errors",
+            "Ledger statements that failed (the request got 503 and is retried by the agent).",
+            ledger_errors.clone(),
+        );
+        let audit_chain_breaks = Family::<NodeLabel, Counter>::default();
+        registry.register(
+            "tally_aggregator_audit_chain_breaks",
+            "Audit records that do not follow their node's hash chain.",
+            audit_chain_breaks.clone(),
+        );
+        let cached = Arc::new(RwLock::new(Cached::default()));
+        registry.register_collector(Box::new(ClusterCollector(cached.clone())));
+        Self {
+            registry,
+            reports,
+            ingest_duration,
+            ledger_errors,
+            audit_chain_breaks,
+            cached,
+        }
+    }
+
+    /// Counts one report outcome.
+    pub fn report(&self, result: &str) {
+        self.reports
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Debug)]
+struct ClusterCollector(Arc<RwLock<Cached>>);
+
+fn family<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    kind: MetricType,
+    samples: Vec<(L, f64)>,
+) -> Result<(), std::fmt::Error> {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut m = e.encode_descriptor(name, help, unit.as_ref(), kind)?;
+    for (labels, v) in samples {
+        let f = m.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(f)?,
+            _ => ConstGauge::new(v).encode(f)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for ClusterCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let c = match self.0.read() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let e = &mut e;
+        family(
+            e,
+            "tally_aggregator_ledger_up",
+            "1 when the last read of the ledger succeeded.",
+            None,
+            MetricType::Gauge,
+            vec![([("ledger", "main")], f64::from(u8::from(c.ledger_up)))],
+        )?;
+        family(
+            e,
+            "tally_aggregator_node_last_report_timestamp",
+            "When the last report of each node was stored (Unix time).",
+            Some(Unit::Seconds),
+            MetricType::Gauge,
+            c.nodes
+                .iter()
+                .map(|(n, ms)| ([("node", n.clone())], *ms as f64 / 1000.0))
+                .collect(),
+        )?;
+        let t = |r: &TenantTotals| [("tenant", r.tenant.clone())];
+        let td =
+            |r: &TenantTotals, d: &str| [("tenant", r.tenant.clone()), ("direction", d.to_owned())];
+        family(
+            e,
+            "tally_cluster_tenant_gpu_allocated",
+            "GPU time the tenant held across the cluster (MIG instances count their own time), \
+             from the ledger. tenant=\"_idle\" is time nobody held.",
+            Some(Unit::Seconds),
+            MetricType::Counter,
+            c.totals
+                .iter()
+                .map(|r| (t(r), r.allocated_us as f64 / 1e6))
+                .collect(),
+        )?;
+        family(
+            e,
+            "tally_cluster_tenant_gpu_sm",
+            "SM-utilization-weighted GPU time of the tenant across the cluster.",
+            Some(Unit::Seconds),
+            MetricType::Counter,
+            c.totals
+                .iter()
+                .map(|r| (t(r), r.sm_us as f64 / 1e6))
+                .collect(),
+        )?;
+        family(
+            e,
+            "tally_cluster_tenant_gpu_memory_byte",
+            "Integral of the GPU memory the tenant held across the cluster (byte-seconds).",
+            Some(Unit::Seconds),
+            MetricType::Counter,
+            c.totals
+                .iter()
+                .map(|r| (t(r), r.memory_byte_seconds as f64))
+                .collect(),
+        )?;
+        family(
+            e,
+            "tally_cluster_tenant_gpu_energy",
+            "The tenant's share of GPU energy across the cluster.",
+            Some(Unit::Joules),
+            MetricType::Counter,
+            c.totals
+                .iter()
+                .map(|r| (t(r), r.energy_mj as f64 / 1e3))
+                .collect(),
+        )?;
+        family(
+            e,
+            "tally_cluster_tenant_network",
+            "Network bytes of the tenant across the cluster.",
+            Some(Unit::Bytes),
+            MetricType::Counter,
+            c.totals
+                .iter()
+                .flat_map(|r| {
+                    [
+                        (td(r, "ingress"), r.network_ingress_bytes as f64),
+                        (td(r, "egress"), r.network_egress_bytes as f64),
+                    ]
+                })
+                .collect(),
+        )?;
+        family(
+            e,
+            "tally_cluster_tenant_pcie",
+            "Host-device copy bytes of the tenant across the cluster.",
+            Some(Unit::Bytes),
+            MetricType::Counter,
+            c.totals
+                .iter()
+                .flat_map(|r| {
+                    [
+                        (td(r, "h2d"), r.pcie_h2d_bytes as f64),
+                        (td(r, "d2h"), r.pcie_d2h_bytes as f64),
+                    ]
+                })
+                .collect(),
+        )
+    }
+}

@@ -1,0 +1,332 @@
+//! The report's wire format: the one thing the agent and the aggregator
+//! share. Versioned by [`SCHEMA_VERSION`]; the aggregator refuses any other.
+//!
+//! Quantities are integers in fine units (microseconds, millijoules,
+//! byte-seconds, bytes) so that the deltas of a counter telescope exactly:
+//! the sum of every report's delta equals the agent's cumulative counter,
+//! rounded once, and the ledger's sums are exact.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The version of [`Report`] this build speaks.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Longest accepted name (node, tenant, GPU label, model, …).
+pub const MAX_NAME: usize = 256;
+
+/// One report: what a node used over one interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// [`SCHEMA_VERSION`].
+    pub version: u32,
+    /// Node name (`[report] node`).
+    pub node: String,
+    /// The kernel's boot id when the report was cut.
+    pub boot_id: String,
+    /// Sequence number, unique per (node, boot_id); strictly increasing.
+    pub seq: u64,
+    /// Interval covered, milliseconds since the Unix epoch.
+    pub interval_start_ms: u64,
+    pub interval_end_ms: u64,
+    /// Per (tenant, device) GPU usage over the interval.
+    #[serde(default)]
+    pub gpu_usage: Vec<GpuUsage>,
+    /// Per-tenant I/O over the interval (eBPF probes).
+    #[serde(default)]
+    pub io_usage: Vec<IoUsage>,
+    /// Gauges of every GPU and MIG instance at the end of the interval.
+    #[serde(default)]
+    pub gpus: Vec<GpuGauge>,
+    /// Audit records written since the previous report, in log order.
+    #[serde(default)]
+    pub audit: Vec<AuditRecord>,
+}
+
+/// One tenant's use of one GPU or MIG instance over the interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuUsage {
+    pub tenant: String,
+    /// Device label: `"<index>"` or `"<index>/<gi>/<ci>"` for MIG.
+    pub gpu: String,
+    pub uuid: String,
+    /// Marketing name of the (parent) GPU, the price table's key.
+    pub model: String,
+    /// MIG profile (`"3g.40gb"`) for a MIG instance.
+    #[serde(default)]
+    pub mig_profile: Option<String>,
+    /// Share of the physical GPU this device is: 1 for a whole GPU, compute
+    /// slices over the parent's total for a MIG instance. Prices scale by it.
+    pub slice_fraction: f64,
+    /// Time the tenant held the device, microseconds.
+    pub allocated_us: u64,
+    /// Held time weighted by SM utilization, microseconds; absent where
+    /// NVML has no per-process utilization (MIG instances).
+    #[serde(default)]
+    pub sm_us: Option<u64>,
+    /// Integral of GPU memory held, byte-seconds.
+    pub memory_byte_seconds: u64,
+    /// The tenant's share of the device's energy, millijoules.
+    pub energy_mj: u64,
+}
+
+/// One tenant's I/O over the interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IoUsage {
+    pub tenant: String,
+    pub network_ingress_bytes: u64,
+    pub network_egress_bytes: u64,
+    pub network_ingress_packets: u64,
+    pub network_egress_packets: u64,
+    pub network_dropped_packets: u64,
+    pub pcie_h2d_bytes: u64,
+    pub pcie_d2h_bytes: u64,
+}
+
+/// The state of one GPU or MIG instance at the end of the interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuGauge {
+    pub gpu: String,
+    pub uuid: String,
+    pub model: String,
+    pub mig_mode: bool,
+    pub mig_profile: Option<String>,
+    pub parent_uuid: Option<String>,
+    pub slice_fraction: Option<f64>,
+    /// `ok`, `lost` or `error`, as the agent's sampler saw it.
+    pub health: String,
+    pub utilization_ratio: Option<f64>,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// Processes on the device at the end of the interval.
+    pub processes: u32,
+}
+
+/// One record of a node's append-only audit log (enforcement actions), as
+/// the enforcement side writes it (one JSON object per line).
+///
+/// The log is a hash chain: `prev_sha256` is the previous record's
+/// `sha256` ([`GENESIS_SHA256`] for the first record of a log). The
+/// aggregator checks that linkage per node on ingest; the node's own
+/// `tally audit verify` checks each record's content hash. Fields other
+/// than the named ones are kept as they are (`rest`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When it happened, milliseconds since the Unix epoch (the report's
+    /// interval end when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ms: Option<u64>,
+    /// The tenant acted on, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// What happened (`throttle`, `terminate`, `alert`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    pub prev_sha256: String,
+    pub sha256: String,
+    /// Every other field of the record.
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `prev_sha256` of the first record of a chain.
+pub const GENESIS_SHA256: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+impl Report {
+    /// Digest of the report's canonical JSON, to tell a retry (same digest)
+    /// from a conflicting report that reuses a (node, boot, seq).
+    pub fn digest(&self) -> String {
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(&canonical))
+    }
+
+    /// Checks what serde cannot: names, ranges and quantities that no real
+    /// interval can produce. Returns every problem found.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut p = Vec::new();
+        if self.version != SCHEMA_VERSION {
+            p.push(format!(
+                "schema version {} is not supported (this aggregator speaks {SCHEMA_VERSION})",
+                self.version
+            ));
+        }
+        name(&mut p, "node", &self.node);
+        name(&mut p, "boot_id", &self.boot_id);
+        if self.seq > i64::MAX as u64 {
+            p.push("seq is out of range".into());
+        }
+        if self.interval_end_ms < self.interval_start_ms {
+            p.push(format!(
+                "interval_end_ms {} is before interval_start_ms {}",
+                self.interval_end_ms, self.interval_start_ms
+            ));
+        }
+        // 2^53 ms is ~285,000 years: anything beyond is not a time.
+        if self.interval_end_ms > 1 << 53 {
+            p.push("interval_end_ms is not a plausible time".into());
+        }
+        let span_us = self
+            .interval_end_ms
+            .saturating_sub(self.interval_start_ms)
+            .saturating_mul(1000);
+        // Sampling runs on a monotonic clock, the interval on the wall
+        // clock: allow 10 % and 5 s of skew before calling a value impossible.
+        let max_us = span_us
+            .saturating_add(span_us / 10)
+            .saturating_add(5_000_000);
+        let mut per_device: std::collections::BTreeMap<&str, u64> = Default::default();
+        for (i, u) in self.gpu_usage.iter().enumerate() {
+            let at = format!("gpu_usage[{i}]");
+            name(&mut p, &format!("{at}.tenant"), &u.tenant);
+            name(&mut p, &format!("{at}.gpu"), &u.gpu);
+            name(&mut p, &format!("{at}.uuid"), &u.uuid);
+            name(&mut p, &format!("{at}.model"), &u.model);
+            if let Some(profile) = &u.mig_profile {
+                name(&mut p, &format!("{at}.mig_profile"), profile);
+            }
+            if !(u.slice_fraction > 0.0 && u.slice_fraction <= 1.0) {
+                p.push(format!(
+                    "{at}.slice_fraction {} is not within (0, 1]",
+                    u.slice_fraction
+                ));
+            }
+            if u.allocated_us > max_us {
+                p.push(format!(
+                    "{at}.allocated_us {} exceeds the interval ({} us)",
+                    u.allocated_us, span_us
+                ));
+            }
+            if u.sm_us.is_some_and(|sm| sm > u.allocated_us) {
+                p.push(format!("{at}.sm_us exceeds allocated_us"));
+            }
+            // 10 kW for the whole interval is beyond any GPU.
+            if u.energy_mj > max_us.saturating_mul(10) {
+                p.push(format!("{at}.energy_mj {} is impossible", u.energy_mj));
+            }
+            *per_device.entry(u.uuid.as_str()).or_default() += u.allocated_us;
+        }
+        for (uuid, total) in per_device {
+            if total > max_us {
+                p.push(format!(
+                    "allocated time on device {uuid} sums to {total} us, more than the interval"
+                ));
+            }
+        }
+        for (i, u) in self.io_usage.iter().enumerate() {
+            name(&mut p, &format!("io_usage[{i}].tenant"), &u.tenant);
+            for (key, v) in [
+                ("network_ingress_bytes", u.network_ingress_bytes),
+                ("network_egress_bytes", u.network_egress_bytes),
+                ("pcie_h2d_bytes", u.pcie_h2d_bytes),
+                ("pcie_d2h_bytes", u.pcie_d2h_bytes),
+            ] {
+                if v > i64::MAX as u64 {
+                    p.push(format!("io_usage[{i}].{key} is out of range"));
+                }
+            }
+        }
+        for (i, g) in self.gpus.iter().enumerate() {
+            if let Some(r) = g.utilization_ratio
+                && !(0.0..=1.0).contains(&r)
+            {
+                p.push(format!(
+                    "gpus[{i}].utilization_ratio {r} is not within 0..1"
+                ));
+            }
+        }
+        for (i, a) in self.audit.iter().enumerate() {
+            for (key, h) in [("prev_sha256", &a.prev_sha256), ("sha256", &a.sha256)] {
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    p.push(format!("audit[{i}].{key} is not a hex SHA-256"));
+                }
+            }
+            if let Some(t) = &a.tenant {
+                name(&mut p, &format!("audit[{i}].tenant"), t);
+            }
+        }
+        if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+}
+
+fn name(p: &mut Vec<String>, key: &str, value: &str) {
+    if value.is_empty() || value.len() > MAX_NAME {
+        p.push(format!("{key} must be 1..={MAX_NAME} bytes"));
+    } else if value.chars().any(char::is_control) {
+        p.push(format!("{key} contains a control character"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Report {
+        Report {
+            version: SCHEMA_VERSION,
+            node: "n1".into(),
+            boot_id: "b".into(),
+            seq: 7,
+            interval_start_ms: 1_000_000,
+            interval_end_ms: 1_010_000,
+            gpu_usage: vec![GpuUsage {
+                tenant: "acme".into(),
+                gpu: "0".into(),
+                uuid: "GPU-0".into(),
+                model: "NVIDIA H100 80GB HBM3".into(),
+                mig_profile: None,
+                slice_fraction: 1.0,
+                allocated_us: 10_000_000,
+                sm_us: Some(5_000_000),
+                memory_byte_seconds: 1 << 30,
+                energy_mj: 3_000_000,
+            }],
+            io_usage: vec![],
+            gpus: vec![],
+            audit: vec![],
+        }
+    }
+
+    #[test]
+    fn a_plain_report_is_valid_and_round_trips() {
+        let r = sample();
+        r.validate().unwrap();
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.digest(), r.digest());
+    }
+
+    #[test]
+    fn impossible_values_are_named() {
+        let mut r = sample();
+        r.version = 2;
+        r.gpu_usage[0].allocated_us = 60_000_000;
+        r.gpu_usage[0].slice_fraction = 1.5;
+        r.node = String::new();
+        let errs = r.validate().unwrap_err();
+        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert!(errs[0].contains("schema version 2"), "{errs:?}");
+    }
+
+    #[test]
+    fn negative_numbers_do_not_parse() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["gpu_usage"][0]["energy_mj"] = serde_json::json!(-5);
+        assert!(serde_json::from_value::<Report>(v).is_err());
+    }
+
+    #[test]
+    fn audit_records_keep_unknown_fields() {
+        let line = format!(
+            r#"{{"time_ms":5,"tenant":"acme","action":"throttle","resource":"gpu_memory","prev_sha256":"{GENESIS_SHA256}","sha256":"{GENESIS_SHA256}"}}"#
+        );
+        let a: AuditRecord = serde_json::from_str(&line).unwrap();
+        assert_eq!(a.rest["resource"], "gpu_memory");
+        let again: AuditRecord = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!(again, a);
+    }
+}
