@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     deps,
-    exec::{cargo, exec, target_dir},
+    exec::{cargo, exec, target_dir, workspace_root},
 };
 
 #[derive(Debug, clap::Args)]
@@ -50,7 +50,30 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         cmd.arg(f);
     }
     cmd.env("TALLY_SKIP_LOG", &skip_log);
-    let counts = run_counting(&mut cmd)?;
+    // The ledger tests run on PostgreSQL as well as SQLite.
+    match crate::postgres::ensure() {
+        Ok(url) => {
+            cmd.env("TALLY_TEST_POSTGRES_URL", url);
+        }
+        Err(e) => eprintln!(
+            "xtask: no test PostgreSQL ({e:#}); the PostgreSQL ledger tests will say skipped"
+        ),
+    }
+    let mut counts = run_counting(&mut cmd)?;
+
+    // Ops checks: alert rules, manifests, boards and alerts proven against
+    // a real Prometheus and Alertmanager (tests/ops/README.md).
+    if o.filter.is_none() {
+        let mut ops = Command::new("bash");
+        ops.arg(workspace_root().join("tests/ops/run.sh"))
+            .arg("--no-build")
+            .env("TALLY_SKIP_LOG", &skip_log)
+            .current_dir(workspace_root());
+        let ops_counts = run_counting(&mut ops)?;
+        counts.passed += ops_counts.passed;
+        counts.failed += ops_counts.failed;
+        counts.success &= ops_counts.success;
+    }
 
     let skipped: Vec<String> = std::fs::read_to_string(&skip_log)
         .unwrap_or_default()
@@ -90,13 +113,31 @@ fn run_counting(cmd: &mut Command) -> anyhow::Result<Counts> {
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.trim().strip_prefix("test result: ") {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("test result: ") {
             counts.passed += number_before(rest, " passed");
             counts.failed += number_before(rest, " failed");
+        } else if is_plain_summary(line) {
+            // The ops runner's closing line: "N passed, N failed, N skipped".
+            // Its skips are in the skip log; count them as passed here, like
+            // cargo does, so they are subtracted once below.
+            counts.passed += number_before(line, " passed") + number_before(line, " skipped");
+            counts.failed += number_before(line, " failed");
         }
     }
     counts.success = child.wait()?.success();
     Ok(counts)
+}
+
+/// `N passed, N failed[, N skipped]` alone on a line.
+fn is_plain_summary(line: &str) -> bool {
+    let parts: Vec<&str> = line.split(", ").collect();
+    (2..=3).contains(&parts.len())
+        && parts[0].ends_with(" passed")
+        && parts[1].ends_with(" failed")
+        && parts
+            .iter()
+            .all(|p| p.split(' ').next().is_some_and(|n| n.parse::<u64>().is_ok()))
 }
 
 fn number_before(text: &str, word: &str) -> u64 {
@@ -115,5 +156,9 @@ mod tests {
         assert_eq!(number_before(line, " passed"), 19);
         assert_eq!(number_before(line, " failed"), 2);
         assert_eq!(number_before("FAILED. 0 passed; 1 failed;", " failed"), 1);
+        assert!(is_plain_summary("201 passed, 0 failed, 10 skipped"));
+        assert!(is_plain_summary("3 passed, 1 failed"));
+        assert!(!is_plain_summary("tally: 3 passed, 1 failed"));
+        assert_eq!(number_before("201 passed, 0 failed, 10 skipped", " skipped"), 10);
     }
 }
