@@ -1,0 +1,601 @@
+//! Kubernetes tenants end to end: a fake kubelet serving the pod-resources
+//! proto on a unix socket, real processes in cgroups named as the kubelet
+//! and the runtimes name them (made beneath our own cgroup), the NVML
+//! simulator saying which GPU or MIG instance each uses, and the real
+//! `tally agent` in between.
+//!
+//! A kubelet that is slow, answers garbage, or is not there must never stop
+//! sampling: tenants fall back to the next rule, with one log line.
+
+use std::{
+    convert::Infallible,
+    fs,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tally::kubernetes::proto::{
+    ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse,
+    PodResources,
+};
+use tally_e2e::{Agent, Cgroup, ChildGuard, SimNode, require_root, unique, wait_for};
+use tonic::{
+    codegen::{BoxFuture, Service, http},
+    server::{Grpc, NamedService, UnaryService},
+};
+
+const GIB: f64 = (1u64 << 30) as f64;
+const GPU0: &str = "GPU-6b1d3c1e-0000-4a5b-9c8d-7e6f5a4b3c2d";
+
+const SCENARIO: &str = r#"
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+uuid = "GPU-6b1d3c1e-0000-4a5b-9c8d-7e6f5a4b3c2d"
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA A100-SXM4-40GB"
+memory_mib = 40960
+uuid = "GPU-6b1d3c1e-0001-4a5b-9c8d-7e6f5a4b3c2d"
+power_idle_w = 50
+power_max_w = 400
+mig = ["3g.20gb", "2g.10gb", "1g.5gb", "1g.5gb"]
+"#;
+
+// ------------------------------------------------------------ fake kubelet
+
+/// What the fake kubelet does with `List`.
+#[derive(Clone)]
+enum Behavior {
+    Answer(ListPodResourcesResponse),
+    /// Answers after this long (the agent must have given up by then).
+    Slow(Duration),
+    /// Well-framed gRPC whose payload is not a valid
+    /// `ListPodResourcesResponse` (a pod name that is not UTF-8).
+    Malformed,
+}
+
+/// The kubelet's `v1.PodResourcesLister` on a unix socket, served by tonic
+/// with the agent's own generated messages. Stops on drop.
+struct FakeKubelet {
+    behavior: Arc<Mutex<Behavior>>,
+    runtime: Option<tokio::runtime::Runtime>,
+    socket: PathBuf,
+}
+
+impl FakeKubelet {
+    fn start(socket: &Path, behavior: Behavior) -> FakeKubelet {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let behavior = Arc::new(Mutex::new(behavior));
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::UnixListener::bind(socket)
+                .unwrap_or_else(|e| panic!("bind {}: {e}", socket.display()))
+        };
+        let service = Lister(behavior.clone());
+        runtime.spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .serve_with_incoming(service, incoming)
+                .await
+            {
+                eprintln!("fake kubelet stopped: {e}");
+            }
+        });
+        FakeKubelet {
+            behavior,
+            runtime: Some(runtime),
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn set(&self, behavior: Behavior) {
+        *self.behavior.lock().unwrap() = behavior;
+    }
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        let _ = fs::remove_file(&self.socket);
+    }
+}
+
+#[derive(Clone)]
+struct Lister(Arc<Mutex<Behavior>>);
+
+impl NamedService for Lister {
+    const NAME: &'static str = "v1.PodResourcesLister";
+}
+
+/// Answers one unary call with a fixed message.
+struct Fixed<T>(T);
+
+impl<T: Default + Send + 'static> UnaryService<ListPodResourcesRequest> for Fixed<T> {
+    type Response = T;
+    type Future = std::future::Ready<Result<tonic::Response<T>, tonic::Status>>;
+
+    fn call(&mut self, _: tonic::Request<ListPodResourcesRequest>) -> Self::Future {
+        // Each call builds a new `Fixed`, so taking the value is fine.
+        let value = std::mem::take(&mut self.0);
+        std::future::ready(Ok(tonic::Response::new(value)))
+    }
+}
+
+/// A pod-resources answer the agent cannot decode: field 1 of `PodResources`
+/// (the pod name, a `string`) carries bytes that are not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct BadPod {
+    #[prost(bytes = "vec", tag = "1")]
+    name: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct BadList {
+    #[prost(message, repeated, tag = "1")]
+    pod_resources: Vec<BadPod>,
+}
+
+impl Service<http::Request<tonic::body::Body>> for Lister {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let behavior = self.0.lock().unwrap().clone();
+        Box::pin(async move {
+            if req.uri().path() != "/v1.PodResourcesLister/List" {
+                return Ok(tonic::Status::unimplemented(req.uri().path().to_owned()).into_http());
+            }
+            let answer = match behavior {
+                Behavior::Malformed => {
+                    let bad = BadList {
+                        pod_resources: vec![BadPod {
+                            name: vec![0xff, 0xfe, 0xfd],
+                        }],
+                    };
+                    let codec =
+                        tonic_prost::ProstCodec::<BadList, ListPodResourcesRequest>::default();
+                    return Ok(Grpc::new(codec).unary(Fixed(bad), req).await);
+                }
+                Behavior::Slow(delay) => {
+                    tokio::time::sleep(delay).await;
+                    ListPodResourcesResponse::default()
+                }
+                Behavior::Answer(answer) => answer,
+            };
+            let codec = tonic_prost::ProstCodec::<
+                ListPodResourcesResponse,
+                ListPodResourcesRequest,
+            >::default();
+            Ok(Grpc::new(codec).unary(Fixed(answer), req).await)
+        })
+    }
+}
+
+/// One pod with one container holding `devices` of `resource`.
+fn pod(ns: &str, name: &str, container: &str, resource: &str, devices: &[&str]) -> PodResources {
+    PodResources {
+        name: name.into(),
+        namespace: ns.into(),
+        containers: vec![ContainerResources {
+            name: container.into(),
+            devices: if devices.is_empty() {
+                vec![]
+            } else {
+                vec![ContainerDevices {
+                    resource_name: resource.into(),
+                    device_ids: devices.iter().map(|d| (*d).to_owned()).collect(),
+                    topology: None,
+                }]
+            },
+            cpu_ids: vec![],
+        }],
+    }
+}
+
+// ---------------------------------------------------------------- the node
+
+/// Everything one test needs: a simulated node, a directory for the
+/// kubelet's socket and log directories, and the agent's config.
+struct Node {
+    sim: SimNode,
+    kubelet_dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Node {
+        Node {
+            sim: SimNode::new(SCENARIO),
+            kubelet_dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.kubelet_dir.path().join("kubelet.sock")
+    }
+
+    fn pod_logs(&self) -> PathBuf {
+        self.kubelet_dir.path().join("pods")
+    }
+
+    fn container_logs(&self) -> PathBuf {
+        self.kubelet_dir.path().join("containers")
+    }
+
+    /// Namespace → tenant for `team-a-prod`, the namespace's name for the
+    /// others, and pods nobody can name fall back to `k8s-unknown`.
+    fn config(&self) -> String {
+        format!(
+            r#"
+[[tenant.rule]]
+kubernetes = true
+namespaces = {{ "team-a-prod" = "team-a" }}
+
+[[tenant.rule]]
+cgroup = '/kubepods'
+tenant = "k8s-unknown"
+
+[tenant.kubernetes]
+pod_resources_socket = "{}"
+pod_logs_dir = "{}"
+container_logs_dir = "{}"
+refresh_interval = "300ms"
+timeout = "500ms"
+workload_series = true
+"#,
+            self.socket().display(),
+            self.pod_logs().display(),
+            self.container_logs().display()
+        )
+    }
+
+    fn agent(&self) -> Agent {
+        Agent::start(&self.sim, &self.config(), &["--sample-interval", "200ms"])
+    }
+}
+
+/// A pod UID and a container id, unique per call.
+fn ids() -> (String, String) {
+    let n = unique("k8s");
+    let digits: String = n.chars().filter(char::is_ascii_digit).collect();
+    let tail = format!("{digits:0>12}");
+    let tail = &tail[tail.len() - 12..];
+    let uid = format!("7e9b4c9a-1d2e-4f60-8a7b-{tail}");
+    let cid = format!("{:0>64}", format!("c0{digits}"));
+    (uid, cid)
+}
+
+/// A process in a container cgroup named the systemd driver's way (with
+/// containerd), beneath a unique base cgroup of ours.
+struct PodProcess {
+    _cgroup: Cgroup,
+    proc: ChildGuard,
+    uid: String,
+    cid: String,
+}
+
+fn systemd_burstable_pod() -> PodProcess {
+    let (uid, cid) = ids();
+    let cgroup = Cgroup::create(&format!(
+        "{}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{cid}.scope",
+        unique("e2e-k8s"),
+        uid.replace('-', "_")
+    ));
+    let proc = cgroup.spawn("sleep", &["600"]);
+    PodProcess {
+        _cgroup: cgroup,
+        proc,
+        uid,
+        cid,
+    }
+}
+
+/// The cgroupfs driver's naming: `kubepods/besteffort/pod<uid>/<id>`.
+fn cgroupfs_besteffort_pod() -> PodProcess {
+    let (uid, cid) = ids();
+    let cgroup = Cgroup::create(&format!(
+        "{}/kubepods/besteffort/pod{uid}/{cid}",
+        unique("e2e-k8s")
+    ));
+    let proc = cgroup.spawn("sleep", &["600"]);
+    PodProcess {
+        _cgroup: cgroup,
+        proc,
+        uid,
+        cid,
+    }
+}
+
+fn memory(agent: &Agent, tenant: &str, gpu: &str) -> f64 {
+    agent
+        .metrics()
+        .value(
+            "tally_tenant_gpu_memory_bytes",
+            &[("tenant", tenant), ("gpu", gpu)],
+        )
+        .unwrap_or(0.0)
+}
+
+fn wait_memory(agent: &Agent, tenant: &str, gpu: &str, bytes: f64) {
+    wait_for(
+        &format!("{tenant} to hold {bytes} bytes on gpu {gpu}"),
+        Duration::from_secs(30),
+        || (memory(agent, tenant, gpu) == bytes).then_some(()),
+    );
+}
+
+fn count_lines(agent: &Agent, needle: &str) -> usize {
+    agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+// ------------------------------------------------------------------- tests
+
+#[test]
+fn pods_are_charged_to_their_namespace_tenant() {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let kubelet = FakeKubelet::start(
+        &node.socket(),
+        Behavior::Answer(ListPodResourcesResponse::default()),
+    );
+    let trainer = systemd_burstable_pod();
+    let notebook = cgroupfs_besteffort_pod();
+    node.sim.register(trainer.proc.pid(), 0, None, 8192, 0.5);
+    // MIG instance 2 of GPU 1 (1g.5gb): gpu label 1/3/0.
+    node.sim
+        .register(notebook.proc.pid(), 1, Some(2), 2048, 0.0);
+    let agent = node.agent();
+
+    // The kubelet's device ids are the UUIDs NVML reports.
+    let snap = agent.snapshot();
+    let mig_uuid = snap["gpus"]
+        .as_array()
+        .expect("gpus")
+        .iter()
+        .find(|g| g["gpu"] == "1/3/0")
+        .and_then(|g| g["uuid"].as_str())
+        .expect("MIG instance 1/3/0 in the snapshot")
+        .to_owned();
+    assert!(mig_uuid.starts_with("MIG-"), "{mig_uuid}");
+    kubelet.set(Behavior::Answer(ListPodResourcesResponse {
+        pod_resources: vec![
+            pod(
+                "team-a-prod",
+                "trainer-0",
+                "cuda",
+                "nvidia.com/gpu",
+                &[GPU0],
+            ),
+            pod(
+                "research",
+                "notebook",
+                "jupyter",
+                "nvidia.com/mig-1g.5gb",
+                &[&mig_uuid],
+            ),
+            pod(
+                "kube-system",
+                "coredns-5d78c9869d-x2x7k",
+                "coredns",
+                "",
+                &[],
+            ),
+        ],
+    }));
+
+    // team-a-prod is mapped to team-a; research is its own tenant.
+    wait_memory(&agent, "team-a", "0", 8.0 * GIB);
+    wait_memory(&agent, "research", "1/3/0", 2.0 * GIB);
+    let m = agent.metrics();
+    assert_eq!(
+        m.value(
+            "tally_workload_gpu_memory_bytes",
+            &[
+                ("tenant", "team-a"),
+                ("namespace", "team-a-prod"),
+                ("pod", "trainer-0"),
+                ("container", "cuda"),
+                ("gpu", "0"),
+            ],
+        ),
+        Some(8.0 * GIB)
+    );
+    assert_eq!(
+        m.value(
+            "tally_workload_gpu_memory_bytes",
+            &[("namespace", "research"), ("gpu", "1/3/0")],
+        ),
+        Some(2.0 * GIB)
+    );
+    // Nobody is left on the fallback tenant, and time is being charged.
+    assert_eq!(memory(&agent, "k8s-unknown", "0"), 0.0);
+    assert_eq!(memory(&agent, "k8s-unknown", "1/3/0"), 0.0);
+    assert!(
+        m.value(
+            "tally_tenant_gpu_allocated_seconds_total",
+            &[("tenant", "team-a"), ("gpu", "0")]
+        )
+        .unwrap_or(0.0)
+            > 0.0
+    );
+    // The snapshot carries the workload of each process.
+    let snap = agent.snapshot();
+    let procs: Vec<&serde_json::Value> = snap["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["processes"].as_array().unwrap())
+        .collect();
+    let p = procs
+        .iter()
+        .find(|p| p["pid"] == trainer.proc.pid())
+        .expect("trainer process in the snapshot");
+    assert_eq!(p["tenant"], "team-a");
+    assert_eq!(p["workload"]["pod"], "trainer-0");
+    assert_eq!(p["workload"]["container"], "cuda");
+    assert!(
+        p["cgroup"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("cri-containerd-{}.scope", trainer.cid)),
+        "{p}"
+    );
+    assert_eq!(count_lines(&agent, "pod-resources unavailable"), 0);
+}
+
+/// The kubelet misbehaves from the start; `kind` names the way.
+fn kubelet_failure_falls_back(behavior: Option<Behavior>, reason: &str) {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let kubelet = behavior.map(|b| FakeKubelet::start(&node.socket(), b));
+    let trainer = systemd_burstable_pod();
+    node.sim.register(trainer.proc.pid(), 0, None, 8192, 0.5);
+    let agent = node.agent();
+
+    // Sampling goes on and the pod's GPU goes to the next rule's tenant.
+    wait_memory(&agent, "k8s-unknown", "0", 8.0 * GIB);
+    let before = agent.snapshot()["samples"].as_u64().unwrap();
+    // 15 samples of 200 ms: several refreshes (300 ms apart, 500 ms timeout).
+    agent.wait_samples(15);
+    let after = agent.snapshot()["samples"].as_u64().unwrap();
+    assert!(after >= before + 15, "samples {before} → {after}");
+    assert_eq!(memory(&agent, "k8s-unknown", "0"), 8.0 * GIB);
+    assert_eq!(memory(&agent, "team-a", "0"), 0.0);
+    let log = agent.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("pod-resources unavailable"))
+        .collect();
+    assert_eq!(lines.len(), 1, "exactly one line per outage; log:\n{log}");
+    assert!(
+        lines[0].contains(reason),
+        "{reason:?} not in {:?}",
+        lines[0]
+    );
+    drop(kubelet);
+}
+
+#[test]
+fn slow_kubelet_never_blocks_sampling() {
+    kubelet_failure_falls_back(
+        Some(Behavior::Slow(Duration::from_secs(10))),
+        "no answer within",
+    );
+}
+
+#[test]
+fn malformed_answer_never_blocks_sampling() {
+    kubelet_failure_falls_back(Some(Behavior::Malformed), "failed to decode");
+}
+
+#[test]
+fn missing_socket_falls_back_then_recovers() {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let trainer = systemd_burstable_pod();
+    node.sim.register(trainer.proc.pid(), 0, None, 8192, 0.5);
+    let agent = node.agent();
+    wait_memory(&agent, "k8s-unknown", "0", 8.0 * GIB);
+    agent.wait_samples(10);
+    assert_eq!(
+        count_lines(&agent, "pod-resources unavailable"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        count_lines(&agent, "no such socket"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+
+    // The kubelet comes up: the pod is named, once, and logged once.
+    let _kubelet = FakeKubelet::start(
+        &node.socket(),
+        Behavior::Answer(ListPodResourcesResponse {
+            pod_resources: vec![pod(
+                "team-a-prod",
+                "trainer-0",
+                "cuda",
+                "nvidia.com/gpu",
+                &[GPU0],
+            )],
+        }),
+    );
+    wait_memory(&agent, "team-a", "0", 8.0 * GIB);
+    assert_eq!(memory(&agent, "k8s-unknown", "0"), 0.0);
+    assert_eq!(
+        count_lines(&agent, "pod-resources answering"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(count_lines(&agent, "pod-resources unavailable"), 1);
+}
+
+#[test]
+fn pod_log_directories_name_pods_without_the_kubelet() {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let notebook = cgroupfs_besteffort_pod();
+    // What the kubelet writes for every pod and container on the node.
+    fs::create_dir_all(
+        node.pod_logs()
+            .join(format!("research_notebook-0_{}/jupyter", notebook.uid)),
+    )
+    .unwrap();
+    fs::create_dir_all(node.container_logs()).unwrap();
+    fs::write(
+        node.container_logs()
+            .join(format!("notebook-0_research_jupyter-{}.log", notebook.cid)),
+        "",
+    )
+    .unwrap();
+    node.sim.register(notebook.proc.pid(), 0, None, 1024, 0.1);
+    let agent = node.agent();
+    wait_memory(&agent, "research", "0", GIB);
+    let m = agent.metrics();
+    assert_eq!(
+        m.value(
+            "tally_workload_gpu_memory_bytes",
+            &[
+                ("namespace", "research"),
+                ("pod", "notebook-0"),
+                ("container", "jupyter"),
+            ],
+        ),
+        Some(GIB)
+    );
+    // No kubelet: said once, and it did not matter here.
+    assert_eq!(count_lines(&agent, "pod-resources unavailable"), 1);
+}
