@@ -96,11 +96,11 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Doctor(args) => {
-            let lib = match load_optional(args.config.as_ref()) {
-                Ok(c) => args.nvml_lib.unwrap_or(c.agent.nvml_lib),
+            let (lib, probes) = match load_optional(args.config.as_ref()) {
+                Ok(c) => (args.nvml_lib.unwrap_or(c.agent.nvml_lib), c.probes),
                 Err(code) => return code,
             };
-            doctor::run(&lib)
+            doctor::run_with_probes(&lib, &probes)
         }
     }
 }

@@ -23,9 +23,13 @@ pub struct Check {
 
 /// Runs every check and prints them; exit 1 if any failed.
 pub fn run(nvml_lib: &Path) -> ExitCode {
-    let checks = checks(nvml_lib);
+    report(&checks(nvml_lib))
+}
+
+/// Prints `checks`; failure if any failed.
+fn report(checks: &[Check]) -> ExitCode {
     let mut failed = false;
-    for c in &checks {
+    for c in checks {
         let (tag, text) = match &c.verdict {
             Verdict::Ok(t) => ("ok  ", t),
             Verdict::Warn(t) => ("warn", t),
@@ -41,6 +45,31 @@ pub fn run(nvml_lib: &Path) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Every check, then a real load and attach of every eBPF probe as
+/// `config` sets them up (in a throwaway pin directory); exit 1 if any failed.
+pub fn run_with_probes(nvml_lib: &Path, config: &crate::probes::ProbesConfig) -> ExitCode {
+    let mut all = checks(nvml_lib);
+    all.extend(probe_checks(config));
+    report(&all)
+}
+
+/// One check per eBPF probe: loaded and attached for real, or why not.
+pub fn probe_checks(config: &crate::probes::ProbesConfig) -> Vec<Check> {
+    crate::probes::trial(config)
+        .into_iter()
+        .map(|(name, status)| Check {
+            name,
+            verdict: match status.error {
+                None => Verdict::Ok("loads and attaches".into()),
+                // No libcuda is not a broken probe on a node without GPUs.
+                Some(e) if e.starts_with("no CUDA driver library") => Verdict::Warn(e),
+                Some(e) if e.starts_with("disabled in the config") => Verdict::Warn(e),
+                Some(e) => Verdict::Fail(e),
+            },
+        })
+        .collect()
 }
 
 /// Every check, in the order they are printed.

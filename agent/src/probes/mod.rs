@@ -146,10 +146,13 @@ impl ProbeError {
         };
         match self {
             ProbeError::Disabled { .. } => "set it to true to enable",
-            ProbeError::Mount { .. } | ProbeError::PinDir { .. } => {
+            ProbeError::Mount { .. } => {
+                "mount bpffs (`mount -t bpf bpf /sys/fs/bpf`), or run the agent as root or \
+                 with CAP_SYS_ADMIN so it mounts it"
+            }
+            ProbeError::PinDir { .. } => {
                 "run the agent as root or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN \
-                 (DaemonSet securityContext.capabilities.add, systemd AmbientCapabilities=), \
-                 or mount bpffs (`mount -t bpf bpf /sys/fs/bpf`)"
+                 (DaemonSet securityContext.capabilities.add, systemd AmbientCapabilities=)"
             }
             ProbeError::PinDirBusy { .. } => {
                 "stop the other agent, or give this one another [probes] pin_dir"
@@ -1027,4 +1030,45 @@ impl Probes {
 enum Part {
     Net,
     Pcie,
+}
+
+/// Every probe name, in the order [`Probes::statuses`] lists them.
+pub const PROBE_NAMES: [&str; 5] = [
+    PROBE_NET_INGRESS,
+    PROBE_NET_EGRESS,
+    PROBE_PCIE,
+    PROBE_EXEC,
+    PROBE_EXIT,
+];
+
+/// Loads and attaches every probe for real, as the agent would, but with
+/// maps in a throwaway pin directory beside `[probes] pin_dir` (a running
+/// agent's maps and counters are left alone); detaches and removes it all
+/// before returning. For `tally doctor`.
+pub fn trial(config: &ProbesConfig) -> Vec<(&'static str, ProbeStatus)> {
+    let mut name = config
+        .pin_dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!("-doctor-{}", std::process::id()));
+    let pin_dir = config.pin_dir.with_file_name(name);
+    let state_dir = std::env::temp_dir().join(format!("tally-doctor-{}", std::process::id()));
+    let trial_config = ProbesConfig {
+        pin_dir: pin_dir.clone(),
+        ..config.clone()
+    };
+    let statuses = Probes::start(&trial_config, &state_dir).statuses();
+    if let Ok(entries) = std::fs::read_dir(&pin_dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(&pin_dir);
+    let _ = std::fs::remove_dir_all(&state_dir);
+    PROBE_NAMES
+        .iter()
+        .zip(statuses)
+        .map(|(name, status)| (*name, status))
+        .collect()
 }

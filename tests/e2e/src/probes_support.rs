@@ -4,13 +4,12 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, UdpSocket},
+    io::{BufRead, BufReader, Read},
+    net::{SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::OnceLock,
-    thread::JoinHandle,
     time::Duration,
 };
 
@@ -24,9 +23,12 @@ pub struct FakeCuda {
     pub lib: PathBuf,
     /// `cuda-copy LIB SYMBOL[@h2d|@d2h] BYTES COUNT...`.
     pub caller: PathBuf,
+    /// `netload` (`tests/e2e/helpers/netload.c`): loopback TCP/UDP of
+    /// known size that reports its retransmitted bytes.
+    pub netload: PathBuf,
 }
 
-/// Builds (once) and returns the fake libcuda and its caller.
+/// Builds (once) and returns the fake libcuda, its caller and `netload`.
 pub fn fake_cuda() -> &'static FakeCuda {
     static BUILT: OnceLock<FakeCuda> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -54,7 +56,22 @@ pub fn fake_cuda() -> &'static FakeCuda {
             src.join("cuda-copy.c").to_str().unwrap(),
             "-ldl",
         ]);
-        FakeCuda { lib, caller }
+        let netload = out.join("netload");
+        cc(&[
+            "-O2",
+            "-Wall",
+            "-o",
+            netload.to_str().unwrap(),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("helpers/netload.c")
+                .to_str()
+                .unwrap(),
+        ]);
+        FakeCuda {
+            lib,
+            caller,
+            netload,
+        }
     })
 }
 
@@ -129,34 +146,59 @@ cgroup = '/{base}/(?P<tenant>[^/]+)$'
     )
 }
 
-/// Accepts one TCP connection, reads exactly `read` bytes, writes `write`
-/// bytes back, and closes. Returns the address and the thread (which
-/// yields the bytes it read).
-pub fn tcp_peer(read: u64, write: u64) -> (SocketAddr, JoinHandle<u64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind tcp peer");
-    let addr = listener.local_addr().unwrap();
-    let handle = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut got = 0u64;
-        let mut buf = vec![0u8; 1 << 16];
-        while got < read {
-            let n = s.read(&mut buf).expect("read from tenant");
-            if n == 0 {
-                break;
-            }
-            got += n as u64;
+/// A `netload tcp-serve` in this process's cgroup (no tenant's): accepts
+/// one connection, reads `read` bytes, writes `write` bytes back.
+pub struct TcpServer {
+    child: ChildGuard,
+    pub addr: SocketAddr,
+}
+
+impl TcpServer {
+    pub fn start(read: u64, write: u64) -> TcpServer {
+        let mut child = ChildGuard(
+            Command::new(&fake_cuda().netload)
+                .args(["tcp-serve", &read.to_string(), &write.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn netload tcp-serve"),
+        );
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.as_mut().expect("piped"))
+            .read_line(&mut line)
+            .expect("read port");
+        let port: u16 = line
+            .strip_prefix("port ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("netload tcp-serve said {line:?}"));
+        TcpServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
         }
-        let chunk = vec![7u8; 1 << 16];
-        let mut left = write;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            s.write_all(&chunk[..n]).expect("write to tenant");
-            left -= n as u64;
-        }
-        got
-    });
-    (addr, handle)
+    }
+
+    /// Waits for the exchange to end; the bytes the server retransmitted.
+    pub fn finish(mut self) -> u64 {
+        let mut rest = String::new();
+        self.child
+            .0
+            .stdout
+            .take()
+            .expect("piped")
+            .read_to_string(&mut rest)
+            .expect("read netload output");
+        let status = self.child.0.wait().expect("wait netload");
+        assert!(status.success(), "netload tcp-serve failed: {status}");
+        retrans(&rest)
+    }
+}
+
+/// The `retrans N` line of netload's output.
+pub fn retrans(output: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("retrans ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no retrans line in {output:?}"))
 }
 
 /// A UDP socket on 127.0.0.1 to send datagrams to (never read: the
@@ -164,27 +206,6 @@ pub fn tcp_peer(read: u64, write: u64) -> (SocketAddr, JoinHandle<u64>) {
 pub fn udp_sink() -> (SocketAddr, UdpSocket) {
     let s = UdpSocket::bind("127.0.0.1:0").expect("bind udp sink");
     (s.local_addr().unwrap(), s)
-}
-
-/// Shell (bash: `/dev/tcp`, `/dev/udp`) that connects to `addr`, sends
-/// `send` zero bytes, then reads `recv` bytes and exits.
-pub fn tcp_client_script(addr: SocketAddr, send: u64, recv: u64) -> String {
-    format!(
-        "exec 3<>/dev/tcp/{ip}/{port} && head -c {send} /dev/zero >&3 && \
-         head -c {recv} <&3 >/dev/null",
-        ip = addr.ip(),
-        port = addr.port()
-    )
-}
-
-/// Shell that sends `count` UDP datagrams of `size` bytes to `addr` (dd
-/// writes one block per write(2), one datagram each).
-pub fn udp_sender_script(addr: SocketAddr, count: u64, size: u64) -> String {
-    format!(
-        "exec 3<>/dev/udp/{ip}/{port} && dd if=/dev/zero bs={size} count={count} status=none >&3",
-        ip = addr.ip(),
-        port = addr.port()
-    )
 }
 
 /// Makes `dir` and every file in it world-readable (and the directory

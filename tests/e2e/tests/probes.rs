@@ -12,9 +12,14 @@
 //!   timestamp option; a SYN carries 8 more), and the packet counter says
 //!   how many skbs there were.
 //!
-//! The expected bytes are `payload + headers(packets)` and the counters
-//! must match within 1 %, the tolerance the issue sets (with 64 KiB skbs,
-//! header guesses move the total by well under 0.1 %).
+//! - TCP retransmissions are bytes on the wire too: each side reports its
+//!   `tcpi_bytes_retrans` (`helpers/netload.c`), added to the payload
+//!   (loopback retransmits only after a spurious RTO on a loaded machine).
+//!
+//! The expected bytes are `payload + retransmitted + headers(packets)` and
+//! the counters must match within 1 %, the tolerance the issue sets (with
+//! 64 KiB skbs the header estimate moves the total by well under 0.1 %; a
+//! SYN's 8 extra option bytes are the usual whole difference).
 
 use std::{
     fs,
@@ -27,8 +32,7 @@ use std::{
 use tally_e2e::{
     Agent, Cgroup, Metrics, SimNode,
     probes_support::{
-        PinDir, fake_cuda, probe_config, start_agent_as_nobody, tcp_client_script, tcp_peer,
-        udp_sender_script, udp_sink,
+        PinDir, TcpServer, fake_cuda, probe_config, retrans, start_agent_as_nobody, udp_sink,
     },
     require_root, skip, unique, wait_for,
 };
@@ -90,20 +94,6 @@ fn within_1pct(what: &str, got: u64, want: u64) {
     );
 }
 
-/// Runs `bash -c script` inside `cg` and waits for it to exit successfully.
-fn run_in(cg: &Cgroup, script: &str) {
-    let status = cg
-        .command("/bin/bash", &["-c", script])
-        .stdin(Stdio::null())
-        .status()
-        .expect("run bash in cgroup");
-    assert!(
-        status.success(),
-        "`{script}` in {} failed: {status}",
-        cg.path
-    );
-}
-
 /// Runs the fake-libcuda caller inside `cg` with `calls` (SYMBOL BYTES COUNT…).
 fn cuda_in(cg: &Cgroup, calls: &[&str]) {
     let cuda = fake_cuda();
@@ -117,33 +107,88 @@ fn cuda_in(cg: &Cgroup, calls: &[&str]) {
     assert!(status.success(), "cuda-copy {calls:?} failed: {status}");
 }
 
+/// Bytes the kernel sent twice in a workload (see `netload.c`).
+#[derive(Debug, Clone, Copy)]
+struct Retrans {
+    /// By the tenant (counted at its egress).
+    tenant: u64,
+    /// By the peer (counted at the tenant's ingress).
+    peer: u64,
+}
+
 /// A tenant workload over loopback: TCP `send` bytes out and `recv` back,
 /// then `datagrams` UDP datagrams of `size` bytes. Returns once it exited.
-fn network_workload(cg: &Cgroup, send: u64, recv: u64, datagrams: u64, size: u64) {
-    let (tcp, peer) = tcp_peer(send, recv);
-    let (udp, _sink) = udp_sink();
-    run_in(
-        cg,
-        &format!(
-            "{} && {}",
-            tcp_client_script(tcp, send, recv),
-            udp_sender_script(udp, datagrams, size)
-        ),
+fn network_workload(cg: &Cgroup, send: u64, recv: u64, datagrams: u64, size: u64) -> Retrans {
+    let netload = &fake_cuda().netload;
+    let server = TcpServer::start(send, recv);
+    let port = server.addr.port().to_string();
+    let out = cg
+        .command(
+            netload,
+            &[
+                "tcp-client",
+                "127.0.0.1",
+                &port,
+                &send.to_string(),
+                &recv.to_string(),
+            ],
+        )
+        .stdin(Stdio::null())
+        .output()
+        .expect("run netload tcp-client");
+    assert!(
+        out.status.success(),
+        "tcp-client: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(peer.join().expect("tcp peer"), send, "peer got every byte");
+    let tenant = retrans(&String::from_utf8_lossy(&out.stdout));
+    let peer = server.finish();
+
+    let (udp, _sink) = udp_sink();
+    let port = udp.port().to_string();
+    let status = cg
+        .command(
+            netload,
+            &[
+                "udp-send",
+                "127.0.0.1",
+                &port,
+                &datagrams.to_string(),
+                &size.to_string(),
+            ],
+        )
+        .stdin(Stdio::null())
+        .status()
+        .expect("run netload udp-send");
+    assert!(status.success(), "udp-send failed: {status}");
+    Retrans { tenant, peer }
 }
 
 /// Checks a tenant's counters against a workload (see the module docs).
-fn check_network(tenant: &str, n: Net, send: u64, recv: u64, datagrams: u64, size: u64) {
+fn check_network(
+    tenant: &str,
+    n: Net,
+    (send, recv, datagrams, size): (u64, u64, u64, u64),
+    r: Retrans,
+) {
     assert!(
         n.out_packets > datagrams,
         "{tenant}: {n:?}: fewer egress packets than datagrams"
     );
     let tcp_out_packets = n.out_packets - datagrams;
-    let want_out = send + tcp_out_packets * TCP_HEADERS + datagrams * (size + UDP_HEADERS);
-    within_1pct(&format!("{tenant} egress bytes"), n.out_bytes, want_out);
-    let want_in = recv + n.in_packets * TCP_HEADERS;
-    within_1pct(&format!("{tenant} ingress bytes"), n.in_bytes, want_in);
+    let want_out =
+        send + r.tenant + tcp_out_packets * TCP_HEADERS + datagrams * (size + UDP_HEADERS);
+    within_1pct(
+        &format!("{tenant} egress bytes ({r:?})"),
+        n.out_bytes,
+        want_out,
+    );
+    let want_in = recv + r.peer + n.in_packets * TCP_HEADERS;
+    within_1pct(
+        &format!("{tenant} ingress bytes ({r:?})"),
+        n.in_bytes,
+        want_in,
+    );
     // Payload alone is a floor no header guess can explain away.
     assert!(
         n.out_bytes >= send + datagrams * (size + UDP_HEADERS),
@@ -228,8 +273,8 @@ fn network_bytes_of_two_tenants_over_loopback_tcp_and_udp() {
     // the counters are read.
     let wa = (8u64 << 20, 1u64 << 20, 300u64, 1200u64);
     let wb = (2u64 << 20, 3u64 << 20, 1000u64, 100u64);
-    network_workload(&alpha, wa.0, wa.1, wa.2, wa.3);
-    network_workload(&beta, wb.0, wb.1, wb.2, wb.3);
+    let ra = network_workload(&alpha, wa.0, wa.1, wa.2, wa.3);
+    let rb = network_workload(&beta, wb.0, wb.1, wb.2, wb.3);
     assert!(alpha.pids().is_empty() && beta.pids().is_empty());
 
     let m = settle(&agent, "both tenants counted", |m| {
@@ -238,8 +283,8 @@ fn network_bytes_of_two_tenants_over_loopback_tcp_and_udp() {
     let a = net_of(&m, "alpha");
     let b = net_of(&m, "beta");
     eprintln!("alpha {a:?}\nbeta {b:?}");
-    check_network("alpha", a, wa.0, wa.1, wa.2, wa.3);
-    check_network("beta", b, wb.0, wb.1, wb.2, wb.3);
+    check_network("alpha", a, wa, ra);
+    check_network("beta", b, wb, rb);
 
     // The cgroup of an exited tenant goes away: its bytes stay, folded into
     // the tenant (state file) before the map entry is deleted.
@@ -345,16 +390,31 @@ fn pcie_copies_of_two_tenants_are_exact() {
     for (tenant, dir, n) in want {
         assert_eq!(pcie(&m, tenant, dir), n, "{tenant} {dir}");
     }
-    // What the probes did not see is _unattributed's, never spread: the
-    // series exists and no tenant got more than it copied.
-    assert!(
-        m.value(
-            "tally_tenant_pcie_bytes_total",
-            &[("tenant", "_unattributed"), ("direction", "h2d")]
-        )
-        .is_some(),
-        "no _unattributed pcie series"
-    );
+
+    // What the devices moved (NVML, here the simulator's PCIe throughput
+    // while alpha holds GPU 0) and the probes did not see is
+    // _unattributed's, never spread: within one scrape,
+    // _unattributed = device total − what the tenants were given.
+    let holder = alpha.spawn("/bin/sleep", &["600"]);
+    s.node.register(holder.pid(), 0, None, 1024, 0.5);
+    let m = settle(&agent, "device PCIe bytes beyond the probes'", |m| {
+        m.sum("tally_gpu_pcie_bytes_total", &[("direction", "rx")]) > 1e6
+    });
+    for (nvml_dir, dir) in [("rx", "h2d"), ("tx", "d2h")] {
+        let device = m.sum("tally_gpu_pcie_bytes_total", &[("direction", nvml_dir)]);
+        let tenants: u64 = ["alpha", "beta"].iter().map(|t| pcie(&m, t, dir)).sum();
+        let unattributed = pcie(&m, "_unattributed", dir);
+        let want = device - tenants as f64;
+        // Each GPU's float total is truncated to whole bytes.
+        assert!(
+            (unattributed as f64 - want).abs() <= 4.0,
+            "{dir}: _unattributed {unattributed}, device {device} − tenants {tenants} = {want}"
+        );
+    }
+    for (tenant, dir, n) in want {
+        assert_eq!(pcie(&m, tenant, dir), n, "{tenant} {dir} unchanged");
+    }
+    s.node.unregister(holder.pid());
 }
 
 #[test]
@@ -373,7 +433,7 @@ fn agent_restart_continues_counters_without_double_count() {
     let first = Agent::start_with(&s.node, &config, addr, &[]);
 
     let w = (4u64 << 20, 64u64 << 10, 50u64, 1000u64);
-    network_workload(&alpha, w.0, w.1, w.2, w.3);
+    let r1 = network_workload(&alpha, w.0, w.1, w.2, w.3);
     cuda_in(&alpha, &["cuMemcpyHtoD_v2", "1000", "7"]);
     network_workload(&gone, 1 << 20, 1000, 10, 10);
     cuda_in(&gone, &["cuMemcpyDtoH_v2", "333", "3"]);
@@ -393,7 +453,7 @@ fn agent_restart_continues_counters_without_double_count() {
     });
     let before = settle(&first, "fold settled", |_| true);
     let alpha_before = net_of(&before, "alpha");
-    check_network("alpha", alpha_before, w.0, w.1, w.2, w.3);
+    check_network("alpha", alpha_before, w, r1);
 
     // Kill -9 mid-test: no clean shutdown, no final state write.
     drop(first);
@@ -418,7 +478,7 @@ fn agent_restart_continues_counters_without_double_count() {
     );
 
     // And they keep counting from there.
-    network_workload(&alpha, w.0, w.1, w.2, w.3);
+    let r2 = network_workload(&alpha, w.0, w.1, w.2, w.3);
     cuda_in(&alpha, &["cuMemcpyHtoD_v2", "1000", "7"]);
     let later = settle(&second, "second agent counted more", |m| {
         net_of(m, "alpha").out_bytes >= alpha_before.out_bytes + w.0
@@ -432,7 +492,8 @@ fn agent_restart_continues_counters_without_double_count() {
         out_bytes: a.out_bytes - alpha_before.out_bytes,
         out_packets: a.out_packets - alpha_before.out_packets,
     };
-    check_network("alpha (second run)", delta, w.0, w.1, w.2, w.3);
+    eprintln!("alpha before {alpha_before:?}\nalpha after {a:?}\ndelta {delta:?}");
+    check_network("alpha (second run)", delta, w, r2);
     assert_eq!(net_of(&later, "gone"), gone_net);
 }
 
@@ -550,4 +611,68 @@ fn unprivileged_agent_reports_probes_down_and_serves_gpu_metrics() {
         "the agent logs why"
     );
     assert!(!pin.0.exists(), "nothing pinned as nobody");
+}
+
+#[test]
+fn doctor_loads_every_probe_or_says_why_not() {
+    if !require_root() {
+        return;
+    }
+    let pin = PinDir::new();
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("tally.toml");
+    fs::write(
+        &config,
+        probe_config(
+            &unique("tally-probes-doctor"),
+            &pin.0,
+            state.path(),
+            &[&fake_cuda().lib],
+            "1s",
+        ),
+    )
+    .unwrap();
+    let doctor = |cmd: &mut Command| {
+        let out = cmd
+            .arg("doctor")
+            .arg("--config")
+            .arg(&config)
+            .arg("--nvml-lib")
+            .arg(tally_e2e::sim_lib())
+            .envs(SimNode::standard().env())
+            .output()
+            .expect("run tally doctor");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = doctor(&mut Command::new(tally_e2e::tally_bin()));
+    for probe in PROBES {
+        assert!(
+            text.contains(&format!("[ok  ] {probe}")),
+            "{probe} not ok:\n{text}"
+        );
+    }
+    assert!(
+        !pin.0.exists(),
+        "the doctor pins nothing in the agent's directory"
+    );
+
+    // As nobody the doctor says why each probe cannot load.
+    tally_e2e::probes_support::open_up(state.path());
+    let text = doctor(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        tally_e2e::tally_bin().to_str().unwrap(),
+    ]));
+    for probe in PROBES {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("] {probe} ")))
+            .unwrap_or_else(|| panic!("no line for {probe}:\n{text}"));
+        assert!(
+            line.starts_with("[FAIL]") && line.contains("Permission denied"),
+            "{line}"
+        );
+    }
 }
