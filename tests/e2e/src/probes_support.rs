@@ -28,51 +28,58 @@ pub struct FakeCuda {
     pub netload: PathBuf,
 }
 
-/// Builds (once) and returns the fake libcuda, its caller and `netload`.
+/// Builds (once per process) and returns the fake libcuda, its caller and
+/// `netload`, in a directory under the target dir.
 pub fn fake_cuda() -> &'static FakeCuda {
     static BUILT: OnceLock<FakeCuda> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fake-libcuda");
         let out = crate::target_dir().join(unique("fake-libcuda"));
-        fs::create_dir_all(&out).expect("fake-libcuda output dir");
-        let lib = out.join("libcuda.so.1");
-        let caller = out.join("cuda-copy");
-        cc(&[
-            "-shared",
-            "-fPIC",
-            "-O0",
-            "-fno-ipa-icf",
-            "-Wall",
-            "-Wl,-soname,libcuda.so.1",
-            "-o",
-            lib.to_str().unwrap(),
-            src.join("libcuda.c").to_str().unwrap(),
-        ]);
-        cc(&[
-            "-O2",
-            "-Wall",
-            "-o",
-            caller.to_str().unwrap(),
-            src.join("cuda-copy.c").to_str().unwrap(),
-            "-ldl",
-        ]);
-        let netload = out.join("netload");
-        cc(&[
-            "-O2",
-            "-Wall",
-            "-o",
-            netload.to_str().unwrap(),
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("helpers/netload.c")
-                .to_str()
-                .unwrap(),
-        ]);
-        FakeCuda {
-            lib,
-            caller,
-            netload,
-        }
+        build_helpers(&out)
     })
+}
+
+/// Compiles `tests/fake-libcuda/*.c` and `tests/e2e/helpers/netload.c`
+/// with the system C compiler (`cc`) into `out`.
+pub fn build_helpers(out: &Path) -> FakeCuda {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fake-libcuda");
+    fs::create_dir_all(out).expect("helpers output dir");
+    let lib = out.join("libcuda.so.1");
+    let caller = out.join("cuda-copy");
+    cc(&[
+        "-shared",
+        "-fPIC",
+        "-O0",
+        "-fno-ipa-icf",
+        "-Wall",
+        "-Wl,-soname,libcuda.so.1",
+        "-o",
+        lib.to_str().unwrap(),
+        src.join("libcuda.c").to_str().unwrap(),
+    ]);
+    cc(&[
+        "-O2",
+        "-Wall",
+        "-o",
+        caller.to_str().unwrap(),
+        src.join("cuda-copy.c").to_str().unwrap(),
+        "-ldl",
+    ]);
+    let netload = out.join("netload");
+    cc(&[
+        "-O2",
+        "-Wall",
+        "-o",
+        netload.to_str().unwrap(),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("helpers/netload.c")
+            .to_str()
+            .unwrap(),
+    ]);
+    FakeCuda {
+        lib,
+        caller,
+        netload,
+    }
 }
 
 fn cc(args: &[&str]) {
@@ -155,8 +162,13 @@ pub struct TcpServer {
 
 impl TcpServer {
     pub fn start(read: u64, write: u64) -> TcpServer {
+        Self::start_with(&fake_cuda().netload, read, write)
+    }
+
+    /// As [`TcpServer::start`], with a given `netload` binary.
+    pub fn start_with(netload: &Path, read: u64, write: u64) -> TcpServer {
         let mut child = ChildGuard(
-            Command::new(&fake_cuda().netload)
+            Command::new(netload)
                 .args(["tcp-serve", &read.to_string(), &write.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
