@@ -676,3 +676,36 @@ fn doctor_loads_every_probe_or_says_why_not() {
         );
     }
 }
+
+#[test]
+fn a_second_agent_on_the_same_pin_dir_does_not_attach_twice() {
+    if !require_root() {
+        return;
+    }
+    let s = setup("tally-probes-busy");
+    let first = s.agent("500ms");
+    // Same pin dir, own state dir: it must not count into the first one's maps.
+    let state = tempfile::tempdir().unwrap();
+    let config = probe_config(
+        s.name(),
+        &s.pin.0,
+        state.path(),
+        &[&fake_cuda().lib],
+        "500ms",
+    );
+    let second = Agent::start(&s.node, &config, &[]);
+    let snap = second.snapshot();
+    for p in snap["probes"].as_array().expect("probes") {
+        assert_eq!(p["up"], false, "{p}");
+        let err = p["error"].as_str().unwrap_or_default();
+        assert!(err.contains("another tally agent holds"), "{p}");
+    }
+    // The first keeps counting, once.
+    let alpha = s.tenant("alpha");
+    cuda_in(&alpha, &["cuMemcpyHtoD_v2", "4096", "3"]);
+    let m = settle(&first, "first agent counted", |m| {
+        pcie(m, "alpha", "h2d") >= 12288
+    });
+    assert_eq!(pcie(&m, "alpha", "h2d"), 12288);
+    assert_eq!(pcie(&second.metrics(), "alpha", "h2d"), 0);
+}
