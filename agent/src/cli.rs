@@ -31,6 +31,36 @@ pub enum Command {
     Aggregator(crate::aggregator::cli::AggregatorArgs),
     /// Print a chargeback report from an aggregator (a table by default).
     Report(crate::aggregator::cli::ReportArgs),
+    /// Run a command in a tenant's cgroup (`tally/<tenant>/<job>`).
+    Run(RunArgs),
+    /// Work with the enforcement audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Tenant whose cgroup the command runs in.
+    #[arg(long)]
+    pub tenant: String,
+    /// Job name: the cgroup below the tenant's [default: job-<pid>].
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Config file: `[tenant] cgroup_parent` and the tenant's quota.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// The command and its arguments (after `--`).
+    #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of an audit log; name the first broken line.
+    Verify {
+        /// The audit log (`<state_dir>/audit.log`).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +132,13 @@ pub fn main() -> ExitCode {
             };
             doctor::run_with_probes(&lib, &probes)
         }
+        Command::Run(args) => match load_optional(args.config.as_ref()) {
+            Ok(config) => {
+                crate::enforce::run::run(&config, &args.tenant, args.job.as_deref(), &args.command)
+            }
+            Err(code) => code,
+        },
+        Command::Audit(AuditCommand::Verify { file }) => crate::enforce::run::verify(&file),
     }
 }
 

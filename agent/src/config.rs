@@ -196,6 +196,13 @@ impl Default for AgentSection {
 pub struct TenantSection {
     /// `[[tenant.rule]]`, first match wins.
     pub rules: Vec<TenantRule>,
+    /// `[tenant.quota.<name>]`: local quotas, enforced by `crate::enforce`.
+    pub quotas: BTreeMap<String, crate::enforce::quota::Quota>,
+    /// `[tenant] cgroup_parent`: the cgroup under which Tally makes
+    /// `tally/<tenant>/<job>`, on every hierarchy: an absolute path names a
+    /// delegated cgroup (which must exist), a relative one is made beneath
+    /// the process's own cgroup on each hierarchy. Default: the own cgroup.
+    pub cgroup_parent: Option<String>,
     /// `[tenant.kubernetes]`: how to reach the kubelet (`kubernetes` rules).
     pub kubernetes: crate::kubernetes::KubernetesConfig,
 }
@@ -320,9 +327,39 @@ fn tenant_section(table: &mut toml::Table, problems: &mut Problems) -> TenantSec
             "must be an array of tables ([[tenant.rule]])",
         ),
     }
+    let quotas = match tenant.remove("quota") {
+        None => BTreeMap::new(),
+        Some(value) => crate::enforce::quota::parse_quotas(value, problems),
+    };
+    let cgroup_parent = match tenant.remove("cgroup_parent") {
+        None => None,
+        Some(toml::Value::String(p))
+            if !p.is_empty() && !p.split('/').any(|c| c == ".." || c == ".") =>
+        {
+            Some(p)
+        }
+        Some(_) => {
+            problems.push(
+                "tenant.cgroup_parent",
+                "must be a cgroup path without `.` or `..`: absolute for a delegated cgroup \
+                 (\"/tally.slice\"), or relative to the process's own cgroup",
+            );
+            None
+        }
+    };
     let kubernetes = crate::kubernetes::parse_section(tenant.remove("kubernetes"), problems);
-    reject_unknown(&tenant, "tenant", &["rule", "kubernetes"], problems);
-    TenantSection { rules, kubernetes }
+    reject_unknown(
+        &tenant,
+        "tenant",
+        &["rule", "quota", "cgroup_parent", "kubernetes"],
+        problems,
+    );
+    TenantSection {
+        rules,
+        quotas,
+        cgroup_parent,
+        kubernetes,
+    }
 }
 
 fn validate_rule(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Option<TenantRule> {
@@ -374,7 +411,10 @@ fn validate_rule(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Op
             None
         }
         (None, None) => {
-            problems.push(key, "a rule needs `cgroup = '<regex>'`, `user = true` or `kubernetes = true`");
+            problems.push(
+                key,
+                "a rule needs `cgroup = '<regex>'`, `user = true` or `kubernetes = true`",
+            );
             None
         }
     }

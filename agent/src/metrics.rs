@@ -340,6 +340,7 @@ impl Collector for SnapshotCollector {
 
         encode_workloads(&snap, e)?;
         encode_io(&snap, e)?;
+        encode_enforcement(&snap, e)?;
         encode_report(e)?;
         encode_process(e)
     }
@@ -491,6 +492,52 @@ fn encode_report(e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         family.encode(e, [(NOLABELS, s.value)])?;
     }
     Ok(())
+}
+
+/// Quota limits, usage and enforcement actions (`crate::enforce`).
+fn encode_enforcement(
+    snap: &Snapshot,
+    e: &mut DescriptorEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    let q = &snap.tenant_quotas;
+    let tr = |r: &crate::snapshot::TenantQuotaStatus| {
+        [
+            ("tenant", r.tenant.clone()),
+            ("resource", r.resource.clone()),
+        ]
+    };
+    gauge(
+        "tally_tenant_quota_limit",
+        "The tenant's quota on this node, by resource: cpu_cores (cores), memory and gpu_memory \
+         (bytes), pids, gpus (devices), gpu_seconds_per_hour (seconds), network_egress and \
+         network_ingress (bytes per second).",
+        None,
+    )
+    .encode(e, q.iter().map(|r| (tr(r), r.limit)))?;
+    gauge(
+        "tally_tenant_quota_usage",
+        "What the tenant uses now, in the unit of tally_tenant_quota_limit.",
+        None,
+    )
+    .encode(e, q.iter().filter_map(|r| Some((tr(r), r.usage?))))?;
+    counter(
+        "tally_enforcement_actions",
+        "Enforcement actions taken since the agent started (alert, throttle, terminate, kill).",
+        None,
+    )
+    .encode(
+        e,
+        snap.enforcement_actions.iter().map(|a| {
+            (
+                [
+                    ("tenant", a.tenant.clone()),
+                    ("resource", a.resource.clone()),
+                    ("action", a.action.clone()),
+                ],
+                a.total as f64,
+            )
+        }),
+    )
 }
 
 /// The agent's own footprint, under the standard `process_` names.

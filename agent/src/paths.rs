@@ -20,6 +20,10 @@ pub const DEFAULT_NVML_LIB: &str = "libnvidia-ml.so.1";
 /// The kernel's boot id: changes on every boot, names report sequences.
 pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
+/// Character/block device majors by driver name (`nvidia-caps`).
+pub const PROC_DEVICES: &str = "/proc/devices";
+/// The NVIDIA driver's capability files (MIG `DeviceFileMinor`s).
+pub const NVIDIA_CAPABILITIES: &str = "/proc/driver/nvidia/capabilities";
 /// The enforcement audit log, in the state directory.
 pub fn audit_log(state_dir: &Path) -> PathBuf {
     state_dir.join("audit.log")
@@ -29,6 +33,10 @@ pub fn audit_log(state_dir: &Path) -> PathBuf {
 pub const REPORT_STATE_FILE: &str = "report-state.json";
 /// Reports waiting for the aggregator, in the state directory.
 pub const SPOOL_DIR: &str = "spool";
+/// The quotas last applied, to audit changes across restarts.
+pub fn applied_quotas(state_dir: &Path) -> PathBuf {
+    state_dir.join("quotas.json")
+}
 
 /// The kubelet pod-resources API's unix socket (`v1.PodResourcesLister`).
 pub const KUBELET_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";

@@ -35,6 +35,12 @@ pub struct Snapshot {
     pub probes: Vec<ProbeStatus>,
     /// How long the last sampling cycle took, in seconds.
     pub sample_duration_seconds: f64,
+    /// Each tenant's quota limits and current usage (enforcement).
+    #[serde(default)]
+    pub tenant_quotas: Vec<TenantQuotaStatus>,
+    /// Enforcement actions taken since the agent started.
+    #[serde(default)]
+    pub enforcement_actions: Vec<EnforcementActionCount>,
 }
 
 /// Whether the NVML library is usable.
@@ -173,4 +179,27 @@ pub struct ProbeStatus {
     pub up: bool,
     /// Why it is down, and what to do about it.
     pub error: Option<String>,
+}
+
+/// One quota of one tenant: its limit and what the tenant uses now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TenantQuotaStatus {
+    pub tenant: String,
+    /// `cpu_cores`, `memory` (bytes), `pids`, `gpus` (devices),
+    /// `gpu_memory` (bytes), `gpu_seconds_per_hour`, `network_egress` /
+    /// `network_ingress` (bytes per second).
+    pub resource: String,
+    pub limit: f64,
+    /// `None` where the agent cannot read it.
+    pub usage: Option<f64>,
+}
+
+/// How often one enforcement action was taken since start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EnforcementActionCount {
+    pub tenant: String,
+    pub resource: String,
+    /// `alert`, `throttle`, `terminate`, `kill`.
+    pub action: String,
+    pub total: u64,
 }

@@ -1,0 +1,640 @@
+//! Local quota enforcement, end to end (issue 4): the real `tally agent` on
+//! the NVML simulator, real processes started with `tally run` in real
+//! tenant cgroups beneath our own (v2 for attribution and BPF, v1 for limits
+//! on this hybrid host), a real `cgroup/dev` program, real signals, and the
+//! audit log checked with `tally audit verify`.
+
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tally_e2e::{
+    Agent, SimNode,
+    enforce_support::{TenantEnv, alive, mknod_chars, remove_tree, v2_frozen},
+    require_root, skip, tally_bin, wait_for,
+};
+
+const UUID0: &str = "GPU-e2e00000-0000-4000-8000-000000000000";
+const UUID1: &str = "GPU-e2e00000-0000-4000-8000-000000000001";
+
+fn scenario() -> String {
+    format!(
+        r#"
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+uuid = "{UUID0}"
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+uuid = "{UUID1}"
+power_idle_w = 70
+power_max_w = 700
+"#
+    )
+}
+
+const FAST: &[&str] = &["--sample-interval", "200ms"];
+const LONG: Duration = Duration::from_secs(60);
+
+fn action_count(agent: &Agent, tenant: &str, resource: &str, action: &str) -> f64 {
+    agent.metrics().sum(
+        "tally_enforcement_actions_total",
+        &[
+            ("tenant", tenant),
+            ("resource", resource),
+            ("action", action),
+        ],
+    )
+}
+
+fn verify_audit(path: &Path) {
+    let out = Command::new(tally_bin())
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .expect("run tally audit verify");
+    assert!(
+        out.status.success(),
+        "audit log does not verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
+/// Item 2: the agent writes cpu/memory/pids limits on `tally/<tenant>`, and
+/// `tally run` starts a command in `tally/<tenant>/<job>` on every
+/// hierarchy, where the limits hold.
+#[test]
+fn tenant_cgroups_carry_limits_and_jobs() {
+    if !require_root() {
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = "[tenant.quota.lim]\ncpu_cores = 0.5\nmemory = '64MiB'\npids = 8\n";
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, &env.config(quotas), FAST);
+
+    // Limits, where this host keeps each controller.
+    let limit_file =
+        |controller: &str, v1: &str, v2: &str| match env.v1_dir(controller, "lim", None) {
+            Some(d)
+                if env
+                    .layout
+                    .backend(controller)
+                    .is_some_and(|b| matches!(b, tally::enforce::cgroup::Backend::V1(_))) =>
+            {
+                d.join(v1)
+            }
+            _ => env.v2_dir("lim", None).join(v2),
+        };
+    let mem = limit_file("memory", "memory.limit_in_bytes", "memory.max");
+    let pids = limit_file("pids", "pids.max", "pids.max");
+    let cpu = limit_file("cpu", "cpu.cfs_quota_us", "cpu.max");
+    wait_for("the agent's limits", LONG, || {
+        (fs::read_to_string(&mem).ok()?.trim() == (64u64 << 20).to_string()).then_some(())
+    });
+    assert_eq!(read(&pids), "8");
+    let cpu_text = read(&cpu);
+    assert!(
+        cpu_text == "50000" || cpu_text == "50000 100000",
+        "cpu limit {cpu_text}"
+    );
+    for resource in ["cpu_cores", "memory", "pids"] {
+        let applied = env.audited("lim", "limit_applied");
+        assert!(
+            applied.iter().any(|r| r["resource"] == resource),
+            "no limit_applied for {resource}: {applied:?}"
+        );
+    }
+
+    // A job: on every hierarchy it sits in <parent>/tally/lim/j1.
+    let cfg = env.write_config(quotas);
+    let job = env.run(&cfg, "lim", "j1", "sleep", &["300"]);
+    let text = read(Path::new(&format!("/proc/{}/cgroup", job.pid())));
+    for h in env.layout.job_hierarchies() {
+        let want = env.path_in(h, "lim", Some("j1"));
+        let line = text
+            .lines()
+            .find(|l| {
+                let mut parts = l.splitn(3, ':');
+                let _ = parts.next();
+                let ctrls = parts.next().unwrap_or("");
+                if h.is_v2() {
+                    ctrls.is_empty()
+                } else {
+                    ctrls
+                        .split(',')
+                        .any(|c| h.controllers.iter().any(|x| x == c))
+                }
+            })
+            .unwrap_or_else(|| panic!("no line for {:?} in {text}", h.mount));
+        assert!(line.ends_with(&want), "{line} is not in {want}");
+    }
+    // The pids limit holds: a second job's shell cannot start 30 sleeps.
+    let forks = env
+        .run_command(
+            &cfg,
+            "lim",
+            "j2",
+            "/bin/sh",
+            &[
+                "-c",
+                "i=0; while [ $i -lt 30 ]; do sleep 30 & i=$((i+1)); done",
+            ],
+        )
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the forking job");
+    let stderr = String::from_utf8_lossy(&forks.stderr);
+    assert!(
+        stderr.contains("fork"),
+        "30 forks under pids = 8: {stderr:?}"
+    );
+    // The kernel counts the refusal at the job (v1) or the tenant (v2).
+    let max_events = |dir: &Path| -> u64 {
+        fs::read_to_string(dir.join("pids.events"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("max ")?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let tenant_dir = pids.parent().unwrap();
+    assert!(
+        max_events(tenant_dir) + max_events(&tenant_dir.join("j2")) > 0,
+        "no pids.events max in {}",
+        tenant_dir.display()
+    );
+    let current: u64 = read(&pids.with_file_name("pids.current")).parse().unwrap();
+    assert!(current <= 8, "pids.current {current} above the limit 8");
+
+    let m = agent.metrics();
+    assert_eq!(
+        m.value(
+            "tally_tenant_quota_limit",
+            &[("tenant", "lim"), ("resource", "memory")]
+        ),
+        Some((64u64 << 20) as f64)
+    );
+    assert_eq!(
+        m.value(
+            "tally_tenant_quota_limit",
+            &[("tenant", "lim"), ("resource", "pids")]
+        ),
+        Some(8.0)
+    );
+    drop(job);
+    verify_audit(&env.audit_log());
+}
+
+/// Opens `path` from a process of `tenant` (via `tally run`); returns the
+/// shell's error text (empty when the open succeeded).
+fn open_as(env: &TenantEnv, cfg: &Path, tenant: &str, path: &Path) -> String {
+    let job = tally_e2e::unique("open");
+    let out = env
+        .run_command(
+            cfg,
+            tenant,
+            &job,
+            "/bin/sh",
+            &["-c", "exec 3<\"$0\"", &path.display().to_string()],
+        )
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tally run");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Item 3: a tenant with `gpus` opens only those devices (real char nodes
+/// 195:N made with mknod; no driver, so an allowed open gives ENXIO).
+#[test]
+fn gpu_devices_outside_the_tenants_list_are_denied() {
+    if !require_root() {
+        return;
+    }
+    if tally::tenants::unified_root().is_none() {
+        skip("no cgroup v2 hierarchy to attach the cgroup/dev program to");
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = format!("[tenant.quota.dev]\ngpus = ['{UUID1}']\n");
+    let node = SimNode::new(&scenario());
+    let _agent = Agent::start(&node, &env.config(&quotas), FAST);
+    let cfg = env.write_config(&quotas);
+    env.wait_audit("the device allow-list from the snapshot", |r| {
+        r["tenant"] == "dev"
+            && r["action"] == "devices_allowed"
+            && r["detail"]["allowed"] == serde_json::json!(["195:1"])
+    });
+
+    let devs = tempfile::tempdir().unwrap();
+    mknod_chars(
+        devs.path(),
+        &[
+            ("nvidia0", 195, 0),
+            ("nvidia1", 195, 1),
+            ("nvidiactl", 195, 255),
+        ],
+    );
+    let p = |n: &str| devs.path().join(n);
+
+    let denied = open_as(&env, &cfg, "dev", &p("nvidia0"));
+    assert!(
+        denied.contains("Operation not permitted"),
+        "GPU 0 should be denied (EPERM): {denied:?}"
+    );
+    let allowed = open_as(&env, &cfg, "dev", &p("nvidia1"));
+    assert!(
+        allowed.contains("No such device or address"),
+        "GPU 1 should be allowed (ENXIO without a driver): {allowed:?}"
+    );
+    let ctl = open_as(&env, &cfg, "dev", &p("nvidiactl"));
+    assert!(
+        ctl.contains("No such device or address"),
+        "nvidiactl is always allowed: {ctl:?}"
+    );
+    // Another tenant, and this test itself, are not restricted.
+    let other = open_as(&env, &cfg, "free", &p("nvidia0"));
+    assert!(
+        other.contains("No such device or address"),
+        "a tenant without `gpus` opens every GPU: {other:?}"
+    );
+    let mine = fs::File::open(p("nvidia0")).unwrap_err();
+    assert_eq!(mine.raw_os_error(), Some(nix::libc::ENXIO), "{mine}");
+    verify_audit(&env.audit_log());
+}
+
+/// Item 5: `alert` after grace (metric + audit), and no action on a tenant
+/// under its quota.
+#[test]
+fn gpu_memory_alert_and_no_action_under_quota() {
+    if !require_root() {
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = "\
+[tenant.quota.loud]
+gpu_memory = '1GiB'
+gpu_memory_action = 'alert'
+grace = '1s'
+[tenant.quota.calm]
+gpu_memory = '1GiB'
+gpu_memory_action = 'terminate'
+grace = '1s'
+";
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, &env.config(quotas), FAST);
+    let cfg = env.write_config(quotas);
+    let loud = env.run(&cfg, "loud", "j", "sleep", &["300"]);
+    let calm = env.run(&cfg, "calm", "j", "sleep", &["300"]);
+    node.register(loud.pid(), 0, None, 2048, 0.5);
+    node.register(calm.pid(), 1, None, 512, 0.5);
+
+    wait_for("the alert", LONG, || {
+        (action_count(&agent, "loud", "gpu_memory", "alert") == 1.0).then_some(())
+    });
+    let rec = &env.audited("loud", "alert")[0];
+    assert_eq!(rec["resource"], "gpu_memory");
+    assert_eq!(rec["detail"]["pids"], serde_json::json!([loud.pid()]));
+    assert_eq!(rec["node"], "e2e-node");
+    // Many more samples: still one alert, nobody touched.
+    agent.wait_samples(10);
+    let m = agent.metrics();
+    assert_eq!(
+        m.sum(
+            "tally_enforcement_actions_total",
+            &[("tenant", "loud"), ("action", "alert")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum("tally_enforcement_actions_total", &[("tenant", "calm")]),
+        0.0
+    );
+    assert_eq!(
+        m.value(
+            "tally_tenant_quota_usage",
+            &[("tenant", "calm"), ("resource", "gpu_memory")]
+        ),
+        Some((512u64 << 20) as f64)
+    );
+    assert_eq!(
+        m.value(
+            "tally_tenant_quota_usage",
+            &[("tenant", "loud"), ("resource", "gpu_memory")]
+        ),
+        Some((2048u64 << 20) as f64)
+    );
+    assert!(alive(loud.pid()) && alive(calm.pid()));
+    assert!(env.audited("calm", "terminate").is_empty());
+    verify_audit(&env.audit_log());
+}
+
+/// Item 5: `throttle` freezes the job's cgroup on a duty cycle, and thaws it
+/// for good once usage is back under quota.
+#[test]
+fn gpu_memory_throttle_freezes_on_a_duty_cycle() {
+    if !require_root() {
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = "\
+[tenant.quota.slow]
+gpu_memory = '1GiB'
+gpu_memory_action = 'throttle'
+grace = '1s'
+";
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, &env.config(quotas), FAST);
+    let cfg = env.write_config(quotas);
+    let job = env.run(&cfg, "slow", "j", "sleep", &["300"]);
+    node.register(job.pid(), 0, None, 2048, 0.9);
+    let dir = env.v2_dir("slow", Some("j"));
+
+    wait_for("the job's cgroup to freeze", LONG, || {
+        (v2_frozen(&dir) == Some(true)).then_some(())
+    });
+    wait_for("the duty cycle to thaw it", LONG, || {
+        (v2_frozen(&dir) == Some(false)).then_some(())
+    });
+    wait_for("the duty cycle to freeze it again", LONG, || {
+        (v2_frozen(&dir) == Some(true)).then_some(())
+    });
+    let rec = &env.audited("slow", "throttle")[0];
+    let cgroups = rec["detail"]["cgroups"].as_array().unwrap();
+    assert!(
+        cgroups.iter().any(|c| c == &dir.display().to_string()),
+        "{rec}"
+    );
+    assert_eq!(action_count(&agent, "slow", "gpu_memory", "throttle"), 1.0);
+
+    node.unregister(job.pid());
+    env.wait_audit("the throttle to end", |r| {
+        r["tenant"] == "slow" && r["action"] == "throttle_end"
+    });
+    agent.wait_samples(5);
+    assert_eq!(v2_frozen(&dir), Some(false), "thawed for good");
+    assert!(alive(job.pid()), "throttle never kills");
+    verify_audit(&env.audit_log());
+}
+
+/// Item 5: `terminate` sends SIGTERM, then SIGKILL after `kill_timeout` to
+/// a process that ignores it; a process that exits on SIGTERM is not
+/// killed again.
+#[test]
+fn gpu_memory_terminate_then_kill() {
+    if !require_root() {
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = "\
+[tenant.quota.greedy]
+gpu_memory = '1GiB'
+gpu_memory_action = 'terminate'
+grace = '1s'
+kill_timeout = '1s'
+";
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, &env.config(quotas), FAST);
+    let cfg = env.write_config(quotas);
+    let polite = env.run(&cfg, "greedy", "a", "sleep", &["300"]);
+    let stubborn = env.run(
+        &cfg,
+        "greedy",
+        "b",
+        "/bin/sh",
+        &["-c", "trap '' TERM; while :; do sleep 1; done"],
+    );
+    let (p1, p2) = (polite.pid(), stubborn.pid());
+    node.register(p1, 0, None, 800, 0.5);
+    node.register(p2, 1, None, 800, 0.5);
+
+    wait_for("both processes gone", LONG, || {
+        (!alive(p1) && !alive(p2)).then_some(())
+    });
+    let term: Vec<u64> = env
+        .audited("greedy", "terminate")
+        .iter()
+        .map(|r| r["detail"]["pid"].as_u64().unwrap())
+        .collect();
+    assert!(
+        term.contains(&u64::from(p1)) && term.contains(&u64::from(p2)),
+        "{term:?}"
+    );
+    let killed = env.wait_audit("the SIGKILL", |r| {
+        r["tenant"] == "greedy" && r["action"] == "kill"
+    });
+    assert_eq!(killed["detail"]["pid"], p2, "only the stubborn one");
+    // Counts reach /metrics with the next sample.
+    wait_for("the kill to be counted", LONG, || {
+        (action_count(&agent, "greedy", "gpu_memory", "kill") == 1.0).then_some(())
+    });
+    agent.wait_samples(3);
+    assert_eq!(env.audited("greedy", "kill").len(), 1);
+    let m = agent.metrics();
+    assert_eq!(
+        m.sum(
+            "tally_enforcement_actions_total",
+            &[("tenant", "greedy"), ("action", "terminate")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m.sum(
+            "tally_enforcement_actions_total",
+            &[("tenant", "greedy"), ("action", "kill")]
+        ),
+        1.0
+    );
+    verify_audit(&env.audit_log());
+}
+
+/// The throttled process dies and its cgroup is removed mid-throttle: the
+/// agent goes on sampling, and the throttle ends when usage does.
+#[test]
+fn cgroup_removed_during_throttle() {
+    if !require_root() {
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = "\
+[tenant.quota.gone]
+gpu_memory = '1GiB'
+gpu_memory_action = 'throttle'
+grace = '1s'
+";
+    let node = SimNode::new(&scenario());
+    let mut agent = Agent::start(&node, &env.config(quotas), FAST);
+    let cfg = env.write_config(quotas);
+    let mut job = env.run(&cfg, "gone", "j", "sleep", &["300"]);
+    let pid = job.pid();
+    node.register(pid, 0, None, 4096, 0.9);
+    let dir = env.v2_dir("gone", Some("j"));
+    wait_for("the job's cgroup to freeze", LONG, || {
+        (v2_frozen(&dir) == Some(true)).then_some(())
+    });
+    // Kill it (SIGKILL reaches frozen v2 tasks) and remove its cgroups.
+    job.kill();
+    for h in env.layout.job_hierarchies() {
+        remove_tree(&h.dir(&env.path_in(h, "gone", Some("j"))));
+    }
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    agent.wait_samples(10);
+    assert!(
+        agent.child.0.try_wait().unwrap().is_none(),
+        "agent died: {}",
+        agent.log_text()
+    );
+    assert!(
+        !agent.log_text().contains("panicked"),
+        "{}",
+        agent.log_text()
+    );
+    node.unregister(pid);
+    env.wait_audit("the throttle to end", |r| {
+        r["tenant"] == "gone" && r["action"] == "throttle_end"
+    });
+    verify_audit(&env.audit_log());
+    drop(agent);
+}
+
+/// A pid reused between the sample and the action is never signalled: the
+/// process holding GPU memory exits, a new process of the same tenant gets
+/// its pid (forced with `ns_last_pid`), and `terminate` skips it.
+#[test]
+fn reused_pid_is_not_terminated() {
+    if !require_root() {
+        return;
+    }
+    let ns_last_pid = Path::new("/proc/sys/kernel/ns_last_pid");
+    if fs::OpenOptions::new()
+        .write(true)
+        .open(ns_last_pid)
+        .is_err()
+    {
+        skip("cannot write /proc/sys/kernel/ns_last_pid to force a pid reuse");
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = "\
+[tenant.quota.reuse]
+gpu_memory = '1GiB'
+gpu_memory_action = 'terminate'
+grace = '1s'
+kill_timeout = '1s'
+";
+    let node = SimNode::new(&scenario());
+    // Slow samples: the reuse happens between two of them.
+    let agent = Agent::start(&node, &env.config(quotas), &["--sample-interval", "3s"]);
+    let cfg = env.write_config(quotas);
+    let mut first = env.run(&cfg, "reuse", "j", "sleep", &["300"]);
+    let pid = first.pid();
+    node.register(pid, 0, None, 2048, 0.5);
+    // The first sample that sees it starts the grace period...
+    wait_for("the agent to see the process", LONG, || {
+        let snap = agent.snapshot();
+        snap["gpus"]
+            .as_array()?
+            .iter()
+            .flat_map(|g| g["processes"].as_array().cloned().unwrap_or_default())
+            .any(|p| p["pid"] == pid && p["tenant"] == "reuse")
+            .then_some(())
+    });
+    // ...and before the next one, the pid belongs to another process.
+    first.kill();
+    let mut second = None;
+    for _ in 0..500 {
+        fs::write(ns_last_pid, (pid - 1).to_string()).expect("write ns_last_pid");
+        let child = env
+            .run_command(&cfg, "reuse", "j", "sleep", &["300"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut g = tally_e2e::ChildGuard(child);
+        if g.pid() == pid {
+            second = Some(g);
+            break;
+        }
+        g.kill();
+    }
+    let Some(second) = second else {
+        skip("could not get the same pid again (a busy machine took it)");
+        return;
+    };
+    env.wait_in_job(pid, "reuse", "j");
+    let rec = env.wait_audit("the skipped action", |r| {
+        r["tenant"] == "reuse" && r["action"] == "skip" && r["detail"]["pid"] == pid
+    });
+    let reason = rec["detail"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("reused"), "{rec}");
+    agent.wait_samples(2);
+    assert!(alive(second.pid()), "the new process was hit");
+    assert!(env.audited("reuse", "terminate").is_empty());
+    assert!(env.audited("reuse", "kill").is_empty());
+    verify_audit(&env.audit_log());
+}
+
+/// Item 6: `tally audit verify` names the first line that was changed.
+#[test]
+fn tampered_audit_log_is_detected() {
+    if !require_root() {
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = "\
+[tenant.quota.aud]
+gpu_memory = '1GiB'
+grace = '0s'
+[tenant.quota.other]
+pids = 100
+";
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, &env.config(quotas), FAST);
+    let cfg = env.write_config(quotas);
+    let job = env.run(&cfg, "aud", "j", "sleep", &["300"]);
+    node.register(job.pid(), 0, None, 2048, 0.5);
+    env.wait_audit("an alert", |r| r["action"] == "alert");
+    drop(agent);
+    let log = env.audit_log();
+    verify_audit(&log);
+
+    let text = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 3, "{text}");
+    let tampered_at = lines
+        .iter()
+        .position(|l| l.contains("\"alert\""))
+        .expect("alert line");
+    let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    edited[tampered_at] = edited[tampered_at].replace("\"tenant\":\"aud\"", "\"tenant\":\"x\"");
+    assert_ne!(edited[tampered_at], lines[tampered_at]);
+    let bad = env.dir.path().join("tampered.log");
+    fs::write(&bad, edited.join("\n") + "\n").unwrap();
+    let out = Command::new(tally_bin())
+        .args(["audit", "verify"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a tampered log verified");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("line {}:", tampered_at + 1)),
+        "should name line {}: {err}",
+        tampered_at + 1
+    );
+}
