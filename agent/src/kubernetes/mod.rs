@@ -27,7 +27,7 @@ pub mod proto {
 }
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
@@ -259,8 +259,17 @@ pub struct Lookup {
     workload_series: bool,
     /// Pod UID → pod, learned by device.
     learned_pods: HashMap<String, PodName>,
+    /// Pod UID → the cgroup it was learned from, to tell a restarted pod
+    /// (old cgroup gone) from two live pods claiming one device.
+    learned_cgroups: HashMap<String, String>,
+    /// Whether a cgroup still exists (a stat; swapped in tests).
+    alive: fn(&str) -> bool,
     /// Container id → (pod UID, container name), learned by device.
     learned_containers: HashMap<String, (String, String)>,
+    /// Pods whose device was seen used from two pod UIDs (a privileged pod
+    /// that sees every GPU, say): not identified by device at all, rather
+    /// than possibly wrongly.
+    conflicted: HashSet<PodName>,
     /// The allocations last pruned against (pointer identity).
     pruned_for: Option<Arc<podresources::Allocations>>,
 }
@@ -273,7 +282,10 @@ impl Lookup {
             stale_after: config.stale_after(),
             workload_series: config.workload_series,
             learned_pods: HashMap::new(),
+            learned_cgroups: HashMap::new(),
+            alive: cgroup_exists,
             learned_containers: HashMap::new(),
+            conflicted: HashSet::new(),
             pruned_for: None,
         }
     }
@@ -314,12 +326,41 @@ impl Lookup {
         match holders.as_slice() {
             [] => None,
             [one] => {
+                if self.conflicted.contains(&one.pod) {
+                    return None;
+                }
+                let other_uid = self
+                    .learned_pods
+                    .iter()
+                    .find(|(uid, pod)| **pod == one.pod && **uid != pc.pod_uid)
+                    .map(|(uid, _)| uid.clone());
+                if let Some(other_uid) = other_uid {
+                    let other_alive = self
+                        .learned_cgroups
+                        .get(&other_uid)
+                        .is_some_and(|cg| (self.alive)(cg));
+                    self.learned_pods.remove(&other_uid);
+                    self.learned_cgroups.remove(&other_uid);
+                    self.learned_containers
+                        .retain(|_, (uid, _)| *uid != other_uid);
+                    if other_alive {
+                        // One pod has one UID: two live cgroups claiming it
+                        // means the device join cannot tell them apart.
+                        self.conflicted.insert(one.pod.clone());
+                        return None;
+                    }
+                    // Else the pod was recreated under its old name (a
+                    // StatefulSet): the new UID takes over.
+                }
                 if self.learned_pods.len() >= MAX_LEARNED {
                     self.learned_pods.clear();
+                    self.learned_cgroups.clear();
                     self.learned_containers.clear();
                 }
                 self.learned_pods
                     .insert(pc.pod_uid.clone(), one.pod.clone());
+                self.learned_cgroups
+                    .insert(pc.pod_uid.clone(), cgroup.to_owned());
                 if let Some(cid) = &pc.container_id {
                     self.learned_containers
                         .insert(cid.clone(), (pc.pod_uid.clone(), one.container.clone()));
@@ -389,9 +430,19 @@ impl Lookup {
         self.pruned_for = Some(alloc.clone());
         self.learned_pods.retain(|_, pod| alloc.pods.contains(pod));
         let pods = &self.learned_pods;
+        self.learned_cgroups.retain(|uid, _| pods.contains_key(uid));
+        self.conflicted.retain(|pod| alloc.pods.contains(pod));
+        let pods = &self.learned_pods;
         self.learned_containers
             .retain(|_, (uid, _)| pods.contains_key(uid));
     }
+}
+
+/// Whether cgroup v2 path `cgroup` (as `/proc/PID/cgroup` shows it) still
+/// exists on this host.
+fn cgroup_exists(cgroup: &str) -> bool {
+    crate::tenants::unified_root()
+        .is_some_and(|root| root.join(cgroup.trim_start_matches('/')).exists())
 }
 
 /// Starts the refresher when the config asks for Kubernetes (a
@@ -519,6 +570,38 @@ mod tests {
         );
         // Not a pod at all.
         assert_eq!(l.identify("/user.slice", Some("GPU-aaaa")), None);
+    }
+
+    #[test]
+    fn two_pods_claiming_one_device_identify_neither() {
+        let mut l = lookup_with(
+            view(answer("ns", "p", &["GPU-aaaa"]), Instant::now()),
+            &KubernetesConfig::default(),
+        );
+        l.alive = |_| true;
+        assert!(l.identify(&cgroup(), Some("GPU-aaaa")).is_some());
+        // Another pod's process on the same GPU (e.g. a privileged pod).
+        let other = "/kubepods/pod11111111-2222-3333-4444-555555555555";
+        assert_eq!(l.identify(other, Some("GPU-aaaa")), None);
+        assert_eq!(l.identify(&cgroup(), Some("GPU-aaaa")), None);
+        assert_eq!(l.identify_cgroup(&cgroup()), None);
+        assert_eq!(l.identify(other, Some("GPU-aaaa")), None);
+    }
+
+    #[test]
+    fn a_recreated_pod_takes_over_its_name() {
+        let mut l = lookup_with(
+            view(answer("ns", "p", &["GPU-aaaa"]), Instant::now()),
+            &KubernetesConfig::default(),
+        );
+        l.alive = |_| false;
+        assert!(l.identify(&cgroup(), Some("GPU-aaaa")).is_some());
+        // The old pod's cgroup is gone; same name, new UID.
+        let new = "/kubepods/pod11111111-2222-3333-4444-555555555555";
+        let id = l.identify(new, Some("GPU-aaaa")).unwrap();
+        assert_eq!(id.pod.as_deref(), Some("p"));
+        assert_eq!(l.identify_cgroup(&cgroup()), None, "old UID forgotten");
+        assert!(l.identify_cgroup(new).is_some());
     }
 
     #[test]
