@@ -7,6 +7,7 @@ mod bench;
 mod demo;
 mod deps;
 mod exec;
+mod postgres;
 mod test;
 
 #[derive(Debug, Parser)]

@@ -6,6 +6,7 @@
 //! Binaries are taken from the workspace's target directory: build them
 //! first (`cargo build --workspace`, which `cargo xtask test` does).
 
+pub mod aggregator_support;
 pub mod enforce_support;
 pub mod probes_support;
 

@@ -1,0 +1,417 @@
+//! Fixtures of the aggregator tests: a running `tally aggregator` on a
+//! SQLite file or a fresh PostgreSQL database, its tokens, and direct
+//! reads of the ledger (independent of the aggregator's own API).
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{ChildGuard, free_port, http_get, http_request, tally_bin, unique};
+
+pub const AGENT_TOKEN: &str = "agent-token-0123456789abcdef";
+pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+pub const ACME_TOKEN: &str = "acme-token-0123456789abcdef";
+
+/// The price table of every aggregator test.
+pub const PRICES: &str = r#"
+[prices]
+currency = "USD"
+gpu_hour = { "NVIDIA H100 80GB HBM3" = 2.49, "NVIDIA A100-SXM4-40GB" = 1.10, default = 1.00 }
+network_gib = 0.01
+energy_kwh = 0.12
+"#;
+
+/// GPU-hour price of `model` in [`PRICES`].
+pub fn gpu_hour_price(model: &str) -> f64 {
+    match model {
+        "NVIDIA H100 80GB HBM3" => 2.49,
+        "NVIDIA A100-SXM4-40GB" => 1.10,
+        _ => 1.00,
+    }
+}
+
+/// Where the ledger lives.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Backend {
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Sqlite(p) => format!("sqlite://{}", p.display()),
+            Backend::Postgres(u) => u.clone(),
+        }
+    }
+}
+
+/// A SQLite ledger file in `dir`.
+pub fn sqlite(dir: &Path) -> Backend {
+    Backend::Sqlite(dir.join("ledger.db"))
+}
+
+/// A fresh database on the test PostgreSQL (`TALLY_TEST_POSTGRES_URL`,
+/// set by `cargo xtask test`), or `None` when there is none.
+pub fn postgres() -> Option<Backend> {
+    let server = std::env::var("TALLY_TEST_POSTGRES_URL").ok()?;
+    if server.is_empty() {
+        return None;
+    }
+    let name = unique("tally_e2e").replace('-', "_");
+    let rt = runtime();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| panic!("connect {server}: {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    });
+    let (base, _) = server
+        .rsplit_once('/')
+        .expect("TALLY_TEST_POSTGRES_URL ends with /<database>");
+    Some(Backend::Postgres(format!("{base}/{name}")))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Reads of the ledger straight from the database.
+pub struct LedgerReader {
+    backend: Backend,
+}
+
+impl LedgerReader {
+    pub fn new(backend: &Backend) -> Self {
+        Self {
+            backend: backend.clone(),
+        }
+    }
+
+    /// Runs a query whose columns are all integers or text, as strings.
+    pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        use sqlx::Row;
+        let rt = runtime();
+        rt.block_on(async {
+            macro_rules! fetch {
+                ($conn:expr) => {{
+                    let rows = sqlx::query(sql)
+                        .fetch_all(&mut $conn)
+                        .await
+                        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                    rows.iter()
+                        .map(|r| {
+                            (0..r.columns().len())
+                                .map(|i| {
+                                    r.try_get::<i64, _>(i)
+                                        .map(|v| v.to_string())
+                                        .or_else(|_| r.try_get::<String, _>(i))
+                                        .unwrap_or_else(|_| "NULL".into())
+                                })
+                                .collect()
+                        })
+                        .collect()
+                }};
+            }
+            use sqlx::Connection;
+            match &self.backend {
+                Backend::Sqlite(p) => {
+                    let mut c =
+                        sqlx::SqliteConnection::connect(&format!("sqlite://{}", p.display()))
+                            .await
+                            .expect("open sqlite ledger");
+                    fetch!(c)
+                }
+                Backend::Postgres(u) => {
+                    let mut c = sqlx::PgConnection::connect(u)
+                        .await
+                        .expect("connect postgres ledger");
+                    fetch!(c)
+                }
+            }
+        })
+    }
+
+    /// One integer.
+    pub fn int(&self, sql: &str) -> i64 {
+        self.rows(sql)[0][0].parse().unwrap_or(0)
+    }
+
+    /// Stored reports per node: `(count, min seq, max seq)`.
+    pub fn reports(&self, node: &str) -> (i64, i64, i64) {
+        let r = &self.rows(&format!(
+            "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM reports \
+             WHERE node = '{node}'"
+        ))[0];
+        (
+            r[0].parse().unwrap(),
+            r[1].parse().unwrap(),
+            r[2].parse().unwrap(),
+        )
+    }
+
+    /// Σ allocated µs per (tenant, uuid) of a node (non-zero ones).
+    pub fn allocated_us(&self, node: &str) -> std::collections::BTreeMap<String, i64> {
+        self.rows(&format!(
+            "SELECT tenant || '\t' || uuid, CAST(SUM(allocated_us) AS BIGINT) FROM gpu_usage \
+             WHERE node = '{node}' GROUP BY tenant, uuid"
+        ))
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].parse().unwrap()))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+    }
+
+    /// Rows of every usage table (a fingerprint of the whole ledger).
+    pub fn fingerprint(&self) -> Vec<i64> {
+        [
+            "reports",
+            "gpu_usage",
+            "io_usage",
+            "audit",
+            "gpu_state",
+            "tenant_totals",
+        ]
+        .iter()
+        .map(|t| self.int(&format!("SELECT COUNT(*) FROM {t}")))
+        .chain([self.int("SELECT CAST(COALESCE(SUM(allocated_us), 0) AS BIGINT) FROM gpu_usage")])
+        .collect()
+    }
+}
+
+/// A running `tally aggregator`, killed on drop.
+pub struct Aggregator {
+    pub child: Option<ChildGuard>,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+    pub dir: PathBuf,
+    pub backend: Backend,
+    log_n: u32,
+}
+
+/// Writes the three tokens and a config for `backend` into `dir`;
+/// `extra` is appended (e.g. `[aggregator] max_body`).
+pub fn write_config(dir: &Path, backend: &Backend, extra: &str) -> PathBuf {
+    fs::create_dir_all(dir).expect("aggregator dir");
+    for (name, token) in [
+        ("agent.token", AGENT_TOKEN),
+        ("admin.token", ADMIN_TOKEN),
+        ("acme.token", ACME_TOKEN),
+    ] {
+        fs::write(dir.join(name), format!("{token}\n")).expect("token file");
+    }
+    let config = dir.join("aggregator.toml");
+    fs::write(
+        &config,
+        format!(
+            r#"
+[aggregator]
+metrics_refresh = "200ms"
+{extra}
+
+[ledger]
+url = "{url}"
+max_connections = 4
+{PRICES}
+[[auth.token]]
+token_file = "{dir}/agent.token"
+role = "agent"
+
+[[auth.token]]
+token_file = "{dir}/admin.token"
+role = "admin"
+
+[[auth.token]]
+token_file = "{dir}/acme.token"
+role = "tenant"
+tenant = "acme"
+"#,
+            url = backend.url(),
+            dir = dir.display()
+        ),
+    )
+    .expect("aggregator config");
+    config
+}
+
+impl Aggregator {
+    /// Starts an aggregator on `backend` with its files in `dir`.
+    pub fn start(dir: &Path, backend: &Backend, extra: &str) -> Aggregator {
+        let config = write_config(dir, backend, extra);
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut a = Aggregator {
+            child: None,
+            addr,
+            config,
+            dir: dir.to_path_buf(),
+            backend: backend.clone(),
+            log_n: 0,
+        };
+        a.restart();
+        a
+    }
+
+    /// The base URL agents report to.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join(format!("aggregator-{}.log", self.log_n))
+    }
+
+    /// Every log of this aggregator so far.
+    pub fn log_text(&self) -> String {
+        (0..=self.log_n)
+            .map(|n| {
+                fs::read_to_string(self.dir.join(format!("aggregator-{n}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n--- restart ---\n")
+    }
+
+    /// (Re)starts the process on the same address and ledger; waits for /readyz.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "aggregator already running");
+        self.log_n += 1;
+        let child = Command::new(tally_bin())
+            .arg("aggregator")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .env("TALLY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(self.log()).expect("aggregator log"))
+            .spawn()
+            .expect("spawn tally aggregator");
+        self.child = Some(ChildGuard(child));
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = http_get(self.addr, "/readyz") {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.0.try_wait()) {
+                panic!("aggregator exited with {status}; log:\n{}", self.log_text());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "aggregator not ready after 60s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.pid() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = c.0.wait();
+        }
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill();
+        }
+    }
+
+    /// POSTs a report body with `token` (none: no Authorization header).
+    pub fn post(&self, body: &[u8], token: Option<&str>) -> (u16, String) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        http_request(self.addr, "POST", "/api/v1/reports", &headers, body)
+            .expect("POST /api/v1/reports")
+    }
+
+    /// GET with a bearer token.
+    pub fn get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        http_request(self.addr, "GET", path, &headers, b"").expect("GET")
+    }
+
+    /// The chargeback JSON (admin).
+    pub fn chargeback(&self, query: &str) -> serde_json::Value {
+        let (status, body) = self.get(&format!("/api/v1/chargeback?{query}"), Some(ADMIN_TOKEN));
+        assert_eq!(status, 200, "chargeback answered {status}: {body}");
+        serde_json::from_str(&body).expect("chargeback JSON")
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `[report]` and `[agent]` sections of an agent reporting to `url`.
+pub fn agent_config(
+    url: &str,
+    node: &str,
+    state_dir: &Path,
+    token_dir: &Path,
+    rules: &str,
+) -> String {
+    format!(
+        r#"
+[agent]
+state_dir = "{state}"
+
+[report]
+aggregator = "{url}"
+token_file = "{tokens}/agent.token"
+node = "{node}"
+interval = "300ms"
+timeout = "2s"
+{rules}
+"#,
+        state = state_dir.display(),
+        tokens = token_dir.display()
+    )
+}
+
+/// The agent's persisted report state (`<state_dir>/report-state.json`).
+pub fn report_state(state_dir: &Path) -> serde_json::Value {
+    let text = fs::read_to_string(state_dir.join("report-state.json")).expect("report state");
+    serde_json::from_str(&text).expect("report state JSON")
+}
+
+/// Reports waiting in an agent's spool.
+pub fn spooled(state_dir: &Path) -> usize {
+    fs::read_dir(state_dir.join("spool"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Unique directory name under `parent`.
+pub fn subdir(parent: &Path, name: &str) -> PathBuf {
+    let d = parent.join(unique(name));
+    fs::create_dir_all(&d).expect("mkdir");
+    d
+}

@@ -1,0 +1,205 @@
+//! A throwaway PostgreSQL for the ledger tests: Debian's `postgresql`
+//! (installed when missing), a cluster initialised in a temporary
+//! directory, trust auth on 127.0.0.1 and a free port.
+//!
+//! `cargo xtask test` calls [`ensure`] and exports the URL it returns as
+//! `TALLY_TEST_POSTGRES_URL`; the PostgreSQL tests create their own
+//! database on that server. The cluster is left running for the next run,
+//! which reuses it; `pg_ctl stop -D /tmp/tally-test-postgres/data` (as the
+//! `postgres` user) or a reboot ends it.
+
+use std::{
+    fs,
+    net::TcpListener,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Where the cluster lives (data, socket, log, port).
+fn home() -> PathBuf {
+    std::env::temp_dir().join("tally-test-postgres")
+}
+
+fn is_root() -> bool {
+    // The effective uid, from /proc.
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The newest Debian PostgreSQL `bin/` directory, if any.
+fn debian_bin() -> Option<PathBuf> {
+    fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
+        .max_by_key(|p| {
+            p.parent()
+                .and_then(|v| v.file_name())
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        })
+}
+
+/// Installs Debian's `postgresql` when no server binaries are there.
+fn install() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = debian_bin() {
+        return Ok(bin);
+    }
+    if !is_root() {
+        bail!(
+            "PostgreSQL is not installed: run `sudo apt-get update && sudo apt-get install -y postgresql`"
+        );
+    }
+    eprintln!("xtask: installing postgresql");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "postgresql",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    debian_bin().context("postgresql installed, but no initdb under /usr/lib/postgresql/*/bin")
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// `program` from `bin`, as the `postgres` user when we are root (the
+/// server refuses to run as root).
+fn pg(bin: &Path, program: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+        c
+    } else {
+        Command::new(bin.join(program))
+    }
+}
+
+fn url(port: u16) -> String {
+    format!("postgres://postgres@127.0.0.1:{port}/tally_test")
+}
+
+fn running(bin: &Path, data: &Path) -> bool {
+    pg(bin, "pg_ctl")
+        .arg("status")
+        .arg("-D")
+        .arg(data)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Makes sure a test PostgreSQL runs and returns its URL
+/// (`postgres://postgres@127.0.0.1:PORT/tally_test`).
+pub fn ensure() -> anyhow::Result<String> {
+    if let Ok(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
+        && !url.is_empty()
+    {
+        return Ok(url);
+    }
+    let bin = install()?;
+    let home = home();
+    let data = home.join("data");
+    let port_file = home.join("port");
+    if let Ok(port) = fs::read_to_string(&port_file)
+        && let Ok(port) = port.trim().parse::<u16>()
+        && running(&bin, &data)
+    {
+        return Ok(url(port));
+    }
+    // Start over: a stale directory from a crashed run is of no use.
+    if data.exists() {
+        let _ = pg(&bin, "pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "-w"])
+            .output();
+    }
+    let _ = fs::remove_dir_all(&home);
+    fs::create_dir_all(&home).with_context(|| format!("cannot create {}", home.display()))?;
+    // The server runs as `postgres`: it must own its directory.
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o777))?;
+    run(pg(&bin, "initdb").arg("-D").arg(&data).args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    ]))?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+        home.display()
+    );
+    run(pg(&bin, "pg_ctl")
+        .arg("start")
+        .arg("-D")
+        .arg(&data)
+        .args(["-w", "-t", "60", "-o", &options, "-l"])
+        .arg(home.join("server.log")))
+    .with_context(|| format!("see {}", home.join("server.log").display()))?;
+    run(pg(&bin, "createdb")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .arg("tally_test"))?;
+    fs::write(&port_file, port.to_string())?;
+    eprintln!(
+        "xtask: test PostgreSQL on 127.0.0.1:{port} ({})",
+        home.display()
+    );
+    Ok(url(port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ensure_gives_a_server_that_answers() {
+        if !is_root() && debian_bin().is_none() {
+            println!("SKIPPED: not root and no PostgreSQL installed");
+            return;
+        }
+        let url = ensure().expect("a test PostgreSQL");
+        let port = url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .expect("a port in the URL");
+        let bin = debian_bin().expect("installed by ensure");
+        let out = Command::new(bin.join("pg_isready"))
+            .args(["-h", "127.0.0.1", "-p", port])
+            .output()
+            .expect("pg_isready runs");
+        assert!(out.status.success(), "{url}: {out:?}");
+        assert_eq!(ensure().unwrap(), url, "a second call reuses the server");
+    }
+}
