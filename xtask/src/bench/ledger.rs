@@ -391,6 +391,10 @@ struct Level {
     latencies_ms: Vec<f64>,
     aggregator_cpu: f64,
     loadgen_cpu: f64,
+    /// Profile of the aggregator during this level, when asked.
+    profile: Option<String>,
+    /// Aggregator CPU by thread group over the level, seconds.
+    threads: Vec<(String, f64)>,
 }
 
 /// Runs `agents` closed-loop agents for `secs` seconds.
@@ -400,6 +404,7 @@ fn level(
     agents: usize,
     secs: u64,
     tag: &str,
+    profile_dir: Option<&Path>,
 ) -> anyhow::Result<Level> {
     let barrier = Arc::new(Barrier::new(agents + 1));
     let deadline = Arc::new(std::sync::OnceLock::<Instant>::new());
@@ -452,9 +457,14 @@ fn level(
         util::cpu_seconds(agg.proc.pid(), ctx.tck)?,
         util::cpu_seconds(self_pid, ctx.tck)?,
     );
+    let threads0 = util::thread_cpu(agg.proc.pid(), ctx.tck);
     let t0 = Instant::now();
     let _ = deadline.set(t0 + Duration::from_secs(secs));
     barrier.wait();
+    let profiler = profile_dir.map(|dir| {
+        let (pid, dir) = (agg.proc.pid(), dir.to_path_buf());
+        std::thread::spawn(move || super::agent::profile(pid, secs.saturating_sub(2).max(1), &dir))
+    });
     let mut out = Level {
         agents,
         stored: 0,
@@ -463,6 +473,8 @@ fn level(
         latencies_ms: Vec::new(),
         aggregator_cpu: 0.0,
         loadgen_cpu: 0.0,
+        profile: None,
+        threads: Vec::new(),
     };
     for t in threads {
         let (s, e, l) = t
@@ -473,6 +485,8 @@ fn level(
         out.latencies_ms.extend(l);
     }
     out.secs = t0.elapsed().as_secs_f64();
+    out.threads = util::thread_delta(&threads0, &util::thread_cpu(agg.proc.pid(), ctx.tck));
+    out.profile = profiler.and_then(|p| p.join().ok());
     out.aggregator_cpu = (util::cpu_seconds(agg.proc.pid(), ctx.tck)? - c0) / out.secs * 100.0;
     out.loadgen_cpu = (util::cpu_seconds(self_pid, ctx.tck)? - l0) / out.secs * 100.0;
     Ok(out)
@@ -493,12 +507,15 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
     let mut results = Vec::new();
     for &n in levels {
         eprintln!("bench: ingest on {}: {n} agents", backend.name());
+        // The busiest level is profiled.
+        let prof = (n == *levels.last().unwrap_or(&0)).then_some(dir.as_path());
         results.push(level(
             ctx,
             &agg,
             n,
             secs,
             &format!("{}-{n}", backend.name()),
+            prof,
         )?);
     }
     // Completeness: every stored report and its rows are in the ledger.
@@ -557,6 +574,27 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
             "**INCOMPLETE**"
         }
     );
+    if let Some(l) = results.last() {
+        let threads: Vec<String> = l
+            .threads
+            .iter()
+            .filter(|t| t.1 > 0.0)
+            .map(|(g, v)| format!("`{g}` {:.0} %", v / l.secs * 100.0))
+            .collect();
+        let _ = writeln!(
+            b,
+            "\nAggregator CPU by thread at {} agents (% of one core): {}.\n",
+            l.agents,
+            threads.join(", ")
+        );
+        if let Some(p) = &l.profile {
+            let _ = writeln!(
+                b,
+                "Profile of the aggregator at {} agents:\n\n{p}",
+                l.agents
+            );
+        }
+    }
     let target = match backend {
         Backend::Sqlite => 2000.0,
         Backend::Postgres => 1000.0,

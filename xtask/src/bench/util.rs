@@ -2,6 +2,7 @@
 //! HTTP/1.1, cgroups beneath our own, processes killed on drop.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -88,6 +89,43 @@ pub fn cpu_seconds(pid: u32, tck: f64) -> anyhow::Result<f64> {
     let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     Ok((utime + stime) / tck)
+}
+
+/// CPU seconds per thread group of a process: threads named alike but for
+/// a trailing number (`tally-gpu0`, `tally-gpu1`, …) are added up.
+pub fn thread_cpu(pid: u32, tck: f64) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let group = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
+        let Ok(stat) = fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+            .sum();
+        *out.entry(group.to_owned()).or_insert(0.0) += ticks / tck;
+    }
+    out
+}
+
+/// `after − before` per thread group, largest first.
+pub fn thread_delta(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, a)| (k.clone(), a - before.get(k).copied().unwrap_or(0.0)))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
 }
 
 /// Resident set size in MiB (VmRSS).
@@ -305,6 +343,7 @@ pub fn wait_for<T>(
 pub fn metric(body: &str, name: &str) -> Option<f64> {
     body.lines().find_map(|l| {
         let rest = l.strip_prefix(name)?;
+        let rest = rest.strip_prefix("{}").unwrap_or(rest);
         rest.strip_prefix(' ')?
             .split_whitespace()
             .next()?
@@ -540,9 +579,10 @@ mod tests {
 
     #[test]
     fn metrics_are_read_from_text() {
-        let body = "# HELP x\nx_total 3\nx_total_more 9\ny{a=\"1\"} 2\ny{a=\"2\"} 5\n";
+        let body = "# HELP x\nx_total 3\nx_total_more 9\nz{} 4\ny{a=\"1\"} 2\ny{a=\"2\"} 5\n";
         assert_eq!(metric(body, "x_total"), Some(3.0));
         assert_eq!(metric_sum(body, "y"), 7.0);
-        assert_eq!(series_count(body), 4);
+        assert_eq!(metric(body, "z"), Some(4.0));
+        assert_eq!(series_count(body), 5);
     }
 }
