@@ -326,7 +326,9 @@ pub fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
             "**Set-up.** A generated ledger of {days} days × {nodes} nodes × {tenants} tenants: \
              one report per node and day, each with a GPU-usage row and an I/O row per tenant \
              ({} rows in each table), bulk-inserted with SQL straight into the aggregator's own \
-             schema (created by the aggregator's migrations on start-up), then the aggregator \
+             schema (created by the aggregator's migrations on start-up; for the load, the two \
+             usage indexes are dropped and re-created after, and PostgreSQL's foreign-key \
+             triggers are off in that transaction; the rows satisfy them), then the aggregator \
              restarted on it. (A real ledger with 10 s reports holds 8,640 reports per node and \
              day; this one is the same month at day granularity, so every query below is a lower \
              bound for an unrolled-up ledger.) Query: `GET /api/v1/chargeback?from=…&to=…&\
@@ -505,18 +507,42 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
         (&[1, 4, 16, 64], 8)
     };
     let mut results = Vec::new();
+    let mut pg_waits = std::collections::BTreeMap::new();
     for &n in levels {
         eprintln!("bench: ingest on {}: {n} agents", backend.name());
         // The busiest level is profiled.
-        let prof = (n == *levels.last().unwrap_or(&0)).then_some(dir.as_path());
-        results.push(level(
-            ctx,
-            &agg,
-            n,
-            secs,
-            &format!("{}-{n}", backend.name()),
-            prof,
-        )?);
+        let last = n == *levels.last().unwrap_or(&0);
+        let prof = last.then_some(dir.as_path());
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (l, waits) = std::thread::scope(|scope| {
+            // What PostgreSQL's backends wait on while the busiest level runs.
+            let sampler = (last && backend == Backend::Postgres).then(|| {
+                scope.spawn(|| {
+                    let mut waits: std::collections::BTreeMap<String, u64> = Default::default();
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(out) = db.sql(
+                            "SELECT COALESCE(wait_event_type, 'CPU') || ':' || \
+                             COALESCE(wait_event, 'running') FROM pg_stat_activity \
+                             WHERE state = 'active' AND backend_type = 'client backend' \
+                             AND pid <> pg_backend_pid();",
+                        ) {
+                            for w in out.lines().filter(|l| !l.is_empty()) {
+                                *waits.entry(w.to_owned()).or_default() += 1;
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    waits
+                })
+            });
+            let l = level(ctx, &agg, n, secs, &format!("{}-{n}", backend.name()), prof);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            (l, sampler.and_then(|s| s.join().ok()))
+        });
+        results.push(l?);
+        if let Some(w) = waits {
+            pg_waits = w;
+        }
     }
     // Completeness: every stored report and its rows are in the ledger.
     let stored: u64 = results.iter().map(|l| l.stored).sum();
@@ -587,6 +613,23 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
             l.agents,
             threads.join(", ")
         );
+        if !pg_waits.is_empty() {
+            let total: u64 = pg_waits.values().sum();
+            let mut w: Vec<(&String, &u64)> = pg_waits.iter().collect();
+            w.sort_by(|a, b| b.1.cmp(a.1));
+            let shown: Vec<String> = w
+                .iter()
+                .take(6)
+                .map(|(k, v)| format!("`{k}` {:.0} %", **v as f64 / total as f64 * 100.0))
+                .collect();
+            let _ = writeln!(
+                b,
+                "What the active PostgreSQL backends were doing at {} agents (`pg_stat_activity`, \
+                 sampled every 100 ms): {}.\n",
+                l.agents,
+                shown.join(", ")
+            );
+        }
         if let Some(p) = &l.profile {
             let _ = writeln!(
                 b,
@@ -634,8 +677,9 @@ fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String
                 days - 1,
                 nodes - 1
             ),
-            "PRAGMA synchronous = OFF; BEGIN;",
-            "COMMIT;",
+            "PRAGMA synchronous = OFF; BEGIN; DROP INDEX gpu_usage_end; DROP INDEX io_usage_end;",
+            "CREATE INDEX gpu_usage_end ON gpu_usage (interval_end_ms, tenant); \
+             CREATE INDEX io_usage_end ON io_usage (interval_end_ms, tenant); COMMIT; ANALYZE;",
         ),
         Backend::Postgres => (
             format!(
@@ -643,8 +687,10 @@ fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String
                 days - 1,
                 nodes - 1
             ),
-            "BEGIN;",
-            "COMMIT; ANALYZE;",
+            "BEGIN; SET LOCAL session_replication_role = replica; DROP INDEX gpu_usage_end; \
+             DROP INDEX io_usage_end;",
+            "CREATE INDEX gpu_usage_end ON gpu_usage (interval_end_ms, tenant); \
+             CREATE INDEX io_usage_end ON io_usage (interval_end_ms, tenant); COMMIT; ANALYZE;",
         ),
     };
     let tseries = match backend {
