@@ -242,6 +242,10 @@ impl Node {
     /// Namespace → tenant for `team-a-prod`, the namespace's name for the
     /// others, and pods nobody can name fall back to `k8s-unknown`.
     fn config(&self) -> String {
+        self.config_with(true)
+    }
+
+    fn config_with(&self, workload_series: bool) -> String {
         format!(
             r#"
 [[tenant.rule]]
@@ -258,7 +262,7 @@ pod_logs_dir = "{}"
 container_logs_dir = "{}"
 refresh_interval = "300ms"
 timeout = "500ms"
-workload_series = true
+workload_series = {workload_series}
 "#,
             self.socket().display(),
             self.pod_logs().display(),
@@ -561,14 +565,10 @@ fn missing_socket_falls_back_then_recovers() {
     assert_eq!(count_lines(&agent, "pod-resources unavailable"), 1);
 }
 
-#[test]
-fn pod_log_directories_name_pods_without_the_kubelet() {
-    if !require_root() {
-        return;
-    }
-    let node = Node::new();
+/// A pod named by the kubelet's log directories (as on a node where the
+/// kubelet writes them for every pod and container).
+fn notebook_with_log_dirs(node: &Node) -> PodProcess {
     let notebook = cgroupfs_besteffort_pod();
-    // What the kubelet writes for every pod and container on the node.
     fs::create_dir_all(
         node.pod_logs()
             .join(format!("research_notebook-0_{}/jupyter", notebook.uid)),
@@ -582,6 +582,16 @@ fn pod_log_directories_name_pods_without_the_kubelet() {
     )
     .unwrap();
     node.sim.register(notebook.proc.pid(), 0, None, 1024, 0.1);
+    notebook
+}
+
+#[test]
+fn pod_log_directories_name_pods_without_the_kubelet() {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let _notebook = notebook_with_log_dirs(&node);
     let agent = node.agent();
     wait_memory(&agent, "research", "0", GIB);
     let m = agent.metrics();
@@ -598,4 +608,31 @@ fn pod_log_directories_name_pods_without_the_kubelet() {
     );
     // No kubelet: said once, and it did not matter here.
     assert_eq!(count_lines(&agent, "pod-resources unavailable"), 1);
+}
+
+#[test]
+fn workload_series_are_opt_in() {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let notebook = notebook_with_log_dirs(&node);
+    let agent = Agent::start(
+        &node.sim,
+        &node.config_with(false),
+        &["--sample-interval", "200ms"],
+    );
+    wait_memory(&agent, "research", "0", GIB);
+    let m = agent.metrics();
+    assert_eq!(m.select("tally_workload_gpu_memory_bytes", &[]).count(), 0);
+    let snap = agent.snapshot();
+    let p = snap["gpus"][0]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == notebook.proc.pid())
+        .expect("notebook process in the snapshot")
+        .clone();
+    assert_eq!(p["tenant"], "research");
+    assert!(p.get("workload").is_none(), "{p}");
 }
