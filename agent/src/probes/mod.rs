@@ -41,7 +41,7 @@ use tracing::{info, warn};
 
 use self::{
     cgroups::CgroupPaths,
-    state::{Counters, State, StateFile},
+    state::{Counters, Part, State, StateFile},
 };
 use crate::{
     paths,
@@ -454,7 +454,6 @@ impl Probes {
         let boot_id = std::fs::read_to_string(paths::BOOT_ID)
             .map(|s| s.trim().to_owned())
             .unwrap_or_default();
-        let same_boot = !state.boot_id.is_empty() && state.boot_id == boot_id;
         state.boot_id = boot_id;
 
         let mut probes = Probes {
@@ -503,9 +502,7 @@ impl Probes {
             {
                 let pin = pin.as_ref().and_then(|p| p.as_ref().ok());
                 let (ingress, egress) = match pin {
-                    Some(pin) if config.network => {
-                        probes.start_net(pin, cgroup_root.as_deref(), same_boot)
-                    }
+                    Some(pin) if config.network => probes.start_net(pin, cgroup_root.as_deref()),
                     _ => (
                         Err(ProbeError::Disabled { key: "network" }),
                         Err(ProbeError::Disabled { key: "network" }),
@@ -514,9 +511,7 @@ impl Probes {
                 probes.statuses.push(status(PROBE_NET_INGRESS, &ingress));
                 probes.statuses.push(status(PROBE_NET_EGRESS, &egress));
                 let pcie = match pin {
-                    Some(pin) if config.pcie => {
-                        probes.start_pcie(pin, config.cuda_libs.as_deref(), same_boot)
-                    }
+                    Some(pin) if config.pcie => probes.start_pcie(pin, config.cuda_libs.as_deref()),
                     _ => Err(ProbeError::Disabled { key: "pcie" }),
                 };
                 probes.statuses.push(status(PROBE_PCIE, &pcie));
@@ -547,7 +542,6 @@ impl Probes {
         &mut self,
         pin: &PinDir,
         root: Option<&Path>,
-        same_boot: bool,
     ) -> (Result<(), ProbeError>, Result<(), ProbeError>) {
         let Some(root) = root else {
             return (Err(ProbeError::NoCgroup2), Err(ProbeError::NoCgroup2));
@@ -580,7 +574,7 @@ impl Probes {
                 }
             };
         let mut map = map;
-        self.adopt_map(reused, same_boot, Part::Net, |ids| {
+        self.adopt_map(reused, Part::Net, |ids| {
             for id in ids {
                 let _ = map.remove(id);
             }
@@ -617,12 +611,7 @@ impl Probes {
         (ingress, egress)
     }
 
-    fn start_pcie(
-        &mut self,
-        pin: &PinDir,
-        libs: Option<&[PathBuf]>,
-        same_boot: bool,
-    ) -> Result<(), ProbeError> {
+    fn start_pcie(&mut self, pin: &PinDir, libs: Option<&[PathBuf]>) -> Result<(), ProbeError> {
         let libs: Vec<PathBuf> = match libs {
             Some(l) => l.to_vec(),
             None => cuda::discover(),
@@ -630,7 +619,7 @@ impl Probes {
         let (mut ebpf, reused) = load_object(pin, "pcie", tally_ebpf::PCIE)?;
         let mut map: PerCpuHashMap<MapData, u64, PcieValue> =
             take_map(&mut ebpf, "pcie", tally_ebpf::MAP_PCIE)?;
-        self.adopt_map(reused, same_boot, Part::Pcie, |ids| {
+        self.adopt_map(reused, Part::Pcie, |ids| {
             for id in ids {
                 let _ = map.remove(id);
             }
@@ -760,57 +749,11 @@ impl Probes {
         (exec, exit)
     }
 
-    /// Reconciles the state file with a map just opened: a map that was
-    /// created now (first start, or after a reboot) starts from zero, so the
-    /// last live totals move into `folded`; a reused map may still hold
-    /// entries that were folded before the agent stopped: those go.
-    fn adopt_map(
-        &mut self,
-        reused: bool,
-        same_boot: bool,
-        part: Part,
-        delete: impl FnOnce(&[u64]),
-    ) {
-        let pending = match part {
-            Part::Net => std::mem::take(&mut self.state.pending_net),
-            Part::Pcie => std::mem::take(&mut self.state.pending_pcie),
-        };
-        if reused && same_boot {
-            delete(&pending);
-            return;
-        }
-        if reused {
-            // Pins outlive the state file's boot id only if the file is
-            // from another machine or was restored: trust the maps.
-            delete(&pending);
-            return;
-        }
-        for (tenant, live) in &mut self.state.live {
-            let moved = match part {
-                Part::Net => live.net_part(),
-                Part::Pcie => live.pcie_part(),
-            };
-            if !moved.is_zero() {
-                self.state
-                    .folded
-                    .entry(tenant.clone())
-                    .or_default()
-                    .add(&moved);
-            }
-            let zero = Counters::default();
-            *live = match part {
-                Part::Net => Counters {
-                    h2d_bytes: live.h2d_bytes,
-                    d2h_bytes: live.d2h_bytes,
-                    ..zero
-                },
-                Part::Pcie => Counters {
-                    h2d_bytes: 0,
-                    d2h_bytes: 0,
-                    ..*live
-                },
-            };
-        }
+    /// Reconciles the state with a map just opened (see [`State::adopt`])
+    /// and deletes the entries it says to.
+    fn adopt_map(&mut self, reused: bool, part: Part, delete: impl FnOnce(&[u64])) {
+        let ids = self.state.adopt(part, reused);
+        delete(&ids);
     }
 
     /// State of every probe, for the snapshot.
@@ -1026,12 +969,6 @@ impl Probes {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Part {
-    Net,
-    Pcie,
-}
-
 /// Every probe name, in the order [`Probes::statuses`] lists them.
 pub const PROBE_NAMES: [&str; 5] = [
     PROBE_NET_INGRESS,
@@ -1071,4 +1008,79 @@ pub fn trial(config: &ProbesConfig) -> Vec<(&'static str, ProbeStatus)> {
         .zip(statuses)
         .map(|(name, status)| (*name, status))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn probes_section_parses_and_rejects_unknown_keys() {
+        let c = Config::parse(
+            "[probes]\npcie = false\ncuda_libs = [\"/opt/nvidia/libcuda.so.1\"]\n\
+             pin_dir = \"/sys/fs/bpf/t\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert!(!c.probes.pcie && c.probes.network && c.probes.process);
+        assert_eq!(
+            c.probes.cuda_libs,
+            Some(vec![PathBuf::from("/opt/nvidia/libcuda.so.1")])
+        );
+        assert_eq!(c.probes.pin_dir, PathBuf::from("/sys/fs/bpf/t"));
+        let d = Config::parse("", Path::new("t.toml")).unwrap().probes;
+        assert_eq!(d.pin_dir, PathBuf::from(paths::BPF_PIN_DIR));
+        assert!(d.cuda_libs.is_none());
+
+        let err = Config::parse("[probes]\ncuda_lib = []\n", Path::new("t.toml")).unwrap_err();
+        assert_eq!(err.problems[0].key, "probes", "{err}");
+        assert!(err.to_string().contains("cuda_lib"), "{err}");
+    }
+
+    #[test]
+    fn errors_carry_their_fix_and_the_verifier_log() {
+        let e = ProbeError::Verifier {
+            program: "tally_net_egress",
+            source: io::Error::from_raw_os_error(13),
+            verifier_log: "0: (b7) r0 = 1\ninvalid mem access".into(),
+        };
+        let text = e.explain();
+        assert!(text.contains("invalid mem access"), "{text}");
+        assert!(text.contains("fix:"), "{text}");
+        let e = ProbeError::Load {
+            object: "net",
+            message: "map tally_net: Operation not permitted (os error 1)".into(),
+        };
+        assert!(e.explain().contains("CAP_BPF"), "{}", e.explain());
+    }
+
+    #[test]
+    fn disabled_probes_load_nothing_and_say_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ProbesConfig {
+            network: false,
+            pcie: false,
+            process: false,
+            cuda_libs: None,
+            pin_dir: dir.path().join("pins"),
+        };
+        let probes = Probes::start(&config, dir.path());
+        let statuses = probes.statuses();
+        assert_eq!(
+            statuses
+                .iter()
+                .map(|s| s.probe.as_str())
+                .collect::<Vec<_>>(),
+            PROBE_NAMES
+        );
+        for s in statuses {
+            assert!(!s.up);
+            assert!(s.error.unwrap().contains("disabled in the config"));
+        }
+        assert!(
+            !dir.path().join("pins").exists(),
+            "no pin dir when all are off"
+        );
+    }
 }

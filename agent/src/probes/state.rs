@@ -118,6 +118,45 @@ pub struct State {
     pub residual_d2h_bytes: u64,
 }
 
+/// Which map a reconciliation is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Net,
+    Pcie,
+}
+
+impl State {
+    /// Reconciles the state with the `part` map just opened; returns the
+    /// cgroup ids whose entries must be deleted from it.
+    ///
+    /// A map that already existed (`reused`, an agent restart) may still
+    /// hold entries folded before the agent stopped: those are returned.
+    /// A map created now (first start, after a reboot, pins removed)
+    /// starts from zero, so the last live totals of that part move into
+    /// `folded` and the per-tenant totals stay where they were.
+    pub fn adopt(&mut self, part: Part, reused: bool) -> Vec<u64> {
+        let pending = match part {
+            Part::Net => std::mem::take(&mut self.pending_net),
+            Part::Pcie => std::mem::take(&mut self.pending_pcie),
+        };
+        if reused {
+            return pending;
+        }
+        for (tenant, live) in &mut self.live {
+            let (moved, kept) = match part {
+                Part::Net => (live.net_part(), live.pcie_part()),
+                Part::Pcie => (live.pcie_part(), live.net_part()),
+            };
+            if !moved.is_zero() {
+                self.folded.entry(tenant.clone()).or_default().add(&moved);
+            }
+            *live = kept;
+        }
+        self.live.retain(|_, c| !c.is_zero());
+        Vec::new()
+    }
+}
+
 /// Why the state file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -221,6 +260,65 @@ mod tests {
         );
         let mut again = StateFile::new(dir.path());
         assert_eq!(again.load().unwrap(), state);
+    }
+
+    fn c(egress: u64, h2d: u64) -> Counters {
+        Counters {
+            egress_bytes: egress,
+            h2d_bytes: h2d,
+            ..Default::default()
+        }
+    }
+
+    fn total(s: &State, tenant: &str) -> Counters {
+        let mut t = Counters::default();
+        for map in [&s.folded, &s.live] {
+            if let Some(x) = map.get(tenant) {
+                t.add(x);
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn a_reused_map_gets_its_pending_deletes() {
+        let mut s = State {
+            pending_net: vec![7, 8],
+            pending_pcie: vec![9],
+            ..Default::default()
+        };
+        s.live.insert("acme".into(), c(10, 20));
+        let before = s.clone();
+        assert_eq!(s.adopt(Part::Net, true), [7, 8]);
+        assert_eq!(s.adopt(Part::Pcie, true), [9]);
+        assert_eq!(s.live, before.live, "live totals untouched");
+        assert_eq!(s.folded, before.folded);
+        assert!(s.pending_net.is_empty() && s.pending_pcie.is_empty());
+    }
+
+    #[test]
+    fn a_new_map_moves_only_its_part_of_the_live_totals_into_folded() {
+        let mut s = State {
+            pending_net: vec![7],
+            ..Default::default()
+        };
+        s.folded.insert("acme".into(), c(1, 2));
+        s.live.insert("acme".into(), c(10, 20));
+        s.live.insert("beta".into(), c(5, 0));
+        let acme = total(&s, "acme");
+        let beta = total(&s, "beta");
+
+        // A new net map (e.g. after a reboot): nothing to delete in it.
+        assert!(s.adopt(Part::Net, false).is_empty());
+        assert_eq!(total(&s, "acme"), acme, "acme total unchanged");
+        assert_eq!(total(&s, "beta"), beta, "beta total unchanged");
+        assert_eq!(s.live["acme"], c(0, 20), "pcie part still live");
+        assert!(!s.live.contains_key("beta"));
+
+        assert!(s.adopt(Part::Pcie, false).is_empty());
+        assert_eq!(total(&s, "acme"), acme);
+        assert!(s.live.is_empty());
+        assert_eq!(s.folded["acme"], c(11, 22));
     }
 
     #[test]

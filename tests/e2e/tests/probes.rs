@@ -709,3 +709,48 @@ fn a_second_agent_on_the_same_pin_dir_does_not_attach_twice() {
     assert_eq!(pcie(&m, "alpha", "h2d"), 12288);
     assert_eq!(pcie(&second.metrics(), "alpha", "h2d"), 0);
 }
+
+#[test]
+fn counters_stay_when_the_maps_are_new_as_after_a_reboot() {
+    if !require_root() {
+        return;
+    }
+    let s = setup("tally-probes-reboot");
+    let alpha = s.tenant("alpha");
+    let config = s.state.path().join("agent.toml");
+    fs::write(&config, s.config("300ms")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", tally_e2e::free_port())
+        .parse()
+        .unwrap();
+    let first = Agent::start_with(&s.node, &config, addr, &[]);
+    cuda_in(&alpha, &["cuMemcpyDtoH_v2", "1000", "9"]);
+    let w = (1u64 << 20, 1000u64, 20u64, 500u64);
+    network_workload(&alpha, w.0, w.1, w.2, w.3);
+    let before = settle(&first, "first agent counted", |m| {
+        pcie(m, "alpha", "d2h") == 9000 && net_of(m, "alpha").out_bytes >= w.0
+    });
+    let net_before = net_of(&before, "alpha");
+    drop(first);
+
+    // A reboot empties bpffs: the maps come back new, the state file stays.
+    for e in fs::read_dir(&s.pin.0).expect("pin dir").flatten() {
+        fs::remove_file(e.path()).expect("unpin");
+    }
+    let second = Agent::start_with(&s.node, &config, addr, &[]);
+    second.wait_samples(2);
+    let after = second.metrics();
+    assert_eq!(pcie(&after, "alpha", "d2h"), 9000, "pcie after new maps");
+    assert_eq!(
+        net_of(&after, "alpha"),
+        net_before,
+        "network after new maps"
+    );
+
+    cuda_in(&alpha, &["cuMemcpyDtoH_v2", "1000", "1"]);
+    let later = settle(&second, "counting on", |m| pcie(m, "alpha", "d2h") >= 10000);
+    assert_eq!(
+        pcie(&later, "alpha", "d2h"),
+        10000,
+        "continues, no double count"
+    );
+}
