@@ -331,10 +331,14 @@ impl Ledger {
             .await?;
         }
         for g in &r.gpus {
+            // Absent doubles travel as -1 and become NULL in SQL: sqlx's
+            // `Any` driver binds a NULL double as a float4 on PostgreSQL,
+            // which the server refuses for a double precision column.
             sqlx::query(
                 "INSERT INTO gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, \
                  slice_fraction, health, utilization_ratio, memory_used_bytes, memory_total_bytes, \
-                 processes, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 processes, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, NULLIF($7, -1.0), $8, \
+                 NULLIF($9, -1.0), $10, $11, $12, $13) \
                  ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
                  mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
                  slice_fraction = excluded.slice_fraction, health = excluded.health, \
@@ -350,9 +354,9 @@ impl Ledger {
             .bind(&g.model)
             .bind(g.mig_profile.clone())
             .bind(g.parent_uuid.clone())
-            .bind(g.slice_fraction)
+            .bind(g.slice_fraction.unwrap_or(-1.0))
             .bind(&g.health)
-            .bind(g.utilization_ratio)
+            .bind(g.utilization_ratio.unwrap_or(-1.0))
             .bind(i(g.memory_used_bytes))
             .bind(i(g.memory_total_bytes))
             .bind(i64::from(g.processes))

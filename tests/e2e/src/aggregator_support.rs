@@ -20,17 +20,23 @@ pub const ACME_TOKEN: &str = "acme-token-0123456789abcdef";
 pub const PRICES: &str = r#"
 [prices]
 currency = "USD"
-gpu_hour = { "NVIDIA H100 80GB HBM3" = 2.49, "NVIDIA A100-SXM4-40GB" = 1.10, default = 1.00 }
-network_gib = 0.01
-energy_kwh = 0.12
+# Expensive on purpose: a test runs for seconds, and seconds must be
+# worth many cents for "to the cent" to mean something.
+gpu_hour = { "NVIDIA H100 80GB HBM3" = 9000.0, "NVIDIA A100-SXM4-40GB" = 3600.0, default = 1800.0 }
+network_gib = 100.0
+energy_kwh = 1000.0
 "#;
+
+/// Price of a kWh and of a GiB of network traffic in [`PRICES`].
+pub const ENERGY_KWH_PRICE: f64 = 1000.0;
+pub const NETWORK_GIB_PRICE: f64 = 100.0;
 
 /// GPU-hour price of `model` in [`PRICES`].
 pub fn gpu_hour_price(model: &str) -> f64 {
     match model {
-        "NVIDIA H100 80GB HBM3" => 2.49,
-        "NVIDIA A100-SXM4-40GB" => 1.10,
-        _ => 1.00,
+        "NVIDIA H100 80GB HBM3" => 9000.0,
+        "NVIDIA A100-SXM4-40GB" => 3600.0,
+        _ => 1800.0,
     }
 }
 

@@ -16,8 +16,9 @@ use tally::report::wire::{GpuUsage, Report, SCHEMA_VERSION};
 use tally_e2e::{
     Agent, Cgroup, ChildGuard, SimNode,
     aggregator_support::{
-        ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, Backend, LedgerReader, agent_config,
-        gpu_hour_price, postgres, report_state, spooled, sqlite, subdir,
+        ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, Backend, ENERGY_KWH_PRICE, LedgerReader,
+        NETWORK_GIB_PRICE, agent_config, gpu_hour_price, postgres, report_state, spooled, sqlite,
+        subdir,
     },
     require_root, skip, tally_bin, unique, wait_for,
 };
@@ -29,6 +30,22 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// [`wait_for`], but a timeout shows the aggregator's log.
+fn wait_logged<T>(agg: &Aggregator, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < LONG,
+            "timed out waiting for {what}; aggregator log:\n{}",
+            agg.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn pg_or_skip() -> Option<Backend> {
@@ -115,7 +132,7 @@ fn bad_input_is_refused(backend: Backend, dir: &Path) {
     let mut bad_fraction = report("n1", 5);
     bad_fraction.gpu_usage[0].slice_fraction = 7.0;
     let mut conflict = report("n1", 1);
-    conflict.gpu_usage[0].allocated_us = 1;
+    conflict.gpu_usage[0].energy_mj = 1;
     let mut oversized = report("n1", 6);
     oversized.gpu_usage[0].tenant = "x".repeat(200);
     oversized.gpu_usage = vec![oversized.gpu_usage[0].clone(); 400];
@@ -214,8 +231,8 @@ fn bad_input_is_refused(backend: Backend, dir: &Path) {
     let lines = c["lines"].as_array().unwrap();
     assert_eq!(lines.len(), 1, "{c}");
     assert_eq!(lines[0]["tenant"], "acme");
-    // 10 s of an H100 at 2.49/h = 0.0069 → 0.01; 3 kJ at 0.12/kWh → 0.00.
-    assert_eq!(lines[0]["cost"], "0.01", "{c}");
+    // 10 s of an H100 at 9000/h = 25.00; 3 kJ (0.000833 kWh) at 1000/kWh = 0.83.
+    assert_eq!(lines[0]["cost"], "25.83", "{c}");
     let (status, text) = agg.get("/api/v1/chargeback?to=5", Some(ADMIN_TOKEN));
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("`from` is required"), "{text}");
@@ -318,7 +335,7 @@ fn expected_cents(snap: &serde_json::Value, tenant: &str) -> i64 {
         .iter()
         .map(|(model, us)| cents(us / 3.6e9 * gpu_hour_price(model)))
         .sum();
-    let energy = cents(energy_mj as f64 / 3.6e9 * 0.12);
+    let energy = cents(energy_mj as f64 / 3.6e9 * ENERGY_KWH_PRICE);
     let mut net_bytes = 0i64;
     for row in snap["tenant_io"].as_array().into_iter().flatten() {
         if row["tenant"] == tenant {
@@ -326,7 +343,7 @@ fn expected_cents(snap: &serde_json::Value, tenant: &str) -> i64 {
                 + row["network_egress_bytes_total"].as_i64().unwrap_or(0);
         }
     }
-    let net = cents(net_bytes as f64 / 1_073_741_824.0 * 0.01);
+    let net = cents(net_bytes as f64 / 1_073_741_824.0 * NETWORK_GIB_PRICE);
     gpu + energy + net
 }
 
@@ -412,7 +429,7 @@ fn two_agents_to_the_cent(backend: Backend) {
     // Wait for reports cut after the counters froze.
     for (node, snap) in [("n1", &s2[0]), ("n2", &s2[1])] {
         let after = snap["taken_at_ms"].as_i64().unwrap() + 1000;
-        wait_for("a report cut after the freeze", LONG, || {
+        wait_logged(&agg, "a report cut after the freeze", || {
             (ledger.int(&format!(
                 "SELECT COALESCE(MAX(interval_end_ms), 0) FROM reports WHERE node = '{node}'"
             )) > after)
@@ -577,7 +594,7 @@ fn outages_lose_nothing(backend: Backend) {
     let mut agents = vec![start(0), start(1)];
     let stored = |node: &str| ledger.reports(node).0;
     for n in names {
-        wait_for("first reports", LONG, || (stored(n) >= 3).then_some(()));
+        wait_logged(&agg, "first reports", || (stored(n) >= 3).then_some(()));
     }
 
     // 1. The aggregator is down for a while: the agents spool.
