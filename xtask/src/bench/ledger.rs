@@ -308,6 +308,9 @@ pub fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
                 }
             }
         }
+        if s.checks.iter().any(|c| c.verdict == Verdict::Miss) {
+            s.body.push_str(INGEST_BOTTLENECK);
+        }
         out.push(s);
     }
     if chargeback {
@@ -350,12 +353,40 @@ pub fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
                 }
             }
         }
+        if s.checks.iter().any(|c| c.verdict == Verdict::Miss) {
+            s.body.push_str(CHARGEBACK_BOTTLENECK);
+        }
         out.push(s);
     }
     out
 }
 
 // ---------------------------------------------------------------- 6. ingest
+
+/// What the profiles above show when ingest misses its target.
+const INGEST_BOTTLENECK: &str = "
+**Bottleneck (ingest).** The aggregator is mostly *waiting*, not computing: its CPU stays \
+well below the two cores, the profile is dominated by the scheduler (`finish_task_switch`), \
+and more agents add latency, not throughput. `agent/src/aggregator/ledger.rs`, \
+`Ledger::ingest`, writes a report as ~160 single-row statements in one transaction (the \
+report, 50 `gpu_usage` and 50 `io_usage` INSERTs, 50 `tenant_totals` upserts, the GPU \
+gauges, the node row), each its own await and round trip — to the server on PostgreSQL, \
+to sqlx's worker thread on SQLite. On top of that, the `tenant_totals` upsert in the same \
+transaction makes every report update the same tenant rows: concurrent PostgreSQL \
+transactions queue on each other's row locks (`Lock:transactionid` above), and SQLite, which \
+has one writer anyway, makes the 16 pooled connections retry for the write lock \
+(`busy_timeout`), hence seconds of p99.
+
+**What would fix it** (code the aggregator's owner holds; not changed here): (1) one \
+multi-row statement per table per report (`INSERT … VALUES (…), (…), …`; on PostgreSQL \
+`UNNEST` of bound arrays or `COPY`) — ~5 statements instead of ~160; (2) take \
+`tenant_totals` out of the ingest transaction (compute the `/metrics` totals from the ledger \
+on the existing refresh tick, or append per-report deltas and fold them in the background), \
+which removes the hot-row lock queue and lets PostgreSQL ingest in parallel; (3) on SQLite, \
+one writer task fed by a channel that commits every report queued so far in one transaction \
+(group commit: one fsync for many reports) instead of a pool of writers contending for the \
+lock.
+";
 
 /// One report: 50 tenants' GPU and I/O rows, 8 GPU gauges.
 fn report_body(node: &str, boot: &str, seq: u64, start_ms: u64, end_ms: u64) -> String {
@@ -663,6 +694,25 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
 }
 
 // ----------------------------------------------------------- 7. chargeback
+
+/// What the timings above show when the chargeback query misses.
+const CHARGEBACK_BOTTLENECK: &str = "
+**Bottleneck (chargeback).** The database, not the aggregator: the handler's GPU query alone \
+takes most of the end-to-end time. `agent/src/aggregator/ledger.rs`, `Ledger::gpu_groups` \
+and `Ledger::io_groups`, aggregate every usage row of the month — one per tenant, node and \
+report — grouped by tenant × node × model × slice, and hand that many groups to \
+`chargeback::compute`, which folds them by tenant. The `(interval_end_ms, tenant)` index \
+does not help a whole-month range (SQLite still walks it and fetches every row from the \
+table). Work grows with nodes × reports, while the answer has one line per tenant.
+
+**What would fix it:** a rollup maintained at ingest — e.g. `usage_hourly(hour, tenant, \
+node, model, mig_profile, slice_fraction, sums…)` upserted in the ingest transaction (or \
+folded from new reports on a background tick) — and chargeback reading the rollup: a month \
+is then 720 hours × the tenant/model pairs present, instead of every report row; raw rows \
+stay for audit and re-computation. A covering index on `(interval_end_ms, tenant, node, \
+model, slice_fraction)` plus the summed columns would allow index-only scans, a constant \
+factor only.
+";
 
 fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String {
     let day_ms = 86_400_000i64;
