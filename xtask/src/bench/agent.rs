@@ -72,6 +72,30 @@ power_max_w = 400
 mig = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb"]
 "#;
 
+/// Where the agent's CPU goes when the footprint target is missed.
+const FOOTPRINT_BOTTLENECK: &str = "
+**Bottleneck (footprint CPU).** Almost all of the agent's CPU is on its NVML threads, i.e. \
+inside the in-process simulator (`tests/nvml-sim/src/sim.rs`: every device query lists \
+`procs/`, stats `/proc/<pid>` and parses the TOML of *every* registration, and `Sim::observe` \
+rewrites the `.energy/<index>` file under `flock`, with an ext4 writeback on close — \
+`statx`, `open`/`close`, `ftruncate` and path walks dominate the profile). That cost belongs \
+to the test double, not to Tally; it grows with processes × devices × calls per cycle. A \
+real driver answers from memory via ioctls; its cost cannot be measured without a GPU.
+
+What remains is Tally's own per-cycle work on the `tally-sampler` thread (profile above): \
+every cycle, for every GPU process, `tenants::cgroup_of` reads `/proc/<pid>/cgroup` \
+(`agent/src/tenants.rs`, `Resolver::attribute_on`) and `gpu::Sampler::update_states` reads \
+`/proc/<pid>/stat` for each holder of each device — twice for processes on MIG instances \
+(once for the instance, once for the parent GPU) (`agent/src/gpu/mod.rs`, \
+`holders_of_device` + `process_obs`). **What would fix it:** cache pid → (start time, cgroup, \
+tenant) and read `/proc/<pid>/cgroup` only for pids not seen before (a changed start time \
+means a reused pid); read each holder's `/proc/<pid>/stat` once per cycle and only for \
+devices whose state machine needs it (holders of a device with low utilization, where \
+idle/stuck is decided); and in the simulator, keep registrations in memory and re-read \
+`procs/` only when the directory's mtime changes, and keep the energy integral in memory \
+with a periodic flush.
+";
+
 /// Devices a process can be registered on: GPUs 0–6, then GPU 7's MIG 0–6.
 const DEVICES: usize = 14;
 
@@ -789,6 +813,9 @@ fn footprint_and_sample(
         ),
         Verdict::of(a_total <= 0.5),
     ));
+    if a_total > 0.5 {
+        b.push_str(FOOTPRINT_BOTTLENECK);
+    }
     s.checks.push(Check::new(
         "1. agent CPU without the NVML (simulator) threads",
         "≤ 0.5 % of one core",

@@ -260,6 +260,9 @@ fn render(
     for n in &o.only {
         command.push_str(&format!(" --only {n}"));
     }
+    if o.no_build {
+        command.push_str(" --no-build");
+    }
     let _ = writeln!(r, "# Tally benchmarks\n");
     let _ = writeln!(
         r,
