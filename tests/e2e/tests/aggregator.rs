@@ -686,3 +686,164 @@ fn outages_restarts_and_sigkill_lose_nothing_postgres() {
     let Some(backend) = pg_or_skip() else { return };
     outages_lose_nothing(backend);
 }
+
+// ------------------------------------------------------- the spool bound
+
+/// A spool at its bound holds new intervals in the counters instead of
+/// dropping reports, says so loudly, and loses nothing once the
+/// aggregator is back.
+#[test]
+fn a_full_spool_is_loud_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = sqlite(dir.path());
+    let mut agg = Aggregator::start(&dir.path().join("agg"), &backend, "");
+    let ledger = LedgerReader::new(&backend);
+    agg.stop();
+    let node = SimNode::standard();
+    let work = ChildGuard(Command::new("sleep").arg("600").spawn().unwrap());
+    node.register(work.pid(), 0, None, 4096, 0.5);
+    let state = subdir(dir.path(), "state");
+    let config = agent_config(
+        &agg.url(),
+        "n1",
+        &state,
+        &dir.path().join("agg"),
+        "spool_max_reports = 3\n[[tenant.rule]]\nuser = true\n",
+    );
+    let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
+    wait_for("the spool to fill up", LONG, || {
+        let m = agent.metrics();
+        (m.value("tally_report_spool_full_intervals_total", &[])
+            .unwrap_or(0.0)
+            >= 3.0)
+            .then_some(())
+    });
+    assert_eq!(spooled(&state), 3, "the bound holds");
+    let m = agent.metrics();
+    assert_eq!(m.value("tally_report_spool_reports", &[]), Some(3.0));
+    assert!(
+        agent.log_text().contains("REPORT SPOOL FULL"),
+        "{}",
+        agent.log_text()
+    );
+
+    agg.restart();
+    wait_for("spool drained", LONG, || {
+        (spooled(&state) == 0).then_some(())
+    });
+    agent.wait_samples(3);
+    assert!(agent.stop().success());
+    assert_eq!(spooled(&state), 0);
+    let st = report_state(&state);
+    let (first, next) = (
+        st["first_seq"].as_i64().unwrap(),
+        st["next_seq"].as_i64().unwrap(),
+    );
+    assert_eq!(ledger.reports("n1"), (next - first, first, next - 1));
+    assert_eq!(
+        ledger.allocated_us("n1"),
+        reported_counters(&state),
+        "the intervals held while the spool was full reached the ledger"
+    );
+    drop(work);
+}
+
+// ------------------------------------------------------- the audit store
+
+#[test]
+fn audit_records_reach_the_central_store_and_breaks_are_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = sqlite(dir.path());
+    let agg = Aggregator::start(&dir.path().join("agg"), &backend, "");
+    let node = SimNode::standard();
+    let state = subdir(dir.path(), "state");
+    let log_path = state.join("audit.log");
+    let mut log = tally::enforce::audit::AuditLog::open(&log_path, "n1").unwrap();
+    log.append(
+        "acme",
+        "gpu_memory",
+        "alert",
+        serde_json::json!({"usage": 9}),
+    )
+    .unwrap();
+    log.append(
+        "beta",
+        "gpu_memory",
+        "throttle",
+        serde_json::json!({"pids": [1]}),
+    )
+    .unwrap();
+    let config = agent_config(
+        &agg.url(),
+        "n1",
+        &state,
+        &dir.path().join("agg"),
+        "[[tenant.rule]]\nuser = true\n",
+    );
+    let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
+    let audit = |token: &str, query: &str| -> (u16, serde_json::Value) {
+        let (status, body) = agg.get(&format!("/api/v1/audit?{query}"), Some(token));
+        (status, serde_json::from_str(&body).unwrap_or_default())
+    };
+    let records = wait_logged(&agg, "two audit records", || {
+        let (_, v) = audit(ADMIN_TOKEN, "");
+        let r = v["records"].as_array()?.clone();
+        (r.len() == 2).then_some(r)
+    });
+    assert!(records.iter().all(|r| r["chain_ok"] == true), "{records:?}");
+    assert_eq!(records[0]["tenant"], "acme");
+    assert_eq!(records[1]["record"]["detail"]["pids"][0], 1);
+
+    // Tenant readers see their own records only.
+    let (status, v) = audit(ACME_TOKEN, "");
+    assert_eq!(status, 200);
+    assert_eq!(v["records"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(audit(ACME_TOKEN, "tenant=beta").0, 403);
+    assert_eq!(audit(AGENT_TOKEN, "").0, 403);
+
+    // A changed record (its hash no longer matches), then a record that
+    // does not follow it: both are flagged, neither is hidden.
+    let mut forged: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    forged["action"] = "alert".into();
+    forged["seq"] = 3.into();
+    forged["prev_sha256"] = forged["sha256"].clone();
+    forged["sha256"] = "f".repeat(64).into();
+    let mut line = forged.to_string();
+    line.push('\n');
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log_path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()))
+        .unwrap();
+    log.append("acme", "gpu_memory", "terminate", serde_json::json!({}))
+        .unwrap();
+    let v = wait_logged(&agg, "four audit records", || {
+        let (_, v) = audit(ADMIN_TOKEN, "");
+        (v["records"].as_array()?.len() == 4).then_some(v)
+    });
+    assert_eq!(v["chain_breaks"], 2, "{v}");
+    let problems: Vec<&str> = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["problem"].as_str())
+        .collect();
+    assert!(problems[0].contains("content changed"), "{problems:?}");
+    assert!(problems[1].contains("chain break"), "{problems:?}");
+    wait_for("chain breaks on /metrics", LONG, || {
+        let m = tally_e2e::Metrics::parse(&agg.get("/metrics", None).1);
+        (m.value(
+            "tally_aggregator_audit_chain_breaks_total",
+            &[("node", "n1")],
+        ) == Some(2.0))
+        .then_some(())
+    });
+    drop(agent);
+}
