@@ -33,8 +33,33 @@ pub struct FakeCuda {
 pub fn fake_cuda() -> &'static FakeCuda {
     static BUILT: OnceLock<FakeCuda> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let out = crate::target_dir().join(unique("fake-libcuda"));
-        build_helpers(&out)
+        // One directory per version of the sources, built aside and renamed
+        // into place, so concurrent test processes neither race nor litter.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for src in [
+            "../fake-libcuda/libcuda.c",
+            "../fake-libcuda/cuda-copy.c",
+            "helpers/netload.c",
+        ] {
+            for b in fs::read(root.join(src)).expect("read helper source") {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let out = crate::target_dir().join(format!("fake-libcuda-{hash:016x}"));
+        if !out.join("netload").exists() {
+            let tmp = crate::target_dir().join(unique("fake-libcuda-build"));
+            build_helpers(&tmp);
+            if fs::rename(&tmp, &out).is_err() {
+                // Another process got there first.
+                let _ = fs::remove_dir_all(&tmp);
+            }
+        }
+        FakeCuda {
+            lib: out.join("libcuda.so.1"),
+            caller: out.join("cuda-copy"),
+            netload: out.join("netload"),
+        }
     })
 }
 
