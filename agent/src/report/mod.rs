@@ -31,6 +31,9 @@ pub struct ReportConfig {
     pub aggregator: Option<String>,
     /// File holding the bearer token (first non-empty line).
     pub token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the aggregator's certificate, for an
+    /// `https://` aggregator with a private CA (public roots are built in).
+    pub ca_file: Option<PathBuf>,
     /// Node name in reports. Default: `[agent] node`, else the host name.
     pub node: Option<String>,
     /// Time between reports. Default `10s`.
@@ -50,6 +53,7 @@ impl Default for ReportConfig {
         Self {
             aggregator: None,
             token_file: None,
+            ca_file: None,
             node: None,
             interval: Duration::from_secs(10),
             timeout: Duration::from_secs(10),
@@ -95,6 +99,11 @@ impl ReportConfig {
         {
             problems.push("report.node", "must be 1..=256 printable characters");
         }
+        if let Some(file) = &self.ca_file
+            && let Err(e) = read_ca(file)
+        {
+            problems.push("report.ca_file", e);
+        }
         if let Some(file) = &self.token_file {
             if self.aggregator.is_none() {
                 problems.push("report.token_file", "set, but `report.aggregator` is not");
@@ -104,6 +113,13 @@ impl ReportConfig {
             }
         }
     }
+}
+
+/// Reads a PEM CA certificate for the aggregator's TLS.
+pub fn read_ca(file: &std::path::Path) -> Result<reqwest::Certificate, String> {
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    reqwest::Certificate::from_pem(&pem)
+        .map_err(|e| format!("{}: not a PEM certificate: {e}", file.display()))
 }
 
 /// Reads a bearer token: the first non-empty, non-`#` line of `file`.
@@ -131,7 +147,7 @@ mod tests {
         assert!(c.report.aggregator.is_none());
 
         let p = Config::parse(
-            "[report]\naggregator = \"ftp://x\"\ninterval = \"1ms\"\nspool_max_bytes = \"lots\"\n",
+            "[report]\naggregator = \"ftp://x\"\ninterval = \"1ms\"\nspool_max_bytes = \"lots\"\nca_file = \"/nonexistent/ca.pem\"\n",
             Path::new("t.toml"),
         )
         .unwrap_err();
@@ -141,7 +157,8 @@ mod tests {
             [
                 "report.interval",
                 "report.spool_max_bytes",
-                "report.aggregator"
+                "report.aggregator",
+                "report.ca_file"
             ]
         );
     }

@@ -118,10 +118,15 @@ impl Sender {
         };
         let state = loaded.adopt(&id, started_ms);
         let spool = Spool::open(state_dir, cfg.spool_max_reports, cfg.spool_max_bytes())?;
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .timeout(cfg.timeout)
-            .user_agent(concat!("tally-agent/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("tally-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &cfg.ca_file {
+            client = client.add_root_certificate(
+                super::read_ca(ca).map_err(|e| anyhow::anyhow!("[report] ca_file: {e}"))?,
+            );
+        }
+        let client = client.build()?;
         let mut sender = Self {
             endpoint: format!("{}/api/v1/reports", url.trim_end_matches('/')),
             cfg,
