@@ -6,9 +6,18 @@ use anyhow::bail;
 
 use crate::exec::{exec, is_root};
 
-/// Packages every build needs: clang and libbpf headers for the eBPF
-/// programs.
-pub const BUILD: &[&str] = &["clang", "libbpf-dev", "llvm"];
+/// Packages every build and test needs: clang and libbpf headers for the
+/// eBPF programs; a C toolchain and kernel headers for the test helpers
+/// (fake libcuda, network load); util-linux for `setpriv`.
+pub const BUILD: &[&str] = &[
+    "clang",
+    "libbpf-dev",
+    "llvm",
+    "gcc",
+    "libc6-dev",
+    "linux-libc-dev",
+    "util-linux",
+];
 
 /// True when dpkg has `package` installed.
 fn installed(package: &str) -> bool {
