@@ -28,10 +28,76 @@ static __always_inline struct tally_net_value *entry(__u64 id)
 	return bpf_map_lookup_elem(&tally_net, &id);
 }
 
+/* Network rate quota (enforcement): one token bucket per tenant cgroup and
+ * direction. A packet of a cgroup below a tenant's cgroup spends skb->len
+ * tokens; without enough it is dropped (return 0) and counted as dropped.
+ * Key 0 of `tally_bucket_conf`: the level of tenant cgroups in the v2
+ * hierarchy (0 = no quota anywhere). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tally_bucket_conf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct tally_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tally_bucket_egress SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct tally_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tally_bucket_ingress SEC(".maps");
+
+/* 1 to pass the packet, 0 to drop it. */
+static __always_inline int police(struct __sk_buff *skb, void *buckets)
+{
+	__u32 zero = 0;
+	__u32 *level = bpf_map_lookup_elem(&tally_bucket_conf, &zero);
+	if (!level || *level == 0)
+		return 1;
+	__u64 tenant = bpf_skb_ancestor_cgroup_id(skb, *level);
+	if (tenant == 0)
+		return 1;
+	struct tally_bucket *b = bpf_map_lookup_elem(buckets, &tenant);
+	if (!b)
+		return 1;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 len = skb->len;
+	int pass;
+	bpf_spin_lock(&b->lock);
+	__u64 elapsed = now - b->last_ns;
+	b->last_ns = now;
+	if (elapsed >= 1000000000ULL || b->rate > TALLY_BUCKET_MAX_RATE)
+		b->tokens = b->burst;
+	else
+		b->tokens += elapsed * b->rate / 1000000000ULL;
+	if (b->tokens > b->burst)
+		b->tokens = b->burst;
+	pass = b->tokens >= len;
+	if (pass)
+		b->tokens -= len;
+	bpf_spin_unlock(&b->lock);
+	return pass;
+}
+
 SEC("cgroup_skb/ingress")
 int tally_net_ingress(struct __sk_buff *skb)
 {
 	struct tally_net_value *v = entry(bpf_skb_cgroup_id(skb));
+	if (!police(skb, &tally_bucket_ingress)) {
+		if (v)
+			__sync_fetch_and_add(&v->ingress_dropped, 1);
+		return 0;
+	}
 	if (v) {
 		v->ingress_bytes += skb->len;
 		v->ingress_packets += 1;
@@ -43,6 +109,11 @@ SEC("cgroup_skb/egress")
 int tally_net_egress(struct __sk_buff *skb)
 {
 	struct tally_net_value *v = entry(bpf_skb_cgroup_id(skb));
+	if (!police(skb, &tally_bucket_egress)) {
+		if (v)
+			__sync_fetch_and_add(&v->egress_dropped, 1);
+		return 0;
+	}
 	if (v) {
 		v->egress_bytes += skb->len;
 		v->egress_packets += 1;

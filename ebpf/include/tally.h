@@ -50,6 +50,24 @@ struct tally_proc {
 	__u64 exit_ns;
 };
 
+/* Value of maps `tally_bucket_egress` / `tally_bucket_ingress` (hash, key:
+ * __u64 cgroup v2 id of a tenant's cgroup `<parent>/tally/<tenant>`): the
+ * tenant's token bucket (enforcement, network rate). Written by the agent
+ * when the quota or the cgroup changes; refilled and spent by net.bpf.c
+ * under `lock`. `tokens` and `last_ns` start at burst and 0. */
+struct tally_bucket {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 rate;    /* bytes per second */
+	__u64 burst;   /* bytes */
+	__u64 tokens;  /* bytes */
+	__u64 last_ns; /* bpf_ktime_get_ns() of the last refill */
+};
+
+/* Largest rate a bucket takes (bytes/s): keeps elapsed_ns * rate in 64 bits
+ * for elapsed < 1 s. */
+#define TALLY_BUCKET_MAX_RATE 10000000000ULL
+
 /* CUmemorytype values used in CUDA_MEMCPY2D. */
 #define TALLY_CU_MEMORYTYPE_HOST 1
 #define TALLY_CU_MEMORYTYPE_DEVICE 2

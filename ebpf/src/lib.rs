@@ -20,6 +20,30 @@ pub const MAP_PROCS: &str = "tally_procs";
 pub const PROG_DEV: &str = "tally_dev";
 pub const MAP_DEV_CONF: &str = "tally_dev_conf";
 pub const MAP_DEV_ALLOWED: &str = "tally_dev_allowed";
+/// `net.bpf.c` network rate quota (enforcement): key 0 of the config
+/// array is the level of tenant cgroups in the v2 hierarchy; the bucket maps
+/// are keyed by the tenant cgroup's v2 id. All three are pinned by name.
+pub const MAP_BUCKET_CONF: &str = "tally_bucket_conf";
+pub const MAP_BUCKET_EGRESS: &str = "tally_bucket_egress";
+pub const MAP_BUCKET_INGRESS: &str = "tally_bucket_ingress";
+
+/// `struct tally_bucket`: one tenant's token bucket in one direction. The
+/// kernel ignores `lock` on updates from user space.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetBucket {
+    pub lock: u32,
+    pub pad: u32,
+    /// Bytes per second.
+    pub rate: u64,
+    /// Bytes.
+    pub burst: u64,
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+// SAFETY: `#[repr(C)]`, only integer fields, no padding (4 + 4 + 4 × 8).
+unsafe impl aya::Pod for NetBucket {}
 
 /// `struct tally_net_value`: one cgroup's network counters on one CPU.
 #[repr(C)]
@@ -122,6 +146,16 @@ mod tests {
         assert_eq!(size_of::<NetValue>(), 48);
         assert_eq!(size_of::<PcieValue>(), 48);
         assert_eq!(size_of::<ProcRecord>(), 24);
+    }
+
+    #[test]
+    fn bucket_matches_the_header() {
+        let text = header();
+        let start = text.find("struct tally_bucket {").expect("in tally.h");
+        let body = &text[start..start + text[start..].find("};").unwrap()];
+        assert!(body.contains("struct bpf_spin_lock lock;") && body.contains("__u32 pad;"));
+        assert_eq!(body.matches("__u64 ").count(), 4);
+        assert_eq!(size_of::<NetBucket>(), 4 + 4 + 4 * 8);
     }
 
     #[test]

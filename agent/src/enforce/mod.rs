@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod cgroup;
 pub mod devices;
+pub mod network;
 pub mod quota;
 pub mod run;
 
@@ -265,6 +266,10 @@ pub struct Enforcer {
     /// Per tenant: `(taken_at_ms, ingress bytes, egress bytes)` and rates.
     net: HashMap<String, (u64, u64, u64)>,
     net_rate: HashMap<String, (f64, f64)>,
+    /// Token buckets of network rate quotas (pinned by the network probe).
+    buckets: network::Buckets,
+    /// Last reason the buckets could not be written, audited once.
+    bucket_error: Option<String>,
     cycles: u64,
 }
 
@@ -329,6 +334,8 @@ impl Enforcer {
             limits: BTreeMap::new(),
             net: HashMap::new(),
             net_rate: HashMap::new(),
+            buckets: network::Buckets::new(&config.probes.pin_dir),
+            bucket_error: None,
             cycles: 0,
         };
         me.apply_cgroups();
@@ -425,6 +432,57 @@ impl Enforcer {
         }
     }
 
+    /// Writes the token buckets of network rate quotas into the network
+    /// probe's pinned maps (once they exist); audits every change.
+    fn sync_buckets(&mut self) {
+        let Some(tree) = &self.tree else { return };
+        if !self
+            .quotas
+            .values()
+            .any(|q| q.network_egress.is_some() || q.network_ingress.is_some())
+        {
+            return;
+        }
+        let (want, level) = network::wanted(tree, &self.quotas);
+        match self.buckets.sync(&want, level) {
+            Ok(changes) => {
+                self.bucket_error = None;
+                for (tenant, dir, rate) in changes {
+                    match rate {
+                        Some(rate) => self.rec.record(
+                            &tenant,
+                            dir.resource(),
+                            "limit_applied",
+                            json!({
+                                "rate_bytes_per_second": rate,
+                                "burst_bytes": network::burst_for(rate),
+                            }),
+                        ),
+                        None => {
+                            self.rec
+                                .record(&tenant, dir.resource(), "limit_removed", json!({}))
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = format!("token buckets not written (is the network probe loaded?): {e}");
+                if self.bucket_error.as_deref() != Some(msg.as_str()) {
+                    warn!("{msg}");
+                    for (tenant, _) in self
+                        .quotas
+                        .iter()
+                        .filter(|(_, q)| q.network_egress.is_some() || q.network_ingress.is_some())
+                    {
+                        self.rec
+                            .record(tenant, "network", "limit_error", json!({ "error": msg }));
+                    }
+                    self.bucket_error = Some(msg);
+                }
+            }
+        }
+    }
+
     /// Updates device allow-lists from the snapshot's UUID → index map.
     fn update_devices(&mut self, snap: &Snapshot) {
         if !snap.nvml.up {
@@ -463,6 +521,7 @@ impl Enforcer {
             self.attach_devices();
         }
         self.update_devices(snap);
+        self.sync_buckets();
         let now = snap.taken_at_ms;
 
         // Start times of every process seen, read right after the sample.

@@ -638,3 +638,108 @@ pids = 100
         tampered_at + 1
     );
 }
+
+/// Item 4: a tenant limited to 8 Mbit/s (1 MB/s) sends at that rate, ±15 %,
+/// over loopback TCP, while an unlimited tenant sending at the same time is
+/// not held to it; the policer's drops are counted for the limited tenant.
+#[test]
+fn network_egress_rate_is_policed() {
+    use std::time::Instant;
+
+    use tally_e2e::probes_support::{PinDir, TcpServer, fake_cuda};
+
+    if !require_root() {
+        return;
+    }
+    if tally::tenants::unified_root().is_none() {
+        skip("no cgroup v2 hierarchy for the cgroup_skb programs");
+        return;
+    }
+    const RATE: f64 = 1_000_000.0;
+    const SLOW_BYTES: u64 = 6_000_000;
+    const FAST_BYTES: u64 = 200_000_000;
+    let env = TenantEnv::new();
+    let pin = PinDir::new();
+    let quotas = "[tenant.quota.netslow]\nnetwork_egress = '8Mbit'\n";
+    let config = format!(
+        "{}\n[probes]\npin_dir = '{}'\npcie = false\nprocess = false\n",
+        env.config(quotas),
+        pin.0.display()
+    );
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, &config, FAST);
+    env.wait_audit("the token bucket", |r| {
+        r["tenant"] == "netslow"
+            && r["resource"] == "network_egress"
+            && r["action"] == "limit_applied"
+    });
+    let cfg = env.write_config(quotas);
+    let netload = fake_cuda().netload.display().to_string();
+
+    let send = |tenant: &'static str, bytes: u64| {
+        let server = TcpServer::start_with(&fake_cuda().netload, bytes, 0);
+        let port = server.addr.port().to_string();
+        let mut cmd = env.run_command(
+            &cfg,
+            tenant,
+            &tally_e2e::unique("send"),
+            &netload,
+            &["tcp-client", "127.0.0.1", &port, &bytes.to_string(), "0"],
+        );
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        (server, cmd)
+    };
+    let (slow_server, mut slow_cmd) = send("netslow", SLOW_BYTES);
+    let (fast_server, mut fast_cmd) = send("netfast", FAST_BYTES);
+    let start = Instant::now();
+    let mut slow = tally_e2e::ChildGuard(slow_cmd.spawn().expect("spawn slow sender"));
+    let fast_thread = std::thread::spawn(move || {
+        let t = Instant::now();
+        let mut fast = tally_e2e::ChildGuard(fast_cmd.spawn().expect("spawn fast sender"));
+        let status = fast.0.wait().expect("wait fast sender");
+        fast_server.finish();
+        (status, t.elapsed())
+    });
+    let status = slow.0.wait().expect("wait slow sender");
+    assert!(status.success(), "slow sender failed: {status}");
+    slow_server.finish();
+    let slow_elapsed = start.elapsed();
+    let (fast_status, fast_elapsed) = fast_thread.join().expect("fast sender thread");
+    assert!(fast_status.success(), "fast sender failed: {fast_status}");
+
+    let slow_rate = SLOW_BYTES as f64 / slow_elapsed.as_secs_f64();
+    let fast_rate = FAST_BYTES as f64 / fast_elapsed.as_secs_f64();
+    eprintln!("limited tenant: {slow_rate:.0} B/s, unlimited tenant: {fast_rate:.0} B/s");
+    assert!(
+        (0.85 * RATE..=1.15 * RATE).contains(&slow_rate),
+        "limited tenant sent at {slow_rate:.0} B/s, not 1 MB/s ±15 %"
+    );
+    assert!(
+        fast_rate > 3.0 * RATE,
+        "unlimited tenant sent at only {fast_rate:.0} B/s"
+    );
+    wait_for("the policer's drops in /metrics", LONG, || {
+        let m = agent.metrics();
+        (m.sum(
+            "tally_tenant_network_dropped_packets_total",
+            &[("tenant", "netslow"), ("direction", "egress")],
+        ) > 0.0)
+            .then_some(())
+    });
+    let m = agent.metrics();
+    assert_eq!(
+        m.sum(
+            "tally_tenant_network_dropped_packets_total",
+            &[("tenant", "netfast")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m.value(
+            "tally_tenant_quota_limit",
+            &[("tenant", "netslow"), ("resource", "network_egress")]
+        ),
+        Some(RATE)
+    );
+    verify_audit(&env.audit_log());
+}
