@@ -25,6 +25,10 @@
 //! token_file = "/etc/tally/tokens/acme"
 //! role = "tenant"
 //! tenant = "acme"
+//!
+//! [scheduler]                    # GET /api/v1/cluster, /scheduler/* (issue 6)
+//! policy = "binpack"             # binpack | spread
+//! allow_unauthenticated = true   # kube-scheduler sends no bearer token
 //! ```
 
 use std::{
@@ -43,7 +47,7 @@ use crate::config::{
 /// Default ledger: one SQLite file.
 pub const DEFAULT_LEDGER_URL: &str = "sqlite:///var/lib/tally/ledger.db";
 /// Top-level keys of the aggregator's config file.
-pub const KNOWN: &[&str] = &["aggregator", "ledger", "prices", "auth"];
+pub const KNOWN: &[&str] = &["aggregator", "ledger", "prices", "auth", "scheduler"];
 
 /// The aggregator's whole configuration.
 #[derive(Debug, Clone)]
@@ -52,6 +56,30 @@ pub struct AggregatorConfig {
     pub ledger: LedgerSection,
     pub prices: Prices,
     pub tokens: Vec<TokenSpec>,
+    pub scheduler: SchedulerSection,
+}
+
+/// `[scheduler]`: the Kubernetes scheduler extender.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerSection {
+    /// `binpack` (default): fill the fullest node that fits, keeping whole
+    /// nodes free for large jobs; `spread`: the emptiest node first.
+    pub policy: String,
+    /// Whether `/scheduler/filter` and `/scheduler/prioritize` answer
+    /// requests without a bearer token (kube-scheduler's extender client
+    /// has no token setting). A request that does carry a token must carry
+    /// an admin token either way. Default true.
+    pub allow_unauthenticated: bool,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        Self {
+            policy: "binpack".into(),
+            allow_unauthenticated: true,
+        }
+    }
 }
 
 /// `[aggregator]`.
@@ -226,11 +254,22 @@ impl AggregatorConfig {
         let prices: Prices = section(table, "prices", problems);
         check_prices(&prices, problems);
         let tokens = auth_section(table, problems);
+        let scheduler: SchedulerSection = section(table, "scheduler", problems);
+        if super::scheduler::Policy::parse(&scheduler.policy).is_none() {
+            problems.push(
+                "scheduler.policy",
+                format!(
+                    "`{}` is not a policy; use binpack or spread",
+                    scheduler.policy
+                ),
+            );
+        }
         Self {
             server,
             ledger,
             prices,
             tokens,
+            scheduler,
         }
     }
 }

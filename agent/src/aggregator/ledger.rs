@@ -202,6 +202,11 @@ impl Ledger {
         Ok(Self { pool, backend })
     }
 
+    /// The connection pool (the cluster view's reads live in `cluster`).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), LedgerError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -416,6 +421,7 @@ impl Ledger {
             .execute(&mut *tx)
             .await?;
         }
+        super::cluster::store(&mut tx, r, end).await?;
         tx.commit().await?;
         Ok(Ingested::Stored { audit_breaks })
     }
@@ -655,6 +661,8 @@ mod tests {
             }],
             gpus: vec![],
             audit: vec![],
+            report_interval_ms: None,
+            tenant_quotas: vec![],
         }
     }
 

@@ -11,9 +11,11 @@ use tracing::{info, warn};
 pub mod auth;
 pub mod chargeback;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod ledger;
 pub mod metrics;
+pub mod scheduler;
 pub mod server;
 
 pub use config::AggregatorConfig;
@@ -35,6 +37,7 @@ pub async fn run(
         prices: config.prices.clone(),
         max_body: config.server.max_body_bytes(),
         metrics: metrics::Metrics::new(),
+        scheduler: config.scheduler.clone(),
     });
     info!(%listen, tokens = config.tokens.len(), "aggregator serving /api/v1/reports, /api/v1/chargeback, /api/v1/audit, /metrics");
 

@@ -6,6 +6,8 @@
 //! | `GET /api/v1/chargeback` | admin, tenant (own lines) | priced usage |
 //! | `GET /api/v1/audit` | admin, tenant (own records) | central audit store |
 //! | `GET /api/v1/reports` | admin | stored reports per (node, boot) |
+//! | `GET /api/v1/cluster` | admin, tenant (no other tenants' names) | nodes, GPUs, capacity, quotas ([`super::cluster`]) |
+//! | `POST /scheduler/filter`, `/scheduler/prioritize` | kube-scheduler (`[scheduler]`) | extender protocol ([`super::scheduler`]) |
 //! | `GET /metrics`, `/healthz`, `/readyz` | anyone | operations |
 //!
 //! Bad input gets a 4xx with a reason and leaves the ledger unchanged:
@@ -49,20 +51,21 @@ pub struct App {
     pub prices: Prices,
     pub max_body: u64,
     pub metrics: Metrics,
+    pub scheduler: super::config::SchedulerSection,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
-fn problem(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
+pub(crate) fn problem(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
     http::json(status, &json!({ "error": reason.into() }))
 }
 
-fn auth_error(e: AuthError) -> Response<Body> {
+pub(crate) fn auth_error(e: AuthError) -> Response<Body> {
     match e {
         AuthError::Unauthenticated => {
             let mut r = problem(StatusCode::UNAUTHORIZED, e.to_string());
@@ -83,6 +86,12 @@ pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         (Method::GET, "/api/v1/reports") => summary(req, &app).await,
         (Method::GET, "/api/v1/chargeback") => chargeback(req, &app).await,
         (Method::GET, "/api/v1/audit") => audit(req, &app).await,
+        (Method::GET, "/api/v1/cluster") => super::cluster::handle(req, &app).await,
+        (Method::POST, "/scheduler/filter") => super::scheduler::filter(req, &app).await,
+        (Method::POST, "/scheduler/prioritize") => super::scheduler::prioritize(req, &app).await,
+        (_, "/api/v1/cluster" | "/scheduler/filter" | "/scheduler/prioritize") => {
+            problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
         (Method::GET, "/metrics") => http::respond(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
@@ -302,7 +311,7 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         })
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -188,6 +188,8 @@ pub struct Identity {
     /// When this process started, ms since the epoch: the start of its
     /// first interval.
     pub started_ms: u64,
+    /// `[report] interval` in ms (0: unknown), carried in every report.
+    pub report_interval_ms: u64,
 }
 
 impl State {
@@ -310,6 +312,24 @@ impl State {
                 memory_used_bytes: g.memory_used_bytes,
                 memory_total_bytes: g.memory_total_bytes,
                 processes: g.processes.len() as u32,
+                state: g.state.as_str().into(),
+                tenants: g
+                    .processes
+                    .iter()
+                    .map(|p| p.tenant.clone())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+            })
+            .collect();
+        let tenant_quotas = snap
+            .tenant_quotas
+            .iter()
+            .map(|q| super::wire::TenantQuota {
+                tenant: q.tenant.clone(),
+                resource: q.resource.clone(),
+                limit: q.limit,
+                usage: q.usage,
             })
             .collect();
         let start = if self.last_end_ms > 0 {
@@ -329,6 +349,8 @@ impl State {
             io_usage,
             gpus,
             audit,
+            report_interval_ms: (id.report_interval_ms > 0).then_some(id.report_interval_ms),
+            tenant_quotas,
         };
         self.next_seq += 1;
         self.last_end_ms = end;
@@ -393,6 +415,7 @@ mod tests {
             boot_id: boot.into(),
             instance: instance.into(),
             started_ms: 1_000,
+            report_interval_ms: 10_000,
         }
     }
 
@@ -481,6 +504,38 @@ mod tests {
         let r = st.cut(&p1, &snap(10.0, 1000), vec![], 7_000);
         assert!(r.gpu_usage.is_empty() && r.io_usage.is_empty());
         assert_eq!(r.gpus.len(), 1);
+    }
+
+    #[test]
+    fn gauges_carry_state_tenants_quotas_and_the_interval() {
+        use crate::{
+            snapshot::{GpuProcess, TenantQuotaStatus},
+            states::GpuState,
+        };
+        let p1 = id("p1", "b1");
+        let mut st = State::default().adopt(&p1, 5_000);
+        let mut s = snap(1.0, 1);
+        s.gpus[0].state = GpuState::Idle;
+        s.gpus[0].processes = ["beta", "acme", "beta"]
+            .iter()
+            .map(|t| GpuProcess {
+                tenant: t.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        s.tenant_quotas = vec![TenantQuotaStatus {
+            tenant: "acme".into(),
+            resource: "gpus".into(),
+            limit: 2.0,
+            usage: Some(1.0),
+        }];
+        let r = st.cut(&p1, &s, vec![], 6_000);
+        assert_eq!(r.gpus[0].state, "idle");
+        assert_eq!(r.gpus[0].tenants, ["acme", "beta"]);
+        assert_eq!(r.gpus[0].processes, 3);
+        assert_eq!(r.tenant_quotas[0].limit, 2.0);
+        assert_eq!(r.report_interval_ms, Some(10_000));
+        r.validate().unwrap();
     }
 
     #[test]

@@ -42,6 +42,29 @@ pub struct Report {
     /// Audit records written since the previous report, in log order.
     #[serde(default)]
     pub audit: Vec<AuditRecord>,
+    /// The agent's `[report] interval`, milliseconds: the aggregator calls a
+    /// node stale after three intervals without a report. Absent from
+    /// older agents. (Skipped when absent, like every field added after
+    /// version 1 shipped, so an old report's digest does not change.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_interval_ms: Option<u64>,
+    /// Each tenant's local quota limits and usage at the end of the
+    /// interval (enforcement), for the cluster view.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenant_quotas: Vec<TenantQuota>,
+}
+
+/// One quota of one tenant on the node at the end of the interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuota {
+    pub tenant: String,
+    /// `gpus`, `gpu_memory`, `memory`, `cpu_cores`, … (the agent's names).
+    pub resource: String,
+    pub limit: f64,
+    /// `None` where the agent cannot read it.
+    #[serde(default)]
+    pub usage: Option<f64>,
 }
 
 /// One tenant's use of one GPU or MIG instance over the interval.
@@ -104,6 +127,13 @@ pub struct GpuGauge {
     pub memory_total_bytes: u64,
     /// Processes on the device at the end of the interval.
     pub processes: u32,
+    /// `free`, `busy`, `idle`, `stuck` or `lost` (the agent's GPU state);
+    /// empty from agents that predate GPU states.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub state: String,
+    /// Tenants of the processes holding the device, sorted, distinct.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
 }
 
 /// One record of a node's append-only audit log (enforcement actions), as
@@ -238,6 +268,27 @@ impl Report {
                 ));
             }
         }
+        for (i, g) in self.gpus.iter().enumerate() {
+            if !matches!(
+                g.state.as_str(),
+                "" | "free" | "busy" | "idle" | "stuck" | "lost"
+            ) {
+                p.push(format!("gpus[{i}].state `{}` is not a GPU state", g.state));
+            }
+            for (j, t) in g.tenants.iter().enumerate() {
+                name(&mut p, &format!("gpus[{i}].tenants[{j}]"), t);
+            }
+        }
+        if self.report_interval_ms == Some(0) {
+            p.push("report_interval_ms must be above 0".into());
+        }
+        for (i, q) in self.tenant_quotas.iter().enumerate() {
+            name(&mut p, &format!("tenant_quotas[{i}].tenant"), &q.tenant);
+            name(&mut p, &format!("tenant_quotas[{i}].resource"), &q.resource);
+            if !q.limit.is_finite() || q.usage.is_some_and(|u| !u.is_finite()) {
+                p.push(format!("tenant_quotas[{i}] limit and usage must be finite"));
+            }
+        }
         for (i, a) in self.audit.iter().enumerate() {
             for (key, h) in [("prev_sha256", &a.prev_sha256), ("sha256", &a.sha256)] {
                 if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -287,6 +338,8 @@ mod tests {
             io_usage: vec![],
             gpus: vec![],
             audit: vec![],
+            report_interval_ms: None,
+            tenant_quotas: vec![],
         }
     }
 

@@ -1,0 +1,687 @@
+//! `GET /api/v1/cluster`: every node and every GPU / MIG instance as their
+//! latest reports left them, each node's free capacity (what the scheduler
+//! extender decides by), and each tenant's usage against its quotas.
+//!
+//! Everything is read from the ledger on each request, never from memory,
+//! so any replica behind a Service answers the same. The schema is in
+//! `docs/cluster-api.md`.
+//!
+//! A node is *stale* when nothing arrived from it for three of its report
+//! intervals: its data is shown as it was, flagged, and the extender does
+//! not place pods on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hyper::{Request, Response, StatusCode, body::Incoming};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use tracing::error;
+
+use super::{
+    ledger::{Ledger, LedgerError},
+    server::{App, auth_error, now_ms, problem, rfc3339},
+};
+use crate::{
+    http::{self, Body},
+    report::wire::Report,
+};
+
+/// Missed report intervals after which a node is stale.
+pub const STALE_INTERVALS: i64 = 3;
+/// Report interval assumed for agents that do not send theirs (the
+/// agent's default `[report] interval`).
+pub const DEFAULT_INTERVAL_MS: i64 = 10_000;
+
+/// The whole cluster as the ledger knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// When the view was read (aggregator clock).
+    pub generated_at: String,
+    pub generated_at_ms: i64,
+    /// Every node that ever reported, by name.
+    pub nodes: Vec<NodeView>,
+    /// Every tenant holding a device or having a quota somewhere.
+    pub tenants: Vec<TenantView>,
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub node: String,
+    /// When its last report arrived (aggregator clock).
+    pub last_report: String,
+    pub last_report_ms: i64,
+    /// End of the newest interval it reported (node clock).
+    pub last_interval_end_ms: i64,
+    /// Its `[report] interval`; `None` from agents that do not send it
+    /// ([`DEFAULT_INTERVAL_MS`] is assumed).
+    pub report_interval_ms: Option<i64>,
+    /// Time without a report after which the node is stale.
+    pub stale_after_ms: i64,
+    pub stale: bool,
+    /// Reports stored from it.
+    pub reports: i64,
+    /// Physical GPUs first, each followed by its MIG instances.
+    pub gpus: Vec<GpuView>,
+    pub capacity: Capacity,
+    /// Its tenants' local quotas, as of its newest report.
+    pub quotas: Vec<QuotaView>,
+}
+
+/// One GPU or MIG instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuView {
+    /// `"<index>"`, or `"<index>/<gi>/<ci>"` for a MIG instance.
+    pub gpu: String,
+    pub uuid: String,
+    pub model: String,
+    /// Physical GPU in MIG mode (always true for an instance).
+    pub mig_mode: bool,
+    pub mig_profile: Option<String>,
+    pub parent_uuid: Option<String>,
+    pub slice_fraction: Option<f64>,
+    /// `ok`, `lost` or `error`: whether NVML answers for it.
+    pub health: String,
+    /// `free`, `busy`, `idle`, `stuck` or `lost`.
+    pub state: String,
+    pub utilization_ratio: Option<f64>,
+    pub memory_used_bytes: i64,
+    pub memory_total_bytes: i64,
+    pub memory_free_bytes: i64,
+    pub processes: i64,
+    /// Tenants holding it. For a tenant-scoped reader: only its own.
+    pub tenants: Vec<String>,
+    /// Tenant-scoped reader only: how many other tenants hold it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_tenants: Option<usize>,
+    /// End of the report interval these values are from (node clock).
+    pub updated_ms: i64,
+}
+
+/// What a node can take now: the numbers the extender filters and scores by.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Whole GPUs (physical, not in MIG mode), in any state.
+    pub gpus: u64,
+    /// Whole GPUs that are neither stuck nor lost.
+    pub healthy_gpus: u64,
+    /// Healthy whole GPUs that no process holds: `nvidia.com/gpu` capacity.
+    pub free_gpus: u64,
+    /// Healthy MIG instances by profile.
+    pub mig: BTreeMap<String, u64>,
+    /// Healthy MIG instances no process holds, by profile:
+    /// `nvidia.com/mig-<profile>` capacity.
+    pub free_mig: BTreeMap<String, u64>,
+    /// Free memory of the free devices above, bytes.
+    pub free_memory_bytes: i64,
+    /// Devices held but idle (allocated and wasted).
+    pub idle: u64,
+    /// Physical GPUs that are stuck or lost, or have an instance that is:
+    /// the extender down-ranks the node.
+    pub unhealthy_gpus: Vec<String>,
+}
+
+/// One quota of one tenant on one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaView {
+    pub tenant: String,
+    pub resource: String,
+    pub limit: f64,
+    pub usage: Option<f64>,
+}
+
+/// One tenant across the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantView {
+    pub tenant: String,
+    /// Devices it holds, with their state (`idle` = allocated and wasted).
+    pub devices: Vec<HeldDevice>,
+    /// Its quotas on every node.
+    pub quotas: Vec<NodeQuota>,
+}
+
+/// A device a tenant holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldDevice {
+    pub node: String,
+    pub gpu: String,
+    pub uuid: String,
+    pub mig_profile: Option<String>,
+    pub state: String,
+    pub memory_used_bytes: i64,
+}
+
+/// A quota of a tenant on a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeQuota {
+    pub node: String,
+    pub resource: String,
+    pub limit: f64,
+    pub usage: Option<f64>,
+    /// `usage / limit` when both are known and the limit is above 0.
+    pub ratio: Option<f64>,
+}
+
+impl GpuView {
+    /// Whether the device counts as out of service.
+    pub fn unhealthy(&self) -> bool {
+        self.health != "ok" || matches!(self.state.as_str(), "stuck" | "lost")
+    }
+
+    fn free(&self) -> bool {
+        !self.unhealthy() && self.state == "free"
+    }
+}
+
+/// The state of a device from an agent that does not send one.
+fn derived_state(health: &str, processes: i64) -> &'static str {
+    if health != "ok" {
+        "lost"
+    } else if processes > 0 {
+        "busy"
+    } else {
+        "free"
+    }
+}
+
+/// Order of GPU labels: numerically by each `/` part.
+fn label_key(gpu: &str) -> Vec<u64> {
+    gpu.split('/')
+        .map(|p| p.parse().unwrap_or(u64::MAX))
+        .collect()
+}
+
+/// Free capacity of a node from its devices.
+pub fn capacity(gpus: &[GpuView]) -> Capacity {
+    let mut c = Capacity::default();
+    let by_uuid: BTreeMap<&str, &GpuView> = gpus.iter().map(|g| (g.uuid.as_str(), g)).collect();
+    let mut unhealthy = BTreeSet::new();
+    for g in gpus {
+        if g.state == "idle" {
+            c.idle += 1;
+        }
+        match &g.parent_uuid {
+            None => {
+                if g.unhealthy() {
+                    unhealthy.insert(g.gpu.clone());
+                }
+                if g.mig_mode {
+                    continue;
+                }
+                c.gpus += 1;
+                if !g.unhealthy() {
+                    c.healthy_gpus += 1;
+                }
+                if g.free() {
+                    c.free_gpus += 1;
+                    c.free_memory_bytes += g.memory_free_bytes;
+                }
+            }
+            Some(parent) => {
+                let parent = by_uuid.get(parent.as_str());
+                let parent_bad = parent.is_some_and(|p| p.health != "ok" || p.state == "lost");
+                if g.unhealthy() || parent_bad {
+                    let label = parent.map_or_else(
+                        || g.gpu.split('/').next().unwrap_or(&g.gpu).to_owned(),
+                        |p| p.gpu.clone(),
+                    );
+                    unhealthy.insert(label);
+                    continue;
+                }
+                let profile = g.mig_profile.clone().unwrap_or_else(|| "unknown".into());
+                *c.mig.entry(profile.clone()).or_default() += 1;
+                if g.free() {
+                    *c.free_mig.entry(profile).or_default() += 1;
+                    c.free_memory_bytes += g.memory_free_bytes;
+                } else {
+                    c.free_mig.entry(profile).or_default();
+                }
+            }
+        }
+    }
+    let mut u: Vec<String> = unhealthy.into_iter().collect();
+    u.sort_by_key(|g| label_key(g));
+    c.unhealthy_gpus = u;
+    c
+}
+
+/// Stored in the ingest transaction of a report: the GPU states, tenants
+/// and MIG mode of its gauges, its interval and quotas, where the report
+/// is the node's newest (an older report replayed from a spool changes
+/// nothing here, like it changes nothing in `gpu_state`).
+pub(crate) async fn store(
+    conn: &mut sqlx::AnyConnection,
+    r: &Report,
+    end: i64,
+) -> Result<(), sqlx::Error> {
+    for g in &r.gpus {
+        let tenants = serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into());
+        sqlx::query(
+            "UPDATE gpu_state SET state = $1, tenants = $2, mig_mode = $3 \
+             WHERE node = $4 AND uuid = $5 AND updated_ms = $6",
+        )
+        .bind((!g.state.is_empty()).then(|| g.state.clone()))
+        .bind(tenants)
+        .bind(i64::from(g.mig_mode))
+        .bind(&r.node)
+        .bind(&g.uuid)
+        .bind(end)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let newest: Option<i64> =
+        sqlx::query_scalar("SELECT last_interval_end_ms FROM nodes WHERE node = $1")
+            .bind(&r.node)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if newest != Some(end) {
+        return Ok(());
+    }
+    sqlx::query("UPDATE nodes SET report_interval_ms = $1 WHERE node = $2")
+        .bind(
+            r.report_interval_ms
+                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+        )
+        .bind(&r.node)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM tenant_quota_state WHERE node = $1")
+        .bind(&r.node)
+        .execute(&mut *conn)
+        .await?;
+    // One row per (tenant, resource): the last one wins.
+    let quotas: BTreeMap<(&str, &str), _> = r
+        .tenant_quotas
+        .iter()
+        .map(|q| ((q.tenant.as_str(), q.resource.as_str()), q))
+        .collect();
+    for ((tenant, resource), q) in quotas {
+        sqlx::query(
+            "INSERT INTO tenant_quota_state (node, tenant, resource, limit_value, usage_value, \
+             updated_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&r.node)
+        .bind(tenant)
+        .bind(resource)
+        .bind(q.limit)
+        .bind(q.usage)
+        .bind(end)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Reads the cluster view as of `now_ms` (aggregator clock).
+pub async fn load(ledger: &Ledger, now_ms: i64) -> Result<ClusterView, LedgerError> {
+    let pool = ledger.pool();
+    let node_rows = sqlx::query(
+        "SELECT node, reports, last_received_ms, last_interval_end_ms, report_interval_ms \
+         FROM nodes ORDER BY node",
+    )
+    .fetch_all(pool)
+    .await?;
+    // Only the devices of each node's newest report: a MIG instance that
+    // was destroyed (or a GPU removed) is not shown forever.
+    let gpu_rows = sqlx::query(
+        "SELECT g.node, g.uuid, g.gpu, g.model, g.mig_profile, g.parent_uuid, g.slice_fraction, \
+         g.health, g.utilization_ratio, g.memory_used_bytes, g.memory_total_bytes, g.processes, \
+         g.updated_ms, g.state, g.tenants, g.mig_mode \
+         FROM gpu_state g JOIN nodes n ON n.node = g.node \
+         WHERE g.updated_ms >= n.last_interval_end_ms",
+    )
+    .fetch_all(pool)
+    .await?;
+    let quota_rows = sqlx::query(
+        "SELECT node, tenant, resource, limit_value, usage_value FROM tenant_quota_state \
+         ORDER BY node, tenant, resource",
+    )
+    .fetch_all(pool)
+    .await?;
+
+    let mut gpus: BTreeMap<String, Vec<GpuView>> = BTreeMap::new();
+    for row in &gpu_rows {
+        let health: String = row.try_get("health")?;
+        let processes: i64 = row.try_get("processes")?;
+        let state: Option<String> = row.try_get("state")?;
+        let tenants: Option<String> = row.try_get("tenants")?;
+        let mig_mode: Option<i64> = row.try_get("mig_mode")?;
+        let parent_uuid: Option<String> = row.try_get("parent_uuid")?;
+        let used: i64 = row.try_get("memory_used_bytes")?;
+        let total: i64 = row.try_get("memory_total_bytes")?;
+        let g = GpuView {
+            gpu: row.try_get("gpu")?,
+            uuid: row.try_get("uuid")?,
+            model: row.try_get("model")?,
+            mig_mode: mig_mode.map_or(parent_uuid.is_some(), |m| m != 0),
+            mig_profile: row.try_get("mig_profile")?,
+            parent_uuid,
+            slice_fraction: row.try_get("slice_fraction")?,
+            state: state
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| derived_state(&health, processes).into()),
+            health,
+            utilization_ratio: row.try_get("utilization_ratio")?,
+            memory_used_bytes: used,
+            memory_total_bytes: total,
+            memory_free_bytes: (total - used).max(0),
+            processes,
+            tenants: tenants
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default(),
+            other_tenants: None,
+            updated_ms: row.try_get("updated_ms")?,
+        };
+        gpus.entry(row.try_get("node")?).or_default().push(g);
+    }
+    let mut quotas: BTreeMap<String, Vec<QuotaView>> = BTreeMap::new();
+    for row in &quota_rows {
+        quotas
+            .entry(row.try_get("node")?)
+            .or_default()
+            .push(QuotaView {
+                tenant: row.try_get("tenant")?,
+                resource: row.try_get("resource")?,
+                limit: row.try_get("limit_value")?,
+                usage: row.try_get("usage_value")?,
+            });
+    }
+    let mut nodes = Vec::new();
+    for row in &node_rows {
+        let node: String = row.try_get("node")?;
+        let last_report_ms: i64 = row.try_get("last_received_ms")?;
+        let report_interval_ms: Option<i64> = row.try_get("report_interval_ms")?;
+        let stale_after_ms = STALE_INTERVALS.saturating_mul(
+            report_interval_ms
+                .filter(|v| *v > 0)
+                .unwrap_or(DEFAULT_INTERVAL_MS),
+        );
+        let mut devices = gpus.remove(&node).unwrap_or_default();
+        devices.sort_by_key(|g| label_key(&g.gpu));
+        nodes.push(NodeView {
+            last_report: rfc3339(last_report_ms),
+            last_report_ms,
+            last_interval_end_ms: row.try_get("last_interval_end_ms")?,
+            report_interval_ms,
+            stale_after_ms,
+            stale: now_ms.saturating_sub(last_report_ms) > stale_after_ms,
+            reports: row.try_get("reports")?,
+            capacity: capacity(&devices),
+            gpus: devices,
+            quotas: quotas.remove(&node).unwrap_or_default(),
+            node,
+        });
+    }
+    let tenants = tenants_of(&nodes);
+    Ok(ClusterView {
+        generated_at: rfc3339(now_ms),
+        generated_at_ms: now_ms,
+        nodes,
+        tenants,
+    })
+}
+
+fn tenants_of(nodes: &[NodeView]) -> Vec<TenantView> {
+    let mut out: BTreeMap<String, TenantView> = BTreeMap::new();
+    fn entry<'a>(out: &'a mut BTreeMap<String, TenantView>, t: &str) -> &'a mut TenantView {
+        out.entry(t.to_owned()).or_insert_with(|| TenantView {
+            tenant: t.to_owned(),
+            devices: Vec::new(),
+            quotas: Vec::new(),
+        })
+    }
+    for n in nodes {
+        for g in &n.gpus {
+            for t in &g.tenants {
+                entry(&mut out, t).devices.push(HeldDevice {
+                    node: n.node.clone(),
+                    gpu: g.gpu.clone(),
+                    uuid: g.uuid.clone(),
+                    mig_profile: g.mig_profile.clone(),
+                    state: g.state.clone(),
+                    memory_used_bytes: g.memory_used_bytes,
+                });
+            }
+        }
+        for q in &n.quotas {
+            entry(&mut out, &q.tenant).quotas.push(NodeQuota {
+                node: n.node.clone(),
+                resource: q.resource.clone(),
+                limit: q.limit,
+                usage: q.usage,
+                ratio: q.usage.filter(|_| q.limit > 0.0).map(|u| u / q.limit),
+            });
+        }
+    }
+    out.into_values().collect()
+}
+
+impl ClusterView {
+    /// What a tenant-scoped reader sees: every node, device and capacity
+    /// (a team deciding where to run needs them), but no other tenant's
+    /// name or quota; devices held by others say only how many hold them.
+    pub fn for_tenant(mut self, tenant: &str) -> Self {
+        for n in &mut self.nodes {
+            for g in &mut n.gpus {
+                let others = g.tenants.iter().filter(|t| *t != tenant).count();
+                g.tenants.retain(|t| t == tenant);
+                g.other_tenants = Some(others);
+            }
+            n.quotas.retain(|q| q.tenant == tenant);
+        }
+        self.tenants.retain(|t| t.tenant == tenant);
+        self
+    }
+}
+
+/// `GET /api/v1/cluster`: admin sees everything, a tenant token its
+/// tenant's view ([`ClusterView::for_tenant`]), an agent token gets 403.
+pub async fn handle(req: Request<Incoming>, app: &App) -> Response<Body> {
+    let role = match app.tokens.authenticate(req.headers()) {
+        Ok(r) => r,
+        Err(e) => return auth_error(e),
+    };
+    let only = match role.may_read(None) {
+        Ok(t) => t,
+        Err(e) => return auth_error(e),
+    };
+    match load(&app.ledger, now_ms()).await {
+        Ok(view) => {
+            let view = match &only {
+                Some(t) => view.for_tenant(t),
+                None => view,
+            };
+            http::json(StatusCode::OK, &view)
+        }
+        Err(e) => {
+            app.metrics.ledger_errors.inc();
+            error!(error = %e, "ledger read failed (cluster view)");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("ledger unavailable: {e}"),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::report::wire::{GpuGauge, SCHEMA_VERSION, TenantQuota};
+
+    pub(crate) fn gpu(label: &str, state: &str, tenants: &[&str]) -> GpuView {
+        let parent = label.contains('/');
+        GpuView {
+            gpu: label.into(),
+            uuid: format!("UUID-{label}"),
+            model: "NVIDIA A100-SXM4-40GB".into(),
+            mig_mode: parent,
+            mig_profile: None,
+            parent_uuid: parent.then(|| format!("UUID-{}", label.split('/').next().unwrap())),
+            slice_fraction: None,
+            health: if state == "lost" { "lost" } else { "ok" }.into(),
+            state: state.into(),
+            utilization_ratio: None,
+            memory_used_bytes: 0,
+            memory_total_bytes: 40 << 30,
+            memory_free_bytes: 40 << 30,
+            processes: tenants.len() as i64,
+            tenants: tenants.iter().map(|t| t.to_string()).collect(),
+            other_tenants: None,
+            updated_ms: 0,
+        }
+    }
+
+    pub(crate) fn mig(label: &str, profile: &str, state: &str) -> GpuView {
+        GpuView {
+            mig_profile: Some(profile.into()),
+            ..gpu(label, state, if state == "free" { &[] } else { &["acme"] })
+        }
+    }
+
+    #[test]
+    fn capacity_counts_free_healthy_devices() {
+        let mut parent = gpu("2", "busy", &[]);
+        parent.mig_mode = true;
+        let devices = vec![
+            gpu("0", "free", &[]),
+            gpu("1", "stuck", &["acme"]),
+            gpu("3", "idle", &["beta"]),
+            parent,
+            mig("2/1/0", "3g.20gb", "busy"),
+            mig("2/2/0", "1g.5gb", "free"),
+            mig("2/3/0", "1g.5gb", "free"),
+        ];
+        let c = capacity(&devices);
+        assert_eq!((c.gpus, c.healthy_gpus, c.free_gpus), (3, 2, 1));
+        assert_eq!(c.mig["1g.5gb"], 2);
+        assert_eq!(c.free_mig["1g.5gb"], 2);
+        assert_eq!(c.free_mig["3g.20gb"], 0);
+        assert_eq!(c.idle, 1);
+        assert_eq!(c.unhealthy_gpus, ["1"]);
+        assert_eq!(c.free_memory_bytes, 3 * (40 << 30));
+
+        // A lost parent takes its instances with it.
+        let mut lost = gpu("2", "lost", &[]);
+        lost.mig_mode = true;
+        let c = capacity(&[lost, mig("2/2/0", "1g.5gb", "free")]);
+        assert!(c.free_mig.is_empty());
+        assert_eq!(c.unhealthy_gpus, ["2"]);
+    }
+
+    #[test]
+    fn a_tenant_sees_capacity_but_no_other_names() {
+        let node = NodeView {
+            node: "n1".into(),
+            last_report: String::new(),
+            last_report_ms: 0,
+            last_interval_end_ms: 0,
+            report_interval_ms: None,
+            stale_after_ms: 30_000,
+            stale: false,
+            reports: 1,
+            gpus: vec![
+                gpu("0", "busy", &["acme", "beta"]),
+                gpu("1", "idle", &["beta"]),
+            ],
+            capacity: Capacity::default(),
+            quotas: vec![
+                QuotaView {
+                    tenant: "acme".into(),
+                    resource: "gpus".into(),
+                    limit: 2.0,
+                    usage: Some(1.0),
+                },
+                QuotaView {
+                    tenant: "beta".into(),
+                    resource: "gpus".into(),
+                    limit: 1.0,
+                    usage: Some(1.0),
+                },
+            ],
+        };
+        let nodes = vec![node];
+        let view = ClusterView {
+            generated_at: String::new(),
+            generated_at_ms: 0,
+            tenants: tenants_of(&nodes),
+            nodes,
+        };
+        assert_eq!(view.tenants.len(), 2);
+        assert_eq!(view.tenants[1].devices.len(), 2);
+        assert_eq!(view.tenants[0].quotas[0].ratio, Some(0.5));
+        let acme = view.for_tenant("acme");
+        let text = serde_json::to_string(&acme).unwrap();
+        assert!(!text.contains("beta"), "{text}");
+        assert_eq!(acme.nodes[0].gpus[0].other_tenants, Some(1));
+        assert_eq!(acme.nodes[0].gpus[1].other_tenants, Some(1));
+        assert_eq!(acme.nodes[0].quotas.len(), 1);
+        assert_eq!(acme.tenants.len(), 1);
+    }
+
+    fn report(node: &str, seq: u64, end: u64, state: &str) -> Report {
+        Report {
+            version: SCHEMA_VERSION,
+            node: node.into(),
+            boot_id: "b".into(),
+            seq,
+            interval_start_ms: end - 1000,
+            interval_end_ms: end,
+            gpu_usage: vec![],
+            io_usage: vec![],
+            gpus: vec![GpuGauge {
+                gpu: "0".into(),
+                uuid: "GPU-0".into(),
+                model: "H100".into(),
+                health: "ok".into(),
+                memory_total_bytes: 80 << 30,
+                memory_used_bytes: 1 << 30,
+                processes: 1,
+                state: state.into(),
+                tenants: vec!["acme".into()],
+                ..Default::default()
+            }],
+            audit: vec![],
+            report_interval_ms: Some(1000),
+            tenant_quotas: vec![TenantQuota {
+                tenant: "acme".into(),
+                resource: "gpus".into(),
+                limit: 1.0,
+                usage: Some(seq as f64),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn the_view_follows_the_newest_report_and_goes_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url, 2).await.unwrap();
+        for (seq, end, state) in [
+            (1, 10_000, "busy"),
+            (3, 30_000, "stuck"),
+            (2, 20_000, "idle"),
+        ] {
+            let r = report("n1", seq, end, state);
+            ledger.ingest(&r, &r.digest(), 50_000).await.unwrap();
+        }
+        let v = load(&ledger, 51_000).await.unwrap();
+        let n = &v.nodes[0];
+        assert_eq!(n.gpus.len(), 1);
+        assert_eq!(
+            n.gpus[0].state, "stuck",
+            "the replayed older report changes nothing"
+        );
+        assert_eq!(n.gpus[0].tenants, ["acme"]);
+        assert_eq!(n.gpus[0].memory_free_bytes, 79 << 30);
+        assert_eq!(n.quotas[0].usage, Some(3.0));
+        assert_eq!(
+            (n.report_interval_ms, n.stale_after_ms, n.stale),
+            (Some(1000), 3000, false)
+        );
+        assert_eq!(n.capacity.unhealthy_gpus, ["0"]);
+        assert_eq!(v.tenants[0].devices[0].state, "stuck");
+        let v = load(&ledger, 53_001).await.unwrap();
+        assert!(v.nodes[0].stale);
+    }
+}
