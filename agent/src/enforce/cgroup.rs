@@ -388,7 +388,9 @@ impl TenantTree {
     }
 
     /// Removes job cgroups of `tenant` that no process is in any more
-    /// (`tally run` execs the command and cannot clean up after it).
+    /// (`tally run` execs the command and cannot clean up after it). Only
+    /// jobs older than [`JOB_GC_AGE`]: a `tally run` that just made its
+    /// directory has not written its pid yet.
     pub fn remove_empty_jobs(&self, tenant: &str) {
         for h in self.layout.job_hierarchies() {
             let dir = h.dir(&self.tenant_path(h, tenant));
@@ -397,7 +399,14 @@ impl TenantTree {
             };
             for e in entries.flatten() {
                 let p = e.path();
+                let old_enough = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= JOB_GC_AGE);
                 if p.is_dir()
+                    && old_enough
                     && fs::read_to_string(p.join("cgroup.procs")).is_ok_and(|t| t.trim().is_empty())
                 {
                     // Fails harmlessly (EBUSY) if a process joined meanwhile.
@@ -407,6 +416,9 @@ impl TenantTree {
         }
     }
 }
+
+/// Age below which an empty job cgroup is left alone.
+pub const JOB_GC_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn join_cg(parent: &str, child: &str) -> String {
     if parent.ends_with('/') {

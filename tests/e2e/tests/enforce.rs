@@ -743,3 +743,39 @@ fn network_egress_rate_is_policed() {
     );
     verify_audit(&env.audit_log());
 }
+
+/// Item 5, GPU time: a tenant holding a GPU past `gpu_seconds_per_hour`
+/// is acted on (alert here; the actions are shared with GPU memory).
+#[test]
+fn gpu_time_budget_alerts() {
+    if !require_root() {
+        return;
+    }
+    let env = TenantEnv::new();
+    let quotas = "\
+[tenant.quota.hours]
+gpu_seconds_per_hour = 2
+gpu_time_action = 'alert'
+grace = '0s'
+";
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, &env.config(quotas), FAST);
+    let cfg = env.write_config(quotas);
+    let job = env.run(&cfg, "hours", "j", "sleep", &["300"]);
+    node.register(job.pid(), 0, None, 100, 0.5);
+    wait_for("the GPU-time alert", LONG, || {
+        (action_count(&agent, "hours", "gpu_seconds_per_hour", "alert") == 1.0).then_some(())
+    });
+    let m = agent.metrics();
+    let usage = m
+        .value(
+            "tally_tenant_quota_usage",
+            &[("tenant", "hours"), ("resource", "gpu_seconds_per_hour")],
+        )
+        .expect("GPU-time usage exported");
+    assert!(usage > 2.0, "alerted at {usage} GPU seconds");
+    let rec = &env.audited("hours", "alert")[0];
+    assert_eq!(rec["resource"], "gpu_seconds_per_hour");
+    assert!(alive(job.pid()));
+    verify_audit(&env.audit_log());
+}
