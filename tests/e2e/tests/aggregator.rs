@@ -437,6 +437,17 @@ fn two_agents_to_the_cent(backend: Backend) {
         });
     }
 
+    // Agents report their spool and deliveries on /metrics.
+    let m = a1.metrics();
+    assert!(m.value("tally_report_sent_reports_total", &[]).unwrap() >= 3.0);
+    wait_for("an empty spool on /metrics", LONG, || {
+        (a2.metrics().value("tally_report_spool_reports", &[]) == Some(0.0)).then_some(())
+    });
+    // Stop the agents (their last interval is delivered) so that every
+    // query below sees the same ledger.
+    assert!(a1.stop().success());
+    assert!(a2.stop().success());
+
     let to = now_ms() / 1000 + 3600;
     let c = agg.chargeback(&format!("from=0&to={to}&group_by=tenant,node"));
     let lines = c["lines"].as_array().unwrap();
@@ -520,11 +531,6 @@ fn two_agents_to_the_cent(backend: Backend) {
         c["total"]
     );
 
-    // Agents report their spool and deliveries on /metrics.
-    let m = a1.metrics();
-    assert!(m.value("tally_report_sent_reports_total", &[]).unwrap() >= 3.0);
-    assert_eq!(m.value("tally_report_spool_reports", &[]), Some(0.0));
-    drop((a1, a2));
     drop((acme1, beta1, acme2, beta2));
 }
 
