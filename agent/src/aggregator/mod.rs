@@ -39,7 +39,7 @@ pub async fn run(
         metrics: metrics::Metrics::new(),
         scheduler: config.scheduler.clone(),
     });
-    info!(%listen, tokens = config.tokens.len(), "aggregator serving /api/v1/reports, /api/v1/chargeback, /api/v1/audit, /metrics");
+    info!(%listen, tokens = config.tokens.len(), "aggregator serving /api/v1/reports, /api/v1/chargeback, /api/v1/audit, /api/v1/cluster, /scheduler/*, /metrics");
 
     let refresher = tokio::spawn(refresh_metrics(
         app.clone(),

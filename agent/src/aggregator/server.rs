@@ -105,7 +105,8 @@ pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         (Method::GET, "/") => http::text(
             StatusCode::OK,
             "tally aggregator: POST /api/v1/reports, GET /api/v1/chargeback /api/v1/audit \
-             /api/v1/reports /metrics /healthz /readyz\n",
+             /api/v1/reports /api/v1/cluster /metrics /healthz /readyz; POST /scheduler/filter \
+             /scheduler/prioritize\n",
         ),
         (_, "/api/v1/reports" | "/api/v1/chargeback" | "/api/v1/audit" | "/metrics") => {
             problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")

@@ -6,7 +6,8 @@
 //!   GPU 0, tenant acme holding the 3g.20gb instance;
 //! - `gpu-b`: two H100s; GPU 0 stuck (held by a stopped process pinned at
 //!   100 %), tenant acme, with a GPU memory quota;
-//! - `gpu-c`: one H100; its agent is stopped, so it goes stale.
+//! - `gpu-c`: one H100, reporting every 300 ms; its agent is stopped, so
+//!   it goes stale (the others report every 2 s: stale only after 6 s).
 //!
 //! The extender gets the JSON kube-scheduler sends (`ExtenderArgs` with a
 //! full `v1.Pod` and a `v1.NodeList`, or `NodeNames` when
@@ -22,7 +23,8 @@ use serde_json::{Value, json};
 use tally_e2e::{
     Agent, Cgroup, SimNode,
     aggregator_support::{
-        ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, agent_config, postgres, sqlite, subdir,
+        ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, Backend, agent_config, postgres, sqlite,
+        subdir,
     },
     http_request, require_root, skip, unique,
 };
@@ -269,14 +271,31 @@ fn scores(result: &Value) -> Vec<(String, i64)> {
 }
 
 #[test]
-fn two_nodes_a_mig_gpu_a_stuck_gpu_and_a_stale_node() {
+fn two_nodes_a_mig_gpu_a_stuck_gpu_and_a_stale_node_on_sqlite() {
     if !require_root() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    small_cluster(&sqlite(dir.path()), dir.path());
+}
+
+#[test]
+fn two_nodes_a_mig_gpu_a_stuck_gpu_and_a_stale_node_on_postgres() {
+    if !require_root() {
+        return;
+    }
+    let Some(backend) = postgres() else {
+        skip("TALLY_TEST_POSTGRES_URL not set (cargo xtask test starts a PostgreSQL)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    small_cluster(&backend, dir.path());
+}
+
+fn small_cluster(backend: &Backend, dir: &Path) {
     let agg = Aggregator::start(
-        &subdir(dir.path(), "agg"),
-        &sqlite(dir.path()),
+        &subdir(dir, "agg"),
+        backend,
         "[scheduler]\npolicy = \"binpack\"\n",
     );
     let base = unique("e2e-cluster");
@@ -285,10 +304,10 @@ fn two_nodes_a_mig_gpu_a_stuck_gpu_and_a_stale_node() {
 
     // gpu-a: beta busy on GPU 0, acme on MIG instance 0 of GPU 2.
     let sim_a = SimNode::standard();
-    let state_a = subdir(dir.path(), "state-a");
+    let state_a = subdir(dir, "state-a");
     let agent_a = Agent::start(
         &sim_a,
-        &config(&agg, "gpu-a", &state_a, "1s", ""),
+        &config(&agg, "gpu-a", &state_a, "2s", ""),
         &["--sample-interval", "200ms"],
     );
     let beta_job = beta.spawn("sleep", &["600"]);
@@ -298,14 +317,14 @@ fn two_nodes_a_mig_gpu_a_stuck_gpu_and_a_stale_node() {
 
     // gpu-b: GPU 0 held by a stopped process pinned at 100 %: stuck.
     let sim_b = SimNode::new(TWO_H100);
-    let state_b = subdir(dir.path(), "state-b");
+    let state_b = subdir(dir, "state-b");
     let agent_b = Agent::start(
         &sim_b,
         &config(
             &agg,
             "gpu-b",
             &state_b,
-            "1s",
+            "2s",
             "\n[tenant.quota.acme]\ngpu_memory = \"8GiB\"\n",
         ),
         &["--sample-interval", "200ms"],
@@ -316,7 +335,7 @@ fn two_nodes_a_mig_gpu_a_stuck_gpu_and_a_stale_node() {
 
     // gpu-c: reports every 300 ms until its agent stops.
     let sim_c = SimNode::new(ONE_H100);
-    let state_c = subdir(dir.path(), "state-c");
+    let state_c = subdir(dir, "state-c");
     let agent_c = Agent::start(
         &sim_c,
         &config(&agg, "gpu-c", &state_c, "300ms", ""),
@@ -366,8 +385,8 @@ fn two_nodes_a_mig_gpu_a_stuck_gpu_and_a_stale_node() {
             .iter()
             .all(|g| g["gpu"].as_str().unwrap().starts_with("2/"))
     );
-    assert_eq!(a["report_interval_ms"], 1000);
-    assert_eq!(a["stale_after_ms"], 3000);
+    assert_eq!(a["report_interval_ms"], 2000);
+    assert_eq!(a["stale_after_ms"], 6000);
     assert_eq!(
         a["capacity"],
         json!({
