@@ -384,6 +384,26 @@ impl TenantTree {
         {
             out.insert("pids", v as f64);
         }
+        // Cumulative CPU time in seconds (the enforcer turns it into cores).
+        match self.layout.backend("cpu") {
+            Some(Backend::V2(h)) => {
+                let stat = h.dir(&self.tenant_path(h, tenant)).join("cpu.stat");
+                if let Some(us) = fs::read_to_string(stat).ok().and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse::<u64>().ok())
+                }) {
+                    out.insert("cpu_seconds", us as f64 / 1e6);
+                }
+            }
+            _ => {
+                if let Some(h) = self.layout.v1("cpuacct")
+                    && let Some(ns) =
+                        read_u64(&h.dir(&self.tenant_path(h, tenant)).join("cpuacct.usage"))
+                {
+                    out.insert("cpu_seconds", ns as f64 / 1e9);
+                }
+            }
+        }
         out
     }
 

@@ -266,6 +266,8 @@ pub struct Enforcer {
     /// Per tenant: `(taken_at_ms, ingress bytes, egress bytes)` and rates.
     net: HashMap<String, (u64, u64, u64)>,
     net_rate: HashMap<String, (f64, f64)>,
+    /// Per tenant: `(taken_at_ms, cumulative CPU seconds)`.
+    cpu: HashMap<String, (u64, f64)>,
     /// Token buckets of network rate quotas (pinned by the network probe).
     buckets: network::Buckets,
     /// Last reason the buckets could not be written, audited once.
@@ -334,6 +336,7 @@ impl Enforcer {
             limits: BTreeMap::new(),
             net: HashMap::new(),
             net_rate: HashMap::new(),
+            cpu: HashMap::new(),
             buckets: network::Buckets::new(&config.probes.pin_dir),
             bucket_error: None,
             cycles: 0,
@@ -618,7 +621,12 @@ impl Enforcer {
             .map(|t| t.usage(tenant))
             .unwrap_or_default();
         if let Some(c) = quota.cpu_cores {
-            status.push(row(tenant, "cpu_cores", c, None));
+            let cores = usage.get("cpu_seconds").and_then(|&secs| {
+                let now = snap.taken_at_ms;
+                let prev = self.cpu.insert(tenant.to_owned(), (now, secs))?;
+                (now > prev.0).then(|| (secs - prev.1).max(0.0) / ((now - prev.0) as f64 / 1e3))
+            });
+            status.push(row(tenant, "cpu_cores", c, cores));
         }
         if let Some(m) = quota.memory {
             status.push(row(

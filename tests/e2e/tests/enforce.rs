@@ -153,7 +153,7 @@ fn tenant_cgroups_carry_limits_and_jobs() {
             "/bin/sh",
             &[
                 "-c",
-                "i=0; while [ $i -lt 30 ]; do sleep 30 & i=$((i+1)); done",
+                "i=0; while [ $i -lt 30 ]; do sleep 30 >/dev/null 2>&1 & i=$((i+1)); done",
             ],
         )
         .stdin(Stdio::null())
@@ -182,6 +182,34 @@ fn tenant_cgroups_carry_limits_and_jobs() {
     );
     let current: u64 = read(&pids.with_file_name("pids.current")).parse().unwrap();
     assert!(current <= 8, "pids.current {current} above the limit 8");
+    for h in env.layout.job_hierarchies() {
+        remove_tree(&h.dir(&env.path_in(h, "lim", Some("j2"))));
+    }
+
+    // The cpu limit holds: a busy loop gets about half a core.
+    let _busy = env.run(&cfg, "lim", "j3", "/bin/sh", &["-c", "while :; do :; done"]);
+    wait_for("CPU usage of the tenant in /metrics", LONG, || {
+        let u = agent.metrics().value(
+            "tally_tenant_quota_usage",
+            &[("tenant", "lim"), ("resource", "cpu_cores")],
+        )?;
+        (u > 0.2).then_some(())
+    });
+    let cpu_seconds = || -> Option<f64> {
+        let cg =
+            tally::enforce::cgroup::TenantTree::new(env.layout.clone(), Some(env.parent.clone()));
+        cg.usage("lim").get("cpu_seconds").copied()
+    };
+    let (t0, c0) = (
+        std::time::Instant::now(),
+        cpu_seconds().expect("cpu usage readable"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let cores = (cpu_seconds().unwrap() - c0) / t0.elapsed().as_secs_f64();
+    assert!(
+        cores < 0.65,
+        "a busy loop used {cores:.2} cores under cpu_cores = 0.5"
+    );
 
     let m = agent.metrics();
     assert_eq!(
@@ -778,4 +806,53 @@ grace = '0s'
     assert_eq!(rec["resource"], "gpu_seconds_per_hour");
     assert!(alive(job.pid()));
     verify_audit(&env.audit_log());
+}
+
+/// Item 1: `tally config check` names every bad quota key and exits 64.
+#[test]
+fn config_check_names_every_bad_quota_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    fs::write(
+        &bad,
+        "[tenant.quota.acme]\nmemory = '8 gigs'\ngpu_memory_action = 'explode'\nnetwork_egress = \
+         '100Mbitz'\ncpu_core = 2\n[tenant.quota.beta]\ngrace = 'soon'\n",
+    )
+    .unwrap();
+    let out = Command::new(tally_bin())
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "tenant.quota.acme.memory",
+        "tenant.quota.acme.gpu_memory_action",
+        "tenant.quota.acme.network_egress",
+        "tenant.quota.acme.cpu_core",
+        "tenant.quota.beta.grace",
+    ] {
+        assert!(
+            err.contains(&format!("key `{key}`")),
+            "{key} not named: {err}"
+        );
+    }
+    assert!(err.contains("5 problems"), "{err}");
+    let good = dir.path().join("good.toml");
+    fs::write(
+        &good,
+        format!(
+            "[tenant.quota.acme]\ncpu_cores = 2.0\nmemory = '8GiB'\npids = 512\ngpus = ['{UUID0}']\n\
+             gpu_memory = '20GiB'\ngpu_memory_action = 'terminate'\nnetwork_egress = '100Mbit'\n\
+             network_ingress = '100Mbit'\ngrace = '30s'\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(tally_bin())
+        .args(["config", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }
