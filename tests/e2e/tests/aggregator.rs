@@ -853,3 +853,36 @@ fn audit_records_reach_the_central_store_and_breaks_are_flagged() {
     });
     drop(agent);
 }
+
+// --------------------------------------------- replicas on one PostgreSQL
+
+/// Two aggregators on one PostgreSQL get the same reports at the same time
+/// (an agent retrying against another replica): each is stored once.
+#[test]
+fn replicas_on_one_postgres_store_each_report_once() {
+    let Some(backend) = pg_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Aggregator::start(&dir.path().join("a"), &backend, "");
+    let b = Aggregator::start(&dir.path().join("b"), &backend, "");
+    let ledger = LedgerReader::new(&backend);
+    for seq in 1..=20u64 {
+        let body = serde_json::to_vec(&report("n1", seq)).unwrap();
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| a.post(&body, Some(AGENT_TOKEN)).0);
+            let tb = s.spawn(|| b.post(&body, Some(AGENT_TOKEN)).0);
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let mut got = [ra, rb];
+        got.sort();
+        assert_eq!(
+            got,
+            [200, 208],
+            "seq {seq}: one stores, the other acknowledges"
+        );
+    }
+    assert_eq!(ledger.reports("n1"), (20, 1, 20));
+    assert_eq!(
+        ledger.int("SELECT CAST(SUM(allocated_us) AS BIGINT) FROM gpu_usage"),
+        20 * 10_000_000
+    );
+}
