@@ -100,6 +100,9 @@ fn expect(agg: &Aggregator, what: &str, got: (u16, String), status: u16, reason:
     let _ = agg;
 }
 
+/// What is sent, with which token, and the status and reason expected.
+type Case<'a> = (&'a str, Vec<u8>, Option<&'a str>, u16, &'a str);
+
 fn bad_input_is_refused(backend: Backend, dir: &Path) {
     let agg = Aggregator::start(dir, &backend, "max_body = \"64KiB\"");
     let ledger = LedgerReader::new(&backend);
@@ -136,7 +139,7 @@ fn bad_input_is_refused(backend: Backend, dir: &Path) {
     let mut oversized = report("n1", 6);
     oversized.gpu_usage[0].tenant = "x".repeat(200);
     oversized.gpu_usage = vec![oversized.gpu_usage[0].clone(); 400];
-    let cases: Vec<(&str, Vec<u8>, Option<&str>, u16, &str)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "malformed JSON",
             b"{\"version\": 1, \"node\": ".to_vec(),
