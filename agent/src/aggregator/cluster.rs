@@ -298,13 +298,16 @@ pub(crate) async fn store(
     for ((tenant, resource), q) in quotas {
         sqlx::query(
             "INSERT INTO tenant_quota_state (node, tenant, resource, limit_value, usage_value, \
-             updated_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+             updated_ms) VALUES ($1, $2, $3, $4, NULLIF($5, -1.0), $6)",
         )
         .bind(&r.node)
         .bind(tenant)
         .bind(resource)
         .bind(q.limit)
-        .bind(q.usage)
+        // A NULL double from sqlx's `Any` driver reaches PostgreSQL as a
+        // float4 and is refused: an unknown usage travels as -1 (usage is
+        // never negative) and becomes NULL in SQL.
+        .bind(q.usage.unwrap_or(-1.0))
         .bind(end)
         .execute(&mut *conn)
         .await?;
