@@ -92,8 +92,8 @@ pub struct Layout {
 impl Layout {
     /// Reads `/proc/self/mountinfo` and `/proc/self/cgroup`.
     pub fn detect() -> Result<Layout, CgroupError> {
-        let mi = Path::new("/proc/self/mountinfo");
-        let cg = Path::new("/proc/self/cgroup");
+        let mi = Path::new(crate::paths::PROC_SELF_MOUNTINFO);
+        let cg = Path::new(crate::paths::PROC_SELF_CGROUP);
         let mountinfo = fs::read_to_string(mi).map_err(io_err(mi))?;
         let cgroup = fs::read_to_string(cg).map_err(io_err(cg))?;
         let layout = Self::parse(&mountinfo, &cgroup);

@@ -324,7 +324,7 @@ impl Enforcer {
             quotas,
             tree,
             manage_limits: !under_kubernetes(),
-            own_cgroup: std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+            own_cgroup: std::fs::read_to_string(paths::PROC_SELF_CGROUP).unwrap_or_default(),
             rec,
             breaches: HashMap::new(),
             throttles: HashMap::new(),

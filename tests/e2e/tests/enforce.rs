@@ -856,3 +856,89 @@ fn config_check_names_every_bad_quota_key() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Item 4, ingress: a tenant's receiver limited to 8 Mbit/s gets no more
+/// than that (TCP recovers from the policer's drops; the rate is checked
+/// against the limit from above only), and the drops are counted.
+#[test]
+fn network_ingress_rate_is_policed() {
+    use std::{
+        io::{BufRead, BufReader},
+        time::Instant,
+    };
+
+    use tally_e2e::probes_support::{PinDir, fake_cuda};
+
+    if !require_root() {
+        return;
+    }
+    if tally::tenants::unified_root().is_none() {
+        skip("no cgroup v2 hierarchy for the cgroup_skb programs");
+        return;
+    }
+    const RATE: f64 = 1_000_000.0;
+    const BYTES: u64 = 4_000_000;
+    let env = TenantEnv::new();
+    let pin = PinDir::new();
+    let quotas = "[tenant.quota.netin]\nnetwork_ingress = '8Mbit'\n";
+    let config = format!(
+        "{}\n[probes]\npin_dir = '{}'\npcie = false\nprocess = false\n",
+        env.config(quotas),
+        pin.0.display()
+    );
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, &config, FAST);
+    env.wait_audit("the token bucket", |r| {
+        r["tenant"] == "netin"
+            && r["resource"] == "network_ingress"
+            && r["action"] == "limit_applied"
+    });
+    let cfg = env.write_config(quotas);
+    let netload = fake_cuda().netload.display().to_string();
+    let mut server = tally_e2e::ChildGuard(
+        env.run_command(
+            &cfg,
+            "netin",
+            "recv",
+            &netload,
+            &["tcp-serve", &BYTES.to_string(), "0"],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn receiver"),
+    );
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .expect("read port");
+    let port = line
+        .strip_prefix("port ")
+        .map(|p| p.trim().to_owned())
+        .unwrap_or_else(|| panic!("receiver said {line:?}"));
+    let start = Instant::now();
+    let client = Command::new(&netload)
+        .args(["tcp-client", "127.0.0.1", &port, &BYTES.to_string(), "0"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run sender");
+    assert!(client.success(), "sender failed: {client}");
+    let status = server.0.wait().expect("wait receiver");
+    assert!(status.success(), "receiver failed: {status}");
+    let rate = BYTES as f64 / start.elapsed().as_secs_f64();
+    eprintln!("limited receiver: {rate:.0} B/s");
+    assert!(
+        rate <= 1.15 * RATE,
+        "receiver got {rate:.0} B/s over an 8 Mbit/s limit"
+    );
+    assert!(rate > 0.3 * RATE, "receiver starved at {rate:.0} B/s");
+    wait_for("the policer's ingress drops in /metrics", LONG, || {
+        let m = agent.metrics();
+        (m.sum(
+            "tally_tenant_network_dropped_packets_total",
+            &[("tenant", "netin"), ("direction", "ingress")],
+        ) > 0.0)
+            .then_some(())
+    });
+    verify_audit(&env.audit_log());
+}
