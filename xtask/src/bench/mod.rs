@@ -171,34 +171,42 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let (f, s, sc) = (wanted("footprint"), wanted("sample"), wanted("scrape"));
     if f || s || sc {
         let t = Instant::now();
+        let first = sections.len();
         sections.extend(agent::run(&ctx, f, s, sc));
+        for s in &mut sections[first..] {
+            s.body.insert_str(0, &stamp());
+        }
         durations.push(("agent benchmarks", t.elapsed()));
     }
     if wanted("network") {
         let t = Instant::now();
+        let first = sections.len();
         sections.push(guard("4. Network probe cost", || probes::network(&ctx)));
+        for s in &mut sections[first..] {
+            s.body.insert_str(0, &stamp());
+        }
         durations.push(("network", t.elapsed()));
     }
     if wanted("uprobe") {
         let t = Instant::now();
+        let first = sections.len();
         sections.push(guard("5. uprobe cost", || probes::uprobe(&ctx)));
+        for s in &mut sections[first..] {
+            s.body.insert_str(0, &stamp());
+        }
         durations.push(("uprobe", t.elapsed()));
     }
     let (i, c) = (wanted("ingest"), wanted("chargeback"));
     if i || c {
         let t = Instant::now();
+        let first = sections.len();
         sections.extend(ledger::run(&ctx, i, c));
+        for s in &mut sections[first..] {
+            s.body.insert_str(0, &stamp());
+        }
         durations.push(("ledger benchmarks", t.elapsed()));
     }
 
-    let report = render(
-        &o,
-        &sections,
-        &load_before,
-        &busy_before,
-        started,
-        &durations,
-    );
     let out = o.output.clone().unwrap_or_else(|| {
         if o.quick {
             target_dir().join("bench/BENCHMARKS-quick.md")
@@ -206,6 +214,23 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             workspace_root().join("BENCHMARKS.md")
         }
     });
+    // `--only` refreshes those benchmarks' sections and keeps the others.
+    let previous = if o.only.is_empty() {
+        None
+    } else {
+        std::fs::read_to_string(&out).ok()
+    };
+    let mut report = render(
+        &o,
+        &sections,
+        &load_before,
+        &busy_before,
+        started,
+        &durations,
+    );
+    if let Some(prev) = previous {
+        report = merge(&report, &prev);
+    }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -213,6 +238,64 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     println!("{report}");
     println!("bench: wrote {}", out.display());
     Ok(())
+}
+
+/// The benchmark number a section title or summary row starts with.
+fn number(text: &str) -> Option<u32> {
+    let t = text.trim_start_matches(['|', ' ']);
+    t.split('.').next()?.trim().parse().ok()
+}
+
+/// `new` with the summary rows and sections of `old` whose benchmarks
+/// `new` did not run, in benchmark order.
+fn merge(new: &str, old: &str) -> String {
+    let split = |text: &str| -> (String, Vec<String>) {
+        let mut parts = text.split("\n## ");
+        let head = parts.next().unwrap_or("").to_owned();
+        (head, parts.map(|p| format!("## {p}")).collect())
+    };
+    let (new_head, new_parts) = split(new);
+    let (_, old_parts) = split(old);
+    let ran: Vec<u32> = new_parts
+        .iter()
+        .filter_map(|p| number(p.trim_start_matches("## ")))
+        .collect();
+    let rows = |parts: &[String], keep: &dyn Fn(u32) -> bool| -> Vec<String> {
+        parts
+            .iter()
+            .filter(|p| p.starts_with("## Summary"))
+            .flat_map(|p| p.lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| l.starts_with("| ") && number(l).is_some_and(keep))
+            .collect()
+    };
+    let mut summary = rows(&new_parts, &|_| true);
+    summary.extend(rows(&old_parts, &|n| !ran.contains(&n)));
+    summary.sort_by_key(|l| number(l).unwrap_or(99));
+    let mut sections: Vec<String> = new_parts
+        .iter()
+        .chain(
+            old_parts
+                .iter()
+                .filter(|p| number(p.trim_start_matches("## ")).is_some_and(|n| !ran.contains(&n))),
+        )
+        .filter(|p| number(p.trim_start_matches("## ")).is_some())
+        .map(|p| p.trim_end().to_owned())
+        .collect();
+    sections.sort_by_key(|p| number(p.trim_start_matches("## ")).unwrap_or(99));
+    let mut r = new_head.trim_end().to_owned();
+    let _ = write!(
+        r,
+        "\n- **Merged:** this run measured benchmark(s) {}; the others are kept from the \
+         previous report (each section says when it was measured).\n\n## Summary\n\n\
+         | benchmark | target | measured | verdict |\n| --- | --- | --- | --- |\n{}\n\n{}\n",
+        ran.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        summary.join("\n"),
+        sections.join("\n\n")
+    );
+    r
 }
 
 /// Runs one benchmark; an error becomes a FAILED section, not an abort.
@@ -312,4 +395,36 @@ fn render(
         r.push('\n');
     }
     r
+}
+
+/// `_Measured <date>, load average <x>._`, the first line of a section.
+pub fn stamp() -> String {
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("_Measured {date}, load average {}._\n\n", util::loadavg())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_reruns_replace_their_own_sections() {
+        let old = "# T\n\nhead old\n\n## Summary\n\n| benchmark | target | measured | verdict |\n\
+                   | --- | --- | --- | --- |\n| 1. a | x | old1 | PASS |\n| 4. d | y | old4 | MISS |\n\n\
+                   ## 1. A\n\nbody old 1\n\n## 4. D\n\nbody old 4\n";
+        let new = "# T\n\nhead new\n\n## Summary\n\n| benchmark | target | measured | verdict |\n\
+                   | --- | --- | --- | --- |\n| 4. d | y | new4 | PASS |\n\n## 4. D\n\nbody new 4\n";
+        let m = merge(new, old);
+        assert!(m.contains("head new") && !m.contains("head old"), "{m}");
+        assert!(m.contains("| 1. a | x | old1 | PASS |"), "{m}");
+        assert!(m.contains("new4") && !m.contains("old4"), "{m}");
+        assert!(m.contains("body old 1") && m.contains("body new 4"), "{m}");
+        assert!(!m.contains("body old 4"), "{m}");
+        assert!(m.find("## 1. A") < m.find("## 4. D"), "{m}");
+        assert_eq!(m.matches("## Summary").count(), 1, "{m}");
+    }
 }
