@@ -12,7 +12,7 @@
 
 use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
-use tally::report::wire::{GpuUsage, Report, SCHEMA_VERSION};
+use tally::report::wire::{GpuGauge, GpuUsage, Report, SCHEMA_VERSION, TenantQuota};
 use tally_e2e::{
     Agent, Cgroup, ChildGuard, SimNode,
     aggregator_support::{
@@ -79,10 +79,23 @@ fn report(node: &str, seq: u64) -> Report {
             energy_mj: 3_000_000,
         }],
         io_usage: vec![],
-        gpus: vec![],
+        // Absent values (NULLs in the ledger) on purpose: PostgreSQL must
+        // take them too.
+        gpus: vec![GpuGauge {
+            gpu: "0".into(),
+            uuid: "GPU-0".into(),
+            model: "NVIDIA H100 80GB HBM3".into(),
+            health: "ok".into(),
+            ..Default::default()
+        }],
         audit: vec![],
-        report_interval_ms: None,
-        tenant_quotas: vec![],
+        report_interval_ms: Some(10_000),
+        tenant_quotas: vec![TenantQuota {
+            tenant: "acme".into(),
+            resource: "gpu_memory".into(),
+            limit: 1e9,
+            usage: None,
+        }],
     }
 }
 
