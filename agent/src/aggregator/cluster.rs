@@ -305,8 +305,9 @@ pub(crate) async fn store(
         .bind(resource)
         .bind(q.limit)
         // A NULL double from sqlx's `Any` driver reaches PostgreSQL as a
-        // float4 and is refused: an unknown usage travels as -1 (usage is
-        // never negative) and becomes NULL in SQL.
+        // float4, the prepared statement keeps that type, and the next real
+        // usage is refused: an unknown usage travels as -1 (usage is never
+        // negative) and becomes NULL in SQL.
         .bind(q.usage.unwrap_or(-1.0))
         .bind(end)
         .execute(&mut *conn)

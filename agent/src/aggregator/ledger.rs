@@ -338,7 +338,8 @@ impl Ledger {
         for g in &r.gpus {
             // Absent doubles travel as -1 and become NULL in SQL: sqlx's
             // `Any` driver binds a NULL double as a float4 on PostgreSQL,
-            // which the server refuses for a double precision column.
+            // the prepared statement keeps that type, and the next real
+            // double is refused ("incorrect binary data format").
             sqlx::query(
                 "INSERT INTO gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, \
                  slice_fraction, health, utilization_ratio, memory_used_bytes, memory_total_bytes, \
