@@ -7,6 +7,7 @@ mod bench;
 mod demo;
 mod deps;
 mod exec;
+mod fuzz;
 mod postgres;
 mod test;
 
@@ -25,6 +26,8 @@ enum Command {
     Demo(demo::Options),
     /// Measure footprint, probe cost, scrape, ingest and chargeback; write BENCHMARKS.md.
     Bench(bench::Options),
+    /// Run every fuzz target for N seconds; print executions and crashes.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +35,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(o) => test::run(o),
         Command::Demo(o) => demo::run(o),
         Command::Bench(o) => bench::run(o),
+        Command::Fuzz(o) => fuzz::run(o),
     }
 }
