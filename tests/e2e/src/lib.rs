@@ -8,6 +8,7 @@
 
 pub mod aggregator_support;
 pub mod enforce_support;
+pub mod faults_support;
 pub mod probes_support;
 
 use std::{
