@@ -12,7 +12,7 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::atomic::Ordering::Relaxed,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use reqwest::StatusCode;
@@ -82,6 +82,11 @@ struct Sender {
     audit_log: PathBuf,
     spool: Spool,
     client: reqwest::Client,
+    /// When this process started, on the monotonic clock: interval ends
+    /// are `started_ms` plus monotonic time, the clock the sampler
+    /// integrates GPU time on, so a wall-clock step can never make a
+    /// report's usage look longer than its interval.
+    started: Instant,
     /// A report cut but not yet spooled (the spool write failed).
     unspooled: Option<(u64, Vec<u8>)>,
     /// Whether the last attempt failed (to log a failure streak once).
@@ -91,6 +96,7 @@ struct Sender {
 
 impl Sender {
     fn new(cfg: ReportConfig, url: &str, node: String, state_dir: &Path) -> anyhow::Result<Self> {
+        let started = Instant::now();
         let started_ms = unix_ms();
         let boot_id = std::fs::read_to_string(crate::paths::BOOT_ID)
             .map(|s| s.trim().to_owned())
@@ -137,6 +143,7 @@ impl Sender {
             audit_log: crate::paths::audit_log(state_dir),
             spool,
             client,
+            started,
             unspooled: None,
             failing: false,
             full_streak: 0,
@@ -234,7 +241,8 @@ impl Sender {
         }
         let before = self.state.clone();
         let audit = self.read_audit();
-        let report = self.state.cut(&self.id, &snap, audit, unix_ms());
+        let now = self.id.started_ms + self.started.elapsed().as_millis() as u64;
+        let report = self.state.cut(&self.id, &snap, audit, now);
         let body = match serde_json::to_vec(&report) {
             Ok(b) => b,
             Err(e) => {
