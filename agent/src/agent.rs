@@ -136,6 +136,12 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
         snapshot.tenant_io = probes.sample(&resolver, &snapshot.gpus);
         snapshot.sample_duration_seconds = started.elapsed().as_secs_f64();
         enforcer.observe(&mut snapshot);
+        if samples == 1 {
+            // Start-up is over (probes attached, cgroups opened, first
+            // enforcement pass done): keep only what running needs, before
+            // readiness flips with the first snapshot.
+            crate::privileges::drop_after_start_up();
+        }
         tx.send_replace(Arc::new(snapshot));
 
         next += settings.sample_interval;

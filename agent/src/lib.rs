@@ -19,6 +19,7 @@ pub mod http;
 pub mod kubernetes;
 pub mod metrics;
 pub mod paths;
+pub mod privileges;
 pub mod probes;
 pub mod report;
 pub mod signal;
