@@ -87,11 +87,14 @@ every cycle, for every GPU process, `tenants::cgroup_of` reads `/proc/<pid>/cgro
 (`agent/src/tenants.rs`, `Resolver::attribute_on`) and `gpu::Sampler::update_states` reads \
 `/proc/<pid>/stat` for each holder of each device — twice for processes on MIG instances \
 (once for the instance, once for the parent GPU) (`agent/src/gpu/mod.rs`, \
-`holders_of_device` + `process_obs`). **What would fix it:** cache pid → (start time, cgroup, \
+`holders_of_device` + `process_obs`); and `probes::cgroups::CgroupPaths::walk` walks the \
+whole cgroup v2 tree whenever the network map holds an id it does not know — on a shared \
+machine, every short-lived cgroup of someone else's test that sent a packet. **What would fix it:** cache pid → (start time, cgroup, \
 tenant) and read `/proc/<pid>/cgroup` only for pids not seen before (a changed start time \
 means a reused pid); read each holder's `/proc/<pid>/stat` once per cycle and only for \
 devices whose state machine needs it (holders of a device with low utilization, where \
-idle/stuck is decided); and in the simulator, keep registrations in memory and re-read \
+idle/stuck is decided); resolve an unknown cgroup id with `open_by_handle_at` (the id is the \
+kernfs file handle) instead of a full walk; and in the simulator, keep registrations in memory and re-read \
 `procs/` only when the directory's mtime changes, and keep the energy integral in memory \
 with a periodic flush.
 ";
@@ -365,11 +368,22 @@ struct SampleCost {
     cpu_per_sample_ms: f64,
     /// CPU per cycle by thread group, in ms.
     threads: Vec<(String, f64)>,
+    /// Tenants with GPU series at the end (checks attribution kept up).
+    tenants_seen: usize,
     profile: Option<String>,
 }
 
 /// CPU by thread group: (group, amount).
 type ThreadCpu = Vec<(String, f64)>;
+
+/// Distinct tenants with a `tally_tenant_gpu_allocated_seconds_total` series.
+fn tenants_seen(body: &str) -> usize {
+    body.lines()
+        .filter(|l| l.starts_with("tally_tenant_gpu_allocated_seconds_total{"))
+        .filter_map(|l| l.split("tenant=\"").nth(1)?.split('"').next())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
 
 /// What the agent's threads do, for the CPU split.
 fn thread_role(group: &str) -> &'static str {
@@ -628,6 +642,7 @@ fn footprint_and_sample(
                 durations_ms,
                 cpu_per_sample_ms: cpu,
                 threads,
+                tenants_seen: tenants_seen(&agent.metrics()?),
                 profile: None,
             },
         ));
@@ -837,6 +852,7 @@ fn footprint_and_sample(
                 .iter()
                 .map(|(g, v)| (g.clone(), v / cycles * 1000.0))
                 .collect(),
+            tenants_seen,
             profile: None,
         },
     ))
@@ -859,6 +875,7 @@ fn sample_only(
         _ => 15,
     };
     let (durations_ms, cpu, threads) = collect_samples(ctx, &agent, n, Duration::from_secs(420))?;
+    let seen = tenants_seen(&agent.metrics()?);
     let profile =
         with_profile.then(|| profile(agent.proc.pid(), if ctx.quick { 5 } else { 15 }, &node.dir));
     Ok(SampleCost {
@@ -868,6 +885,7 @@ fn sample_only(
         durations_ms,
         cpu_per_sample_ms: cpu,
         threads,
+        tenants_seen: seen,
         profile,
     })
 }
@@ -888,7 +906,7 @@ fn sample_section(costs: &[SampleCost], errors: &[String]) -> Section {
     );
     let _ = writeln!(
         b,
-        "| scale | processes | tenants | cycles | cycle ms, median (min–max) | p99 ms | CPU ms per cycle | of which NVML threads | sampler thread | cycle ms per 100 processes |"
+        "| scale | processes | tenants (with series) | cycles | cycle ms, median (min–max) | p99 ms | CPU ms per cycle | of which NVML threads | sampler thread | cycle ms per 100 processes |"
     );
     let _ = writeln!(
         b,
@@ -898,10 +916,11 @@ fn sample_section(costs: &[SampleCost], errors: &[String]) -> Section {
         let st = Stats::of(&c.durations_ms);
         let _ = writeln!(
             b,
-            "| ×{} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            "| ×{} | {} | {} ({}) | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
             c.scale,
             c.procs,
             c.tenants,
+            c.tenants_seen,
             st.n,
             st.show(1),
             st.p99,

@@ -756,7 +756,7 @@ fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String
     format!(
         "{begin}
 {series} INSERT INTO reports (id, node, boot_id, seq, interval_start_ms, interval_end_ms, received_ms, digest)
-  SELECT day * {nodes} + node + 1, 'node-' || node, 'generated', day, {base} + day * {day_ms}, {base} + (day + 1) * {day_ms}, {base} + (day + 1) * {day_ms}, 'generated' FROM d, n;
+  SELECT day * {nodes} + node + 1, 'node-' || node, 'generated', day, {base} + CAST(day AS BIGINT) * {day_ms}, {base} + CAST(day + 1 AS BIGINT) * {day_ms}, {base} + CAST(day + 1 AS BIGINT) * {day_ms}, 'generated' FROM d, n;
 {tseries} INSERT INTO gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, mig_profile, slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj)
   SELECT r.id, r.node, r.interval_end_ms, 'tenant-' || t.tenant, CAST(t.tenant % 8 AS TEXT), 'GPU-' || r.node || '-' || (t.tenant % 8),
          CASE WHEN t.tenant % 4 = 0 THEN 'NVIDIA A100-SXM4-80GB' ELSE 'NVIDIA H100 80GB HBM3' END, NULL, 1.0,

@@ -560,6 +560,52 @@ pub fn root_programs(mount: &Path) -> Option<usize> {
     })
 }
 
+/// Kernel BPF run-time statistics (`kernel.bpf_stats_enabled`) switched on
+/// while alive; the previous setting is restored on drop.
+pub struct BpfStats {
+    previous: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> Option<BpfStats> {
+        let previous = fs::read_to_string(BPF_STATS).ok()?.trim().to_owned();
+        fs::write(BPF_STATS, "1").ok()?;
+        Some(BpfStats { previous })
+    }
+
+    /// Runs and nanoseconds so far of every loaded program of `kind`
+    /// (bpftool's `type`, e.g. `kprobe` for uprobes, `cgroup_skb`).
+    pub fn read(&self, kind: &str) -> (u64, u64) {
+        let Ok(out) = Command::new("bpftool")
+            .args(["prog", "show", "-j"])
+            .output()
+        else {
+            return (0, 0);
+        };
+        let progs: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        progs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["type"].as_str() == Some(kind))
+            .fold((0, 0), |(c, t), p| {
+                (
+                    c + p["run_cnt"].as_u64().unwrap_or(0),
+                    t + p["run_time_ns"].as_u64().unwrap_or(0),
+                )
+            })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, &self.previous);
+    }
+}
+
 /// Removes a bpffs pin directory (unpinning maps and links in it).
 pub fn remove_pins(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
