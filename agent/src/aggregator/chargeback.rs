@@ -508,7 +508,7 @@ mod tests {
             allocated_us: (alloc_h * 3.6e9) as i64,
             used_us: (used_h * 3.6e9) as i64,
             energy_mj: 3_600_000_000, // 1 kWh
-            memory_byte_seconds: 0,
+            memory_byte_seconds: 0.0,
         }
     }
 

@@ -73,7 +73,8 @@ pub struct GpuGroup {
     /// SM-weighted time; allocated time where the device has none (MIG).
     pub used_us: i64,
     pub energy_mj: i64,
-    pub memory_byte_seconds: i64,
+    /// Summed as a double: a long period outgrows 64-bit integers.
+    pub memory_byte_seconds: f64,
 }
 
 /// I/O of one (tenant, node) over a period.
@@ -87,18 +88,19 @@ pub struct IoGroup {
     pub pcie_d2h_bytes: i64,
 }
 
-/// Running totals of one tenant (for `/metrics`).
+/// Running totals of one tenant (for `/metrics`), as doubles: over a
+/// cluster's lifetime they outgrow 64-bit integers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TenantTotals {
     pub tenant: String,
-    pub allocated_us: i64,
-    pub sm_us: i64,
-    pub memory_byte_seconds: i64,
-    pub energy_mj: i64,
-    pub network_ingress_bytes: i64,
-    pub network_egress_bytes: i64,
-    pub pcie_h2d_bytes: i64,
-    pub pcie_d2h_bytes: i64,
+    pub allocated_us: f64,
+    pub sm_us: f64,
+    pub memory_byte_seconds: f64,
+    pub energy_mj: f64,
+    pub network_ingress_bytes: f64,
+    pub network_egress_bytes: f64,
+    pub pcie_h2d_bytes: f64,
+    pub pcie_d2h_bytes: f64,
 }
 
 /// The reports of one (node, boot).
@@ -275,10 +277,10 @@ impl Ledger {
             .execute(&mut *tx)
             .await?;
             let t = totals.entry(u.tenant.as_str()).or_default();
-            t.allocated_us += i(u.allocated_us);
-            t.sm_us += i(u.sm_us.unwrap_or(0));
-            t.memory_byte_seconds += i(u.memory_byte_seconds);
-            t.energy_mj += i(u.energy_mj);
+            t.allocated_us += u.allocated_us as f64;
+            t.sm_us += u.sm_us.unwrap_or(0) as f64;
+            t.memory_byte_seconds += u.memory_byte_seconds as f64;
+            t.energy_mj += u.energy_mj as f64;
         }
         for u in &r.io_usage {
             sqlx::query(
@@ -301,10 +303,10 @@ impl Ledger {
             .execute(&mut *tx)
             .await?;
             let t = totals.entry(u.tenant.as_str()).or_default();
-            t.network_ingress_bytes += i(u.network_ingress_bytes);
-            t.network_egress_bytes += i(u.network_egress_bytes);
-            t.pcie_h2d_bytes += i(u.pcie_h2d_bytes);
-            t.pcie_d2h_bytes += i(u.pcie_d2h_bytes);
+            t.network_ingress_bytes += u.network_ingress_bytes as f64;
+            t.network_egress_bytes += u.network_egress_bytes as f64;
+            t.pcie_h2d_bytes += u.pcie_h2d_bytes as f64;
+            t.pcie_d2h_bytes += u.pcie_d2h_bytes as f64;
         }
         // Sorted by tenant (BTreeMap): concurrent ingests lock rows in the
         // same order and cannot deadlock.
@@ -434,7 +436,8 @@ impl Ledger {
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
-             CAST(SUM(memory_byte_seconds) AS BIGINT) AS memory_byte_seconds \
+             CAST(SUM(CAST(memory_byte_seconds AS DOUBLE PRECISION)) AS DOUBLE PRECISION) \
+             AS memory_byte_seconds \
              FROM gpu_usage WHERE interval_end_ms >= $1 AND interval_end_ms < $2 \
              GROUP BY tenant, node, model, slice_fraction \
              ORDER BY tenant, node, model, slice_fraction",
@@ -493,8 +496,14 @@ impl Ledger {
     /// Running totals of every tenant.
     pub async fn totals(&self) -> Result<Vec<TenantTotals>, LedgerError> {
         let rows = sqlx::query(
-            "SELECT tenant, allocated_us, sm_us, memory_byte_seconds, energy_mj, \
-             network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes \
+            "SELECT tenant, CAST(allocated_us AS DOUBLE PRECISION) AS allocated_us, \
+             CAST(sm_us AS DOUBLE PRECISION) AS sm_us, \
+             CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, \
+             CAST(energy_mj AS DOUBLE PRECISION) AS energy_mj, \
+             CAST(network_ingress_bytes AS DOUBLE PRECISION) AS network_ingress_bytes, \
+             CAST(network_egress_bytes AS DOUBLE PRECISION) AS network_egress_bytes, \
+             CAST(pcie_h2d_bytes AS DOUBLE PRECISION) AS pcie_h2d_bytes, \
+             CAST(pcie_d2h_bytes AS DOUBLE PRECISION) AS pcie_d2h_bytes \
              FROM tenant_totals ORDER BY tenant",
         )
         .fetch_all(&self.pool)
@@ -707,7 +716,7 @@ mod tests {
         let io = ledger.io_groups(0, i64::MAX).await.unwrap();
         assert_eq!(io[0].network_egress_bytes, 2 << 30);
         let t = ledger.totals().await.unwrap();
-        assert_eq!(t[0].energy_mj, 4_000_000);
+        assert_eq!(t[0].energy_mj, 4_000_000.0);
         let s = ledger.report_summary().await.unwrap();
         assert_eq!((s[0].reports, s[0].first_seq, s[0].last_seq), (2, 1, 2));
         // Reopening runs the migrations again: nothing changes.

@@ -185,7 +185,7 @@ impl Collector for ClusterCollector {
             MetricType::Counter,
             c.totals
                 .iter()
-                .map(|r| (t(r), r.allocated_us as f64 / 1e6))
+                .map(|r| (t(r), r.allocated_us / 1e6))
                 .collect(),
         )?;
         family(
@@ -194,10 +194,7 @@ impl Collector for ClusterCollector {
             "SM-utilization-weighted GPU time of the tenant across the cluster.",
             Some(Unit::Seconds),
             MetricType::Counter,
-            c.totals
-                .iter()
-                .map(|r| (t(r), r.sm_us as f64 / 1e6))
-                .collect(),
+            c.totals.iter().map(|r| (t(r), r.sm_us / 1e6)).collect(),
         )?;
         family(
             e,
@@ -207,7 +204,7 @@ impl Collector for ClusterCollector {
             MetricType::Counter,
             c.totals
                 .iter()
-                .map(|r| (t(r), r.memory_byte_seconds as f64))
+                .map(|r| (t(r), r.memory_byte_seconds))
                 .collect(),
         )?;
         family(
@@ -216,10 +213,7 @@ impl Collector for ClusterCollector {
             "The tenant's share of GPU energy across the cluster.",
             Some(Unit::Joules),
             MetricType::Counter,
-            c.totals
-                .iter()
-                .map(|r| (t(r), r.energy_mj as f64 / 1e3))
-                .collect(),
+            c.totals.iter().map(|r| (t(r), r.energy_mj / 1e3)).collect(),
         )?;
         family(
             e,
@@ -231,8 +225,8 @@ impl Collector for ClusterCollector {
                 .iter()
                 .flat_map(|r| {
                     [
-                        (td(r, "ingress"), r.network_ingress_bytes as f64),
-                        (td(r, "egress"), r.network_egress_bytes as f64),
+                        (td(r, "ingress"), r.network_ingress_bytes),
+                        (td(r, "egress"), r.network_egress_bytes),
                     ]
                 })
                 .collect(),
@@ -247,8 +241,8 @@ impl Collector for ClusterCollector {
                 .iter()
                 .flat_map(|r| {
                     [
-                        (td(r, "h2d"), r.pcie_h2d_bytes as f64),
-                        (td(r, "d2h"), r.pcie_d2h_bytes as f64),
+                        (td(r, "h2d"), r.pcie_h2d_bytes),
+                        (td(r, "d2h"), r.pcie_d2h_bytes),
                     ]
                 })
                 .collect(),
