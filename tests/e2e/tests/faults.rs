@@ -519,3 +519,200 @@ fn start_with_env(
     agent.wait_ready();
     agent
 }
+
+// ------------------------------------------------ the spool under faults
+
+mod spool {
+    use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
+
+    use tally_e2e::{
+        Agent, ChildGuard, SimNode,
+        aggregator_support::{
+            Aggregator, LedgerReader, agent_config, report_state, spooled, sqlite, subdir,
+        },
+        require_root, wait_for,
+    };
+
+    const LONG: Duration = Duration::from_secs(90);
+    const RULES: &str = "[[tenant.rule]]\nuser = true\n";
+
+    /// GPU time the agent's report state says it has cut into reports.
+    fn reported(state_dir: &Path) -> BTreeMap<String, i64> {
+        report_state(state_dir)["gpu_base"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v["allocated_us"].as_i64().unwrap()))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+
+    fn add(into: &mut BTreeMap<String, i64>, from: BTreeMap<String, i64>) {
+        for (k, v) in from {
+            *into.entry(k).or_default() += v;
+        }
+    }
+
+    /// Every report of `node` is in the ledger exactly once and the GPU
+    /// time there is what the agent processes cut.
+    fn assert_ledger_exact(
+        ledger: &LedgerReader,
+        agg: &Aggregator,
+        node: &str,
+        state: &Path,
+        expected: &BTreeMap<String, i64>,
+    ) {
+        let s = report_state(state);
+        let first_seq = s["first_seq"].as_i64().unwrap();
+        let last_seq = s["next_seq"].as_i64().unwrap() - 1;
+        assert_eq!(
+            ledger.reports(node),
+            (last_seq - first_seq + 1, first_seq, last_seq),
+            "{node}: every report exactly once; log:\n{}",
+            agg.log_text()
+        );
+        assert_eq!(
+            &ledger.allocated_us(node),
+            expected,
+            "{node}: the ledger holds exactly the GPU time the agent cut"
+        );
+        assert!(
+            !agg.log_text().contains("different report"),
+            "no seq reused"
+        );
+    }
+
+    #[test]
+    fn an_agent_killed_during_spool_replay_loses_and_doubles_nothing() {
+        if !require_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let backend = sqlite(dir.path());
+        let tokens = dir.path().join("agg");
+        let mut agg = Aggregator::start(&tokens, &backend, "");
+        let ledger = LedgerReader::new(&backend);
+        let node = SimNode::standard();
+        let state = subdir(dir.path(), "state");
+        let p = ChildGuard(Command::new("sleep").arg("600").spawn().unwrap());
+        node.register(p.pid(), 0, None, 4096, 0.5);
+        let config = agent_config(&agg.url(), "replay", &state, &tokens, RULES);
+        let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
+        let (addr, config_path) = (agent.addr, agent.config.clone());
+        wait_for("first reports", LONG, || {
+            (ledger.reports("replay").0 >= 2).then_some(())
+        });
+        agg.stop();
+        wait_for("a long spool", LONG, || {
+            (spooled(&state) >= 25).then_some(())
+        });
+        // The aggregator comes back and the agent starts replaying: SIGKILL
+        // it in the middle of the replay.
+        let before = spooled(&state);
+        agg.restart();
+        wait_for("the replay to start", LONG, || {
+            (spooled(&state) < before).then_some(())
+        });
+        let mut agent = agent;
+        agent.child.kill();
+        let mut expected = BTreeMap::new();
+        add(&mut expected, reported(&state));
+        assert!(spooled(&state) > 0, "the replay finished before the kill");
+        // A new process finishes the replay and goes on reporting.
+        let agent = Agent::start_with(&node, &config_path, addr, &["--sample-interval", "200ms"]);
+        wait_for("the spool to drain", LONG, || {
+            (spooled(&state) == 0).then_some(())
+        });
+        agent.wait_samples(5);
+        assert!(agent.stop().success());
+        add(&mut expected, reported(&state));
+        assert_eq!(spooled(&state), 0, "final report delivered");
+        assert_ledger_exact(&ledger, &agg, "replay", &state, &expected);
+        drop(p);
+    }
+
+    /// A tmpfs of a given size, unmounted on drop.
+    struct SmallDisk(std::path::PathBuf);
+
+    impl SmallDisk {
+        fn mount(at: &Path, size: &str) -> SmallDisk {
+            std::fs::create_dir_all(at).unwrap();
+            let out = Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tally-e2e-spool",
+                ])
+                .arg(at)
+                .output()
+                .expect("mount");
+            assert!(
+                out.status.success(),
+                "mount tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            SmallDisk(at.to_path_buf())
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_under_the_spool_loses_nothing_once_space_returns() {
+        if !require_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let backend = sqlite(dir.path());
+        let tokens = dir.path().join("agg");
+        let mut agg = Aggregator::start(&tokens, &backend, "");
+        let ledger = LedgerReader::new(&backend);
+        let node = SimNode::standard();
+        let disk = SmallDisk::mount(&dir.path().join("disk"), "96k");
+        let state = disk.0.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let p = ChildGuard(Command::new("sleep").arg("600").spawn().unwrap());
+        node.register(p.pid(), 0, None, 4096, 0.5);
+        let config = agent_config(&agg.url(), "diskfull", &state, &tokens, RULES);
+        let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
+        wait_for("first reports", LONG, || {
+            (ledger.reports("diskfull").0 >= 2).then_some(())
+        });
+        agg.stop();
+        // Fill the rest of the disk, so the spool hits ENOSPC.
+        let filler = disk.0.join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4k", "count=1000"])
+            .arg(format!("of={}", filler.display()))
+            .output();
+        // The agent keeps sampling and serving while its writes fail.
+        let samples = agent.snapshot()["samples"].as_u64().unwrap();
+        wait_for("the agent to notice the full disk", LONG, || {
+            let log = agent.log_text();
+            (log.contains("No space left") || log.contains("ENOSPC") || log.contains("os error 28"))
+                .then_some(())
+        });
+        agent.wait_samples(10);
+        assert!(agent.snapshot()["samples"].as_u64().unwrap() >= samples + 10);
+        let (status, _) = tally_e2e::http_get(agent.addr, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        // Space comes back, then the aggregator: everything is delivered.
+        std::fs::remove_file(&filler).unwrap();
+        agg.restart();
+        wait_for("the spool to drain", LONG, || {
+            (spooled(&state) == 0).then_some(())
+        });
+        agent.wait_samples(5);
+        assert!(agent.stop().success());
+        let mut expected = BTreeMap::new();
+        add(&mut expected, reported(&state));
+        assert_ledger_exact(&ledger, &agg, "diskfull", &state, &expected);
+        drop(p);
+    }
+}
