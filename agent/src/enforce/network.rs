@@ -21,7 +21,7 @@ use crate::enforce::{cgroup::TenantTree, quota::Quota};
 /// Smallest burst: loopback GSO skbs reach ~64 KiB, and a bucket that
 /// cannot hold a few of them collapses TCP far below the rate (FIELD-NOTES:
 /// 64 KiB gave 0.32 of the rate, 256 KiB 0.97).
-pub const MIN_BURST: u64 = 256 * 1024;
+pub const MIN_BURST: u64 = 512 * 1024;
 
 /// Burst for a rate: 100 ms worth of it, at least [`MIN_BURST`].
 pub fn burst_for(rate: u64) -> u64 {
