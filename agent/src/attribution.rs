@@ -15,7 +15,9 @@
 //!   holds the GPU; the rest (the active part) goes to the holders by SM
 //!   time, or by allocation share when no SM time was sampled. On a MIG
 //!   GPU the delta is first split among instances by their compute-slice
-//!   fraction, and the slices no instance occupies go to `_idle`. Either
+//!   fraction, and the slices no instance occupies go to `_idle` on the
+//!   parent, with their share of time in GPU-equivalent seconds (wall time
+//!   × unoccupied fraction), so parent and instances price to one GPU. Either
 //!   way the tenants' energy sums to the device's counter delta.
 
 use std::collections::BTreeMap;
@@ -154,21 +156,6 @@ impl Accounts {
             row.memory_byte_seconds_total += share.memory_bytes as f64 * seconds;
             row.energy_joules_total += share.energy_joules;
         }
-    }
-
-    /// Energy that belongs to no device interval (a MIG GPU's unoccupied
-    /// slices) goes to `_idle` on the parent device.
-    pub fn add_idle_energy(&mut self, gpu: &str, uuid: &str, joules: f64) {
-        let row = self
-            .rows
-            .entry((TENANT_IDLE.to_owned(), gpu.to_owned()))
-            .or_insert_with(|| TenantGpuUsage {
-                tenant: TENANT_IDLE.to_owned(),
-                gpu: gpu.to_owned(),
-                uuid: uuid.to_owned(),
-                ..Default::default()
-            });
-        row.energy_joules_total += joules;
     }
 
     pub fn rows(&self) -> Vec<TenantGpuUsage> {

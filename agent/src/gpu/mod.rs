@@ -350,8 +350,12 @@ impl Sampler {
                     let shares = split_interval(dt, &holders, energy * fraction, None, false);
                     self.accounts.add(&inst.gpu, &inst.uuid, dt, &shares);
                 }
-                let unoccupied = (1.0 - occupied).max(0.0) * energy;
-                self.accounts.add_idle_energy(&label, &raw.uuid, unoccupied);
+                // Slices carved into no instance are idle capacity, on the
+                // parent, in GPU-equivalent seconds: priced like the rest,
+                // the parent and its instances add up to the whole GPU.
+                let unoccupied = (1.0 - occupied).max(0.0);
+                let idle = split_interval(dt * unoccupied, &[], energy * unoccupied, None, false);
+                self.accounts.add(&label, &raw.uuid, dt * unoccupied, &idle);
             }
             out.push(snap);
             out.extend(instances);
