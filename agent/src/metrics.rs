@@ -92,7 +92,6 @@ fn other(unit: &str) -> Option<Unit> {
     Some(Unit::Other(unit.to_owned()))
 }
 
-
 impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let snap = self.0.borrow().clone();
@@ -261,19 +260,21 @@ impl Collector for SnapshotCollector {
         .encode(
             e,
             gpus.iter().flat_map(|g| {
-                g.xid_errors_by_tenant.iter().flat_map(move |(tenant, counts)| {
-                    counts.iter().map(move |(xid, n)| {
-                        (
-                            [
-                                ("tenant", tenant.clone()),
-                                ("gpu", g.gpu.clone()),
-                                ("uuid", g.uuid.clone()),
-                                ("xid", xid.to_string()),
-                            ],
-                            *n as f64,
-                        )
+                g.xid_errors_by_tenant
+                    .iter()
+                    .flat_map(move |(tenant, counts)| {
+                        counts.iter().map(move |(xid, n)| {
+                            (
+                                [
+                                    ("tenant", tenant.clone()),
+                                    ("gpu", g.gpu.clone()),
+                                    ("uuid", g.uuid.clone()),
+                                    ("xid", xid.to_string()),
+                                ],
+                                *n as f64,
+                            )
+                        })
                     })
-                })
             }),
         )?;
         counter(
@@ -310,7 +311,8 @@ impl Collector for SnapshotCollector {
         .encode(e, rows.iter().map(|r| (tg(r), r.allocated_seconds_total)))?;
         counter(
             "tally_tenant_gpu_sm",
-            "Held time weighted by the tenant's SM utilization. Absent for MIG instances: NVML \
+            "SM work of the tenant: its processes' SM utilization × wall time (a device sums to \
+             at most its wall time). Absent for MIG instances: NVML \
              has no per-process utilization there.",
             Some(Unit::Seconds),
         )
@@ -472,28 +474,6 @@ fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::
     )
 }
 
-/// The report sender's spool and delivery counters (`crate::report`).
-fn encode_report(e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-    for s in crate::report::stats::stats().samples() {
-        let family = Family {
-            name: s.name,
-            help: s.help,
-            unit: s.unit.map(|u| match u {
-                "bytes" => Unit::Bytes,
-                "seconds" => Unit::Seconds,
-                other => Unit::Other(other.to_owned()),
-            }),
-            kind: if s.counter {
-                MetricType::Counter
-            } else {
-                MetricType::Gauge
-            },
-        };
-        family.encode(e, [(NOLABELS, s.value)])?;
-    }
-    Ok(())
-}
-
 /// Quota limits, usage and enforcement actions (`crate::enforce`).
 fn encode_enforcement(
     snap: &Snapshot,
@@ -538,6 +518,28 @@ fn encode_enforcement(
             )
         }),
     )
+}
+
+/// The report sender's spool and delivery counters (`crate::report`).
+fn encode_report(e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    for s in crate::report::stats::stats().samples() {
+        let family = Family {
+            name: s.name,
+            help: s.help,
+            unit: s.unit.map(|u| match u {
+                "bytes" => Unit::Bytes,
+                "seconds" => Unit::Seconds,
+                other => Unit::Other(other.to_owned()),
+            }),
+            kind: if s.counter {
+                MetricType::Counter
+            } else {
+                MetricType::Gauge
+            },
+        };
+        family.encode(e, [(NOLABELS, s.value)])?;
+    }
+    Ok(())
 }
 
 /// The agent's own footprint, under the standard `process_` names.

@@ -135,9 +135,11 @@ fn is_plain_summary(line: &str) -> bool {
     (2..=3).contains(&parts.len())
         && parts[0].ends_with(" passed")
         && parts[1].ends_with(" failed")
-        && parts
-            .iter()
-            .all(|p| p.split(' ').next().is_some_and(|n| n.parse::<u64>().is_ok()))
+        && parts.iter().all(|p| {
+            p.split(' ')
+                .next()
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+        })
 }
 
 fn number_before(text: &str, word: &str) -> u64 {
@@ -159,6 +161,9 @@ mod tests {
         assert!(is_plain_summary("201 passed, 0 failed, 10 skipped"));
         assert!(is_plain_summary("3 passed, 1 failed"));
         assert!(!is_plain_summary("tally: 3 passed, 1 failed"));
-        assert_eq!(number_before("201 passed, 0 failed, 10 skipped", " skipped"), 10);
+        assert_eq!(
+            number_before("201 passed, 0 failed, 10 skipped", " skipped"),
+            10
+        );
     }
 }
