@@ -237,7 +237,10 @@ impl Report {
             if u.energy_mj > max_us.saturating_mul(10) {
                 p.push(format!("{at}.energy_mj {} is impossible", u.energy_mj));
             }
-            *per_device.entry(u.uuid.as_str()).or_default() += u.allocated_us;
+            // Saturating: two entries near u64::MAX must not wrap to a small
+            // total that passes (found by the `report` fuzz target).
+            let total = per_device.entry(u.uuid.as_str()).or_default();
+            *total = total.saturating_add(u.allocated_us);
         }
         for (uuid, total) in per_device {
             if total > max_us {
@@ -381,5 +384,32 @@ mod tests {
         assert_eq!(a.rest["resource"], "gpu_memory");
         let again: AuditRecord = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
         assert_eq!(again, a);
+    }
+
+    /// Fuzz regression (tests/fuzz `report`): two usages of one device whose
+    /// allocated times each fit a ~285,000-year interval overflowed the
+    /// per-device sum (a panic in debug builds, a wrapped sum that passed
+    /// validation in release builds).
+    #[test]
+    fn per_device_sums_do_not_overflow() {
+        let json = r#"{"version": 1, "node": "n0", "boot_id": "b", "seq": 0, "interval_start_ms": 0, "interval_end_ms": 9007199254740992, "gpu_usage": [{"tenant": "acme", "gpu": "0", "uuid": "GPU-0e1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9", "model": "NVIDIA H100 80GB HBM3", "slice_fraction": 1.0, "allocated_us": 9500000000000000000, "sm_us": 5000000, "memory_byte_seconds": 85899345920, "energy_mj": 3500000}, {"tenant": "acme", "gpu": "m0", "uuid": "GPU-0e1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9", "model": "NVIDIA H100 80GB HBM3", "slice_fraction": 1.0, "allocated_us": 9000000000000000000, "sm_us": 5000000, "memory_byte_seconds": 85899345920, "energy_mj": 3500000}]}"#;
+        let r: Report = serde_json::from_str(json).unwrap();
+        let errs = r.validate().unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.contains("more than the interval")),
+            "{errs:?}"
+        );
+    }
+
+    /// Fuzz regression (tests/fuzz `report`): without serde_json's
+    /// `float_roundtrip`, a 17-digit float was parsed one ULP off, so a
+    /// report re-encoded by the aggregator differed from the agent's
+    /// (`slice_fraction` 1.4285714285707145 came back as …7143).
+    #[test]
+    fn floats_decode_to_the_exact_value_encoded() {
+        for x in [1.4285714285707145_f64, 3.0 / 7.0, 2.0 / 7.0, 0.1 + 0.2, 1e-300] {
+            let text = serde_json::to_string(&x).unwrap();
+            assert_eq!(serde_json::from_str::<f64>(&text).unwrap(), x, "{text}");
+        }
     }
 }
