@@ -41,7 +41,8 @@ impl Drop for Hang {
 /// variant) of the process that loads it by the number of seconds written
 /// in a file, re-read on every call: the wall clock can jump while the
 /// monotonic clock runs on. `faketime` does the same and is not packaged
-/// on every machine this runs on; this is 30 lines of C built with `cc`.
+/// on every machine this runs on; this is 30 lines of C built with `cc`
+/// (or clang).
 pub struct WallClock {
     pub library: PathBuf,
     pub offset_file: PathBuf,
@@ -85,13 +86,19 @@ impl WallClock {
         let offset_file = dir.join("clock-offset");
         fs::write(&source, CLOCK_SHIM).expect("write clock shim");
         fs::write(&offset_file, "0").expect("write clock offset");
-        let out = Command::new("cc")
-            .args(["-shared", "-fPIC", "-O2", "-o"])
-            .arg(&library)
-            .arg(&source)
-            .arg("-ldl")
-            .output()
-            .expect("run cc (Debian: build-essential or gcc)");
+        // `cc` where there is one, else clang (which the eBPF build needs
+        // anyway, so `cargo xtask test` installs it).
+        let compile = |compiler: &str| {
+            Command::new(compiler)
+                .args(["-shared", "-fPIC", "-O2", "-o"])
+                .arg(&library)
+                .arg(&source)
+                .arg("-ldl")
+                .output()
+        };
+        let out = compile("cc")
+            .or_else(|_| compile("clang"))
+            .expect("run cc or clang");
         assert!(
             out.status.success(),
             "cc failed: {}",
