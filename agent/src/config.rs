@@ -93,21 +93,56 @@ impl Problems {
 
 /// Reads a TOML file into a table, or says why it cannot.
 pub fn read_table(file: &Path) -> Result<toml::Table, Problems> {
-    let mut problems = Problems::new(file);
-    let text = match std::fs::read_to_string(file) {
-        Ok(text) => text,
+    match std::fs::read_to_string(file) {
+        Ok(text) => parse_table(&text, file),
         Err(e) => {
+            let mut problems = Problems::new(file);
             problems.push("", format!("cannot read the file: {e}"));
-            return Err(problems);
-        }
-    };
-    match text.parse::<toml::Table>() {
-        Ok(table) => Ok(table),
-        Err(e) => {
-            problems.push("", format!("not valid TOML: {}", e.to_string().trim()));
             Err(problems)
         }
     }
+}
+
+/// Parses TOML text into a table, or says why it cannot.
+fn parse_table(text: &str, origin: &Path) -> Result<toml::Table, Problems> {
+    text.parse::<toml::Table>().map_err(|e| {
+        let mut problems = Problems::new(origin);
+        problems.push("", format!("not valid TOML: {}", e.to_string().trim()));
+        problems
+    })
+}
+
+/// A whole config file from its table: `build` takes the sections it knows
+/// (recording their problems); every key left over is unknown.
+pub fn from_table_with<T>(
+    mut table: toml::Table,
+    origin: &Path,
+    known: &[&str],
+    build: impl FnOnce(&mut toml::Table, &mut Problems) -> T,
+) -> Result<T, Problems> {
+    let mut problems = Problems::new(origin);
+    let value = build(&mut table, &mut problems);
+    reject_unknown(&table, "", known, &mut problems);
+    problems.finish(value)
+}
+
+/// [`from_table_with`] on the file `file`.
+pub fn load_with<T>(
+    file: &Path,
+    known: &[&str],
+    build: impl FnOnce(&mut toml::Table, &mut Problems) -> T,
+) -> Result<T, Problems> {
+    from_table_with(read_table(file)?, file, known, build)
+}
+
+/// [`from_table_with`] on TOML text (tests, defaults).
+pub fn parse_with<T>(
+    text: &str,
+    origin: &Path,
+    known: &[&str],
+    build: impl FnOnce(&mut toml::Table, &mut Problems) -> T,
+) -> Result<T, Problems> {
+    from_table_with(parse_table(text, origin)?, origin, known, build)
 }
 
 /// Takes `key` out of `table` and deserializes it, recording a problem (and
@@ -250,26 +285,12 @@ pub enum TenantRule {
 impl Config {
     /// Loads and validates `file`, reporting every problem at once.
     pub fn load(file: &Path) -> Result<Config, Problems> {
-        let mut table = read_table(file)?;
-        let mut problems = Problems::new(file);
-        let config = Self::from_table(&mut table, &mut problems);
-        reject_unknown(&table, "", KNOWN, &mut problems);
-        problems.finish(config)
+        load_with(file, KNOWN, Self::from_table)
     }
 
     /// Parses a config from TOML text (for tests and defaults).
     pub fn parse(text: &str, origin: &Path) -> Result<Config, Problems> {
-        let mut problems = Problems::new(origin);
-        let mut table = match text.parse::<toml::Table>() {
-            Ok(t) => t,
-            Err(e) => {
-                problems.push("", format!("not valid TOML: {}", e.to_string().trim()));
-                return Err(problems);
-            }
-        };
-        let config = Self::from_table(&mut table, &mut problems);
-        reject_unknown(&table, "", KNOWN, &mut problems);
-        problems.finish(config)
+        parse_with(text, origin, KNOWN, Self::from_table)
     }
 
     fn from_table(table: &mut toml::Table, problems: &mut Problems) -> Config {

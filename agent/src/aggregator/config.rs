@@ -41,7 +41,8 @@ use std::{
 use serde::Deserialize;
 
 use crate::config::{
-    Problems, check_tenant_name, parse_bytes, read_table, reject_unknown, section,
+    Problems, check_tenant_name, load_with, parse_bytes, parse_with, read_table, reject_unknown,
+    section,
 };
 
 /// Default ledger: one SQLite file.
@@ -206,26 +207,12 @@ pub const MIN_TOKEN_LEN: usize = 16;
 impl AggregatorConfig {
     /// Loads and validates `file`, reporting every problem at once.
     pub fn load(file: &Path) -> Result<Self, Problems> {
-        let mut table = read_table(file)?;
-        let mut problems = Problems::new(file);
-        let config = Self::from_table(&mut table, &mut problems);
-        reject_unknown(&table, "", KNOWN, &mut problems);
-        problems.finish(config)
+        load_with(file, KNOWN, Self::from_table)
     }
 
     /// Parses TOML text (tests).
     pub fn parse(text: &str, origin: &Path) -> Result<Self, Problems> {
-        let mut problems = Problems::new(origin);
-        let mut table = match text.parse::<toml::Table>() {
-            Ok(t) => t,
-            Err(e) => {
-                problems.push("", format!("not valid TOML: {}", e.to_string().trim()));
-                return Err(problems);
-            }
-        };
-        let config = Self::from_table(&mut table, &mut problems);
-        reject_unknown(&table, "", KNOWN, &mut problems);
-        problems.finish(config)
+        parse_with(text, origin, KNOWN, Self::from_table)
     }
 
     fn from_table(table: &mut toml::Table, problems: &mut Problems) -> Self {
