@@ -461,17 +461,22 @@ pub fn check_tenant_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses a size such as `8GiB`, `512MiB`, `20GB` or `1024` (bytes).
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
+/// Splits a quantity such as `8GiB` or `100 Mbit` into its number and
+/// its (trimmed) unit; `None` when it does not start with a number.
+pub fn split_quantity(text: &str) -> Option<(f64, &str)> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (e.g. `8GiB`, `512MiB`)"))?;
-    let mult: f64 = match unit.trim() {
+    Some((num.parse().ok()?, unit.trim()))
+}
+
+/// Parses a size such as `8GiB`, `512MiB`, `20GB` or `1024` (bytes).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (value, unit) = split_quantity(text)
+        .ok_or_else(|| format!("`{text}` is not a size (e.g. `8GiB`, `512MiB`)"))?;
+    let mult: f64 = match unit {
         "" | "B" => 1.0,
         "KB" | "kB" => 1e3,
         "MB" => 1e6,

@@ -269,15 +269,8 @@ fn duration(v: &toml::Value) -> Result<Duration, String> {
 /// Parses a network rate into bytes per second: bit rates (`100Mbit`,
 /// `1Gbit`, `500kbit`, `100Mbps`) and byte rates (`10MB/s`, `512KiB/s`).
 pub fn parse_rate(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a rate (e.g. \"100Mbit\", \"10MB/s\")"))?;
-    let unit = unit.trim();
+    let (value, unit) = crate::config::split_quantity(text)
+        .ok_or_else(|| format!("`{text}` is not a rate (e.g. \"100Mbit\", \"10MB/s\")"))?;
     let bits_per_unit: f64 = match unit {
         "bit" | "bps" => 1.0,
         "kbit" | "Kbit" | "kbps" | "Kbps" => 1e3,
