@@ -99,6 +99,22 @@ kernfs file handle) instead of a full walk; and in the simulator, keep registrat
 with a periodic flush.
 ";
 
+/// Where a slow scrape's time goes.
+const SCRAPE_BOTTLENECK: &str = "
+**Bottleneck (scrape).** Every `GET /metrics` re-encodes the whole snapshot: \
+`agent/src/agent.rs` `route` calls `metrics::encode(&latest)` per request, and \
+`agent/src/metrics.rs` (`SnapshotCollector::encode` through prometheus-client's text \
+encoder) formats every sample again — label strings written piecewise into a growing \
+`String`, every value through `dtoa`, then the body copied into the response (the \
+`write_str`, `dtoa::Buffer::format` and `memmove` at the top of the profile). At ~20k series \
+that is a ~1.4 MiB string built from scratch per scrape (≥ 10 ms even at best here), sharing \
+the 2 cores with the sampler. **What would fix it:** encode once per snapshot, not per \
+scrape — the sampler thread (or the first scrape after a new snapshot) renders the text into \
+an `Arc<Bytes>` kept next to the snapshot, and every scrape until the next sample sends \
+those bytes; plus gzip when the scraper accepts it (Prometheus does), which cuts the bytes \
+on the wire several-fold. Scrape latency then no longer grows with the series count.
+";
+
 /// Devices a process can be registered on: GPUs 0–6, then GPU 7's MIG 0–6.
 const DEVICES: usize = 14;
 
@@ -492,15 +508,18 @@ fn collect_samples(
 /// Profile of one thread (by name) of `pid` with DWARF call graphs:
 /// functions by inclusive share of that thread's CPU.
 fn profile_thread(pid: u32, thread: &str, seconds: u64, dir: &Path) -> String {
-    let tid = fs::read_dir(format!("/proc/{pid}/task"))
+    // Every thread of that name (the runtime has several workers).
+    let tids: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
         .flatten()
-        .find(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == thread))
-        .map(|t| t.file_name().to_string_lossy().into_owned());
-    let Some(tid) = tid else {
+        .filter(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == thread))
+        .map(|t| t.file_name().to_string_lossy().into_owned())
+        .collect();
+    if tids.is_empty() {
         return format!("no thread named {thread}");
-    };
+    }
+    let tid = tids.join(",");
     let data = dir.join(format!("perf-{thread}.data"));
     let rec = Command::new("perf")
         .args([
@@ -552,6 +571,8 @@ fn profile_thread(pid: u32, thread: &str, seconds: u64, dir: &Path) -> String {
                             || sym.starts_with("aya::")
                             || sym.starts_with("regex")
                             || sym.starts_with("procfs")
+                            || sym.starts_with("prometheus_client")
+                            || sym.starts_with("hyper")
                     })
                 })
                 .take(18)
@@ -567,7 +588,7 @@ fn profile_thread(pid: u32, thread: &str, seconds: u64, dir: &Path) -> String {
         })
         .unwrap_or_default();
     format!(
-        "The `{thread}` thread alone (perf, DWARF call graphs, {seconds} s), functions by \
+        "The `{thread}` thread(s) alone (perf, DWARF call graphs, {seconds} s), functions by \
          inclusive share of that thread's CPU:\n\n```\n{out}\n```\n"
     )
 }
@@ -1079,12 +1100,17 @@ fn scrape_bench(
                 let _ = util::get(addr, "/metrics", None);
             }
         });
-        let p = profile(agent.proc.pid(), 10, &prof_dir);
+        let p = format!(
+            "{}\n{}",
+            profile(agent.proc.pid(), 5, &prof_dir),
+            profile_thread(agent.proc.pid(), "tally-rt", 5, &prof_dir)
+        );
         let _ = scraper.join();
         let _ = writeln!(
             b,
             "\nProfile of the agent while scraped back to back:\n\n{p}"
         );
+        b.push_str(SCRAPE_BOTTLENECK);
     }
     s.checks.push(Check::new(
         format!("3. /metrics p99 at {series} series"),
