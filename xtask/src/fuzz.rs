@@ -29,6 +29,7 @@ pub const TARGETS: &[&str] = &[
     "proc_cgroup",
     "pod_cgroup",
     "report",
+    "scheduler_extender",
 ];
 
 #[derive(Debug, clap::Args)]
