@@ -16,7 +16,7 @@
 
 use std::{
     collections::BTreeSet,
-    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -76,9 +76,8 @@ pub fn kept_mask() -> u64 {
 /// Why the capabilities could not be dropped.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegesError {
-    /// The process is not privileged (not root, no CAP_SETPCAP): there is
-    /// nothing to drop, or it cannot drop its bounding set.
-    #[error("not privileged (no CAP_SETPCAP in the effective set): nothing to drop")]
+    /// The process holds nothing beyond the kept set: nothing to drop.
+    #[error("no capability beyond the kept set: nothing to drop")]
     NotPrivileged,
     /// Installing the broadcast signal handler failed.
     #[error("cannot install the capability broadcast handler: {0}")]
@@ -103,6 +102,8 @@ pub struct Dropped {
 // The mask and the highest capability the handler works with, and how it
 // went; statics because a signal handler gets no arguments.
 static KEEP: AtomicU64 = AtomicU64::new(0);
+/// Whether the bounding set can be shrunk (CAP_SETPCAP held at start).
+static BOUNDING: AtomicBool = AtomicBool::new(false);
 static LAST_CAP: AtomicU64 = AtomicU64::new(40);
 static DONE: AtomicUsize = AtomicUsize::new(0);
 static FAILED: AtomicUsize = AtomicUsize::new(0);
@@ -118,8 +119,10 @@ fn drop_this_thread() -> i32 {
     // to stack memory laid out as linux/capability.h says (version 3: one
     // header, two data words for capabilities 0–31 and 32–63).
     unsafe {
+        let bounding = BOUNDING.load(Ordering::SeqCst);
         for cap in 0..=last {
-            if keep & (1 << cap) == 0
+            if bounding
+                && keep & (1 << cap) == 0
                 && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
             {
                 let e = *libc::__errno_location();
@@ -195,12 +198,13 @@ fn mask(status: &str, field: &str) -> Option<u64> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
-/// True when a thread's status shows the reduced sets.
-fn reduced(status: &str, keep: u64) -> bool {
+/// True when a thread's status shows the reduced sets (the bounding set
+/// too when `bounding`).
+fn reduced(status: &str, keep: u64, bounding: bool) -> bool {
     let within = |f: &str| mask(status, f).is_some_and(|m| m & !keep == 0);
     within("CapEff")
         && within("CapPrm")
-        && within("CapBnd")
+        && (!bounding || within("CapBnd"))
         && mask(status, "CapInh") == Some(0)
         && mask(status, "CapAmb").is_none_or(|m| m == 0)
         && status
@@ -219,7 +223,7 @@ fn privileged_threads(keep: u64) -> Vec<i32> {
         .filter_map(|t| {
             let tid: i32 = t.file_name().to_str()?.parse().ok()?;
             let status = std::fs::read_to_string(t.path().join("status")).ok()?;
-            (!reduced(&status, keep)).then_some(tid)
+            (!reduced(&status, keep, BOUNDING.load(Ordering::SeqCst))).then_some(tid)
         })
         .collect()
 }
@@ -229,10 +233,18 @@ fn privileged_threads(keep: u64) -> Vec<i32> {
 #[allow(unsafe_code)]
 pub fn drop_to_kept() -> Result<Dropped, PrivilegesError> {
     let own = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
-    if mask(&own, "CapEff").is_none_or(|m| m & (1 << CAP_SETPCAP) == 0) {
+    let keep = kept_mask();
+    let permitted = mask(&own, "CapPrm").unwrap_or(0);
+    if permitted & !keep == 0 {
         return Err(PrivilegesError::NotPrivileged);
     }
-    let keep = kept_mask();
+    // Without CAP_SETPCAP (a systemd unit's CapabilityBoundingSet= already
+    // bounds the set) the other sets are still lowered; lowering needs no
+    // privilege.
+    BOUNDING.store(
+        mask(&own, "CapEff").is_some_and(|m| m & (1 << CAP_SETPCAP) != 0),
+        Ordering::SeqCst,
+    );
     let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -309,7 +321,7 @@ pub fn drop_after_start_up() {
             "dropped every other capability (all threads, bounding set too); no_new_privs set"
         ),
         Err(PrivilegesError::NotPrivileged) => {
-            info!("not running privileged: no capabilities to drop")
+            info!("no capability beyond the kept set: nothing to drop")
         }
         Err(e) => warn!(error = %e, "could not drop capabilities"),
     }
@@ -332,13 +344,21 @@ mod tests {
         let good = format!(
             "Name:\ttally\nCapInh:\t0000000000000000\nCapPrm:\t{keep:016x}\nCapEff:\t{keep:016x}\nCapBnd:\t{keep:016x}\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\n"
         );
-        assert!(reduced(&good, keep));
+        assert!(reduced(&good, keep, true));
         assert!(!reduced(
             &good.replace("NoNewPrivs:\t1", "NoNewPrivs:\t0"),
-            keep
+            keep,
+            true
         ));
         let root = "CapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\n";
-        assert!(!reduced(root, keep));
+        assert!(!reduced(root, keep, true));
+        // Without CAP_SETPCAP the bounding set is the unit's business.
+        let bounded_by_systemd = good.replace(
+            &format!("CapBnd:\t{keep:016x}"),
+            "CapBnd:\t000001ffffffffff",
+        );
+        assert!(reduced(&bounded_by_systemd, keep, false));
+        assert!(!reduced(&bounded_by_systemd, keep, true));
         assert_eq!(mask(root, "CapEff"), Some(0x1ff_ffff_ffff));
     }
 

@@ -186,3 +186,66 @@ fn the_aggregator_runs_as_nobody() {
     );
     drop(child);
 }
+
+/// Under a service manager that already bounds the capabilities and leaves
+/// out CAP_SETPCAP (deploy/systemd/tally-agent.service), the agent cannot
+/// shrink its bounding set but still lowers every other set in every
+/// thread and sets no_new_privs.
+#[test]
+fn without_setpcap_the_agent_still_lowers_every_thread() {
+    if !require_root() {
+        return;
+    }
+    let node = SimNode::standard();
+    let config = node.dir.path().join("agent.toml");
+    fs::write(&config, CONFIG).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = node.dir.path().join("agent-nosetpcap.log");
+    let child = ChildGuard(
+        Command::new("setpriv")
+            .args(["--bounding-set", "-setpcap", "--"])
+            .arg(tally_bin())
+            .arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &addr.to_string()])
+            .arg("--nvml-lib")
+            .arg(tally_e2e::sim_lib())
+            .args(["--sample-interval", "200ms"])
+            .envs(node.env())
+            .env("TALLY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("setpriv (util-linux)"),
+    );
+    let agent = Agent {
+        child,
+        addr,
+        config,
+        log,
+    };
+    agent.wait_ready();
+    let pid = agent.child.pid();
+    let keep = kept_mask();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let Ok(status) = fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        assert_eq!(mask_of(&status, "CapEff"), keep, "{:?} effective", t.path());
+        assert_eq!(mask_of(&status, "CapPrm"), keep, "{:?} permitted", t.path());
+        assert_eq!(
+            mask_of(&status, "CapBnd") & (1 << tally::privileges::CAP_SETPCAP),
+            0,
+            "the bounding set is the one given"
+        );
+        assert!(
+            status.contains("NoNewPrivs:\t1"),
+            "{:?} no_new_privs",
+            t.path()
+        );
+    }
+    assert!(agent.log_text().contains("dropped every other capability"));
+    agent.wait_samples(3);
+}
