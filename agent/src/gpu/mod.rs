@@ -30,8 +30,10 @@ use self::{
     workers::{Outcome, Workers},
 };
 use crate::{
-    attribution::{Accounts, Holder, split_interval},
-    snapshot::{GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TenantGpuUsage},
+    attribution::{Accounts, Holder, Share, split_interval},
+    snapshot::{
+        GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TENANT_UNATTRIBUTED, TenantGpuUsage,
+    },
     states::{DeviceObs, ProcObs, ProcState, StatesConfig, Tracker},
     tenants::Resolver,
 };
@@ -249,9 +251,9 @@ impl Sampler {
         let label = index.to_string();
         let state = &mut self.devices[index];
         log_once(state, &label, &reason);
-        // The next good sample starts a fresh interval.
+        // The next good sample starts a fresh interval; the energy counter
+        // reading is kept, so what the GPU drew meanwhile is not lost.
         state.last_at = None;
-        state.last_energy_mj = None;
         out.push(GpuSnapshot {
             gpu: label,
             uuid: state.uuid.clone(),
@@ -291,6 +293,18 @@ impl Sampler {
             _ => None,
         };
         state.last_energy_mj = raw.energy_mj;
+        if let (None, Some(energy)) = (seconds, energy_delta_j) {
+            // Energy drawn while the GPU could not be read: no tenant can
+            // be told apart for it, so it is `_unattributed`, not dropped.
+            let gap = BTreeMap::from([(
+                TENANT_UNATTRIBUTED.to_owned(),
+                Share {
+                    energy_joules: energy,
+                    ..Default::default()
+                },
+            )]);
+            self.accounts.add(&label, &raw.uuid, 0.0, &gap);
+        }
         if let (Some(dt), Some((tx, rx))) = (seconds, raw.pcie_kbps) {
             state.pcie_tx_bytes += f64::from(tx) * 1024.0 * dt;
             state.pcie_rx_bytes += f64::from(rx) * 1024.0 * dt;

@@ -278,6 +278,7 @@ fn a_lost_gpu_is_marked_and_the_others_keep_sampling() {
     let _tenants = start_tenants(&node);
     let agent = agent(&node);
     agent.wait_samples(2);
+    let before_gap = agent.metrics();
     node.set_lost(1, true);
     wait_for("gpu 1 to be lost", Duration::from_secs(30), || {
         let m = agent.metrics();
@@ -313,6 +314,25 @@ fn a_lost_gpu_is_marked_and_the_others_keep_sampling() {
         let m = agent.metrics();
         (m.value("tally_gpu_state", &[("gpu", "1"), ("state", "free")]) == Some(1.0)).then_some(())
     });
+    // Energy drawn while the GPU was lost is not dropped: the counter's
+    // whole delta across the gap is on tenants, `_unattributed` included.
+    agent.wait_samples(2);
+    let after_gap = agent.metrics();
+    let energy = |m: &Metrics, name: &str| m.sum(name, &[("gpu", "1")]);
+    let device = energy(&after_gap, "tally_gpu_energy_joules_total")
+        - energy(&before_gap, "tally_gpu_energy_joules_total");
+    let tenants = energy(&after_gap, "tally_tenant_gpu_energy_joules_total")
+        - energy(&before_gap, "tally_tenant_gpu_energy_joules_total");
+    close(tenants, device, "energy across the gap");
+    assert!(
+        after_gap
+            .value(
+                "tally_tenant_gpu_energy_joules_total",
+                &[("tenant", "_unattributed"), ("gpu", "1")]
+            )
+            .is_some_and(|e| e > 0.0),
+        "the gap's energy is unattributed"
+    );
 }
 
 #[test]
