@@ -407,7 +407,13 @@ mod tests {
     /// (`slice_fraction` 1.4285714285707145 came back as …7143).
     #[test]
     fn floats_decode_to_the_exact_value_encoded() {
-        for x in [1.4285714285707145_f64, 3.0 / 7.0, 2.0 / 7.0, 0.1 + 0.2, 1e-300] {
+        for x in [
+            1.4285714285707145_f64,
+            3.0 / 7.0,
+            2.0 / 7.0,
+            0.1 + 0.2,
+            1e-300,
+        ] {
             let text = serde_json::to_string(&x).unwrap();
             assert_eq!(serde_json::from_str::<f64>(&text).unwrap(), x, "{text}");
         }
