@@ -2,7 +2,7 @@
 //! server that hands each request to a route function and stops on the
 //! shutdown token.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, net::SocketAddr, path::Path, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{
@@ -14,6 +14,7 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -62,6 +63,20 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_with(listener, None, route, shutdown).await
+}
+
+/// [`serve`], speaking TLS on every connection when `tls` is given (a
+/// failed handshake closes that connection only).
+pub async fn serve_with<F, Fut>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    route: F,
+    shutdown: CancellationToken,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
     let route = Arc::new(route);
     loop {
         let (stream, peer) = tokio::select! {
@@ -76,19 +91,57 @@ where
         };
         let route = route.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let route = route.clone();
-                async move { Ok::<_, Infallible>(route(req).await) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => if let Err(e) = res {
-                    debug!(%peer, error = %e, "connection ended with an error");
+            match tls {
+                None => connection(stream, peer, route, shutdown).await,
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => connection(stream, peer, route, shutdown).await,
+                    Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
                 },
-                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
             }
         });
     }
+}
+
+/// Serves HTTP/1 on one connection, plain or TLS.
+async fn connection<I, F, Fut>(io: I, peer: SocketAddr, route: Arc<F>, shutdown: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let route = route.clone();
+        async move { Ok::<_, Infallible>(route(req).await) }
+    });
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => if let Err(e) = res {
+            debug!(%peer, error = %e, "connection ended with an error");
+        },
+        _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+}
+
+/// A TLS acceptor from a PEM certificate chain and a PEM private key.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect())
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: holds no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{}: does not fit {}: {e}", cert.display(), "the key"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }

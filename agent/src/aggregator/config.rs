@@ -94,6 +94,11 @@ pub struct ServerSection {
     /// How often the `/metrics` totals are re-read from the ledger.
     #[serde(with = "humantime_serde")]
     pub metrics_refresh: Duration,
+    /// PEM certificate chain: with `tls_key`, the aggregator speaks HTTPS
+    /// only (agents set `[report] ca_file` for a private CA).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -102,6 +107,8 @@ impl Default for ServerSection {
             listen: SocketAddr::from(([0, 0, 0, 0], 9478)),
             max_body: "8MiB".into(),
             metrics_refresh: Duration::from_secs(10),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -224,6 +231,16 @@ impl AggregatorConfig {
         }
         if server.metrics_refresh < Duration::from_millis(100) {
             problems.push("aggregator.metrics_refresh", "must be at least 100ms");
+        }
+        match (&server.tls_cert, &server.tls_key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::http::tls_acceptor(cert, key) {
+                    problems.push("aggregator.tls_cert", e);
+                }
+            }
+            (Some(_), None) => problems.push("aggregator.tls_key", "tls_cert needs tls_key"),
+            (None, Some(_)) => problems.push("aggregator.tls_cert", "tls_key needs tls_cert"),
         }
         let ledger: LedgerSection = section(table, "ledger", problems);
         if !(ledger.url.starts_with("sqlite:")

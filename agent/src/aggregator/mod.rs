@@ -46,9 +46,17 @@ pub async fn run(
         config.server.metrics_refresh,
         shutdown.clone(),
     ));
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => {
+            info!(cert = %cert.display(), "serving HTTPS only");
+            Some(crate::http::tls_acceptor(cert, key).map_err(|e| anyhow::anyhow!(e))?)
+        }
+        _ => None,
+    };
     let route_app = app.clone();
-    crate::http::serve(
+    crate::http::serve_with(
         listener,
+        tls,
         move |req| server::route(req, route_app.clone()),
         shutdown.clone(),
     )

@@ -1,0 +1,144 @@
+//! Agent → aggregator over TLS, with a CA generated in the test: reports
+//! arrive when the agent trusts the CA, never when it does not, and the
+//! aggregator refuses plain HTTP.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+use tally_e2e::{
+    Agent, ChildGuard, SimNode, aggregator_support as agg, free_port, http_get, tally_bin, wait_for,
+};
+
+/// Writes a CA and a server certificate for `localhost`/127.0.0.1 it
+/// signed; returns (ca.pem, server.pem, server.key).
+fn make_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "tally test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+
+    let key = KeyPair::generate().expect("server key");
+    let mut server = CertificateParams::new(Vec::<String>::new()).expect("server params");
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "tally aggregator");
+    server.subject_alt_names = vec![
+        SanType::DnsName("localhost".try_into().expect("dns name")),
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    ];
+    let cert = server
+        .signed_by(&key, &ca_cert, &ca_key)
+        .expect("server certificate");
+
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    fs::write(&paths.0, ca_cert.pem()).unwrap();
+    fs::write(&paths.1, cert.pem()).unwrap();
+    fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+fn counter(agent: &Agent, name: &str) -> f64 {
+    agent.metrics().sum(name, &[])
+}
+
+#[test]
+fn reports_travel_over_tls_only_to_agents_that_trust_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_pki(dir.path());
+    let backend = agg::sqlite(dir.path());
+    let config = agg::write_config(
+        dir.path(),
+        &backend,
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.path().join("aggregator.log");
+    let _aggregator = ChildGuard(
+        Command::new(tally_bin())
+            .args(["aggregator", "--config"])
+            .arg(&config)
+            .args(["--listen", &addr.to_string()])
+            .stdin(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the aggregator"),
+    );
+    wait_for("the aggregator to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(addr).ok().map(|_| ())
+    });
+    // Plain HTTP gets no answer from a TLS port.
+    assert!(
+        !matches!(http_get(addr, "/healthz"), Ok((200, _))),
+        "plain HTTP must not be served"
+    );
+
+    let url = format!("https://localhost:{}", addr.port());
+    let node = SimNode::standard();
+    let trusted_state = dir.path().join("trusted");
+    let trusted = Agent::start(
+        &node,
+        &agg::agent_config(
+            &url,
+            "node-tls",
+            &trusted_state,
+            dir.path(),
+            &format!("ca_file = \"{}\"", ca.display()),
+        ),
+        &["--sample-interval", "200ms"],
+    );
+    let untrusted_state = dir.path().join("untrusted");
+    let untrusted = Agent::start(
+        &node,
+        &agg::agent_config(&url, "node-plain", &untrusted_state, dir.path(), ""),
+        &["--sample-interval", "200ms"],
+    );
+
+    wait_for("reports over TLS", Duration::from_secs(60), || {
+        (counter(&trusted, "tally_report_sent_reports_total") >= 3.0).then_some(())
+    });
+    wait_for(
+        "the untrusting agent to fail",
+        Duration::from_secs(60),
+        || (counter(&untrusted, "tally_report_send_failures_total") >= 2.0).then_some(()),
+    );
+    assert_eq!(counter(&untrusted, "tally_report_sent_reports_total"), 0.0);
+
+    let ledger = agg::LedgerReader::new(&backend);
+    let (stored, _, _) = ledger.reports("node-tls");
+    assert!(stored >= 3, "the ledger holds the TLS reports: {stored}");
+    assert_eq!(
+        ledger.reports("node-plain").0,
+        0,
+        "nothing from the untrusting agent"
+    );
+}
+
+#[test]
+fn tls_config_problems_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = agg::sqlite(dir.path());
+    let config = agg::write_config(dir.path(), &backend, "tls_cert = \"/nonexistent/cert.pem\"");
+    let out = Command::new(tally_bin())
+        .args(["config", "check", "--aggregator"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("aggregator.tls_key"), "{err}");
+}
