@@ -702,13 +702,7 @@ struct ProbeOutput {
 /// scenario and state.
 fn run_probe(sim: &Sim, mode: &str) -> ProbeOutput {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "probe",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "probe", "--nocapture", "--test-threads=1"])
         .env(state::SCENARIO_ENV, &sim.scenario)
         .env(state::STATE_ENV, &sim.state)
         .env("NVML_SIM_PROBE", mode)
@@ -727,11 +721,15 @@ fn run_probe(sim: &Sim, mode: &str) -> ProbeOutput {
     o
 }
 
-/// Not a test by itself: the child side of `run_probe()`.
+/// The child side of `run_probe()` when `NVML_SIM_PROBE` is set; run
+/// directly, it checks that a child process sees this test's scenario.
 #[test]
-#[ignore = "run by other tests in a child process"]
 fn probe() {
     let Ok(mode) = std::env::var("NVML_SIM_PROBE") else {
+        let sim = Sim::new(H100);
+        let out = run_probe(&sim, "energy");
+        assert!(out.stdout.contains("PROBE init=ok"), "{}", out.stdout);
+        assert!(out.stdout.contains("PROBE energy="), "{}", out.stdout);
         return;
     };
     let nvml = match Nvml::builder().lib_path(lib_path().as_os_str()).init() {
