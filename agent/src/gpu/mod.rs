@@ -479,11 +479,17 @@ impl Sampler {
                 )
             })
             .collect();
+        // A process on a MIG instance holds its parent too: read each
+        // process's /proc/<pid>/stat once per cycle, not once per device.
+        let mut procs: HashMap<u32, ProcObs> = HashMap::new();
+        for p in gpus.iter().flat_map(|g| g.processes.iter()) {
+            procs.entry(p.pid).or_insert_with(|| process_obs(p.pid));
+        }
         let mut states = Vec::with_capacity(gpus.len());
         for g in gpus.iter() {
             let parent = g.parent_uuid.as_ref().and_then(|p| parents.get(p));
             let holders: Vec<ProcObs> = holders_of_device(gpus, &g.uuid)
-                .map(|p| process_obs(p.pid))
+                .filter_map(|p| procs.get(&p.pid).copied())
                 .collect();
             let obs = DeviceObs {
                 failing: g.health != GpuHealth::Ok,
