@@ -1,28 +1,27 @@
-//! Tally: who used which GPU, and how much.
+//! The node agent: who used which GPU, and how much.
 //!
 //! Data flows one way: samplers ([`gpu`], [`probes`]) → attribution
-//! ([`tenants`], [`attribution`]) → outputs ([`metrics`], [`http`],
-//! [`report`]). The aggregator role ([`aggregator`]) lives in the same
-//! binary, as in Vector, and shares only the wire types of [`report`].
-// `deny`, not `forbid`: one audited exception in `gpu::mig_ids`.
+//! ([`tenants`], [`kubernetes`], [`attribution`], [`states`]) → a
+//! [`snapshot`] → outputs ([`metrics`], [`enforce`], [`report`]). [`run`]
+//! wires them: one sampling thread publishes each snapshot, and the HTTP
+//! routes and the report sender only read the latest one. What the agent
+//! shares with the aggregator is `tally_contract`.
+// `deny`, not `forbid`: the audited exceptions are the capability calls in
+// `privileges` and the raw NVML symbols in `gpu::read` (MIG ids).
 #![deny(unsafe_code)]
 
-pub mod agent;
-pub mod aggregator;
 pub mod attribution;
-pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod enforce;
 pub mod gpu;
-pub mod http;
 pub mod kubernetes;
 pub mod metrics;
 pub mod paths;
 pub mod privileges;
 pub mod probes;
 pub mod report;
-pub mod signal;
+pub mod run;
 pub mod snapshot;
 pub mod states;
 pub mod tenants;

@@ -8,10 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Tenant that receives GPU time and energy nobody holds.
-pub const TENANT_IDLE: &str = "_idle";
-/// Tenant of processes no rule matched, and of bytes no probe could place.
-pub const TENANT_UNATTRIBUTED: &str = "_unattributed";
+pub use tally_contract::tenant::{TENANT_IDLE, TENANT_UNATTRIBUTED};
 
 /// Everything the agent knows, as of `taken_at_ms`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -8,7 +8,6 @@
 //! Nothing in `observe` waits: the throttle duty cycle and the
 //! SIGTERM→SIGKILL wait run on their own threads.
 
-pub mod audit;
 pub mod cgroup;
 pub mod devices;
 pub mod network;
@@ -30,14 +29,14 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::json;
 use tracing::{info, warn};
 
+use tally_contract::audit::AuditLog;
+
 use self::{
-    audit::AuditLog,
     cgroup::{Freezer, Layout, TenantTree},
     devices::{CapsSource, TenantDevices},
     quota::{Action, Quota},
 };
 use crate::{
-    config::Config,
     paths,
     snapshot::{EnforcementActionCount, GpuProcess, Snapshot, TenantQuotaStatus},
 };
@@ -275,13 +274,36 @@ pub struct Enforcer {
     cycles: u64,
 }
 
+/// What the enforcer is given: the `[tenant]` quotas and where it keeps
+/// its cgroups, audit log and network buckets.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings<'a> {
+    pub quotas: &'a BTreeMap<String, Quota>,
+    /// `[tenant] cgroup_parent`: where `tally/<tenant>` cgroups are made.
+    pub cgroup_parent: Option<&'a str>,
+    /// `[agent] state_dir`: the audit log and the last applied quotas.
+    pub state_dir: &'a Path,
+    /// `[probes] pin_dir`: the network probe's pinned token buckets.
+    pub pin_dir: &'a Path,
+    pub node: &'a str,
+}
+
+/// The outcome of one enforcement pass, published with the snapshot.
+#[derive(Debug, Default)]
+pub struct Enforcement {
+    /// Limit and usage of every quota (`tally_tenant_quota_*`).
+    pub quotas: Vec<TenantQuotaStatus>,
+    /// Actions taken so far, counted (`tally_enforcement_actions_total`).
+    pub actions: Vec<EnforcementActionCount>,
+}
+
 impl Enforcer {
     /// Sets up enforcement for `config`: opens the audit log, records quota
     /// changes since the last run, creates tenant cgroups with their limits
     /// and attaches device programs. Problems are logged and audited; the
     /// agent runs on without the parts that failed.
-    pub fn new(config: &Config, node: &str) -> Enforcer {
-        let layout = if config.tenant.quotas.is_empty() {
+    pub fn new(settings: &Settings<'_>) -> Enforcer {
+        let layout = if settings.quotas.is_empty() {
             None
         } else {
             match Layout::detect() {
@@ -292,17 +314,17 @@ impl Enforcer {
                 }
             }
         };
-        Self::with_layout(config, node, layout)
+        Self::with_layout(settings, layout)
     }
 
     /// [`Enforcer::new`] on a given cgroup layout; `None`: no cgroups at
     /// all (GPU actions other than throttle still work).
-    pub fn with_layout(config: &Config, node: &str, layout: Option<Layout>) -> Enforcer {
-        let state_dir = &config.agent.state_dir;
-        let audit = if config.tenant.quotas.is_empty() && !paths::audit_log(state_dir).exists() {
+    pub fn with_layout(settings: &Settings<'_>, layout: Option<Layout>) -> Enforcer {
+        let state_dir = settings.state_dir;
+        let audit = if settings.quotas.is_empty() && !paths::audit_log(state_dir).exists() {
             None
         } else {
-            match AuditLog::open(&paths::audit_log(state_dir), node) {
+            match AuditLog::open(&paths::audit_log(state_dir), settings.node) {
                 Ok(log) => Some(log),
                 Err(e) => {
                     warn!("enforcement actions will not be audited: {e}");
@@ -314,10 +336,10 @@ impl Enforcer {
             audit: Arc::new(Mutex::new(audit)),
             counts: Arc::default(),
         };
-        let quotas = config.tenant.quotas.clone();
+        let quotas = settings.quotas.clone();
         audit_quota_changes(&rec, state_dir, &quotas);
 
-        let tree = layout.map(|l| TenantTree::new(l, config.tenant.cgroup_parent.clone()));
+        let tree = layout.map(|l| TenantTree::new(l, settings.cgroup_parent.map(str::to_owned)));
         let caps = CapsSource::default();
         let caps_major = caps.caps_major();
         let mut me = Enforcer {
@@ -337,7 +359,7 @@ impl Enforcer {
             net: HashMap::new(),
             net_rate: HashMap::new(),
             cpu: HashMap::new(),
-            buckets: network::Buckets::new(&config.probes.pin_dir),
+            buckets: network::Buckets::new(settings.pin_dir),
             bucket_error: None,
             cycles: 0,
         };
@@ -513,11 +535,12 @@ impl Enforcer {
         }
     }
 
-    /// Enforces against one snapshot and adds quota and action series to it.
-    pub fn observe(&mut self, snap: &mut Snapshot) {
+    /// Enforces against one snapshot; returns the quota and action series
+    /// to publish with it.
+    pub fn observe(&mut self, snap: &Snapshot) -> Enforcement {
         self.cycles += 1;
         if self.quotas.is_empty() {
-            return;
+            return Enforcement::default();
         }
         if self.cycles.is_multiple_of(REAPPLY_EVERY) {
             self.apply_cgroups();
@@ -590,8 +613,7 @@ impl Enforcer {
             }
             self.cgroup_status(snap, tenant, quota, &procs, &mut status);
         }
-        snap.tenant_quotas = status;
-        snap.enforcement_actions = self
+        let actions = self
             .rec
             .counts
             .lock()
@@ -604,6 +626,10 @@ impl Enforcer {
                 total: *n,
             })
             .collect();
+        Enforcement {
+            quotas: status,
+            actions,
+        }
     }
 
     /// Limits and usage of the cgroup-enforced and network quotas.
@@ -937,7 +963,10 @@ fn audit_quota_changes(rec: &Recorder, state_dir: &Path, quotas: &BTreeMap<Strin
 
 #[cfg(test)]
 mod tests {
+    use tally_contract::audit;
+
     use super::*;
+    use crate::config::Config;
     use crate::snapshot::{GpuSnapshot, TenantGpuUsage};
 
     fn proc(pid: u32, tenant: &str, mib: u64) -> GpuProcess {
@@ -975,7 +1004,7 @@ mod tests {
         let text = format!("[agent]\nstate_dir = '{}'\n{quotas}", dir.display());
         let config = Config::parse(&text, Path::new("t.toml")).unwrap();
         // Unit tests never touch real cgroups.
-        Enforcer::with_layout(&config, "n1", None)
+        Enforcer::with_layout(&config.enforce_settings("n1"), None)
     }
 
     #[test]
@@ -1020,7 +1049,9 @@ mod tests {
                 }],
                 ..Default::default()
             };
-            e.observe(&mut s);
+            let out = e.observe(&s);
+            s.tenant_quotas = out.quotas;
+            s.enforcement_actions = out.actions;
             s
         };
         snap(1_000, 50);

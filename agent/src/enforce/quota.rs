@@ -8,7 +8,10 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Problems, check_tenant_name, parse_bytes};
+use tally_contract::{
+    config::{Problems, parse_bytes},
+    tenant::check_tenant_name,
+};
 
 /// What the agent does once a GPU memory or GPU time breach outlasts `grace`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,7 +272,7 @@ fn duration(v: &toml::Value) -> Result<Duration, String> {
 /// Parses a network rate into bytes per second: bit rates (`100Mbit`,
 /// `1Gbit`, `500kbit`, `100Mbps`) and byte rates (`10MB/s`, `512KiB/s`).
 pub fn parse_rate(text: &str) -> Result<u64, String> {
-    let (value, unit) = crate::config::split_quantity(text)
+    let (value, unit) = tally_contract::config::split_quantity(text)
         .ok_or_else(|| format!("`{text}` is not a rate (e.g. \"100Mbit\", \"10MB/s\")"))?;
     let bits_per_unit: f64 = match unit {
         "bit" | "bps" => 1.0,

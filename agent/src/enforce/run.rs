@@ -1,23 +1,17 @@
-//! `tally run` and `tally audit verify`: the enforcement side of the CLI.
+//! `tally run`: start a command in a tenant's cgroup, with its limits.
 
 use std::{
     ffi::OsString,
     os::unix::process::CommandExt,
-    path::Path,
     process::{Command, ExitCode},
 };
 
-use crate::{
-    config::Config,
-    enforce::{
-        audit,
-        cgroup::{Layout, TenantTree, check_name},
-        under_kubernetes,
-    },
+use crate::enforce::{
+    Settings,
+    cgroup::{Layout, TenantTree, check_name},
+    under_kubernetes,
 };
 
-/// `sysexits.h`: the input file does not exist or cannot be read.
-const EX_NOINPUT: u8 = 66;
 /// `sysexits.h`: cannot create cgroups (not root, no hierarchy).
 const EX_OSERR: u8 = 71;
 
@@ -25,19 +19,24 @@ const EX_OSERR: u8 = 71;
 /// hierarchy a job uses, by moving this process there and exec'ing. With a
 /// config that has a quota for the tenant, its cpu / memory / pids limits
 /// are written first (as the agent does), except under Kubernetes.
-pub fn run(config: &Config, tenant: &str, job: Option<&str>, command: &[OsString]) -> ExitCode {
-    if let Err(msg) = crate::config::check_tenant_name(tenant) {
+pub fn run(
+    settings: &Settings<'_>,
+    tenant: &str,
+    job: Option<&str>,
+    command: &[OsString],
+) -> ExitCode {
+    if let Err(msg) = tally_contract::tenant::check_tenant_name(tenant) {
         eprintln!("tally run: --tenant: {msg}");
-        return ExitCode::from(crate::config::EX_USAGE);
+        return ExitCode::from(tally_contract::config::EX_USAGE);
     }
     let job = job.map_or_else(|| format!("job-{}", std::process::id()), str::to_owned);
     if let Err(e) = check_name(tenant).and_then(|()| check_name(&job)) {
         eprintln!("tally run: {e}");
-        return ExitCode::from(crate::config::EX_USAGE);
+        return ExitCode::from(tally_contract::config::EX_USAGE);
     }
     let Some((program, args)) = command.split_first() else {
         eprintln!("tally run: no command given (tally run --tenant T -- CMD ARGS…)");
-        return ExitCode::from(crate::config::EX_USAGE);
+        return ExitCode::from(tally_contract::config::EX_USAGE);
     };
     let layout = match Layout::detect() {
         Ok(l) => l,
@@ -46,12 +45,12 @@ pub fn run(config: &Config, tenant: &str, job: Option<&str>, command: &[OsString
             return ExitCode::from(EX_OSERR);
         }
     };
-    let tree = TenantTree::new(layout, config.tenant.cgroup_parent.clone());
+    let tree = TenantTree::new(layout, settings.cgroup_parent.map(str::to_owned));
     if let Err(e) = tree.ensure_tenant(tenant) {
         eprintln!("tally run: cannot create the cgroup of tenant `{tenant}`: {e}");
         return ExitCode::from(EX_OSERR);
     }
-    if let Some(quota) = config.tenant.quotas.get(tenant)
+    if let Some(quota) = settings.quotas.get(tenant)
         && !under_kubernetes()
     {
         for (resource, result) in tree.apply_limits(tenant, quota) {
@@ -72,23 +71,4 @@ pub fn run(config: &Config, tenant: &str, job: Option<&str>, command: &[OsString
     } else {
         126
     })
-}
-
-/// Checks an audit log's hash chain: exit 0 when intact, 1 naming the
-/// first broken line, 66 when the file cannot be read.
-pub fn verify(file: &Path) -> ExitCode {
-    match audit::verify(file) {
-        Ok(Ok(n)) => {
-            println!("{}: ok, {n} records, chain intact", file.display());
-            ExitCode::SUCCESS
-        }
-        Ok(Err(broken)) => {
-            eprintln!("{}: {broken}", file.display());
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(EX_NOINPUT)
-        }
-    }
 }

@@ -35,9 +35,11 @@ use std::{
 
 use serde::Deserialize;
 
+use tally_contract::{config::Problems, tenant::check_tenant_name};
+
 use self::podresources::{NodePods, Refresher, Shared};
 use crate::{
-    config::{Problems, TenantRule, TenantRuleSpec, check_tenant_name},
+    config::{TenantRule, TenantRuleSpec},
     paths,
     snapshot::Workload,
 };

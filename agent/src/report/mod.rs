@@ -11,13 +11,13 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use crate::config::Problems;
+use tally_contract::config::Problems;
 
 pub mod sender;
 pub mod spool;
 pub mod state;
 pub mod stats;
-pub mod wire;
+pub use tally_contract::wire;
 
 pub use sender::spawn;
 pub use wire::{Report, SCHEMA_VERSION};
@@ -67,7 +67,7 @@ impl ReportConfig {
     /// The spool bound in bytes (the default when the text is bad, which
     /// [`ReportConfig::check`] reports).
     pub fn spool_max_bytes(&self) -> u64 {
-        crate::config::parse_bytes(&self.spool_max_bytes).unwrap_or(256 << 20)
+        tally_contract::config::parse_bytes(&self.spool_max_bytes).unwrap_or(256 << 20)
     }
 
     /// Adds every problem of the section to `problems`.
@@ -81,7 +81,7 @@ impl ReportConfig {
         if self.spool_max_reports == 0 {
             problems.push("report.spool_max_reports", "must be at least 1");
         }
-        if let Err(e) = crate::config::parse_bytes(&self.spool_max_bytes) {
+        if let Err(e) = tally_contract::config::parse_bytes(&self.spool_max_bytes) {
             problems.push("report.spool_max_bytes", e);
         }
         if let Some(url) = &self.aggregator {
@@ -108,7 +108,7 @@ impl ReportConfig {
             if self.aggregator.is_none() {
                 problems.push("report.token_file", "set, but `report.aggregator` is not");
             }
-            if let Err(e) = read_token(file) {
+            if let Err(e) = tally_contract::token::read_token(file) {
                 problems.push("report.token_file", e);
             }
         }
@@ -120,17 +120,6 @@ pub fn read_ca(file: &std::path::Path) -> Result<reqwest::Certificate, String> {
     let pem = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     reqwest::Certificate::from_pem(&pem)
         .map_err(|e| format!("{}: not a PEM certificate: {e}", file.display()))
-}
-
-/// Reads a bearer token: the first non-empty, non-`#` line of `file`.
-pub fn read_token(file: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    text.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .ok_or_else(|| format!("{} holds no token", file.display()))
 }
 
 #[cfg(test)]

@@ -20,14 +20,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use tally_contract::wire::AuditRecord;
+
 use super::{
-    ReportConfig, read_token,
+    ReportConfig,
     spool::{Entry, Spool},
     state::{self, Identity, State},
     stats::stats,
-    wire::AuditRecord,
 };
-use crate::{agent::Settings, metrics::Latest};
+use tally_contract::token::read_token;
+
+use crate::metrics::Latest;
 
 /// Most audit records carried by one report; the rest go in the next.
 const MAX_AUDIT_PER_REPORT: usize = 5_000;
@@ -43,20 +46,23 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the sender when `[report] aggregator` is set.
+/// Starts the sender when `[report] aggregator` is set. Reports name
+/// `[report] node`, else `node`; the spool and the sender's state live in
+/// `state_dir`.
 pub fn spawn(
-    settings: &Settings,
+    cfg: &ReportConfig,
+    node: &str,
+    state_dir: &Path,
     latest: Latest,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
-    let cfg = settings.config.report.clone();
+    let cfg = cfg.clone();
     let Some(url) = cfg.aggregator.clone() else {
         info!("reporting is off: no [report] aggregator");
         return Ok(None);
     };
-    let node = cfg.node.clone().unwrap_or_else(|| settings.node.clone());
-    let state_dir = settings.config.agent.state_dir.clone();
-    let mut sender = Sender::new(cfg, &url, node, &state_dir)?;
+    let node = cfg.node.clone().unwrap_or_else(|| node.to_owned());
+    let mut sender = Sender::new(cfg, &url, node, state_dir)?;
     let span = info_span!("report", aggregator = %url);
     Ok(Some(tokio::spawn(
         async move { sender.run(latest, shutdown).await }.instrument(span),

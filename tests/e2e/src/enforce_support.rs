@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use tally::enforce::cgroup::{Hierarchy, Layout};
+use tally_agent::enforce::cgroup::{Hierarchy, Layout};
 
 use crate::{ChildGuard, tally_bin, unique, wait_for};
 

@@ -12,7 +12,7 @@
 
 use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
-use tally::report::wire::{GpuGauge, GpuUsage, Report, SCHEMA_VERSION, TenantQuota};
+use tally_contract::wire::{GpuGauge, GpuUsage, Report, SCHEMA_VERSION, TenantQuota};
 use tally_e2e::{
     Agent, Cgroup, ChildGuard, SimNode,
     aggregator_support::{
@@ -780,7 +780,7 @@ fn audit_records_reach_the_central_store_and_breaks_are_flagged() {
     let node = SimNode::standard();
     let state = subdir(dir.path(), "state");
     let log_path = state.join("audit.log");
-    let mut log = tally::enforce::audit::AuditLog::open(&log_path, "n1").unwrap();
+    let mut log = tally_contract::audit::AuditLog::open(&log_path, "n1").unwrap();
     log.append(
         "acme",
         "gpu_memory",

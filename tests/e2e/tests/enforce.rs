@@ -95,7 +95,7 @@ fn tenant_cgroups_carry_limits_and_jobs() {
                 if env
                     .layout
                     .backend(controller)
-                    .is_some_and(|b| matches!(b, tally::enforce::cgroup::Backend::V1(_))) =>
+                    .is_some_and(|b| matches!(b, tally_agent::enforce::cgroup::Backend::V1(_))) =>
             {
                 d.join(v1)
             }
@@ -196,8 +196,10 @@ fn tenant_cgroups_carry_limits_and_jobs() {
         (u > 0.2).then_some(())
     });
     let cpu_seconds = || -> Option<f64> {
-        let cg =
-            tally::enforce::cgroup::TenantTree::new(env.layout.clone(), Some(env.parent.clone()));
+        let cg = tally_agent::enforce::cgroup::TenantTree::new(
+            env.layout.clone(),
+            Some(env.parent.clone()),
+        );
         cg.usage("lim").get("cpu_seconds").copied()
     };
     let (t0, c0) = (
@@ -255,7 +257,7 @@ fn gpu_devices_outside_the_tenants_list_are_denied() {
     if !require_root() {
         return;
     }
-    if tally::tenants::unified_root().is_none() {
+    if tally_agent::tenants::unified_root().is_none() {
         skip("no cgroup v2 hierarchy to attach the cgroup/dev program to");
         return;
     }
@@ -744,7 +746,7 @@ fn network_egress_rate_is_policed() {
     if !require_root() {
         return;
     }
-    if tally::tenants::unified_root().is_none() {
+    if tally_agent::tenants::unified_root().is_none() {
         skip("no cgroup v2 hierarchy for the cgroup_skb programs");
         return;
     }
@@ -950,7 +952,7 @@ fn network_ingress_rate_is_policed() {
     if !require_root() {
         return;
     }
-    if tally::tenants::unified_root().is_none() {
+    if tally_agent::tenants::unified_root().is_none() {
         skip("no cgroup v2 hierarchy for the cgroup_skb programs");
         return;
     }

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use tally::kubernetes::proto::{
+use tally_agent::kubernetes::proto::{
     ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse,
     PodResources,
 };

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use tally::privileges::{beyond_kept, kept_mask};
+use tally_agent::privileges::{beyond_kept, kept_mask};
 use tally_e2e::{
     Agent, Cgroup, ChildGuard, SimNode, faults_support::status_field, free_port, http_get,
     require_root, skip, tally_bin, unique, wait_for,
@@ -236,7 +236,7 @@ fn without_setpcap_the_agent_still_lowers_every_thread() {
         assert_eq!(mask_of(&status, "CapEff"), keep, "{:?} effective", t.path());
         assert_eq!(mask_of(&status, "CapPrm"), keep, "{:?} permitted", t.path());
         assert_eq!(
-            mask_of(&status, "CapBnd") & (1 << tally::privileges::CAP_SETPCAP),
+            mask_of(&status, "CapBnd") & (1 << tally_agent::privileges::CAP_SETPCAP),
             0,
             "the bounding set is the one given"
         );

@@ -510,14 +510,14 @@ fn exited_process_keeps_its_cgroup_for_attribution() {
     let rel = base.path.trim_start_matches(own.trim_end_matches('/'));
     let short = Cgroup::create(&format!("{}/shortlived", rel.trim_start_matches('/')));
 
-    let config = tally::probes::ProbesConfig {
+    let config = tally_agent::probes::ProbesConfig {
         network: false,
         pcie: false,
         process: true,
         cuda_libs: None,
         pin_dir: pin.0.clone(),
     };
-    let mut probes = tally::probes::Probes::start(&config, state.path());
+    let mut probes = tally_agent::probes::Probes::start(&config, state.path());
     for s in probes.statuses() {
         if s.probe.starts_with("process_") {
             assert!(s.up, "{s:?}");
@@ -546,14 +546,14 @@ fn exited_process_keeps_its_cgroup_for_attribution() {
     assert_eq!(exited.cgroup_of(pid).as_deref(), Some(short.path.as_str()));
 
     // The tenant resolver falls back on it once /proc/PID is gone.
-    let rules = tally::config::Config::parse(
+    let rules = tally_agent::config::Config::parse(
         &format!("[[tenant.rule]]\ncgroup = '/{name}/(?P<tenant>[^/]+)$'\n"),
         Path::new("t.toml"),
     )
     .unwrap()
     .tenant
     .rules;
-    let mut resolver = tally::tenants::Resolver::new(rules);
+    let mut resolver = tally_agent::tenants::Resolver::new(rules);
     assert_eq!(resolver.attribute(pid).tenant, "_unattributed");
     resolver.set_exited(Box::new(exited));
     let att = resolver.attribute(pid);

@@ -1,12 +1,12 @@
 //! Hostile input against the real aggregator: every route of its router
-//! (read from `agent/src/aggregator/server.rs`, so a new endpoint cannot be
+//! (read from `aggregator/src/server.rs`, so a new endpoint cannot be
 //! missed) with no token, a wrong token, an agent token and another
 //! tenant's token; oversized bodies and headers; absurd query ranges; and
 //! no token ever in the log.
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
-use tally::report::wire::{GpuUsage, Report, SCHEMA_VERSION};
+use tally_contract::wire::{GpuUsage, Report, SCHEMA_VERSION};
 use tally_e2e::{
     aggregator_support::{ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, sqlite},
     http_request,
@@ -14,7 +14,7 @@ use tally_e2e::{
 
 /// `(method, path)` of every route the aggregator's router matches.
 fn routes() -> BTreeSet<(String, String)> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../agent/src/aggregator/server.rs");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../aggregator/src/server.rs");
     let text = std::fs::read_to_string(&src).expect("read the aggregator's router");
     let mut out = BTreeSet::new();
     for part in text.split("(Method::").skip(1) {

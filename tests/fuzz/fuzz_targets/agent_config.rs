@@ -1,4 +1,4 @@
-//! `tally::config::Config::parse`: the agent's `tally.toml`.
+//! `tally_agent::config::Config::parse`: the agent's `tally.toml`.
 //!
 //! Invariants beyond "no panic": parsing is deterministic; a rejected file
 //! has at least one problem and each names a key of the file, a section the
@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tally::config::Config;
+use tally_agent::config::Config;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

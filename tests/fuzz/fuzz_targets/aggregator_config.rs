@@ -1,4 +1,4 @@
-//! `tally::aggregator::AggregatorConfig::parse`: the aggregator's config.
+//! `tally_aggregator::AggregatorConfig::parse`: the aggregator's config.
 //!
 //! Same invariants as `agent_config`: deterministic; every problem names a
 //! key of the file; an accepted file written back out parses the same.
@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tally::aggregator::AggregatorConfig;
+use tally_aggregator::AggregatorConfig;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
                 for p in &problems.problems {
                     let top = p.key.split(['.', '[']).next().unwrap_or("");
                     assert!(
-                        p.key.is_empty() || table.contains_key(top) || tally::aggregator::config::KNOWN.contains(&top),
+                        p.key.is_empty() || table.contains_key(top) || tally_aggregator::config::KNOWN.contains(&top),
                         "problem {p:?} names no key of the file"
                     );
                 }

@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tally::aggregator::server::{parse_time, percent_decode};
+use tally_aggregator::server::{parse_time, percent_decode};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else {

@@ -1,4 +1,4 @@
-//! The cgroup-path → pod parser (`tally::kubernetes::cgroup`), and the
+//! The cgroup-path → pod parser (`tally_agent::kubernetes::cgroup`), and the
 //! kubelet log-directory and container log-link names it pairs with.
 //!
 //! Invariants: empty path components do not matter; a pod UID is 36
@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tally::kubernetes::cgroup::{parse, parse_container_log_link, parse_pod_log_dir};
+use tally_agent::kubernetes::cgroup::{parse, parse_container_log_link, parse_pod_log_dir};
 
 fn is_uid(uid: &str) -> bool {
     let lower_hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);

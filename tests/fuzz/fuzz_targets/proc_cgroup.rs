@@ -1,4 +1,4 @@
-//! `/proc/PID/cgroup` parsing: `tally::tenants::parse_unified_cgroup` and
+//! `/proc/PID/cgroup` parsing: `tally_agent::tenants::parse_unified_cgroup` and
 //! `parse_v1_cgroup`. The text comes from the kernel, but a process in a
 //! cgroup namespace controls its cgroup *names* (any byte but `/` and NUL).
 //!
@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tally::tenants::{parse_unified_cgroup, parse_v1_cgroup};
+use tally_agent::tenants::{parse_unified_cgroup, parse_v1_cgroup};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(input) = std::str::from_utf8(data) else {

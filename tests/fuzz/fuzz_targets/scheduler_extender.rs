@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
-use tally::aggregator::{
+use tally_aggregator::{
     cluster::ClusterView,
     scheduler::{ExtenderArgs, GPU_RESOURCE, demand, filter_nodes, whole_quantity},
 };

@@ -1,4 +1,4 @@
-//! The `tally agent` role: the sampling loop and the HTTP endpoints.
+//! The running agent: the sampling loop and the HTTP endpoints.
 //!
 //! One thread samples (NVML and kernel maps block; they never run on the
 //! async runtime) and publishes an immutable [`Snapshot`] through a watch
@@ -14,7 +14,12 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use hyper::{Method, Request, StatusCode, body::Incoming};
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{CONTENT_TYPE, HeaderValue},
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span};
@@ -22,7 +27,6 @@ use tracing::{error, info, info_span};
 use crate::{
     config::Config,
     gpu::Sampler,
-    http::{self, Body},
     metrics::{self, Latest},
     snapshot::Snapshot,
     tenants::Resolver,
@@ -49,47 +53,73 @@ impl Settings {
     }
 }
 
-/// Runs the agent until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = http::bind(settings.listen).await?;
-    info!(listen = %settings.listen, node = %settings.node, "agent serving /metrics, /healthz, /readyz, /api/v1/snapshot");
+/// A running agent: the sampling thread and the report sender; the binary
+/// serves [`Agent::route`] until shutdown.
+#[derive(Debug)]
+pub struct Agent {
+    latest: Latest,
+    stop: Arc<AtomicBool>,
+    sampler: std::thread::JoinHandle<()>,
+    reporter: Option<tokio::task::JoinHandle<()>>,
+}
 
-    let (tx, latest) = watch::channel(Arc::new(Snapshot {
-        node: settings.node.clone(),
-        ..Default::default()
-    }));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        let settings = settings.clone();
-        std::thread::Builder::new()
-            .name("tally-sampler".into())
-            .spawn(move || sample_loop(settings, tx, stop))?
-    };
-    // Reports to the aggregator (when configured); on shutdown it cuts the
-    // final partial interval before the agent exits.
-    let reporter = crate::report::spawn(&settings, latest.clone(), shutdown.clone())?;
+impl Agent {
+    /// Starts sampling (on a thread of its own) and reporting; both stop
+    /// when `shutdown` is cancelled and [`Agent::stopped`] is awaited.
+    pub fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Agent> {
+        info!(listen = %settings.listen, node = %settings.node, "agent serving /metrics, /healthz, /readyz, /api/v1/snapshot");
+        let (tx, latest) = watch::channel(Arc::new(Snapshot {
+            node: settings.node.clone(),
+            ..Default::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            let settings = settings.clone();
+            std::thread::Builder::new()
+                .name("tally-sampler".into())
+                .spawn(move || sample_loop(settings, tx, stop))?
+        };
+        // Reports to the aggregator (when configured); on shutdown it cuts
+        // the final partial interval before the agent exits.
+        let reporter = crate::report::spawn(
+            &settings.config.report,
+            &settings.node,
+            &settings.config.agent.state_dir,
+            latest.clone(),
+            shutdown,
+        )?;
+        Ok(Agent {
+            latest,
+            stop,
+            sampler,
+            reporter,
+        })
+    }
 
-    let server = {
-        let latest = latest.clone();
-        http::serve(
-            listener,
-            move |req| route(req, latest.clone()),
-            shutdown.clone(),
-        )
-    };
-    server.await;
-    if let Some(reporter) = reporter
-        && reporter.await.is_err()
+    /// The request handler of `/metrics`, `/healthz`, `/readyz` and
+    /// `/api/v1/snapshot`: reads the latest snapshot, never NVML.
+    pub fn route(
+        &self,
+    ) -> impl Fn(Request<Incoming>) -> std::future::Ready<Response<Body>> + Send + Sync + 'static
     {
-        error!("the report sender panicked");
+        let latest = self.latest.clone();
+        move |req| std::future::ready(route(&req, &latest))
     }
-    stop.store(true, Ordering::Relaxed);
-    if sampler.join().is_err() {
-        error!("the sampling thread panicked");
+
+    /// Waits for the final report, then stops sampling.
+    pub async fn stopped(self) {
+        if let Some(reporter) = self.reporter
+            && reporter.await.is_err()
+        {
+            error!("the report sender panicked");
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        if self.sampler.join().is_err() {
+            error!("the sampling thread panicked");
+        }
+        info!("agent stopped");
     }
-    info!("agent stopped");
-    Ok(())
 }
 
 /// Samples every `sample_interval` on a fixed schedule until `stop`.
@@ -106,7 +136,8 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
     .with_timeout(settings.config.agent.nvml_timeout);
     // Quotas: acts on each snapshot without blocking; slow work (throttle
     // duty cycles, SIGKILL timeouts) runs on its own threads.
-    let mut enforcer = crate::enforce::Enforcer::new(&settings.config, &settings.node);
+    let mut enforcer =
+        crate::enforce::Enforcer::new(&settings.config.enforce_settings(&settings.node));
     // eBPF probes: attempted once before the first snapshot, so readiness
     // means "probes started or said why not"; failures are statuses.
     let mut probes =
@@ -135,7 +166,9 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
         };
         snapshot.tenant_io = probes.sample(&resolver, &snapshot.gpus);
         snapshot.sample_duration_seconds = started.elapsed().as_secs_f64();
-        enforcer.observe(&mut snapshot);
+        let enforcement = enforcer.observe(&snapshot);
+        snapshot.tenant_quotas = enforcement.quotas;
+        snapshot.enforcement_actions = enforcement.actions;
         if samples == 1 {
             // Start-up is over (probes attached, cgroups opened, first
             // enforcement pass done): keep only what running needs, before
@@ -163,23 +196,41 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn route(req: Request<Incoming>, latest: Latest) -> hyper::Response<Body> {
+type Body = Full<Bytes>;
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn route(req: &Request<Incoming>, latest: &Latest) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return http::text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     match req.uri().path() {
-        "/metrics" => http::respond(
+        "/metrics" => respond(
             StatusCode::OK,
             metrics::CONTENT_TYPE,
-            metrics::encode(&latest),
+            metrics::encode(latest),
         ),
-        "/healthz" => http::text(StatusCode::OK, "ok\n"),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let snap = latest.borrow().clone();
             if snap.samples > 0 {
-                http::text(StatusCode::OK, "ready\n")
+                text(StatusCode::OK, "ready\n")
             } else {
-                http::text(
+                text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: no sample yet\n",
                 )
@@ -187,12 +238,19 @@ async fn route(req: Request<Incoming>, latest: Latest) -> hyper::Response<Body> 
         }
         "/api/v1/snapshot" => {
             let snap = latest.borrow().clone();
-            http::json(StatusCode::OK, &*snap)
+            match serde_json::to_vec_pretty(&*snap) {
+                Ok(body) => respond(StatusCode::OK, "application/json", body),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain; charset=utf-8",
+                    format!("cannot encode JSON: {e}\n"),
+                ),
+            }
         }
-        "/" => http::text(
+        "/" => text(
             StatusCode::OK,
             "tally agent: /metrics /healthz /readyz /api/v1/snapshot\n",
         ),
-        _ => http::text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -17,14 +17,13 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tracing::error;
 
-use super::{
+use crate::{
     ledger::{Ledger, LedgerError},
     server::{App, auth_error, now_ms, problem, rfc3339},
 };
-use crate::{
-    http::{self, Body},
-    report::wire::Report,
-};
+use tally_contract::wire::Report;
+
+use crate::http::{self, Body};
 
 /// Missed report intervals after which a node is stale.
 pub const STALE_INTERVALS: i64 = 3;
@@ -511,7 +510,7 @@ pub async fn handle(req: Request<Incoming>, app: &App) -> Response<Body> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::report::wire::{GpuGauge, SCHEMA_VERSION, TenantQuota};
+    use tally_contract::wire::{GpuGauge, SCHEMA_VERSION, TenantQuota};
 
     pub(crate) fn gpu(label: &str, state: &str, tenants: &[&str]) -> GpuView {
         let parent = label.contains('/');

@@ -9,7 +9,7 @@
 //! A pod's demand is its `nvidia.com/gpu` and `nvidia.com/mig-<profile>`
 //! limits, combined over containers the way kube-scheduler combines
 //! requests ([`demand`]). Filtering and scoring are pure functions of the
-//! demand and the cluster view ([`super::cluster`]), which is read from
+//! demand and the cluster view ([`crate::cluster`]), which is read from
 //! the ledger on every call.
 
 use std::collections::BTreeMap;
@@ -20,13 +20,13 @@ use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use super::{
+use crate::http::{self, Body};
+use crate::{
     auth::AuthError,
     cluster::{self, ClusterView, NodeView},
     config::Role,
     server::{App, auth_error, now_ms, problem},
 };
-use crate::http::{self, Body};
 
 /// Highest score an extender may give (`extenderv1.MaxExtenderPriority`).
 pub const MAX_EXTENDER_PRIORITY: i64 = 10;
@@ -614,7 +614,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::aggregator::{
+    use crate::{
         cluster::{
             Capacity,
             tests::{gpu, mig},

@@ -7,7 +7,7 @@
 use hyper::{HeaderMap, header::AUTHORIZATION};
 use sha2::{Digest, Sha256};
 
-use super::config::{Role, TokenSpec};
+use crate::config::{Role, TokenSpec};
 
 /// What went wrong with a request's credentials.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

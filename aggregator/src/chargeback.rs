@@ -21,11 +21,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
+use crate::{
     config::Prices,
     ledger::{GpuGroup, IoGroup},
 };
-use crate::snapshot::TENANT_IDLE;
+use tally_contract::tenant::TENANT_IDLE;
 
 /// How lines are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

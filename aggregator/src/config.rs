@@ -39,10 +39,9 @@ use std::{
 };
 
 use serde::Deserialize;
-
-use crate::config::{
-    Problems, check_tenant_name, load_with, parse_bytes, parse_with, read_table, reject_unknown,
-    section,
+use tally_contract::{
+    config::{Problems, load_with, parse_bytes, parse_with, read_table, reject_unknown, section},
+    tenant::check_tenant_name,
 };
 
 /// Default ledger: one SQLite file.
@@ -259,7 +258,7 @@ impl AggregatorConfig {
         check_prices(&prices, problems);
         let tokens = auth_section(table, problems);
         let scheduler: SchedulerSection = section(table, "scheduler", problems);
-        if super::scheduler::Policy::parse(&scheduler.policy).is_none() {
+        if crate::scheduler::Policy::parse(&scheduler.policy).is_none() {
             problems.push(
                 "scheduler.policy",
                 format!(

@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Cancels the returned token on the first SIGINT or SIGTERM.
-pub fn shutdown_token() -> std::io::Result<CancellationToken> {
+pub(crate) fn shutdown_token() -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

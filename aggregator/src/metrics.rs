@@ -17,7 +17,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::ledger::TenantTotals;
+use crate::ledger::TenantTotals;
+
+/// Content type of [`Metrics::encode`]'s output.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {

@@ -14,10 +14,10 @@ use sqlx::{
     migrate::Migrator,
 };
 
-use crate::report::wire::{AuditRecord, GENESIS_SHA256, Report};
+use tally_contract::wire::{AuditRecord, GENESIS_SHA256, Report};
 
-static SQLITE: Migrator = sqlx::migrate!("src/aggregator/migrations/sqlite");
-static POSTGRES: Migrator = sqlx::migrate!("src/aggregator/migrations/postgres");
+static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Why the ledger failed.
 #[derive(Debug, thiserror::Error)]
@@ -424,7 +424,7 @@ impl Ledger {
             .execute(&mut *tx)
             .await?;
         }
-        super::cluster::store(&mut tx, r, end).await?;
+        crate::cluster::store(&mut tx, r, end).await?;
         tx.commit().await?;
         Ok(Ingested::Stored { audit_breaks })
     }
@@ -629,7 +629,7 @@ fn chain_problem(head: Option<&str>, a: &AuditRecord) -> Option<String> {
         return link;
     }
     let value = serde_json::to_value(a).ok()?;
-    let native: crate::enforce::audit::Record = serde_json::from_value(value).ok()?;
+    let native: tally_contract::audit::Record = serde_json::from_value(value).ok()?;
     let digest = native.digest();
     (digest != a.sha256).then(|| {
         format!(
@@ -642,7 +642,7 @@ fn chain_problem(head: Option<&str>, a: &AuditRecord) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::wire::{GpuUsage, IoUsage, SCHEMA_VERSION};
+    use tally_contract::wire::{GpuUsage, IoUsage, SCHEMA_VERSION};
 
     pub(crate) fn report(node: &str, seq: u64) -> Report {
         Report {

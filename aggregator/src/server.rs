@@ -6,8 +6,8 @@
 //! | `GET /api/v1/chargeback` | admin, tenant (own lines) | priced usage |
 //! | `GET /api/v1/audit` | admin, tenant (own records) | central audit store |
 //! | `GET /api/v1/reports` | admin | stored reports per (node, boot) |
-//! | `GET /api/v1/cluster` | admin, tenant (no other tenants' names) | nodes, GPUs, capacity, quotas ([`super::cluster`]) |
-//! | `POST /scheduler/filter`, `/scheduler/prioritize` | kube-scheduler (`[scheduler]`) | extender protocol ([`super::scheduler`]) |
+//! | `GET /api/v1/cluster` | admin, tenant (no other tenants' names) | nodes, GPUs, capacity, quotas ([`crate::cluster`]) |
+//! | `POST /scheduler/filter`, `/scheduler/prioritize` | kube-scheduler (`[scheduler]`) | extender protocol ([`crate::scheduler`]) |
 //! | `GET /metrics`, `/healthz`, `/readyz` | anyone | operations |
 //!
 //! Bad input gets a 4xx with a reason and leaves the ledger unchanged:
@@ -31,17 +31,16 @@ use hyper::{
 use serde_json::json;
 use tracing::{error, warn};
 
-use super::{
+use crate::{
     auth::{AuthError, Tokens},
     chargeback::{self, Basis, GroupBy},
     config::{Prices, Role},
     ledger::{AuditQuery, Ingested, Ledger},
     metrics::Metrics,
 };
-use crate::{
-    http::{self, Body},
-    report::wire::{Report, SCHEMA_VERSION},
-};
+use tally_contract::wire::{Report, SCHEMA_VERSION};
+
+use crate::http::{self, Body};
 
 /// Everything a request handler needs.
 #[derive(Debug)]
@@ -51,7 +50,7 @@ pub struct App {
     pub prices: Prices,
     pub max_body: u64,
     pub metrics: Metrics,
-    pub scheduler: super::config::SchedulerSection,
+    pub scheduler: crate::config::SchedulerSection,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -86,15 +85,15 @@ pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         (Method::GET, "/api/v1/reports") => summary(req, &app).await,
         (Method::GET, "/api/v1/chargeback") => chargeback(req, &app).await,
         (Method::GET, "/api/v1/audit") => audit(req, &app).await,
-        (Method::GET, "/api/v1/cluster") => super::cluster::handle(req, &app).await,
-        (Method::POST, "/scheduler/filter") => super::scheduler::filter(req, &app).await,
-        (Method::POST, "/scheduler/prioritize") => super::scheduler::prioritize(req, &app).await,
+        (Method::GET, "/api/v1/cluster") => crate::cluster::handle(req, &app).await,
+        (Method::POST, "/scheduler/filter") => crate::scheduler::filter(req, &app).await,
+        (Method::POST, "/scheduler/prioritize") => crate::scheduler::prioritize(req, &app).await,
         (_, "/api/v1/cluster" | "/scheduler/filter" | "/scheduler/prioritize") => {
             problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         (Method::GET, "/metrics") => http::respond(
             StatusCode::OK,
-            crate::metrics::CONTENT_TYPE,
+            crate::metrics::OPENMETRICS,
             app.metrics.encode(),
         ),
         (Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
@@ -210,7 +209,7 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
             if !audit_breaks.is_empty() {
                 app.metrics
                     .audit_chain_breaks
-                    .get_or_create(&super::metrics::NodeLabel {
+                    .get_or_create(&crate::metrics::NodeLabel {
                         node: report.node.clone(),
                     })
                     .inc_by(audit_breaks.len() as u64);

@@ -1,0 +1,143 @@
+//! The aggregator: report ingest, the usage ledger (SQLite or
+//! PostgreSQL), chargeback, the cluster view, the scheduler extender, the
+//! central audit store and `/metrics`. It shares only the contract
+//! (`tally_contract`: the report's wire types, the audit record) with the
+//! agent, and links neither NVML nor eBPF nor the cgroup code.
+//!
+//! Data flows one way: [`server`] routes a request to [`ledger`] (every
+//! SQL read and write), and to the pure views over what it read
+//! ([`chargeback`], [`cluster`], [`scheduler`]).
+#![forbid(unsafe_code)]
+
+use std::{sync::Arc, time::Duration};
+
+use hyper::{Request, Response, body::Incoming};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub mod auth;
+pub mod chargeback;
+pub mod cluster;
+pub mod config;
+pub mod http;
+pub mod ledger;
+pub mod metrics;
+pub mod scheduler;
+pub mod server;
+
+pub use config::AggregatorConfig;
+
+/// A running aggregator: the ledger open, `/metrics` refreshing; the
+/// binary serves [`Aggregator::route`] until shutdown.
+pub struct Aggregator {
+    app: Arc<server::App>,
+    tls: Option<TlsAcceptor>,
+    refresher: JoinHandle<()>,
+}
+
+impl Aggregator {
+    /// Opens the ledger (running its migrations) and starts refreshing the
+    /// totals `/metrics` shows, until `shutdown` is cancelled.
+    pub async fn start(
+        config: &AggregatorConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Aggregator> {
+        let ledger = ledger::Ledger::open(&config.ledger.url, config.ledger.max_connections)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the ledger: {e}"))?;
+        info!(backend = ?ledger.backend, "ledger open, schema up to date");
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => {
+                info!(cert = %cert.display(), "serving HTTPS only");
+                Some(http::tls_acceptor(cert, key).map_err(|e| anyhow::anyhow!(e))?)
+            }
+            _ => None,
+        };
+        let app = Arc::new(server::App {
+            ledger,
+            tokens: auth::Tokens::new(&config.tokens),
+            prices: config.prices.clone(),
+            max_body: config.server.max_body_bytes(),
+            metrics: metrics::Metrics::new(),
+            scheduler: config.scheduler.clone(),
+        });
+        info!(
+            tokens = config.tokens.len(),
+            "aggregator serving /api/v1/reports, /api/v1/chargeback, /api/v1/audit, /api/v1/cluster, /scheduler/*, /metrics"
+        );
+        let refresher = tokio::spawn(refresh_metrics(
+            app.clone(),
+            config.server.metrics_refresh,
+            shutdown,
+        ));
+        Ok(Aggregator {
+            app,
+            tls,
+            refresher,
+        })
+    }
+
+    /// The TLS acceptor when `[aggregator] tls_cert`/`tls_key` are set.
+    pub fn tls(&self) -> Option<TlsAcceptor> {
+        self.tls.clone()
+    }
+
+    /// The request handler, to serve on the aggregator's listener.
+    pub fn route(
+        &self,
+    ) -> impl Fn(
+        Request<Incoming>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Response<http::Body>> + Send>>
+    + Send
+    + Sync
+    + 'static {
+        let app = self.app.clone();
+        move |req| Box::pin(server::route(req, app.clone()))
+    }
+
+    /// Waits for the background work to end (after shutdown).
+    pub async fn stopped(self) {
+        let _ = self.refresher.await;
+        info!("aggregator stopped");
+    }
+}
+
+/// Re-reads the ledger's totals for `/metrics` every `every`.
+async fn refresh_metrics(app: Arc<server::App>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut logged = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let read = async {
+            Ok::<_, ledger::LedgerError>((app.ledger.totals().await?, app.ledger.nodes().await?))
+        };
+        match read.await {
+            Ok((totals, nodes)) => {
+                let mut c = match app.metrics.cached.write() {
+                    Ok(c) => c,
+                    Err(p) => p.into_inner(),
+                };
+                c.totals = totals;
+                c.nodes = nodes;
+                c.ledger_up = true;
+                logged = false;
+            }
+            Err(e) => {
+                app.metrics.ledger_errors.inc();
+                if let Ok(mut c) = app.metrics.cached.write() {
+                    c.ledger_up = false;
+                }
+                if !logged {
+                    warn!(error = %e, "cannot read ledger totals for /metrics");
+                    logged = true;
+                }
+            }
+        }
+    }
+}

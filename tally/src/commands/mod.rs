@@ -1,0 +1,9 @@
+//! One module per `tally` command.
+
+pub(crate) mod agent;
+pub(crate) mod aggregator;
+pub(crate) mod audit;
+pub(crate) mod config;
+pub(crate) mod doctor;
+pub(crate) mod report;
+pub(crate) mod run;
