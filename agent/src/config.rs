@@ -15,15 +15,11 @@ use std::{
     time::Duration,
 };
 
-use regex::Regex;
 use serde::Deserialize;
 pub use tally_contract::config::{EX_USAGE, Problems};
-use tally_contract::{
-    config::{load_with, parse_with, reject_unknown, section},
-    tenant::check_tenant_name,
-};
+use tally_contract::config::{load_with, parse_with, reject_unknown, section};
 
-use crate::paths;
+use crate::{paths, tenants::rules};
 
 /// The agent's whole configuration.
 #[derive(Debug, Clone, Default)]
@@ -76,7 +72,7 @@ impl Default for AgentSection {
 #[derive(Debug, Clone, Default)]
 pub struct TenantSection {
     /// `[[tenant.rule]]`, first match wins.
-    pub rules: Vec<TenantRule>,
+    pub rules: Vec<rules::TenantRule>,
     /// `[tenant.quota.<name>]`: local quotas, enforced by `crate::enforce`.
     pub quotas: BTreeMap<String, crate::enforce::quota::Quota>,
     /// `[tenant] cgroup_parent`: the cgroup under which Tally makes
@@ -88,48 +84,7 @@ pub struct TenantSection {
     pub kubernetes: crate::kubernetes::KubernetesConfig,
 }
 
-/// One `[[tenant.rule]]` as written in the file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantRuleSpec {
-    /// Regex on the cgroup v2 path; the named group `tenant` (or, when
-    /// absent, the `tenant` key) gives the tenant.
-    pub cgroup: Option<String>,
-    /// Match on the process owner's user name: the tenant is that name.
-    pub user: Option<bool>,
-    /// Fixed tenant for a `cgroup` rule without a `tenant` capture group.
-    pub tenant: Option<String>,
-    /// Kubernetes pods: the tenant is the pod's namespace
-    /// (`crate::kubernetes`).
-    pub kubernetes: Option<bool>,
-    /// `kubernetes` rule: namespace → tenant, for namespaces whose name is
-    /// not the tenant's.
-    pub namespaces: Option<BTreeMap<String, String>>,
-    /// `kubernetes` rule: what a namespace not in `namespaces` gives:
-    /// `"namespace"` (its name, the default) or `"next-rule"`.
-    pub unmapped: Option<crate::kubernetes::Unmapped>,
-}
-
-/// A validated tenant rule.
-#[derive(Debug, Clone)]
-pub enum TenantRule {
-    /// Regex on the cgroup v2 path.
-    Cgroup {
-        pattern: Regex,
-        /// Used when the regex has no `tenant` group.
-        fixed: Option<String>,
-    },
-    /// The process owner's user name.
-    User,
-    /// A Kubernetes pod's namespace (through `namespaces` when listed).
-    Kubernetes {
-        namespaces: BTreeMap<String, String>,
-        unmapped: crate::kubernetes::Unmapped,
-    },
-}
-
 impl Config {
-    /// Loads and validates `file`, reporting every problem at once.
     /// What the enforcer needs of this config, on node `node`.
     pub fn enforce_settings<'a>(&'a self, node: &'a str) -> crate::enforce::Settings<'a> {
         crate::enforce::Settings {
@@ -141,6 +96,7 @@ impl Config {
         }
     }
 
+    /// Loads and validates `file`, reporting every problem at once.
     pub fn load(file: &Path) -> Result<Config, Problems> {
         load_with(file, KNOWN, Self::from_table)
     }
@@ -190,9 +146,9 @@ fn tenant_section(table: &mut toml::Table, problems: &mut Problems) -> TenantSec
         Some(toml::Value::Array(items)) => {
             for (i, item) in items.into_iter().enumerate() {
                 let key = format!("tenant.rule[{i}]");
-                match TenantRuleSpec::deserialize(item) {
+                match rules::TenantRuleSpec::deserialize(item) {
                     Ok(spec) => {
-                        if let Some(rule) = validate_rule(spec, &key, problems) {
+                        if let Some(rule) = rules::validate(spec, &key, problems) {
                             rules.push(rule);
                         }
                     }
@@ -240,67 +196,10 @@ fn tenant_section(table: &mut toml::Table, problems: &mut Problems) -> TenantSec
     }
 }
 
-fn validate_rule(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Option<TenantRule> {
-    if spec.kubernetes.is_some() || spec.namespaces.is_some() || spec.unmapped.is_some() {
-        return crate::kubernetes::validate_rule(spec, key, problems);
-    }
-    match (spec.cgroup, spec.user) {
-        (Some(_), Some(_)) => {
-            problems.push(key, "a rule has either `cgroup` or `user`, not both");
-            None
-        }
-        (Some(pattern), None) => {
-            let regex = match Regex::new(&pattern) {
-                Ok(r) => r,
-                Err(e) => {
-                    problems.push(format!("{key}.cgroup"), format!("not a valid regex: {e}"));
-                    return None;
-                }
-            };
-            let has_group = regex.capture_names().flatten().any(|n| n == "tenant");
-            if !has_group && spec.tenant.is_none() {
-                problems.push(
-                    format!("{key}.cgroup"),
-                    "needs a named group `(?P<tenant>…)` or a `tenant = \"…\"` key",
-                );
-                return None;
-            }
-            if let Some(Err(msg)) = spec.tenant.as_deref().map(check_tenant_name) {
-                problems.push(format!("{key}.tenant"), msg);
-                return None;
-            }
-            Some(TenantRule::Cgroup {
-                pattern: regex,
-                fixed: spec.tenant,
-            })
-        }
-        (None, Some(true)) => {
-            if spec.tenant.is_some() {
-                problems.push(format!("{key}.tenant"), "a `user` rule takes no `tenant`");
-                return None;
-            }
-            Some(TenantRule::User)
-        }
-        (None, Some(false)) => {
-            problems.push(
-                format!("{key}.user"),
-                "`user = false` matches nothing; remove the rule",
-            );
-            None
-        }
-        (None, None) => {
-            problems.push(
-                key,
-                "a rule needs `cgroup = '<regex>'`, `user = true` or `kubernetes = true`",
-            );
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tenants::rules::TenantRule;
 
     fn parse(text: &str) -> Result<Config, Problems> {
         Config::parse(text, Path::new("test.toml"))
@@ -371,13 +270,5 @@ mod tests {
         let err = parse("[agent\n").unwrap_err();
         assert_eq!(err.problems.len(), 1);
         assert!(err.to_string().contains("not valid TOML"), "{err}");
-    }
-
-    #[test]
-    fn reserved_tenant_names_are_refused() {
-        assert!(check_tenant_name("acme").is_ok());
-        assert!(check_tenant_name("_idle").is_err());
-        assert!(check_tenant_name("").is_err());
-        assert!(check_tenant_name("a\nb").is_err());
     }
 }

@@ -2,7 +2,7 @@
 
 use std::{path::Path, process::ExitCode};
 
-use crate::{gpu, paths, tenants};
+use crate::{gpu, paths};
 
 /// Outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +157,7 @@ fn cgroups() -> Verdict {
     let pure = Path::new(paths::CGROUP_ROOT)
         .join("cgroup.controllers")
         .exists();
-    match tenants::unified_root() {
+    match crate::cgroupfs::unified_root() {
         Some(root) if pure => Verdict::Ok(format!("cgroup v2 at {}", root.display())),
         Some(root) => Verdict::Ok(format!(
             "hybrid: v1 controllers under {}, cgroup v2 at {} (network probes attach there)",
@@ -186,12 +186,7 @@ fn btf() -> Verdict {
 }
 
 fn bpffs() -> Verdict {
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
-        })
-        .unwrap_or(false);
+    let mounted = crate::cgroupfs::is_mounted("bpf");
     if mounted {
         Verdict::Ok(format!(
             "bpffs mounted; maps pin under {}",

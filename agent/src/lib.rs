@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod attribution;
+pub mod cgroupfs;
 pub mod config;
 pub mod doctor;
 pub mod enforce;

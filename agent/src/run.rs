@@ -127,7 +127,7 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
     let _span = info_span!("sampler", node = %settings.node).entered();
     let mut resolver = Resolver::new(settings.config.tenant.rules.clone());
     // Kubernetes pods: the kubelet is asked on a thread of its own; stops on drop.
-    let _kubelet = crate::kubernetes::attach(&settings.config, &mut resolver);
+    let _kubelet = resolver.attach_kubernetes(&settings.config.tenant.kubernetes);
     let mut gpus = Sampler::new(
         settings.nvml_lib.clone(),
         settings.config.states.clone(),

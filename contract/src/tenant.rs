@@ -24,3 +24,16 @@ pub fn check_tenant_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_tenant_names_are_refused() {
+        assert!(check_tenant_name("acme").is_ok());
+        assert!(check_tenant_name("_idle").is_err());
+        assert!(check_tenant_name("").is_err());
+        assert!(check_tenant_name("a\nb").is_err());
+    }
+}

@@ -20,7 +20,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::enforce::quota::Quota;
+use procfs::process::MountInfos;
+
+use crate::{
+    cgroupfs::{self, Cgroups},
+    enforce::quota::Quota,
+    paths::{PROC_SELF_CGROUP, PROC_SELF_MOUNTINFO},
+};
 
 /// Why a cgroup operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,68 +98,57 @@ pub struct Layout {
 impl Layout {
     /// Reads `/proc/self/mountinfo` and `/proc/self/cgroup`.
     pub fn detect() -> Result<Layout, CgroupError> {
-        let mi = Path::new(crate::paths::PROC_SELF_MOUNTINFO);
-        let cg = Path::new(crate::paths::PROC_SELF_CGROUP);
-        let mountinfo = fs::read_to_string(mi).map_err(io_err(mi))?;
-        let cgroup = fs::read_to_string(cg).map_err(io_err(cg))?;
-        let layout = Self::parse(&mountinfo, &cgroup);
+        let mounts = cgroupfs::own_mounts().map_err(io_err(Path::new(PROC_SELF_MOUNTINFO)))?;
+        let own = Cgroups::own().map_err(io_err(Path::new(PROC_SELF_CGROUP)))?;
+        let layout = Self::from_mounts(&mounts, &own);
         if layout.unified.is_none() && layout.v1.is_empty() {
             return Err(CgroupError::NoHierarchy);
         }
         Ok(layout)
     }
 
-    /// The layout from the texts of `mountinfo` and `/proc/<pid>/cgroup`.
-    pub fn parse(mountinfo: &str, proc_cgroup: &str) -> Layout {
+    /// The layout from this process's mounts and its own cgroups.
+    pub fn from_mounts(mounts: &MountInfos, own: &Cgroups) -> Layout {
         let mut layout = Layout::default();
-        for line in mountinfo.lines() {
-            // id parent maj:min root mount-point opts [optional…] - fstype source superopts
-            let Some((left, right)) = line.split_once(" - ") else {
-                continue;
-            };
-            let l: Vec<&str> = left.split(' ').collect();
-            let r: Vec<&str> = right.split(' ').collect();
-            if l.len() < 5 || r.len() < 3 {
-                continue;
-            }
-            let (root, mount) = (unescape(l[3]), PathBuf::from(unescape(l[4])));
-            match r[0] {
-                "cgroup2" => {
-                    let own = crate::tenants::parse_unified_cgroup(proc_cgroup)
-                        .unwrap_or("/")
-                        .to_owned();
-                    if layout.unified.is_none() {
-                        layout.unified = Some(Hierarchy {
-                            mount,
-                            mount_root: root,
-                            controllers: Vec::new(),
-                            own,
-                        });
-                    }
+        for m in mounts.iter() {
+            let root = unescape(&m.root);
+            let mount = PathBuf::from(unescape(&m.mount_point.to_string_lossy()));
+            match m.fs_type.as_str() {
+                "cgroup2" if layout.unified.is_none() => {
+                    layout.unified = Some(Hierarchy {
+                        mount,
+                        mount_root: root,
+                        controllers: Vec::new(),
+                        own: own.unified().unwrap_or("/").to_owned(),
+                    });
                 }
                 "cgroup" => {
-                    let controllers: Vec<String> = r[2]
-                        .split(',')
-                        .filter(|o| {
-                            !matches!(*o, "rw" | "ro")
-                                && !o.starts_with("name=")
-                                && !o.contains('=')
+                    // Super options name the controllers, beside `rw`,
+                    // `name=systemd` and flags such as `xattr`.
+                    let mut controllers: Vec<String> = m
+                        .super_options
+                        .iter()
+                        .filter(|(o, value)| {
+                            value.is_none()
                                 && !matches!(
-                                    *o,
-                                    "relatime" | "noprefix" | "xattr" | "clone_children"
+                                    o.as_str(),
+                                    "rw" | "ro"
+                                        | "relatime"
+                                        | "noprefix"
+                                        | "xattr"
+                                        | "clone_children"
                                 )
                         })
-                        .map(str::to_owned)
+                        .map(|(o, _)| o.clone())
                         .collect();
+                    controllers.sort();
                     let Some(first) = controllers.first() else {
                         continue; // named hierarchy (name=systemd): no controller
                     };
                     if layout.v1.iter().any(|h| h.mount == mount) {
                         continue;
                     }
-                    let own = crate::tenants::parse_v1_cgroup(proc_cgroup, first)
-                        .unwrap_or("/")
-                        .to_owned();
+                    let own = own.v1(first).unwrap_or("/").to_owned();
                     layout.v1.push(Hierarchy {
                         mount,
                         mount_root: root,
@@ -165,6 +160,15 @@ impl Layout {
             }
         }
         layout
+    }
+
+    /// The layout from the texts of `mountinfo` and `/proc/<pid>/cgroup`.
+    #[cfg(test)]
+    fn parse(mountinfo: &str, proc_cgroup: &str) -> Layout {
+        Self::from_mounts(
+            &cgroupfs::parse_mounts(mountinfo).unwrap(),
+            &Cgroups::parse(proc_cgroup).unwrap(),
+        )
     }
 
     /// The v1 hierarchy that holds `controller`.
@@ -584,20 +588,20 @@ impl Freezer {
 }
 
 impl Layout {
-    /// The freezer of a process's cgroup, given the text of its
-    /// `/proc/<pid>/cgroup` and the agent's own: v2 when the process sits in
+    /// The freezer of a process's cgroup, given its cgroups and the
+    /// agent's own: v2 when the process sits in
     /// a non-root v2 cgroup, else the v1 freezer hierarchy. `None` when the
     /// cgroup is a root, or contains the agent itself (freezing it would
     /// freeze the agent).
-    pub fn freezer_for(&self, proc_cgroup: &str, own_cgroup: &str) -> Option<Freezer> {
+    pub fn freezer_for(&self, process: &Cgroups, own: &Cgroups) -> Option<Freezer> {
         let contains_self = |target: &str, own: Option<&str>| {
             let Some(own) = own else { return false };
             own == target || own.starts_with(&format!("{}/", target.trim_end_matches('/')))
         };
         if let Some(h) = &self.unified
-            && let Some(path) = crate::tenants::parse_unified_cgroup(proc_cgroup)
+            && let Some(path) = process.unified()
             && path != "/"
-            && !contains_self(path, crate::tenants::parse_unified_cgroup(own_cgroup))
+            && !contains_self(path, own.unified())
         {
             let dir = h.dir(path);
             if dir.join("cgroup.freeze").exists() {
@@ -605,10 +609,8 @@ impl Layout {
             }
         }
         let h = self.v1("freezer")?;
-        let path = crate::tenants::parse_v1_cgroup(proc_cgroup, "freezer")?;
-        if path == "/"
-            || contains_self(path, crate::tenants::parse_v1_cgroup(own_cgroup, "freezer"))
-        {
+        let path = process.v1("freezer")?;
+        if path == "/" || contains_self(path, own.v1("freezer")) {
             return None;
         }
         Some(Freezer::V1(h.dir(path)))
@@ -779,12 +781,13 @@ mod tests {
     fn never_freezes_a_root_or_our_own_cgroup() {
         let l = Layout::parse(MOUNTINFO_HYBRID, CGROUP_HYBRID);
         // Root in every hierarchy: nothing to freeze.
-        assert_eq!(l.freezer_for(CGROUP_HYBRID, CGROUP_HYBRID), None);
+        let cg = |text: &str| Cgroups::parse(text).unwrap();
+        assert_eq!(l.freezer_for(&cg(CGROUP_HYBRID), &cg(CGROUP_HYBRID)), None);
         // The agent sits in /a on the freezer hierarchy; /a is refused.
-        let own = "6:freezer:/a/agent\n0::/\n";
-        assert_eq!(l.freezer_for("6:freezer:/a\n0::/\n", own), None);
+        let own = cg("6:freezer:/a/agent\n0::/\n");
+        assert_eq!(l.freezer_for(&cg("6:freezer:/a\n0::/\n"), &own), None);
         assert_eq!(
-            l.freezer_for("6:freezer:/b/job\n0::/\n", own),
+            l.freezer_for(&cg("6:freezer:/b/job\n0::/\n"), &own),
             Some(Freezer::V1(PathBuf::from("/sys/fs/cgroup/freezer/b/job")))
         );
     }

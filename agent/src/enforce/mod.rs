@@ -37,6 +37,7 @@ use self::{
     quota::{Action, Quota},
 };
 use crate::{
+    cgroupfs::Cgroups,
     paths,
     snapshot::{EnforcementActionCount, GpuProcess, Snapshot, TenantQuotaStatus},
 };
@@ -227,7 +228,7 @@ impl Target {
             Some(_) => {}
         }
         if let Some(expected) = &self.cgroup {
-            match crate::tenants::cgroup_of(self.pid) {
+            match crate::cgroupfs::cgroup_of(self.pid) {
                 Ok(now) if &now == expected => {}
                 Ok(now) => return Err(format!("process moved from {expected} to {now}")),
                 Err(e) => return Err(e.to_string()),
@@ -249,7 +250,7 @@ pub struct Enforcer {
     quotas: BTreeMap<String, Quota>,
     tree: Option<TenantTree>,
     manage_limits: bool,
-    own_cgroup: String,
+    own_cgroup: Cgroups,
     rec: Recorder,
     breaches: HashMap<(String, GpuResource), Breach>,
     throttles: HashMap<(String, GpuResource), Throttle>,
@@ -346,7 +347,7 @@ impl Enforcer {
             quotas,
             tree,
             manage_limits: !under_kubernetes(),
-            own_cgroup: std::fs::read_to_string(paths::PROC_SELF_CGROUP).unwrap_or_default(),
+            own_cgroup: Cgroups::own().unwrap_or_default(),
             rec,
             breaches: HashMap::new(),
             throttles: HashMap::new(),
@@ -800,10 +801,10 @@ impl Enforcer {
                     if t.verify().is_err() {
                         continue;
                     }
-                    let Ok(text) = std::fs::read_to_string(paths::proc_cgroup(t.pid)) else {
+                    let Ok(groups) = Cgroups::of(t.pid) else {
                         continue;
                     };
-                    if let Some(f) = layout.and_then(|l| l.freezer_for(&text, &self.own_cgroup)) {
+                    if let Some(f) = layout.and_then(|l| l.freezer_for(&groups, &self.own_cgroup)) {
                         freezers.insert(f);
                     }
                 }
@@ -1112,7 +1113,7 @@ mod tests {
         let ok = Target {
             pid: me,
             start,
-            cgroup: crate::tenants::cgroup_of(me).ok(),
+            cgroup: crate::cgroupfs::cgroup_of(me).ok(),
         };
         assert_eq!(ok.verify(), Ok(()));
         let reused = Target {

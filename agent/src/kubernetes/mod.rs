@@ -35,14 +35,11 @@ use std::{
 
 use serde::Deserialize;
 
-use tally_contract::{config::Problems, tenant::check_tenant_name};
+use tally_contract::config::Problems;
 
-use self::podresources::{NodePods, Refresher, Shared};
-use crate::{
-    config::{TenantRule, TenantRuleSpec},
-    paths,
-    snapshot::Workload,
-};
+pub use self::podresources::Refresher;
+use self::podresources::{NodePods, Shared};
+use crate::{paths, snapshot::Workload};
 
 /// `[tenant.kubernetes]`: where the kubelet's answers are.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -145,66 +142,8 @@ pub fn tenant_of(
     }
 }
 
-/// Validates a `[[tenant.rule]]` that has any of the Kubernetes keys.
-pub fn validate_rule(
-    spec: TenantRuleSpec,
-    key: &str,
-    problems: &mut Problems,
-) -> Option<TenantRule> {
-    let mut ok = true;
-    for (present, name) in [
-        (spec.cgroup.is_some(), "cgroup"),
-        (spec.user.is_some(), "user"),
-        (spec.tenant.is_some(), "tenant"),
-    ] {
-        if present {
-            problems.push(
-                format!("{key}.{name}"),
-                "a `kubernetes` rule takes no `cgroup`, `user` or `tenant`: the namespace \
-                 (or its `namespaces` entry) is the tenant",
-            );
-            ok = false;
-        }
-    }
-    match spec.kubernetes {
-        Some(true) => {}
-        Some(false) => {
-            problems.push(
-                format!("{key}.kubernetes"),
-                "`kubernetes = false` matches nothing; remove the rule",
-            );
-            ok = false;
-        }
-        None => {
-            problems.push(
-                format!("{key}.kubernetes"),
-                "`namespaces` and `unmapped` belong to a `kubernetes = true` rule",
-            );
-            ok = false;
-        }
-    }
-    let namespaces = spec.namespaces.unwrap_or_default();
-    for (ns, tenant) in &namespaces {
-        if !is_dns_label(ns) {
-            problems.push(
-                format!("{key}.namespaces.{ns}"),
-                "not a Kubernetes namespace name (lower-case letters, digits and `-`, at most 63)",
-            );
-            ok = false;
-        }
-        if let Err(msg) = check_tenant_name(tenant) {
-            problems.push(format!("{key}.namespaces.{ns}"), msg);
-            ok = false;
-        }
-    }
-    ok.then(|| TenantRule::Kubernetes {
-        namespaces,
-        unmapped: spec.unmapped.unwrap_or_default(),
-    })
-}
-
 /// RFC 1123 label: what a namespace name is.
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -443,19 +382,15 @@ impl Lookup {
 /// Whether cgroup v2 path `cgroup` (as `/proc/PID/cgroup` shows it) still
 /// exists on this host.
 fn cgroup_exists(cgroup: &str) -> bool {
-    crate::tenants::unified_root()
+    crate::cgroupfs::unified_root()
         .is_some_and(|root| root.join(cgroup.trim_start_matches('/')).exists())
 }
 
-/// Starts the refresher when the config asks for Kubernetes (a
-/// `kubernetes` rule, or workload series) and returns the lookup for the
-/// resolver plus the thread's guard; `None` otherwise.
-pub fn start(rules: &[TenantRule], config: &KubernetesConfig) -> Option<(Lookup, Refresher)> {
-    let wanted = config.workload_series
-        || rules
-            .iter()
-            .any(|r| matches!(r, TenantRule::Kubernetes { .. }));
-    if !wanted {
+/// Starts the refresher when Kubernetes is asked for (`namespace_rules`:
+/// a `kubernetes` tenant rule; or workload series) and returns the lookup
+/// for the resolver plus the thread's guard; `None` otherwise.
+pub fn start(config: &KubernetesConfig, namespace_rules: bool) -> Option<(Lookup, Refresher)> {
+    if !(namespace_rules || config.workload_series) {
         return None;
     }
     let shared: Shared = Arc::new(RwLock::new(Arc::new(NodePods::default())));
@@ -479,17 +414,6 @@ pub fn start(rules: &[TenantRule], config: &KubernetesConfig) -> Option<(Lookup,
     }
 }
 
-/// Starts Kubernetes support and attaches it to `resolver`; keep the
-/// returned guard for as long as the resolver runs.
-pub fn attach(
-    config: &crate::config::Config,
-    resolver: &mut crate::tenants::Resolver,
-) -> Option<Refresher> {
-    let (lookup, refresher) = start(&config.tenant.rules, &config.tenant.kubernetes)?;
-    resolver.set_kubernetes(lookup);
-    Some(refresher)
-}
-
 /// A lookup whose view is set by hand (tests).
 #[cfg(test)]
 pub(crate) fn lookup_with(view: NodePods, config: &KubernetesConfig) -> Lookup {
@@ -504,6 +428,7 @@ mod tests {
     use crate::kubernetes::proto::{
         ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
     };
+    use crate::tenants::rules::TenantRule;
 
     const UID: &str = "2ca4a155-3599-498d-bb9d-4446693fa3ea";
     const CID: &str = "66be9b2efdf4d85288c319b8c1a2f50d2439b5617e36f45d9d0d0be1381113be";

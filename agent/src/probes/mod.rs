@@ -435,7 +435,7 @@ impl Probes {
     /// Loads and attaches every enabled probe. Never fails: what cannot
     /// start is in [`Probes::statuses`], logged once with its fix.
     pub fn start(config: &ProbesConfig, state_dir: &Path) -> Probes {
-        let cgroup_root = tenants::unified_root().map(Path::to_path_buf);
+        let cgroup_root = crate::cgroupfs::unified_root().map(Path::to_path_buf);
         let cgroups = Arc::new(Mutex::new(CgroupPaths::new(
             cgroup_root
                 .clone()

@@ -257,7 +257,7 @@ fn gpu_devices_outside_the_tenants_list_are_denied() {
     if !require_root() {
         return;
     }
-    if tally_agent::tenants::unified_root().is_none() {
+    if tally_agent::cgroupfs::unified_root().is_none() {
         skip("no cgroup v2 hierarchy to attach the cgroup/dev program to");
         return;
     }
@@ -746,7 +746,7 @@ fn network_egress_rate_is_policed() {
     if !require_root() {
         return;
     }
-    if tally_agent::tenants::unified_root().is_none() {
+    if tally_agent::cgroupfs::unified_root().is_none() {
         skip("no cgroup v2 hierarchy for the cgroup_skb programs");
         return;
     }
@@ -952,7 +952,7 @@ fn network_ingress_rate_is_policed() {
     if !require_root() {
         return;
     }
-    if tally_agent::tenants::unified_root().is_none() {
+    if tally_agent::cgroupfs::unified_root().is_none() {
         skip("no cgroup v2 hierarchy for the cgroup_skb programs");
         return;
     }

@@ -1,6 +1,6 @@
-//! `/proc/PID/cgroup` parsing: `tally_agent::tenants::parse_unified_cgroup` and
-//! `parse_v1_cgroup`. The text comes from the kernel, but a process in a
-//! cgroup namespace controls its cgroup *names* (any byte but `/` and NUL).
+//! `/proc/PID/cgroup` parsing: `tally_agent::cgroupfs::Cgroups` (procfs's
+//! parser). The text comes from the kernel, but a process in a cgroup
+//! namespace controls its cgroup *names* (any byte but `/` and NUL).
 //!
 //! The first line of the input is the v1 controller asked for. Invariants:
 //! the v2 path is the rest of the first `0::` line (trailing space cut),
@@ -9,14 +9,17 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tally_agent::tenants::{parse_unified_cgroup, parse_v1_cgroup};
+use tally_agent::cgroupfs::Cgroups;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(input) = std::str::from_utf8(data) else {
         return;
     };
     let (controller, text) = input.split_once('\n').unwrap_or(("memory", input));
-    let unified = parse_unified_cgroup(text);
+    let Some(groups) = Cgroups::parse(text) else {
+        return;
+    };
+    let unified = groups.unified();
     let expected = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -25,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(path) = unified {
         assert!(!path.contains('\n'));
     }
-    if let Some(path) = parse_v1_cgroup(text, controller) {
+    if let Some(path) = groups.v1(controller) {
         assert!(!path.contains('\n'));
         assert!(
             text.lines().any(|l| {

@@ -83,7 +83,7 @@ to the test double, not to Tally; it grows with processes × devices × calls pe
 real driver answers from memory via ioctls; its cost cannot be measured without a GPU.
 
 What remains is Tally's own per-cycle work on the `tally-sampler` thread (profile above): \
-every cycle, for every GPU process, `tenants::cgroup_of` reads `/proc/<pid>/cgroup` \
+every cycle, for every GPU process, `cgroupfs::cgroup_of` reads `/proc/<pid>/cgroup` \
 (`agent/src/tenants.rs`, `Resolver::attribute_on`) and `gpu::Sampler::update_states` reads \
 `/proc/<pid>/stat` for each holder of each device — twice for processes on MIG instances \
 (once for the instance, once for the parent GPU) (`agent/src/gpu/mod.rs`, \

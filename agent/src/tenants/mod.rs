@@ -6,55 +6,12 @@
 //! the same [`Resolver::tenant_for_cgroup`], so GPU, network and PCIe usage
 //! of one workload land on one tenant.
 
-use std::{collections::HashMap, io, path::Path};
+use std::{collections::HashMap, io};
 
-use crate::{config::TenantRule, paths, snapshot::TENANT_UNATTRIBUTED};
+pub mod rules;
 
-/// Why a process's cgroup could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    /// The process is gone (or its `/proc` entry is unreadable).
-    #[error("cannot read /proc/{pid}/cgroup: {source}")]
-    Read { pid: u32, source: io::Error },
-    /// The file has no `0::` (cgroup v2) line.
-    #[error("/proc/{pid}/cgroup has no cgroup v2 (`0::`) line")]
-    NoUnifiedLine { pid: u32 },
-}
-
-/// The cgroup v2 path in the text of a `/proc/PID/cgroup` file.
-///
-/// Lines look like `hierarchy-id:controllers:path`; cgroup v2 is the line
-/// with id `0` and no controllers. The path may itself contain `:`.
-pub fn parse_unified_cgroup(text: &str) -> Option<&str> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix("0::")?;
-        Some(rest.trim_end())
-    })
-}
-
-/// The controller-specific (v1) path of `controller` in a
-/// `/proc/PID/cgroup` text, e.g. `memory` → `/process_api/abc`.
-pub fn parse_v1_cgroup<'a>(text: &'a str, controller: &str) -> Option<&'a str> {
-    text.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let _id = parts.next()?;
-        let controllers = parts.next()?;
-        let path = parts.next()?;
-        controllers
-            .split(',')
-            .any(|c| c == controller)
-            .then_some(path)
-    })
-}
-
-/// Reads the cgroup v2 path of a process.
-pub fn cgroup_of(pid: u32) -> Result<String, CgroupError> {
-    let text = std::fs::read_to_string(paths::proc_cgroup(pid))
-        .map_err(|source| CgroupError::Read { pid, source })?;
-    parse_unified_cgroup(&text)
-        .map(str::to_owned)
-        .ok_or(CgroupError::NoUnifiedLine { pid })
-}
+use self::rules::TenantRule;
+use crate::{cgroupfs::cgroup_of, paths, snapshot::TENANT_UNATTRIBUTED};
 
 /// The uid that owns a process (the owner of its `/proc` directory).
 pub fn uid_of(pid: u32) -> io::Result<u32> {
@@ -109,9 +66,25 @@ impl Resolver {
         }
     }
 
-    /// Names pods for `kubernetes` rules and workload series
-    /// (`crate::kubernetes::attach`).
-    pub fn set_kubernetes(&mut self, lookup: crate::kubernetes::Lookup) {
+    /// Names pods for `kubernetes` rules and workload series: starts
+    /// asking the kubelet when either is configured. Keep the returned
+    /// guard for as long as the resolver runs.
+    pub fn attach_kubernetes(
+        &mut self,
+        config: &crate::kubernetes::KubernetesConfig,
+    ) -> Option<crate::kubernetes::Refresher> {
+        let namespace_rules = self
+            .rules
+            .iter()
+            .any(|r| matches!(r, TenantRule::Kubernetes { .. }));
+        let (lookup, refresher) = crate::kubernetes::start(config, namespace_rules)?;
+        self.kubernetes = Some(lookup);
+        Some(refresher)
+    }
+
+    /// A Kubernetes lookup set by hand (tests).
+    #[cfg(test)]
+    pub(crate) fn set_kubernetes(&mut self, lookup: crate::kubernetes::Lookup) {
         self.kubernetes = Some(lookup);
     }
 
@@ -205,43 +178,12 @@ fn cgroup_rule(pattern: &regex::Regex, fixed: &Option<String>, cgroup: &str) -> 
     }
 }
 
-/// The root of the cgroup v2 hierarchy on this host: `/sys/fs/cgroup` on
-/// pure v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones.
-pub fn unified_root() -> Option<&'static Path> {
-    let pure = Path::new(paths::CGROUP_ROOT);
-    if pure.join("cgroup.controllers").exists() {
-        return Some(pure);
-    }
-    let hybrid = Path::new(paths::CGROUP_UNIFIED_HYBRID);
-    hybrid.join("cgroup.procs").exists().then_some(hybrid)
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
     use crate::config::Config;
-
-    const HYBRID: &str =
-        "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/f88c\n1:cpu:/\n0::/tally/acme/job1\n";
-
-    #[test]
-    fn unified_line_is_found_among_v1_lines() {
-        assert_eq!(parse_unified_cgroup(HYBRID), Some("/tally/acme/job1"));
-        assert_eq!(parse_unified_cgroup("0::/\n"), Some("/"));
-        assert_eq!(parse_unified_cgroup("4:memory:/x\n"), None);
-        assert_eq!(parse_unified_cgroup(""), None);
-        // A path with a colon stays whole.
-        assert_eq!(parse_unified_cgroup("0::/a:b\n"), Some("/a:b"));
-    }
-
-    #[test]
-    fn v1_controller_paths_are_found() {
-        assert_eq!(parse_v1_cgroup(HYBRID, "memory"), Some("/process_api/f88c"));
-        assert_eq!(parse_v1_cgroup("3:cpu,cpuacct:/a\n", "cpuacct"), Some("/a"));
-        assert_eq!(parse_v1_cgroup(HYBRID, "blkio"), None);
-    }
 
     fn resolver(text: &str) -> Resolver {
         Resolver::new(
