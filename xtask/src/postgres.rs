@@ -91,11 +91,14 @@ fn run(cmd: &mut Command) -> anyhow::Result<Output> {
 }
 
 /// `program` from `bin`, as the `postgres` user when we are root (the
-/// server refuses to run as root).
+/// server refuses to run as root). It runs in `/`: the checkout we were
+/// started in may be private (mode 0700) to that user.
 fn pg(bin: &Path, program: &str) -> Command {
     if is_root() {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+        c.args(["-u", "postgres", "--"])
+            .arg(bin.join(program))
+            .current_dir("/");
         c
     } else {
         Command::new(bin.join(program))

@@ -9,6 +9,7 @@
 pub mod aggregator_support;
 pub mod enforce_support;
 pub mod faults_support;
+pub mod other_user;
 pub mod probes_support;
 
 use std::{
@@ -390,6 +391,15 @@ pub struct ChildGuard(pub Child);
 impl ChildGuard {
     pub fn pid(&self) -> u32 {
         self.0.id()
+    }
+
+    /// Whether the process has exited (it stays a zombie, with its
+    /// `/proc/PID`, until reaped, so that directory alone does not say).
+    pub fn has_exited(&self) -> bool {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // The state follows the command name, which may hold spaces.
+        stat.rsplit_once(") ")
+            .is_none_or(|(_, rest)| rest.starts_with('Z'))
     }
 
     /// Sends SIGKILL and reaps.

@@ -6,14 +6,17 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read},
     net::{SocketAddr, UdpSocket},
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::OnceLock,
     time::Duration,
 };
 
-use crate::{ChildGuard, SimNode, free_port, http_get, sim_lib, tally_bin, unique, wait_for};
+use crate::{
+    ChildGuard, SimNode, free_port, http_get,
+    other_user::{SharedDir, as_nobody, open_to_all},
+    sim_lib, tally_bin, unique, wait_for,
+};
 
 /// The fake driver library and the program that calls it, built once per
 /// test process with the system C compiler (`cc`) from
@@ -245,49 +248,48 @@ pub fn udp_sink() -> (SocketAddr, UdpSocket) {
     (s.local_addr().unwrap(), s)
 }
 
-/// Makes `dir` and every file in it world-readable (and the directory
-/// searchable), for an agent that runs as `nobody`.
-pub fn open_up(dir: &Path) {
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    for e in fs::read_dir(dir).expect("read dir").flatten() {
-        if e.path().is_dir() {
-            open_up(&e.path());
-        } else {
-            fs::set_permissions(e.path(), fs::Permissions::from_mode(0o644)).expect("chmod file");
-        }
+/// A `tally agent` run as `nobody`, with the world-readable copies of what
+/// it runs from; derefs to the [`Agent`](crate::Agent).
+pub struct NobodyAgent {
+    // Fields drop in order: the agent is killed before its files go.
+    agent: crate::Agent,
+    _shared: SharedDir,
+}
+
+impl std::ops::Deref for NobodyAgent {
+    type Target = crate::Agent;
+    fn deref(&self) -> &crate::Agent {
+        &self.agent
     }
 }
 
-/// Starts `tally agent` as user `nobody` (uid/gid 65534, no supplementary
-/// groups, no capabilities) through `setpriv`; waits for `/readyz`.
-pub fn start_agent_as_nobody(node: &SimNode, config_toml: &str) -> crate::Agent {
+/// Starts `tally agent` as user `nobody` (no supplementary groups, no
+/// capabilities) through `setpriv`, from copies of the binary, the
+/// simulator and the config in a [`SharedDir`] (the checkout may be
+/// private); waits for `/readyz`.
+pub fn start_agent_as_nobody(node: &SimNode, config_toml: &str) -> NobodyAgent {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = node.dir.path().join(unique("agent") + ".toml");
-    fs::write(&config, config_toml).expect("write config");
+    let shared = SharedDir::new();
+    let tally = shared.copy(&tally_bin());
+    let sim = shared.copy(&sim_lib());
+    let config = shared.write("agent.toml", config_toml);
     let log = node.dir.path().join(unique("agent") + ".log");
-    open_up(node.dir.path());
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-        "--",
-    ])
-    .arg(tally_bin())
-    .arg("agent")
-    .arg("--config")
-    .arg(&config)
-    .arg("--listen")
-    .arg(addr.to_string())
-    .arg("--nvml-lib")
-    .arg(sim_lib())
-    .envs(node.env())
-    .env("TALLY_LOG", "info")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(fs::File::create(&log).expect("agent log"));
+    // The simulator's scenario and state stay in the node's directory: the
+    // test keeps changing them while the agent runs.
+    open_to_all(node.dir.path());
+    let mut cmd = as_nobody(&tally);
+    cmd.arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--nvml-lib")
+        .arg(&sim)
+        .envs(node.env())
+        .env("TALLY_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).expect("agent log"));
     let agent = crate::Agent {
         child: ChildGuard(cmd.spawn().expect("spawn setpriv tally agent")),
         addr,
@@ -297,7 +299,17 @@ pub fn start_agent_as_nobody(node: &SimNode, config_toml: &str) -> crate::Agent 
     wait_for(
         "unprivileged agent /readyz",
         Duration::from_secs(60),
-        || matches!(http_get(agent.addr, "/readyz"), Ok((200, _))).then_some(()),
+        || {
+            assert!(
+                !agent.child.has_exited(),
+                "the agent as nobody exited; log:\n{}",
+                agent.log_text()
+            );
+            matches!(http_get(agent.addr, "/readyz"), Ok((200, _))).then_some(())
+        },
     );
-    agent
+    NobodyAgent {
+        agent,
+        _shared: shared,
+    }
 }

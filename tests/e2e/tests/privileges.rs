@@ -12,7 +12,10 @@ use std::{
 
 use tally_agent::privileges::{beyond_kept, kept_mask};
 use tally_e2e::{
-    Agent, Cgroup, ChildGuard, SimNode, faults_support::status_field, free_port, http_get,
+    Agent, Cgroup, ChildGuard, SimNode,
+    faults_support::status_field,
+    free_port, http_get,
+    other_user::{SharedDir, as_user},
     require_root, skip, tally_bin, unique, wait_for,
 };
 
@@ -116,9 +119,10 @@ fn the_aggregator_runs_as_nobody() {
         skip("no `nobody` user on this machine");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    fs::set_permissions(root, fs::Permissions::from_mode(0o755)).unwrap();
+    // Binary, config and tokens where nobody can reach them (the checkout
+    // may be private): a directory it can search, files it owns.
+    let shared = SharedDir::new();
+    let root = shared.path();
     let data = root.join("data");
     fs::create_dir(&data).unwrap();
     nix::unistd::chown(&data, Some(nobody.uid), Some(nobody.gid)).unwrap();
@@ -144,12 +148,9 @@ fn the_aggregator_runs_as_nobody() {
     .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log = root.join("aggregator.log");
+    let tally = shared.copy(&tally_bin());
     let child = ChildGuard(
-        Command::new("setpriv")
-            .args(["--reuid", &nobody.uid.to_string()])
-            .args(["--regid", &nobody.gid.to_string()])
-            .args(["--clear-groups", "--inh-caps=-all", "--"])
-            .arg(tally_bin())
+        as_user(nobody.uid, nobody.gid, &tally)
             .args(["aggregator", "--config"])
             .arg(&config)
             .args(["--listen", &addr.to_string()])
@@ -160,7 +161,7 @@ fn the_aggregator_runs_as_nobody() {
             .expect("setpriv (util-linux)"),
     );
     let ready = wait_for("the aggregator as nobody", Duration::from_secs(60), || {
-        if !std::path::Path::new(&format!("/proc/{}", child.pid())).exists() {
+        if child.has_exited() {
             panic!(
                 "the aggregator exited:\n{}",
                 fs::read_to_string(&log).unwrap_or_default()
