@@ -8,6 +8,8 @@ mod demo;
 mod deps;
 mod exec;
 mod fuzz;
+#[cfg(test)]
+mod layout;
 mod postgres;
 mod test;
 

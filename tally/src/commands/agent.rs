@@ -1,15 +1,32 @@
 //! `tally agent`: sample, attribute, enforce, serve `/metrics` and report,
 //! until SIGINT/SIGTERM.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
+use clap::Args;
 use tally_agent::{
     config::Config,
     run::{Agent, Settings},
 };
 use tally_contract::config::EX_USAGE;
 
-use crate::{cli::AgentArgs, runtime, serve, signal};
+use crate::{runtime, serve, signal};
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// Config file (TOML). Without it, defaults apply.
+    #[arg(long, short = 'c')]
+    pub(crate) config: Option<PathBuf>,
+    /// Address for /metrics and the JSON API [default: 0.0.0.0:9477].
+    #[arg(long)]
+    pub(crate) listen: Option<SocketAddr>,
+    /// Time between samples, e.g. `1s`, `500ms` [default: 1s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) sample_interval: Option<Duration>,
+    /// NVML library to open [default: the system libnvidia-ml.so.1].
+    #[arg(long)]
+    pub(crate) nvml_lib: Option<PathBuf>,
+}
 
 /// The config file if given, else the defaults; exit code 64 when bad.
 pub(crate) fn load_optional(file: Option<&PathBuf>) -> Result<Config, ExitCode> {

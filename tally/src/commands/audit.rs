@@ -1,8 +1,18 @@
 //! `tally audit verify`: check an audit log's hash chain.
 
-use std::{path::Path, process::ExitCode};
+use std::{path::Path, path::PathBuf, process::ExitCode};
 
+use clap::Subcommand;
 use tally_contract::audit;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check the hash chain of an audit log; name the first broken line.
+    Verify {
+        /// The audit log (`<state_dir>/audit.log`).
+        file: PathBuf,
+    },
+}
 
 /// `sysexits.h`: the input file does not exist or cannot be read.
 const EX_NOINPUT: u8 = 66;

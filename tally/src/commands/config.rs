@@ -1,10 +1,24 @@
 //! `tally config check`: validate an agent or aggregator config file.
 
-use std::{path::Path, process::ExitCode};
+use std::{path::Path, path::PathBuf, process::ExitCode};
 
+use clap::Subcommand;
 use tally_agent::config::Config;
 use tally_aggregator::{AggregatorConfig, config::looks_like_aggregator};
 use tally_contract::config::EX_USAGE;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Validate a config file without starting anything; exit 64 if bad.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+        /// Check it as an aggregator config (also chosen when the file has
+        /// only `[aggregator]`, `[ledger]`, `[prices]` or `[auth]` tables).
+        #[arg(long)]
+        aggregator: bool,
+    },
+}
 
 /// Every problem at once, exit 64 when there is one. An aggregator file is
 /// recognised by its tables unless `aggregator` says so.
