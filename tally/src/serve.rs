@@ -105,3 +105,42 @@ where
         debug!(%peer, error = %e, "connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use hyper::StatusCode;
+
+    use super::*;
+
+    /// A request in flight when shutdown begins is answered whole, and
+    /// `serve` returns only after it has been.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_drains_the_request_in_flight() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let route = |_req: Request<Incoming>| async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut r = Response::new(Full::new(Bytes::from_static(b"slow but whole")));
+            *r.status_mut() = StatusCode::OK;
+            r
+        };
+        let server = tokio::spawn(serve(listener, None, route, shutdown.clone()));
+        let client = tokio::spawn(async move {
+            reqwest::get(format!("http://{addr}/")).await?.text().await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cancelled = Instant::now();
+        shutdown.cancel();
+        server.await.unwrap();
+        assert!(
+            cancelled.elapsed() >= Duration::from_millis(300),
+            "serve returned before the request in flight was answered"
+        );
+        assert_eq!(client.await.unwrap().unwrap(), "slow but whole");
+        // Nothing is accepted after shutdown.
+        assert!(reqwest::get(format!("http://{addr}/")).await.is_err());
+    }
+}
