@@ -654,15 +654,18 @@ else
 	fi
 	[[ -z $SMI ]] && v="$v; tenant and pid only, nvidia-smi side $NO_SMI"
 	row "workload: pid, memory, tenant $TENANT" "$tally_txt" "$smi_txt" "$v"
-	# PCIe copies the workload made, as the uprobes counted them.
-	if [[ ${HOLD[0]} == */gpu-hold ]]; then
+	# PCIe copies the workload made (gpu-hold says how many bytes), as the
+	# uprobes on libcuda counted them.
+	copied=
+	while IFS= read -r line; do [[ $line =~ ^gpu-hold:.*copied\ ([0-9]+)\ bytes ]] && copied=${BASH_REMATCH[1]}; done <"$OUT/hold.log"
+	if [[ -n $copied ]]; then
 		p=0
 		while IFS= read -r line; do
 			[[ $line == 'tally_tenant_pcie_bytes_total{'* && $(label "$line" tenant) == "$TENANT" && $(label "$line" direction) == h2d ]] &&
 				p=$(($(micro "${line##* }") / 1000000))
 		done <"$OUT/metrics-$LAST.txt"
-		((p >= 1073741824)) && v=ok || v="MISMATCH (gpu-hold copied 1073741824 bytes host to device)"
-		row "workload: PCIe h2d bytes (uprobes)" "$p" "gpu-hold copied 1073741824" "$v"
+		((p >= copied)) && v=ok || v=MISMATCH
+		row "workload: PCIe h2d bytes of tenant $TENANT (uprobes)" "$p" "gpu-hold copied $copied" "$v"
 	fi
 fi
 

@@ -1,9 +1,9 @@
 //! `tests/gpu/check.sh`, the check run on a lent GPU machine, run here
 //! against the NVML simulator with no nvidia-smi: every part that does not
 //! need the driver's own tools runs (doctor, agent scrapes, Tally's own
-//! sums, the workload's tenant, the `cuMemcpy*` symbols of a libcuda) and
-//! the rest says skipped. A stand-in nvidia-smi that disagrees shows that a
-//! mismatch fails the check.
+//! sums, the workload's tenant and copies, the `cuMemcpy*` symbols of a
+//! libcuda) and the rest says skipped. A stand-in nvidia-smi that disagrees
+//! shows that a mismatch fails the check.
 
 use std::{
     fs,
@@ -25,14 +25,29 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../gpu/check.sh")
 }
 
-/// Runs check.sh on `node` for 6 s (a scrape every 2 s) with a workload of
-/// 4 GiB on GPU 0 and the fake libcuda; `extra` arguments and `path_front`
-/// (a directory put first on PATH) as given.
+/// Runs check.sh on `node` for 6 s (a scrape every 2 s) with the fake
+/// libcuda, and as the workload `tests/gpu/gpu-hold.c` (built here with
+/// `cc`) on that libcuda, registered on GPU 0 with 4 GiB; `extra`
+/// arguments and `path_front` (a directory put first on PATH) as given.
 fn run_check(node: &SimNode, out: &Path, extra: &[&str], path_front: Option<&Path>) -> Output {
+    let gpu_hold = node.dir.path().join("gpu-hold");
+    let cc = Command::new("cc")
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&gpu_hold)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../gpu/gpu-hold.c"))
+        .output()
+        .expect("run cc (apt-get install gcc)");
+    assert!(
+        cc.status.success(),
+        "cc gpu-hold.c: {}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
     let hold = format!(
-        "{} --state {} --gpu 0 --memory-mib 4096 --sm 0.5 -- sleep 4",
+        "{} --state {} --gpu 0 --memory-mib 4096 --sm 0.5 -- {} --lib {} --mib 16 --seconds 4",
         sim_run_bin().display(),
-        node.state.display()
+        node.state.display(),
+        gpu_hold.display(),
+        fake_cuda().lib.display()
     );
     let mut path = std::env::var("PATH").unwrap_or_default();
     if let Some(front) = path_front {
@@ -135,6 +150,15 @@ fn check_sh_passes_on_the_simulator_and_says_what_it_skipped() {
     let workload = row(&report, "workload: pid, memory, tenant gpucheck");
     assert!(workload.contains("tenant gpucheck, 4096 MiB"), "{workload}");
     assert!(workload.contains("| ok ("), "{workload}");
+    // gpu-hold's one 16 MiB copy, counted by the uprobes for its tenant.
+    assert!(
+        row(
+            &report,
+            "workload: PCIe h2d bytes of tenant gpucheck (uprobes)"
+        )
+        .ends_with("| 16777216 | gpu-hold copied 16777216 | ok |"),
+        "{report}"
+    );
     // Every cuMemcpy* of the fake libcuda found in its ELF symbols, and as
     // many uprobes attached.
     assert!(
