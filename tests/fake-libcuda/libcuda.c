@@ -69,3 +69,16 @@ COPY2D(cuMemcpy2DAsync_v2_ptsz, 21, const CUDA_MEMCPY2D *p, CUstream s)
 
 /* Not a copy: present so a "driver" has more than the probed symbols. */
 CUresult cuInit(unsigned int flags) { fake_cuda_bytes[31] = flags; return 0; }
+
+/* What tests/gpu/gpu-hold.c needs around its copy: a device, a context and
+ * an allocation that only exist as numbers. */
+CUresult cuDeviceGet(int *dev, int ordinal) { *dev = ordinal; fake_cuda_bytes[22]++; return 0; }
+CUresult cuCtxCreate_v2(void **ctx, unsigned int flags, int dev)
+{
+	*ctx = (void *)&fake_cuda_bytes[23];
+	fake_cuda_bytes[23] += flags + (size_t)dev;
+	return 0;
+}
+CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t n) { *ptr = 0x1000; fake_cuda_bytes[24] += n; return 0; }
+CUresult cuMemFree_v2(CUdeviceptr ptr) { fake_cuda_bytes[25] += ptr; return 0; }
+CUresult cuCtxDestroy_v2(void *ctx) { fake_cuda_bytes[26] += ctx != NULL; return 0; }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod deps;
+mod dist;
 mod exec;
 mod fuzz;
 #[cfg(test)]
@@ -30,6 +31,8 @@ enum Command {
     Bench(bench::Options),
     /// Run every fuzz target for N seconds; print executions and crashes.
     Fuzz(fuzz::Options),
+    /// Build target/dist/: a stripped tally, the GPU check and its helpers, to copy to a GPU machine.
+    Dist(dist::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(o) => demo::run(o),
         Command::Bench(o) => bench::run(o),
         Command::Fuzz(o) => fuzz::run(o),
+        Command::Dist(o) => dist::run(o),
     }
 }
