@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Prices,
-    ledger::{GpuGroup, IoGroup},
+    ledger::chargeback::{GpuGroup, IoGroup},
 };
 use tally_contract::tenant::TENANT_IDLE;
 

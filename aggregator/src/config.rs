@@ -59,6 +59,26 @@ pub struct AggregatorConfig {
     pub scheduler: SchedulerSection,
 }
 
+/// How the scheduler extender ranks nodes that fit (`[scheduler] policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Fullest node first: keeps whole nodes free for large jobs.
+    Binpack,
+    /// Emptiest node first: spreads load and failure domains.
+    Spread,
+}
+
+impl Policy {
+    /// `binpack` or `spread`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "binpack" => Some(Self::Binpack),
+            "spread" => Some(Self::Spread),
+            _ => None,
+        }
+    }
+}
+
 /// `[scheduler]`: the Kubernetes scheduler extender.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -258,7 +278,7 @@ impl AggregatorConfig {
         check_prices(&prices, problems);
         let tokens = auth_section(table, problems);
         let scheduler: SchedulerSection = section(table, "scheduler", problems);
-        if crate::scheduler::Policy::parse(&scheduler.policy).is_none() {
+        if Policy::parse(&scheduler.policy).is_none() {
             problems.push(
                 "scheduler.policy",
                 format!(

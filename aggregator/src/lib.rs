@@ -6,7 +6,8 @@
 //!
 //! Data flows one way: [`server`] routes a request to [`ledger`] (every
 //! SQL read and write), and to the pure views over what it read
-//! ([`chargeback`], [`cluster`], [`scheduler`]).
+//! ([`chargeback`], [`cluster`], [`scheduler`]); no module imports one
+//! that imports it back.
 #![forbid(unsafe_code)]
 
 use std::{sync::Arc, time::Duration};
@@ -26,6 +27,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod scheduler;
 pub mod server;
+mod time;
 
 pub use config::AggregatorConfig;
 

@@ -17,7 +17,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::ledger::TenantTotals;
+use crate::ledger::totals::TenantTotals;
 
 /// Content type of [`Metrics::encode`]'s output.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -9,23 +9,17 @@
 //! A pod's demand is its `nvidia.com/gpu` and `nvidia.com/mig-<profile>`
 //! limits, combined over containers the way kube-scheduler combines
 //! requests ([`demand`]). Filtering and scoring are pure functions of the
-//! demand and the cluster view ([`crate::cluster`]), which is read from
-//! the ledger on every call.
+//! demand and the cluster view ([`crate::cluster`]), which the server
+//! reads from the ledger on every call (the HTTP side is in `server`).
 
 use std::collections::BTreeMap;
 
-use http_body_util::{BodyExt, Limited};
-use hyper::{Request, Response, StatusCode, body::Incoming, header::AUTHORIZATION};
-use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
-use tracing::{debug, warn};
 
-use crate::http::{self, Body};
 use crate::{
-    auth::AuthError,
     cluster::{self, ClusterView, NodeView},
-    config::Role,
-    server::{App, auth_error, now_ms, problem},
+    config::Policy,
 };
 
 /// Highest score an extender may give (`extenderv1.MaxExtenderPriority`).
@@ -34,25 +28,6 @@ pub const MAX_EXTENDER_PRIORITY: i64 = 10;
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// MIG instances of a profile (`nvidia.com/mig-1g.5gb`, mixed strategy).
 pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
-
-/// How nodes that fit are ranked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// Fullest node first: keeps whole nodes free for large jobs.
-    Binpack,
-    /// Emptiest node first: spreads load and failure domains.
-    Spread,
-}
-
-impl Policy {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "binpack" => Some(Self::Binpack),
-            "spread" => Some(Self::Spread),
-            _ => None,
-        }
-    }
-}
 
 // ------------------------------------------------------------ wire types
 
@@ -508,103 +483,6 @@ pub fn prioritize_nodes(
             }
         })
         .collect())
-}
-
-// ------------------------------------------------------------------ HTTP
-
-/// Who may call the extender: anyone without a token when
-/// `[scheduler] allow_unauthenticated`, and an admin token always.
-#[allow(clippy::result_large_err)]
-fn authorize(req: &Request<Incoming>, app: &App) -> Result<(), Response<Body>> {
-    if req.headers().get(AUTHORIZATION).is_none() && app.scheduler.allow_unauthenticated {
-        return Ok(());
-    }
-    match app.tokens.authenticate(req.headers()).map_err(auth_error)? {
-        Role::Admin => Ok(()),
-        _ => Err(auth_error(AuthError::Forbidden {
-            action: "call the scheduler extender (admin tokens only)",
-        })),
-    }
-}
-
-#[allow(clippy::result_large_err)]
-async fn read_args<T: DeserializeOwned>(
-    req: Request<Incoming>,
-    app: &App,
-) -> Result<T, Response<Body>> {
-    authorize(&req, app)?;
-    let body = Limited::new(req.into_body(), app.max_body as usize)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                problem(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body is larger than {} bytes", app.max_body),
-                )
-            } else {
-                problem(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
-            }
-        })?
-        .to_bytes();
-    serde_json::from_slice(&body)
-        .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("not an ExtenderArgs: {e}")))
-}
-
-fn policy(app: &App) -> Policy {
-    Policy::parse(&app.scheduler.policy).unwrap_or(Policy::Binpack)
-}
-
-/// `POST /scheduler/filter`.
-pub async fn filter(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let args: ExtenderArgs = match read_args(req, app).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let now = now_ms();
-    let result = match cluster::load(&app.ledger, now).await {
-        Ok(view) => filter_nodes(&args, &view, now),
-        Err(e) => {
-            app.metrics.ledger_errors.inc();
-            warn!(error = %e, "scheduler filter: ledger read failed");
-            ExtenderFilterResult {
-                error: format!("tally: ledger unavailable: {e}"),
-                ..Default::default()
-            }
-        }
-    };
-    debug!(
-        pod = %args.pod.as_ref().map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name)).unwrap_or_default(),
-        failed = result.failed_nodes.len() + result.failed_and_unresolvable_nodes.len(),
-        "scheduler filter"
-    );
-    http::json(StatusCode::OK, &result)
-}
-
-/// `POST /scheduler/prioritize`.
-pub async fn prioritize(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let args: ExtenderArgs = match read_args(req, app).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let now = now_ms();
-    let view = match cluster::load(&app.ledger, now).await {
-        Ok(v) => v,
-        Err(e) => {
-            app.metrics.ledger_errors.inc();
-            warn!(error = %e, "scheduler prioritize: ledger read failed");
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("ledger unavailable: {e}"),
-            );
-        }
-    };
-    match prioritize_nodes(&args, &view, policy(app), now) {
-        Ok(list) => http::json(StatusCode::OK, &list),
-        Err(e) => problem(StatusCode::BAD_REQUEST, e),
-    }
 }
 
 #[cfg(test)]
