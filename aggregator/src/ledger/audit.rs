@@ -1,7 +1,6 @@
 //! The central audit store: each node's records with their hash chain
 //! checked on the way in, and read back by `GET /api/v1/audit`.
 
-use sqlx::Row;
 use tally_contract::wire::{AuditRecord, GENESIS_SHA256, Report};
 
 use super::{Ledger, LedgerError, i};
@@ -21,6 +20,38 @@ pub struct AuditRow {
     /// Why not, when it does not.
     pub problem: Option<String>,
     pub record: serde_json::Value,
+}
+
+/// A row of `audit` as stored.
+#[derive(sqlx::FromRow)]
+struct StoredAudit {
+    id: i64,
+    node: String,
+    time_ms: i64,
+    tenant: Option<String>,
+    action: Option<String>,
+    prev_sha256: String,
+    sha256: String,
+    problem: Option<String>,
+    /// The record as JSON text.
+    record: String,
+}
+
+impl From<StoredAudit> for AuditRow {
+    fn from(r: StoredAudit) -> Self {
+        AuditRow {
+            id: r.id,
+            node: r.node,
+            time_ms: r.time_ms,
+            tenant: r.tenant,
+            action: r.action,
+            prev_sha256: r.prev_sha256,
+            sha256: r.sha256,
+            chain_ok: r.problem.is_none(),
+            problem: r.problem,
+            record: serde_json::from_str(&r.record).unwrap_or(serde_json::Value::Null),
+        }
+    }
 }
 
 /// Filter of `GET /api/v1/audit`.
@@ -74,7 +105,7 @@ pub(super) async fn store(
         }
         sqlx::query(
             "INSERT INTO audit_heads (node, sha256) VALUES ($1, $2) \
-                 ON CONFLICT (node) DO UPDATE SET sha256 = excluded.sha256",
+             ON CONFLICT (node) DO UPDATE SET sha256 = excluded.sha256",
         )
         .bind(&r.node)
         .bind(head)
@@ -87,7 +118,7 @@ pub(super) async fn store(
 impl Ledger {
     /// Stored audit records, oldest first.
     pub async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRow>, LedgerError> {
-        let rows = sqlx::query(
+        let rows: Vec<StoredAudit> = sqlx::query_as(
             "SELECT id, node, time_ms, tenant, action, prev_sha256, sha256, problem, record \
              FROM audit WHERE time_ms >= $1 AND time_ms < $2 \
              AND ($3 = '' OR tenant = $3) AND ($4 = '' OR node = $4) \
@@ -100,25 +131,7 @@ impl Ledger {
         .bind(q.limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let problem: Option<String> = row.try_get("problem")?;
-                let record: String = row.try_get("record")?;
-                Ok(AuditRow {
-                    id: row.try_get("id")?,
-                    node: row.try_get("node")?,
-                    time_ms: row.try_get("time_ms")?,
-                    tenant: row.try_get("tenant")?,
-                    action: row.try_get("action")?,
-                    prev_sha256: row.try_get("prev_sha256")?,
-                    sha256: row.try_get("sha256")?,
-                    chain_ok: problem.is_none(),
-                    problem,
-                    record: serde_json::from_str(&record).unwrap_or(serde_json::Value::Null),
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        Ok(rows.into_iter().map(AuditRow::from).collect())
     }
 }
 

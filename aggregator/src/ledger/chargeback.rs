@@ -1,11 +1,9 @@
 //! What chargeback reads: usage summed per group over a period.
 
-use sqlx::Row;
-
 use super::{Ledger, LedgerError};
 
 /// Usage of one (tenant, node, model, slice) over a period.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct GpuGroup {
     pub tenant: String,
     pub node: String,
@@ -20,7 +18,7 @@ pub struct GpuGroup {
 }
 
 /// I/O of one (tenant, node) over a period.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub struct IoGroup {
     pub tenant: String,
     pub node: String,
@@ -33,7 +31,7 @@ pub struct IoGroup {
 impl Ledger {
     /// GPU usage of reports whose interval ends in `[from_ms, to_ms)`.
     pub async fn gpu_groups(&self, from_ms: i64, to_ms: i64) -> Result<Vec<GpuGroup>, LedgerError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT tenant, node, model, slice_fraction, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT) AS used_us, \
@@ -47,27 +45,12 @@ impl Ledger {
         .bind(from_ms)
         .bind(to_ms)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(GpuGroup {
-                    tenant: row.try_get("tenant")?,
-                    node: row.try_get("node")?,
-                    model: row.try_get("model")?,
-                    slice_fraction: row.try_get("slice_fraction")?,
-                    allocated_us: row.try_get("allocated_us")?,
-                    used_us: row.try_get("used_us")?,
-                    energy_mj: row.try_get("energy_mj")?,
-                    memory_byte_seconds: row.try_get("memory_byte_seconds")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        .await?)
     }
 
     /// I/O of reports whose interval ends in `[from_ms, to_ms)`.
     pub async fn io_groups(&self, from_ms: i64, to_ms: i64) -> Result<Vec<IoGroup>, LedgerError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT tenant, node, \
              CAST(SUM(network_ingress_bytes) AS BIGINT) AS network_ingress_bytes, \
              CAST(SUM(network_egress_bytes) AS BIGINT) AS network_egress_bytes, \
@@ -79,19 +62,6 @@ impl Ledger {
         .bind(from_ms)
         .bind(to_ms)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(IoGroup {
-                    tenant: row.try_get("tenant")?,
-                    node: row.try_get("node")?,
-                    network_ingress_bytes: row.try_get("network_ingress_bytes")?,
-                    network_egress_bytes: row.try_get("network_egress_bytes")?,
-                    pcie_h2d_bytes: row.try_get("pcie_h2d_bytes")?,
-                    pcie_d2h_bytes: row.try_get("pcie_d2h_bytes")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        .await?)
     }
 }

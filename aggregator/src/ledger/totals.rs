@@ -1,13 +1,11 @@
 //! What `/metrics` and `GET /api/v1/reports` read: running totals per
 //! tenant (kept up to date by ingest), nodes and stored reports.
 
-use sqlx::Row;
-
 use super::{Ledger, LedgerError};
 
 /// Running totals of one tenant (for `/metrics`), as doubles: over a
 /// cluster's lifetime they outgrow 64-bit integers.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub struct TenantTotals {
     pub tenant: String,
     pub allocated_us: f64,
@@ -21,20 +19,21 @@ pub struct TenantTotals {
 }
 
 /// The reports of one (node, boot).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct ReportSummary {
     pub node: String,
     pub boot_id: String,
     pub reports: i64,
     pub first_seq: i64,
     pub last_seq: i64,
+    #[sqlx(rename = "last_end")]
     pub last_interval_end_ms: i64,
 }
 
 impl Ledger {
     /// Running totals of every tenant.
     pub async fn totals(&self) -> Result<Vec<TenantTotals>, LedgerError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT tenant, CAST(allocated_us AS DOUBLE PRECISION) AS allocated_us, \
              CAST(sm_us AS DOUBLE PRECISION) AS sm_us, \
              CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, \
@@ -46,57 +45,26 @@ impl Ledger {
              FROM tenant_totals ORDER BY tenant",
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(TenantTotals {
-                    tenant: row.try_get("tenant")?,
-                    allocated_us: row.try_get("allocated_us")?,
-                    sm_us: row.try_get("sm_us")?,
-                    memory_byte_seconds: row.try_get("memory_byte_seconds")?,
-                    energy_mj: row.try_get("energy_mj")?,
-                    network_ingress_bytes: row.try_get("network_ingress_bytes")?,
-                    network_egress_bytes: row.try_get("network_egress_bytes")?,
-                    pcie_h2d_bytes: row.try_get("pcie_h2d_bytes")?,
-                    pcie_d2h_bytes: row.try_get("pcie_d2h_bytes")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        .await?)
     }
 
     /// Last report time of every node: `(node, received_ms)`.
     pub async fn nodes(&self) -> Result<Vec<(String, i64)>, LedgerError> {
-        let rows = sqlx::query("SELECT node, last_received_ms FROM nodes ORDER BY node")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("node")?, row.try_get("last_received_ms")?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        Ok(
+            sqlx::query_as("SELECT node, last_received_ms FROM nodes ORDER BY node")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// The stored reports, per (node, boot).
     pub async fn report_summary(&self) -> Result<Vec<ReportSummary>, LedgerError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT node, boot_id, COUNT(*) AS reports, MIN(seq) AS first_seq, \
              MAX(seq) AS last_seq, MAX(interval_end_ms) AS last_end \
              FROM reports GROUP BY node, boot_id ORDER BY node, boot_id",
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ReportSummary {
-                    node: row.try_get("node")?,
-                    boot_id: row.try_get("boot_id")?,
-                    reports: row.try_get("reports")?,
-                    first_seq: row.try_get("first_seq")?,
-                    last_seq: row.try_get("last_seq")?,
-                    last_interval_end_ms: row.try_get("last_end")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        .await?)
     }
 }
