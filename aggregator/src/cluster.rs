@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::{ledger::cluster::ClusterRows, time::rfc3339};
 
 /// Missed report intervals after which a node is stale.
-pub const STALE_INTERVALS: i64 = 3;
+pub(crate) const STALE_INTERVALS: i64 = 3;
 /// Report interval assumed for agents that do not send theirs (the
 /// agent's default `[report] interval`).
-pub const DEFAULT_INTERVAL_MS: i64 = 10_000;
+pub(crate) const DEFAULT_INTERVAL_MS: i64 = 10_000;
 
 /// The whole cluster as the ledger knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,30 +39,30 @@ pub struct ClusterView {
 /// One node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
-    pub node: String,
+    pub(crate) node: String,
     /// When its last report arrived (aggregator clock).
-    pub last_report: String,
-    pub last_report_ms: i64,
+    pub(crate) last_report: String,
+    pub(crate) last_report_ms: i64,
     /// End of the newest interval it reported (node clock).
-    pub last_interval_end_ms: i64,
+    pub(crate) last_interval_end_ms: i64,
     /// Its `[report] interval`; `None` from agents that do not send it
     /// ([`DEFAULT_INTERVAL_MS`] is assumed).
-    pub report_interval_ms: Option<i64>,
+    pub(crate) report_interval_ms: Option<i64>,
     /// Time without a report after which the node is stale.
-    pub stale_after_ms: i64,
-    pub stale: bool,
+    pub(crate) stale_after_ms: i64,
+    pub(crate) stale: bool,
     /// Reports stored from it.
-    pub reports: i64,
+    pub(crate) reports: i64,
     /// Physical GPUs first, each followed by its MIG instances.
-    pub gpus: Vec<GpuView>,
-    pub capacity: Capacity,
+    pub(crate) gpus: Vec<GpuView>,
+    pub(crate) capacity: Capacity,
     /// Its tenants' local quotas, as of its newest report.
-    pub quotas: Vec<QuotaView>,
+    pub(crate) quotas: Vec<QuotaView>,
 }
 
 /// One GPU or MIG instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuView {
+pub(crate) struct GpuView {
     /// `"<index>"`, or `"<index>/<gi>/<ci>"` for a MIG instance.
     pub gpu: String,
     pub uuid: String,
@@ -92,7 +92,7 @@ pub struct GpuView {
 
 /// What a node can take now: the numbers the extender filters and scores by.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Capacity {
+pub(crate) struct Capacity {
     /// Whole GPUs (physical, not in MIG mode), in any state.
     pub gpus: u64,
     /// Whole GPUs that are neither stuck nor lost.
@@ -115,7 +115,7 @@ pub struct Capacity {
 
 /// One quota of one tenant on one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QuotaView {
+pub(crate) struct QuotaView {
     pub tenant: String,
     pub resource: String,
     pub limit: f64,
@@ -125,16 +125,16 @@ pub struct QuotaView {
 /// One tenant across the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantView {
-    pub tenant: String,
+    pub(crate) tenant: String,
     /// Devices it holds, with their state (`idle` = allocated and wasted).
-    pub devices: Vec<HeldDevice>,
+    pub(crate) devices: Vec<HeldDevice>,
     /// Its quotas on every node.
-    pub quotas: Vec<NodeQuota>,
+    pub(crate) quotas: Vec<NodeQuota>,
 }
 
 /// A device a tenant holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HeldDevice {
+pub(crate) struct HeldDevice {
     pub node: String,
     pub gpu: String,
     pub uuid: String,
@@ -145,7 +145,7 @@ pub struct HeldDevice {
 
 /// A quota of a tenant on a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeQuota {
+pub(crate) struct NodeQuota {
     pub node: String,
     pub resource: String,
     pub limit: f64,
@@ -156,7 +156,7 @@ pub struct NodeQuota {
 
 impl GpuView {
     /// Whether the device counts as out of service.
-    pub fn unhealthy(&self) -> bool {
+    pub(crate) fn unhealthy(&self) -> bool {
         self.health != "ok" || matches!(self.state.as_str(), "stuck" | "lost")
     }
 
@@ -184,7 +184,7 @@ fn label_key(gpu: &str) -> Vec<u64> {
 }
 
 /// Free capacity of a node from its devices.
-pub fn capacity(gpus: &[GpuView]) -> Capacity {
+pub(crate) fn capacity(gpus: &[GpuView]) -> Capacity {
     let mut c = Capacity::default();
     let by_uuid: BTreeMap<&str, &GpuView> = gpus.iter().map(|g| (g.uuid.as_str(), g)).collect();
     let mut unhealthy = BTreeSet::new();
@@ -240,7 +240,7 @@ pub fn capacity(gpus: &[GpuView]) -> Capacity {
 impl ClusterView {
     /// The view as of `now_ms` (aggregator clock), from what the ledger
     /// read.
-    pub fn build(rows: ClusterRows, now_ms: i64) -> Self {
+    pub(crate) fn build(rows: ClusterRows, now_ms: i64) -> Self {
         let mut gpus: BTreeMap<String, Vec<GpuView>> = BTreeMap::new();
         for row in rows.gpus {
             let state = row
@@ -355,7 +355,7 @@ impl ClusterView {
     /// What a tenant-scoped reader sees: every node, device and capacity
     /// (a team deciding where to run needs them), but no other tenant's
     /// name or quota; devices held by others say only how many hold them.
-    pub fn for_tenant(mut self, tenant: &str) -> Self {
+    pub(crate) fn for_tenant(mut self, tenant: &str) -> Self {
         for n in &mut self.nodes {
             for g in &mut n.gpus {
                 let others = g.tenants.iter().filter(|t| *t != tenant).count();

@@ -23,11 +23,11 @@ use crate::{
 };
 
 /// Highest score an extender may give (`extenderv1.MaxExtenderPriority`).
-pub const MAX_EXTENDER_PRIORITY: i64 = 10;
+pub(crate) const MAX_EXTENDER_PRIORITY: i64 = 10;
 /// Whole GPUs, as the NVIDIA device plugin names them.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// MIG instances of a profile (`nvidia.com/mig-1g.5gb`, mixed strategy).
-pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
+pub(crate) const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
 
 // ------------------------------------------------------------ wire types
 
@@ -47,7 +47,7 @@ pub struct ExtenderArgs {
     /// `nodeCacheCapable`. Kept as JSON: the filter answers with the same
     /// node objects it was given.
     #[serde(rename = "Nodes", alias = "nodes", default)]
-    pub nodes: Option<Value>,
+    pub(crate) nodes: Option<Value>,
     /// Candidate node names when the extender is `nodeCacheCapable`.
     #[serde(
         rename = "NodeNames",
@@ -63,7 +63,7 @@ pub struct ExtenderArgs {
 pub struct ExtenderFilterResult {
     /// Nodes that fit, when the request carried `Nodes`.
     #[serde(rename = "Nodes")]
-    pub nodes: Option<Value>,
+    pub(crate) nodes: Option<Value>,
     /// Names of nodes that fit, when the request carried `NodeNames`.
     #[serde(rename = "NodeNames")]
     pub node_names: Option<Vec<String>>,
@@ -84,7 +84,7 @@ pub struct ExtenderFilterResult {
 
 /// `extenderv1.HostPriority`; a `HostPriorityList` is a JSON array of them.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-pub struct HostPriority {
+pub(crate) struct HostPriority {
     #[serde(rename = "Host")]
     pub host: String,
     /// `0..=MAX_EXTENDER_PRIORITY`.
@@ -97,14 +97,14 @@ pub struct HostPriority {
 #[serde(default)]
 pub struct Pod {
     #[serde(deserialize_with = "nullable")]
-    pub metadata: ObjectMeta,
+    pub(crate) metadata: ObjectMeta,
     #[serde(deserialize_with = "nullable")]
     pub spec: PodSpec,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
-pub struct ObjectMeta {
+pub(crate) struct ObjectMeta {
     #[serde(deserialize_with = "nullable")]
     pub name: String,
     #[serde(deserialize_with = "nullable")]
@@ -124,11 +124,11 @@ pub struct PodSpec {
 #[serde(default, rename_all = "camelCase")]
 pub struct Container {
     #[serde(deserialize_with = "nullable")]
-    pub name: String,
+    pub(crate) name: String,
     #[serde(deserialize_with = "nullable")]
     pub resources: Resources,
     /// `Always` on an init container makes it a sidecar.
-    pub restart_policy: Option<String>,
+    pub(crate) restart_policy: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -148,11 +148,11 @@ pub struct Demand {
     /// Whole GPUs (`nvidia.com/gpu`).
     pub gpus: u64,
     /// MIG instances by profile (`nvidia.com/mig-<profile>`).
-    pub mig: BTreeMap<String, u64>,
+    pub(crate) mig: BTreeMap<String, u64>,
 }
 
 impl Demand {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.gpus == 0 && self.mig.values().all(|n| *n == 0)
     }
 }
@@ -275,7 +275,7 @@ pub fn demand(pod: &Pod) -> Result<Demand, DemandError> {
 
 /// Whether a pod fits a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Fits,
     /// Not now; preemption could free what it needs.
     Fails(String),
@@ -294,7 +294,7 @@ fn names(list: &[String]) -> String {
 
 /// Decides whether `demand` fits `node` (`None`: no Tally agent reports
 /// from it).
-pub fn check(node: Option<&NodeView>, demand: &Demand, now_ms: i64) -> Verdict {
+pub(crate) fn check(node: Option<&NodeView>, demand: &Demand, now_ms: i64) -> Verdict {
     if demand.is_empty() {
         return Verdict::Fits;
     }
@@ -359,7 +359,7 @@ pub fn check(node: Option<&NodeView>, demand: &Demand, now_ms: i64) -> Verdict {
 /// high, `spread` high `b`. A healthy node scores 5..=10; a node with a
 /// stuck or lost GPU 0..=4, so it ranks below every healthy node that
 /// fits. A pod without GPU demand, and a node that does not fit, scores 0.
-pub fn score(node: Option<&NodeView>, demand: &Demand, policy: Policy, now_ms: i64) -> i64 {
+pub(crate) fn score(node: Option<&NodeView>, demand: &Demand, policy: Policy, now_ms: i64) -> i64 {
     let Some(n) = node else { return 0 };
     if demand.is_empty() || check(Some(n), demand, now_ms) != Verdict::Fits {
         return 0;
@@ -458,7 +458,7 @@ pub fn filter_nodes(args: &ExtenderArgs, view: &ClusterView, now_ms: i64) -> Ext
 }
 
 /// The prioritize answer for `args` against `view`.
-pub fn prioritize_nodes(
+pub(crate) fn prioritize_nodes(
     args: &ExtenderArgs,
     view: &ClusterView,
     policy: Policy,

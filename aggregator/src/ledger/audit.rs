@@ -7,7 +7,7 @@ use super::{Ledger, LedgerError, i};
 
 /// One stored audit record.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct AuditRow {
+pub(crate) struct AuditRow {
     pub id: i64,
     pub node: String,
     pub time_ms: i64,
@@ -56,7 +56,7 @@ impl From<StoredAudit> for AuditRow {
 
 /// Filter of `GET /api/v1/audit`.
 #[derive(Debug, Clone, Default)]
-pub struct AuditQuery {
+pub(crate) struct AuditQuery {
     pub from_ms: i64,
     pub to_ms: i64,
     pub tenant: Option<String>,
@@ -117,7 +117,7 @@ pub(super) async fn store(
 
 impl Ledger {
     /// Stored audit records, oldest first.
-    pub async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRow>, LedgerError> {
+    pub(crate) async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRow>, LedgerError> {
         let rows: Vec<StoredAudit> = sqlx::query_as(
             "SELECT id, node, time_ms, tenant, action, prev_sha256, sha256, problem, record \
              FROM audit WHERE time_ms >= $1 AND time_ms < $2 \

@@ -4,7 +4,7 @@ use super::{Ledger, LedgerError};
 
 /// Usage of one (tenant, node, model, slice) over a period.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct GpuGroup {
+pub(crate) struct GpuGroup {
     pub tenant: String,
     pub node: String,
     pub model: String,
@@ -19,7 +19,7 @@ pub struct GpuGroup {
 
 /// I/O of one (tenant, node) over a period.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
-pub struct IoGroup {
+pub(crate) struct IoGroup {
     pub tenant: String,
     pub node: String,
     pub network_ingress_bytes: i64,
@@ -30,7 +30,11 @@ pub struct IoGroup {
 
 impl Ledger {
     /// GPU usage of reports whose interval ends in `[from_ms, to_ms)`.
-    pub async fn gpu_groups(&self, from_ms: i64, to_ms: i64) -> Result<Vec<GpuGroup>, LedgerError> {
+    pub(crate) async fn gpu_groups(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<GpuGroup>, LedgerError> {
         Ok(sqlx::query_as(
             "SELECT tenant, node, model, slice_fraction, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
@@ -49,7 +53,11 @@ impl Ledger {
     }
 
     /// I/O of reports whose interval ends in `[from_ms, to_ms)`.
-    pub async fn io_groups(&self, from_ms: i64, to_ms: i64) -> Result<Vec<IoGroup>, LedgerError> {
+    pub(crate) async fn io_groups(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<IoGroup>, LedgerError> {
         Ok(sqlx::query_as(
             "SELECT tenant, node, \
              CAST(SUM(network_ingress_bytes) AS BIGINT) AS network_ingress_bytes, \

@@ -10,7 +10,7 @@ use super::{Ledger, LedgerError, i};
 
 /// One row of `nodes`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct NodeRow {
+pub(crate) struct NodeRow {
     pub node: String,
     pub reports: i64,
     pub last_received_ms: i64,
@@ -20,7 +20,7 @@ pub struct NodeRow {
 
 /// One row of `gpu_state`: a device as the node's newest report left it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct GpuRow {
+pub(crate) struct GpuRow {
     pub node: String,
     pub uuid: String,
     pub gpu: String,
@@ -44,7 +44,7 @@ pub struct GpuRow {
 
 /// One row of `tenant_quota_state`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct QuotaRow {
+pub(crate) struct QuotaRow {
     pub node: String,
     pub tenant: String,
     pub resource: String,
@@ -54,7 +54,7 @@ pub struct QuotaRow {
 
 /// Everything the cluster view is built from, read on every request.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ClusterRows {
+pub(crate) struct ClusterRows {
     /// By node name.
     pub nodes: Vec<NodeRow>,
     /// Only the devices of each node's newest report.
@@ -133,7 +133,7 @@ pub(super) async fn store(
 
 impl Ledger {
     /// The rows of the cluster view (see [`ClusterRows`]).
-    pub async fn cluster_rows(&self) -> Result<ClusterRows, LedgerError> {
+    pub(crate) async fn cluster_rows(&self) -> Result<ClusterRows, LedgerError> {
         let nodes = sqlx::query_as(
             "SELECT node, reports, last_received_ms, last_interval_end_ms, report_interval_ms \
              FROM nodes ORDER BY node",

@@ -8,7 +8,7 @@ use super::{Ledger, LedgerError, audit, cluster, i, totals::TenantTotals};
 
 /// What happened to an ingested report.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ingested {
+pub(crate) enum Ingested {
     /// Stored now; `audit_breaks` names every audit record that does not
     /// follow its node's chain.
     Stored { audit_breaks: Vec<String> },
@@ -20,7 +20,7 @@ pub enum Ingested {
 
 impl Ledger {
     /// Stores `r` exactly once (see the module docs).
-    pub async fn ingest(
+    pub(crate) async fn ingest(
         &self,
         r: &Report,
         digest: &str,

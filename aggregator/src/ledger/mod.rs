@@ -17,18 +17,18 @@ use sqlx::{
     migrate::Migrator,
 };
 
-pub mod audit;
-pub mod chargeback;
-pub mod cluster;
-pub mod ingest;
-pub mod totals;
+pub(crate) mod audit;
+pub(crate) mod chargeback;
+pub(crate) mod cluster;
+pub(crate) mod ingest;
+pub(crate) mod totals;
 
 static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Why the ledger failed.
 #[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
+pub(crate) enum LedgerError {
     /// The database could not be reached or refused a statement.
     #[error("ledger database: {0}")]
     Database(#[from] sqlx::Error),
@@ -45,14 +45,14 @@ pub enum LedgerError {
 
 /// Which database is behind the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Postgres,
 }
 
 /// The ledger: a connection pool.
 #[derive(Debug, Clone)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     pool: AnyPool,
     pub backend: Backend,
 }
@@ -92,7 +92,7 @@ fn prepare_url(url: &str) -> Result<(String, Backend), LedgerError> {
 
 impl Ledger {
     /// Connects and brings the schema up to date.
-    pub async fn open(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
+    pub(crate) async fn open(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let (url, backend) = prepare_url(url)?;
@@ -122,7 +122,7 @@ impl Ledger {
     }
 
     /// Whether the database answers.
-    pub async fn ping(&self) -> Result<(), LedgerError> {
+    pub(crate) async fn ping(&self) -> Result<(), LedgerError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }

@@ -6,7 +6,7 @@ use super::{Ledger, LedgerError};
 /// Running totals of one tenant (for `/metrics`), as doubles: over a
 /// cluster's lifetime they outgrow 64-bit integers.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
-pub struct TenantTotals {
+pub(crate) struct TenantTotals {
     pub tenant: String,
     pub allocated_us: f64,
     pub sm_us: f64,
@@ -20,7 +20,7 @@ pub struct TenantTotals {
 
 /// The reports of one (node, boot).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
-pub struct ReportSummary {
+pub(crate) struct ReportSummary {
     pub node: String,
     pub boot_id: String,
     pub reports: i64,
@@ -32,7 +32,7 @@ pub struct ReportSummary {
 
 impl Ledger {
     /// Running totals of every tenant.
-    pub async fn totals(&self) -> Result<Vec<TenantTotals>, LedgerError> {
+    pub(crate) async fn totals(&self) -> Result<Vec<TenantTotals>, LedgerError> {
         Ok(sqlx::query_as(
             "SELECT tenant, CAST(allocated_us AS DOUBLE PRECISION) AS allocated_us, \
              CAST(sm_us AS DOUBLE PRECISION) AS sm_us, \
@@ -49,7 +49,7 @@ impl Ledger {
     }
 
     /// Last report time of every node: `(node, received_ms)`.
-    pub async fn nodes(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+    pub(crate) async fn nodes(&self) -> Result<Vec<(String, i64)>, LedgerError> {
         Ok(
             sqlx::query_as("SELECT node, last_received_ms FROM nodes ORDER BY node")
                 .fetch_all(&self.pool)
@@ -58,7 +58,7 @@ impl Ledger {
     }
 
     /// The stored reports, per (node, boot).
-    pub async fn report_summary(&self) -> Result<Vec<ReportSummary>, LedgerError> {
+    pub(crate) async fn report_summary(&self) -> Result<Vec<ReportSummary>, LedgerError> {
         Ok(sqlx::query_as(
             "SELECT node, boot_id, COUNT(*) AS reports, MIN(seq) AS first_seq, \
              MAX(seq) AS last_seq, MAX(interval_end_ms) AS last_end \

@@ -18,7 +18,7 @@ use crate::{
 
 /// Everything a request handler needs.
 #[derive(Debug)]
-pub struct App {
+pub(crate) struct App {
     pub ledger: Ledger,
     pub tokens: Tokens,
     pub prices: Prices,

@@ -30,14 +30,15 @@ mod query;
 mod reports;
 mod scheduler;
 
-pub use app::App;
+pub(crate) use app::App;
 use app::problem;
 // The query parsers are fuzzed under these paths (`tests/fuzz`).
-pub use crate::time::parse_time;
 pub use query::percent_decode;
 
+pub use crate::time::parse_time;
+
 /// Routes one request.
-pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+pub(crate) async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (method, path.as_str()) {
