@@ -16,6 +16,10 @@
 //! body over `[aggregator] max_body`, 422 wrong schema version or
 //! impossible values. A stored report gets 200, a repeated one 208.
 
+// This file is `server.rs`, not `server/mod.rs` like the ledger's: the
+// end-to-end security test reads the routes below from this path, so a
+// new endpoint cannot go untested.
+
 use std::sync::Arc;
 
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
