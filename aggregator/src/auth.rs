@@ -11,7 +11,7 @@ use crate::config::{Role, TokenSpec};
 
 /// What went wrong with a request's credentials.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// No usable `Authorization: Bearer` header, or an unknown token: 401.
     #[error("missing or unknown bearer token")]
     Unauthenticated,
@@ -22,7 +22,7 @@ pub enum AuthError {
 
 /// The known tokens.
 #[derive(Debug, Clone, Default)]
-pub struct Tokens {
+pub(crate) struct Tokens {
     entries: Vec<([u8; 32], Role)>,
 }
 
@@ -40,7 +40,7 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Tokens {
-    pub fn new(specs: &[TokenSpec]) -> Self {
+    pub(crate) fn new(specs: &[TokenSpec]) -> Self {
         let entries = specs
             .iter()
             .flat_map(|s| s.tokens.iter().map(|t| (digest(t), s.role.clone())))
@@ -49,7 +49,7 @@ impl Tokens {
     }
 
     /// The role of the request's bearer token.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Role, AuthError> {
+    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<Role, AuthError> {
         let presented = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -73,7 +73,7 @@ impl Tokens {
 
 impl Role {
     /// May write reports.
-    pub fn may_write(&self) -> Result<(), AuthError> {
+    pub(crate) fn may_write(&self) -> Result<(), AuthError> {
         match self {
             Role::Agent | Role::Admin => Ok(()),
             Role::Tenant(_) => Err(AuthError::Forbidden {
@@ -84,7 +84,7 @@ impl Role {
 
     /// May read; returns the tenant the reader is limited to, if any.
     /// `asked` is the tenant named in the query, if any.
-    pub fn may_read(&self, asked: Option<&str>) -> Result<Option<String>, AuthError> {
+    pub(crate) fn may_read(&self, asked: Option<&str>) -> Result<Option<String>, AuthError> {
         match self {
             Role::Agent => Err(AuthError::Forbidden {
                 action: "read (agent tokens only write reports)",
@@ -100,7 +100,7 @@ impl Role {
     }
 
     /// Admin only.
-    pub fn must_be_admin(&self) -> Result<(), AuthError> {
+    pub(crate) fn must_be_admin(&self) -> Result<(), AuthError> {
         match self {
             Role::Admin => Ok(()),
             _ => Err(AuthError::Forbidden {

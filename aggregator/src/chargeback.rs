@@ -23,13 +23,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Prices,
-    ledger::{GpuGroup, IoGroup},
+    ledger::chargeback::{GpuGroup, IoGroup},
 };
 use tally_contract::tenant::TENANT_IDLE;
 
 /// How lines are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum GroupBy {
+pub(crate) enum GroupBy {
     #[serde(rename = "tenant")]
     Tenant,
     #[serde(rename = "tenant,gpu_model")]
@@ -39,7 +39,7 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s.replace(' ', "").as_str() {
             "tenant" => Some(Self::Tenant),
             "tenant,gpu_model" | "tenant,model" => Some(Self::TenantModel),
@@ -47,7 +47,7 @@ impl GroupBy {
             _ => None,
         }
     }
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Tenant => "tenant",
             Self::TenantModel => "tenant,gpu_model",
@@ -59,13 +59,13 @@ impl GroupBy {
 /// What GPU time is charged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Basis {
+pub(crate) enum Basis {
     Allocated,
     Used,
 }
 
 impl Basis {
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "allocated" => Some(Self::Allocated),
             "used" => Some(Self::Used),
@@ -76,7 +76,7 @@ impl Basis {
 
 /// One priced SKU of one line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Item {
+pub(crate) struct Item {
     /// `gpu-hour:<model>`, `energy-kwh`, `network-gib`, `pcie-gib`.
     pub sku: String,
     /// In `unit`s; GPU-hours are slice-weighted (a 3/7 MIG hour is 3/7).
@@ -90,7 +90,7 @@ pub struct Item {
 
 /// One chargeback line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Line {
+pub(crate) struct Line {
     pub tenant: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub gpu_model: Option<String>,
@@ -112,15 +112,15 @@ pub struct Line {
 /// A whole chargeback answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chargeback {
-    pub currency: String,
-    pub decimals: u32,
-    pub basis: Basis,
-    pub group_by: String,
-    pub from: String,
-    pub to: String,
-    pub lines: Vec<Line>,
-    pub total: String,
-    pub total_minor: i64,
+    pub(crate) currency: String,
+    pub(crate) decimals: u32,
+    pub(crate) basis: Basis,
+    pub(crate) group_by: String,
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) lines: Vec<Line>,
+    pub(crate) total: String,
+    pub(crate) total_minor: i64,
 }
 
 /// Microseconds per hour, millijoules per kWh, bytes per GiB.
@@ -129,12 +129,12 @@ const MJ_PER_KWH: f64 = 3.6e9;
 const BYTES_PER_GIB: f64 = 1_073_741_824.0;
 
 /// Rounds `amount` (in currency units) to minor units, half away from zero.
-pub fn to_minor(amount: f64, decimals: u32) -> i64 {
+pub(crate) fn to_minor(amount: f64, decimals: u32) -> i64 {
     (amount * 10f64.powi(decimals as i32)).round() as i64
 }
 
 /// Formats minor units as a decimal amount (`1234`, 2 → `"12.34"`).
-pub fn format_minor(minor: i64, decimals: u32) -> String {
+pub(crate) fn format_minor(minor: i64, decimals: u32) -> String {
     if decimals == 0 {
         return minor.to_string();
     }
@@ -161,7 +161,7 @@ struct Acc {
 }
 
 /// Prices the usage groups of a period.
-pub fn compute(
+pub(crate) fn compute(
     prices: &Prices,
     gpu: &[GpuGroup],
     io: &[IoGroup],
@@ -291,7 +291,7 @@ pub fn compute(
 
 impl Chargeback {
     /// Keeps only `tenant`'s lines (a tenant-scoped reader).
-    pub fn only_tenant(mut self, tenant: &str) -> Self {
+    pub(crate) fn only_tenant(mut self, tenant: &str) -> Self {
         self.lines.retain(|l| l.tenant == tenant);
         self.total_minor = self.lines.iter().map(|l| l.cost_minor).sum();
         self.total = format_minor(self.total_minor, self.decimals);
@@ -318,7 +318,7 @@ impl Chargeback {
     }
 
     /// CSV: one row per line.
-    pub fn to_csv(&self) -> String {
+    pub(crate) fn to_csv(&self) -> String {
         let mut out = String::new();
         let mut header = self.group_columns();
         header.extend([
@@ -354,7 +354,7 @@ impl Chargeback {
     }
 
     /// FinOps FOCUS columns that apply: one row per priced item.
-    pub fn to_focus(&self) -> String {
+    pub(crate) fn to_focus(&self) -> String {
         let mut out = String::from(
             "BilledCost,EffectiveCost,ListCost,ContractedCost,BillingCurrency,\
              ChargePeriodStart,ChargePeriodEnd,ChargeCategory,ChargeDescription,ResourceId,\

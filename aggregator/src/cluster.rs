@@ -1,9 +1,11 @@
-//! `GET /api/v1/cluster`: every node and every GPU / MIG instance as their
-//! latest reports left them, each node's free capacity (what the scheduler
-//! extender decides by), and each tenant's usage against its quotas.
+//! The cluster view of `GET /api/v1/cluster`: every node and every GPU /
+//! MIG instance as their latest reports left them, each node's free
+//! capacity (what the scheduler extender decides by), and each tenant's
+//! usage against its quotas.
 //!
-//! Everything is read from the ledger on each request, never from memory,
-//! so any replica behind a Service answers the same. The schema is in
+//! Pure: built from the rows the ledger read ([`ClusterView::build`]),
+//! which the server reads on each request, never from memory, so any
+//! replica behind a Service answers the same. The schema is in
 //! `docs/cluster-api.md`.
 //!
 //! A node is *stale* when nothing arrived from it for three of its report
@@ -12,24 +14,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use hyper::{Request, Response, StatusCode, body::Incoming};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
-use tracing::error;
 
-use crate::{
-    ledger::{Ledger, LedgerError},
-    server::{App, auth_error, now_ms, problem, rfc3339},
-};
-use tally_contract::wire::Report;
-
-use crate::http::{self, Body};
+use crate::{ledger::cluster::ClusterRows, time::rfc3339};
 
 /// Missed report intervals after which a node is stale.
-pub const STALE_INTERVALS: i64 = 3;
+pub(crate) const STALE_INTERVALS: i64 = 3;
 /// Report interval assumed for agents that do not send theirs (the
 /// agent's default `[report] interval`).
-pub const DEFAULT_INTERVAL_MS: i64 = 10_000;
+pub(crate) const DEFAULT_INTERVAL_MS: i64 = 10_000;
 
 /// The whole cluster as the ledger knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,30 +39,30 @@ pub struct ClusterView {
 /// One node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
-    pub node: String,
+    pub(crate) node: String,
     /// When its last report arrived (aggregator clock).
-    pub last_report: String,
-    pub last_report_ms: i64,
+    pub(crate) last_report: String,
+    pub(crate) last_report_ms: i64,
     /// End of the newest interval it reported (node clock).
-    pub last_interval_end_ms: i64,
+    pub(crate) last_interval_end_ms: i64,
     /// Its `[report] interval`; `None` from agents that do not send it
     /// ([`DEFAULT_INTERVAL_MS`] is assumed).
-    pub report_interval_ms: Option<i64>,
+    pub(crate) report_interval_ms: Option<i64>,
     /// Time without a report after which the node is stale.
-    pub stale_after_ms: i64,
-    pub stale: bool,
+    pub(crate) stale_after_ms: i64,
+    pub(crate) stale: bool,
     /// Reports stored from it.
-    pub reports: i64,
+    pub(crate) reports: i64,
     /// Physical GPUs first, each followed by its MIG instances.
-    pub gpus: Vec<GpuView>,
-    pub capacity: Capacity,
+    pub(crate) gpus: Vec<GpuView>,
+    pub(crate) capacity: Capacity,
     /// Its tenants' local quotas, as of its newest report.
-    pub quotas: Vec<QuotaView>,
+    pub(crate) quotas: Vec<QuotaView>,
 }
 
 /// One GPU or MIG instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuView {
+pub(crate) struct GpuView {
     /// `"<index>"`, or `"<index>/<gi>/<ci>"` for a MIG instance.
     pub gpu: String,
     pub uuid: String,
@@ -99,7 +92,7 @@ pub struct GpuView {
 
 /// What a node can take now: the numbers the extender filters and scores by.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Capacity {
+pub(crate) struct Capacity {
     /// Whole GPUs (physical, not in MIG mode), in any state.
     pub gpus: u64,
     /// Whole GPUs that are neither stuck nor lost.
@@ -122,7 +115,7 @@ pub struct Capacity {
 
 /// One quota of one tenant on one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QuotaView {
+pub(crate) struct QuotaView {
     pub tenant: String,
     pub resource: String,
     pub limit: f64,
@@ -132,16 +125,16 @@ pub struct QuotaView {
 /// One tenant across the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantView {
-    pub tenant: String,
+    pub(crate) tenant: String,
     /// Devices it holds, with their state (`idle` = allocated and wasted).
-    pub devices: Vec<HeldDevice>,
+    pub(crate) devices: Vec<HeldDevice>,
     /// Its quotas on every node.
-    pub quotas: Vec<NodeQuota>,
+    pub(crate) quotas: Vec<NodeQuota>,
 }
 
 /// A device a tenant holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HeldDevice {
+pub(crate) struct HeldDevice {
     pub node: String,
     pub gpu: String,
     pub uuid: String,
@@ -152,7 +145,7 @@ pub struct HeldDevice {
 
 /// A quota of a tenant on a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeQuota {
+pub(crate) struct NodeQuota {
     pub node: String,
     pub resource: String,
     pub limit: f64,
@@ -163,7 +156,7 @@ pub struct NodeQuota {
 
 impl GpuView {
     /// Whether the device counts as out of service.
-    pub fn unhealthy(&self) -> bool {
+    pub(crate) fn unhealthy(&self) -> bool {
         self.health != "ok" || matches!(self.state.as_str(), "stuck" | "lost")
     }
 
@@ -191,7 +184,7 @@ fn label_key(gpu: &str) -> Vec<u64> {
 }
 
 /// Free capacity of a node from its devices.
-pub fn capacity(gpus: &[GpuView]) -> Capacity {
+pub(crate) fn capacity(gpus: &[GpuView]) -> Capacity {
     let mut c = Capacity::default();
     let by_uuid: BTreeMap<&str, &GpuView> = gpus.iter().map(|g| (g.uuid.as_str(), g)).collect();
     let mut unhealthy = BTreeSet::new();
@@ -244,184 +237,83 @@ pub fn capacity(gpus: &[GpuView]) -> Capacity {
     c
 }
 
-/// Stored in the ingest transaction of a report: the GPU states, tenants
-/// and MIG mode of its gauges, its interval and quotas, where the report
-/// is the node's newest (an older report replayed from a spool changes
-/// nothing here, like it changes nothing in `gpu_state`).
-pub(crate) async fn store(
-    conn: &mut sqlx::AnyConnection,
-    r: &Report,
-    end: i64,
-) -> Result<(), sqlx::Error> {
-    for g in &r.gpus {
-        let tenants = serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into());
-        sqlx::query(
-            "UPDATE gpu_state SET state = $1, tenants = $2, mig_mode = $3 \
-             WHERE node = $4 AND uuid = $5 AND updated_ms = $6",
-        )
-        .bind((!g.state.is_empty()).then(|| g.state.clone()))
-        .bind(tenants)
-        .bind(i64::from(g.mig_mode))
-        .bind(&r.node)
-        .bind(&g.uuid)
-        .bind(end)
-        .execute(&mut *conn)
-        .await?;
-    }
-    let newest: Option<i64> =
-        sqlx::query_scalar("SELECT last_interval_end_ms FROM nodes WHERE node = $1")
-            .bind(&r.node)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if newest != Some(end) {
-        return Ok(());
-    }
-    sqlx::query("UPDATE nodes SET report_interval_ms = $1 WHERE node = $2")
-        .bind(
-            r.report_interval_ms
-                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
-        )
-        .bind(&r.node)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM tenant_quota_state WHERE node = $1")
-        .bind(&r.node)
-        .execute(&mut *conn)
-        .await?;
-    // One row per (tenant, resource): the last one wins.
-    let quotas: BTreeMap<(&str, &str), _> = r
-        .tenant_quotas
-        .iter()
-        .map(|q| ((q.tenant.as_str(), q.resource.as_str()), q))
-        .collect();
-    for ((tenant, resource), q) in quotas {
-        sqlx::query(
-            "INSERT INTO tenant_quota_state (node, tenant, resource, limit_value, usage_value, \
-             updated_ms) VALUES ($1, $2, $3, $4, NULLIF($5, -1.0), $6)",
-        )
-        .bind(&r.node)
-        .bind(tenant)
-        .bind(resource)
-        .bind(q.limit)
-        // A NULL double from sqlx's `Any` driver reaches PostgreSQL as a
-        // float4, the prepared statement keeps that type, and the next real
-        // usage is refused: an unknown usage travels as -1 (usage is never
-        // negative) and becomes NULL in SQL.
-        .bind(q.usage.unwrap_or(-1.0))
-        .bind(end)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
-
-/// Reads the cluster view as of `now_ms` (aggregator clock).
-pub async fn load(ledger: &Ledger, now_ms: i64) -> Result<ClusterView, LedgerError> {
-    let pool = ledger.pool();
-    let node_rows = sqlx::query(
-        "SELECT node, reports, last_received_ms, last_interval_end_ms, report_interval_ms \
-         FROM nodes ORDER BY node",
-    )
-    .fetch_all(pool)
-    .await?;
-    // Only the devices of each node's newest report: a MIG instance that
-    // was destroyed (or a GPU removed) is not shown forever.
-    let gpu_rows = sqlx::query(
-        "SELECT g.node, g.uuid, g.gpu, g.model, g.mig_profile, g.parent_uuid, g.slice_fraction, \
-         g.health, g.utilization_ratio, g.memory_used_bytes, g.memory_total_bytes, g.processes, \
-         g.updated_ms, g.state, g.tenants, g.mig_mode \
-         FROM gpu_state g JOIN nodes n ON n.node = g.node \
-         WHERE g.updated_ms >= n.last_interval_end_ms",
-    )
-    .fetch_all(pool)
-    .await?;
-    let quota_rows = sqlx::query(
-        "SELECT node, tenant, resource, limit_value, usage_value FROM tenant_quota_state \
-         ORDER BY node, tenant, resource",
-    )
-    .fetch_all(pool)
-    .await?;
-
-    let mut gpus: BTreeMap<String, Vec<GpuView>> = BTreeMap::new();
-    for row in &gpu_rows {
-        let health: String = row.try_get("health")?;
-        let processes: i64 = row.try_get("processes")?;
-        let state: Option<String> = row.try_get("state")?;
-        let tenants: Option<String> = row.try_get("tenants")?;
-        let mig_mode: Option<i64> = row.try_get("mig_mode")?;
-        let parent_uuid: Option<String> = row.try_get("parent_uuid")?;
-        let used: i64 = row.try_get("memory_used_bytes")?;
-        let total: i64 = row.try_get("memory_total_bytes")?;
-        let g = GpuView {
-            gpu: row.try_get("gpu")?,
-            uuid: row.try_get("uuid")?,
-            model: row.try_get("model")?,
-            mig_mode: mig_mode.map_or(parent_uuid.is_some(), |m| m != 0),
-            mig_profile: row.try_get("mig_profile")?,
-            parent_uuid,
-            slice_fraction: row.try_get("slice_fraction")?,
-            state: state
+impl ClusterView {
+    /// The view as of `now_ms` (aggregator clock), from what the ledger
+    /// read.
+    pub(crate) fn build(rows: ClusterRows, now_ms: i64) -> Self {
+        let mut gpus: BTreeMap<String, Vec<GpuView>> = BTreeMap::new();
+        for row in rows.gpus {
+            let state = row
+                .state
                 .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| derived_state(&health, processes).into()),
-            health,
-            utilization_ratio: row.try_get("utilization_ratio")?,
-            memory_used_bytes: used,
-            memory_total_bytes: total,
-            memory_free_bytes: (total - used).max(0),
-            processes,
-            tenants: tenants
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default(),
-            other_tenants: None,
-            updated_ms: row.try_get("updated_ms")?,
-        };
-        gpus.entry(row.try_get("node")?).or_default().push(g);
-    }
-    let mut quotas: BTreeMap<String, Vec<QuotaView>> = BTreeMap::new();
-    for row in &quota_rows {
-        quotas
-            .entry(row.try_get("node")?)
-            .or_default()
-            .push(QuotaView {
-                tenant: row.try_get("tenant")?,
-                resource: row.try_get("resource")?,
-                limit: row.try_get("limit_value")?,
-                usage: row.try_get("usage_value")?,
+                .unwrap_or_else(|| derived_state(&row.health, row.processes).into());
+            let g = GpuView {
+                gpu: row.gpu,
+                uuid: row.uuid,
+                model: row.model,
+                mig_mode: row.mig_mode.map_or(row.parent_uuid.is_some(), |m| m != 0),
+                mig_profile: row.mig_profile,
+                parent_uuid: row.parent_uuid,
+                slice_fraction: row.slice_fraction,
+                state,
+                health: row.health,
+                utilization_ratio: row.utilization_ratio,
+                memory_used_bytes: row.memory_used_bytes,
+                memory_total_bytes: row.memory_total_bytes,
+                memory_free_bytes: (row.memory_total_bytes - row.memory_used_bytes).max(0),
+                processes: row.processes,
+                tenants: row
+                    .tenants
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
+                other_tenants: None,
+                updated_ms: row.updated_ms,
+            };
+            gpus.entry(row.node).or_default().push(g);
+        }
+        let mut quotas: BTreeMap<String, Vec<QuotaView>> = BTreeMap::new();
+        for row in rows.quotas {
+            quotas.entry(row.node).or_default().push(QuotaView {
+                tenant: row.tenant,
+                resource: row.resource,
+                limit: row.limit_value,
+                usage: row.usage_value,
             });
+        }
+        let mut nodes = Vec::new();
+        for row in rows.nodes {
+            let node = row.node;
+            let last_report_ms = row.last_received_ms;
+            let report_interval_ms = row.report_interval_ms;
+            let stale_after_ms = STALE_INTERVALS.saturating_mul(
+                report_interval_ms
+                    .filter(|v| *v > 0)
+                    .unwrap_or(DEFAULT_INTERVAL_MS),
+            );
+            let mut devices = gpus.remove(&node).unwrap_or_default();
+            devices.sort_by_key(|g| label_key(&g.gpu));
+            nodes.push(NodeView {
+                last_report: rfc3339(last_report_ms),
+                last_report_ms,
+                last_interval_end_ms: row.last_interval_end_ms,
+                report_interval_ms,
+                stale_after_ms,
+                stale: now_ms.saturating_sub(last_report_ms) > stale_after_ms,
+                reports: row.reports,
+                capacity: capacity(&devices),
+                gpus: devices,
+                quotas: quotas.remove(&node).unwrap_or_default(),
+                node,
+            });
+        }
+        let tenants = tenants_of(&nodes);
+        ClusterView {
+            generated_at: rfc3339(now_ms),
+            generated_at_ms: now_ms,
+            nodes,
+            tenants,
+        }
     }
-    let mut nodes = Vec::new();
-    for row in &node_rows {
-        let node: String = row.try_get("node")?;
-        let last_report_ms: i64 = row.try_get("last_received_ms")?;
-        let report_interval_ms: Option<i64> = row.try_get("report_interval_ms")?;
-        let stale_after_ms = STALE_INTERVALS.saturating_mul(
-            report_interval_ms
-                .filter(|v| *v > 0)
-                .unwrap_or(DEFAULT_INTERVAL_MS),
-        );
-        let mut devices = gpus.remove(&node).unwrap_or_default();
-        devices.sort_by_key(|g| label_key(&g.gpu));
-        nodes.push(NodeView {
-            last_report: rfc3339(last_report_ms),
-            last_report_ms,
-            last_interval_end_ms: row.try_get("last_interval_end_ms")?,
-            report_interval_ms,
-            stale_after_ms,
-            stale: now_ms.saturating_sub(last_report_ms) > stale_after_ms,
-            reports: row.try_get("reports")?,
-            capacity: capacity(&devices),
-            gpus: devices,
-            quotas: quotas.remove(&node).unwrap_or_default(),
-            node,
-        });
-    }
-    let tenants = tenants_of(&nodes);
-    Ok(ClusterView {
-        generated_at: rfc3339(now_ms),
-        generated_at_ms: now_ms,
-        nodes,
-        tenants,
-    })
 }
 
 fn tenants_of(nodes: &[NodeView]) -> Vec<TenantView> {
@@ -463,7 +355,7 @@ impl ClusterView {
     /// What a tenant-scoped reader sees: every node, device and capacity
     /// (a team deciding where to run needs them), but no other tenant's
     /// name or quota; devices held by others say only how many hold them.
-    pub fn for_tenant(mut self, tenant: &str) -> Self {
+    pub(crate) fn for_tenant(mut self, tenant: &str) -> Self {
         for n in &mut self.nodes {
             for g in &mut n.gpus {
                 let others = g.tenants.iter().filter(|t| *t != tenant).count();
@@ -477,40 +369,12 @@ impl ClusterView {
     }
 }
 
-/// `GET /api/v1/cluster`: admin sees everything, a tenant token its
-/// tenant's view ([`ClusterView::for_tenant`]), an agent token gets 403.
-pub async fn handle(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let role = match app.tokens.authenticate(req.headers()) {
-        Ok(r) => r,
-        Err(e) => return auth_error(e),
-    };
-    let only = match role.may_read(None) {
-        Ok(t) => t,
-        Err(e) => return auth_error(e),
-    };
-    match load(&app.ledger, now_ms()).await {
-        Ok(view) => {
-            let view = match &only {
-                Some(t) => view.for_tenant(t),
-                None => view,
-            };
-            http::json(StatusCode::OK, &view)
-        }
-        Err(e) => {
-            app.metrics.ledger_errors.inc();
-            error!(error = %e, "ledger read failed (cluster view)");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("ledger unavailable: {e}"),
-            )
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
+    use tally_contract::wire::{GpuGauge, Report, SCHEMA_VERSION, TenantQuota};
+
     use super::*;
-    use tally_contract::wire::{GpuGauge, SCHEMA_VERSION, TenantQuota};
+    use crate::ledger::Ledger;
 
     pub(crate) fn gpu(label: &str, state: &str, tenants: &[&str]) -> GpuView {
         let parent = label.contains('/');
@@ -668,7 +532,7 @@ pub(crate) mod tests {
             let r = report("n1", seq, end, state);
             ledger.ingest(&r, &r.digest(), 50_000).await.unwrap();
         }
-        let v = load(&ledger, 51_000).await.unwrap();
+        let v = ClusterView::build(ledger.cluster_rows().await.unwrap(), 51_000);
         let n = &v.nodes[0];
         assert_eq!(n.gpus.len(), 1);
         assert_eq!(
@@ -684,7 +548,7 @@ pub(crate) mod tests {
         );
         assert_eq!(n.capacity.unhealthy_gpus, ["0"]);
         assert_eq!(v.tenants[0].devices[0].state, "stuck");
-        let v = load(&ledger, 53_001).await.unwrap();
+        let v = ClusterView::build(ledger.cluster_rows().await.unwrap(), 53_001);
         assert!(v.nodes[0].stale);
     }
 }

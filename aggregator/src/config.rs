@@ -45,7 +45,7 @@ use tally_contract::{
 };
 
 /// Default ledger: one SQLite file.
-pub const DEFAULT_LEDGER_URL: &str = "sqlite:///var/lib/tally/ledger.db";
+pub(crate) const DEFAULT_LEDGER_URL: &str = "sqlite:///var/lib/tally/ledger.db";
 /// Top-level keys of the aggregator's config file.
 pub const KNOWN: &[&str] = &["aggregator", "ledger", "prices", "auth", "scheduler"];
 
@@ -53,16 +53,36 @@ pub const KNOWN: &[&str] = &["aggregator", "ledger", "prices", "auth", "schedule
 #[derive(Debug, Clone)]
 pub struct AggregatorConfig {
     pub server: ServerSection,
-    pub ledger: LedgerSection,
-    pub prices: Prices,
-    pub tokens: Vec<TokenSpec>,
-    pub scheduler: SchedulerSection,
+    pub(crate) ledger: LedgerSection,
+    pub(crate) prices: Prices,
+    pub(crate) tokens: Vec<TokenSpec>,
+    pub(crate) scheduler: SchedulerSection,
+}
+
+/// How the scheduler extender ranks nodes that fit (`[scheduler] policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Policy {
+    /// Fullest node first: keeps whole nodes free for large jobs.
+    Binpack,
+    /// Emptiest node first: spreads load and failure domains.
+    Spread,
+}
+
+impl Policy {
+    /// `binpack` or `spread`.
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "binpack" => Some(Self::Binpack),
+            "spread" => Some(Self::Spread),
+            _ => None,
+        }
+    }
 }
 
 /// `[scheduler]`: the Kubernetes scheduler extender.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SchedulerSection {
+pub(crate) struct SchedulerSection {
     /// `binpack` (default): fill the fullest node that fits, keeping whole
     /// nodes free for large jobs; `spread`: the emptiest node first.
     pub policy: String,
@@ -92,12 +112,12 @@ pub struct ServerSection {
     pub max_body: String,
     /// How often the `/metrics` totals are re-read from the ledger.
     #[serde(with = "humantime_serde")]
-    pub metrics_refresh: Duration,
+    pub(crate) metrics_refresh: Duration,
     /// PEM certificate chain: with `tls_key`, the aggregator speaks HTTPS
     /// only (agents set `[report] ca_file` for a private CA).
-    pub tls_cert: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
-    pub tls_key: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -121,7 +141,7 @@ impl ServerSection {
 /// `[ledger]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LedgerSection {
+pub(crate) struct LedgerSection {
     /// `sqlite://PATH` or `postgres://…`.
     pub url: String,
     pub max_connections: u32,
@@ -139,7 +159,7 @@ impl Default for LedgerSection {
 /// `[prices]` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Prices {
+pub(crate) struct Prices {
     /// ISO 4217 code.
     pub currency: String,
     /// Digits of the currency's minor unit: costs are rounded to it.
@@ -170,7 +190,7 @@ impl Default for Prices {
 
 impl Prices {
     /// GPU-hour price of `model` (its own, else `default`, else 0).
-    pub fn gpu_hour(&self, model: &str) -> f64 {
+    pub(crate) fn gpu_hour(&self, model: &str) -> f64 {
         self.gpu_hour
             .get(model)
             .or_else(|| self.gpu_hour.get("default"))
@@ -181,7 +201,7 @@ impl Prices {
 
 /// Who a token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// May only write reports.
     Agent,
     /// May read and write everything.
@@ -192,7 +212,9 @@ pub enum Role {
 
 /// One `[[auth.token]]` after validation.
 #[derive(Debug, Clone)]
-pub struct TokenSpec {
+pub(crate) struct TokenSpec {
+    /// Where the tokens came from (shown by `Debug`).
+    #[expect(dead_code, reason = "only read through the derived Debug")]
     pub token_file: PathBuf,
     pub role: Role,
     /// The tokens of the file (one per non-empty, non-`#` line).
@@ -208,7 +230,7 @@ struct TokenEntry {
 }
 
 /// Shortest token accepted: guessable tokens are no access control.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub(crate) const MIN_TOKEN_LEN: usize = 16;
 
 impl AggregatorConfig {
     /// Loads and validates `file`, reporting every problem at once.
@@ -258,7 +280,7 @@ impl AggregatorConfig {
         check_prices(&prices, problems);
         let tokens = auth_section(table, problems);
         let scheduler: SchedulerSection = section(table, "scheduler", problems);
-        if crate::scheduler::Policy::parse(&scheduler.policy).is_none() {
+        if Policy::parse(&scheduler.policy).is_none() {
             problems.push(
                 "scheduler.policy",
                 format!(

@@ -11,10 +11,10 @@ use hyper::{
 };
 use tokio_rustls::TlsAcceptor;
 
-pub type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
 /// A plain response with a content type.
-pub fn respond(
+pub(crate) fn respond(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
@@ -27,7 +27,7 @@ pub fn respond(
 }
 
 /// A JSON response.
-pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+pub(crate) fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(status, "application/json", body),
         Err(e) => text(
@@ -38,12 +38,12 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body
 }
 
 /// A plain-text response.
-pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body)
 }
 
 /// A TLS acceptor from a PEM certificate chain and a PEM private key.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect())

@@ -17,24 +17,24 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::ledger::TenantTotals;
+use crate::ledger::totals::TenantTotals;
 
 /// Content type of [`Metrics::encode`]'s output.
-pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
+pub(crate) struct ResultLabel {
     pub result: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NodeLabel {
+pub(crate) struct NodeLabel {
     pub node: String,
 }
 
 /// What `/metrics` reads from the ledger, refreshed in the background.
 #[derive(Debug, Default)]
-pub struct Cached {
+pub(crate) struct Cached {
     pub totals: Vec<TenantTotals>,
     /// `(node, last report received, ms)`.
     pub nodes: Vec<(String, i64)>,
@@ -42,7 +42,7 @@ pub struct Cached {
 }
 
 /// The aggregator's metric families.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Reports by result: stored, duplicate, conflict, rejected,
     /// unauthorized, forbidden, error.
@@ -66,7 +66,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::default();
         let reports = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -109,7 +109,7 @@ impl Metrics {
     }
 
     /// Counts one report outcome.
-    pub fn report(&self, result: &str) {
+    pub(crate) fn report(&self, result: &str) {
         self.reports
             .get_or_create(&ResultLabel {
                 result: result.into(),
@@ -118,7 +118,7 @@ impl Metrics {
     }
 
     /// OpenMetrics text.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

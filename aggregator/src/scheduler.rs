@@ -9,50 +9,25 @@
 //! A pod's demand is its `nvidia.com/gpu` and `nvidia.com/mig-<profile>`
 //! limits, combined over containers the way kube-scheduler combines
 //! requests ([`demand`]). Filtering and scoring are pure functions of the
-//! demand and the cluster view ([`crate::cluster`]), which is read from
-//! the ledger on every call.
+//! demand and the cluster view ([`crate::cluster`]), which the server
+//! reads from the ledger on every call (the HTTP side is in `server`).
 
 use std::collections::BTreeMap;
 
-use http_body_util::{BodyExt, Limited};
-use hyper::{Request, Response, StatusCode, body::Incoming, header::AUTHORIZATION};
-use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
-use tracing::{debug, warn};
 
-use crate::http::{self, Body};
 use crate::{
-    auth::AuthError,
     cluster::{self, ClusterView, NodeView},
-    config::Role,
-    server::{App, auth_error, now_ms, problem},
+    config::Policy,
 };
 
 /// Highest score an extender may give (`extenderv1.MaxExtenderPriority`).
-pub const MAX_EXTENDER_PRIORITY: i64 = 10;
+pub(crate) const MAX_EXTENDER_PRIORITY: i64 = 10;
 /// Whole GPUs, as the NVIDIA device plugin names them.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// MIG instances of a profile (`nvidia.com/mig-1g.5gb`, mixed strategy).
-pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
-
-/// How nodes that fit are ranked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// Fullest node first: keeps whole nodes free for large jobs.
-    Binpack,
-    /// Emptiest node first: spreads load and failure domains.
-    Spread,
-}
-
-impl Policy {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "binpack" => Some(Self::Binpack),
-            "spread" => Some(Self::Spread),
-            _ => None,
-        }
-    }
-}
+pub(crate) const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
 
 // ------------------------------------------------------------ wire types
 
@@ -72,7 +47,7 @@ pub struct ExtenderArgs {
     /// `nodeCacheCapable`. Kept as JSON: the filter answers with the same
     /// node objects it was given.
     #[serde(rename = "Nodes", alias = "nodes", default)]
-    pub nodes: Option<Value>,
+    pub(crate) nodes: Option<Value>,
     /// Candidate node names when the extender is `nodeCacheCapable`.
     #[serde(
         rename = "NodeNames",
@@ -88,7 +63,7 @@ pub struct ExtenderArgs {
 pub struct ExtenderFilterResult {
     /// Nodes that fit, when the request carried `Nodes`.
     #[serde(rename = "Nodes")]
-    pub nodes: Option<Value>,
+    pub(crate) nodes: Option<Value>,
     /// Names of nodes that fit, when the request carried `NodeNames`.
     #[serde(rename = "NodeNames")]
     pub node_names: Option<Vec<String>>,
@@ -109,7 +84,7 @@ pub struct ExtenderFilterResult {
 
 /// `extenderv1.HostPriority`; a `HostPriorityList` is a JSON array of them.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-pub struct HostPriority {
+pub(crate) struct HostPriority {
     #[serde(rename = "Host")]
     pub host: String,
     /// `0..=MAX_EXTENDER_PRIORITY`.
@@ -122,14 +97,14 @@ pub struct HostPriority {
 #[serde(default)]
 pub struct Pod {
     #[serde(deserialize_with = "nullable")]
-    pub metadata: ObjectMeta,
+    pub(crate) metadata: ObjectMeta,
     #[serde(deserialize_with = "nullable")]
     pub spec: PodSpec,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
-pub struct ObjectMeta {
+pub(crate) struct ObjectMeta {
     #[serde(deserialize_with = "nullable")]
     pub name: String,
     #[serde(deserialize_with = "nullable")]
@@ -149,11 +124,11 @@ pub struct PodSpec {
 #[serde(default, rename_all = "camelCase")]
 pub struct Container {
     #[serde(deserialize_with = "nullable")]
-    pub name: String,
+    pub(crate) name: String,
     #[serde(deserialize_with = "nullable")]
     pub resources: Resources,
     /// `Always` on an init container makes it a sidecar.
-    pub restart_policy: Option<String>,
+    pub(crate) restart_policy: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -173,11 +148,11 @@ pub struct Demand {
     /// Whole GPUs (`nvidia.com/gpu`).
     pub gpus: u64,
     /// MIG instances by profile (`nvidia.com/mig-<profile>`).
-    pub mig: BTreeMap<String, u64>,
+    pub(crate) mig: BTreeMap<String, u64>,
 }
 
 impl Demand {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.gpus == 0 && self.mig.values().all(|n| *n == 0)
     }
 }
@@ -300,7 +275,7 @@ pub fn demand(pod: &Pod) -> Result<Demand, DemandError> {
 
 /// Whether a pod fits a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Fits,
     /// Not now; preemption could free what it needs.
     Fails(String),
@@ -319,7 +294,7 @@ fn names(list: &[String]) -> String {
 
 /// Decides whether `demand` fits `node` (`None`: no Tally agent reports
 /// from it).
-pub fn check(node: Option<&NodeView>, demand: &Demand, now_ms: i64) -> Verdict {
+pub(crate) fn check(node: Option<&NodeView>, demand: &Demand, now_ms: i64) -> Verdict {
     if demand.is_empty() {
         return Verdict::Fits;
     }
@@ -384,7 +359,7 @@ pub fn check(node: Option<&NodeView>, demand: &Demand, now_ms: i64) -> Verdict {
 /// high, `spread` high `b`. A healthy node scores 5..=10; a node with a
 /// stuck or lost GPU 0..=4, so it ranks below every healthy node that
 /// fits. A pod without GPU demand, and a node that does not fit, scores 0.
-pub fn score(node: Option<&NodeView>, demand: &Demand, policy: Policy, now_ms: i64) -> i64 {
+pub(crate) fn score(node: Option<&NodeView>, demand: &Demand, policy: Policy, now_ms: i64) -> i64 {
     let Some(n) = node else { return 0 };
     if demand.is_empty() || check(Some(n), demand, now_ms) != Verdict::Fits {
         return 0;
@@ -483,7 +458,7 @@ pub fn filter_nodes(args: &ExtenderArgs, view: &ClusterView, now_ms: i64) -> Ext
 }
 
 /// The prioritize answer for `args` against `view`.
-pub fn prioritize_nodes(
+pub(crate) fn prioritize_nodes(
     args: &ExtenderArgs,
     view: &ClusterView,
     policy: Policy,
@@ -508,103 +483,6 @@ pub fn prioritize_nodes(
             }
         })
         .collect())
-}
-
-// ------------------------------------------------------------------ HTTP
-
-/// Who may call the extender: anyone without a token when
-/// `[scheduler] allow_unauthenticated`, and an admin token always.
-#[allow(clippy::result_large_err)]
-fn authorize(req: &Request<Incoming>, app: &App) -> Result<(), Response<Body>> {
-    if req.headers().get(AUTHORIZATION).is_none() && app.scheduler.allow_unauthenticated {
-        return Ok(());
-    }
-    match app.tokens.authenticate(req.headers()).map_err(auth_error)? {
-        Role::Admin => Ok(()),
-        _ => Err(auth_error(AuthError::Forbidden {
-            action: "call the scheduler extender (admin tokens only)",
-        })),
-    }
-}
-
-#[allow(clippy::result_large_err)]
-async fn read_args<T: DeserializeOwned>(
-    req: Request<Incoming>,
-    app: &App,
-) -> Result<T, Response<Body>> {
-    authorize(&req, app)?;
-    let body = Limited::new(req.into_body(), app.max_body as usize)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                problem(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body is larger than {} bytes", app.max_body),
-                )
-            } else {
-                problem(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
-            }
-        })?
-        .to_bytes();
-    serde_json::from_slice(&body)
-        .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("not an ExtenderArgs: {e}")))
-}
-
-fn policy(app: &App) -> Policy {
-    Policy::parse(&app.scheduler.policy).unwrap_or(Policy::Binpack)
-}
-
-/// `POST /scheduler/filter`.
-pub async fn filter(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let args: ExtenderArgs = match read_args(req, app).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let now = now_ms();
-    let result = match cluster::load(&app.ledger, now).await {
-        Ok(view) => filter_nodes(&args, &view, now),
-        Err(e) => {
-            app.metrics.ledger_errors.inc();
-            warn!(error = %e, "scheduler filter: ledger read failed");
-            ExtenderFilterResult {
-                error: format!("tally: ledger unavailable: {e}"),
-                ..Default::default()
-            }
-        }
-    };
-    debug!(
-        pod = %args.pod.as_ref().map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name)).unwrap_or_default(),
-        failed = result.failed_nodes.len() + result.failed_and_unresolvable_nodes.len(),
-        "scheduler filter"
-    );
-    http::json(StatusCode::OK, &result)
-}
-
-/// `POST /scheduler/prioritize`.
-pub async fn prioritize(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let args: ExtenderArgs = match read_args(req, app).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let now = now_ms();
-    let view = match cluster::load(&app.ledger, now).await {
-        Ok(v) => v,
-        Err(e) => {
-            app.metrics.ledger_errors.inc();
-            warn!(error = %e, "scheduler prioritize: ledger read failed");
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("ledger unavailable: {e}"),
-            );
-        }
-    };
-    match prioritize_nodes(&args, &view, policy(app), now) {
-        Ok(list) => http::json(StatusCode::OK, &list),
-        Err(e) => problem(StatusCode::BAD_REQUEST, e),
-    }
 }
 
 #[cfg(test)]

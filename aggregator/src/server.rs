@@ -16,78 +16,43 @@
 //! body over `[aggregator] max_body`, 422 wrong schema version or
 //! impossible values. A stored report gets 200, a repeated one 208.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
-};
+// This file is `server.rs`, not `server/mod.rs` like the ledger's: the
+// end-to-end security test reads the routes below from this path, so a
+// new endpoint cannot go untested.
 
-use http_body_util::{BodyExt, Limited};
-use hyper::{
-    Method, Request, Response, StatusCode,
-    body::Incoming,
-    header::{CONTENT_LENGTH, HeaderValue, WWW_AUTHENTICATE},
-};
-use serde_json::json;
-use tracing::{error, warn};
+use std::sync::Arc;
 
-use crate::{
-    auth::{AuthError, Tokens},
-    chargeback::{self, Basis, GroupBy},
-    config::{Prices, Role},
-    ledger::{AuditQuery, Ingested, Ledger},
-    metrics::Metrics,
-};
-use tally_contract::wire::{Report, SCHEMA_VERSION};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 
 use crate::http::{self, Body};
 
-/// Everything a request handler needs.
-#[derive(Debug)]
-pub struct App {
-    pub ledger: Ledger,
-    pub tokens: Tokens,
-    pub prices: Prices,
-    pub max_body: u64,
-    pub metrics: Metrics,
-    pub scheduler: crate::config::SchedulerSection,
-}
+mod app;
+mod audit;
+mod chargeback;
+mod cluster;
+mod query;
+mod reports;
+mod scheduler;
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use app::App;
+use app::problem;
+// The query parsers are fuzzed under these paths (`tests/fuzz`).
+pub use query::percent_decode;
 
-pub(crate) fn problem(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
-    http::json(status, &json!({ "error": reason.into() }))
-}
-
-pub(crate) fn auth_error(e: AuthError) -> Response<Body> {
-    match e {
-        AuthError::Unauthenticated => {
-            let mut r = problem(StatusCode::UNAUTHORIZED, e.to_string());
-            r.headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            r
-        }
-        AuthError::Forbidden { .. } => problem(StatusCode::FORBIDDEN, e.to_string()),
-    }
-}
+pub use crate::time::parse_time;
 
 /// Routes one request.
-pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+pub(crate) async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (method, path.as_str()) {
-        (Method::POST, "/api/v1/reports") => ingest(req, &app).await,
-        (Method::GET, "/api/v1/reports") => summary(req, &app).await,
-        (Method::GET, "/api/v1/chargeback") => chargeback(req, &app).await,
-        (Method::GET, "/api/v1/audit") => audit(req, &app).await,
-        (Method::GET, "/api/v1/cluster") => crate::cluster::handle(req, &app).await,
-        (Method::POST, "/scheduler/filter") => crate::scheduler::filter(req, &app).await,
-        (Method::POST, "/scheduler/prioritize") => crate::scheduler::prioritize(req, &app).await,
+        (Method::POST, "/api/v1/reports") => reports::ingest(req, &app).await,
+        (Method::GET, "/api/v1/reports") => reports::summary(req, &app).await,
+        (Method::GET, "/api/v1/chargeback") => chargeback::chargeback(req, &app).await,
+        (Method::GET, "/api/v1/audit") => audit::audit(req, &app).await,
+        (Method::GET, "/api/v1/cluster") => cluster::handle(req, &app).await,
+        (Method::POST, "/scheduler/filter") => scheduler::filter(req, &app).await,
+        (Method::POST, "/scheduler/prioritize") => scheduler::prioritize(req, &app).await,
         (_, "/api/v1/cluster" | "/scheduler/filter" | "/scheduler/prioritize") => {
             problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -111,374 +76,5 @@ pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => problem(StatusCode::NOT_FOUND, "not found"),
-    }
-}
-
-async fn ingest(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let started = Instant::now();
-    let response = ingest_inner(req, app).await;
-    app.metrics
-        .ingest_duration
-        .observe(started.elapsed().as_secs_f64());
-    response
-}
-
-async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let role = match app.tokens.authenticate(req.headers()) {
-        Ok(r) => r,
-        Err(e) => {
-            app.metrics.report("unauthorized");
-            return auth_error(e);
-        }
-    };
-    if let Err(e) = role.may_write() {
-        app.metrics.report("forbidden");
-        return auth_error(e);
-    }
-    let too_big = || {
-        problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body is larger than {} bytes", app.max_body),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > app.max_body) {
-        app.metrics.report("rejected");
-        return too_big();
-    }
-    let body = match Limited::new(req.into_body(), app.max_body as usize)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            app.metrics.report("rejected");
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return too_big();
-            }
-            return problem(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"));
-        }
-    };
-    let value: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            app.metrics.report("rejected");
-            return problem(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"));
-        }
-    };
-    match value.get("version").and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(SCHEMA_VERSION) => {}
-        other => {
-            app.metrics.report("rejected");
-            return problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "unsupported schema version {}: this aggregator speaks version {SCHEMA_VERSION}",
-                    other.map_or_else(|| "(missing)".to_owned(), |v| v.to_string())
-                ),
-            );
-        }
-    }
-    let report: Report = match serde_json::from_value(value) {
-        Ok(r) => r,
-        Err(e) => {
-            app.metrics.report("rejected");
-            return problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("not a version {SCHEMA_VERSION} report: {e}"),
-            );
-        }
-    };
-    if let Err(problems) = report.validate() {
-        app.metrics.report("rejected");
-        return problem(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("impossible report: {}", problems.join("; ")),
-        );
-    }
-    let digest = report.digest();
-    match app.ledger.ingest(&report, &digest, now_ms()).await {
-        Ok(Ingested::Stored { audit_breaks }) => {
-            app.metrics.report("stored");
-            if !audit_breaks.is_empty() {
-                app.metrics
-                    .audit_chain_breaks
-                    .get_or_create(&crate::metrics::NodeLabel {
-                        node: report.node.clone(),
-                    })
-                    .inc_by(audit_breaks.len() as u64);
-                for b in &audit_breaks {
-                    warn!(node = %report.node, seq = report.seq, "audit {b}");
-                }
-            }
-            http::json(
-                StatusCode::OK,
-                &json!({ "status": "stored", "node": report.node, "boot_id": report.boot_id,
-                         "seq": report.seq, "audit_chain_breaks": audit_breaks.len() }),
-            )
-        }
-        Ok(Ingested::Duplicate) => {
-            app.metrics.report("duplicate");
-            http::json(
-                StatusCode::ALREADY_REPORTED,
-                &json!({ "status": "duplicate", "node": report.node, "boot_id": report.boot_id,
-                         "seq": report.seq }),
-            )
-        }
-        Ok(Ingested::Conflict) => {
-            app.metrics.report("conflict");
-            warn!(node = %report.node, boot_id = %report.boot_id, seq = report.seq,
-                  "a different report was already stored under this (node, boot, seq)");
-            problem(
-                StatusCode::CONFLICT,
-                format!(
-                    "a different report is already stored for node {} boot {} seq {}",
-                    report.node, report.boot_id, report.seq
-                ),
-            )
-        }
-        Err(e) => {
-            app.metrics.report("error");
-            app.metrics.ledger_errors.inc();
-            error!(error = %e, node = %report.node, seq = report.seq, "ledger write failed");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("ledger unavailable: {e}"),
-            )
-        }
-    }
-}
-
-fn query(req: &Request<Incoming>) -> HashMap<String, String> {
-    req.uri()
-        .query()
-        .map(|q| {
-            q.split('&')
-                .filter(|kv| !kv.is_empty())
-                .map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (percent_decode(k), percent_decode(v))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Decodes `%XX` escapes and `+` (form encoding).
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses a time: RFC 3339 (`2026-11-23T15:00:00Z`) or Unix seconds.
-pub fn parse_time(s: &str) -> Result<i64, String> {
-    if let Ok(secs) = s.parse::<i64>() {
-        return secs
-            .checked_mul(1000)
-            .ok_or_else(|| format!("`{s}` is out of range"));
-    }
-    humantime::parse_rfc3339_weak(s)
-        .map_err(|e| format!("`{s}` is not an RFC 3339 time or Unix seconds: {e}"))
-        .and_then(|t| {
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .map_err(|_| format!("`{s}` is before 1970"))
-        })
-}
-
-pub(crate) fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-// The error is the ready response for the client: nothing to box it for.
-#[allow(clippy::result_large_err)]
-fn period(q: &HashMap<String, String>) -> Result<(i64, i64), Response<Body>> {
-    let get = |k: &str| {
-        q.get(k).ok_or_else(|| {
-            problem(
-                StatusCode::BAD_REQUEST,
-                format!("`{k}` is required (RFC 3339 time or Unix seconds)"),
-            )
-        })
-    };
-    let from = parse_time(get("from")?).map_err(|e| problem(StatusCode::BAD_REQUEST, e))?;
-    let to = parse_time(get("to")?).map_err(|e| problem(StatusCode::BAD_REQUEST, e))?;
-    if to <= from {
-        return Err(problem(
-            StatusCode::BAD_REQUEST,
-            "`to` must be after `from`",
-        ));
-    }
-    Ok((from, to))
-}
-
-#[allow(clippy::result_large_err)]
-fn reader(
-    req: &Request<Incoming>,
-    app: &App,
-    asked: Option<&str>,
-) -> Result<Option<String>, Response<Body>> {
-    let role: Role = app.tokens.authenticate(req.headers()).map_err(auth_error)?;
-    role.may_read(asked).map_err(auth_error)
-}
-
-async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let q = query(&req);
-    let only = match reader(&req, app, q.get("tenant").map(String::as_str)) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let (from, to) = match period(&q) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let Some(group_by) = GroupBy::parse(q.get("group_by").map_or("tenant", String::as_str)) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "group_by must be tenant, tenant,gpu_model or tenant,node",
-        );
-    };
-    let Some(basis) = Basis::parse(q.get("basis").map_or("allocated", String::as_str)) else {
-        return problem(StatusCode::BAD_REQUEST, "basis must be allocated or used");
-    };
-    let format = q.get("format").map_or("json", String::as_str);
-    if !matches!(format, "json" | "csv" | "focus") {
-        return problem(StatusCode::BAD_REQUEST, "format must be json, csv or focus");
-    }
-    let (gpu, io) = match tokio::try_join!(
-        app.ledger.gpu_groups(from, to),
-        app.ledger.io_groups(from, to)
-    ) {
-        Ok(x) => x,
-        Err(e) => {
-            app.metrics.ledger_errors.inc();
-            error!(error = %e, "ledger read failed");
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("ledger unavailable: {e}"),
-            );
-        }
-    };
-    let mut c = chargeback::compute(
-        &app.prices,
-        &gpu,
-        &io,
-        group_by,
-        basis,
-        rfc3339(from),
-        rfc3339(to),
-    );
-    if let Some(t) = &only {
-        c = c.only_tenant(t);
-    }
-    match format {
-        "csv" => http::respond(StatusCode::OK, "text/csv; charset=utf-8", c.to_csv()),
-        "focus" => http::respond(StatusCode::OK, "text/csv; charset=utf-8", c.to_focus()),
-        _ => http::json(StatusCode::OK, &c),
-    }
-}
-
-async fn audit(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let q = query(&req);
-    let only = match reader(&req, app, q.get("tenant").map(String::as_str)) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let from = match q.get("from").map(|s| parse_time(s)).transpose() {
-        Ok(v) => v.unwrap_or(0),
-        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
-    };
-    let to = match q.get("to").map(|s| parse_time(s)).transpose() {
-        Ok(v) => v.unwrap_or(i64::MAX),
-        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
-    };
-    let limit = match q.get("limit").map(|s| s.parse::<i64>()) {
-        None => 1000,
-        Some(Ok(n)) if (1..=100_000).contains(&n) => n,
-        Some(_) => return problem(StatusCode::BAD_REQUEST, "limit must be 1..=100000"),
-    };
-    let query = AuditQuery {
-        from_ms: from,
-        to_ms: to,
-        tenant: only,
-        node: q.get("node").cloned(),
-        limit,
-    };
-    match app.ledger.audit(&query).await {
-        Ok(rows) => {
-            let breaks = rows.iter().filter(|r| !r.chain_ok).count();
-            http::json(
-                StatusCode::OK,
-                &json!({ "records": rows, "chain_breaks": breaks }),
-            )
-        }
-        Err(e) => {
-            app.metrics.ledger_errors.inc();
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("ledger unavailable: {e}"),
-            )
-        }
-    }
-}
-
-async fn summary(req: Request<Incoming>, app: &App) -> Response<Body> {
-    let role = match app.tokens.authenticate(req.headers()) {
-        Ok(r) => r,
-        Err(e) => return auth_error(e),
-    };
-    if let Err(e) = role.must_be_admin() {
-        return auth_error(e);
-    }
-    match app.ledger.report_summary().await {
-        Ok(rows) => http::json(StatusCode::OK, &json!({ "reports": rows })),
-        Err(e) => {
-            app.metrics.ledger_errors.inc();
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("ledger unavailable: {e}"),
-            )
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_and_escapes() {
-        assert_eq!(parse_time("10").unwrap(), 10_000);
-        assert_eq!(parse_time("1970-01-01T00:00:10Z").unwrap(), 10_000);
-        assert!(parse_time("yesterday").is_err());
-        assert_eq!(percent_decode("tenant%2Cnode"), "tenant,node");
-        assert_eq!(percent_decode("a+b%"), "a b%");
-        assert_eq!(rfc3339(10_000), "1970-01-01T00:00:10Z");
     }
 }

@@ -1,0 +1,166 @@
+//! The cluster tables, both ways: what ingest leaves of each node's newest
+//! report (GPU states, tenants, MIG mode, report interval, quotas), and
+//! the rows [`crate::cluster`] builds its view from.
+
+use std::collections::BTreeMap;
+
+use tally_contract::wire::Report;
+
+use super::{Ledger, LedgerError, i};
+
+/// One row of `nodes`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub(crate) struct NodeRow {
+    pub node: String,
+    pub reports: i64,
+    pub last_received_ms: i64,
+    pub last_interval_end_ms: i64,
+    pub report_interval_ms: Option<i64>,
+}
+
+/// One row of `gpu_state`: a device as the node's newest report left it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub(crate) struct GpuRow {
+    pub node: String,
+    pub uuid: String,
+    pub gpu: String,
+    pub model: String,
+    pub mig_profile: Option<String>,
+    pub parent_uuid: Option<String>,
+    pub slice_fraction: Option<f64>,
+    pub health: String,
+    pub utilization_ratio: Option<f64>,
+    pub memory_used_bytes: i64,
+    pub memory_total_bytes: i64,
+    pub processes: i64,
+    pub updated_ms: i64,
+    /// Empty or NULL from agents that do not send a state.
+    pub state: Option<String>,
+    /// The holding tenants as a JSON array.
+    pub tenants: Option<String>,
+    /// 0 or 1; NULL from agents that do not send it.
+    pub mig_mode: Option<i64>,
+}
+
+/// One row of `tenant_quota_state`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub(crate) struct QuotaRow {
+    pub node: String,
+    pub tenant: String,
+    pub resource: String,
+    pub limit_value: f64,
+    pub usage_value: Option<f64>,
+}
+
+/// Everything the cluster view is built from, read on every request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ClusterRows {
+    /// By node name.
+    pub nodes: Vec<NodeRow>,
+    /// Only the devices of each node's newest report.
+    pub gpus: Vec<GpuRow>,
+    /// By node, tenant, resource.
+    pub quotas: Vec<QuotaRow>,
+}
+
+/// Stored in the ingest transaction of a report: the GPU states, tenants
+/// and MIG mode of its gauges, its interval and quotas, where the report
+/// is the node's newest (an older report replayed from a spool changes
+/// nothing here, like it changes nothing in `gpu_state`).
+pub(super) async fn store(
+    conn: &mut sqlx::AnyConnection,
+    r: &Report,
+    end: i64,
+) -> Result<(), sqlx::Error> {
+    for g in &r.gpus {
+        let tenants = serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into());
+        sqlx::query(
+            "UPDATE gpu_state SET state = $1, tenants = $2, mig_mode = $3 \
+             WHERE node = $4 AND uuid = $5 AND updated_ms = $6",
+        )
+        .bind((!g.state.is_empty()).then(|| g.state.clone()))
+        .bind(tenants)
+        .bind(i64::from(g.mig_mode))
+        .bind(&r.node)
+        .bind(&g.uuid)
+        .bind(end)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let newest: Option<i64> =
+        sqlx::query_scalar("SELECT last_interval_end_ms FROM nodes WHERE node = $1")
+            .bind(&r.node)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if newest != Some(end) {
+        return Ok(());
+    }
+    sqlx::query("UPDATE nodes SET report_interval_ms = $1 WHERE node = $2")
+        .bind(r.report_interval_ms.map(i))
+        .bind(&r.node)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM tenant_quota_state WHERE node = $1")
+        .bind(&r.node)
+        .execute(&mut *conn)
+        .await?;
+    // One row per (tenant, resource): the last one wins.
+    let quotas: BTreeMap<(&str, &str), _> = r
+        .tenant_quotas
+        .iter()
+        .map(|q| ((q.tenant.as_str(), q.resource.as_str()), q))
+        .collect();
+    for ((tenant, resource), q) in quotas {
+        sqlx::query(
+            "INSERT INTO tenant_quota_state (node, tenant, resource, limit_value, usage_value, \
+             updated_ms) VALUES ($1, $2, $3, $4, NULLIF($5, -1.0), $6)",
+        )
+        .bind(&r.node)
+        .bind(tenant)
+        .bind(resource)
+        .bind(q.limit)
+        // A NULL double from sqlx's `Any` driver reaches PostgreSQL as a
+        // float4, the prepared statement keeps that type, and the next real
+        // usage is refused: an unknown usage travels as -1 (usage is never
+        // negative) and becomes NULL in SQL.
+        .bind(q.usage.unwrap_or(-1.0))
+        .bind(end)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+impl Ledger {
+    /// The rows of the cluster view (see [`ClusterRows`]).
+    pub(crate) async fn cluster_rows(&self) -> Result<ClusterRows, LedgerError> {
+        let nodes = sqlx::query_as(
+            "SELECT node, reports, last_received_ms, last_interval_end_ms, report_interval_ms \
+             FROM nodes ORDER BY node",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        // Only the devices of each node's newest report: a MIG instance that
+        // was destroyed (or a GPU removed) is not shown forever.
+        let gpus = sqlx::query_as(
+            "SELECT g.node, g.uuid, g.gpu, g.model, g.mig_profile, g.parent_uuid, g.slice_fraction, \
+             g.health, g.utilization_ratio, g.memory_used_bytes, g.memory_total_bytes, g.processes, \
+             g.updated_ms, g.state, g.tenants, g.mig_mode \
+             FROM gpu_state g JOIN nodes n ON n.node = g.node \
+             WHERE g.updated_ms >= n.last_interval_end_ms",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let quotas = sqlx::query_as(
+            "SELECT node, tenant, resource, limit_value, usage_value FROM tenant_quota_state \
+             ORDER BY node, tenant, resource",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ClusterRows {
+            nodes,
+            gpus,
+            quotas,
+        })
+    }
+}

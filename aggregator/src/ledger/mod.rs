@@ -1,0 +1,129 @@
+//! The durable usage ledger on SQLite or PostgreSQL (sqlx's `Any` driver,
+//! one schema per dialect, migrations embedded and run at start). Every
+//! SQL statement of the aggregator lives under this module; the views
+//! ([`crate::chargeback`], [`crate::cluster`]) are built from what it
+//! returns and never see a connection.
+//!
+//! A report and everything in it is written in one transaction that first
+//! claims `(node, boot_id, seq)`: a retry finds the claim and is
+//! acknowledged without writing, so each report is stored exactly once,
+//! also with several aggregator replicas on one PostgreSQL.
+
+use std::{path::Path, sync::Once};
+
+use sqlx::{
+    AnyPool, Executor,
+    any::{AnyConnectOptions, AnyPoolOptions},
+    migrate::Migrator,
+};
+
+pub(crate) mod audit;
+pub(crate) mod chargeback;
+pub(crate) mod cluster;
+pub(crate) mod ingest;
+pub(crate) mod totals;
+
+static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Why the ledger failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LedgerError {
+    /// The database could not be reached or refused a statement.
+    #[error("ledger database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema migrations failed.
+    #[error("ledger migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The SQLite file's directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    Directory {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Which database is behind the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The ledger: a connection pool.
+#[derive(Debug, Clone)]
+pub(crate) struct Ledger {
+    pool: AnyPool,
+    pub backend: Backend,
+}
+
+/// A count from the wire as SQL's BIGINT (saturating).
+pub(super) fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A URL sqlx accepts: SQLite files are created (with their directory).
+fn prepare_url(url: &str) -> Result<(String, Backend), LedgerError> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        let file = path.split('?').next().unwrap_or(path);
+        if !file.is_empty()
+            && file != ":memory:"
+            && let Some(dir) = Path::new(file).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|source| LedgerError::Directory {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let url = if url.contains("mode=") {
+            url.to_owned()
+        } else if url.contains('?') {
+            format!("{url}&mode=rwc")
+        } else {
+            format!("{url}?mode=rwc")
+        };
+        Ok((url, Backend::Sqlite))
+    } else {
+        Ok((url.to_owned(), Backend::Postgres))
+    }
+}
+
+impl Ledger {
+    /// Connects and brings the schema up to date.
+    pub(crate) async fn open(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let (url, backend) = prepare_url(url)?;
+        let options: AnyConnectOptions = url.parse()?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL: readers do not block the writer; FULL: a
+                        // committed report survives power loss too.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = FULL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        match backend {
+            Backend::Sqlite => SQLITE.run(&pool).await?,
+            Backend::Postgres => POSTGRES.run(&pool).await?,
+        }
+        Ok(Self { pool, backend })
+    }
+
+    /// Whether the database answers.
+    pub(crate) async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

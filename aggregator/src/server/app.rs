@@ -1,0 +1,58 @@
+//! What every handler shares: the application state and the error
+//! responses.
+
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    header::{HeaderValue, WWW_AUTHENTICATE},
+};
+use serde_json::json;
+
+use crate::{
+    auth::{AuthError, Tokens},
+    config::{Prices, Role, SchedulerSection},
+    http::{self, Body},
+    ledger::Ledger,
+    metrics::Metrics,
+};
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub(crate) struct App {
+    pub ledger: Ledger,
+    pub tokens: Tokens,
+    pub prices: Prices,
+    pub max_body: u64,
+    pub metrics: Metrics,
+    pub scheduler: SchedulerSection,
+}
+
+/// A JSON error body: `{"error": reason}`.
+pub(crate) fn problem(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
+    http::json(status, &json!({ "error": reason.into() }))
+}
+
+/// 401 (with `WWW-Authenticate: Bearer`) or 403.
+pub(crate) fn auth_error(e: AuthError) -> Response<Body> {
+    match e {
+        AuthError::Unauthenticated => {
+            let mut r = problem(StatusCode::UNAUTHORIZED, e.to_string());
+            r.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+        AuthError::Forbidden { .. } => problem(StatusCode::FORBIDDEN, e.to_string()),
+    }
+}
+
+/// The tenant a reader is limited to (`None`: all), or the response that
+/// refuses it.
+#[allow(clippy::result_large_err)]
+pub(crate) fn reader(
+    req: &Request<Incoming>,
+    app: &App,
+    asked: Option<&str>,
+) -> Result<Option<String>, Response<Body>> {
+    let role: Role = app.tokens.authenticate(req.headers()).map_err(auth_error)?;
+    role.may_read(asked).map_err(auth_error)
+}

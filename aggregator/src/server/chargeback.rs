@@ -1,0 +1,93 @@
+//! `GET /api/v1/chargeback`: the ledger's usage over a period, priced
+//! ([`crate::chargeback`]), as JSON, CSV or FOCUS.
+
+use hyper::{Request, Response, StatusCode, body::Incoming};
+use tracing::error;
+
+use super::{
+    app::{App, problem, reader},
+    query::query,
+};
+use crate::{
+    chargeback::{self, Basis, GroupBy},
+    http::{self, Body},
+    time::{parse_time, rfc3339},
+};
+
+// The error is the ready response for the client: nothing to box it for.
+#[allow(clippy::result_large_err)]
+fn period(q: &std::collections::HashMap<String, String>) -> Result<(i64, i64), Response<Body>> {
+    let get = |k: &str| {
+        q.get(k).ok_or_else(|| {
+            problem(
+                StatusCode::BAD_REQUEST,
+                format!("`{k}` is required (RFC 3339 time or Unix seconds)"),
+            )
+        })
+    };
+    let from = parse_time(get("from")?).map_err(|e| problem(StatusCode::BAD_REQUEST, e))?;
+    let to = parse_time(get("to")?).map_err(|e| problem(StatusCode::BAD_REQUEST, e))?;
+    if to <= from {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "`to` must be after `from`",
+        ));
+    }
+    Ok((from, to))
+}
+
+pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Body> {
+    let q = query(&req);
+    let only = match reader(&req, app, q.get("tenant").map(String::as_str)) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let (from, to) = match period(&q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let Some(group_by) = GroupBy::parse(q.get("group_by").map_or("tenant", String::as_str)) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "group_by must be tenant, tenant,gpu_model or tenant,node",
+        );
+    };
+    let Some(basis) = Basis::parse(q.get("basis").map_or("allocated", String::as_str)) else {
+        return problem(StatusCode::BAD_REQUEST, "basis must be allocated or used");
+    };
+    let format = q.get("format").map_or("json", String::as_str);
+    if !matches!(format, "json" | "csv" | "focus") {
+        return problem(StatusCode::BAD_REQUEST, "format must be json, csv or focus");
+    }
+    let (gpu, io) = match tokio::try_join!(
+        app.ledger.gpu_groups(from, to),
+        app.ledger.io_groups(from, to)
+    ) {
+        Ok(x) => x,
+        Err(e) => {
+            app.metrics.ledger_errors.inc();
+            error!(error = %e, "ledger read failed");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("ledger unavailable: {e}"),
+            );
+        }
+    };
+    let mut c = chargeback::compute(
+        &app.prices,
+        &gpu,
+        &io,
+        group_by,
+        basis,
+        rfc3339(from),
+        rfc3339(to),
+    );
+    if let Some(t) = &only {
+        c = c.only_tenant(t);
+    }
+    match format {
+        "csv" => http::respond(StatusCode::OK, "text/csv; charset=utf-8", c.to_csv()),
+        "focus" => http::respond(StatusCode::OK, "text/csv; charset=utf-8", c.to_focus()),
+        _ => http::json(StatusCode::OK, &c),
+    }
+}

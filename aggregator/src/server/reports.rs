@@ -1,0 +1,180 @@
+//! `POST /api/v1/reports` (ingest) and `GET /api/v1/reports` (what is
+//! stored).
+
+use std::time::Instant;
+
+use http_body_util::{BodyExt, Limited};
+use hyper::{Request, Response, StatusCode, body::Incoming, header::CONTENT_LENGTH};
+use serde_json::json;
+use tally_contract::wire::{Report, SCHEMA_VERSION};
+use tracing::{error, warn};
+
+use super::app::{App, auth_error, problem};
+use crate::{
+    http::{self, Body},
+    ledger::ingest::Ingested,
+    metrics::NodeLabel,
+    time::now_ms,
+};
+
+pub(super) async fn ingest(req: Request<Incoming>, app: &App) -> Response<Body> {
+    let started = Instant::now();
+    let response = ingest_inner(req, app).await;
+    app.metrics
+        .ingest_duration
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
+    let role = match app.tokens.authenticate(req.headers()) {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics.report("unauthorized");
+            return auth_error(e);
+        }
+    };
+    if let Err(e) = role.may_write() {
+        app.metrics.report("forbidden");
+        return auth_error(e);
+    }
+    let too_big = || {
+        problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than {} bytes", app.max_body),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.max_body) {
+        app.metrics.report("rejected");
+        return too_big();
+    }
+    let body = match Limited::new(req.into_body(), app.max_body as usize)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            app.metrics.report("rejected");
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return too_big();
+            }
+            return problem(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"));
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            app.metrics.report("rejected");
+            return problem(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"));
+        }
+    };
+    match value.get("version").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(SCHEMA_VERSION) => {}
+        other => {
+            app.metrics.report("rejected");
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "unsupported schema version {}: this aggregator speaks version {SCHEMA_VERSION}",
+                    other.map_or_else(|| "(missing)".to_owned(), |v| v.to_string())
+                ),
+            );
+        }
+    }
+    let report: Report = match serde_json::from_value(value) {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics.report("rejected");
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("not a version {SCHEMA_VERSION} report: {e}"),
+            );
+        }
+    };
+    if let Err(problems) = report.validate() {
+        app.metrics.report("rejected");
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("impossible report: {}", problems.join("; ")),
+        );
+    }
+    let digest = report.digest();
+    match app.ledger.ingest(&report, &digest, now_ms()).await {
+        Ok(Ingested::Stored { audit_breaks }) => {
+            app.metrics.report("stored");
+            if !audit_breaks.is_empty() {
+                app.metrics
+                    .audit_chain_breaks
+                    .get_or_create(&NodeLabel {
+                        node: report.node.clone(),
+                    })
+                    .inc_by(audit_breaks.len() as u64);
+                for b in &audit_breaks {
+                    warn!(node = %report.node, seq = report.seq, "audit {b}");
+                }
+            }
+            http::json(
+                StatusCode::OK,
+                &json!({ "status": "stored", "node": report.node, "boot_id": report.boot_id,
+                         "seq": report.seq, "audit_chain_breaks": audit_breaks.len() }),
+            )
+        }
+        Ok(Ingested::Duplicate) => {
+            app.metrics.report("duplicate");
+            http::json(
+                StatusCode::ALREADY_REPORTED,
+                &json!({ "status": "duplicate", "node": report.node, "boot_id": report.boot_id,
+                         "seq": report.seq }),
+            )
+        }
+        Ok(Ingested::Conflict) => {
+            app.metrics.report("conflict");
+            warn!(node = %report.node, boot_id = %report.boot_id, seq = report.seq,
+                  "a different report was already stored under this (node, boot, seq)");
+            problem(
+                StatusCode::CONFLICT,
+                format!(
+                    "a different report is already stored for node {} boot {} seq {}",
+                    report.node, report.boot_id, report.seq
+                ),
+            )
+        }
+        Err(e) => {
+            app.metrics.report("error");
+            app.metrics.ledger_errors.inc();
+            error!(error = %e, node = %report.node, seq = report.seq, "ledger write failed");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("ledger unavailable: {e}"),
+            )
+        }
+    }
+}
+
+/// `GET /api/v1/reports`: admin only.
+pub(super) async fn summary(req: Request<Incoming>, app: &App) -> Response<Body> {
+    let role = match app.tokens.authenticate(req.headers()) {
+        Ok(r) => r,
+        Err(e) => return auth_error(e),
+    };
+    if let Err(e) = role.must_be_admin() {
+        return auth_error(e);
+    }
+    match app.ledger.report_summary().await {
+        Ok(rows) => http::json(StatusCode::OK, &json!({ "reports": rows })),
+        Err(e) => {
+            app.metrics.ledger_errors.inc();
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("ledger unavailable: {e}"),
+            )
+        }
+    }
+}
