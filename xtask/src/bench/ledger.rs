@@ -367,7 +367,7 @@ pub fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
 const INGEST_BOTTLENECK: &str = "
 **Bottleneck (ingest).** The aggregator is mostly *waiting*, not computing: its CPU stays \
 well below the two cores, the profile is dominated by the scheduler (`finish_task_switch`), \
-and more agents add latency, not throughput. `aggregator/src/ledger.rs`, \
+and more agents add latency, not throughput. `aggregator/src/ledger/ingest.rs`, \
 `Ledger::ingest`, writes a report as ~160 single-row statements in one transaction (the \
 report, 50 `gpu_usage` and 50 `io_usage` INSERTs, 50 `tenant_totals` upserts, the GPU \
 gauges, the node row), each its own await and round trip — to the server on PostgreSQL, \
@@ -698,7 +698,7 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
 /// What the timings above show when the chargeback query misses.
 const CHARGEBACK_BOTTLENECK: &str = "
 **Bottleneck (chargeback).** The database, not the aggregator: the handler's GPU query alone \
-takes most of the end-to-end time. `aggregator/src/ledger.rs`, `Ledger::gpu_groups` \
+takes most of the end-to-end time. `aggregator/src/ledger/chargeback.rs`, `Ledger::gpu_groups` \
 and `Ledger::io_groups`, aggregate every usage row of the month — one per tenant, node and \
 report — grouped by tenant × node × model × slice, and hand that many groups to \
 `chargeback::compute`, which folds them by tenant. The `(interval_end_ms, tenant)` index \
