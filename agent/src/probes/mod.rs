@@ -431,6 +431,26 @@ fn status(probe: &str, result: &Result<(), ProbeError>) -> ProbeStatus {
     }
 }
 
+/// Statuses of the programs of one object: each program's own result, or,
+/// when the object itself could not be used, that one error for every
+/// program, explained once.
+fn family_statuses<const N: usize>(
+    probes: [&str; N],
+    outcome: Result<[Result<(), ProbeError>; N], ProbeError>,
+) -> [ProbeStatus; N] {
+    match outcome {
+        Ok(results) => std::array::from_fn(|i| status(probes[i], &results[i])),
+        Err(e) => {
+            let text = e.explain();
+            probes.map(|probe| ProbeStatus {
+                probe: probe.to_owned(),
+                up: false,
+                error: Some(text.clone()),
+            })
+        }
+    }
+}
+
 impl Probes {
     /// Loads and attaches every enabled probe. Never fails: what cannot
     /// start is in [`Probes::statuses`], logged once with its fix.
@@ -501,29 +521,25 @@ impl Probes {
         } else {
             {
                 let pin = pin.as_ref().and_then(|p| p.as_ref().ok());
-                let (ingress, egress) = match pin {
+                let net = match pin {
                     Some(pin) if config.network => probes.start_net(pin, cgroup_root.as_deref()),
-                    _ => (
-                        Err(ProbeError::Disabled { key: "network" }),
-                        Err(ProbeError::Disabled { key: "network" }),
-                    ),
+                    _ => Err(ProbeError::Disabled { key: "network" }),
                 };
-                probes.statuses.push(status(PROBE_NET_INGRESS, &ingress));
-                probes.statuses.push(status(PROBE_NET_EGRESS, &egress));
+                probes
+                    .statuses
+                    .extend(family_statuses([PROBE_NET_INGRESS, PROBE_NET_EGRESS], net));
                 let pcie = match pin {
                     Some(pin) if config.pcie => probes.start_pcie(pin, config.cuda_libs.as_deref()),
                     _ => Err(ProbeError::Disabled { key: "pcie" }),
                 };
                 probes.statuses.push(status(PROBE_PCIE, &pcie));
-                let (exec, exit) = match pin {
+                let procs = match pin {
                     Some(pin) if config.process => probes.start_procs(pin),
-                    _ => (
-                        Err(ProbeError::Disabled { key: "process" }),
-                        Err(ProbeError::Disabled { key: "process" }),
-                    ),
+                    _ => Err(ProbeError::Disabled { key: "process" }),
                 };
-                probes.statuses.push(status(PROBE_EXEC, &exec));
-                probes.statuses.push(status(PROBE_EXIT, &exit));
+                probes
+                    .statuses
+                    .extend(family_statuses([PROBE_EXEC, PROBE_EXIT], procs));
             }
         }
 
@@ -538,42 +554,17 @@ impl Probes {
         probes
     }
 
+    /// Ingress and egress results; `Err` when the object could not be used
+    /// at all (both programs report that).
     fn start_net(
         &mut self,
         pin: &PinDir,
         root: Option<&Path>,
-    ) -> (Result<(), ProbeError>, Result<(), ProbeError>) {
-        let Some(root) = root else {
-            return (Err(ProbeError::NoCgroup2), Err(ProbeError::NoCgroup2));
-        };
-        let (mut ebpf, reused) = match load_object(pin, "net", tally_ebpf::NET) {
-            Ok(x) => x,
-            Err(e) => {
-                let text = e.explain();
-                return (
-                    Err(e),
-                    Err(ProbeError::Load {
-                        object: "net",
-                        message: text,
-                    }),
-                );
-            }
-        };
-        let map: PerCpuHashMap<MapData, u64, NetValue> =
-            match take_map(&mut ebpf, "net", tally_ebpf::MAP_NET) {
-                Ok(m) => m,
-                Err(e) => {
-                    let text = e.explain();
-                    return (
-                        Err(e),
-                        Err(ProbeError::Load {
-                            object: "net",
-                            message: text,
-                        }),
-                    );
-                }
-            };
-        let mut map = map;
+    ) -> Result<[Result<(), ProbeError>; 2], ProbeError> {
+        let root = root.ok_or(ProbeError::NoCgroup2)?;
+        let (mut ebpf, reused) = load_object(pin, "net", tally_ebpf::NET)?;
+        let mut map: PerCpuHashMap<MapData, u64, NetValue> =
+            take_map(&mut ebpf, "net", tally_ebpf::MAP_NET)?;
         self.adopt_map(reused, Part::Net, |ids| {
             for id in ids {
                 let _ = map.remove(id);
@@ -608,7 +599,7 @@ impl Probes {
         let ingress = attach("tally_net_ingress", CgroupSkbAttachType::Ingress);
         let egress = attach("tally_net_egress", CgroupSkbAttachType::Egress);
         self.net = Some(NetProbe { _ebpf: ebpf, map });
-        (ingress, egress)
+        Ok([ingress, egress])
     }
 
     fn start_pcie(&mut self, pin: &PinDir, libs: Option<&[PathBuf]>) -> Result<(), ProbeError> {
@@ -699,20 +690,10 @@ impl Probes {
         Ok(())
     }
 
-    fn start_procs(&mut self, pin: &PinDir) -> (Result<(), ProbeError>, Result<(), ProbeError>) {
-        let (mut ebpf, _) = match load_object(pin, "proc", tally_ebpf::PROC) {
-            Ok(x) => x,
-            Err(e) => {
-                let text = e.explain();
-                return (
-                    Err(e),
-                    Err(ProbeError::Load {
-                        object: "proc",
-                        message: text,
-                    }),
-                );
-            }
-        };
+    /// Exec and exit results; `Err` when the object could not be loaded
+    /// (both programs report that).
+    fn start_procs(&mut self, pin: &PinDir) -> Result<[Result<(), ProbeError>; 2], ProbeError> {
+        let (mut ebpf, _) = load_object(pin, "proc", tally_ebpf::PROC)?;
         let mut attach = |program: &'static str, tp: &str| -> Result<(), ProbeError> {
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(program)
@@ -746,7 +727,7 @@ impl Probes {
             Err(e) => warn!("{}", e.explain()),
         }
         self._procs = Some(ProcProbe { _ebpf: ebpf });
-        (exec, exit)
+        Ok([exec, exit])
     }
 
     /// Reconciles the state with a map just opened (see [`State::adopt`])
@@ -1053,6 +1034,35 @@ mod tests {
             message: "map tally_net: Operation not permitted (os error 1)".into(),
         };
         assert!(e.explain().contains("CAP_BPF"), "{}", e.explain());
+    }
+
+    #[test]
+    fn a_pair_sharing_a_broken_object_reports_its_error_once_each() {
+        let e = ProbeError::Load {
+            object: "net",
+            message: "map tally_net: Operation not permitted (os error 1)".into(),
+        };
+        let want = e.explain();
+        let [ingress, egress] = family_statuses([PROBE_NET_INGRESS, PROBE_NET_EGRESS], Err(e));
+        for s in [&ingress, &egress] {
+            let text = s.error.as_deref().unwrap();
+            assert!(!s.up);
+            assert_eq!(text, want, "{}", s.probe);
+            assert_eq!(text.matches("cannot load").count(), 1, "{text}");
+            assert_eq!(text.matches("fix:").count(), 1, "{text}");
+        }
+        assert_eq!(
+            (ingress.probe.as_str(), egress.probe.as_str()),
+            (PROBE_NET_INGRESS, PROBE_NET_EGRESS)
+        );
+
+        // Once the object loaded, each program reports its own result.
+        let [exec, exit] = family_statuses(
+            [PROBE_EXEC, PROBE_EXIT],
+            Ok([Ok(()), Err(ProbeError::NoCgroup2)]),
+        );
+        assert!(exec.up && exec.error.is_none());
+        assert!(!exit.up && exit.error.unwrap().contains("no cgroup v2"));
     }
 
     #[test]
