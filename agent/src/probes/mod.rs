@@ -147,8 +147,8 @@ impl ProbeError {
         match self {
             ProbeError::Disabled { .. } => "set it to true to enable",
             ProbeError::Mount { .. } => {
-                "mount bpffs (`mount -t bpf bpf /sys/fs/bpf`), or run the agent as root or \
-                 with CAP_SYS_ADMIN so it mounts it"
+                "mount bpffs (`mount -t bpf -o mode=0700 bpf /sys/fs/bpf`), or run the agent \
+                 as root or with CAP_SYS_ADMIN so it mounts it"
             }
             ProbeError::PinDir { .. } => {
                 "run the agent as root or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN \
@@ -293,8 +293,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), ProbeError> {
             paths::BPFFS
         )));
     }
-    let out = Command::new("mount")
-        .args(["-t", "bpf", "bpf", paths::BPFFS])
+    let out = mount_bpffs()
         .output()
         .map_err(|e| mount_err(format!("cannot run mount: {e}")))?;
     if !out.status.success() {
@@ -304,6 +303,14 @@ fn ensure_bpffs(dir: &Path) -> Result<(), ProbeError> {
     }
     info!(path = paths::BPFFS, "mounted bpffs");
     Ok(())
+}
+
+/// `mount` of bpffs at [`paths::BPFFS`], 0700 as systemd mounts it: without
+/// a mode bpffs is 1777 and any user may create entries in it.
+fn mount_bpffs() -> Command {
+    let mut mount = Command::new("mount");
+    mount.args(["-t", "bpf", "-o", "mode=0700", "bpf", paths::BPFFS]);
+    mount
 }
 
 fn load_object(
@@ -1063,6 +1070,18 @@ mod tests {
         );
         assert!(exec.up && exec.error.is_none());
         assert!(!exit.up && exit.error.unwrap().contains("no cgroup v2"));
+    }
+
+    #[test]
+    fn bpffs_is_mounted_for_root_only() {
+        let mount = mount_bpffs();
+        let args: Vec<_> = mount.get_args().collect();
+        assert_eq!(mount.get_program(), "mount");
+        assert_eq!(
+            args,
+            ["-t", "bpf", "-o", "mode=0700", "bpf", paths::BPFFS],
+            "0700 as systemd mounts it, not bpffs's default 1777"
+        );
     }
 
     #[test]
