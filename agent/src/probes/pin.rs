@@ -7,10 +7,11 @@ use std::{
     process::Command,
 };
 
+use procfs::process::MountInfos;
 use tracing::info;
 
 use super::ProbeError;
-use crate::paths;
+use crate::{cgroupfs, paths};
 
 /// The pinned-map directory, mounted and locked for this agent.
 #[derive(Debug)]
@@ -48,16 +49,14 @@ impl PinDir {
 
 /// Is a bpffs mounted at `dir` or one of its parents?
 fn bpffs_mounted_over(dir: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return false;
-    };
-    mounts.lines().any(|line| {
-        let mut f = line.split_whitespace();
-        let (_, Some(point), Some(fstype)) = (f.next(), f.next(), f.next()) else {
-            return false;
-        };
-        fstype == "bpf" && dir.starts_with(point)
-    })
+    cgroupfs::own_mounts().is_ok_and(|m| bpffs_in(&m, dir))
+}
+
+/// Is one of `mounts` a bpffs at `dir` or one of its parents?
+fn bpffs_in(mounts: &MountInfos, dir: &Path) -> bool {
+    mounts
+        .iter()
+        .any(|m| m.fs_type == "bpf" && dir.starts_with(&m.mount_point))
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` when `dir` is not on a bpffs yet.
@@ -99,6 +98,20 @@ fn mount_bpffs() -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pin_dir_under_a_bpffs_mount_needs_no_mount() {
+        let mounts = cgroupfs::parse_mounts(
+            "22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw\n\
+             40 22 0:34 / /sys/fs/bpf rw,relatime shared:14 - bpf bpf rw,mode=700\n\
+             41 22 0:35 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
+        )
+        .unwrap();
+        assert!(bpffs_in(&mounts, Path::new("/sys/fs/bpf/tally")));
+        assert!(bpffs_in(&mounts, Path::new("/sys/fs/bpf")));
+        assert!(!bpffs_in(&mounts, Path::new("/sys/fs/bpffoo")));
+        assert!(!bpffs_in(&mounts, Path::new("/sys/fs/cgroup/unified/x")));
+    }
 
     #[test]
     fn bpffs_is_mounted_for_root_only() {
