@@ -51,6 +51,29 @@ impl CgroupPaths {
         self.by_id.get(&id).cloned()
     }
 
+    /// Paths of `ids` (`None`: no such cgroup now), walking the hierarchy
+    /// at most once for all of them.
+    pub fn resolve_all(
+        &mut self,
+        ids: impl IntoIterator<Item = u64>,
+    ) -> HashMap<u64, Option<String>> {
+        let mut paths = HashMap::new();
+        let mut walked = false;
+        for id in ids {
+            if paths.contains_key(&id) {
+                continue;
+            }
+            let mut path = self.cached(id).map(str::to_owned);
+            if path.is_none() && !walked {
+                self.walk();
+                walked = true;
+                path = self.cached(id).map(str::to_owned);
+            }
+            paths.insert(id, path);
+        }
+        paths
+    }
+
     /// Re-reads the whole hierarchy into the cache.
     pub fn walk(&mut self) {
         self.walks += 1;
@@ -117,5 +140,22 @@ mod tests {
         // Removed: unknown even after a walk.
         std::fs::remove_dir(dir.path().join("a/d")).unwrap();
         assert_eq!(paths.resolve(id_b), None);
+    }
+
+    #[test]
+    fn ids_of_one_sample_cost_at_most_one_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        std::fs::create_dir_all(dir.path().join("b")).unwrap();
+        let id_a = cgroup_id(&dir.path().join("a")).unwrap();
+        let id_b = cgroup_id(&dir.path().join("b")).unwrap();
+        let gone = u64::MAX;
+        let mut paths = CgroupPaths::new(dir.path());
+        let found = paths.resolve_all([id_a, gone, id_b, id_a]);
+        assert_eq!(paths.walks(), 1);
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[&id_a].as_deref(), Some("/a"));
+        assert_eq!(found[&id_b].as_deref(), Some("/b"));
+        assert_eq!(found[&gone], None);
     }
 }

@@ -612,9 +612,9 @@ fn unprivileged_agent_reports_probes_down_and_serves_gpu_metrics() {
         "the agent logs why"
     );
     // Whether nobody may create the pin directory itself depends on how
-    // bpffs was mounted: mode 1777 without options (`mount -t bpf`, as the
-    // agent does when it is missing), 0700 under systemd. Nothing may be
-    // pinned in it either way.
+    // bpffs was mounted: mode 1777 without options (`mount -t bpf`), 0700
+    // under systemd and when the agent mounts it. Nothing may be pinned in
+    // it either way.
     let pinned: Vec<_> = fs::read_dir(&pin.0)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
