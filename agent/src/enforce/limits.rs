@@ -14,9 +14,14 @@ use super::{
     network,
     quota::Quota,
     record::Recorder,
-    under_kubernetes,
 };
 use crate::snapshot::Snapshot;
+
+/// Whether this node runs under Kubernetes, where the kubelet owns cpu,
+/// memory and pids limits and Tally leaves them alone.
+pub fn under_kubernetes() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
 
 /// The tenant cgroups and what has been written into and attached to them.
 #[derive(Debug)]

@@ -3,10 +3,10 @@
 //!
 //! The sampling thread hands each fresh [`Snapshot`] to
 //! [`Enforcer::observe`], which measures usage against `[tenant.quota.*]`
-//! ([`usage`]), decides what to do about GPU breaches ([`policy`]), does it
-//! ([`actions`]), keeps the kernel-enforced limits in line ([`limits`]) and
-//! records every decision ([`record`]); it returns the limits, usage and
-//! action counts for `/metrics`. Nothing in `observe` waits: the throttle
+//! (`usage`), decides what a GPU breach calls for (`policy`, pure), does it
+//! (`actions`), keeps the kernel-enforced limits in line (`limits`) and
+//! audits and counts every decision (`record`). It returns the limits,
+//! usage and action counts for `/metrics`, and never waits: the throttle
 //! duty cycle and the SIGTERM→SIGKILL wait run on their own threads.
 
 mod actions;
@@ -38,18 +38,13 @@ use self::{
 };
 pub use self::{
     actions::{THROTTLE_FROZEN, THROTTLE_PERIOD, Target, start_time},
+    limits::under_kubernetes,
     policy::GpuResource,
 };
 use crate::snapshot::{EnforcementActionCount, GpuProcess, Snapshot, TenantQuotaStatus};
 
 /// Sampling cycles between two re-applications of cgroup limits.
 const REAPPLY_EVERY: u64 = 10;
-
-/// Whether this node runs under Kubernetes, where the kubelet owns cpu,
-/// memory and pids limits and Tally leaves them alone.
-pub fn under_kubernetes() -> bool {
-    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
-}
 
 /// Compares usage with quotas and acts. Owned by the sampling thread.
 #[derive(Debug)]

@@ -6,7 +6,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{CgroupError, layout::Layout, write};
+use super::{
+    files::{CgroupError, write},
+    layout::Layout,
+};
 use crate::cgroupfs::Cgroups;
 
 /// A cgroup that can be frozen: v2 `cgroup.freeze` or v1 `freezer.state`.

@@ -8,7 +8,7 @@ use std::{
 
 use procfs::process::MountInfos;
 
-use super::{CgroupError, io_err};
+use super::files::{CgroupError, io_err};
 use crate::{
     cgroupfs::{self, Cgroups},
     paths::{PROC_SELF_CGROUP, PROC_SELF_MOUNTINFO},

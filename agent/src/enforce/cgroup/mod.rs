@@ -17,16 +17,13 @@
 //! process's own cgroup on each hierarchy (`/proc/self/cgroup`), never beside
 //! or above it.
 
+mod files;
 mod freezer;
 mod layout;
 mod tree;
 
-use std::{
-    fs, io,
-    path::{Path, PathBuf},
-};
-
 pub use self::{
+    files::CgroupError,
     freezer::Freezer,
     layout::{Backend, Hierarchy, Layout, V1_CONTROLLERS},
     tree::{
@@ -34,32 +31,6 @@ pub use self::{
         write_limit_v1, write_limit_v2,
     },
 };
-
-/// Why a cgroup operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    /// Reading or writing a cgroup file or directory failed.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    /// No cgroup hierarchy is mounted at all.
-    #[error("no cgroup hierarchy is mounted (see /proc/self/mountinfo)")]
-    NoHierarchy,
-    /// A name would escape its directory.
-    #[error("`{name}` is not a valid cgroup name (no `/`, `.`, `..`, empty)")]
-    BadName { name: String },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
-    let path = dir.join(file);
-    fs::write(&path, value).map_err(io_err(&path))
-}
 
 /// Texts of a hybrid host, shared by the tests of every part.
 #[cfg(test)]

@@ -8,9 +8,8 @@ use std::{
 };
 
 use super::{
-    CgroupError, io_err,
+    files::{CgroupError, io_err, write},
     layout::{Backend, Hierarchy, Layout},
-    write,
 };
 use crate::enforce::quota::Quota;
 
