@@ -1,0 +1,188 @@
+//! What enforcement did, kept: the hash-chained audit log and the action
+//! counters behind `tally_enforcement_actions_total`.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use tally_contract::audit::AuditLog;
+
+use super::quota::Quota;
+use crate::{paths, snapshot::EnforcementActionCount};
+
+/// Action counters, shared with the action threads.
+type Counts = Arc<Mutex<BTreeMap<(String, String, String), u64>>>;
+/// The audit log, shared with the action threads; `None` if it cannot open.
+type SharedAudit = Arc<Mutex<Option<AuditLog>>>;
+
+/// Audits decisions and counts actions; cheap to clone into action threads.
+#[derive(Debug, Clone)]
+pub(crate) struct Recorder {
+    audit: SharedAudit,
+    counts: Counts,
+}
+
+impl Recorder {
+    /// Opens `<state_dir>/audit.log`, unless there are no quotas and never
+    /// was a log. A log that cannot open is logged; nothing is audited then.
+    pub(crate) fn open(state_dir: &Path, node: &str, no_quotas: bool) -> Recorder {
+        let audit = if no_quotas && !paths::audit_log(state_dir).exists() {
+            None
+        } else {
+            match AuditLog::open(&paths::audit_log(state_dir), node) {
+                Ok(log) => Some(log),
+                Err(e) => {
+                    warn!("enforcement actions will not be audited: {e}");
+                    None
+                }
+            }
+        };
+        Recorder {
+            audit: Arc::new(Mutex::new(audit)),
+            counts: Arc::default(),
+        }
+    }
+
+    /// Appends an audit record (a failure is logged, never fatal).
+    pub(crate) fn record(
+        &self,
+        tenant: &str,
+        resource: &str,
+        action: &str,
+        detail: serde_json::Value,
+    ) {
+        info!(tenant, resource, action, %detail, "enforcement");
+        let mut guard = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = guard.as_mut()
+            && let Err(e) = log.append(tenant, resource, action, detail)
+        {
+            warn!("cannot write the audit log: {e}");
+        }
+    }
+
+    /// Counts an action in `tally_enforcement_actions_total` and audits it.
+    pub(crate) fn act(
+        &self,
+        tenant: &str,
+        resource: &str,
+        action: &str,
+        detail: serde_json::Value,
+    ) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((tenant.to_owned(), resource.to_owned(), action.to_owned()))
+            .or_default() += 1;
+        self.record(tenant, resource, action, detail);
+    }
+
+    /// Actions taken so far, counted.
+    pub(crate) fn counts(&self) -> Vec<EnforcementActionCount> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((tenant, resource, action), n)| EnforcementActionCount {
+                tenant: tenant.clone(),
+                resource: resource.clone(),
+                action: action.clone(),
+                total: *n,
+            })
+            .collect()
+    }
+
+    /// The audit log's path, when it is open.
+    pub(crate) fn audit_path(&self) -> Option<PathBuf> {
+        let guard = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|l| l.path().to_path_buf())
+    }
+}
+
+/// Audits quotas that appeared, changed or went away since the quotas last
+/// applied (`<state_dir>/quotas.json`), then remembers the current ones.
+pub(crate) fn audit_quota_changes(
+    rec: &Recorder,
+    state_dir: &Path,
+    quotas: &BTreeMap<String, Quota>,
+) {
+    let file = paths::applied_quotas(state_dir);
+    let old: BTreeMap<String, Quota> = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    for (tenant, q) in quotas {
+        match old.get(tenant) {
+            None => rec.record(tenant, "quota", "quota_set", json!({ "quota": q })),
+            Some(o) if o != q => rec.record(
+                tenant,
+                "quota",
+                "quota_change",
+                json!({ "old": o, "new": q }),
+            ),
+            Some(_) => {}
+        }
+    }
+    for (tenant, o) in &old {
+        if !quotas.contains_key(tenant) {
+            rec.record(tenant, "quota", "quota_removed", json!({ "old": o }));
+        }
+    }
+    if quotas.is_empty() && old.is_empty() {
+        return;
+    }
+    let _ = std::fs::create_dir_all(state_dir);
+    if let Err(e) = std::fs::write(&file, serde_json::to_vec_pretty(quotas).unwrap_or_default()) {
+        warn!(
+            "cannot remember the applied quotas in {}: {e}",
+            file.display()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_contract::audit;
+
+    use super::*;
+
+    fn actions(log: &Path) -> Vec<(String, String)> {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let r: audit::Record = serde_json::from_str(l).unwrap();
+                (r.tenant, r.action)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn actions_are_counted_and_decisions_only_audited() {
+        let d = tempfile::tempdir().unwrap();
+        let rec = Recorder::open(d.path(), "n1", false);
+        rec.act("a", "gpu_memory", "alert", json!({}));
+        rec.record("a", "gpu_memory", "resolved", json!({}));
+        rec.act("a", "gpu_memory", "alert", json!({}));
+        let counts = rec.counts();
+        assert_eq!(counts.len(), 1);
+        assert_eq!((counts[0].action.as_str(), counts[0].total), ("alert", 2));
+        let log = rec.audit_path().unwrap();
+        assert_eq!(actions(&log).len(), 3);
+        assert_eq!(audit::verify(&log).unwrap(), Ok(3));
+    }
+
+    #[test]
+    fn no_log_is_made_without_quotas() {
+        let d = tempfile::tempdir().unwrap();
+        let rec = Recorder::open(d.path(), "n1", true);
+        rec.record("a", "quota", "quota_removed", json!({}));
+        assert_eq!(rec.audit_path(), None);
+        assert!(!d.path().join("audit.log").exists());
+    }
+}
