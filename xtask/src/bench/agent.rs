@@ -86,7 +86,7 @@ What remains is Tally's own per-cycle work on the `tally-sampler` thread (profil
 every cycle, for every GPU process, `cgroupfs::cgroup_of` reads `/proc/<pid>/cgroup` \
 (`agent/src/tenants.rs`, `Resolver::attribute_on`) and `gpu::Sampler::update_states` reads \
 `/proc/<pid>/stat` for each holder of each device — twice for processes on MIG instances \
-(once for the instance, once for the parent GPU) (`agent/src/gpu/mod.rs`, \
+(once for the instance, once for the parent GPU) (`agent/src/gpu/sample.rs`, \
 `holders_of_device` + `process_obs`); and `probes::cgroups::CgroupPaths::walk` walks the \
 whole cgroup v2 tree whenever the network map holds an id it does not know — on a shared \
 machine, every short-lived cgroup of someone else's test that sent a packet. **What would fix it:** cache pid → (start time, cgroup, \
