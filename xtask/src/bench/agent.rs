@@ -102,7 +102,7 @@ with a periodic flush.
 /// Where a slow scrape's time goes.
 const SCRAPE_BOTTLENECK: &str = "
 **Bottleneck (scrape).** Every `GET /metrics` re-encodes the whole snapshot: \
-`agent/src/run.rs` `route` calls `metrics::encode(&latest)` per request, and \
+`agent/src/run.rs` `route` calls `Metrics::encode` per request, and \
 `agent/src/metrics.rs` (`SnapshotCollector::encode` through prometheus-client's text \
 encoder) formats every sample again — label strings written piecewise into a growing \
 `String`, every value through `dtoa`, then the body copied into the response (the \
