@@ -1,11 +1,9 @@
-//! Prometheus exposition of the latest [`Snapshot`] (OpenMetrics text).
-//!
-//! A [`Collector`] reads the snapshot at scrape time and encodes it: no
-//! second copy of the numbers, and no NVML call on the scrape path. Names
-//! follow `DESIGN.md`; units are declared so the encoder appends them
+//! Prometheus exposition of the agent (OpenMetrics text): one registry,
+//! into which each component registers its own typed families (the report
+//! sender's counters), plus one [`Collector`] that encodes the latest
+//! [`Snapshot`] at scrape time: no second copy of the numbers, and no NVML
+//! call on the scrape path. Units are declared so the encoder appends them
 //! (`tally_gpu_energy` + joules + counter → `tally_gpu_energy_joules_total`).
-
-use std::{fmt::Write as _, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
@@ -13,28 +11,43 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
-use tokio::sync::watch;
 
 use crate::{
-    snapshot::{GpuHealth, Snapshot},
+    snapshot::{GpuHealth, Latest, Snapshot},
     states::GpuState,
 };
 
-/// The latest snapshot, as published by the sampling loop.
-pub type Latest = watch::Receiver<Arc<Snapshot>>;
+/// Content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Encodes the agent's metrics for one scrape.
-pub fn encode(latest: &Latest) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector(latest.clone())));
-    let mut out = String::with_capacity(16 * 1024);
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-    out
+/// The agent's `/metrics`: the snapshot's families and whatever the
+/// components registered.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
 }
 
-/// Content type of [`encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+impl Metrics {
+    /// A registry that encodes `latest` at every scrape.
+    pub fn new(latest: Latest) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(SnapshotCollector(latest)));
+        Self { registry }
+    }
+
+    /// Where a component registers its own families.
+    pub fn registry(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Encodes every family for one scrape.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
 
 #[derive(Debug)]
 struct SnapshotCollector(Latest);
@@ -343,7 +356,6 @@ impl Collector for SnapshotCollector {
         encode_workloads(&snap, e)?;
         encode_io(&snap, e)?;
         encode_enforcement(&snap, e)?;
-        encode_report(e)?;
         encode_process(e)
     }
 }
@@ -520,28 +532,6 @@ fn encode_enforcement(
     )
 }
 
-/// The report sender's spool and delivery counters (`crate::report`).
-fn encode_report(e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-    for s in crate::report::stats::stats().samples() {
-        let family = Family {
-            name: s.name,
-            help: s.help,
-            unit: s.unit.map(|u| match u {
-                "bytes" => Unit::Bytes,
-                "seconds" => Unit::Seconds,
-                other => Unit::Other(other.to_owned()),
-            }),
-            kind: if s.counter {
-                MetricType::Counter
-            } else {
-                MetricType::Gauge
-            },
-        };
-        family.encode(e, [(NOLABELS, s.value)])?;
-    }
-    Ok(())
-}
-
 /// The agent's own footprint, under the standard `process_` names.
 fn encode_process(e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
     let Ok(me) = procfs::process::Process::myself() else {
@@ -566,27 +556,206 @@ fn encode_process(e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> 
     .encode(e, [(NOLABELS, stat.rss as f64 * page)])
 }
 
-/// Renders a snapshot as a plain text table, for the demo and the CLI.
-pub fn tenant_table(snap: &Snapshot) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<16} {:<8} {:>12} {:>12} {:>12} {:>12}",
-        "TENANT", "GPU", "ALLOC s", "SM s", "MEM MiB", "ENERGY J"
-    );
-    for r in &snap.tenant_gpu {
-        let _ = writeln!(
-            out,
-            "{:<16} {:<8} {:>12.1} {:>12} {:>12.0} {:>12.1}",
-            r.tenant,
-            r.gpu,
-            r.allocated_seconds_total,
-            r.sm_seconds_total
-                .map(|s| format!("{s:.1}"))
-                .unwrap_or_else(|| "n/a".into()),
-            r.memory_bytes as f64 / (1 << 20) as f64,
-            r.energy_joules_total
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::{
+        report::stats::ReportStats,
+        snapshot::{GpuSnapshot, TENANT_IDLE, TenantGpuUsage},
+    };
+
+    /// GPU 0 shared by acme and `_idle`, MIG GPU 1 with instance 1/1/0
+    /// held by beta.
+    fn snapshot() -> Snapshot {
+        let gpu = |label: &str, state, observed| GpuSnapshot {
+            gpu: label.into(),
+            uuid: format!("GPU-{label}"),
+            model: "M".into(),
+            state,
+            observed_seconds_total: observed,
+            ..Default::default()
+        };
+        let row = |tenant: &str, gpu: &str, allocated| TenantGpuUsage {
+            tenant: tenant.into(),
+            gpu: gpu.into(),
+            uuid: format!("GPU-{gpu}"),
+            allocated_seconds_total: allocated,
+            energy_joules_total: 1.0,
+            ..Default::default()
+        };
+        Snapshot {
+            node: "n1".into(),
+            samples: 7,
+            gpus: vec![
+                gpu("0", GpuState::Busy, 10.0),
+                GpuSnapshot {
+                    mig_mode: true,
+                    ..gpu("1", GpuState::Free, 2.0)
+                },
+                GpuSnapshot {
+                    mig_mode: true,
+                    mig_profile: Some("3g.20gb".into()),
+                    parent_uuid: Some("GPU-1".into()),
+                    ..gpu("1/1/0", GpuState::Idle, 10.0)
+                },
+            ],
+            tenant_gpu: vec![
+                row("acme", "0", 7.5),
+                row(TENANT_IDLE, "0", 2.5),
+                row(TENANT_IDLE, "1", 2.0),
+                row("beta", "1/1/0", 10.0),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn encode(snap: Snapshot, report: Option<&ReportStats>) -> String {
+        let (_tx, latest) = watch::channel(Arc::new(snap));
+        let mut metrics = Metrics::new(latest);
+        if let Some(r) = report {
+            r.register(metrics.registry());
+        }
+        metrics.encode()
+    }
+
+    fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    /// `name{labels} value` → (labels, value); labels as written.
+    fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+            .map(|rest| {
+                let (labels, value) = rest.rsplit_once("} ").expect("labels and value");
+                (labels, value.parse().expect("a number"))
+            })
+            .collect()
+    }
+
+    /// The value of label `key` in `k="v",…` (values here have no quotes
+    /// or commas).
+    fn label<'a>(labels: &'a str, key: &str) -> &'a str {
+        labels
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\""))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("no {key} in {labels}"))
+    }
+
+    #[test]
+    fn gpu_info_has_one_series_per_device() {
+        let text = encode(snapshot(), None);
+        assert_eq!(
+            lines(&text, "tally_gpu_info"),
+            [
+                r#"tally_gpu_info{gpu="0",uuid="GPU-0",model="M",mig_mode="false",mig_profile=""} 1.0"#,
+                r#"tally_gpu_info{gpu="1",uuid="GPU-1",model="M",mig_mode="true",mig_profile=""} 1.0"#,
+                r#"tally_gpu_info{gpu="1/1/0",uuid="GPU-1/1/0",model="M",mig_mode="true",mig_profile="3g.20gb"} 1.0"#,
+            ]
+        );
+        assert!(text.contains(
+            "# HELP tally_gpu_info One series per GPU and MIG instance; always 1. MIG instances \
+             are gpu=\"<index>/<gi>/<ci>\".\n# TYPE tally_gpu_info gauge\n"
+        ));
+    }
+
+    #[test]
+    fn state_is_one_hot() {
+        let text = encode(snapshot(), None);
+        assert_eq!(
+            lines(&text, r#"tally_gpu_state{gpu="1/1/0""#),
+            [
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="free"} 0.0"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="busy"} 0.0"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="idle"} 1.0"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="stuck"} 0.0"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="lost"} 0.0"#,
+            ]
+        );
+        let states = samples(&text, "tally_gpu_state");
+        assert_eq!(states.len(), 3 * GpuState::ALL.len());
+        for g in ["0", "1", "1/1/0"] {
+            let hot: f64 = states
+                .iter()
+                .filter(|(l, _)| label(l, "gpu") == g)
+                .map(|(_, v)| v)
+                .sum();
+            assert_eq!(hot, 1.0, "gpu {g}");
+        }
+    }
+
+    #[test]
+    fn tenant_allocated_seconds_are_a_counter_in_seconds() {
+        let text = encode(snapshot(), None);
+        assert!(text.contains(
+            "# TYPE tally_tenant_gpu_allocated_seconds counter\n\
+             # UNIT tally_tenant_gpu_allocated_seconds seconds\n"
+        ));
+        assert_eq!(
+            lines(&text, "tally_tenant_gpu_allocated_seconds_total"),
+            [
+                r#"tally_tenant_gpu_allocated_seconds_total{tenant="acme",gpu="0"} 7.5"#,
+                r#"tally_tenant_gpu_allocated_seconds_total{tenant="_idle",gpu="0"} 2.5"#,
+                r#"tally_tenant_gpu_allocated_seconds_total{tenant="_idle",gpu="1"} 2.0"#,
+                r#"tally_tenant_gpu_allocated_seconds_total{tenant="beta",gpu="1/1/0"} 10.0"#,
+            ]
         );
     }
-    out
+
+    #[test]
+    fn allocated_seconds_sum_by_gpu_to_observed_seconds() {
+        let text = encode(snapshot(), None);
+        let mut allocated: BTreeMap<&str, f64> = BTreeMap::new();
+        for (labels, v) in samples(&text, "tally_tenant_gpu_allocated_seconds_total") {
+            *allocated.entry(label(labels, "gpu")).or_default() += v;
+        }
+        let observed: BTreeMap<&str, f64> = samples(&text, "tally_gpu_observed_seconds_total")
+            .into_iter()
+            .map(|(labels, v)| (label(labels, "gpu"), v))
+            .collect();
+        assert_eq!(observed.len(), 3);
+        assert_eq!(allocated, observed);
+    }
+
+    #[test]
+    fn report_counters_are_exported_once_registered() {
+        let text = encode(snapshot(), None);
+        assert!(!text.contains("tally_report_"));
+
+        let report = ReportStats::default();
+        report.spool_reports.set(3);
+        report.spool_bytes.set(4096);
+        report.sent.inc_by(5);
+        report.failures.inc();
+        report.last_success_seconds.set(1_700_000_000);
+        let text = encode(snapshot(), Some(&report));
+        assert_eq!(
+            lines(&text, "tally_report_"),
+            [
+                "tally_report_spool_reports 3",
+                "tally_report_spool_bytes 4096",
+                "tally_report_sent_reports_total 5",
+                "tally_report_send_failures_total 1",
+                "tally_report_spool_dropped_reports_total 0",
+                "tally_report_spool_full_intervals_total 0",
+                "tally_report_last_success_timestamp_seconds 1700000000",
+            ]
+        );
+        for meta in [
+            "# HELP tally_report_sent_reports Reports the aggregator acknowledged.\n\
+             # TYPE tally_report_sent_reports counter\n",
+            "# HELP tally_report_spool_bytes Bytes of the reports waiting in the spool.\n\
+             # TYPE tally_report_spool_bytes gauge\n# UNIT tally_report_spool_bytes bytes\n",
+            "# TYPE tally_report_last_success_timestamp_seconds gauge\n\
+             # UNIT tally_report_last_success_timestamp_seconds seconds\n",
+        ] {
+            assert!(text.contains(meta), "{meta}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
 }

@@ -27,8 +27,8 @@ use tracing::{error, info, info_span};
 use crate::{
     config::Config,
     gpu::Sampler,
-    metrics::{self, Latest},
-    snapshot::Snapshot,
+    metrics::{self, Metrics},
+    snapshot::{Latest, Snapshot},
     tenants::Resolver,
 };
 
@@ -58,6 +58,7 @@ impl Settings {
 #[derive(Debug)]
 pub struct Agent {
     latest: Latest,
+    metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     sampler: std::thread::JoinHandle<()>,
     reporter: Option<tokio::task::JoinHandle<()>>,
@@ -80,6 +81,7 @@ impl Agent {
                 .name("tally-sampler".into())
                 .spawn(move || sample_loop(settings, tx, stop))?
         };
+        let mut metrics = Metrics::new(latest.clone());
         // Reports to the aggregator (when configured); on shutdown it cuts
         // the final partial interval before the agent exits.
         let reporter = crate::report::spawn(
@@ -87,10 +89,12 @@ impl Agent {
             &settings.node,
             &settings.config.agent.state_dir,
             latest.clone(),
+            metrics.registry(),
             shutdown,
         )?;
         Ok(Agent {
             latest,
+            metrics: Arc::new(metrics),
             stop,
             sampler,
             reporter,
@@ -104,7 +108,8 @@ impl Agent {
     ) -> impl Fn(Request<Incoming>) -> std::future::Ready<Response<Body>> + Send + Sync + 'static
     {
         let latest = self.latest.clone();
-        move |req| std::future::ready(route(&req, &latest))
+        let metrics = self.metrics.clone();
+        move |req| std::future::ready(route(&req, &latest, &metrics))
     }
 
     /// Waits for the final report, then stops sampling.
@@ -214,16 +219,12 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body)
 }
 
-fn route(req: &Request<Incoming>, latest: &Latest) -> Response<Body> {
+fn route(req: &Request<Incoming>, latest: &Latest, exported: &Metrics) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     match req.uri().path() {
-        "/metrics" => respond(
-            StatusCode::OK,
-            metrics::CONTENT_TYPE,
-            metrics::encode(latest),
-        ),
+        "/metrics" => respond(StatusCode::OK, metrics::CONTENT_TYPE, exported.encode()),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let snap = latest.borrow().clone();

@@ -4,11 +4,15 @@
 //! `/api/v1/snapshot` and the report to the aggregator only read it. It is
 //! the one contract between the sampling side and every output.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 pub use tally_contract::tenant::{TENANT_IDLE, TENANT_UNATTRIBUTED};
+
+/// The latest snapshot, as published by the sampling loop.
+pub type Latest = watch::Receiver<Arc<Snapshot>>;
 
 /// Everything the agent knows, as of `taken_at_ms`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

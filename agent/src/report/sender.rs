@@ -11,10 +11,10 @@ use std::{
     io::{Read, Seek, SeekFrom},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -26,11 +26,11 @@ use super::{
     ReportConfig,
     spool::{Entry, Spool},
     state::{self, Identity, State},
-    stats::stats,
+    stats::ReportStats,
 };
 use tally_contract::token::read_token;
 
-use crate::metrics::Latest;
+use crate::snapshot::Latest;
 
 /// Most audit records carried by one report; the rest go in the next.
 const MAX_AUDIT_PER_REPORT: usize = 5_000;
@@ -46,14 +46,15 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the sender when `[report] aggregator` is set. Reports name
-/// `[report] node`, else `node`; the spool and the sender's state live in
-/// `state_dir`.
+/// Starts the sender when `[report] aggregator` is set, and registers its
+/// counters into `registry`. Reports name `[report] node`, else `node`;
+/// the spool and the sender's state live in `state_dir`.
 pub fn spawn(
     cfg: &ReportConfig,
     node: &str,
     state_dir: &Path,
     latest: Latest,
+    registry: &mut Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
     let cfg = cfg.clone();
@@ -63,6 +64,7 @@ pub fn spawn(
     };
     let node = cfg.node.clone().unwrap_or_else(|| node.to_owned());
     let mut sender = Sender::new(cfg, &url, node, state_dir)?;
+    sender.stats.register(registry);
     let span = info_span!("report", aggregator = %url);
     Ok(Some(tokio::spawn(
         async move { sender.run(latest, shutdown).await }.instrument(span),
@@ -98,6 +100,7 @@ struct Sender {
     /// Whether the last attempt failed (to log a failure streak once).
     failing: bool,
     full_streak: u64,
+    stats: ReportStats,
 }
 
 impl Sender {
@@ -153,6 +156,7 @@ impl Sender {
             unspooled: None,
             failing: false,
             full_streak: 0,
+            stats: ReportStats::default(),
         };
         // The last report cut before a crash may not have reached the
         // spool: spool it again (the aggregator acknowledges a duplicate).
@@ -162,7 +166,6 @@ impl Sender {
             sender.unspooled = Some((last.seq, serde_json::to_vec(&last)?));
         }
         state::save(&sender.state_file, &sender.state)?;
-        stats().enabled.store(true, Relaxed);
         Ok(sender)
     }
 
@@ -195,7 +198,7 @@ impl Sender {
         }
         self.update_gauges();
         info!(
-            spooled = stats().spool_reports.load(Relaxed),
+            spooled = self.stats.spool_reports.get(),
             "report sender stopped"
         );
     }
@@ -214,7 +217,7 @@ impl Sender {
         self.retry_unspooled();
         if self.unspooled.is_some() {
             // The spool is failing: keep the usage in the counters.
-            stats().deferred.fetch_add(1, Relaxed);
+            self.stats.deferred.inc();
             return;
         }
         let snap = latest.borrow().clone();
@@ -224,7 +227,7 @@ impl Sender {
         let entries = self.spool.entries().unwrap_or_default();
         let estimate = entries.last().map(|e| e.bytes).unwrap_or(4096);
         if self.spool.is_full(&entries, estimate) {
-            stats().deferred.fetch_add(1, Relaxed);
+            self.stats.deferred.inc();
             if self.full_streak.is_multiple_of(60) {
                 error!(
                     reports = entries.len(),
@@ -340,17 +343,17 @@ impl Sender {
                     if let Err(e) = self.spool.remove(&entry) {
                         error!(error = %e, "cannot remove a delivered report from the spool");
                     }
-                    stats().sent.fetch_add(1, Relaxed);
-                    stats()
+                    self.stats.sent.inc();
+                    self.stats
                         .last_success_seconds
-                        .store(unix_ms() / 1000, Relaxed);
+                        .set((unix_ms() / 1000) as i64);
                     if self.failing {
                         info!("aggregator takes reports again");
                         self.failing = false;
                     }
                 }
                 Outcome::Refused(why) => {
-                    stats().dropped.fetch_add(1, Relaxed);
+                    self.stats.dropped.inc();
                     match self.spool.reject(&entry, &why) {
                         Ok(to) => error!(seq = entry.seq, reason = %why, kept_in = %to.display(),
                                          "REPORT DROPPED: the aggregator refused it for good"),
@@ -359,7 +362,7 @@ impl Sender {
                     }
                 }
                 Outcome::Retry(why) => {
-                    stats().failures.fetch_add(1, Relaxed);
+                    self.stats.failures.inc();
                     if !self.failing {
                         warn!(seq = entry.seq, reason = %why, "cannot deliver report; it stays in the spool and is retried each interval");
                         self.failing = true;
@@ -407,12 +410,11 @@ impl Sender {
 
     fn update_gauges(&self) {
         let entries = self.spool.entries().unwrap_or_default();
-        stats().spool_reports.store(
-            entries.len() as u64 + u64::from(self.unspooled.is_some()),
-            Relaxed,
-        );
-        stats()
+        self.stats
+            .spool_reports
+            .set(entries.len() as i64 + i64::from(self.unspooled.is_some()));
+        self.stats
             .spool_bytes
-            .store(entries.iter().map(|e| e.bytes).sum(), Relaxed);
+            .set(entries.iter().map(|e| e.bytes).sum::<u64>() as i64);
     }
 }

@@ -86,7 +86,7 @@ What remains is Tally's own per-cycle work on the `tally-sampler` thread (profil
 every cycle, for every GPU process, `cgroupfs::cgroup_of` reads `/proc/<pid>/cgroup` \
 (`agent/src/tenants.rs`, `Resolver::attribute_on`) and `gpu::Sampler::update_states` reads \
 `/proc/<pid>/stat` for each holder of each device — twice for processes on MIG instances \
-(once for the instance, once for the parent GPU) (`agent/src/gpu/mod.rs`, \
+(once for the instance, once for the parent GPU) (`agent/src/gpu/sample.rs`, \
 `holders_of_device` + `process_obs`); and `probes::cgroups::CgroupPaths::walk` walks the \
 whole cgroup v2 tree whenever the network map holds an id it does not know — on a shared \
 machine, every short-lived cgroup of someone else's test that sent a packet. **What would fix it:** cache pid → (start time, cgroup, \
@@ -102,7 +102,7 @@ with a periodic flush.
 /// Where a slow scrape's time goes.
 const SCRAPE_BOTTLENECK: &str = "
 **Bottleneck (scrape).** Every `GET /metrics` re-encodes the whole snapshot: \
-`agent/src/run.rs` `route` calls `metrics::encode(&latest)` per request, and \
+`agent/src/run.rs` `route` calls `Metrics::encode` per request, and \
 `agent/src/metrics.rs` (`SnapshotCollector::encode` through prometheus-client's text \
 encoder) formats every sample again — label strings written piecewise into a growing \
 `String`, every value through `dtoa`, then the body copied into the response (the \

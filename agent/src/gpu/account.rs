@@ -1,0 +1,393 @@
+//! What one read of one GPU charges to whom: pure, no NVML, no clock.
+//!
+//! Given the interval since the device's last good read and its energy
+//! counter's delta, [`charges`] returns the (device, shares) rows the
+//! sampler adds to its running [`Accounts`](crate::attribution::Accounts).
+//! The invariants are [`crate::attribution`]'s: per device, the holders'
+//! allocated seconds plus `_idle` sum to the interval, and the tenants'
+//! energy sums to the counter's delta (on a MIG GPU, parent and instances
+//! together).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::{
+    attribution::{Holder, Share, split_interval},
+    snapshot::{GpuProcess, GpuSnapshot, TENANT_UNATTRIBUTED},
+};
+
+/// One device's part of an interval, to add to the running totals.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Charge {
+    /// Device label (`"0"`, or `"<index>/<gi>/<ci>"` for a MIG instance).
+    pub gpu: String,
+    pub uuid: String,
+    /// Wall time accounted for the device (GPU-equivalent seconds for the
+    /// unoccupied slices of a MIG parent).
+    pub seconds: f64,
+    pub shares: BTreeMap<String, Share>,
+}
+
+/// Joules between two readings of NVML's energy counter (mJ); `None` when
+/// either is missing or the counter went backwards (a driver reload
+/// restarts it).
+pub(super) fn energy_delta(previous_mj: Option<u64>, current_mj: Option<u64>) -> Option<f64> {
+    match (previous_mj, current_mj) {
+        (Some(prev), Some(cur)) if cur >= prev => Some((cur - prev) as f64 / 1000.0),
+        _ => None,
+    }
+}
+
+/// The charges of one good read of `device` (with its MIG `instances`).
+///
+/// `seconds` is the time since the device's last good read (`None` at
+/// start or after a failed read); `energy_joules` the counter's delta over
+/// the same span; `idle_power_watts` the device's idle draw when known.
+/// Nothing is charged without both, except energy drawn while the device
+/// could not be read: no tenant can be told apart for it, so it goes to
+/// `_unattributed` (with no time) rather than being dropped.
+pub(super) fn charges(
+    device: &GpuSnapshot,
+    instances: &[GpuSnapshot],
+    seconds: Option<f64>,
+    energy_joules: Option<f64>,
+    idle_power_watts: Option<f64>,
+) -> Vec<Charge> {
+    let charge = |d: &GpuSnapshot, seconds: f64, shares| Charge {
+        gpu: d.gpu.clone(),
+        uuid: d.uuid.clone(),
+        seconds,
+        shares,
+    };
+    let (dt, energy) = match (seconds, energy_joules) {
+        (Some(dt), Some(energy)) => (dt, energy),
+        (None, Some(energy)) => {
+            let gap = BTreeMap::from([(
+                TENANT_UNATTRIBUTED.to_owned(),
+                Share {
+                    energy_joules: energy,
+                    ..Default::default()
+                },
+            )]);
+            return vec![charge(device, 0.0, gap)];
+        }
+        _ => return Vec::new(),
+    };
+    if !device.mig_mode {
+        let holders = holders_of(&device.processes);
+        let shares = split_interval(dt, &holders, energy, idle_power_watts, true);
+        return vec![charge(device, dt, shares)];
+    }
+    let mut out = Vec::with_capacity(instances.len() + 1);
+    let mut occupied = 0.0;
+    for inst in instances {
+        let fraction = inst.slice_fraction.unwrap_or(0.0);
+        occupied += fraction;
+        let holders = holders_of(&inst.processes);
+        // NVML has no per-process utilization on MIG: no SM split.
+        let shares = split_interval(dt, &holders, energy * fraction, None, false);
+        out.push(charge(inst, dt, shares));
+    }
+    // Slices carved into no instance are idle capacity, on the parent, in
+    // GPU-equivalent seconds: priced like the rest, the parent and its
+    // instances add up to the whole GPU.
+    let unoccupied = (1.0 - occupied).max(0.0);
+    let idle = split_interval(dt * unoccupied, &[], energy * unoccupied, None, false);
+    out.push(charge(device, dt * unoccupied, idle));
+    out
+}
+
+/// Mean SM ratio per pid over NVML's `(pid, timestamp µs, sm)` samples,
+/// and the newest timestamp seen (at least `cursor`), so that no sample is
+/// counted twice.
+pub(super) fn mean_sm(samples: &[(u32, u64, f64)], cursor: u64) -> (HashMap<u32, f64>, u64) {
+    let mut cursor = cursor;
+    let mut sums: HashMap<u32, (f64, u32)> = HashMap::new();
+    for &(pid, ts, sm) in samples {
+        cursor = cursor.max(ts);
+        let e = sums.entry(pid).or_default();
+        e.0 += sm;
+        e.1 += 1;
+    }
+    let means = sums
+        .into_iter()
+        .map(|(pid, (sum, n))| (pid, sum / f64::from(n)))
+        .collect();
+    (means, cursor)
+}
+
+/// Processes holding the device `uuid`: its own, or for a physical GPU in
+/// MIG mode, those of all its instances.
+pub(super) fn holders_of_device<'a>(
+    gpus: &'a [GpuSnapshot],
+    uuid: &'a str,
+) -> impl Iterator<Item = &'a GpuProcess> + 'a {
+    gpus.iter()
+        .filter(move |g| g.uuid == uuid || g.parent_uuid.as_deref() == Some(uuid))
+        .flat_map(|g| g.processes.iter())
+}
+
+fn holders_of(processes: &[GpuProcess]) -> Vec<Holder<'_>> {
+    processes
+        .iter()
+        .map(|p| Holder {
+            tenant: &p.tenant,
+            memory_bytes: p.memory_bytes,
+            sm_ratio: p.sm_ratio,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        attribution::Accounts,
+        snapshot::{TENANT_IDLE, TenantGpuUsage},
+    };
+
+    fn proc(pid: u32, tenant: &str, memory_bytes: u64, sm: Option<f64>) -> GpuProcess {
+        GpuProcess {
+            pid,
+            tenant: tenant.to_owned(),
+            cgroup: None,
+            memory_bytes,
+            sm_ratio: sm,
+            workload: None,
+        }
+    }
+
+    fn gpu(label: &str, processes: Vec<GpuProcess>) -> GpuSnapshot {
+        GpuSnapshot {
+            gpu: label.to_owned(),
+            uuid: format!("GPU-{label}"),
+            processes,
+            ..Default::default()
+        }
+    }
+
+    fn instance(label: &str, fraction: f64, processes: Vec<GpuProcess>) -> GpuSnapshot {
+        GpuSnapshot {
+            gpu: label.to_owned(),
+            uuid: format!("MIG-{label}"),
+            mig_mode: true,
+            parent_uuid: Some("GPU-2".into()),
+            slice_fraction: Some(fraction),
+            processes,
+            ..Default::default()
+        }
+    }
+
+    fn close(a: f64, b: f64, what: &str) {
+        assert!(
+            (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0),
+            "{what}: {a} != {b}"
+        );
+    }
+
+    fn allocated(c: &Charge) -> f64 {
+        c.shares.values().map(|s| s.allocated_seconds).sum()
+    }
+
+    fn energy(charges: &[Charge]) -> f64 {
+        charges
+            .iter()
+            .flat_map(|c| c.shares.values())
+            .map(|s| s.energy_joules)
+            .sum()
+    }
+
+    fn rows(charges: &[Charge]) -> Vec<TenantGpuUsage> {
+        let mut acc = Accounts::default();
+        for c in charges {
+            acc.add(&c.gpu, &c.uuid, c.seconds, &c.shares);
+        }
+        acc.rows()
+    }
+
+    #[test]
+    fn energy_delta_is_joules_and_restarts_on_a_reset() {
+        assert_eq!(energy_delta(Some(1_000), Some(3_500)), Some(2.5));
+        assert_eq!(energy_delta(Some(3_500), Some(1_000)), None);
+        assert_eq!(energy_delta(None, Some(1_000)), None);
+        assert_eq!(energy_delta(Some(1_000), None), None);
+    }
+
+    #[test]
+    fn shared_gpu_holders_and_idle_sum_to_the_interval_and_the_delta() {
+        let d = gpu(
+            "0",
+            vec![
+                proc(1, "acme", 8 << 30, Some(0.5)),
+                proc(2, "beta", 4 << 30, Some(0.2)),
+            ],
+        );
+        let c = charges(&d, &[], Some(0.2), Some(77.0), Some(70.0));
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].gpu.as_str(), c[0].uuid.as_str()), ("0", "GPU-0"));
+        assert_eq!(c[0].seconds, 0.2);
+        close(allocated(&c[0]), 0.2, "allocated");
+        close(energy(&c), 77.0, "energy");
+        close(
+            c[0].shares["acme"].allocated_seconds,
+            0.2 * 2.0 / 3.0,
+            "acme",
+        );
+        assert!(c[0].shares["acme"].sm_seconds.is_some());
+    }
+
+    #[test]
+    fn nobody_holding_charges_the_interval_to_idle() {
+        let c = charges(&gpu("1", vec![]), &[], Some(1.5), Some(105.0), Some(70.0));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].shares.keys().collect::<Vec<_>>(), [TENANT_IDLE]);
+        assert_eq!(c[0].shares[TENANT_IDLE].allocated_seconds, 1.5);
+        assert_eq!(c[0].shares[TENANT_IDLE].energy_joules, 105.0);
+    }
+
+    #[test]
+    fn energy_across_a_failed_read_is_unattributed_without_time() {
+        let d = gpu("0", vec![proc(1, "acme", 1, Some(0.5))]);
+        let c = charges(&d, &[], None, Some(42.0), Some(70.0));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].seconds, 0.0);
+        assert_eq!(
+            c[0].shares.keys().collect::<Vec<_>>(),
+            [TENANT_UNATTRIBUTED]
+        );
+        assert_eq!(c[0].shares[TENANT_UNATTRIBUTED].energy_joules, 42.0);
+        assert_eq!(allocated(&c[0]), 0.0);
+    }
+
+    #[test]
+    fn nothing_is_charged_without_an_interval_or_an_energy_delta() {
+        let d = gpu("0", vec![proc(1, "acme", 1, Some(0.5))]);
+        assert!(charges(&d, &[], None, None, None).is_empty());
+        assert!(charges(&d, &[], Some(1.0), None, None).is_empty());
+    }
+
+    #[test]
+    fn mig_instances_and_parent_add_up_to_one_gpu() {
+        let parent = GpuSnapshot {
+            mig_mode: true,
+            ..gpu("2", vec![])
+        };
+        // 3/7 held by two tenants, 1/7 held by one, 1/7 empty, 2/7 carved
+        // into no instance.
+        let instances = [
+            instance(
+                "2/1/0",
+                3.0 / 7.0,
+                vec![
+                    proc(1, "gamma", 3 << 30, None),
+                    proc(2, "beta", 1 << 30, None),
+                ],
+            ),
+            instance("2/2/0", 1.0 / 7.0, vec![proc(3, "beta", 1 << 30, None)]),
+            instance("2/3/0", 1.0 / 7.0, vec![]),
+        ];
+        let dt = 2.0;
+        let c = charges(&parent, &instances, Some(dt), Some(700.0), Some(50.0));
+        assert_eq!(
+            c.iter().map(|c| c.gpu.as_str()).collect::<Vec<_>>(),
+            ["2/1/0", "2/2/0", "2/3/0", "2"]
+        );
+        // Each instance's holders plus `_idle` fill the interval.
+        for inst in &c[..3] {
+            assert_eq!(inst.seconds, dt);
+            close(allocated(inst), dt, &inst.gpu);
+            assert!(inst.shares.values().all(|s| s.sm_seconds.is_none()));
+        }
+        assert_eq!(c[2].shares.keys().collect::<Vec<_>>(), [TENANT_IDLE]);
+        // The parent carries the unoccupied 2/7, in GPU-equivalent seconds.
+        close(c[3].seconds, dt * 2.0 / 7.0, "parent seconds");
+        assert_eq!(c[3].shares.keys().collect::<Vec<_>>(), [TENANT_IDLE]);
+        close(allocated(&c[3]), c[3].seconds, "parent allocated");
+        // Energy by slice fraction, summing to the parent's delta.
+        close(energy(&c), 700.0, "energy");
+        close(
+            c[0].shares.values().map(|s| s.energy_joules).sum(),
+            300.0,
+            "3g energy",
+        );
+        // GPU-equivalent time: instances by fraction plus the parent's
+        // unoccupied seconds is the wall time.
+        let equivalent: f64 = c[..3]
+            .iter()
+            .zip(&instances)
+            .map(|(c, i)| c.seconds * i.slice_fraction.unwrap())
+            .sum::<f64>()
+            + c[3].seconds;
+        close(equivalent, dt, "GPU-equivalent seconds");
+    }
+
+    #[test]
+    fn a_fully_carved_mig_gpu_leaves_the_parent_nothing() {
+        let parent = GpuSnapshot {
+            mig_mode: true,
+            ..gpu("2", vec![])
+        };
+        let instances = [
+            instance("2/1/0", 4.0 / 7.0, vec![proc(1, "a", 1, None)]),
+            instance("2/2/0", 3.0 / 7.0, vec![]),
+        ];
+        let c = charges(&parent, &instances, Some(1.0), Some(70.0), None);
+        assert_eq!(c[2].seconds, 0.0);
+        close(energy(&c[2..]), 0.0, "parent energy");
+        close(energy(&c), 70.0, "energy");
+    }
+
+    #[test]
+    fn accounted_rows_sum_by_gpu_to_observed_time() {
+        let parent = GpuSnapshot {
+            mig_mode: true,
+            ..gpu("2", vec![])
+        };
+        let instances = [instance("2/1/0", 3.0 / 7.0, vec![proc(1, "a", 1, None)])];
+        let mut all = charges(
+            &gpu("0", vec![proc(2, "b", 1, Some(0.4))]),
+            &[],
+            Some(1.0),
+            Some(100.0),
+            None,
+        );
+        all.extend(charges(&parent, &instances, Some(1.0), Some(70.0), None));
+        let rows = rows(&all);
+        for c in &all {
+            let sum: f64 = rows
+                .iter()
+                .filter(|r| r.gpu == c.gpu)
+                .map(|r| r.allocated_seconds_total)
+                .sum();
+            close(sum, c.seconds, &c.gpu);
+        }
+    }
+
+    #[test]
+    fn mean_sm_averages_new_samples_and_advances_the_cursor() {
+        let (means, cursor) = mean_sm(&[(1, 10, 0.2), (1, 20, 0.4), (2, 15, 0.9)], 5);
+        close(means[&1], 0.3, "pid 1");
+        assert_eq!(means[&2], 0.9);
+        assert_eq!(cursor, 20);
+        let (means, cursor) = mean_sm(&[], 20);
+        assert!(means.is_empty());
+        assert_eq!(cursor, 20);
+    }
+
+    #[test]
+    fn a_mig_parent_is_held_by_its_instances_processes() {
+        let parent = gpu("2", vec![]);
+        let gpus = [
+            parent,
+            instance("2/1/0", 0.5, vec![proc(1, "a", 1, None)]),
+            gpu("0", vec![proc(2, "b", 1, None)]),
+        ];
+        let pids = |uuid| {
+            holders_of_device(&gpus, uuid)
+                .map(|p| p.pid)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pids("GPU-2"), [1]);
+        assert_eq!(pids("MIG-2/1/0"), [1]);
+        assert_eq!(pids("GPU-0"), [2]);
+    }
+}

@@ -1,0 +1,450 @@
+//! The sampler: one cycle reads every GPU on its worker thread, turns the
+//! reads into snapshots with their tenants, charges each device's interval
+//! ([`super::account`]), ties new XIDs to tenants ([`super::xid`]) and sets
+//! each device's state ([`crate::states`]). A device whose calls fail is
+//! marked and logged once; the others carry on.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
+
+use nvml_wrapper::{Nvml, error::NvmlError};
+use tracing::{info, warn};
+
+use super::{
+    account::{self, holders_of_device},
+    read::{RawDevice, RawProcess},
+    workers::{Outcome, Workers},
+    xid::{self, SharedXidLog, TenantXids},
+};
+use crate::{
+    attribution::Accounts,
+    snapshot::{GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TenantGpuUsage},
+    states::{DeviceObs, ProcObs, ProcState, StatesConfig, Tracker},
+    tenants::Resolver,
+};
+
+/// How long one GPU's NVML calls may take in a cycle before the GPU is
+/// marked (real MIG queries take up to ~100 ms each).
+pub const DEFAULT_NVML_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens NVML from `library`: a path, or a bare name for the loader.
+pub fn open(library: &Path) -> Result<Nvml, NvmlError> {
+    Nvml::builder().lib_path(library.as_os_str()).init()
+}
+
+/// What one sampling cycle produced.
+#[derive(Debug, Default)]
+pub struct Sample {
+    pub nvml: NvmlStatus,
+    pub gpus: Vec<GpuSnapshot>,
+    pub tenant_gpu: Vec<TenantGpuUsage>,
+}
+
+/// Per-device memory between cycles.
+#[derive(Debug, Default)]
+struct DeviceState {
+    last_at: Option<Instant>,
+    last_energy_mj: Option<u64>,
+    /// Newest per-process utilization sample consumed (µs): no sample is
+    /// counted twice.
+    util_cursor: u64,
+    /// Last SM ratio per pid: NVML samples at its own period, so a cycle
+    /// may bring no new sample; utilization is a rate, so it is held.
+    last_sm: HashMap<u32, f64>,
+    /// Last power seen while nobody held the device: its idle draw.
+    idle_power_watts: Option<f64>,
+    pcie_tx_bytes: f64,
+    pcie_rx_bytes: f64,
+    /// The error last logged, so each distinct failure is logged once.
+    logged_error: Option<String>,
+    /// Identity from the last good sample, for a device that fails now.
+    uuid: String,
+    model: String,
+    /// MIG instances from the last good sample, so a lost GPU's instances
+    /// are reported lost rather than vanishing.
+    instances: Vec<GpuSnapshot>,
+}
+
+/// The GPU sampler: owns the NVML handle, the readers and running totals.
+pub struct Sampler {
+    library: PathBuf,
+    timeout: Duration,
+    nvml: Option<&'static Nvml>,
+    nvml_error_logged: bool,
+    workers: Workers,
+    devices: Vec<DeviceState>,
+    accounts: Accounts,
+    xids: SharedXidLog,
+    events_started: bool,
+    stop: Arc<AtomicBool>,
+    states: Tracker,
+    tenant_xids: TenantXids,
+}
+
+impl Sampler {
+    pub fn new(library: PathBuf, states: StatesConfig, stop: Arc<AtomicBool>) -> Self {
+        Self {
+            library,
+            timeout: DEFAULT_NVML_TIMEOUT,
+            nvml: None,
+            nvml_error_logged: false,
+            workers: Workers::default(),
+            devices: Vec::new(),
+            accounts: Accounts::default(),
+            xids: SharedXidLog::default(),
+            events_started: false,
+            stop,
+            tenant_xids: TenantXids::new(states.fatal_xids.clone()),
+            states: Tracker::new(states),
+        }
+    }
+
+    /// Sets how long a GPU's reads may take per cycle.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// NVML, opened on first use and retried each cycle until it opens.
+    fn nvml(&mut self) -> Result<&'static Nvml, String> {
+        if let Some(nvml) = self.nvml {
+            return Ok(nvml);
+        }
+        match open(&self.library) {
+            Ok(nvml) => {
+                // The handle lives as long as the agent; leaking it lets the
+                // reader and event threads share it without lifetimes.
+                let nvml: &'static Nvml = Box::leak(Box::new(nvml));
+                info!(library = %self.library.display(), "NVML opened");
+                self.nvml = Some(nvml);
+                self.nvml_error_logged = false;
+                Ok(nvml)
+            }
+            Err(e) => {
+                let msg = format!(
+                    "cannot open NVML from `{}`: {e}; install the NVIDIA driver or point \
+                     --nvml-lib (or [agent] nvml_lib) at libnvidia-ml.so.1",
+                    self.library.display()
+                );
+                if !self.nvml_error_logged {
+                    warn!("{msg}");
+                    self.nvml_error_logged = true;
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    /// One full cycle: every device, its processes, and attribution.
+    pub fn sample(&mut self, resolver: &mut Resolver) -> Sample {
+        let mut status = NvmlStatus {
+            up: false,
+            library: self.library.display().to_string(),
+            driver_version: None,
+            error: None,
+        };
+        let nvml = match self.nvml() {
+            Ok(n) => n,
+            Err(e) => {
+                status.error = Some(e);
+                return self.finish(status, Vec::new());
+            }
+        };
+        status.up = true;
+        status.driver_version = nvml.sys_driver_version().ok();
+        if !self.events_started {
+            self.events_started = true;
+            xid::spawn_thread(nvml, self.xids.clone(), self.stop.clone());
+        }
+        let count = match nvml.device_count() {
+            Ok(c) => c as usize,
+            Err(e) => {
+                status.error = Some(format!("nvmlDeviceGetCount failed: {e}"));
+                return self.finish(status, Vec::new());
+            }
+        };
+        self.devices
+            .resize_with(count.max(self.devices.len()), Default::default);
+        let cursors: Vec<u64> = self.devices[..count]
+            .iter()
+            .map(|d| d.util_cursor)
+            .collect();
+        let outcomes = self.workers.read_all(nvml, &cursors, self.timeout);
+
+        let mut gpus = Vec::new();
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Outcome::Read(raw) => self.account(index, *raw, resolver, &mut gpus),
+                Outcome::Failed(e) => {
+                    let health = if matches!(e, NvmlError::GpuLost) {
+                        GpuHealth::Lost
+                    } else {
+                        GpuHealth::Error
+                    };
+                    self.mark_failed(index, health, format!("NVML: {e}"), &mut gpus);
+                }
+                Outcome::Hung { since } => {
+                    let reason = format!(
+                        "NVML calls timed out (no answer for {:.1}s, limit {:?})",
+                        since.as_secs_f64(),
+                        self.timeout
+                    );
+                    self.mark_failed(index, GpuHealth::Error, reason, &mut gpus);
+                }
+            }
+        }
+        self.finish(status, gpus)
+    }
+
+    fn finish(&mut self, nvml: NvmlStatus, mut gpus: Vec<GpuSnapshot>) -> Sample {
+        for g in &mut gpus {
+            g.observed_seconds_total = self.accounts.observed_seconds(&g.gpu);
+            g.xid_errors_total = xid::counts(&self.xids, &g.uuid);
+        }
+        let fatal = self
+            .tenant_xids
+            .tie(xid::take_pending(&self.xids), &mut gpus);
+        self.update_states(&mut gpus, &fatal);
+        Sample {
+            nvml,
+            gpus,
+            tenant_gpu: self.accounts.rows(),
+        }
+    }
+
+    /// A device whose read failed or hung: reported with its last known
+    /// identity (and its MIG instances), its interval not accounted.
+    fn mark_failed(
+        &mut self,
+        index: usize,
+        health: GpuHealth,
+        reason: String,
+        out: &mut Vec<GpuSnapshot>,
+    ) {
+        let label = index.to_string();
+        let state = &mut self.devices[index];
+        log_once(state, &label, &reason);
+        // The next good sample starts a fresh interval; the energy counter
+        // reading is kept, so what the GPU drew meanwhile is not lost.
+        state.last_at = None;
+        out.push(GpuSnapshot {
+            gpu: label,
+            uuid: state.uuid.clone(),
+            model: state.model.clone(),
+            health,
+            error: Some(reason.clone()),
+            ..Default::default()
+        });
+        out.extend(state.instances.iter().map(|i| GpuSnapshot {
+            health,
+            error: Some(reason.clone()),
+            ..i.clone()
+        }));
+    }
+
+    /// Turns one good read into snapshots and accounts its interval.
+    fn account(
+        &mut self,
+        index: usize,
+        raw: RawDevice,
+        resolver: &mut Resolver,
+        out: &mut Vec<GpuSnapshot>,
+    ) {
+        let label = index.to_string();
+        let state = &mut self.devices[index];
+        if state.logged_error.take().is_some() {
+            info!(gpu = %label, "GPU answers again");
+        }
+        state.uuid.clone_from(&raw.uuid);
+        state.model.clone_from(&raw.model);
+
+        let seconds = state.last_at.map(|t| (raw.read_at - t).as_secs_f64());
+        state.last_at = Some(raw.read_at);
+        let energy_joules = account::energy_delta(state.last_energy_mj, raw.energy_mj);
+        state.last_energy_mj = raw.energy_mj;
+        if let (Some(dt), Some((tx, rx))) = (seconds, raw.pcie_kbps) {
+            state.pcie_tx_bytes += f64::from(tx) * 1024.0 * dt;
+            state.pcie_rx_bytes += f64::from(rx) * 1024.0 * dt;
+        }
+        let mut snap = GpuSnapshot {
+            gpu: label.clone(),
+            uuid: raw.uuid.clone(),
+            model: raw.model.clone(),
+            mig_mode: raw.mig_mode,
+            utilization_ratio: raw.utilization,
+            memory_used_bytes: raw.memory_used,
+            memory_total_bytes: raw.memory_total,
+            power_watts: raw.power_watts,
+            temperature_celsius: raw.temperature_celsius,
+            energy_joules_total: raw.energy_mj.map(|mj| mj as f64 / 1000.0),
+            pcie_tx_bytes_total: raw.pcie_kbps.map(|_| state.pcie_tx_bytes),
+            pcie_rx_bytes_total: raw.pcie_kbps.map(|_| state.pcie_rx_bytes),
+            ..Default::default()
+        };
+
+        let instances: Vec<GpuSnapshot> = if raw.mig_mode {
+            let instances: Vec<GpuSnapshot> = raw
+                .instances
+                .iter()
+                .map(|i| GpuSnapshot {
+                    gpu: format!("{index}/{}/{}", i.gi, i.ci),
+                    uuid: i.uuid.clone(),
+                    model: raw.model.clone(),
+                    mig_mode: true,
+                    mig_profile: i.profile.clone(),
+                    parent_uuid: Some(raw.uuid.clone()),
+                    slice_fraction: Some(i.slice_fraction),
+                    memory_used_bytes: i.memory_used,
+                    memory_total_bytes: i.memory_total,
+                    processes: attribute(&i.processes, &i.uuid, resolver),
+                    ..Default::default()
+                })
+                .collect();
+            state.instances = instances
+                .iter()
+                .map(|i| GpuSnapshot {
+                    processes: Vec::new(),
+                    memory_used_bytes: 0,
+                    ..i.clone()
+                })
+                .collect();
+            if instances.iter().all(|i| i.processes.is_empty()) {
+                state.idle_power_watts = raw.power_watts;
+            }
+            instances
+        } else {
+            // Average SM per pid over the new samples; hold the last value
+            // for processes without one this cycle.
+            let (fresh, cursor) = account::mean_sm(&raw.sm_samples, state.util_cursor);
+            state.util_cursor = cursor;
+            snap.processes = attribute(&raw.processes, &raw.uuid, resolver)
+                .into_iter()
+                .map(|mut p| {
+                    p.sm_ratio = fresh
+                        .get(&p.pid)
+                        .copied()
+                        .or_else(|| state.last_sm.get(&p.pid).copied());
+                    p
+                })
+                .collect();
+            state.last_sm = snap
+                .processes
+                .iter()
+                .filter_map(|p| Some((p.pid, p.sm_ratio?)))
+                .collect();
+            if snap.processes.is_empty() {
+                state.idle_power_watts = raw.power_watts;
+            }
+            Vec::new()
+        };
+        let charges = account::charges(
+            &snap,
+            &instances,
+            seconds,
+            energy_joules,
+            state.idle_power_watts,
+        );
+        for c in charges {
+            self.accounts.add(&c.gpu, &c.uuid, c.seconds, &c.shares);
+        }
+        out.push(snap);
+        out.extend(instances);
+    }
+
+    /// Sets each device's state from what was sampled and the holders'
+    /// process states.
+    fn update_states(&mut self, gpus: &mut [GpuSnapshot], fatal: &HashSet<String>) {
+        let now = Instant::now();
+        let parents: HashMap<String, (Option<f64>, bool)> = gpus
+            .iter()
+            .filter(|g| g.parent_uuid.is_none())
+            .map(|g| {
+                (
+                    g.uuid.clone(),
+                    (g.utilization_ratio, fatal.contains(&g.uuid)),
+                )
+            })
+            .collect();
+        // A process on a MIG instance holds its parent too: read each
+        // process's /proc/<pid>/stat once per cycle, not once per device.
+        let mut procs: HashMap<u32, ProcObs> = HashMap::new();
+        for p in gpus.iter().flat_map(|g| g.processes.iter()) {
+            procs.entry(p.pid).or_insert_with(|| process_obs(p.pid));
+        }
+        let mut states = Vec::with_capacity(gpus.len());
+        for g in gpus.iter() {
+            let parent = g.parent_uuid.as_ref().and_then(|p| parents.get(p));
+            let holders: Vec<ProcObs> = holders_of_device(gpus, &g.uuid)
+                .filter_map(|p| procs.get(&p.pid).copied())
+                .collect();
+            let obs = DeviceObs {
+                failing: g.health != GpuHealth::Ok,
+                // NVML has no utilization for a MIG instance: when its
+                // whole parent does nothing, neither does the instance.
+                utilization: g.utilization_ratio.or_else(|| parent.and_then(|p| p.0)),
+                holders,
+                fatal_xid: fatal.contains(&g.uuid) || parent.is_some_and(|p| p.1),
+            };
+            states.push(self.states.observe(&g.gpu, &obs, now));
+        }
+        for (g, state) in gpus.iter_mut().zip(states) {
+            g.state = state;
+        }
+    }
+}
+
+/// What `/proc/<pid>/stat` says about a holder.
+fn process_obs(pid: u32) -> ProcObs {
+    let stat = procfs::process::Process::new(pid as i32).and_then(|p| p.stat());
+    match stat {
+        Err(_) => ProcObs {
+            pid,
+            state: ProcState::Gone,
+            cpu_ticks: None,
+        },
+        Ok(st) => ProcObs {
+            pid,
+            state: match st.state {
+                'Z' | 'X' => ProcState::Zombie,
+                'D' => ProcState::DiskSleep,
+                'T' | 't' => ProcState::Stopped,
+                _ => ProcState::Alive,
+            },
+            cpu_ticks: Some(st.utime + st.stime),
+        },
+    }
+}
+
+fn log_once(state: &mut DeviceState, gpu: &str, reason: &str) {
+    if state.logged_error.as_deref() != Some(reason) {
+        warn!(
+            gpu,
+            reason, "GPU marked unhealthy; other GPUs are still sampled"
+        );
+        state.logged_error = Some(reason.to_owned());
+    }
+}
+
+/// NVML's processes with their tenants; `device` is the UUID of the GPU or
+/// MIG instance they run on (Kubernetes tenants join the kubelet's device
+/// assignments on it).
+fn attribute(processes: &[RawProcess], device: &str, resolver: &mut Resolver) -> Vec<GpuProcess> {
+    processes
+        .iter()
+        .map(|p| {
+            let attribution = resolver.attribute_on(p.pid, Some(device));
+            GpuProcess {
+                pid: p.pid,
+                tenant: attribution.tenant,
+                cgroup: attribution.cgroup,
+                memory_bytes: p.memory_bytes,
+                sm_ratio: None,
+                workload: attribution.workload,
+            }
+        })
+        .collect()
+}
