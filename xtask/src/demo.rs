@@ -4,10 +4,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,6 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
+use tally_e2e::{Agent, Cgroup, ChildGuard, Client, SimNode, unique};
 
 use crate::{
     deps,
@@ -87,13 +85,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     deps::ensure(deps::BUILD)?;
     exec(cargo().args(["build", "--workspace", "--bins", "--lib"]))?;
-    let target = target_dir().join("debug");
     let dir = target_dir().join("demo");
     let _ = fs::remove_dir_all(&dir);
-    let state = dir.join("state");
-    fs::create_dir_all(state.join("procs"))?;
-    fs::write(dir.join("scenario.toml"), SCENARIO)?;
-    fs::write(dir.join("tally.toml"), CONFIG)?;
+    let mut node = SimNode::in_dir(&dir, SCENARIO);
+    // Kept after the demo: the agent's log is worth reading.
+    node.dir.disable_cleanup(true);
+    let config = node.dir.path().join("tally.toml");
+    fs::write(&config, CONFIG)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -102,14 +100,15 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             .context("cannot install the Ctrl-C handler")?;
     }
 
-    let root = DemoCgroups::create()?;
+    let root = Cgroup::create(&unique("tally-demo"));
     let mut workloads = Vec::new();
     for (tenant, job, gpu, mig, mem, sm) in JOBS {
-        let cg = root.child(&format!("tally/{tenant}/{job}"))?;
-        let child = spawn_in(&cg, &["sleep", "infinity"])?;
+        let cgroup = root.child(&format!("tally/{tenant}/{job}"));
+        let child = cgroup.spawn("sleep", &["infinity"]);
         workloads.push(Workload {
-            pid: child.id(),
-            child,
+            pid: child.pid(),
+            _child: child,
+            _cgroup: cgroup,
             gpu: *gpu,
             mig: *mig,
             memory_mib: *mem,
@@ -117,22 +116,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         });
     }
 
-    let log = fs::File::create(dir.join("agent.log"))?;
-    let agent = Command::new(target.join("tally"))
-        .arg("agent")
-        .arg("--config")
-        .arg(dir.join("tally.toml"))
-        .arg("--listen")
-        .arg(o.listen.to_string())
-        .arg("--nvml-lib")
-        .arg(target.join("libnvml_sim.so"))
-        .env("TALLY_SIM_SCENARIO", dir.join("scenario.toml"))
-        .env("TALLY_SIM_STATE", &state)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("cannot start tally agent")?;
-    let mut agent = KillOnDrop(agent);
+    let agent = Agent::start_with(&node, &config, o.listen, &[]);
+    let client = Client::new(o.listen);
 
     let started = Instant::now();
     let mut tick = 0u64;
@@ -147,15 +132,18 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         for (i, w) in workloads.iter().enumerate() {
             let phase = (tick as f64 / 5.0 + i as f64).sin();
             let sm = (w.base_sm + 0.15 * phase).clamp(0.0, 1.0);
-            w.register(&state, sm)?;
-        }
-        if let Some(status) = agent.0.try_wait()? {
-            bail!(
-                "tally agent exited ({status}); its log is {}",
-                dir.join("agent.log").display()
+            node.register(
+                w.pid,
+                w.gpu,
+                w.mig,
+                w.memory_mib,
+                (sm * 1000.0).round() / 1000.0,
             );
         }
-        if let Ok(snap) = get_json(o.listen, "/api/v1/snapshot") {
+        if agent.child.has_exited() {
+            bail!("tally agent exited; its log is {}", agent.log.display());
+        }
+        if let Ok(snap) = client.get_json("/api/v1/snapshot") {
             print!("\x1b[2J\x1b[H");
             println!(
                 "Tally demo — simulated node, {} tenants in real cgroups under {}",
@@ -165,7 +153,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 "metrics: http://{}/metrics   snapshot: http://{}/api/v1/snapshot   agent log: {}",
                 o.listen,
                 o.listen,
-                dir.join("agent.log").display()
+                agent.log.display()
             );
             println!("{}", render(&snap, previous.as_ref()));
             println!("Ctrl-C to stop.");
@@ -179,138 +167,15 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A demo job: its process (killed on drop) and what it registers.
 struct Workload {
     pid: u32,
-    child: Child,
+    _child: ChildGuard,
+    _cgroup: Cgroup,
     gpu: u32,
     mig: Option<u32>,
     memory_mib: u64,
     base_sm: f64,
-}
-
-impl Workload {
-    fn register(&self, state: &Path, sm: f64) -> anyhow::Result<()> {
-        let mut text = format!(
-            "gpu = {}\nmemory_mib = {}\nsm = {sm:.3}\n",
-            self.gpu, self.memory_mib
-        );
-        if let Some(m) = self.mig {
-            text.push_str(&format!("mig = {m}\n"));
-        }
-        let tmp = state.join(format!("procs/.{}.tmp", self.pid));
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, state.join(format!("procs/{}.toml", self.pid)))?;
-        Ok(())
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The demo's cgroup tree on the v2 hierarchy, beneath our own cgroup.
-struct DemoCgroups {
-    dir: PathBuf,
-    path: String,
-    created: std::cell::RefCell<Vec<PathBuf>>,
-}
-
-impl DemoCgroups {
-    fn create() -> anyhow::Result<DemoCgroups> {
-        let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|m| m.join("cgroup.procs").exists() && is_cgroup2(m))
-            .context("no cgroup v2 hierarchy mounted")?;
-        let own = fs::read_to_string("/proc/self/cgroup")?
-            .lines()
-            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
-            .unwrap_or_else(|| "/".into());
-        let dir = mount
-            .join(own.trim().trim_start_matches('/'))
-            .join(format!("tally-demo-{}", std::process::id()));
-        fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let path = format!("/{}", dir.strip_prefix(&mount)?.display());
-        Ok(DemoCgroups {
-            created: std::cell::RefCell::new(vec![dir.clone()]),
-            dir,
-            path,
-        })
-    }
-
-    fn child(&self, relative: &str) -> anyhow::Result<PathBuf> {
-        let mut dir = self.dir.clone();
-        for part in relative.split('/') {
-            dir = dir.join(part);
-            if !dir.exists() {
-                fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-                self.created.borrow_mut().push(dir.clone());
-            }
-        }
-        Ok(dir)
-    }
-}
-
-impl Drop for DemoCgroups {
-    fn drop(&mut self) {
-        for dir in self.created.borrow().iter().rev() {
-            for _ in 0..50 {
-                if fs::remove_dir(dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-fn is_cgroup2(mount: &Path) -> bool {
-    fs::read_to_string("/proc/mounts")
-        .map(|m| {
-            m.lines().any(|l| {
-                let mut f = l.split_whitespace();
-                let (_, at, kind) = (f.next(), f.next(), f.next());
-                at == Some(&*mount.to_string_lossy()) && kind == Some("cgroup2")
-            })
-        })
-        .unwrap_or(false)
-}
-
-/// Spawns `argv` so that it moves itself into cgroup `dir` before exec.
-fn spawn_in(dir: &Path, argv: &[&str]) -> anyhow::Result<Child> {
-    Command::new("/bin/sh")
-        .arg("-c")
-        .arg("echo $$ > \"$0\" && exec \"$@\"")
-        .arg(dir.join("cgroup.procs"))
-        .args(argv)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("cannot spawn a workload")
-}
-
-fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok(serde_json::from_str(body)?)
 }
 
 /// The live table: GPUs, then tenants with their rates over the last second.

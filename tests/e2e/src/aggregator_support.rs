@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{ChildGuard, free_port, http_get, http_request, tally_bin, unique};
+use crate::{ChildGuard, Client, free_port, http_get, tally_bin, unique};
 
 pub const AGENT_TOKEN: &str = "agent-token-0123456789abcdef";
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
@@ -337,25 +337,28 @@ impl Aggregator {
         }
     }
 
+    /// A client of this aggregator, with `token` when given.
+    pub fn client(&self, token: Option<&str>) -> Client {
+        let c = Client::new(self.addr);
+        match token {
+            Some(t) => c.bearer(t),
+            None => c,
+        }
+    }
+
     /// POSTs a report body with `token` (none: no Authorization header).
     pub fn post(&self, body: &[u8], token: Option<&str>) -> (u16, String) {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let mut headers = vec![("Content-Type", "application/json")];
-        if let Some(a) = &auth {
-            headers.push(("Authorization", a.as_str()));
-        }
-        http_request(self.addr, "POST", "/api/v1/reports", &headers, body)
-            .expect("POST /api/v1/reports")
+        let r = self
+            .client(token)
+            .post_json("/api/v1/reports", body)
+            .expect("POST /api/v1/reports");
+        (r.status, r.text())
     }
 
     /// GET with a bearer token.
     pub fn get(&self, path: &str, token: Option<&str>) -> (u16, String) {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> = auth
-            .as_deref()
-            .map(|a| vec![("Authorization", a)])
-            .unwrap_or_default();
-        http_request(self.addr, "GET", path, &headers, b"").expect("GET")
+        let r = self.client(token).get(path).expect("GET");
+        (r.status, r.text())
     }
 
     /// The chargeback JSON (admin).

@@ -86,6 +86,11 @@ fn reports_travel_over_tls_only_to_agents_that_trust_the_ca() {
         !matches!(http_get(addr, "/healthz"), Ok((200, _))),
         "plain HTTP must not be served"
     );
+    // HTTPS is, to a client that trusts the test CA.
+    let https = tally_e2e::Client::with_ca(&format!("https://localhost:{}", addr.port()), &ca)
+        .expect("a client trusting the test CA");
+    let health = https.get("/healthz").expect("GET /healthz over TLS");
+    assert_eq!(health.status, 200, "{}", health.text());
 
     let url = format!("https://localhost:{}", addr.port());
     let node = SimNode::standard();

@@ -11,12 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
+use tally_e2e::{Agent, Cgroup, ChildGuard, Client, Metrics, SimNode, free_port, unique};
 
 use super::{
     Check, Ctx, Section, Verdict, failed,
     probes::{FakeCuda, fake_cuda},
-    util::{self, CgroupTree, Proc, Stats},
+    util::{self, Proc, Stats},
 };
 
 /// 8 GPUs: seven H100s and an A100 80GB split into seven 1g.10gb MIG
@@ -126,9 +127,11 @@ const BASE_TENANTS: usize = 128;
 /// cgroups `…/tally/<tenant>/job<j>`.
 struct Node {
     dir: PathBuf,
-    scenario: PathBuf,
-    state: PathBuf,
-    tree: CgroupTree,
+    // Dropped in this order: processes, their cgroups, the tree.
+    _workloads: Vec<ChildGuard>,
+    _jobs: Vec<Cgroup>,
+    tree: Cgroup,
+    sim: SimNode,
     procs: usize,
     tenants: usize,
 }
@@ -136,59 +139,46 @@ struct Node {
 impl Node {
     fn build(name: &str, procs: usize, tenants: usize) -> anyhow::Result<Node> {
         let dir = util::scratch(name)?;
-        let scenario = dir.join("scenario.toml");
-        fs::write(&scenario, SCENARIO)?;
-        let state = dir.join("sim-state");
-        fs::create_dir_all(state.join("procs"))?;
-        let mut tree = CgroupTree::create("tally-bench")?;
+        let sim = SimNode::in_dir(&dir, SCENARIO);
+        let tree = Cgroup::create(&unique("tally-bench"));
         let per = procs.div_ceil(tenants);
         let started = Instant::now();
-        let mut last = 0;
+        let (mut workloads, mut jobs) = (Vec::new(), Vec::new());
         let mut i = 0;
         'outer: for t in 0..tenants {
             for j in 0..per {
                 if i == procs {
                     break 'outer;
                 }
-                let cg = tree.child(&format!("tally/t{t:04}/job{j}"))?;
-                let pid = tree.spawn_in(&cg, &["sleep", "infinity"])?;
+                let cg = tree.child(&format!("tally/t{t:04}/job{j}"));
+                let child = cg.start("sleep", &["infinity"]);
                 // A tenant's processes sit on consecutive devices.
                 let slot = i % DEVICES;
                 let (gpu, mig, mem) = if slot < 7 {
-                    (slot, None, 512)
+                    (slot as u32, None, 512)
                 } else {
-                    (7, Some(slot - 7), 64)
+                    (7, Some(slot as u32 - 7), 64)
                 };
                 let sm = 0.05 + 0.09 * (i % 10) as f64;
-                let mut text = format!("gpu = {gpu}\nmemory_mib = {mem}\nsm = {sm:.2}\n");
-                if let Some(m) = mig {
-                    text.push_str(&format!("mig = {m}\n"));
-                }
-                fs::write(state.join(format!("procs/{pid}.toml")), text)?;
-                last = pid;
+                sim.register(child.pid(), gpu, mig, mem, (sm * 100.0).round() / 100.0);
+                workloads.push(child);
+                jobs.push(cg);
                 i += 1;
             }
         }
-        let want = format!("{}/tally/", tree.path);
-        util::wait_for(
-            "the last workload to enter its cgroup",
-            Duration::from_secs(30),
-            || {
-                fs::read_to_string(format!("/proc/{last}/cgroup"))
-                    .ok()?
-                    .contains(&want)
-                    .then_some(())
-            },
-        )?;
+        if let (Some(cg), Some(last)) = (jobs.last(), workloads.last()) {
+            cg.wait_entered(last.pid());
+        }
         eprintln!(
             "bench: {procs} processes in {tenants} tenants' cgroups started in {:.1} s",
             started.elapsed().as_secs_f64()
         );
         Ok(Node {
             dir,
-            scenario,
-            state,
+            _workloads: workloads,
+            _jobs: jobs,
             tree,
+            sim,
             procs,
             tenants,
         })
@@ -226,86 +216,52 @@ cgroup = '/tally/(?P<tenant>[^/]+)/'
         );
         let file = self.dir.join("tally.toml");
         fs::write(&file, config)?;
-        let addr = util::free_addr()?;
-        let log = self.dir.join("agent.log");
-        let proc = Proc::spawn(
-            "tally agent",
-            Command::new(&ctx.tally)
-                .arg("agent")
-                .arg("--config")
-                .arg(&file)
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--nvml-lib")
-                .arg(&ctx.sim_lib)
-                .arg("--sample-interval")
-                .arg(interval)
-                .env("TALLY_SIM_SCENARIO", &self.scenario)
-                .env("TALLY_SIM_STATE", &self.state)
-                .env("TALLY_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(fs::File::create(&log)?),
-        )?;
-        let mut agent = RunningAgent {
-            proc,
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let agent = Agent::launch(
+            &ctx.launch(Duration::from_secs(180)),
+            &self.sim,
+            &file,
             addr,
-            log,
+            &["--sample-interval", interval],
+        );
+        Ok(RunningAgent {
+            client: Client::new(addr),
+            agent,
             pin,
-        };
-        let started = Instant::now();
-        loop {
-            agent.proc.check_alive().with_context(|| agent.log_tail())?;
-            if matches!(util::get(addr, "/readyz", None), Ok(r) if r.status == 200) {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(180) {
-                bail!("agent not ready after 180 s; {}", agent.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(agent)
+        })
     }
 }
 
+/// The kit's agent, with its pins removed when it is gone.
 struct RunningAgent {
-    proc: Proc,
-    addr: SocketAddr,
-    log: PathBuf,
+    client: Client,
+    agent: Agent,
     pin: PathBuf,
 }
 
 impl RunningAgent {
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "agent log ({}): {}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(5)..].join(" / ")
-        )
+    fn pid(&self) -> u32 {
+        self.agent.child.pid()
     }
 
-    fn metrics(&self) -> anyhow::Result<String> {
-        let r = util::get(self.addr, "/metrics", None)?;
+    fn metrics(&self) -> anyhow::Result<Metrics> {
+        let r = self.client.get("/metrics")?;
         if r.status != 200 {
             bail!("/metrics answered {}", r.status);
         }
-        Ok(r.text())
+        Metrics::try_parse(&r.text()).map_err(anyhow::Error::msg)
     }
 
-    /// `tally_probe_up` lines, for the report.
+    /// `tally_probe_up` values, for the report.
     fn probes_up(&self) -> String {
-        let body = self.metrics().unwrap_or_default();
-        let up: Vec<String> = body
-            .lines()
-            .filter(|l| l.starts_with("tally_probe_up{"))
-            .map(|l| {
-                let probe = l
-                    .split("probe=\"")
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .unwrap_or("?");
-                format!("{probe}={}", l.rsplit(' ').next().unwrap_or("?"))
+        let Ok(m) = self.metrics() else {
+            return String::new();
+        };
+        let up: Vec<String> = m
+            .select("tally_probe_up", &[])
+            .map(|s| {
+                let probe = s.labels.get("probe").map(String::as_str).unwrap_or("?");
+                format!("{probe}={}", s.value)
             })
             .collect();
         up.join(", ")
@@ -314,7 +270,7 @@ impl RunningAgent {
 
 impl Drop for RunningAgent {
     fn drop(&mut self) {
-        self.proc.stop();
+        self.agent.child.kill();
         util::remove_pins(&self.pin);
     }
 }
@@ -340,7 +296,7 @@ pub fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec<Sectio
 
     if footprint || sample {
         eprintln!("bench: 1. footprint at ×1");
-        match footprint_and_sample(ctx, base, cuda.as_ref(), footprint) {
+        match super::caught(|| footprint_and_sample(ctx, base, cuda.as_ref(), footprint)) {
             Ok((section, cost)) => {
                 if let Some(s) = section {
                     out.push(s);
@@ -359,7 +315,8 @@ pub fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec<Sectio
         for &s in &scales[1..] {
             eprintln!("bench: 2. sample cost at ×{s}");
             let profile = s == *scales.last().unwrap_or(&1);
-            match sample_only(ctx, (base.0 * s, base.1 * s), s, cuda.as_ref(), profile) {
+            let scaled = (base.0 * s, base.1 * s);
+            match super::caught(|| sample_only(ctx, scaled, s, cuda.as_ref(), profile)) {
                 Ok(c) => samples.push(c),
                 Err(e) => sample_errors.push(format!("×{s}: {e:#}")),
             }
@@ -396,10 +353,9 @@ struct SampleCost {
 type ThreadCpu = Vec<(String, f64)>;
 
 /// Distinct tenants with a `tally_tenant_gpu_allocated_seconds_total` series.
-fn tenants_seen(body: &str) -> usize {
-    body.lines()
-        .filter(|l| l.starts_with("tally_tenant_gpu_allocated_seconds_total{"))
-        .filter_map(|l| l.split("tenant=\"").nth(1)?.split('"').next())
+fn tenants_seen(m: &Metrics) -> usize {
+    m.select("tally_tenant_gpu_allocated_seconds_total", &[])
+        .filter_map(|s| s.labels.get("tenant"))
         .collect::<std::collections::BTreeSet<_>>()
         .len()
 }
@@ -455,7 +411,7 @@ fn collect_samples(
     n: usize,
     limit: Duration,
 ) -> anyhow::Result<(Vec<f64>, f64, ThreadCpu)> {
-    let pid = agent.proc.pid();
+    let pid = agent.pid();
     let mut threads0 = None;
     let mut threads1 = None;
     let mut durations = Vec::new();
@@ -466,9 +422,9 @@ fn collect_samples(
     while durations.len() < n && started.elapsed() < limit {
         let body = agent.metrics()?;
         let cpu = util::cpu_seconds(pid, ctx.tck)?;
-        let count = util::metric(&body, "tally_samples_total").unwrap_or(-1.0);
+        let count = body.value("tally_samples_total", &[]).unwrap_or(-1.0);
         if count != last_seen {
-            if let Some(d) = util::metric(&body, "tally_sample_duration_seconds") {
+            if let Some(d) = body.value("tally_sample_duration_seconds", &[]) {
                 // The first cycle includes start-up (probe loading).
                 if count > 1.0 {
                     durations.push(d * 1000.0);
@@ -673,7 +629,8 @@ fn footprint_and_sample(
     }
 
     // node_exporter, scraped at the same 1 s rate, in the same window.
-    let ne_addr = util::free_addr()?;
+    let ne_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let ne_client = Client::new(ne_addr);
     let mut ne = Proc::spawn(
         "prometheus-node-exporter",
         Command::new("prometheus-node-exporter")
@@ -681,23 +638,21 @@ fn footprint_and_sample(
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )?;
-    util::wait_for("node_exporter", Duration::from_secs(20), || {
-        util::get(ne_addr, "/metrics", None)
-            .ok()
-            .filter(|r| r.status == 200)
-    })?;
+    tally_e2e::wait_for("node_exporter", Duration::from_secs(20), || {
+        ne_client.get("/metrics").ok().filter(|r| r.status == 200)
+    });
     let (warmup, windows, window) = if ctx.quick { (3, 2, 5) } else { (10, 7, 10) };
-    let (apid, npid) = (agent.proc.pid(), ne.pid());
+    let (apid, npid) = (agent.pid(), ne.pid());
     let tick = |durations: &mut Vec<f64>, last: &mut f64| -> anyhow::Result<(f64, f64)> {
         let t = Instant::now();
         let body = agent.metrics()?;
-        let r = util::get(ne_addr, "/metrics", None)?;
+        let r = ne_client.get("/metrics")?;
         if r.status != 200 {
             bail!("node_exporter answered {}", r.status);
         }
-        let count = util::metric(&body, "tally_samples_total").unwrap_or(0.0);
+        let count = body.value("tally_samples_total", &[]).unwrap_or(0.0);
         if count != *last && count > 1.0 {
-            if let Some(d) = util::metric(&body, "tally_sample_duration_seconds") {
+            if let Some(d) = body.value("tally_sample_duration_seconds", &[]) {
                 durations.push(d * 1000.0);
             }
             *last = count;
@@ -718,7 +673,10 @@ fn footprint_and_sample(
         util::cpu_seconds(apid, ctx.tck)?,
         util::cpu_seconds(npid, ctx.tck)?,
     );
-    let samples0 = util::metric(&agent.metrics()?, "tally_samples_total").unwrap_or(0.0);
+    let samples0 = agent
+        .metrics()?
+        .value("tally_samples_total", &[])
+        .unwrap_or(0.0);
     let threads0 = util::thread_cpu(apid, ctx.tck);
     for _ in 0..windows {
         let w = Instant::now();
@@ -738,21 +696,19 @@ fn footprint_and_sample(
     let total = t_start.elapsed().as_secs_f64();
     let a_total = (util::cpu_seconds(apid, ctx.tck)? - a0) / total * 100.0;
     let n_total = (util::cpu_seconds(npid, ctx.tck)? - n0) / total * 100.0;
-    let samples1 = util::metric(&agent.metrics()?, "tally_samples_total").unwrap_or(0.0);
+    let samples1 = agent
+        .metrics()?
+        .value("tally_samples_total", &[])
+        .unwrap_or(0.0);
     let threads = util::thread_delta(&threads0, &util::thread_cpu(apid, ctx.tck));
     let cycles = (samples1 - samples0).max(1.0);
     let share = nvml_share(&threads);
     let without_nvml = a_total * (1.0 - share);
     let cpu_per_sample = (a_total / 100.0 * total) / (samples1 - samples0).max(1.0) * 1000.0;
     let body = agent.metrics()?;
-    let series = util::series_count(&body);
+    let series = body.len();
     let probes = agent.probes_up();
-    let tenants_seen = body
-        .lines()
-        .filter(|l| l.starts_with("tally_tenant_gpu_allocated_seconds_total{"))
-        .filter_map(|l| l.split("tenant=\"").nth(1)?.split('"').next())
-        .collect::<std::collections::BTreeSet<_>>()
-        .len();
+    let tenants_seen = tenants_seen(&body);
     ne.stop();
     let prof = format!(
         "{}\n{}",
@@ -786,7 +742,7 @@ fn footprint_and_sample(
          tenants and serves {series} series. Reference in the same window: Debian's \
          `prometheus-node-exporter` (default collectors). Both are scraped once per second, \
          one after the other.\n",
-        node.tree.mount.display()
+        node.tree.mount().display()
     );
     let _ = writeln!(
         b,
@@ -901,7 +857,7 @@ fn sample_only(
     let (durations_ms, cpu, threads) = collect_samples(ctx, &agent, n, Duration::from_secs(420))?;
     let seen = tenants_seen(&agent.metrics()?);
     let profile =
-        with_profile.then(|| profile(agent.proc.pid(), if ctx.quick { 5 } else { 15 }, &node.dir));
+        with_profile.then(|| profile(agent.pid(), if ctx.quick { 5 } else { 15 }, &node.dir));
     Ok(SampleCost {
         scale,
         procs: node.procs,
@@ -1012,13 +968,13 @@ fn scrape_bench(
     // holds still for two cycles.
     let mut last = (0usize, 0.0f64);
     let mut stable = 0;
-    util::wait_for(
+    tally_e2e::wait_for(
         "the series count to settle",
         Duration::from_secs(600),
         || {
             let body = agent.metrics().ok()?;
-            let n = util::series_count(&body);
-            let samples = util::metric(&body, "tally_samples_total").unwrap_or(0.0);
+            let n = body.len();
+            let samples = body.value("tally_samples_total", &[]).unwrap_or(0.0);
             if samples > last.1 {
                 // Within 1 %: state labels may move a series or two.
                 stable = if n.abs_diff(last.0) * 100 <= last.0 {
@@ -1032,30 +988,28 @@ fn scrape_bench(
             let seen = tenants_seen(&body);
             (samples >= 2.0 && stable >= 1 && seen * 10 >= tenants * 9).then_some(())
         },
-    )?;
-    let cpu0 = (
-        util::cpu_seconds(agent.proc.pid(), ctx.tck)?,
-        Instant::now(),
     );
+    let cpu0 = (util::cpu_seconds(agent.pid(), ctx.tck)?, Instant::now());
     let n = if ctx.quick { 50 } else { 300 };
     let mut lat = Vec::with_capacity(n);
     let mut size = 0;
     let mut series = 0;
     for _ in 0..n {
         let t = Instant::now();
-        let r = util::get(agent.addr, "/metrics", None)?;
+        let r = Client::new(agent.agent.addr).get("/metrics")?;
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         if r.status != 200 {
             bail!("/metrics answered {}", r.status);
         }
         size = r.body.len();
-        series = util::series_count(&String::from_utf8_lossy(&r.body));
+        series = Metrics::try_parse(&r.text())
+            .map_err(anyhow::Error::msg)?
+            .len();
         std::thread::sleep(Duration::from_millis(20));
     }
     let st = Stats::of(&lat);
     let p50 = st.median;
-    let busy = (util::cpu_seconds(agent.proc.pid(), ctx.tck)? - cpu0.0)
-        / cpu0.1.elapsed().as_secs_f64()
+    let busy = (util::cpu_seconds(agent.pid(), ctx.tck)? - cpu0.0) / cpu0.1.elapsed().as_secs_f64()
         * 100.0;
     let mut s = Section {
         title: "3. Scrape latency at ~20k series".into(),
@@ -1093,17 +1047,17 @@ fn scrape_bench(
     );
     if st.p99 > 20.0 {
         let prof_dir = node.dir.clone();
-        let addr = agent.addr;
+        let client = agent.client.clone();
         let scraper = std::thread::spawn(move || {
             let end = Instant::now() + Duration::from_secs(10);
             while Instant::now() < end {
-                let _ = util::get(addr, "/metrics", None);
+                let _ = client.get("/metrics");
             }
         });
         let p = format!(
             "{}\n{}",
-            profile(agent.proc.pid(), 5, &prof_dir),
-            profile_thread(agent.proc.pid(), "tally-rt", 5, &prof_dir)
+            profile(agent.pid(), 5, &prof_dir),
+            profile_thread(agent.pid(), "tally-rt", 5, &prof_dir)
         );
         let _ = scraper.join();
         let _ = writeln!(

@@ -14,10 +14,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use tally_e2e::Client;
 
 use super::{
     Check, Ctx, Section, Verdict, failed,
-    util::{self, Conn, Proc, Stats},
+    util::{self, Proc, Stats},
 };
 
 const AGENT_TOKEN: &str = "bench-agent-token-0123456789";
@@ -137,7 +138,7 @@ impl Postgres {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))?;
-        let port = util::free_addr()?.port();
+        let port = tally_e2e::free_port();
         let pg_bin = bin.clone();
         let as_pg = move |program: &str| {
             let mut c = Command::new("runuser");
@@ -220,7 +221,7 @@ token_file = "{dir}/admin.token"
     );
     let file = dir.join("aggregator.toml");
     fs::write(&file, config)?;
-    let addr = util::free_addr()?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], tally_e2e::free_port()));
     let mut proc = Proc::spawn(
         "tally aggregator",
         Command::new(&ctx.tally)
@@ -238,7 +239,7 @@ token_file = "{dir}/admin.token"
     let started = Instant::now();
     loop {
         proc.check_alive()?;
-        if matches!(util::get(addr, "/readyz", None), Ok(r) if r.status == 200) {
+        if matches!(Client::new(addr).get("/readyz"), Ok(r) if r.status == 200) {
             return Ok(Aggregator { proc, addr });
         }
         if started.elapsed() > Duration::from_secs(60) {
@@ -453,7 +454,8 @@ fn level(
         threads.push(std::thread::spawn(
             move || -> anyhow::Result<(u64, u64, Vec<f64>)> {
                 let node = format!("ingest-{tag}-{a:03}");
-                let mut conn = Conn::open(addr)?;
+                // One keep-alive connection per simulated agent.
+                let conn = Client::new(addr).bearer(AGENT_TOKEN);
                 let mut lat = Vec::new();
                 let (mut stored, mut errors) = (0u64, 0u64);
                 barrier.wait();
@@ -465,18 +467,9 @@ fn level(
                     let s = start0 + seq * 10_000;
                     let body = report_body(&node, &boot, seq, s, s + 10_000);
                     let t = Instant::now();
-                    match conn.request(
-                        "POST",
-                        "/api/v1/reports",
-                        Some(AGENT_TOKEN),
-                        Some(body.as_bytes()),
-                    ) {
+                    match conn.post_json("/api/v1/reports", body.as_bytes()) {
                         Ok(r) if r.status == 200 => stored += 1,
-                        Ok(_) => errors += 1,
-                        Err(_) => {
-                            errors += 1;
-                            conn = Conn::open(addr)?;
-                        }
+                        _ => errors += 1,
                     }
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
                     seq += 1;
@@ -801,7 +794,7 @@ fn chargeback_bench(
     let mut lines = 0;
     for i in 0..=runs {
         let t = Instant::now();
-        let r = util::get(agg.addr, &path, Some(ADMIN_TOKEN))?;
+        let r = Client::new(agg.addr).bearer(ADMIN_TOKEN).get(&path)?;
         let secs = t.elapsed().as_secs_f64();
         if r.status != 200 {
             bail!("chargeback answered {}: {}", r.status, r.text());

@@ -122,6 +122,18 @@ pub struct Ctx {
     pub tck: f64,
 }
 
+impl Ctx {
+    /// How the kit starts this run's (release) agent.
+    pub fn launch(&self, ready_within: std::time::Duration) -> tally_e2e::Launch {
+        tally_e2e::Launch {
+            tally: self.tally.clone(),
+            sim_lib: self.sim_lib.clone(),
+            log_level: "warn".into(),
+            ready_within,
+        }
+    }
+}
+
 pub fn run(o: Options) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
@@ -298,13 +310,27 @@ fn merge(new: &str, old: &str) -> String {
     r
 }
 
-/// Runs one benchmark; an error becomes a FAILED section, not an abort.
+/// Runs one benchmark; an error, or a panic of a test-kit fixture, becomes
+/// a FAILED section, not an abort.
 pub fn guard(title: &str, f: impl FnOnce() -> anyhow::Result<Section>) -> Section {
     eprintln!("bench: {title}");
-    match f() {
+    match caught(f) {
         Ok(s) => s,
         Err(e) => failed(title, &e),
     }
+}
+
+/// `f()`, with a panic (the test kit's fixtures panic, as tests should)
+/// turned into an error.
+pub fn caught<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(anyhow::anyhow!(why))
+    })
 }
 
 pub fn failed(title: &str, e: &anyhow::Error) -> Section {

@@ -6,16 +6,18 @@
 use std::{
     fmt::Write as _,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use tally_e2e::{Agent, Cgroup, Client, Metrics, SimNode, free_port, unique};
 
 use super::{
     Check, Ctx, Section, Verdict,
-    util::{self, CgroupTree, Proc, Stats},
+    util::{self, Proc, Stats},
 };
 use crate::exec::workspace_root;
 
@@ -67,14 +69,22 @@ fn cc(args: &[&str]) -> anyhow::Result<()> {
 
 /// An agent with only some probes on, for an A/B arm.
 struct ProbeAgent {
-    proc: Proc,
-    addr: std::net::SocketAddr,
+    agent: Agent,
+    client: Client,
     pin: PathBuf,
+    _node: SimNode,
+}
+
+impl ProbeAgent {
+    fn metrics(&self) -> Option<Metrics> {
+        let r = self.client.get("/metrics").ok()?;
+        Metrics::try_parse(&r.text()).ok()
+    }
 }
 
 impl Drop for ProbeAgent {
     fn drop(&mut self) {
-        self.proc.stop();
+        self.agent.child.kill();
         util::remove_pins(&self.pin);
     }
 }
@@ -92,11 +102,10 @@ fn probe_agent(
         std::process::id()
     ));
     util::remove_pins(&pin);
-    let scenario = dir.join("scenario.toml");
-    fs::write(
-        &scenario,
+    let node = SimNode::in_dir(
+        dir,
         "[[gpu]]\nmodel = \"NVIDIA H100 80GB HBM3\"\nmemory_mib = 81559\npower_idle_w = 70\npower_max_w = 700\n",
-    )?;
+    );
     let config = format!(
         "[agent]\nstate_dir = \"{}\"\n\n[probes]\npin_dir = \"{}\"\n{probes_toml}\n\n\
          [[tenant.rule]]\ncgroup = '/tally/(?P<tenant>[^/]+)/'\n{extra}\n",
@@ -115,44 +124,26 @@ fn probe_agent(
             String::from_utf8_lossy(&check.stderr).trim()
         );
     }
-    let addr = util::free_addr()?;
-    let mut proc = Proc::spawn(
-        "tally agent",
-        Command::new(&ctx.tally)
-            .arg("agent")
-            .arg("--config")
-            .arg(&file)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--nvml-lib")
-            .arg(&ctx.sim_lib)
-            .env("TALLY_SIM_SCENARIO", &scenario)
-            .env("TALLY_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("agent.log"))?),
-    )?;
-    let started = Instant::now();
-    loop {
-        proc.check_alive()?;
-        if matches!(util::get(addr, "/readyz", None), Ok(r) if r.status == 200) {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("agent not ready after 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(ProbeAgent { proc, addr, pin })
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent = Agent::launch(
+        &ctx.launch(Duration::from_secs(60)),
+        &node,
+        &file,
+        addr,
+        &[],
+    );
+    Ok(ProbeAgent {
+        agent,
+        client: Client::new(addr),
+        pin,
+        _node: node,
+    })
 }
 
 fn probe_up(agent: &ProbeAgent, probe: &str) -> bool {
-    util::get(agent.addr, "/metrics", None)
-        .map(|r| {
-            r.text()
-                .lines()
-                .any(|l| l.starts_with(&format!("tally_probe_up{{probe=\"{probe}\"}} 1")))
-        })
-        .unwrap_or(false)
+    agent
+        .metrics()
+        .is_some_and(|m| m.value("tally_probe_up", &[("probe", probe)]) == Some(1.0))
 }
 
 // ------------------------------------------------------------- 4. network
@@ -178,13 +169,14 @@ impl Arm {
 
 pub fn network(ctx: &Ctx) -> anyhow::Result<Section> {
     let dir = util::scratch("network")?;
-    let mut tree = CgroupTree::create("tally-bench-net")?;
-    let server_cg = tree.child("tally/net-server/iperf")?;
-    let client_cg = tree.child("tally/net-client/iperf")?;
-    let port = util::free_addr()?.port();
+    let tree = Cgroup::create(&unique("tally-bench-net"));
+    let server_cg = tree.child("tally/net-server/iperf");
+    let client_cg = tree.child("tally/net-client/iperf");
+    let port = free_port();
     let server = Proc::spawn(
         "iperf3 -s",
-        CgroupTree::command_in(&server_cg, &["iperf3", "-s", "-p", &port.to_string()])
+        server_cg
+            .command("iperf3", &["-s", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )?;
@@ -256,25 +248,25 @@ pub fn network(ctx: &Ctx) -> anyhow::Result<Section> {
             {
                 bail!("the agent's network probes are not up (tally_probe_up)");
             }
-            let programs = util::root_programs(&tree.mount);
+            let programs = util::root_programs(tree.mount());
             attached.push((arm, programs));
             let bpf0 = bpf_stats.as_ref().map(|s| s.read("cgroup_skb"));
-            let out = CgroupTree::command_in(
-                &client_cg,
-                &[
+            let out = client_cg
+                .command(
                     "iperf3",
-                    "-c",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-t",
-                    &secs.to_string(),
-                    "-J",
-                ],
-            )
-            .stderr(Stdio::null())
-            .output()
-            .context("run iperf3 -c")?;
+                    &[
+                        "-c",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                        "-t",
+                        &secs.to_string(),
+                        "-J",
+                    ],
+                )
+                .stderr(Stdio::null())
+                .output()
+                .context("run iperf3 -c")?;
             let json: serde_json::Value =
                 serde_json::from_slice(&out.stdout).with_context(|| {
                     format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout))
@@ -292,16 +284,11 @@ pub fn network(ctx: &Ctx) -> anyhow::Result<Section> {
             }
             if let Some(a) = &agent {
                 std::thread::sleep(Duration::from_millis(1200));
-                if let Ok(r) = util::get(a.addr, "/metrics", None) {
-                    let body = r.text();
-                    let v: f64 = body
-                        .lines()
-                        .filter(|l| {
-                            l.starts_with("tally_tenant_network_bytes_total{")
-                                && l.contains("net-client")
-                        })
-                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                        .sum();
+                if let Some(m) = a.metrics() {
+                    let v = m.sum(
+                        "tally_tenant_network_bytes_total",
+                        &[("tenant", "net-client")],
+                    );
                     counted = counted.max(v);
                 }
             }
@@ -438,8 +425,8 @@ pub fn network(ctx: &Ctx) -> anyhow::Result<Section> {
 pub fn uprobe(ctx: &Ctx) -> anyhow::Result<Section> {
     let cuda = fake_cuda()?;
     let dir = util::scratch("uprobe")?;
-    let mut tree = CgroupTree::create("tally-bench-uprobe")?;
-    let cg = tree.child("tally/copier/job")?;
+    let tree = Cgroup::create(&unique("tally-bench-uprobe"));
+    let cg = tree.child("tally/copier/job");
     let (pairs, calls): (usize, u64) = if ctx.quick {
         (1, 200_000)
     } else {
@@ -448,17 +435,17 @@ pub fn uprobe(ctx: &Ctx) -> anyhow::Result<Section> {
     let size = 4096u64;
     let run_calls = |n: u64| -> anyhow::Result<f64> {
         let t = Instant::now();
-        let out = CgroupTree::command_in(
-            &cg,
-            &[
-                &cuda.caller.display().to_string(),
-                &cuda.lib.display().to_string(),
-                "cuMemcpyHtoD_v2",
-                &size.to_string(),
-                &n.to_string(),
-            ],
-        )
-        .output()?;
+        let out = cg
+            .command(
+                &cuda.caller,
+                &[
+                    &cuda.lib.display().to_string(),
+                    "cuMemcpyHtoD_v2",
+                    &size.to_string(),
+                    &n.to_string(),
+                ],
+            )
+            .output()?;
         if !out.status.success() {
             bail!("cuda-copy failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -510,8 +497,8 @@ pub fn uprobe(ctx: &Ctx) -> anyhow::Result<Section> {
             if let Some(a) = &agent {
                 with.push(ns);
                 std::thread::sleep(Duration::from_millis(1200));
-                if let Ok(r) = util::get(a.addr, "/metrics", None) {
-                    counted = util::metric_sum(&r.text(), "tally_tenant_pcie_bytes_total");
+                if let Some(m) = a.metrics() {
+                    counted = m.sum("tally_tenant_pcie_bytes_total", &[]);
                 }
             } else {
                 without.push(ns);

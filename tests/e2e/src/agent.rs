@@ -1,0 +1,150 @@
+//! A running `tally agent` on the simulator.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    ChildGuard, Metrics, SimNode, free_port, http_get, sim_lib, tally_bin, unique, wait_for,
+};
+
+/// A running `tally agent` on the simulator, killed on drop.
+pub struct Agent {
+    pub child: ChildGuard,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+/// How [`Agent::launch`] starts an agent.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The `tally` binary.
+    pub tally: PathBuf,
+    /// The NVML simulator library.
+    pub sim_lib: PathBuf,
+    /// `TALLY_LOG`.
+    pub log_level: String,
+    /// How long `/readyz` may take to answer 200.
+    pub ready_within: Duration,
+}
+
+impl Default for Launch {
+    /// This build's binaries, `info` logs, 30 s to be ready.
+    fn default() -> Launch {
+        Launch {
+            tally: tally_bin(),
+            sim_lib: sim_lib(),
+            log_level: "info".into(),
+            ready_within: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Agent {
+    /// Starts `tally agent` with `config_toml`, the simulator of `node`,
+    /// and `extra` arguments; waits until `/readyz` answers 200.
+    pub fn start(node: &SimNode, config_toml: &str, extra: &[&str]) -> Agent {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = node.dir.path().join(unique("agent") + ".toml");
+        fs::write(&config, config_toml).expect("write agent config");
+        Self::start_with(node, &config, addr, extra)
+    }
+
+    /// Starts an agent on a given config file and address (for restarts).
+    pub fn start_with(node: &SimNode, config: &Path, addr: SocketAddr, extra: &[&str]) -> Agent {
+        Self::launch(&Launch::default(), node, config, addr, extra)
+    }
+
+    /// Starts an agent as `how` says (other binaries, log level, patience).
+    pub fn launch(
+        how: &Launch,
+        node: &SimNode,
+        config: &Path,
+        addr: SocketAddr,
+        extra: &[&str],
+    ) -> Agent {
+        let log = node.dir.path().join(unique("agent") + ".log");
+        let mut cmd = Command::new(&how.tally);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(config)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--nvml-lib")
+            .arg(&how.sim_lib)
+            .args(extra)
+            .envs(node.env())
+            .env("TALLY_LOG", &how.log_level)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("agent log"));
+        let child = ChildGuard(cmd.spawn().expect("spawn tally agent"));
+        let agent = Agent {
+            child,
+            addr,
+            config: config.to_path_buf(),
+            log,
+        };
+        agent.wait_ready_within(how.ready_within);
+        agent
+    }
+
+    /// Waits for `/readyz` to answer 200 (panics with the agent's log).
+    pub fn wait_ready(&self) {
+        self.wait_ready_within(Duration::from_secs(30));
+    }
+
+    fn wait_ready_within(&self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = http_get(self.addr, "/readyz") {
+                return;
+            }
+            if self.child.has_exited() {
+                panic!("agent exited; log:\n{}", self.log_text());
+            }
+            if start.elapsed() > limit {
+                panic!("agent not ready after {limit:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The parsed `/metrics`.
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = http_get(self.addr, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "/metrics answered {status}: {body}");
+        Metrics::parse(&body)
+    }
+
+    /// The `/api/v1/snapshot` JSON.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.addr, "/api/v1/snapshot").expect("GET snapshot");
+        assert_eq!(status, 200, "/api/v1/snapshot answered {status}: {body}");
+        serde_json::from_str(&body).expect("snapshot is JSON")
+    }
+
+    /// Waits until the agent has completed `n` more samples.
+    pub fn wait_samples(&self, n: u64) {
+        let start = self.snapshot()["samples"].as_u64().unwrap_or(0);
+        wait_for("agent samples", Duration::from_secs(60), || {
+            (self.snapshot()["samples"].as_u64().unwrap_or(0) >= start + n).then_some(())
+        });
+    }
+
+    /// Stops the agent with SIGTERM and waits for it to exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.0.wait().expect("wait agent")
+    }
+}
