@@ -22,7 +22,7 @@ use crate::{
 };
 
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Where the agent listens.
     #[arg(long, default_value = "127.0.0.1:9477")]
     pub listen: SocketAddr,
@@ -77,7 +77,7 @@ const JOBS: &[Job] = &[
     ("gamma", "inference", 3, Some(2), 3_072, 0.30),
 ];
 
-pub fn run(o: Options) -> anyhow::Result<()> {
+pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the demo puts its tenants in real cgroups, which needs root: run `sudo cargo xtask demo`"

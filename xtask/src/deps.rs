@@ -9,7 +9,7 @@ use crate::exec::{exec, is_root};
 /// Packages every build and test needs: clang and libbpf headers for the
 /// eBPF programs; a C toolchain and kernel headers for the test helpers
 /// (fake libcuda, network load); util-linux for `setpriv`.
-pub const BUILD: &[&str] = &[
+pub(crate) const BUILD: &[&str] = &[
     "clang",
     "libbpf-dev",
     "llvm",
@@ -29,7 +29,7 @@ fn installed(package: &str) -> bool {
 }
 
 /// Installs the missing ones of `packages` (as root), or says exactly how.
-pub fn ensure(packages: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ensure(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());

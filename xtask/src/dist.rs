@@ -18,12 +18,12 @@ use crate::{
 };
 
 /// The bundle's size limit (25 MiB): it is copied to a lent machine.
-pub const MAX_BYTES: u64 = 25 << 20;
+pub(crate) const MAX_BYTES: u64 = 25 << 20;
 
 #[derive(Debug, clap::Args)]
-pub struct Options {}
+pub(crate) struct Options {}
 
-pub fn run(_o: Options) -> anyhow::Result<()> {
+pub(crate) fn run(_o: Options) -> anyhow::Result<()> {
     deps::ensure(deps::BUILD)?;
     exec(cargo().args([
         "build",

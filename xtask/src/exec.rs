@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Runs `cmd` to completion; fails naming the command and its status.
-pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd
         .status()
@@ -20,7 +20,7 @@ pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 /// The workspace root (the parent of `xtask/`).
-pub fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask is inside the workspace")
@@ -28,21 +28,21 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Cargo's target directory (`CARGO_TARGET_DIR`, else `target/`).
-pub fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// `cargo` as invoked by `cargo xtask`.
-pub fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
     cmd
 }
 
 /// True when running as root.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

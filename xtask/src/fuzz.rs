@@ -20,7 +20,7 @@ use anyhow::{Context as _, bail};
 use crate::exec::{exec, workspace_root};
 
 /// Every fuzz target (the `[[bin]]`s of `tests/fuzz/Cargo.toml`).
-pub const TARGETS: &[&str] = &[
+pub(crate) const TARGETS: &[&str] = &[
     "agent_config",
     "aggregator_config",
     "aggregator_query",
@@ -33,7 +33,7 @@ pub const TARGETS: &[&str] = &[
 ];
 
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// How long each target runs.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
@@ -184,7 +184,7 @@ fn merge_corpus(target: &str, scratch: &Path) -> anyhow::Result<()> {
     )
 }
 
-pub fn run(o: Options) -> anyhow::Result<()> {
+pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     ensure_tools()?;
     let targets: Vec<String> = if o.targets.is_empty() {
         TARGETS.iter().map(|t| (*t).to_owned()).collect()

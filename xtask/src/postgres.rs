@@ -121,7 +121,7 @@ fn running(bin: &Path, data: &Path) -> bool {
 
 /// Makes sure a test PostgreSQL runs and returns its URL
 /// (`postgres://postgres@127.0.0.1:PORT/tally_test`).
-pub fn ensure() -> anyhow::Result<String> {
+pub(crate) fn ensure() -> anyhow::Result<String> {
     if let Ok(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
         && !url.is_empty()
     {

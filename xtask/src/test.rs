@@ -17,7 +17,7 @@ use crate::{
 };
 
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Skip fmt and clippy.
     #[arg(long)]
     pub no_lint: bool,
@@ -25,7 +25,7 @@ pub struct Options {
     pub filter: Option<String>,
 }
 
-pub fn run(o: Options) -> anyhow::Result<()> {
+pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     deps::ensure(deps::BUILD)?;
     if !o.no_lint {
         exec(cargo().args(["fmt", "--all", "--", "--check"]))

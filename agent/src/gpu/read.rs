@@ -16,14 +16,14 @@ const DEFAULT_COMPUTE_SLICES: u32 = 7;
 
 /// A process as NVML lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RawProcess {
+pub(super) struct RawProcess {
     pub pid: u32,
     pub memory_bytes: u64,
 }
 
 /// One MIG instance of a GPU in MIG mode.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RawInstance {
+pub(super) struct RawInstance {
     pub gi: u32,
     pub ci: u32,
     pub uuid: String,
@@ -37,7 +37,7 @@ pub struct RawInstance {
 
 /// Everything one cycle reads of one physical GPU.
 #[derive(Debug, Clone)]
-pub struct RawDevice {
+pub(super) struct RawDevice {
     /// When the energy counter was read: the interval boundary.
     pub read_at: Instant,
     pub uuid: String,
@@ -60,7 +60,11 @@ pub struct RawDevice {
 /// Reads GPU `index`. Fails only on calls every GPU answers (handle, UUID,
 /// name, memory); optional readings become `None`. `util_cursor` is the
 /// newest per-process sample timestamp already consumed.
-pub fn read_device(nvml: &Nvml, index: u32, util_cursor: u64) -> Result<RawDevice, NvmlError> {
+pub(super) fn read_device(
+    nvml: &Nvml,
+    index: u32,
+    util_cursor: u64,
+) -> Result<RawDevice, NvmlError> {
     let device = nvml.device_by_index(index)?;
     let uuid = device.uuid()?;
     let model = device.name()?;

@@ -17,7 +17,7 @@ type Answer = Result<RawDevice, NvmlError>;
 
 /// What became of one device's read this cycle.
 #[derive(Debug)]
-pub enum Outcome {
+pub(super) enum Outcome {
     Read(Box<RawDevice>),
     Failed(NvmlError),
     /// The read did not answer within the deadline (now or in an earlier
@@ -36,14 +36,14 @@ struct Worker {
 
 /// The reader threads, by device index.
 #[derive(Default)]
-pub struct Workers {
+pub(super) struct Workers {
     workers: Vec<Worker>,
 }
 
 impl Workers {
     /// Reads devices `0..count` in parallel, each with its utilization
     /// cursor, waiting at most until `deadline` for all of them.
-    pub fn read_all(
+    pub(super) fn read_all(
         &mut self,
         nvml: &'static Nvml,
         cursors: &[u64],

@@ -9,6 +9,8 @@
 //! - aggregator stopped, SIGKILLed while agents send, an agent restarted
 //!   during an outage: the ledger ends with every report exactly once and
 //!   exactly the usage the agents counted.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 

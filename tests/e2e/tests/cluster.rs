@@ -12,6 +12,8 @@
 //! The extender gets the JSON kube-scheduler sends (`ExtenderArgs` with a
 //! full `v1.Pod` and a `v1.NodeList`, or `NodeNames` when
 //! `nodeCacheCapable`), field names as in k8s.io/kube-scheduler/extender/v1.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::{path::Path, time::Duration};
 

@@ -6,6 +6,8 @@
 //! energy), nothing is charged to the wrong tenant, and the right state,
 //! metric and log line show up. The table of what survives what is in
 //! docs/faults.md.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::time::{Duration, Instant};
 

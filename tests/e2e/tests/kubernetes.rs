@@ -6,6 +6,8 @@
 //!
 //! A kubelet that is slow, answers garbage, or is not there must never stop
 //! sampling: tenants fall back to the next rule, with one log line.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::{
     convert::Infallible,

@@ -2,6 +2,8 @@
 //! capabilities docs/security.md lists — in every thread, bounding set
 //! included, with no_new_privs — and its GPU metrics still flow; the
 //! aggregator runs as `nobody`.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::{
     fs,

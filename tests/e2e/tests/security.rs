@@ -3,6 +3,8 @@
 //! missed) with no token, a wrong token, an agent token and another
 //! tenant's token; oversized bodies and headers; absurd query ranges; and
 //! no token ever in the log.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 

@@ -1,6 +1,8 @@
 //! GPU states end to end: every transition driven by the simulator and
 //! real processes (a zombie and a stopped process among them), with short
 //! thresholds.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::{fs, time::Duration};
 

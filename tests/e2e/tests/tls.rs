@@ -1,6 +1,8 @@
 //! Agent → aggregator over TLS, with a CA generated in the test: reports
 //! arrive when the agent trusts the CA, never when it does not, and the
 //! aggregator refuses plain HTTP.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::{
     fs,

@@ -1,6 +1,8 @@
 //! The `hang/<index>` fault: every query of that GPU (and of its MIG
 //! instances) blocks until the marker is removed, then answers normally;
 //! other GPUs keep answering meanwhile.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 mod common;
 

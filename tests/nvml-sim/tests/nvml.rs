@@ -1,4 +1,6 @@
 //! The simulator driven through the real nvml-wrapper 0.13 code path.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 mod common;
 

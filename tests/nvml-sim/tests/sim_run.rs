@@ -1,4 +1,6 @@
 //! `tally-sim-run`: registers the workload's own pid, then execs it.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 mod common;
 

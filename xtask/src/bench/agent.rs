@@ -276,7 +276,7 @@ impl Drop for RunningAgent {
 }
 
 /// Runs benchmarks 1 (footprint), 2 (sample cost) and 3 (scrape) as asked.
-pub fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec<Section> {
+pub(super) fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec<Section> {
     let mut out = Vec::new();
     let cuda = match fake_cuda() {
         Ok(c) => Some(c),

@@ -260,7 +260,7 @@ fn has_aggregator(ctx: &Ctx) -> bool {
         .unwrap_or(false)
 }
 
-pub fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
+pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
     let mut out = Vec::new();
     if !has_aggregator(ctx) {
         let why = "`tally aggregator` is not in this build (the aggregator role has not landed \

@@ -24,7 +24,7 @@ mod probes;
 mod util;
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// A short smoke run (small scales, few seconds per measurement); the
     /// numbers are not worth publishing.
     #[arg(long)]
@@ -43,7 +43,7 @@ pub struct Options {
 }
 
 /// Every benchmark, in run order.
-pub const NAMES: &[&str] = &[
+pub(crate) const NAMES: &[&str] = &[
     "footprint",
     "sample",
     "scrape",
@@ -55,7 +55,7 @@ pub const NAMES: &[&str] = &[
 
 /// How a measurement compares with its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Pass,
     Miss,
     /// Measured, no target.
@@ -75,14 +75,14 @@ impl Verdict {
         }
     }
 
-    pub fn of(pass: bool) -> Verdict {
+    pub(crate) fn of(pass: bool) -> Verdict {
         if pass { Verdict::Pass } else { Verdict::Miss }
     }
 }
 
 /// One line of the summary table.
 #[derive(Debug, Clone)]
-pub struct Check {
+pub(crate) struct Check {
     pub what: String,
     pub target: String,
     pub measured: String,
@@ -90,7 +90,7 @@ pub struct Check {
 }
 
 impl Check {
-    pub fn new(
+    pub(crate) fn new(
         what: impl Into<String>,
         target: impl Into<String>,
         measured: impl Into<String>,
@@ -107,7 +107,7 @@ impl Check {
 
 /// What one benchmark contributes to the report.
 #[derive(Debug, Default)]
-pub struct Section {
+pub(crate) struct Section {
     pub title: String,
     /// Markdown: method, tables, notes.
     pub body: String,
@@ -115,7 +115,7 @@ pub struct Section {
 }
 
 /// Binaries and settings every benchmark uses.
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub quick: bool,
     pub tally: PathBuf,
     pub sim_lib: PathBuf,
@@ -124,7 +124,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// How the kit starts this run's (release) agent.
-    pub fn launch(&self, ready_within: std::time::Duration) -> tally_e2e::Launch {
+    pub(crate) fn launch(&self, ready_within: std::time::Duration) -> tally_e2e::Launch {
         tally_e2e::Launch {
             tally: self.tally.clone(),
             sim_lib: self.sim_lib.clone(),
@@ -134,7 +134,7 @@ impl Ctx {
     }
 }
 
-pub fn run(o: Options) -> anyhow::Result<()> {
+pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the benchmarks put processes in real cgroups and load eBPF programs, which needs \
@@ -312,7 +312,7 @@ fn merge(new: &str, old: &str) -> String {
 
 /// Runs one benchmark; an error, or a panic of a test-kit fixture, becomes
 /// a FAILED section, not an abort.
-pub fn guard(title: &str, f: impl FnOnce() -> anyhow::Result<Section>) -> Section {
+pub(crate) fn guard(title: &str, f: impl FnOnce() -> anyhow::Result<Section>) -> Section {
     eprintln!("bench: {title}");
     match caught(f) {
         Ok(s) => s,
@@ -322,7 +322,7 @@ pub fn guard(title: &str, f: impl FnOnce() -> anyhow::Result<Section>) -> Sectio
 
 /// `f()`, with a panic (the test kit's fixtures panic, as tests should)
 /// turned into an error.
-pub fn caught<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+pub(crate) fn caught<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<String>()
@@ -333,7 +333,7 @@ pub fn caught<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     })
 }
 
-pub fn failed(title: &str, e: &anyhow::Error) -> Section {
+pub(crate) fn failed(title: &str, e: &anyhow::Error) -> Section {
     eprintln!("bench: {title} failed: {e:#}");
     Section {
         title: title.to_owned(),
@@ -424,7 +424,7 @@ fn render(
 }
 
 /// `_Measured <date>, load average <x>._`, the first line of a section.
-pub fn stamp() -> String {
+pub(crate) fn stamp() -> String {
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()

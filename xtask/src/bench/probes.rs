@@ -22,14 +22,14 @@ use super::{
 use crate::exec::workspace_root;
 
 /// The fake driver library and the program that calls it.
-pub struct FakeCuda {
+pub(super) struct FakeCuda {
     pub lib: PathBuf,
     pub caller: PathBuf,
 }
 
 /// Builds `tests/fake-libcuda` with the system C compiler, as the e2e
 /// tests do (`tests/e2e/src/probes_support.rs`).
-pub fn fake_cuda() -> anyhow::Result<FakeCuda> {
+pub(super) fn fake_cuda() -> anyhow::Result<FakeCuda> {
     let src = workspace_root().join("tests/fake-libcuda");
     if !src.join("libcuda.c").exists() {
         bail!("tests/fake-libcuda has not landed");
@@ -167,7 +167,7 @@ impl Arm {
     }
 }
 
-pub fn network(ctx: &Ctx) -> anyhow::Result<Section> {
+pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
     let dir = util::scratch("network")?;
     let tree = Cgroup::create(&unique("tally-bench-net"));
     let server_cg = tree.child("tally/net-server/iperf");
@@ -422,7 +422,7 @@ pub fn network(ctx: &Ctx) -> anyhow::Result<Section> {
 
 // -------------------------------------------------------------- 5. uprobe
 
-pub fn uprobe(ctx: &Ctx) -> anyhow::Result<Section> {
+pub(super) fn uprobe(ctx: &Ctx) -> anyhow::Result<Section> {
     let cuda = fake_cuda()?;
     let dir = util::scratch("uprobe")?;
     let tree = Cgroup::create(&unique("tally-bench-uprobe"));

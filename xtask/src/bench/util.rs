@@ -18,7 +18,7 @@ use crate::exec::target_dir;
 
 /// Median, spread and tail of a set of measurements.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Stats {
+pub(super) struct Stats {
     pub n: usize,
     pub min: f64,
     pub median: f64,
@@ -27,7 +27,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn of(values: &[f64]) -> Stats {
+    pub(super) fn of(values: &[f64]) -> Stats {
         if values.is_empty() {
             return Stats::default();
         }
@@ -43,7 +43,7 @@ impl Stats {
     }
 
     /// `median (min–max)` with `digits` decimals.
-    pub fn show(&self, digits: usize) -> String {
+    pub(super) fn show(&self, digits: usize) -> String {
         format!(
             "{:.d$} ({:.d$}–{:.d$})",
             self.median,
@@ -55,7 +55,7 @@ impl Stats {
 }
 
 /// Quantile `q` of sorted `v` (nearest rank, interpolated).
-pub fn quantile(v: &[f64], q: f64) -> f64 {
+pub(super) fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -68,7 +68,7 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
 // ------------------------------------------------------------------ /proc
 
 /// Clock ticks per second of /proc/<pid>/stat times.
-pub fn clk_tck() -> f64 {
+pub(super) fn clk_tck() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -78,7 +78,7 @@ pub fn clk_tck() -> f64 {
 }
 
 /// CPU seconds (user + system, all threads) a process has used.
-pub fn cpu_seconds(pid: u32, tck: f64) -> anyhow::Result<f64> {
+pub(super) fn cpu_seconds(pid: u32, tck: f64) -> anyhow::Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("process {pid} is gone"))?;
     // Fields after the command name (which may hold spaces) in parentheses.
@@ -92,7 +92,7 @@ pub fn cpu_seconds(pid: u32, tck: f64) -> anyhow::Result<f64> {
 
 /// CPU seconds per thread group of a process: threads named alike but for
 /// a trailing number (`tally-gpu0`, `tally-gpu1`, …) are added up.
-pub fn thread_cpu(pid: u32, tck: f64) -> BTreeMap<String, f64> {
+pub(super) fn thread_cpu(pid: u32, tck: f64) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -115,7 +115,7 @@ pub fn thread_cpu(pid: u32, tck: f64) -> BTreeMap<String, f64> {
 }
 
 /// `after − before` per thread group, largest first.
-pub fn thread_delta(
+pub(super) fn thread_delta(
     before: &BTreeMap<String, f64>,
     after: &BTreeMap<String, f64>,
 ) -> Vec<(String, f64)> {
@@ -128,7 +128,7 @@ pub fn thread_delta(
 }
 
 /// Resident set size in MiB (VmRSS).
-pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+pub(super) fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("process {pid} is gone"))?;
     let kb: f64 = status
@@ -140,7 +140,7 @@ pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// The machine, for the report's header.
-pub fn machine() -> String {
+pub(super) fn machine() -> String {
     let model = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -169,7 +169,7 @@ pub fn machine() -> String {
 }
 
 /// `/proc/loadavg`'s first three fields.
-pub fn loadavg() -> String {
+pub(super) fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -177,7 +177,7 @@ pub fn loadavg() -> String {
 
 /// Other busy processes right now (compilers of other engineers): the top
 /// few by CPU, as `ps` shows them.
-pub fn busy_processes() -> String {
+pub(super) fn busy_processes() -> String {
     Command::new("ps")
         .args(["-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"])
         .output()
@@ -195,13 +195,13 @@ pub fn busy_processes() -> String {
 // -------------------------------------------------------------- processes
 
 /// A child process: SIGTERM, then SIGKILL after a grace period, on drop.
-pub struct Proc {
+pub(super) struct Proc {
     pub child: Child,
     pub name: String,
 }
 
 impl Proc {
-    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Proc> {
+    pub(super) fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Proc> {
         let child = cmd
             .stdin(Stdio::null())
             .spawn()
@@ -212,12 +212,12 @@ impl Proc {
         })
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Fails when the process has exited.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(super) fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!("{} exited: {status}", self.name);
         }
@@ -225,7 +225,7 @@ impl Proc {
     }
 
     /// SIGTERM, wait up to 10 s, then SIGKILL.
-    pub fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
@@ -251,7 +251,7 @@ impl Drop for Proc {
 }
 
 /// A scratch directory under the target dir, emptied first.
-pub fn scratch(name: &str) -> anyhow::Result<PathBuf> {
+pub(super) fn scratch(name: &str) -> anyhow::Result<PathBuf> {
     let dir = target_dir().join("bench").join(name);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
@@ -259,7 +259,7 @@ pub fn scratch(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Number of eBPF programs attached to the cgroup v2 root (bpftool).
-pub fn root_programs(mount: &Path) -> Option<usize> {
+pub(super) fn root_programs(mount: &Path) -> Option<usize> {
     let out = Command::new("bpftool")
         .args(["cgroup", "show"])
         .arg(mount)
@@ -275,14 +275,14 @@ pub fn root_programs(mount: &Path) -> Option<usize> {
 
 /// Kernel BPF run-time statistics (`kernel.bpf_stats_enabled`) switched on
 /// while alive; the previous setting is restored on drop.
-pub struct BpfStats {
+pub(super) struct BpfStats {
     previous: String,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    pub fn enable() -> Option<BpfStats> {
+    pub(super) fn enable() -> Option<BpfStats> {
         let previous = fs::read_to_string(BPF_STATS).ok()?.trim().to_owned();
         fs::write(BPF_STATS, "1").ok()?;
         Some(BpfStats { previous })
@@ -290,7 +290,7 @@ impl BpfStats {
 
     /// Runs and nanoseconds so far of every loaded program of `kind`
     /// (bpftool's `type`, e.g. `kprobe` for uprobes, `cgroup_skb`).
-    pub fn read(&self, kind: &str) -> (u64, u64) {
+    pub(super) fn read(&self, kind: &str) -> (u64, u64) {
         let Ok(out) = Command::new("bpftool")
             .args(["prog", "show", "-j"])
             .output()
@@ -320,7 +320,7 @@ impl Drop for BpfStats {
 }
 
 /// Removes a bpffs pin directory (unpinning maps and links in it).
-pub fn remove_pins(dir: &Path) {
+pub(super) fn remove_pins(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
 

@@ -3,6 +3,8 @@
 //! Registers its own pid in the simulator's state directory, then `exec`s
 //! the command, so the registered pid is the workload's.
 #![forbid(unsafe_code)]
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
 
 use std::{os::unix::process::CommandExt, path::PathBuf, process::Command};
 

@@ -18,7 +18,7 @@ use tempfile::TempDir;
 /// `target/<profile>/deps/`. Only `cargo build` copies it up to
 /// `target/<profile>/`, so that copy can be stale under `cargo test`: the
 /// one in `deps/` is preferred.
-pub fn lib_path() -> PathBuf {
+pub(crate) fn lib_path() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("test binary has a directory");
     let fresh = deps.join("libnvml_sim.so");
@@ -43,7 +43,7 @@ static LOCK: Mutex<()> = Mutex::new(());
 
 /// One test's scenario and state directory, exported through the
 /// environment while the test holds the lock.
-pub struct Sim {
+pub(crate) struct Sim {
     _lock: MutexGuard<'static, ()>,
     pub dir: TempDir,
     pub scenario: PathBuf,
@@ -51,7 +51,7 @@ pub struct Sim {
 }
 
 impl Sim {
-    pub fn new(scenario_toml: &str) -> Sim {
+    pub(crate) fn new(scenario_toml: &str) -> Sim {
         let lock = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
         let dir = tempfile::tempdir().expect("tempdir");
         let scenario = dir.path().join("scenario.toml");
@@ -73,7 +73,7 @@ impl Sim {
     }
 
     /// Initializes nvml-wrapper against the simulator.
-    pub fn nvml(&self) -> Nvml {
+    pub(crate) fn nvml(&self) -> Nvml {
         Nvml::builder()
             .lib_path(lib_path().as_os_str())
             .init()
@@ -81,7 +81,7 @@ impl Sim {
     }
 
     /// Starts `sleep 60` and registers it.
-    pub fn spawn(&self, gpu: u32, mig: Option<u32>, memory_mib: u64, sm: f64) -> ChildGuard {
+    pub(crate) fn spawn(&self, gpu: u32, mig: Option<u32>, memory_mib: u64, sm: f64) -> ChildGuard {
         let child = ChildGuard::sleep();
         let reg = nvml_sim::Registration {
             gpu,
@@ -95,10 +95,10 @@ impl Sim {
 }
 
 /// A child process killed and reaped on drop.
-pub struct ChildGuard(pub Option<Child>);
+pub(crate) struct ChildGuard(pub Option<Child>);
 
 impl ChildGuard {
-    pub fn sleep() -> ChildGuard {
+    pub(crate) fn sleep() -> ChildGuard {
         let child = Command::new("sleep")
             .arg("60")
             .stdin(Stdio::null())
@@ -107,12 +107,12 @@ impl ChildGuard {
         ChildGuard(Some(child))
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.as_ref().expect("child").id()
     }
 
     /// Kills the child without reaping it: it stays a zombie.
-    pub fn kill_leave_zombie(&mut self) {
+    pub(crate) fn kill_leave_zombie(&mut self) {
         let child = self.0.as_mut().expect("child");
         child.kill().expect("kill");
         // Wait until the kernel has made it a zombie.
@@ -132,7 +132,7 @@ impl ChildGuard {
     }
 
     /// Kills and reaps the child: its `/proc` entry is gone afterwards.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -146,7 +146,7 @@ impl Drop for ChildGuard {
     }
 }
 
-pub const H100: &str = r#"
+pub(crate) const H100: &str = r#"
 [[gpu]]
 model = "NVIDIA H100 80GB HBM3"
 memory_mib = 81559
@@ -154,7 +154,7 @@ power_idle_w = 70
 power_max_w = 700
 "#;
 
-pub const H100_MIG: &str = r#"
+pub(crate) const H100_MIG: &str = r#"
 [[gpu]]
 model = "NVIDIA H100 80GB HBM3"
 memory_mib = 81559
@@ -164,7 +164,7 @@ power_max_w = 700
 mig = ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]
 "#;
 
-pub const A100: &str = r#"
+pub(crate) const A100: &str = r#"
 [[gpu]]
 model = "NVIDIA A100-SXM4-40GB"
 memory_mib = 40536
