@@ -5,7 +5,7 @@ output; tests/ops/check.py fails when they differ from it).
     python3 dashboards/build.py
 
 Every panel queries the `${datasource}` variable; `node`, `gpu` and `tenant`
-are template variables. Metric names follow DESIGN.md.
+are template variables. Metric names follow the README's metric reference.
 """
 import json, os, sys
 DS = {"type": "prometheus", "uid": "${datasource}"}

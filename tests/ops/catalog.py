@@ -4,7 +4,7 @@ Used only to explain a SKIPPED check: when no target exposes a metric, the
 reason names the producer and its issue, so a re-run after that work lands
 shows the check turning into a pass (or a real failure).
 
-Names not in DESIGN.md's table (the aggregator's and the report metrics)
+Names not in the metric contract's table (tests/ops/metric-contract.md) (the aggregator's and the report metrics)
 are taken from the code of the issue that produces them.
 """
 

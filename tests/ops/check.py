@@ -1266,11 +1266,11 @@ def lint_metrics(name, text, content_type, design):
         if not f:
             continue
         if f.type != kind:
-            problems.append(f"{metric}: DESIGN.md says {kind}, exposed as {f.type}")
+            problems.append(f"{metric}: the metric contract says {kind}, exposed as {f.type}")
         for s in f.samples[:1]:
             missing = labels - set(s.labels)
             if missing:
-                problems.append(f"{metric}: labels {sorted(missing)} of DESIGN.md missing (has {sorted(s.labels)})")
+                problems.append(f"{metric}: labels {sorted(missing)} of the metric contract missing (has {sorted(s.labels)})")
     return problems, exposed
 
 
@@ -1350,9 +1350,9 @@ def _live(live):
     if design_path:
         for metric in sorted(design):
             if metric not in exposed_all and metric not in ("tally_gpu_xid_errors_total",):
-                R.skip(f"live: DESIGN.md metric {metric} exposed", catalog.why_absent(metric), not_landed=True)
+                R.skip(f"live: contract metric {metric} exposed", catalog.why_absent(metric), not_landed=True)
     else:
-        R.skip("live: DESIGN.md metric contract", "tests/ops/metric-contract.md not found")
+        R.skip("live: metric contract (tests/ops/metric-contract.md)", "tests/ops/metric-contract.md not found")
 
     probe_paths(live)
     scheduler_extender(live)
