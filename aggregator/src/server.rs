@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::{
     Method, Request, Response, StatusCode,
     body::Incoming,
-    header::{CONTENT_LENGTH, HeaderValue, WWW_AUTHENTICATE},
+    header::{ALLOW, CONTENT_LENGTH, HeaderValue, WWW_AUTHENTICATE},
 };
 use serde_json::json;
 use tracing::{error, warn};
@@ -76,6 +76,15 @@ pub(crate) fn auth_error(e: AuthError) -> Response<Body> {
     }
 }
 
+/// 405 with the `Allow` header RFC 9110 requires (a schemathesis finding:
+/// it was missing, and `/healthz`, `/readyz` and `/` answered 404).
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
 /// Routes one request.
 pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let path = req.uri().path().to_owned();
@@ -88,9 +97,6 @@ pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         (Method::GET, "/api/v1/cluster") => crate::cluster::handle(req, &app).await,
         (Method::POST, "/scheduler/filter") => crate::scheduler::filter(req, &app).await,
         (Method::POST, "/scheduler/prioritize") => crate::scheduler::prioritize(req, &app).await,
-        (_, "/api/v1/cluster" | "/scheduler/filter" | "/scheduler/prioritize") => {
-            problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
         (Method::GET, "/metrics") => http::respond(
             StatusCode::OK,
             crate::metrics::OPENMETRICS,
@@ -107,9 +113,13 @@ pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
              /api/v1/reports /api/v1/cluster /metrics /healthz /readyz; POST /scheduler/filter \
              /scheduler/prioritize\n",
         ),
-        (_, "/api/v1/reports" | "/api/v1/chargeback" | "/api/v1/audit" | "/metrics") => {
-            problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
+        (_, "/api/v1/reports") => method_not_allowed("GET, POST"),
+        (_, "/scheduler/filter" | "/scheduler/prioritize") => method_not_allowed("POST"),
+        (
+            _,
+            "/api/v1/chargeback" | "/api/v1/audit" | "/api/v1/cluster" | "/metrics" | "/healthz"
+            | "/readyz" | "/",
+        ) => method_not_allowed("GET"),
         _ => problem(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -302,17 +312,53 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
             .checked_mul(1000)
             .ok_or_else(|| format!("`{s}` is out of range"));
     }
-    humantime::parse_rfc3339_weak(s)
+    // RFC 3339 allows lower-case `t`/`z`; humantime reads only upper case.
+    let upper = s.to_ascii_uppercase();
+    let (utc, offset_ms) = utc_offset(&upper).unwrap_or((upper, 0));
+    humantime::parse_rfc3339_weak(&utc)
         .map_err(|e| format!("`{s}` is not an RFC 3339 time or Unix seconds: {e}"))
         .and_then(|t| {
             t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
+                .map(|d| d.as_millis() as i64 - offset_ms)
                 .map_err(|_| format!("`{s}` is before 1970"))
         })
 }
 
+/// Splits a numeric RFC 3339 offset (`+01:00`) off a time, which humantime
+/// does not read (a schemathesis finding: such times were refused): the
+/// time as UTC text and the offset in milliseconds.
+fn utc_offset(s: &str) -> Option<(String, i64)> {
+    let b = s.as_bytes();
+    let n = b.len();
+    if n < 7 || !s.is_ascii() || b[n - 3] != b':' {
+        return None;
+    }
+    let sign = match b[n - 6] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let digits = [b[n - 5], b[n - 4], b[n - 2], b[n - 1]];
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let d = |i: usize| i64::from(digits[i] - b'0');
+    let (hours, minutes) = (d(0) * 10 + d(1), d(2) * 10 + d(3));
+    if hours > 23 || minutes > 59 {
+        return None;
+    }
+    Some((
+        format!("{}Z", &s[..n - 6]),
+        sign * (hours * 3600 + minutes * 60) * 1000,
+    ))
+}
+
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
 pub(crate) fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    // humantime's Display fails beyond year 9999, and `to_string` panics.
+    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.clamp(0, MAX_RFC3339_MS) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -333,6 +379,13 @@ fn period(q: &HashMap<String, String>) -> Result<(i64, i64), Response<Body>> {
         return Err(problem(
             StatusCode::BAD_REQUEST,
             "`to` must be after `from`",
+        ));
+    }
+    // The answer names the period in RFC 3339, which ends with year 9999.
+    if to > MAX_RFC3339_MS {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "`to` must not be after 9999-12-31T23:59:59Z",
         ));
     }
     Ok((from, to))
@@ -480,5 +533,42 @@ mod tests {
         assert_eq!(percent_decode("tenant%2Cnode"), "tenant,node");
         assert_eq!(percent_decode("a+b%"), "a b%");
         assert_eq!(rfc3339(10_000), "1970-01-01T00:00:10Z");
+    }
+
+    /// schemathesis finding: RFC 3339 times with a numeric offset or in
+    /// lower case were refused as "not an RFC 3339 time".
+    #[test]
+    fn rfc3339_offsets_and_lower_case_are_read() {
+        let utc = parse_time("2026-11-23T15:00:00Z").unwrap();
+        assert_eq!(parse_time("2026-11-23T16:30:00+01:30").unwrap(), utc);
+        assert_eq!(parse_time("2026-11-23T10:00:00-05:00").unwrap(), utc);
+        assert_eq!(parse_time("2026-11-23t15:00:00z").unwrap(), utc);
+        assert_eq!(
+            parse_time("2026-11-23T15:00:00.250+00:00").unwrap(),
+            utc + 250
+        );
+        assert!(parse_time("2026-11-23T15:00:00+24:00").is_err());
+        assert!(parse_time("2026-11-23").is_err());
+    }
+
+    /// schemathesis finding (tests/e2e/tests/openapi.rs): a chargeback
+    /// period ending after year 9999 (`to=999999999999`) panicked the
+    /// handler formatting it, and the client got no answer at all.
+    #[test]
+    fn periods_beyond_rfc3339_are_refused_not_panicked() {
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-5), "1970-01-01T00:00:00Z");
+        let q = |from: &str, to: &str| {
+            HashMap::from([
+                ("from".to_owned(), from.to_owned()),
+                ("to".to_owned(), to.to_owned()),
+            ])
+        };
+        let refused = period(&q("0", "999999999999")).unwrap_err();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            period(&q("0", "253402300799")).unwrap(),
+            (0, 253_402_300_799_000)
+        );
     }
 }
