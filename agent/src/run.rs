@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -22,13 +22,14 @@ use hyper::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span};
+use tracing::{error, info, info_span, warn};
 
 use crate::{
     config::Config,
     gpu::Sampler,
     metrics::{self, Latest},
     snapshot::Snapshot,
+    state_lock::{self, StateLock},
     tenants::Resolver,
 };
 
@@ -58,20 +59,129 @@ impl Settings {
 #[derive(Debug)]
 pub struct Agent {
     latest: Latest,
+    /// Why `/readyz` says no although the process is healthy: another
+    /// agent holds the state directory ([`crate::state_lock`]).
+    waiting: Arc<Mutex<Option<String>>>,
+    work: Work,
+}
+
+/// The sampler and the sender: running, or to be started once the state
+/// directory's lock is ours.
+#[derive(Debug)]
+enum Work {
+    Running(Running),
+    Waiting(tokio::task::JoinHandle<Option<Running>>),
+}
+
+#[derive(Debug)]
+struct Running {
     stop: Arc<AtomicBool>,
     sampler: std::thread::JoinHandle<()>,
     reporter: Option<tokio::task::JoinHandle<()>>,
+    /// Held until the final report is spooled and the sampler is done.
+    _lock: Option<StateLock>,
 }
 
 impl Agent {
     /// Starts sampling (on a thread of its own) and reporting; both stop
     /// when `shutdown` is cancelled and [`Agent::stopped`] is awaited.
+    /// While another agent holds the state directory, both wait for it
+    /// and `/readyz` says so; `/healthz` and `/metrics` are served.
     pub fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Agent> {
         info!(listen = %settings.listen, node = %settings.node, "agent serving /metrics, /healthz, /readyz, /api/v1/snapshot");
         let (tx, latest) = watch::channel(Arc::new(Snapshot {
             node: settings.node.clone(),
             ..Default::default()
         }));
+        let waiting = Arc::new(Mutex::new(None));
+        let state_dir = settings.config.agent.state_dir.clone();
+        // Only an agent that writes shared state there (the report spool and
+        // state, the enforcement audit log) needs the directory to itself;
+        // the probes' state is already guarded by the pin directory's lock.
+        let shares_state = settings.config.report.aggregator.is_some()
+            || !settings.config.tenant.quotas.is_empty();
+        let lock = if shares_state {
+            match state_lock::try_lock(&state_dir) {
+                Ok(l) => l.map(Some),
+                Err(e) => {
+                    // As before the lock existed: the sender reports the
+                    // unusable directory itself.
+                    warn!(error = %e, state_dir = %state_dir.display(), "cannot lock the state directory; running without the lock");
+                    Ok(None)
+                }
+            }
+        } else {
+            Ok(None)
+        };
+        let work = match lock {
+            Ok(lock) => Work::Running(Running::start(
+                settings,
+                tx,
+                latest.clone(),
+                lock,
+                shutdown,
+            )?),
+            Err(busy) => {
+                let reason = busy.reason();
+                warn!(state_dir = %state_dir.display(), "{reason}: one agent per state directory; neither sampling nor reporting until it exits");
+                *waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                let (waiting, latest) = (waiting.clone(), latest.clone());
+                Work::Waiting(tokio::spawn(async move {
+                    let lock = match busy.wait(&shutdown).await? {
+                        Ok(l) => l,
+                        Err(e) => {
+                            error!(error = %e, "cannot take the state directory lock; not sampling");
+                            return None;
+                        }
+                    };
+                    info!(state_dir = %state_dir.display(), "took the state directory lock over; starting");
+                    let running = Running::start(settings, tx, latest, Some(lock), shutdown);
+                    *waiting.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    running
+                        .map_err(|e| error!(error = %e, "cannot start after taking the lock"))
+                        .ok()
+                }))
+            }
+        };
+        Ok(Agent {
+            latest,
+            waiting,
+            work,
+        })
+    }
+
+    /// The request handler of `/metrics`, `/healthz`, `/readyz` and
+    /// `/api/v1/snapshot`: reads the latest snapshot, never NVML.
+    pub fn route(
+        &self,
+    ) -> impl Fn(Request<Incoming>) -> std::future::Ready<Response<Body>> + Send + Sync + 'static
+    {
+        let latest = self.latest.clone();
+        let waiting = self.waiting.clone();
+        move |req| std::future::ready(route(&req, &latest, &waiting))
+    }
+
+    /// Waits for the final report, then stops sampling.
+    pub async fn stopped(self) {
+        let running = match self.work {
+            Work::Running(r) => Some(r),
+            Work::Waiting(task) => task.await.ok().flatten(),
+        };
+        if let Some(r) = running {
+            r.stopped().await;
+        }
+        info!("agent stopped");
+    }
+}
+
+impl Running {
+    fn start(
+        settings: Settings,
+        tx: watch::Sender<Arc<Snapshot>>,
+        latest: Latest,
+        lock: Option<StateLock>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Running> {
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = {
             let stop = stop.clone();
@@ -86,29 +196,18 @@ impl Agent {
             &settings.config.report,
             &settings.node,
             &settings.config.agent.state_dir,
-            latest.clone(),
+            latest,
             shutdown,
         )?;
-        Ok(Agent {
-            latest,
+        Ok(Running {
             stop,
             sampler,
             reporter,
+            _lock: lock,
         })
     }
 
-    /// The request handler of `/metrics`, `/healthz`, `/readyz` and
-    /// `/api/v1/snapshot`: reads the latest snapshot, never NVML.
-    pub fn route(
-        &self,
-    ) -> impl Fn(Request<Incoming>) -> std::future::Ready<Response<Body>> + Send + Sync + 'static
-    {
-        let latest = self.latest.clone();
-        move |req| std::future::ready(route(&req, &latest))
-    }
-
-    /// Waits for the final report, then stops sampling.
-    pub async fn stopped(self) {
+    async fn stopped(self) {
         if let Some(reporter) = self.reporter
             && reporter.await.is_err()
         {
@@ -118,7 +217,6 @@ impl Agent {
         if self.sampler.join().is_err() {
             error!("the sampling thread panicked");
         }
-        info!("agent stopped");
     }
 }
 
@@ -214,7 +312,11 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body)
 }
 
-fn route(req: &Request<Incoming>, latest: &Latest) -> Response<Body> {
+fn route(
+    req: &Request<Incoming>,
+    latest: &Latest,
+    waiting: &Mutex<Option<String>>,
+) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -227,7 +329,14 @@ fn route(req: &Request<Incoming>, latest: &Latest) -> Response<Body> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let snap = latest.borrow().clone();
-            if snap.samples > 0 {
+            let waiting = waiting.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(reason) = waiting {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    format!("not ready: {reason}\n"),
+                )
+            } else if snap.samples > 0 {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(

@@ -437,6 +437,13 @@ impl Agent {
 
     /// Starts an agent on a given config file and address (for restarts).
     pub fn start_with(node: &SimNode, config: &Path, addr: SocketAddr, extra: &[&str]) -> Agent {
+        let agent = Self::spawn_with(node, config, addr, extra);
+        agent.wait_ready();
+        agent
+    }
+
+    /// [`Agent::start_with`] without waiting for `/readyz`.
+    pub fn spawn_with(node: &SimNode, config: &Path, addr: SocketAddr, extra: &[&str]) -> Agent {
         let log = node.dir.path().join(unique("agent") + ".log");
         let mut cmd = Command::new(tally_bin());
         cmd.arg("agent")
@@ -453,14 +460,12 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("agent log"));
         let child = ChildGuard(cmd.spawn().expect("spawn tally agent"));
-        let agent = Agent {
+        Agent {
             child,
             addr,
             config: config.to_path_buf(),
             log,
-        };
-        agent.wait_ready();
-        agent
+        }
     }
 
     /// Waits for `/readyz` to answer 200 (panics with the agent's log).
