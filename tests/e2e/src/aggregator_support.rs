@@ -472,3 +472,24 @@ pub fn assert_ledger_exact(
         "no seq reused"
     );
 }
+
+/// `(method, path)` of every route the aggregator's router matches, read
+/// from `aggregator/src/server.rs` so that a new endpoint cannot be missed.
+pub fn router_routes() -> std::collections::BTreeSet<(String, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../aggregator/src/server.rs");
+    let text = fs::read_to_string(&src).expect("read the aggregator's router");
+    let mut out = std::collections::BTreeSet::new();
+    for part in text.split("(Method::").skip(1) {
+        let Some((method, rest)) = part.split_once(", \"") else {
+            continue;
+        };
+        let Some((path, _)) = rest.split_once('"') else {
+            continue;
+        };
+        if method.chars().all(|c| c.is_ascii_uppercase()) {
+            out.insert((method.to_owned(), path.to_owned()));
+        }
+    }
+    assert!(out.len() >= 5, "no routes found in {}", src.display());
+    out
+}

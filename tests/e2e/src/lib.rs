@@ -531,6 +531,18 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
+    http_exchange(addr, method, path, headers, body).map(|(status, _, body)| (status, body))
+}
+
+/// [`http_request`], with the response's header lines too (status line
+/// first, as received).
+pub fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut req = format!(
@@ -562,7 +574,7 @@ pub fn http_request(
     } else {
         rest.to_owned()
     };
-    Ok((status, body))
+    Ok((status, head.to_owned(), body))
 }
 
 fn dechunk(mut s: &str) -> String {
