@@ -79,11 +79,8 @@ fn a_second_agent_on_one_state_dir_waits_then_takes_over_exactly() {
     assert!(first.stop().success());
     let mut expected = BTreeMap::new();
     add_counters(&mut expected, reported_counters(&state));
-    assert_eq!(
-        spooled(&state),
-        0,
-        "the first agent's final report delivered"
-    );
+    // (On a loaded machine its final report may still be spooled: the
+    // second delivers it, and the ledger check below counts it either way.)
     let handed_over = ledger.reports("surge").0;
     second.wait_ready();
     assert!(
