@@ -24,5 +24,6 @@ pub mod probes;
 pub mod report;
 pub mod run;
 pub mod snapshot;
+pub mod state_lock;
 pub mod states;
 pub mod tenants;

@@ -33,6 +33,9 @@ pub fn audit_log(state_dir: &Path) -> PathBuf {
 pub const REPORT_STATE_FILE: &str = "report-state.json";
 /// Reports waiting for the aggregator, in the state directory.
 pub const SPOOL_DIR: &str = "spool";
+/// The lock that keeps a second agent off the state directory (holds the
+/// holder's pid), in the state directory.
+pub const STATE_LOCK_FILE: &str = "agent.lock";
 /// This process's mounts (cgroup hierarchies) and cgroups.
 pub const PROC_SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
 pub const PROC_SELF_CGROUP: &str = "/proc/self/cgroup";

@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -18,17 +18,19 @@ use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::{CONTENT_TYPE, HeaderValue},
+    header::{ALLOW, CONTENT_TYPE, HeaderValue},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span};
+use tracing::{error, info, info_span, warn};
 
 use crate::{
     config::Config,
     gpu::Sampler,
     metrics::{self, Metrics},
+    report::ReportStats,
     snapshot::{Latest, Snapshot},
+    state_lock::{self, StateLock},
     tenants::Resolver,
 };
 
@@ -59,45 +61,103 @@ impl Settings {
 pub struct Agent {
     latest: Latest,
     metrics: Arc<Metrics>,
+    /// Why `/readyz` says no although the process is healthy: another
+    /// agent holds the state directory ([`crate::state_lock`]).
+    waiting: Arc<Mutex<Option<String>>>,
+    work: Work,
+}
+
+/// The sampler and the sender: running, or to be started once the state
+/// directory's lock is ours.
+#[derive(Debug)]
+enum Work {
+    Running(Running),
+    Waiting(tokio::task::JoinHandle<Option<Running>>),
+}
+
+#[derive(Debug)]
+struct Running {
     stop: Arc<AtomicBool>,
     sampler: std::thread::JoinHandle<()>,
     reporter: Option<tokio::task::JoinHandle<()>>,
+    /// Held until the final report is spooled and the sampler is done.
+    _lock: Option<StateLock>,
 }
 
 impl Agent {
     /// Starts sampling (on a thread of its own) and reporting; both stop
     /// when `shutdown` is cancelled and [`Agent::stopped`] is awaited.
+    /// While another agent holds the state directory, both wait for it
+    /// and `/readyz` says so; `/healthz` and `/metrics` are served.
     pub fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Agent> {
         info!(listen = %settings.listen, node = %settings.node, "agent serving /metrics, /healthz, /readyz, /api/v1/snapshot");
         let (tx, latest) = watch::channel(Arc::new(Snapshot {
             node: settings.node.clone(),
             ..Default::default()
         }));
-        let stop = Arc::new(AtomicBool::new(false));
-        let sampler = {
-            let stop = stop.clone();
-            let settings = settings.clone();
-            std::thread::Builder::new()
-                .name("tally-sampler".into())
-                .spawn(move || sample_loop(settings, tx, stop))?
-        };
+        let waiting = Arc::new(Mutex::new(None));
         let mut metrics = Metrics::new(latest.clone());
-        // Reports to the aggregator (when configured); on shutdown it cuts
-        // the final partial interval before the agent exits.
-        let reporter = crate::report::spawn(
-            &settings.config.report,
-            &settings.node,
-            &settings.config.agent.state_dir,
-            latest.clone(),
-            metrics.registry(),
-            shutdown,
-        )?;
+        // The sender's counters are registered now, so that /metrics has
+        // them from the start even while the agent waits for its lock.
+        let stats = ReportStats::default();
+        if settings.config.report.aggregator.is_some() {
+            stats.register(metrics.registry());
+        }
+        let state_dir = settings.config.agent.state_dir.clone();
+        // Only an agent that writes shared state there (the report spool and
+        // state, the enforcement audit log) needs the directory to itself;
+        // the probes' state is already guarded by the pin directory's lock.
+        let shares_state = settings.config.report.aggregator.is_some()
+            || !settings.config.tenant.quotas.is_empty();
+        let lock = if shares_state {
+            match state_lock::try_lock(&state_dir) {
+                Ok(l) => l.map(Some),
+                Err(e) => {
+                    // As before the lock existed: the sender reports the
+                    // unusable directory itself.
+                    warn!(error = %e, state_dir = %state_dir.display(), "cannot lock the state directory; running without the lock");
+                    Ok(None)
+                }
+            }
+        } else {
+            Ok(None)
+        };
+        let work = match lock {
+            Ok(lock) => Work::Running(Running::start(
+                settings,
+                tx,
+                latest.clone(),
+                stats,
+                lock,
+                shutdown,
+            )?),
+            Err(busy) => {
+                let reason = busy.reason();
+                warn!(state_dir = %state_dir.display(), "{reason}: one agent per state directory; neither sampling nor reporting until it exits");
+                *waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                let (waiting, latest) = (waiting.clone(), latest.clone());
+                Work::Waiting(tokio::spawn(async move {
+                    let lock = match busy.wait(&shutdown).await? {
+                        Ok(l) => l,
+                        Err(e) => {
+                            error!(error = %e, "cannot take the state directory lock; not sampling");
+                            return None;
+                        }
+                    };
+                    info!(state_dir = %state_dir.display(), "took the state directory lock over; starting");
+                    let running = Running::start(settings, tx, latest, stats, Some(lock), shutdown);
+                    *waiting.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    running
+                        .map_err(|e| error!(error = %e, "cannot start after taking the lock"))
+                        .ok()
+                }))
+            }
+        };
         Ok(Agent {
             latest,
             metrics: Arc::new(metrics),
-            stop,
-            sampler,
-            reporter,
+            waiting,
+            work,
         })
     }
 
@@ -109,11 +169,59 @@ impl Agent {
     {
         let latest = self.latest.clone();
         let metrics = self.metrics.clone();
-        move |req| std::future::ready(route(&req, &latest, &metrics))
+        let waiting = self.waiting.clone();
+        move |req| std::future::ready(route(&req, &latest, &metrics, &waiting))
     }
 
     /// Waits for the final report, then stops sampling.
     pub async fn stopped(self) {
+        let running = match self.work {
+            Work::Running(r) => Some(r),
+            Work::Waiting(task) => task.await.ok().flatten(),
+        };
+        if let Some(r) = running {
+            r.stopped().await;
+        }
+        info!("agent stopped");
+    }
+}
+
+impl Running {
+    fn start(
+        settings: Settings,
+        tx: watch::Sender<Arc<Snapshot>>,
+        latest: Latest,
+        stats: ReportStats,
+        lock: Option<StateLock>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Running> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            let settings = settings.clone();
+            std::thread::Builder::new()
+                .name("tally-sampler".into())
+                .spawn(move || sample_loop(settings, tx, stop))?
+        };
+        // Reports to the aggregator (when configured); on shutdown it cuts
+        // the final partial interval before the agent exits.
+        let reporter = crate::report::spawn(
+            &settings.config.report,
+            &settings.node,
+            &settings.config.agent.state_dir,
+            latest,
+            stats,
+            shutdown,
+        )?;
+        Ok(Running {
+            stop,
+            sampler,
+            reporter,
+            _lock: lock,
+        })
+    }
+
+    async fn stopped(self) {
         if let Some(reporter) = self.reporter
             && reporter.await.is_err()
         {
@@ -123,7 +231,6 @@ impl Agent {
         if self.sampler.join().is_err() {
             error!("the sampling thread panicked");
         }
-        info!("agent stopped");
     }
 }
 
@@ -219,16 +326,32 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body)
 }
 
-fn route(req: &Request<Incoming>, latest: &Latest, exported: &Metrics) -> Response<Body> {
+fn route(
+    req: &Request<Incoming>,
+    latest: &Latest,
+    exported: &Metrics,
+    waiting: &Mutex<Option<String>>,
+) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        // RFC 9110: a 405 names the methods that are allowed.
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
     }
     match req.uri().path() {
         "/metrics" => respond(StatusCode::OK, metrics::CONTENT_TYPE, exported.encode()),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let snap = latest.borrow().clone();
-            if snap.samples > 0 {
+            let waiting = waiting.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(reason) = waiting {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    format!("not ready: {reason}\n"),
+                )
+            } else if snap.samples > 0 {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(

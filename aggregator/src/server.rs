@@ -22,7 +22,11 @@
 
 use std::sync::Arc;
 
-use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{ALLOW, HeaderValue},
+};
 
 use crate::http::{self, Body};
 
@@ -41,6 +45,15 @@ pub use query::percent_decode;
 
 pub use crate::time::parse_time;
 
+/// 405 with the `Allow` header RFC 9110 requires (a schemathesis finding:
+/// it was missing, and `/healthz`, `/readyz` and `/` answered 404).
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
 /// Routes one request.
 pub(crate) async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let path = req.uri().path().to_owned();
@@ -53,9 +66,6 @@ pub(crate) async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Bod
         (Method::GET, "/api/v1/cluster") => cluster::handle(req, &app).await,
         (Method::POST, "/scheduler/filter") => scheduler::filter(req, &app).await,
         (Method::POST, "/scheduler/prioritize") => scheduler::prioritize(req, &app).await,
-        (_, "/api/v1/cluster" | "/scheduler/filter" | "/scheduler/prioritize") => {
-            problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
         (Method::GET, "/metrics") => http::respond(
             StatusCode::OK,
             crate::metrics::OPENMETRICS,
@@ -72,9 +82,13 @@ pub(crate) async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Bod
              /api/v1/reports /api/v1/cluster /metrics /healthz /readyz; POST /scheduler/filter \
              /scheduler/prioritize\n",
         ),
-        (_, "/api/v1/reports" | "/api/v1/chargeback" | "/api/v1/audit" | "/metrics") => {
-            problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
+        (_, "/api/v1/reports") => method_not_allowed("GET, POST"),
+        (_, "/scheduler/filter" | "/scheduler/prioritize") => method_not_allowed("POST"),
+        (
+            _,
+            "/api/v1/chargeback" | "/api/v1/audit" | "/api/v1/cluster" | "/metrics" | "/healthz"
+            | "/readyz" | "/",
+        ) => method_not_allowed("GET"),
         _ => problem(StatusCode::NOT_FOUND, "not found"),
     }
 }

@@ -18,17 +18,81 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
             .checked_mul(1000)
             .ok_or_else(|| format!("`{s}` is out of range"));
     }
-    humantime::parse_rfc3339_weak(s)
+    // RFC 3339 allows lower-case `t`/`z`; humantime reads only upper case.
+    let upper = s.to_ascii_uppercase();
+    let (utc, offset_ms) = utc_offset(&upper).unwrap_or((upper, 0));
+    humantime::parse_rfc3339_weak(&utc)
         .map_err(|e| format!("`{s}` is not an RFC 3339 time or Unix seconds: {e}"))
         .and_then(|t| {
             t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
+                .map(|d| d.as_millis() as i64 - offset_ms)
                 .map_err(|_| format!("`{s}` is before 1970"))
         })
 }
 
+/// Splits a numeric RFC 3339 offset (`+01:00`) off a time, which humantime
+/// does not read (a schemathesis finding: such times were refused): the
+/// time as UTC text and the offset in milliseconds.
+fn utc_offset(s: &str) -> Option<(String, i64)> {
+    let b = s.as_bytes();
+    let n = b.len();
+    if n < 7 || !s.is_ascii() || b[n - 3] != b':' {
+        return None;
+    }
+    let sign = match b[n - 6] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let digits = [b[n - 5], b[n - 4], b[n - 2], b[n - 1]];
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let d = |i: usize| i64::from(digits[i] - b'0');
+    let (hours, minutes) = (d(0) * 10 + d(1), d(2) * 10 + d(3));
+    if hours > 23 || minutes > 59 {
+        return None;
+    }
+    Some((
+        format!("{}Z", &s[..n - 6]),
+        sign * (hours * 3600 + minutes * 60) * 1000,
+    ))
+}
+
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59.999Z).
+pub(crate) const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
 /// Unix milliseconds as RFC 3339 text, to the second.
 pub(crate) fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    // humantime's Display fails beyond year 9999, and `to_string` panics.
+    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.clamp(0, MAX_RFC3339_MS) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// schemathesis finding: RFC 3339 times with a numeric offset or in
+    /// lower case were refused as "not an RFC 3339 time".
+    #[test]
+    fn rfc3339_offsets_and_lower_case_are_read() {
+        let utc = parse_time("2026-11-23T15:00:00Z").unwrap();
+        assert_eq!(parse_time("2026-11-23T16:30:00+01:30").unwrap(), utc);
+        assert_eq!(parse_time("2026-11-23T10:00:00-05:00").unwrap(), utc);
+        assert_eq!(parse_time("2026-11-23t15:00:00z").unwrap(), utc);
+        assert_eq!(
+            parse_time("2026-11-23T15:00:00.250+00:00").unwrap(),
+            utc + 250
+        );
+        assert!(parse_time("2026-11-23T15:00:00+24:00").is_err());
+        assert!(parse_time("2026-11-23").is_err());
+    }
+
+    /// schemathesis finding: formatting a time after year 9999 panicked.
+    #[test]
+    fn times_beyond_rfc3339_are_clamped_not_panicked() {
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-5), "1970-01-01T00:00:00Z");
+    }
 }

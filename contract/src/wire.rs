@@ -285,6 +285,44 @@ impl Report {
         if self.report_interval_ms == Some(0) {
             p.push("report_interval_ms must be above 0".into());
         }
+        // The ledger's integers are signed 64-bit: a larger value would be
+        // stored as another number (a schemathesis finding: a
+        // report_interval_ms of 2^63 was stored as 2^63 - 1 and answered 200).
+        let mut wide: Vec<(String, u64)> = Vec::new();
+        wide.extend(
+            self.report_interval_ms
+                .map(|v| ("report_interval_ms".into(), v)),
+        );
+        for (i, u) in self.gpu_usage.iter().enumerate() {
+            wide.push((
+                format!("gpu_usage[{i}].memory_byte_seconds"),
+                u.memory_byte_seconds,
+            ));
+        }
+        for (i, u) in self.io_usage.iter().enumerate() {
+            for (key, v) in [
+                ("network_ingress_packets", u.network_ingress_packets),
+                ("network_egress_packets", u.network_egress_packets),
+                ("network_dropped_packets", u.network_dropped_packets),
+            ] {
+                wide.push((format!("io_usage[{i}].{key}"), v));
+            }
+        }
+        for (i, g) in self.gpus.iter().enumerate() {
+            wide.push((format!("gpus[{i}].memory_used_bytes"), g.memory_used_bytes));
+            wide.push((
+                format!("gpus[{i}].memory_total_bytes"),
+                g.memory_total_bytes,
+            ));
+        }
+        for (i, a) in self.audit.iter().enumerate() {
+            wide.extend(a.time_ms.map(|v| (format!("audit[{i}].time_ms"), v)));
+        }
+        for (key, v) in wide {
+            if v > i64::MAX as u64 {
+                p.push(format!("{key} is out of range"));
+            }
+        }
         for (i, q) in self.tenant_quotas.iter().enumerate() {
             name(&mut p, &format!("tenant_quotas[{i}].tenant"), &q.tenant);
             name(&mut p, &format!("tenant_quotas[{i}].resource"), &q.resource);
@@ -384,6 +422,24 @@ mod tests {
         assert_eq!(a.rest["resource"], "gpu_memory");
         let again: AuditRecord = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
         assert_eq!(again, a);
+    }
+
+    /// schemathesis regression (tests/e2e/tests/openapi.rs): integers the
+    /// ledger cannot hold are refused, not stored as another number.
+    #[test]
+    fn integers_beyond_the_ledger_are_refused() {
+        let mut r = sample();
+        r.report_interval_ms = Some(1 << 63);
+        r.gpu_usage[0].memory_byte_seconds = u64::MAX;
+        let errs = r.validate().unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].contains("report_interval_ms is out of range"),
+            "{errs:?}"
+        );
+        r.report_interval_ms = Some(i64::MAX as u64);
+        r.gpu_usage[0].memory_byte_seconds = i64::MAX as u64;
+        r.validate().unwrap();
     }
 
     /// Fuzz regression (tests/fuzz `report`): two usages of one device whose

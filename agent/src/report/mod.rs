@@ -20,6 +20,7 @@ pub mod stats;
 pub use tally_contract::wire;
 
 pub use sender::spawn;
+pub use stats::ReportStats;
 pub use wire::{Report, SCHEMA_VERSION};
 
 /// `[report]`: where and how often the agent reports.

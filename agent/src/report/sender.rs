@@ -14,7 +14,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -46,15 +45,15 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the sender when `[report] aggregator` is set, and registers its
-/// counters into `registry`. Reports name `[report] node`, else `node`;
-/// the spool and the sender's state live in `state_dir`.
+/// Starts the sender when `[report] aggregator` is set; it counts into
+/// `stats` (registered by the caller). Reports name `[report] node`, else
+/// `node`; the spool and the sender's state live in `state_dir`.
 pub fn spawn(
     cfg: &ReportConfig,
     node: &str,
     state_dir: &Path,
     latest: Latest,
-    registry: &mut Registry,
+    stats: ReportStats,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
     let cfg = cfg.clone();
@@ -64,7 +63,7 @@ pub fn spawn(
     };
     let node = cfg.node.clone().unwrap_or_else(|| node.to_owned());
     let mut sender = Sender::new(cfg, &url, node, state_dir)?;
-    sender.stats.register(registry);
+    sender.stats = stats;
     let span = info_span!("report", aggregator = %url);
     Ok(Some(tokio::spawn(
         async move { sender.run(latest, shutdown).await }.instrument(span),

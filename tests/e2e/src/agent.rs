@@ -60,6 +60,15 @@ impl Agent {
         Self::launch(&Launch::default(), node, config, addr, extra)
     }
 
+    /// [`Agent::start_with`] without waiting for `/readyz`.
+    pub fn spawn_with(node: &SimNode, config: &Path, addr: SocketAddr, extra: &[&str]) -> Agent {
+        let how = Launch {
+            ready_within: Duration::ZERO,
+            ..Launch::default()
+        };
+        Self::launch(&how, node, config, addr, extra)
+    }
+
     /// Starts an agent as `how` says (other binaries, log level, patience).
     pub fn launch(
         how: &Launch,
@@ -90,7 +99,9 @@ impl Agent {
             config: config.to_path_buf(),
             log,
         };
-        agent.wait_ready_within(how.ready_within);
+        if !how.ready_within.is_zero() {
+            agent.wait_ready_within(how.ready_within);
+        }
         agent
     }
 

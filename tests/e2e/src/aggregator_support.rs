@@ -424,3 +424,75 @@ pub fn subdir(parent: &Path, name: &str) -> PathBuf {
     fs::create_dir_all(&d).expect("mkdir");
     d
 }
+
+/// `gpu_base` of a stopped agent's state: the GPU time (µs) per counter
+/// that it has cut into reports.
+pub fn reported_counters(state_dir: &Path) -> std::collections::BTreeMap<String, i64> {
+    report_state(state_dir)["gpu_base"]
+        .as_object()
+        .expect("gpu_base")
+        .iter()
+        .map(|(k, v)| (k.clone(), v["allocated_us"].as_i64().unwrap()))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// Adds one process's [`reported_counters`] to the expected totals.
+pub fn add_counters(
+    into: &mut std::collections::BTreeMap<String, i64>,
+    from: std::collections::BTreeMap<String, i64>,
+) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
+}
+
+/// Every report of `node` is in the ledger exactly once and the GPU time
+/// there is `expected`, what the agent processes cut.
+pub fn assert_ledger_exact(
+    ledger: &LedgerReader,
+    agg: &Aggregator,
+    node: &str,
+    state: &Path,
+    expected: &std::collections::BTreeMap<String, i64>,
+) {
+    let s = report_state(state);
+    let first_seq = s["first_seq"].as_i64().unwrap();
+    let last_seq = s["next_seq"].as_i64().unwrap() - 1;
+    assert_eq!(
+        ledger.reports(node),
+        (last_seq - first_seq + 1, first_seq, last_seq),
+        "{node}: every report exactly once; log:\n{}",
+        agg.log_text()
+    );
+    assert_eq!(
+        &ledger.allocated_us(node),
+        expected,
+        "{node}: the ledger holds exactly the GPU time the agent cut"
+    );
+    assert!(
+        !agg.log_text().contains("different report"),
+        "no seq reused"
+    );
+}
+
+/// `(method, path)` of every route the aggregator's router matches, read
+/// from `aggregator/src/server.rs` so that a new endpoint cannot be missed.
+pub fn router_routes() -> std::collections::BTreeSet<(String, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../aggregator/src/server.rs");
+    let text = fs::read_to_string(&src).expect("read the aggregator's router");
+    let mut out = std::collections::BTreeSet::new();
+    for part in text.split("(Method::").skip(1) {
+        let Some((method, rest)) = part.split_once(", \"") else {
+            continue;
+        };
+        let Some((path, _)) = rest.split_once('"') else {
+            continue;
+        };
+        if method.chars().all(|c| c.is_ascii_uppercase()) {
+            out.insert((method.to_owned(), path.to_owned()));
+        }
+    }
+    assert!(out.len() >= 5, "no routes found in {}", src.display());
+    out
+}

@@ -30,6 +30,9 @@ pub struct Client {
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
+    /// The status line and header lines, `\r\n`-separated, as a client sees
+    /// them (names lower-case).
+    pub head: String,
     pub body: Vec<u8>,
 }
 
@@ -132,13 +135,17 @@ impl Client {
         };
         let mut response = result.map_err(into_io)?;
         let status = response.status().as_u16();
+        let mut head = format!("HTTP/1.1 {}", response.status());
+        for (name, value) in response.headers() {
+            head.push_str(&format!("\r\n{name}: {}", value.to_str().unwrap_or("?")));
+        }
         let body = response
             .body_mut()
             .with_config()
             .limit(BODY_LIMIT)
             .read_to_vec()
             .map_err(into_io)?;
-        Ok(Response { status, body })
+        Ok(Response { status, head, body })
     }
 
     /// GET `path`.
@@ -185,6 +192,17 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> io::Result<(u16, String)> {
+    http_exchange(addr, method, path, headers, body).map(|(status, _, body)| (status, body))
+}
+
+/// [`http_request`], with the status and header lines too.
+pub fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<(u16, String, String)> {
     let r = Client::new(addr).request(method, path, headers, body)?;
-    Ok((r.status, r.text()))
+    Ok((r.status, r.head.clone(), r.text()))
 }

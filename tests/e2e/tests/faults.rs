@@ -530,59 +530,14 @@ mod spool {
     use tally_e2e::{
         Agent, ChildGuard, SimNode,
         aggregator_support::{
-            Aggregator, LedgerReader, agent_config, report_state, spooled, sqlite, subdir,
+            Aggregator, LedgerReader, add_counters as add, agent_config, assert_ledger_exact,
+            reported_counters as reported, spooled, sqlite, subdir,
         },
         require_root, wait_for,
     };
 
     const LONG: Duration = Duration::from_secs(90);
     const RULES: &str = "[[tenant.rule]]\nuser = true\n";
-
-    /// GPU time the agent's report state says it has cut into reports.
-    fn reported(state_dir: &Path) -> BTreeMap<String, i64> {
-        report_state(state_dir)["gpu_base"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v["allocated_us"].as_i64().unwrap()))
-            .filter(|(_, v)| *v > 0)
-            .collect()
-    }
-
-    fn add(into: &mut BTreeMap<String, i64>, from: BTreeMap<String, i64>) {
-        for (k, v) in from {
-            *into.entry(k).or_default() += v;
-        }
-    }
-
-    /// Every report of `node` is in the ledger exactly once and the GPU
-    /// time there is what the agent processes cut.
-    fn assert_ledger_exact(
-        ledger: &LedgerReader,
-        agg: &Aggregator,
-        node: &str,
-        state: &Path,
-        expected: &BTreeMap<String, i64>,
-    ) {
-        let s = report_state(state);
-        let first_seq = s["first_seq"].as_i64().unwrap();
-        let last_seq = s["next_seq"].as_i64().unwrap() - 1;
-        assert_eq!(
-            ledger.reports(node),
-            (last_seq - first_seq + 1, first_seq, last_seq),
-            "{node}: every report exactly once; log:\n{}",
-            agg.log_text()
-        );
-        assert_eq!(
-            &ledger.allocated_us(node),
-            expected,
-            "{node}: the ledger holds exactly the GPU time the agent cut"
-        );
-        assert!(
-            !agg.log_text().contains("different report"),
-            "no seq reused"
-        );
-    }
 
     #[test]
     fn an_agent_killed_during_spool_replay_loses_and_doubles_nothing() {

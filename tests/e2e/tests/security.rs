@@ -6,33 +6,15 @@
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::time::Duration;
 
 use tally_contract::wire::{GpuUsage, Report, SCHEMA_VERSION};
 use tally_e2e::{
-    aggregator_support::{ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, sqlite},
+    aggregator_support::{
+        ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, router_routes as routes, sqlite,
+    },
     http_request,
 };
-
-/// `(method, path)` of every route the aggregator's router matches.
-fn routes() -> BTreeSet<(String, String)> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../aggregator/src/server.rs");
-    let text = std::fs::read_to_string(&src).expect("read the aggregator's router");
-    let mut out = BTreeSet::new();
-    for part in text.split("(Method::").skip(1) {
-        let Some((method, rest)) = part.split_once(", \"") else {
-            continue;
-        };
-        let Some((path, _)) = rest.split_once('"') else {
-            continue;
-        };
-        if method.chars().all(|c| c.is_ascii_uppercase()) {
-            out.insert((method.to_owned(), path.to_owned()));
-        }
-    }
-    assert!(out.len() >= 5, "no routes found in {}", src.display());
-    out
-}
 
 /// Who may use a route.
 #[derive(Debug, Clone, Copy, PartialEq)]
