@@ -222,30 +222,38 @@ struct Validator {
 }
 
 /// A Python ≥ 3.12 (focus-validator 2.2.1 needs it): `$TALLY_FOCUS_PYTHON`,
-/// then the PATH, then pyenv's versions.
+/// else the oldest such minor version on the PATH or in pyenv's versions —
+/// the validator's pinned numpy has wheels for 3.12, a newer Python
+/// builds it from source for minutes.
 fn python() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("TALLY_FOCUS_PYTHON")
+    let minor = |p: &Path| -> Option<u32> {
+        let out = Command::new(p)
+            .args([
+                "-c",
+                "import sys; print(sys.version_info[0] * 1000 + sys.version_info[1])",
+            ])
+            .output()
+            .ok()?;
+        let v: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        (out.status.success() && v >= 3012).then_some(v)
+    };
+    if let Some(p) = std::env::var_os("TALLY_FOCUS_PYTHON").map(PathBuf::from) {
+        return minor(&p).map(|_| p);
+    }
+    let mut candidates: Vec<PathBuf> = ["python3.12", "python3.13", "python3"]
         .map(PathBuf::from)
-        .into_iter()
-        .chain(["python3.13", "python3.12", "python3"].map(PathBuf::from))
-        .collect();
+        .into();
     let pyenv = std::env::var_os("PYENV_ROOT")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")));
     if let Some(Ok(versions)) = pyenv.map(|p| fs::read_dir(p.join("versions"))) {
-        let mut found: Vec<PathBuf> = versions
-            .flatten()
-            .map(|e| e.path().join("bin/python3"))
-            .collect();
-        found.sort();
-        candidates.extend(found.into_iter().rev());
+        candidates.extend(versions.flatten().map(|e| e.path().join("bin/python3")));
     }
-    candidates.into_iter().find(|p| {
-        Command::new(p)
-            .args(["-c", "import sys; sys.exit(sys.version_info < (3, 12))"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
+    candidates
+        .into_iter()
+        .filter_map(|p| minor(&p).map(|v| (v, p)))
+        .min_by_key(|(v, _)| *v)
+        .map(|(_, p)| p)
 }
 
 /// The validator, installed when missing or when the pinned requirements
