@@ -17,6 +17,11 @@
 //! network_gib = 0.01             # ingress + egress
 //! energy_kwh = 0.12
 //! pcie_gib = 0.0
+//! billing_account = "tally"      # FOCUS BillingAccountId
+//! billing_account_name = "Tally GPU cluster"
+//! provider = "Tally"             # FOCUS ProviderName
+//! publisher = "Tally"            # FOCUS PublisherName
+//! invoice_issuer = "Tally"       # FOCUS InvoiceIssuerName
 //!
 //! [[auth.token]]
 //! token_file = "/etc/tally/tokens/agents"
@@ -173,6 +178,16 @@ pub(crate) struct Prices {
     pub energy_kwh: f64,
     /// Per GiB of host↔device copies.
     pub pcie_gib: f64,
+    /// FOCUS `BillingAccountId`: the account the usage is billed to.
+    pub billing_account: String,
+    /// FOCUS `BillingAccountName`.
+    pub billing_account_name: String,
+    /// FOCUS `ProviderName`: who makes the GPUs available.
+    pub provider: String,
+    /// FOCUS `PublisherName`: who produces the service.
+    pub publisher: String,
+    /// FOCUS `InvoiceIssuerName`: who invoices the tenants.
+    pub invoice_issuer: String,
 }
 
 impl Default for Prices {
@@ -184,6 +199,11 @@ impl Default for Prices {
             network_gib: 0.0,
             energy_kwh: 0.0,
             pcie_gib: 0.0,
+            billing_account: "tally".into(),
+            billing_account_name: "Tally GPU cluster".into(),
+            provider: "Tally".into(),
+            publisher: "Tally".into(),
+            invoice_issuer: "Tally".into(),
         }
     }
 }
@@ -325,6 +345,18 @@ fn check_prices(p: &Prices, problems: &mut Problems) {
     ] {
         if !ok(v) {
             problems.push(key, "must be a price ≥ 0");
+        }
+    }
+    for (key, v) in [
+        ("prices.billing_account", &p.billing_account),
+        ("prices.billing_account_name", &p.billing_account_name),
+        ("prices.provider", &p.provider),
+        ("prices.publisher", &p.publisher),
+        ("prices.invoice_issuer", &p.invoice_issuer),
+    ] {
+        // FOCUS requires each of them on every row.
+        if v.trim().is_empty() {
+            problems.push(key, "must not be empty");
         }
     }
 }
@@ -539,5 +571,42 @@ mod tests {
             ],
             "{err}"
         );
+    }
+
+    #[test]
+    fn focus_billing_names_default_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents");
+        std::fs::write(&agents, "abcdefghijklmnopqrstuvwxyz\n").unwrap();
+        let with = |prices: &str| {
+            format!(
+                "[prices]\n{prices}\n[[auth.token]]\ntoken_file = \"{}\"\nrole = \"agent\"\n",
+                agents.display()
+            )
+        };
+        let c = AggregatorConfig::parse(&with(""), Path::new("a.toml")).unwrap();
+        assert_eq!(c.prices.billing_account, "tally");
+        assert_eq!(c.prices.provider, "Tally");
+        let c = AggregatorConfig::parse(
+            &with("billing_account = \"acct-7\"\nbilling_account_name = \"Research\"\nprovider = \"Lab IT\"\npublisher = \"Lab IT\"\ninvoice_issuer = \"Finance\""),
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            [
+                c.prices.billing_account.as_str(),
+                &c.prices.billing_account_name,
+                &c.prices.provider,
+                &c.prices.publisher,
+                &c.prices.invoice_issuer
+            ],
+            ["acct-7", "Research", "Lab IT", "Lab IT", "Finance"]
+        );
+        let err =
+            AggregatorConfig::parse(&with("provider = \" \""), Path::new("a.toml")).unwrap_err();
+        assert_eq!(err.problems[0].key, "prices.provider", "{err}");
+        let err = AggregatorConfig::parse(&with("billing_acount = \"x\""), Path::new("a.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("billing_acount"), "{err}");
     }
 }

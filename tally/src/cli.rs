@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tally_contract::config::EX_USAGE;
 use tracing_subscriber::EnvFilter;
 
 use crate::commands;
@@ -36,7 +37,19 @@ pub(crate) enum Command {
 
 /// Entry point of the binary.
 pub(crate) fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // A bad command line is a usage error like a bad config file:
+            // EX_USAGE (64), not clap's 2. --help and --version are not errors.
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     init_logging();
     match cli.command {
         Command::Agent(args) => commands::agent::run(args),

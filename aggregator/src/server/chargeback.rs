@@ -94,7 +94,11 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
     }
     match format {
         "csv" => http::respond(StatusCode::OK, "text/csv; charset=utf-8", c.to_csv()),
-        "focus" => http::respond(StatusCode::OK, "text/csv; charset=utf-8", c.to_focus()),
+        "focus" => http::respond(
+            StatusCode::OK,
+            "text/csv; charset=utf-8",
+            c.to_focus(&app.prices),
+        ),
         _ => http::json(StatusCode::OK, &c),
     }
 }

@@ -1,12 +1,14 @@
 //! Agent → aggregator over TLS, with a CA generated in the test: reports
 //! arrive when the agent trusts the CA, never when it does not, and the
-//! aggregator refuses plain HTTP.
+//! aggregator refuses plain HTTP. `tally report` reaches it with
+//! `--ca-file`, and checks its own flags before it sends anything.
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -18,7 +20,7 @@ use tally_e2e::{
 
 /// Writes a CA and a server certificate for `localhost`/127.0.0.1 it
 /// signed; returns (ca.pem, server.pem, server.key).
-fn make_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -54,13 +56,13 @@ fn counter(agent: &Agent, name: &str) -> f64 {
     agent.metrics().sum(name, &[])
 }
 
-#[test]
-fn reports_travel_over_tls_only_to_agents_that_trust_the_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = make_pki(dir.path());
-    let backend = agg::sqlite(dir.path());
+/// A TLS aggregator on SQLite with its files in `dir`, listening once
+/// this returns; (process, address, CA that signed its certificate, ledger).
+fn tls_aggregator(dir: &Path) -> (ChildGuard, SocketAddr, PathBuf, agg::Backend) {
+    let (ca, cert, key) = make_pki(dir);
+    let backend = agg::sqlite(dir);
     let config = agg::write_config(
-        dir.path(),
+        dir,
         &backend,
         &format!(
             "tls_cert = \"{}\"\ntls_key = \"{}\"",
@@ -69,8 +71,8 @@ fn reports_travel_over_tls_only_to_agents_that_trust_the_ca() {
         ),
     );
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let log = dir.path().join("aggregator.log");
-    let _aggregator = ChildGuard(
+    let log = dir.join("aggregator.log");
+    let aggregator = ChildGuard(
         Command::new(tally_bin())
             .args(["aggregator", "--config"])
             .arg(&config)
@@ -83,6 +85,13 @@ fn reports_travel_over_tls_only_to_agents_that_trust_the_ca() {
     wait_for("the aggregator to listen", Duration::from_secs(30), || {
         std::net::TcpStream::connect(addr).ok().map(|_| ())
     });
+    (aggregator, addr, ca, backend)
+}
+
+#[test]
+fn reports_travel_over_tls_only_to_agents_that_trust_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_aggregator, addr, ca, backend) = tls_aggregator(dir.path());
     // Plain HTTP gets no answer from a TLS port.
     assert!(
         !matches!(http_get(addr, "/healthz"), Ok((200, _))),
@@ -148,4 +157,96 @@ fn tls_config_problems_are_named() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("aggregator.tls_key"), "{err}");
+}
+
+/// `tally report` with `args` against `url`, as the admin of `dir`.
+fn report(dir: &Path, url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(tally_bin())
+        .args(["report", "--aggregator", url, "--token-file"])
+        .arg(dir.join("admin.token"))
+        .args(args)
+        .env_remove("TALLY_CA_FILE")
+        .output()
+        .expect("run tally report")
+}
+
+#[test]
+fn tally_report_trusts_a_private_ca_and_checks_its_flags_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_aggregator, addr, ca, _) = tls_aggregator(dir.path());
+    let url = format!("https://localhost:{}", addr.port());
+    let ca_arg = ca.to_str().unwrap();
+
+    let out = report(
+        dir.path(),
+        &url,
+        &["--last", "30d", "--format", "json", "--ca-file", ca_arg],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).expect("chargeback JSON");
+    assert!(c["lines"].is_array(), "{c}");
+    let out = report(
+        dir.path(),
+        &url,
+        &["--month", "2026-11", "--ca-file", ca_arg],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("2026-11-01T00:00:00Z .. 2026-12-01T00:00:00Z"),
+        "{table}"
+    );
+
+    let out = report(dir.path(), &url, &["--last", "30d"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no trust without the CA: {out:?}"
+    );
+    let out = report(
+        dir.path(),
+        &url,
+        &["--last", "30d", "--ca-file", "/nonexistent/ca.pem"],
+    );
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-file"));
+
+    // A typo fails with the choices, before anything is sent: the
+    // listener never sees a connection.
+    let quiet = TcpListener::bind("127.0.0.1:0").unwrap();
+    quiet.set_nonblocking(true).unwrap();
+    let quiet_url = format!("http://{}", quiet.local_addr().unwrap());
+    for typo in [
+        &["--format", "jsno"][..],
+        &["--group-by", "tenant,gpu"],
+        &["--basis", "use"],
+        &["--month", "2026-13"],
+    ] {
+        let args: Vec<&str> = ["--last", "1d"].iter().chain(typo).copied().collect();
+        let args = if typo[0] == "--month" {
+            typo
+        } else {
+            &args[..]
+        };
+        let out = report(dir.path(), &quiet_url, args);
+        assert_eq!(out.status.code(), Some(64), "{typo:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(typo[1]), "{typo:?} names the bad value: {err}");
+        if typo[0] != "--month" {
+            assert!(
+                err.contains("possible values"),
+                "{typo:?} lists the choices: {err}"
+            );
+        }
+    }
+    assert!(
+        quiet.accept().is_err(),
+        "tally report connected although its flags were wrong"
+    );
+
+    // An aggregator that never answers: --timeout gives up.
+    let out = report(dir.path(), &quiet_url, &["--last", "1d", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no answer within 1s"), "{err}");
 }

@@ -27,6 +27,8 @@ use crate::{
 };
 use tally_contract::tenant::TENANT_IDLE;
 
+mod formats;
+
 /// How lines are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum GroupBy {
@@ -317,99 +319,6 @@ impl Chargeback {
         v
     }
 
-    /// CSV: one row per line.
-    pub(crate) fn to_csv(&self) -> String {
-        let mut out = String::new();
-        let mut header = self.group_columns();
-        header.extend([
-            "gpu_hours",
-            "energy_kwh",
-            "network_gib",
-            "pcie_gib",
-            "gpu_cost",
-            "energy_cost",
-            "network_cost",
-            "pcie_cost",
-            "cost",
-            "currency",
-        ]);
-        let _ = writeln!(out, "{}", header.join(","));
-        for l in &self.lines {
-            let mut row: Vec<String> = self.group_values(l).into_iter().map(csv).collect();
-            row.extend([
-                format!("{:.6}", l.gpu_hours),
-                format!("{:.6}", l.energy_kwh),
-                format!("{:.6}", l.network_gib),
-                format!("{:.6}", l.pcie_gib),
-                l.gpu_cost.clone(),
-                l.energy_cost.clone(),
-                l.network_cost.clone(),
-                l.pcie_cost.clone(),
-                l.cost.clone(),
-                self.currency.clone(),
-            ]);
-            let _ = writeln!(out, "{}", row.join(","));
-        }
-        out
-    }
-
-    /// FinOps FOCUS columns that apply: one row per priced item.
-    pub(crate) fn to_focus(&self) -> String {
-        let mut out = String::from(
-            "BilledCost,EffectiveCost,ListCost,ContractedCost,BillingCurrency,\
-             ChargePeriodStart,ChargePeriodEnd,ChargeCategory,ChargeDescription,ResourceId,\
-             ResourceType,ServiceName,ServiceCategory,SkuId,PricingCategory,PricingQuantity,\
-             PricingUnit,ListUnitPrice,ConsumedQuantity,ConsumedUnit,SubAccountId,Tags\n",
-        );
-        for l in &self.lines {
-            let mut tags = serde_json::Map::new();
-            tags.insert("tenant".into(), l.tenant.clone().into());
-            if let Some(m) = &l.gpu_model {
-                tags.insert("gpu_model".into(), m.clone().into());
-            }
-            if let Some(n) = &l.node {
-                tags.insert("node".into(), n.clone().into());
-            }
-            let tags = serde_json::Value::Object(tags).to_string();
-            for item in &l.items {
-                let resource_type = if item.sku.starts_with("gpu-hour") {
-                    "GPU"
-                } else if item.sku == "energy-kwh" {
-                    "Energy"
-                } else {
-                    "Network"
-                };
-                let description = format!("{} for tenant {}", item.sku, l.tenant);
-                let row = [
-                    item.cost.clone(),
-                    item.cost.clone(),
-                    item.cost.clone(),
-                    item.cost.clone(),
-                    self.currency.clone(),
-                    self.from.clone(),
-                    self.to.clone(),
-                    "Usage".into(),
-                    csv(&description),
-                    csv(l.node.as_deref().unwrap_or("")),
-                    resource_type.into(),
-                    "Tally GPU".into(),
-                    "AI and Machine Learning".into(),
-                    csv(&item.sku),
-                    "Standard".into(),
-                    format!("{:.9}", item.quantity),
-                    item.unit.clone(),
-                    format!("{}", item.unit_price),
-                    format!("{:.9}", item.quantity),
-                    item.unit.clone(),
-                    csv(&l.tenant),
-                    csv(&tags),
-                ];
-                let _ = writeln!(out, "{}", row.join(","));
-            }
-        }
-        out
-    }
-
     /// A plain text table, for `tally report`.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
@@ -475,15 +384,6 @@ impl Chargeback {
     }
 }
 
-/// Quotes a CSV field when it needs it.
-fn csv(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +396,7 @@ mod tests {
             network_gib: 0.01,
             energy_kwh: 0.12,
             pcie_gib: 0.0,
+            ..Prices::default()
         }
     }
 
@@ -542,8 +443,8 @@ mod tests {
             &io,
             GroupBy::Tenant,
             Basis::Allocated,
-            "a".into(),
-            "b".into(),
+            "2026-11-01T00:00:00Z".into(),
+            "2026-12-01T00:00:00Z".into(),
         );
         let line =
             |c: &Chargeback, t: &str| c.lines.iter().find(|l| l.tenant == t).cloned().unwrap();
@@ -575,8 +476,8 @@ mod tests {
             &io,
             GroupBy::Tenant,
             Basis::Used,
-            "a".into(),
-            "b".into(),
+            "2026-11-01T00:00:00Z".into(),
+            "2026-12-01T00:00:00Z".into(),
         );
         assert_eq!(
             line(&u, "acme").gpu_cost,
@@ -599,8 +500,8 @@ mod tests {
             &io,
             GroupBy::TenantModel,
             Basis::Allocated,
-            "a".into(),
-            "b".into(),
+            "2026-11-01T00:00:00Z".into(),
+            "2026-12-01T00:00:00Z".into(),
         );
         assert_eq!(by_model.total_minor, c.total_minor);
         assert!(
@@ -611,7 +512,7 @@ mod tests {
         );
         let csv = by_model.to_csv();
         assert!(csv.starts_with("tenant,gpu_model,gpu_hours"), "{csv}");
-        let focus = c.to_focus();
+        let focus = c.to_focus(&prices());
         assert_eq!(
             focus.lines().count(),
             1 + c.lines.iter().map(|l| l.items.len()).sum::<usize>()

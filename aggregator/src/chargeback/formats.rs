@@ -1,0 +1,320 @@
+//! A chargeback as CSV (one row per line) and as FinOps FOCUS 1.2 (one
+//! row per priced item), written by the `csv` crate from row structs.
+//!
+//! Both come from the same [`Line`]s and [`Item`]s, so a FOCUS row's
+//! `BilledCost` is an item's `cost` and a CSV line's costs are the sums of
+//! its items': the formats agree to the cent.
+
+use serde::Serialize;
+
+use super::{Chargeback, GroupBy, Item, Line};
+use crate::config::Prices;
+
+/// One CSV row: a chargeback line. The group columns that do not apply
+/// to the grouping are left out of the file, not written empty.
+#[derive(Serialize)]
+struct CsvRow<'a> {
+    tenant: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
+    gpu_hours: String,
+    energy_kwh: String,
+    network_gib: String,
+    pcie_gib: String,
+    gpu_cost: &'a str,
+    energy_cost: &'a str,
+    network_cost: &'a str,
+    pcie_cost: &'a str,
+    cost: &'a str,
+    currency: &'a str,
+}
+
+/// One FOCUS 1.2 row: a priced item of a line. Columns in the order the
+/// first releases wrote them (`BilledCost` first), then the rest.
+#[derive(Serialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct FocusRow<'a> {
+    billed_cost: &'a str,
+    effective_cost: &'a str,
+    list_cost: &'a str,
+    contracted_cost: &'a str,
+    billing_currency: &'a str,
+    charge_period_start: &'a str,
+    charge_period_end: &'a str,
+    charge_category: &'static str,
+    charge_description: String,
+    resource_id: String,
+    resource_type: &'static str,
+    service_name: &'static str,
+    service_category: &'static str,
+    sku_id: &'a str,
+    pricing_category: &'static str,
+    pricing_quantity: String,
+    pricing_unit: &'a str,
+    list_unit_price: String,
+    consumed_quantity: String,
+    consumed_unit: &'a str,
+    sub_account_id: &'a str,
+    tags: String,
+    // Added for FOCUS 1.2 validation; after the first columns so readers
+    // of the old layout keep working.
+    billing_account_id: &'a str,
+    billing_account_name: &'a str,
+    billing_period_start: &'a str,
+    billing_period_end: &'a str,
+    /// Empty (null): no row is a correction.
+    charge_class: &'static str,
+    charge_frequency: &'static str,
+    contracted_unit_price: String,
+    /// Empty (null): a chargeback is not an issued invoice.
+    invoice_id: &'static str,
+    invoice_issuer_name: &'a str,
+    provider_name: &'a str,
+    publisher_name: &'a str,
+    resource_name: String,
+    service_subcategory: &'static str,
+    sku_price_id: &'a str,
+    sub_account_name: &'a str,
+}
+
+/// What kind of resource an item is, by its SKU: one type per kind.
+pub(crate) fn resource_type(sku: &str) -> &'static str {
+    if sku.starts_with("gpu-hour") {
+        "GPU"
+    } else if sku == "energy-kwh" {
+        "Energy"
+    } else if sku == "pcie-gib" {
+        "PCIe"
+    } else {
+        "Network"
+    }
+}
+
+/// Serializes `rows` with a header; `empty` gives the header when there
+/// are no rows (the csv crate writes headers only with a first record).
+fn write<T: Serialize>(rows: impl IntoIterator<Item = T>, empty: T) -> String {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut any = false;
+    for r in rows {
+        w.serialize(r).expect("CSV into memory cannot fail");
+        any = true;
+    }
+    if !any {
+        w.serialize(empty).expect("CSV into memory cannot fail");
+    }
+    let mut out = String::from_utf8(w.into_inner().expect("CSV into memory cannot fail"))
+        .expect("CSV of UTF-8 strings is UTF-8");
+    if !any {
+        out.truncate(out.find('\n').map_or(0, |i| i + 1));
+    }
+    out
+}
+
+impl Chargeback {
+    /// CSV: one row per line.
+    pub(crate) fn to_csv(&self) -> String {
+        let by = GroupBy::parse(&self.group_by).unwrap_or(GroupBy::Tenant);
+        fn row<'a>(l: &'a Line, currency: &'a str) -> CsvRow<'a> {
+            CsvRow {
+                tenant: &l.tenant,
+                gpu_model: l.gpu_model.as_deref(),
+                node: l.node.as_deref(),
+                gpu_hours: format!("{:.6}", l.gpu_hours),
+                energy_kwh: format!("{:.6}", l.energy_kwh),
+                network_gib: format!("{:.6}", l.network_gib),
+                pcie_gib: format!("{:.6}", l.pcie_gib),
+                gpu_cost: &l.gpu_cost,
+                energy_cost: &l.energy_cost,
+                network_cost: &l.network_cost,
+                pcie_cost: &l.pcie_cost,
+                cost: &l.cost,
+                currency,
+            }
+        }
+        let empty = Line {
+            tenant: String::new(),
+            gpu_model: (by == GroupBy::TenantModel).then(String::new),
+            node: (by == GroupBy::TenantNode).then(String::new),
+            gpu_hours: 0.0,
+            energy_kwh: 0.0,
+            network_gib: 0.0,
+            pcie_gib: 0.0,
+            gpu_cost: String::new(),
+            energy_cost: String::new(),
+            network_cost: String::new(),
+            pcie_cost: String::new(),
+            cost: String::new(),
+            cost_minor: 0,
+            items: vec![],
+        };
+        write(
+            self.lines.iter().map(|l| row(l, &self.currency)),
+            row(&empty, &self.currency),
+        )
+    }
+
+    /// FinOps FOCUS 1.2: one row per priced item, billed to the account
+    /// `billing` names.
+    pub(crate) fn to_focus(&self, billing: &Prices) -> String {
+        let rows = self
+            .lines
+            .iter()
+            .flat_map(|l| l.items.iter().map(move |i| (l, i)))
+            .map(|(l, i)| self.focus_row(billing, l, i));
+        write(rows, FocusRow::default())
+    }
+
+    fn focus_row<'a>(&'a self, billing: &'a Prices, l: &'a Line, item: &'a Item) -> FocusRow<'a> {
+        let mut tags = serde_json::Map::new();
+        tags.insert("tenant".into(), l.tenant.clone().into());
+        if let Some(m) = &l.gpu_model {
+            tags.insert("gpu_model".into(), m.clone().into());
+        }
+        if let Some(n) = &l.node {
+            tags.insert("node".into(), n.clone().into());
+        }
+        // What a line's items were used on: the tenant's share of a node,
+        // of a GPU model, or of the cluster.
+        let resource_id = match (&l.node, &l.gpu_model) {
+            (Some(n), _) => format!("{n}/{}", l.tenant),
+            (None, Some(m)) => format!("{}/{m}", l.tenant),
+            (None, None) => l.tenant.clone(),
+        };
+        let quantity = format!("{:.9}", item.quantity);
+        let price = format!("{}", item.unit_price);
+        FocusRow {
+            billed_cost: &item.cost,
+            effective_cost: &item.cost,
+            list_cost: &item.cost,
+            contracted_cost: &item.cost,
+            billing_currency: &self.currency,
+            charge_period_start: &self.from,
+            charge_period_end: &self.to,
+            charge_category: "Usage",
+            charge_description: format!("{} for tenant {}", item.sku, l.tenant),
+            resource_name: resource_id.clone(),
+            resource_id,
+            resource_type: resource_type(&item.sku),
+            service_name: "Tally GPU",
+            service_category: "AI and Machine Learning",
+            sku_id: &item.sku,
+            pricing_category: "Standard",
+            pricing_quantity: quantity.clone(),
+            pricing_unit: &item.unit,
+            list_unit_price: price.clone(),
+            consumed_quantity: quantity,
+            consumed_unit: &item.unit,
+            sub_account_id: &l.tenant,
+            tags: serde_json::Value::Object(tags).to_string(),
+            billing_account_id: &billing.billing_account,
+            billing_account_name: &billing.billing_account_name,
+            billing_period_start: &self.from,
+            billing_period_end: &self.to,
+            charge_class: "",
+            charge_frequency: "Usage-Based",
+            contracted_unit_price: price,
+            invoice_id: "",
+            invoice_issuer_name: &billing.invoice_issuer,
+            provider_name: &billing.provider,
+            publisher_name: &billing.publisher,
+            service_subcategory: "Other (AI and Machine Learning)",
+            sku_price_id: &item.sku,
+            sub_account_name: &l.tenant,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chargeback::Basis;
+
+    fn chargeback(group_by: GroupBy, lines: Vec<Line>) -> Chargeback {
+        Chargeback {
+            currency: "EUR".into(),
+            decimals: 2,
+            basis: Basis::Allocated,
+            group_by: group_by.as_str().into(),
+            from: "2026-11-01T00:00:00Z".into(),
+            to: "2026-12-01T00:00:00Z".into(),
+            lines,
+            total: "0.00".into(),
+            total_minor: 0,
+        }
+    }
+
+    fn item(sku: &str, cost: &str) -> Item {
+        Item {
+            sku: sku.into(),
+            quantity: 1.5,
+            unit: "GiB".into(),
+            unit_price: 0.1,
+            cost_minor: 15,
+            cost: cost.into(),
+        }
+    }
+
+    #[test]
+    fn empty_answers_keep_their_header() {
+        let c = chargeback(GroupBy::TenantNode, vec![]);
+        assert_eq!(
+            c.to_csv(),
+            "tenant,node,gpu_hours,energy_kwh,network_gib,pcie_gib,gpu_cost,energy_cost,\
+             network_cost,pcie_cost,cost,currency\n"
+        );
+        let focus = c.to_focus(&Prices::default());
+        assert_eq!(focus.lines().count(), 1);
+        assert!(focus.starts_with("BilledCost,EffectiveCost,"), "{focus}");
+        for col in ["BillingAccountId", "InvoiceIssuerName", "ChargeClass"] {
+            assert!(focus.contains(col), "{col} in {focus}");
+        }
+    }
+
+    #[test]
+    fn one_resource_type_per_kind_and_fields_quoted() {
+        assert_eq!(resource_type("gpu-hour:NVIDIA H100"), "GPU");
+        assert_eq!(resource_type("energy-kwh"), "Energy");
+        assert_eq!(resource_type("network-gib"), "Network");
+        assert_eq!(resource_type("pcie-gib"), "PCIe");
+        let line = Line {
+            tenant: "acme".into(),
+            gpu_model: None,
+            node: Some("rack 1, \"n1\"".into()),
+            gpu_hours: 0.0,
+            energy_kwh: 0.0,
+            network_gib: 1.5,
+            pcie_gib: 1.5,
+            gpu_cost: "0.00".into(),
+            energy_cost: "0.00".into(),
+            network_cost: "0.15".into(),
+            pcie_cost: "0.15".into(),
+            cost: "0.30".into(),
+            cost_minor: 30,
+            items: vec![item("network-gib", "0.15"), item("pcie-gib", "0.15")],
+        };
+        let c = chargeback(GroupBy::TenantNode, vec![line]);
+        let csv = c.to_csv();
+        assert!(
+            csv.contains("acme,\"rack 1, \"\"n1\"\"\",0.000000"),
+            "{csv}"
+        );
+        let prices = Prices {
+            provider: "Lab, IT".into(),
+            ..Prices::default()
+        };
+        let focus = c.to_focus(&prices);
+        let mut r = csv::Reader::from_reader(focus.as_bytes());
+        let header = r.headers().unwrap().clone();
+        let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(&rows[0][col("ResourceType")], "Network");
+        assert_eq!(&rows[1][col("ResourceType")], "PCIe");
+        assert_eq!(&rows[1][col("ResourceId")], "rack 1, \"n1\"/acme");
+        assert_eq!(&rows[1][col("ProviderName")], "Lab, IT");
+        assert_eq!(&rows[1][col("BilledCost")], "0.15");
+        assert_eq!(&rows[1][col("ChargeClass")], "");
+    }
+}
