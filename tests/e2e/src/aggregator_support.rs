@@ -3,6 +3,7 @@
 //! reads of the ledger (independent of the aggregator's own API).
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -405,6 +406,25 @@ timeout = "2s"
 pub fn report_state(state_dir: &Path) -> serde_json::Value {
     let text = fs::read_to_string(state_dir.join("report-state.json")).expect("report state");
     serde_json::from_str(&text).expect("report state JSON")
+}
+
+/// `gpu_base` of an agent's report state: the GPU time (µs allocated, per
+/// counter key) it has cut into reports so far; zeros left out.
+pub fn reported_counters(state_dir: &Path) -> BTreeMap<String, i64> {
+    report_state(state_dir)["gpu_base"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v["allocated_us"].as_i64().unwrap()))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// Adds `from`'s counters into `into`, key by key.
+pub fn add_counters(into: &mut BTreeMap<String, i64>, from: BTreeMap<String, i64>) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
 }
 
 /// Reports waiting in an agent's spool.
