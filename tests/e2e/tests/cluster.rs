@@ -23,7 +23,7 @@ use nix::{
 };
 use serde_json::{Value, json};
 use tally_e2e::{
-    Agent, Cgroup, SimNode,
+    Agent, Cgroup, H100, SimNode,
     aggregator_support::{
         ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, Backend, agent_config, postgres, sqlite,
         subdir,
@@ -32,15 +32,6 @@ use tally_e2e::{
 };
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// One H100; `.repeat(n)` makes a node of n of them.
-const ONE_H100: &str = r#"
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-"#;
 
 const RULES: &str = r#"
 [[tenant.rule]]
@@ -310,7 +301,7 @@ fn small_cluster(backend: &Backend, dir: &Path) {
     sim_a.register(acme_mig.pid(), 2, Some(0), 1024, 0.5);
 
     // gpu-b: GPU 0 held by a stopped process pinned at 100 %: stuck.
-    let sim_b = SimNode::new(&ONE_H100.repeat(2));
+    let sim_b = SimNode::new(&H100.repeat(2));
     let state_b = subdir(dir, "state-b");
     let agent_b = Agent::start(
         &sim_b,
@@ -328,7 +319,7 @@ fn small_cluster(backend: &Backend, dir: &Path) {
     sim_b.register(stuck.pid(), 0, None, 4096, 1.0);
 
     // gpu-c: reports every 300 ms until its agent stops.
-    let sim_c = SimNode::new(ONE_H100);
+    let sim_c = SimNode::new(H100);
     let state_c = subdir(dir, "state-c");
     let agent_c = Agent::start(
         &sim_c,
@@ -567,7 +558,7 @@ fn aggregator_replicas_on_one_postgres_answer_alike() {
         &backend,
         "[scheduler]\npolicy = \"spread\"\n",
     );
-    let sim = SimNode::new(&ONE_H100.repeat(2));
+    let sim = SimNode::new(&H100.repeat(2));
     let state = subdir(dir.path(), "state");
     let _agent = Agent::start(
         &sim,
