@@ -241,19 +241,8 @@ impl Enforcer {
 mod tests {
     use tally_contract::audit;
 
-    use super::*;
+    use super::{usage::tests::proc, *};
     use crate::{config::Config, snapshot::GpuSnapshot};
-
-    fn proc(pid: u32, tenant: &str, mib: u64) -> GpuProcess {
-        GpuProcess {
-            pid,
-            tenant: tenant.into(),
-            cgroup: None,
-            memory_bytes: mib << 20,
-            sm_ratio: None,
-            workload: None,
-        }
-    }
 
     fn enforcer(dir: &Path, quotas: &str) -> Enforcer {
         let text = format!("[agent]\nstate_dir = '{}'\n{quotas}", dir.display());

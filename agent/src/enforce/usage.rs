@@ -143,18 +143,18 @@ pub(crate) fn row(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::snapshot::{GpuSnapshot, TenantGpuUsage};
 
-    fn proc(pid: u32, tenant: &str, mib: u64) -> GpuProcess {
+    /// A process of `tenant` holding `mib` MiB (the enforcer's tests use it
+    /// too).
+    pub(in crate::enforce) fn proc(pid: u32, tenant: &str, mib: u64) -> GpuProcess {
         GpuProcess {
             pid,
             tenant: tenant.into(),
-            cgroup: None,
             memory_bytes: mib << 20,
-            sm_ratio: None,
-            workload: None,
+            ..GpuProcess::default()
         }
     }
 

@@ -31,6 +31,8 @@ pub struct Launch {
     pub log_level: String,
     /// How long `/readyz` may take to answer 200.
     pub ready_within: Duration,
+    /// More environment for the agent (e.g. a preloaded shim).
+    pub env: Vec<(&'static str, PathBuf)>,
 }
 
 impl Default for Launch {
@@ -41,6 +43,7 @@ impl Default for Launch {
             sim_lib: sim_lib(),
             log_level: "info".into(),
             ready_within: Duration::from_secs(30),
+            env: Vec::new(),
         }
     }
 }
@@ -88,6 +91,7 @@ impl Agent {
             .arg(&how.sim_lib)
             .args(extra)
             .envs(node.env())
+            .envs(how.env.iter().cloned())
             .env("TALLY_LOG", &how.log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -3,6 +3,7 @@
 //! reads of the ledger (independent of the aggregator's own API).
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -407,6 +408,25 @@ pub fn report_state(state_dir: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("report state JSON")
 }
 
+/// `gpu_base` of an agent's report state: the GPU time (µs allocated, per
+/// counter key) it has cut into reports so far; zeros left out.
+pub fn reported_counters(state_dir: &Path) -> BTreeMap<String, i64> {
+    report_state(state_dir)["gpu_base"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v["allocated_us"].as_i64().unwrap()))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// Adds `from`'s counters into `into`, key by key.
+pub fn add_counters(into: &mut BTreeMap<String, i64>, from: BTreeMap<String, i64>) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
+}
+
 /// Reports waiting in an agent's spool.
 pub fn spooled(state_dir: &Path) -> usize {
     fs::read_dir(state_dir.join("spool"))
@@ -425,28 +445,6 @@ pub fn subdir(parent: &Path, name: &str) -> PathBuf {
     d
 }
 
-/// `gpu_base` of a stopped agent's state: the GPU time (µs) per counter
-/// that it has cut into reports.
-pub fn reported_counters(state_dir: &Path) -> std::collections::BTreeMap<String, i64> {
-    report_state(state_dir)["gpu_base"]
-        .as_object()
-        .expect("gpu_base")
-        .iter()
-        .map(|(k, v)| (k.clone(), v["allocated_us"].as_i64().unwrap()))
-        .filter(|(_, v)| *v > 0)
-        .collect()
-}
-
-/// Adds one process's [`reported_counters`] to the expected totals.
-pub fn add_counters(
-    into: &mut std::collections::BTreeMap<String, i64>,
-    from: std::collections::BTreeMap<String, i64>,
-) {
-    for (k, v) in from {
-        *into.entry(k).or_default() += v;
-    }
-}
-
 /// Every report of `node` is in the ledger exactly once and the GPU time
 /// there is `expected`, what the agent processes cut.
 pub fn assert_ledger_exact(
@@ -454,7 +452,7 @@ pub fn assert_ledger_exact(
     agg: &Aggregator,
     node: &str,
     state: &Path,
-    expected: &std::collections::BTreeMap<String, i64>,
+    expected: &BTreeMap<String, i64>,
 ) {
     let s = report_state(state);
     let first_seq = s["first_seq"].as_i64().unwrap();

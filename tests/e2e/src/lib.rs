@@ -25,7 +25,7 @@ pub use agent::{Agent, Launch};
 pub use cgroup::{Cgroup, ChildGuard, own_unified_cgroup, unified_mount};
 pub use http::{Client, http_exchange, http_get, http_request};
 pub use metrics::{Metrics, Sample};
-pub use sim::{STANDARD_SCENARIO, SimNode};
+pub use sim::{H100, STANDARD_SCENARIO, SimNode};
 
 use std::{
     fs,

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use openmetrics_parser::{
-    HistogramValue, MetricNumber, OpenMetricsValue, PrometheusValue, SummaryValue, openmetrics,
-    prometheus,
+    HistogramValue, MetricNumber, MetricsExposition, OpenMetricsValue, PrometheusValue,
+    RenderableMetricValue, SummaryValue, openmetrics, prometheus,
 };
 
 /// One sample of the exposition: name, labels, value.
@@ -38,72 +38,38 @@ impl Metrics {
             let text = accepted_by_parser(text);
             let exposition = openmetrics::parse_openmetrics(&text)
                 .map_err(|e| format!("not valid OpenMetrics: {e}"))?;
-            for family in exposition.families.values() {
-                let name = family.family_name.as_str();
-                for s in family.iter_samples() {
-                    let labels = labels_of(s.get_labelset().map_err(|e| e.to_string())?.iter());
-                    let mut push = |suffix: &str, extra: Option<(&str, String)>, value: f64| {
-                        let mut labels = labels.clone();
-                        if let Some((k, v)) = extra {
-                            labels.insert(k.to_owned(), v);
-                        }
-                        samples.push(Sample {
-                            name: format!("{name}{suffix}"),
-                            labels,
-                            value,
-                        });
-                    };
-                    match &s.value {
-                        OpenMetricsValue::Unknown(n)
-                        | OpenMetricsValue::Gauge(n)
-                        | OpenMetricsValue::StateSet(n) => push("", None, n.as_f64()),
-                        OpenMetricsValue::Counter(c) => {
-                            push("_total", None, c.value.as_f64());
-                            if let Some(created) = c.created {
-                                push("_created", None, created);
-                            }
-                        }
-                        OpenMetricsValue::Histogram(h) => {
-                            histogram(h, ["_bucket", "_sum", "_count", "_created"], &mut push)
-                        }
-                        OpenMetricsValue::GaugeHistogram(h) => {
-                            histogram(h, ["_bucket", "_gsum", "_gcount", "_created"], &mut push)
-                        }
-                        OpenMetricsValue::Summary(v) => summary(v, &mut push),
-                        OpenMetricsValue::Info => push("_info", None, 1.0),
+            flatten(&exposition, &mut samples, |value, push| match value {
+                OpenMetricsValue::Unknown(n)
+                | OpenMetricsValue::Gauge(n)
+                | OpenMetricsValue::StateSet(n) => push("", None, n.as_f64()),
+                OpenMetricsValue::Counter(c) => {
+                    push("_total", None, c.value.as_f64());
+                    if let Some(created) = c.created {
+                        push("_created", None, created);
                     }
                 }
-            }
+                OpenMetricsValue::Histogram(h) => {
+                    histogram(h, ["_bucket", "_sum", "_count", "_created"], push)
+                }
+                OpenMetricsValue::GaugeHistogram(h) => {
+                    histogram(h, ["_bucket", "_gsum", "_gcount", "_created"], push)
+                }
+                OpenMetricsValue::Summary(v) => summary(v, push),
+                OpenMetricsValue::Info => push("_info", None, 1.0),
+            })?;
         } else {
             let exposition = prometheus::parse_prometheus(text)
                 .map_err(|e| format!("not valid Prometheus text: {e}"))?;
-            for family in exposition.families.values() {
-                let name = family.family_name.as_str();
-                for s in family.iter_samples() {
-                    let labels = labels_of(s.get_labelset().map_err(|e| e.to_string())?.iter());
-                    let mut push = |suffix: &str, extra: Option<(&str, String)>, value: f64| {
-                        let mut labels = labels.clone();
-                        if let Some((k, v)) = extra {
-                            labels.insert(k.to_owned(), v);
-                        }
-                        samples.push(Sample {
-                            name: format!("{name}{suffix}"),
-                            labels,
-                            value,
-                        });
-                    };
-                    match &s.value {
-                        PrometheusValue::Unknown(n) | PrometheusValue::Gauge(n) => {
-                            push("", None, n.as_f64())
-                        }
-                        PrometheusValue::Counter(c) => push("", None, c.value.as_f64()),
-                        PrometheusValue::Histogram(h) => {
-                            histogram(h, ["_bucket", "_sum", "_count", "_created"], &mut push)
-                        }
-                        PrometheusValue::Summary(v) => summary(v, &mut push),
-                    }
+            flatten(&exposition, &mut samples, |value, push| match value {
+                PrometheusValue::Unknown(n) | PrometheusValue::Gauge(n) => {
+                    push("", None, n.as_f64())
                 }
-            }
+                PrometheusValue::Counter(c) => push("", None, c.value.as_f64()),
+                PrometheusValue::Histogram(h) => {
+                    histogram(h, ["_bucket", "_sum", "_count", "_created"], push)
+                }
+                PrometheusValue::Summary(v) => summary(v, push),
+            })?;
         }
         Ok(Metrics { samples })
     }
@@ -136,6 +102,12 @@ impl Metrics {
     /// Sum over every sample matching.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.select(name, labels).map(|s| s.value).sum()
+    }
+
+    /// How much the sum over every sample matching grew since `earlier`
+    /// (a counter's increase between two scrapes).
+    pub fn increase(&self, earlier: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.sum(name, labels) - earlier.sum(name, labels)
     }
 
     /// Number of series in the exposition.
@@ -200,6 +172,35 @@ fn accepted_by_parser(text: &str) -> String {
 }
 
 type Push<'a> = dyn FnMut(&str, Option<(&str, String)>, f64) + 'a;
+
+/// Flattens every sample of `exposition` into `samples`: `series` pushes
+/// the series one sample's value shows as (name suffix, an extra label,
+/// value), each with the sample's labels.
+fn flatten<T: Clone, V: RenderableMetricValue + Clone>(
+    exposition: &MetricsExposition<T, V>,
+    samples: &mut Vec<Sample>,
+    series: impl Fn(&V, &mut Push<'_>),
+) -> Result<(), String> {
+    for family in exposition.families.values() {
+        let name = family.family_name.as_str();
+        for s in family.iter_samples() {
+            let labels = labels_of(s.get_labelset().map_err(|e| e.to_string())?.iter());
+            let mut push = |suffix: &str, extra: Option<(&str, String)>, value: f64| {
+                let mut labels = labels.clone();
+                if let Some((k, v)) = extra {
+                    labels.insert(k.to_owned(), v);
+                }
+                samples.push(Sample {
+                    name: format!("{name}{suffix}"),
+                    labels,
+                    value,
+                });
+            };
+            series(&s.value, &mut push);
+        }
+    }
+    Ok(())
+}
 
 fn labels_of<'a>(it: impl Iterator<Item = (&'a String, &'a String)>) -> BTreeMap<String, String> {
     it.map(|(k, v)| (k.clone(), v.clone())).collect()

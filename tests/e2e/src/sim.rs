@@ -97,6 +97,16 @@ impl SimNode {
     }
 }
 
+/// One H100 80GB as a scenario's `[[gpu]]` table; `H100.repeat(n)` is a
+/// node of n of them.
+pub const H100: &str = r#"
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+"#;
+
 /// The scenario most tests use.
 pub const STANDARD_SCENARIO: &str = r#"
 [[gpu]]

@@ -19,8 +19,8 @@ use tally_e2e::{
     Agent, Cgroup, ChildGuard, SimNode,
     aggregator_support::{
         ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, Backend, ENERGY_KWH_PRICE, LedgerReader,
-        NETWORK_GIB_PRICE, add_counters as add, agent_config, gpu_hour_price, postgres,
-        report_state, reported_counters, spooled, sqlite, subdir,
+        NETWORK_GIB_PRICE, add_counters, agent_config, gpu_hour_price, postgres, report_state,
+        reported_counters, spooled, sqlite, subdir,
     },
     require_root, skip, tally_bin, unique, wait_for,
 };
@@ -619,7 +619,7 @@ fn outages_lose_nothing(backend: Backend) {
     let first = agents.remove(0);
     let (addr, config) = (first.addr, first.config.clone());
     assert!(first.stop().success());
-    add(&mut expected[0], reported_counters(&states[0]));
+    add_counters(&mut expected[0], reported_counters(&states[0]));
     let spooled_before = spooled(&states[0]);
     assert!(spooled_before >= 3);
     agents.insert(
@@ -649,7 +649,7 @@ fn outages_lose_nothing(backend: Backend) {
     // 5. The agents stop; their last partial interval is delivered.
     for (i, a) in agents.into_iter().enumerate() {
         assert!(a.stop().success());
-        add(&mut expected[i], reported_counters(&states[i]));
+        add_counters(&mut expected[i], reported_counters(&states[i]));
         assert_eq!(
             spooled(&states[i]),
             0,

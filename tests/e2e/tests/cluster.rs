@@ -23,7 +23,7 @@ use nix::{
 };
 use serde_json::{Value, json};
 use tally_e2e::{
-    Agent, Cgroup, SimNode,
+    Agent, Cgroup, H100, SimNode,
     aggregator_support::{
         ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, Backend, agent_config, postgres, sqlite,
         subdir,
@@ -32,28 +32,6 @@ use tally_e2e::{
 };
 
 const LONG: Duration = Duration::from_secs(60);
-
-const ONE_H100: &str = r#"
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-"#;
-
-const TWO_H100: &str = r#"
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-"#;
 
 const RULES: &str = r#"
 [[tenant.rule]]
@@ -127,6 +105,11 @@ fn post(agg: &Aggregator, verb: &str, body: &Value, token: Option<&str>) -> (u16
     .unwrap_or_else(|e| panic!("POST /scheduler/{verb}: {e}"));
     let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, v)
+}
+
+/// [`post`] without a token, for the answer alone.
+fn ask(agg: &Aggregator, verb: &str, body: &Value) -> Value {
+    post(agg, verb, body, None).1
 }
 
 /// A pod as kube-scheduler marshals a `v1.Pod` (a Job's pod on GPUs).
@@ -318,7 +301,7 @@ fn small_cluster(backend: &Backend, dir: &Path) {
     sim_a.register(acme_mig.pid(), 2, Some(0), 1024, 0.5);
 
     // gpu-b: GPU 0 held by a stopped process pinned at 100 %: stuck.
-    let sim_b = SimNode::new(TWO_H100);
+    let sim_b = SimNode::new(&H100.repeat(2));
     let state_b = subdir(dir, "state-b");
     let agent_b = Agent::start(
         &sim_b,
@@ -336,7 +319,7 @@ fn small_cluster(backend: &Backend, dir: &Path) {
     sim_b.register(stuck.pid(), 0, None, 4096, 1.0);
 
     // gpu-c: reports every 300 ms until its agent stops.
-    let sim_c = SimNode::new(ONE_H100);
+    let sim_c = SimNode::new(H100);
     let state_c = subdir(dir, "state-c");
     let agent_c = Agent::start(
         &sim_c,
@@ -507,35 +490,32 @@ fn small_cluster(backend: &Backend, dir: &Path) {
     );
 
     // MIG: two free 1g.5gb only on gpu-a; the 3g.20gb is held by acme.
-    let (_, r) = post(
+    let r = ask(
         &agg,
         "filter",
         &args_names(json!({"nvidia.com/mig-1g.5gb": "2"})),
-        None,
     );
     assert_eq!(names_of(&r), ["gpu-a"], "{r}");
     assert!(reason(&r, "FailedAndUnresolvableNodes", "gpu-b").contains("0 healthy 1g.5gb"));
-    let (_, r) = post(
+    let r = ask(
         &agg,
         "filter",
         &args_nodes(json!({"nvidia.com/mig-3g.20gb": "1"})),
-        None,
     );
     assert_eq!(names_of(&r), Vec::<String>::new(), "{r}");
     assert_eq!(
         reason(&r, "FailedNodes", "gpu-a"),
         "tally: needs 1 free nvidia.com/mig-3g.20gb, 0 of 1 are free"
     );
-    let (_, p) = post(
+    let p = ask(
         &agg,
         "prioritize",
         &args_names(json!({"nvidia.com/mig-1g.5gb": "1"})),
-        None,
     );
     assert_eq!(scores(&p)[0], ("gpu-a".to_owned(), 8), "{p}");
 
     // A pod without GPUs is none of Tally's business: every node passes.
-    let (_, r) = post(&agg, "filter", &args_names(json!({"cpu": "2"})), None);
+    let r = ask(&agg, "filter", &args_names(json!({"cpu": "2"})));
     assert_eq!(names_of(&r).len(), 4, "{r}");
 
     // Auth of the extender: no token is fine by default, an admin token
@@ -556,7 +536,7 @@ fn small_cluster(backend: &Backend, dir: &Path) {
     wait_view(&agg, "gpu-b's GPU 0 free again", |v| {
         (gpu(node(v, "gpu-b")?, "0")?["state"] == "free").then_some(())
     });
-    let (_, p) = post(&agg, "prioritize", &args_names(one), None);
+    let p = ask(&agg, "prioritize", &args_names(one));
     let s = scores(&p);
     assert!(
         s[1].1 >= 5,
@@ -578,7 +558,7 @@ fn aggregator_replicas_on_one_postgres_answer_alike() {
         &backend,
         "[scheduler]\npolicy = \"spread\"\n",
     );
-    let sim = SimNode::new(TWO_H100);
+    let sim = SimNode::new(&H100.repeat(2));
     let state = subdir(dir.path(), "state");
     let _agent = Agent::start(
         &sim,
@@ -603,8 +583,8 @@ fn aggregator_replicas_on_one_postgres_answer_alike() {
     // both GPUs leaves nothing free, best for binpack (replica one, the
     // default policy), worst for spread (replica two).
     let args = json!({"Pod": pod(json!({"nvidia.com/gpu": "2"})), "NodeNames": ["gpu-pg"]});
-    let (_, p1) = post(&one, "prioritize", &args, None);
-    let (_, p2) = post(&two, "prioritize", &args, None);
+    let p1 = ask(&one, "prioritize", &args);
+    let p2 = ask(&two, "prioritize", &args);
     assert_eq!(scores(&p1), [("gpu-pg".to_owned(), 10)], "{p1}");
     assert_eq!(scores(&p2), [("gpu-pg".to_owned(), 5)], "{p2}");
 }

@@ -8,13 +8,13 @@
 
 use std::{
     fs,
-    path::Path,
-    process::{Command, Stdio},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use tally_e2e::{
-    Agent, SimNode,
+    Agent, Metrics, SimNode,
     enforce_support::{TenantEnv, alive, mknod_chars, remove_tree, v2_frozen},
     require_root, skip, tally_bin, wait_for,
 };
@@ -56,12 +56,65 @@ fn action_count(agent: &Agent, tenant: &str, resource: &str, action: &str) -> f6
     )
 }
 
-fn verify_audit(path: &Path) {
-    let out = Command::new(tally_bin())
-        .args(["audit", "verify"])
+/// An agent enforcing some quotas on the simulator: the tenant tree its
+/// jobs run in, the simulator, the agent, and the config file `tally run`
+/// reads. Bound as `let (env, node, agent, cfg)`, they drop in reverse:
+/// the agent before the simulator and the tree.
+type Enforcing = (TenantEnv, SimNode, Agent, PathBuf);
+
+fn enforcing(quotas: &str) -> Enforcing {
+    enforcing_with(quotas, FAST)
+}
+
+/// [`enforcing`] with other agent arguments.
+fn enforcing_with(quotas: &str, args: &[&str]) -> Enforcing {
+    let env = TenantEnv::new();
+    let config = env.config(quotas);
+    launch(env, &config, quotas, args)
+}
+
+/// Starts the agent on `agent_config` (which holds `quotas`).
+fn launch(env: TenantEnv, agent_config: &str, quotas: &str, args: &[&str]) -> Enforcing {
+    let node = SimNode::new(&scenario());
+    let agent = Agent::start(&node, agent_config, args);
+    let cfg = env.write_config(quotas);
+    (env, node, agent, cfg)
+}
+
+/// A 1 GiB `gpu_memory` quota of `tenant`, acted on with `action` after
+/// 1 s of grace.
+fn gpu_memory_quota(tenant: &str, action: &str) -> String {
+    format!(
+        "[tenant.quota.{tenant}]\ngpu_memory = '1GiB'\ngpu_memory_action = '{action}'\n\
+         grace = '1s'\n"
+    )
+}
+
+/// A quota gauge (`tally_tenant_quota_limit` or `_usage`) of one tenant's
+/// resource.
+fn quota_gauge(m: &Metrics, name: &str, tenant: &str, resource: &str) -> Option<f64> {
+    m.value(name, &[("tenant", tenant), ("resource", resource)])
+}
+
+/// Enforcement actions of one kind taken on a tenant, every resource.
+fn actions_taken(m: &Metrics, tenant: &str, action: &str) -> f64 {
+    m.sum(
+        "tally_enforcement_actions_total",
+        &[("tenant", tenant), ("action", action)],
+    )
+}
+
+/// Runs `tally <command...> <path>`.
+fn tally_on(command: &[&str], path: &Path) -> Output {
+    Command::new(tally_bin())
+        .args(command)
         .arg(path)
         .output()
-        .expect("run tally audit verify");
+        .unwrap_or_else(|e| panic!("run tally {command:?}: {e}"))
+}
+
+fn verify_audit(path: &Path) {
+    let out = tally_on(&["audit", "verify"], path);
     assert!(
         out.status.success(),
         "audit log does not verify: {}{}",
@@ -85,10 +138,8 @@ fn tenant_cgroups_carry_limits_and_jobs() {
     if !require_root() {
         return;
     }
-    let env = TenantEnv::new();
     let quotas = "[tenant.quota.lim]\ncpu_cores = 0.5\nmemory = '64MiB'\npids = 8\n";
-    let node = SimNode::new(&scenario());
-    let agent = Agent::start(&node, &env.config(quotas), FAST);
+    let (env, _node, agent, cfg) = enforcing(quotas);
 
     // Limits, where this host keeps each controller.
     let limit_file =
@@ -124,7 +175,6 @@ fn tenant_cgroups_carry_limits_and_jobs() {
     }
 
     // A job: on every hierarchy it sits in <parent>/tally/lim/j1.
-    let cfg = env.write_config(quotas);
     let job = env.run(&cfg, "lim", "j1", "sleep", &["300"]);
     let text = read(Path::new(&format!("/proc/{}/cgroup", job.pid())));
     for h in env.layout.job_hierarchies() {
@@ -191,9 +241,11 @@ fn tenant_cgroups_carry_limits_and_jobs() {
     // The cpu limit holds: a busy loop gets about half a core.
     let _busy = env.run(&cfg, "lim", "j3", "/bin/sh", &["-c", "while :; do :; done"]);
     wait_for("CPU usage of the tenant in /metrics", LONG, || {
-        let u = agent.metrics().value(
+        let u = quota_gauge(
+            &agent.metrics(),
             "tally_tenant_quota_usage",
-            &[("tenant", "lim"), ("resource", "cpu_cores")],
+            "lim",
+            "cpu_cores",
         )?;
         (u > 0.2).then_some(())
     });
@@ -217,17 +269,11 @@ fn tenant_cgroups_carry_limits_and_jobs() {
 
     let m = agent.metrics();
     assert_eq!(
-        m.value(
-            "tally_tenant_quota_limit",
-            &[("tenant", "lim"), ("resource", "memory")]
-        ),
+        quota_gauge(&m, "tally_tenant_quota_limit", "lim", "memory"),
         Some((64u64 << 20) as f64)
     );
     assert_eq!(
-        m.value(
-            "tally_tenant_quota_limit",
-            &[("tenant", "lim"), ("resource", "pids")]
-        ),
+        quota_gauge(&m, "tally_tenant_quota_limit", "lim", "pids"),
         Some(8.0)
     );
     drop(job);
@@ -263,11 +309,8 @@ fn gpu_devices_outside_the_tenants_list_are_denied() {
         skip("no cgroup v2 hierarchy to attach the cgroup/dev program to");
         return;
     }
-    let env = TenantEnv::new();
     let quotas = format!("[tenant.quota.dev]\ngpus = ['{UUID1}']\n");
-    let node = SimNode::new(&scenario());
-    let _agent = Agent::start(&node, &env.config(&quotas), FAST);
-    let cfg = env.write_config(&quotas);
+    let (env, _node, _agent, cfg) = enforcing(&quotas);
     env.wait_audit("the device allow-list from the snapshot", |r| {
         r["tenant"] == "dev"
             && r["action"] == "devices_allowed"
@@ -283,30 +326,30 @@ fn gpu_devices_outside_the_tenants_list_are_denied() {
             ("nvidiactl", 195, 255),
         ],
     );
-    let p = |n: &str| devs.path().join(n);
-
-    let denied = open_as(&env, &cfg, "dev", &p("nvidia0"));
-    assert!(
-        denied.contains("Operation not permitted"),
-        "GPU 0 should be denied (EPERM): {denied:?}"
-    );
-    let allowed = open_as(&env, &cfg, "dev", &p("nvidia1"));
-    assert!(
-        allowed.contains("No such device or address"),
-        "GPU 1 should be allowed (ENXIO without a driver): {allowed:?}"
-    );
-    let ctl = open_as(&env, &cfg, "dev", &p("nvidiactl"));
-    assert!(
-        ctl.contains("No such device or address"),
-        "nvidiactl is always allowed: {ctl:?}"
-    );
-    // Another tenant, and this test itself, are not restricted.
-    let other = open_as(&env, &cfg, "free", &p("nvidia0"));
-    assert!(
-        other.contains("No such device or address"),
-        "a tenant without `gpus` opens every GPU: {other:?}"
-    );
-    let mine = fs::File::open(p("nvidia0")).unwrap_err();
+    const DENIED: &str = "Operation not permitted";
+    // No driver behind the nodes: an allowed open gets ENXIO.
+    const ALLOWED: &str = "No such device or address";
+    for (tenant, device, want, why) in [
+        ("dev", "nvidia0", DENIED, "GPU 0 should be denied (EPERM)"),
+        (
+            "dev",
+            "nvidia1",
+            ALLOWED,
+            "GPU 1 should be allowed (ENXIO without a driver)",
+        ),
+        ("dev", "nvidiactl", ALLOWED, "nvidiactl is always allowed"),
+        // Another tenant, and this test itself (below), are not restricted.
+        (
+            "free",
+            "nvidia0",
+            ALLOWED,
+            "a tenant without `gpus` opens every GPU",
+        ),
+    ] {
+        let err = open_as(&env, &cfg, tenant, &devs.path().join(device));
+        assert!(err.contains(want), "{why}: {err:?}");
+    }
+    let mine = fs::File::open(devs.path().join("nvidia0")).unwrap_err();
     assert_eq!(mine.raw_os_error(), Some(nix::libc::ENXIO), "{mine}");
     verify_audit(&env.audit_log());
 }
@@ -318,20 +361,8 @@ fn gpu_memory_alert_and_no_action_under_quota() {
     if !require_root() {
         return;
     }
-    let env = TenantEnv::new();
-    let quotas = "\
-[tenant.quota.loud]
-gpu_memory = '1GiB'
-gpu_memory_action = 'alert'
-grace = '1s'
-[tenant.quota.calm]
-gpu_memory = '1GiB'
-gpu_memory_action = 'terminate'
-grace = '1s'
-";
-    let node = SimNode::new(&scenario());
-    let agent = Agent::start(&node, &env.config(quotas), FAST);
-    let cfg = env.write_config(quotas);
+    let quotas = &(gpu_memory_quota("loud", "alert") + &gpu_memory_quota("calm", "terminate"));
+    let (env, node, agent, cfg) = enforcing(quotas);
     let loud = env.run(&cfg, "loud", "j", "sleep", &["300"]);
     let calm = env.run(&cfg, "calm", "j", "sleep", &["300"]);
     node.register(loud.pid(), 0, None, 2048, 0.5);
@@ -347,29 +378,17 @@ grace = '1s'
     // Many more samples: still one alert, nobody touched.
     agent.wait_samples(10);
     let m = agent.metrics();
-    assert_eq!(
-        m.sum(
-            "tally_enforcement_actions_total",
-            &[("tenant", "loud"), ("action", "alert")]
-        ),
-        1.0
-    );
+    assert_eq!(actions_taken(&m, "loud", "alert"), 1.0);
     assert_eq!(
         m.sum("tally_enforcement_actions_total", &[("tenant", "calm")]),
         0.0
     );
     assert_eq!(
-        m.value(
-            "tally_tenant_quota_usage",
-            &[("tenant", "calm"), ("resource", "gpu_memory")]
-        ),
+        quota_gauge(&m, "tally_tenant_quota_usage", "calm", "gpu_memory"),
         Some((512u64 << 20) as f64)
     );
     assert_eq!(
-        m.value(
-            "tally_tenant_quota_usage",
-            &[("tenant", "loud"), ("resource", "gpu_memory")]
-        ),
+        quota_gauge(&m, "tally_tenant_quota_usage", "loud", "gpu_memory"),
         Some((2048u64 << 20) as f64)
     );
     assert!(alive(loud.pid()) && alive(calm.pid()));
@@ -384,16 +403,8 @@ fn gpu_memory_throttle_freezes_on_a_duty_cycle() {
     if !require_root() {
         return;
     }
-    let env = TenantEnv::new();
-    let quotas = "\
-[tenant.quota.slow]
-gpu_memory = '1GiB'
-gpu_memory_action = 'throttle'
-grace = '1s'
-";
-    let node = SimNode::new(&scenario());
-    let agent = Agent::start(&node, &env.config(quotas), FAST);
-    let cfg = env.write_config(quotas);
+    let quotas = &gpu_memory_quota("slow", "throttle");
+    let (env, node, agent, cfg) = enforcing(quotas);
     let job = env.run(&cfg, "slow", "j", "sleep", &["300"]);
     node.register(job.pid(), 0, None, 2048, 0.9);
     let dir = env.v2_dir("slow", Some("j"));
@@ -433,17 +444,8 @@ fn gpu_memory_terminate_then_kill() {
     if !require_root() {
         return;
     }
-    let env = TenantEnv::new();
-    let quotas = "\
-[tenant.quota.greedy]
-gpu_memory = '1GiB'
-gpu_memory_action = 'terminate'
-grace = '1s'
-kill_timeout = '1s'
-";
-    let node = SimNode::new(&scenario());
-    let agent = Agent::start(&node, &env.config(quotas), FAST);
-    let cfg = env.write_config(quotas);
+    let quotas = &(gpu_memory_quota("greedy", "terminate") + "kill_timeout = '1s'\n");
+    let (env, node, agent, cfg) = enforcing(quotas);
     let polite = env.run(&cfg, "greedy", "a", "sleep", &["300"]);
     let stubborn = env.run(
         &cfg,
@@ -479,20 +481,8 @@ kill_timeout = '1s'
     agent.wait_samples(3);
     assert_eq!(env.audited("greedy", "kill").len(), 1);
     let m = agent.metrics();
-    assert_eq!(
-        m.sum(
-            "tally_enforcement_actions_total",
-            &[("tenant", "greedy"), ("action", "terminate")]
-        ),
-        2.0
-    );
-    assert_eq!(
-        m.sum(
-            "tally_enforcement_actions_total",
-            &[("tenant", "greedy"), ("action", "kill")]
-        ),
-        1.0
-    );
+    assert_eq!(actions_taken(&m, "greedy", "terminate"), 2.0);
+    assert_eq!(actions_taken(&m, "greedy", "kill"), 1.0);
     verify_audit(&env.audit_log());
 }
 
@@ -503,16 +493,8 @@ fn cgroup_removed_during_throttle() {
     if !require_root() {
         return;
     }
-    let env = TenantEnv::new();
-    let quotas = "\
-[tenant.quota.gone]
-gpu_memory = '1GiB'
-gpu_memory_action = 'throttle'
-grace = '1s'
-";
-    let node = SimNode::new(&scenario());
-    let mut agent = Agent::start(&node, &env.config(quotas), FAST);
-    let cfg = env.write_config(quotas);
+    let quotas = &gpu_memory_quota("gone", "throttle");
+    let (env, node, mut agent, cfg) = enforcing(quotas);
     let mut job = env.run(&cfg, "gone", "j", "sleep", &["300"]);
     let pid = job.pid();
     node.register(pid, 0, None, 4096, 0.9);
@@ -562,18 +544,9 @@ fn reused_pid_is_not_terminated() {
         skip("cannot write /proc/sys/kernel/ns_last_pid to force a pid reuse");
         return;
     }
-    let env = TenantEnv::new();
-    let quotas = "\
-[tenant.quota.reuse]
-gpu_memory = '1GiB'
-gpu_memory_action = 'terminate'
-grace = '1s'
-kill_timeout = '1s'
-";
-    let node = SimNode::new(&scenario());
+    let quotas = &(gpu_memory_quota("reuse", "terminate") + "kill_timeout = '1s'\n");
     // Slow samples: the reuse happens between two of them.
-    let agent = Agent::start(&node, &env.config(quotas), &["--sample-interval", "3s"]);
-    let cfg = env.write_config(quotas);
+    let (env, node, agent, cfg) = enforcing_with(quotas, &["--sample-interval", "3s"]);
     let mut first = env.run(&cfg, "reuse", "j", "sleep", &["300"]);
     let pid = first.pid();
     node.register(pid, 0, None, 2048, 0.5);
@@ -627,7 +600,6 @@ fn tampered_audit_log_is_detected() {
     if !require_root() {
         return;
     }
-    let env = TenantEnv::new();
     let quotas = "\
 [tenant.quota.aud]
 gpu_memory = '1GiB'
@@ -635,9 +607,7 @@ grace = '0s'
 [tenant.quota.other]
 pids = 100
 ";
-    let node = SimNode::new(&scenario());
-    let agent = Agent::start(&node, &env.config(quotas), FAST);
-    let cfg = env.write_config(quotas);
+    let (env, node, agent, cfg) = enforcing(quotas);
     let job = env.run(&cfg, "aud", "j", "sleep", &["300"]);
     node.register(job.pid(), 0, None, 2048, 0.5);
     env.wait_audit("an alert", |r| r["action"] == "alert");
@@ -657,11 +627,7 @@ pids = 100
     assert_ne!(edited[tampered_at], lines[tampered_at]);
     let bad = env.dir.path().join("tampered.log");
     fs::write(&bad, edited.join("\n") + "\n").unwrap();
-    let out = Command::new(tally_bin())
-        .args(["audit", "verify"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = tally_on(&["audit", "verify"], &bad);
     assert!(!out.status.success(), "a tampered log verified");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -736,6 +702,51 @@ impl ByteSampler {
     }
 }
 
+/// The 8 Mbit/s both network tests police at, in bytes/s.
+const RATE: f64 = 1_000_000.0;
+
+/// [`enforcing`] with the network probes (their own pin
+/// directory, returned to outlive the agent), once `tenant`'s token bucket
+/// for `resource` is set. None (skipped) without a cgroup v2 hierarchy.
+fn start_policing(
+    quotas: &str,
+    tenant: &str,
+    resource: &str,
+) -> Option<(tally_e2e::probes_support::PinDir, Enforcing)> {
+    if tally_agent::cgroupfs::unified_root().is_none() {
+        skip("no cgroup v2 hierarchy for the cgroup_skb programs");
+        return None;
+    }
+    let pin = tally_e2e::probes_support::PinDir::new();
+    let env = TenantEnv::new();
+    let config = format!(
+        "{}\n[probes]\npin_dir = '{}'\npcie = false\nprocess = false\n",
+        env.config(quotas),
+        pin.0.display()
+    );
+    let started = launch(env, &config, quotas, FAST);
+    started.0.wait_audit("the token bucket", |r| {
+        r["tenant"] == tenant && r["resource"] == resource && r["action"] == "limit_applied"
+    });
+    Some((pin, started))
+}
+
+/// Waits for the policer's drops of `tenant` in `direction` in /metrics.
+fn wait_drops(agent: &Agent, tenant: &str, direction: &str) {
+    wait_for(
+        &format!("the policer's {direction} drops in /metrics"),
+        LONG,
+        || {
+            let m = agent.metrics();
+            (m.sum(
+                "tally_tenant_network_dropped_packets_total",
+                &[("tenant", tenant), ("direction", direction)],
+            ) > 0.0)
+                .then_some(())
+        },
+    );
+}
+
 /// Item 4: a tenant limited to 8 Mbit/s (1 MB/s) sends at that rate, ±15 %,
 /// over loopback TCP, while an unlimited tenant sending at the same time is
 /// not held to it; the policer's drops are counted for the limited tenant.
@@ -743,34 +754,19 @@ impl ByteSampler {
 fn network_egress_rate_is_policed() {
     use std::time::Instant;
 
-    use tally_e2e::probes_support::{PinDir, TcpServer, fake_cuda};
+    use tally_e2e::probes_support::{TcpServer, fake_cuda};
 
     if !require_root() {
         return;
     }
-    if tally_agent::cgroupfs::unified_root().is_none() {
-        skip("no cgroup v2 hierarchy for the cgroup_skb programs");
-        return;
-    }
-    const RATE: f64 = 1_000_000.0;
     const SLOW_BYTES: u64 = 6_000_000;
     const FAST_BYTES: u64 = 200_000_000;
-    let env = TenantEnv::new();
-    let pin = PinDir::new();
     let quotas = "[tenant.quota.netslow]\nnetwork_egress = '8Mbit'\n";
-    let config = format!(
-        "{}\n[probes]\npin_dir = '{}'\npcie = false\nprocess = false\n",
-        env.config(quotas),
-        pin.0.display()
-    );
-    let node = SimNode::new(&scenario());
-    let agent = Agent::start(&node, &config, FAST);
-    env.wait_audit("the token bucket", |r| {
-        r["tenant"] == "netslow"
-            && r["resource"] == "network_egress"
-            && r["action"] == "limit_applied"
-    });
-    let cfg = env.write_config(quotas);
+    let Some((_pin, (env, _node, agent, cfg))) =
+        start_policing(quotas, "netslow", "network_egress")
+    else {
+        return;
+    };
     let netload = fake_cuda().netload.display().to_string();
 
     let send = |tenant: &'static str, bytes: u64| {
@@ -829,14 +825,7 @@ fn network_egress_rate_is_policed() {
         fast_rate > 3.0 * RATE,
         "unlimited tenant sent at only {fast_rate:.0} B/s"
     );
-    wait_for("the policer's drops in /metrics", LONG, || {
-        let m = agent.metrics();
-        (m.sum(
-            "tally_tenant_network_dropped_packets_total",
-            &[("tenant", "netslow"), ("direction", "egress")],
-        ) > 0.0)
-            .then_some(())
-    });
+    wait_drops(&agent, "netslow", "egress");
     let m = agent.metrics();
     assert_eq!(
         m.sum(
@@ -846,10 +835,7 @@ fn network_egress_rate_is_policed() {
         0.0
     );
     assert_eq!(
-        m.value(
-            "tally_tenant_quota_limit",
-            &[("tenant", "netslow"), ("resource", "network_egress")]
-        ),
+        quota_gauge(&m, "tally_tenant_quota_limit", "netslow", "network_egress"),
         Some(RATE)
     );
     verify_audit(&env.audit_log());
@@ -862,28 +848,26 @@ fn gpu_time_budget_alerts() {
     if !require_root() {
         return;
     }
-    let env = TenantEnv::new();
     let quotas = "\
 [tenant.quota.hours]
 gpu_seconds_per_hour = 2
 gpu_time_action = 'alert'
 grace = '0s'
 ";
-    let node = SimNode::new(&scenario());
-    let agent = Agent::start(&node, &env.config(quotas), FAST);
-    let cfg = env.write_config(quotas);
+    let (env, node, agent, cfg) = enforcing(quotas);
     let job = env.run(&cfg, "hours", "j", "sleep", &["300"]);
     node.register(job.pid(), 0, None, 100, 0.5);
     wait_for("the GPU-time alert", LONG, || {
         (action_count(&agent, "hours", "gpu_seconds_per_hour", "alert") == 1.0).then_some(())
     });
     let m = agent.metrics();
-    let usage = m
-        .value(
-            "tally_tenant_quota_usage",
-            &[("tenant", "hours"), ("resource", "gpu_seconds_per_hour")],
-        )
-        .expect("GPU-time usage exported");
+    let usage = quota_gauge(
+        &m,
+        "tally_tenant_quota_usage",
+        "hours",
+        "gpu_seconds_per_hour",
+    )
+    .expect("GPU-time usage exported");
     assert!(usage > 2.0, "alerted at {usage} GPU seconds");
     let rec = &env.audited("hours", "alert")[0];
     assert_eq!(rec["resource"], "gpu_seconds_per_hour");
@@ -902,11 +886,7 @@ fn config_check_names_every_bad_quota_key() {
          '100Mbitz'\ncpu_core = 2\n[tenant.quota.beta]\ngrace = 'soon'\n",
     )
     .unwrap();
-    let out = Command::new(tally_bin())
-        .args(["config", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = tally_on(&["config", "check"], &bad);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     for key in [
@@ -932,11 +912,7 @@ fn config_check_names_every_bad_quota_key() {
         ),
     )
     .unwrap();
-    let out = Command::new(tally_bin())
-        .args(["config", "check"])
-        .arg(&good)
-        .output()
-        .unwrap();
+    let out = tally_on(&["config", "check"], &good);
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -949,33 +925,17 @@ fn network_ingress_rate_is_policed() {
         time::Instant,
     };
 
-    use tally_e2e::probes_support::{PinDir, fake_cuda};
+    use tally_e2e::probes_support::fake_cuda;
 
     if !require_root() {
         return;
     }
-    if tally_agent::cgroupfs::unified_root().is_none() {
-        skip("no cgroup v2 hierarchy for the cgroup_skb programs");
-        return;
-    }
-    const RATE: f64 = 1_000_000.0;
     const BYTES: u64 = 4_000_000;
-    let env = TenantEnv::new();
-    let pin = PinDir::new();
     let quotas = "[tenant.quota.netin]\nnetwork_ingress = '8Mbit'\n";
-    let config = format!(
-        "{}\n[probes]\npin_dir = '{}'\npcie = false\nprocess = false\n",
-        env.config(quotas),
-        pin.0.display()
-    );
-    let node = SimNode::new(&scenario());
-    let agent = Agent::start(&node, &config, FAST);
-    env.wait_audit("the token bucket", |r| {
-        r["tenant"] == "netin"
-            && r["resource"] == "network_ingress"
-            && r["action"] == "limit_applied"
-    });
-    let cfg = env.write_config(quotas);
+    let Some((_pin, (env, _node, agent, cfg))) = start_policing(quotas, "netin", "network_ingress")
+    else {
+        return;
+    };
     let netload = fake_cuda().netload.display().to_string();
     let mut server = tally_e2e::ChildGuard(
         env.run_command(
@@ -1016,13 +976,6 @@ fn network_ingress_rate_is_policed() {
         (0.85 * RATE..=1.15 * RATE).contains(&rate),
         "receiver got {rate:.0} B/s, not 1 MB/s ±15 %"
     );
-    wait_for("the policer's ingress drops in /metrics", LONG, || {
-        let m = agent.metrics();
-        (m.sum(
-            "tally_tenant_network_dropped_packets_total",
-            &[("tenant", "netin"), ("direction", "ingress")],
-        ) > 0.0)
-            .then_some(())
-    });
+    wait_drops(&agent, "netin", "ingress");
     verify_audit(&env.audit_log());
 }

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use tally_e2e::{
-    Agent, Cgroup, Metrics, SimNode,
+    Agent, Cgroup, ChildGuard, Launch, Metrics, SimNode,
     faults_support::{Hang, WallClock, rss_kib, spawn_as_pid},
     http_get, require_root, skip, unique, wait_for,
 };
@@ -54,7 +54,7 @@ fn assert_conserved(m1: &Metrics, m2: &Metrics) {
 /// the energy the hardware counter integrated meanwhile is charged to no
 /// tenant (see docs/faults.md, "energy during a gap").
 fn assert_conserved_except(m1: &Metrics, m2: &Metrics, unreadable: &[&str]) {
-    let delta = |name: &str, labels: &[(&str, &str)]| m2.sum(name, labels) - m1.sum(name, labels);
+    let delta = |name: &str, labels: &[(&str, &str)]| m2.increase(m1, name, labels);
     let gpus: Vec<String> = m2
         .select("tally_gpu_info", &[])
         .map(|s| s.labels["gpu"].clone())
@@ -108,19 +108,67 @@ fn assert_conserved_except(m1: &Metrics, m2: &Metrics, unreadable: &[&str]) {
     }
 }
 
+/// Between two scrapes while GPU 1 cannot be read (it `was`: lost, hung):
+/// nothing is charged for GPU 1's time, and GPU 0 is sampled meanwhile.
+fn assert_only_gpu0_accrues(before: &Metrics, after: &Metrics, was: &str) {
+    const ALLOCATED: &str = "tally_tenant_gpu_allocated_seconds_total";
+    close(
+        after.sum(ALLOCATED, &[("gpu", "1")]),
+        before.sum(ALLOCATED, &[("gpu", "1")]),
+        &format!("allocated seconds of gpu 1 grew while it {was}"),
+    );
+    assert!(
+        after.increase(before, ALLOCATED, &[("tenant", "acme"), ("gpu", "0")]) > 0.0,
+        "gpu 0 stopped being accounted while gpu 1 {was}"
+    );
+}
+
+/// Where CONFIG's rule finds `tenant`'s job, beneath `base`.
+fn job_path(base: &str, tenant: &str) -> String {
+    format!("{base}/tally/{tenant}/job")
+}
+
+/// A job of `tenant` holding `memory_mib` and `sm` of GPU `gpu`; killed
+/// (and its cgroup removed) on drop.
+struct BusyJob {
+    _process: ChildGuard,
+    _cgroup: Cgroup,
+}
+
+fn busy_job(
+    node: &SimNode,
+    base: &str,
+    tenant: &str,
+    gpu: u32,
+    memory_mib: u64,
+    sm: f64,
+) -> BusyJob {
+    let cgroup = Cgroup::create(&job_path(base, tenant));
+    let process = cgroup.spawn("sleep", &["600"]);
+    node.register(process.pid(), gpu, None, memory_mib, sm);
+    BusyJob {
+        _process: process,
+        _cgroup: cgroup,
+    }
+}
+
+/// acme's job holding GPU 0 (4 GiB, 50 % SM) and beta's holding GPU 1
+/// (2 GiB, 40 %).
+fn acme_and_beta(node: &SimNode) -> [BusyJob; 2] {
+    let base = unique("e2e-faults");
+    [
+        busy_job(node, &base, "acme", 0, 4096, 0.5),
+        busy_job(node, &base, "beta", 1, 2048, 0.4),
+    ]
+}
+
 #[test]
 fn a_gpu_flapping_off_the_bus_mid_sample_keeps_every_sum() {
     if !require_root() {
         return;
     }
     let node = SimNode::standard();
-    let base = unique("e2e-faults");
-    let acme = Cgroup::create(&format!("{base}/tally/acme/job"));
-    let beta = Cgroup::create(&format!("{base}/tally/beta/job"));
-    let a = acme.spawn("sleep", &["600"]);
-    let b = beta.spawn("sleep", &["600"]);
-    node.register(a.pid(), 0, None, 4096, 0.5);
-    node.register(b.pid(), 1, None, 2048, 0.4);
+    let _jobs = acme_and_beta(&node);
     let agent = Agent::start(&node, CONFIG, &["--sample-interval", "200ms"]);
     agent.wait_samples(3);
     let m1 = agent.metrics();
@@ -145,23 +193,7 @@ fn a_gpu_flapping_off_the_bus_mid_sample_keeps_every_sum() {
     let while_lost = agent.metrics();
     agent.wait_samples(5);
     let still_lost = agent.metrics();
-    // Nothing is charged for time the GPU could not be read.
-    close(
-        still_lost.sum("tally_tenant_gpu_allocated_seconds_total", &[("gpu", "1")]),
-        while_lost.sum("tally_tenant_gpu_allocated_seconds_total", &[("gpu", "1")]),
-        "allocated seconds of a lost GPU do not grow",
-    );
-    // GPU 0 is sampled meanwhile.
-    assert!(
-        still_lost.sum(
-            "tally_tenant_gpu_allocated_seconds_total",
-            &[("tenant", "acme"), ("gpu", "0")]
-        ) > while_lost.sum(
-            "tally_tenant_gpu_allocated_seconds_total",
-            &[("tenant", "acme"), ("gpu", "0")]
-        ),
-        "gpu 0 stopped being accounted while gpu 1 was lost"
-    );
+    assert_only_gpu0_accrues(&while_lost, &still_lost, "was lost");
     node.set_lost(1, false);
     wait_state(&agent, "1", "busy");
     agent.wait_samples(3);
@@ -171,17 +203,13 @@ fn a_gpu_flapping_off_the_bus_mid_sample_keeps_every_sum() {
     agent.wait_samples(5);
     assert_conserved(&m2, &agent.metrics());
     // Beta was charged on GPU 1 only, and less than the wall time of the run.
-    let beta_gpu1 = m2.sum(
-        "tally_tenant_gpu_allocated_seconds_total",
-        &[("tenant", "beta"), ("gpu", "1")],
-    ) - m1.sum(
+    let beta_gpu1 = m2.increase(
+        &m1,
         "tally_tenant_gpu_allocated_seconds_total",
         &[("tenant", "beta"), ("gpu", "1")],
     );
-    let acme_gpu0 = m2.sum(
-        "tally_tenant_gpu_allocated_seconds_total",
-        &[("tenant", "acme"), ("gpu", "0")],
-    ) - m1.sum(
+    let acme_gpu0 = m2.increase(
+        &m1,
         "tally_tenant_gpu_allocated_seconds_total",
         &[("tenant", "acme"), ("gpu", "0")],
     );
@@ -215,9 +243,7 @@ fn an_xid_storm_is_counted_exactly_and_the_agent_stays_responsive() {
     }
     let node = SimNode::standard();
     let base = unique("e2e-faults");
-    let acme = Cgroup::create(&format!("{base}/tally/acme/job"));
-    let a = acme.spawn("sleep", &["600"]);
-    node.register(a.pid(), 0, None, 4096, 0.5);
+    let _acme = busy_job(&node, &base, "acme", 0, 4096, 0.5);
     let agent = Agent::start(&node, CONFIG, &["--sample-interval", "200ms"]);
     agent.wait_samples(3);
     let m1 = agent.metrics();
@@ -285,13 +311,7 @@ fn a_hung_gpu_is_marked_lost_and_never_stalls_metrics() {
         return;
     }
     let node = SimNode::standard();
-    let base = unique("e2e-faults");
-    let acme = Cgroup::create(&format!("{base}/tally/acme/job"));
-    let beta = Cgroup::create(&format!("{base}/tally/beta/job"));
-    let a = acme.spawn("sleep", &["600"]);
-    let b = beta.spawn("sleep", &["600"]);
-    node.register(a.pid(), 0, None, 4096, 0.5);
-    node.register(b.pid(), 1, None, 2048, 0.4);
+    let _jobs = acme_and_beta(&node);
     let config = format!("[agent]\nnvml_timeout = \"1s\"\n{CONFIG}");
     let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
     wait_state(&agent, "1", "busy");
@@ -317,22 +337,7 @@ fn a_hung_gpu_is_marked_lost_and_never_stalls_metrics() {
         let (status, _) = http_get(agent.addr, "/readyz").expect("GET /readyz");
         assert_eq!(status, 200);
     }
-    let later = agent.metrics();
-    assert!(
-        later.sum(
-            "tally_tenant_gpu_allocated_seconds_total",
-            &[("tenant", "acme"), ("gpu", "0")]
-        ) > during.sum(
-            "tally_tenant_gpu_allocated_seconds_total",
-            &[("tenant", "acme"), ("gpu", "0")]
-        ),
-        "gpu 0 stopped being accounted while gpu 1 hung"
-    );
-    close(
-        later.sum("tally_tenant_gpu_allocated_seconds_total", &[("gpu", "1")]),
-        during.sum("tally_tenant_gpu_allocated_seconds_total", &[("gpu", "1")]),
-        "a hung GPU accrues no allocated time",
-    );
+    assert_only_gpu0_accrues(&during, &agent.metrics(), "hung");
     assert!(
         agent.log_text().contains("timed out"),
         "no log line says the GPU timed out"
@@ -354,8 +359,8 @@ fn a_reused_pid_is_charged_to_its_new_tenant_only() {
     }
     let node = SimNode::standard();
     let base = unique("e2e-faults");
-    let acme = Cgroup::create(&format!("{base}/tally/acme/job"));
-    let beta = Cgroup::create(&format!("{base}/tally/beta/job"));
+    let acme = Cgroup::create(&job_path(&base, "acme"));
+    let beta = Cgroup::create(&job_path(&base, "beta"));
     let mut old = acme.spawn("sleep", &["600"]);
     let pid = old.pid();
     // The registration stays on disk across the reuse: to the driver (and
@@ -394,10 +399,8 @@ fn a_reused_pid_is_charged_to_its_new_tenant_only() {
     agent.wait_samples(10);
     let m2 = agent.metrics();
     let delta = |tenant: &str| {
-        m2.sum(
-            "tally_tenant_gpu_allocated_seconds_total",
-            &[("tenant", tenant), ("gpu", "0")],
-        ) - m1.sum(
+        m2.increase(
+            &m1,
             "tally_tenant_gpu_allocated_seconds_total",
             &[("tenant", tenant), ("gpu", "0")],
         )
@@ -409,8 +412,7 @@ fn a_reused_pid_is_charged_to_its_new_tenant_only() {
     );
     close(
         delta("beta"),
-        m2.sum("tally_gpu_observed_seconds_total", &[("gpu", "0")])
-            - m1.sum("tally_gpu_observed_seconds_total", &[("gpu", "0")]),
+        m2.increase(&m1, "tally_gpu_observed_seconds_total", &[("gpu", "0")]),
         "the new tenant holds the GPU for the whole interval",
     );
     assert_eq!(
@@ -434,16 +436,18 @@ fn a_wall_clock_jump_backwards_changes_no_interval() {
     let node = SimNode::standard();
     let clock = WallClock::build(node.dir.path());
     let base = unique("e2e-faults");
-    let acme = Cgroup::create(&format!("{base}/tally/acme/job"));
-    let a = acme.spawn("sleep", &["600"]);
-    node.register(a.pid(), 0, None, 4096, 0.5);
+    let _acme = busy_job(&node, &base, "acme", 0, 4096, 0.5);
     // The agent (and the simulated driver inside it) see the shifted clock.
     let config = node.dir.path().join("clock-agent.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let addr = format!("127.0.0.1:{}", tally_e2e::free_port())
         .parse()
         .unwrap();
-    let agent = start_with_env(&node, &config, addr, &clock);
+    let how = Launch {
+        env: clock.env().to_vec(),
+        ..Launch::default()
+    };
+    let agent = Agent::launch(&how, &node, &config, addr, &["--sample-interval", "200ms"]);
     agent.wait_samples(3);
     let m1 = agent.metrics();
     let t1 = m1
@@ -469,18 +473,15 @@ fn a_wall_clock_jump_backwards_changes_no_interval() {
     assert_conserved(&m1, &m2);
     // Intervals run on the monotonic clock: observed time is the real time
     // that passed, never negative, never the hour the wall clock lost.
-    let observed = m2.sum("tally_gpu_observed_seconds_total", &[("gpu", "0")])
-        - m1.sum("tally_gpu_observed_seconds_total", &[("gpu", "0")]);
+    let observed = m2.increase(&m1, "tally_gpu_observed_seconds_total", &[("gpu", "0")]);
     assert!(
         observed > 0.0 && observed <= elapsed + 1.0,
         "observed {observed} s over {elapsed} s of monotonic time"
     );
     // SM seconds go on at the registered rate although the driver's sample
     // time stamps (wall clock) are now an hour behind the last one seen.
-    let sm = m2.sum(
-        "tally_tenant_gpu_sm_seconds_total",
-        &[("tenant", "acme"), ("gpu", "0")],
-    ) - m1.sum(
+    let sm = m2.increase(
+        &m1,
         "tally_tenant_gpu_sm_seconds_total",
         &[("tenant", "acme"), ("gpu", "0")],
     );
@@ -488,50 +489,21 @@ fn a_wall_clock_jump_backwards_changes_no_interval() {
     assert!(!agent.log_text().contains("panicked"));
 }
 
-/// [`Agent::start_with`] with the wall-clock shim preloaded.
-fn start_with_env(
-    node: &SimNode,
-    config: &std::path::Path,
-    addr: std::net::SocketAddr,
-    clock: &WallClock,
-) -> Agent {
-    let log = node.dir.path().join(unique("agent") + ".log");
-    let mut cmd = std::process::Command::new(tally_e2e::tally_bin());
-    cmd.arg("agent")
-        .arg("--config")
-        .arg(config)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--nvml-lib")
-        .arg(tally_e2e::sim_lib())
-        .args(["--sample-interval", "200ms"])
-        .envs(node.env())
-        .envs(clock.env())
-        .env("TALLY_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("agent log"));
-    let child = tally_e2e::ChildGuard(cmd.spawn().expect("spawn tally agent"));
-    let agent = Agent {
-        child,
-        addr,
-        config: config.to_path_buf(),
-        log,
-    };
-    agent.wait_ready();
-    agent
-}
-
 // ------------------------------------------------ the spool under faults
 
 mod spool {
-    use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
+    use std::{
+        collections::BTreeMap,
+        path::{Path, PathBuf},
+        process::Command,
+        time::Duration,
+    };
 
     use tally_e2e::{
         Agent, ChildGuard, SimNode,
         aggregator_support::{
-            Aggregator, LedgerReader, add_counters as add, agent_config, assert_ledger_exact,
-            reported_counters as reported, spooled, sqlite, subdir,
+            Aggregator, LedgerReader, add_counters, agent_config, assert_ledger_exact,
+            reported_counters, spooled, sqlite, subdir,
         },
         require_root, wait_for,
     };
@@ -539,26 +511,47 @@ mod spool {
     const LONG: Duration = Duration::from_secs(90);
     const RULES: &str = "[[tenant.rule]]\nuser = true\n";
 
+    /// An aggregator on a fresh SQLite ledger in `dir`: its tokens
+    /// directory, the aggregator, and a reader of the ledger.
+    fn sqlite_ledger(dir: &Path) -> (PathBuf, Aggregator, LedgerReader) {
+        let backend = sqlite(dir);
+        let tokens = dir.join("agg");
+        let agg = Aggregator::start(&tokens, &backend, "");
+        let ledger = LedgerReader::new(&backend);
+        (tokens, agg, ledger)
+    }
+
+    /// A process holding GPU 0, and an agent (node `name`, report state in
+    /// `state`) reporting it to `agg`, once its first reports are in.
+    fn start_reporting(
+        node: &SimNode,
+        agg: &Aggregator,
+        ledger: &LedgerReader,
+        tokens: &Path,
+        name: &str,
+        state: &Path,
+    ) -> (ChildGuard, Agent) {
+        let p = ChildGuard(Command::new("sleep").arg("600").spawn().unwrap());
+        node.register(p.pid(), 0, None, 4096, 0.5);
+        let config = agent_config(&agg.url(), name, state, tokens, RULES);
+        let agent = Agent::start(node, &config, &["--sample-interval", "200ms"]);
+        wait_for("first reports", LONG, || {
+            (ledger.reports(name).0 >= 2).then_some(())
+        });
+        (p, agent)
+    }
+
     #[test]
     fn an_agent_killed_during_spool_replay_loses_and_doubles_nothing() {
         if !require_root() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let backend = sqlite(dir.path());
-        let tokens = dir.path().join("agg");
-        let mut agg = Aggregator::start(&tokens, &backend, "");
-        let ledger = LedgerReader::new(&backend);
+        let (tokens, mut agg, ledger) = sqlite_ledger(dir.path());
         let node = SimNode::standard();
         let state = subdir(dir.path(), "state");
-        let p = ChildGuard(Command::new("sleep").arg("600").spawn().unwrap());
-        node.register(p.pid(), 0, None, 4096, 0.5);
-        let config = agent_config(&agg.url(), "replay", &state, &tokens, RULES);
-        let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
+        let (p, agent) = start_reporting(&node, &agg, &ledger, &tokens, "replay", &state);
         let (addr, config_path) = (agent.addr, agent.config.clone());
-        wait_for("first reports", LONG, || {
-            (ledger.reports("replay").0 >= 2).then_some(())
-        });
         agg.stop();
         wait_for("a long spool", LONG, || {
             (spooled(&state) >= 25).then_some(())
@@ -573,7 +566,7 @@ mod spool {
         let mut agent = agent;
         agent.child.kill();
         let mut expected = BTreeMap::new();
-        add(&mut expected, reported(&state));
+        add_counters(&mut expected, reported_counters(&state));
         assert!(spooled(&state) > 0, "the replay finished before the kill");
         // A new process finishes the replay and goes on reporting.
         let agent = Agent::start_with(&node, &config_path, addr, &["--sample-interval", "200ms"]);
@@ -582,7 +575,7 @@ mod spool {
         });
         agent.wait_samples(5);
         assert!(agent.stop().success());
-        add(&mut expected, reported(&state));
+        add_counters(&mut expected, reported_counters(&state));
         assert_eq!(spooled(&state), 0, "final report delivered");
         assert_ledger_exact(&ledger, &agg, "replay", &state, &expected);
         drop(p);
@@ -626,21 +619,12 @@ mod spool {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let backend = sqlite(dir.path());
-        let tokens = dir.path().join("agg");
-        let mut agg = Aggregator::start(&tokens, &backend, "");
-        let ledger = LedgerReader::new(&backend);
+        let (tokens, mut agg, ledger) = sqlite_ledger(dir.path());
         let node = SimNode::standard();
         let disk = SmallDisk::mount(&dir.path().join("disk"), "96k");
         let state = disk.0.join("state");
         std::fs::create_dir_all(&state).unwrap();
-        let p = ChildGuard(Command::new("sleep").arg("600").spawn().unwrap());
-        node.register(p.pid(), 0, None, 4096, 0.5);
-        let config = agent_config(&agg.url(), "diskfull", &state, &tokens, RULES);
-        let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
-        wait_for("first reports", LONG, || {
-            (ledger.reports("diskfull").0 >= 2).then_some(())
-        });
+        let (p, agent) = start_reporting(&node, &agg, &ledger, &tokens, "diskfull", &state);
         agg.stop();
         // Fill the rest of the disk, so the spool hits ENOSPC.
         let filler = disk.0.join("filler");
@@ -668,7 +652,7 @@ mod spool {
         agent.wait_samples(5);
         assert!(agent.stop().success());
         let mut expected = BTreeMap::new();
-        add(&mut expected, reported(&state));
+        add_counters(&mut expected, reported_counters(&state));
         assert_ledger_exact(&ledger, &agg, "diskfull", &state, &expected);
         drop(p);
     }

@@ -25,7 +25,6 @@
 
 use std::{
     fs,
-    net::SocketAddr,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -428,12 +427,9 @@ fn agent_restart_continues_counters_without_double_count() {
     let s = setup("tally-probes-restart");
     let alpha = s.tenant("alpha");
     let gone = s.tenant("gone");
-    let config = s.state.path().join("agent.toml");
-    fs::write(&config, s.config("300ms")).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", tally_e2e::free_port())
-        .parse()
-        .unwrap();
-    let first = Agent::start_with(&s.node, &config, addr, &[]);
+    let first = Agent::start(&s.node, &s.config("300ms"), &[]);
+    // The second agent starts on the same config file and address.
+    let (config, addr) = (first.config.clone(), first.addr);
 
     let w = (4u64 << 20, 64u64 << 10, 50u64, 1000u64);
     let r1 = network_workload(&alpha, w.0, w.1, w.2, w.3);
@@ -728,12 +724,9 @@ fn counters_stay_when_the_maps_are_new_as_after_a_reboot() {
     }
     let s = setup("tally-probes-reboot");
     let alpha = s.tenant("alpha");
-    let config = s.state.path().join("agent.toml");
-    fs::write(&config, s.config("300ms")).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", tally_e2e::free_port())
-        .parse()
-        .unwrap();
-    let first = Agent::start_with(&s.node, &config, addr, &[]);
+    let first = Agent::start(&s.node, &s.config("300ms"), &[]);
+    // The second agent starts on the same config file and address.
+    let (config, addr) = (first.config.clone(), first.addr);
     cuda_in(&alpha, &["cuMemcpyDtoH_v2", "1000", "9"]);
     let w = (1u64 << 20, 1000u64, 20u64, 500u64);
     network_workload(&alpha, w.0, w.1, w.2, w.3);

@@ -57,6 +57,14 @@ fn agent(node: &SimNode) -> Agent {
     Agent::start(node, CONFIG, &["--sample-interval", "200ms"])
 }
 
+/// The GPU memory `tenant` holds on `gpu`, in bytes.
+fn gpu_memory(m: &Metrics, tenant: &str, gpu: &str) -> Option<f64> {
+    m.value(
+        "tally_tenant_gpu_memory_bytes",
+        &[("tenant", tenant), ("gpu", gpu)],
+    )
+}
+
 /// One scrape is one snapshot: every value in it is mutually consistent.
 fn scrape(agent: &Agent) -> (Metrics, f64, f64) {
     let m = agent.metrics();
@@ -78,20 +86,8 @@ fn tenants_in_cgroups_show_up_with_conserved_time_and_energy() {
 
     let m = agent.metrics();
     // Memory per tenant is what was registered.
-    assert_eq!(
-        m.value(
-            "tally_tenant_gpu_memory_bytes",
-            &[("tenant", "acme"), ("gpu", "0")]
-        ),
-        Some(8.0 * GIB)
-    );
-    assert_eq!(
-        m.value(
-            "tally_tenant_gpu_memory_bytes",
-            &[("tenant", "beta"), ("gpu", "0")]
-        ),
-        Some(4.0 * GIB)
-    );
+    assert_eq!(gpu_memory(&m, "acme", "0"), Some(8.0 * GIB));
+    assert_eq!(gpu_memory(&m, "beta", "0"), Some(4.0 * GIB));
     assert_eq!(
         m.value("tally_gpu_memory_used_bytes", &[("gpu", "0")]),
         Some(12.0 * GIB)
@@ -240,22 +236,13 @@ fn a_process_that_exits_is_forgotten_and_its_memory_released() {
     let mut tenants = start_tenants(&node);
     let agent = agent(&node);
     agent.wait_samples(2);
-    assert_eq!(
-        agent.metrics().value(
-            "tally_tenant_gpu_memory_bytes",
-            &[("tenant", "acme"), ("gpu", "0")]
-        ),
-        Some(8.0 * GIB)
-    );
+    assert_eq!(gpu_memory(&agent.metrics(), "acme", "0"), Some(8.0 * GIB));
     tenants.procs[0].kill();
     wait_for(
         "acme's memory to be released",
         Duration::from_secs(30),
         || {
-            let v = agent.metrics().value(
-                "tally_tenant_gpu_memory_bytes",
-                &[("tenant", "acme"), ("gpu", "0")],
-            );
+            let v = gpu_memory(&agent.metrics(), "acme", "0");
             (v == Some(0.0)).then_some(())
         },
     );
@@ -429,13 +416,7 @@ fn bad_state_files_are_skipped_and_good_ones_counted() {
     let agent = agent(&node);
     agent.wait_samples(2);
     let m = agent.metrics();
-    assert_eq!(
-        m.value(
-            "tally_tenant_gpu_memory_bytes",
-            &[("tenant", "acme"), ("gpu", "0")]
-        ),
-        Some(8.0 * GIB)
-    );
+    assert_eq!(gpu_memory(&m, "acme", "0"), Some(8.0 * GIB));
     drop(tenants);
 }
 

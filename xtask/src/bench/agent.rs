@@ -22,49 +22,12 @@ use super::{
 
 /// 8 GPUs: seven H100s and an A100 80GB split into seven 1g.10gb MIG
 /// instances — 14 devices a process can sit on.
-const SCENARIO: &str = r#"
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
+fn scenario() -> String {
+    tally_e2e::H100.repeat(7) + A100_SEVEN_MIG
+}
 
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-memory_mib = 81559
-power_idle_w = 70
-power_max_w = 700
-
+/// An A100 80GB split into seven 1g.10gb MIG instances.
+const A100_SEVEN_MIG: &str = r#"
 [[gpu]]
 model = "NVIDIA A100-SXM4-80GB"
 memory_mib = 81920
@@ -139,7 +102,7 @@ struct Node {
 impl Node {
     fn build(name: &str, procs: usize, tenants: usize) -> anyhow::Result<Node> {
         let dir = util::scratch(name)?;
-        let sim = SimNode::in_dir(&dir, SCENARIO);
+        let sim = SimNode::in_dir(&dir, &scenario());
         let tree = Cgroup::create(&unique("tally-bench"));
         let per = procs.div_ceil(tenants);
         let started = Instant::now();

@@ -130,6 +130,7 @@ impl Ctx {
             sim_lib: self.sim_lib.clone(),
             log_level: "warn".into(),
             ready_within,
+            env: Vec::new(),
         }
     }
 }
