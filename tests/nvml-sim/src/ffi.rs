@@ -576,7 +576,11 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
     energy: *mut c_ulonglong,
 ) -> Ret {
     with_view(device, |_, v| {
-        let mj = v.physical()?.energy_mj;
+        let v = v.physical()?;
+        if !v.gpu.energy_counter {
+            return Err(code::NOT_SUPPORTED);
+        }
+        let mj = v.energy_mj;
         // SAFETY: NVML contract (module docs).
         unsafe { put(energy, mj) }
     })

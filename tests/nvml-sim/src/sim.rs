@@ -116,7 +116,8 @@ pub struct View {
     pub mem_used_mib: u64,
     /// Power of the physical GPU now, mW.
     pub power_mw: u64,
-    /// Energy counter of the physical GPU, mJ.
+    /// Energy integral of the physical GPU, mJ (answered only when the
+    /// scenario gives the GPU an energy counter).
     pub energy_mj: u64,
 }
 
@@ -541,7 +542,12 @@ impl Sim {
                 _ => None,
             };
             // Read the clock under the lock so updates are ordered.
-            let e = step(prev, now_ns());
+            let mut e = step(prev, now_ns());
+            // A driver reload: the counter restarts from 0, once per marker.
+            let reset = state::reset_file(dir, gpu);
+            if reset.exists() && fs::remove_file(&reset).is_ok() {
+                e.picojoules = 0;
+            }
             f.set_len(0)?;
             f.rewind()?;
             writeln!(f, "{} {} {}", e.last_ns, e.picojoules, e.power_mw)?;

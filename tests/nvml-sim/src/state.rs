@@ -8,6 +8,8 @@
 //! - `hang/<index>` — every query of GPU `index` blocks until it is removed;
 //! - `xid/<name>.toml` — an [`XidFault`], renamed to `<name>.toml.delivered`
 //!   once an event set has received it;
+//! - `reset/<index>` — the energy counter of GPU `index` restarts from 0
+//!   (a driver reload); the simulator removes the file when it does;
 //! - `.energy/<index>` — the simulator's energy integral (internal).
 
 use std::{
@@ -46,6 +48,11 @@ pub fn xid_dir(state: &Path) -> PathBuf {
 }
 /// Suffix a delivered XID file gets.
 pub const DELIVERED_SUFFIX: &str = ".delivered";
+/// Marker that makes the energy counter of GPU `index` restart from 0 at
+/// the next query; the simulator removes it once done.
+pub fn reset_file(state: &Path, index: u32) -> PathBuf {
+    state.join("reset").join(index.to_string())
+}
 /// Energy integral of GPU `index` (`<last update ns> <picojoules> <power mW>`).
 pub fn energy_file(state: &Path, index: u32) -> PathBuf {
     state.join(".energy").join(index.to_string())
@@ -159,6 +166,12 @@ pub fn set_hang(state: &Path, index: u32, hang: bool) -> Result<(), StateError> 
             _ => Ok(()),
         }
     }
+}
+
+/// Makes the energy counter of GPU `index` restart from 0 at its next
+/// query, as a driver reload does.
+pub fn reset_energy(state: &Path, index: u32) -> Result<(), StateError> {
+    write_atomic(&reset_file(state, index), "")
 }
 
 /// Parses the text of `procs/<pid>.toml` and checks it against `scenario`

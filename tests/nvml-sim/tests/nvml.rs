@@ -204,6 +204,45 @@ fn energy_is_the_integral_of_power() {
 }
 
 #[test]
+fn a_gpu_without_an_energy_counter_says_not_supported_but_has_power() {
+    let sim = Sim::new(&format!("{H100}energy_counter = false\n{H100}"));
+    let nvml = sim.nvml();
+    let d0 = nvml.device_by_index(0).unwrap();
+    assert!(matches!(
+        d0.total_energy_consumption(),
+        Err(NvmlError::NotSupported)
+    ));
+    assert_eq!(d0.power_usage().unwrap(), 70_000);
+    // The next GPU keeps its counter.
+    assert!(
+        nvml.device_by_index(1)
+            .unwrap()
+            .total_energy_consumption()
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_reset_marker_restarts_the_energy_counter_once() {
+    let sim = Sim::new(H100);
+    let nvml = sim.nvml();
+    let dev = nvml.device_by_index(0).unwrap();
+    dev.total_energy_consumption().unwrap();
+    sleep(Duration::from_millis(200));
+    let before = dev.total_energy_consumption().unwrap();
+    assert!(before >= 10_000, "70 W for 0.2 s: {before} mJ");
+    state::reset_energy(&sim.state, 0).unwrap();
+    let after = dev.total_energy_consumption().unwrap();
+    assert!(after < before, "restarted: {after} mJ after {before} mJ");
+    assert!(
+        !state::reset_file(&sim.state, 0).exists(),
+        "marker consumed"
+    );
+    sleep(Duration::from_millis(50));
+    assert!(dev.total_energy_consumption().unwrap() > after, "counts on");
+}
+
+#[test]
 fn process_samples_honour_last_seen() {
     let sim = Sim::new(&format!("sample_period_ms = 100\n{H100}"));
     let nvml = sim.nvml();
