@@ -144,7 +144,9 @@ impl Collector for SnapshotCollector {
             |g: &crate::snapshot::GpuSnapshot| [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())];
         gauge(
             "tally_gpu_info",
-            "One series per GPU and MIG instance; always 1. MIG instances are gpu=\"<index>/<gi>/<ci>\".",
+            "One series per GPU and MIG instance; always 1. MIG instances are gpu=\"<index>/<gi>/<ci>\". \
+             energy_source: counter (NVML's energy counter) or power (integrated power readings: \
+             the GPU has no counter).",
             None,
         )
         .encode(
@@ -157,6 +159,11 @@ impl Collector for SnapshotCollector {
                         ("model", g.model.clone()),
                         ("mig_mode", g.mig_mode.to_string()),
                         ("mig_profile", g.mig_profile.clone().unwrap_or_default()),
+                        (
+                            "energy_source",
+                            g.energy_source
+                                .map_or(String::new(), |s| s.as_str().to_owned()),
+                        ),
                     ],
                     1.0,
                 )
@@ -235,7 +242,9 @@ impl Collector for SnapshotCollector {
         )?;
         counter(
             "tally_gpu_energy",
-            "NVML's total energy counter of the GPU since driver load.",
+            "Energy drawn by the GPU: NVML's total-energy counter, carried on across counter \
+             resets, or the integral of its power where it has no counter (tally_gpu_info \
+             energy_source).",
             Some(Unit::Joules),
         )
         .encode(
@@ -565,7 +574,7 @@ mod tests {
     use super::*;
     use crate::{
         report::stats::ReportStats,
-        snapshot::{GpuSnapshot, TENANT_IDLE, TenantGpuUsage},
+        snapshot::{EnergySource, GpuSnapshot, TENANT_IDLE, TenantGpuUsage},
     };
 
     /// GPU 0 shared by acme and `_idle`, MIG GPU 1 with instance 1/1/0
@@ -591,15 +600,20 @@ mod tests {
             node: "n1".into(),
             samples: 7,
             gpus: vec![
-                gpu("0", GpuState::Busy, 10.0),
+                GpuSnapshot {
+                    energy_source: Some(EnergySource::Counter),
+                    ..gpu("0", GpuState::Busy, 10.0)
+                },
                 GpuSnapshot {
                     mig_mode: true,
+                    energy_source: Some(EnergySource::Power),
                     ..gpu("1", GpuState::Free, 2.0)
                 },
                 GpuSnapshot {
                     mig_mode: true,
                     mig_profile: Some("3g.20gb".into()),
                     parent_uuid: Some("GPU-1".into()),
+                    energy_source: Some(EnergySource::Power),
                     ..gpu("1/1/0", GpuState::Idle, 10.0)
                 },
             ],
@@ -653,14 +667,16 @@ mod tests {
         assert_eq!(
             lines(&text, "tally_gpu_info"),
             [
-                r#"tally_gpu_info{gpu="0",uuid="GPU-0",model="M",mig_mode="false",mig_profile=""} 1.0"#,
-                r#"tally_gpu_info{gpu="1",uuid="GPU-1",model="M",mig_mode="true",mig_profile=""} 1.0"#,
-                r#"tally_gpu_info{gpu="1/1/0",uuid="GPU-1/1/0",model="M",mig_mode="true",mig_profile="3g.20gb"} 1.0"#,
+                r#"tally_gpu_info{gpu="0",uuid="GPU-0",model="M",mig_mode="false",mig_profile="",energy_source="counter"} 1.0"#,
+                r#"tally_gpu_info{gpu="1",uuid="GPU-1",model="M",mig_mode="true",mig_profile="",energy_source="power"} 1.0"#,
+                r#"tally_gpu_info{gpu="1/1/0",uuid="GPU-1/1/0",model="M",mig_mode="true",mig_profile="3g.20gb",energy_source="power"} 1.0"#,
             ]
         );
         assert!(text.contains(
             "# HELP tally_gpu_info One series per GPU and MIG instance; always 1. MIG instances \
-             are gpu=\"<index>/<gi>/<ci>\".\n# TYPE tally_gpu_info gauge\n"
+             are gpu=\"<index>/<gi>/<ci>\". energy_source: counter (NVML's energy counter) or \
+             power (integrated power readings: the GPU has no counter).\n# TYPE tally_gpu_info \
+             gauge\n"
         ));
     }
 

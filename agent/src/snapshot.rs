@@ -69,6 +69,27 @@ pub enum GpuHealth {
     Error,
 }
 
+/// Where a GPU's energy figures come from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EnergySource {
+    /// NVML's total-energy counter.
+    Counter,
+    /// The trapezoid integral of NVML's power readings: the GPU has no
+    /// energy counter (pre-Volta, many GeForce boards, some vGPU guests).
+    Power,
+}
+
+impl EnergySource {
+    /// The `energy_source` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnergySource::Counter => "counter",
+            EnergySource::Power => "power",
+        }
+    }
+}
+
 /// One physical GPU or one MIG instance.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GpuSnapshot {
@@ -95,8 +116,14 @@ pub struct GpuSnapshot {
     /// Physical GPUs only.
     pub power_watts: Option<f64>,
     pub temperature_celsius: Option<f64>,
-    /// NVML's total energy counter, in joules (physical GPUs only).
+    /// Energy the GPU drew, in joules (physical GPUs only): NVML's
+    /// total-energy counter, carried on across counter resets, or the
+    /// integral of power where there is no counter (see `energy_source`).
     pub energy_joules_total: Option<f64>,
+    /// Where `energy_joules_total` comes from; on a MIG instance, its
+    /// parent's source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_source: Option<EnergySource>,
     /// Cumulative PCIe bytes integrated from NVML's throughput (physical
     /// GPUs only): `(tx, rx)`.
     pub pcie_tx_bytes_total: Option<f64>,

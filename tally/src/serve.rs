@@ -128,9 +128,10 @@ mod tests {
             r
         };
         let server = tokio::spawn(serve(listener, None, route, shutdown.clone()));
-        let client = tokio::spawn(async move {
-            reqwest::get(format!("http://{addr}/")).await?.text().await
-        });
+        let client =
+            tokio::spawn(
+                async move { reqwest::get(format!("http://{addr}/")).await?.text().await },
+            );
         tokio::time::sleep(Duration::from_millis(100)).await;
         let cancelled = Instant::now();
         shutdown.cancel();

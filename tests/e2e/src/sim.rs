@@ -78,6 +78,21 @@ impl SimNode {
         }
     }
 
+    /// Makes the energy counter of GPU `index` restart from 0, as a driver
+    /// reload does (the simulator consumes the marker).
+    pub fn reset_energy(&self, index: u32) {
+        let dir = self.state.join("reset");
+        fs::create_dir_all(&dir).expect("reset dir");
+        let tmp = dir.join(format!(".{index}.tmp"));
+        fs::write(&tmp, "").expect("write reset marker");
+        fs::rename(&tmp, dir.join(index.to_string())).expect("rename reset marker");
+    }
+
+    /// Whether the simulator has not yet consumed a reset of GPU `index`.
+    pub fn reset_pending(&self, index: u32) -> bool {
+        self.state.join("reset").join(index.to_string()).exists()
+    }
+
     /// Queues one XID event on GPU `index`.
     pub fn inject_xid(&self, index: u32, xid: u64) {
         let dir = self.state.join("xid");
