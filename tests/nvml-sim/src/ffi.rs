@@ -17,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::sim::{self, Code, Handle, NO_INSTANCE, Sim, View, code, driver, event};
+use crate::{
+    sim::{self, Code, Handle, NO_INSTANCE, Sim, View, code, driver, event},
+    state::ProcKind,
+};
 
 type Ret = c_uint;
 type Device = *mut c_void;
@@ -794,9 +797,13 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(device: Device, value: *m
 // Processes
 // ----------------------------------------------------------------------------
 
-fn process_infos(v: &View) -> Vec<ProcessInfo> {
+/// The processes of `kind` on the handle: each kind is listed by its own
+/// call, as NVML lists CUDA contexts, graphics contexts and MPS clients
+/// separately.
+fn process_infos(v: &View, kind: ProcKind) -> Vec<ProcessInfo> {
     v.procs
         .iter()
+        .filter(|p| p.reg.kind == kind)
         .map(|p| ProcessInfo {
             pid: p.pid,
             used_gpu_memory: p.reg.memory_mib * MIB,
@@ -804,6 +811,18 @@ fn process_infos(v: &View) -> Vec<ProcessInfo> {
             compute_instance_id: p.compute_instance_id,
         })
         .collect()
+}
+
+fn list_processes(
+    device: Device,
+    kind: ProcKind,
+    count: *mut c_uint,
+    infos: *mut ProcessInfo,
+) -> Ret {
+    // SAFETY: callers pass their own NVML out-pointers (module docs).
+    with_view(device, |_, v| unsafe {
+        put_slice(infos, count, &process_infos(v, kind))
+    })
 }
 
 /// A physical handle lists every process on the GPU (with its MIG
@@ -814,10 +833,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe {
-        put_slice(infos, count, &process_infos(v))
-    })
+    list_processes(device, ProcKind::Compute, count, infos)
 }
 
 #[unsafe(no_mangle)]
@@ -826,10 +842,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe {
-        put_slice(infos, count, &process_infos(v))
-    })
+    list_processes(device, ProcKind::Compute, count, infos)
 }
 
 #[unsafe(no_mangle)]
@@ -839,7 +852,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
     infos: *mut ProcessInfoV1,
 ) -> Ret {
     with_view(device, |_, v| {
-        let items: Vec<ProcessInfoV1> = process_infos(v)
+        let items: Vec<ProcessInfoV1> = process_infos(v, ProcKind::Compute)
             .into_iter()
             .map(|p| ProcessInfoV1 {
                 pid: p.pid,
@@ -851,39 +864,31 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
     })
 }
 
-/// No graphics or MPS processes are simulated: always an empty list.
-fn no_processes(device: Device, count: *mut c_uint) -> Ret {
-    with_view(device, |_, _| {
-        // SAFETY: callers pass their own NVML out-pointer (module docs).
-        unsafe { put_slice::<ProcessInfo>(ptr::null_mut(), count, &[]) }
-    })
-}
-
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
     device: Device,
     count: *mut c_uint,
-    _infos: *mut ProcessInfo,
+    infos: *mut ProcessInfo,
 ) -> Ret {
-    no_processes(device, count)
+    list_processes(device, ProcKind::Graphics, count, infos)
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(
     device: Device,
     count: *mut c_uint,
-    _infos: *mut ProcessInfo,
+    infos: *mut ProcessInfo,
 ) -> Ret {
-    no_processes(device, count)
+    list_processes(device, ProcKind::Graphics, count, infos)
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
     device: Device,
     count: *mut c_uint,
-    _infos: *mut ProcessInfo,
+    infos: *mut ProcessInfo,
 ) -> Ret {
-    no_processes(device, count)
+    list_processes(device, ProcKind::Mps, count, infos)
 }
 
 /// One sample per registered process, newer than `last_seen`; NOT_FOUND when

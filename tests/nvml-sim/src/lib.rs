@@ -17,4 +17,4 @@ pub mod scenario;
 mod sim;
 pub mod state;
 
-pub use state::{Registration, XidFault, register, unregister};
+pub use state::{ProcKind, Registration, XidFault, register, unregister};

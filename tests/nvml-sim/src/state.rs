@@ -71,6 +71,29 @@ pub struct Registration {
     pub memory_mib: u64,
     /// SM utilization of the process, 0..=1 (of its GPU or MIG instance).
     pub sm: f64,
+    /// Which NVML call lists the process (default compute).
+    #[serde(default, skip_serializing_if = "ProcKind::is_compute")]
+    pub kind: ProcKind,
+}
+
+/// The kind of GPU context a process has; each kind is listed by its own
+/// NVML call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcKind {
+    /// A CUDA context: `nvmlDeviceGetComputeRunningProcesses`.
+    #[default]
+    Compute,
+    /// An OpenGL/Vulkan context: `nvmlDeviceGetGraphicsRunningProcesses`.
+    Graphics,
+    /// An MPS client: `nvmlDeviceGetMPSComputeRunningProcesses`.
+    Mps,
+}
+
+impl ProcKind {
+    pub fn is_compute(&self) -> bool {
+        *self == ProcKind::Compute
+    }
 }
 
 /// A critical XID error to deliver once: the content of `xid/<name>.toml`.
@@ -237,6 +260,7 @@ mod tests {
             mig: Some(2),
             memory_mib: 4096,
             sm: 0.5,
+            kind: ProcKind::Mps,
         };
         let path = register(dir.path(), 42, &reg).unwrap();
         assert_eq!(path, dir.path().join("procs/42.toml"));

@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::{A100, H100, H100_MIG, Sim, lib_path};
-use nvml_sim::{XidFault, state};
+use nvml_sim::{ProcKind, XidFault, state};
 use nvml_wrapper::{
     Device, Nvml,
     bitmasks::event::EventTypes,
@@ -240,6 +240,38 @@ fn a_reset_marker_restarts_the_energy_counter_once() {
     );
     sleep(Duration::from_millis(50));
     assert!(dev.total_energy_consumption().unwrap() > after, "counts on");
+}
+
+#[test]
+fn each_kind_of_process_is_listed_by_its_own_call() {
+    let sim = Sim::new(H100);
+    let nvml = sim.nvml();
+    let dev = nvml.device_by_index(0).unwrap();
+    let c = sim.spawn(0, None, 1000, 0.1);
+    let g = sim.spawn_kind(0, None, 2000, 0.2, ProcKind::Graphics);
+    let m = sim.spawn_kind(0, None, 3000, 0.3, ProcKind::Mps);
+    let listed = |l: Result<Vec<nvml_wrapper::struct_wrappers::device::ProcessInfo>, NvmlError>| {
+        l.expect("process list")
+            .iter()
+            .map(|p| (p.pid, p.used_gpu_memory.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(dev.running_compute_processes()),
+        [(c.pid(), UsedGpuMemory::Used(1000 * MIB))]
+    );
+    assert_eq!(
+        listed(dev.running_graphics_processes()),
+        [(g.pid(), UsedGpuMemory::Used(2000 * MIB))]
+    );
+    assert_eq!(
+        listed(dev.mps_running_compute_processes()),
+        [(m.pid(), UsedGpuMemory::Used(3000 * MIB))]
+    );
+    // Every kind holds memory, works the SM and is sampled.
+    assert_eq!(dev.memory_info().unwrap().used, 6000 * MIB);
+    assert_eq!(dev.utilization_rates().unwrap().gpu, 60);
+    assert_eq!(dev.process_utilization_stats(0).unwrap().len(), 3);
 }
 
 #[test]
