@@ -2,7 +2,7 @@
 //! and nothing else. Runs on the device's worker thread (see `workers`),
 //! so a hung driver call stalls only that device.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use nvml_wrapper::{
     Device, Nvml,
@@ -107,18 +107,41 @@ pub fn read_device(nvml: &Nvml, index: u32, util_cursor: u64) -> Result<RawDevic
     })
 }
 
+/// Every process on the device: CUDA contexts, graphics contexts and MPS
+/// clients are listed by three NVML calls; a call the device lacks (old
+/// drivers, no MPS) lists none.
 fn read_processes(device: &Device<'_>) -> Vec<RawProcess> {
-    device
-        .running_compute_processes()
-        .unwrap_or_default()
+    let lists = [
+        device.running_compute_processes(),
+        device.running_graphics_processes(),
+        device.mps_running_compute_processes(),
+    ];
+    merge_processes(
+        lists
+            .into_iter()
+            .flat_map(Result::unwrap_or_default)
+            .map(|p| RawProcess {
+                pid: p.pid,
+                memory_bytes: match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => b,
+                    UsedGpuMemory::Unavailable => 0,
+                },
+            }),
+    )
+}
+
+/// One entry per pid, by pid: a process with both a compute and a graphics
+/// context is listed by both calls, with the memory it holds on the device
+/// in each, so the largest is kept rather than the sum.
+fn merge_processes(listed: impl Iterator<Item = RawProcess>) -> Vec<RawProcess> {
+    let mut by_pid: BTreeMap<u32, u64> = BTreeMap::new();
+    for p in listed {
+        let memory = by_pid.entry(p.pid).or_default();
+        *memory = (*memory).max(p.memory_bytes);
+    }
+    by_pid
         .into_iter()
-        .map(|p| RawProcess {
-            pid: p.pid,
-            memory_bytes: match p.used_gpu_memory {
-                UsedGpuMemory::Used(b) => b,
-                UsedGpuMemory::Unavailable => 0,
-            },
-        })
+        .map(|(pid, memory_bytes)| RawProcess { pid, memory_bytes })
         .collect()
 }
 
@@ -199,4 +222,19 @@ fn mig_ids(nvml: &Nvml, mig: &Device<'_>) -> Option<(u32, u32)> {
         gi_fn(handle, &mut gi) == 0 && ci_fn(handle, &mut ci) == 0
     };
     ok.then_some((gi, ci))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pid: u32, memory_bytes: u64) -> RawProcess {
+        RawProcess { pid, memory_bytes }
+    }
+
+    #[test]
+    fn a_pid_listed_by_several_calls_is_counted_once() {
+        let merged = merge_processes([p(7, 100), p(3, 10), p(7, 300), p(9, 0)].into_iter());
+        assert_eq!(merged, [p(3, 10), p(7, 300), p(9, 0)]);
+    }
 }

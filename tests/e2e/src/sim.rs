@@ -51,7 +51,22 @@ impl SimNode {
 
     /// Registers `pid` as a GPU process (`mig` selects a MIG instance).
     pub fn register(&self, pid: u32, gpu: u32, mig: Option<u32>, memory_mib: u64, sm: f64) {
-        let mut text = format!("gpu = {gpu}\nmemory_mib = {memory_mib}\nsm = {sm}\n");
+        self.register_kind(pid, gpu, mig, memory_mib, sm, "compute");
+    }
+
+    /// Registers `pid` as a process of `kind` (`compute`, `graphics` or
+    /// `mps`: the NVML call that lists it).
+    pub fn register_kind(
+        &self,
+        pid: u32,
+        gpu: u32,
+        mig: Option<u32>,
+        memory_mib: u64,
+        sm: f64,
+        kind: &str,
+    ) {
+        let mut text =
+            format!("gpu = {gpu}\nmemory_mib = {memory_mib}\nsm = {sm}\nkind = \"{kind}\"\n");
         if let Some(m) = mig {
             text.push_str(&format!("mig = {m}\n"));
         }
