@@ -480,8 +480,9 @@ fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::
     )?;
     counter(
         "tally_tenant_pcie",
-        "Host↔device bytes of the tenant's explicit CUDA copies (uprobes); tenant=\"_unattributed\" \
-         is what the GPU's PCIe counters saw beyond them.",
+        "Host↔device bytes of the tenant's explicit CUDA copies (uprobes); direction=\"other\": \
+         generic copies on unified addresses, direction unknown; tenant=\"_unattributed\" is what \
+         the GPU's PCIe counters saw beyond them.",
         Some(Unit::Bytes),
     )
     .encode(
@@ -490,6 +491,7 @@ fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::
             [
                 (t(&r.tenant, "h2d"), r.pcie_h2d_bytes_total as f64),
                 (t(&r.tenant, "d2h"), r.pcie_d2h_bytes_total as f64),
+                (t(&r.tenant, "other"), r.pcie_other_bytes_total as f64),
             ]
         }),
     )

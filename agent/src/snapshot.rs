@@ -198,6 +198,10 @@ pub struct TenantIoUsage {
     pub network_egress_dropped_packets_total: u64,
     pub pcie_h2d_bytes_total: u64,
     pub pcie_d2h_bytes_total: u64,
+    /// Generic copies on unified addresses, whose direction the call does
+    /// not say.
+    #[serde(default)]
+    pub pcie_other_bytes_total: u64,
 }
 
 /// Whether one eBPF program is attached.
