@@ -22,8 +22,8 @@ use crate::{
     state::ProcKind,
 };
 
-type Ret = c_uint;
-type Device = *mut c_void;
+pub(crate) type Ret = c_uint;
+pub(crate) type Device = *mut c_void;
 type EventSet = *mut c_void;
 
 /// `nvmlProcessInfo_t` as filled by the `_v2`/`_v3` calls.
@@ -144,7 +144,7 @@ const EVENT_SET_BASE: usize = 0xE5E7_0000;
 const THROTTLE_GPU_IDLE: u64 = 0x1;
 
 /// Runs `f` with panics turned into NVML_ERROR_UNKNOWN.
-fn guard(f: impl FnOnce() -> Result<(), Code>) -> Ret {
+pub(crate) fn guard(f: impl FnOnce() -> Result<(), Code>) -> Ret {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => code::SUCCESS,
         Ok(Err(c)) => c,
@@ -153,13 +153,16 @@ fn guard(f: impl FnOnce() -> Result<(), Code>) -> Ret {
 }
 
 /// Runs `f` on the initialized simulator.
-fn with_sim(f: impl FnOnce(&mut Sim) -> Result<(), Code>) -> Ret {
+pub(crate) fn with_sim(f: impl FnOnce(&mut Sim) -> Result<(), Code>) -> Ret {
     guard(|| f(driver().sim()?))
 }
 
 /// Runs `f` on a fresh reading of `device` (GPU_IS_LOST for a lost GPU),
 /// after the `hang/<index>` fault of its GPU, if any, is lifted.
-fn with_view(device: Device, f: impl FnOnce(&mut Sim, &View) -> Result<(), Code>) -> Ret {
+pub(crate) fn with_view(
+    device: Device,
+    f: impl FnOnce(&mut Sim, &View) -> Result<(), Code>,
+) -> Ret {
     guard(|| {
         wait_while_hung(device)?;
         let mut driver = driver();
@@ -196,7 +199,7 @@ fn wait_while_hung(device: Device) -> Result<(), Code> {
 ///
 /// # Safety
 /// `p` is null or valid for writing a `T`.
-unsafe fn put<T>(p: *mut T, v: T) -> Result<(), Code> {
+pub(crate) unsafe fn put<T>(p: *mut T, v: T) -> Result<(), Code> {
     if p.is_null() {
         return Err(code::INVALID_ARGUMENT);
     }

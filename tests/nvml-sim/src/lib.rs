@@ -13,6 +13,8 @@
 
 #[allow(unsafe_code)] // the extern "C" exports; every unsafe block says why it holds
 mod ffi;
+#[allow(unsafe_code)] // GPM's extern "C" exports, as in `ffi`
+mod gpm;
 pub mod scenario;
 mod sim;
 pub mod state;

@@ -228,6 +228,9 @@ pub struct Sim {
     energy_mem: HashMap<u32, Energy>,
     event_sets: HashMap<usize, EventSet>,
     next_set: usize,
+    /// Allocated GPM samples by id (`crate::gpm`); `None` until filled.
+    pub(crate) gpm_samples: HashMap<usize, Option<crate::gpm::Record>>,
+    pub(crate) next_gpm: usize,
 }
 
 /// Global driver state: the init count and the simulator while initialized.
@@ -279,6 +282,8 @@ impl Driver {
             energy_mem: HashMap::new(),
             event_sets: HashMap::new(),
             next_set: 0,
+            gpm_samples: HashMap::new(),
+            next_gpm: 0,
         });
         self.refcount = 1;
         Ok(())

@@ -16,8 +16,10 @@ use nvml_wrapper::{
     Device, Nvml,
     bitmasks::event::EventTypes,
     enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor},
+    enums::gpm::GpmMetricId,
     enums::{device::UsedGpuMemory, event::XidError},
     error::NvmlError,
+    gpm::gpm_metrics_get,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -272,6 +274,47 @@ fn each_kind_of_process_is_listed_by_its_own_call() {
     assert_eq!(dev.memory_info().unwrap().used, 6000 * MIB);
     assert_eq!(dev.utilization_rates().unwrap().gpu, 60);
     assert_eq!(dev.process_utilization_stats(0).unwrap().len(), 3);
+}
+
+#[test]
+fn gpm_gives_mig_instance_activity_on_hopper_only() {
+    let sim = Sim::new(&format!(
+        "{H100_MIG}{A100}mig = [\"3g.20gb\", \"1g.5gb\"]\n"
+    ));
+    let nvml = sim.nvml();
+    let h100 = nvml.device_by_index(0).unwrap();
+    let a100 = nvml.device_by_index(1).unwrap();
+    assert!(h100.gpm_support().unwrap());
+    assert!(!a100.gpm_support().unwrap());
+    assert!(matches!(
+        a100.gpm_mig_sample(1),
+        Err(NvmlError::NotSupported)
+    ));
+    // Instance 0 (GPU instance 1) works at 0.3 + 0.2; instance 2 (GPU
+    // instance 3) is held but does nothing.
+    let _a = sim.spawn(0, Some(0), 1000, 0.3);
+    let _b = sim.spawn(0, Some(0), 1000, 0.2);
+    let _c = sim.spawn(0, Some(2), 1000, 0.0);
+    let sm = |gi: u32| {
+        let s1 = h100.gpm_mig_sample(gi).unwrap();
+        let s2 = h100.gpm_mig_sample(gi).unwrap();
+        let got = gpm_metrics_get(
+            &nvml,
+            &s1,
+            &s2,
+            &[GpmMetricId::SmUtil, GpmMetricId::Fp64Util],
+        )
+        .unwrap();
+        assert!(matches!(got[1], Err(NvmlError::NotSupported)));
+        got[0].as_ref().unwrap().value
+    };
+    assert_eq!(sm(1), 50.0);
+    assert_eq!(sm(3), 0.0);
+    assert!(matches!(h100.gpm_mig_sample(9), Err(NvmlError::InvalidArg)));
+    // Samples of different instances do not compare.
+    let s1 = h100.gpm_mig_sample(1).unwrap();
+    let s3 = h100.gpm_mig_sample(3).unwrap();
+    assert!(gpm_metrics_get(&nvml, &s1, &s3, &[GpmMetricId::SmUtil]).is_err());
 }
 
 #[test]
