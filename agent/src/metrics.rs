@@ -194,7 +194,8 @@ impl Collector for SnapshotCollector {
         )?;
         gauge(
             "tally_gpu_utilization",
-            "GPU utilization 0..1 (physical GPUs; NVML has none for MIG instances).",
+            "GPU utilization 0..1 (physical GPUs; MIG instances where GPM measures their SM \
+             activity, Hopper and later).",
             other("ratio"),
         )
         .encode(

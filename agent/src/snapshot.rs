@@ -109,7 +109,7 @@ pub struct GpuSnapshot {
     pub health: GpuHealth,
     /// The last NVML error for this device, when `health` is not `ok`.
     pub error: Option<String>,
-    /// 0..1; `None` where NVML has none (MIG instances).
+    /// 0..1; `None` where NVML has none (MIG instances without GPM).
     pub utilization_ratio: Option<f64>,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,

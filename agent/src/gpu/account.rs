@@ -154,8 +154,10 @@ pub(super) fn charges(
         let fraction = inst.slice_fraction.unwrap_or(0.0);
         occupied += fraction;
         let holders = holders_of(&inst.processes);
-        // NVML has no per-process utilization on MIG: no SM split.
-        let shares = split_interval(dt, &holders, energy * fraction, None, false);
+        // SM seconds only where GPM measured the instance's activity (see
+        // `with_instance_sm`); NVML has no per-process utilization on MIG.
+        let measured = inst.utilization_ratio.is_some();
+        let shares = split_interval(dt, &holders, energy * fraction, None, measured);
         out.push(charge(inst, dt, shares));
     }
     // Slices carved into no instance are idle capacity, on the parent, in
@@ -165,6 +167,30 @@ pub(super) fn charges(
     let idle = split_interval(dt * unoccupied, &[], energy * unoccupied, None, false);
     out.push(charge(device, dt * unoccupied, idle));
     out
+}
+
+/// A MIG instance's processes with its GPM SM `activity` (0..1) shared
+/// among them by the memory they hold (equally when none reports any):
+/// GPM measures the instance, not its processes. Without a measurement
+/// they get none.
+pub(super) fn with_instance_sm(
+    mut processes: Vec<GpuProcess>,
+    activity: Option<f64>,
+) -> Vec<GpuProcess> {
+    let Some(activity) = activity else {
+        return processes;
+    };
+    let total: u64 = processes.iter().map(|p| p.memory_bytes).sum();
+    let n = processes.len() as f64;
+    for p in &mut processes {
+        let weight = if total == 0 {
+            1.0 / n
+        } else {
+            p.memory_bytes as f64 / total as f64
+        };
+        p.sm_ratio = Some(activity * weight);
+    }
+    processes
 }
 
 /// Mean SM ratio per pid over NVML's `(pid, timestamp µs, sm)` samples,
@@ -497,6 +523,33 @@ mod tests {
         let (means, cursor) = mean_sm(&[], 20);
         assert!(means.is_empty());
         assert_eq!(cursor, 20);
+    }
+
+    #[test]
+    fn gpm_activity_is_shared_by_memory_and_gives_sm_seconds_on_mig() {
+        let procs = with_instance_sm(
+            vec![proc(1, "a", 3 << 30, None), proc(2, "b", 1 << 30, None)],
+            Some(0.8),
+        );
+        close(procs[0].sm_ratio.unwrap(), 0.6, "a");
+        close(procs[1].sm_ratio.unwrap(), 0.2, "b");
+        assert!(
+            with_instance_sm(vec![proc(1, "a", 1, None)], None)[0]
+                .sm_ratio
+                .is_none()
+        );
+        let parent = GpuSnapshot {
+            mig_mode: true,
+            ..gpu("2", vec![])
+        };
+        let measured = GpuSnapshot {
+            utilization_ratio: Some(0.8),
+            ..instance("2/1/0", 4.0 / 7.0, procs)
+        };
+        let c = charges(&parent, &[measured], Some(2.0), Some(70.0), None);
+        close(c[0].shares["a"].sm_seconds.unwrap(), 1.2, "a's SM seconds");
+        close(c[0].shares["b"].sm_seconds.unwrap(), 0.4, "b's SM seconds");
+        close(energy(&c), 70.0, "energy");
     }
 
     #[test]

@@ -2,13 +2,17 @@
 //! and nothing else. Runs on the device's worker thread (see `workers`),
 //! so a hung driver call stalls only that device.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Instant,
+};
 
 use nvml_wrapper::{
     Device, Nvml,
     enum_wrappers::device::{PcieUtilCounter, TemperatureSensor},
-    enums::device::UsedGpuMemory,
+    enums::{device::UsedGpuMemory, gpm::GpmMetricId},
     error::NvmlError,
+    gpm::{GpmSample, gpm_metrics_get},
 };
 
 /// Compute slices of a full A100/H100 when NVML does not say.
@@ -33,7 +37,16 @@ pub struct RawInstance {
     pub memory_used: u64,
     pub memory_total: u64,
     pub processes: Vec<RawProcess>,
+    /// SM activity 0..1 since the previous cycle, from GPM (Hopper and
+    /// later); `None` where the GPU has no GPM or at the first cycle.
+    pub sm_activity: Option<f64>,
 }
+
+/// The previous cycle's GPM sample of each GPU instance: GPM measures
+/// activity between two samples, so each is kept for the next cycle. Lives
+/// on the device's reader thread.
+#[derive(Default)]
+pub struct GpmSamples(HashMap<u32, GpmSample<'static>>);
 
 /// Everything one cycle reads of one physical GPU.
 #[derive(Debug, Clone)]
@@ -60,7 +73,12 @@ pub struct RawDevice {
 /// Reads GPU `index`. Fails only on calls every GPU answers (handle, UUID,
 /// name, memory); optional readings become `None`. `util_cursor` is the
 /// newest per-process sample timestamp already consumed.
-pub fn read_device(nvml: &Nvml, index: u32, util_cursor: u64) -> Result<RawDevice, NvmlError> {
+pub fn read_device(
+    nvml: &'static Nvml,
+    index: u32,
+    util_cursor: u64,
+    gpm: &mut GpmSamples,
+) -> Result<RawDevice, NvmlError> {
     let device = nvml.device_by_index(index)?;
     let uuid = device.uuid()?;
     let model = device.name()?;
@@ -78,7 +96,7 @@ pub fn read_device(nvml: &Nvml, index: u32, util_cursor: u64) -> Result<RawDevic
         .and_then(|tx| Ok((tx, device.pcie_throughput(PcieUtilCounter::Receive)?)))
         .ok();
     let (processes, sm_samples, instances) = if mig_mode {
-        (Vec::new(), Vec::new(), read_instances(nvml, &device))
+        (Vec::new(), Vec::new(), read_instances(nvml, &device, gpm))
     } else {
         (
             read_processes(&device),
@@ -156,7 +174,15 @@ fn read_sm_samples(device: &Device<'_>, cursor: u64) -> Vec<(u32, u64, f64)> {
         .collect()
 }
 
-fn read_instances(nvml: &Nvml, parent: &Device<'_>) -> Vec<RawInstance> {
+fn read_instances(
+    nvml: &'static Nvml,
+    parent: &Device<'static>,
+    gpm: &mut GpmSamples,
+) -> Vec<RawInstance> {
+    let has_gpm = parent.gpm_support().unwrap_or(false);
+    if !has_gpm {
+        gpm.0.clear();
+    }
     let total_slices = parent
         .attributes()
         .ok()
@@ -164,7 +190,7 @@ fn read_instances(nvml: &Nvml, parent: &Device<'_>) -> Vec<RawInstance> {
         .filter(|&n| n > 0)
         .unwrap_or(DEFAULT_COMPUTE_SLICES);
     let max = parent.mig_device_count().unwrap_or(0);
-    let mut out = Vec::new();
+    let mut out: Vec<RawInstance> = Vec::new();
     for i in 0..max {
         // Unpopulated indices answer NOT_FOUND: skip them.
         let Ok(mig) = parent.mig_device_by_index(i) else {
@@ -200,9 +226,33 @@ fn read_instances(nvml: &Nvml, parent: &Device<'_>) -> Vec<RawInstance> {
             memory_used: memory.as_ref().map(|m| m.used).unwrap_or(0),
             memory_total: memory.as_ref().map(|m| m.total).unwrap_or(0),
             processes: read_processes(&mig),
+            sm_activity: has_gpm
+                .then(|| mig_activity(nvml, parent, gi, gpm))
+                .flatten(),
         });
     }
+    // Instances destroyed since: their samples go.
+    gpm.0.retain(|gi, _| out.iter().any(|i| i.gi == *gi));
     out
+}
+
+/// SM activity of GPU instance `gi` since the previous cycle's sample, and
+/// a new sample kept for the next cycle. A failed sample forgets the old
+/// one, so no activity spans a gap.
+fn mig_activity(
+    nvml: &'static Nvml,
+    parent: &Device<'static>,
+    gi: u32,
+    gpm: &mut GpmSamples,
+) -> Option<f64> {
+    let Ok(now) = parent.gpm_mig_sample(gi) else {
+        gpm.0.remove(&gi);
+        return None;
+    };
+    let before = gpm.0.insert(gi, now)?;
+    let metrics = gpm_metrics_get(nvml, &before, &gpm.0[&gi], &[GpmMetricId::SmUtil]).ok()?;
+    let sm_util = metrics.into_iter().next()?.ok()?.value;
+    Some((sm_util / 100.0).clamp(0.0, 1.0))
 }
 
 /// GPU instance and compute instance ids of a MIG device handle.

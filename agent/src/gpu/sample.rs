@@ -307,7 +307,11 @@ impl Sampler {
                     energy_source,
                     memory_used_bytes: i.memory_used,
                     memory_total_bytes: i.memory_total,
-                    processes: attribute(&i.processes, &i.uuid, resolver),
+                    utilization_ratio: i.sm_activity,
+                    processes: account::with_instance_sm(
+                        attribute(&i.processes, &i.uuid, resolver),
+                        i.sm_activity,
+                    ),
                     ..Default::default()
                 })
                 .collect();

@@ -9,7 +9,7 @@
 //! registrations are steps, so this is exact while they hold still).
 
 use std::{
-    ffi::{c_char, c_uint},
+    ffi::{CStr, c_char, c_uint},
     ptr,
 };
 
@@ -239,10 +239,10 @@ pub unsafe extern "C" fn nvmlGpmMetricsGet(request: *mut GpmMetricsGet) -> Ret {
         }
         let percent = 100.0 * (a.activity + b.activity) / 2.0;
         for m in &mut req.metrics[..n] {
-            let name: &'static [u8] = match m.metric_id {
-                GRAPHICS_UTIL => b"graphics_util\0",
-                SM_UTIL => b"sm_util\0",
-                SM_OCCUPANCY => b"sm_occupancy\0",
+            let name: &'static CStr = match m.metric_id {
+                GRAPHICS_UTIL => c"graphics_util",
+                SM_UTIL => c"sm_util",
+                SM_OCCUPANCY => c"sm_occupancy",
                 _ => {
                     m.nvml_return = code::NOT_SUPPORTED;
                     continue;
@@ -252,7 +252,7 @@ pub unsafe extern "C" fn nvmlGpmMetricsGet(request: *mut GpmMetricsGet) -> Ret {
             m.value = percent;
             m.short_name = name.as_ptr().cast();
             m.long_name = name.as_ptr().cast();
-            m.unit = b"%\0".as_ptr().cast();
+            m.unit = c"%".as_ptr();
         }
         Ok(())
     })
