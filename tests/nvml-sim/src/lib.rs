@@ -19,4 +19,4 @@ pub mod scenario;
 mod sim;
 pub mod state;
 
-pub use state::{ProcKind, Registration, XidFault, register, unregister};
+pub use state::{Health, ProcKind, Registration, XidFault, register, unregister};

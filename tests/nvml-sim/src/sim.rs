@@ -116,6 +116,8 @@ pub struct View {
     pub mem_used_mib: u64,
     /// Power of the physical GPU now, mW.
     pub power_mw: u64,
+    /// What the GPU reports about its own health (`health/<index>.toml`).
+    pub health: state::Health,
     /// Energy integral of the physical GPU, mJ (answered only when the
     /// scenario gives the GPU an energy counter).
     pub energy_mj: u64,
@@ -437,6 +439,22 @@ impl Sim {
         out
     }
 
+    /// GPU `index`'s health signals; a bad file is reported once and read
+    /// as healthy.
+    fn health_of(&mut self, index: u32) -> state::Health {
+        let Some(dir) = &self.state else {
+            return state::Health::default();
+        };
+        let path = state::health_file(dir, index);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return state::Health::default();
+        };
+        state::parse_health(&text).unwrap_or_else(|problem| {
+            self.report_once(&path, &problem);
+            state::Health::default()
+        })
+    }
+
     fn parse_registration(&self, text: &str) -> Result<Registration, String> {
         state::parse_registration(&self.scenario, text)
     }
@@ -483,7 +501,9 @@ impl Sim {
             }
         };
         let used: u64 = procs.iter().map(|p: &Proc| p.reg.memory_mib).sum();
+        let health = self.health_of(gpu.index);
         Ok(View {
+            health,
             mem_used_mib: used.min(mem_total_mib),
             gpu,
             mig,

@@ -11,11 +11,11 @@ use std::{
 };
 
 use common::{A100, H100, H100_MIG, Sim, lib_path};
-use nvml_sim::{ProcKind, XidFault, state};
+use nvml_sim::{Health, ProcKind, XidFault, state};
 use nvml_wrapper::{
     Device, Nvml,
-    bitmasks::event::EventTypes,
-    enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor},
+    bitmasks::{device::ThrottleReasons, event::EventTypes},
+    enum_wrappers::device::{Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
     enums::gpm::GpmMetricId,
     enums::{device::UsedGpuMemory, event::XidError},
     error::NvmlError,
@@ -315,6 +315,82 @@ fn gpm_gives_mig_instance_activity_on_hopper_only() {
     let s1 = h100.gpm_mig_sample(1).unwrap();
     let s3 = h100.gpm_mig_sample(3).unwrap();
     assert!(gpm_metrics_get(&nvml, &s1, &s3, &[GpmMetricId::SmUtil]).is_err());
+}
+
+#[test]
+fn health_signals_come_from_the_state_directory() {
+    let sim = Sim::new(&format!(
+        "{H100}[[gpu]]\nmodel = \"Tesla V100-SXM2-16GB\"\nmemory_mib = 16384\n\
+         power_idle_w = 40\npower_max_w = 300\n"
+    ));
+    let nvml = sim.nvml();
+    let h100 = nvml.device_by_index(0).unwrap();
+    let v100 = nvml.device_by_index(1).unwrap();
+    // Healthy by default.
+    assert_eq!(
+        h100.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        h100.current_throttle_reasons().unwrap(),
+        ThrottleReasons::GPU_IDLE
+    );
+    state::set_health(
+        &sim.state,
+        0,
+        &Health {
+            ecc_corrected: 12,
+            ecc_uncorrected: 1,
+            remapped_uncorrectable: 2,
+            remap_pending: true,
+            throttle: vec!["hw_slowdown".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        h100.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
+            .unwrap(),
+        12
+    );
+    assert_eq!(
+        h100.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        h100.current_throttle_reasons().unwrap(),
+        ThrottleReasons::GPU_IDLE | ThrottleReasons::HW_SLOWDOWN
+    );
+    let rows = remapped_rows(&nvml, &h100).unwrap();
+    assert_eq!(rows, (0, 2, 1, 0));
+    assert_eq!(
+        remapped_rows(&nvml, &v100),
+        Err(3),
+        "no row remapping before Ampere"
+    );
+    assert!(
+        state::set_health(
+            &sim.state,
+            1,
+            &Health {
+                throttle: vec!["too_hot".into()],
+                ..Default::default()
+            }
+        )
+        .is_err()
+    );
+}
+
+/// nvmlDeviceGetRemappedRows through the raw symbol (nvml-wrapper 0.13 has
+/// no wrapper): (correctable, uncorrectable, pending, failed) or the code.
+fn remapped_rows(nvml: &Nvml, dev: &Device<'_>) -> Result<(u32, u32, u32, u32), u32> {
+    let f = nvml.lib().nvmlDeviceGetRemappedRows.as_ref().unwrap();
+    let (mut c, mut u, mut p, mut x) = (0, 0, 0, 0);
+    // SAFETY: a live handle and four valid out-pointers.
+    let rc = unsafe { f(dev.handle(), &mut c, &mut u, &mut p, &mut x) };
+    if rc == 0 { Ok((c, u, p, x)) } else { Err(rc) }
 }
 
 #[test]
