@@ -5,6 +5,8 @@
 //! call on the scrape path. Units are declared so the encoder appends them
 //! (`tally_gpu_energy` + joules + counter → `tally_gpu_energy_joules_total`).
 
+mod health;
+
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -364,6 +366,7 @@ impl Collector for SnapshotCollector {
         .encode(e, rows.iter().map(|r| (tg(r), r.energy_joules_total)))?;
 
         encode_workloads(&snap, e)?;
+        health::encode(&snap, e)?;
         encode_io(&snap, e)?;
         encode_enforcement(&snap, e)?;
         encode_process(e)
@@ -681,6 +684,43 @@ mod tests {
              power (integrated power readings: the GPU has no counter).\n# TYPE tally_gpu_info \
              gauge\n"
         ));
+    }
+
+    #[test]
+    fn health_signals_are_exported_where_nvml_has_them() {
+        let mut snap = snapshot();
+        snap.gpus[0].ecc_errors = Some(crate::snapshot::EccErrors {
+            corrected: 12,
+            uncorrected: 1,
+        });
+        snap.gpus[0].remapped_rows = Some(crate::snapshot::RemappedRows {
+            uncorrectable: 2,
+            pending: true,
+            ..Default::default()
+        });
+        snap.gpus[0].throttle_reasons = Some(0x8 | 0x1);
+        let text = encode(snap, None);
+        assert_eq!(
+            lines(&text, "tally_gpu_ecc_errors_total"),
+            [
+                r#"tally_gpu_ecc_errors_total{gpu="0",uuid="GPU-0",type="corrected"} 12.0"#,
+                r#"tally_gpu_ecc_errors_total{gpu="0",uuid="GPU-0",type="uncorrected"} 1.0"#,
+            ]
+        );
+        assert!(text.contains("# TYPE tally_gpu_ecc_errors counter"));
+        assert!(text.contains(
+            r#"tally_gpu_remapped_rows{gpu="0",uuid="GPU-0",cause="uncorrectable"} 2.0"#
+        ));
+        assert!(text.contains(r#"tally_gpu_row_remap_pending{gpu="0",uuid="GPU-0"} 1.0"#));
+        assert!(text.contains(r#"tally_gpu_row_remap_failed{gpu="0",uuid="GPU-0"} 0.0"#));
+        let throttled: Vec<_> = samples(&text, "tally_gpu_throttle_reasons")
+            .into_iter()
+            .filter(|(_, v)| *v == 1.0)
+            .map(|(l, _)| label(l, "reason"))
+            .collect();
+        assert_eq!(throttled, ["gpu_idle", "hw_slowdown"]);
+        // GPUs that do not report them have no such series.
+        assert!(!text.contains(r#"tally_gpu_throttle_reasons{gpu="1""#));
     }
 
     #[test]

@@ -69,6 +69,25 @@ pub enum GpuHealth {
     Error,
 }
 
+/// ECC errors a GPU counted since its driver loaded (NVML's volatile
+/// counters).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EccErrors {
+    pub corrected: u64,
+    pub uncorrected: u64,
+}
+
+/// Memory rows a GPU remapped to spare rows, and the remap state.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemappedRows {
+    pub correctable: u32,
+    pub uncorrectable: u32,
+    /// A remap waits for the next GPU reset.
+    pub pending: bool,
+    /// A remap failed: the GPU needs service.
+    pub failed: bool,
+}
+
 /// Where a GPU's energy figures come from.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -124,6 +143,15 @@ pub struct GpuSnapshot {
     /// parent's source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_source: Option<EnergySource>,
+    /// ECC error counts since driver load (physical GPUs with ECC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecc_errors: Option<EccErrors>,
+    /// Row remapping (Ampere and later HBM GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remapped_rows: Option<RemappedRows>,
+    /// NVML's clock throttle-reason bits (`nvmlClocksThrottleReason*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_reasons: Option<u64>,
     /// Cumulative PCIe bytes integrated from NVML's throughput (physical
     /// GPUs only): `(tx, rx)`.
     pub pcie_tx_bytes_total: Option<f64>,

@@ -9,11 +9,13 @@ use std::{
 
 use nvml_wrapper::{
     Device, Nvml,
-    enum_wrappers::device::{PcieUtilCounter, TemperatureSensor},
+    enum_wrappers::device::{EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
     enums::{device::UsedGpuMemory, gpm::GpmMetricId},
     error::NvmlError,
     gpm::{GpmSample, gpm_metrics_get},
 };
+
+use crate::snapshot::{EccErrors, RemappedRows};
 
 /// Compute slices of a full A100/H100 when NVML does not say.
 const DEFAULT_COMPUTE_SLICES: u32 = 7;
@@ -65,6 +67,9 @@ pub struct RawDevice {
     /// PCIe throughput in KB/s: (tx, rx).
     pub pcie_kbps: Option<(u32, u32)>,
     pub processes: Vec<RawProcess>,
+    pub ecc_errors: Option<EccErrors>,
+    pub remapped_rows: Option<RemappedRows>,
+    pub throttle_reasons: Option<u64>,
     /// Per-process SM samples newer than the cursor: (pid, timestamp µs, SM 0..1).
     pub sm_samples: Vec<(u32, u64, f64)>,
     pub instances: Vec<RawInstance>,
@@ -119,6 +124,9 @@ pub fn read_device(
             .map(f64::from),
         energy_mj,
         pcie_kbps,
+        ecc_errors: read_ecc(&device),
+        remapped_rows: remapped_rows(nvml, &device),
+        throttle_reasons: device.current_throttle_reasons().ok().map(|r| r.bits()),
         processes,
         sm_samples,
         instances,
@@ -255,10 +263,47 @@ fn mig_activity(
     Some((sm_util / 100.0).clamp(0.0, 1.0))
 }
 
+/// Volatile ECC counts; `None` on GPUs without ECC (or with it off).
+fn read_ecc(device: &Device<'_>) -> Option<EccErrors> {
+    let count = |t| device.total_ecc_errors(t, EccCounter::Volatile).ok();
+    Some(EccErrors {
+        corrected: count(MemoryError::Corrected)?,
+        uncorrected: count(MemoryError::Uncorrected)?,
+    })
+}
+
+/// Row remapping state; `None` before Ampere and on GPUs without HBM.
+///
+/// nvml-wrapper 0.13 has no safe wrapper for `nvmlDeviceGetRemappedRows`,
+/// so it goes through the raw symbol table, like [`mig_ids`].
+#[allow(unsafe_code)]
+fn remapped_rows(nvml: &Nvml, device: &Device<'_>) -> Option<RemappedRows> {
+    let f = nvml.lib().nvmlDeviceGetRemappedRows.as_ref().ok()?;
+    let (mut corr, mut unc, mut pending, mut failed) = (0u32, 0u32, 0u32, 0u32);
+    // SAFETY: `device` is a live handle from this NVML instance, and the
+    // function writes one `unsigned int` through each valid pointer.
+    let rc = unsafe {
+        f(
+            device.handle(),
+            &mut corr,
+            &mut unc,
+            &mut pending,
+            &mut failed,
+        )
+    };
+    (rc == 0).then_some(RemappedRows {
+        correctable: corr,
+        uncorrectable: unc,
+        pending: pending != 0,
+        failed: failed != 0,
+    })
+}
+
 /// GPU instance and compute instance ids of a MIG device handle.
 ///
 /// nvml-wrapper 0.13 has no safe wrapper for these two calls, so they go
-/// through its raw symbol table: the only `unsafe` in the agent crate.
+/// through its raw symbol table (as `nvmlDeviceGetRemappedRows` does):
+/// the agent crate's only `unsafe`.
 #[allow(unsafe_code)]
 fn mig_ids(nvml: &Nvml, mig: &Device<'_>) -> Option<(u32, u32)> {
     let lib = nvml.lib();

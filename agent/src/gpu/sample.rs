@@ -287,6 +287,9 @@ impl Sampler {
             temperature_celsius: raw.temperature_celsius,
             energy_joules_total: state.energy.total_joules(),
             energy_source,
+            ecc_errors: raw.ecc_errors,
+            remapped_rows: raw.remapped_rows,
+            throttle_reasons: raw.throttle_reasons,
             pcie_tx_bytes_total: raw.pcie_kbps.map(|_| state.pcie_tx_bytes),
             pcie_rx_bytes_total: raw.pcie_kbps.map(|_| state.pcie_rx_bytes),
             ..Default::default()

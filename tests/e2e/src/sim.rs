@@ -108,6 +108,16 @@ impl SimNode {
         self.state.join("reset").join(index.to_string()).exists()
     }
 
+    /// Sets what GPU `index` reports about its health (`health/<index>.toml`
+    /// of the simulator: ECC counts, remapped rows, throttle reasons).
+    pub fn set_health(&self, index: u32, health_toml: &str) {
+        let dir = self.state.join("health");
+        fs::create_dir_all(&dir).expect("health dir");
+        let tmp = dir.join(format!(".{index}.tmp"));
+        fs::write(&tmp, health_toml).expect("write health");
+        fs::rename(&tmp, dir.join(format!("{index}.toml"))).expect("rename health");
+    }
+
     /// Queues one XID event on GPU `index`.
     pub fn inject_xid(&self, index: u32, xid: u64) {
         let dir = self.state.join("xid");
