@@ -15,6 +15,8 @@
 mod ffi;
 #[allow(unsafe_code)] // GPM's extern "C" exports, as in `ffi`
 mod gpm;
+#[allow(unsafe_code)] // ECC and row-remap exports, as in `ffi`
+mod health;
 pub mod scenario;
 mod sim;
 pub mod state;
