@@ -5,6 +5,8 @@
 //! call on the scrape path. Units are declared so the encoder appends them
 //! (`tally_gpu_energy` + joules + counter → `tally_gpu_energy_joules_total`).
 
+mod health;
+
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -144,7 +146,9 @@ impl Collector for SnapshotCollector {
             |g: &crate::snapshot::GpuSnapshot| [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())];
         gauge(
             "tally_gpu_info",
-            "One series per GPU and MIG instance; always 1. MIG instances are gpu=\"<index>/<gi>/<ci>\".",
+            "One series per GPU and MIG instance; always 1. MIG instances are gpu=\"<index>/<gi>/<ci>\". \
+             energy_source: counter (NVML's energy counter) or power (integrated power readings: \
+             the GPU has no counter).",
             None,
         )
         .encode(
@@ -157,6 +161,11 @@ impl Collector for SnapshotCollector {
                         ("model", g.model.clone()),
                         ("mig_mode", g.mig_mode.to_string()),
                         ("mig_profile", g.mig_profile.clone().unwrap_or_default()),
+                        (
+                            "energy_source",
+                            g.energy_source
+                                .map_or(String::new(), |s| s.as_str().to_owned()),
+                        ),
                     ],
                     1.0,
                 )
@@ -187,7 +196,8 @@ impl Collector for SnapshotCollector {
         )?;
         gauge(
             "tally_gpu_utilization",
-            "GPU utilization 0..1 (physical GPUs; NVML has none for MIG instances).",
+            "GPU utilization 0..1 (physical GPUs; MIG instances where GPM measures their SM \
+             activity, Hopper and later).",
             other("ratio"),
         )
         .encode(
@@ -235,7 +245,9 @@ impl Collector for SnapshotCollector {
         )?;
         counter(
             "tally_gpu_energy",
-            "NVML's total energy counter of the GPU since driver load.",
+            "Energy drawn by the GPU: NVML's total-energy counter, carried on across counter \
+             resets, or the integral of its power where it has no counter (tally_gpu_info \
+             energy_source).",
             Some(Unit::Joules),
         )
         .encode(
@@ -354,6 +366,7 @@ impl Collector for SnapshotCollector {
         .encode(e, rows.iter().map(|r| (tg(r), r.energy_joules_total)))?;
 
         encode_workloads(&snap, e)?;
+        health::encode(&snap, e)?;
         encode_io(&snap, e)?;
         encode_enforcement(&snap, e)?;
         encode_process(e)
@@ -471,8 +484,9 @@ fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::
     )?;
     counter(
         "tally_tenant_pcie",
-        "Host↔device bytes of the tenant's explicit CUDA copies (uprobes); tenant=\"_unattributed\" \
-         is what the GPU's PCIe counters saw beyond them.",
+        "Host↔device bytes of the tenant's explicit CUDA copies (uprobes); direction=\"other\": \
+         generic copies on unified addresses, direction unknown; tenant=\"_unattributed\" is what \
+         the GPU's PCIe counters saw beyond them.",
         Some(Unit::Bytes),
     )
     .encode(
@@ -481,6 +495,7 @@ fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::
             [
                 (t(&r.tenant, "h2d"), r.pcie_h2d_bytes_total as f64),
                 (t(&r.tenant, "d2h"), r.pcie_d2h_bytes_total as f64),
+                (t(&r.tenant, "other"), r.pcie_other_bytes_total as f64),
             ]
         }),
     )
@@ -565,7 +580,7 @@ mod tests {
     use super::*;
     use crate::{
         report::stats::ReportStats,
-        snapshot::{GpuSnapshot, TENANT_IDLE, TenantGpuUsage},
+        snapshot::{EnergySource, GpuSnapshot, TENANT_IDLE, TenantGpuUsage},
     };
 
     /// GPU 0 shared by acme and `_idle`, MIG GPU 1 with instance 1/1/0
@@ -591,15 +606,20 @@ mod tests {
             node: "n1".into(),
             samples: 7,
             gpus: vec![
-                gpu("0", GpuState::Busy, 10.0),
+                GpuSnapshot {
+                    energy_source: Some(EnergySource::Counter),
+                    ..gpu("0", GpuState::Busy, 10.0)
+                },
                 GpuSnapshot {
                     mig_mode: true,
+                    energy_source: Some(EnergySource::Power),
                     ..gpu("1", GpuState::Free, 2.0)
                 },
                 GpuSnapshot {
                     mig_mode: true,
                     mig_profile: Some("3g.20gb".into()),
                     parent_uuid: Some("GPU-1".into()),
+                    energy_source: Some(EnergySource::Power),
                     ..gpu("1/1/0", GpuState::Idle, 10.0)
                 },
             ],
@@ -653,15 +673,54 @@ mod tests {
         assert_eq!(
             lines(&text, "tally_gpu_info"),
             [
-                r#"tally_gpu_info{gpu="0",uuid="GPU-0",model="M",mig_mode="false",mig_profile=""} 1.0"#,
-                r#"tally_gpu_info{gpu="1",uuid="GPU-1",model="M",mig_mode="true",mig_profile=""} 1.0"#,
-                r#"tally_gpu_info{gpu="1/1/0",uuid="GPU-1/1/0",model="M",mig_mode="true",mig_profile="3g.20gb"} 1.0"#,
+                r#"tally_gpu_info{gpu="0",uuid="GPU-0",model="M",mig_mode="false",mig_profile="",energy_source="counter"} 1.0"#,
+                r#"tally_gpu_info{gpu="1",uuid="GPU-1",model="M",mig_mode="true",mig_profile="",energy_source="power"} 1.0"#,
+                r#"tally_gpu_info{gpu="1/1/0",uuid="GPU-1/1/0",model="M",mig_mode="true",mig_profile="3g.20gb",energy_source="power"} 1.0"#,
             ]
         );
         assert!(text.contains(
             "# HELP tally_gpu_info One series per GPU and MIG instance; always 1. MIG instances \
-             are gpu=\"<index>/<gi>/<ci>\".\n# TYPE tally_gpu_info gauge\n"
+             are gpu=\"<index>/<gi>/<ci>\". energy_source: counter (NVML's energy counter) or \
+             power (integrated power readings: the GPU has no counter).\n# TYPE tally_gpu_info \
+             gauge\n"
         ));
+    }
+
+    #[test]
+    fn health_signals_are_exported_where_nvml_has_them() {
+        let mut snap = snapshot();
+        snap.gpus[0].ecc_errors = Some(crate::snapshot::EccErrors {
+            corrected: 12,
+            uncorrected: 1,
+        });
+        snap.gpus[0].remapped_rows = Some(crate::snapshot::RemappedRows {
+            uncorrectable: 2,
+            pending: true,
+            ..Default::default()
+        });
+        snap.gpus[0].throttle_reasons = Some(0x8 | 0x1);
+        let text = encode(snap, None);
+        assert_eq!(
+            lines(&text, "tally_gpu_ecc_errors_total"),
+            [
+                r#"tally_gpu_ecc_errors_total{gpu="0",uuid="GPU-0",type="corrected"} 12.0"#,
+                r#"tally_gpu_ecc_errors_total{gpu="0",uuid="GPU-0",type="uncorrected"} 1.0"#,
+            ]
+        );
+        assert!(text.contains("# TYPE tally_gpu_ecc_errors counter"));
+        assert!(text.contains(
+            r#"tally_gpu_remapped_rows{gpu="0",uuid="GPU-0",cause="uncorrectable"} 2.0"#
+        ));
+        assert!(text.contains(r#"tally_gpu_row_remap_pending{gpu="0",uuid="GPU-0"} 1.0"#));
+        assert!(text.contains(r#"tally_gpu_row_remap_failed{gpu="0",uuid="GPU-0"} 0.0"#));
+        let throttled: Vec<_> = samples(&text, "tally_gpu_throttle_reasons")
+            .into_iter()
+            .filter(|(_, v)| *v == 1.0)
+            .map(|(l, _)| label(l, "reason"))
+            .collect();
+        assert_eq!(throttled, ["gpu_idle", "hw_slowdown"]);
+        // GPUs that do not report them have no such series.
+        assert!(!text.contains(r#"tally_gpu_throttle_reasons{gpu="1""#));
     }
 
     #[test]

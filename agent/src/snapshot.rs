@@ -69,6 +69,46 @@ pub enum GpuHealth {
     Error,
 }
 
+/// ECC errors a GPU counted since its driver loaded (NVML's volatile
+/// counters).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EccErrors {
+    pub corrected: u64,
+    pub uncorrected: u64,
+}
+
+/// Memory rows a GPU remapped to spare rows, and the remap state.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemappedRows {
+    pub correctable: u32,
+    pub uncorrectable: u32,
+    /// A remap waits for the next GPU reset.
+    pub pending: bool,
+    /// A remap failed: the GPU needs service.
+    pub failed: bool,
+}
+
+/// Where a GPU's energy figures come from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EnergySource {
+    /// NVML's total-energy counter.
+    Counter,
+    /// The trapezoid integral of NVML's power readings: the GPU has no
+    /// energy counter (pre-Volta, many GeForce boards, some vGPU guests).
+    Power,
+}
+
+impl EnergySource {
+    /// The `energy_source` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnergySource::Counter => "counter",
+            EnergySource::Power => "power",
+        }
+    }
+}
+
 /// One physical GPU or one MIG instance.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GpuSnapshot {
@@ -88,15 +128,30 @@ pub struct GpuSnapshot {
     pub health: GpuHealth,
     /// The last NVML error for this device, when `health` is not `ok`.
     pub error: Option<String>,
-    /// 0..1; `None` where NVML has none (MIG instances).
+    /// 0..1; `None` where NVML has none (MIG instances without GPM).
     pub utilization_ratio: Option<f64>,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
     /// Physical GPUs only.
     pub power_watts: Option<f64>,
     pub temperature_celsius: Option<f64>,
-    /// NVML's total energy counter, in joules (physical GPUs only).
+    /// Energy the GPU drew, in joules (physical GPUs only): NVML's
+    /// total-energy counter, carried on across counter resets, or the
+    /// integral of power where there is no counter (see `energy_source`).
     pub energy_joules_total: Option<f64>,
+    /// Where `energy_joules_total` comes from; on a MIG instance, its
+    /// parent's source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_source: Option<EnergySource>,
+    /// ECC error counts since driver load (physical GPUs with ECC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecc_errors: Option<EccErrors>,
+    /// Row remapping (Ampere and later HBM GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remapped_rows: Option<RemappedRows>,
+    /// NVML's clock throttle-reason bits (`nvmlClocksThrottleReason*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_reasons: Option<u64>,
     /// Cumulative PCIe bytes integrated from NVML's throughput (physical
     /// GPUs only): `(tx, rx)`.
     pub pcie_tx_bytes_total: Option<f64>,
@@ -171,6 +226,10 @@ pub struct TenantIoUsage {
     pub network_egress_dropped_packets_total: u64,
     pub pcie_h2d_bytes_total: u64,
     pub pcie_d2h_bytes_total: u64,
+    /// Generic copies on unified addresses, whose direction the call does
+    /// not say.
+    #[serde(default)]
+    pub pcie_other_bytes_total: u64,
 }
 
 /// Whether one eBPF program is attached.

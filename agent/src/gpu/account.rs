@@ -1,7 +1,8 @@
 //! What one read of one GPU charges to whom: pure, no NVML, no clock.
 //!
 //! Given the interval since the device's last good read and its energy
-//! counter's delta, [`charges`] returns the (device, shares) rows the
+//! ([`EnergyMeter`]: the counter's delta, or the power integral where the
+//! counter is missing or went backwards), [`charges`] returns the (device, shares) rows the
 //! sampler adds to its running [`Accounts`](crate::attribution::Accounts).
 //! The invariants are [`crate::attribution`]'s: per device, the holders'
 //! allocated seconds plus `_idle` sum to the interval, and the tenants'
@@ -37,13 +38,83 @@ pub(super) fn energy_delta(previous_mj: Option<u64>, current_mj: Option<u64>) ->
     }
 }
 
+/// Joules over `seconds` from the power read at its two ends (trapezoid);
+/// one reading stands for both when the other is missing.
+pub(super) fn power_integral(
+    start_w: Option<f64>,
+    end_w: Option<f64>,
+    seconds: f64,
+) -> Option<f64> {
+    let mean = match (start_w, end_w) {
+        (Some(a), Some(b)) => (a + b) / 2.0,
+        (Some(p), None) | (None, Some(p)) => p,
+        (None, None) => return None,
+    };
+    Some(mean * seconds)
+}
+
+/// A GPU's energy across reads, whatever its counter does: each interval's
+/// joules come from the counter's delta when it has one, else from the
+/// power integral (no counter, or the counter went backwards). The running
+/// total it reports equals the counter while the counter behaves, and
+/// carries on from where it was, never backwards, when it does not, so the
+/// intervals charged always sum to the total's growth.
+#[derive(Debug, Default)]
+pub(super) struct EnergyMeter {
+    last_mj: Option<u64>,
+    last_power_w: Option<f64>,
+    /// Reported total minus the counter (J): moves only when an interval
+    /// is not charged from the counter.
+    offset_j: f64,
+    total_j: Option<f64>,
+}
+
+impl EnergyMeter {
+    /// Takes one good read: `seconds` since the last good read (`None`
+    /// after a failed one), the counter (mJ) and power (W) now. Returns
+    /// the interval's joules, when known.
+    pub(super) fn read(
+        &mut self,
+        seconds: Option<f64>,
+        counter_mj: Option<u64>,
+        power_w: Option<f64>,
+    ) -> Option<f64> {
+        let delta = energy_delta(self.last_mj, counter_mj);
+        let energy = match (delta, seconds) {
+            (Some(d), _) => Some(d),
+            (None, Some(dt)) => power_integral(self.last_power_w, power_w, dt),
+            (None, None) => None,
+        };
+        let counter_j = counter_mj.map_or(0.0, |mj| mj as f64 / 1000.0);
+        let total = match (delta, self.total_j) {
+            (Some(_), _) => counter_j + self.offset_j,
+            (None, None) => counter_j,
+            (None, Some(t)) => {
+                let total = t + energy.unwrap_or(0.0);
+                self.offset_j = total - counter_j;
+                total
+            }
+        };
+        self.total_j = Some(total);
+        self.last_mj = counter_mj;
+        self.last_power_w = power_w;
+        energy
+    }
+
+    /// Joules drawn so far (the counter's value at the first read, if any).
+    pub(super) fn total_joules(&self) -> Option<f64> {
+        self.total_j
+    }
+}
+
 /// The charges of one good read of `device` (with its MIG `instances`).
 ///
 /// `seconds` is the time since the device's last good read (`None` at
-/// start or after a failed read); `energy_joules` the counter's delta over
-/// the same span; `idle_power_watts` the device's idle draw when known.
-/// Nothing is charged without both, except energy drawn while the device
-/// could not be read: no tenant can be told apart for it, so it goes to
+/// start or after a failed read); `energy_joules` the energy over the same
+/// span ([`EnergyMeter`]); `idle_power_watts` the device's idle draw when
+/// known. Time never depends on energy: an interval without a known
+/// energy is charged its time with none. Energy drawn while the device
+/// could not be read has no tenant that can be told apart, so it goes to
 /// `_unattributed` (with no time) rather than being dropped.
 pub(super) fn charges(
     device: &GpuSnapshot,
@@ -59,7 +130,7 @@ pub(super) fn charges(
         shares,
     };
     let (dt, energy) = match (seconds, energy_joules) {
-        (Some(dt), Some(energy)) => (dt, energy),
+        (Some(dt), energy) => (dt, energy.unwrap_or(0.0)),
         (None, Some(energy)) => {
             let gap = BTreeMap::from([(
                 TENANT_UNATTRIBUTED.to_owned(),
@@ -70,7 +141,7 @@ pub(super) fn charges(
             )]);
             return vec![charge(device, 0.0, gap)];
         }
-        _ => return Vec::new(),
+        (None, None) => return Vec::new(),
     };
     if !device.mig_mode {
         let holders = holders_of(&device.processes);
@@ -83,8 +154,10 @@ pub(super) fn charges(
         let fraction = inst.slice_fraction.unwrap_or(0.0);
         occupied += fraction;
         let holders = holders_of(&inst.processes);
-        // NVML has no per-process utilization on MIG: no SM split.
-        let shares = split_interval(dt, &holders, energy * fraction, None, false);
+        // SM seconds only where GPM measured the instance's activity (see
+        // `with_instance_sm`); NVML has no per-process utilization on MIG.
+        let measured = inst.utilization_ratio.is_some();
+        let shares = split_interval(dt, &holders, energy * fraction, None, measured);
         out.push(charge(inst, dt, shares));
     }
     // Slices carved into no instance are idle capacity, on the parent, in
@@ -94,6 +167,30 @@ pub(super) fn charges(
     let idle = split_interval(dt * unoccupied, &[], energy * unoccupied, None, false);
     out.push(charge(device, dt * unoccupied, idle));
     out
+}
+
+/// A MIG instance's processes with its GPM SM `activity` (0..1) shared
+/// among them by the memory they hold (equally when none reports any):
+/// GPM measures the instance, not its processes. Without a measurement
+/// they get none.
+pub(super) fn with_instance_sm(
+    mut processes: Vec<GpuProcess>,
+    activity: Option<f64>,
+) -> Vec<GpuProcess> {
+    let Some(activity) = activity else {
+        return processes;
+    };
+    let total: u64 = processes.iter().map(|p| p.memory_bytes).sum();
+    let n = processes.len() as f64;
+    for p in &mut processes {
+        let weight = if total == 0 {
+            1.0 / n
+        } else {
+            p.memory_bytes as f64 / total as f64
+        };
+        p.sm_ratio = Some(activity * weight);
+    }
+    processes
 }
 
 /// Mean SM ratio per pid over NVML's `(pid, timestamp µs, sm)` samples,
@@ -262,7 +359,62 @@ mod tests {
     fn nothing_is_charged_without_an_interval_or_an_energy_delta() {
         let d = gpu("0", vec![proc(1, "acme", 1, Some(0.5))]);
         assert!(charges(&d, &[], None, None, None).is_empty());
-        assert!(charges(&d, &[], Some(1.0), None, None).is_empty());
+    }
+
+    #[test]
+    fn time_is_charged_without_an_energy_reading() {
+        let d = gpu("0", vec![proc(1, "acme", 1, Some(0.5))]);
+        let c = charges(&d, &[], Some(1.0), None, None);
+        assert_eq!(c.len(), 1);
+        close(allocated(&c[0]), 1.0, "allocated");
+        assert_eq!(c[0].shares["acme"].sm_seconds, Some(0.5));
+        assert_eq!(energy(&c), 0.0);
+    }
+
+    #[test]
+    fn power_integral_is_the_trapezoid() {
+        assert_eq!(power_integral(Some(100.0), Some(300.0), 2.0), Some(400.0));
+        assert_eq!(power_integral(None, Some(300.0), 2.0), Some(600.0));
+        assert_eq!(power_integral(None, None, 2.0), None);
+    }
+
+    #[test]
+    fn the_meter_follows_the_counter_while_it_behaves() {
+        let mut m = EnergyMeter::default();
+        assert_eq!(m.read(None, Some(5_000), Some(70.0)), None);
+        assert_eq!(m.total_joules(), Some(5.0));
+        assert_eq!(m.read(Some(1.0), Some(75_000), Some(70.0)), Some(70.0));
+        assert_eq!(m.total_joules(), Some(75.0));
+    }
+
+    #[test]
+    fn without_a_counter_the_meter_integrates_power_from_zero() {
+        let mut m = EnergyMeter::default();
+        assert_eq!(m.read(None, None, Some(100.0)), None);
+        assert_eq!(m.total_joules(), Some(0.0));
+        assert_eq!(m.read(Some(2.0), None, Some(200.0)), Some(300.0));
+        assert_eq!(m.read(Some(1.0), None, Some(200.0)), Some(200.0));
+        assert_eq!(m.total_joules(), Some(500.0));
+    }
+
+    #[test]
+    fn a_counter_reset_charges_that_interval_from_power_and_never_goes_back() {
+        let mut m = EnergyMeter::default();
+        m.read(None, Some(900_000), Some(100.0));
+        // Driver reload: the counter restarts near 0.
+        assert_eq!(m.read(Some(1.0), Some(2_000), Some(100.0)), Some(100.0));
+        assert_eq!(m.total_joules(), Some(1000.0));
+        // From there the counter's deltas count again, on top.
+        assert_eq!(m.read(Some(1.0), Some(102_000), Some(100.0)), Some(100.0));
+        assert_eq!(m.total_joules(), Some(1100.0));
+    }
+
+    #[test]
+    fn energy_across_a_failed_read_stays_on_the_total() {
+        let mut m = EnergyMeter::default();
+        m.read(None, Some(1_000), Some(70.0));
+        assert_eq!(m.read(None, Some(8_000), Some(70.0)), Some(7.0));
+        assert_eq!(m.total_joules(), Some(8.0));
     }
 
     #[test]
@@ -371,6 +523,33 @@ mod tests {
         let (means, cursor) = mean_sm(&[], 20);
         assert!(means.is_empty());
         assert_eq!(cursor, 20);
+    }
+
+    #[test]
+    fn gpm_activity_is_shared_by_memory_and_gives_sm_seconds_on_mig() {
+        let procs = with_instance_sm(
+            vec![proc(1, "a", 3 << 30, None), proc(2, "b", 1 << 30, None)],
+            Some(0.8),
+        );
+        close(procs[0].sm_ratio.unwrap(), 0.6, "a");
+        close(procs[1].sm_ratio.unwrap(), 0.2, "b");
+        assert!(
+            with_instance_sm(vec![proc(1, "a", 1, None)], None)[0]
+                .sm_ratio
+                .is_none()
+        );
+        let parent = GpuSnapshot {
+            mig_mode: true,
+            ..gpu("2", vec![])
+        };
+        let measured = GpuSnapshot {
+            utilization_ratio: Some(0.8),
+            ..instance("2/1/0", 4.0 / 7.0, procs)
+        };
+        let c = charges(&parent, &[measured], Some(2.0), Some(70.0), None);
+        close(c[0].shares["a"].sm_seconds.unwrap(), 1.2, "a's SM seconds");
+        close(c[0].shares["b"].sm_seconds.unwrap(), 0.4, "b's SM seconds");
+        close(energy(&c), 70.0, "energy");
     }
 
     #[test]

@@ -2,14 +2,20 @@
 //! and nothing else. Runs on the device's worker thread (see `workers`),
 //! so a hung driver call stalls only that device.
 
-use std::time::Instant;
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Instant,
+};
 
 use nvml_wrapper::{
     Device, Nvml,
-    enum_wrappers::device::{PcieUtilCounter, TemperatureSensor},
-    enums::device::UsedGpuMemory,
+    enum_wrappers::device::{EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
+    enums::{device::UsedGpuMemory, gpm::GpmMetricId},
     error::NvmlError,
+    gpm::{GpmSample, gpm_metrics_get},
 };
+
+use crate::snapshot::{EccErrors, RemappedRows};
 
 /// Compute slices of a full A100/H100 when NVML does not say.
 const DEFAULT_COMPUTE_SLICES: u32 = 7;
@@ -33,7 +39,16 @@ pub(super) struct RawInstance {
     pub memory_used: u64,
     pub memory_total: u64,
     pub processes: Vec<RawProcess>,
+    /// SM activity 0..1 since the previous cycle, from GPM (Hopper and
+    /// later); `None` where the GPU has no GPM or at the first cycle.
+    pub sm_activity: Option<f64>,
 }
+
+/// The previous cycle's GPM sample of each GPU instance: GPM measures
+/// activity between two samples, so each is kept for the next cycle. Lives
+/// on the device's reader thread.
+#[derive(Default)]
+pub(super) struct GpmSamples(HashMap<u32, GpmSample<'static>>);
 
 /// Everything one cycle reads of one physical GPU.
 #[derive(Debug, Clone)]
@@ -52,6 +67,9 @@ pub(super) struct RawDevice {
     /// PCIe throughput in KB/s: (tx, rx).
     pub pcie_kbps: Option<(u32, u32)>,
     pub processes: Vec<RawProcess>,
+    pub ecc_errors: Option<EccErrors>,
+    pub remapped_rows: Option<RemappedRows>,
+    pub throttle_reasons: Option<u64>,
     /// Per-process SM samples newer than the cursor: (pid, timestamp µs, SM 0..1).
     pub sm_samples: Vec<(u32, u64, f64)>,
     pub instances: Vec<RawInstance>,
@@ -61,9 +79,10 @@ pub(super) struct RawDevice {
 /// name, memory); optional readings become `None`. `util_cursor` is the
 /// newest per-process sample timestamp already consumed.
 pub(super) fn read_device(
-    nvml: &Nvml,
+    nvml: &'static Nvml,
     index: u32,
     util_cursor: u64,
+    gpm: &mut GpmSamples,
 ) -> Result<RawDevice, NvmlError> {
     let device = nvml.device_by_index(index)?;
     let uuid = device.uuid()?;
@@ -82,7 +101,7 @@ pub(super) fn read_device(
         .and_then(|tx| Ok((tx, device.pcie_throughput(PcieUtilCounter::Receive)?)))
         .ok();
     let (processes, sm_samples, instances) = if mig_mode {
-        (Vec::new(), Vec::new(), read_instances(nvml, &device))
+        (Vec::new(), Vec::new(), read_instances(nvml, &device, gpm))
     } else {
         (
             read_processes(&device),
@@ -105,24 +124,50 @@ pub(super) fn read_device(
             .map(f64::from),
         energy_mj,
         pcie_kbps,
+        ecc_errors: read_ecc(&device),
+        remapped_rows: remapped_rows(nvml, &device),
+        throttle_reasons: device.current_throttle_reasons().ok().map(|r| r.bits()),
         processes,
         sm_samples,
         instances,
     })
 }
 
+/// Every process on the device: CUDA contexts, graphics contexts and MPS
+/// clients are listed by three NVML calls; a call the device lacks (old
+/// drivers, no MPS) lists none.
 fn read_processes(device: &Device<'_>) -> Vec<RawProcess> {
-    device
-        .running_compute_processes()
-        .unwrap_or_default()
+    let lists = [
+        device.running_compute_processes(),
+        device.running_graphics_processes(),
+        device.mps_running_compute_processes(),
+    ];
+    merge_processes(
+        lists
+            .into_iter()
+            .flat_map(Result::unwrap_or_default)
+            .map(|p| RawProcess {
+                pid: p.pid,
+                memory_bytes: match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => b,
+                    UsedGpuMemory::Unavailable => 0,
+                },
+            }),
+    )
+}
+
+/// One entry per pid, by pid: a process with both a compute and a graphics
+/// context is listed by both calls, with the memory it holds on the device
+/// in each, so the largest is kept rather than the sum.
+fn merge_processes(listed: impl Iterator<Item = RawProcess>) -> Vec<RawProcess> {
+    let mut by_pid: BTreeMap<u32, u64> = BTreeMap::new();
+    for p in listed {
+        let memory = by_pid.entry(p.pid).or_default();
+        *memory = (*memory).max(p.memory_bytes);
+    }
+    by_pid
         .into_iter()
-        .map(|p| RawProcess {
-            pid: p.pid,
-            memory_bytes: match p.used_gpu_memory {
-                UsedGpuMemory::Used(b) => b,
-                UsedGpuMemory::Unavailable => 0,
-            },
-        })
+        .map(|(pid, memory_bytes)| RawProcess { pid, memory_bytes })
         .collect()
 }
 
@@ -137,7 +182,15 @@ fn read_sm_samples(device: &Device<'_>, cursor: u64) -> Vec<(u32, u64, f64)> {
         .collect()
 }
 
-fn read_instances(nvml: &Nvml, parent: &Device<'_>) -> Vec<RawInstance> {
+fn read_instances(
+    nvml: &'static Nvml,
+    parent: &Device<'static>,
+    gpm: &mut GpmSamples,
+) -> Vec<RawInstance> {
+    let has_gpm = parent.gpm_support().unwrap_or(false);
+    if !has_gpm {
+        gpm.0.clear();
+    }
     let total_slices = parent
         .attributes()
         .ok()
@@ -145,7 +198,7 @@ fn read_instances(nvml: &Nvml, parent: &Device<'_>) -> Vec<RawInstance> {
         .filter(|&n| n > 0)
         .unwrap_or(DEFAULT_COMPUTE_SLICES);
     let max = parent.mig_device_count().unwrap_or(0);
-    let mut out = Vec::new();
+    let mut out: Vec<RawInstance> = Vec::new();
     for i in 0..max {
         // Unpopulated indices answer NOT_FOUND: skip them.
         let Ok(mig) = parent.mig_device_by_index(i) else {
@@ -181,15 +234,76 @@ fn read_instances(nvml: &Nvml, parent: &Device<'_>) -> Vec<RawInstance> {
             memory_used: memory.as_ref().map(|m| m.used).unwrap_or(0),
             memory_total: memory.as_ref().map(|m| m.total).unwrap_or(0),
             processes: read_processes(&mig),
+            sm_activity: has_gpm
+                .then(|| mig_activity(nvml, parent, gi, gpm))
+                .flatten(),
         });
     }
+    // Instances destroyed since: their samples go.
+    gpm.0.retain(|gi, _| out.iter().any(|i| i.gi == *gi));
     out
+}
+
+/// SM activity of GPU instance `gi` since the previous cycle's sample, and
+/// a new sample kept for the next cycle. A failed sample forgets the old
+/// one, so no activity spans a gap.
+fn mig_activity(
+    nvml: &'static Nvml,
+    parent: &Device<'static>,
+    gi: u32,
+    gpm: &mut GpmSamples,
+) -> Option<f64> {
+    let Ok(now) = parent.gpm_mig_sample(gi) else {
+        gpm.0.remove(&gi);
+        return None;
+    };
+    let before = gpm.0.insert(gi, now)?;
+    let metrics = gpm_metrics_get(nvml, &before, &gpm.0[&gi], &[GpmMetricId::SmUtil]).ok()?;
+    let sm_util = metrics.into_iter().next()?.ok()?.value;
+    Some((sm_util / 100.0).clamp(0.0, 1.0))
+}
+
+/// Volatile ECC counts; `None` on GPUs without ECC (or with it off).
+fn read_ecc(device: &Device<'_>) -> Option<EccErrors> {
+    let count = |t| device.total_ecc_errors(t, EccCounter::Volatile).ok();
+    Some(EccErrors {
+        corrected: count(MemoryError::Corrected)?,
+        uncorrected: count(MemoryError::Uncorrected)?,
+    })
+}
+
+/// Row remapping state; `None` before Ampere and on GPUs without HBM.
+///
+/// nvml-wrapper 0.13 has no safe wrapper for `nvmlDeviceGetRemappedRows`,
+/// so it goes through the raw symbol table, like [`mig_ids`].
+#[allow(unsafe_code)]
+fn remapped_rows(nvml: &Nvml, device: &Device<'_>) -> Option<RemappedRows> {
+    let f = nvml.lib().nvmlDeviceGetRemappedRows.as_ref().ok()?;
+    let (mut corr, mut unc, mut pending, mut failed) = (0u32, 0u32, 0u32, 0u32);
+    // SAFETY: `device` is a live handle from this NVML instance, and the
+    // function writes one `unsigned int` through each valid pointer.
+    let rc = unsafe {
+        f(
+            device.handle(),
+            &mut corr,
+            &mut unc,
+            &mut pending,
+            &mut failed,
+        )
+    };
+    (rc == 0).then_some(RemappedRows {
+        correctable: corr,
+        uncorrectable: unc,
+        pending: pending != 0,
+        failed: failed != 0,
+    })
 }
 
 /// GPU instance and compute instance ids of a MIG device handle.
 ///
 /// nvml-wrapper 0.13 has no safe wrapper for these two calls, so they go
-/// through its raw symbol table: the only `unsafe` in the agent crate.
+/// through its raw symbol table (as `nvmlDeviceGetRemappedRows` does):
+/// the agent crate's only `unsafe`.
 #[allow(unsafe_code)]
 fn mig_ids(nvml: &Nvml, mig: &Device<'_>) -> Option<(u32, u32)> {
     let lib = nvml.lib();
@@ -203,4 +317,19 @@ fn mig_ids(nvml: &Nvml, mig: &Device<'_>) -> Option<(u32, u32)> {
         gi_fn(handle, &mut gi) == 0 && ci_fn(handle, &mut ci) == 0
     };
     ok.then_some((gi, ci))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pid: u32, memory_bytes: u64) -> RawProcess {
+        RawProcess { pid, memory_bytes }
+    }
+
+    #[test]
+    fn a_pid_listed_by_several_calls_is_counted_once() {
+        let merged = merge_processes([p(7, 100), p(3, 10), p(7, 300), p(9, 0)].into_iter());
+        assert_eq!(merged, [p(3, 10), p(7, 300), p(9, 0)]);
+    }
 }

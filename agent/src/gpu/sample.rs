@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     attribution::Accounts,
-    snapshot::{GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TenantGpuUsage},
+    snapshot::{EnergySource, GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TenantGpuUsage},
     states::{DeviceObs, ProcObs, ProcState, StatesConfig, Tracker},
     tenants::Resolver,
 };
@@ -48,7 +48,7 @@ pub struct Sample {
 #[derive(Debug, Default)]
 struct DeviceState {
     last_at: Option<Instant>,
-    last_energy_mj: Option<u64>,
+    energy: account::EnergyMeter,
     /// Newest per-process utilization sample consumed (µs): no sample is
     /// counted twice.
     util_cursor: u64,
@@ -228,8 +228,9 @@ impl Sampler {
         let label = index.to_string();
         let state = &mut self.devices[index];
         log_once(state, &label, &reason);
-        // The next good sample starts a fresh interval; the energy counter
-        // reading is kept, so what the GPU drew meanwhile is not lost.
+        // The next good sample starts a fresh interval; the energy meter
+        // keeps its counter reading, so what the GPU drew meanwhile is not
+        // lost.
         state.last_at = None;
         out.push(GpuSnapshot {
             gpu: label,
@@ -264,8 +265,12 @@ impl Sampler {
 
         let seconds = state.last_at.map(|t| (raw.read_at - t).as_secs_f64());
         state.last_at = Some(raw.read_at);
-        let energy_joules = account::energy_delta(state.last_energy_mj, raw.energy_mj);
-        state.last_energy_mj = raw.energy_mj;
+        let energy_joules = state.energy.read(seconds, raw.energy_mj, raw.power_watts);
+        let energy_source = match (raw.energy_mj, raw.power_watts) {
+            (Some(_), _) => Some(EnergySource::Counter),
+            (None, Some(_)) => Some(EnergySource::Power),
+            (None, None) => None,
+        };
         if let (Some(dt), Some((tx, rx))) = (seconds, raw.pcie_kbps) {
             state.pcie_tx_bytes += f64::from(tx) * 1024.0 * dt;
             state.pcie_rx_bytes += f64::from(rx) * 1024.0 * dt;
@@ -280,7 +285,11 @@ impl Sampler {
             memory_total_bytes: raw.memory_total,
             power_watts: raw.power_watts,
             temperature_celsius: raw.temperature_celsius,
-            energy_joules_total: raw.energy_mj.map(|mj| mj as f64 / 1000.0),
+            energy_joules_total: state.energy.total_joules(),
+            energy_source,
+            ecc_errors: raw.ecc_errors,
+            remapped_rows: raw.remapped_rows,
+            throttle_reasons: raw.throttle_reasons,
             pcie_tx_bytes_total: raw.pcie_kbps.map(|_| state.pcie_tx_bytes),
             pcie_rx_bytes_total: raw.pcie_kbps.map(|_| state.pcie_rx_bytes),
             ..Default::default()
@@ -298,9 +307,14 @@ impl Sampler {
                     mig_profile: i.profile.clone(),
                     parent_uuid: Some(raw.uuid.clone()),
                     slice_fraction: Some(i.slice_fraction),
+                    energy_source,
                     memory_used_bytes: i.memory_used,
                     memory_total_bytes: i.memory_total,
-                    processes: attribute(&i.processes, &i.uuid, resolver),
+                    utilization_ratio: i.sm_activity,
+                    processes: account::with_instance_sm(
+                        attribute(&i.processes, &i.uuid, resolver),
+                        i.sm_activity,
+                    ),
                     ..Default::default()
                 })
                 .collect();

@@ -34,6 +34,8 @@ pub struct Counters {
     pub egress_dropped: u64,
     pub h2d_bytes: u64,
     pub d2h_bytes: u64,
+    /// Generic copies (`cuMemcpy*` on unified addresses): direction unknown.
+    pub other_bytes: u64,
 }
 
 impl Counters {
@@ -46,6 +48,7 @@ impl Counters {
         self.egress_dropped += o.egress_dropped;
         self.h2d_bytes += o.h2d_bytes;
         self.d2h_bytes += o.d2h_bytes;
+        self.other_bytes += o.other_bytes;
     }
 
     pub fn add_net(&mut self, v: &tally_ebpf::NetValue) {
@@ -60,6 +63,7 @@ impl Counters {
     pub fn add_pcie(&mut self, v: &tally_ebpf::PcieValue) {
         self.h2d_bytes += v.h2d_bytes;
         self.d2h_bytes += v.d2h_bytes;
+        self.other_bytes += v.other_bytes;
     }
 
     /// Only the network part.
@@ -67,6 +71,7 @@ impl Counters {
         Counters {
             h2d_bytes: 0,
             d2h_bytes: 0,
+            other_bytes: 0,
             ..*self
         }
     }
@@ -76,6 +81,7 @@ impl Counters {
         Counters {
             h2d_bytes: self.h2d_bytes,
             d2h_bytes: self.d2h_bytes,
+            other_bytes: self.other_bytes,
             ..Counters::default()
         }
     }
@@ -95,6 +101,7 @@ impl Counters {
             network_egress_dropped_packets_total: self.egress_dropped,
             pcie_h2d_bytes_total: self.h2d_bytes,
             pcie_d2h_bytes_total: self.d2h_bytes,
+            pcie_other_bytes_total: self.other_bytes,
         }
     }
 }

@@ -28,7 +28,7 @@ pub(super) struct Totals {
     tenant_of: HashMap<u64, String>,
     /// PCIe probe totals and device totals when this agent started, for the
     /// `_unattributed` remainder (device totals restart with the agent).
-    pcie_at_start: Option<(u64, u64)>,
+    pcie_at_start: Option<(u64, u64, u64)>,
     residual_base: (u64, u64),
     residual_run: (u64, u64),
 }
@@ -185,12 +185,19 @@ impl Totals {
         }
         let probe_h2d: u64 = totals.values().map(|c| c.h2d_bytes).sum();
         let probe_d2h: u64 = totals.values().map(|c| c.d2h_bytes).sum();
-        let start = *self.pcie_at_start.get_or_insert((probe_h2d, probe_d2h));
+        let probe_other: u64 = totals.values().map(|c| c.other_bytes).sum();
+        let start = *self
+            .pcie_at_start
+            .get_or_insert((probe_h2d, probe_d2h, probe_other));
         if have {
-            let seen_h2d = probe_h2d.saturating_sub(start.0);
-            let seen_d2h = probe_d2h.saturating_sub(start.1);
-            self.residual_run.0 = self.residual_run.0.max(dev_h2d.saturating_sub(seen_h2d));
-            self.residual_run.1 = self.residual_run.1.max(dev_d2h.saturating_sub(seen_d2h));
+            let seen = (
+                probe_h2d.saturating_sub(start.0),
+                probe_d2h.saturating_sub(start.1),
+                probe_other.saturating_sub(start.2),
+            );
+            let (h2d, d2h) = unseen((dev_h2d, dev_d2h), seen);
+            self.residual_run.0 = self.residual_run.0.max(h2d);
+            self.residual_run.1 = self.residual_run.1.max(d2h);
         }
         self.state.residual_h2d_bytes = self.residual_base.0 + self.residual_run.0;
         self.state.residual_d2h_bytes = self.residual_base.1 + self.residual_run.1;
@@ -212,5 +219,30 @@ impl Totals {
             }
             Err(_) => {}
         }
+    }
+}
+
+/// Device bytes `(h2d, d2h)` no probe saw, given the probes' `(h2d, d2h,
+/// other)`: each direction beyond its directed copies, less the generic
+/// copies (direction unknown), taken from host→device first, where
+/// unified-memory copies mostly go (inputs), then device→host. So
+/// `_unattributed` is NVML's total minus everything the probes saw.
+fn unseen(device: (u64, u64), seen: (u64, u64, u64)) -> (u64, u64) {
+    let h2d = device.0.saturating_sub(seen.0);
+    let d2h = device.1.saturating_sub(seen.1);
+    let from_h2d = seen.2.min(h2d);
+    (h2d - from_h2d, d2h.saturating_sub(seen.2 - from_h2d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generic_copies_come_off_the_unattributed_remainder_h2d_first() {
+        assert_eq!(unseen((1000, 500), (100, 50, 0)), (900, 450));
+        assert_eq!(unseen((1000, 500), (100, 50, 300)), (600, 450));
+        assert_eq!(unseen((1000, 500), (100, 50, 1000)), (0, 350));
+        assert_eq!(unseen((10, 5), (100, 50, 7)), (0, 0));
     }
 }

@@ -13,6 +13,7 @@
 mod agent;
 pub mod aggregator_support;
 mod cgroup;
+pub mod conservation;
 pub mod enforce_support;
 pub mod faults_support;
 pub mod http;

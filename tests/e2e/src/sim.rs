@@ -51,7 +51,22 @@ impl SimNode {
 
     /// Registers `pid` as a GPU process (`mig` selects a MIG instance).
     pub fn register(&self, pid: u32, gpu: u32, mig: Option<u32>, memory_mib: u64, sm: f64) {
-        let mut text = format!("gpu = {gpu}\nmemory_mib = {memory_mib}\nsm = {sm}\n");
+        self.register_kind(pid, gpu, mig, memory_mib, sm, "compute");
+    }
+
+    /// Registers `pid` as a process of `kind` (`compute`, `graphics` or
+    /// `mps`: the NVML call that lists it).
+    pub fn register_kind(
+        &self,
+        pid: u32,
+        gpu: u32,
+        mig: Option<u32>,
+        memory_mib: u64,
+        sm: f64,
+        kind: &str,
+    ) {
+        let mut text =
+            format!("gpu = {gpu}\nmemory_mib = {memory_mib}\nsm = {sm}\nkind = \"{kind}\"\n");
         if let Some(m) = mig {
             text.push_str(&format!("mig = {m}\n"));
         }
@@ -76,6 +91,31 @@ impl SimNode {
         } else {
             let _ = fs::remove_file(f);
         }
+    }
+
+    /// Makes the energy counter of GPU `index` restart from 0, as a driver
+    /// reload does (the simulator consumes the marker).
+    pub fn reset_energy(&self, index: u32) {
+        let dir = self.state.join("reset");
+        fs::create_dir_all(&dir).expect("reset dir");
+        let tmp = dir.join(format!(".{index}.tmp"));
+        fs::write(&tmp, "").expect("write reset marker");
+        fs::rename(&tmp, dir.join(index.to_string())).expect("rename reset marker");
+    }
+
+    /// Whether the simulator has not yet consumed a reset of GPU `index`.
+    pub fn reset_pending(&self, index: u32) -> bool {
+        self.state.join("reset").join(index.to_string()).exists()
+    }
+
+    /// Sets what GPU `index` reports about its health (`health/<index>.toml`
+    /// of the simulator: ECC counts, remapped rows, throttle reasons).
+    pub fn set_health(&self, index: u32, health_toml: &str) {
+        let dir = self.state.join("health");
+        fs::create_dir_all(&dir).expect("health dir");
+        let tmp = dir.join(format!(".{index}.tmp"));
+        fs::write(&tmp, health_toml).expect("write health");
+        fs::rename(&tmp, dir.join(format!("{index}.toml"))).expect("rename health");
     }
 
     /// Queues one XID event on GPU `index`.

@@ -32,6 +32,7 @@ use std::{
 
 use tally_e2e::{
     Agent, Cgroup, Metrics, SimNode,
+    conservation::{Scrape, assert_conserved},
     other_user::{SharedDir, as_nobody, open_to_all, refusal},
     probes_support::{
         PinDir, TcpServer, fake_cuda, probe_config, retrans, start_agent_as_nobody, udp_sink,
@@ -320,8 +321,8 @@ fn pcie_copies_of_two_tenants_are_exact() {
     let alpha = s.tenant("alpha");
     let beta = s.tenant("beta");
 
-    // Every form of the family; the generic cuMemcpy has no direction and
-    // must not land in h2d or d2h.
+    // Every form of the family; the generic cuMemcpy has no direction: it
+    // goes to the caller as `other`, never into h2d or d2h.
     cuda_in(
         &alpha,
         &[
@@ -385,6 +386,8 @@ fn pcie_copies_of_two_tenants_are_exact() {
         ("alpha", "d2h", 3000 + 65536),
         ("beta", "h2d", 64 + 9),
         ("beta", "d2h", 4194304 + 15 + 400 + 50 + 3072),
+        ("alpha", "other", 777 * 5 + 555),
+        ("beta", "other", 0),
     ];
     let m = settle(&agent, "copies counted", |m| {
         want.iter().all(|(t, d, n)| pcie(m, t, d) >= *n)
@@ -396,7 +399,8 @@ fn pcie_copies_of_two_tenants_are_exact() {
     // What the devices moved (NVML, here the simulator's PCIe throughput
     // while alpha holds GPU 0) and the probes did not see is
     // _unattributed's, never spread: within one scrape,
-    // _unattributed = device total − what the tenants were given.
+    // _unattributed = device total − what the tenants were given, the
+    // generic copies coming off host→device first.
     let holder = alpha.spawn("/bin/sleep", &["600"]);
     s.node.register(holder.pid(), 0, None, 1024, 0.5);
     let m = settle(&agent, "device PCIe bytes beyond the probes'", |m| {
@@ -404,7 +408,13 @@ fn pcie_copies_of_two_tenants_are_exact() {
     });
     for (nvml_dir, dir) in [("rx", "h2d"), ("tx", "d2h")] {
         let device = m.sum("tally_gpu_pcie_bytes_total", &[("direction", nvml_dir)]);
-        let tenants: u64 = ["alpha", "beta"].iter().map(|t| pcie(&m, t, dir)).sum();
+        let mut tenants: u64 = ["alpha", "beta"].iter().map(|t| pcie(&m, t, dir)).sum();
+        if dir == "h2d" {
+            tenants += ["alpha", "beta"]
+                .iter()
+                .map(|t| pcie(&m, t, "other"))
+                .sum::<u64>();
+        }
         let unattributed = pcie(&m, "_unattributed", dir);
         let want = device - tenants as f64;
         // Each GPU's float total is truncated to whole bytes.
@@ -416,6 +426,10 @@ fn pcie_copies_of_two_tenants_are_exact() {
     for (tenant, dir, n) in want {
         assert_eq!(pcie(&m, tenant, dir), n, "{tenant} {dir} unchanged");
     }
+    // The GPU accounts still add up on this scenario.
+    let before = Scrape::of(&agent);
+    agent.wait_samples(3);
+    assert_conserved(&before, &Scrape::of(&agent));
     s.node.unregister(holder.pid());
 }
 

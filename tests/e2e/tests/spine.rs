@@ -7,7 +7,9 @@
 use std::{process::Command, time::Duration};
 
 use tally_e2e::{
-    Agent, Cgroup, Metrics, SimNode, require_root, sim_lib, tally_bin, unique, wait_for,
+    Agent, Cgroup, Metrics, SimNode,
+    conservation::{Scrape, assert_conserved, close},
+    require_root, sim_lib, tally_bin, unique, wait_for,
 };
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -16,12 +18,6 @@ const CONFIG: &str = r#"
 [[tenant.rule]]
 cgroup = '/tally/(?P<tenant>[^/]+)/'
 "#;
-
-/// Relative tolerance for sums of floating-point shares.
-fn close(a: f64, b: f64, what: &str) {
-    let tol = 1e-6 * a.abs().max(b.abs()).max(1.0);
-    assert!((a - b).abs() <= tol, "{what}: {a} != {b}");
-}
 
 struct Tenants {
     _acme: Cgroup,
@@ -63,14 +59,6 @@ fn gpu_memory(m: &Metrics, tenant: &str, gpu: &str) -> Option<f64> {
         "tally_tenant_gpu_memory_bytes",
         &[("tenant", tenant), ("gpu", gpu)],
     )
-}
-
-/// One scrape is one snapshot: every value in it is mutually consistent.
-fn scrape(agent: &Agent) -> (Metrics, f64, f64) {
-    let m = agent.metrics();
-    let t = m.value("tally_last_sample_timestamp_seconds", &[]).unwrap();
-    let cycle = m.value("tally_sample_duration_seconds", &[]).unwrap();
-    (m, t, cycle)
 }
 
 #[test]
@@ -135,34 +123,12 @@ fn tenants_in_cgroups_show_up_with_conserved_time_and_energy() {
     );
 
     // Conservation over an interval: two scrapes, the deltas must add up.
-    let (m1, t1, c1) = scrape(&agent);
+    let before = Scrape::of(&agent);
     agent.wait_samples(10);
-    let (m2, t2, c2) = scrape(&agent);
-    let delta = |name: &str, labels: &[(&str, &str)]| m2.sum(name, labels) - m1.sum(name, labels);
-    let wall = t2 - t1;
-    // A device is read a little after its cycle starts; that offset varies
-    // by at most one cycle's duration at each end.
-    let slack = 0.002 + c1 + c2;
-    let gpu_labels: Vec<String> = m2
-        .select("tally_gpu_info", &[])
-        .map(|s| s.labels["gpu"].clone())
-        .collect();
-    for gpu in &gpu_labels {
-        let observed = delta("tally_gpu_observed_seconds_total", &[("gpu", gpu)]);
-        let allocated = delta("tally_tenant_gpu_allocated_seconds_total", &[("gpu", gpu)]);
-        close(
-            allocated,
-            observed,
-            &format!("allocated vs observed on gpu {gpu}"),
-        );
-        if gpu != "2" {
-            // Observed time is the wall time between the two snapshots.
-            assert!(
-                (observed - wall).abs() <= slack,
-                "gpu {gpu}: observed {observed}s over {wall}s of wall time"
-            );
-        }
-    }
+    let after = Scrape::of(&agent);
+    let checked = assert_conserved(&before, &after);
+    assert!(checked.len() >= 7, "every device checked: {checked:?}");
+    let delta = |name: &str, labels: &[(&str, &str)]| after.delta(&before, name, labels);
     // GPU 0 split by memory: acme 2/3, beta 1/3 of the time.
     let acme = delta(
         "tally_tenant_gpu_allocated_seconds_total",
@@ -192,25 +158,6 @@ fn tenants_in_cgroups_show_up_with_conserved_time_and_energy() {
         delta("tally_gpu_observed_seconds_total", &[("gpu", "1")]),
         "idle GPU 1",
     );
-    // Energy: tenants' shares add up to each device's counter delta; for
-    // the MIG GPU, over the parent and all its instances.
-    for gpu in ["0", "1", "2"] {
-        let device = delta("tally_gpu_energy_joules_total", &[("gpu", gpu)]);
-        assert!(device > 0.0, "gpu {gpu} drew energy");
-        let tenants: f64 = m2
-            .select("tally_tenant_gpu_energy_joules_total", &[])
-            .filter(|s| s.labels["gpu"] == gpu || s.labels["gpu"].starts_with(&format!("{gpu}/")))
-            .map(|s| {
-                s.value
-                    - m1.value(
-                        "tally_tenant_gpu_energy_joules_total",
-                        &[("tenant", &s.labels["tenant"]), ("gpu", &s.labels["gpu"])],
-                    )
-                    .unwrap_or(0.0)
-            })
-            .sum();
-        close(tenants, device, &format!("energy of gpu {gpu}"));
-    }
     // acme works harder than beta on the same GPU: it gets more energy.
     let e = |t: &str| {
         delta(

@@ -17,16 +17,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::sim::{self, Code, Handle, NO_INSTANCE, Sim, View, code, driver, event};
+use crate::{
+    sim::{self, Code, Handle, NO_INSTANCE, Sim, View, code, driver, event},
+    state::ProcKind,
+};
 
-type Ret = c_uint;
-type Device = *mut c_void;
+pub(crate) type Ret = c_uint;
+pub(crate) type Device = *mut c_void;
 type EventSet = *mut c_void;
 
 /// `nvmlProcessInfo_t` as filled by the `_v2`/`_v3` calls.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ProcessInfo {
+pub(crate) struct ProcessInfo {
     pid: c_uint,
     used_gpu_memory: c_ulonglong,
     gpu_instance_id: c_uint,
@@ -36,14 +39,14 @@ pub struct ProcessInfo {
 /// `nvmlProcessInfo_v1_t`, filled by the unversioned call.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ProcessInfoV1 {
+pub(crate) struct ProcessInfoV1 {
     pid: c_uint,
     used_gpu_memory: c_ulonglong,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ProcessUtilizationSample {
+pub(crate) struct ProcessUtilizationSample {
     pid: c_uint,
     time_stamp: c_ulonglong,
     sm_util: c_uint,
@@ -53,14 +56,14 @@ pub struct ProcessUtilizationSample {
 }
 
 #[repr(C)]
-pub struct Memory {
+pub(crate) struct Memory {
     total: c_ulonglong,
     free: c_ulonglong,
     used: c_ulonglong,
 }
 
 #[repr(C)]
-pub struct MemoryV2 {
+pub(crate) struct MemoryV2 {
     version: c_uint,
     total: c_ulonglong,
     reserved: c_ulonglong,
@@ -72,13 +75,13 @@ pub struct MemoryV2 {
 const MEMORY_V2_VERSION: c_uint = (size_of::<MemoryV2>() | (2 << 24)) as c_uint;
 
 #[repr(C)]
-pub struct Utilization {
+pub(crate) struct Utilization {
     gpu: c_uint,
     memory: c_uint,
 }
 
 #[repr(C)]
-pub struct EventData {
+pub(crate) struct EventData {
     device: Device,
     event_type: c_ulonglong,
     event_data: c_ulonglong,
@@ -88,14 +91,14 @@ pub struct EventData {
 
 /// `nvmlEventData_t` before the instance ids were added (`nvmlEventSetWait`).
 #[repr(C)]
-pub struct EventDataV1 {
+pub(crate) struct EventDataV1 {
     device: Device,
     event_type: c_ulonglong,
     event_data: c_ulonglong,
 }
 
 #[repr(C)]
-pub struct DeviceAttributes {
+pub(crate) struct DeviceAttributes {
     multiprocessor_count: c_uint,
     shared_copy_engine_count: c_uint,
     shared_decoder_count: c_uint,
@@ -108,7 +111,7 @@ pub struct DeviceAttributes {
 }
 
 #[repr(C)]
-pub struct PciInfo {
+pub(crate) struct PciInfo {
     bus_id_legacy: [c_char; 16],
     domain: c_uint,
     bus: c_uint,
@@ -141,7 +144,7 @@ const EVENT_SET_BASE: usize = 0xE5E7_0000;
 const THROTTLE_GPU_IDLE: u64 = 0x1;
 
 /// Runs `f` with panics turned into NVML_ERROR_UNKNOWN.
-fn guard(f: impl FnOnce() -> Result<(), Code>) -> Ret {
+pub(crate) fn guard(f: impl FnOnce() -> Result<(), Code>) -> Ret {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => code::SUCCESS,
         Ok(Err(c)) => c,
@@ -150,13 +153,16 @@ fn guard(f: impl FnOnce() -> Result<(), Code>) -> Ret {
 }
 
 /// Runs `f` on the initialized simulator.
-fn with_sim(f: impl FnOnce(&mut Sim) -> Result<(), Code>) -> Ret {
+pub(crate) fn with_sim(f: impl FnOnce(&mut Sim) -> Result<(), Code>) -> Ret {
     guard(|| f(driver().sim()?))
 }
 
 /// Runs `f` on a fresh reading of `device` (GPU_IS_LOST for a lost GPU),
 /// after the `hang/<index>` fault of its GPU, if any, is lifted.
-fn with_view(device: Device, f: impl FnOnce(&mut Sim, &View) -> Result<(), Code>) -> Ret {
+pub(crate) fn with_view(
+    device: Device,
+    f: impl FnOnce(&mut Sim, &View) -> Result<(), Code>,
+) -> Ret {
     guard(|| {
         wait_while_hung(device)?;
         let mut driver = driver();
@@ -193,7 +199,7 @@ fn wait_while_hung(device: Device) -> Result<(), Code> {
 ///
 /// # Safety
 /// `p` is null or valid for writing a `T`.
-unsafe fn put<T>(p: *mut T, v: T) -> Result<(), Code> {
+pub(crate) unsafe fn put<T>(p: *mut T, v: T) -> Result<(), Code> {
     if p.is_null() {
         return Err(code::INVALID_ARGUMENT);
     }
@@ -261,28 +267,28 @@ fn raw(h: Handle) -> Device {
 // ----------------------------------------------------------------------------
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlInit_v2() -> Ret {
+pub(crate) unsafe extern "C" fn nvmlInit_v2() -> Ret {
     guard(|| driver().init())
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlInit() -> Ret {
+pub(crate) unsafe extern "C" fn nvmlInit() -> Ret {
     guard(|| driver().init())
 }
 
 /// Flags (NO_GPUS, NO_ATTACH) change nothing: a scenario may have no GPUs.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> Ret {
     guard(|| driver().init())
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlShutdown() -> Ret {
+pub(crate) unsafe extern "C" fn nvmlShutdown() -> Ret {
     guard(|| driver().shutdown())
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
+pub(crate) unsafe extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
     let s: &'static CStr = match result {
         code::SUCCESS => c"Success",
         code::UNINITIALIZED => c"Uninitialized",
@@ -303,32 +309,38 @@ pub unsafe extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlSystemGetDriverVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> Ret {
     // SAFETY: NVML contract (module docs).
     with_sim(|_| unsafe { put_str(version, length, DRIVER_VERSION) })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(version: *mut c_char, length: c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlSystemGetNVMLVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> Ret {
     // SAFETY: NVML contract (module docs).
     with_sim(|_| unsafe { put_str(version, length, NVML_VERSION) })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> Ret {
     // SAFETY: NVML contract (module docs).
     with_sim(|_| unsafe { put(v, CUDA_DRIVER_VERSION) })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> Ret {
     // SAFETY: NVML contract (module docs).
     with_sim(|_| unsafe { put(v, CUDA_DRIVER_VERSION) })
 }
 
 /// The process's executable path (first word of `/proc/<pid>/cmdline`, else `comm`).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetProcessName(
+pub(crate) unsafe extern "C" fn nvmlSystemGetProcessName(
     pid: c_uint,
     name: *mut c_char,
     length: c_uint,
@@ -355,19 +367,22 @@ pub unsafe extern "C" fn nvmlSystemGetProcessName(
 // ----------------------------------------------------------------------------
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> Ret {
     // SAFETY: NVML contract (module docs).
     with_sim(|sim| unsafe { put(count, sim.gpu_count()) })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> Ret {
     // SAFETY: NVML contract (module docs).
     unsafe { nvmlDeviceGetCount_v2(count) }
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut Device) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    index: c_uint,
+    device: *mut Device,
+) -> Ret {
     with_sim(|sim| {
         let h = sim.handle_by_index(index)?;
         // SAFETY: NVML contract (module docs).
@@ -376,14 +391,17 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *m
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut Device) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetHandleByIndex(
+    index: c_uint,
+    device: *mut Device,
+) -> Ret {
     // SAFETY: NVML contract (module docs).
     unsafe { nvmlDeviceGetHandleByIndex_v2(index, device) }
 }
 
 /// Accepts `GPU-…` and `MIG-…` UUIDs.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
     uuid: *const c_char,
     device: *mut Device,
 ) -> Ret {
@@ -402,13 +420,13 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
 
 /// On a MIG handle: the parent GPU's index.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetIndex(device: Device, index: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetIndex(device: Device, index: *mut c_uint) -> Ret {
     // SAFETY: NVML contract (module docs).
     with_view(device, |_, v| unsafe { put(index, v.gpu.index) })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetUUID(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetUUID(
     device: Device,
     uuid: *mut c_char,
     length: c_uint,
@@ -422,7 +440,7 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
 
 /// On a MIG handle: `<model> MIG <profile>`, as the driver names them.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetName(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetName(
     device: Device,
     name: *mut c_char,
     length: c_uint,
@@ -438,7 +456,7 @@ pub unsafe extern "C" fn nvmlDeviceGetName(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetSerial(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetSerial(
     device: Device,
     serial: *mut c_char,
     length: c_uint,
@@ -451,7 +469,7 @@ pub unsafe extern "C" fn nvmlDeviceGetSerial(
 
 /// The parent GPU's PCI location, also for MIG handles.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: Device, pci: *mut PciInfo) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: Device, pci: *mut PciInfo) -> Ret {
     with_view(device, |_, v| {
         let bus = 0x18 + v.gpu.index * 3;
         let mut info = PciInfo {
@@ -481,7 +499,10 @@ pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: Device, pci: *mut PciIn
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetArchitecture(device: Device, arch: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetArchitecture(
+    device: Device,
+    arch: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         let a = v.gpu.arch.map_or(0xFFFF_FFFF, |a| a as c_uint);
         // SAFETY: NVML contract (module docs).
@@ -491,7 +512,7 @@ pub unsafe extern "C" fn nvmlDeviceGetArchitecture(device: Device, arch: *mut c_
 
 /// NVML_BRAND_NVIDIA (14) for Hopper and later, NVML_BRAND_TESLA (2) before.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetBrand(device: Device, brand: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetBrand(device: Device, brand: *mut c_uint) -> Ret {
     with_view(device, |_, v| {
         use crate::scenario::Arch;
         let b = match v.gpu.arch {
@@ -509,7 +530,10 @@ pub unsafe extern "C" fn nvmlDeviceGetBrand(device: Device, brand: *mut c_uint) 
 
 /// Per instance on MIG handles.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: Device, memory: *mut Memory) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    device: Device,
+    memory: *mut Memory,
+) -> Ret {
     with_view(device, |_, v| {
         let m = Memory {
             total: v.mem_total_mib * MIB,
@@ -523,7 +547,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: Device, memory: *mut Me
 
 /// `reserved` is 0: free = total − used.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: Device, memory: *mut MemoryV2) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: Device,
+    memory: *mut MemoryV2,
+) -> Ret {
     with_view(device, |_, v| {
         if memory.is_null() {
             return Err(code::INVALID_ARGUMENT);
@@ -547,7 +574,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: Device, memory: *mut
 
 /// NOT_SUPPORTED on MIG handles and on GPUs in MIG mode, as on real GPUs.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: Device, u: *mut Utilization) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
+    device: Device,
+    u: *mut Utilization,
+) -> Ret {
     with_view(device, |_, v| {
         if v.is_mig_handle() || v.gpu.mig.is_some() {
             return Err(code::NOT_SUPPORTED);
@@ -562,7 +592,7 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: Device, u: *mut U
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: Device, power: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: Device, power: *mut c_uint) -> Ret {
     with_view(device, |_, v| {
         let mw = v.physical()?.power_mw as c_uint;
         // SAFETY: NVML contract (module docs).
@@ -571,12 +601,16 @@ pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: Device, power: *mut c_u
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
     device: Device,
     energy: *mut c_ulonglong,
 ) -> Ret {
     with_view(device, |_, v| {
-        let mj = v.physical()?.energy_mj;
+        let v = v.physical()?;
+        if !v.gpu.energy_counter {
+            return Err(code::NOT_SUPPORTED);
+        }
+        let mj = v.energy_mj;
         // SAFETY: NVML contract (module docs).
         unsafe { put(energy, mj) }
     })
@@ -591,7 +625,7 @@ fn power_limit(device: Device, limit: *mut c_uint) -> Ret {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(
     device: Device,
     limit: *mut c_uint,
 ) -> Ret {
@@ -599,7 +633,7 @@ pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPowerManagementLimit(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetPowerManagementLimit(
     device: Device,
     limit: *mut c_uint,
 ) -> Ret {
@@ -607,7 +641,7 @@ pub unsafe extern "C" fn nvmlDeviceGetPowerManagementLimit(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPowerManagementDefaultLimit(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetPowerManagementDefaultLimit(
     device: Device,
     limit: *mut c_uint,
 ) -> Ret {
@@ -616,7 +650,7 @@ pub unsafe extern "C" fn nvmlDeviceGetPowerManagementDefaultLimit(
 
 /// Only NVML_TEMPERATURE_GPU (0).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetTemperature(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetTemperature(
     device: Device,
     sensor: c_uint,
     temp: *mut c_uint,
@@ -632,7 +666,7 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetClockInfo(
     device: Device,
     kind: c_uint,
     clock: *mut c_uint,
@@ -648,7 +682,7 @@ pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(
     device: Device,
     kind: c_uint,
     clock: *mut c_uint,
@@ -665,7 +699,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(
 
 /// Clock id 0 (current) is the current clock; the others the maximum.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetClock(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetClock(
     device: Device,
     kind: c_uint,
     id: c_uint,
@@ -685,11 +719,13 @@ pub unsafe extern "C" fn nvmlDeviceGetClock(
 
 fn throttle_reasons(device: Device, reasons: *mut c_ulonglong) -> Ret {
     with_view(device, |_, v| {
-        let bits = if v.physical()?.gpu_util > 0.0 {
+        let idle = if v.physical()?.gpu_util > 0.0 {
             0
         } else {
             THROTTLE_GPU_IDLE
         };
+        // Checked when the file was read.
+        let bits = idle | v.health.throttle_bits().unwrap_or(0);
         // SAFETY: callers pass their own NVML out-pointer (module docs).
         unsafe { put(reasons, bits) }
     })
@@ -697,7 +733,7 @@ fn throttle_reasons(device: Device, reasons: *mut c_ulonglong) -> Ret {
 
 /// GpuIdle (0x1) at 0 % utilization, none otherwise.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
     device: Device,
     reasons: *mut c_ulonglong,
 ) -> Ret {
@@ -705,7 +741,7 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksEventReasons(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetCurrentClocksEventReasons(
     device: Device,
     reasons: *mut c_ulonglong,
 ) -> Ret {
@@ -714,7 +750,7 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksEventReasons(
 
 /// Counter 0 = TX, 1 = RX, KB/s, proportional to utilization.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetPcieThroughput(
     device: Device,
     counter: c_uint,
     value: *mut c_uint,
@@ -730,7 +766,10 @@ pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPcieReplayCounter(device: Device, value: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetPcieReplayCounter(
+    device: Device,
+    value: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         v.physical()?;
         // SAFETY: NVML contract (module docs).
@@ -747,7 +786,7 @@ fn pcie_gen(v: &View) -> c_uint {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(
     device: Device,
     value: *mut c_uint,
 ) -> Ret {
@@ -758,7 +797,7 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(
     device: Device,
     value: *mut c_uint,
 ) -> Ret {
@@ -769,7 +808,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkWidth(device: Device, value: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkWidth(
+    device: Device,
+    value: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         v.physical()?;
         // SAFETY: NVML contract (module docs).
@@ -778,7 +820,10 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkWidth(device: Device, value: *
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(device: Device, value: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(
+    device: Device,
+    value: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         v.physical()?;
         // SAFETY: NVML contract (module docs).
@@ -790,9 +835,13 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(device: Device, value: *m
 // Processes
 // ----------------------------------------------------------------------------
 
-fn process_infos(v: &View) -> Vec<ProcessInfo> {
+/// The processes of `kind` on the handle: each kind is listed by its own
+/// call, as NVML lists CUDA contexts, graphics contexts and MPS clients
+/// separately.
+fn process_infos(v: &View, kind: ProcKind) -> Vec<ProcessInfo> {
     v.procs
         .iter()
+        .filter(|p| p.reg.kind == kind)
         .map(|p| ProcessInfo {
             pid: p.pid,
             used_gpu_memory: p.reg.memory_mib * MIB,
@@ -802,40 +851,46 @@ fn process_infos(v: &View) -> Vec<ProcessInfo> {
         .collect()
 }
 
+fn list_processes(
+    device: Device,
+    kind: ProcKind,
+    count: *mut c_uint,
+    infos: *mut ProcessInfo,
+) -> Ret {
+    // SAFETY: callers pass their own NVML out-pointers (module docs).
+    with_view(device, |_, v| unsafe {
+        put_slice(infos, count, &process_infos(v, kind))
+    })
+}
+
 /// A physical handle lists every process on the GPU (with its MIG
 /// instance's ids, or 0xFFFFFFFF); a MIG handle the processes on that instance.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     device: Device,
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe {
-        put_slice(infos, count, &process_infos(v))
-    })
+    list_processes(device, ProcKind::Compute, count, infos)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
     device: Device,
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe {
-        put_slice(infos, count, &process_infos(v))
-    })
+    list_processes(device, ProcKind::Compute, count, infos)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
     device: Device,
     count: *mut c_uint,
     infos: *mut ProcessInfoV1,
 ) -> Ret {
     with_view(device, |_, v| {
-        let items: Vec<ProcessInfoV1> = process_infos(v)
+        let items: Vec<ProcessInfoV1> = process_infos(v, ProcKind::Compute)
             .into_iter()
             .map(|p| ProcessInfoV1 {
                 pid: p.pid,
@@ -847,45 +902,37 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
     })
 }
 
-/// No graphics or MPS processes are simulated: always an empty list.
-fn no_processes(device: Device, count: *mut c_uint) -> Ret {
-    with_view(device, |_, _| {
-        // SAFETY: callers pass their own NVML out-pointer (module docs).
-        unsafe { put_slice::<ProcessInfo>(ptr::null_mut(), count, &[]) }
-    })
+#[unsafe(no_mangle)]
+pub(crate) unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+    device: Device,
+    count: *mut c_uint,
+    infos: *mut ProcessInfo,
+) -> Ret {
+    list_processes(device, ProcKind::Graphics, count, infos)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(
     device: Device,
     count: *mut c_uint,
-    _infos: *mut ProcessInfo,
+    infos: *mut ProcessInfo,
 ) -> Ret {
-    no_processes(device, count)
+    list_processes(device, ProcKind::Graphics, count, infos)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
     device: Device,
     count: *mut c_uint,
-    _infos: *mut ProcessInfo,
+    infos: *mut ProcessInfo,
 ) -> Ret {
-    no_processes(device, count)
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
-    device: Device,
-    count: *mut c_uint,
-    _infos: *mut ProcessInfo,
-) -> Ret {
-    no_processes(device, count)
+    list_processes(device, ProcKind::Mps, count, infos)
 }
 
 /// One sample per registered process, newer than `last_seen`; NOT_FOUND when
 /// there is none; NOT_SUPPORTED in MIG mode.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     device: Device,
     samples: *mut ProcessUtilizationSample,
     count: *mut c_uint,
@@ -922,7 +969,7 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
 /// Every simulated GPU is MIG-capable; current = pending = whether the
 /// scenario lists MIG instances.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMigMode(
     device: Device,
     current: *mut c_uint,
     pending: *mut c_uint,
@@ -938,7 +985,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMigMode(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: Device, count: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: Device,
+    count: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         v.physical()?;
         // SAFETY: NVML contract (module docs).
@@ -948,7 +998,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: Device, count: *
 
 /// NOT_FOUND for an index without an instance (or MIG mode off).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
     device: Device,
     index: c_uint,
     mig: *mut Device,
@@ -968,7 +1018,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: Device, is_mig: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(
+    device: Device,
+    is_mig: *mut c_uint,
+) -> Ret {
     // SAFETY: NVML contract (module docs).
     with_view(device, |_, v| unsafe {
         put(is_mig, c_uint::from(v.is_mig_handle()))
@@ -976,7 +1029,7 @@ pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: Device, is_mig: *mu
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
     mig: Device,
     device: *mut Device,
 ) -> Ret {
@@ -990,7 +1043,7 @@ pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(device: Device, id: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(device: Device, id: *mut c_uint) -> Ret {
     with_view(device, |_, v| {
         let m = v.mig.as_ref().ok_or(code::INVALID_ARGUMENT)?;
         // SAFETY: NVML contract (module docs).
@@ -999,7 +1052,10 @@ pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(device: Device, id: *mut c_u
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(device: Device, id: *mut c_uint) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(
+    device: Device,
+    id: *mut c_uint,
+) -> Ret {
     with_view(device, |_, v| {
         let m = v.mig.as_ref().ok_or(code::INVALID_ARGUMENT)?;
         // SAFETY: NVML contract (module docs).
@@ -1009,7 +1065,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(device: Device, id: *mut
 
 /// MIG handles only (NOT_SUPPORTED on physical GPUs, as nvml.h documents).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
     device: Device,
     attrs: *mut DeviceAttributes,
 ) -> Ret {
@@ -1033,7 +1089,7 @@ pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetAttributes(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetAttributes(
     device: Device,
     attrs: *mut DeviceAttributes,
 ) -> Ret {
@@ -1053,7 +1109,7 @@ fn set_id(set: EventSet) -> Result<usize, Code> {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut EventSet) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlEventSetCreate(set: *mut EventSet) -> Ret {
     with_sim(|sim| {
         if set.is_null() {
             return Err(code::INVALID_ARGUMENT);
@@ -1067,12 +1123,12 @@ pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut EventSet) -> Ret {
 /// nvml-wrapper's `Drop for EventSet` calls this unconditionally; after
 /// shutdown it answers UNINITIALIZED.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlEventSetFree(set: EventSet) -> Ret {
+pub(crate) unsafe extern "C" fn nvmlEventSetFree(set: EventSet) -> Ret {
     with_sim(|sim| sim.event_set_free(set_id(set)?))
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceRegisterEvents(
+pub(crate) unsafe extern "C" fn nvmlDeviceRegisterEvents(
     device: Device,
     types: c_ulonglong,
     set: EventSet,
@@ -1087,7 +1143,7 @@ pub unsafe extern "C" fn nvmlDeviceRegisterEvents(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
+pub(crate) unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
     device: Device,
     types: *mut c_ulonglong,
 ) -> Ret {
@@ -1117,7 +1173,7 @@ fn wait_event(set: EventSet, timeout_ms: c_uint) -> Result<sim::Event, Code> {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlEventSetWait_v2(
+pub(crate) unsafe extern "C" fn nvmlEventSetWait_v2(
     set: EventSet,
     data: *mut EventData,
     timeout_ms: c_uint,
@@ -1140,7 +1196,7 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlEventSetWait(
+pub(crate) unsafe extern "C" fn nvmlEventSetWait(
     set: EventSet,
     data: *mut EventDataV1,
     timeout_ms: c_uint,

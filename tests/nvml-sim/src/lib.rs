@@ -12,12 +12,15 @@
 #![deny(unsafe_code)]
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
-#![allow(unreachable_pub)]
 
 #[allow(unsafe_code)] // the extern "C" exports; every unsafe block says why it holds
 mod ffi;
+#[allow(unsafe_code)] // GPM's extern "C" exports, as in `ffi`
+mod gpm;
+#[allow(unsafe_code)] // ECC and row-remap exports, as in `ffi`
+mod health;
 pub mod scenario;
 mod sim;
 pub mod state;
 
-pub use state::{Registration, XidFault, register, unregister};
+pub use state::{Health, ProcKind, Registration, XidFault, register, unregister};

@@ -95,6 +95,10 @@ pub struct GpuSpec {
     pub pcie_max_kbps: Option<u32>,
     /// Board serial number (default: deterministic per index).
     pub serial: Option<String>,
+    /// Whether the board has a total-energy counter (default true); without
+    /// one `nvmlDeviceGetTotalEnergyConsumption` answers NOT_SUPPORTED, as on
+    /// pre-Volta boards, many GeForce cards and some vGPU guests.
+    pub energy_counter: Option<bool>,
 }
 
 /// A validated scenario, ready for the simulator.
@@ -135,6 +139,8 @@ pub struct Gpu {
     pub sm_count: u32,
     /// `None`: MIG mode off. `Some`: MIG mode on with these instances.
     pub mig: Option<Vec<MigInstance>>,
+    /// Whether NVML reports a total-energy counter for this GPU.
+    pub energy_counter: bool,
 }
 
 /// One MIG instance (a GPU instance holding one full compute instance).
@@ -300,6 +306,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
             arch,
             sm_count,
             mig,
+            energy_counter: spec.energy_counter.unwrap_or(true),
         });
     }
     Ok(Scenario {

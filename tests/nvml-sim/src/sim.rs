@@ -17,44 +17,45 @@ use crate::{
 };
 
 /// Most GPUs a scenario may have (handles encode the index in 12 bits).
-pub const MAX_GPUS: usize = 64;
+pub(crate) const MAX_GPUS: usize = 64;
 /// What `nvmlDeviceGetMaxMigDeviceCount` reports (A100/H100: 7).
-pub const MAX_MIG_DEVICES: u32 = 7;
+pub(crate) const MAX_MIG_DEVICES: u32 = 7;
 /// `gpuInstanceId`/`computeInstanceId` of a process not in a MIG instance.
-pub const NO_INSTANCE: u32 = 0xFFFF_FFFF;
+pub(crate) const NO_INSTANCE: u32 = 0xFFFF_FFFF;
 
 /// NVML return codes (`nvmlReturn_t`).
-pub mod code {
-    pub const SUCCESS: u32 = 0;
-    pub const UNINITIALIZED: u32 = 1;
-    pub const INVALID_ARGUMENT: u32 = 2;
-    pub const NOT_SUPPORTED: u32 = 3;
-    pub const NOT_FOUND: u32 = 6;
-    pub const INSUFFICIENT_SIZE: u32 = 7;
-    pub const DRIVER_NOT_LOADED: u32 = 9;
-    pub const TIMEOUT: u32 = 10;
-    pub const GPU_IS_LOST: u32 = 15;
-    pub const ARGUMENT_VERSION_MISMATCH: u32 = 25;
-    pub const UNKNOWN: u32 = 999;
+pub(crate) mod code {
+    pub(crate) const SUCCESS: u32 = 0;
+    pub(crate) const UNINITIALIZED: u32 = 1;
+    pub(crate) const INVALID_ARGUMENT: u32 = 2;
+    pub(crate) const NOT_SUPPORTED: u32 = 3;
+    pub(crate) const NOT_FOUND: u32 = 6;
+    pub(crate) const INSUFFICIENT_SIZE: u32 = 7;
+    pub(crate) const DRIVER_NOT_LOADED: u32 = 9;
+    pub(crate) const TIMEOUT: u32 = 10;
+    pub(crate) const GPU_IS_LOST: u32 = 15;
+    pub(crate) const ARGUMENT_VERSION_MISMATCH: u32 = 25;
+    pub(crate) const UNKNOWN: u32 = 999;
 }
 
 /// NVML event type bits.
-pub mod event {
-    pub const SINGLE_BIT_ECC: u64 = 0x1;
-    pub const DOUBLE_BIT_ECC: u64 = 0x2;
-    pub const PSTATE: u64 = 0x4;
-    pub const XID_CRITICAL: u64 = 0x8;
-    pub const CLOCK: u64 = 0x10;
+pub(crate) mod event {
+    pub(crate) const SINGLE_BIT_ECC: u64 = 0x1;
+    pub(crate) const DOUBLE_BIT_ECC: u64 = 0x2;
+    pub(crate) const PSTATE: u64 = 0x4;
+    pub(crate) const XID_CRITICAL: u64 = 0x8;
+    pub(crate) const CLOCK: u64 = 0x10;
     /// What every simulated physical GPU claims to support; only XIDs fire.
-    pub const SUPPORTED: u64 = SINGLE_BIT_ECC | DOUBLE_BIT_ECC | PSTATE | XID_CRITICAL | CLOCK;
+    pub(crate) const SUPPORTED: u64 =
+        SINGLE_BIT_ECC | DOUBLE_BIT_ECC | PSTATE | XID_CRITICAL | CLOCK;
 }
 
 /// An `nvmlReturn_t` error code.
-pub type Code = u32;
+pub(crate) type Code = u32;
 
 /// A device handle: a physical GPU or one of its MIG instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handle {
+pub(crate) enum Handle {
     Gpu(u32),
     Mig(u32, u32),
 }
@@ -64,7 +65,7 @@ const HANDLE_BASE: usize = 0x7A11_0000;
 impl Handle {
     /// The opaque pointer value handed to C: stable for the life of the
     /// process, never dereferenced.
-    pub fn to_raw(self) -> usize {
+    pub(crate) fn to_raw(self) -> usize {
         match self {
             Handle::Gpu(g) => HANDLE_BASE + (g as usize) * 16,
             Handle::Mig(g, m) => HANDLE_BASE + (g as usize) * 16 + 1 + m as usize,
@@ -85,7 +86,7 @@ impl Handle {
         })
     }
 
-    pub fn gpu(self) -> u32 {
+    pub(crate) fn gpu(self) -> u32 {
         match self {
             Handle::Gpu(g) | Handle::Mig(g, _) => g,
         }
@@ -94,7 +95,7 @@ impl Handle {
 
 /// A live registered process on a GPU.
 #[derive(Debug, Clone)]
-pub struct Proc {
+pub(crate) struct Proc {
     pub pid: u32,
     pub reg: Registration,
     pub gpu_instance_id: u32,
@@ -103,7 +104,7 @@ pub struct Proc {
 
 /// Everything a device query can answer, computed at one instant.
 #[derive(Debug, Clone)]
-pub struct View {
+pub(crate) struct View {
     pub gpu: Gpu,
     pub mig: Option<MigInstance>,
     /// Processes on this handle (the whole GPU for a physical handle), by pid.
@@ -116,17 +117,20 @@ pub struct View {
     pub mem_used_mib: u64,
     /// Power of the physical GPU now, mW.
     pub power_mw: u64,
-    /// Energy counter of the physical GPU, mJ.
+    /// What the GPU reports about its own health (`health/<index>.toml`).
+    pub health: state::Health,
+    /// Energy integral of the physical GPU, mJ (answered only when the
+    /// scenario gives the GPU an energy counter).
     pub energy_mj: u64,
 }
 
 impl View {
-    pub fn is_mig_handle(&self) -> bool {
+    pub(crate) fn is_mig_handle(&self) -> bool {
         self.mig.is_some()
     }
 
     /// Errors with NOT_SUPPORTED on MIG handles: the query is physical-only.
-    pub fn physical(&self) -> Result<&Self, Code> {
+    pub(crate) fn physical(&self) -> Result<&Self, Code> {
         if self.is_mig_handle() {
             Err(code::NOT_SUPPORTED)
         } else {
@@ -134,7 +138,7 @@ impl View {
         }
     }
 
-    pub fn temperature_c(&self) -> u32 {
+    pub(crate) fn temperature_c(&self) -> u32 {
         let g = &self.gpu;
         let span = f64::from(g.temperature_max_c - g.temperature_idle_c);
         g.temperature_idle_c + (span * self.gpu_util).round() as u32
@@ -142,7 +146,7 @@ impl View {
 
     /// PCIe throughput, KB/s: RX (host to GPU) = 50 % of the link × utilization,
     /// TX (GPU to host) = 25 % of the link × utilization.
-    pub fn pcie_kbps(&self, counter: u32) -> Option<u32> {
+    pub(crate) fn pcie_kbps(&self, counter: u32) -> Option<u32> {
         let share = match counter {
             0 => 0.25,
             1 => 0.5,
@@ -152,7 +156,7 @@ impl View {
     }
 
     /// (max SM/graphics MHz, memory MHz, video MHz) of the architecture.
-    pub fn max_clocks(&self) -> (u32, u32, u32) {
+    pub(crate) fn max_clocks(&self) -> (u32, u32, u32) {
         match self.gpu.arch {
             Some(scenario::Arch::Hopper | scenario::Arch::Blackwell) => (1980, 2619, 1755),
             Some(scenario::Arch::Ampere) => (1410, 1593, 1440),
@@ -162,7 +166,7 @@ impl View {
 
     /// Current clock of `clock_type` (0 graphics, 1 SM, 2 memory, 3 video):
     /// idle clocks at 0 % utilization, boost otherwise.
-    pub fn clock_mhz(&self, clock_type: u32) -> Option<u32> {
+    pub(crate) fn clock_mhz(&self, clock_type: u32) -> Option<u32> {
         let (sm, mem, video) = self.max_clocks();
         let busy = self.gpu_util > 0.0;
         Some(match clock_type {
@@ -175,7 +179,7 @@ impl View {
         })
     }
 
-    pub fn max_clock_mhz(&self, clock_type: u32) -> Option<u32> {
+    pub(crate) fn max_clock_mhz(&self, clock_type: u32) -> Option<u32> {
         let (sm, mem, video) = self.max_clocks();
         Some(match clock_type {
             0 | 1 => sm,
@@ -188,7 +192,7 @@ impl View {
 
 /// One per-process utilization sample.
 #[derive(Debug, Clone, Copy)]
-pub struct Sample {
+pub(crate) struct Sample {
     pub pid: u32,
     pub time_stamp_us: u64,
     pub sm_pct: u32,
@@ -211,7 +215,7 @@ struct EventSet {
 
 /// A delivered event.
 #[derive(Debug, Clone, Copy)]
-pub struct Event {
+pub(crate) struct Event {
     pub gpu: u32,
     pub event_type: u64,
     pub data: u64,
@@ -219,7 +223,7 @@ pub struct Event {
 
 /// The initialized simulator.
 #[derive(Debug)]
-pub struct Sim {
+pub(crate) struct Sim {
     scenario: Scenario,
     state: Option<PathBuf>,
     /// Bad state files already reported: (path, mtime).
@@ -227,11 +231,14 @@ pub struct Sim {
     energy_mem: HashMap<u32, Energy>,
     event_sets: HashMap<usize, EventSet>,
     next_set: usize,
+    /// Allocated GPM samples by id (`crate::gpm`); `None` until filled.
+    pub(crate) gpm_samples: HashMap<usize, Option<crate::gpm::Record>>,
+    pub(crate) next_gpm: usize,
 }
 
 /// Global driver state: the init count and the simulator while initialized.
 #[derive(Debug, Default)]
-pub struct Driver {
+pub(crate) struct Driver {
     pub refcount: u32,
     pub sim: Option<Sim>,
 }
@@ -242,14 +249,14 @@ static DRIVER: Mutex<Driver> = Mutex::new(Driver {
 });
 
 /// Locks the driver; a panic caught at the FFI boundary must not wedge it.
-pub fn driver() -> MutexGuard<'static, Driver> {
+pub(crate) fn driver() -> MutexGuard<'static, Driver> {
     DRIVER.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Driver {
     /// `nvmlInit`: the first init reads the environment and the scenario;
     /// later ones only count.
-    pub fn init(&mut self) -> Result<(), Code> {
+    pub(crate) fn init(&mut self) -> Result<(), Code> {
         if self.refcount > 0 {
             self.refcount += 1;
             return Ok(());
@@ -278,13 +285,15 @@ impl Driver {
             energy_mem: HashMap::new(),
             event_sets: HashMap::new(),
             next_set: 0,
+            gpm_samples: HashMap::new(),
+            next_gpm: 0,
         });
         self.refcount = 1;
         Ok(())
     }
 
     /// `nvmlShutdown`.
-    pub fn shutdown(&mut self) -> Result<(), Code> {
+    pub(crate) fn shutdown(&mut self) -> Result<(), Code> {
         match self.refcount {
             0 => Err(code::UNINITIALIZED),
             1 => {
@@ -299,7 +308,7 @@ impl Driver {
         }
     }
 
-    pub fn sim(&mut self) -> Result<&mut Sim, Code> {
+    pub(crate) fn sim(&mut self) -> Result<&mut Sim, Code> {
         self.sim.as_mut().ok_or(code::UNINITIALIZED)
     }
 }
@@ -312,7 +321,7 @@ fn now_ns() -> u128 {
 }
 
 impl Sim {
-    pub fn gpu_count(&self) -> u32 {
+    pub(crate) fn gpu_count(&self) -> u32 {
         self.scenario.gpus.len() as u32
     }
 
@@ -324,7 +333,7 @@ impl Sim {
     }
 
     /// Validates a raw handle from C.
-    pub fn resolve(&self, raw: usize) -> Result<Handle, Code> {
+    pub(crate) fn resolve(&self, raw: usize) -> Result<Handle, Code> {
         let h = Handle::from_raw(raw).ok_or(code::INVALID_ARGUMENT)?;
         let gpu = self.gpu(h.gpu())?;
         if let Handle::Mig(_, m) = h {
@@ -336,12 +345,12 @@ impl Sim {
         Ok(h)
     }
 
-    pub fn handle_by_index(&self, index: u32) -> Result<Handle, Code> {
+    pub(crate) fn handle_by_index(&self, index: u32) -> Result<Handle, Code> {
         self.gpu(index).map(|_| Handle::Gpu(index))
     }
 
     /// A GPU or MIG UUID to its handle.
-    pub fn handle_by_uuid(&self, uuid: &str) -> Result<Handle, Code> {
+    pub(crate) fn handle_by_uuid(&self, uuid: &str) -> Result<Handle, Code> {
         for g in &self.scenario.gpus {
             if g.uuid == uuid {
                 return Ok(Handle::Gpu(g.index));
@@ -356,12 +365,12 @@ impl Sim {
     }
 
     /// The `hang/<gpu>` marker to watch, when there is a state directory.
-    pub fn hang_marker(&self, gpu: u32) -> Option<PathBuf> {
+    pub(crate) fn hang_marker(&self, gpu: u32) -> Option<PathBuf> {
         self.state.as_deref().map(|dir| state::hang_file(dir, gpu))
     }
 
     /// Returns GPU_IS_LOST when `lost/<gpu>` exists.
-    pub fn check_lost(&self, gpu: u32) -> Result<(), Code> {
+    pub(crate) fn check_lost(&self, gpu: u32) -> Result<(), Code> {
         match &self.state {
             Some(dir) if state::lost_file(dir, gpu).exists() => Err(code::GPU_IS_LOST),
             _ => Ok(()),
@@ -431,13 +440,29 @@ impl Sim {
         out
     }
 
+    /// GPU `index`'s health signals; a bad file is reported once and read
+    /// as healthy.
+    fn health_of(&mut self, index: u32) -> state::Health {
+        let Some(dir) = &self.state else {
+            return state::Health::default();
+        };
+        let path = state::health_file(dir, index);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return state::Health::default();
+        };
+        state::parse_health(&text).unwrap_or_else(|problem| {
+            self.report_once(&path, &problem);
+            state::Health::default()
+        })
+    }
+
     fn parse_registration(&self, text: &str) -> Result<Registration, String> {
         state::parse_registration(&self.scenario, text)
     }
 
     /// Reads the state for the device behind `h`, advances the GPU's energy
     /// integral, and returns every reading. GPU_IS_LOST for a lost GPU.
-    pub fn observe(&mut self, h: Handle) -> Result<View, Code> {
+    pub(crate) fn observe(&mut self, h: Handle) -> Result<View, Code> {
         let gpu = self.gpu(h.gpu())?.clone();
         self.check_lost(gpu.index)?;
         let all = self.procs_on(&gpu);
@@ -477,7 +502,9 @@ impl Sim {
             }
         };
         let used: u64 = procs.iter().map(|p: &Proc| p.reg.memory_mib).sum();
+        let health = self.health_of(gpu.index);
         Ok(View {
+            health,
             mem_used_mib: used.min(mem_total_mib),
             gpu,
             mig,
@@ -541,7 +568,12 @@ impl Sim {
                 _ => None,
             };
             // Read the clock under the lock so updates are ordered.
-            let e = step(prev, now_ns());
+            let mut e = step(prev, now_ns());
+            // A driver reload: the counter restarts from 0, once per marker.
+            let reset = state::reset_file(dir, gpu);
+            if reset.exists() && fs::remove_file(&reset).is_ok() {
+                e.picojoules = 0;
+            }
             f.set_len(0)?;
             f.rewind()?;
             writeln!(f, "{} {} {}", e.last_ns, e.picojoules, e.power_mw)?;
@@ -558,7 +590,7 @@ impl Sim {
 
     /// Per-process samples newer than `last_seen_us`. Samples are taken once
     /// per sampling period and stamped with the period's start.
-    pub fn samples(&self, view: &View, last_seen_us: u64) -> Vec<Sample> {
+    pub(crate) fn samples(&self, view: &View, last_seen_us: u64) -> Vec<Sample> {
         let period_us = u128::from(self.scenario.sample_period_ms) * 1000;
         let now_us = now_ns() / 1000;
         let ts = (now_us / period_us * period_us) as u64;
@@ -576,21 +608,26 @@ impl Sim {
             .collect()
     }
 
-    pub fn event_set_create(&mut self) -> usize {
+    pub(crate) fn event_set_create(&mut self) -> usize {
         self.next_set += 1;
         let id = self.next_set;
         self.event_sets.insert(id, EventSet::default());
         id
     }
 
-    pub fn event_set_free(&mut self, id: usize) -> Result<(), Code> {
+    pub(crate) fn event_set_free(&mut self, id: usize) -> Result<(), Code> {
         self.event_sets
             .remove(&id)
             .map(|_| ())
             .ok_or(code::INVALID_ARGUMENT)
     }
 
-    pub fn register_events(&mut self, h: Handle, types: u64, set: usize) -> Result<(), Code> {
+    pub(crate) fn register_events(
+        &mut self,
+        h: Handle,
+        types: u64,
+        set: usize,
+    ) -> Result<(), Code> {
         let Handle::Gpu(g) = h else {
             return Err(code::NOT_SUPPORTED);
         };
@@ -609,7 +646,7 @@ impl Sim {
     /// Claims the first pending XID for a GPU that `set` watches. Claiming is
     /// a rename to `*.delivered`, so each XID goes to exactly one waiter,
     /// across processes too.
-    pub fn poll_xid(&mut self, set: usize) -> Result<Option<Event>, Code> {
+    pub(crate) fn poll_xid(&mut self, set: usize) -> Result<Option<Event>, Code> {
         let watched: Vec<u32> = self
             .event_sets
             .get(&set)

@@ -8,6 +8,10 @@
 //! - `hang/<index>` — every query of GPU `index` blocks until it is removed;
 //! - `xid/<name>.toml` — an [`XidFault`], renamed to `<name>.toml.delivered`
 //!   once an event set has received it;
+//! - `health/<index>.toml` — [`Health`] signals GPU `index` reports (ECC
+//!   counts, remapped rows, throttle reasons);
+//! - `reset/<index>` — the energy counter of GPU `index` restarts from 0
+//!   (a driver reload); the simulator removes the file when it does;
 //! - `.energy/<index>` — the simulator's energy integral (internal).
 
 use std::{
@@ -46,6 +50,15 @@ pub fn xid_dir(state: &Path) -> PathBuf {
 }
 /// Suffix a delivered XID file gets.
 pub const DELIVERED_SUFFIX: &str = ".delivered";
+/// Health signals of GPU `index`.
+pub fn health_file(state: &Path, index: u32) -> PathBuf {
+    state.join("health").join(format!("{index}.toml"))
+}
+/// Marker that makes the energy counter of GPU `index` restart from 0 at
+/// the next query; the simulator removes it once done.
+pub fn reset_file(state: &Path, index: u32) -> PathBuf {
+    state.join("reset").join(index.to_string())
+}
 /// Energy integral of GPU `index` (`<last update ns> <picojoules> <power mW>`).
 pub fn energy_file(state: &Path, index: u32) -> PathBuf {
     state.join(".energy").join(index.to_string())
@@ -64,6 +77,29 @@ pub struct Registration {
     pub memory_mib: u64,
     /// SM utilization of the process, 0..=1 (of its GPU or MIG instance).
     pub sm: f64,
+    /// Which NVML call lists the process (default compute).
+    #[serde(default, skip_serializing_if = "ProcKind::is_compute")]
+    pub kind: ProcKind,
+}
+
+/// The kind of GPU context a process has; each kind is listed by its own
+/// NVML call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcKind {
+    /// A CUDA context: `nvmlDeviceGetComputeRunningProcesses`.
+    #[default]
+    Compute,
+    /// An OpenGL/Vulkan context: `nvmlDeviceGetGraphicsRunningProcesses`.
+    Graphics,
+    /// An MPS client: `nvmlDeviceGetMPSComputeRunningProcesses`.
+    Mps,
+}
+
+impl ProcKind {
+    pub fn is_compute(&self) -> bool {
+        *self == ProcKind::Compute
+    }
 }
 
 /// A critical XID error to deliver once: the content of `xid/<name>.toml`.
@@ -74,6 +110,73 @@ pub struct XidFault {
     pub gpu: u32,
     /// The XID number (e.g. 79, fallen off the bus; 48, double-bit ECC).
     pub xid: u64,
+}
+
+/// What GPU `index` reports about its own health: the content of
+/// `health/<index>.toml`. Every key defaults to a healthy GPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// Corrected (single-bit) ECC errors since driver load.
+    pub ecc_corrected: u64,
+    /// Uncorrected (double-bit) ECC errors since driver load.
+    pub ecc_uncorrected: u64,
+    /// Rows remapped for correctable / uncorrectable errors (Ampere and
+    /// later).
+    pub remapped_correctable: u32,
+    pub remapped_uncorrectable: u32,
+    /// A remap waits for the next GPU reset.
+    pub remap_pending: bool,
+    /// A remap failed: the GPU needs replacing.
+    pub remap_failed: bool,
+    /// Clock throttle reasons on top of the simulator's own (`gpu_idle`):
+    /// `sw_power_cap`, `hw_slowdown`, `sync_boost`, `sw_thermal`,
+    /// `hw_thermal`, `hw_power_brake`.
+    pub throttle: Vec<String>,
+}
+
+/// NVML's throttle-reason bits by the names `health/<index>.toml` uses.
+pub const THROTTLE_REASONS: &[(&str, u64)] = &[
+    ("gpu_idle", 0x1),
+    ("applications_clocks", 0x2),
+    ("sw_power_cap", 0x4),
+    ("hw_slowdown", 0x8),
+    ("sync_boost", 0x10),
+    ("sw_thermal", 0x20),
+    ("hw_thermal", 0x40),
+    ("hw_power_brake", 0x80),
+    ("display_clock", 0x100),
+];
+
+impl Health {
+    /// The throttle bits, or the first unknown name.
+    pub fn throttle_bits(&self) -> Result<u64, String> {
+        self.throttle.iter().try_fold(0, |bits, name| {
+            THROTTLE_REASONS
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| bits | b)
+                .ok_or_else(|| format!("unknown throttle reason {name:?}"))
+        })
+    }
+}
+
+/// Parses `health/<index>.toml` as the simulator does; the error is one
+/// line.
+pub fn parse_health(text: &str) -> Result<Health, String> {
+    let health: Health =
+        toml::from_str(text).map_err(|e| scenario::one_line_toml_error(text, &e))?;
+    health.throttle_bits()?;
+    Ok(health)
+}
+
+/// Writes GPU `index`'s health signals (`Health::default()`: healthy).
+pub fn set_health(state: &Path, index: u32, health: &Health) -> Result<(), StateError> {
+    health
+        .throttle_bits()
+        .map_err(|_| StateError::Invalid("unknown throttle reason"))?;
+    let text = toml::to_string(health).map_err(|_| StateError::Invalid("not serializable"))?;
+    write_atomic(&health_file(state, index), &text)
 }
 
 /// Why the state directory could not be written.
@@ -161,6 +264,12 @@ pub fn set_hang(state: &Path, index: u32, hang: bool) -> Result<(), StateError> 
     }
 }
 
+/// Makes the energy counter of GPU `index` restart from 0 at its next
+/// query, as a driver reload does.
+pub fn reset_energy(state: &Path, index: u32) -> Result<(), StateError> {
+    write_atomic(&reset_file(state, index), "")
+}
+
 /// Parses the text of `procs/<pid>.toml` and checks it against `scenario`
 /// as the simulator does on every read; the error is one line.
 pub fn parse_registration(scenario: &Scenario, text: &str) -> Result<Registration, String> {
@@ -224,6 +333,7 @@ mod tests {
             mig: Some(2),
             memory_mib: 4096,
             sm: 0.5,
+            kind: ProcKind::Mps,
         };
         let path = register(dir.path(), 42, &reg).unwrap();
         assert_eq!(path, dir.path().join("procs/42.toml"));

@@ -13,13 +13,15 @@ use std::{
 };
 
 use common::{A100, H100, H100_MIG, Sim, lib_path};
-use nvml_sim::{XidFault, state};
+use nvml_sim::{Health, ProcKind, XidFault, state};
 use nvml_wrapper::{
     Device, Nvml,
-    bitmasks::event::EventTypes,
-    enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor},
+    bitmasks::{device::ThrottleReasons, event::EventTypes},
+    enum_wrappers::device::{Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
+    enums::gpm::GpmMetricId,
     enums::{device::UsedGpuMemory, event::XidError},
     error::NvmlError,
+    gpm::gpm_metrics_get,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -203,6 +205,194 @@ fn energy_is_the_integral_of_power() {
         assert!(e >= last);
         last = e;
     }
+}
+
+#[test]
+fn a_gpu_without_an_energy_counter_says_not_supported_but_has_power() {
+    let sim = Sim::new(&format!("{H100}energy_counter = false\n{H100}"));
+    let nvml = sim.nvml();
+    let d0 = nvml.device_by_index(0).unwrap();
+    assert!(matches!(
+        d0.total_energy_consumption(),
+        Err(NvmlError::NotSupported)
+    ));
+    assert_eq!(d0.power_usage().unwrap(), 70_000);
+    // The next GPU keeps its counter.
+    assert!(
+        nvml.device_by_index(1)
+            .unwrap()
+            .total_energy_consumption()
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_reset_marker_restarts_the_energy_counter_once() {
+    let sim = Sim::new(H100);
+    let nvml = sim.nvml();
+    let dev = nvml.device_by_index(0).unwrap();
+    dev.total_energy_consumption().unwrap();
+    sleep(Duration::from_millis(200));
+    let before = dev.total_energy_consumption().unwrap();
+    assert!(before >= 10_000, "70 W for 0.2 s: {before} mJ");
+    state::reset_energy(&sim.state, 0).unwrap();
+    let after = dev.total_energy_consumption().unwrap();
+    assert!(after < before, "restarted: {after} mJ after {before} mJ");
+    assert!(
+        !state::reset_file(&sim.state, 0).exists(),
+        "marker consumed"
+    );
+    sleep(Duration::from_millis(50));
+    assert!(dev.total_energy_consumption().unwrap() > after, "counts on");
+}
+
+#[test]
+fn each_kind_of_process_is_listed_by_its_own_call() {
+    let sim = Sim::new(H100);
+    let nvml = sim.nvml();
+    let dev = nvml.device_by_index(0).unwrap();
+    let c = sim.spawn(0, None, 1000, 0.1);
+    let g = sim.spawn_kind(0, None, 2000, 0.2, ProcKind::Graphics);
+    let m = sim.spawn_kind(0, None, 3000, 0.3, ProcKind::Mps);
+    let listed = |l: Result<Vec<nvml_wrapper::struct_wrappers::device::ProcessInfo>, NvmlError>| {
+        l.expect("process list")
+            .iter()
+            .map(|p| (p.pid, p.used_gpu_memory.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(dev.running_compute_processes()),
+        [(c.pid(), UsedGpuMemory::Used(1000 * MIB))]
+    );
+    assert_eq!(
+        listed(dev.running_graphics_processes()),
+        [(g.pid(), UsedGpuMemory::Used(2000 * MIB))]
+    );
+    assert_eq!(
+        listed(dev.mps_running_compute_processes()),
+        [(m.pid(), UsedGpuMemory::Used(3000 * MIB))]
+    );
+    // Every kind holds memory, works the SM and is sampled.
+    assert_eq!(dev.memory_info().unwrap().used, 6000 * MIB);
+    assert_eq!(dev.utilization_rates().unwrap().gpu, 60);
+    assert_eq!(dev.process_utilization_stats(0).unwrap().len(), 3);
+}
+
+#[test]
+fn gpm_gives_mig_instance_activity_on_hopper_only() {
+    let sim = Sim::new(&format!(
+        "{H100_MIG}{A100}mig = [\"3g.20gb\", \"1g.5gb\"]\n"
+    ));
+    let nvml = sim.nvml();
+    let h100 = nvml.device_by_index(0).unwrap();
+    let a100 = nvml.device_by_index(1).unwrap();
+    assert!(h100.gpm_support().unwrap());
+    assert!(!a100.gpm_support().unwrap());
+    assert!(matches!(
+        a100.gpm_mig_sample(1),
+        Err(NvmlError::NotSupported)
+    ));
+    // Instance 0 (GPU instance 1) works at 0.3 + 0.2; instance 2 (GPU
+    // instance 3) is held but does nothing.
+    let _a = sim.spawn(0, Some(0), 1000, 0.3);
+    let _b = sim.spawn(0, Some(0), 1000, 0.2);
+    let _c = sim.spawn(0, Some(2), 1000, 0.0);
+    let sm = |gi: u32| {
+        let s1 = h100.gpm_mig_sample(gi).unwrap();
+        let s2 = h100.gpm_mig_sample(gi).unwrap();
+        let got = gpm_metrics_get(
+            &nvml,
+            &s1,
+            &s2,
+            &[GpmMetricId::SmUtil, GpmMetricId::Fp64Util],
+        )
+        .unwrap();
+        assert!(matches!(got[1], Err(NvmlError::NotSupported)));
+        got[0].as_ref().unwrap().value
+    };
+    assert_eq!(sm(1), 50.0);
+    assert_eq!(sm(3), 0.0);
+    assert!(matches!(h100.gpm_mig_sample(9), Err(NvmlError::InvalidArg)));
+    // Samples of different instances do not compare.
+    let s1 = h100.gpm_mig_sample(1).unwrap();
+    let s3 = h100.gpm_mig_sample(3).unwrap();
+    assert!(gpm_metrics_get(&nvml, &s1, &s3, &[GpmMetricId::SmUtil]).is_err());
+}
+
+#[test]
+fn health_signals_come_from_the_state_directory() {
+    let sim = Sim::new(&format!(
+        "{H100}[[gpu]]\nmodel = \"Tesla V100-SXM2-16GB\"\nmemory_mib = 16384\n\
+         power_idle_w = 40\npower_max_w = 300\n"
+    ));
+    let nvml = sim.nvml();
+    let h100 = nvml.device_by_index(0).unwrap();
+    let v100 = nvml.device_by_index(1).unwrap();
+    // Healthy by default.
+    assert_eq!(
+        h100.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        h100.current_throttle_reasons().unwrap(),
+        ThrottleReasons::GPU_IDLE
+    );
+    state::set_health(
+        &sim.state,
+        0,
+        &Health {
+            ecc_corrected: 12,
+            ecc_uncorrected: 1,
+            remapped_uncorrectable: 2,
+            remap_pending: true,
+            throttle: vec!["hw_slowdown".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        h100.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
+            .unwrap(),
+        12
+    );
+    assert_eq!(
+        h100.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        h100.current_throttle_reasons().unwrap(),
+        ThrottleReasons::GPU_IDLE | ThrottleReasons::HW_SLOWDOWN
+    );
+    let rows = remapped_rows(&nvml, &h100).unwrap();
+    assert_eq!(rows, (0, 2, 1, 0));
+    assert_eq!(
+        remapped_rows(&nvml, &v100),
+        Err(3),
+        "no row remapping before Ampere"
+    );
+    assert!(
+        state::set_health(
+            &sim.state,
+            1,
+            &Health {
+                throttle: vec!["too_hot".into()],
+                ..Default::default()
+            }
+        )
+        .is_err()
+    );
+}
+
+/// nvmlDeviceGetRemappedRows through the raw symbol (nvml-wrapper 0.13 has
+/// no wrapper): (correctable, uncorrectable, pending, failed) or the code.
+fn remapped_rows(nvml: &Nvml, dev: &Device<'_>) -> Result<(u32, u32, u32, u32), u32> {
+    let f = nvml.lib().nvmlDeviceGetRemappedRows.as_ref().unwrap();
+    let (mut c, mut u, mut p, mut x) = (0, 0, 0, 0);
+    // SAFETY: a live handle and four valid out-pointers.
+    let rc = unsafe { f(dev.handle(), &mut c, &mut u, &mut p, &mut x) };
+    if rc == 0 { Ok((c, u, p, x)) } else { Err(rc) }
 }
 
 #[test]

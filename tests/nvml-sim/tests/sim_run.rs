@@ -66,7 +66,8 @@ fn registers_own_pid_and_execs() {
             gpu: 0,
             mig: Some(2),
             memory_mib: 4096,
-            sm: 0.8
+            sm: 0.8,
+            kind: nvml_sim::ProcKind::Compute,
         }
     );
     // The registered pid is the workload: after exec it is `sleep`.

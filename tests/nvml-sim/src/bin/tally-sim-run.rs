@@ -9,7 +9,7 @@
 use std::{os::unix::process::CommandExt, path::PathBuf, process::Command};
 
 use clap::Parser;
-use nvml_sim::Registration;
+use nvml_sim::{ProcKind, Registration};
 
 /// Run CMD as a process using a simulated GPU (see tests/nvml-sim/README.md).
 #[derive(Debug, Parser)]
@@ -30,6 +30,9 @@ struct Args {
     /// SM utilization of the process, 0..=1.
     #[arg(long, value_name = "FRACTION", value_parser = parse_sm)]
     sm: f64,
+    /// Which NVML call lists the process: compute, graphics or mps.
+    #[arg(long, value_name = "KIND", default_value = "compute", value_parser = parse_kind)]
+    kind: ProcKind,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -44,6 +47,15 @@ fn parse_sm(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_kind(s: &str) -> Result<ProcKind, String> {
+    match s {
+        "compute" => Ok(ProcKind::Compute),
+        "graphics" => Ok(ProcKind::Graphics),
+        "mps" => Ok(ProcKind::Mps),
+        _ => Err(format!("{s:?} is not one of compute, graphics, mps")),
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let reg = Registration {
@@ -51,6 +63,7 @@ fn main() {
         mig: args.mig,
         memory_mib: args.memory_mib,
         sm: args.sm,
+        kind: args.kind,
     };
     let pid = std::process::id();
     if let Err(e) = nvml_sim::register(&args.state, pid, &reg) {

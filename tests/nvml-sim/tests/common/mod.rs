@@ -82,12 +82,25 @@ impl Sim {
 
     /// Starts `sleep 60` and registers it.
     pub(crate) fn spawn(&self, gpu: u32, mig: Option<u32>, memory_mib: u64, sm: f64) -> ChildGuard {
+        self.spawn_kind(gpu, mig, memory_mib, sm, nvml_sim::ProcKind::Compute)
+    }
+
+    /// Starts `sleep 60` and registers it as a process of `kind`.
+    pub(crate) fn spawn_kind(
+        &self,
+        gpu: u32,
+        mig: Option<u32>,
+        memory_mib: u64,
+        sm: f64,
+        kind: nvml_sim::ProcKind,
+    ) -> ChildGuard {
         let child = ChildGuard::sleep();
         let reg = nvml_sim::Registration {
             gpu,
             mig,
             memory_mib,
             sm,
+            kind,
         };
         nvml_sim::register(&self.state, child.pid(), &reg).expect("register");
         child

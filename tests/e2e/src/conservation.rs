@@ -1,0 +1,96 @@
+//! The spine's conservation checks, for any scenario: between two scrapes
+//! of one agent, each device's tenants hold exactly its observed time, a
+//! device not in MIG mode observes the wall time, and the tenants' energy
+//! adds up to each physical GPU's energy (a MIG GPU's parent and instances
+//! together). Every sharing scenario must pass them.
+
+use crate::{Agent, Metrics};
+
+/// One scrape: one snapshot, so every value in it is mutually consistent.
+pub struct Scrape {
+    pub metrics: Metrics,
+    /// `tally_last_sample_timestamp_seconds`.
+    pub at: f64,
+    /// `tally_sample_duration_seconds`.
+    pub cycle: f64,
+}
+
+impl Scrape {
+    pub fn of(agent: &Agent) -> Scrape {
+        let metrics = agent.metrics();
+        let at = metrics
+            .value("tally_last_sample_timestamp_seconds", &[])
+            .expect("last sample timestamp");
+        let cycle = metrics
+            .value("tally_sample_duration_seconds", &[])
+            .expect("sample duration");
+        Scrape { metrics, at, cycle }
+    }
+
+    /// Growth of the sum of `name{labels}` from `before` to this scrape.
+    pub fn delta(&self, before: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metrics.sum(name, labels) - before.metrics.sum(name, labels)
+    }
+}
+
+/// Relative tolerance for sums of floating-point shares.
+pub fn close(a: f64, b: f64, what: &str) {
+    let tol = 1e-6 * a.abs().max(b.abs()).max(1.0);
+    assert!((a - b).abs() <= tol, "{what}: {a} != {b}");
+}
+
+/// Asserts conservation over `before..after`, for a window in which no GPU
+/// failed. Returns the devices checked (the `gpu` labels).
+pub fn assert_conserved(before: &Scrape, after: &Scrape) -> Vec<String> {
+    let m2 = &after.metrics;
+    let wall = after.at - before.at;
+    // A device is read a little after its cycle starts; that offset varies
+    // by at most one cycle's duration at each end.
+    let slack = 0.002 + before.cycle + after.cycle;
+    let devices: Vec<(String, bool)> = m2
+        .select("tally_gpu_info", &[])
+        .map(|s| (s.labels["gpu"].clone(), s.labels["mig_mode"] == "true"))
+        .collect();
+    for (gpu, mig_mode) in &devices {
+        let observed = after.delta(before, "tally_gpu_observed_seconds_total", &[("gpu", gpu)]);
+        let allocated = after.delta(
+            before,
+            "tally_tenant_gpu_allocated_seconds_total",
+            &[("gpu", gpu)],
+        );
+        close(
+            allocated,
+            observed,
+            &format!("allocated vs observed on gpu {gpu}"),
+        );
+        // A MIG parent observes only its unoccupied slices' share.
+        let mig_parent = *mig_mode && !gpu.contains('/');
+        if !mig_parent {
+            assert!(
+                (observed - wall).abs() <= slack,
+                "gpu {gpu}: observed {observed}s over {wall}s of wall time"
+            );
+        }
+    }
+    for (gpu, _) in devices.iter().filter(|(g, _)| !g.contains('/')) {
+        let device = after.delta(before, "tally_gpu_energy_joules_total", &[("gpu", gpu)]);
+        assert!(device > 0.0, "gpu {gpu} drew energy");
+        let prefix = format!("{gpu}/");
+        let tenants: f64 = m2
+            .select("tally_tenant_gpu_energy_joules_total", &[])
+            .filter(|s| s.labels["gpu"] == *gpu || s.labels["gpu"].starts_with(&prefix))
+            .map(|s| {
+                s.value
+                    - before
+                        .metrics
+                        .value(
+                            "tally_tenant_gpu_energy_joules_total",
+                            &[("tenant", &s.labels["tenant"]), ("gpu", &s.labels["gpu"])],
+                        )
+                        .unwrap_or(0.0)
+            })
+            .sum();
+        close(tenants, device, &format!("energy of gpu {gpu}"));
+    }
+    devices.into_iter().map(|(g, _)| g).collect()
+}
