@@ -262,6 +262,39 @@ fn raw(h: Handle) -> Device {
     ptr::without_provenance_mut(h.to_raw())
 }
 
+/// Exports that answer exactly as another export does: the older or newer
+/// versions of one call, whose arguments have the same layout.
+macro_rules! aliases {
+    ($($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) = $target:ident;)*) => {$(
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        pub(crate) unsafe extern "C" fn $name($($arg: $ty),*) -> Ret {
+            // SAFETY: the same NVML contract as the target's (module docs).
+            unsafe { $target($($arg),*) }
+        }
+    )*};
+}
+
+/// Exports of the shape `(device, args…, out) -> Ret` that write one value,
+/// computed from a fresh reading of `device` (see [`with_view`]), to `out`.
+/// Parameter names are no part of the C ABI, so `out` stands for nvml.h's.
+macro_rules! device_getters {
+    ($(
+        $(#[$m:meta])*
+        fn $name:ident($($arg:ident: $ty:ty),*) -> $t:ty = |$v:ident| $value:expr;
+    )*) => {$(
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        pub(crate) unsafe extern "C" fn $name(device: Device, $($arg: $ty,)* out: *mut $t) -> Ret {
+            with_view(device, |_, $v| {
+                let value: $t = $value;
+                // SAFETY: NVML contract (module docs).
+                unsafe { put(out, value) }
+            })
+        }
+    )*};
+}
+
 // ----------------------------------------------------------------------------
 // Init, shutdown, system
 // ----------------------------------------------------------------------------
@@ -271,9 +304,8 @@ pub(crate) unsafe extern "C" fn nvmlInit_v2() -> Ret {
     guard(|| driver().init())
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlInit() -> Ret {
-    guard(|| driver().init())
+aliases! {
+    fn nvmlInit() = nvmlInit_v2;
 }
 
 /// Flags (NO_GPUS, NO_ATTACH) change nothing: a scenario may have no GPUs.
@@ -326,10 +358,8 @@ pub(crate) unsafe extern "C" fn nvmlSystemGetNVMLVersion(
     with_sim(|_| unsafe { put_str(version, length, NVML_VERSION) })
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_sim(|_| unsafe { put(v, CUDA_DRIVER_VERSION) })
+aliases! {
+    fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) = nvmlSystemGetCudaDriverVersion_v2;
 }
 
 #[unsafe(no_mangle)]
@@ -372,10 +402,8 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> Ret
     with_sim(|sim| unsafe { put(count, sim.gpu_count()) })
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    unsafe { nvmlDeviceGetCount_v2(count) }
+aliases! {
+    fn nvmlDeviceGetCount(count: *mut c_uint) = nvmlDeviceGetCount_v2;
 }
 
 #[unsafe(no_mangle)]
@@ -390,13 +418,9 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
     })
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetHandleByIndex(
-    index: c_uint,
-    device: *mut Device,
-) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    unsafe { nvmlDeviceGetHandleByIndex_v2(index, device) }
+aliases! {
+    fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut Device) =
+        nvmlDeviceGetHandleByIndex_v2;
 }
 
 /// Accepts `GPU-…` and `MIG-…` UUIDs.
@@ -418,11 +442,9 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
     })
 }
 
-/// On a MIG handle: the parent GPU's index.
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetIndex(device: Device, index: *mut c_uint) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe { put(index, v.gpu.index) })
+device_getters! {
+    /// On a MIG handle: the parent GPU's index.
+    fn nvmlDeviceGetIndex() -> c_uint = |v| v.gpu.index;
 }
 
 #[unsafe(no_mangle)]
@@ -467,82 +489,56 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetSerial(
     })
 }
 
-/// The parent GPU's PCI location, also for MIG handles.
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: Device, pci: *mut PciInfo) -> Ret {
-    with_view(device, |_, v| {
-        let bus = 0x18 + v.gpu.index * 3;
-        let mut info = PciInfo {
-            bus_id_legacy: [0; 16],
-            domain: 0,
-            bus,
-            device: 0,
-            pci_device_id: match v.gpu.arch {
-                Some(crate::scenario::Arch::Hopper) => 0x2330_10DE,
-                Some(crate::scenario::Arch::Ampere) => 0x20B2_10DE,
-                _ => 0x1DB4_10DE,
-            },
-            pci_sub_system_id: 0x16C1_10DE,
-            bus_id: [0; 32],
-        };
-        let legacy = format!("0000:{bus:02x}:00.0");
-        let full = format!("00000000:{bus:02x}:00.0");
-        for (dst, src) in info.bus_id_legacy.iter_mut().zip(legacy.bytes()) {
-            *dst = src as c_char;
-        }
-        for (dst, src) in info.bus_id.iter_mut().zip(full.bytes()) {
-            *dst = src as c_char;
-        }
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(pci, info) }
-    })
+device_getters! {
+    /// The parent GPU's PCI location, also for MIG handles.
+    fn nvmlDeviceGetPciInfo_v3() -> PciInfo = |v| pci_info(v);
+
+    fn nvmlDeviceGetArchitecture() -> c_uint = |v| v.gpu.arch.map_or(0xFFFF_FFFF, |a| a as c_uint);
+
+    /// NVML_BRAND_NVIDIA (14) for Hopper and later, NVML_BRAND_TESLA (2) before.
+    fn nvmlDeviceGetBrand() -> c_uint = |v| match v.gpu.arch {
+        Some(crate::scenario::Arch::Hopper | crate::scenario::Arch::Blackwell) => 14,
+        _ => 2,
+    };
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetArchitecture(
-    device: Device,
-    arch: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
-        let a = v.gpu.arch.map_or(0xFFFF_FFFF, |a| a as c_uint);
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(arch, a) }
-    })
-}
-
-/// NVML_BRAND_NVIDIA (14) for Hopper and later, NVML_BRAND_TESLA (2) before.
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetBrand(device: Device, brand: *mut c_uint) -> Ret {
-    with_view(device, |_, v| {
-        use crate::scenario::Arch;
-        let b = match v.gpu.arch {
-            Some(Arch::Hopper | Arch::Blackwell) => 14,
-            _ => 2,
-        };
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(brand, b) }
-    })
+fn pci_info(v: &View) -> PciInfo {
+    let bus = 0x18 + v.gpu.index * 3;
+    let mut info = PciInfo {
+        bus_id_legacy: [0; 16],
+        domain: 0,
+        bus,
+        device: 0,
+        pci_device_id: match v.gpu.arch {
+            Some(crate::scenario::Arch::Hopper) => 0x2330_10DE,
+            Some(crate::scenario::Arch::Ampere) => 0x20B2_10DE,
+            _ => 0x1DB4_10DE,
+        },
+        pci_sub_system_id: 0x16C1_10DE,
+        bus_id: [0; 32],
+    };
+    let legacy = format!("0000:{bus:02x}:00.0");
+    let full = format!("00000000:{bus:02x}:00.0");
+    for (dst, src) in info.bus_id_legacy.iter_mut().zip(legacy.bytes()) {
+        *dst = src as c_char;
+    }
+    for (dst, src) in info.bus_id.iter_mut().zip(full.bytes()) {
+        *dst = src as c_char;
+    }
+    info
 }
 
 // ----------------------------------------------------------------------------
 // Memory, utilization, power, thermals, clocks, PCIe
 // ----------------------------------------------------------------------------
 
-/// Per instance on MIG handles.
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
-    device: Device,
-    memory: *mut Memory,
-) -> Ret {
-    with_view(device, |_, v| {
-        let m = Memory {
-            total: v.mem_total_mib * MIB,
-            free: (v.mem_total_mib - v.mem_used_mib) * MIB,
-            used: v.mem_used_mib * MIB,
-        };
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(memory, m) }
-    })
+device_getters! {
+    /// Per instance on MIG handles.
+    fn nvmlDeviceGetMemoryInfo() -> Memory = |v| Memory {
+        total: v.mem_total_mib * MIB,
+        free: (v.mem_total_mib - v.mem_used_mib) * MIB,
+        used: v.mem_used_mib * MIB,
+    };
 }
 
 /// `reserved` is 0: free = total − used.
@@ -572,209 +568,107 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     })
 }
 
-/// NOT_SUPPORTED on MIG handles and on GPUs in MIG mode, as on real GPUs.
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
-    device: Device,
-    u: *mut Utilization,
-) -> Ret {
-    with_view(device, |_, v| {
+device_getters! {
+    /// NOT_SUPPORTED on MIG handles and on GPUs in MIG mode, as on real GPUs.
+    fn nvmlDeviceGetUtilizationRates() -> Utilization = |v| {
         if v.is_mig_handle() || v.gpu.mig.is_some() {
             return Err(code::NOT_SUPPORTED);
         }
-        let rates = Utilization {
+        Utilization {
             gpu: (v.gpu_util * 100.0).round() as c_uint,
             memory: (v.gpu_mem_util * 100.0).round() as c_uint,
-        };
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(u, rates) }
-    })
-}
+        }
+    };
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: Device, power: *mut c_uint) -> Ret {
-    with_view(device, |_, v| {
-        let mw = v.physical()?.power_mw as c_uint;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(power, mw) }
-    })
-}
+    fn nvmlDeviceGetPowerUsage() -> c_uint = |v| v.physical()?.power_mw as c_uint;
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
-    device: Device,
-    energy: *mut c_ulonglong,
-) -> Ret {
-    with_view(device, |_, v| {
+    fn nvmlDeviceGetTotalEnergyConsumption() -> c_ulonglong = |v| {
         let v = v.physical()?;
         if !v.gpu.energy_counter {
             return Err(code::NOT_SUPPORTED);
         }
-        let mj = v.energy_mj;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(energy, mj) }
-    })
-}
+        v.energy_mj
+    };
 
-fn power_limit(device: Device, limit: *mut c_uint) -> Ret {
-    with_view(device, |_, v| {
-        let mw = v.physical()?.gpu.power_max_mw as c_uint;
-        // SAFETY: callers pass their own NVML out-pointer (module docs).
-        unsafe { put(limit, mw) }
-    })
-}
+    fn nvmlDeviceGetEnforcedPowerLimit() -> c_uint = |v| v.physical()?.gpu.power_max_mw as c_uint;
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(
-    device: Device,
-    limit: *mut c_uint,
-) -> Ret {
-    power_limit(device, limit)
-}
-
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetPowerManagementLimit(
-    device: Device,
-    limit: *mut c_uint,
-) -> Ret {
-    power_limit(device, limit)
-}
-
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetPowerManagementDefaultLimit(
-    device: Device,
-    limit: *mut c_uint,
-) -> Ret {
-    power_limit(device, limit)
-}
-
-/// Only NVML_TEMPERATURE_GPU (0).
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetTemperature(
-    device: Device,
-    sensor: c_uint,
-    temp: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
+    /// Only NVML_TEMPERATURE_GPU (0).
+    fn nvmlDeviceGetTemperature(sensor: c_uint) -> c_uint = |v| {
         if sensor != 0 {
             return Err(code::INVALID_ARGUMENT);
         }
-        let t = v.physical()?.temperature_c();
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(temp, t) }
-    })
-}
+        v.physical()?.temperature_c()
+    };
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetClockInfo(
-    device: Device,
-    kind: c_uint,
-    clock: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
-        let mhz = v
-            .physical()?
-            .clock_mhz(kind)
-            .ok_or(code::INVALID_ARGUMENT)?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(clock, mhz) }
-    })
-}
+    fn nvmlDeviceGetClockInfo(kind: c_uint) -> c_uint = |v| v
+        .physical()?
+        .clock_mhz(kind)
+        .ok_or(code::INVALID_ARGUMENT)?;
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(
-    device: Device,
-    kind: c_uint,
-    clock: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
-        let mhz = v
-            .physical()?
-            .max_clock_mhz(kind)
-            .ok_or(code::INVALID_ARGUMENT)?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(clock, mhz) }
-    })
-}
+    fn nvmlDeviceGetMaxClockInfo(kind: c_uint) -> c_uint = |v| v
+        .physical()?
+        .max_clock_mhz(kind)
+        .ok_or(code::INVALID_ARGUMENT)?;
 
-/// Clock id 0 (current) is the current clock; the others the maximum.
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetClock(
-    device: Device,
-    kind: c_uint,
-    id: c_uint,
-    clock: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
+    /// Clock id 0 (current) is the current clock; the others the maximum.
+    fn nvmlDeviceGetClock(kind: c_uint, id: c_uint) -> c_uint = |v| {
         let v = v.physical()?;
         let mhz = match id {
             0 => v.clock_mhz(kind),
             1..=3 => v.max_clock_mhz(kind),
             _ => None,
         };
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(clock, mhz.ok_or(code::INVALID_ARGUMENT)?) }
-    })
-}
+        mhz.ok_or(code::INVALID_ARGUMENT)?
+    };
 
-fn throttle_reasons(device: Device, reasons: *mut c_ulonglong) -> Ret {
-    with_view(device, |_, v| {
+    /// GpuIdle (0x1) at 0 % utilization, none otherwise.
+    fn nvmlDeviceGetCurrentClocksThrottleReasons() -> c_ulonglong = |v| {
         let idle = if v.physical()?.gpu_util > 0.0 {
             0
         } else {
             THROTTLE_GPU_IDLE
         };
         // Checked when the file was read.
-        let bits = idle | v.health.throttle_bits().unwrap_or(0);
-        // SAFETY: callers pass their own NVML out-pointer (module docs).
-        unsafe { put(reasons, bits) }
-    })
-}
+        idle | v.health.throttle_bits().unwrap_or(0)
+    };
 
-/// GpuIdle (0x1) at 0 % utilization, none otherwise.
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
-    device: Device,
-    reasons: *mut c_ulonglong,
-) -> Ret {
-    throttle_reasons(device, reasons)
-}
+    /// Counter 0 = TX, 1 = RX, KB/s, proportional to utilization.
+    fn nvmlDeviceGetPcieThroughput(counter: c_uint) -> c_uint = |v| v
+        .physical()?
+        .pcie_kbps(counter)
+        .ok_or(code::INVALID_ARGUMENT)?;
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetCurrentClocksEventReasons(
-    device: Device,
-    reasons: *mut c_ulonglong,
-) -> Ret {
-    throttle_reasons(device, reasons)
-}
-
-/// Counter 0 = TX, 1 = RX, KB/s, proportional to utilization.
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetPcieThroughput(
-    device: Device,
-    counter: c_uint,
-    value: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
-        let kbps = v
-            .physical()?
-            .pcie_kbps(counter)
-            .ok_or(code::INVALID_ARGUMENT)?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(value, kbps) }
-    })
-}
-
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetPcieReplayCounter(
-    device: Device,
-    value: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
+    fn nvmlDeviceGetPcieReplayCounter() -> c_uint = |v| {
         v.physical()?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(value, 0) }
-    })
+        0
+    };
+
+    fn nvmlDeviceGetCurrPcieLinkGeneration() -> c_uint = |v| pcie_gen(v.physical()?);
+
+    fn nvmlDeviceGetMaxPcieLinkGeneration() -> c_uint = |v| pcie_gen(v.physical()?);
+
+    fn nvmlDeviceGetCurrPcieLinkWidth() -> c_uint = |v| {
+        v.physical()?;
+        16
+    };
+
+    fn nvmlDeviceGetMaxPcieLinkWidth() -> c_uint = |v| {
+        v.physical()?;
+        16
+    };
+}
+
+// Every simulated GPU runs at its maximum power limit.
+aliases! {
+    fn nvmlDeviceGetPowerManagementLimit(device: Device, limit: *mut c_uint) =
+        nvmlDeviceGetEnforcedPowerLimit;
+
+    fn nvmlDeviceGetPowerManagementDefaultLimit(device: Device, limit: *mut c_uint) =
+        nvmlDeviceGetEnforcedPowerLimit;
+
+    /// The newer name of the throttle reasons.
+    fn nvmlDeviceGetCurrentClocksEventReasons(device: Device, reasons: *mut c_ulonglong) =
+        nvmlDeviceGetCurrentClocksThrottleReasons;
 }
 
 fn pcie_gen(v: &View) -> c_uint {
@@ -783,52 +677,6 @@ fn pcie_gen(v: &View) -> c_uint {
         Some(Arch::Hopper | Arch::Blackwell) => 5,
         _ => 4,
     }
-}
-
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(
-    device: Device,
-    value: *mut c_uint,
-) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe {
-        put(value, pcie_gen(v.physical()?))
-    })
-}
-
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(
-    device: Device,
-    value: *mut c_uint,
-) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe {
-        put(value, pcie_gen(v.physical()?))
-    })
-}
-
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkWidth(
-    device: Device,
-    value: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
-        v.physical()?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(value, 16) }
-    })
-}
-
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(
-    device: Device,
-    value: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
-        v.physical()?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(value, 16) }
-    })
 }
 
 // ----------------------------------------------------------------------------
@@ -851,18 +699,6 @@ fn process_infos(v: &View, kind: ProcKind) -> Vec<ProcessInfo> {
         .collect()
 }
 
-fn list_processes(
-    device: Device,
-    kind: ProcKind,
-    count: *mut c_uint,
-    infos: *mut ProcessInfo,
-) -> Ret {
-    // SAFETY: callers pass their own NVML out-pointers (module docs).
-    with_view(device, |_, v| unsafe {
-        put_slice(infos, count, &process_infos(v, kind))
-    })
-}
-
 /// A physical handle lists every process on the GPU (with its MIG
 /// instance's ids, or 0xFFFFFFFF); a MIG handle the processes on that instance.
 #[unsafe(no_mangle)]
@@ -871,16 +707,32 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> Ret {
-    list_processes(device, ProcKind::Compute, count, infos)
+    // SAFETY: NVML contract (module docs).
+    unsafe { list_processes(device, ProcKind::Compute, count, infos) }
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
+/// [`put_slice`] of the processes of `kind` on `device`.
+///
+/// # Safety
+/// As [`put_slice`] for `count` and `infos`.
+unsafe fn list_processes(
     device: Device,
+    kind: ProcKind,
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> Ret {
-    list_processes(device, ProcKind::Compute, count, infos)
+    // SAFETY: this function's contract.
+    with_view(device, |_, v| unsafe {
+        put_slice(infos, count, &process_infos(v, kind))
+    })
+}
+
+aliases! {
+    fn nvmlDeviceGetComputeRunningProcesses_v2(
+        device: Device,
+        count: *mut c_uint,
+        infos: *mut ProcessInfo
+    ) = nvmlDeviceGetComputeRunningProcesses_v3;
 }
 
 #[unsafe(no_mangle)]
@@ -908,16 +760,16 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> Ret {
-    list_processes(device, ProcKind::Graphics, count, infos)
+    // SAFETY: NVML contract (module docs).
+    unsafe { list_processes(device, ProcKind::Graphics, count, infos) }
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(
-    device: Device,
-    count: *mut c_uint,
-    infos: *mut ProcessInfo,
-) -> Ret {
-    list_processes(device, ProcKind::Graphics, count, infos)
+aliases! {
+    fn nvmlDeviceGetGraphicsRunningProcesses_v2(
+        device: Device,
+        count: *mut c_uint,
+        infos: *mut ProcessInfo
+    ) = nvmlDeviceGetGraphicsRunningProcesses_v3;
 }
 
 #[unsafe(no_mangle)]
@@ -926,7 +778,8 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> Ret {
-    list_processes(device, ProcKind::Mps, count, infos)
+    // SAFETY: NVML contract (module docs).
+    unsafe { list_processes(device, ProcKind::Mps, count, infos) }
 }
 
 /// One sample per registered process, newer than `last_seen`; NOT_FOUND when
@@ -984,26 +837,14 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetMigMode(
     })
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
-    device: Device,
-    count: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
+device_getters! {
+    fn nvmlDeviceGetMaxMigDeviceCount() -> c_uint = |v| {
         v.physical()?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(count, sim::MAX_MIG_DEVICES) }
-    })
-}
+        sim::MAX_MIG_DEVICES
+    };
 
-/// NOT_FOUND for an index without an instance (or MIG mode off).
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
-    device: Device,
-    index: c_uint,
-    mig: *mut Device,
-) -> Ret {
-    with_view(device, |_, v| {
+    /// NOT_FOUND for an index without an instance (or MIG mode off).
+    fn nvmlDeviceGetMigDeviceHandleByIndex(index: c_uint) -> Device = |v| {
         v.physical()?;
         if index >= sim::MAX_MIG_DEVICES {
             return Err(code::INVALID_ARGUMENT);
@@ -1012,67 +853,31 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
         if index as usize >= n {
             return Err(code::NOT_FOUND);
         }
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(mig, raw(Handle::Mig(v.gpu.index, index))) }
-    })
-}
+        raw(Handle::Mig(v.gpu.index, index))
+    };
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(
-    device: Device,
-    is_mig: *mut c_uint,
-) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    with_view(device, |_, v| unsafe {
-        put(is_mig, c_uint::from(v.is_mig_handle()))
-    })
-}
+    fn nvmlDeviceIsMigDeviceHandle() -> c_uint = |v| c_uint::from(v.is_mig_handle());
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
-    mig: Device,
-    device: *mut Device,
-) -> Ret {
-    with_view(mig, |_, v| {
+    fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle() -> Device = |v| {
         if !v.is_mig_handle() {
             return Err(code::INVALID_ARGUMENT);
         }
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(device, raw(Handle::Gpu(v.gpu.index))) }
-    })
-}
+        raw(Handle::Gpu(v.gpu.index))
+    };
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(device: Device, id: *mut c_uint) -> Ret {
-    with_view(device, |_, v| {
-        let m = v.mig.as_ref().ok_or(code::INVALID_ARGUMENT)?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(id, m.gpu_instance_id) }
-    })
-}
+    fn nvmlDeviceGetGpuInstanceId() -> c_uint = |v| {
+        v.mig.as_ref().ok_or(code::INVALID_ARGUMENT)?.gpu_instance_id
+    };
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(
-    device: Device,
-    id: *mut c_uint,
-) -> Ret {
-    with_view(device, |_, v| {
-        let m = v.mig.as_ref().ok_or(code::INVALID_ARGUMENT)?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(id, m.compute_instance_id) }
-    })
-}
+    fn nvmlDeviceGetComputeInstanceId() -> c_uint = |v| {
+        v.mig.as_ref().ok_or(code::INVALID_ARGUMENT)?.compute_instance_id
+    };
 
-/// MIG handles only (NOT_SUPPORTED on physical GPUs, as nvml.h documents).
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
-    device: Device,
-    attrs: *mut DeviceAttributes,
-) -> Ret {
-    with_view(device, |_, v| {
+    /// MIG handles only (NOT_SUPPORTED on physical GPUs, as nvml.h documents).
+    fn nvmlDeviceGetAttributes_v2() -> DeviceAttributes = |v| {
         let m = v.mig.as_ref().ok_or(code::NOT_SUPPORTED)?;
         let cs = m.compute_slices;
-        let a = DeviceAttributes {
+        DeviceAttributes {
             multiprocessor_count: v.gpu.sm_count / crate::scenario::COMPUTE_SLICES * cs,
             shared_copy_engine_count: cs,
             shared_decoder_count: cs.div_ceil(2),
@@ -1082,19 +887,13 @@ pub(crate) unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
             gpu_instance_slice_count: cs,
             compute_instance_slice_count: cs,
             memory_size_mb: m.memory_mib,
-        };
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(attrs, a) }
-    })
+        }
+    };
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetAttributes(
-    device: Device,
-    attrs: *mut DeviceAttributes,
-) -> Ret {
-    // SAFETY: NVML contract (module docs).
-    unsafe { nvmlDeviceGetAttributes_v2(device, attrs) }
+aliases! {
+    fn nvmlDeviceGetAttributes(device: Device, attrs: *mut DeviceAttributes) =
+        nvmlDeviceGetAttributes_v2;
 }
 
 // ----------------------------------------------------------------------------
@@ -1142,16 +941,11 @@ pub(crate) unsafe extern "C" fn nvmlDeviceRegisterEvents(
     })
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
-    device: Device,
-    types: *mut c_ulonglong,
-) -> Ret {
-    with_view(device, |_, v| {
+device_getters! {
+    fn nvmlDeviceGetSupportedEventTypes() -> c_ulonglong = |v| {
         v.physical()?;
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(types, event::SUPPORTED) }
-    })
+        event::SUPPORTED
+    };
 }
 
 /// Polls the state directory every 20 ms until an XID for a registered GPU
