@@ -163,13 +163,21 @@ pub(crate) fn with_view(
     device: Device,
     f: impl FnOnce(&mut Sim, &View) -> Result<(), Code>,
 ) -> Ret {
+    with_handle(device, |sim, h| {
+        let view = sim.observe(h)?;
+        f(sim, &view)
+    })
+}
+
+/// Runs `f` on the handle behind `device`, after the `hang/<index>` fault of
+/// its GPU, if any, is lifted.
+fn with_handle(device: Device, f: impl FnOnce(&mut Sim, Handle) -> Result<(), Code>) -> Ret {
     guard(|| {
         wait_while_hung(device)?;
         let mut driver = driver();
         let sim = driver.sim()?;
         let h = sim.resolve(device as usize)?;
-        let view = sim.observe(h)?;
-        f(sim, &view)
+        f(sim, h)
     })
 }
 
@@ -932,13 +940,7 @@ pub(crate) unsafe extern "C" fn nvmlDeviceRegisterEvents(
     types: c_ulonglong,
     set: EventSet,
 ) -> Ret {
-    guard(|| {
-        wait_while_hung(device)?;
-        let mut driver = driver();
-        let sim = driver.sim()?;
-        let h = sim.resolve(device as usize)?;
-        sim.register_events(h, types, set_id(set)?)
-    })
+    with_handle(device, |sim, h| sim.register_events(h, types, set_id(set)?))
 }
 
 device_getters! {
@@ -966,27 +968,46 @@ fn wait_event(set: EventSet, timeout_ms: c_uint) -> Result<sim::Event, Code> {
     }
 }
 
-#[unsafe(no_mangle)]
-pub(crate) unsafe extern "C" fn nvmlEventSetWait_v2(
+/// An event as `nvmlEventSetWait_v2` reports it: XIDs are per GPU.
+fn event_data(ev: sim::Event) -> EventData {
+    EventData {
+        device: raw(Handle::Gpu(ev.gpu)),
+        event_type: ev.event_type,
+        event_data: ev.data,
+        gpu_instance_id: NO_INSTANCE,
+        compute_instance_id: NO_INSTANCE,
+    }
+}
+
+/// Waits for the next event of `set` and writes it to `data` in the layout
+/// `layout` makes of it; `data` is checked before waiting.
+///
+/// # Safety
+/// `data` is null or valid for writing a `T`.
+unsafe fn wait_into<T>(
     set: EventSet,
-    data: *mut EventData,
+    data: *mut T,
     timeout_ms: c_uint,
+    layout: impl FnOnce(sim::Event) -> T,
 ) -> Ret {
     guard(|| {
         if data.is_null() {
             return Err(code::INVALID_ARGUMENT);
         }
         let ev = wait_event(set, timeout_ms)?;
-        let d = EventData {
-            device: raw(Handle::Gpu(ev.gpu)),
-            event_type: ev.event_type,
-            event_data: ev.data,
-            gpu_instance_id: NO_INSTANCE,
-            compute_instance_id: NO_INSTANCE,
-        };
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(data, d) }
+        // SAFETY: this function's contract.
+        unsafe { put(data, layout(ev)) }
     })
+}
+
+#[unsafe(no_mangle)]
+pub(crate) unsafe extern "C" fn nvmlEventSetWait_v2(
+    set: EventSet,
+    data: *mut EventData,
+    timeout_ms: c_uint,
+) -> Ret {
+    // SAFETY: NVML contract (module docs).
+    unsafe { wait_into(set, data, timeout_ms, event_data) }
 }
 
 #[unsafe(no_mangle)]
@@ -995,17 +1016,16 @@ pub(crate) unsafe extern "C" fn nvmlEventSetWait(
     data: *mut EventDataV1,
     timeout_ms: c_uint,
 ) -> Ret {
-    guard(|| {
-        if data.is_null() {
-            return Err(code::INVALID_ARGUMENT);
-        }
-        let ev = wait_event(set, timeout_ms)?;
-        let d = EventDataV1 {
-            device: raw(Handle::Gpu(ev.gpu)),
-            event_type: ev.event_type,
-            event_data: ev.data,
-        };
-        // SAFETY: NVML contract (module docs).
-        unsafe { put(data, d) }
-    })
+    // SAFETY: NVML contract (module docs).
+    unsafe {
+        wait_into(set, data, timeout_ms, |ev| {
+            // The old layout is the new one without the instance ids.
+            let d = event_data(ev);
+            EventDataV1 {
+                device: d.device,
+                event_type: d.event_type,
+                event_data: d.event_data,
+            }
+        })
+    }
 }
