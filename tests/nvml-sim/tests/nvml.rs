@@ -7,6 +7,7 @@ mod common;
 use std::{
     fs,
     os::raw::c_uint,
+    path::Path,
     process::Command,
     thread::sleep,
     time::{Duration, Instant},
@@ -782,11 +783,7 @@ fn bad_state_files_are_skipped() {
         "{}",
         out.stdout
     );
-    let lines: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("nvml-sim:"))
-        .collect();
+    let lines = out.sim_lines();
     assert_eq!(lines.len(), 6, "{}", out.stderr);
     for (child, needle) in bad.iter().zip([
         "sm must be within 0..=1",
@@ -797,12 +794,10 @@ fn bad_state_files_are_skipped() {
         "line 3: invalid array",
     ]) {
         let file = state::proc_file(&sim.state, child.pid());
-        let expected = format!("nvml-sim: {}: ", file.display());
         assert!(
-            lines
-                .iter()
-                .any(|l| l.starts_with(&expected) && l.contains(needle)),
-            "no line for {expected} with {needle:?} in:\n{}",
+            lines.iter().any(|l| reports(l, &file, needle)),
+            "no line for {} with {needle:?} in:\n{}",
+            file.display(),
             out.stderr
         );
     }
@@ -838,15 +833,10 @@ fn bad_scenarios_fail_init_with_one_line() {
             "{text}\n{}",
             out.stdout
         );
-        let lines: Vec<&str> = out
-            .stderr
-            .lines()
-            .filter(|l| l.starts_with("nvml-sim:"))
-            .collect();
+        let lines = out.sim_lines();
         assert_eq!(lines.len(), 1, "{}", out.stderr);
-        let prefix = format!("nvml-sim: {}: ", sim.scenario.display());
         assert!(
-            lines[0].starts_with(&prefix) && lines[0].contains(needle),
+            reports(lines[0], &sim.scenario, needle),
             "{:?} lacks {needle:?}",
             lines[0]
         );
@@ -888,6 +878,21 @@ fn energy_counter_is_shared_across_processes() {
 struct ProbeOutput {
     stdout: String,
     stderr: String,
+}
+
+impl ProbeOutput {
+    /// The lines the simulator wrote to stderr.
+    fn sim_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("nvml-sim:"))
+            .collect()
+    }
+}
+
+/// Whether `line` is the simulator's one line about `file` and says `needle`.
+fn reports(line: &str, file: &Path, needle: &str) -> bool {
+    line.starts_with(&format!("nvml-sim: {}: ", file.display())) && line.contains(needle)
 }
 
 /// Runs the `probe` test below in a child process with this test's
