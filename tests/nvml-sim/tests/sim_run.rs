@@ -131,45 +131,26 @@ fn bad_arguments_are_reported() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let (code, err) = run(&[
-        "--gpu",
-        "0",
-        "--memory-mib",
-        "1",
-        "--sm",
-        "1.5",
-        "--",
-        "true",
-    ]);
-    assert_eq!(code, Some(2));
-    assert!(err.contains("1.5 is outside 0..=1"), "{err}");
-    let (code, err) = run(&["--gpu", "0", "--memory-mib", "1", "--sm", "0.5"]);
-    assert_eq!(code, Some(2));
-    assert!(err.contains("<CMD>"), "{err}");
-    let (code, err) = run(&[
-        "--gpu",
-        "x",
-        "--memory-mib",
-        "1",
-        "--sm",
-        "0.5",
-        "--",
-        "true",
-    ]);
-    assert_eq!(code, Some(2));
-    assert!(err.contains("--gpu"), "{err}");
-    let (code, err) = run(&[
-        "--gpu",
-        "0",
-        "--memory-mib",
-        "1",
-        "--sm",
-        "0.5",
-        "--",
-        "/no/such/cmd",
-    ]);
-    assert_eq!(code, Some(127));
-    assert!(err.contains("cannot run \"/no/such/cmd\""), "{err}");
+    let cases = [
+        (
+            "--gpu 0 --memory-mib 1 --sm 1.5 -- true",
+            2,
+            "1.5 is outside 0..=1",
+        ),
+        ("--gpu 0 --memory-mib 1 --sm 0.5", 2, "<CMD>"),
+        ("--gpu x --memory-mib 1 --sm 0.5 -- true", 2, "--gpu"),
+        (
+            "--gpu 0 --memory-mib 1 --sm 0.5 -- /no/such/cmd",
+            127,
+            "cannot run \"/no/such/cmd\"",
+        ),
+    ];
+    for (args, want, needle) in cases {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(want), "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
     // A failed exec leaves no registration behind.
     let left = std::fs::read_dir(state::procs_dir(&sim.state))
         .map(|d| d.count())
