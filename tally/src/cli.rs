@@ -32,6 +32,8 @@ pub(crate) enum Command {
     /// Work with the enforcement audit log.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
+    /// Live view of a node's (or the cluster's) GPUs and tenants; `q` quits.
+    Top(commands::top::TopArgs),
 }
 
 /// Entry point of the binary.
@@ -50,6 +52,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Audit(commands::audit::AuditCommand::Verify { file }) => {
             commands::audit::verify(&file)
         }
+        Command::Top(args) => commands::top::run(args),
     }
 }
 

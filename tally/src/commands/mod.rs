@@ -7,3 +7,4 @@ pub(crate) mod config;
 pub(crate) mod doctor;
 pub(crate) mod report;
 pub(crate) mod run;
+pub(crate) mod top;
