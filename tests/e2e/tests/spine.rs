@@ -530,3 +530,20 @@ fn doctor_names_what_is_missing() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("3 GPU(s)"), "{text}");
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let node = SimNode::standard();
+    let agent = Agent::start(&node, CONFIG, &["--log-format", "json"]);
+    agent.wait_samples(1);
+    let log = agent.log_text();
+    assert!(!log.trim().is_empty(), "the agent logged nothing");
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}
