@@ -179,6 +179,33 @@ def static_rules():
         return "; ".join(bad) or None
     R.check("alert rules: severity, summary/description/runbook, for", hygiene)
 
+    def runbook_urls():
+        # Every alert links its section of docs/runbooks.md; the anchor must
+        # be a heading there (GitHub's slug: lower case, spaces to dashes).
+        doc = ROOT / "docs" / "runbooks.md"
+        if not doc.exists():
+            return "docs/runbooks.md missing"
+        anchors = {
+            re.sub(r"[^a-z0-9 _-]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in doc.read_text().splitlines()
+            if line.startswith("#")
+        }
+        bad = []
+        for r in all_rules():
+            a = r.get("alert")
+            if not a:
+                continue
+            url = r.get("annotations", {}).get("runbook_url", "")
+            path, _, anchor = url.partition("#")
+            if not url:
+                bad.append(f"{a}: no runbook_url annotation")
+            elif not path.endswith("docs/runbooks.md") or not anchor:
+                bad.append(f"{a}: runbook_url {url!r} is not docs/runbooks.md#<section>")
+            elif anchor not in anchors:
+                bad.append(f"{a}: docs/runbooks.md has no section #{anchor}")
+        return "; ".join(bad) or None
+    R.check("alert rules: runbook_url to a section of docs/runbooks.md", runbook_urls)
+
 
 def static_alertmanager():
     amtool = tool("amtool")
