@@ -173,6 +173,12 @@ impl Agent {
         move |req| std::future::ready(route(&req, &latest, &metrics, &waiting))
     }
 
+    /// The latest snapshot, as the sampler publishes it (readiness and the
+    /// service manager's watchdog follow it).
+    pub fn latest(&self) -> Latest {
+        self.latest.clone()
+    }
+
     /// Waits for the final report, then stops sampling.
     pub async fn stopped(self) {
         let running = match self.work {

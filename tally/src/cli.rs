@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tally_contract::config::EX_USAGE;
 use tracing_subscriber::EnvFilter;
 
@@ -11,8 +11,19 @@ use crate::commands;
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about = "Who used which GPU, and how much.")]
 pub(crate) struct Cli {
+    /// Log lines on stderr as `text`, or as one JSON object per line for
+    /// log collectors (agent and aggregator).
+    #[arg(long, global = true, value_enum, env = "TALLY_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -33,6 +44,12 @@ pub(crate) enum Command {
     /// Work with the enforcement audit log.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
+    /// Live view of a node's (or the cluster's) GPUs and tenants; `q` quits.
+    Top(commands::top::TopArgs),
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    Completions(commands::completions::CompletionsArgs),
+    /// Write man pages for tally and each command into a directory.
+    Man(commands::man::ManArgs),
 }
 
 /// Entry point of the binary.
@@ -50,7 +67,7 @@ pub(crate) fn main() -> ExitCode {
             };
         }
     };
-    init_logging();
+    init_logging(cli.log_format);
     match cli.command {
         Command::Agent(args) => commands::agent::run(args),
         Command::Config(commands::config::ConfigCommand::Check { file, aggregator }) => {
@@ -63,14 +80,37 @@ pub(crate) fn main() -> ExitCode {
         Command::Audit(commands::audit::AuditCommand::Verify { file }) => {
             commands::audit::verify(&file)
         }
+        Command::Top(args) => commands::top::run(args),
+        Command::Completions(args) => commands::completions::run(args, Cli::command()),
+        Command::Man(args) => commands::man::run(args, Cli::command()),
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => fmt.json().with_current_span(true).try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_is_consistent_and_takes_the_new_flags() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["tally", "agent", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(Cli::try_parse_from(["tally", "--log-format", "xml", "agent"]).is_err());
+        assert!(Cli::try_parse_from(["tally", "completions", "fish"]).is_ok());
+        assert!(Cli::try_parse_from(["tally", "completions", "tcsh"]).is_err());
+        assert!(Cli::try_parse_from(["tally", "doctor", "--output", "yaml"]).is_err());
+    }
 }

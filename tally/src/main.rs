@@ -5,6 +5,7 @@
 
 mod cli;
 mod commands;
+mod notify;
 mod runtime;
 mod serve;
 mod signal;

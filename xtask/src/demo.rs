@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    io::IsTerminal,
     net::SocketAddr,
     sync::{
         Arc,
@@ -83,6 +84,9 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
             "the demo puts its tenants in real cgroups, which needs root: run `sudo cargo xtask demo`"
         );
     }
+    // The first line comes before anything slow (packages, the build).
+    let tty = std::io::stdout().is_terminal();
+    println!("starting the simulated node… (checking packages, building the binaries)");
     deps::ensure(deps::BUILD)?;
     exec(cargo().args(["build", "--workspace", "--bins", "--lib"]))?;
     let dir = target_dir().join("demo");
@@ -100,6 +104,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
             .context("cannot install the Ctrl-C handler")?;
     }
 
+    println!("starting {} tenant jobs in real cgroups…", JOBS.len());
     let root = Cgroup::create(&unique("tally-demo"));
     let mut workloads = Vec::new();
     for (tenant, job, gpu, mig, mem, sm) in JOBS {
@@ -116,6 +121,10 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         });
     }
 
+    println!(
+        "starting the agent on {} (waiting for its first sample)…",
+        o.listen
+    );
     let agent = Agent::start_with(&node, &config, o.listen, &[]);
     let client = Client::new(o.listen);
 
@@ -144,7 +153,10 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
             bail!("tally agent exited; its log is {}", agent.log.display());
         }
         if let Ok(snap) = client.get_json("/api/v1/snapshot") {
-            print!("\x1b[2J\x1b[H");
+            // On a terminal the table redraws in place; piped, plain lines.
+            if tty {
+                print!("\x1b[2J\x1b[H");
+            }
             println!(
                 "Tally demo — simulated node, {} tenants in real cgroups under {}",
                 3, root.path
@@ -164,7 +176,47 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     }
     println!("stopping…");
     drop(workloads);
+    let log = agent.log.clone();
+    drop(agent);
+    println!(
+        "{}",
+        summary(&o, previous.as_ref(), &log, started.elapsed())
+    );
     Ok(())
+}
+
+/// What the run did and where to look further.
+fn summary(o: &Options, last: Option<&Value>, log: &std::path::Path, ran: Duration) -> String {
+    let mut out = format!("\nTally demo: ran {:.0} s.\n", ran.as_secs_f64());
+    let mut per_tenant: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for r in last
+        .and_then(|s| s["tenant_gpu"].as_array())
+        .into_iter()
+        .flatten()
+    {
+        let e = per_tenant
+            .entry(r["tenant"].as_str().unwrap_or("?").to_owned())
+            .or_default();
+        e.0 += r["allocated_seconds_total"].as_f64().unwrap_or(0.0);
+        e.1 += r["energy_joules_total"].as_f64().unwrap_or(0.0);
+    }
+    out.push_str(&format!(
+        "\n{:<14} {:>12} {:>12}\n",
+        "TENANT", "GPU s", "ENERGY kJ"
+    ));
+    for (t, (s, j)) in &per_tenant {
+        out.push_str(&format!("{t:<14} {s:>12.1} {:>12.2}\n", j / 1000.0));
+    }
+    out.push_str(&format!(
+        "\nagent log: {}\nlook further (while an agent runs):\n  \
+         curl -s http://{}/metrics\n  \
+         tally top --agent http://{}\n  \
+         tally report --aggregator URL --from … --to …   (with an aggregator)\n",
+        log.display(),
+        o.listen,
+        o.listen
+    ));
+    out
 }
 
 /// A demo job: its process (killed on drop) and what it registers.

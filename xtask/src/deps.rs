@@ -19,6 +19,10 @@ pub(crate) const BUILD: &[&str] = &[
     "util-linux",
 ];
 
+/// Packages only the end-to-end tests need: tmux, the terminal that
+/// `tests/e2e/tests/top.rs` runs `tally top` in.
+pub(crate) const TEST: &[&str] = &["tmux"];
+
 /// True when dpkg has `package` installed.
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")

@@ -38,7 +38,7 @@ pub(crate) struct Options {
     #[arg(long, default_value_t = 60)]
     seconds: u64,
     /// Run only these targets (repeatable); default: all.
-    #[arg(long = "target")]
+    #[arg(long = "target", value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     targets: Vec<String>,
     /// Merge what the run found into the repository's corpus, keeping only
     /// inputs that add coverage.

@@ -27,6 +27,7 @@ pub(crate) struct Options {
 
 pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     deps::ensure(deps::BUILD)?;
+    deps::ensure(deps::TEST)?;
     if !o.no_lint {
         exec(cargo().args(["fmt", "--all", "--", "--check"]))
             .context("formatting: run `cargo fmt --all`")?;

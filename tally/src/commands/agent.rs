@@ -10,7 +10,7 @@ use tally_agent::{
 };
 use tally_contract::config::EX_USAGE;
 
-use crate::{runtime, serve, signal};
+use crate::{notify, runtime, serve, signal};
 
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
@@ -61,6 +61,7 @@ pub(crate) fn run(args: AgentArgs) -> ExitCode {
         let shutdown = signal::shutdown_token()?;
         let listener = serve::bind(settings.listen).await?;
         let agent = Agent::start(settings, shutdown.clone())?;
+        tokio::spawn(notify::agent(agent.latest(), shutdown.clone()));
         serve::serve(listener, None, agent.route(), shutdown).await;
         agent.stopped().await;
         anyhow::Ok(())

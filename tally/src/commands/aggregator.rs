@@ -7,7 +7,7 @@ use clap::Args;
 use tally_aggregator::{Aggregator, AggregatorConfig};
 use tally_contract::config::EX_USAGE;
 
-use crate::{runtime, serve, signal};
+use crate::{notify, runtime, serve, signal};
 
 #[derive(Debug, Args)]
 pub(crate) struct AggregatorArgs {
@@ -34,6 +34,7 @@ pub(crate) fn run(args: AggregatorArgs) -> ExitCode {
         let listener = serve::bind(listen).await?;
         let aggregator = Aggregator::start(&config, shutdown.clone()).await?;
         tracing::info!(%listen, "aggregator listening");
+        tokio::spawn(notify::aggregator(shutdown.clone()));
         serve::serve(listener, aggregator.tls(), aggregator.route(), shutdown).await;
         aggregator.stopped().await;
         anyhow::Ok(())

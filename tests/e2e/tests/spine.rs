@@ -415,6 +415,42 @@ fn doctor_names_what_is_missing() {
     assert!(!out.status.success());
     assert!(text.contains("[FAIL] nvml"), "{text}");
     assert!(text.contains("cgroups"), "{text}");
+    // Every check says its verdict, then one summary line counts them.
+    for check in [
+        "kubelet",
+        "delegation",
+        "state-dir",
+        "log-dirs",
+        "aggregator",
+    ] {
+        assert!(text.contains(&format!("] {check} ")), "{check}: {text}");
+    }
+    let last = text.lines().last().unwrap_or_default();
+    let counts: Vec<usize> = last
+        .split(", ")
+        .filter_map(|p| p.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 3, "summary `N ok, N warn, N fail`: {last}");
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        text.lines().count() - 1,
+        "{text}"
+    );
+    let out = Command::new(tally_bin())
+        .args([
+            "doctor",
+            "--output",
+            "json",
+            "--nvml-lib",
+            "/nonexistent/lib.so",
+        ])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    assert!(!out.status.success());
+    assert_eq!(doc["checks"][0]["name"], "nvml", "{doc}");
+    assert_eq!(doc["checks"][0]["status"], "fail", "{doc}");
+    assert!(doc["summary"]["fail"].as_u64() >= Some(1), "{doc}");
     let out = Command::new(tally_bin())
         .args(["doctor", "--nvml-lib"])
         .arg(sim_lib())
@@ -423,4 +459,21 @@ fn doctor_names_what_is_missing() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("3 GPU(s)"), "{text}");
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let node = SimNode::standard();
+    let agent = Agent::start(&node, CONFIG, &["--log-format", "json"]);
+    agent.wait_samples(1);
+    let log = agent.log_text();
+    assert!(!log.trim().is_empty(), "the agent logged nothing");
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
 }

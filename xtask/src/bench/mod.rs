@@ -31,7 +31,7 @@ pub(crate) struct Options {
     pub quick: bool,
     /// Run only these benchmarks (repeatable): footprint, sample, scrape,
     /// network, uprobe, ingest, chargeback.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(NAMES))]
     pub only: Vec<String>,
     /// Where the report goes [default: BENCHMARKS.md at the workspace root,
     /// or target/bench/BENCHMARKS-quick.md with --quick].

@@ -1,59 +1,10 @@
-//! `tally doctor`: checks this node point by point and says what to fix.
+//! The node's own checks: NVML, privileges, cgroups, BTF, bpffs and a
+//! real load of every eBPF probe.
 
-use std::{path::Path, process::ExitCode};
+use std::path::Path;
 
+use super::{Check, Verdict};
 use crate::{gpu, paths};
-
-/// Outcome of one check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Ok(String),
-    /// Works, with a caveat.
-    Warn(String),
-    /// Does not work; the text says what to do.
-    Fail(String),
-}
-
-/// One line of the doctor's report.
-#[derive(Debug, Clone)]
-pub struct Check {
-    pub name: &'static str,
-    pub verdict: Verdict,
-}
-
-/// Runs every check and prints them; exit 1 if any failed.
-pub fn run(nvml_lib: &Path) -> ExitCode {
-    report(&checks(nvml_lib))
-}
-
-/// Prints `checks`; failure if any failed.
-fn report(checks: &[Check]) -> ExitCode {
-    let mut failed = false;
-    for c in checks {
-        let (tag, text) = match &c.verdict {
-            Verdict::Ok(t) => ("ok  ", t),
-            Verdict::Warn(t) => ("warn", t),
-            Verdict::Fail(t) => {
-                failed = true;
-                ("FAIL", t)
-            }
-        };
-        println!("[{tag}] {:<12} {text}", c.name);
-    }
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
-/// Every check, then a real load and attach of every eBPF probe as
-/// `config` sets them up (in a throwaway pin directory); exit 1 if any failed.
-pub fn run_with_probes(nvml_lib: &Path, config: &crate::probes::ProbesConfig) -> ExitCode {
-    let mut all = checks(nvml_lib);
-    all.extend(probe_checks(config));
-    report(&all)
-}
 
 /// One check per eBPF probe: loaded and attached for real, or why not.
 pub fn probe_checks(config: &crate::probes::ProbesConfig) -> Vec<Check> {
@@ -72,30 +23,26 @@ pub fn probe_checks(config: &crate::probes::ProbesConfig) -> Vec<Check> {
         .collect()
 }
 
-/// Every check, in the order they are printed.
+/// Every node check, in the order they are printed, each run when the
+/// iterator reaches it (so a report can print it as it finishes).
+pub fn checks_lazy(nvml_lib: &Path) -> impl Iterator<Item = Check> + '_ {
+    ["nvml", "privileges", "cgroups", "btf", "bpffs"]
+        .into_iter()
+        .map(move |name| Check {
+            name,
+            verdict: match name {
+                "nvml" => nvml(nvml_lib),
+                "privileges" => privileges(),
+                "cgroups" => cgroups(),
+                "btf" => btf(),
+                _ => bpffs(),
+            },
+        })
+}
+
+/// Every node check, in the order they are printed.
 pub fn checks(nvml_lib: &Path) -> Vec<Check> {
-    vec![
-        Check {
-            name: "nvml",
-            verdict: nvml(nvml_lib),
-        },
-        Check {
-            name: "privileges",
-            verdict: privileges(),
-        },
-        Check {
-            name: "cgroups",
-            verdict: cgroups(),
-        },
-        Check {
-            name: "btf",
-            verdict: btf(),
-        },
-        Check {
-            name: "bpffs",
-            verdict: bpffs(),
-        },
-    ]
+    checks_lazy(nvml_lib).collect()
 }
 
 fn nvml(lib: &Path) -> Verdict {

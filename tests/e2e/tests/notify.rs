@@ -1,0 +1,78 @@
+//! `tally agent` speaks the service manager's notification protocol: a
+//! fake `NOTIFY_SOCKET` (a unix datagram socket this test reads) gets
+//! `READY=1` only once `/readyz` answers 200, then watchdog pings while the
+//! sampler runs, then `STOPPING=1` on SIGTERM.
+// Test packages: each target uses a part of the package's dependencies.
+#![allow(unused_crate_dependencies)]
+
+use std::{
+    fs,
+    net::SocketAddr,
+    os::unix::net::UnixDatagram,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tally_e2e::{ChildGuard, SimNode, free_port, http_get, sim_lib, tally_bin};
+
+#[test]
+fn ready_after_the_first_sample_then_watchdog_pings() {
+    let node = SimNode::standard();
+    let socket_path = node.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the fake NOTIFY_SOCKET");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = node.dir.path().join("agent.toml");
+    fs::write(&config, "").unwrap();
+    let log = node.dir.path().join("agent.log");
+    let mut agent = ChildGuard(
+        Command::new(tally_bin())
+            .args(["agent", "--config"])
+            .arg(&config)
+            .args(["--listen", &addr.to_string(), "--sample-interval", "200ms"])
+            .arg("--nvml-lib")
+            .arg(sim_lib())
+            .envs(node.env())
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "600000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn tally agent"),
+    );
+    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}); log:\n{}", log_text()));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+
+    let first = recv();
+    assert_eq!(first, "READY=1", "the first notification is readiness");
+    let (status, body) = http_get(addr, "/readyz").expect("GET /readyz");
+    assert_eq!(status, 200, "READY=1 came before /readyz was 200: {body}");
+
+    let pings = (0..3).map(|_| recv()).collect::<Vec<_>>();
+    assert!(
+        pings.iter().all(|p| p == "WATCHDOG=1"),
+        "watchdog pings while sampling: {pings:?}"
+    );
+
+    let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut last = String::new();
+    while last != "STOPPING=1" {
+        last = recv();
+    }
+    let status = agent.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "agent exit {status:?}; log:\n{}",
+        log_text()
+    );
+}
