@@ -157,10 +157,17 @@ fn python() -> Option<PathBuf> {
         })
 }
 
-/// `target/schemathesis/venv/bin/schemathesis`, made on first use and
-/// remade when the requirements change (as tests/ops/run.sh does its venv);
-/// `Err` says why it cannot be had.
+/// `target/schemathesis/venv/bin/schemathesis`, made once per test binary:
+/// the tests of this file run in parallel, and two of them making the same
+/// venv at once break each other's `ensurepip`.
 fn schemathesis() -> Result<PathBuf, String> {
+    static VENV: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    VENV.get_or_init(install_schemathesis).clone()
+}
+
+/// Makes the venv on first use and remakes it when the requirements change
+/// (as tests/ops/run.sh does its venv); `Err` says why it cannot be had.
+fn install_schemathesis() -> Result<PathBuf, String> {
     let root = target_dir().parent().expect("target/").join("schemathesis");
     let venv = root.join("venv");
     let bin = venv.join("bin/schemathesis");
