@@ -46,9 +46,14 @@ pub(super) struct RawInstance {
 
 /// The previous cycle's GPM sample of each GPU instance: GPM measures
 /// activity between two samples, so each is kept for the next cycle. Lives
-/// on the device's reader thread.
+/// on the device's reader thread, one per GPU.
 #[derive(Default)]
-pub(super) struct GpmSamples(HashMap<u32, GpmSample<'static>>);
+pub(super) struct GpmSamples {
+    last: HashMap<u32, GpmSample<'static>>,
+    /// Whether the GPU has GPM, asked once: it is a property of the board,
+    /// and the reader runs every cycle.
+    supported: Option<bool>,
+}
 
 /// Everything one cycle reads of one physical GPU.
 #[derive(Debug, Clone)]
@@ -187,9 +192,16 @@ fn read_instances(
     parent: &Device<'static>,
     gpm: &mut GpmSamples,
 ) -> Vec<RawInstance> {
-    let has_gpm = parent.gpm_support().unwrap_or(false);
+    let has_gpm = match gpm.supported {
+        Some(known) => known,
+        None => match parent.gpm_support() {
+            Ok(answer) => *gpm.supported.insert(answer),
+            // Not cached: a GPU that cannot answer now (lost) is asked again.
+            Err(_) => false,
+        },
+    };
     if !has_gpm {
-        gpm.0.clear();
+        gpm.last.clear();
     }
     let total_slices = parent
         .attributes()
@@ -240,7 +252,7 @@ fn read_instances(
         });
     }
     // Instances destroyed since: their samples go.
-    gpm.0.retain(|gi, _| out.iter().any(|i| i.gi == *gi));
+    gpm.last.retain(|gi, _| out.iter().any(|i| i.gi == *gi));
     out
 }
 
@@ -254,11 +266,11 @@ fn mig_activity(
     gpm: &mut GpmSamples,
 ) -> Option<f64> {
     let Ok(now) = parent.gpm_mig_sample(gi) else {
-        gpm.0.remove(&gi);
+        gpm.last.remove(&gi);
         return None;
     };
-    let before = gpm.0.insert(gi, now)?;
-    let metrics = gpm_metrics_get(nvml, &before, &gpm.0[&gi], &[GpmMetricId::SmUtil]).ok()?;
+    let before = gpm.last.insert(gi, now)?;
+    let metrics = gpm_metrics_get(nvml, &before, &gpm.last[&gi], &[GpmMetricId::SmUtil]).ok()?;
     let sm_util = metrics.into_iter().next()?.ok()?.value;
     Some((sm_util / 100.0).clamp(0.0, 1.0))
 }
