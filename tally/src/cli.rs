@@ -88,9 +88,14 @@ pub(crate) fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // A failed log write must never stop the service: tracing-subscriber's
+    // internal-error report uses `eprintln!`, which panics once stderr is a
+    // closed pipe, killing whichever thread logged (the sampler, or the
+    // signal task before it cancels shutdown: the agent then ignored SIGTERM).
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use tally_e2e::{ChildGuard, SimNode, free_port, http_get, sim_lib, tally_bin};
+use tally_e2e::{ChildGuard, SimNode, free_port, http_get, sim_lib, tally_bin, wait_for};
 
 #[test]
 fn ready_after_the_first_sample_then_watchdog_pings() {
@@ -74,5 +74,55 @@ fn ready_after_the_first_sample_then_watchdog_pings() {
         status.success(),
         "agent exit {status:?}; log:\n{}",
         log_text()
+    );
+}
+
+/// A log collector that goes away (here: the read end of the agent's stderr
+/// pipe is closed at once) must stop neither sampling nor a clean shutdown.
+/// Before the fix, the first failed log write panicked the thread that
+/// logged: the sampler stopped, and SIGTERM was ignored.
+#[test]
+fn a_closed_log_pipe_stops_neither_sampling_nor_shutdown() {
+    let node = SimNode::standard();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = node.dir.path().join("agent.toml");
+    fs::write(&config, "").unwrap();
+    let mut agent = ChildGuard(
+        Command::new(tally_bin())
+            .args(["--log-format", "json", "agent", "--config"])
+            .arg(&config)
+            .args(["--listen", &addr.to_string(), "--sample-interval", "200ms"])
+            .arg("--nvml-lib")
+            .arg(sim_lib())
+            .envs(node.env())
+            // Debug: every cycle writes to the closed pipe.
+            .env("TALLY_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tally agent"),
+    );
+    drop(agent.0.stderr.take());
+    let samples = || -> Option<u64> {
+        let (status, body) = http_get(addr, "/api/v1/snapshot").ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (status == 200).then(|| v["samples"].as_u64().unwrap_or(0))
+    };
+    let first = wait_for("the agent's first samples", Duration::from_secs(60), || {
+        samples().filter(|&n| n >= 1)
+    });
+    wait_for(
+        "sampling to go on with nowhere to log",
+        Duration::from_secs(60),
+        || samples().filter(|&n| n >= first + 5),
+    );
+
+    let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_for(
+        "the agent to exit on SIGTERM",
+        Duration::from_secs(30),
+        || agent.0.try_wait().unwrap(),
     );
 }
