@@ -67,12 +67,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub(crate) fn new() -> Self {
+        // `register` appends the full stop itself; collectors write their own.
         let mut registry = Registry::default();
         let reports = Family::<ResultLabel, Counter>::default();
         registry.register(
             "tally_aggregator_reports",
             "Reports received, by result (stored, duplicate, conflict, rejected, unauthorized, \
-             forbidden, error).",
+             forbidden, error)",
             reports.clone(),
         );
         let ingest_duration = Histogram::new([
@@ -80,20 +81,20 @@ impl Metrics {
         ]);
         registry.register_with_unit(
             "tally_aggregator_ingest_duration",
-            "Time to validate and store one report.",
+            "Time to validate and store one report",
             Unit::Seconds,
             ingest_duration.clone(),
         );
         let ledger_errors = Counter::default();
         registry.register(
             "tally_aggregator_ledger_errors",
-            "Ledger statements that failed (the request got 503 and is retried by the agent).",
+            "Ledger statements that failed (the request got 503 and is retried by the agent)",
             ledger_errors.clone(),
         );
         let audit_chain_breaks = Family::<NodeLabel, Counter>::default();
         registry.register(
             "tally_aggregator_audit_chain_breaks",
-            "Audit records that do not follow their node's hash chain.",
+            "Audit records that do not follow their node's hash chain",
             audit_chain_breaks.clone(),
         );
         let cached = Arc::new(RwLock::new(Cached::default()));
@@ -250,5 +251,23 @@ impl Collector for ClusterCollector {
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_help_text_ends_in_one_full_stop() {
+        let body = Metrics::new().encode();
+        let helps: Vec<&str> = body.lines().filter(|l| l.starts_with("# HELP")).collect();
+        assert!(!helps.is_empty(), "no HELP lines in:\n{body}");
+        for help in helps {
+            assert!(
+                help.ends_with('.') && !help.ends_with(".."),
+                "HELP line must end in one full stop: {help}"
+            );
+        }
     }
 }
