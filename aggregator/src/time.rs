@@ -11,52 +11,21 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Parses a time: RFC 3339 (`2026-11-23T15:00:00Z`) or Unix seconds.
+/// Parses a time: RFC 3339 (`2026-11-23T15:00:00Z`, any offset, either
+/// case) or Unix seconds.
 pub fn parse_time(s: &str) -> Result<i64, String> {
     if let Ok(secs) = s.parse::<i64>() {
         return secs
             .checked_mul(1000)
             .ok_or_else(|| format!("`{s}` is out of range"));
     }
-    // RFC 3339 allows lower-case `t`/`z`; humantime reads only upper case.
-    let upper = s.to_ascii_uppercase();
-    let (utc, offset_ms) = utc_offset(&upper).unwrap_or((upper, 0));
-    humantime::parse_rfc3339_weak(&utc)
-        .map_err(|e| format!("`{s}` is not an RFC 3339 time or Unix seconds: {e}"))
-        .and_then(|t| {
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64 - offset_ms)
-                .map_err(|_| format!("`{s}` is before 1970"))
-        })
-}
-
-/// Splits a numeric RFC 3339 offset (`+01:00`) off a time, which humantime
-/// does not read (a schemathesis finding: such times were refused): the
-/// time as UTC text and the offset in milliseconds.
-fn utc_offset(s: &str) -> Option<(String, i64)> {
-    let b = s.as_bytes();
-    let n = b.len();
-    if n < 7 || !s.is_ascii() || b[n - 3] != b':' {
-        return None;
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("`{s}` is not an RFC 3339 time or Unix seconds: {e}"))?;
+    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    if ms < 0 {
+        return Err(format!("`{s}` is before 1970"));
     }
-    let sign = match b[n - 6] {
-        b'+' => 1,
-        b'-' => -1,
-        _ => return None,
-    };
-    let digits = [b[n - 5], b[n - 4], b[n - 2], b[n - 1]];
-    if !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let d = |i: usize| i64::from(digits[i] - b'0');
-    let (hours, minutes) = (d(0) * 10 + d(1), d(2) * 10 + d(3));
-    if hours > 23 || minutes > 59 {
-        return None;
-    }
-    Some((
-        format!("{}Z", &s[..n - 6]),
-        sign * (hours * 3600 + minutes * 60) * 1000,
-    ))
+    Ok(ms as i64)
 }
 
 /// The last instant RFC 3339 can write (9999-12-31T23:59:59.999Z).
