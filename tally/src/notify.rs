@@ -1,6 +1,9 @@
 //! The service manager's notification protocol (sd_notify(3)) by hand:
 //! one datagram to `$NOTIFY_SOCKET` per state change, and the watchdog
 //! pings while the sampler keeps publishing.
+//!
+//! Not the `sd-notify` crate: its 0.5 release sends only to filesystem
+//! sockets, and container managers hand out abstract ones (`@…`).
 
 use std::{
     os::{
