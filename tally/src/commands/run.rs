@@ -25,7 +25,7 @@ pub(crate) struct RunArgs {
 pub(crate) fn run(args: RunArgs) -> ExitCode {
     match load_optional(args.config.as_ref()) {
         Ok(config) => tally_agent::enforce::run::run(
-            &config.enforce_settings(""),
+            &config.enforce_settings(&tally_agent::run::Settings::node_name(&config)),
             &args.tenant,
             args.job.as_deref(),
             &args.command,
