@@ -131,6 +131,9 @@ async fn refresh_metrics(app: Arc<server::App>, every: Duration, shutdown: Cance
                 c.totals = totals;
                 c.nodes = nodes;
                 c.ledger_up = true;
+                if logged {
+                    info!("ledger reachable again");
+                }
                 logged = false;
             }
             Err(e) => {

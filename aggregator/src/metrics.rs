@@ -5,13 +5,19 @@
 //! With several replicas on one PostgreSQL, every replica exports the same
 //! `tally_cluster_*` totals: aggregate them with `max`, not `sum`.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, RwLock, atomic::AtomicU64},
+};
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{
-        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
         histogram::Histogram,
     },
     registry::{Registry, Unit},
@@ -50,6 +56,10 @@ pub(crate) struct Metrics {
     pub ingest_duration: Histogram,
     pub ledger_errors: Counter,
     pub audit_chain_breaks: Family<NodeLabel, Counter>,
+    /// Each node's clock minus the aggregator's, at its last report.
+    clock_skew: Family<NodeLabel, Gauge<f64, AtomicU64>>,
+    /// Nodes whose clock is now off by more than the tolerance.
+    skewed: Mutex<BTreeSet<String>>,
     pub cached: Arc<RwLock<Cached>>,
 }
 
@@ -97,6 +107,15 @@ impl Metrics {
             "Audit records that do not follow their node's hash chain",
             audit_chain_breaks.clone(),
         );
+        let clock_skew = Family::<NodeLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "tally_aggregator_node_clock_skew",
+            "The node's clock minus the aggregator's when its last report was sent (from the \
+             report's Date header); beyond 10 s either way its reports are filed by the \
+             aggregator's clock",
+            Unit::Seconds,
+            clock_skew.clone(),
+        );
         let cached = Arc::new(RwLock::new(Cached::default()));
         registry.register_collector(Box::new(ClusterCollector(cached.clone())));
         Self {
@@ -105,8 +124,28 @@ impl Metrics {
             ingest_duration,
             ledger_errors,
             audit_chain_breaks,
+            clock_skew,
+            skewed: Mutex::default(),
             cached,
         }
+    }
+
+    /// Records `node`'s clock skew; `Some(true)` when it has just gone
+    /// skewed, `Some(false)` when it has just come back in step.
+    pub(crate) fn clock_skew(&self, node: &str, skew_ms: i64, skewed: bool) -> Option<bool> {
+        self.clock_skew
+            .get_or_create(&NodeLabel { node: node.into() })
+            .set(skew_ms as f64 / 1000.0);
+        let mut set = match self.skewed.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let changed = if skewed {
+            set.insert(node.to_owned())
+        } else {
+            set.remove(node)
+        };
+        changed.then_some(skewed)
     }
 
     /// Counts one report outcome.

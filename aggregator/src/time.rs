@@ -1,5 +1,5 @@
-//! Time on the aggregator: its clock, and the two ways times travel in
-//! the API (RFC 3339 text, Unix seconds).
+//! Time on the aggregator: its clock, the clocks of its agents, and the
+//! two ways times travel in the API (RFC 3339 text, Unix seconds).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,6 +9,39 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// A node clock further than this from the aggregator's is skewed: its
+/// reports are filed by the aggregator's clock. `Date` has whole seconds
+/// and NTP keeps clocks within milliseconds, so this is far above noise and
+/// far below what would move usage into another hour.
+pub(crate) const MAX_CLOCK_SKEW_MS: i64 = 10_000;
+
+/// How far ahead of the aggregator's clock (`received_ms`) the sender's
+/// clock was, from the request's `Date` header (the agent's clock when it
+/// sent; RFC 9110 §6.6.1). `None` without a readable `Date`.
+pub(crate) fn clock_skew_ms(date: Option<&str>, received_ms: i64) -> Option<i64> {
+    let sent = httpdate::parse_http_date(date?).ok()?;
+    let sent_ms = match sent.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    };
+    // `Date` is truncated to the second: half a second is its mean error.
+    Some(sent_ms + 500 - received_ms)
+}
+
+/// The report's interval moved onto the aggregator's clock when the node's
+/// clock is skewed by more than [`MAX_CLOCK_SKEW_MS`]; `None` when it is
+/// filed as sent.
+pub(crate) fn refiled_interval(start_ms: u64, end_ms: u64, skew_ms: i64) -> Option<(u64, u64)> {
+    if skew_ms.abs() <= MAX_CLOCK_SKEW_MS {
+        return None;
+    }
+    let shift = |t: u64| {
+        let moved = (i128::from(t) - i128::from(skew_ms)).clamp(0, i128::from(u64::MAX));
+        u64::try_from(moved).unwrap_or(u64::MAX)
+    };
+    Some((shift(start_ms), shift(end_ms)))
 }
 
 /// Parses a time: RFC 3339 (`2026-11-23T15:00:00Z`, any offset, either
@@ -56,6 +89,46 @@ mod tests {
         );
         assert!(parse_time("2026-11-23T15:00:00+24:00").is_err());
         assert!(parse_time("2026-11-23").is_err());
+    }
+
+    #[test]
+    fn skew_is_read_from_the_date_header() {
+        let received = 1_700_000_000_000;
+        let date = |ms: i64| {
+            httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_millis(ms as u64))
+        };
+        // In step: within the header's one-second resolution.
+        let s = clock_skew_ms(Some(&date(received)), received).unwrap();
+        assert!(s.abs() <= 1000, "{s}");
+        let ahead = clock_skew_ms(Some(&date(received + 3_600_000)), received).unwrap();
+        assert!((ahead - 3_600_000).abs() <= 1000, "{ahead}");
+        let behind = clock_skew_ms(Some(&date(received - 3_600_000)), received).unwrap();
+        assert!((behind + 3_600_000).abs() <= 1000, "{behind}");
+        assert_eq!(clock_skew_ms(None, received), None);
+        assert_eq!(clock_skew_ms(Some("yesterday"), received), None);
+    }
+
+    #[test]
+    fn only_a_skewed_clock_is_refiled_and_by_its_skew() {
+        let (start, end) = (1_700_000_000_000, 1_700_000_000_300);
+        assert_eq!(refiled_interval(start, end, 0), None);
+        assert_eq!(refiled_interval(start, end, MAX_CLOCK_SKEW_MS), None);
+        assert_eq!(refiled_interval(start, end, -MAX_CLOCK_SKEW_MS), None);
+        // An hour ahead: filed an hour earlier, the length kept.
+        assert_eq!(
+            refiled_interval(start, end, 3_600_000),
+            Some((start - 3_600_000, end - 3_600_000))
+        );
+        assert_eq!(
+            refiled_interval(start, end, -3_600_000),
+            Some((start + 3_600_000, end + 3_600_000))
+        );
+        // A clock decades off cannot push a time out of range.
+        assert_eq!(refiled_interval(5, 10, 60_000), Some((0, 0)));
+        assert_eq!(
+            refiled_interval(u64::MAX - 5, u64::MAX, -60_000),
+            Some((u64::MAX, u64::MAX))
+        );
     }
 
     /// schemathesis finding: formatting a time after year 9999 panicked.

@@ -33,6 +33,7 @@ AGGREGATOR_METRICS = [
     "tally_aggregator_ingest_duration_seconds_bucket",
     "tally_aggregator_ledger_errors_total",
     "tally_aggregator_ledger_up",
+    "tally_aggregator_node_clock_skew_seconds",
 ]
 
 # States the agent exposes only once issue 6 has landed.

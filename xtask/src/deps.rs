@@ -20,8 +20,9 @@ pub(crate) const BUILD: &[&str] = &[
 ];
 
 /// Packages only the end-to-end tests need: tmux, the terminal that
-/// `tests/e2e/tests/top.rs` runs `tally top` in.
-pub(crate) const TEST: &[&str] = &["tmux"];
+/// `tests/e2e/tests/top.rs` runs `tally top` in; iproute2, whose `ip netns`
+/// gives `tests/e2e/tests/partition.rs` its hosts.
+pub(crate) const TEST: &[&str] = &["tmux", "iproute2"];
 
 /// True when dpkg has `package` installed.
 fn installed(package: &str) -> bool {

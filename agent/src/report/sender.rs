@@ -383,6 +383,12 @@ impl Sender {
             .client
             .post(&self.endpoint)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
+            // The agent's clock at sending: the aggregator measures the
+            // node's clock skew from it (docs/aggregator.md).
+            .header(
+                reqwest::header::DATE,
+                httpdate::fmt_http_date(SystemTime::now()),
+            )
             .body(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);

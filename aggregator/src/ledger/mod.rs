@@ -23,6 +23,13 @@ pub(crate) mod cluster;
 pub(crate) mod ingest;
 pub(crate) mod totals;
 
+/// Longest wait for a PostgreSQL connection. sqlx's default, 30 s, is
+/// spent retrying a refused connection while the server is down: every
+/// report and `/readyz` would hang that long instead of answering 503
+/// soon. (A SQLite file does not go away; there the wait is only for a
+/// busy pool, and the default stays.)
+const POSTGRES_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -90,6 +97,15 @@ fn prepare_url(url: &str) -> Result<(String, Backend), LedgerError> {
     }
 }
 
+/// The pool's limits on `backend`.
+fn pool_options(backend: Backend, max_connections: u32) -> AnyPoolOptions {
+    let pool = AnyPoolOptions::new().max_connections(max_connections);
+    match backend {
+        Backend::Postgres => pool.acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT),
+        Backend::Sqlite => pool,
+    }
+}
+
 impl Ledger {
     /// Connects and brings the schema up to date.
     pub(crate) async fn open(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
@@ -97,8 +113,7 @@ impl Ledger {
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let (url, backend) = prepare_url(url)?;
         let options: AnyConnectOptions = url.parse()?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
+        let pool = pool_options(backend, max_connections)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -125,5 +140,25 @@ impl Ledger {
     pub(crate) async fn ping(&self) -> Result<(), LedgerError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PostgreSQL that is down must get a 503 to agents well within
+    /// their `[report] timeout` (10 s by default), not hang every request
+    /// for sqlx's 30 s (seen in `tests/e2e/tests/partition.rs`).
+    #[test]
+    fn a_postgres_connection_is_waited_for_less_than_an_agent_waits() {
+        let pg = pool_options(Backend::Postgres, 4).get_acquire_timeout();
+        assert_eq!(pg, POSTGRES_ACQUIRE_TIMEOUT);
+        assert!(pg < std::time::Duration::from_secs(10));
+        // SQLite keeps sqlx's patience for a busy pool.
+        assert!(
+            pool_options(Backend::Sqlite, 4).get_acquire_timeout()
+                >= std::time::Duration::from_secs(30)
+        );
     }
 }

@@ -4,17 +4,21 @@
 use std::time::Instant;
 
 use http_body_util::{BodyExt, Limited};
-use hyper::{Request, Response, StatusCode, body::Incoming, header::CONTENT_LENGTH};
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    header::{CONTENT_LENGTH, DATE},
+};
 use serde_json::json;
 use tally_contract::wire::{Report, SCHEMA_VERSION};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::app::{App, auth_error, problem};
 use crate::{
     http::{self, Body},
     ledger::ingest::Ingested,
     metrics::NodeLabel,
-    time::now_ms,
+    time::{MAX_CLOCK_SKEW_MS, clock_skew_ms, now_ms, refiled_interval},
 };
 
 pub(super) async fn ingest(req: Request<Incoming>, app: &App) -> Response<Body> {
@@ -38,6 +42,11 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
         app.metrics.report("forbidden");
         return auth_error(e);
     }
+    let received_ms = now_ms();
+    let skew_ms = clock_skew_ms(
+        req.headers().get(DATE).and_then(|v| v.to_str().ok()),
+        received_ms,
+    );
     let too_big = || {
         problem(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -88,7 +97,7 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
             );
         }
     }
-    let report: Report = match serde_json::from_value(value) {
+    let mut report: Report = match serde_json::from_value(value) {
         Ok(r) => r,
         Err(e) => {
             app.metrics.report("rejected");
@@ -105,8 +114,12 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
             format!("impossible report: {}", problems.join("; ")),
         );
     }
+    // The digest is of the report as sent: a retry is still recognised.
     let digest = report.digest();
-    match app.ledger.ingest(&report, &digest, now_ms()).await {
+    if let Some(skew_ms) = skew_ms {
+        refile(app, &mut report, skew_ms);
+    }
+    match app.ledger.ingest(&report, &digest, received_ms).await {
         Ok(Ingested::Stored { audit_breaks }) => {
             app.metrics.report("stored");
             if !audit_breaks.is_empty() {
@@ -155,6 +168,28 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
                 format!("ledger unavailable: {e}"),
             )
         }
+    }
+}
+
+/// Measures the node's clock against ours and, when it is skewed, files the
+/// report's interval by our clock: usage belongs to the hour it happened
+/// in, not to the hour a wrong clock says (docs/aggregator.md).
+fn refile(app: &App, report: &mut Report, skew_ms: i64) {
+    let refiled = refiled_interval(report.interval_start_ms, report.interval_end_ms, skew_ms);
+    match app
+        .metrics
+        .clock_skew(&report.node, skew_ms, refiled.is_some())
+    {
+        Some(true) => warn!(node = %report.node, skew_seconds = skew_ms as f64 / 1000.0,
+                            tolerance_seconds = MAX_CLOCK_SKEW_MS / 1000,
+                            "node clock is skewed: its reports are filed by the aggregator's clock"),
+        Some(false) => info!(node = %report.node, skew_seconds = skew_ms as f64 / 1000.0,
+                             "node clock is back in step: its reports are filed as sent"),
+        None => {}
+    }
+    if let Some((start, end)) = refiled {
+        report.interval_start_ms = start;
+        report.interval_end_ms = end;
     }
 }
 

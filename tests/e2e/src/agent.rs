@@ -18,6 +18,8 @@ pub struct Agent {
     pub addr: SocketAddr,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// The network namespace it runs in (`None`: this machine's).
+    pub netns: Option<String>,
 }
 
 /// How [`Agent::launch`] starts an agent.
@@ -33,6 +35,8 @@ pub struct Launch {
     pub ready_within: Duration,
     /// More environment for the agent (e.g. a preloaded shim).
     pub env: Vec<(&'static str, PathBuf)>,
+    /// A network namespace to run it in (`crate::netns`).
+    pub netns: Option<String>,
 }
 
 impl Default for Launch {
@@ -44,6 +48,7 @@ impl Default for Launch {
             log_level: "info".into(),
             ready_within: Duration::from_secs(30),
             env: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -81,7 +86,14 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let log = node.dir.path().join(unique("agent") + ".log");
-        let mut cmd = Command::new(&how.tally);
+        let mut cmd = match &how.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&how.tally);
+                c
+            }
+            None => Command::new(&how.tally),
+        };
         cmd.arg("agent")
             .arg("--config")
             .arg(config)
@@ -102,6 +114,7 @@ impl Agent {
             addr,
             config: config.to_path_buf(),
             log,
+            netns: how.netns.clone(),
         };
         if !how.ready_within.is_zero() {
             agent.wait_ready_within(how.ready_within);
@@ -117,7 +130,7 @@ impl Agent {
     fn wait_ready_within(&self, limit: Duration) {
         let start = Instant::now();
         loop {
-            if let Ok((200, _)) = http_get(self.addr, "/readyz") {
+            if let Ok((200, _)) = self.get("/readyz") {
                 return;
             }
             if self.child.has_exited() {
@@ -130,20 +143,28 @@ impl Agent {
         }
     }
 
+    /// `GET path` on the agent, from inside its network namespace.
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        match &self.netns {
+            Some(ns) => crate::netns::enter(ns, || http_get(self.addr, path)),
+            None => http_get(self.addr, path),
+        }
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The parsed `/metrics`.
     pub fn metrics(&self) -> Metrics {
-        let (status, body) = http_get(self.addr, "/metrics").expect("GET /metrics");
+        let (status, body) = self.get("/metrics").expect("GET /metrics");
         assert_eq!(status, 200, "/metrics answered {status}: {body}");
         Metrics::parse(&body)
     }
 
     /// The `/api/v1/snapshot` JSON.
     pub fn snapshot(&self) -> serde_json::Value {
-        let (status, body) = http_get(self.addr, "/api/v1/snapshot").expect("GET snapshot");
+        let (status, body) = self.get("/api/v1/snapshot").expect("GET snapshot");
         assert_eq!(status, 200, "/api/v1/snapshot answered {status}: {body}");
         serde_json::from_str(&body).expect("snapshot is JSON")
     }

@@ -205,6 +205,10 @@ pub struct Aggregator {
     pub dir: PathBuf,
     pub backend: Backend,
     log_n: u32,
+    /// The network namespace it runs in (`None`: this machine's).
+    netns: Option<String>,
+    /// What `--listen` gets (`addr`, or all of its namespace's addresses).
+    listen: SocketAddr,
 }
 
 /// Writes the three tokens and a config for `backend` into `dir`;
@@ -264,9 +268,46 @@ impl Aggregator {
             dir: dir.to_path_buf(),
             backend: backend.clone(),
             log_n: 0,
+            netns: None,
+            listen: addr,
         };
         a.restart();
         a
+    }
+
+    /// [`Aggregator::start`] inside the network namespace `netns`,
+    /// listening on every address there, port `port` (`addr` is its
+    /// loopback, reached with [`Aggregator::get_in`]); `ledger_url`, when
+    /// given, is a PostgreSQL `backend` as the aggregator reaches it there.
+    pub fn start_in(
+        dir: &Path,
+        backend: &Backend,
+        ledger_url: Option<&str>,
+        netns: &str,
+        port: u16,
+    ) -> Aggregator {
+        let seen = ledger_url.map_or_else(|| backend.clone(), |u| Backend::Postgres(u.into()));
+        let config = write_config(dir, &seen, "");
+        let mut a = Aggregator {
+            child: None,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            config,
+            dir: dir.to_path_buf(),
+            backend: backend.clone(),
+            log_n: 0,
+            netns: Some(netns.to_owned()),
+            listen: format!("0.0.0.0:{port}").parse().unwrap(),
+        };
+        a.restart();
+        a
+    }
+
+    /// `GET path` without a token, from inside the aggregator's namespace.
+    pub fn get_in(&self, path: &str) -> std::io::Result<(u16, String)> {
+        match &self.netns {
+            Some(ns) => crate::netns::enter(ns, || http_get(self.addr, path)),
+            None => http_get(self.addr, path),
+        }
     }
 
     /// The base URL agents report to.
@@ -292,12 +333,20 @@ impl Aggregator {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "aggregator already running");
         self.log_n += 1;
-        let child = Command::new(tally_bin())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(tally_bin());
+                c
+            }
+            None => Command::new(tally_bin()),
+        };
+        let child = cmd
             .arg("aggregator")
             .arg("--config")
             .arg(&self.config)
             .arg("--listen")
-            .arg(self.addr.to_string())
+            .arg(self.listen.to_string())
             .env("TALLY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -307,7 +356,7 @@ impl Aggregator {
         self.child = Some(ChildGuard(child));
         let start = Instant::now();
         loop {
-            if let Ok((200, _)) = http_get(self.addr, "/readyz") {
+            if let Ok((200, _)) = self.get_in("/readyz") {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.0.try_wait()) {

@@ -18,7 +18,9 @@ pub mod enforce_support;
 pub mod faults_support;
 pub mod http;
 pub mod metrics;
+pub mod netns;
 pub mod other_user;
+pub mod pg_server;
 pub mod probes_support;
 mod sim;
 

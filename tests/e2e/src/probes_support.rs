@@ -295,6 +295,7 @@ pub fn start_agent_as_nobody(node: &SimNode, config_toml: &str) -> NobodyAgent {
         addr,
         config,
         log,
+        netns: None,
     };
     wait_for(
         "unprivileged agent /readyz",

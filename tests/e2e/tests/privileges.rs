@@ -228,6 +228,7 @@ fn without_setpcap_the_agent_still_lowers_every_thread() {
         addr,
         config,
         log,
+        netns: None,
     };
     agent.wait_ready();
     let pid = agent.child.pid();
