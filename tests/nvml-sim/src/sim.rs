@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -109,7 +109,7 @@ pub(crate) struct View {
     pub gpu: Gpu,
     pub mig: Option<MigInstance>,
     /// Processes on this handle (the whole GPU for a physical handle), by pid.
-    pub procs: Vec<Proc>,
+    pub procs: Arc<[Proc]>,
     /// Utilization of the physical GPU, 0..=1.
     pub gpu_util: f64,
     /// Memory-bandwidth utilization of the physical GPU, 0..=1.
@@ -390,7 +390,7 @@ impl Sim {
         self.check_lost(gpu.index)?;
         let all = match &mut self.watched {
             Some(w) => w.procs_on(gpu.index, &self.scenario),
-            None => Vec::new(),
+            None => Arc::from([]),
         };
         let inst_util = |m: u32| {
             all.iter()
@@ -426,7 +426,11 @@ impl Sim {
             Handle::Mig(_, m) => {
                 let inst = gpu.mig.as_ref().and_then(|v| v.get(m as usize)).cloned();
                 let inst = inst.ok_or(code::INVALID_ARGUMENT)?;
-                let procs = all.into_iter().filter(|p| p.reg.mig == Some(m)).collect();
+                let procs = all
+                    .iter()
+                    .filter(|p| p.reg.mig == Some(m))
+                    .cloned()
+                    .collect();
                 let total = inst.memory_mib;
                 (Some(inst), procs, total)
             }

@@ -21,6 +21,7 @@ use std::{
     mem::MaybeUninit,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -115,7 +116,7 @@ pub(crate) struct Watched {
     bad: HashMap<OsString, Bad>,
     /// Valid registrations per GPU, sorted by pid, dead or alive; `None`
     /// after `procs` changed.
-    by_gpu: Option<Vec<Vec<Proc>>>,
+    by_gpu: Option<Vec<Arc<[Proc]>>>,
     lost: Vec<bool>,
     hang: Vec<bool>,
     reset: Vec<bool>,
@@ -347,7 +348,7 @@ impl Watched {
 
     /// Live, valid registrations on `gpu`, sorted by pid; reports the bad
     /// files of live processes (once per path and mtime).
-    pub(crate) fn procs_on(&mut self, gpu: u32, scenario: &Scenario) -> Vec<Proc> {
+    pub(crate) fn procs_on(&mut self, gpu: u32, scenario: &Scenario) -> Arc<[Proc]> {
         let bad: Vec<(PathBuf, Option<SystemTime>, String)> = self
             .bad
             .iter()
@@ -363,10 +364,23 @@ impl Watched {
         let by_gpu = self
             .by_gpu
             .get_or_insert_with(|| index(&self.procs, scenario));
-        by_gpu
-            .get(gpu as usize)
-            .map(|procs| procs.iter().filter(|p| alive(p.pid)).cloned().collect())
-            .unwrap_or_default()
+        let Some(procs) = by_gpu.get(gpu as usize) else {
+            return Arc::from([]);
+        };
+        // Usually all live: then the list is shared, not copied.
+        match procs.iter().position(|p| !alive(p.pid)) {
+            None => Arc::clone(procs),
+            Some(first_dead) => procs[..first_dead]
+                .iter()
+                .cloned()
+                .chain(
+                    procs[first_dead + 1..]
+                        .iter()
+                        .filter(|p| alive(p.pid))
+                        .cloned(),
+                )
+                .collect(),
+        }
     }
 
     pub(crate) fn lost(&self, gpu: u32) -> bool {
@@ -388,7 +402,7 @@ impl Watched {
 }
 
 /// Valid registrations grouped by GPU, each group sorted by pid.
-fn index(procs: &HashMap<OsString, (u32, Registration)>, scenario: &Scenario) -> Vec<Vec<Proc>> {
+fn index(procs: &HashMap<OsString, (u32, Registration)>, scenario: &Scenario) -> Vec<Arc<[Proc]>> {
     let mut by_gpu = vec![Vec::new(); scenario.gpus.len()];
     for (pid, reg) in procs.values() {
         let Some(gpu) = scenario.gpus.get(reg.gpu as usize) else {
@@ -408,10 +422,13 @@ fn index(procs: &HashMap<OsString, (u32, Registration)>, scenario: &Scenario) ->
             compute_instance_id: ci,
         });
     }
-    for procs in &mut by_gpu {
-        procs.sort_by_key(|p| p.pid);
-    }
     by_gpu
+        .into_iter()
+        .map(|mut procs| {
+            procs.sort_by_key(|p| p.pid);
+            Arc::from(procs)
+        })
+        .collect()
 }
 
 /// Whether `/proc/<pid>` exists: `kill(pid, 0)` succeeds (or is refused)
