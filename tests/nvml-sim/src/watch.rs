@@ -11,15 +11,17 @@
 //! is reached) every refresh re-reads everything, as the simulator first did.
 //!
 //! Liveness is not a file-system event: whether `/proc/<pid>` still exists
-//! is asked on every query with `kill(pid, 0)`, one cheap syscall per
-//! registration of the queried GPU (zombies answer, reaped processes do not).
+//! is asked with `kill(pid, 0)` per registration of the queried GPU
+//! (zombies answer, reaped processes do not) — unless no task was created
+//! or reaped since the last time it was asked (see [`Tasks`]).
 
 use std::{
     collections::{HashMap, HashSet},
     ffi::OsString,
-    fs,
+    fs::{self, File},
     mem::MaybeUninit,
     os::fd::OwnedFd,
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -117,6 +119,10 @@ pub(crate) struct Watched {
     /// Valid registrations per GPU, sorted by pid, dead or alive; `None`
     /// after `procs` changed.
     by_gpu: Option<Vec<Arc<[Proc]>>>,
+    /// Per GPU, its live registrations and the task counts they were
+    /// checked at; cleared with `by_gpu`.
+    live: HashMap<u32, (TaskCounts, Arc<[Proc]>)>,
+    tasks: Tasks,
     lost: Vec<bool>,
     hang: Vec<bool>,
     reset: Vec<bool>,
@@ -137,6 +143,8 @@ impl Watched {
             procs: HashMap::new(),
             bad: HashMap::new(),
             by_gpu: None,
+            live: HashMap::new(),
+            tasks: Tasks::open(),
             lost: vec![false; gpus],
             hang: vec![false; gpus],
             reset: vec![false; gpus],
@@ -256,6 +264,7 @@ impl Watched {
                 self.procs.clear();
                 self.bad.clear();
                 self.by_gpu = None;
+                self.live.clear();
                 self.stale_procs.clear();
                 if let Ok(entries) = fs::read_dir(&path) {
                     for entry in entries.flatten() {
@@ -287,6 +296,7 @@ impl Watched {
     /// (Re-)reads `procs/<name>`; a file that is gone is forgotten.
     fn read_proc(&mut self, name: OsString, scenario: &Scenario) {
         self.by_gpu = None;
+        self.live.clear();
         self.procs.remove(&name);
         self.bad.remove(&name);
         let Some(text_name) = name.to_str() else {
@@ -361,6 +371,13 @@ impl Watched {
         for (path, mtime, problem) in bad {
             self.report_once(&path, mtime, &problem);
         }
+        // Counted before the checks: a reap during them shows next time.
+        let counts = self.tasks.counts();
+        if let (Some(now), Some((then, live))) = (counts, self.live.get(&gpu))
+            && now == *then
+        {
+            return Arc::clone(live);
+        }
         let by_gpu = self
             .by_gpu
             .get_or_insert_with(|| index(&self.procs, scenario));
@@ -368,7 +385,7 @@ impl Watched {
             return Arc::from([]);
         };
         // Usually all live: then the list is shared, not copied.
-        match procs.iter().position(|p| !alive(p.pid)) {
+        let live: Arc<[Proc]> = match procs.iter().position(|p| !alive(p.pid)) {
             None => Arc::clone(procs),
             Some(first_dead) => procs[..first_dead]
                 .iter()
@@ -380,7 +397,11 @@ impl Watched {
                         .cloned(),
                 )
                 .collect(),
+        };
+        if let Some(counts) = counts {
+            self.live.insert(gpu, (counts, Arc::clone(&live)));
         }
+        live
     }
 
     pub(crate) fn lost(&self, gpu: u32) -> bool {
@@ -431,6 +452,56 @@ fn index(procs: &HashMap<OsString, (u32, Registration)>, scenario: &Scenario) ->
         .collect()
 }
 
+/// (last pid allocated, tasks in the system) from `/proc/loadavg`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TaskCounts {
+    last_pid: u64,
+    tasks: u64,
+}
+
+/// Whether any task was created or reaped between two moments, for one
+/// `pread` of `/proc/loadavg` instead of a `kill` per registration. The
+/// kernel counts every task (threads too) up when it is created and down
+/// when it is reaped, and every creation allocates a pid, moving the last
+/// pid: so equal (last pid, tasks) means nothing was reaped in between.
+/// That holds in the initial pid namespace, where `last_pid` sees every
+/// allocation; in a nested one (`NSpid` with more than one pid) an
+/// allocation outside could hide a reap, so there it is never used.
+#[derive(Debug)]
+struct Tasks(Option<File>);
+
+impl Tasks {
+    fn open() -> Tasks {
+        let initial_ns = fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .is_some_and(|pids| pids.split_whitespace().count() == 1)
+        });
+        Tasks(
+            initial_ns
+                .then(|| File::open("/proc/loadavg").ok())
+                .flatten(),
+        )
+    }
+
+    fn counts(&self) -> Option<TaskCounts> {
+        let f = self.0.as_ref()?;
+        let mut buf = [0u8; 128];
+        let n = f.read_at(&mut buf, 0).ok()?;
+        parse_loadavg(std::str::from_utf8(&buf[..n]).ok()?)
+    }
+}
+
+/// `0.00 0.01 0.05 <running>/<tasks> <last pid>`.
+fn parse_loadavg(text: &str) -> Option<TaskCounts> {
+    let mut fields = text.split_whitespace().skip(3);
+    let (_, tasks) = fields.next()?.split_once('/')?;
+    Some(TaskCounts {
+        tasks: tasks.parse().ok()?,
+        last_pid: fields.next()?.parse().ok()?,
+    })
+}
+
 /// Whether `/proc/<pid>` exists: `kill(pid, 0)` succeeds (or is refused)
 /// for a running process and a zombie, and fails once the parent reaped it.
 fn alive(pid: u32) -> bool {
@@ -439,4 +510,33 @@ fn alive(pid: u32) -> bool {
         return false;
     };
     !matches!(test_kill_process(pid), Err(Errno::SRCH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loadavg_gives_tasks_and_last_pid() {
+        assert_eq!(
+            parse_loadavg("22.92 28.69 20.78 23/234 18146\n"),
+            Some(TaskCounts {
+                last_pid: 18146,
+                tasks: 234
+            })
+        );
+        assert_eq!(parse_loadavg("0.1 0.2 0.3\n"), None);
+    }
+
+    #[test]
+    fn a_new_process_moves_the_counts() {
+        let tasks = Tasks::open();
+        let Some(before) = tasks.counts() else {
+            eprintln!("skipped: not in the initial pid namespace");
+            return;
+        };
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        assert_ne!(tasks.counts(), Some(before));
+    }
 }
