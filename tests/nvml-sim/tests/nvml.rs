@@ -946,6 +946,29 @@ fn state_changes_are_seen_on_the_next_call() {
     }
 }
 
+/// A state directory that does not exist at init cannot be watched: the
+/// simulator then re-reads it on every call, with the same answers.
+#[test]
+fn a_state_directory_made_after_init_is_read_on_every_call() {
+    let sim = Sim::new(H100);
+    fs::remove_dir(&sim.state).unwrap();
+    let nvml = sim.nvml();
+    let dev = nvml.device_by_index(0).unwrap();
+    assert!(pids(&dev).is_empty());
+    let e0 = dev.total_energy_consumption().unwrap();
+    let a = sim.spawn(0, None, 1000, 0.5); // makes the directory
+    assert_eq!(pids(&dev), vec![a.pid()]);
+    let file = state::proc_file(&sim.state, a.pid());
+    fs::write(&file, "gpu = 0\nmemory_mib = 2000\nsm = 0.5\n").unwrap();
+    assert_eq!(dev.memory_info().unwrap().used, 2000 * MIB);
+    state::set_lost(&sim.state, 0, true).unwrap();
+    assert!(matches!(dev.power_usage(), Err(NvmlError::GpuLost)));
+    state::set_lost(&sim.state, 0, false).unwrap();
+    assert!(dev.total_energy_consumption().unwrap() >= e0);
+    drop(a);
+    assert!(pids(&dev).is_empty());
+}
+
 /// One counter for every handle and process on a state directory: each
 /// reader's readings only grow, and a child's readings fall between the
 /// parent's before and after, while the load changes under both.
