@@ -42,11 +42,14 @@ struct Timing {
 type Timings = Vec<Timing>;
 
 pub(super) fn run(ctx: &Ctx) -> anyhow::Result<Section> {
+    // `--lib` too: only a root target's cdylib is copied up to
+    // target/release/, where `ctx.sim_lib` points.
     exec(cargo().args([
         "build",
         "--release",
         "-p",
         "nvml-sim",
+        "--lib",
         "--example",
         "sim_calls",
     ]))?;
