@@ -1,6 +1,7 @@
 //! The state directory (`TALLY_SIM_STATE`): what runs on the simulated GPUs
-//! and which faults are injected. The simulator re-reads it on every call;
-//! tests and `tally-sim-run` write it through the functions here.
+//! and which faults are injected. Every call of the simulator sees what was
+//! written before it (`watch` keeps it in memory); tests and
+//! `tally-sim-run` write it through the functions here.
 //!
 //! Layout (every on-disk path of the simulator is named in this module):
 //! - `procs/<pid>.toml` — a [`Registration`];
@@ -59,7 +60,8 @@ pub fn health_file(state: &Path, index: u32) -> PathBuf {
 pub fn reset_file(state: &Path, index: u32) -> PathBuf {
     state.join("reset").join(index.to_string())
 }
-/// Energy integral of GPU `index` (`<last update ns> <picojoules> <power mW>`).
+/// Energy integral of GPU `index` (`<ns> <picojoules> <power mW>`: the
+/// integral up to `<ns>` and the power since).
 pub fn energy_file(state: &Path, index: u32) -> PathBuf {
     state.join(".energy").join(index.to_string())
 }

@@ -875,6 +875,154 @@ fn energy_counter_is_shared_across_processes() {
     assert!(e1 >= child, "parent {e1} after child {child}");
 }
 
+/// The simulator keeps the state directory in memory: whatever was written
+/// before a call — a registration added, rewritten in place with the same
+/// size (same mtime tick, same length), replaced by a rename or removed —
+/// is what that call sees.
+#[test]
+fn state_changes_are_seen_on_the_next_call() {
+    let sim = Sim::new(H100);
+    let nvml = sim.nvml();
+    let dev = nvml.device_by_index(0).unwrap();
+    let a = common::ChildGuard::sleep();
+    let file = state::proc_file(&sim.state, a.pid());
+    let used = |dev: &Device<'_>| dev.memory_info().unwrap().used / MIB;
+    assert_eq!(used(&dev), 0);
+    // procs/ itself appears after the first call.
+    fs::create_dir_all(state::procs_dir(&sim.state)).unwrap();
+    for i in 0..60u64 {
+        // Four digits every time: the file keeps its size.
+        let mib = 1000 + (i % 9) * 1000;
+        match i % 3 {
+            0 => {
+                let body = format!("gpu = 0\nmemory_mib = {mib}\nsm = 0.5\n");
+                fs::write(&file, body).unwrap(); // in place: same inode
+            }
+            1 => {
+                let reg = nvml_sim::Registration {
+                    gpu: 0,
+                    mig: None,
+                    memory_mib: mib,
+                    sm: 0.5,
+                    kind: ProcKind::Compute,
+                };
+                nvml_sim::register(&sim.state, a.pid(), &reg).unwrap(); // rename
+            }
+            _ => {
+                nvml_sim::unregister(&sim.state, a.pid()).unwrap();
+                assert_eq!(used(&dev), 0, "round {i}: removed");
+                assert!(pids(&dev).is_empty(), "round {i}: removed");
+                let body = format!("gpu = 0\nmemory_mib = {mib}\nsm = 0.5\n");
+                fs::write(&file, body).unwrap(); // created again
+            }
+        }
+        assert_eq!(used(&dev), mib, "round {i}");
+        assert_eq!(pids(&dev), vec![a.pid()], "round {i}");
+    }
+
+    // Another registration, then a rewrite that makes it invalid.
+    let b = sim.spawn(0, None, 1, 0.25);
+    assert_eq!(pids(&dev).len(), 2);
+    assert_eq!(dev.utilization_rates().unwrap().gpu, 75);
+    fs::write(
+        state::proc_file(&sim.state, b.pid()),
+        "gpu = 0\nmemory_mib = 1\nsm = 2.5\n",
+    )
+    .unwrap();
+    assert_eq!(pids(&dev), vec![a.pid()]);
+
+    // Markers and health files, set and cleared between two calls.
+    for i in 0..20u64 {
+        state::set_lost(&sim.state, 0, true).unwrap();
+        assert!(matches!(dev.power_usage(), Err(NvmlError::GpuLost)));
+        state::set_lost(&sim.state, 0, false).unwrap();
+        let health = Health {
+            ecc_corrected: i,
+            ..Health::default()
+        };
+        state::set_health(&sim.state, 0, &health).unwrap();
+        let ecc = dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile);
+        assert_eq!(ecc.unwrap(), i, "round {i}");
+    }
+}
+
+/// A state directory that does not exist at init cannot be watched: the
+/// simulator then re-reads it on every call, with the same answers.
+#[test]
+fn a_state_directory_made_after_init_is_read_on_every_call() {
+    let sim = Sim::new(H100);
+    fs::remove_dir(&sim.state).unwrap();
+    let nvml = sim.nvml();
+    let dev = nvml.device_by_index(0).unwrap();
+    assert!(pids(&dev).is_empty());
+    let e0 = dev.total_energy_consumption().unwrap();
+    let a = sim.spawn(0, None, 1000, 0.5); // makes the directory
+    assert_eq!(pids(&dev), vec![a.pid()]);
+    let file = state::proc_file(&sim.state, a.pid());
+    fs::write(&file, "gpu = 0\nmemory_mib = 2000\nsm = 0.5\n").unwrap();
+    assert_eq!(dev.memory_info().unwrap().used, 2000 * MIB);
+    state::set_lost(&sim.state, 0, true).unwrap();
+    assert!(matches!(dev.power_usage(), Err(NvmlError::GpuLost)));
+    state::set_lost(&sim.state, 0, false).unwrap();
+    assert!(dev.total_energy_consumption().unwrap() >= e0);
+    drop(a);
+    assert!(pids(&dev).is_empty());
+}
+
+/// One counter for every handle and process on a state directory: each
+/// reader's readings only grow, and a child's readings fall between the
+/// parent's before and after, while the load changes under both.
+#[test]
+fn energy_is_one_monotonic_counter_across_handles_and_processes() {
+    let sim = Sim::new(H100);
+    let nvml = sim.nvml();
+    let by_index = nvml.device_by_index(0).unwrap();
+    let by_uuid = nvml.device_by_uuid(by_index.uuid().unwrap()).unwrap();
+    let _base = sim.spawn(0, None, 100, 0.2);
+    let before = by_index.total_energy_consumption().unwrap();
+    let (child, parent) = std::thread::scope(|s| {
+        let child = s.spawn(|| run_probe(&sim, "energy-series"));
+        let mut readings = Vec::new();
+        let mut load = Vec::new();
+        while !child.is_finished() {
+            // The power changes under both readers.
+            if load.len() < 3 {
+                load.push(sim.spawn(0, None, 100, 0.2));
+            } else {
+                load.clear();
+            }
+            for dev in [&by_index, &by_uuid] {
+                readings.push(dev.total_energy_consumption().unwrap());
+                let _ = dev.memory_info().unwrap();
+            }
+            sleep(Duration::from_millis(3));
+        }
+        (child.join().unwrap(), readings)
+    });
+    let after = by_uuid.total_energy_consumption().unwrap();
+    let child: Vec<u64> = child
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE energy="))
+        .map(|e| e.parse().unwrap())
+        .collect();
+    assert!(child.len() >= 20, "{child:?}");
+    for (who, series) in [("parent", &parent), ("child", &child)] {
+        for w in series.windows(2) {
+            assert!(w[0] <= w[1], "{who}: {} then {}", w[0], w[1]);
+        }
+    }
+    assert!(
+        before <= child[0],
+        "child {} after parent {before}",
+        child[0]
+    );
+    let last = child[child.len() - 1];
+    assert!(last <= after, "parent {after} after child {last}");
+    // At 126 W or more for the child's run, the counter moved for both.
+    assert!(last > child[0] && after > before);
+}
+
 struct ProbeOutput {
     stdout: String,
     stderr: String,
@@ -944,6 +1092,14 @@ fn probe() {
                 let p: Vec<String> = pids(&d).iter().map(u32::to_string).collect();
                 println!("PROBE gpu1={}", p.join(","));
                 let _ = nvml.device_by_index(0).unwrap().memory_info();
+            }
+        }
+        "energy-series" => {
+            let dev = nvml.device_by_index(0).unwrap();
+            for _ in 0..40 {
+                let e = dev.total_energy_consumption().unwrap();
+                println!("PROBE energy={e}");
+                sleep(Duration::from_millis(2));
             }
         }
         "energy" => {

@@ -21,6 +21,7 @@ use crate::{
 mod agent;
 mod ledger;
 mod probes;
+mod sim;
 mod util;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -30,7 +31,7 @@ pub(crate) struct Options {
     #[arg(long)]
     pub quick: bool,
     /// Run only these benchmarks (repeatable): footprint, sample, scrape,
-    /// network, uprobe, ingest, chargeback.
+    /// network, uprobe, ingest, chargeback, sim.
     #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(NAMES))]
     pub only: Vec<String>,
     /// Where the report goes [default: BENCHMARKS.md at the workspace root,
@@ -51,6 +52,7 @@ pub(crate) const NAMES: &[&str] = &[
     "uprobe",
     "ingest",
     "chargeback",
+    "sim",
 ];
 
 /// How a measurement compares with its target.
@@ -219,6 +221,13 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
             s.body.insert_str(0, &stamp());
         }
         durations.push(("ledger benchmarks", t.elapsed()));
+    }
+    if wanted("sim") {
+        let t = Instant::now();
+        let mut s = guard(sim::TITLE, || sim::run(&ctx));
+        s.body.insert_str(0, &stamp());
+        sections.push(s);
+        durations.push(("sim", t.elapsed()));
     }
 
     let out = o.output.clone().unwrap_or_else(|| {
