@@ -109,25 +109,28 @@ fn top_shows_gpus_and_tenants_sorts_and_quits_on_q() {
     ]);
     assert!(started.status.success(), "tmux: {started:?}");
 
-    let mut last = String::new();
-    let drawn = (0..300).find_map(|_| {
-        last = tmux.screen();
-        let done = last.contains("acme") && last.contains("beta") && last.contains("2/");
-        std::thread::sleep(Duration::from_millis(100));
-        done.then(|| last.clone())
-    });
-    let screen = drawn.unwrap_or_else(|| panic!("tally top did not draw in 30 s:\n{last}"));
-    for want in [
+    // A capture can land mid-frame: wait for a whole one (every part and
+    // acme's memory on its row); past 30 s, the asserts name what is missing.
+    const WANT: [&str; 7] = [
         "GPUs", "Tenants", "STATE", "busy", "free", "node ", "q quit",
-    ] {
+    ];
+    let acme_row = |s: &str| {
+        s.lines()
+            .any(|l| l.starts_with("acme") && l.contains("8.0G"))
+    };
+    let mut screen = String::new();
+    for _ in 0..300 {
+        screen = tmux.screen();
+        let whole = WANT.iter().all(|w| screen.contains(w));
+        if whole && acme_row(&screen) && screen.contains("beta") && screen.contains("2/") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for want in WANT {
         assert!(screen.contains(want), "{want:?} not on screen:\n{screen}");
     }
-    assert!(
-        screen
-            .lines()
-            .any(|l| l.starts_with("acme") && l.contains("8.0G")),
-        "acme's 8 GiB on its row:\n{screen}"
-    );
+    assert!(acme_row(&screen), "acme's 8 GiB on its row:\n{screen}");
     assert!(
         screen.lines().all(|l| l.chars().count() <= 80),
         "wider than 80 columns:\n{screen}"
@@ -137,7 +140,10 @@ fn top_shows_gpus_and_tenants_sorts_and_quits_on_q() {
     tmux.run(&["send-keys", "-t", "top", "m"]);
     let screen = wait_for("sort by memory", Duration::from_secs(10), || {
         let s = tmux.screen();
-        s.contains("by memory").then_some(s)
+        let rows = s
+            .lines()
+            .filter(|l| l.starts_with("acme") || l.starts_with("beta"));
+        (s.contains("by memory") && rows.count() == 2).then_some(s)
     });
     let order: Vec<_> = screen
         .lines()
