@@ -11,6 +11,7 @@ use tracing::{error, warn};
 
 use super::app::{App, auth_error, problem};
 use crate::{
+    auth::AuthError,
     http::{self, Body},
     ledger::ingest::Ingested,
     metrics::NodeLabel,
@@ -29,6 +30,10 @@ pub(super) async fn ingest(req: Request<Incoming>, app: &App) -> Response<Body> 
 async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
     let role = match app.tokens.authenticate(req.headers()) {
         Ok(r) => r,
+        Err(e @ AuthError::RateLimited { .. }) => {
+            app.metrics.report("rate_limited");
+            return auth_error(e);
+        }
         Err(e) => {
             app.metrics.report("unauthorized");
             return auth_error(e);
@@ -106,7 +111,16 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
         );
     }
     let digest = report.digest();
-    match app.ledger.ingest(&report, &digest, now_ms()).await {
+    let keys = app
+        .audit_keys
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match app
+        .ledger
+        .ingest_checked(&report, &digest, now_ms(), &keys)
+        .await
+    {
         Ok(Ingested::Stored { audit_breaks }) => {
             app.metrics.report("stored");
             if !audit_breaks.is_empty() {
