@@ -479,4 +479,37 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("billing_acount"), "{err}");
     }
+
+    #[test]
+    fn audit_node_keys_are_read_and_bad_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents");
+        std::fs::write(&agents, "abcdefghijklmnopqrstuvwxyz\n").unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).unwrap();
+        std::fs::write(keys.join("n1.key"), "ab".repeat(32)).unwrap();
+        let with = |audit: &str| {
+            format!(
+                "{audit}\n[[auth.token]]\ntoken_file = \"{}\"\nrole = \"agent\"\n",
+                agents.display()
+            )
+        };
+        let text = with(&format!("[audit]\nnode_keys = \"{}\"", keys.display()));
+        let c = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap();
+        assert_eq!(c.node_keys.len(), 1);
+        assert_eq!(
+            AggregatorConfig::parse(&with(""), Path::new("a.toml"))
+                .unwrap()
+                .node_keys
+                .len(),
+            0
+        );
+        std::fs::write(keys.join("n2.key"), "not a key").unwrap();
+        let err = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap_err();
+        assert_eq!(err.problems[0].key, "audit.node_keys", "{err}");
+        assert!(err.to_string().contains("n2.key"), "{err}");
+        let err = AggregatorConfig::parse(&with("[audit]\nnode_key = \"x\""), Path::new("a.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("node_key"), "{err}");
+    }
 }
