@@ -28,6 +28,11 @@ pub const NVIDIA_CAPABILITIES: &str = "/proc/driver/nvidia/capabilities";
 pub fn audit_log(state_dir: &Path) -> PathBuf {
     state_dir.join("audit.log")
 }
+/// The node's audit key (HMAC of every audit line), in the state
+/// directory: made 0600 on first start when absent, or provisioned.
+pub fn audit_key(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit.key")
+}
 /// The report sender's state (next sequence number, reported counters),
 /// in the state directory.
 pub const REPORT_STATE_FILE: &str = "report-state.json";

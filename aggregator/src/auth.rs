@@ -1,13 +1,22 @@
-//! Bearer tokens: who is asking, and what they may do.
+//! Bearer tokens: who is asking, what they may do, and how fast.
 //!
 //! Tokens are kept as SHA-256 digests and a presented token is compared
 //! with every known digest in constant time, so neither the comparison nor
-//! which entry matched leaks through timing. Tokens are never logged.
+//! which entry matched leaks through timing. Tokens are never logged. The
+//! set of digests can be replaced while serving (a reload); each token's
+//! request rate is limited on its own (`[auth] rate_limit`), so one
+//! runaway client cannot starve the others.
 
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use hyper::{HeaderMap, header::AUTHORIZATION};
-use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
-use crate::config::{Role, TokenSpec};
+use crate::config::{RateLimit, Role, TokenDigest, TokenSpec, token_digest};
 
 /// What went wrong with a request's credentials.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -18,37 +27,66 @@ pub(crate) enum AuthError {
     /// A known token without the right to do this: 403.
     #[error("this token may not {action}")]
     Forbidden { action: &'static str },
+    /// A known token over its `[auth] rate_limit`: 429 with `Retry-After`.
+    #[error("this token is over its request rate ([auth] rate_limit); retry in {retry_after_s} s")]
+    RateLimited {
+        /// Whole seconds until the token may ask again (at least 1).
+        retry_after_s: u64,
+    },
 }
 
-/// The known tokens.
-#[derive(Debug, Clone, Default)]
+/// The known tokens (digests only) and each one's rate limiter.
 pub(crate) struct Tokens {
-    entries: Vec<([u8; 32], Role)>,
+    entries: RwLock<Arc<Vec<(TokenDigest, Role)>>>,
+    /// Keyed by digest, so a token's allowance survives a reload.
+    limiter: Option<DefaultKeyedRateLimiter<TokenDigest>>,
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-/// Equal without an early exit.
-fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        diff |= x ^ y;
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("tokens", &self.len())
+            .field("rate_limited", &self.limiter.is_some())
+            .finish()
     }
-    std::hint::black_box(diff) == 0
+}
+
+fn entries(specs: &[TokenSpec]) -> Arc<Vec<(TokenDigest, Role)>> {
+    Arc::new(
+        specs
+            .iter()
+            .flat_map(|s| s.digests.iter().map(|d| (*d, s.role.clone())))
+            .collect(),
+    )
 }
 
 impl Tokens {
-    pub(crate) fn new(specs: &[TokenSpec]) -> Self {
-        let entries = specs
-            .iter()
-            .flat_map(|s| s.tokens.iter().map(|t| (digest(t), s.role.clone())))
-            .collect();
-        Self { entries }
+    pub(crate) fn new(specs: &[TokenSpec], limit: Option<RateLimit>) -> Self {
+        let limiter = limit.and_then(|l| {
+            Quota::with_period(l.period).map(|q| RateLimiter::keyed(q.allow_burst(l.burst)))
+        });
+        Self {
+            entries: RwLock::new(entries(specs)),
+            limiter,
+        }
     }
 
-    /// The role of the request's bearer token.
+    /// Serves `specs` from now on (a reload); forgets the allowances of
+    /// tokens that have not asked lately.
+    pub(crate) fn replace(&self, specs: &[TokenSpec]) {
+        let new = entries(specs);
+        *self.entries.write().unwrap_or_else(|e| e.into_inner()) = new;
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+        }
+    }
+
+    /// How many tokens are known.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The role of the request's bearer token, if it is within its rate.
     pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<Role, AuthError> {
         let presented = headers
             .get(AUTHORIZATION)
@@ -59,16 +97,35 @@ impl Tokens {
             })
             .map(str::trim)
             .ok_or(AuthError::Unauthenticated)?;
-        let d = digest(presented);
+        let d = token_digest(presented);
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut found = None;
         // Look at every entry whatever matches, so timing says nothing.
-        for (known, role) in &self.entries {
-            if ct_eq(known, &d) && found.is_none() {
+        for (known, role) in entries.iter() {
+            if bool::from(known.ct_eq(&d)) && found.is_none() {
                 found = Some(role.clone());
             }
         }
-        found.ok_or(AuthError::Unauthenticated)
+        let role = found.ok_or(AuthError::Unauthenticated)?;
+        if let Some(limiter) = &self.limiter
+            && let Err(not_until) = limiter.check_key(&d)
+        {
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            return Err(AuthError::RateLimited {
+                retry_after_s: retry_after_secs(wait),
+            });
+        }
+        Ok(role)
     }
+}
+
+/// `Retry-After` takes whole seconds: round up, and never say 0.
+fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 impl Role {
@@ -118,19 +175,23 @@ mod tests {
 
     use super::*;
 
-    fn tokens() -> Tokens {
-        Tokens::new(&[
+    fn specs(agent: &str) -> Vec<TokenSpec> {
+        vec![
             TokenSpec {
                 token_file: PathBuf::new(),
                 role: Role::Agent,
-                tokens: vec!["agent-token-0123456789".into()],
+                digests: vec![token_digest(agent)],
             },
             TokenSpec {
                 token_file: PathBuf::new(),
                 role: Role::Tenant("acme".into()),
-                tokens: vec!["acme-token-0123456789".into()],
+                digests: vec![token_digest("acme-token-0123456789")],
             },
-        ])
+        ]
+    }
+
+    fn tokens() -> Tokens {
+        Tokens::new(&specs("agent-token-0123456789"), None)
     }
 
     fn headers(v: &str) -> HeaderMap {
@@ -166,5 +227,55 @@ mod tests {
         assert_eq!(acme.may_read(None).unwrap().as_deref(), Some("acme"));
         assert!(acme.may_read(Some("globex")).is_err());
         assert_eq!(Role::Admin.may_read(None).unwrap(), None);
+    }
+
+    #[test]
+    fn a_replaced_set_takes_new_tokens_and_drops_old_ones() {
+        let t = tokens();
+        t.replace(&specs("rotated-token-0123456789"));
+        assert_eq!(
+            t.authenticate(&headers("Bearer agent-token-0123456789")),
+            Err(AuthError::Unauthenticated)
+        );
+        assert_eq!(
+            t.authenticate(&headers("Bearer rotated-token-0123456789")),
+            Ok(Role::Agent)
+        );
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn each_token_has_its_own_rate() {
+        let limit = RateLimit {
+            period: Duration::from_secs(10),
+            burst: std::num::NonZeroU32::new(2).unwrap(),
+        };
+        let t = Tokens::new(&specs("agent-token-0123456789"), Some(limit));
+        let agent = headers("Bearer agent-token-0123456789");
+        assert!(t.authenticate(&agent).is_ok());
+        assert!(t.authenticate(&agent).is_ok());
+        match t.authenticate(&agent) {
+            Err(AuthError::RateLimited { retry_after_s }) => {
+                assert!((1..=10).contains(&retry_after_s), "{retry_after_s}")
+            }
+            other => panic!("expected 429, got {other:?}"),
+        }
+        // Another token is still served; an unknown one is not counted.
+        assert!(
+            t.authenticate(&headers("Bearer acme-token-0123456789"))
+                .is_ok()
+        );
+        assert_eq!(
+            t.authenticate(&headers("Bearer nope")),
+            Err(AuthError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
     }
 }

@@ -23,6 +23,9 @@
 //! publisher = "Tally"            # FOCUS PublisherName
 //! invoice_issuer = "Tally"       # FOCUS InvoiceIssuerName
 //!
+//! [auth]                         # token files are reread on SIGHUP and on change
+//! rate_limit = "50/s"            # per token (N/s, N/m, N/h); unset: no limit
+//! burst = 100                    # default: the rate's count
 //! [[auth.token]]
 //! token_file = "/etc/tally/tokens/agents"
 //! role = "agent"                 # agent | admin | tenant
@@ -30,6 +33,10 @@
 //! token_file = "/etc/tally/tokens/acme"
 //! role = "tenant"
 //! tenant = "acme"
+//!
+//! [audit]
+//! node_keys = "/etc/tally/audit-keys"   # <node>.key per node: each a copy of
+//!                                # the node's <state_dir>/audit.key
 //!
 //! [scheduler]                    # GET /api/v1/cluster, /scheduler/* (issue 6)
 //! policy = "binpack"             # binpack | spread
@@ -44,15 +51,26 @@ use std::{
 };
 
 use serde::Deserialize;
-use tally_contract::{
-    config::{Problems, load_with, parse_bytes, parse_with, read_table, reject_unknown, section},
-    tenant::check_tenant_name,
-};
+use tally_contract::config::{Problems, load_with, parse_bytes, parse_with, read_table, section};
+
+mod auth;
+
+use auth::{AuditSection, auth_section};
+pub(crate) use auth::{RateLimit, Role, TokenDigest, TokenSpec, reread, token_digest};
+
+use crate::audit_keys::NodeKeys;
 
 /// Default ledger: one SQLite file.
 pub(crate) const DEFAULT_LEDGER_URL: &str = "sqlite:///var/lib/tally/ledger.db";
 /// Top-level keys of the aggregator's config file.
-pub const KNOWN: &[&str] = &["aggregator", "ledger", "prices", "auth", "scheduler"];
+pub const KNOWN: &[&str] = &[
+    "aggregator",
+    "ledger",
+    "prices",
+    "auth",
+    "audit",
+    "scheduler",
+];
 
 /// The aggregator's whole configuration.
 #[derive(Debug, Clone)]
@@ -61,6 +79,10 @@ pub struct AggregatorConfig {
     pub(crate) ledger: LedgerSection,
     pub(crate) prices: Prices,
     pub(crate) tokens: Vec<TokenSpec>,
+    /// `[auth] rate_limit` and `burst`; `None`: no limit.
+    pub(crate) rate_limit: Option<RateLimit>,
+    /// The keys read from `[audit] node_keys`.
+    pub(crate) node_keys: NodeKeys,
     pub(crate) scheduler: SchedulerSection,
 }
 
@@ -219,39 +241,6 @@ impl Prices {
     }
 }
 
-/// Who a token belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Role {
-    /// May only write reports.
-    Agent,
-    /// May read and write everything.
-    Admin,
-    /// May read its own tenant's lines only.
-    Tenant(String),
-}
-
-/// One `[[auth.token]]` after validation.
-#[derive(Debug, Clone)]
-pub(crate) struct TokenSpec {
-    /// Where the tokens came from (shown by `Debug`).
-    #[expect(dead_code, reason = "only read through the derived Debug")]
-    pub token_file: PathBuf,
-    pub role: Role,
-    /// The tokens of the file (one per non-empty, non-`#` line).
-    pub tokens: Vec<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenEntry {
-    token_file: Option<PathBuf>,
-    role: Option<String>,
-    tenant: Option<String>,
-}
-
-/// Shortest token accepted: guessable tokens are no access control.
-pub(crate) const MIN_TOKEN_LEN: usize = 16;
-
 impl AggregatorConfig {
     /// Loads and validates `file`, reporting every problem at once.
     pub fn load(file: &Path) -> Result<Self, Problems> {
@@ -298,7 +287,17 @@ impl AggregatorConfig {
         }
         let prices: Prices = section(table, "prices", problems);
         check_prices(&prices, problems);
-        let tokens = auth_section(table, problems);
+        let (tokens, rate_limit) = auth_section(table, problems);
+        let audit: AuditSection = section(table, "audit", problems);
+        let node_keys = match &audit.node_keys {
+            None => NodeKeys::default(),
+            Some(dir) => NodeKeys::load(dir).unwrap_or_else(|errs| {
+                for e in errs {
+                    problems.push("audit.node_keys", e);
+                }
+                NodeKeys::default()
+            }),
+        };
         let scheduler: SchedulerSection = section(table, "scheduler", problems);
         if Policy::parse(&scheduler.policy).is_none() {
             problems.push(
@@ -314,6 +313,8 @@ impl AggregatorConfig {
             ledger,
             prices,
             tokens,
+            rate_limit,
+            node_keys,
             scheduler,
         }
     }
@@ -359,137 +360,6 @@ fn check_prices(p: &Prices, problems: &mut Problems) {
             problems.push(key, "must not be empty");
         }
     }
-}
-
-fn auth_section(table: &mut toml::Table, problems: &mut Problems) -> Vec<TokenSpec> {
-    let mut out = Vec::new();
-    let Some(value) = table.remove("auth") else {
-        problems.push(
-            "auth.token",
-            "no [[auth.token]]: every request would be refused; add an agent and an admin token",
-        );
-        return out;
-    };
-    let toml::Value::Table(mut auth) = value else {
-        problems.push("auth", "must be a table");
-        return out;
-    };
-    match auth.remove("token") {
-        Some(toml::Value::Array(items)) => {
-            for (i, item) in items.into_iter().enumerate() {
-                let key = format!("auth.token[{i}]");
-                match TokenEntry::deserialize(item) {
-                    Ok(e) => {
-                        if let Some(spec) = token_entry(e, &key, problems) {
-                            out.push(spec);
-                        }
-                    }
-                    Err(e) => problems.push(key, e.message().to_string()),
-                }
-            }
-        }
-        Some(_) => problems.push("auth.token", "must be an array of tables ([[auth.token]])"),
-        None => problems.push(
-            "auth.token",
-            "no [[auth.token]]: add an agent and an admin token",
-        ),
-    }
-    reject_unknown(&auth, "auth", &["token"], problems);
-    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
-    for (i, spec) in out.iter().enumerate() {
-        for t in &spec.tokens {
-            if let Some(j) = seen.insert(t.as_str(), i) {
-                problems.push(
-                    format!("auth.token[{i}].token_file"),
-                    format!(
-                        "holds a token that auth.token[{j}] also holds: roles would be ambiguous"
-                    ),
-                );
-            }
-        }
-    }
-    out
-}
-
-fn token_entry(e: TokenEntry, key: &str, problems: &mut Problems) -> Option<TokenSpec> {
-    let role = match (e.role.as_deref(), e.tenant) {
-        (Some("agent"), None) => Role::Agent,
-        (Some("admin"), None) => Role::Admin,
-        (Some("tenant"), Some(t)) => {
-            if let Err(msg) = check_tenant_name(&t) {
-                problems.push(format!("{key}.tenant"), msg);
-                return None;
-            }
-            Role::Tenant(t)
-        }
-        (Some("tenant"), None) => {
-            problems.push(
-                format!("{key}.tenant"),
-                "a tenant token needs `tenant = \"…\"`",
-            );
-            return None;
-        }
-        (Some("agent" | "admin"), Some(_)) => {
-            problems.push(
-                format!("{key}.tenant"),
-                "only `role = \"tenant\"` takes a tenant",
-            );
-            return None;
-        }
-        (Some(other), _) => {
-            problems.push(
-                format!("{key}.role"),
-                format!("`{other}` is not a role; use agent, admin or tenant"),
-            );
-            return None;
-        }
-        (None, _) => {
-            problems.push(format!("{key}.role"), "missing: agent, admin or tenant");
-            return None;
-        }
-    };
-    let Some(file) = e.token_file else {
-        problems.push(format!("{key}.token_file"), "missing");
-        return None;
-    };
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => t,
-        Err(err) => {
-            problems.push(
-                format!("{key}.token_file"),
-                format!("cannot read {}: {err}", file.display()),
-            );
-            return None;
-        }
-    };
-    let tokens: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
-    if tokens.is_empty() {
-        problems.push(
-            format!("{key}.token_file"),
-            format!("{} holds no token", file.display()),
-        );
-        return None;
-    }
-    if tokens.iter().any(|t| t.len() < MIN_TOKEN_LEN) {
-        problems.push(
-            format!("{key}.token_file"),
-            format!(
-                "{}: every token must be at least {MIN_TOKEN_LEN} characters",
-                file.display()
-            ),
-        );
-        return None;
-    }
-    Some(TokenSpec {
-        token_file: file,
-        role,
-        tokens,
-    })
 }
 
 /// Whether a parsed config file looks like an aggregator's rather than an
@@ -608,5 +478,38 @@ mod tests {
         let err = AggregatorConfig::parse(&with("billing_acount = \"x\""), Path::new("a.toml"))
             .unwrap_err();
         assert!(err.to_string().contains("billing_acount"), "{err}");
+    }
+
+    #[test]
+    fn audit_node_keys_are_read_and_bad_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents");
+        std::fs::write(&agents, "abcdefghijklmnopqrstuvwxyz\n").unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).unwrap();
+        std::fs::write(keys.join("n1.key"), "ab".repeat(32)).unwrap();
+        let with = |audit: &str| {
+            format!(
+                "{audit}\n[[auth.token]]\ntoken_file = \"{}\"\nrole = \"agent\"\n",
+                agents.display()
+            )
+        };
+        let text = with(&format!("[audit]\nnode_keys = \"{}\"", keys.display()));
+        let c = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap();
+        assert_eq!(c.node_keys.len(), 1);
+        assert_eq!(
+            AggregatorConfig::parse(&with(""), Path::new("a.toml"))
+                .unwrap()
+                .node_keys
+                .len(),
+            0
+        );
+        std::fs::write(keys.join("n2.key"), "not a key").unwrap();
+        let err = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap_err();
+        assert_eq!(err.problems[0].key, "audit.node_keys", "{err}");
+        assert!(err.to_string().contains("n2.key"), "{err}");
+        let err = AggregatorConfig::parse(&with("[audit]\nnode_key = \"x\""), Path::new("a.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("node_key"), "{err}");
     }
 }

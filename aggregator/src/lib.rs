@@ -13,14 +13,18 @@
 // crate uses it.
 #![warn(unreachable_pub)]
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
 
 use hyper::{Request, Response, body::Incoming};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+mod audit_keys;
 mod auth;
 pub mod chargeback;
 pub mod cluster;
@@ -62,21 +66,26 @@ impl Aggregator {
         };
         let app = Arc::new(server::App {
             ledger,
-            tokens: auth::Tokens::new(&config.tokens),
+            tokens: auth::Tokens::new(&config.tokens, config.rate_limit),
+            token_specs: Mutex::new(config.tokens.clone()),
+            audit_keys: RwLock::new(Arc::new(config.node_keys.clone())),
             prices: config.prices.clone(),
             max_body: config.server.max_body_bytes(),
             metrics: metrics::Metrics::new(),
             scheduler: config.scheduler.clone(),
         });
         info!(
-            tokens = config.tokens.len(),
+            tokens = app.tokens.len(),
+            rate_limit = ?config.rate_limit,
+            node_keys = config.node_keys.len(),
             "aggregator serving /api/v1/reports, /api/v1/chargeback, /api/v1/audit, /api/v1/cluster, /scheduler/*, /metrics"
         );
         let refresher = tokio::spawn(refresh_metrics(
             app.clone(),
             config.server.metrics_refresh,
-            shutdown,
+            shutdown.clone(),
         ));
+        tokio::spawn(reload_on_change(app.clone(), RELOAD_POLL, shutdown));
         Ok(Aggregator {
             app,
             tls,
@@ -102,10 +111,126 @@ impl Aggregator {
         move |req| Box::pin(server::route(req, app.clone()))
     }
 
+    /// Reading the token files and the nodes' audit keys again (SIGHUP, or
+    /// a file changed): takes all of them, or, when any is bad, logs why and
+    /// keeps every old one, so a bad edit never locks everyone out.
+    /// Returns a function that reloads, for the binary's SIGHUP handler.
+    pub fn reloader(&self) -> impl Fn() + Send + Sync + 'static {
+        let app = self.app.clone();
+        move || reload(&app)
+    }
+
     /// Waits for the background work to end (after shutdown).
     pub async fn stopped(self) {
         let _ = self.refresher.await;
         info!("aggregator stopped");
+    }
+}
+
+/// How often the credential files are looked at for changes.
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+fn reload(app: &server::App) {
+    let mut specs = app.token_specs.lock().unwrap_or_else(|e| e.into_inner());
+    let tokens = config::reread(&specs);
+    let keys_dir = app
+        .audit_keys
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .dir()
+        .map(std::path::Path::to_path_buf);
+    let keys = keys_dir
+        .as_deref()
+        .map(audit_keys::NodeKeys::load)
+        .transpose();
+    match (tokens, keys) {
+        (Ok(tokens), Ok(keys)) => {
+            app.tokens.replace(&tokens);
+            *specs = tokens;
+            let n_keys = keys.as_ref().map_or(0, audit_keys::NodeKeys::len);
+            if let Some(keys) = keys {
+                *app.audit_keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+            }
+            app.metrics.reload("ok");
+            info!(
+                tokens = app.tokens.len(),
+                node_keys = n_keys,
+                "credentials reloaded"
+            );
+        }
+        (tokens, keys) => {
+            let problems: Vec<String> = tokens
+                .err()
+                .into_iter()
+                .chain(keys.err().map(|k| {
+                    k.into_iter()
+                        .map(|e| format!("audit.node_keys: {e}"))
+                        .collect()
+                }))
+                .flatten()
+                .collect();
+            app.metrics.reload("error");
+            error!(
+                problems = %problems.join("; "),
+                "credentials NOT reloaded: keeping every old token and key"
+            );
+        }
+    }
+}
+
+/// What the credential files look like now: their paths, sizes and
+/// modification times (a directory's listing included).
+fn fingerprint(
+    app: &server::App,
+) -> Vec<(std::path::PathBuf, Option<(u64, std::time::SystemTime)>)> {
+    let mut paths: Vec<std::path::PathBuf> = app
+        .token_specs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|s| s.token_file.clone())
+        .collect();
+    let dir = app
+        .audit_keys
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .dir()
+        .map(std::path::Path::to_path_buf);
+    if let Some(dir) = dir {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            paths.extend(rd.flatten().map(|e| e.path()));
+        }
+        paths.push(dir);
+    }
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p)
+                .ok()
+                .and_then(|m| Some((m.len(), m.modified().ok()?)));
+            (p, meta)
+        })
+        .collect()
+}
+
+/// Reloads the credentials whenever their files change (polled: token
+/// files are often replaced by renames, which a poll sees as well).
+async fn reload_on_change(app: Arc<server::App>, every: Duration, shutdown: CancellationToken) {
+    let mut last = fingerprint(&app);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = fingerprint(&app);
+        if now != last {
+            info!("a credential file changed: reloading");
+            reload(&app);
+            last = now;
+        }
     }
 }
 

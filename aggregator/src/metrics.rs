@@ -51,8 +51,10 @@ pub(crate) struct Cached {
 pub(crate) struct Metrics {
     registry: Registry,
     /// Reports by result: stored, duplicate, conflict, rejected,
-    /// unauthorized, forbidden, error.
+    /// unauthorized, forbidden, rate_limited, error.
     pub reports: Family<ResultLabel, Counter>,
+    /// Credential reloads by result: ok, error (old credentials kept).
+    reloads: Family<ResultLabel, Counter>,
     pub ingest_duration: Histogram,
     pub ledger_errors: Counter,
     pub audit_chain_breaks: Family<NodeLabel, Counter>,
@@ -83,8 +85,15 @@ impl Metrics {
         registry.register(
             "tally_aggregator_reports",
             "Reports received, by result (stored, duplicate, conflict, rejected, unauthorized, \
-             forbidden, error)",
+             forbidden, rate_limited, error)",
             reports.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tally_aggregator_credential_reloads",
+            "Rereads of the token files and audit keys (SIGHUP or a change), by result: ok, or \
+             error (every old token and key kept)",
+            reloads.clone(),
         );
         let ingest_duration = Histogram::new([
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -121,6 +130,7 @@ impl Metrics {
         Self {
             registry,
             reports,
+            reloads,
             ingest_duration,
             ledger_errors,
             audit_chain_breaks,
@@ -151,6 +161,15 @@ impl Metrics {
     /// Counts one report outcome.
     pub(crate) fn report(&self, result: &str) {
         self.reports
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Counts one credential reload.
+    pub(crate) fn reload(&self, result: &str) {
+        self.reloads
             .get_or_create(&ResultLabel {
                 result: result.into(),
             })

@@ -6,6 +6,15 @@
 //! `prev_sha256` is the previous line's `sha256` (64 zeros for the first).
 //! Changing, removing or reordering any line breaks the chain at that line,
 //! which [`verify`] names.
+//!
+//! A keyed log also carries `hmac_sha256` on each line: HMAC-SHA256 (hex),
+//! under the node's [`AuditKey`], of the same bytes `sha256` hashes. Anyone
+//! can recompute a plain SHA-256 chain after an edit; only the key's holder
+//! can recompute the HMAC, so [`verify_keyed`] finds such an edit. Since the
+//! HMAC covers `prev_sha256`, removing or reordering lines cannot be hidden
+//! either. Lines written before the node had a key (no `hmac_sha256`) still
+//! verify as before and are counted as unkeyed; an unkeyed line after a
+//! keyed one is a break (a line rewritten without the key).
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -14,6 +23,7 @@ use std::{
     time::SystemTime,
 };
 
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -26,6 +36,104 @@ pub enum AuditError {
     /// The file could not be opened, read or written.
     #[error("audit log {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// The key file could not be read, created or is not a key.
+    #[error("audit key {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+}
+
+/// A node's audit key: 32 secret bytes, kept in a file as 64 hex digits
+/// (`<state_dir>/audit.key` on the node, `<node>.key` at the aggregator).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuditKey([u8; 32]);
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.write_str("AuditKey(..)")
+    }
+}
+
+impl AuditKey {
+    /// A key of fresh random bytes from the operating system.
+    pub fn generate() -> Result<AuditKey, String> {
+        let mut k = [0u8; 32];
+        getrandom::getrandom(&mut k).map_err(|e| format!("no random bytes: {e}"))?;
+        Ok(AuditKey(k))
+    }
+
+    /// Parses a key file's text: 64 hex digits, surrounding whitespace and
+    /// `#` comment lines ignored.
+    pub fn parse(text: &str) -> Result<AuditKey, String> {
+        let hex_text = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .ok_or("holds no key (64 hex digits expected)")?;
+        let bytes = hex::decode(hex_text)
+            .map_err(|e| format!("not a key: {e} (64 hex digits expected)"))?;
+        let k: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+            format!(
+                "a key is 32 bytes (64 hex digits), this one is {} bytes",
+                b.len()
+            )
+        })?;
+        Ok(AuditKey(k))
+    }
+
+    /// Reads a key file.
+    pub fn load(path: &Path) -> Result<AuditKey, AuditError> {
+        let err = |reason: String| AuditError::Key {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        AuditKey::parse(&text).map_err(err)
+    }
+
+    /// Reads the key at `path`, or makes one there (mode 0600, never
+    /// replacing a file that appeared meanwhile) when there is none.
+    /// Returns the key and whether it was made now.
+    pub fn load_or_create(path: &Path) -> Result<(AuditKey, bool), AuditError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |reason: String| AuditError::Key {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut f) => {
+                let key = AuditKey::generate().map_err(err)?;
+                let text = format!(
+                    "# tally audit key of this node: give a copy to the aggregator \
+                     ([audit] node_keys), keep it secret\n{}\n",
+                    hex::encode(key.0)
+                );
+                f.write_all(text.as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| err(e.to_string()))?;
+                Ok((key, true))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Ok((AuditKey::load(path)?, false))
+            }
+            Err(e) => Err(err(e.to_string())),
+        }
+    }
+
+    /// HMAC-SHA256 (hex) of `bytes` under this key.
+    fn mac(&self, bytes: &[u8]) -> String {
+        // HMAC takes a key of any length.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        m.update(bytes);
+        hex::encode(m.finalize().into_bytes())
+    }
 }
 
 /// One line of the log.
@@ -46,6 +154,10 @@ pub struct Record {
     pub detail: serde_json::Value,
     pub prev_sha256: String,
     pub sha256: String,
+    /// HMAC-SHA256 (hex) under the node's key of what `sha256` hashes;
+    /// absent from lines written without a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_sha256: Option<String>,
 }
 
 /// The hashed part of a record: every field but `sha256`, in order.
@@ -62,8 +174,33 @@ struct Body<'a> {
 }
 
 impl Record {
-    /// SHA-256 (hex) of everything but `sha256`.
+    /// SHA-256 (hex) of everything but `sha256` and `hmac_sha256`.
     pub fn digest(&self) -> String {
+        hex::encode(Sha256::digest(self.body()))
+    }
+
+    /// HMAC-SHA256 (hex) under `key` of what [`Record::digest`] hashes.
+    pub fn keyed_digest(&self, key: &AuditKey) -> String {
+        key.mac(&self.body())
+    }
+
+    /// Whether `hmac_sha256` is this record's HMAC under `key`, compared
+    /// in constant time.
+    pub fn mac_matches(&self, key: &AuditKey) -> bool {
+        let Some(claimed) = self
+            .hmac_sha256
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+        else {
+            return false;
+        };
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&key.0).expect("any key length");
+        m.update(&self.body());
+        m.verify_slice(&claimed).is_ok()
+    }
+
+    /// The bytes both digests cover.
+    fn body(&self) -> Vec<u8> {
         let body = Body {
             seq: self.seq,
             ts: &self.ts,
@@ -75,8 +212,7 @@ impl Record {
             prev_sha256: &self.prev_sha256,
         };
         // Serializing plain strings and a JSON value cannot fail.
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        hex::encode(Sha256::digest(&bytes))
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 }
 
@@ -88,11 +224,22 @@ pub struct AuditLog {
     node: String,
     seq: u64,
     last: String,
+    key: Option<AuditKey>,
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log and continues its chain.
+    /// Opens (or creates) the log and continues its chain, without a key.
     pub fn open(path: &Path, node: &str) -> Result<AuditLog, AuditError> {
+        AuditLog::open_keyed(path, node, None)
+    }
+
+    /// Opens (or creates) the log and continues its chain; with a key,
+    /// every line appended carries its HMAC.
+    pub fn open_keyed(
+        path: &Path,
+        node: &str,
+        key: Option<AuditKey>,
+    ) -> Result<AuditLog, AuditError> {
         let err = |source| AuditError::Io {
             path: path.to_path_buf(),
             source,
@@ -118,6 +265,7 @@ impl AuditLog {
             node: node.to_owned(),
             seq,
             last,
+            key,
         })
     }
 
@@ -143,8 +291,10 @@ impl AuditLog {
             detail,
             prev_sha256: self.last.clone(),
             sha256: String::new(),
+            hmac_sha256: None,
         };
         rec.sha256 = rec.digest();
+        rec.hmac_sha256 = self.key.as_ref().map(|k| rec.keyed_digest(k));
         let mut line = serde_json::to_vec(&rec).unwrap_or_default();
         line.push(b'\n');
         let err = |source| AuditError::Io {
@@ -189,15 +339,36 @@ pub struct Broken {
     pub reason: String,
 }
 
-/// Checks a whole log; `Ok(number of records)` when the chain holds.
+/// What a chain that holds is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Verified {
+    /// Lines in the log.
+    pub records: usize,
+    /// Lines without `hmac_sha256`: written before the node had a key, so
+    /// only the plain chain protects them.
+    pub unkeyed: usize,
+    /// Keyed lines whose HMAC was not checked, for want of a key.
+    pub unchecked: usize,
+}
+
+/// Checks a whole log's plain chain; `Ok(number of records)` when it holds.
 pub fn verify(path: &Path) -> Result<Result<usize, Broken>, AuditError> {
+    Ok(verify_keyed(path, None)?.map(|v| v.records))
+}
+
+/// Checks a whole log's chain, and with `key` every keyed line's HMAC: an
+/// edit whose plain chain was recomputed without the key is named here.
+pub fn verify_keyed(
+    path: &Path,
+    key: Option<&AuditKey>,
+) -> Result<Result<Verified, Broken>, AuditError> {
     let file = File::open(path).map_err(|source| AuditError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let mut prev = GENESIS.to_owned();
     let mut seq = 0u64;
-    let mut n = 0;
+    let mut seen = Verified::default();
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let line_no = i + 1;
         let broken = |reason: String| {
@@ -230,11 +401,29 @@ pub fn verify(path: &Path) -> Result<Result<usize, Broken>, AuditError> {
                 rec.sha256
             ));
         }
+        match (&rec.hmac_sha256, key) {
+            (None, _) if seen.records > seen.unkeyed => {
+                return broken(
+                    "no hmac_sha256 after keyed lines: the line was rewritten without the key"
+                        .into(),
+                );
+            }
+            (None, _) => seen.unkeyed += 1,
+            (Some(_), None) => seen.unchecked += 1,
+            (Some(_), Some(k)) if !rec.mac_matches(k) => {
+                return broken(
+                    "hmac_sha256 does not match the line's content under the key: the line was \
+                     changed (or the key is not this node's)"
+                        .into(),
+                );
+            }
+            (Some(_), Some(_)) => {}
+        }
         prev = rec.sha256;
         seq = rec.seq;
-        n += 1;
+        seen.records += 1;
     }
-    Ok(Ok(n))
+    Ok(Ok(seen))
 }
 
 #[cfg(test)]
@@ -316,5 +505,141 @@ mod tests {
         log.append("acme", "gpu_memory", "alert", json!({}))
             .unwrap();
         assert_eq!(verify(&p).unwrap().unwrap_err().line, 3);
+    }
+
+    fn keyed_log(d: &Path, key: &AuditKey, n: usize) -> PathBuf {
+        let p = d.join("audit.log");
+        let mut log = AuditLog::open_keyed(&p, "node1", Some(key.clone())).unwrap();
+        for i in 0..n {
+            log.append("acme", "gpu_memory", "alert", json!({ "i": i }))
+                .unwrap();
+        }
+        p
+    }
+
+    fn records(p: &Path) -> Vec<Record> {
+        fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Rewrites the log, recomputing the plain chain from line `from`
+    /// (1-based) on, and each HMAC with `key` when given: what someone
+    /// without the key (`None`) or with it can do after an edit.
+    fn rechain(p: &Path, recs: &mut [Record], from: usize, key: Option<&AuditKey>) {
+        for i in from - 1..recs.len() {
+            if i > 0 {
+                recs[i].prev_sha256 = recs[i - 1].sha256.clone();
+            }
+            recs[i].sha256 = recs[i].digest();
+            if let Some(k) = key {
+                recs[i].hmac_sha256 = Some(recs[i].keyed_digest(k));
+            }
+        }
+        let out: String = recs
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap() + "\n")
+            .collect();
+        fs::write(p, out).unwrap();
+    }
+
+    #[test]
+    fn a_keyed_chain_verifies_with_its_key_and_links_without() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::generate().unwrap();
+        let p = keyed_log(d.path(), &key, 3);
+        assert!(records(&p).iter().all(|r| r.hmac_sha256.is_some()));
+        let all = Verified {
+            records: 3,
+            unkeyed: 0,
+            unchecked: 0,
+        };
+        assert_eq!(verify_keyed(&p, Some(&key)).unwrap(), Ok(all));
+        // Without the key: the plain chain, as before.
+        assert_eq!(verify(&p).unwrap(), Ok(3));
+        assert_eq!(verify_keyed(&p, None).unwrap().unwrap().unchecked, 3);
+        // Another node's key is not this one.
+        let other = AuditKey::generate().unwrap();
+        assert_eq!(verify_keyed(&p, Some(&other)).unwrap().unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn an_edit_rechained_without_the_key_is_named_and_with_it_passes() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::generate().unwrap();
+        let p = keyed_log(d.path(), &key, 4);
+        let mut recs = records(&p);
+        recs[1].tenant = "mallory".into();
+        rechain(&p, &mut recs, 2, None);
+        // The plain chain alone is fooled ...
+        assert_eq!(verify(&p).unwrap(), Ok(4));
+        // ... the key is not.
+        let broken = verify_keyed(&p, Some(&key)).unwrap().unwrap_err();
+        assert_eq!(broken.line, 2, "{broken}");
+        assert!(broken.reason.contains("under the key"), "{broken}");
+        // Whoever holds the key can rewrite history: that is what the key
+        // is for, so it stays secret.
+        rechain(&p, &mut recs, 2, Some(&key));
+        assert_eq!(verify_keyed(&p, Some(&key)).unwrap().unwrap().records, 4);
+    }
+
+    #[test]
+    fn stripping_the_hmac_after_keyed_lines_is_a_break() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::generate().unwrap();
+        let p = keyed_log(d.path(), &key, 3);
+        let mut recs = records(&p);
+        recs[2].tenant = "mallory".into();
+        recs[2].hmac_sha256 = None;
+        rechain(&p, &mut recs, 3, None);
+        for k in [None, Some(&key)] {
+            let broken = verify_keyed(&p, k).unwrap().unwrap_err();
+            assert_eq!(broken.line, 3, "{broken}");
+            assert!(broken.reason.contains("without the key"), "{broken}");
+        }
+    }
+
+    #[test]
+    fn an_old_unkeyed_log_continued_with_a_key_marks_the_old_lines() {
+        let (d, p) = log_with(2);
+        let key = AuditKey::generate().unwrap();
+        let mut log = AuditLog::open_keyed(&p, "node1", Some(key.clone())).unwrap();
+        log.append("acme", "quota", "quota_set", json!({})).unwrap();
+        let v = verify_keyed(&p, Some(&key)).unwrap().unwrap();
+        assert_eq!((v.records, v.unkeyed, v.unchecked), (3, 2, 0));
+        assert_eq!(verify(&p).unwrap(), Ok(3));
+        drop(d);
+    }
+
+    #[test]
+    fn the_key_file_is_made_private_once_and_read_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state/audit.key");
+        let (k1, made) = AuditKey::load_or_create(&p).unwrap();
+        assert!(made);
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (k2, made) = AuditKey::load_or_create(&p).unwrap();
+        assert!(!made);
+        assert_eq!(k1, k2);
+        assert_eq!(format!("{k1:?}"), "AuditKey(..)");
+        fs::write(&p, "abc\n").unwrap();
+        let e = AuditKey::load(&p).unwrap_err().to_string();
+        assert!(e.contains("audit.key") && e.contains("hex"), "{e}");
+        fs::write(&p, "# nothing\n").unwrap();
+        assert!(
+            AuditKey::load(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("no key")
+        );
+        assert!(
+            AuditKey::parse(&"ab".repeat(16))
+                .unwrap_err()
+                .contains("16 bytes")
+        );
     }
 }

@@ -4,8 +4,8 @@
 //! files ([`token`]) and the config-file primitives both roles' files are
 //! read with ([`config`]).
 //!
-//! It depends on serde and the standard library only (plus sha2 for the
-//! chain), so the agent, the aggregator, the fuzz targets and outside tools
+//! It depends on serde and the standard library only (plus sha2 and hmac for
+//! the chain), so the agent, the aggregator, the fuzz targets and outside tools
 //! can share it without pulling in either role.
 #![forbid(unsafe_code)]
 

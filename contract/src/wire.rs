@@ -336,6 +336,14 @@ impl Report {
                     p.push(format!("audit[{i}].{key} is not a hex SHA-256"));
                 }
             }
+            // A keyed record's HMAC (schemathesis: any value was stored).
+            if let Some(h) = a.rest.get("hmac_sha256")
+                && !h
+                    .as_str()
+                    .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                p.push(format!("audit[{i}].hmac_sha256 is not a hex HMAC-SHA256"));
+            }
             if let Some(t) = &a.tenant {
                 name(&mut p, &format!("audit[{i}].tenant"), t);
             }
@@ -422,6 +430,23 @@ mod tests {
         assert_eq!(a.rest["resource"], "gpu_memory");
         let again: AuditRecord = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
         assert_eq!(again, a);
+    }
+
+    /// schemathesis regression: an audit record's `hmac_sha256`, when
+    /// present, is 64 hex digits like the hashes.
+    #[test]
+    fn a_malformed_audit_hmac_is_refused() {
+        let mut r = sample();
+        let mut a: AuditRecord = serde_json::from_value(serde_json::json!({
+            "prev_sha256": GENESIS_SHA256, "sha256": GENESIS_SHA256, "hmac_sha256": ""
+        }))
+        .unwrap();
+        r.audit = vec![a.clone()];
+        let errs = r.validate().unwrap_err();
+        assert_eq!(errs, ["audit[0].hmac_sha256 is not a hex HMAC-SHA256"]);
+        a.rest["hmac_sha256"] = "ab".repeat(32).into();
+        r.audit = vec![a];
+        assert_eq!(r.validate(), Ok(()));
     }
 
     /// schemathesis regression (tests/e2e/tests/openapi.rs): integers the

@@ -77,9 +77,11 @@ pub(crate) fn main() -> ExitCode {
         Command::Aggregator(args) => commands::aggregator::run(args),
         Command::Report(args) => commands::report::run(args),
         Command::Run(args) => commands::run::run(args),
-        Command::Audit(commands::audit::AuditCommand::Verify { file }) => {
-            commands::audit::verify(&file)
-        }
+        Command::Audit(commands::audit::AuditCommand::Verify {
+            file,
+            key_file,
+            require_keyed,
+        }) => commands::audit::verify(&file, key_file.as_deref(), require_keyed),
         Command::Top(args) => commands::top::run(args),
         Command::Completions(args) => commands::completions::run(args, Cli::command()),
         Command::Man(args) => commands::man::run(args, Cli::command()),

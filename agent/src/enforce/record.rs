@@ -8,9 +8,9 @@ use std::{
 };
 
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use tally_contract::audit::AuditLog;
+use tally_contract::audit::{AuditKey, AuditLog};
 
 use super::quota::Quota;
 use crate::{paths, snapshot::EnforcementActionCount};
@@ -28,13 +28,14 @@ pub(crate) struct Recorder {
 }
 
 impl Recorder {
-    /// Opens `<state_dir>/audit.log`, unless there are no quotas and never
-    /// was a log. A log that cannot open is logged; nothing is audited then.
+    /// Opens `<state_dir>/audit.log`, keyed with `<state_dir>/audit.key`
+    /// (made when absent), unless there are no quotas and never was a log.
+    /// A log that cannot open is logged; nothing is audited then.
     pub(crate) fn open(state_dir: &Path, node: &str, no_quotas: bool) -> Recorder {
         let audit = if no_quotas && !paths::audit_log(state_dir).exists() {
             None
         } else {
-            match AuditLog::open(&paths::audit_log(state_dir), node) {
+            match AuditLog::open_keyed(&paths::audit_log(state_dir), node, audit_key(state_dir)) {
                 Ok(log) => Some(log),
                 Err(e) => {
                     warn!("enforcement actions will not be audited: {e}");
@@ -101,6 +102,24 @@ impl Recorder {
     pub(crate) fn audit_path(&self) -> Option<PathBuf> {
         let guard = self.audit.lock().unwrap_or_else(|e| e.into_inner());
         guard.as_ref().map(|l| l.path().to_path_buf())
+    }
+}
+
+/// The node's audit key; without one, lines are written unkeyed (and a
+/// verifier holding the key then names the first of them).
+fn audit_key(state_dir: &Path) -> Option<AuditKey> {
+    let path = paths::audit_key(state_dir);
+    match AuditKey::load_or_create(&path) {
+        Ok((key, made)) => {
+            if made {
+                info!(key = %path.display(), "made this node's audit key: give the aggregator a copy ([audit] node_keys)");
+            }
+            Some(key)
+        }
+        Err(e) => {
+            error!("audit lines will be written without a key: {e}");
+            None
+        }
     }
 }
 
@@ -175,6 +194,9 @@ mod tests {
         let log = rec.audit_path().unwrap();
         assert_eq!(actions(&log).len(), 3);
         assert_eq!(audit::verify(&log).unwrap(), Ok(3));
+        let key = audit::AuditKey::load(&d.path().join("audit.key")).unwrap();
+        let v = audit::verify_keyed(&log, Some(&key)).unwrap().unwrap();
+        assert_eq!((v.records, v.unkeyed), (3, 0));
     }
 
     #[test]

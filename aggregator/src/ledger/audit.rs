@@ -1,9 +1,11 @@
 //! The central audit store: each node's records with their hash chain
-//! checked on the way in, and read back by `GET /api/v1/audit`.
+//! (and, with the node's key, each record's HMAC) checked on the way in,
+//! and read back by `GET /api/v1/audit`.
 
 use tally_contract::wire::{AuditRecord, GENESIS_SHA256, Report};
 
 use super::{Ledger, LedgerError, i};
+use crate::audit_keys::{KeyFor, NodeKeys};
 
 /// One stored audit record.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -65,13 +67,14 @@ pub(crate) struct AuditQuery {
 }
 
 /// Stored in the ingest transaction of report `id`: its audit records,
-/// each checked against its node's chain. Returns why each record that
-/// does not follow the chain does not.
+/// each checked against its node's chain and key. Returns why each record
+/// that does not follow the chain does not.
 pub(super) async fn store(
     conn: &mut sqlx::AnyConnection,
     r: &Report,
     id: i64,
     end: i64,
+    keys: &NodeKeys,
 ) -> Result<Vec<String>, sqlx::Error> {
     let mut audit_breaks = Vec::new();
     if !r.audit.is_empty() {
@@ -80,8 +83,21 @@ pub(super) async fn store(
                 .bind(&r.node)
                 .fetch_optional(&mut *conn)
                 .await?;
+        // Whether the node's last stored record was keyed: an unkeyed one
+        // after it was rewritten by someone without the key.
+        let last: Option<String> =
+            sqlx::query_scalar("SELECT record FROM audit WHERE node = $1 ORDER BY id DESC LIMIT 1")
+                .bind(&r.node)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let mut keyed = last.is_some_and(|l| {
+            serde_json::from_str::<serde_json::Value>(&l)
+                .is_ok_and(|v| v.get("hmac_sha256").is_some())
+        });
+        let key = keys.get(&r.node);
         for a in &r.audit {
-            let problem = chain_problem(head.as_deref(), a);
+            let problem = chain_problem(head.as_deref(), keyed, a, &r.node, key);
+            keyed |= a.rest.contains_key("hmac_sha256");
             if let Some(p) = &problem {
                 audit_breaks.push(p.clone());
             }
@@ -146,10 +162,17 @@ fn audit_time(a: &AuditRecord) -> Option<u64> {
     })
 }
 
-/// Why `a` does not continue the chain whose last hash is `head`, if it
-/// does not. Records in the enforcement log's own format also have their
-/// content hash checked.
-fn chain_problem(head: Option<&str>, a: &AuditRecord) -> Option<String> {
+/// Why `a` does not continue the chain whose last hash is `head` (and
+/// whose last record was `keyed` or not), if it does not. Records in the
+/// enforcement log's own format also have their content hash checked, and
+/// their HMAC under `node`'s key when the aggregator holds it.
+fn chain_problem(
+    head: Option<&str>,
+    keyed: bool,
+    a: &AuditRecord,
+    node: &str,
+    key: KeyFor<'_>,
+) -> Option<String> {
     let link = match head {
         Some(h) if a.prev_sha256 != h => Some(format!(
             "chain break: prev_sha256 {} does not match the node's previous record {h}",
@@ -168,10 +191,126 @@ fn chain_problem(head: Option<&str>, a: &AuditRecord) -> Option<String> {
     let value = serde_json::to_value(a).ok()?;
     let native: tally_contract::audit::Record = serde_json::from_value(value).ok()?;
     let digest = native.digest();
-    (digest != a.sha256).then(|| {
-        format!(
+    if digest != a.sha256 {
+        return Some(format!(
             "content changed: sha256 {} does not match the record ({digest})",
             a.sha256
-        )
-    })
+        ));
+    }
+    match (&native.hmac_sha256, key) {
+        (None, _) if keyed => Some(
+            "no hmac_sha256 after keyed records from this node: the record was rewritten \
+             without the node's key"
+                .into(),
+        ),
+        (None, _) | (Some(_), KeyFor::NotConfigured) => None,
+        (Some(_), KeyFor::Missing) => Some(format!(
+            "keyed record, but [audit] node_keys holds no {node}.key: its HMAC is not checked"
+        )),
+        (Some(_), KeyFor::Key(k)) => (!native.mac_matches(k)).then(|| {
+            "content changed: hmac_sha256 does not match the record under the node's key \
+             (rewritten without the key, or the key is not this node's)"
+                .into()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tally_contract::audit::{AuditKey, AuditLog, Record};
+
+    use super::*;
+    use crate::ledger::ingest::{Ingested, tests::report};
+
+    /// `n` records of a log written with `key`, as the agent sends them.
+    fn records(key: Option<&AuditKey>, n: usize) -> Vec<Record> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.log");
+        let mut log = AuditLog::open_keyed(&p, "n1", key.cloned()).unwrap();
+        (0..n)
+            .map(|i| {
+                log.append("acme", "gpu_memory", "alert", json!({ "i": i }))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn wire(r: &Record) -> AuditRecord {
+        serde_json::from_value(serde_json::to_value(r).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn keyed_records_are_checked_with_the_nodes_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = AuditKey::load_or_create(&dir.path().join("audit.key")).unwrap();
+        std::fs::copy(dir.path().join("audit.key"), dir.path().join("n1.key")).unwrap();
+        std::fs::remove_file(dir.path().join("audit.key")).unwrap();
+        let keys = NodeKeys::load(dir.path()).unwrap();
+        let recs = records(Some(&key), 3);
+        let ok = |head: Option<&str>, keyed, r: &Record, k| {
+            chain_problem(head, keyed, &wire(r), "n1", k)
+        };
+        assert_eq!(ok(None, false, &recs[0], keys.get("n1")), None);
+        assert_eq!(
+            ok(Some(&recs[0].sha256), true, &recs[1], keys.get("n1")),
+            None
+        );
+
+        // An edit with the plain chain recomputed: what anyone can do.
+        let mut edited = recs[1].clone();
+        edited.tenant = "mallory".into();
+        edited.sha256 = edited.digest();
+        let p = ok(Some(&recs[0].sha256), true, &edited, keys.get("n1")).unwrap();
+        assert!(p.contains("hmac_sha256"), "{p}");
+        // Without [audit] node_keys only the plain chain is checked.
+        assert_eq!(
+            ok(Some(&recs[0].sha256), true, &edited, KeyFor::NotConfigured),
+            None
+        );
+        // A node whose key the aggregator lacks is named.
+        let p = ok(None, false, &recs[0], keys.get("n2")).unwrap();
+        assert!(p.contains("n1.key"), "{p}");
+        // Stripping the HMAC off after keyed records is a break.
+        edited.hmac_sha256 = None;
+        edited.sha256 = edited.digest();
+        let p = ok(Some(&recs[0].sha256), true, &edited, KeyFor::NotConfigured).unwrap();
+        assert!(p.contains("without the node's key"), "{p}");
+        // Old unkeyed records verify as before.
+        let old = records(None, 1);
+        assert_eq!(ok(None, false, &old[0], keys.get("n1")), None);
+    }
+
+    #[tokio::test]
+    async fn an_unkeyed_record_after_stored_keyed_ones_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url, 1).await.unwrap();
+        let key = AuditKey::generate().unwrap();
+        let recs = records(Some(&key), 2);
+        let mut r = report("n1", 1);
+        r.audit = vec![wire(&recs[0])];
+        let keys = NodeKeys::default();
+        let stored = ledger.ingest_checked(&r, &r.digest(), 1, &keys).await;
+        assert_eq!(
+            stored.unwrap(),
+            Ingested::Stored {
+                audit_breaks: vec![]
+            }
+        );
+        let mut stripped = recs[1].clone();
+        stripped.hmac_sha256 = None;
+        stripped.sha256 = stripped.digest();
+        let mut r = report("n1", 2);
+        r.audit = vec![wire(&stripped)];
+        let Ingested::Stored { audit_breaks } = ledger
+            .ingest_checked(&r, &r.digest(), 2, &keys)
+            .await
+            .unwrap()
+        else {
+            panic!("not stored")
+        };
+        assert_eq!(audit_breaks.len(), 1, "{audit_breaks:?}");
+        assert!(audit_breaks[0].contains("without the node's key"));
+    }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use tally_contract::wire::Report;
 
 use super::{Ledger, LedgerError, audit, cluster, i, totals::TenantTotals};
+use crate::audit_keys::NodeKeys;
 
 /// What happened to an ingested report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,12 +20,27 @@ pub(crate) enum Ingested {
 }
 
 impl Ledger {
-    /// Stores `r` exactly once (see the module docs).
+    /// Stores `r` exactly once (see the module docs), holding no audit
+    /// keys.
+    #[cfg(test)]
     pub(crate) async fn ingest(
         &self,
         r: &Report,
         digest: &str,
         received_ms: i64,
+    ) -> Result<Ingested, LedgerError> {
+        self.ingest_checked(r, digest, received_ms, &NodeKeys::default())
+            .await
+    }
+
+    /// Stores `r` exactly once (see the module docs), its audit records
+    /// checked with the nodes' `keys`.
+    pub(crate) async fn ingest_checked(
+        &self,
+        r: &Report,
+        digest: &str,
+        received_ms: i64,
+        keys: &NodeKeys,
     ) -> Result<Ingested, LedgerError> {
         let mut tx = self.pool.begin().await?;
         let id: Option<i64> = sqlx::query_scalar(
@@ -189,7 +205,7 @@ impl Ledger {
         .execute(&mut *tx)
         .await?;
 
-        let audit_breaks = audit::store(&mut tx, r, id, end).await?;
+        let audit_breaks = audit::store(&mut tx, r, id, end, keys).await?;
         cluster::store(&mut tx, r, end).await?;
         tx.commit().await?;
         Ok(Ingested::Stored { audit_breaks })
@@ -197,7 +213,7 @@ impl Ledger {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use tally_contract::wire::{AuditRecord, GENESIS_SHA256, GpuUsage, IoUsage, SCHEMA_VERSION};
 
     use super::*;

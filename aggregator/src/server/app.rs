@@ -1,16 +1,19 @@
 //! What every handler shares: the application state and the error
 //! responses.
 
+use std::sync::{Arc, Mutex, RwLock};
+
 use hyper::{
     Request, Response, StatusCode,
     body::Incoming,
-    header::{HeaderValue, WWW_AUTHENTICATE},
+    header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE},
 };
 use serde_json::json;
 
 use crate::{
+    audit_keys::NodeKeys,
     auth::{AuthError, Tokens},
-    config::{Prices, Role, SchedulerSection},
+    config::{Prices, Role, SchedulerSection, TokenSpec},
     http::{self, Body},
     ledger::Ledger,
     metrics::Metrics,
@@ -21,6 +24,10 @@ use crate::{
 pub(crate) struct App {
     pub ledger: Ledger,
     pub tokens: Tokens,
+    /// Where the tokens come from, to read them again on reload.
+    pub token_specs: Mutex<Vec<TokenSpec>>,
+    /// The nodes' audit keys; replaced whole on reload.
+    pub audit_keys: RwLock<Arc<NodeKeys>>,
     pub prices: Prices,
     pub max_body: u64,
     pub metrics: Metrics,
@@ -32,7 +39,8 @@ pub(crate) fn problem(status: StatusCode, reason: impl Into<String>) -> Response
     http::json(status, &json!({ "error": reason.into() }))
 }
 
-/// 401 (with `WWW-Authenticate: Bearer`) or 403.
+/// 401 (with `WWW-Authenticate: Bearer`), 403, or 429 (with
+/// `Retry-After`).
 pub(crate) fn auth_error(e: AuthError) -> Response<Body> {
     match e {
         AuthError::Unauthenticated => {
@@ -42,6 +50,12 @@ pub(crate) fn auth_error(e: AuthError) -> Response<Body> {
             r
         }
         AuthError::Forbidden { .. } => problem(StatusCode::FORBIDDEN, e.to_string()),
+        AuthError::RateLimited { retry_after_s } => {
+            let mut r = problem(StatusCode::TOO_MANY_REQUESTS, e.to_string());
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after_s));
+            r
+        }
     }
 }
 

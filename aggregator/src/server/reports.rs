@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use super::app::{App, auth_error, problem};
 use crate::{
+    auth::AuthError,
     http::{self, Body},
     ledger::ingest::Ingested,
     metrics::NodeLabel,
@@ -33,6 +34,10 @@ pub(super) async fn ingest(req: Request<Incoming>, app: &App) -> Response<Body> 
 async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
     let role = match app.tokens.authenticate(req.headers()) {
         Ok(r) => r,
+        Err(e @ AuthError::RateLimited { .. }) => {
+            app.metrics.report("rate_limited");
+            return auth_error(e);
+        }
         Err(e) => {
             app.metrics.report("unauthorized");
             return auth_error(e);
@@ -119,7 +124,16 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
     if let Some(skew_ms) = skew_ms {
         refile(app, &mut report, skew_ms);
     }
-    match app.ledger.ingest(&report, &digest, received_ms).await {
+    let keys = app
+        .audit_keys
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match app
+        .ledger
+        .ingest_checked(&report, &digest, received_ms, &keys)
+        .await
+    {
         Ok(Ingested::Stored { audit_breaks }) => {
             app.metrics.report("stored");
             if !audit_breaks.is_empty() {

@@ -1,5 +1,5 @@
 //! `tally aggregator`: the ledger, chargeback and cluster API, served
-//! until SIGINT/SIGTERM.
+//! until SIGINT/SIGTERM; SIGHUP rereads the token files and audit keys.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -33,6 +33,7 @@ pub(crate) fn run(args: AggregatorArgs) -> ExitCode {
         let shutdown = signal::shutdown_token()?;
         let listener = serve::bind(listen).await?;
         let aggregator = Aggregator::start(&config, shutdown.clone()).await?;
+        signal::on_hangup(aggregator.reloader(), shutdown.clone())?;
         tracing::info!(%listen, "aggregator listening");
         tokio::spawn(notify::aggregator(shutdown.clone()));
         serve::serve(listener, aggregator.tls(), aggregator.route(), shutdown).await;

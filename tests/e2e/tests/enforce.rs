@@ -614,6 +614,27 @@ pids = 100
     drop(agent);
     let log = env.audit_log();
     verify_audit(&log);
+    // The agent made its key (0600) and signed every line with it.
+    let key = log.with_file_name("audit.key");
+    let mode = fs::metadata(&key)
+        .expect("the agent's audit key")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let out = Command::new(tally_bin())
+        .args(["audit", "verify", "--require-keyed", "--key-file"])
+        .arg(&key)
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the agent's log does not verify with its key: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let text = fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
