@@ -33,6 +33,9 @@ pub struct Launch {
     pub ready_within: Duration,
     /// More environment for the agent (e.g. a preloaded shim).
     pub env: Vec<(&'static str, PathBuf)>,
+    /// A cgroup v2 directory the agent starts in (as a systemd unit's
+    /// does); `None`: ours.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Default for Launch {
@@ -44,6 +47,7 @@ impl Default for Launch {
             log_level: "info".into(),
             ready_within: Duration::from_secs(30),
             env: Vec::new(),
+            cgroup: None,
         }
     }
 }
@@ -81,7 +85,19 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let log = node.dir.path().join(unique("agent") + ".log");
-        let mut cmd = Command::new(&how.tally);
+        let mut cmd = match &how.cgroup {
+            // A shell moves itself in, then execs the agent: it never runs
+            // outside the cgroup.
+            Some(dir) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.arg("-c")
+                    .arg("echo $$ > \"$0\" && exec \"$@\"")
+                    .arg(dir.join("cgroup.procs"))
+                    .arg(&how.tally);
+                sh
+            }
+            None => Command::new(&how.tally),
+        };
         cmd.arg("agent")
             .arg("--config")
             .arg(config)

@@ -131,6 +131,7 @@ impl Ctx {
             log_level: "warn".into(),
             ready_within,
             env: Vec::new(),
+            cgroup: None,
         }
     }
 }
