@@ -69,4 +69,13 @@ fn the_demo_shows_the_whole_system_when_piped() {
         .and_then(|t| t.trim().parse().ok())
         .unwrap_or_else(|| panic!("no total in the summary:\n{summary}"));
     assert!(total > 0.0, "a zero chargeback:\n{summary}");
+    // Only the demo's tenants: nothing else on the machine leaks in.
+    let table = summary.split("\n\n").next().unwrap_or_default();
+    for line in table.lines().skip(2) {
+        let tenant = line.split_whitespace().next().unwrap_or_default();
+        assert!(
+            ["_idle", "_unattributed", "acme", "beta", "gamma", "total"].contains(&tenant),
+            "a tenant that is not the demo's: {line:?} in\n{table}"
+        );
+    }
 }

@@ -89,13 +89,19 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     // Tenant cgroups on every hierarchy beneath ours; removed on drop.
     let tenants = TenantEnv::named("tally-demo");
     let pin = PinDir::new();
+    let tree = tenants
+        .layout
+        .unified
+        .as_ref()
+        .map(|h| format!("{}/{}", h.own.trim_end_matches('/'), tenants.parent))
+        .unwrap_or_default();
     let config = run_dir.join("tally.toml");
     let state_dir = run_dir.join("agent-state");
     fs::write(
         &config,
         script::agent_config(
             &state_dir,
-            &tenants.parent,
+            (&tree, &tenants.parent),
             &agg.url(),
             &agg_dir.join("agent.token"),
             &pin.0,

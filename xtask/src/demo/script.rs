@@ -52,12 +52,14 @@ pcie_max_kbps = 100000
 /// beta's GPU-memory quota: its two jobs hold 56 GiB, so it is throttled.
 pub(crate) const BETA_GPU_MEMORY_GIB: u64 = 32;
 
-/// The agent's config: tenants are the second component under `tally/`,
-/// state thresholds short enough to be seen within a minute, reports to
-/// the aggregator every 2 s.
+/// The agent's config: tenants are the component under `<tree>/tally/`
+/// (`tree`: the v2 path of the demo's cgroup parent, so that tenant
+/// cgroups of anything else on the machine stay out of the demo), state
+/// thresholds short enough to be seen within a minute, reports to the
+/// aggregator every 2 s.
 pub(crate) fn agent_config(
     state_dir: &Path,
-    cgroup_parent: &str,
+    (tree, cgroup_parent): (&str, &str),
     aggregator: &str,
     token_file: &Path,
     pin_dir: &Path,
@@ -85,7 +87,7 @@ cuda_libs = ["{cuda}"]
 cgroup_parent = "{cgroup_parent}"
 
 [[tenant.rule]]
-cgroup = '/tally/(?P<tenant>[^/]+)/'
+cgroup = '^{tree}/tally/(?P<tenant>[^/]+)/'
 
 [[tenant.rule]]
 user = true
