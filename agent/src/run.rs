@@ -91,6 +91,8 @@ impl Agent {
     /// and `/readyz` says so; `/healthz` and `/metrics` are served.
     pub fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Agent> {
         info!(listen = %settings.listen, node = %settings.node, "agent serving /metrics, /healthz, /readyz, /api/v1/snapshot");
+        // Before any tenant cgroup is made: out of a delegated root.
+        crate::enforce::cgroup::delegate::settle();
         let (tx, latest) = watch::channel(Arc::new(Snapshot {
             node: settings.node.clone(),
             ..Default::default()

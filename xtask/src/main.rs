@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Run every test (unit, end-to-end, root ones, ops checks) and the lints.
     Test(test::Options),
-    /// Start the agent on a simulated node with three tenants and show them live.
+    /// Show the whole system live: a simulated node with tenants in real cgroups, the agent, an aggregator.
     Demo(demo::Options),
     /// Measure footprint, probe cost, scrape, ingest and chargeback; write BENCHMARKS.md.
     Bench(bench::Options),

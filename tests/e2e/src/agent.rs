@@ -37,6 +37,9 @@ pub struct Launch {
     pub env: Vec<(&'static str, PathBuf)>,
     /// A network namespace to run it in (`crate::netns`).
     pub netns: Option<String>,
+    /// A cgroup v2 directory the agent starts in (as a systemd unit's
+    /// does); `None`: ours.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Default for Launch {
@@ -49,6 +52,7 @@ impl Default for Launch {
             ready_within: Duration::from_secs(30),
             env: Vec::new(),
             netns: None,
+            cgroup: None,
         }
     }
 }
@@ -86,13 +90,28 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let log = node.dir.path().join(unique("agent") + ".log");
-        let mut cmd = match &how.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&how.tally);
+        // In a network namespace: `ip netns exec NS tally …`.
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &how.netns {
+            argv.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
+        }
+        argv.push(how.tally.clone().into());
+        let mut cmd = match &how.cgroup {
+            // A shell moves itself in, then execs the agent: it never runs
+            // outside the cgroup.
+            Some(dir) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.arg("-c")
+                    .arg("echo $$ > \"$0\" && exec \"$@\"")
+                    .arg(dir.join("cgroup.procs"))
+                    .args(&argv);
+                sh
+            }
+            None => {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]);
                 c
             }
-            None => Command::new(&how.tally),
         };
         cmd.arg("agent")
             .arg("--config")

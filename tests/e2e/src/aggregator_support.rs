@@ -315,7 +315,8 @@ impl Aggregator {
         format!("http://{}", self.addr)
     }
 
-    fn log(&self) -> PathBuf {
+    /// The log of the running (or last) process.
+    pub fn log(&self) -> PathBuf {
         self.dir.join(format!("aggregator-{}.log", self.log_n))
     }
 

@@ -25,8 +25,13 @@ pub struct TenantEnv {
 
 impl TenantEnv {
     pub fn new() -> TenantEnv {
+        Self::named("e2e-enf")
+    }
+
+    /// A tree whose parent is named `<prefix>-<pid>-<n>`.
+    pub fn named(prefix: &str) -> TenantEnv {
         TenantEnv {
-            parent: unique("e2e-enf"),
+            parent: unique(prefix),
             layout: Layout::detect().expect("cgroup layout"),
             dir: tempfile::tempdir().expect("tempdir"),
         }

@@ -134,6 +134,7 @@ impl Ctx {
             ready_within,
             env: Vec::new(),
             netns: None,
+            cgroup: None,
         }
     }
 }

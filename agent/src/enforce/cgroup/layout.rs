@@ -8,7 +8,10 @@ use std::{
 
 use procfs::process::MountInfos;
 
-use super::files::{CgroupError, io_err};
+use super::{
+    delegate,
+    files::{CgroupError, io_err},
+};
 use crate::{
     cgroupfs::{self, Cgroups},
     paths::{PROC_SELF_CGROUP, PROC_SELF_MOUNTINFO},
@@ -23,7 +26,9 @@ pub struct Hierarchy {
     pub mount_root: String,
     /// v1 controllers of this mount; empty for the v2 hierarchy.
     pub controllers: Vec<String>,
-    /// This process's cgroup path in the hierarchy.
+    /// This process's cgroup path in the hierarchy; from
+    /// [`Layout::detect`] on v2, the delegated root when the process sits
+    /// in its leaf (see `delegate`).
     pub own: String,
 }
 
@@ -65,7 +70,14 @@ impl Layout {
     pub fn detect() -> Result<Layout, CgroupError> {
         let mounts = cgroupfs::own_mounts().map_err(io_err(Path::new(PROC_SELF_MOUNTINFO)))?;
         let own = Cgroups::own().map_err(io_err(Path::new(PROC_SELF_CGROUP)))?;
-        let layout = Self::from_mounts(&mounts, &own);
+        let mut layout = Self::from_mounts(&mounts, &own);
+        // In the leaf of a delegated cgroup, the delegated root is ours.
+        if let Some(h) = layout.unified.as_mut()
+            && let Some(root) =
+                delegate::delegated_root(&h.own, |p| delegate::is_delegated(&h.dir(p)))
+        {
+            h.own = root;
+        }
         if layout.unified.is_none() && layout.v1.is_empty() {
             return Err(CgroupError::NoHierarchy);
         }

@@ -15,8 +15,10 @@
 //!
 //! Cgroups are only ever made beneath the configured parent, by default the
 //! process's own cgroup on each hierarchy (`/proc/self/cgroup`), never beside
-//! or above it.
+//! or above it. In a delegated v2 cgroup the agent sits in a leaf of it and
+//! the delegated root is its "own" cgroup ([`delegate`]).
 
+pub mod delegate;
 mod files;
 mod freezer;
 mod layout;
