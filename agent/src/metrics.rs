@@ -381,7 +381,7 @@ fn encode_workloads(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<()
         for p in &g.processes {
             let Some(w) = &p.workload else { continue };
             let labels = [
-                ("tenant", p.tenant.clone()),
+                ("tenant", p.tenant.to_string()),
                 ("namespace", w.namespace.clone()),
                 ("pod", w.pod.clone()),
                 ("container", w.container.clone()),
