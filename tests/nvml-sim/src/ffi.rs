@@ -173,11 +173,17 @@ pub(crate) fn with_view(
 /// its GPU, if any, is lifted.
 fn with_handle(device: Device, f: impl FnOnce(&mut Sim, Handle) -> Result<(), Code>) -> Ret {
     guard(|| {
-        wait_while_hung(device)?;
-        let mut driver = driver();
-        let sim = driver.sim()?;
-        let h = sim.resolve(device as usize)?;
-        f(sim, h)
+        loop {
+            {
+                let mut driver = driver();
+                let sim = driver.sim()?;
+                let h = sim.resolve(device as usize)?;
+                if !sim.hung(h.gpu()) {
+                    return f(sim, h);
+                }
+            }
+            wait_while_hung(device)?;
+        }
     })
 }
 
@@ -190,15 +196,12 @@ const HANG_POLL: Duration = Duration::from_millis(20);
 /// stuck on one device. Returns once the marker is removed.
 fn wait_while_hung(device: Device) -> Result<(), Code> {
     loop {
-        let marker = {
-            let mut driver = driver();
-            let sim = driver.sim()?;
-            let h = sim.resolve(device as usize)?;
-            sim.hang_marker(h.gpu())
-        };
-        match marker {
-            Some(path) if path.exists() => sleep(HANG_POLL),
-            _ => return Ok(()),
+        sleep(HANG_POLL);
+        let mut driver = driver();
+        let sim = driver.sim()?;
+        let h = sim.resolve(device as usize)?;
+        if !sim.hung(h.gpu()) {
+            return Ok(());
         }
     }
 }
@@ -590,14 +593,6 @@ device_getters! {
 
     fn nvmlDeviceGetPowerUsage() -> c_uint = |v| v.physical()?.power_mw as c_uint;
 
-    fn nvmlDeviceGetTotalEnergyConsumption() -> c_ulonglong = |v| {
-        let v = v.physical()?;
-        if !v.gpu.energy_counter {
-            return Err(code::NOT_SUPPORTED);
-        }
-        v.energy_mj
-    };
-
     fn nvmlDeviceGetEnforcedPowerLimit() -> c_uint = |v| v.physical()?.gpu.power_max_mw as c_uint;
 
     /// Only NVML_TEMPERATURE_GPU (0).
@@ -664,6 +659,23 @@ device_getters! {
         v.physical()?;
         16
     };
+}
+
+/// mJ since the state directory's first query of the GPU.
+#[unsafe(no_mangle)]
+pub(crate) unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
+    device: Device,
+    energy: *mut c_ulonglong,
+) -> Ret {
+    with_view(device, |sim, v| {
+        let v = v.physical()?;
+        if !v.gpu.energy_counter {
+            return Err(code::NOT_SUPPORTED);
+        }
+        let mj = sim.energy_mj(v.gpu.index, v.power_mw)?;
+        // SAFETY: NVML contract (module docs).
+        unsafe { put(energy, mj) }
+    })
 }
 
 // Every simulated GPU runs at its maximum power limit.

@@ -13,6 +13,7 @@
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
+mod energy;
 #[allow(unsafe_code)] // the extern "C" exports; every unsafe block says why it holds
 mod ffi;
 #[allow(unsafe_code)] // GPM's extern "C" exports, as in `ffi`
@@ -22,5 +23,6 @@ mod health;
 pub mod scenario;
 mod sim;
 pub mod state;
+mod watch;
 
 pub use state::{Health, ProcKind, Registration, XidFault, register, unregister};

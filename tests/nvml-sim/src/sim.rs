@@ -1,19 +1,20 @@
-//! The simulated driver: device handles, the state directory read on every
-//! call, derived readings (utilization, power, energy, temperature, PCIe)
-//! and XID delivery. Safe Rust; `ffi` turns it into NVML's C API.
+//! The simulated driver: device handles, derived readings (utilization,
+//! power, energy, temperature, PCIe) from the state directory as `watch`
+//! keeps it, and XID delivery. Safe Rust; `ffi` turns it into NVML's C API.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs,
-    io::{Read, Seek, Write},
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard, PoisonError},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
+    energy::Energy,
     scenario::{self, COMPUTE_SLICES, Gpu, MigInstance, Scenario},
     state::{self, Registration, XidFault},
+    watch::Watched,
 };
 
 /// Most GPUs a scenario may have (handles encode the index in 12 bits).
@@ -119,9 +120,6 @@ pub(crate) struct View {
     pub power_mw: u64,
     /// What the GPU reports about its own health (`health/<index>.toml`).
     pub health: state::Health,
-    /// Energy integral of the physical GPU, mJ (answered only when the
-    /// scenario gives the GPU an energy counter).
-    pub energy_mj: u64,
 }
 
 impl View {
@@ -199,14 +197,6 @@ pub(crate) struct Sample {
     pub mem_pct: u32,
 }
 
-/// Energy integral kept in memory when there is no state directory.
-#[derive(Debug, Clone, Copy)]
-struct Energy {
-    last_ns: u128,
-    picojoules: u128,
-    power_mw: u64,
-}
-
 /// An event set: which GPUs registered which event types.
 #[derive(Debug, Default)]
 struct EventSet {
@@ -226,9 +216,9 @@ pub(crate) struct Event {
 pub(crate) struct Sim {
     scenario: Scenario,
     state: Option<PathBuf>,
-    /// Bad state files already reported: (path, mtime).
-    reported: HashSet<(PathBuf, Option<SystemTime>)>,
-    energy_mem: HashMap<u32, Energy>,
+    /// The state directory as last read (with a state directory).
+    watched: Option<Watched>,
+    energy: Energy,
     event_sets: HashMap<usize, EventSet>,
     next_set: usize,
     /// Allocated GPM samples by id (`crate::gpm`); `None` until filled.
@@ -278,11 +268,14 @@ impl Driver {
         let state = std::env::var_os(state::STATE_ENV)
             .filter(|s| !s.is_empty())
             .map(PathBuf::from);
+        let watched = state
+            .clone()
+            .map(|dir| Watched::new(dir, scenario.gpus.len()));
         self.sim = Some(Sim {
+            energy: Energy::new(state.clone()),
+            watched,
             scenario,
             state,
-            reported: HashSet::new(),
-            energy_mem: HashMap::new(),
             event_sets: HashMap::new(),
             next_set: 0,
             gpm_samples: HashMap::new(),
@@ -364,100 +357,30 @@ impl Sim {
         Err(code::NOT_FOUND)
     }
 
-    /// The `hang/<gpu>` marker to watch, when there is a state directory.
-    pub(crate) fn hang_marker(&self, gpu: u32) -> Option<PathBuf> {
-        self.state.as_deref().map(|dir| state::hang_file(dir, gpu))
+    /// Brings the copy of the state directory up to date.
+    fn refresh(&mut self) {
+        if let Some(w) = &mut self.watched {
+            w.refresh(&self.scenario);
+        }
     }
 
-    /// Returns GPU_IS_LOST when `lost/<gpu>` exists.
-    pub(crate) fn check_lost(&self, gpu: u32) -> Result<(), Code> {
-        match &self.state {
-            Some(dir) if state::lost_file(dir, gpu).exists() => Err(code::GPU_IS_LOST),
+    /// Whether `hang/<gpu>` exists now.
+    pub(crate) fn hung(&mut self, gpu: u32) -> bool {
+        self.refresh();
+        self.watched.as_ref().is_some_and(|w| w.hung(gpu))
+    }
+
+    /// Returns GPU_IS_LOST when `lost/<gpu>` exists now.
+    pub(crate) fn check_lost(&mut self, gpu: u32) -> Result<(), Code> {
+        self.refresh();
+        self.lost_as_read(gpu)
+    }
+
+    fn lost_as_read(&self, gpu: u32) -> Result<(), Code> {
+        match &self.watched {
+            Some(w) if w.lost(gpu) => Err(code::GPU_IS_LOST),
             _ => Ok(()),
         }
-    }
-
-    fn report_once(&mut self, path: &Path, problem: &str) {
-        let mtime = fs::metadata(path).and_then(|m| m.modified()).ok();
-        if self.reported.insert((path.to_owned(), mtime)) {
-            eprintln!("nvml-sim: {}: {problem}; ignored", path.display());
-        }
-    }
-
-    /// Live, valid registrations on `gpu`, sorted by pid.
-    fn procs_on(&mut self, gpu: &Gpu) -> Vec<Proc> {
-        let Some(dir) = self.state.clone() else {
-            return Vec::new();
-        };
-        let Ok(entries) = fs::read_dir(state::procs_dir(&dir)) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            // Temporary files of atomic writes start with '.'.
-            if name.starts_with('.') {
-                continue;
-            }
-            let Some(pid) = name.strip_suffix(".toml") else {
-                continue;
-            };
-            let Ok(pid) = pid.parse::<u32>() else {
-                self.report_once(&path, "file name is not <pid>.toml");
-                continue;
-            };
-            // Zombies keep their /proc entry and stay visible, as a process
-            // holding GPU memory would.
-            if !Path::new("/proc").join(pid.to_string()).exists() {
-                continue;
-            }
-            let Ok(text) = fs::read_to_string(&path) else {
-                continue;
-            };
-            match self.parse_registration(&text) {
-                Ok(reg) if reg.gpu == gpu.index => {
-                    let (gi, ci) = match (reg.mig, &gpu.mig) {
-                        (Some(m), Some(mig)) => {
-                            let inst = &mig[m as usize];
-                            (inst.gpu_instance_id, inst.compute_instance_id)
-                        }
-                        _ => (NO_INSTANCE, NO_INSTANCE),
-                    };
-                    out.push(Proc {
-                        pid,
-                        reg,
-                        gpu_instance_id: gi,
-                        compute_instance_id: ci,
-                    });
-                }
-                Ok(_) => {}
-                Err(problem) => self.report_once(&path, &problem),
-            }
-        }
-        out.sort_by_key(|p| p.pid);
-        out
-    }
-
-    /// GPU `index`'s health signals; a bad file is reported once and read
-    /// as healthy.
-    fn health_of(&mut self, index: u32) -> state::Health {
-        let Some(dir) = &self.state else {
-            return state::Health::default();
-        };
-        let path = state::health_file(dir, index);
-        let Ok(text) = fs::read_to_string(&path) else {
-            return state::Health::default();
-        };
-        state::parse_health(&text).unwrap_or_else(|problem| {
-            self.report_once(&path, &problem);
-            state::Health::default()
-        })
-    }
-
-    fn parse_registration(&self, text: &str) -> Result<Registration, String> {
-        state::parse_registration(&self.scenario, text)
     }
 
     /// Reads the state for the device behind `h`, advances the GPU's energy
@@ -465,7 +388,10 @@ impl Sim {
     pub(crate) fn observe(&mut self, h: Handle) -> Result<View, Code> {
         let gpu = self.gpu(h.gpu())?.clone();
         self.check_lost(gpu.index)?;
-        let all = self.procs_on(&gpu);
+        let all = match &mut self.watched {
+            Some(w) => w.procs_on(gpu.index, &self.scenario),
+            None => Vec::new(),
+        };
         let inst_util = |m: u32| {
             all.iter()
                 .filter(|p| p.reg.mig == Some(m))
@@ -490,7 +416,11 @@ impl Sim {
             .min(1.0);
         let power_mw = gpu.power_idle_mw
             + ((gpu.power_max_mw - gpu.power_idle_mw) as f64 * gpu_util).round() as u64;
-        let energy_mj = self.advance_energy(gpu.index, power_mw)?;
+        let reset = self
+            .watched
+            .as_ref()
+            .is_some_and(|w| w.reset_pending(gpu.index));
+        self.energy.advance(gpu.index, power_mw, reset)?;
         let (mig, procs, mem_total_mib) = match h {
             Handle::Gpu(_) => (None, all, gpu.memory_mib),
             Handle::Mig(_, m) => {
@@ -502,7 +432,11 @@ impl Sim {
             }
         };
         let used: u64 = procs.iter().map(|p: &Proc| p.reg.memory_mib).sum();
-        let health = self.health_of(gpu.index);
+        let health = self
+            .watched
+            .as_ref()
+            .map(|w| w.health(gpu.index))
+            .unwrap_or_default();
         Ok(View {
             health,
             mem_used_mib: used.min(mem_total_mib),
@@ -513,79 +447,12 @@ impl Sim {
             gpu_mem_util,
             mem_total_mib,
             power_mw,
-            energy_mj,
         })
     }
 
-    /// Advances the energy integral of `gpu` to now with the power stored at
-    /// the previous update (left Riemann sum), stores `power_mw` for the next
-    /// interval and returns the total in mJ. With a state directory the
-    /// integral lives in `.energy/<gpu>` under an exclusive lock, so every
-    /// process that loads the simulator sees one monotonic counter.
-    fn advance_energy(&mut self, gpu: u32, power_mw: u64) -> Result<u64, Code> {
-        let step = |prev: Option<Energy>, now: u128| match prev {
-            None => Energy {
-                last_ns: now,
-                picojoules: 0,
-                power_mw,
-            },
-            Some(e) => Energy {
-                last_ns: e.last_ns.max(now),
-                picojoules: e.picojoules + u128::from(e.power_mw) * now.saturating_sub(e.last_ns),
-                power_mw,
-            },
-        };
-        let to_mj = |e: Energy| (e.picojoules / 1_000_000_000) as u64;
-        let Some(dir) = &self.state else {
-            let e = step(self.energy_mem.get(&gpu).copied(), now_ns());
-            self.energy_mem.insert(gpu, e);
-            return Ok(to_mj(e));
-        };
-        let path = state::energy_file(dir, gpu);
-        let e = (|| -> std::io::Result<Energy> {
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            let mut f = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
-            f.lock()?;
-            let mut text = String::new();
-            f.read_to_string(&mut text)?;
-            let nums: Vec<u128> = text
-                .split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect();
-            let prev = match nums[..] {
-                [last_ns, picojoules, power] => Some(Energy {
-                    last_ns,
-                    picojoules,
-                    power_mw: u64::try_from(power).unwrap_or(0),
-                }),
-                _ => None,
-            };
-            // Read the clock under the lock so updates are ordered.
-            let mut e = step(prev, now_ns());
-            // A driver reload: the counter restarts from 0, once per marker.
-            let reset = state::reset_file(dir, gpu);
-            if reset.exists() && fs::remove_file(&reset).is_ok() {
-                e.picojoules = 0;
-            }
-            f.set_len(0)?;
-            f.rewind()?;
-            writeln!(f, "{} {} {}", e.last_ns, e.picojoules, e.power_mw)?;
-            Ok(e)
-        })();
-        match e {
-            Ok(e) => Ok(to_mj(e)),
-            Err(err) => {
-                eprintln!("nvml-sim: {}: {err}", path.display());
-                Err(code::UNKNOWN)
-            }
-        }
+    /// GPU `gpu`'s energy counter, mJ, right after `observe` read `power_mw`.
+    pub(crate) fn energy_mj(&mut self, gpu: u32, power_mw: u64) -> Result<u64, Code> {
+        self.energy.read_mj(gpu, power_mw)
     }
 
     /// Per-process samples newer than `last_seen_us`. Samples are taken once
@@ -684,7 +551,10 @@ impl Sim {
             let fault: XidFault = match state::parse_xid(&self.scenario, &text) {
                 Ok(f) => f,
                 Err(problem) => {
-                    self.report_once(&path, &problem);
+                    if let Some(w) = &mut self.watched {
+                        let mtime = fs::metadata(&path).and_then(|m| m.modified()).ok();
+                        w.report_once(&path, mtime, &problem);
+                    }
                     continue;
                 }
             };

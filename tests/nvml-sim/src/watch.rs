@@ -1,0 +1,425 @@
+//! The state directory as last read — registrations, `lost/`, `hang/`,
+//! `reset/` markers and `health/` files — re-read only where inotify says
+//! something changed, so a device query costs one `read` of the inotify
+//! descriptor instead of a walk of `procs/` and a parse of every file.
+//!
+//! inotify reports a change before the writing syscall returns, so whatever
+//! a test or workload wrote before a query is seen by that query, however
+//! fine or coarse the file system's timestamps are, and a file rewritten in
+//! place is seen as well as one replaced by a rename. Without inotify (the
+//! state directory did not exist at init, or the per-user instance limit
+//! is reached) every refresh re-reads everything, as the simulator first did.
+//!
+//! Liveness is not a file-system event: whether `/proc/<pid>` still exists
+//! is asked on every query with `kill(pid, 0)`, one cheap syscall per
+//! registration of the queried GPU (zombies answer, reaped processes do not).
+
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::OsString,
+    fs,
+    mem::MaybeUninit,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use rustix::{
+    fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags},
+    io::Errno,
+    process::{Pid, test_kill_process},
+};
+
+use crate::{
+    scenario::Scenario,
+    sim::{NO_INSTANCE, Proc},
+    state::{self, Health, Registration},
+};
+
+/// A part of the state directory, re-read as a whole when it changes
+/// (except `procs/`, re-read file by file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Area {
+    Procs,
+    Lost,
+    Hang,
+    Health,
+    Reset,
+}
+
+const AREAS: [Area; 5] = [
+    Area::Procs,
+    Area::Lost,
+    Area::Hang,
+    Area::Health,
+    Area::Reset,
+];
+
+impl Area {
+    fn dir_name(self) -> &'static str {
+        match self {
+            Area::Procs => "procs",
+            Area::Lost => "lost",
+            Area::Hang => "hang",
+            Area::Health => "health",
+            Area::Reset => "reset",
+        }
+    }
+
+    fn of_dir_name(name: &[u8]) -> Option<Area> {
+        AREAS.into_iter().find(|a| a.dir_name().as_bytes() == name)
+    }
+}
+
+/// What a watch descriptor covers: the state directory itself (whose
+/// events say an area's directory came or went) or one area.
+#[derive(Debug, Clone, Copy)]
+enum Watch {
+    Root,
+    Area(Area),
+}
+
+/// Everything that changes a directory's listing or a file's content.
+const AREA_EVENTS: WatchFlags = WatchFlags::CREATE
+    .union(WatchFlags::DELETE)
+    .union(WatchFlags::MODIFY)
+    .union(WatchFlags::CLOSE_WRITE)
+    .union(WatchFlags::MOVED_FROM)
+    .union(WatchFlags::MOVED_TO)
+    .union(WatchFlags::DELETE_SELF)
+    .union(WatchFlags::MOVE_SELF)
+    .union(WatchFlags::ONLYDIR);
+
+/// A registration file that was read and rejected: reported (once per path
+/// and mtime) on queries while `pid` lives; `pid` `None`: the name is not
+/// `<pid>.toml`, reported whatever runs.
+#[derive(Debug, Clone)]
+struct Bad {
+    pid: Option<u32>,
+    mtime: Option<SystemTime>,
+    problem: String,
+}
+
+/// The in-memory copy of one state directory.
+#[derive(Debug)]
+pub(crate) struct Watched {
+    dir: PathBuf,
+    inotify: Option<OwnedFd>,
+    watches: HashMap<i32, Watch>,
+    /// Areas to re-read in full at the next refresh.
+    stale: HashSet<usize>,
+    /// `procs/` file names to re-read at the next refresh.
+    stale_procs: HashSet<OsString>,
+    /// Valid registrations by file name: (pid, registration).
+    procs: HashMap<OsString, (u32, Registration)>,
+    bad: HashMap<OsString, Bad>,
+    /// Valid registrations per GPU, sorted by pid, dead or alive; `None`
+    /// after `procs` changed.
+    by_gpu: Option<Vec<Vec<Proc>>>,
+    lost: Vec<bool>,
+    hang: Vec<bool>,
+    reset: Vec<bool>,
+    health: Vec<Health>,
+    /// Bad files already reported: (path, mtime).
+    reported: HashSet<(PathBuf, Option<SystemTime>)>,
+}
+
+impl Watched {
+    /// Starts watching `dir`; nothing is read until the first refresh.
+    pub(crate) fn new(dir: PathBuf, gpus: usize) -> Watched {
+        let inotify = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC).ok();
+        let mut w = Watched {
+            inotify,
+            watches: HashMap::new(),
+            stale: (0..AREAS.len()).collect(),
+            stale_procs: HashSet::new(),
+            procs: HashMap::new(),
+            bad: HashMap::new(),
+            by_gpu: None,
+            lost: vec![false; gpus],
+            hang: vec![false; gpus],
+            reset: vec![false; gpus],
+            health: vec![Health::default(); gpus],
+            reported: HashSet::new(),
+            dir,
+        };
+        let root = WatchFlags::CREATE
+            .union(WatchFlags::DELETE)
+            .union(WatchFlags::MOVED_FROM)
+            .union(WatchFlags::MOVED_TO)
+            .union(WatchFlags::DELETE_SELF)
+            .union(WatchFlags::MOVE_SELF)
+            .union(WatchFlags::ONLYDIR);
+        match w.add_watch(&w.dir.clone(), root) {
+            Some(wd) => {
+                w.watches.insert(wd, Watch::Root);
+            }
+            // No directory to watch yet: poll, as before.
+            None => w.inotify = None,
+        }
+        w
+    }
+
+    fn add_watch(&self, path: &Path, flags: WatchFlags) -> Option<i32> {
+        let fd = self.inotify.as_ref()?;
+        inotify::add_watch(fd, path, flags).ok()
+    }
+
+    /// Brings the copy up to date with everything written before this call.
+    pub(crate) fn refresh(&mut self, scenario: &Scenario) {
+        self.drain();
+        for (i, area) in AREAS.into_iter().enumerate() {
+            if self.stale.remove(&i) {
+                self.reread(area, scenario);
+            }
+        }
+        if !self.stale_procs.is_empty() {
+            let names: Vec<OsString> = self.stale_procs.drain().collect();
+            for name in names {
+                self.read_proc(name, scenario);
+            }
+        }
+    }
+
+    /// Turns pending inotify events into stale areas and files.
+    fn drain(&mut self) {
+        let Some(fd) = &self.inotify else {
+            self.stale.extend(0..AREAS.len());
+            return;
+        };
+        let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = inotify::Reader::new(fd, &mut buf);
+        let mut events: Vec<(i32, ReadFlags, Option<OsString>)> = Vec::new();
+        let mut lost_track = false;
+        loop {
+            match reader.next() {
+                Ok(ev) => {
+                    let name = ev
+                        .file_name()
+                        .map(|n| std::os::unix::ffi::OsStrExt::from_bytes(n.to_bytes()))
+                        .map(std::ffi::OsStr::to_owned);
+                    events.push((ev.wd(), ev.events(), name));
+                }
+                Err(Errno::AGAIN) => break,
+                Err(Errno::INTR) => {}
+                Err(_) => {
+                    lost_track = true;
+                    break;
+                }
+            }
+        }
+        for (wd, flags, name) in events {
+            if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+                lost_track = true;
+                continue;
+            }
+            let Some(&watch) = self.watches.get(&wd) else {
+                continue;
+            };
+            let gone = flags
+                .intersects(ReadFlags::IGNORED | ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF);
+            if flags.contains(ReadFlags::IGNORED) {
+                self.watches.remove(&wd);
+            }
+            match (watch, name) {
+                (Watch::Root, _) if gone => lost_track = true,
+                (Watch::Root, Some(name)) => {
+                    if let Some(area) = Area::of_dir_name(name.as_encoded_bytes()) {
+                        self.stale.insert(area as usize);
+                    }
+                }
+                (Watch::Root, None) => {}
+                (Watch::Area(Area::Procs), Some(name)) if !gone => {
+                    self.stale_procs.insert(name);
+                }
+                (Watch::Area(area), _) => {
+                    self.stale.insert(area as usize);
+                }
+            }
+        }
+        if lost_track {
+            self.stale.extend(0..AREAS.len());
+        }
+    }
+
+    /// Re-reads one area in full; watching it first, so that nothing written
+    /// while it is read goes unseen.
+    fn reread(&mut self, area: Area, scenario: &Scenario) {
+        let path = self.dir.join(area.dir_name());
+        if let Some(wd) = self.add_watch(&path, AREA_EVENTS) {
+            self.watches.insert(wd, Watch::Area(area));
+        }
+        let gpus = self.lost.len() as u32;
+        match area {
+            Area::Procs => {
+                self.procs.clear();
+                self.bad.clear();
+                self.by_gpu = None;
+                self.stale_procs.clear();
+                if let Ok(entries) = fs::read_dir(&path) {
+                    for entry in entries.flatten() {
+                        self.read_proc(entry.file_name(), scenario);
+                    }
+                }
+            }
+            Area::Lost => {
+                self.lost = (0..gpus)
+                    .map(|g| state::lost_file(&self.dir, g).exists())
+                    .collect();
+            }
+            Area::Hang => {
+                self.hang = (0..gpus)
+                    .map(|g| state::hang_file(&self.dir, g).exists())
+                    .collect();
+            }
+            Area::Reset => {
+                self.reset = (0..gpus)
+                    .map(|g| state::reset_file(&self.dir, g).exists())
+                    .collect();
+            }
+            Area::Health => {
+                self.health = (0..gpus).map(|g| self.read_health(g)).collect();
+            }
+        }
+    }
+
+    /// (Re-)reads `procs/<name>`; a file that is gone is forgotten.
+    fn read_proc(&mut self, name: OsString, scenario: &Scenario) {
+        self.by_gpu = None;
+        self.procs.remove(&name);
+        self.bad.remove(&name);
+        let Some(text_name) = name.to_str() else {
+            return;
+        };
+        // Temporary files of atomic writes start with '.'.
+        if text_name.starts_with('.') {
+            return;
+        }
+        let Some(pid) = text_name.strip_suffix(".toml") else {
+            return;
+        };
+        let path = state::procs_dir(&self.dir).join(&name);
+        let mtime = || fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let bad = match pid.parse::<u32>() {
+            Err(_) if !path.exists() => return,
+            Err(_) => Bad {
+                pid: None,
+                mtime: mtime(),
+                problem: "file name is not <pid>.toml".to_owned(),
+            },
+            Ok(pid) => {
+                let Ok(text) = fs::read_to_string(&path) else {
+                    return;
+                };
+                match state::parse_registration(scenario, &text) {
+                    Ok(reg) => {
+                        self.procs.insert(name, (pid, reg));
+                        return;
+                    }
+                    Err(problem) => Bad {
+                        pid: Some(pid),
+                        mtime: mtime(),
+                        problem,
+                    },
+                }
+            }
+        };
+        self.bad.insert(name, bad);
+    }
+
+    fn read_health(&mut self, gpu: u32) -> Health {
+        let path = state::health_file(&self.dir, gpu);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Health::default();
+        };
+        state::parse_health(&text).unwrap_or_else(|problem| {
+            let mtime = fs::metadata(&path).and_then(|m| m.modified()).ok();
+            self.report_once(&path, mtime, &problem);
+            Health::default()
+        })
+    }
+
+    pub(crate) fn report_once(&mut self, path: &Path, mtime: Option<SystemTime>, problem: &str) {
+        if self.reported.insert((path.to_owned(), mtime)) {
+            eprintln!("nvml-sim: {}: {problem}; ignored", path.display());
+        }
+    }
+
+    /// Live, valid registrations on `gpu`, sorted by pid; reports the bad
+    /// files of live processes (once per path and mtime).
+    pub(crate) fn procs_on(&mut self, gpu: u32, scenario: &Scenario) -> Vec<Proc> {
+        let bad: Vec<(PathBuf, Option<SystemTime>, String)> = self
+            .bad
+            .iter()
+            .filter(|(_, b)| b.pid.is_none_or(alive))
+            .map(|(name, b)| {
+                let path = state::procs_dir(&self.dir).join(name);
+                (path, b.mtime, b.problem.clone())
+            })
+            .collect();
+        for (path, mtime, problem) in bad {
+            self.report_once(&path, mtime, &problem);
+        }
+        let by_gpu = self
+            .by_gpu
+            .get_or_insert_with(|| index(&self.procs, scenario));
+        by_gpu
+            .get(gpu as usize)
+            .map(|procs| procs.iter().filter(|p| alive(p.pid)).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn lost(&self, gpu: u32) -> bool {
+        self.lost.get(gpu as usize).copied().unwrap_or(false)
+    }
+
+    pub(crate) fn hung(&self, gpu: u32) -> bool {
+        self.hang.get(gpu as usize).copied().unwrap_or(false)
+    }
+
+    /// Whether `reset/<gpu>` existed at the last refresh.
+    pub(crate) fn reset_pending(&self, gpu: u32) -> bool {
+        self.reset.get(gpu as usize).copied().unwrap_or(false)
+    }
+
+    pub(crate) fn health(&self, gpu: u32) -> Health {
+        self.health.get(gpu as usize).cloned().unwrap_or_default()
+    }
+}
+
+/// Valid registrations grouped by GPU, each group sorted by pid.
+fn index(procs: &HashMap<OsString, (u32, Registration)>, scenario: &Scenario) -> Vec<Vec<Proc>> {
+    let mut by_gpu = vec![Vec::new(); scenario.gpus.len()];
+    for (pid, reg) in procs.values() {
+        let Some(gpu) = scenario.gpus.get(reg.gpu as usize) else {
+            continue;
+        };
+        let (gi, ci) = match (reg.mig, &gpu.mig) {
+            (Some(m), Some(mig)) => {
+                let inst = &mig[m as usize];
+                (inst.gpu_instance_id, inst.compute_instance_id)
+            }
+            _ => (NO_INSTANCE, NO_INSTANCE),
+        };
+        by_gpu[reg.gpu as usize].push(Proc {
+            pid: *pid,
+            reg: reg.clone(),
+            gpu_instance_id: gi,
+            compute_instance_id: ci,
+        });
+    }
+    for procs in &mut by_gpu {
+        procs.sort_by_key(|p| p.pid);
+    }
+    by_gpu
+}
+
+/// Whether `/proc/<pid>` exists: `kill(pid, 0)` succeeds (or is refused)
+/// for a running process and a zombie, and fails once the parent reaped it.
+fn alive(pid: u32) -> bool {
+    // Pids above i32::MAX do not exist; negative ones would name a group.
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return false;
+    };
+    !matches!(test_kill_process(pid), Err(Errno::SRCH))
+}
