@@ -55,9 +55,9 @@ impl Metrics {
         &mut self.registry
     }
 
-    /// The sampler published `snapshot`: encodes it now, on the sampling
-    /// thread, so that scrapes only send bytes (skipped while nobody
-    /// scrapes).
+    /// The sampler is about to publish `snapshot`: encodes it now, on the
+    /// sampling thread, so that scrapes only send bytes (skipped while
+    /// nobody scrapes).
     // Out of line: `cargo xtask bench` counts instructions per call of it
     // (callgrind), which needs the symbol.
     #[inline(never)]

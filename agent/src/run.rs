@@ -303,10 +303,11 @@ fn sample_loop(
             crate::privileges::drop_after_start_up();
         }
         let snapshot = Arc::new(snapshot);
-        tx.send_replace(snapshot.clone());
         // The /metrics body of this snapshot, made here rather than in a
-        // scrape.
+        // scrape, and before it is published so that no scrape of it
+        // finds the body missing.
         metrics.published(&snapshot);
+        tx.send_replace(snapshot);
 
         next += settings.sample_interval;
         let now = Instant::now();

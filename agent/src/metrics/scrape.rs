@@ -44,8 +44,8 @@ pub(super) struct BodyCache {
 }
 
 impl BodyCache {
-    /// A new snapshot was published: renders it now (off the request
-    /// path) if anyone scrapes.
+    /// A new snapshot is about to be published: renders it now (off the
+    /// request path) if anyone scrapes.
     pub(super) fn published(
         &self,
         snapshot: &Arc<Snapshot>,
@@ -77,9 +77,11 @@ impl BodyCache {
         self.scraped.store(true, Ordering::Relaxed);
         self.gzip_wanted.store(gzip, Ordering::Relaxed);
         let mut slot = self.lock();
-        let current = slot
-            .as_ref()
-            .is_some_and(|r| Arc::ptr_eq(&r.snapshot, latest));
+        // The sampler renders a snapshot just before publishing it: a
+        // newer rendering than `latest` is the one about to be published.
+        let current = slot.as_ref().is_some_and(|r| {
+            Arc::ptr_eq(&r.snapshot, latest) || r.snapshot.samples > latest.samples
+        });
         if !current {
             // Not rendered yet (the first scrape, or nobody scraped when it
             // was published): once, here.
@@ -229,6 +231,10 @@ mod tests {
             ..Default::default()
         });
         cache.published(&next, encode, || "y_total 2\n".to_owned());
+        assert_eq!(encodes.get(), 2);
+        // Rendered before it is published: a scrape still seeing the older
+        // snapshot gets the newer body rather than encoding the older one.
+        let _ = cache.body(&snap, false, encode, "y_total 2\n".to_owned());
         assert_eq!(encodes.get(), 2);
         let gz = cache.body(&next, true, encode, "y_total 2\n".to_owned());
         assert_eq!(gunzip(&gz), "# TYPE x gauge\nx 1\ny_total 2\n# EOF\n");
