@@ -39,45 +39,28 @@ mig = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10g
 
 /// Where the agent's CPU goes when the footprint target is missed.
 const FOOTPRINT_BOTTLENECK: &str = "
-**Bottleneck (footprint CPU).** Almost all of the agent's CPU is on its NVML threads, i.e. \
-inside the in-process simulator (`tests/nvml-sim/src/sim.rs`: every device query lists \
-`procs/`, stats `/proc/<pid>` and parses the TOML of *every* registration, and `Sim::observe` \
-rewrites the `.energy/<index>` file under `flock`, with an ext4 writeback on close — \
-`statx`, `open`/`close`, `ftruncate` and path walks dominate the profile). That cost belongs \
-to the test double, not to Tally; it grows with processes × devices × calls per cycle. A \
-real driver answers from memory via ioctls; its cost cannot be measured without a GPU.
-
-What remains is Tally's own per-cycle work on the `tally-sampler` thread (profile above): \
-every cycle, for every GPU process, `cgroupfs::cgroup_of` reads `/proc/<pid>/cgroup` \
-(`agent/src/tenants.rs`, `Resolver::attribute_on`) and `gpu::Sampler::update_states` reads \
-`/proc/<pid>/stat` for each holder of each device — twice for processes on MIG instances \
-(once for the instance, once for the parent GPU) (`agent/src/gpu/sample.rs`, \
-`holders_of_device` + `process_obs`); and `probes::cgroups::CgroupPaths::walk` walks the \
-whole cgroup v2 tree whenever the network map holds an id it does not know — on a shared \
-machine, every short-lived cgroup of someone else's test that sent a packet. **What would fix it:** cache pid → (start time, cgroup, \
-tenant) and read `/proc/<pid>/cgroup` only for pids not seen before (a changed start time \
-means a reused pid); read each holder's `/proc/<pid>/stat` once per cycle and only for \
-devices whose state machine needs it (holders of a device with low utilization, where \
-idle/stuck is decided); resolve an unknown cgroup id with `open_by_handle_at` (the id is the \
-kernfs file handle) instead of a full walk; and in the simulator, keep registrations in memory and re-read \
-`procs/` only when the directory's mtime changes, and keep the energy integral in memory \
-with a periodic flush.
+**Where the agent's CPU goes.** Tally's own work per cycle on the `tally-sampler` thread is \
+now one `/proc/<pid>/stat` read per GPU process into reused buffers (its start time checks \
+the process cache, its state and CPU ticks feed the GPU states); `/proc/<pid>/cgroup` is read \
+for new pids and re-read for about 1/16 of the cached ones per cycle (moved processes); an \
+unknown cgroup id is opened by its kernfs handle instead of walking the tree \
+(`agent/src/tenants/procs.rs`, `agent/src/probes/cgroups.rs`). The instruction counts of \
+benchmarks 2 and 3 (callgrind) are the load-independent measure of that work. The rest is \
+the NVML threads, here the in-process simulator (`tests/nvml-sim`; a real driver's cost \
+cannot be measured without a GPU), the `/metrics` body encoded once per snapshot on the \
+sampling thread while someone scrapes, and this shared 2-core VM's load, which inflates CPU \
+time (load averages in the header).
 ";
 
 /// Where a slow scrape's time goes.
 const SCRAPE_BOTTLENECK: &str = "
-**Bottleneck (scrape).** Every `GET /metrics` re-encodes the whole snapshot: \
-`agent/src/run.rs` `route` calls `Metrics::encode` per request, and \
-`agent/src/metrics.rs` (`SnapshotCollector::encode` through prometheus-client's text \
-encoder) formats every sample again — label strings written piecewise into a growing \
-`String`, every value through `dtoa`, then the body copied into the response (the \
-`write_str`, `dtoa::Buffer::format` and `memmove` at the top of the profile). At ~20k series \
-that is a ~1.4 MiB string built from scratch per scrape (≥ 10 ms even at best here), sharing \
-the 2 cores with the sampler. **What would fix it:** encode once per snapshot, not per \
-scrape — the sampler thread (or the first scrape after a new snapshot) renders the text into \
-an `Arc<Bytes>` kept next to the snapshot, and every scrape until the next sample sends \
-those bytes; plus gzip when the scraper accepts it (Prometheus does), which cuts the bytes \
-on the wire several-fold. Scrape latency then no longer grows with the series count.
+**Where a slow scrape's time goes.** A scrape no longer encodes anything: the body, and its \
+gzip, are made once per snapshot on the sampling thread (`agent/src/metrics/scrape.rs`), and \
+a scrape sends the cached bytes (instructions per scrape above). What is left is the HTTP \
+exchange and the wait for a core: on this shared 2-core VM the scrapes compete with the \
+sampling thread (at this size mostly the simulator's NVML calls) and with other developers' \
+builds (load averages in the header); the profile above shows where the agent's time went \
+during back-to-back scrapes.
 ";
 
 /// Devices a process can be registered on: GPUs 0–6, then GPU 7's MIG 0–6.
@@ -860,25 +843,25 @@ fn footprint_and_sample(
     ));
     s.checks.push(Check::new(
         "1. agent CPU, 1 s sampling",
-        "≤ 0.5 % of one core",
+        "≤ 0.5 % of one core and ≤ ½ of node_exporter's",
         format!(
             "{a_total:.2} % (windows {}); node_exporter {n_total:.2} %; ratio {:.2}",
             ac.show(2),
             a_total / n_total.max(1e-9)
         ),
-        Verdict::of(a_total <= 0.5),
+        Verdict::of(a_total <= 0.5 && a_total <= n_total / 2.0),
     ));
-    if a_total > 0.5 {
+    if a_total > 0.5 || a_total > n_total / 2.0 {
         b.push_str(FOOTPRINT_BOTTLENECK);
     }
     s.checks.push(Check::new(
         "1. agent CPU without the NVML (simulator) threads",
-        "≤ 0.5 % of one core",
+        "≤ 0.3 % of one core",
         format!(
             "{without_nvml:.2} % ({:.0} % of the agent's CPU was in NVML threads)",
             share * 100.0
         ),
-        Verdict::of(without_nvml <= 0.5),
+        Verdict::of(without_nvml <= 0.3),
     ));
     Ok((
         Some(s),
