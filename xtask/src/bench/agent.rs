@@ -359,7 +359,7 @@ fn counted_text(counted: Option<&Counted>, which: &[(&str, &str)]) -> String {
                          the process cache filling) left out. Unlike time, these repeat run to \
                          run whatever the machine's load:\n\n| per | function | instructions | calls |\n| --- | --- | --- | --- |\n"
                 .to_owned();
-            for (key, what) in which {
+            for (what, key) in which {
                 if let Some(st) = per.get(key) {
                     let _ = writeln!(
                         t,
