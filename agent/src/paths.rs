@@ -65,3 +65,12 @@ pub fn proc_cgroup(pid: u32) -> PathBuf {
 pub fn proc_dir(pid: u32) -> PathBuf {
     Path::new("/proc").join(pid.to_string())
 }
+
+/// Writes `/proc/<pid>/stat` into `out` (cleared first): the sampler reads
+/// it for every GPU process each cycle, so the path's buffer is reused.
+pub fn proc_stat_into(out: &mut String, pid: u32) {
+    use std::fmt::Write as _;
+    out.clear();
+    // Writing into a String cannot fail.
+    let _ = write!(out, "/proc/{pid}/stat");
+}

@@ -64,7 +64,7 @@ pub const KEPT: &[(Cap, &str, &str)] = &[
     (
         CAP_DAC_READ_SEARCH,
         "CAP_DAC_READ_SEARCH",
-        "read /proc/<pid> entries, kubelet logs and sockets of other users",
+        "read /proc/<pid> entries, kubelet logs and sockets of other users; open cgroups by id",
     ),
 ];
 

@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::{ALLOW, CONTENT_TYPE, HeaderValue},
+    header::{ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, VARY},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -105,6 +105,7 @@ impl Agent {
         if settings.config.report.aggregator.is_some() {
             stats.register(metrics.registry());
         }
+        let metrics = Arc::new(metrics);
         let state_dir = settings.config.agent.state_dir.clone();
         // Only an agent that writes shared state there (the report spool and
         // state, the enforcement audit log) needs the directory to itself;
@@ -128,6 +129,7 @@ impl Agent {
             Ok(lock) => Work::Running(Running::start(
                 settings,
                 tx,
+                metrics.clone(),
                 latest.clone(),
                 stats,
                 lock,
@@ -137,7 +139,7 @@ impl Agent {
                 let reason = busy.reason();
                 warn!(state_dir = %state_dir.display(), "{reason}: one agent per state directory; neither sampling nor reporting until it exits");
                 *waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                let (waiting, latest) = (waiting.clone(), latest.clone());
+                let (waiting, latest, metrics) = (waiting.clone(), latest.clone(), metrics.clone());
                 Work::Waiting(tokio::spawn(async move {
                     let lock = match busy.wait(&shutdown).await? {
                         Ok(l) => l,
@@ -147,7 +149,8 @@ impl Agent {
                         }
                     };
                     info!(state_dir = %state_dir.display(), "took the state directory lock over; starting");
-                    let running = Running::start(settings, tx, latest, stats, Some(lock), shutdown);
+                    let running =
+                        Running::start(settings, tx, metrics, latest, stats, Some(lock), shutdown);
                     *waiting.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     running
                         .map_err(|e| error!(error = %e, "cannot start after taking the lock"))
@@ -157,7 +160,7 @@ impl Agent {
         };
         Ok(Agent {
             latest,
-            metrics: Arc::new(metrics),
+            metrics,
             waiting,
             work,
         })
@@ -198,6 +201,7 @@ impl Running {
     fn start(
         settings: Settings,
         tx: watch::Sender<Arc<Snapshot>>,
+        metrics: Arc<Metrics>,
         latest: Latest,
         stats: ReportStats,
         lock: Option<StateLock>,
@@ -209,7 +213,7 @@ impl Running {
             let settings = settings.clone();
             std::thread::Builder::new()
                 .name("tally-sampler".into())
-                .spawn(move || sample_loop(settings, tx, stop))?
+                .spawn(move || sample_loop(settings, tx, &metrics, stop))?
         };
         // Reports to the aggregator (when configured); on shutdown it cuts
         // the final partial interval before the agent exits.
@@ -243,7 +247,12 @@ impl Running {
 }
 
 /// Samples every `sample_interval` on a fixed schedule until `stop`.
-fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<AtomicBool>) {
+fn sample_loop(
+    settings: Settings,
+    tx: watch::Sender<Arc<Snapshot>>,
+    metrics: &Metrics,
+    stop: Arc<AtomicBool>,
+) {
     let _span = info_span!("sampler", node = %settings.node).entered();
     let mut resolver = Resolver::new(settings.config.tenant.rules.clone());
     // Kubernetes pods: the kubelet is asked on a thread of its own; stops on drop.
@@ -295,7 +304,12 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
             // readiness flips with the first snapshot.
             crate::privileges::drop_after_start_up();
         }
-        tx.send_replace(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        // The /metrics body of this snapshot, made here rather than in a
+        // scrape, and before it is published so that no scrape of it
+        // finds the body missing.
+        metrics.published(&snapshot);
+        tx.send_replace(snapshot);
 
         next += settings.sample_interval;
         let now = Instant::now();
@@ -348,7 +362,23 @@ fn route(
         return r;
     }
     match req.uri().path() {
-        "/metrics" => respond(StatusCode::OK, metrics::CONTENT_TYPE, exported.encode()),
+        "/metrics" => {
+            let gzip = req
+                .headers()
+                .get_all(ACCEPT_ENCODING)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(metrics::accepts_gzip);
+            let mut r = respond(StatusCode::OK, metrics::CONTENT_TYPE, exported.body(gzip));
+            let headers = r.headers_mut();
+            // Caches must not hand a gzipped body to a client that did
+            // not ask for one, nor the reverse.
+            headers.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+            if gzip {
+                headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+            r
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let snap = latest.borrow().clone();

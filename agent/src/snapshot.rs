@@ -174,9 +174,11 @@ pub struct GpuSnapshot {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GpuProcess {
     pub pid: u32,
-    pub tenant: String,
+    /// Shared with the process cache (`crate::tenants`): a cycle copies a
+    /// pointer per process, not the text.
+    pub tenant: Arc<str>,
     /// The process's cgroup v2 path (`0::` line), when it could be read.
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
     pub memory_bytes: u64,
     /// SM utilization 0..1 from NVML's per-process samples; `None` where
     /// NVML has none (MIG instances) or no sample arrived this interval.

@@ -212,7 +212,7 @@ impl Actions {
                 Some(Target {
                     pid: p.pid,
                     start: *self.starts.get(&p.pid)?,
-                    cgroup: p.cgroup.clone(),
+                    cgroup: p.cgroup.as_deref().map(str::to_owned),
                 })
             })
             .collect()

@@ -75,7 +75,7 @@ impl Meter {
             let held: BTreeSet<&str> = snap
                 .gpus
                 .iter()
-                .filter(|g| g.processes.iter().any(|p| p.tenant == tenant))
+                .filter(|g| g.processes.iter().any(|p| &*p.tenant == tenant))
                 .map(|g| g.uuid.as_str())
                 .collect();
             status.push(row(tenant, "gpus", g.len() as f64, Some(held.len() as f64)));
@@ -116,7 +116,7 @@ impl Meter {
 pub(crate) fn tenant_processes(snap: &Snapshot, tenant: &str) -> Vec<GpuProcess> {
     let mut by_pid: BTreeMap<u32, GpuProcess> = BTreeMap::new();
     for p in snap.gpus.iter().flat_map(|g| &g.processes) {
-        if p.tenant != tenant {
+        if &*p.tenant != tenant {
             continue;
         }
         by_pid

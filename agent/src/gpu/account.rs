@@ -245,7 +245,7 @@ mod tests {
     fn proc(pid: u32, tenant: &str, memory_bytes: u64, sm: Option<f64>) -> GpuProcess {
         GpuProcess {
             pid,
-            tenant: tenant.to_owned(),
+            tenant: tenant.into(),
             cgroup: None,
             memory_bytes,
             sm_ratio: sm,

@@ -97,7 +97,7 @@ impl TenantXids {
             };
             let gpu = device.gpu.clone();
             let tenants: BTreeSet<String> = holders_of_device(gpus, &uuid)
-                .map(|p| p.tenant.clone())
+                .map(|p| p.tenant.to_string())
                 .collect();
             warn!(
                 gpu = %gpu,
@@ -182,7 +182,7 @@ mod tests {
     fn holder(tenant: &str) -> GpuProcess {
         GpuProcess {
             pid: 1,
-            tenant: tenant.to_owned(),
+            tenant: tenant.into(),
             cgroup: None,
             memory_bytes: 1,
             sm_ratio: None,

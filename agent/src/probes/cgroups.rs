@@ -1,13 +1,22 @@
 //! cgroup v2 id → path: the id the kernel hands eBPF programs
 //! (`bpf_get_current_cgroup_id`, `bpf_skb_cgroup_id`) is the inode number of
-//! the cgroup's directory. The hierarchy is walked once and then only when an
-//! id is unknown or a cached path no longer has that inode.
+//! the cgroup's directory, and also its kernfs file handle. An unknown id is
+//! opened directly by that handle (`open_by_handle_at`); the hierarchy is
+//! walked only where the kernel refuses that.
 
 use std::{
     collections::HashMap,
-    os::unix::fs::MetadataExt,
+    fs::File,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
 };
+
+use nix::libc;
+use tracing::info;
 
 /// Cache of cgroup id → path relative to the v2 root (`/`, `/a/b`).
 #[derive(Debug)]
@@ -15,6 +24,25 @@ pub struct CgroupPaths {
     root: PathBuf,
     by_id: HashMap<u64, String>,
     walks: u64,
+    /// The v2 root opened for `open_by_handle_at`; `None` once the kernel
+    /// refused it (see [`CgroupPaths::by_handle`]).
+    handles: Option<HandleRoot>,
+}
+
+#[derive(Debug)]
+struct HandleRoot {
+    dir: File,
+    /// The root as the kernel names it in `/proc/self/fd` links.
+    canonical: PathBuf,
+}
+
+/// What opening a cgroup by its id gave.
+enum ByHandle {
+    Found(String),
+    /// The kernel knows no such cgroup (removed): a walk would not find it.
+    Gone,
+    /// Handles do not work here (logged once): walk instead.
+    Unsupported,
 }
 
 impl CgroupPaths {
@@ -24,7 +52,26 @@ impl CgroupPaths {
             root: root.into(),
             by_id: HashMap::new(),
             walks: 0,
+            handles: None,
         }
+        .open_root()
+    }
+
+    fn open_root(mut self) -> Self {
+        // Other filesystems read a kernfs handle as their own kind (ext4
+        // and tmpfs answer "stale", which would read as "no such cgroup").
+        let cgroup2 = nix::sys::statfs::statfs(&self.root)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC);
+        if !cgroup2 {
+            return self;
+        }
+        self.handles = File::open(&self.root).ok().and_then(|dir| {
+            Some(HandleRoot {
+                dir,
+                canonical: std::fs::canonicalize(&self.root).ok()?,
+            })
+        });
+        self
     }
 
     /// How many times the hierarchy was walked (for tests and logs).
@@ -42,13 +89,46 @@ impl CgroupPaths {
         }
     }
 
-    /// Path of `id`, walking the hierarchy when the cache does not know it.
+    /// Path of `id`: from the cache, else by its handle, else by a walk.
     pub fn resolve(&mut self, id: u64) -> Option<String> {
         if let Some(p) = self.cached(id) {
             return Some(p.to_owned());
         }
-        self.walk();
-        self.by_id.get(&id).cloned()
+        match self.by_handle(id) {
+            ByHandle::Found(path) => Some(path),
+            ByHandle::Gone => None,
+            ByHandle::Unsupported => {
+                self.walk();
+                self.by_id.get(&id).cloned()
+            }
+        }
+    }
+
+    /// Opens cgroup `id` by its kernfs file handle, and reads back the
+    /// directory's path. Needs `CAP_DAC_READ_SEARCH` and a cgroup2 root;
+    /// on the first refusal (a plain directory tree in tests, an agent
+    /// without the capability, an older kernel) handles are given up for
+    /// good and the caller walks the tree, which needs neither.
+    fn by_handle(&mut self, id: u64) -> ByHandle {
+        let Some(root) = &self.handles else {
+            return ByHandle::Unsupported;
+        };
+        match open_by_id(root, id) {
+            Ok(Some(rel)) => {
+                self.by_id.insert(id, rel.clone());
+                ByHandle::Found(rel)
+            }
+            Ok(None) => ByHandle::Gone,
+            Err(e) => {
+                info!(
+                    root = %self.root.display(),
+                    error = %e,
+                    "cgroup ids cannot be opened by handle; walking the cgroup tree instead"
+                );
+                self.handles = None;
+                ByHandle::Unsupported
+            }
+        }
     }
 
     /// Paths of `ids` (`None`: no such cgroup now), walking the hierarchy
@@ -64,10 +144,18 @@ impl CgroupPaths {
                 continue;
             }
             let mut path = self.cached(id).map(str::to_owned);
-            if path.is_none() && !walked {
-                self.walk();
-                walked = true;
-                path = self.cached(id).map(str::to_owned);
+            if path.is_none() {
+                match self.by_handle(id) {
+                    ByHandle::Found(p) => path = Some(p),
+                    ByHandle::Gone => {}
+                    ByHandle::Unsupported if !walked => {
+                        self.walk();
+                        walked = true;
+                        path = self.cached(id).map(str::to_owned);
+                    }
+                    // Walked already this call: the cache has it or not.
+                    ByHandle::Unsupported => {}
+                }
             }
             paths.insert(id, path);
         }
@@ -106,6 +194,71 @@ impl CgroupPaths {
         } else {
             self.root.join(rel.trim_start_matches('/'))
         }
+    }
+}
+
+/// `FILEID_KERNFS` (include/linux/exportfs.h): a kernfs node by its id.
+const FILEID_KERNFS: libc::c_int = 0xfe;
+
+/// `struct file_handle` with room for a kernfs id.
+#[repr(C)]
+struct KernfsHandle {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    id: u64,
+}
+
+/// The path below `root` of the cgroup whose id is `id`; `Ok(None)` when
+/// the kernel has no such cgroup (or it is not below `root`); `Err` when
+/// handles cannot be used here.
+fn open_by_id(root: &HandleRoot, id: u64) -> io::Result<Option<String>> {
+    let fd = open_by_handle(&root.dir, id);
+    let fd = match fd {
+        Ok(fd) => fd,
+        // A removed cgroup's handle is stale.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let dir = File::from(fd);
+    // Another filesystem would read the handle differently: only a
+    // directory with that inode is the cgroup asked for.
+    if dir.metadata()?.ino() != id {
+        return Err(io::Error::other(format!(
+            "handle {id} opened inode {}: not a kernfs id",
+            dir.metadata()?.ino()
+        )));
+    }
+    let full = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+    Ok(full.strip_prefix(&root.canonical).ok().map(|rel| {
+        let rel = rel.to_string_lossy();
+        format!("/{rel}")
+    }))
+}
+
+/// `open_by_handle_at(2)`, which neither `nix` 0.29 nor `rustix` wrap.
+#[allow(unsafe_code)]
+fn open_by_handle(root: &File, id: u64) -> io::Result<OwnedFd> {
+    let mut handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: `handle` is a valid `struct file_handle` with `handle_bytes`
+    // bytes of payload, alive for the call; the fd returned is new and
+    // owned by nobody else.
+    unsafe {
+        let fd = libc::syscall(
+            libc::SYS_open_by_handle_at,
+            root.as_raw_fd(),
+            &mut handle as *mut KernfsHandle,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd as libc::c_int))
     }
 }
 
@@ -157,5 +310,40 @@ mod tests {
         assert_eq!(found[&id_a].as_deref(), Some("/a"));
         assert_eq!(found[&id_b].as_deref(), Some("/b"));
         assert_eq!(found[&gone], None);
+    }
+
+    #[test]
+    fn a_cgroup_id_opens_by_handle_without_a_walk() {
+        // Needs root (CAP_DAC_READ_SEARCH, mkdir in cgroupfs) and cgroup2.
+        let (Some(root), Ok(own)) = (
+            crate::cgroupfs::unified_root(),
+            crate::cgroupfs::Cgroups::own(),
+        ) else {
+            eprintln!("skipped: no cgroup v2 hierarchy");
+            return;
+        };
+        let Some(own) = own.unified().map(str::to_owned) else {
+            eprintln!("skipped: this process has no cgroup v2 path");
+            return;
+        };
+        let rel = format!(
+            "{}/tally-handle-test-{}",
+            own.trim_end_matches('/'),
+            std::process::id()
+        );
+        let dir = root.join(rel.trim_start_matches('/'));
+        if let Err(e) = std::fs::create_dir(&dir) {
+            eprintln!("skipped: cannot make {} ({e}): needs root", dir.display());
+            return;
+        }
+        let id = cgroup_id(&dir).unwrap();
+        let mut paths = CgroupPaths::new(root);
+        let found = paths.resolve(id);
+        let _ = std::fs::remove_dir(&dir);
+        assert_eq!(found.as_deref(), Some(rel.as_str()));
+        assert_eq!(paths.walks(), 0, "resolved by handle, not by a walk");
+        // Removed: the kernel says so, no walk either.
+        assert_eq!(paths.resolve_all([id])[&id], None);
+        assert_eq!(paths.walks(), 0);
     }
 }

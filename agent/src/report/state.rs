@@ -316,7 +316,7 @@ impl State {
                 tenants: g
                     .processes
                     .iter()
-                    .map(|p| p.tenant.clone())
+                    .map(|p| p.tenant.to_string())
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
                     .collect(),
@@ -519,7 +519,7 @@ mod tests {
         s.gpus[0].processes = ["beta", "acme", "beta"]
             .iter()
             .map(|t| GpuProcess {
-                tenant: t.to_string(),
+                tenant: (*t).into(),
                 ..Default::default()
             })
             .collect();

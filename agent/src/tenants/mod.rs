@@ -4,14 +4,19 @@
 //! the first `[[tenant.rule]]` that matches; no match gives
 //! [`TENANT_UNATTRIBUTED`]. The eBPF probes map cgroup ids to paths and use
 //! the same [`Resolver::tenant_for_cgroup`], so GPU, network and PCIe usage
-//! of one workload land on one tenant.
+//! of one workload land on one tenant. What a process was attributed from
+//! is cached across cycles ([`procs`]).
 
-use std::{collections::HashMap, io};
+use std::{collections::HashMap, io, sync::Arc};
 
+pub mod procs;
 pub mod rules;
 
-use self::rules::TenantRule;
-use crate::{cgroupfs::cgroup_of, paths, snapshot::TENANT_UNATTRIBUTED};
+use self::{
+    procs::{Facts, ProcCache},
+    rules::TenantRule,
+};
+use crate::{paths, snapshot::TENANT_UNATTRIBUTED, states::ProcObs};
 
 /// The uid that owns a process (the owner of its `/proc` directory).
 pub fn uid_of(pid: u32) -> io::Result<u32> {
@@ -31,8 +36,8 @@ fn user_name(uid: u32) -> String {
 /// A process's tenant and the facts it was derived from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attribution {
-    pub tenant: String,
-    pub cgroup: Option<String>,
+    pub tenant: Arc<str>,
+    pub cgroup: Option<Arc<str>>,
     /// Kubernetes namespace/pod/container, when workload series are on.
     pub workload: Option<crate::snapshot::Workload>,
 }
@@ -42,7 +47,8 @@ pub struct Attribution {
 #[derive(Debug)]
 pub struct Resolver {
     rules: Vec<TenantRule>,
-    users: HashMap<u32, String>,
+    users: HashMap<u32, Arc<str>>,
+    procs: ProcCache,
     /// The cgroup of processes whose `/proc` entry is gone (eBPF probes).
     exited: Option<Box<dyn ExitedCgroups>>,
     /// Which pod a cgroup is (`kubernetes` rules, workload series).
@@ -61,6 +67,7 @@ impl Resolver {
         Self {
             rules,
             users: HashMap::new(),
+            procs: ProcCache::default(),
             exited: None,
             kubernetes: None,
         }
@@ -86,6 +93,34 @@ impl Resolver {
     #[cfg(test)]
     pub(crate) fn set_kubernetes(&mut self, lookup: crate::kubernetes::Lookup) {
         self.kubernetes = Some(lookup);
+    }
+
+    /// A process cache over another `/proc` (tests).
+    #[cfg(test)]
+    pub(crate) fn with_procs(mut self, procs: ProcCache) -> Self {
+        self.procs = procs;
+        self
+    }
+
+    /// Starts a sampling cycle: every process's `stat` is read afresh.
+    pub fn begin_cycle(&mut self) {
+        self.procs.begin_cycle();
+    }
+
+    /// Ends a sampling cycle: processes it did not see are forgotten.
+    pub fn end_cycle(&mut self) {
+        self.procs.end_cycle();
+    }
+
+    /// The kernel's view of `pid` this cycle, for the GPU state machine
+    /// (read with, not besides, the attribution's `stat`).
+    pub fn proc_obs(&mut self, pid: u32) -> ProcObs {
+        self.procs.obs(pid)
+    }
+
+    /// How many processes the cache holds (tests, logs).
+    pub fn cached_processes(&self) -> usize {
+        self.procs.len()
     }
 
     /// Consults `exited` for processes whose `/proc/PID/cgroup` is gone, so
@@ -120,9 +155,44 @@ impl Resolver {
     /// `device` (its UUID): `kubernetes` rules match it against the
     /// kubelet's device assignments.
     pub fn attribute_on(&mut self, pid: u32, device: Option<&str>) -> Attribution {
-        let cgroup = cgroup_of(pid)
-            .ok()
-            .or_else(|| self.exited.as_mut()?.cgroup_of_exited(pid));
+        let cached = self.procs.cached(pid);
+        // `kubernetes` rules and workloads also depend on the device and on
+        // what the kubelet said lately: only the cgroup is reused for them.
+        if self.kubernetes.is_none()
+            && let Some(facts) = cached
+        {
+            return Attribution {
+                tenant: facts.tenant,
+                cgroup: facts.cgroup,
+                workload: None,
+            };
+        }
+        let cgroup: Option<Arc<str>> = match cached {
+            Some(facts) => facts.cgroup,
+            None => self
+                .procs
+                .read_cgroup(pid)
+                .or_else(|| self.exited.as_mut()?.cgroup_of_exited(pid))
+                .map(Arc::from),
+        };
+        let attribution = self.attribute_from(pid, cgroup, device);
+        self.procs.store(
+            pid,
+            Facts {
+                tenant: attribution.tenant.clone(),
+                cgroup: attribution.cgroup.clone(),
+            },
+        );
+        attribution
+    }
+
+    /// The rules applied to a process whose cgroup is known.
+    fn attribute_from(
+        &mut self,
+        pid: u32,
+        cgroup: Option<Arc<str>>,
+        device: Option<&str>,
+    ) -> Attribution {
         let identity = match (self.kubernetes.as_mut(), cgroup.as_deref()) {
             (Some(k), Some(cg)) => k.identify(cg, device),
             _ => None,
@@ -139,19 +209,23 @@ impl Resolver {
             let tenant = match rule {
                 TenantRule::Cgroup { pattern, fixed } => cgroup
                     .as_deref()
-                    .and_then(|cg| cgroup_rule(pattern, fixed, cg)),
+                    .and_then(|cg| cgroup_rule(pattern, fixed, cg))
+                    .map(Arc::from),
                 TenantRule::User => uid_of(pid).ok().map(|uid| {
                     self.users
                         .entry(uid)
-                        .or_insert_with(|| user_name(uid))
+                        .or_insert_with(|| user_name(uid).into())
                         .clone()
                 }),
                 TenantRule::Kubernetes {
                     namespaces,
                     unmapped,
-                } => identity.as_ref().and_then(|id| {
-                    crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)
-                }),
+                } => identity
+                    .as_ref()
+                    .and_then(|id| {
+                        crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)
+                    })
+                    .map(Arc::from),
             };
             if let Some(tenant) = tenant {
                 return Attribution {
@@ -162,7 +236,7 @@ impl Resolver {
             }
         }
         Attribution {
-            tenant: TENANT_UNATTRIBUTED.to_owned(),
+            tenant: TENANT_UNATTRIBUTED.into(),
             cgroup,
             workload,
         }
@@ -236,16 +310,122 @@ mod tests {
         let me = std::process::id();
         let a = r.attribute(me);
         let expected = user_name(nix::unistd::getuid().as_raw());
-        assert_eq!(a.tenant, expected);
+        assert_eq!(&*a.tenant, expected);
     }
 
     #[test]
     fn no_rule_means_unattributed() {
         let mut r = resolver("");
-        assert_eq!(r.attribute(std::process::id()).tenant, TENANT_UNATTRIBUTED);
+        assert_eq!(
+            &*r.attribute(std::process::id()).tenant,
+            TENANT_UNATTRIBUTED
+        );
         // A pid that cannot exist has no cgroup, and no tenant.
         let gone = r.attribute(u32::MAX - 1);
-        assert_eq!(gone.tenant, TENANT_UNATTRIBUTED);
+        assert_eq!(&*gone.tenant, TENANT_UNATTRIBUTED);
         assert_eq!(gone.cgroup, None);
+    }
+
+    /// A resolver with `cgroup = '^/tally/(?P<tenant>[^/]+)'` over a fake
+    /// `/proc`.
+    fn cached_resolver() -> (Resolver, procs::fake::FakeProc) {
+        let fake = procs::fake::FakeProc::default();
+        let r = resolver(
+            r#"
+            [[tenant.rule]]
+            cgroup = '^/tally/(?P<tenant>[^/]+)'
+            "#,
+        )
+        .with_procs(ProcCache::new(Box::new(fake.clone())));
+        (r, fake)
+    }
+
+    /// One sampling cycle over `pids`: their tenants.
+    fn cycle(r: &mut Resolver, pids: &[u32]) -> Vec<String> {
+        r.begin_cycle();
+        let tenants = pids
+            .iter()
+            .map(|&pid| {
+                let a = r.attribute_on(pid, Some("GPU-0"));
+                // The state machine's read of the same cycle is free.
+                r.proc_obs(pid);
+                a.tenant.to_string()
+            })
+            .collect();
+        r.end_cycle();
+        tenants
+    }
+
+    #[test]
+    fn a_known_process_costs_one_stat_read_per_cycle() {
+        let (mut r, fake) = cached_resolver();
+        fake.set(10, 500, "/tally/acme/job1");
+        fake.set(11, 501, "/tally/beta/job1");
+        assert_eq!(cycle(&mut r, &[10, 11]), ["acme", "beta"]);
+        assert_eq!(fake.reads(), (2, 2));
+        // Two more cycles that are not due for a re-read (pid 10 is due
+        // when (cycle + 10) % 16 == 0, i.e. at cycle 6).
+        assert_eq!(cycle(&mut r, &[10, 11]), ["acme", "beta"]);
+        assert_eq!(cycle(&mut r, &[10, 11]), ["acme", "beta"]);
+        assert_eq!(fake.reads(), (6, 2), "no cgroup read on the steady path");
+    }
+
+    #[test]
+    fn a_reused_pid_is_attributed_afresh() {
+        let (mut r, fake) = cached_resolver();
+        fake.set(10, 500, "/tally/acme/job1");
+        assert_eq!(cycle(&mut r, &[10]), ["acme"]);
+        // The process exits and another one gets its pid: a new start time.
+        fake.set(10, 900, "/tally/beta/job7");
+        assert_eq!(cycle(&mut r, &[10]), ["beta"]);
+        assert_eq!(fake.reads().1, 2);
+    }
+
+    #[test]
+    fn a_moved_process_is_seen_within_the_revalidation_period() {
+        let (mut r, fake) = cached_resolver();
+        fake.set(10, 500, "/tally/acme/job1");
+        assert_eq!(cycle(&mut r, &[10]), ["acme"]);
+        // Same pid, same start time, another cgroup.
+        fake.set(10, 500, "/tally/beta/job1");
+        let seen: Vec<String> = (0..procs::REVALIDATE_EVERY)
+            .map(|_| cycle(&mut r, &[10]).remove(0))
+            .collect();
+        let moved_at = seen.iter().position(|t| t == "beta").unwrap_or_else(|| {
+            panic!(
+                "the move was not seen in {} cycles",
+                procs::REVALIDATE_EVERY
+            )
+        });
+        assert!(seen[..moved_at].iter().all(|t| t == "acme"));
+        assert!(seen[moved_at..].iter().all(|t| t == "beta"));
+        // One re-read in the period, besides the first read.
+        assert_eq!(fake.reads().1, 2);
+    }
+
+    #[test]
+    fn pids_no_longer_reported_are_evicted() {
+        let (mut r, fake) = cached_resolver();
+        fake.set(10, 500, "/tally/acme/job1");
+        fake.set(11, 501, "/tally/beta/job1");
+        cycle(&mut r, &[10, 11]);
+        assert_eq!(r.cached_processes(), 2);
+        cycle(&mut r, &[11]);
+        assert_eq!(r.cached_processes(), 1);
+        // Back again: read afresh, not taken from a stale entry.
+        fake.set(10, 500, "/tally/gamma/job1");
+        assert_eq!(cycle(&mut r, &[10, 11]), ["gamma", "beta"]);
+    }
+
+    #[test]
+    fn a_process_that_ended_keeps_its_tenant_until_evicted() {
+        let (mut r, fake) = cached_resolver();
+        fake.set(10, 500, "/tally/acme/job1");
+        cycle(&mut r, &[10]);
+        fake.0.lock().unwrap().procs.remove(&10);
+        // NVML still reports the pid (the driver holds its context).
+        assert_eq!(cycle(&mut r, &[10]), ["acme"]);
+        r.begin_cycle();
+        assert_eq!(r.proc_obs(10).state, crate::states::ProcState::Gone);
     }
 }

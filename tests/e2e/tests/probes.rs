@@ -567,10 +567,10 @@ fn exited_process_keeps_its_cgroup_for_attribution() {
     .tenant
     .rules;
     let mut resolver = tally_agent::tenants::Resolver::new(rules);
-    assert_eq!(resolver.attribute(pid).tenant, "_unattributed");
+    assert_eq!(&*resolver.attribute(pid).tenant, "_unattributed");
     resolver.set_exited(Box::new(exited));
     let att = resolver.attribute(pid);
-    assert_eq!(att.tenant, "shortlived", "{att:?}");
+    assert_eq!(&*att.tenant, "shortlived", "{att:?}");
     drop(probes);
 }
 

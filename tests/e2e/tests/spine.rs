@@ -298,6 +298,57 @@ fn xid_events_are_counted_per_code() {
 }
 
 #[test]
+fn metrics_are_gzipped_only_when_the_scraper_asks() {
+    // Needs no root: the simulated GPUs' series are enough.
+    let node = SimNode::standard();
+    let agent = agent(&node);
+    agent.wait_samples(2);
+    let client = tally_e2e::Client::new(agent.addr);
+    let get = |accept: Option<&str>| {
+        let headers: Vec<(&str, &str)> =
+            accept.map(|a| ("Accept-Encoding", a)).into_iter().collect();
+        let r = client.request("GET", "/metrics", &headers, b"").unwrap();
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(r.head.contains("vary: Accept-Encoding"), "{}", r.head);
+        r
+    };
+    let families = |text: &str| -> Vec<String> {
+        let mut names: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap_or("").to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    let plain = get(None);
+    assert!(!plain.head.contains("content-encoding"), "{}", plain.head);
+    let text = plain.text();
+    assert!(text.ends_with("# EOF\n"));
+    Metrics::parse(&text);
+
+    let gz = get(Some("deflate, gzip;q=0.8"));
+    assert!(gz.head.contains("content-encoding: gzip"), "{}", gz.head);
+    let mut unzipped = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&gz.body[..]),
+        &mut unzipped,
+    )
+    .expect("a gzip body");
+    assert!(gz.body.len() < unzipped.len() / 2, "gzip shrinks the text");
+    Metrics::parse(&unzipped);
+    assert_eq!(families(&unzipped), families(&text));
+
+    // Refused by q=0, or not offered: the plain text.
+    for accept in ["gzip;q=0", "br, identity"] {
+        let r = get(Some(accept));
+        assert!(!r.head.contains("content-encoding"), "{accept}: {}", r.head);
+        assert!(r.text().ends_with("# EOF\n"), "{accept}");
+    }
+}
+
+#[test]
 fn without_nvml_the_agent_still_serves_its_health() {
     // Needs no root: no cgroups, no probes are the point.
     let node = SimNode::standard();

@@ -3,6 +3,7 @@
 //! one sampling cycle at ×1/×4/×16, and `/metrics` at ~20k series.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     net::SocketAddr,
@@ -15,7 +16,7 @@ use anyhow::bail;
 use tally_e2e::{Agent, Cgroup, ChildGuard, Client, Metrics, SimNode, free_port, unique};
 
 use super::{
-    Check, Ctx, Section, Verdict, failed,
+    Check, Ctx, Section, Verdict, callgrind, failed,
     probes::{FakeCuda, fake_cuda},
     util::{self, Proc, Stats},
 };
@@ -38,45 +39,28 @@ mig = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10g
 
 /// Where the agent's CPU goes when the footprint target is missed.
 const FOOTPRINT_BOTTLENECK: &str = "
-**Bottleneck (footprint CPU).** Almost all of the agent's CPU is on its NVML threads, i.e. \
-inside the in-process simulator (`tests/nvml-sim/src/sim.rs`: every device query lists \
-`procs/`, stats `/proc/<pid>` and parses the TOML of *every* registration, and `Sim::observe` \
-rewrites the `.energy/<index>` file under `flock`, with an ext4 writeback on close — \
-`statx`, `open`/`close`, `ftruncate` and path walks dominate the profile). That cost belongs \
-to the test double, not to Tally; it grows with processes × devices × calls per cycle. A \
-real driver answers from memory via ioctls; its cost cannot be measured without a GPU.
-
-What remains is Tally's own per-cycle work on the `tally-sampler` thread (profile above): \
-every cycle, for every GPU process, `cgroupfs::cgroup_of` reads `/proc/<pid>/cgroup` \
-(`agent/src/tenants.rs`, `Resolver::attribute_on`) and `gpu::Sampler::update_states` reads \
-`/proc/<pid>/stat` for each holder of each device — twice for processes on MIG instances \
-(once for the instance, once for the parent GPU) (`agent/src/gpu/sample.rs`, \
-`holders_of_device` + `process_obs`); and `probes::cgroups::CgroupPaths::walk` walks the \
-whole cgroup v2 tree whenever the network map holds an id it does not know — on a shared \
-machine, every short-lived cgroup of someone else's test that sent a packet. **What would fix it:** cache pid → (start time, cgroup, \
-tenant) and read `/proc/<pid>/cgroup` only for pids not seen before (a changed start time \
-means a reused pid); read each holder's `/proc/<pid>/stat` once per cycle and only for \
-devices whose state machine needs it (holders of a device with low utilization, where \
-idle/stuck is decided); resolve an unknown cgroup id with `open_by_handle_at` (the id is the \
-kernfs file handle) instead of a full walk; and in the simulator, keep registrations in memory and re-read \
-`procs/` only when the directory's mtime changes, and keep the energy integral in memory \
-with a periodic flush.
+**Where the agent's CPU goes.** Tally's own work per cycle on the `tally-sampler` thread is \
+now one `/proc/<pid>/stat` read per GPU process into reused buffers (its start time checks \
+the process cache, its state and CPU ticks feed the GPU states); `/proc/<pid>/cgroup` is read \
+for new pids and re-read for about 1/16 of the cached ones per cycle (moved processes); an \
+unknown cgroup id is opened by its kernfs handle instead of walking the tree \
+(`agent/src/tenants/procs.rs`, `agent/src/probes/cgroups.rs`). The instruction counts of \
+benchmarks 2 and 3 (callgrind) are the load-independent measure of that work. The rest is \
+the NVML threads, here the in-process simulator (`tests/nvml-sim`; a real driver's cost \
+cannot be measured without a GPU), the `/metrics` body encoded once per snapshot on the \
+sampling thread while someone scrapes, and this shared 2-core VM's load, which inflates CPU \
+time (load averages in the header).
 ";
 
 /// Where a slow scrape's time goes.
 const SCRAPE_BOTTLENECK: &str = "
-**Bottleneck (scrape).** Every `GET /metrics` re-encodes the whole snapshot: \
-`agent/src/run.rs` `route` calls `Metrics::encode` per request, and \
-`agent/src/metrics.rs` (`SnapshotCollector::encode` through prometheus-client's text \
-encoder) formats every sample again — label strings written piecewise into a growing \
-`String`, every value through `dtoa`, then the body copied into the response (the \
-`write_str`, `dtoa::Buffer::format` and `memmove` at the top of the profile). At ~20k series \
-that is a ~1.4 MiB string built from scratch per scrape (≥ 10 ms even at best here), sharing \
-the 2 cores with the sampler. **What would fix it:** encode once per snapshot, not per \
-scrape — the sampler thread (or the first scrape after a new snapshot) renders the text into \
-an `Arc<Bytes>` kept next to the snapshot, and every scrape until the next sample sends \
-those bytes; plus gzip when the scraper accepts it (Prometheus does), which cuts the bytes \
-on the wire several-fold. Scrape latency then no longer grows with the series count.
+**Where a slow scrape's time goes.** A scrape no longer encodes anything: the body, and its \
+gzip, are made once per snapshot on the sampling thread (`agent/src/metrics/scrape.rs`), and \
+a scrape sends the cached bytes (instructions per scrape above). What is left is the HTTP \
+exchange and the wait for a core: on this shared 2-core VM the scrapes compete with the \
+sampling thread (at this size mostly the simulator's NVML calls) and with other developers' \
+builds (load averages in the header); the profile above shows where the agent's time went \
+during back-to-back scrapes.
 ";
 
 /// Devices a process can be registered on: GPUs 0–6, then GPU 7's MIG 0–6.
@@ -154,6 +138,19 @@ impl Node {
         interval: &str,
         cuda: Option<&FakeCuda>,
     ) -> anyhow::Result<RunningAgent> {
+        self.agent_with(ctx, interval, cuda, &ctx.tally, Duration::from_secs(180))
+    }
+
+    /// [`Node::agent`] with another `tally` (a wrapper script) and
+    /// patience.
+    fn agent_with(
+        &self,
+        ctx: &Ctx,
+        interval: &str,
+        cuda: Option<&FakeCuda>,
+        tally: &Path,
+        ready_within: Duration,
+    ) -> anyhow::Result<RunningAgent> {
         let pin = PathBuf::from(format!("/sys/fs/bpf/tally-bench-{}", std::process::id()));
         util::remove_pins(&pin);
         let libs = cuda
@@ -180,8 +177,12 @@ cgroup = '/tally/(?P<tenant>[^/]+)/'
         let file = self.dir.join("tally.toml");
         fs::write(&file, config)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let launch = tally_e2e::Launch {
+            tally: tally.to_path_buf(),
+            ..ctx.launch(ready_within)
+        };
         let agent = Agent::launch(
-            &ctx.launch(Duration::from_secs(180)),
+            &launch,
             &self.sim,
             &file,
             addr,
@@ -256,6 +257,15 @@ pub(super) fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec
     };
     let mut samples: Vec<SampleCost> = Vec::new();
     let mut sample_errors = Vec::new();
+    // Instructions per call, counted once at ×1 for benchmarks 2 and 3.
+    let counted = (sample || scrape).then(|| {
+        eprintln!("bench: instructions per call (callgrind) at ×1");
+        super::caught(|| {
+            let node = Node::build("callgrind", base.0, base.1)?;
+            instructions(ctx, &node, cuda.as_ref())
+        })
+        .map_err(|e| format!("{e:#}"))
+    });
 
     if footprint || sample {
         eprintln!("bench: 1. footprint at ×1");
@@ -284,16 +294,86 @@ pub(super) fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec
                 Err(e) => sample_errors.push(format!("×{s}: {e:#}")),
             }
         }
-        out.push(sample_section(&samples, &sample_errors));
+        out.push(sample_section(&samples, &sample_errors, counted.as_ref()));
     }
     if scrape {
         eprintln!("bench: 3. scrape");
         let (p, t) = if ctx.quick { (1024, 256) } else { (5120, 1280) };
         out.push(super::guard("3. Scrape latency at ~20k series", || {
-            scrape_bench(ctx, p, t, cuda.as_ref())
+            scrape_bench(ctx, p, t, cuda.as_ref(), counted.as_ref())
         }));
     }
     out
+}
+
+/// Instructions per call of each counted function (callgrind).
+type Counted = Result<BTreeMap<&'static str, Stats>, String>;
+
+/// Runs the agent under callgrind on `node` (1 s schedule, scraped twice a
+/// second, every other scrape asking for gzip) and counts instructions per
+/// call, leaving out the first calls (start-up, the cache filling).
+fn instructions(
+    ctx: &Ctx,
+    node: &Node,
+    cuda: Option<&FakeCuda>,
+) -> anyhow::Result<BTreeMap<&'static str, Stats>> {
+    let dir = node.dir.join("callgrind");
+    let _ = fs::remove_dir_all(&dir);
+    let script = callgrind::wrapper(&ctx.tally, &dir)?;
+    // Everything runs ~50× slower under valgrind: a longer interval keeps
+    // cycles from running back to back.
+    let agent = node.agent_with(ctx, "3s", cuda, &script, Duration::from_secs(900))?;
+    let (warm, cycles) = if ctx.quick { (2, 3) } else { (3, 10) };
+    let gzip = [("Accept-Encoding", "gzip")];
+    tally_e2e::wait_for("cycles under callgrind", Duration::from_secs(1800), || {
+        let m = agent.metrics().ok()?;
+        let _ = agent.client.request("GET", "/metrics", &gzip, b"");
+        std::thread::sleep(Duration::from_millis(500));
+        let n = m.value("tally_samples_total", &[]).unwrap_or(0.0);
+        (n >= (warm + cycles) as f64).then_some(())
+    });
+    drop(agent);
+    let per = callgrind::per_call(&dir)?;
+    if !per.contains_key(callgrind::SAMPLE) {
+        bail!(
+            "callgrind wrote no dump for {} in {}: the function was not matched",
+            callgrind::SAMPLE,
+            dir.display()
+        );
+    }
+    Ok(per
+        .into_iter()
+        .map(|(k, v)| (k, Stats::of(&v[warm.min(v.len())..])))
+        .collect())
+}
+
+/// One line per counted function, for a section's text.
+fn counted_text(counted: Option<&Counted>, which: &[(&str, &str)]) -> String {
+    match counted {
+        None => String::new(),
+        Some(Err(e)) => format!("\n**Instructions (callgrind)** could not be counted: `{e}`\n"),
+        Some(Ok(per)) => {
+            let mut t = "\n**Instructions (callgrind).** The agent at ×1 under `valgrind \
+                         --tool=callgrind`, counting only inside these functions and dumping \
+                         after each call; median (min–max) per call, the first calls (start-up, \
+                         the process cache filling) left out. Unlike time, these repeat run to \
+                         run whatever the machine's load:\n\n| per | function | instructions | calls |\n| --- | --- | --- | --- |\n"
+                .to_owned();
+            for (what, key) in which {
+                if let Some(st) = per.get(key) {
+                    let _ = writeln!(
+                        t,
+                        "| {what} | `{key}` | {} ({}–{}) | {} |",
+                        callgrind::show(st.median),
+                        callgrind::show(st.min),
+                        callgrind::show(st.max),
+                        st.n
+                    );
+                }
+            }
+            t
+        }
+    }
 }
 
 /// One scale's sampling cost.
@@ -763,25 +843,25 @@ fn footprint_and_sample(
     ));
     s.checks.push(Check::new(
         "1. agent CPU, 1 s sampling",
-        "≤ 0.5 % of one core",
+        "≤ 0.5 % of one core and ≤ ½ of node_exporter's",
         format!(
             "{a_total:.2} % (windows {}); node_exporter {n_total:.2} %; ratio {:.2}",
             ac.show(2),
             a_total / n_total.max(1e-9)
         ),
-        Verdict::of(a_total <= 0.5),
+        Verdict::of(a_total <= 0.5 && a_total <= n_total / 2.0),
     ));
-    if a_total > 0.5 {
+    if a_total > 0.5 || a_total > n_total / 2.0 {
         b.push_str(FOOTPRINT_BOTTLENECK);
     }
     s.checks.push(Check::new(
         "1. agent CPU without the NVML (simulator) threads",
-        "≤ 0.5 % of one core",
+        "≤ 0.3 % of one core",
         format!(
             "{without_nvml:.2} % ({:.0} % of the agent's CPU was in NVML threads)",
             share * 100.0
         ),
-        Verdict::of(without_nvml <= 0.5),
+        Verdict::of(without_nvml <= 0.3),
     ));
     Ok((
         Some(s),
@@ -833,7 +913,7 @@ fn sample_only(
     })
 }
 
-fn sample_section(costs: &[SampleCost], errors: &[String]) -> Section {
+fn sample_section(costs: &[SampleCost], errors: &[String], counted: Option<&Counted>) -> Section {
     let mut s = Section {
         title: "2. Sample cost".into(),
         ..Default::default()
@@ -889,9 +969,11 @@ fn sample_section(costs: &[SampleCost], errors: &[String]) -> Section {
                 "2. sample cycle ×{} ({} procs, {} tenants)",
                 c.scale, c.procs, c.tenants
             ),
-            "(no target; growth)",
+            // The issue's targets: 20/80/300 ms at 512/2048/8192 processes
+            // (×1/×4/×16 of the full run), linear in between.
+            format!("≤ {:.0} ms", cycle_target_ms(c.procs)),
             format!("{} ms", st.show(1)),
-            Verdict::Info,
+            Verdict::of(st.median <= cycle_target_ms(c.procs)),
         ));
     }
     if let (Some(a), Some(z)) = (costs.first(), costs.last())
@@ -911,6 +993,28 @@ fn sample_section(costs: &[SampleCost], errors: &[String]) -> Section {
             let _ = writeln!(b, "\nProfile of the agent at ×{}:\n\n{p}", c.scale);
         }
     }
+    b.push_str(&counted_text(
+        counted,
+        &[
+            ("sample cycle", callgrind::SAMPLE),
+            ("snapshot (its /metrics body)", callgrind::PUBLISH),
+        ],
+    ));
+    if let Some(Ok(per)) = counted {
+        for (key, what) in [
+            (callgrind::SAMPLE, "sample cycle"),
+            (callgrind::PUBLISH, "snapshot's /metrics body"),
+        ] {
+            if let Some(st) = per.get(key) {
+                s.checks.push(Check::new(
+                    format!("2. instructions per {what} ×1 (callgrind)"),
+                    "(no target; regressions show here)",
+                    format!("{} ({} calls)", callgrind::show(st.median), st.n),
+                    Verdict::Info,
+                ));
+            }
+        }
+    }
     for e in errors {
         let _ = writeln!(b, "\nFailed: `{e}`");
         s.checks
@@ -919,11 +1023,24 @@ fn sample_section(costs: &[SampleCost], errors: &[String]) -> Section {
     s
 }
 
+/// The cycle-time target for `procs` processes: 20 ms at 512, 80 ms at
+/// 2048, 300 ms at 8192, linear between (and beyond) them.
+fn cycle_target_ms(procs: usize) -> f64 {
+    let p = procs as f64;
+    if p <= 2048.0 {
+        20.0 + (p - 512.0) * (60.0 / 1536.0)
+    } else {
+        80.0 + (p - 2048.0) * (220.0 / 6144.0)
+    }
+    .max(1.0)
+}
+
 fn scrape_bench(
     ctx: &Ctx,
     procs: usize,
     tenants: usize,
     cuda: Option<&FakeCuda>,
+    counted: Option<&Counted>,
 ) -> anyhow::Result<Section> {
     let node = Node::build("scrape", procs, tenants)?;
     let agent = node.agent(ctx, "1s", cuda)?;
@@ -954,23 +1071,40 @@ fn scrape_bench(
     );
     let cpu0 = (util::cpu_seconds(agent.pid(), ctx.tck)?, Instant::now());
     let n = if ctx.quick { 50 } else { 300 };
-    let mut lat = Vec::with_capacity(n);
-    let mut size = 0;
+    // Plain and gzip scrapes alternate (Prometheus asks for gzip).
+    let (mut lat, mut lat_gz) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut size, mut size_gz) = (0, 0);
     let mut series = 0;
-    for _ in 0..n {
+    for i in 0..2 * n {
+        let gzip = i % 2 == 1;
+        let headers: &[(&str, &str)] = if gzip {
+            &[("Accept-Encoding", "gzip")]
+        } else {
+            &[]
+        };
         let t = Instant::now();
-        let r = Client::new(agent.agent.addr).get("/metrics")?;
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        let r = Client::new(agent.agent.addr).request("GET", "/metrics", headers, b"")?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
         if r.status != 200 {
             bail!("/metrics answered {}", r.status);
         }
-        size = r.body.len();
-        series = Metrics::try_parse(&r.text())
-            .map_err(anyhow::Error::msg)?
-            .len();
+        if gzip {
+            if !r.head.contains("content-encoding: gzip") {
+                bail!("/metrics ignored Accept-Encoding: gzip:\n{}", r.head);
+            }
+            lat_gz.push(ms);
+            size_gz = r.body.len();
+        } else {
+            lat.push(ms);
+            size = r.body.len();
+            series = Metrics::try_parse(&r.text())
+                .map_err(anyhow::Error::msg)?
+                .len();
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let st = Stats::of(&lat);
+    let st_gz = Stats::of(&lat_gz);
     let p50 = st.median;
     let busy = (util::cpu_seconds(agent.pid(), ctx.tck)? - cpu0.0) / cpu0.1.elapsed().as_secs_f64()
         * 100.0;
@@ -995,20 +1129,43 @@ fn scrape_bench(
     );
     let _ = writeln!(
         b,
-        "**Measured.** {n} sequential `GET /metrics`, each on a new connection, 20 ms apart, \
-         timed from connect to the last body byte.\n"
+        "**Measured.** {} sequential `GET /metrics`, each on a new connection, 20 ms apart, \
+         timed from connect to the last body byte; every other one with `Accept-Encoding: \
+         gzip`. The body of each snapshot is encoded once, on the sampling thread, and gzipped \
+         once; a scrape sends those bytes.\n",
+        2 * n
     );
-    let _ = writeln!(b, "| series | body | p50 ms | p99 ms | min–max ms |");
-    let _ = writeln!(b, "| --- | --- | --- | --- | --- |");
     let _ = writeln!(
         b,
-        "| {series} | {:.2} MiB | {p50:.1} | {:.1} | {:.1}–{:.1} |",
-        size as f64 / 1048576.0,
-        st.p99,
-        st.min,
-        st.max
+        "| series | encoding | body | p50 ms | p99 ms | min–max ms |"
     );
-    if st.p99 > 20.0 {
+    let _ = writeln!(b, "| --- | --- | --- | --- | --- | --- |");
+    for (name, st, size) in [("identity", &st, size), ("gzip", &st_gz, size_gz)] {
+        let _ = writeln!(
+            b,
+            "| {series} | {name} | {:.2} MiB | {:.1} | {:.1} | {:.1}–{:.1} |",
+            size as f64 / 1048576.0,
+            st.median,
+            st.p99,
+            st.min,
+            st.max
+        );
+    }
+    b.push_str(&counted_text(
+        counted,
+        &[("scrape (at ×1)", callgrind::SCRAPE)],
+    ));
+    if let Some(Ok(per)) = counted
+        && let Some(c) = per.get(callgrind::SCRAPE)
+    {
+        s.checks.push(Check::new(
+            "3. instructions per scrape (callgrind, ×1)",
+            "(no target; regressions show here)",
+            format!("{} ({} calls)", callgrind::show(c.median), c.n),
+            Verdict::Info,
+        ));
+    }
+    if st.p99.max(st_gz.p99) > 10.0 {
         let prof_dir = node.dir.clone();
         let client = agent.client.clone();
         let scraper = std::thread::spawn(move || {
@@ -1031,13 +1188,24 @@ fn scrape_bench(
     }
     s.checks.push(Check::new(
         format!("3. /metrics p99 at {series} series"),
-        "≤ 20 ms",
+        "≤ 10 ms",
         format!(
             "p50 {p50:.1} ms, p99 {:.1} ms, {:.2} MiB",
             st.p99,
             size as f64 / 1048576.0
         ),
-        Verdict::of(st.p99 <= 20.0),
+        Verdict::of(st.p99 <= 10.0),
+    ));
+    s.checks.push(Check::new(
+        format!("3. /metrics p99 at {series} series, gzip"),
+        "≤ 10 ms",
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, {:.2} MiB",
+            st_gz.median,
+            st_gz.p99,
+            size_gz as f64 / 1048576.0
+        ),
+        Verdict::of(st_gz.p99 <= 10.0),
     ));
     Ok(s)
 }

@@ -19,6 +19,7 @@ use crate::{
 };
 
 mod agent;
+mod callgrind;
 mod ledger;
 mod probes;
 mod sim;
@@ -160,6 +161,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         "sqlite3",
         "bpftool",
         "linux-perf",
+        "valgrind",
     ]);
     deps::ensure(&packages)?;
     if !o.no_build {

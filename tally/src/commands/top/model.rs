@@ -121,7 +121,8 @@ pub(crate) fn from_snapshot(prev: Option<&Snapshot>, cur: &Snapshot) -> View {
         .gpus
         .iter()
         .map(|g| {
-            let mut tenants: Vec<String> = g.processes.iter().map(|p| p.tenant.clone()).collect();
+            let mut tenants: Vec<String> =
+                g.processes.iter().map(|p| p.tenant.to_string()).collect();
             tenants.sort();
             tenants.dedup();
             GpuRow {

@@ -1,0 +1,114 @@
+//! Instruction counts per call from `valgrind --tool=callgrind`: the
+//! agent runs under callgrind, which counts only inside the functions named
+//! here and dumps (and zeroes) its counters after each of their calls. An
+//! instruction count repeats run to run whatever else the shared machine
+//! does, so a regression shows as a number where wall and CPU time drown
+//! in the load.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+
+/// One sampling cycle: NVML reads joined, attribution, states.
+pub(super) const SAMPLE: &str = "Sampler::sample";
+/// The `/metrics` body of one snapshot, made once on the sampling thread.
+pub(super) const PUBLISH: &str = "Metrics::published";
+/// One scrape's body: from the cache, plus the components' few families.
+pub(super) const SCRAPE: &str = "Metrics::body";
+
+/// The functions counted, as callgrind matches their demangled names (the
+/// agent keeps them out of line for this).
+const FUNCTIONS: [(&str, &str); 3] = [
+    (SAMPLE, "tally_agent::gpu::sample::Sampler::sample"),
+    (PUBLISH, "tally_agent::metrics::Metrics::published"),
+    (SCRAPE, "tally_agent::metrics::Metrics::body"),
+];
+
+/// A script that runs `tally` under callgrind, writing one dump per call
+/// of each counted function into `dir`.
+pub(super) fn wrapper(tally: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let mut args = vec![
+        "--tool=callgrind".to_owned(),
+        format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()),
+        "--collect-atstart=no".to_owned(),
+    ];
+    for (_, name) in FUNCTIONS {
+        args.push(format!("--toggle-collect={name}"));
+        args.push(format!("--dump-after={name}"));
+    }
+    let script = dir.join("tally-under-callgrind");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec valgrind {} '{}' \"$@\"\n",
+            args.iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            tally.display()
+        ),
+    )?;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
+    Ok(script)
+}
+
+/// Instructions per call of each counted function, in call order, from
+/// the dumps in `dir`.
+pub(super) fn per_call(dir: &Path) -> anyhow::Result<BTreeMap<&'static str, Vec<f64>>> {
+    let mut dumps: Vec<(u64, &'static str, f64)> = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        // `callgrind.out.<pid>.<n>`: the n-th dump.
+        let Some(n) = name
+            .strip_prefix("callgrind.out.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let text = fs::read_to_string(&path)?;
+        let trigger = text
+            .lines()
+            .find_map(|l| l.strip_prefix("desc: Trigger: --dump-after="));
+        let total = text
+            .lines()
+            .find_map(|l| l.strip_prefix("totals: "))
+            .or_else(|| text.lines().find_map(|l| l.strip_prefix("summary: ")))
+            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
+        let key = trigger.and_then(|t| {
+            FUNCTIONS
+                .iter()
+                .find(|(_, full)| t.trim() == *full)
+                .map(|(k, _)| *k)
+        });
+        if let (Some(key), Some(total)) = (key, total) {
+            dumps.push((n, key, total));
+        }
+    }
+    dumps.sort_by_key(|(n, _, _)| *n);
+    let mut out: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for (_, key, total) in dumps {
+        out.entry(key).or_default().push(total);
+    }
+    Ok(out)
+}
+
+/// `1.23 M` style, for instruction counts.
+pub(super) fn show(instructions: f64) -> String {
+    if instructions >= 1e9 {
+        format!("{:.2} G", instructions / 1e9)
+    } else if instructions >= 1e6 {
+        format!("{:.2} M", instructions / 1e6)
+    } else if instructions >= 1e3 {
+        format!("{:.1} k", instructions / 1e3)
+    } else {
+        format!("{instructions:.0}")
+    }
+}
