@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use tally_e2e::pg_server::debian_bin;
 
 /// Where the cluster lives (data, socket, log, port).
 fn home() -> PathBuf {
@@ -33,22 +34,6 @@ fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
         })
         .unwrap_or(false)
-}
-
-/// The newest Debian PostgreSQL `bin/` directory, if any.
-fn debian_bin() -> Option<PathBuf> {
-    fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
-        .max_by_key(|p| {
-            p.parent()
-                .and_then(|v| v.file_name())
-                .and_then(|v| v.to_str())
-                .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(0)
-        })
 }
 
 /// Installs Debian's `postgresql` when no server binaries are there.

@@ -25,8 +25,9 @@ pub struct PgServer {
     netns: String,
 }
 
-/// The newest Debian PostgreSQL `bin/` (as `xtask/src/postgres.rs` finds it).
-fn debian_bin() -> Option<PathBuf> {
+/// The newest Debian PostgreSQL `bin/` directory, if any (xtask installs
+/// the package when there is none).
+pub fn debian_bin() -> Option<PathBuf> {
     fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .flatten()
