@@ -204,6 +204,8 @@ pub struct Aggregator {
     pub config: PathBuf,
     pub dir: PathBuf,
     pub backend: Backend,
+    /// The `tally` binary it runs (this build's, or a release one).
+    tally: PathBuf,
     log_n: u32,
 }
 
@@ -255,6 +257,12 @@ tenant = "acme"
 impl Aggregator {
     /// Starts an aggregator on `backend` with its files in `dir`.
     pub fn start(dir: &Path, backend: &Backend, extra: &str) -> Aggregator {
+        Aggregator::start_bin(&tally_bin(), dir, backend, extra)
+    }
+
+    /// [`Aggregator::start`] with a given `tally` binary (`cargo xtask
+    /// soak` runs the release build).
+    pub fn start_bin(tally: &Path, dir: &Path, backend: &Backend, extra: &str) -> Aggregator {
         let config = write_config(dir, backend, extra);
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut a = Aggregator {
@@ -263,6 +271,7 @@ impl Aggregator {
             config,
             dir: dir.to_path_buf(),
             backend: backend.clone(),
+            tally: tally.to_path_buf(),
             log_n: 0,
         };
         a.restart();
@@ -292,7 +301,7 @@ impl Aggregator {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "aggregator already running");
         self.log_n += 1;
-        let child = Command::new(tally_bin())
+        let child = Command::new(&self.tally)
             .arg("aggregator")
             .arg("--config")
             .arg(&self.config)
