@@ -3,10 +3,7 @@
 //! the simulated GPUs; and the faults sprinkled in (XIDs, lost GPUs).
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -24,15 +21,27 @@ const DEVICES: u32 = 11;
 /// cgroup), then sleeps until killed.
 const WORKLOAD: &str = "echo soak > /dev/udp/127.0.0.1/9; exec sleep infinity";
 
-/// Counts of what the churn did; `created` is shared with the sampler.
+/// Counts of what the churn did, shared by its workers and the sampler.
 #[derive(Debug, Default)]
 pub(super) struct Counts {
-    pub created: Arc<AtomicU64>,
-    pub destroyed: u64,
-    pub cgroups_created: u64,
-    pub cgroups_removed: u64,
-    /// Starts skipped because the loop fell more than a second behind.
-    pub missed: u64,
+    pub created: AtomicU64,
+    pub destroyed: AtomicU64,
+    pub cgroups_created: AtomicU64,
+    pub cgroups_removed: AtomicU64,
+    /// Starts skipped because a worker fell more than a second behind.
+    pub missed: AtomicU64,
+    /// The most jobs alive at once in any one worker.
+    pub peak_live: AtomicU64,
+}
+
+impl Counts {
+    pub(super) fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 struct Job {
@@ -43,48 +52,65 @@ struct Job {
     until: Instant,
 }
 
-/// The live jobs and tenant cgroups beneath `<soak cgroup>/tally/`.
+/// One worker's live jobs and tenant cgroups beneath `<base>/<tenant>/`:
+/// worker `w` of `n` owns the tenants `t` with `t % n == w`, so workers
+/// never share a cgroup.
 pub(super) struct Churn<'a> {
-    // Dropped in this order: jobs, tenant cgroups, the base.
+    // Dropped in this order: jobs, ended jobs' cgroups, tenant cgroups.
     jobs: Vec<Job>,
+    /// Cgroups of ended jobs, removed a moment later: right after the
+    /// reap the kernel may still call them busy, and the kit's removal
+    /// would then sleep-retry in the middle of the churn.
+    ended: Vec<(Instant, Cgroup, usize)>,
     tenants: Vec<Option<(Cgroup, usize)>>,
-    base: Cgroup,
+    base: &'a Cgroup,
     sim: &'a SimNode,
     rng: fastrand::Rng,
+    worker: usize,
+    workers: usize,
     next_id: u64,
-    pub counts: Counts,
+    counts: &'a Counts,
 }
 
+/// How long an ended job's cgroup waits before its removal.
+const SETTLE: Duration = Duration::from_millis(300);
+
 impl<'a> Churn<'a> {
-    /// Jobs go under `tree/tally/<tenant>/job<n>`.
-    pub(super) fn new(tree: &Cgroup, sim: &'a SimNode, seed: u64) -> Churn<'a> {
+    /// Jobs go under `base/<tenant>/w<worker>-job<n>`.
+    pub(super) fn new(
+        base: &'a Cgroup,
+        sim: &'a SimNode,
+        counts: &'a Counts,
+        (worker, workers): (usize, usize),
+        seed: u64,
+    ) -> Churn<'a> {
         Churn {
             jobs: Vec::new(),
+            ended: Vec::new(),
             tenants: (0..TENANTS).map(|_| None).collect(),
-            base: tree.child("tally"),
+            base,
             sim,
             rng: fastrand::Rng::with_seed(seed),
+            worker,
+            workers,
             next_id: 0,
-            counts: Counts::default(),
+            counts,
         }
-    }
-
-    pub(super) fn live(&self) -> usize {
-        self.jobs.len()
     }
 
     /// Starts one job living 0.5–4.5 s (≈ 2.5 s: ~125 live at 50/s).
     pub(super) fn start(&mut self, now: Instant) {
-        let t = self.rng.usize(..TENANTS);
+        let mine = TENANTS.div_ceil(self.workers);
+        let t = (self.worker + self.workers * self.rng.usize(..mine)).min(TENANTS - 1);
         if self.tenants[t].is_none() {
             self.tenants[t] = Some((self.base.child(&format!("t{t:02}")), 0));
-            self.counts.cgroups_created += 1;
+            Counts::add(&self.counts.cgroups_created, 1);
         }
         let (tenant, jobs) = self.tenants[t].as_mut().expect("created above");
         *jobs += 1;
-        let cgroup = tenant.child(&format!("job{}", self.next_id));
+        let cgroup = tenant.child(&format!("w{}-job{}", self.worker, self.next_id));
         self.next_id += 1;
-        self.counts.cgroups_created += 1;
+        Counts::add(&self.counts.cgroups_created, 1);
         let child = cgroup.start("/bin/bash", &["-c", WORKLOAD]);
         let device = self.rng.u32(..DEVICES);
         let (gpu, mig, memory) = if device < 7 {
@@ -94,7 +120,7 @@ impl<'a> Churn<'a> {
         };
         let sm = f64::from(self.rng.u32(1..=20)) / 20.0;
         self.sim.register(child.pid(), gpu, mig, memory, sm);
-        self.counts.created.fetch_add(1, Ordering::Relaxed);
+        Counts::add(&self.counts.created, 1);
         let life = Duration::from_millis(500 + self.rng.u64(..4000));
         self.jobs.push(Job {
             child,
@@ -102,6 +128,9 @@ impl<'a> Churn<'a> {
             tenant: t,
             until: now + life,
         });
+        self.counts
+            .peak_live
+            .fetch_max(self.jobs.len() as u64, Ordering::Relaxed);
     }
 
     /// Ends every job whose time is up (all of them with `all`).
@@ -115,21 +144,38 @@ impl<'a> Churn<'a> {
                 i += 1;
             }
         }
+        self.remove_settled(false);
     }
 
     fn end(&mut self, mut job: Job) {
         let pid = job.child.pid();
         job.child.kill();
         self.sim.unregister(pid);
-        drop(job.cgroup);
-        self.counts.destroyed += 1;
-        self.counts.cgroups_removed += 1;
-        let slot = &mut self.tenants[job.tenant];
-        if let Some((_, jobs)) = slot {
-            *jobs -= 1;
-            if *jobs == 0 {
-                *slot = None;
-                self.counts.cgroups_removed += 1;
+        Counts::add(&self.counts.destroyed, 1);
+        self.ended
+            .push((Instant::now() + SETTLE, job.cgroup, job.tenant));
+    }
+
+    /// Removes the cgroups of ended jobs that have settled (all with
+    /// `all`), and each tenant cgroup left without jobs.
+    fn remove_settled(&mut self, all: bool) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.ended.len() {
+            if !all && self.ended[i].0 > now {
+                i += 1;
+                continue;
+            }
+            let (_, cgroup, tenant) = self.ended.swap_remove(i);
+            drop(cgroup);
+            Counts::add(&self.counts.cgroups_removed, 1);
+            let slot = &mut self.tenants[tenant];
+            if let Some((_, jobs)) = slot {
+                *jobs -= 1;
+                if *jobs == 0 {
+                    *slot = None;
+                    Counts::add(&self.counts.cgroups_removed, 1);
+                }
             }
         }
     }
@@ -138,6 +184,60 @@ impl<'a> Churn<'a> {
 impl Drop for Churn<'_> {
     fn drop(&mut self) {
         self.reap(Instant::now(), true);
+        std::thread::sleep(SETTLE);
+        self.remove_settled(true);
+    }
+}
+
+/// What the churn workers share.
+#[derive(Clone, Copy)]
+pub(super) struct Shared<'a> {
+    /// `<soak cgroup>/tally`: the tenant cgroups go beneath it.
+    pub base: &'a Cgroup,
+    pub sim: &'a SimNode,
+    pub counts: &'a Counts,
+    /// Set when the soak ends early (the agent died).
+    pub stop: &'a AtomicBool,
+}
+
+/// Runs worker `w` of `n` until `end` (or `stop`): a job started every `n / rate`
+/// seconds, paced by absolute time so that a slow start catches up, and
+/// jobs ended when their time is up; then ends the rest.
+pub(super) fn work(
+    with: &Shared<'_>,
+    (w, n): (usize, usize),
+    rate: u32,
+    seed: u64,
+    (start, end): (Instant, Instant),
+) {
+    let Shared {
+        base,
+        sim,
+        counts,
+        stop,
+    } = *with;
+    let mut churn = Churn::new(base, sim, counts, (w, n), seed);
+    let period = Duration::from_secs(n as u64) / rate;
+    let mut next = start + period * w as u32 / n as u32;
+    loop {
+        let now = Instant::now();
+        if now >= end || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        churn.reap(now, false);
+        if now.duration_since(next) > Duration::from_secs(1) {
+            // More than a second behind (the machine is busy): skip
+            // rather than burst; the achieved rate says so.
+            let behind = now.duration_since(next).as_secs_f64();
+            Counts::add(&counts.missed, (behind / period.as_secs_f64()) as u64);
+            next = now;
+        }
+        while next <= now {
+            churn.start(now);
+            next += period;
+        }
+        let wait = next.saturating_duration_since(Instant::now());
+        std::thread::sleep(wait.min(Duration::from_millis(50)));
     }
 }
 

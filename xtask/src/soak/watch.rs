@@ -9,13 +9,15 @@ use std::{
     process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+
+use super::churn::Counts;
 
 /// RSS (MiB) and open descriptors of one process.
 #[derive(Debug, Clone, Copy)]
@@ -121,13 +123,13 @@ pub(super) struct Samples {
 }
 
 /// The sampling thread; [`Watch::finish`] stops it and hands the samples.
-pub(super) struct Watch {
+pub(super) struct Watch<'scope> {
     stop: Arc<AtomicBool>,
-    handle: thread::JoinHandle<Samples>,
+    handle: thread::ScopedJoinHandle<'scope, Samples>,
 }
 
 /// What to watch, and how often.
-pub(super) struct Targets {
+pub(super) struct Targets<'a> {
     pub agent: u32,
     pub aggregator: u32,
     pub maps: Vec<(PathBuf, MapInfo)>,
@@ -135,16 +137,20 @@ pub(super) struct Targets {
     /// Maps are dumped once in this many footprint samples (a dump of a
     /// full LRU map takes a while).
     pub maps_every: u32,
-    pub created: Arc<AtomicU64>,
+    pub counts: &'a Counts,
 }
 
-impl Watch {
-    pub(super) fn start(start: Instant, t: Targets) -> Watch {
+impl<'scope> Watch<'scope> {
+    pub(super) fn start<'env>(
+        scope: &'scope thread::Scope<'scope, 'env>,
+        start: Instant,
+        t: Targets<'env>,
+    ) -> Watch<'scope> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = thread::Builder::new()
             .name("soak-watch".into())
-            .spawn(move || {
+            .spawn_scoped(scope, move || {
                 let mut s = Samples::default();
                 let note = |s: &mut Samples, e: anyhow::Error| {
                     if s.errors.len() < 10 {
@@ -163,8 +169,7 @@ impl Watch {
                         Ok(f) => s.aggregator.push((at, f)),
                         Err(e) => note(&mut s, e.context("aggregator")),
                     }
-                    s.created
-                        .push((at, t.created.load(Ordering::Relaxed) as f64));
+                    s.created.push((at, Counts::get(&t.counts.created) as f64));
                     if n.is_multiple_of(t.maps_every) {
                         for (path, info) in &t.maps {
                             match map_entries(path) {
