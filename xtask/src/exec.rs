@@ -19,6 +19,19 @@ pub(crate) fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `f()`, with a panic (the test kit's fixtures panic, as tests should)
+/// turned into an error.
+pub(crate) fn caught<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(anyhow::anyhow!(why))
+    })
+}
+
 /// The workspace root (the parent of `xtask/`).
 pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,6 +12,7 @@ mod fuzz;
 #[cfg(test)]
 mod layout;
 mod postgres;
+mod soak;
 mod test;
 
 #[derive(Debug, Parser)]
@@ -31,6 +32,8 @@ enum Command {
     Bench(bench::Options),
     /// Run every fuzz target for N seconds; print executions and crashes.
     Fuzz(fuzz::Options),
+    /// Churn processes and cgroups at 50/s for N minutes under the release agent; check for leaks.
+    Soak(soak::Options),
     /// Build target/dist/: a stripped tally, the GPU check and its helpers, to copy to a GPU machine.
     Dist(dist::Options),
 }
@@ -42,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(o) => bench::run(o),
         Command::Fuzz(o) => fuzz::run(o),
         Command::Dist(o) => dist::run(o),
+        Command::Soak(o) => soak::run(o),
     }
 }

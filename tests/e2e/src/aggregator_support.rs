@@ -204,6 +204,8 @@ pub struct Aggregator {
     pub config: PathBuf,
     pub dir: PathBuf,
     pub backend: Backend,
+    /// The `tally` binary it runs (this build's, or a release one).
+    tally: PathBuf,
     log_n: u32,
     /// The network namespace it runs in (`None`: this machine's).
     netns: Option<String>,
@@ -259,6 +261,12 @@ tenant = "acme"
 impl Aggregator {
     /// Starts an aggregator on `backend` with its files in `dir`.
     pub fn start(dir: &Path, backend: &Backend, extra: &str) -> Aggregator {
+        Aggregator::start_bin(&tally_bin(), dir, backend, extra)
+    }
+
+    /// [`Aggregator::start`] with a given `tally` binary (`cargo xtask
+    /// soak` runs the release build).
+    pub fn start_bin(tally: &Path, dir: &Path, backend: &Backend, extra: &str) -> Aggregator {
         let config = write_config(dir, backend, extra);
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut a = Aggregator {
@@ -267,6 +275,7 @@ impl Aggregator {
             config,
             dir: dir.to_path_buf(),
             backend: backend.clone(),
+            tally: tally.to_path_buf(),
             log_n: 0,
             netns: None,
             listen: addr,
@@ -294,6 +303,7 @@ impl Aggregator {
             config,
             dir: dir.to_path_buf(),
             backend: backend.clone(),
+            tally: tally_bin(),
             log_n: 0,
             netns: Some(netns.to_owned()),
             listen: format!("0.0.0.0:{port}").parse().unwrap(),
@@ -337,10 +347,10 @@ impl Aggregator {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(tally_bin());
+                c.args(["netns", "exec", ns]).arg(&self.tally);
                 c
             }
-            None => Command::new(tally_bin()),
+            None => Command::new(&self.tally),
         };
         let child = cmd
             .arg("aggregator")

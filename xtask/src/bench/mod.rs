@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     deps,
-    exec::{cargo, exec, is_root, target_dir, workspace_root},
+    exec::{cargo, caught, exec, is_root, target_dir, workspace_root},
 };
 
 mod agent;
@@ -332,19 +332,6 @@ pub(crate) fn guard(title: &str, f: impl FnOnce() -> anyhow::Result<Section>) ->
         Ok(s) => s,
         Err(e) => failed(title, &e),
     }
-}
-
-/// `f()`, with a panic (the test kit's fixtures panic, as tests should)
-/// turned into an error.
-pub(crate) fn caught<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| "a panic".into());
-        Err(anyhow::anyhow!(why))
-    })
 }
 
 pub(crate) fn failed(title: &str, e: &anyhow::Error) -> Section {
