@@ -22,7 +22,7 @@ use tally_e2e::{
     aggregator_support::{
         Aggregator, LedgerReader, assert_ledger_exact, reported_counters, spooled, sqlite,
     },
-    conservation::{Scrape, assert_conserved, close},
+    conservation::{Scrape, assert_conserved, close, tenant_energy},
     free_port, unique,
 };
 
@@ -504,12 +504,7 @@ fn conserved_since_start(m: &Metrics) -> (usize, Vec<String>) {
             unread.push(gpu.clone());
             continue;
         };
-        let prefix = format!("{gpu}/");
-        let tenants: f64 = m
-            .select("tally_tenant_gpu_energy_joules_total", &[])
-            .filter(|s| s.labels["gpu"] == *gpu || s.labels["gpu"].starts_with(&prefix))
-            .map(|s| s.value)
-            .sum();
+        let tenants = tenant_energy(m, None, gpu);
         close(
             tenants,
             device,

@@ -39,6 +39,24 @@ pub fn close(a: f64, b: f64, what: &str) {
     assert!((a - b).abs() <= tol, "{what}: {a} != {b}");
 }
 
+/// The tenants' energy on physical GPU `gpu` (its MIG instances' too), as
+/// the growth of each series since `before` (a series new since then from
+/// 0), or since the agent started without `before`.
+pub fn tenant_energy(after: &Metrics, before: Option<&Metrics>, gpu: &str) -> f64 {
+    const NAME: &str = "tally_tenant_gpu_energy_joules_total";
+    let prefix = format!("{gpu}/");
+    after
+        .select(NAME, &[])
+        .filter(|s| s.labels["gpu"] == gpu || s.labels["gpu"].starts_with(&prefix))
+        .map(|s| {
+            let earlier = before
+                .and_then(|b| b.select(NAME, &[]).find(|o| o.labels == s.labels))
+                .map_or(0.0, |o| o.value);
+            s.value - earlier
+        })
+        .sum()
+}
+
 /// Asserts conservation over `before..after`, for a window in which no GPU
 /// failed. Returns the devices checked (the `gpu` labels).
 pub fn assert_conserved(before: &Scrape, after: &Scrape) -> Vec<String> {
@@ -75,21 +93,7 @@ pub fn assert_conserved(before: &Scrape, after: &Scrape) -> Vec<String> {
     for (gpu, _) in devices.iter().filter(|(g, _)| !g.contains('/')) {
         let device = after.delta(before, "tally_gpu_energy_joules_total", &[("gpu", gpu)]);
         assert!(device > 0.0, "gpu {gpu} drew energy");
-        let prefix = format!("{gpu}/");
-        let tenants: f64 = m2
-            .select("tally_tenant_gpu_energy_joules_total", &[])
-            .filter(|s| s.labels["gpu"] == *gpu || s.labels["gpu"].starts_with(&prefix))
-            .map(|s| {
-                s.value
-                    - before
-                        .metrics
-                        .value(
-                            "tally_tenant_gpu_energy_joules_total",
-                            &[("tenant", &s.labels["tenant"]), ("gpu", &s.labels["gpu"])],
-                        )
-                        .unwrap_or(0.0)
-            })
-            .sum();
+        let tenants = tenant_energy(m2, Some(&before.metrics), gpu);
         close(tenants, device, &format!("energy of gpu {gpu}"));
     }
     devices.into_iter().map(|(g, _)| g).collect()

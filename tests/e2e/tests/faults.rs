@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tally_e2e::{
     Agent, Cgroup, ChildGuard, Launch, Metrics, SimNode,
+    conservation::tenant_energy,
     faults_support::{Hang, WallClock, rss_kib, spawn_as_pid},
     http_get, require_root, skip, unique, wait_for,
 };
@@ -71,17 +72,7 @@ fn assert_conserved_except(m1: &Metrics, m2: &Metrics, unreadable: &[&str]) {
         .filter(|g| !g.contains('/') && !unreadable.contains(&g.as_str()))
     {
         let device = delta("tally_gpu_energy_joules_total", &[("gpu", gpu)]);
-        let prefix = format!("{gpu}/");
-        let tenants: f64 = m2
-            .select("tally_tenant_gpu_energy_joules_total", &[])
-            .filter(|s| s.labels["gpu"] == *gpu || s.labels["gpu"].starts_with(&prefix))
-            .map(|s| {
-                s.value
-                    - m1.select("tally_tenant_gpu_energy_joules_total", &[])
-                        .find(|o| o.labels == s.labels)
-                        .map_or(0.0, |o| o.value)
-            })
-            .sum();
+        let tenants = tenant_energy(m2, Some(m1), gpu);
         let tol = 1e-6 * device.abs().max(1.0);
         assert!(
             (tenants - device).abs() <= tol,
