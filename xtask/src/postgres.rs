@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tally_e2e::pg_server::debian_bin;
+use tally_e2e::pg_server::{INITDB_ARGS, debian_bin};
 
 /// Where the cluster lives (data, socket, log, port).
 fn home() -> PathBuf {
@@ -135,15 +135,7 @@ pub(crate) fn ensure() -> anyhow::Result<String> {
     fs::create_dir_all(&home).with_context(|| format!("cannot create {}", home.display()))?;
     // The server runs as `postgres`: it must own its directory.
     fs::set_permissions(&home, fs::Permissions::from_mode(0o777))?;
-    run(pg(&bin, "initdb").arg("-D").arg(&data).args([
-        "-A",
-        "trust",
-        "-U",
-        "postgres",
-        "-E",
-        "UTF8",
-        "--no-sync",
-    ]))?;
+    run(pg(&bin, "initdb").arg("-D").arg(&data).args(INITDB_ARGS))?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let options = format!(
         "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",

@@ -42,6 +42,10 @@ pub fn debian_bin() -> Option<PathBuf> {
         })
 }
 
+/// `initdb` for a throw-away test cluster: no passwords, superuser
+/// `postgres`, no fsync (xtask's shared test server uses the same).
+pub const INITDB_ARGS: [&str; 7] = ["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"];
+
 /// Runs `cmd`; the error names it and gives its stderr.
 fn run(cmd: &mut Command) -> Result<(), String> {
     let shown = format!("{cmd:?}");
@@ -74,15 +78,11 @@ impl PgServer {
             home,
             netns: netns.name.clone(),
         };
-        run(pg.as_postgres("initdb").arg("-D").arg(pg.data()).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ]))?;
+        run(pg
+            .as_postgres("initdb")
+            .arg("-D")
+            .arg(pg.data())
+            .args(INITDB_ARGS))?;
         pg.start();
         run(pg
             .as_postgres("createdb")
