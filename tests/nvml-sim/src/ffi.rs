@@ -170,7 +170,8 @@ pub(crate) fn with_view(
 }
 
 /// Runs `f` on the handle behind `device`, after the `hang/<index>` fault of
-/// its GPU, if any, is lifted.
+/// its GPU, if any, is lifted. The state directory is refreshed once per
+/// pass, so `f` reads it as of the same instant the hang was checked.
 fn with_handle(device: Device, f: impl FnOnce(&mut Sim, Handle) -> Result<(), Code>) -> Ret {
     guard(|| {
         loop {
@@ -178,6 +179,7 @@ fn with_handle(device: Device, f: impl FnOnce(&mut Sim, Handle) -> Result<(), Co
                 let mut driver = driver();
                 let sim = driver.sim()?;
                 let h = sim.resolve(device as usize)?;
+                sim.refresh();
                 if !sim.hung(h.gpu()) {
                     return f(sim, h);
                 }
@@ -200,6 +202,7 @@ fn wait_while_hung(device: Device) -> Result<(), Code> {
         let mut driver = driver();
         let sim = driver.sim()?;
         let h = sim.resolve(device as usize)?;
+        sim.refresh();
         if !sim.hung(h.gpu()) {
             return Ok(());
         }

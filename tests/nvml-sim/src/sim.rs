@@ -357,37 +357,33 @@ impl Sim {
         Err(code::NOT_FOUND)
     }
 
-    /// Brings the copy of the state directory up to date.
-    fn refresh(&mut self) {
+    /// Brings the copy of the state directory up to date: once per device
+    /// query, before anything of it is read (`ffi::with_handle`).
+    pub(crate) fn refresh(&mut self) {
         if let Some(w) = &mut self.watched {
             w.refresh(&self.scenario);
         }
     }
 
-    /// Whether `hang/<gpu>` exists now.
-    pub(crate) fn hung(&mut self, gpu: u32) -> bool {
-        self.refresh();
+    /// Whether `hang/<gpu>` existed at the last refresh.
+    pub(crate) fn hung(&self, gpu: u32) -> bool {
         self.watched.as_ref().is_some_and(|w| w.hung(gpu))
     }
 
-    /// Returns GPU_IS_LOST when `lost/<gpu>` exists now.
-    pub(crate) fn check_lost(&mut self, gpu: u32) -> Result<(), Code> {
-        self.refresh();
-        self.lost_as_read(gpu)
-    }
-
-    fn lost_as_read(&self, gpu: u32) -> Result<(), Code> {
+    /// Returns GPU_IS_LOST when `lost/<gpu>` existed at the last refresh.
+    pub(crate) fn lost_as_read(&self, gpu: u32) -> Result<(), Code> {
         match &self.watched {
             Some(w) if w.lost(gpu) => Err(code::GPU_IS_LOST),
             _ => Ok(()),
         }
     }
 
-    /// Reads the state for the device behind `h`, advances the GPU's energy
-    /// integral, and returns every reading. GPU_IS_LOST for a lost GPU.
+    /// Reads the state (as of the last refresh) for the device behind `h`,
+    /// advances the GPU's energy integral, and returns every reading.
+    /// GPU_IS_LOST for a lost GPU.
     pub(crate) fn observe(&mut self, h: Handle) -> Result<View, Code> {
         let gpu = self.gpu(h.gpu())?.clone();
-        self.check_lost(gpu.index)?;
+        self.lost_as_read(gpu.index)?;
         let all = match &mut self.watched {
             Some(w) => w.procs_on(gpu.index, &self.scenario),
             None => Arc::from([]),
@@ -502,7 +498,7 @@ impl Sim {
         let Handle::Gpu(g) = h else {
             return Err(code::NOT_SUPPORTED);
         };
-        self.check_lost(g)?;
+        self.lost_as_read(g)?;
         if types & !event::SUPPORTED != 0 {
             return Err(code::NOT_SUPPORTED);
         }
