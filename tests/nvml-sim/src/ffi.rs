@@ -169,9 +169,16 @@ pub(crate) fn with_view(
     })
 }
 
+/// How often a hung query looks whether `hang/<index>` is gone.
+const HANG_POLL: Duration = Duration::from_millis(20);
+
 /// Runs `f` on the handle behind `device`, after the `hang/<index>` fault of
 /// its GPU, if any, is lifted. The state directory is refreshed once per
 /// pass, so `f` reads it as of the same instant the hang was checked.
+///
+/// While the marker exists the calling thread sleeps between passes —
+/// without the driver lock, so queries of other GPUs (and `nvmlShutdown`)
+/// still run, as when a driver call is stuck on one device.
 fn with_handle(device: Device, f: impl FnOnce(&mut Sim, Handle) -> Result<(), Code>) -> Ret {
     guard(|| {
         loop {
@@ -184,29 +191,9 @@ fn with_handle(device: Device, f: impl FnOnce(&mut Sim, Handle) -> Result<(), Co
                     return f(sim, h);
                 }
             }
-            wait_while_hung(device)?;
+            sleep(HANG_POLL);
         }
     })
-}
-
-/// How often a hung query looks whether `hang/<index>` is gone.
-const HANG_POLL: Duration = Duration::from_millis(20);
-
-/// The `hang/<index>` fault: while the marker of the GPU behind `device`
-/// exists, the calling thread sleeps — without the driver lock, so queries
-/// of other GPUs (and `nvmlShutdown`) still run, as when a driver call is
-/// stuck on one device. Returns once the marker is removed.
-fn wait_while_hung(device: Device) -> Result<(), Code> {
-    loop {
-        sleep(HANG_POLL);
-        let mut driver = driver();
-        let sim = driver.sim()?;
-        let h = sim.resolve(device as usize)?;
-        sim.refresh();
-        if !sim.hung(h.gpu()) {
-            return Ok(());
-        }
-    }
 }
 
 /// Writes `v` to an out-pointer.
