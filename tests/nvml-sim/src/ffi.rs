@@ -179,7 +179,10 @@ const HANG_POLL: Duration = Duration::from_millis(20);
 /// While the marker exists the calling thread sleeps between passes —
 /// without the driver lock, so queries of other GPUs (and `nvmlShutdown`)
 /// still run, as when a driver call is stuck on one device.
-fn with_handle(device: Device, f: impl FnOnce(&mut Sim, Handle) -> Result<(), Code>) -> Ret {
+pub(crate) fn with_handle(
+    device: Device,
+    f: impl FnOnce(&mut Sim, Handle) -> Result<(), Code>,
+) -> Ret {
     guard(|| {
         loop {
             {
@@ -259,7 +262,7 @@ unsafe fn put_slice<T: Copy>(buf: *mut T, count: *mut c_uint, items: &[T]) -> Re
 }
 
 /// Handle → C pointer value.
-fn raw(h: Handle) -> Device {
+pub(crate) fn raw(h: Handle) -> Device {
     ptr::without_provenance_mut(h.to_raw())
 }
 

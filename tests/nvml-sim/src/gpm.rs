@@ -14,7 +14,7 @@ use std::{
 };
 
 use crate::{
-    ffi::{Device, Ret, guard, put, with_sim, with_view},
+    ffi::{Device, Ret, guard, put, raw, with_handle, with_sim, with_view},
     scenario::Arch,
     sim::{Handle, Sim, View, code},
 };
@@ -231,9 +231,8 @@ pub(crate) unsafe extern "C" fn nvmlGpmMetricsGet(request: *mut GpmMetricsGet) -
         if (a.gpu, a.gpu_instance) != (b.gpu, b.gpu_instance) {
             return Err(code::INVALID_ARGUMENT);
         }
-        // Lost GPUs answer as their other queries do.
-        let handle = Handle::Gpu(a.gpu).to_raw() as Device;
-        let lost = with_view(handle, |_, _| Ok(()));
+        // Lost (and hung) GPUs answer as their other queries do.
+        let lost = with_handle(raw(Handle::Gpu(a.gpu)), |sim, h| sim.lost_as_read(h.gpu()));
         if lost != code::SUCCESS {
             return Err(lost);
         }

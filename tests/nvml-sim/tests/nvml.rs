@@ -321,6 +321,22 @@ fn gpm_gives_mig_instance_activity_on_hopper_only() {
 }
 
 #[test]
+fn gpm_metrics_of_a_lost_gpu_answer_gpu_is_lost() {
+    let sim = Sim::new(H100);
+    let nvml = sim.nvml();
+    let dev = nvml.device_by_index(0).unwrap();
+    let s1 = dev.gpm_sample().unwrap();
+    let s2 = dev.gpm_sample().unwrap();
+    state::set_lost(&sim.state, 0, true).unwrap();
+    assert!(matches!(
+        gpm_metrics_get(&nvml, &s1, &s2, &[GpmMetricId::SmUtil]),
+        Err(NvmlError::GpuLost)
+    ));
+    state::set_lost(&sim.state, 0, false).unwrap();
+    assert!(gpm_metrics_get(&nvml, &s1, &s2, &[GpmMetricId::SmUtil]).is_ok());
+}
+
+#[test]
 fn health_signals_come_from_the_state_directory() {
     let sim = Sim::new(&format!(
         "{H100}[[gpu]]\nmodel = \"Tesla V100-SXM2-16GB\"\nmemory_mib = 16384\n\
