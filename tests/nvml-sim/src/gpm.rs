@@ -16,7 +16,7 @@ use std::{
 use crate::{
     ffi::{Device, Ret, guard, put, raw, with_handle, with_sim, with_view},
     scenario::Arch,
-    sim::{Handle, Sim, View, code},
+    sim::{Handle, Sim, View, code, instance_util},
 };
 
 /// What one filled sample saw.
@@ -190,17 +190,10 @@ pub(crate) unsafe extern "C" fn nvmlGpmMigSampleGet(
             .flatten()
             .find(|m| m.gpu_instance_id == gpu_instance_id)
             .ok_or(code::INVALID_ARGUMENT)?;
-        let activity = v
-            .procs
-            .iter()
-            .filter(|p| p.reg.mig == Some(inst.index))
-            .map(|p| p.reg.sm)
-            .sum::<f64>()
-            .min(1.0);
         let record = Record {
             gpu: v.gpu.index,
             gpu_instance: Some(gpu_instance_id),
-            activity,
+            activity: instance_util(&v.procs, inst.index),
         };
         sim.gpm_fill(sample, record)
     })

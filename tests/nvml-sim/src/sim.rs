@@ -388,18 +388,11 @@ impl Sim {
             Some(w) => w.procs_on(gpu.index, &self.scenario),
             None => Arc::from([]),
         };
-        let inst_util = |m: u32| {
-            all.iter()
-                .filter(|p| p.reg.mig == Some(m))
-                .map(|p| p.reg.sm)
-                .sum::<f64>()
-                .min(1.0)
-        };
         let gpu_util = match &gpu.mig {
             None => all.iter().map(|p| p.reg.sm).sum::<f64>().min(1.0),
             Some(mig) => {
                 mig.iter()
-                    .map(|m| inst_util(m.index) * f64::from(m.compute_slices))
+                    .map(|m| instance_util(&all, m.index) * f64::from(m.compute_slices))
                     .sum::<f64>()
                     .min(f64::from(COMPUTE_SLICES))
                     / f64::from(COMPUTE_SLICES)
@@ -573,6 +566,18 @@ impl Sim {
         }
         Ok(None)
     }
+}
+
+/// SM activity of MIG instance `mig` (its position in the GPU's `mig`
+/// list), 0..=1: min(1, Σ `sm` of `procs` on it). The one number behind
+/// the physical load in MIG mode and GPM's instance samples.
+pub(crate) fn instance_util(procs: &[Proc], mig: u32) -> f64 {
+    procs
+        .iter()
+        .filter(|p| p.reg.mig == Some(mig))
+        .map(|p| p.reg.sm)
+        .sum::<f64>()
+        .min(1.0)
 }
 
 /// Memory-bandwidth utilization attributed to a process: 60 % of its SM use.
