@@ -41,7 +41,7 @@ use crate::{
 
 /// A part of the state directory, re-read as a whole when it changes
 /// (except `procs/`, re-read file by file).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Area {
     Procs,
     Lost,
@@ -110,7 +110,7 @@ pub(crate) struct Watched {
     inotify: Option<OwnedFd>,
     watches: HashMap<i32, Watch>,
     /// Areas to re-read in full at the next refresh.
-    stale: HashSet<usize>,
+    stale: HashSet<Area>,
     /// `procs/` file names to re-read at the next refresh.
     stale_procs: HashSet<OsString>,
     /// Valid registrations by file name: (pid, registration).
@@ -138,7 +138,7 @@ impl Watched {
         let mut w = Watched {
             inotify,
             watches: HashMap::new(),
-            stale: (0..AREAS.len()).collect(),
+            stale: AREAS.into_iter().collect(),
             stale_procs: HashSet::new(),
             procs: HashMap::new(),
             bad: HashMap::new(),
@@ -177,8 +177,8 @@ impl Watched {
     /// Brings the copy up to date with everything written before this call.
     pub(crate) fn refresh(&mut self, scenario: &Scenario) {
         self.drain();
-        for (i, area) in AREAS.into_iter().enumerate() {
-            if self.stale.remove(&i) {
+        for area in AREAS {
+            if self.stale.remove(&area) {
                 self.reread(area, scenario);
             }
         }
@@ -193,7 +193,7 @@ impl Watched {
     /// Turns pending inotify events into stale areas and files.
     fn drain(&mut self) {
         let Some(fd) = &self.inotify else {
-            self.stale.extend(0..AREAS.len());
+            self.stale.extend(AREAS);
             return;
         };
         let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
@@ -234,7 +234,7 @@ impl Watched {
                 (Watch::Root, _) if gone => lost_track = true,
                 (Watch::Root, Some(name)) => {
                     if let Some(area) = Area::of_dir_name(name.as_encoded_bytes()) {
-                        self.stale.insert(area as usize);
+                        self.stale.insert(area);
                     }
                 }
                 (Watch::Root, None) => {}
@@ -242,12 +242,12 @@ impl Watched {
                     self.stale_procs.insert(name);
                 }
                 (Watch::Area(area), _) => {
-                    self.stale.insert(area as usize);
+                    self.stale.insert(area);
                 }
             }
         }
         if lost_track {
-            self.stale.extend(0..AREAS.len());
+            self.stale.extend(AREAS);
         }
     }
 
