@@ -101,6 +101,8 @@ struct Bad {
     pid: Option<u32>,
     mtime: Option<SystemTime>,
     problem: String,
+    /// Reported already: not looked at again until the file is re-read.
+    reported: bool,
 }
 
 /// The in-memory copy of one state directory.
@@ -317,6 +319,7 @@ impl Watched {
                 pid: None,
                 mtime: mtime(),
                 problem: "file name is not <pid>.toml".to_owned(),
+                reported: false,
             },
             Ok(pid) => {
                 let Ok(text) = fs::read_to_string(&path) else {
@@ -331,6 +334,7 @@ impl Watched {
                         pid: Some(pid),
                         mtime: mtime(),
                         problem,
+                        reported: false,
                     },
                 }
             }
@@ -359,15 +363,14 @@ impl Watched {
     /// Live, valid registrations on `gpu`, sorted by pid; reports the bad
     /// files of live processes (once per path and mtime).
     pub(crate) fn procs_on(&mut self, gpu: u32, scenario: &Scenario) -> Arc<[Proc]> {
-        let bad: Vec<(PathBuf, Option<SystemTime>, String)> = self
-            .bad
-            .iter()
-            .filter(|(_, b)| b.pid.is_none_or(alive))
-            .map(|(name, b)| {
+        let mut bad: Vec<(PathBuf, Option<SystemTime>, String)> = Vec::new();
+        for (name, b) in &mut self.bad {
+            if !b.reported && b.pid.is_none_or(alive) {
+                b.reported = true;
                 let path = state::procs_dir(&self.dir).join(name);
-                (path, b.mtime, b.problem.clone())
-            })
-            .collect();
+                bad.push((path, b.mtime, b.problem.clone()));
+            }
+        }
         for (path, mtime, problem) in bad {
             self.report_once(&path, mtime, &problem);
         }
