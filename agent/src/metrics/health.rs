@@ -2,6 +2,7 @@
 //! remapped and pending rows, clock throttle reasons (physical GPUs, where
 //! NVML has them).
 
+use nvml_wrapper::bitmasks::device::ThrottleReasons;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use super::{counter, gauge};
@@ -10,15 +11,24 @@ use crate::snapshot::{GpuSnapshot, Snapshot};
 /// NVML's clock throttle-reason bits and their `reason` label values: a
 /// bounded set, one series each per GPU.
 pub(super) const THROTTLE_REASONS: [(&str, u64); 9] = [
-    ("gpu_idle", 0x1),
-    ("applications_clocks", 0x2),
-    ("sw_power_cap", 0x4),
-    ("hw_slowdown", 0x8),
-    ("sync_boost", 0x10),
-    ("sw_thermal", 0x20),
-    ("hw_thermal", 0x40),
-    ("hw_power_brake", 0x80),
-    ("display_clock", 0x100),
+    ("gpu_idle", ThrottleReasons::GPU_IDLE.bits()),
+    (
+        "applications_clocks",
+        ThrottleReasons::APPLICATIONS_CLOCKS_SETTING.bits(),
+    ),
+    ("sw_power_cap", ThrottleReasons::SW_POWER_CAP.bits()),
+    ("hw_slowdown", ThrottleReasons::HW_SLOWDOWN.bits()),
+    ("sync_boost", ThrottleReasons::SYNC_BOOST.bits()),
+    ("sw_thermal", ThrottleReasons::SW_THERMAL_SLOWDOWN.bits()),
+    ("hw_thermal", ThrottleReasons::HW_THERMAL_SLOWDOWN.bits()),
+    (
+        "hw_power_brake",
+        ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN.bits(),
+    ),
+    (
+        "display_clock",
+        ThrottleReasons::DISPLAY_CLOCK_SETTING.bits(),
+    ),
 ];
 
 fn with(g: &GpuSnapshot, key: &'static str, value: &str) -> [(&'static str, String); 3] {

@@ -19,7 +19,7 @@ use std::{
 
 use crate::{
     sim::{self, Code, Handle, NO_INSTANCE, Sim, View, code, driver, event},
-    state::ProcKind,
+    state::{ProcKind, THROTTLE_GPU_IDLE},
 };
 
 pub(crate) type Ret = c_uint;
@@ -140,8 +140,6 @@ const NVML_VERSION: &str = "12.550.54.15";
 const CUDA_DRIVER_VERSION: c_int = 12040;
 /// Event set handles are this plus a small id.
 const EVENT_SET_BASE: usize = 0xE5E7_0000;
-/// `nvmlClocksThrottleReasonGpuIdle`.
-const THROTTLE_GPU_IDLE: u64 = 0x1;
 
 /// Runs `f` with panics turned into NVML_ERROR_UNKNOWN.
 pub(crate) fn guard(f: impl FnOnce() -> Result<(), Code>) -> Ret {

@@ -137,8 +137,11 @@ pub struct Health {
     pub throttle: Vec<String>,
 }
 
-/// NVML's throttle-reason bits by the names `health/<index>.toml` uses.
-pub const THROTTLE_REASONS: &[(&str, u64)] = &[
+/// NVML's throttle-reason bits by the names `health/<index>.toml` uses,
+/// spelled out (not taken from nvml-wrapper) so that the simulator catches
+/// a wrong bit on the agent's side; a unit test checks them against
+/// nvml-wrapper's `ThrottleReasons`.
+const THROTTLE_REASONS: &[(&str, u64)] = &[
     ("gpu_idle", 0x1),
     ("applications_clocks", 0x2),
     ("sw_power_cap", 0x4),
@@ -149,6 +152,31 @@ pub const THROTTLE_REASONS: &[(&str, u64)] = &[
     ("hw_power_brake", 0x80),
     ("display_clock", 0x100),
 ];
+
+/// `nvmlClocksThrottleReasonGpuIdle`: the reason the simulator gives
+/// itself at 0 % utilization.
+pub(crate) const THROTTLE_GPU_IDLE: u64 = throttle_bit("gpu_idle");
+
+/// The bit of throttle reason `name` in [`THROTTLE_REASONS`], at compile
+/// time.
+const fn throttle_bit(name: &str) -> u64 {
+    let mut i = 0;
+    while i < THROTTLE_REASONS.len() {
+        let (n, bit) = THROTTLE_REASONS[i];
+        if n.len() == name.len() {
+            let (a, b) = (n.as_bytes(), name.as_bytes());
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return bit;
+            }
+        }
+        i += 1;
+    }
+    panic!("no such throttle reason")
+}
 
 impl Health {
     /// The throttle bits, or the first unknown name.
@@ -325,7 +353,32 @@ pub fn inject_xid(state: &Path, name: &str, fault: &XidFault) -> Result<PathBuf,
 
 #[cfg(test)]
 mod tests {
+    use nvml_wrapper::bitmasks::device::ThrottleReasons;
+
     use super::*;
+
+    #[test]
+    fn throttle_bits_are_nvmls() {
+        let nvml = [
+            ("gpu_idle", ThrottleReasons::GPU_IDLE),
+            (
+                "applications_clocks",
+                ThrottleReasons::APPLICATIONS_CLOCKS_SETTING,
+            ),
+            ("sw_power_cap", ThrottleReasons::SW_POWER_CAP),
+            ("hw_slowdown", ThrottleReasons::HW_SLOWDOWN),
+            ("sync_boost", ThrottleReasons::SYNC_BOOST),
+            ("sw_thermal", ThrottleReasons::SW_THERMAL_SLOWDOWN),
+            ("hw_thermal", ThrottleReasons::HW_THERMAL_SLOWDOWN),
+            ("hw_power_brake", ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN),
+            ("display_clock", ThrottleReasons::DISPLAY_CLOCK_SETTING),
+        ];
+        assert_eq!(THROTTLE_REASONS.len(), nvml.len());
+        for ((name, bit), (nvml_name, reason)) in THROTTLE_REASONS.iter().zip(nvml) {
+            assert_eq!((*name, *bit), (nvml_name, reason.bits()));
+        }
+        assert_eq!(THROTTLE_GPU_IDLE, ThrottleReasons::GPU_IDLE.bits());
+    }
 
     #[test]
     fn register_round_trips() {
