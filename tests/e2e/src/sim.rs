@@ -6,6 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use nvml_sim::{ProcKind, Registration, XidFault, state};
+
 use crate::unique;
 
 /// A simulated node: a scenario file and a state directory.
@@ -36,7 +38,7 @@ impl SimNode {
         let scenario = dir.path().join("scenario.toml");
         fs::write(&scenario, scenario_toml).expect("write scenario");
         let state = dir.path().join("state");
-        fs::create_dir_all(state.join("procs")).expect("state dir");
+        fs::create_dir_all(state::procs_dir(&state)).expect("state dir");
         SimNode {
             dir,
             scenario,
@@ -65,74 +67,68 @@ impl SimNode {
         sm: f64,
         kind: &str,
     ) {
-        let mut text =
-            format!("gpu = {gpu}\nmemory_mib = {memory_mib}\nsm = {sm}\nkind = \"{kind}\"\n");
-        if let Some(m) = mig {
-            text.push_str(&format!("mig = {m}\n"));
-        }
-        let procs = self.state.join("procs");
-        let tmp = procs.join(format!(".{pid}.tmp"));
-        fs::write(&tmp, text).expect("write registration");
-        fs::rename(&tmp, procs.join(format!("{pid}.toml"))).expect("rename registration");
+        let kind = match kind {
+            "compute" => ProcKind::Compute,
+            "graphics" => ProcKind::Graphics,
+            "mps" => ProcKind::Mps,
+            _ => panic!("unknown process kind {kind:?} (compute, graphics or mps)"),
+        };
+        let reg = Registration {
+            gpu,
+            mig,
+            memory_mib,
+            sm,
+            kind,
+        };
+        state::register(&self.state, pid, &reg)
+            .unwrap_or_else(|e| panic!("register pid {pid}: {e}"));
     }
 
     /// Removes a registration (the process stops using the GPU).
     pub fn unregister(&self, pid: u32) {
-        let _ = fs::remove_file(self.state.join("procs").join(format!("{pid}.toml")));
+        state::unregister(&self.state, pid).unwrap_or_else(|e| panic!("unregister pid {pid}: {e}"));
     }
 
     /// Makes GPU `index` fall off the bus (or come back).
     pub fn set_lost(&self, index: u32, lost: bool) {
-        let dir = self.state.join("lost");
-        fs::create_dir_all(&dir).expect("lost dir");
-        let f = dir.join(index.to_string());
-        if lost {
-            fs::write(f, "").expect("mark lost");
-        } else {
-            let _ = fs::remove_file(f);
-        }
+        state::set_lost(&self.state, index, lost)
+            .unwrap_or_else(|e| panic!("set_lost gpu {index}: {e}"));
     }
 
     /// Makes the energy counter of GPU `index` restart from 0, as a driver
     /// reload does (the simulator consumes the marker).
     pub fn reset_energy(&self, index: u32) {
-        let dir = self.state.join("reset");
-        fs::create_dir_all(&dir).expect("reset dir");
-        let tmp = dir.join(format!(".{index}.tmp"));
-        fs::write(&tmp, "").expect("write reset marker");
-        fs::rename(&tmp, dir.join(index.to_string())).expect("rename reset marker");
+        state::reset_energy(&self.state, index)
+            .unwrap_or_else(|e| panic!("reset_energy gpu {index}: {e}"));
     }
 
     /// Whether the simulator has not yet consumed a reset of GPU `index`.
     pub fn reset_pending(&self, index: u32) -> bool {
-        self.state.join("reset").join(index.to_string()).exists()
+        state::reset_file(&self.state, index).exists()
     }
 
     /// Sets what GPU `index` reports about its health (`health/<index>.toml`
-    /// of the simulator: ECC counts, remapped rows, throttle reasons).
+    /// of the simulator: ECC counts, remapped rows, throttle reasons),
+    /// checked as the simulator reads it.
     pub fn set_health(&self, index: u32, health_toml: &str) {
-        let dir = self.state.join("health");
-        fs::create_dir_all(&dir).expect("health dir");
-        let tmp = dir.join(format!(".{index}.tmp"));
-        fs::write(&tmp, health_toml).expect("write health");
-        fs::rename(&tmp, dir.join(format!("{index}.toml"))).expect("rename health");
+        let health = state::parse_health(health_toml)
+            .unwrap_or_else(|e| panic!("health of gpu {index}: {e}"));
+        state::set_health(&self.state, index, &health)
+            .unwrap_or_else(|e| panic!("set_health gpu {index}: {e}"));
     }
 
     /// Queues one XID event on GPU `index`.
     pub fn inject_xid(&self, index: u32, xid: u64) {
-        let dir = self.state.join("xid");
-        fs::create_dir_all(&dir).expect("xid dir");
-        let name = unique("xid");
-        let tmp = dir.join(format!(".{name}.tmp"));
-        fs::write(&tmp, format!("gpu = {index}\nxid = {xid}\n")).expect("write xid");
-        fs::rename(&tmp, dir.join(format!("{name}.toml"))).expect("rename xid");
+        let fault = XidFault { gpu: index, xid };
+        state::inject_xid(&self.state, &unique("xid"), &fault)
+            .unwrap_or_else(|e| panic!("inject xid {xid} on gpu {index}: {e}"));
     }
 
     /// Environment for anything that loads the simulator.
     pub fn env(&self) -> [(&'static str, PathBuf); 2] {
         [
-            ("TALLY_SIM_SCENARIO", self.scenario.clone()),
-            ("TALLY_SIM_STATE", self.state.clone()),
+            (state::SCENARIO_ENV, self.scenario.clone()),
+            (state::STATE_ENV, self.state.clone()),
         ]
     }
 }
