@@ -622,8 +622,7 @@ device_getters! {
         } else {
             THROTTLE_GPU_IDLE
         };
-        // Checked when the file was read.
-        idle | v.health.throttle_bits().unwrap_or(0)
+        idle | v.health_throttle
     };
 
     /// Counter 0 = TX, 1 = RX, KB/s, proportional to utilization.

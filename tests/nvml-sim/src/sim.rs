@@ -106,7 +106,8 @@ pub(crate) struct Proc {
 /// Everything a device query can answer, computed at one instant.
 #[derive(Debug, Clone)]
 pub(crate) struct View {
-    pub gpu: Gpu,
+    /// Shared with the simulator: a view costs no copy of the GPU's strings.
+    pub gpu: Arc<Gpu>,
     pub mig: Option<MigInstance>,
     /// Processes on this handle (the whole GPU for a physical handle), by pid.
     pub procs: Arc<[Proc]>,
@@ -119,7 +120,9 @@ pub(crate) struct View {
     /// Power of the physical GPU now, mW.
     pub power_mw: u64,
     /// What the GPU reports about its own health (`health/<index>.toml`).
-    pub health: state::Health,
+    pub health: Arc<state::Health>,
+    /// The throttle bits of `health`, worked out when the file was read.
+    pub health_throttle: u64,
 }
 
 impl View {
@@ -215,6 +218,8 @@ pub(crate) struct Event {
 #[derive(Debug)]
 pub(crate) struct Sim {
     scenario: Scenario,
+    /// The scenario's GPUs, shared with every [`View`].
+    gpus: Vec<Arc<Gpu>>,
     state: Option<PathBuf>,
     /// The state directory as last read (with a state directory).
     watched: Option<Watched>,
@@ -272,6 +277,7 @@ impl Driver {
             .clone()
             .map(|dir| Watched::new(dir, scenario.gpus.len()));
         self.sim = Some(Sim {
+            gpus: scenario.gpus.iter().cloned().map(Arc::new).collect(),
             energy: Energy::new(state.clone()),
             watched,
             scenario,
@@ -315,14 +321,11 @@ fn now_ns() -> u128 {
 
 impl Sim {
     pub(crate) fn gpu_count(&self) -> u32 {
-        self.scenario.gpus.len() as u32
+        self.gpus.len() as u32
     }
 
-    fn gpu(&self, index: u32) -> Result<&Gpu, Code> {
-        self.scenario
-            .gpus
-            .get(index as usize)
-            .ok_or(code::INVALID_ARGUMENT)
+    fn gpu(&self, index: u32) -> Result<&Arc<Gpu>, Code> {
+        self.gpus.get(index as usize).ok_or(code::INVALID_ARGUMENT)
     }
 
     /// Validates a raw handle from C.
@@ -382,7 +385,7 @@ impl Sim {
     /// advances the GPU's energy integral, and returns every reading.
     /// GPU_IS_LOST for a lost GPU.
     pub(crate) fn observe(&mut self, h: Handle) -> Result<View, Code> {
-        let gpu = self.gpu(h.gpu())?.clone();
+        let gpu = Arc::clone(self.gpu(h.gpu())?);
         self.lost_as_read(gpu.index)?;
         let all = match &mut self.watched {
             Some(w) => w.procs_on(gpu.index, &self.scenario),
@@ -425,13 +428,14 @@ impl Sim {
             }
         };
         let used: u64 = procs.iter().map(|p: &Proc| p.reg.memory_mib).sum();
-        let health = self
+        let (health, health_throttle) = self
             .watched
             .as_ref()
             .map(|w| w.health(gpu.index))
             .unwrap_or_default();
         Ok(View {
             health,
+            health_throttle,
             mem_used_mib: used.min(mem_total_mib),
             gpu,
             mig,

@@ -128,7 +128,8 @@ pub(crate) struct Watched {
     lost: Vec<bool>,
     hang: Vec<bool>,
     reset: Vec<bool>,
-    health: Vec<Health>,
+    /// Per GPU, its health file and that file's throttle bits.
+    health: Vec<(Arc<Health>, u64)>,
     /// Bad files already reported: (path, mtime).
     reported: HashSet<(PathBuf, Option<SystemTime>)>,
 }
@@ -150,7 +151,7 @@ impl Watched {
             lost: vec![false; gpus],
             hang: vec![false; gpus],
             reset: vec![false; gpus],
-            health: vec![Health::default(); gpus],
+            health: vec![Default::default(); gpus],
             reported: HashSet::new(),
             dir,
         };
@@ -342,16 +343,25 @@ impl Watched {
         self.bad.insert(name, bad);
     }
 
-    fn read_health(&mut self, gpu: u32) -> Health {
+    /// `health/<gpu>.toml` and its throttle bits (healthy, 0, when the
+    /// file is missing or bad).
+    fn read_health(&mut self, gpu: u32) -> (Arc<Health>, u64) {
         let path = state::health_file(&self.dir, gpu);
         let Ok(text) = fs::read_to_string(&path) else {
-            return Health::default();
+            return Default::default();
         };
-        state::parse_health(&text).unwrap_or_else(|problem| {
-            let mtime = fs::metadata(&path).and_then(|m| m.modified()).ok();
-            self.report_once(&path, mtime, &problem);
-            Health::default()
-        })
+        match state::parse_health(&text) {
+            // parse_health checked the names.
+            Ok(health) => {
+                let bits = health.throttle_bits().unwrap_or(0);
+                (Arc::new(health), bits)
+            }
+            Err(problem) => {
+                let mtime = fs::metadata(&path).and_then(|m| m.modified()).ok();
+                self.report_once(&path, mtime, &problem);
+                Default::default()
+            }
+        }
     }
 
     pub(crate) fn report_once(&mut self, path: &Path, mtime: Option<SystemTime>, problem: &str) {
@@ -420,7 +430,8 @@ impl Watched {
         self.reset.get(gpu as usize).copied().unwrap_or(false)
     }
 
-    pub(crate) fn health(&self, gpu: u32) -> Health {
+    /// GPU `gpu`'s health and its throttle bits.
+    pub(crate) fn health(&self, gpu: u32) -> (Arc<Health>, u64) {
         self.health.get(gpu as usize).cloned().unwrap_or_default()
     }
 }
