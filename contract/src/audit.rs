@@ -93,31 +93,59 @@ impl AuditKey {
     /// Reads the key at `path`, or makes one there (mode 0600, never
     /// replacing a file that appeared meanwhile) when there is none.
     /// Returns the key and whether it was made now.
+    ///
+    /// The key is written whole to `<path>.tmp`, synced, and only then
+    /// linked to `path`: a crash leaves either no key (made again at the
+    /// next start; a leftover `.tmp` is replaced) or a whole one, never an
+    /// empty or partial file that would stop every later start.
     pub fn load_or_create(path: &Path) -> Result<(AuditKey, bool), AuditError> {
         use std::os::unix::fs::OpenOptionsExt;
         let err = |reason: String| AuditError::Key {
             path: path.to_path_buf(),
             reason,
         };
-        if let Some(dir) = path.parent() {
+        if path.exists() {
+            return Ok((AuditKey::load(path)?, false));
+        }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
             fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
-        match OpenOptions::new()
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let tmp_err = |e: io::Error| err(format!("{}: {e}", tmp.display()));
+        // A leftover of an earlier crash: its mode or contents are not ours.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(tmp_err(e)),
+            _ => {}
+        }
+        let key = AuditKey::generate().map_err(err)?;
+        let text = format!(
+            "# tally audit key of this node: give a copy to the aggregator \
+             ([audit] node_keys), keep it secret\n{}\n",
+            hex::encode(key.0)
+        );
+        OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
-        {
-            Ok(mut f) => {
-                let key = AuditKey::generate().map_err(err)?;
-                let text = format!(
-                    "# tally audit key of this node: give a copy to the aggregator \
-                     ([audit] node_keys), keep it secret\n{}\n",
-                    hex::encode(key.0)
-                );
-                f.write_all(text.as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| err(e.to_string()))?;
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            })
+            .map_err(tmp_err)?;
+        // A link never replaces a file that appeared meanwhile.
+        let linked = fs::hard_link(&tmp, path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                if let Some(dir) = dir {
+                    File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| err(e.to_string()))?;
+                }
                 Ok((key, true))
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -611,6 +639,30 @@ mod tests {
         assert_eq!((v.records, v.unkeyed, v.unchecked), (3, 2, 0));
         assert_eq!(verify(&p).unwrap(), Ok(3));
         drop(d);
+    }
+
+    #[test]
+    fn a_leftover_tmp_key_is_replaced_and_an_existing_key_is_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.key");
+        let tmp = d.path().join("audit.key.tmp");
+        // A crash between writing the tmp file and linking it.
+        fs::write(&tmp, "# half a key\nab").unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        let (k1, made) = AuditKey::load_or_create(&p).unwrap();
+        assert!(made);
+        assert!(!tmp.exists());
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(AuditKey::load(&p).unwrap(), k1);
+        // A leftover beside an existing key changes nothing.
+        fs::write(&tmp, "junk").unwrap();
+        let (k2, made) = AuditKey::load_or_create(&p).unwrap();
+        assert!(!made);
+        assert_eq!(k1, k2);
     }
 
     #[test]
