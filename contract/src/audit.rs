@@ -155,12 +155,23 @@ impl AuditKey {
         }
     }
 
-    /// HMAC-SHA256 (hex) of `bytes` under this key.
-    fn mac(&self, bytes: &[u8]) -> String {
+    /// The HMAC-SHA256 state under this key, fed with `bytes`.
+    fn hmac(&self, bytes: &[u8]) -> Hmac<Sha256> {
         // HMAC takes a key of any length.
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
         m.update(bytes);
-        hex::encode(m.finalize().into_bytes())
+        m
+    }
+
+    /// HMAC-SHA256 (hex) of `bytes` under this key.
+    fn mac(&self, bytes: &[u8]) -> String {
+        hex::encode(self.hmac(bytes).finalize().into_bytes())
+    }
+
+    /// Whether `tag` is the HMAC-SHA256 of `bytes` under this key,
+    /// compared in constant time.
+    fn verify(&self, bytes: &[u8], tag: &[u8]) -> bool {
+        self.hmac(bytes).verify_slice(tag).is_ok()
     }
 }
 
@@ -222,9 +233,7 @@ impl Record {
         else {
             return false;
         };
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&key.0).expect("any key length");
-        m.update(&self.body());
-        m.verify_slice(&claimed).is_ok()
+        key.verify(&self.body(), &claimed)
     }
 
     /// The bytes both digests cover.
