@@ -291,7 +291,7 @@ mod tests {
         let mut r = report("n1", 1);
         r.audit = vec![wire(&recs[0])];
         let keys = NodeKeys::default();
-        let stored = ledger.ingest_checked(&r, &r.digest(), 1, &keys).await;
+        let stored = ledger.ingest(&r, &r.digest(), 1, &keys).await;
         assert_eq!(
             stored.unwrap(),
             Ingested::Stored {
@@ -303,10 +303,8 @@ mod tests {
         stripped.sha256 = stripped.digest();
         let mut r = report("n1", 2);
         r.audit = vec![wire(&stripped)];
-        let Ingested::Stored { audit_breaks } = ledger
-            .ingest_checked(&r, &r.digest(), 2, &keys)
-            .await
-            .unwrap()
+        let Ingested::Stored { audit_breaks } =
+            ledger.ingest(&r, &r.digest(), 2, &keys).await.unwrap()
         else {
             panic!("not stored")
         };
