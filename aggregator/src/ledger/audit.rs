@@ -78,22 +78,20 @@ pub(super) async fn store(
 ) -> Result<Vec<String>, sqlx::Error> {
     let mut audit_breaks = Vec::new();
     if !r.audit.is_empty() {
-        let mut head: Option<String> =
-            sqlx::query_scalar("SELECT sha256 FROM audit_heads WHERE node = $1")
-                .bind(&r.node)
-                .fetch_optional(&mut *conn)
-                .await?;
-        // Whether the node's last stored record was keyed: an unkeyed one
-        // after it was rewritten by someone without the key.
-        let last: Option<String> =
-            sqlx::query_scalar("SELECT record FROM audit WHERE node = $1 ORDER BY id DESC LIMIT 1")
-                .bind(&r.node)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let mut keyed = last.is_some_and(|l| {
-            serde_json::from_str::<serde_json::Value>(&l)
-                .is_ok_and(|v| v.get("hmac_sha256").is_some())
-        });
+        // The node's last stored hash, and whether its chain has carried an
+        // HMAC: an unkeyed record after that was rewritten by someone
+        // without the key.
+        // (sqlx's Any driver decodes no SQLite BOOLEAN column: read 0 or 1.)
+        let stored: Option<(String, i64)> = sqlx::query_as(
+            "SELECT sha256, CASE WHEN keyed THEN 1 ELSE 0 END FROM audit_heads WHERE node = $1",
+        )
+        .bind(&r.node)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let (mut head, mut keyed) = match stored {
+            Some((h, k)) => (Some(h), k != 0),
+            None => (None, false),
+        };
         let key = keys.get(&r.node);
         for a in &r.audit {
             let problem = chain_problem(head.as_deref(), keyed, a, &r.node, key);
@@ -120,11 +118,12 @@ pub(super) async fn store(
             head = Some(a.sha256.clone());
         }
         sqlx::query(
-            "INSERT INTO audit_heads (node, sha256) VALUES ($1, $2) \
-             ON CONFLICT (node) DO UPDATE SET sha256 = excluded.sha256",
+            "INSERT INTO audit_heads (node, sha256, keyed) VALUES ($1, $2, $3) \
+             ON CONFLICT (node) DO UPDATE SET sha256 = excluded.sha256, keyed = excluded.keyed",
         )
         .bind(&r.node)
         .bind(head)
+        .bind(keyed)
         .execute(&mut *conn)
         .await?;
     }
@@ -310,5 +309,47 @@ mod tests {
         };
         assert_eq!(audit_breaks.len(), 1, "{audit_breaks:?}");
         assert!(audit_breaks[0].contains("without the node's key"));
+    }
+
+    #[tokio::test]
+    async fn a_ledger_from_before_the_keyed_column_knows_its_keyed_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url, 1).await.unwrap();
+        let keys = NodeKeys::default();
+        let key = AuditKey::generate().unwrap();
+        let keyed = records(Some(&key), 2);
+        let plain = records(None, 2);
+        for (node, rec) in [("n1", &keyed[0]), ("n2", &plain[0])] {
+            let mut r = report(node, 1);
+            r.audit = vec![wire(rec)];
+            ledger.ingest(&r, &r.digest(), 1, &keys).await.unwrap();
+        }
+        // Back to the schema before 0004, as an older aggregator left it.
+        for sql in [
+            "ALTER TABLE audit_heads DROP COLUMN keyed",
+            "DELETE FROM _sqlx_migrations WHERE version = 4",
+        ] {
+            sqlx::query(sql).execute(&ledger.pool).await.unwrap();
+        }
+        drop(ledger);
+        let ledger = Ledger::open(&url, 1).await.unwrap();
+        let mut stripped = keyed[1].clone();
+        stripped.hmac_sha256 = None;
+        stripped.sha256 = stripped.digest();
+        let mut breaks = Vec::new();
+        for (node, rec) in [("n1", &stripped), ("n2", &plain[1])] {
+            let mut r = report(node, 2);
+            r.audit = vec![wire(rec)];
+            let Ingested::Stored { audit_breaks } =
+                ledger.ingest(&r, &r.digest(), 2, &keys).await.unwrap()
+            else {
+                panic!("not stored")
+            };
+            breaks.push(audit_breaks);
+        }
+        assert_eq!(breaks[0].len(), 1, "{breaks:?}");
+        assert!(breaks[0][0].contains("without the node's key"));
+        assert!(breaks[1].is_empty(), "{breaks:?}");
     }
 }
