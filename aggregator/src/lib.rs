@@ -14,7 +14,7 @@
 #![warn(unreachable_pub)]
 
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -66,8 +66,7 @@ impl Aggregator {
         };
         let app = Arc::new(server::App {
             ledger,
-            tokens: auth::Tokens::new(&config.tokens, config.rate_limit),
-            token_specs: Mutex::new(config.tokens.clone()),
+            tokens: auth::Tokens::new(config.tokens.clone(), config.rate_limit),
             audit_keys: RwLock::new(Arc::new(config.node_keys.clone())),
             prices: config.prices.clone(),
             max_body: config.server.max_body_bytes(),
@@ -131,8 +130,7 @@ impl Aggregator {
 const RELOAD_POLL: Duration = Duration::from_secs(2);
 
 fn reload(app: &server::App) {
-    let mut specs = app.token_specs.lock().unwrap_or_else(|e| e.into_inner());
-    let tokens = config::reread(&specs);
+    let tokens = config::reread(&app.tokens.specs());
     let keys_dir = app
         .audit_keys
         .read()
@@ -145,8 +143,7 @@ fn reload(app: &server::App) {
         .transpose();
     match (tokens, keys) {
         (Ok(tokens), Ok(keys)) => {
-            app.tokens.replace(&tokens);
-            *specs = tokens;
+            app.tokens.replace(tokens);
             let n_keys = keys.as_ref().map_or(0, audit_keys::NodeKeys::len);
             if let Some(keys) = keys {
                 *app.audit_keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
@@ -183,13 +180,7 @@ fn reload(app: &server::App) {
 fn fingerprint(
     app: &server::App,
 ) -> Vec<(std::path::PathBuf, Option<(u64, std::time::SystemTime)>)> {
-    let mut paths: Vec<std::path::PathBuf> = app
-        .token_specs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|s| s.token_file.clone())
-        .collect();
+    let mut paths = app.tokens.files();
     let dir = app
         .audit_keys
         .read()

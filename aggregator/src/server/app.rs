@@ -1,7 +1,7 @@
 //! What every handler shares: the application state and the error
 //! responses.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use hyper::{
     Request, Response, StatusCode,
@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::{
     audit_keys::NodeKeys,
     auth::{AuthError, Tokens},
-    config::{Prices, Role, SchedulerSection, TokenSpec},
+    config::{Prices, Role, SchedulerSection},
     http::{self, Body},
     ledger::Ledger,
     metrics::Metrics,
@@ -24,8 +24,6 @@ use crate::{
 pub(crate) struct App {
     pub ledger: Ledger,
     pub tokens: Tokens,
-    /// Where the tokens come from, to read them again on reload.
-    pub token_specs: Mutex<Vec<TokenSpec>>,
     /// The nodes' audit keys; replaced whole on reload.
     pub audit_keys: RwLock<Arc<NodeKeys>>,
     pub prices: Prices,
