@@ -236,6 +236,22 @@ impl Record {
         key.verify(&self.body(), &claimed)
     }
 
+    /// The keyed-chain rule for this record, `after_keyed` when an earlier
+    /// record of the same chain carried an HMAC: with the key its HMAC
+    /// must match; without the key a keyed record is left unchecked; and
+    /// once a chain is keyed, a record without an HMAC is a break (it was
+    /// rewritten by someone without the key). Both [`verify_keyed`] and
+    /// the aggregator's store apply it.
+    pub fn keyed_check(&self, after_keyed: bool, key: Option<&AuditKey>) -> KeyedCheck {
+        match (&self.hmac_sha256, key) {
+            (None, _) if after_keyed => KeyedCheck::Stripped,
+            (None, _) => KeyedCheck::Unkeyed,
+            (Some(_), None) => KeyedCheck::Unchecked,
+            (Some(_), Some(k)) if !self.mac_matches(k) => KeyedCheck::Mismatch,
+            (Some(_), Some(_)) => KeyedCheck::Matches,
+        }
+    }
+
     /// The bytes both digests cover.
     fn body(&self) -> Vec<u8> {
         let body = Body {
@@ -251,6 +267,21 @@ impl Record {
         // Serializing plain strings and a JSON value cannot fail.
         serde_json::to_vec(&body).unwrap_or_default()
     }
+}
+
+/// What [`Record::keyed_check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyedCheck {
+    /// No HMAC, and none before it: a line from before the node had a key.
+    Unkeyed,
+    /// No HMAC after keyed records: rewritten without the key. A break.
+    Stripped,
+    /// An HMAC, not checked for want of the key.
+    Unchecked,
+    /// An HMAC that does not match under the key. A break.
+    Mismatch,
+    /// An HMAC that matches under the key.
+    Matches,
 }
 
 /// Appends records, keeping the chain. One writer per file (the agent).
@@ -438,23 +469,23 @@ pub fn verify_keyed(
                 rec.sha256
             ));
         }
-        match (&rec.hmac_sha256, key) {
-            (None, _) if seen.records > seen.unkeyed => {
+        match rec.keyed_check(seen.records > seen.unkeyed, key) {
+            KeyedCheck::Stripped => {
                 return broken(
                     "no hmac_sha256 after keyed lines: the line was rewritten without the key"
                         .into(),
                 );
             }
-            (None, _) => seen.unkeyed += 1,
-            (Some(_), None) => seen.unchecked += 1,
-            (Some(_), Some(k)) if !rec.mac_matches(k) => {
+            KeyedCheck::Unkeyed => seen.unkeyed += 1,
+            KeyedCheck::Unchecked => seen.unchecked += 1,
+            KeyedCheck::Mismatch => {
                 return broken(
                     "hmac_sha256 does not match the line's content under the key: the line was \
                      changed (or the key is not this node's)"
                         .into(),
                 );
             }
-            (Some(_), Some(_)) => {}
+            KeyedCheck::Matches => {}
         }
         prev = rec.sha256;
         seq = rec.seq;

@@ -2,7 +2,10 @@
 //! (and, with the node's key, each record's HMAC) checked on the way in,
 //! and read back by `GET /api/v1/audit`.
 
-use tally_contract::wire::{AuditRecord, GENESIS_SHA256, Report};
+use tally_contract::{
+    audit::KeyedCheck,
+    wire::{AuditRecord, GENESIS_SHA256, Report},
+};
 
 use super::{Ledger, LedgerError, i};
 use crate::audit_keys::{KeyFor, NodeKeys};
@@ -196,21 +199,29 @@ fn chain_problem(
             a.sha256
         ));
     }
-    match (&native.hmac_sha256, key) {
-        (None, _) if keyed => Some(
+    let k = match key {
+        KeyFor::Key(k) => Some(k),
+        KeyFor::Missing | KeyFor::NotConfigured => None,
+    };
+    match native.keyed_check(keyed, k) {
+        KeyedCheck::Stripped => Some(
             "no hmac_sha256 after keyed records from this node: the record was rewritten \
              without the node's key"
                 .into(),
         ),
-        (None, _) | (Some(_), KeyFor::NotConfigured) => None,
-        (Some(_), KeyFor::Missing) => Some(format!(
-            "keyed record, but [audit] node_keys holds no {node}.key: its HMAC is not checked"
-        )),
-        (Some(_), KeyFor::Key(k)) => (!native.mac_matches(k)).then(|| {
+        KeyedCheck::Unkeyed | KeyedCheck::Matches => None,
+        // Without [audit] node_keys only the plain chain is checked; with
+        // it, a node whose key is missing is named.
+        KeyedCheck::Unchecked => matches!(key, KeyFor::Missing).then(|| {
+            format!(
+                "keyed record, but [audit] node_keys holds no {node}.key: its HMAC is not checked"
+            )
+        }),
+        KeyedCheck::Mismatch => Some(
             "content changed: hmac_sha256 does not match the record under the node's key \
              (rewritten without the key, or the key is not this node's)"
-                .into()
-        }),
+                .into(),
+        ),
     }
 }
 
