@@ -8,6 +8,7 @@
 //! runaway client cannot starve the others.
 
 use std::{
+    path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -35,9 +36,11 @@ pub(crate) enum AuthError {
     },
 }
 
-/// The known tokens (digests only) and each one's rate limiter.
+/// The known tokens (digests only, with the files they were read from)
+/// and each one's rate limiter.
 pub(crate) struct Tokens {
-    entries: RwLock<Arc<Vec<(TokenDigest, Role)>>>,
+    /// `[[auth.token]]`: replaced whole on reload.
+    specs: RwLock<Arc<Vec<TokenSpec>>>,
     /// Keyed by digest, so a token's allowance survives a reload.
     limiter: Option<DefaultKeyedRateLimiter<TokenDigest>>,
 }
@@ -51,39 +54,39 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
-fn entries(specs: &[TokenSpec]) -> Arc<Vec<(TokenDigest, Role)>> {
-    Arc::new(
-        specs
-            .iter()
-            .flat_map(|s| s.digests.iter().map(|d| (*d, s.role.clone())))
-            .collect(),
-    )
-}
-
 impl Tokens {
-    pub(crate) fn new(specs: &[TokenSpec], limit: Option<RateLimit>) -> Self {
+    pub(crate) fn new(specs: Vec<TokenSpec>, limit: Option<RateLimit>) -> Self {
         let limiter = limit.and_then(|l| {
             Quota::with_period(l.period).map(|q| RateLimiter::keyed(q.allow_burst(l.burst)))
         });
         Self {
-            entries: RwLock::new(entries(specs)),
+            specs: RwLock::new(Arc::new(specs)),
             limiter,
         }
     }
 
     /// Serves `specs` from now on (a reload); forgets the allowances of
     /// tokens that have not asked lately.
-    pub(crate) fn replace(&self, specs: &[TokenSpec]) {
-        let new = entries(specs);
-        *self.entries.write().unwrap_or_else(|e| e.into_inner()) = new;
+    pub(crate) fn replace(&self, specs: Vec<TokenSpec>) {
+        *self.specs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(specs);
         if let Some(l) = &self.limiter {
             l.retain_recent();
         }
     }
 
+    /// The `[[auth.token]]` entries served now, to read again on reload.
+    pub(crate) fn specs(&self) -> Arc<Vec<TokenSpec>> {
+        self.specs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The token files, to see whether one changed.
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
+        self.specs().iter().map(|s| s.token_file.clone()).collect()
+    }
+
     /// How many tokens are known.
     pub(crate) fn len(&self) -> usize {
-        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.specs().iter().map(|s| s.digests.len()).sum()
     }
 
     /// The role of the request's bearer token, if it is within its rate.
@@ -98,19 +101,17 @@ impl Tokens {
             .map(str::trim)
             .ok_or(AuthError::Unauthenticated)?;
         let d = token_digest(presented);
-        let entries = self
-            .entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let specs = self.specs();
         let mut found = None;
-        // Look at every entry whatever matches, so timing says nothing.
-        for (known, role) in entries.iter() {
-            if bool::from(known.ct_eq(&d)) && found.is_none() {
-                found = Some(role.clone());
+        // Look at every digest whatever matches, so timing says nothing.
+        for spec in specs.iter() {
+            for known in &spec.digests {
+                if bool::from(known.ct_eq(&d)) && found.is_none() {
+                    found = Some(&spec.role);
+                }
             }
         }
-        let role = found.ok_or(AuthError::Unauthenticated)?;
+        let role = found.ok_or(AuthError::Unauthenticated)?.clone();
         if let Some(limiter) = &self.limiter
             && let Err(not_until) = limiter.check_key(&d)
         {
@@ -191,7 +192,7 @@ mod tests {
     }
 
     fn tokens() -> Tokens {
-        Tokens::new(&specs("agent-token-0123456789"), None)
+        Tokens::new(specs("agent-token-0123456789"), None)
     }
 
     fn headers(v: &str) -> HeaderMap {
@@ -232,7 +233,7 @@ mod tests {
     #[test]
     fn a_replaced_set_takes_new_tokens_and_drops_old_ones() {
         let t = tokens();
-        t.replace(&specs("rotated-token-0123456789"));
+        t.replace(specs("rotated-token-0123456789"));
         assert_eq!(
             t.authenticate(&headers("Bearer agent-token-0123456789")),
             Err(AuthError::Unauthenticated)
@@ -250,7 +251,7 @@ mod tests {
             period: Duration::from_secs(10),
             burst: std::num::NonZeroU32::new(2).unwrap(),
         };
-        let t = Tokens::new(&specs("agent-token-0123456789"), Some(limit));
+        let t = Tokens::new(specs("agent-token-0123456789"), Some(limit));
         let agent = headers("Bearer agent-token-0123456789");
         assert!(t.authenticate(&agent).is_ok());
         assert!(t.authenticate(&agent).is_ok());

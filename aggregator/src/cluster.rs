@@ -530,7 +530,15 @@ pub(crate) mod tests {
             (2, 20_000, "idle"),
         ] {
             let r = report("n1", seq, end, state);
-            ledger.ingest(&r, &r.digest(), 50_000).await.unwrap();
+            ledger
+                .ingest(
+                    &r,
+                    &r.digest(),
+                    50_000,
+                    &crate::audit_keys::NodeKeys::default(),
+                )
+                .await
+                .unwrap();
         }
         let v = ClusterView::build(ledger.cluster_rows().await.unwrap(), 51_000);
         let n = &v.nodes[0];

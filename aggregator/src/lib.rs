@@ -44,6 +44,8 @@ pub struct Aggregator {
     app: Arc<server::App>,
     tls: Option<TlsAcceptor>,
     refresher: JoinHandle<()>,
+    /// Looks for changed credential files.
+    change_poll: JoinHandle<()>,
 }
 
 impl Aggregator {
@@ -66,9 +68,9 @@ impl Aggregator {
         };
         let app = Arc::new(server::App {
             ledger,
-            tokens: auth::Tokens::new(&config.tokens, config.rate_limit),
-            token_specs: Mutex::new(config.tokens.clone()),
+            tokens: auth::Tokens::new(config.tokens.clone(), config.rate_limit),
             audit_keys: RwLock::new(Arc::new(config.node_keys.clone())),
+            credentials_seen: Mutex::default(),
             prices: config.prices.clone(),
             max_body: config.server.max_body_bytes(),
             metrics: metrics::Metrics::new(),
@@ -85,11 +87,15 @@ impl Aggregator {
             config.server.metrics_refresh,
             shutdown.clone(),
         ));
-        tokio::spawn(reload_on_change(app.clone(), RELOAD_POLL, shutdown));
+        *app.credentials_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = fingerprint(&app);
+        let change_poll = tokio::spawn(reload_on_change(app.clone(), RELOAD_POLL, shutdown));
         Ok(Aggregator {
             app,
             tls,
             refresher,
+            change_poll,
         })
     }
 
@@ -123,6 +129,7 @@ impl Aggregator {
     /// Waits for the background work to end (after shutdown).
     pub async fn stopped(self) {
         let _ = self.refresher.await;
+        let _ = self.change_poll.await;
         info!("aggregator stopped");
     }
 }
@@ -131,8 +138,38 @@ impl Aggregator {
 const RELOAD_POLL: Duration = Duration::from_secs(2);
 
 fn reload(app: &server::App) {
-    let mut specs = app.token_specs.lock().unwrap_or_else(|e| e.into_inner());
-    let tokens = config::reread(&specs);
+    let mut seen = app
+        .credentials_seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let now = fingerprint(app);
+    reload_seen(app, &mut seen, now);
+}
+
+/// Reloads if a credential file differs from what the last reload saw.
+fn reload_if_changed(app: &server::App) {
+    let mut seen = app
+        .credentials_seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let now = fingerprint(app);
+    if *seen != now {
+        info!("a credential file changed: reloading");
+        reload_seen(app, &mut seen, now);
+    }
+}
+
+/// The reload itself, under the `credentials_seen` lock; `now` is the
+/// files' fingerprint taken before they are read, so a change made while
+/// reading is seen by the next poll. It is kept even when the reload
+/// fails: a bad file is retried when it changes again, or on SIGHUP.
+fn reload_seen(
+    app: &server::App,
+    seen: &mut server::CredentialFiles,
+    now: server::CredentialFiles,
+) {
+    *seen = now;
+    let tokens = config::reread(&app.tokens.specs());
     let keys_dir = app
         .audit_keys
         .read()
@@ -145,8 +182,7 @@ fn reload(app: &server::App) {
         .transpose();
     match (tokens, keys) {
         (Ok(tokens), Ok(keys)) => {
-            app.tokens.replace(&tokens);
-            *specs = tokens;
+            app.tokens.replace(tokens);
             let n_keys = keys.as_ref().map_or(0, audit_keys::NodeKeys::len);
             if let Some(keys) = keys {
                 *app.audit_keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
@@ -180,16 +216,8 @@ fn reload(app: &server::App) {
 
 /// What the credential files look like now: their paths, sizes and
 /// modification times (a directory's listing included).
-fn fingerprint(
-    app: &server::App,
-) -> Vec<(std::path::PathBuf, Option<(u64, std::time::SystemTime)>)> {
-    let mut paths: Vec<std::path::PathBuf> = app
-        .token_specs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|s| s.token_file.clone())
-        .collect();
+fn fingerprint(app: &server::App) -> server::CredentialFiles {
+    let mut paths = app.tokens.files();
     let dir = app
         .audit_keys
         .read()
@@ -217,7 +245,6 @@ fn fingerprint(
 /// Reloads the credentials whenever their files change (polled: token
 /// files are often replaced by renames, which a poll sees as well).
 async fn reload_on_change(app: Arc<server::App>, every: Duration, shutdown: CancellationToken) {
-    let mut last = fingerprint(&app);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -225,12 +252,7 @@ async fn reload_on_change(app: Arc<server::App>, every: Duration, shutdown: Canc
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = fingerprint(&app);
-        if now != last {
-            info!("a credential file changed: reloading");
-            reload(&app);
-            last = now;
-        }
+        reload_if_changed(&app);
     }
 }
 
@@ -272,5 +294,62 @@ async fn refresh_metrics(app: Arc<server::App>, every: Duration, shutdown: Cance
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn reloads(agg: &Aggregator) -> Vec<String> {
+        agg.app
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("tally_aggregator_credential_reloads_total"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_change_reloaded_on_sighup_is_not_reloaded_again_by_the_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents");
+        std::fs::write(&agents, "agent-token-0123456789\n").unwrap();
+        let text = format!(
+            "[ledger]\nurl = \"sqlite://{}/ledger.db\"\n\
+             [[auth.token]]\ntoken_file = \"{}\"\nrole = \"agent\"\n",
+            dir.path().display(),
+            agents.display()
+        );
+        let config = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap();
+        let shutdown = CancellationToken::new();
+        let agg = Aggregator::start(&config, shutdown.clone()).await.unwrap();
+        // Nothing changed since the start: the poll does nothing.
+        reload_if_changed(&agg.app);
+        assert!(reloads(&agg).is_empty(), "{:?}", reloads(&agg));
+
+        std::fs::write(&agents, "agent-token-0123456789\nnew-token-0123456789\n").unwrap();
+        (agg.reloader())();
+        reload_if_changed(&agg.app);
+        assert_eq!(
+            reloads(&agg),
+            ["tally_aggregator_credential_reloads_total{result=\"ok\"} 1"]
+        );
+        assert_eq!(agg.app.tokens.len(), 2);
+
+        std::fs::write(&agents, "new-token-0123456789\n").unwrap();
+        reload_if_changed(&agg.app);
+        assert_eq!(
+            reloads(&agg),
+            ["tally_aggregator_credential_reloads_total{result=\"ok\"} 2"]
+        );
+        assert_eq!(agg.app.tokens.len(), 1);
+
+        // Both background tasks end on shutdown, and are waited for.
+        shutdown.cancel();
+        agg.stopped().await;
     }
 }

@@ -5,10 +5,7 @@
 //! With several replicas on one PostgreSQL, every replica exports the same
 //! `tally_cluster_*` totals: aggregate them with `max`, not `sum`.
 
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex, RwLock, atomic::AtomicU64},
-};
+use std::sync::{Arc, RwLock, atomic::AtomicU64};
 
 use prometheus_client::{
     collector::Collector,
@@ -23,7 +20,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::ledger::totals::TenantTotals;
+use crate::{ledger::totals::TenantTotals, time::MAX_CLOCK_SKEW_MS};
 
 /// Content type of [`Metrics::encode`]'s output.
 pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -58,10 +55,9 @@ pub(crate) struct Metrics {
     pub ingest_duration: Histogram,
     pub ledger_errors: Counter,
     pub audit_chain_breaks: Family<NodeLabel, Counter>,
-    /// Each node's clock minus the aggregator's, at its last report.
+    /// Each node's clock minus the aggregator's, at its last report; also
+    /// what tells whether a node has just gone skewed or back in step.
     clock_skew: Family<NodeLabel, Gauge<f64, AtomicU64>>,
-    /// Nodes whose clock is now off by more than the tolerance.
-    skewed: Mutex<BTreeSet<String>>,
     pub cached: Arc<RwLock<Cached>>,
 }
 
@@ -119,9 +115,12 @@ impl Metrics {
         let clock_skew = Family::<NodeLabel, Gauge<f64, AtomicU64>>::default();
         registry.register_with_unit(
             "tally_aggregator_node_clock_skew",
-            "The node's clock minus the aggregator's when its last report was sent (from the \
-             report's Date header); beyond 10 s either way its reports are filed by the \
-             aggregator's clock",
+            format!(
+                "The node's clock minus the aggregator's when its last report was sent (from the \
+                 report's Date header); beyond {} s either way its reports are filed by the \
+                 aggregator's clock",
+                MAX_CLOCK_SKEW_MS / 1000
+            ),
             Unit::Seconds,
             clock_skew.clone(),
         );
@@ -135,27 +134,24 @@ impl Metrics {
             ledger_errors,
             audit_chain_breaks,
             clock_skew,
-            skewed: Mutex::default(),
             cached,
         }
     }
 
     /// Records `node`'s clock skew; `Some(true)` when it has just gone
-    /// skewed, `Some(false)` when it has just come back in step.
-    pub(crate) fn clock_skew(&self, node: &str, skew_ms: i64, skewed: bool) -> Option<bool> {
-        self.clock_skew
+    /// skewed (beyond [`MAX_CLOCK_SKEW_MS`]), `Some(false)` when it has just
+    /// come back in step. The gauge's previous value says where it was: a
+    /// node not seen before starts at 0, in step.
+    pub(crate) fn clock_skew(&self, node: &str, skew_ms: i64) -> Option<bool> {
+        let skewed = |ms: i64| ms.abs() > MAX_CLOCK_SKEW_MS;
+        let previous = self
+            .clock_skew
             .get_or_create(&NodeLabel { node: node.into() })
             .set(skew_ms as f64 / 1000.0);
-        let mut set = match self.skewed.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        let changed = if skewed {
-            set.insert(node.to_owned())
-        } else {
-            set.remove(node)
-        };
-        changed.then_some(skewed)
+        // Whole milliseconds divided by 1000 come back exactly when rounded.
+        let was = skewed((previous * 1000.0).round() as i64);
+        let now = skewed(skew_ms);
+        (was != now).then_some(now)
     }
 
     /// Counts one report outcome.
@@ -327,5 +323,26 @@ mod tests {
                 "HELP line must end in one full stop: {help}"
             );
         }
+    }
+
+    #[test]
+    fn a_node_going_skewed_and_back_is_told_once_each_way() {
+        let m = Metrics::new();
+        assert_eq!(m.clock_skew("n1", 3_000), None);
+        assert_eq!(m.clock_skew("n1", MAX_CLOCK_SKEW_MS), None);
+        assert_eq!(m.clock_skew("n1", -MAX_CLOCK_SKEW_MS - 1), Some(true));
+        assert_eq!(m.clock_skew("n1", 60_000), None);
+        assert_eq!(m.clock_skew("n2", 60_000), Some(true));
+        assert_eq!(m.clock_skew("n1", 10), Some(false));
+        assert_eq!(m.clock_skew("n1", -10), None);
+        let body = m.encode();
+        assert!(
+            body.contains(
+                "# HELP tally_aggregator_node_clock_skew_seconds The node's clock minus the \
+                 aggregator's when its last report was sent (from the report's Date header); \
+                 beyond 10 s either way its reports are filed by the aggregator's clock.\n"
+            ),
+            "{body}"
+        );
     }
 }

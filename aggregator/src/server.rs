@@ -38,8 +38,8 @@ mod query;
 mod reports;
 mod scheduler;
 
-pub(crate) use app::App;
 use app::problem;
+pub(crate) use app::{App, CredentialFiles};
 // The query parsers are fuzzed under these paths (`tests/fuzz`).
 pub use query::percent_decode;
 

@@ -93,31 +93,59 @@ impl AuditKey {
     /// Reads the key at `path`, or makes one there (mode 0600, never
     /// replacing a file that appeared meanwhile) when there is none.
     /// Returns the key and whether it was made now.
+    ///
+    /// The key is written whole to `<path>.tmp`, synced, and only then
+    /// linked to `path`: a crash leaves either no key (made again at the
+    /// next start; a leftover `.tmp` is replaced) or a whole one, never an
+    /// empty or partial file that would stop every later start.
     pub fn load_or_create(path: &Path) -> Result<(AuditKey, bool), AuditError> {
         use std::os::unix::fs::OpenOptionsExt;
         let err = |reason: String| AuditError::Key {
             path: path.to_path_buf(),
             reason,
         };
-        if let Some(dir) = path.parent() {
+        if path.exists() {
+            return Ok((AuditKey::load(path)?, false));
+        }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
             fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
-        match OpenOptions::new()
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let tmp_err = |e: io::Error| err(format!("{}: {e}", tmp.display()));
+        // A leftover of an earlier crash: its mode or contents are not ours.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(tmp_err(e)),
+            _ => {}
+        }
+        let key = AuditKey::generate().map_err(err)?;
+        let text = format!(
+            "# tally audit key of this node: give a copy to the aggregator \
+             ([audit] node_keys), keep it secret\n{}\n",
+            hex::encode(key.0)
+        );
+        OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
-        {
-            Ok(mut f) => {
-                let key = AuditKey::generate().map_err(err)?;
-                let text = format!(
-                    "# tally audit key of this node: give a copy to the aggregator \
-                     ([audit] node_keys), keep it secret\n{}\n",
-                    hex::encode(key.0)
-                );
-                f.write_all(text.as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| err(e.to_string()))?;
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            })
+            .map_err(tmp_err)?;
+        // A link never replaces a file that appeared meanwhile.
+        let linked = fs::hard_link(&tmp, path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                if let Some(dir) = dir {
+                    File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| err(e.to_string()))?;
+                }
                 Ok((key, true))
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -127,12 +155,23 @@ impl AuditKey {
         }
     }
 
-    /// HMAC-SHA256 (hex) of `bytes` under this key.
-    fn mac(&self, bytes: &[u8]) -> String {
+    /// The HMAC-SHA256 state under this key, fed with `bytes`.
+    fn hmac(&self, bytes: &[u8]) -> Hmac<Sha256> {
         // HMAC takes a key of any length.
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
         m.update(bytes);
-        hex::encode(m.finalize().into_bytes())
+        m
+    }
+
+    /// HMAC-SHA256 (hex) of `bytes` under this key.
+    fn mac(&self, bytes: &[u8]) -> String {
+        hex::encode(self.hmac(bytes).finalize().into_bytes())
+    }
+
+    /// Whether `tag` is the HMAC-SHA256 of `bytes` under this key,
+    /// compared in constant time.
+    fn verify(&self, bytes: &[u8], tag: &[u8]) -> bool {
+        self.hmac(bytes).verify_slice(tag).is_ok()
     }
 }
 
@@ -194,9 +233,23 @@ impl Record {
         else {
             return false;
         };
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&key.0).expect("any key length");
-        m.update(&self.body());
-        m.verify_slice(&claimed).is_ok()
+        key.verify(&self.body(), &claimed)
+    }
+
+    /// The keyed-chain rule for this record, `after_keyed` when an earlier
+    /// record of the same chain carried an HMAC: with the key its HMAC
+    /// must match; without the key a keyed record is left unchecked; and
+    /// once a chain is keyed, a record without an HMAC is a break (it was
+    /// rewritten by someone without the key). Both [`verify_keyed`] and
+    /// the aggregator's store apply it.
+    pub fn keyed_check(&self, after_keyed: bool, key: Option<&AuditKey>) -> KeyedCheck {
+        match (&self.hmac_sha256, key) {
+            (None, _) if after_keyed => KeyedCheck::Stripped,
+            (None, _) => KeyedCheck::Unkeyed,
+            (Some(_), None) => KeyedCheck::Unchecked,
+            (Some(_), Some(k)) if !self.mac_matches(k) => KeyedCheck::Mismatch,
+            (Some(_), Some(_)) => KeyedCheck::Matches,
+        }
     }
 
     /// The bytes both digests cover.
@@ -214,6 +267,21 @@ impl Record {
         // Serializing plain strings and a JSON value cannot fail.
         serde_json::to_vec(&body).unwrap_or_default()
     }
+}
+
+/// What [`Record::keyed_check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyedCheck {
+    /// No HMAC, and none before it: a line from before the node had a key.
+    Unkeyed,
+    /// No HMAC after keyed records: rewritten without the key. A break.
+    Stripped,
+    /// An HMAC, not checked for want of the key.
+    Unchecked,
+    /// An HMAC that does not match under the key. A break.
+    Mismatch,
+    /// An HMAC that matches under the key.
+    Matches,
 }
 
 /// Appends records, keeping the chain. One writer per file (the agent).
@@ -401,23 +469,23 @@ pub fn verify_keyed(
                 rec.sha256
             ));
         }
-        match (&rec.hmac_sha256, key) {
-            (None, _) if seen.records > seen.unkeyed => {
+        match rec.keyed_check(seen.records > seen.unkeyed, key) {
+            KeyedCheck::Stripped => {
                 return broken(
                     "no hmac_sha256 after keyed lines: the line was rewritten without the key"
                         .into(),
                 );
             }
-            (None, _) => seen.unkeyed += 1,
-            (Some(_), None) => seen.unchecked += 1,
-            (Some(_), Some(k)) if !rec.mac_matches(k) => {
+            KeyedCheck::Unkeyed => seen.unkeyed += 1,
+            KeyedCheck::Unchecked => seen.unchecked += 1,
+            KeyedCheck::Mismatch => {
                 return broken(
                     "hmac_sha256 does not match the line's content under the key: the line was \
                      changed (or the key is not this node's)"
                         .into(),
                 );
             }
-            (Some(_), Some(_)) => {}
+            KeyedCheck::Matches => {}
         }
         prev = rec.sha256;
         seq = rec.seq;
@@ -611,6 +679,30 @@ mod tests {
         assert_eq!((v.records, v.unkeyed, v.unchecked), (3, 2, 0));
         assert_eq!(verify(&p).unwrap(), Ok(3));
         drop(d);
+    }
+
+    #[test]
+    fn a_leftover_tmp_key_is_replaced_and_an_existing_key_is_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.key");
+        let tmp = d.path().join("audit.key.tmp");
+        // A crash between writing the tmp file and linking it.
+        fs::write(&tmp, "# half a key\nab").unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        let (k1, made) = AuditKey::load_or_create(&p).unwrap();
+        assert!(made);
+        assert!(!tmp.exists());
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(AuditKey::load(&p).unwrap(), k1);
+        // A leftover beside an existing key changes nothing.
+        fs::write(&tmp, "junk").unwrap();
+        let (k2, made) = AuditKey::load_or_create(&p).unwrap();
+        assert!(!made);
+        assert_eq!(k1, k2);
     }
 
     #[test]

@@ -346,15 +346,13 @@ impl Report {
         }
         for (i, a) in self.audit.iter().enumerate() {
             for (key, h) in [("prev_sha256", &a.prev_sha256), ("sha256", &a.sha256)] {
-                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if !is_hex_sha256(h) {
                     p.push(format!("audit[{i}].{key} is not a hex SHA-256"));
                 }
             }
             // A keyed record's HMAC (schemathesis: any value was stored).
             if let Some(h) = a.rest.get("hmac_sha256")
-                && !h
-                    .as_str()
-                    .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                && !h.as_str().is_some_and(is_hex_sha256)
             {
                 p.push(format!("audit[{i}].hmac_sha256 is not a hex HMAC-SHA256"));
             }
@@ -364,6 +362,11 @@ impl Report {
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
     }
+}
+
+/// A SHA-256 (or HMAC-SHA256) written as hex: 64 hex digits.
+fn is_hex_sha256(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn name(p: &mut Vec<String>, key: &str, value: &str) {

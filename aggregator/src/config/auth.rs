@@ -99,7 +99,7 @@ pub(super) fn auth_section(
         ),
     }
     let limit = rate_limit(&mut auth, problems);
-    reject_unknown(&auth, "auth", &["token"], problems);
+    reject_unknown(&auth, "auth", &["token", "rate_limit", "burst"], problems);
     for (i, j) in duplicates(&out) {
         problems.push(
             format!("auth.token[{i}].token_file"),
@@ -124,9 +124,12 @@ fn duplicates(specs: &[TokenSpec]) -> Vec<(usize, usize)> {
 }
 
 /// `rate_limit = "50/s"` (per `s`, `m` or `h`) and `burst = N` (default:
-/// the rate's count).
+/// the rate's count). Both keys are taken out of `auth` before either is
+/// checked, so a bad one is reported once, never also as an unknown key.
 fn rate_limit(auth: &mut toml::Table, problems: &mut Problems) -> Option<RateLimit> {
-    let burst = match auth.remove("burst") {
+    let burst = auth.remove("burst");
+    let rate = auth.remove("rate_limit");
+    let burst = match burst {
         None => None,
         Some(toml::Value::Integer(n)) => match u32::try_from(n).ok().and_then(NonZeroU32::new) {
             Some(n) => Some(n),
@@ -140,7 +143,7 @@ fn rate_limit(auth: &mut toml::Table, problems: &mut Problems) -> Option<RateLim
             return None;
         }
     };
-    let rate = match auth.remove("rate_limit") {
+    let rate = match rate {
         None => {
             if burst.is_some() {
                 problems.push("auth.burst", "needs auth.rate_limit");
@@ -154,6 +157,18 @@ fn rate_limit(auth: &mut toml::Table, problems: &mut Problems) -> Option<RateLim
         }
     };
     match parse_rate(&rate) {
+        // A period under a nanosecond rounds to zero, which the limiter
+        // cannot take (`Quota::with_period` gives `None`): the limit would
+        // silently be off.
+        Ok((count, per)) if (per / count.get()).is_zero() => {
+            problems.push(
+                "auth.rate_limit",
+                format!(
+                    "`{rate}` is faster than one request per nanosecond; write at most 1000000000/s"
+                ),
+            );
+            None
+        }
         Ok((count, per)) => Some(RateLimit {
             period: per / count.get(),
             burst: burst.unwrap_or(count),
@@ -331,6 +346,41 @@ mod tests {
         assert_eq!(p.problems[0].key, "auth.rate_limit");
         let (_, p) = read("rate_limit = \"5/s\"\nburst = 0");
         assert_eq!(p.problems[0].key, "auth.burst");
+    }
+
+    #[test]
+    fn a_bad_burst_is_one_problem_and_too_fast_a_rate_is_another() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("agents");
+        std::fs::write(&f, "agent-token-0123456789\n").unwrap();
+        let read = |auth: &str| {
+            let text = format!(
+                "[auth]\n{auth}\n[[auth.token]]\ntoken_file = {:?}\nrole = \"agent\"\n",
+                f.display().to_string()
+            );
+            let mut t: toml::Table = text.parse().unwrap();
+            let mut p = Problems {
+                file: "a.toml".into(),
+                problems: Vec::new(),
+            };
+            let (specs, limit) = auth_section(&mut t, &mut p);
+            assert_eq!(specs.len(), 1);
+            (limit, p.problems)
+        };
+        let (l, p) = read("rate_limit = \"5/s\"\nburst = 0");
+        assert!(l.is_none());
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "auth.burst");
+        let (l, p) = read("rate_limit = \"2000000000/s\"");
+        assert!(l.is_none());
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "auth.rate_limit");
+        let (l, p) = read("rate_limit = \"1000000000/s\"");
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(l.unwrap().period, Duration::from_nanos(1));
+        let (_, p) = read("rate = \"5/s\"");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].message.contains("token, rate_limit, burst"), "{p:?}");
     }
 
     #[test]

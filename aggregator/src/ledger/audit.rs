@@ -2,7 +2,10 @@
 //! (and, with the node's key, each record's HMAC) checked on the way in,
 //! and read back by `GET /api/v1/audit`.
 
-use tally_contract::wire::{AuditRecord, GENESIS_SHA256, Report};
+use tally_contract::{
+    audit::KeyedCheck,
+    wire::{AuditRecord, GENESIS_SHA256, Report},
+};
 
 use super::{Ledger, LedgerError, i};
 use crate::audit_keys::{KeyFor, NodeKeys};
@@ -78,22 +81,20 @@ pub(super) async fn store(
 ) -> Result<Vec<String>, sqlx::Error> {
     let mut audit_breaks = Vec::new();
     if !r.audit.is_empty() {
-        let mut head: Option<String> =
-            sqlx::query_scalar("SELECT sha256 FROM audit_heads WHERE node = $1")
-                .bind(&r.node)
-                .fetch_optional(&mut *conn)
-                .await?;
-        // Whether the node's last stored record was keyed: an unkeyed one
-        // after it was rewritten by someone without the key.
-        let last: Option<String> =
-            sqlx::query_scalar("SELECT record FROM audit WHERE node = $1 ORDER BY id DESC LIMIT 1")
-                .bind(&r.node)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let mut keyed = last.is_some_and(|l| {
-            serde_json::from_str::<serde_json::Value>(&l)
-                .is_ok_and(|v| v.get("hmac_sha256").is_some())
-        });
+        // The node's last stored hash, and whether its chain has carried an
+        // HMAC: an unkeyed record after that was rewritten by someone
+        // without the key.
+        // (sqlx's Any driver decodes no SQLite BOOLEAN column: read 0 or 1.)
+        let stored: Option<(String, i64)> = sqlx::query_as(
+            "SELECT sha256, CASE WHEN keyed THEN 1 ELSE 0 END FROM audit_heads WHERE node = $1",
+        )
+        .bind(&r.node)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let (mut head, mut keyed) = match stored {
+            Some((h, k)) => (Some(h), k != 0),
+            None => (None, false),
+        };
         let key = keys.get(&r.node);
         for a in &r.audit {
             let problem = chain_problem(head.as_deref(), keyed, a, &r.node, key);
@@ -120,11 +121,12 @@ pub(super) async fn store(
             head = Some(a.sha256.clone());
         }
         sqlx::query(
-            "INSERT INTO audit_heads (node, sha256) VALUES ($1, $2) \
-             ON CONFLICT (node) DO UPDATE SET sha256 = excluded.sha256",
+            "INSERT INTO audit_heads (node, sha256, keyed) VALUES ($1, $2, $3) \
+             ON CONFLICT (node) DO UPDATE SET sha256 = excluded.sha256, keyed = excluded.keyed",
         )
         .bind(&r.node)
         .bind(head)
+        .bind(keyed)
         .execute(&mut *conn)
         .await?;
     }
@@ -197,21 +199,29 @@ fn chain_problem(
             a.sha256
         ));
     }
-    match (&native.hmac_sha256, key) {
-        (None, _) if keyed => Some(
+    let k = match key {
+        KeyFor::Key(k) => Some(k),
+        KeyFor::Missing | KeyFor::NotConfigured => None,
+    };
+    match native.keyed_check(keyed, k) {
+        KeyedCheck::Stripped => Some(
             "no hmac_sha256 after keyed records from this node: the record was rewritten \
              without the node's key"
                 .into(),
         ),
-        (None, _) | (Some(_), KeyFor::NotConfigured) => None,
-        (Some(_), KeyFor::Missing) => Some(format!(
-            "keyed record, but [audit] node_keys holds no {node}.key: its HMAC is not checked"
-        )),
-        (Some(_), KeyFor::Key(k)) => (!native.mac_matches(k)).then(|| {
+        KeyedCheck::Unkeyed | KeyedCheck::Matches => None,
+        // Without [audit] node_keys only the plain chain is checked; with
+        // it, a node whose key is missing is named.
+        KeyedCheck::Unchecked => matches!(key, KeyFor::Missing).then(|| {
+            format!(
+                "keyed record, but [audit] node_keys holds no {node}.key: its HMAC is not checked"
+            )
+        }),
+        KeyedCheck::Mismatch => Some(
             "content changed: hmac_sha256 does not match the record under the node's key \
              (rewritten without the key, or the key is not this node's)"
-                .into()
-        }),
+                .into(),
+        ),
     }
 }
 
@@ -291,7 +301,7 @@ mod tests {
         let mut r = report("n1", 1);
         r.audit = vec![wire(&recs[0])];
         let keys = NodeKeys::default();
-        let stored = ledger.ingest_checked(&r, &r.digest(), 1, &keys).await;
+        let stored = ledger.ingest(&r, &r.digest(), 1, &keys).await;
         assert_eq!(
             stored.unwrap(),
             Ingested::Stored {
@@ -303,14 +313,54 @@ mod tests {
         stripped.sha256 = stripped.digest();
         let mut r = report("n1", 2);
         r.audit = vec![wire(&stripped)];
-        let Ingested::Stored { audit_breaks } = ledger
-            .ingest_checked(&r, &r.digest(), 2, &keys)
-            .await
-            .unwrap()
+        let Ingested::Stored { audit_breaks } =
+            ledger.ingest(&r, &r.digest(), 2, &keys).await.unwrap()
         else {
             panic!("not stored")
         };
         assert_eq!(audit_breaks.len(), 1, "{audit_breaks:?}");
         assert!(audit_breaks[0].contains("without the node's key"));
+    }
+
+    #[tokio::test]
+    async fn a_ledger_from_before_the_keyed_column_knows_its_keyed_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url, 1).await.unwrap();
+        let keys = NodeKeys::default();
+        let key = AuditKey::generate().unwrap();
+        let keyed = records(Some(&key), 2);
+        let plain = records(None, 2);
+        for (node, rec) in [("n1", &keyed[0]), ("n2", &plain[0])] {
+            let mut r = report(node, 1);
+            r.audit = vec![wire(rec)];
+            ledger.ingest(&r, &r.digest(), 1, &keys).await.unwrap();
+        }
+        // Back to the schema before 0004, as an older aggregator left it.
+        for sql in [
+            "ALTER TABLE audit_heads DROP COLUMN keyed",
+            "DELETE FROM _sqlx_migrations WHERE version = 4",
+        ] {
+            sqlx::query(sql).execute(&ledger.pool).await.unwrap();
+        }
+        drop(ledger);
+        let ledger = Ledger::open(&url, 1).await.unwrap();
+        let mut stripped = keyed[1].clone();
+        stripped.hmac_sha256 = None;
+        stripped.sha256 = stripped.digest();
+        let mut breaks = Vec::new();
+        for (node, rec) in [("n1", &stripped), ("n2", &plain[1])] {
+            let mut r = report(node, 2);
+            r.audit = vec![wire(rec)];
+            let Ingested::Stored { audit_breaks } =
+                ledger.ingest(&r, &r.digest(), 2, &keys).await.unwrap()
+            else {
+                panic!("not stored")
+            };
+            breaks.push(audit_breaks);
+        }
+        assert_eq!(breaks[0].len(), 1, "{breaks:?}");
+        assert!(breaks[0][0].contains("without the node's key"));
+        assert!(breaks[1].is_empty(), "{breaks:?}");
     }
 }

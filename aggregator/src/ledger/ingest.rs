@@ -20,22 +20,9 @@ pub(crate) enum Ingested {
 }
 
 impl Ledger {
-    /// Stores `r` exactly once (see the module docs), holding no audit
-    /// keys.
-    #[cfg(test)]
-    pub(crate) async fn ingest(
-        &self,
-        r: &Report,
-        digest: &str,
-        received_ms: i64,
-    ) -> Result<Ingested, LedgerError> {
-        self.ingest_checked(r, digest, received_ms, &NodeKeys::default())
-            .await
-    }
-
     /// Stores `r` exactly once (see the module docs), its audit records
     /// checked with the nodes' `keys`.
-    pub(crate) async fn ingest_checked(
+    pub(crate) async fn ingest(
         &self,
         r: &Report,
         digest: &str,
@@ -267,21 +254,28 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/sub/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url, 2).await.unwrap();
+        let keys = NodeKeys::default();
         let r = report("n1", 1);
         let d = r.digest();
         assert!(matches!(
-            ledger.ingest(&r, &d, 1).await.unwrap(),
+            ledger.ingest(&r, &d, 1, &keys).await.unwrap(),
             Ingested::Stored { .. }
         ));
-        assert_eq!(ledger.ingest(&r, &d, 2).await.unwrap(), Ingested::Duplicate);
+        assert_eq!(
+            ledger.ingest(&r, &d, 2, &keys).await.unwrap(),
+            Ingested::Duplicate
+        );
         let mut other = r.clone();
         other.gpu_usage[0].allocated_us = 1;
         assert_eq!(
-            ledger.ingest(&other, &other.digest(), 3).await.unwrap(),
+            ledger
+                .ingest(&other, &other.digest(), 3, &keys)
+                .await
+                .unwrap(),
             Ingested::Conflict
         );
         ledger
-            .ingest(&report("n1", 2), &report("n1", 2).digest(), 4)
+            .ingest(&report("n1", 2), &report("n1", 2).digest(), 4, &keys)
             .await
             .unwrap();
         let g = ledger.gpu_groups(0, i64::MAX).await.unwrap();
@@ -305,12 +299,14 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url, 1).await.unwrap();
+        let keys = NodeKeys::default();
         let a = "a".repeat(64);
         let b = "b".repeat(64);
         let c = "c".repeat(64);
         let mut r = report("n1", 1);
         r.audit = vec![audit(GENESIS_SHA256, &a), audit(&a, &b)];
-        let Ingested::Stored { audit_breaks } = ledger.ingest(&r, &r.digest(), 1).await.unwrap()
+        let Ingested::Stored { audit_breaks } =
+            ledger.ingest(&r, &r.digest(), 1, &keys).await.unwrap()
         else {
             panic!("not stored")
         };
@@ -318,7 +314,8 @@ pub(crate) mod tests {
         // The next report skips a record: its first one does not follow b.
         let mut r = report("n1", 2);
         r.audit = vec![audit(&c, &a)];
-        let Ingested::Stored { audit_breaks } = ledger.ingest(&r, &r.digest(), 2).await.unwrap()
+        let Ingested::Stored { audit_breaks } =
+            ledger.ingest(&r, &r.digest(), 2, &keys).await.unwrap()
         else {
             panic!("not stored")
         };

@@ -1,7 +1,11 @@
 //! What every handler shares: the application state and the error
 //! responses.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::SystemTime,
+};
 
 use hyper::{
     Request, Response, StatusCode,
@@ -13,7 +17,7 @@ use serde_json::json;
 use crate::{
     audit_keys::NodeKeys,
     auth::{AuthError, Tokens},
-    config::{Prices, Role, SchedulerSection, TokenSpec},
+    config::{Prices, Role, SchedulerSection},
     http::{self, Body},
     ledger::Ledger,
     metrics::Metrics,
@@ -24,15 +28,21 @@ use crate::{
 pub(crate) struct App {
     pub ledger: Ledger,
     pub tokens: Tokens,
-    /// Where the tokens come from, to read them again on reload.
-    pub token_specs: Mutex<Vec<TokenSpec>>,
     /// The nodes' audit keys; replaced whole on reload.
     pub audit_keys: RwLock<Arc<NodeKeys>>,
+    /// The credential files as the last reload (or the start) saw them.
+    /// Every reload, SIGHUP or change poll, sets it under this lock, so a
+    /// change is reloaded once whichever notices it first.
+    pub credentials_seen: Mutex<CredentialFiles>,
     pub prices: Prices,
     pub max_body: u64,
     pub metrics: Metrics,
     pub scheduler: SchedulerSection,
 }
+
+/// The credential files' paths, each with its size and modification time
+/// (`None`: unreadable), sorted by path.
+pub(crate) type CredentialFiles = Vec<(PathBuf, Option<(u64, SystemTime)>)>;
 
 /// A JSON error body: `{"error": reason}`.
 pub(crate) fn problem(status: StatusCode, reason: impl Into<String>) -> Response<Body> {

@@ -131,7 +131,7 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
         .clone();
     match app
         .ledger
-        .ingest_checked(&report, &digest, received_ms, &keys)
+        .ingest(&report, &digest, received_ms, &keys)
         .await
     {
         Ok(Ingested::Stored { audit_breaks }) => {
@@ -190,10 +190,7 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
 /// in, not to the hour a wrong clock says (docs/aggregator.md).
 fn refile(app: &App, report: &mut Report, skew_ms: i64) {
     let refiled = refiled_interval(report.interval_start_ms, report.interval_end_ms, skew_ms);
-    match app
-        .metrics
-        .clock_skew(&report.node, skew_ms, refiled.is_some())
-    {
+    match app.metrics.clock_skew(&report.node, skew_ms) {
         Some(true) => warn!(node = %report.node, skew_seconds = skew_ms as f64 / 1000.0,
                             tolerance_seconds = MAX_CLOCK_SKEW_MS / 1000,
                             "node clock is skewed: its reports are filed by the aggregator's clock"),
