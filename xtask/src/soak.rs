@@ -22,7 +22,7 @@ use tally_e2e::{
     aggregator_support::{
         Aggregator, LedgerReader, assert_ledger_exact, reported_counters, spooled, sqlite,
     },
-    conservation::{Scrape, assert_conserved, close, tenant_energy},
+    conservation::{Scrape, assert_conserved, assert_shares},
     free_port, unique,
 };
 
@@ -487,30 +487,17 @@ fn map_criteria(out: &mut Vec<Criterion>, maps: &[(PathBuf, MapInfo)], s: &Sampl
 /// end has no energy series then (the last window's check says so):
 /// returned with the devices checked.
 fn conserved_since_start(m: &Metrics) -> (usize, Vec<String>) {
-    let devices: Vec<String> = m
+    let unread: Vec<String> = m
         .select("tally_gpu_info", &[])
         .map(|s| s.labels["gpu"].clone())
+        .filter(|g| {
+            !g.contains('/')
+                && m.value("tally_gpu_energy_joules_total", &[("gpu", g)])
+                    .is_none()
+        })
         .collect();
-    for gpu in &devices {
-        close(
-            m.sum("tally_tenant_gpu_allocated_seconds_total", &[("gpu", gpu)]),
-            m.sum("tally_gpu_observed_seconds_total", &[("gpu", gpu)]),
-            &format!("allocated vs observed on gpu {gpu} since the start"),
-        );
-    }
-    let mut unread = Vec::new();
-    for gpu in devices.iter().filter(|g| !g.contains('/')) {
-        let Some(device) = m.value("tally_gpu_energy_joules_total", &[("gpu", gpu)]) else {
-            unread.push(gpu.clone());
-            continue;
-        };
-        let tenants = tenant_energy(m, None, gpu);
-        close(
-            tenants,
-            device,
-            &format!("energy of gpu {gpu} since the start"),
-        );
-    }
+    let skip: Vec<&str> = unread.iter().map(String::as_str).collect();
+    let devices = assert_shares(None, m, &skip);
     (devices.len(), unread)
 }
 
