@@ -20,7 +20,8 @@ use anyhow::{Context as _, bail};
 use tally_e2e::{
     Agent, Cgroup, H100, Launch, Metrics, SimNode,
     aggregator_support::{
-        Aggregator, LedgerReader, assert_ledger_exact, reported_counters, spooled, sqlite,
+        Aggregator, LedgerReader, agent_config_with, assert_ledger_exact, reported_counters,
+        spooled, sqlite,
     },
     conservation::{Scrape, assert_conserved, assert_shares},
     free_port, unique,
@@ -173,20 +174,8 @@ fn soak(
     let ledger = LedgerReader::new(&backend);
     let state = dir.join("agent-state");
     let config = dir.join("tally.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"
-[agent]
-state_dir = "{state}"
-
-[report]
-aggregator = "{url}"
-token_file = "{agg_dir}/agent.token"
-node = "{NODE}"
-interval = "2s"
-timeout = "5s"
-
+    let sections = format!(
+        r#"
 [probes]
 pin_dir = "{pin}"
 
@@ -197,11 +186,11 @@ fatal_xid_clear_after = "30s"
 [[tenant.rule]]
 cgroup = '/tally/(?P<tenant>[^/]+)/'
 "#,
-            state = state.display(),
-            url = agg.url(),
-            agg_dir = agg_dir.display(),
-            pin = pin.display(),
-        ),
+        pin = pin.display(),
+    );
+    fs::write(
+        &config,
+        agent_config_with(&agg.url(), NODE, &state, &agg_dir, "2s", "5s", &sections),
     )?;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let agent = Agent::launch(launch, &sim, &config, addr, &["--sample-interval", "1s"]);

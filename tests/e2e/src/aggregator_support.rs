@@ -436,12 +436,27 @@ impl Drop for Aggregator {
     }
 }
 
-/// The `[report]` and `[agent]` sections of an agent reporting to `url`.
+/// The `[report]` and `[agent]` sections of an agent reporting to `url`
+/// every 300 ms with a 2 s timeout.
 pub fn agent_config(
     url: &str,
     node: &str,
     state_dir: &Path,
     token_dir: &Path,
+    rules: &str,
+) -> String {
+    agent_config_with(url, node, state_dir, token_dir, "300ms", "2s", rules)
+}
+
+/// [`agent_config`] with the report `interval` and `timeout` given;
+/// `rules` (any further sections) is appended.
+pub fn agent_config_with(
+    url: &str,
+    node: &str,
+    state_dir: &Path,
+    token_dir: &Path,
+    interval: &str,
+    timeout: &str,
     rules: &str,
 ) -> String {
     format!(
@@ -453,8 +468,8 @@ state_dir = "{state}"
 aggregator = "{url}"
 token_file = "{tokens}/agent.token"
 node = "{node}"
-interval = "300ms"
-timeout = "2s"
+interval = "{interval}"
+timeout = "{timeout}"
 {rules}
 "#,
         state = state_dir.display(),
