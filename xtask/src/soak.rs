@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use tally_e2e::{
-    Agent, Cgroup, H100, Launch, Metrics, SimNode,
+    Agent, Cgroup, H100, Launch, Metrics, STANDARD_SCENARIO, SimNode,
     aggregator_support::{
         Aggregator, LedgerReader, agent_config_with, assert_ledger_exact, reported_counters,
         spooled, sqlite,
@@ -147,17 +147,10 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Seven H100s and an A100 in MIG mode: 8 GPUs, 11 devices.
+/// Seven H100s and an A100 in MIG mode: 8 GPUs, 11 devices (the
+/// standard scenario's two H100s and MIG A100, after five more H100s).
 fn scenario() -> String {
-    H100.repeat(7)
-        + r#"
-[[gpu]]
-model = "NVIDIA A100-SXM4-40GB"
-memory_mib = 40960
-power_idle_w = 50
-power_max_w = 400
-mig = ["3g.20gb", "2g.10gb", "1g.5gb", "1g.5gb"]
-"#
+    H100.repeat(5) + STANDARD_SCENARIO
 }
 
 /// Runs the soak; returns the criteria and a description of the run.
