@@ -11,7 +11,6 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -29,7 +28,7 @@ use tally_e2e::{
 
 use crate::{
     deps,
-    exec::{cargo, caught, exec, is_root, target_dir, workspace_root},
+    exec::{cargo, caught, exec, is_root, loadavg, short_commit, target_dir, utc_now},
 };
 
 mod churn;
@@ -127,7 +126,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
     let pin = PathBuf::from(format!("/sys/fs/bpf/tally-soak-{}", std::process::id()));
-    let started = chrono_now();
+    let started = utc_now();
     let result = caught(|| soak(&o, &launch, &dir, &pin));
     let _ = fs::remove_dir_all(&pin);
     let (criteria, facts) = result?;
@@ -503,25 +502,10 @@ fn probes_up(m: &Metrics) -> String {
         .join(", ")
 }
 
-/// `date -u`, for the report.
-fn chrono_now() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// The result as Markdown, for the terminal and `docs/faults.md`.
 fn render(o: &Options, started: &str, criteria: &[Criterion], facts: &str) -> String {
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(workspace_root())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let commit = short_commit();
+    let load = loadavg();
     let pass = criteria.iter().all(|c| c.pass);
     let mut r = String::new();
     let _ = writeln!(
@@ -530,7 +514,7 @@ fn render(o: &Options, started: &str, criteria: &[Criterion], facts: &str) -> St
          commit `{commit}`, load average {} at the end: **{}**.\n",
         o.minutes,
         o.rate,
-        load.join(" "),
+        load,
         if pass { "PASS" } else { "FAIL" }
     );
     let _ = writeln!(r, "{facts}\n");

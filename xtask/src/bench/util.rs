@@ -168,13 +168,6 @@ pub(super) fn machine() -> String {
     format!("{nproc} CPUs ({model}), {mem} RAM, Linux {kernel}")
 }
 
-/// `/proc/loadavg`'s first three fields.
-pub(super) fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 /// Other busy processes right now (compilers of other engineers): the top
 /// few by CPU, as `ps` shows them.
 pub(super) fn busy_processes() -> String {
