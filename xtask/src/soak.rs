@@ -224,6 +224,7 @@ cgroup = '/tally/(?P<tenant>[^/]+)/'
                 every,
                 maps_every: 3,
                 counts: &counts,
+                stop: &stop,
             },
         );
         let workers: Vec<_> = (0..WORKERS)

@@ -127,18 +127,6 @@ pub(super) fn thread_delta(
     v
 }
 
-/// Resident set size in MiB (VmRSS).
-pub(super) fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kb / 1024.0)
-}
-
 /// The machine, for the report's header.
 pub(super) fn machine() -> String {
     let model = fs::read_to_string("/proc/cpuinfo")
