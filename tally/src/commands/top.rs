@@ -16,7 +16,7 @@ use clap::Args;
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use model::{Cluster, SortKey, View};
 use ratatui::{Terminal, backend::TestBackend};
-use tally_agent::snapshot::Snapshot;
+use tally_agent::{report::client_builder, snapshot::Snapshot};
 use tally_contract::{config::EX_USAGE, token::read_token};
 
 use crate::runtime;
@@ -32,6 +32,9 @@ pub(crate) struct TopArgs {
     /// File holding a reader token for the aggregator (admin or tenant).
     #[arg(long, requires = "aggregator")]
     pub(crate) token_file: Option<PathBuf>,
+    /// PEM CA certificate to trust for an `https://` aggregator (a private CA).
+    #[arg(long, requires = "aggregator")]
+    pub(crate) ca_file: Option<PathBuf>,
     /// Tenant column to sort by at start (keys change it live).
     #[arg(long, value_enum, default_value_t = SortKey::Gpu)]
     pub(crate) sort: SortKey,
@@ -163,10 +166,14 @@ pub(crate) fn run(args: TopArgs) -> ExitCode {
             }
         }
     };
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-    {
+    let client = match client_builder(Duration::from_secs(5), args.ca_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("--ca-file: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let client = match client.build() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tally top: {e}");
