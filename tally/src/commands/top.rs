@@ -14,9 +14,10 @@ use std::{
 
 use clap::Args;
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
-use model::{Cluster, SortKey, View};
+use model::{SortKey, View};
 use ratatui::{Terminal, backend::TestBackend};
 use tally_agent::{report::client_builder, snapshot::Snapshot};
+use tally_aggregator::cluster::ClusterView;
 use tally_contract::{config::EX_USAGE, token::read_token};
 
 use crate::runtime;
@@ -88,8 +89,8 @@ impl Poller {
                 if let Some(t) = token {
                     req = req.bearer_auth(t);
                 }
-                let c: Cluster = get_json(req, &url).await?;
-                let interval = c.interval_ms().map(|ms| Duration::from_millis(ms as u64));
+                let c: ClusterView = get_json(req, &url).await?;
+                let interval = model::interval_ms(&c).map(|ms| Duration::from_millis(ms as u64));
                 Ok((model::from_cluster(&c), interval))
             }
         }
