@@ -211,13 +211,24 @@ pub(crate) fn run(args: TopArgs) -> ExitCode {
     }
 }
 
-/// Piped: two polls one interval apart (so rates are known), one frame.
+/// Piped: one frame. From an agent, polled until its sample count moves
+/// (so rates are known, even with a sample interval above the refresh),
+/// for at most [`ONCE_PATIENCE`]; from an aggregator, two polls.
 async fn once(poller: &mut Poller, screen: &mut Screen) -> Result<(), String> {
     let first = poller.poll().await?;
     screen.update(Ok(first), false);
-    tokio::time::sleep(screen.interval).await;
-    let second = poller.poll().await?;
-    screen.update(Ok(second), false);
+    let deadline = Instant::now() + ONCE_PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(screen.interval.min(left)).await;
+        let (view, interval) = poller.poll().await?;
+        // From an agent, an interval is known once two samples are.
+        let rates_known = interval.is_some() || matches!(poller.source, Source::Aggregator { .. });
+        screen.update(Ok((view, interval)), false);
+        if rates_known || Instant::now() >= deadline {
+            break;
+        }
+    }
     let height = (screen.view.gpus.len() + screen.view.tenants.len() + 10) as u16;
     let mut term = Terminal::new(TestBackend::new(100, height)).map_err(|e| e.to_string())?;
     let source = poller.source.label().to_owned();
@@ -226,6 +237,9 @@ async fn once(poller: &mut Poller, screen: &mut Screen) -> Result<(), String> {
     print!("{}", plain(term.backend().buffer()));
     Ok(())
 }
+
+/// How long a piped `tally top` waits for an agent's next sample.
+const ONCE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A drawn buffer as lines of text, trailing blanks trimmed.
 fn plain(buf: &ratatui::buffer::Buffer) -> String {
