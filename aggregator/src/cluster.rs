@@ -39,7 +39,7 @@ pub struct ClusterView {
 /// One node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
-    pub(crate) node: String,
+    pub node: String,
     /// When its last report arrived (aggregator clock).
     pub(crate) last_report: String,
     pub(crate) last_report_ms: i64,
@@ -47,14 +47,14 @@ pub struct NodeView {
     pub(crate) last_interval_end_ms: i64,
     /// Its `[report] interval`; `None` from agents that do not send it
     /// ([`DEFAULT_INTERVAL_MS`] is assumed).
-    pub(crate) report_interval_ms: Option<i64>,
+    pub report_interval_ms: Option<i64>,
     /// Time without a report after which the node is stale.
     pub(crate) stale_after_ms: i64,
-    pub(crate) stale: bool,
+    pub stale: bool,
     /// Reports stored from it.
     pub(crate) reports: i64,
     /// Physical GPUs first, each followed by its MIG instances.
-    pub(crate) gpus: Vec<GpuView>,
+    pub gpus: Vec<GpuView>,
     pub(crate) capacity: Capacity,
     /// Its tenants' local quotas, as of its newest report.
     pub(crate) quotas: Vec<QuotaView>,
@@ -62,7 +62,7 @@ pub struct NodeView {
 
 /// One GPU or MIG instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct GpuView {
+pub struct GpuView {
     /// `"<index>"`, or `"<index>/<gi>/<ci>"` for a MIG instance.
     pub gpu: String,
     pub uuid: String,
@@ -125,16 +125,16 @@ pub(crate) struct QuotaView {
 /// One tenant across the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantView {
-    pub(crate) tenant: String,
+    pub tenant: String,
     /// Devices it holds, with their state (`idle` = allocated and wasted).
-    pub(crate) devices: Vec<HeldDevice>,
+    pub devices: Vec<HeldDevice>,
     /// Its quotas on every node.
-    pub(crate) quotas: Vec<NodeQuota>,
+    pub quotas: Vec<NodeQuota>,
 }
 
 /// A device a tenant holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct HeldDevice {
+pub struct HeldDevice {
     pub node: String,
     pub gpu: String,
     pub uuid: String,
@@ -145,7 +145,7 @@ pub(crate) struct HeldDevice {
 
 /// A quota of a tenant on a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct NodeQuota {
+pub struct NodeQuota {
     pub node: String,
     pub resource: String,
     pub limit: f64,

@@ -48,33 +48,19 @@ fn watchdog_period() -> Option<Duration> {
 /// `READY=1` once the first sample is published (when `/readyz` turns
 /// 200), then `WATCHDOG=1` each half watchdog period in which the sampler
 /// published a new snapshot: a hung sampler stops the pings and systemd
-/// restarts the agent.
+/// restarts the agent. `STOPPING=1` on shutdown.
 pub(crate) async fn agent(mut latest: Latest, shutdown: CancellationToken) {
     tokio::select! {
         _ = shutdown.cancelled() => return,
         r = latest.wait_for(|s| s.samples > 0) => if r.is_err() { return },
     }
     notify("READY=1");
-    let Some(period) = watchdog_period() else {
-        return;
-    };
     let mut seen = 0;
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                notify("STOPPING=1");
-                return;
-            }
-            _ = tick.tick() => {
-                let now = latest.borrow().samples;
-                if now != seen {
-                    seen = now;
-                    notify("WATCHDOG=1");
-                }
-            }
-        }
-    }
+    until_shutdown(shutdown, move || {
+        let now = latest.borrow().samples;
+        std::mem::replace(&mut seen, now) != now
+    })
+    .await;
 }
 
 /// `READY=1` (the ledger is open and the listener bound), then
@@ -82,11 +68,20 @@ pub(crate) async fn agent(mut latest: Latest, shutdown: CancellationToken) {
 /// shutdown.
 pub(crate) async fn aggregator(shutdown: CancellationToken) {
     notify("READY=1");
-    let period = watchdog_period();
+    until_shutdown(shutdown, || true).await;
+}
+
+/// After `READY=1`, for both roles: `WATCHDOG=1` each half watchdog period
+/// in which `alive` says so (no pings without `$WATCHDOG_USEC`), then
+/// `STOPPING=1` once `shutdown` is cancelled.
+async fn until_shutdown(shutdown: CancellationToken, mut alive: impl FnMut() -> bool) {
+    let mut tick = watchdog_period().map(tokio::time::interval);
     loop {
-        let tick = async {
-            match period {
-                Some(p) => tokio::time::sleep(p).await,
+        let next = async {
+            match tick.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
                 None => std::future::pending().await,
             }
         };
@@ -95,8 +90,10 @@ pub(crate) async fn aggregator(shutdown: CancellationToken) {
                 notify("STOPPING=1");
                 return;
             }
-            _ = tick => {
-                notify("WATCHDOG=1");
+            _ = next => {
+                if alive() {
+                    notify("WATCHDOG=1");
+                }
             }
         }
     }

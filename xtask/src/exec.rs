@@ -1,6 +1,7 @@
 //! Running commands, with errors that name the command that failed.
 
 use std::{
+    fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -64,4 +65,44 @@ pub(crate) fn is_root() -> bool {
                 .map(|v| v.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+/// A command's trimmed standard output; empty when it cannot run.
+fn stdout_of(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `date -u` to the minute, for reports.
+pub(crate) fn utc_now() -> String {
+    stdout_of(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+}
+
+/// The workspace's `HEAD` as `git rev-parse --short` names it.
+pub(crate) fn short_commit() -> String {
+    stdout_of(
+        Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(workspace_root()),
+    )
+}
+
+/// `/proc/loadavg`'s first three fields.
+pub(crate) fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Resident set size in MiB (VmRSS).
+pub(crate) fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
 }

@@ -11,24 +11,24 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use tally_e2e::{
-    Agent, Cgroup, H100, Launch, Metrics, SimNode,
+    Agent, Cgroup, H100, Launch, Metrics, STANDARD_SCENARIO, SimNode,
     aggregator_support::{
-        Aggregator, LedgerReader, assert_ledger_exact, reported_counters, spooled, sqlite,
+        Aggregator, LedgerReader, agent_config_with, assert_ledger_exact, reported_counters,
+        spooled, sqlite,
     },
-    conservation::{Scrape, assert_conserved, close, tenant_energy},
+    conservation::{Scrape, assert_conserved, assert_shares},
     free_port, unique,
 };
 
 use crate::{
     deps,
-    exec::{cargo, caught, exec, is_root, target_dir, workspace_root},
+    exec::{cargo, caught, exec, is_root, loadavg, short_commit, target_dir, utc_now},
 };
 
 mod churn;
@@ -126,7 +126,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
     let pin = PathBuf::from(format!("/sys/fs/bpf/tally-soak-{}", std::process::id()));
-    let started = chrono_now();
+    let started = utc_now();
     let result = caught(|| soak(&o, &launch, &dir, &pin));
     let _ = fs::remove_dir_all(&pin);
     let (criteria, facts) = result?;
@@ -146,17 +146,10 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Seven H100s and an A100 in MIG mode: 8 GPUs, 11 devices.
+/// Seven H100s and an A100 in MIG mode: 8 GPUs, 11 devices (the
+/// standard scenario's two H100s and MIG A100, after five more H100s).
 fn scenario() -> String {
-    H100.repeat(7)
-        + r#"
-[[gpu]]
-model = "NVIDIA A100-SXM4-40GB"
-memory_mib = 40960
-power_idle_w = 50
-power_max_w = 400
-mig = ["3g.20gb", "2g.10gb", "1g.5gb", "1g.5gb"]
-"#
+    H100.repeat(5) + STANDARD_SCENARIO
 }
 
 /// Runs the soak; returns the criteria and a description of the run.
@@ -173,20 +166,8 @@ fn soak(
     let ledger = LedgerReader::new(&backend);
     let state = dir.join("agent-state");
     let config = dir.join("tally.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"
-[agent]
-state_dir = "{state}"
-
-[report]
-aggregator = "{url}"
-token_file = "{agg_dir}/agent.token"
-node = "{NODE}"
-interval = "2s"
-timeout = "5s"
-
+    let sections = format!(
+        r#"
 [probes]
 pin_dir = "{pin}"
 
@@ -197,11 +178,11 @@ fatal_xid_clear_after = "30s"
 [[tenant.rule]]
 cgroup = '/tally/(?P<tenant>[^/]+)/'
 "#,
-            state = state.display(),
-            url = agg.url(),
-            agg_dir = agg_dir.display(),
-            pin = pin.display(),
-        ),
+        pin = pin.display(),
+    );
+    fs::write(
+        &config,
+        agent_config_with(&agg.url(), NODE, &state, &agg_dir, "2s", "5s", &sections),
     )?;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let agent = Agent::launch(launch, &sim, &config, addr, &["--sample-interval", "1s"]);
@@ -243,6 +224,7 @@ cgroup = '/tally/(?P<tenant>[^/]+)/'
                 every,
                 maps_every: 3,
                 counts: &counts,
+                stop: &stop,
             },
         );
         let workers: Vec<_> = (0..WORKERS)
@@ -487,30 +469,17 @@ fn map_criteria(out: &mut Vec<Criterion>, maps: &[(PathBuf, MapInfo)], s: &Sampl
 /// end has no energy series then (the last window's check says so):
 /// returned with the devices checked.
 fn conserved_since_start(m: &Metrics) -> (usize, Vec<String>) {
-    let devices: Vec<String> = m
+    let unread: Vec<String> = m
         .select("tally_gpu_info", &[])
         .map(|s| s.labels["gpu"].clone())
+        .filter(|g| {
+            !g.contains('/')
+                && m.value("tally_gpu_energy_joules_total", &[("gpu", g)])
+                    .is_none()
+        })
         .collect();
-    for gpu in &devices {
-        close(
-            m.sum("tally_tenant_gpu_allocated_seconds_total", &[("gpu", gpu)]),
-            m.sum("tally_gpu_observed_seconds_total", &[("gpu", gpu)]),
-            &format!("allocated vs observed on gpu {gpu} since the start"),
-        );
-    }
-    let mut unread = Vec::new();
-    for gpu in devices.iter().filter(|g| !g.contains('/')) {
-        let Some(device) = m.value("tally_gpu_energy_joules_total", &[("gpu", gpu)]) else {
-            unread.push(gpu.clone());
-            continue;
-        };
-        let tenants = tenant_energy(m, None, gpu);
-        close(
-            tenants,
-            device,
-            &format!("energy of gpu {gpu} since the start"),
-        );
-    }
+    let skip: Vec<&str> = unread.iter().map(String::as_str).collect();
+    let devices = assert_shares(None, m, &skip);
     (devices.len(), unread)
 }
 
@@ -534,25 +503,10 @@ fn probes_up(m: &Metrics) -> String {
         .join(", ")
 }
 
-/// `date -u`, for the report.
-fn chrono_now() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// The result as Markdown, for the terminal and `docs/faults.md`.
 fn render(o: &Options, started: &str, criteria: &[Criterion], facts: &str) -> String {
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(workspace_root())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let commit = short_commit();
+    let load = loadavg();
     let pass = criteria.iter().all(|c| c.pass);
     let mut r = String::new();
     let _ = writeln!(
@@ -561,7 +515,7 @@ fn render(o: &Options, started: &str, criteria: &[Criterion], facts: &str) -> St
          commit `{commit}`, load average {} at the end: **{}**.\n",
         o.minutes,
         o.rate,
-        load.join(" "),
+        load,
         if pass { "PASS" } else { "FAIL" }
     );
     let _ = writeln!(r, "{facts}\n");

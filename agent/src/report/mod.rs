@@ -123,6 +123,18 @@ pub fn read_ca(file: &std::path::Path) -> Result<reqwest::Certificate, String> {
         .map_err(|e| format!("{}: not a PEM certificate: {e}", file.display()))
 }
 
+/// An HTTP client builder with `timeout` that also trusts `ca_file`.
+pub fn client_builder(
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> Result<reqwest::ClientBuilder, String> {
+    let builder = reqwest::Client::builder().timeout(timeout);
+    Ok(match ca {
+        Some(file) => builder.add_root_certificate(read_ca(file)?),
+        None => builder,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, ValueEnum};
 use tally_agent::{
     doctor::{self, AggregatorAnswer, Format, Report},
-    report::{ReportConfig, read_ca},
+    report::{ReportConfig, client_builder},
 };
 use tally_contract::token::read_token;
 
@@ -66,13 +66,13 @@ fn ask_aggregator(cfg: &ReportConfig) -> AggregatorAnswer {
         Ok(t) => t,
         Err(e) => return AggregatorAnswer::BadToken(e),
     };
-    let mut client = reqwest::Client::builder().timeout(cfg.timeout.min(Duration::from_secs(5)));
-    if let Some(ca) = &cfg.ca_file {
-        match read_ca(ca) {
-            Ok(c) => client = client.add_root_certificate(c),
-            Err(e) => return AggregatorAnswer::Unreachable(format!("[report] ca_file: {e}")),
-        }
-    }
+    let client = match client_builder(
+        cfg.timeout.min(Duration::from_secs(5)),
+        cfg.ca_file.as_deref(),
+    ) {
+        Ok(c) => c,
+        Err(e) => return AggregatorAnswer::Unreachable(format!("[report] ca_file: {e}")),
+    };
     let client = match client.build() {
         Ok(c) => c,
         Err(e) => return AggregatorAnswer::Unreachable(e.to_string()),

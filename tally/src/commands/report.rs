@@ -8,6 +8,7 @@ use std::{
 };
 
 use clap::{ArgGroup, Args, ValueEnum};
+use tally_agent::report::client_builder;
 use tally_aggregator::chargeback::Chargeback;
 use tally_contract::{config::EX_USAGE, token::read_token};
 
@@ -170,16 +171,13 @@ pub(crate) fn run(args: ReportArgs) -> ExitCode {
             }
         },
     };
-    let mut client = reqwest::Client::builder().timeout(args.timeout);
-    if let Some(ca) = &args.ca_file {
-        match tally_agent::report::read_ca(ca) {
-            Ok(c) => client = client.add_root_certificate(c),
-            Err(e) => {
-                eprintln!("--ca-file: {e}");
-                return ExitCode::from(EX_USAGE);
-            }
+    let client = match client_builder(args.timeout, args.ca_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("--ca-file: {e}");
+            return ExitCode::from(EX_USAGE);
         }
-    }
+    };
     let wire_format = match args.format {
         Format::Table => "json".to_owned(),
         f => wire(f),

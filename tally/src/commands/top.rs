@@ -14,9 +14,10 @@ use std::{
 
 use clap::Args;
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
-use model::{Cluster, SortKey, View};
+use model::{SortKey, View};
 use ratatui::{Terminal, backend::TestBackend};
-use tally_agent::snapshot::Snapshot;
+use tally_agent::{report::client_builder, snapshot::Snapshot};
+use tally_aggregator::cluster::ClusterView;
 use tally_contract::{config::EX_USAGE, token::read_token};
 
 use crate::runtime;
@@ -32,6 +33,9 @@ pub(crate) struct TopArgs {
     /// File holding a reader token for the aggregator (admin or tenant).
     #[arg(long, requires = "aggregator")]
     pub(crate) token_file: Option<PathBuf>,
+    /// PEM CA certificate to trust for an `https://` aggregator (a private CA).
+    #[arg(long, requires = "aggregator")]
+    pub(crate) ca_file: Option<PathBuf>,
     /// Tenant column to sort by at start (keys change it live).
     #[arg(long, value_enum, default_value_t = SortKey::Gpu)]
     pub(crate) sort: SortKey,
@@ -85,8 +89,8 @@ impl Poller {
                 if let Some(t) = token {
                     req = req.bearer_auth(t);
                 }
-                let c: Cluster = get_json(req, &url).await?;
-                let interval = c.interval_ms().map(|ms| Duration::from_millis(ms as u64));
+                let c: ClusterView = get_json(req, &url).await?;
+                let interval = model::interval_ms(&c).map(|ms| Duration::from_millis(ms as u64));
                 Ok((model::from_cluster(&c), interval))
             }
         }
@@ -163,10 +167,14 @@ pub(crate) fn run(args: TopArgs) -> ExitCode {
             }
         }
     };
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-    {
+    let client = match client_builder(Duration::from_secs(5), args.ca_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("--ca-file: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let client = match client.build() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tally top: {e}");
@@ -203,13 +211,24 @@ pub(crate) fn run(args: TopArgs) -> ExitCode {
     }
 }
 
-/// Piped: two polls one interval apart (so rates are known), one frame.
+/// Piped: one frame. From an agent, polled until its sample count moves
+/// (so rates are known, even with a sample interval above the refresh),
+/// for at most [`ONCE_PATIENCE`]; from an aggregator, two polls.
 async fn once(poller: &mut Poller, screen: &mut Screen) -> Result<(), String> {
     let first = poller.poll().await?;
     screen.update(Ok(first), false);
-    tokio::time::sleep(screen.interval).await;
-    let second = poller.poll().await?;
-    screen.update(Ok(second), false);
+    let deadline = Instant::now() + ONCE_PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(screen.interval.min(left)).await;
+        let (view, interval) = poller.poll().await?;
+        // From an agent, an interval is known once two samples are.
+        let rates_known = interval.is_some() || matches!(poller.source, Source::Aggregator { .. });
+        screen.update(Ok((view, interval)), false);
+        if rates_known || Instant::now() >= deadline {
+            break;
+        }
+    }
     let height = (screen.view.gpus.len() + screen.view.tenants.len() + 10) as u16;
     let mut term = Terminal::new(TestBackend::new(100, height)).map_err(|e| e.to_string())?;
     let source = poller.source.label().to_owned();
@@ -218,6 +237,9 @@ async fn once(poller: &mut Poller, screen: &mut Screen) -> Result<(), String> {
     print!("{}", plain(term.backend().buffer()));
     Ok(())
 }
+
+/// How long a piped `tally top` waits for an agent's next sample.
+const ONCE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A drawn buffer as lines of text, trailing blanks trimmed.
 fn plain(buf: &ratatui::buffer::Buffer) -> String {

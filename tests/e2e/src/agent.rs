@@ -8,9 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    ChildGuard, Metrics, SimNode, free_port, http_get, sim_lib, tally_bin, unique, wait_for,
-};
+use crate::{ChildGuard, Metrics, SimNode, free_port, netns, sim_lib, tally_bin, unique, wait_for};
 
 /// A running `tally agent` on the simulator, killed on drop.
 pub struct Agent {
@@ -91,11 +89,7 @@ impl Agent {
     ) -> Agent {
         let log = node.dir.path().join(unique("agent") + ".log");
         // In a network namespace: `ip netns exec NS tally …`.
-        let mut argv: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(ns) = &how.netns {
-            argv.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
-        }
-        argv.push(how.tally.clone().into());
+        let tally = netns::command(how.netns.as_deref(), &how.tally);
         let mut cmd = match &how.cgroup {
             // A shell moves itself in, then execs the agent: it never runs
             // outside the cgroup.
@@ -104,14 +98,11 @@ impl Agent {
                 sh.arg("-c")
                     .arg("echo $$ > \"$0\" && exec \"$@\"")
                     .arg(dir.join("cgroup.procs"))
-                    .args(&argv);
+                    .arg(tally.get_program())
+                    .args(tally.get_args());
                 sh
             }
-            None => {
-                let mut c = Command::new(&argv[0]);
-                c.args(&argv[1..]);
-                c
-            }
+            None => tally,
         };
         cmd.arg("agent")
             .arg("--config")
@@ -164,10 +155,7 @@ impl Agent {
 
     /// `GET path` on the agent, from inside its network namespace.
     pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        match &self.netns {
-            Some(ns) => crate::netns::enter(ns, || http_get(self.addr, path)),
-            None => http_get(self.addr, path),
-        }
+        netns::http_get(self.netns.as_deref(), self.addr, path)
     }
 
     pub fn log_text(&self) -> String {

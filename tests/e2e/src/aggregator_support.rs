@@ -7,11 +7,11 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use crate::{ChildGuard, Client, free_port, http_get, tally_bin, unique};
+use crate::{ChildGuard, Client, free_port, netns, tally_bin, unique};
 
 pub const AGENT_TOKEN: &str = "agent-token-0123456789abcdef";
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
@@ -314,10 +314,7 @@ impl Aggregator {
 
     /// `GET path` without a token, from inside the aggregator's namespace.
     pub fn get_in(&self, path: &str) -> std::io::Result<(u16, String)> {
-        match &self.netns {
-            Some(ns) => crate::netns::enter(ns, || http_get(self.addr, path)),
-            None => http_get(self.addr, path),
-        }
+        netns::http_get(self.netns.as_deref(), self.addr, path)
     }
 
     /// The base URL agents report to.
@@ -344,14 +341,7 @@ impl Aggregator {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "aggregator already running");
         self.log_n += 1;
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.tally);
-                c
-            }
-            None => Command::new(&self.tally),
-        };
+        let mut cmd = netns::command(self.netns.as_deref(), &self.tally);
         let child = cmd
             .arg("aggregator")
             .arg("--config")
@@ -436,12 +426,27 @@ impl Drop for Aggregator {
     }
 }
 
-/// The `[report]` and `[agent]` sections of an agent reporting to `url`.
+/// The `[report]` and `[agent]` sections of an agent reporting to `url`
+/// every 300 ms with a 2 s timeout.
 pub fn agent_config(
     url: &str,
     node: &str,
     state_dir: &Path,
     token_dir: &Path,
+    rules: &str,
+) -> String {
+    agent_config_with(url, node, state_dir, token_dir, "300ms", "2s", rules)
+}
+
+/// [`agent_config`] with the report `interval` and `timeout` given;
+/// `rules` (any further sections) is appended.
+pub fn agent_config_with(
+    url: &str,
+    node: &str,
+    state_dir: &Path,
+    token_dir: &Path,
+    interval: &str,
+    timeout: &str,
     rules: &str,
 ) -> String {
     format!(
@@ -453,8 +458,8 @@ state_dir = "{state}"
 aggregator = "{url}"
 token_file = "{tokens}/agent.token"
 node = "{node}"
-interval = "300ms"
-timeout = "2s"
+interval = "{interval}"
+timeout = "{timeout}"
 {rules}
 "#,
         state = state_dir.display(),

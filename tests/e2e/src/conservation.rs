@@ -26,11 +26,6 @@ impl Scrape {
             .expect("sample duration");
         Scrape { metrics, at, cycle }
     }
-
-    /// Growth of the sum of `name{labels}` from `before` to this scrape.
-    pub fn delta(&self, before: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.metrics.sum(name, labels) - before.metrics.sum(name, labels)
-    }
 }
 
 /// Relative tolerance for sums of floating-point shares.
@@ -57,44 +52,77 @@ pub fn tenant_energy(after: &Metrics, before: Option<&Metrics>, gpu: &str) -> f6
         .sum()
 }
 
+/// The two sums every conservation check makes, over `before..after`
+/// (since the agent started, every counter from 0, without `before`): each
+/// device's tenants hold exactly its observed seconds, and each physical
+/// GPU's tenants (its MIG instances' too) its energy, except on the GPUs in
+/// `skip_energy`. Returns the devices checked (the `gpu` labels).
+pub fn assert_shares(
+    before: Option<&Metrics>,
+    after: &Metrics,
+    skip_energy: &[&str],
+) -> Vec<String> {
+    let empty = Metrics::default();
+    let earlier = before.unwrap_or(&empty);
+    let delta = |name: &str, gpu: &str| after.increase(earlier, name, &[("gpu", gpu)]);
+    let devices: Vec<String> = after
+        .select("tally_gpu_info", &[])
+        .map(|s| s.labels["gpu"].clone())
+        .collect();
+    for gpu in &devices {
+        close(
+            delta("tally_tenant_gpu_allocated_seconds_total", gpu),
+            delta("tally_gpu_observed_seconds_total", gpu),
+            &format!("allocated vs observed seconds on gpu {gpu}"),
+        );
+    }
+    for gpu in devices
+        .iter()
+        .filter(|g| !g.contains('/') && !skip_energy.contains(&g.as_str()))
+    {
+        close(
+            tenant_energy(after, before, gpu),
+            delta("tally_gpu_energy_joules_total", gpu),
+            &format!("energy on gpu {gpu}: tenants vs device"),
+        );
+    }
+    devices
+}
+
 /// Asserts conservation over `before..after`, for a window in which no GPU
-/// failed. Returns the devices checked (the `gpu` labels).
+/// failed: [`assert_shares`], and each device not in MIG mode observes the
+/// wall time, and each physical GPU drew energy. Returns the devices
+/// checked (the `gpu` labels).
 pub fn assert_conserved(before: &Scrape, after: &Scrape) -> Vec<String> {
     let m2 = &after.metrics;
+    let devices = assert_shares(Some(&before.metrics), m2, &[]);
     let wall = after.at - before.at;
     // A device is read a little after its cycle starts; that offset varies
     // by at most one cycle's duration at each end.
     let slack = 0.002 + before.cycle + after.cycle;
-    let devices: Vec<(String, bool)> = m2
-        .select("tally_gpu_info", &[])
-        .map(|s| (s.labels["gpu"].clone(), s.labels["mig_mode"] == "true"))
-        .collect();
-    for (gpu, mig_mode) in &devices {
-        let observed = after.delta(before, "tally_gpu_observed_seconds_total", &[("gpu", gpu)]);
-        let allocated = after.delta(
-            before,
-            "tally_tenant_gpu_allocated_seconds_total",
-            &[("gpu", gpu)],
-        );
-        close(
-            allocated,
-            observed,
-            &format!("allocated vs observed on gpu {gpu}"),
-        );
+    for s in m2.select("tally_gpu_info", &[]) {
+        let gpu = &s.labels["gpu"];
         // A MIG parent observes only its unoccupied slices' share.
-        let mig_parent = *mig_mode && !gpu.contains('/');
+        let mig_parent = s.labels["mig_mode"] == "true" && !gpu.contains('/');
         if !mig_parent {
+            let observed = m2.increase(
+                &before.metrics,
+                "tally_gpu_observed_seconds_total",
+                &[("gpu", gpu)],
+            );
             assert!(
                 (observed - wall).abs() <= slack,
                 "gpu {gpu}: observed {observed}s over {wall}s of wall time"
             );
         }
+        if !gpu.contains('/') {
+            let device = m2.increase(
+                &before.metrics,
+                "tally_gpu_energy_joules_total",
+                &[("gpu", gpu)],
+            );
+            assert!(device > 0.0, "gpu {gpu} drew energy");
+        }
     }
-    for (gpu, _) in devices.iter().filter(|(g, _)| !g.contains('/')) {
-        let device = after.delta(before, "tally_gpu_energy_joules_total", &[("gpu", gpu)]);
-        assert!(device > 0.0, "gpu {gpu} drew energy");
-        let tenants = tenant_energy(m2, Some(&before.metrics), gpu);
-        close(tenants, device, &format!("energy of gpu {gpu}"));
-    }
-    devices.into_iter().map(|(g, _)| g).collect()
+    devices
 }

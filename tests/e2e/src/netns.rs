@@ -1,7 +1,7 @@
 //! Hosts with addresses of their own on this one machine: network
 //! namespaces (`ip netns`) joined by veth pairs, for the partition tests
-//! (`tests/partition.rs`). Processes run inside one with
-//! [`Netns::command`]; the test itself reaches in with [`Netns::enter`].
+//! (`tests/partition.rs`). Processes run inside one with [`command`]; the
+//! test itself reaches in with [`enter`] and [`http_get`].
 //! Namespaces (and with them their links) are deleted on drop, panics
 //! included.
 
@@ -52,23 +52,26 @@ impl Netns {
         all.extend_from_slice(args);
         ip(&all)
     }
+}
 
-    /// `program` run inside this namespace (`ip netns exec`, which execs
-    /// it: the child's pid is the program's).
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
+/// `program`, run inside the namespace `ns` when there is one (`ip netns
+/// exec`, which execs it: the child's pid is the program's).
+pub fn command(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
+}
 
-    /// Runs `f` inside this namespace ([`enter`]).
-    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        enter(&self.name, f)
-    }
-
-    /// `GET path` from inside this namespace.
-    pub fn http_get(&self, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-        self.enter(|| crate::http_get(addr, path))
+/// `GET path`, from inside the namespace `ns` when there is one.
+pub fn http_get(ns: Option<&str>, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    match ns {
+        Some(ns) => enter(ns, || crate::http_get(addr, path)),
+        None => crate::http_get(addr, path),
     }
 }
 

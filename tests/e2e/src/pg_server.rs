@@ -14,7 +14,7 @@ use std::{
     process::Command,
 };
 
-use crate::netns::Netns;
+use crate::netns::{self, Netns};
 
 const PORT: u16 = 5432;
 
@@ -95,18 +95,10 @@ impl PgServer {
     /// `program` from the PostgreSQL binaries, as `postgres`, in the
     /// namespace, from `/` (the test's directory may be private).
     fn as_postgres(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.netns,
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-        ])
-        .arg(self.bin.join(program))
-        .current_dir("/");
+        let mut c = netns::command(Some(&self.netns), "runuser");
+        c.args(["-u", "postgres", "--"])
+            .arg(self.bin.join(program))
+            .current_dir("/");
         c
     }
 

@@ -87,7 +87,8 @@ fn a_gpu_without_an_energy_counter_is_accounted_from_its_power() {
     agent.wait_samples(10);
     let after = Scrape::of(&agent);
     assert_conserved(&before, &after);
-    let delta = |name: &str, labels: &[(&str, &str)]| after.delta(&before, name, labels);
+    let delta =
+        |name: &str, labels: &[(&str, &str)]| after.metrics.increase(&before.metrics, name, labels);
     let observed = delta("tally_gpu_observed_seconds_total", &[("gpu", "0")]);
     assert!(observed > 1.0, "GPU 0 is accounted: {observed}s");
     // acme is the only holder: all the time, its SM, and the power integral.
@@ -135,9 +136,17 @@ fn a_counter_reset_loses_no_interval() {
     // Time observed is the wall time, tenants sum to the device's energy,
     // and the device's energy went on growing.
     assert_conserved(&before, &after);
-    let observed = after.delta(&before, "tally_gpu_observed_seconds_total", &[("gpu", "1")]);
+    let observed = after.metrics.increase(
+        &before.metrics,
+        "tally_gpu_observed_seconds_total",
+        &[("gpu", "1")],
+    );
     within_1pct(
-        after.delta(&before, "tally_gpu_energy_joules_total", &[("gpu", "1")]),
+        after.metrics.increase(
+            &before.metrics,
+            "tally_gpu_energy_joules_total",
+            &[("gpu", "1")],
+        ),
         BETA_WATTS * observed,
         "GPU 1's energy across the reset",
     );

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tally_e2e::{
     Agent, Cgroup, ChildGuard, Launch, Metrics, SimNode,
-    conservation::tenant_energy,
+    conservation::{assert_shares, close},
     faults_support::{Hang, WallClock, rss_kib, spawn_as_pid},
     http_get, require_root, skip, unique, wait_for,
 };
@@ -22,12 +22,6 @@ const CONFIG: &str = r#"
 [[tenant.rule]]
 cgroup = '/tally/(?P<tenant>[^/]+)/'
 "#;
-
-/// Relative tolerance for sums of floating-point shares.
-fn close(a: f64, b: f64, what: &str) {
-    let tol = 1e-6 * a.abs().max(b.abs()).max(1.0);
-    assert!((a - b).abs() <= tol, "{what}: {a} != {b}");
-}
 
 fn state_of(m: &Metrics, gpu: &str) -> Option<String> {
     m.select("tally_gpu_state", &[("gpu", gpu)])
@@ -55,30 +49,7 @@ fn assert_conserved(m1: &Metrics, m2: &Metrics) {
 /// the energy the hardware counter integrated meanwhile is charged to no
 /// tenant (see docs/faults.md, "energy during a gap").
 fn assert_conserved_except(m1: &Metrics, m2: &Metrics, unreadable: &[&str]) {
-    let delta = |name: &str, labels: &[(&str, &str)]| m2.increase(m1, name, labels);
-    let gpus: Vec<String> = m2
-        .select("tally_gpu_info", &[])
-        .map(|s| s.labels["gpu"].clone())
-        .collect();
-    for gpu in &gpus {
-        close(
-            delta("tally_tenant_gpu_allocated_seconds_total", &[("gpu", gpu)]),
-            delta("tally_gpu_observed_seconds_total", &[("gpu", gpu)]),
-            &format!("allocated vs observed seconds on gpu {gpu}"),
-        );
-    }
-    for gpu in gpus
-        .iter()
-        .filter(|g| !g.contains('/') && !unreadable.contains(&g.as_str()))
-    {
-        let device = delta("tally_gpu_energy_joules_total", &[("gpu", gpu)]);
-        let tenants = tenant_energy(m2, Some(m1), gpu);
-        let tol = 1e-6 * device.abs().max(1.0);
-        assert!(
-            (tenants - device).abs() <= tol,
-            "energy on gpu {gpu}: tenants {tenants} J vs device {device} J"
-        );
-    }
+    assert_shares(Some(m1), m2, unreadable);
     // Counters never go down.
     for s in &m1.samples {
         if s.name.ends_with("_total")

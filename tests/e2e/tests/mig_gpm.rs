@@ -104,14 +104,14 @@ fn an_idle_mig_instance_is_idle_on_h100_and_busy_on_a100() {
     let after = Scrape::of(&agent);
     assert_conserved(&before, &after);
     let sm = |tenant: &str, gpu: &str| {
-        after.delta(
-            &before,
+        after.metrics.increase(
+            &before.metrics,
             "tally_tenant_gpu_sm_seconds_total",
             &[("tenant", tenant), ("gpu", gpu)],
         )
     };
-    let observed = after.delta(
-        &before,
+    let observed = after.metrics.increase(
+        &before.metrics,
         "tally_gpu_observed_seconds_total",
         &[("gpu", "0/2/0")],
     );

@@ -15,9 +15,12 @@ use std::{
 
 use tally_e2e::{ChildGuard, SimNode, free_port, http_get, sim_lib, tally_bin, wait_for};
 
-#[test]
-fn ready_after_the_first_sample_then_watchdog_pings() {
-    let node = SimNode::standard();
+/// `tally agent` with a fake `NOTIFY_SOCKET` (and `WATCHDOG_USEC` when
+/// given); the socket has a 60 s read timeout.
+fn spawn_notified(
+    node: &SimNode,
+    watchdog_usec: Option<&str>,
+) -> (ChildGuard, UnixDatagram, SocketAddr, std::path::PathBuf) {
     let socket_path = node.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind the fake NOTIFY_SOCKET");
     socket
@@ -27,30 +30,44 @@ fn ready_after_the_first_sample_then_watchdog_pings() {
     let config = node.dir.path().join("agent.toml");
     fs::write(&config, "").unwrap();
     let log = node.dir.path().join("agent.log");
-    let mut agent = ChildGuard(
-        Command::new(tally_bin())
-            .args(["agent", "--config"])
-            .arg(&config)
-            .args(["--listen", &addr.to_string(), "--sample-interval", "200ms"])
-            .arg("--nvml-lib")
-            .arg(sim_lib())
-            .envs(node.env())
-            .env("NOTIFY_SOCKET", &socket_path)
-            .env("WATCHDOG_USEC", "600000")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn tally agent"),
-    );
+    let mut cmd = Command::new(tally_bin());
+    cmd.args(["agent", "--config"])
+        .arg(&config)
+        .args(["--listen", &addr.to_string(), "--sample-interval", "200ms"])
+        .arg("--nvml-lib")
+        .arg(sim_lib())
+        .envs(node.env())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    if let Some(usec) = watchdog_usec {
+        cmd.env("WATCHDOG_USEC", usec);
+    }
+    let agent = ChildGuard(cmd.spawn().expect("spawn tally agent"));
+    (agent, socket, addr, log)
+}
+
+/// One notification, or a panic with the agent's log.
+fn next_notification(socket: &UnixDatagram, log: &std::path::Path) -> String {
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "no notification ({e}); log:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        )
+    });
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn ready_after_the_first_sample_then_watchdog_pings() {
+    let node = SimNode::standard();
+    let (mut agent, socket, addr, log) = spawn_notified(&node, Some("600000"));
     let log_text = || fs::read_to_string(&log).unwrap_or_default();
-    let recv = || {
-        let mut buf = [0u8; 256];
-        let n = socket
-            .recv(&mut buf)
-            .unwrap_or_else(|e| panic!("no notification ({e}); log:\n{}", log_text()));
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
+    let recv = || next_notification(&socket, &log);
 
     let first = recv();
     assert_eq!(first, "READY=1", "the first notification is readiness");
@@ -74,6 +91,34 @@ fn ready_after_the_first_sample_then_watchdog_pings() {
         status.success(),
         "agent exit {status:?}; log:\n{}",
         log_text()
+    );
+}
+
+/// Without a watchdog (no `WATCHDOG_USEC`) the agent still says
+/// `STOPPING=1` on SIGTERM. Before the fix it stopped notifying after
+/// `READY=1`.
+#[test]
+fn stopping_without_a_watchdog() {
+    let node = SimNode::standard();
+    let (mut agent, socket, _addr, log) = spawn_notified(&node, None);
+    assert_eq!(
+        next_notification(&socket, &log),
+        "READY=1",
+        "the first notification is readiness"
+    );
+
+    let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(
+        next_notification(&socket, &log),
+        "STOPPING=1",
+        "no watchdog pings without WATCHDOG_USEC, then STOPPING=1 on SIGTERM"
+    );
+    let status = agent.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "agent exit {status:?}; log:\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
     );
 }
 

@@ -29,8 +29,8 @@ use std::{
 use tally_e2e::{
     Agent, ChildGuard, Launch, Metrics, SimNode,
     aggregator_support::{
-        Aggregator, Backend, LedgerReader, agent_config, assert_ledger_exact, reported_counters,
-        spooled, sqlite, subdir,
+        Aggregator, Backend, LedgerReader, agent_config_with, assert_ledger_exact,
+        reported_counters, spooled, sqlite, subdir,
     },
     faults_support::WallClock,
     is_root,
@@ -110,8 +110,7 @@ impl Node {
         let state = subdir(dir, &format!("state-{name}"));
         let url = format!("http://{}:{PORT}", net.links[i].a_addr);
         let config = dir.join(format!("agent-{name}.toml"));
-        let toml = agent_config(&url, name, &state, tokens, RULES)
-            .replace("timeout = \"2s\"", &format!("timeout = \"{timeout}\""));
+        let toml = agent_config_with(&url, name, &state, tokens, "300ms", timeout, RULES);
         std::fs::write(&config, toml).unwrap();
         let how = Launch {
             netns: Some(net.nodes[i].name.clone()),

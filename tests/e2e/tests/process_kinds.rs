@@ -62,8 +62,16 @@ fn mps_clients_and_graphics_processes_are_charged_to_their_tenants() {
     agent.wait_samples(10);
     let after = Scrape::of(&agent);
     assert_conserved(&before, &after);
-    let delta = |name: &str, t: &str| after.delta(&before, name, &[("tenant", t), ("gpu", "0")]);
-    let observed = after.delta(&before, "tally_gpu_observed_seconds_total", &[("gpu", "0")]);
+    let delta = |name: &str, t: &str| {
+        after
+            .metrics
+            .increase(&before.metrics, name, &[("tenant", t), ("gpu", "0")])
+    };
+    let observed = after.metrics.increase(
+        &before.metrics,
+        "tally_gpu_observed_seconds_total",
+        &[("gpu", "0")],
+    );
     // Time by memory held: 1 : 4 : 2 of 7 GiB.
     let allocated = "tally_tenant_gpu_allocated_seconds_total";
     close(

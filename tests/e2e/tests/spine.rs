@@ -128,7 +128,8 @@ fn tenants_in_cgroups_show_up_with_conserved_time_and_energy() {
     let after = Scrape::of(&agent);
     let checked = assert_conserved(&before, &after);
     assert!(checked.len() >= 7, "every device checked: {checked:?}");
-    let delta = |name: &str, labels: &[(&str, &str)]| after.delta(&before, name, labels);
+    let delta =
+        |name: &str, labels: &[(&str, &str)]| after.metrics.increase(&before.metrics, name, labels);
     // GPU 0 split by memory: acme 2/3, beta 1/3 of the time.
     let acme = delta(
         "tally_tenant_gpu_allocated_seconds_total",

@@ -1,7 +1,8 @@
 //! Agent → aggregator over TLS, with a CA generated in the test: reports
 //! arrive when the agent trusts the CA, never when it does not, and the
 //! aggregator refuses plain HTTP. `tally report` reaches it with
-//! `--ca-file`, and checks its own flags before it sends anything.
+//! `--ca-file`, and checks its own flags before it sends anything; so does
+//! `tally top --aggregator`.
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
@@ -157,6 +158,57 @@ fn tls_config_problems_are_named() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("aggregator.tls_key"), "{err}");
+}
+
+/// `tally top --aggregator` (piped: one frame) reaches an https
+/// aggregator with a private CA through `--ca-file`, and only then.
+#[test]
+fn tally_top_trusts_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_aggregator, addr, ca, _) = tls_aggregator(dir.path());
+    let url = format!("https://localhost:{}", addr.port());
+    let top = |extra: &[&str]| {
+        Command::new(tally_bin())
+            .args([
+                "top",
+                "--aggregator",
+                &url,
+                "--interval",
+                "100ms",
+                "--token-file",
+            ])
+            .arg(dir.path().join("admin.token"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tally top")
+    };
+
+    let out = top(&["--ca-file", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&url),
+        "one frame naming the aggregator: {out:?}"
+    );
+    let out = top(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no trust without the CA: {out:?}"
+    );
+    let out = top(&["--ca-file", "/nonexistent/ca.pem"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-file"));
+
+    let out = Command::new(tally_bin())
+        .args(["top", "--ca-file", ca.to_str().unwrap()])
+        .output()
+        .expect("run tally top");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--aggregator"),
+        "--ca-file needs --aggregator: {out:?}"
+    );
 }
 
 /// `tally report` with `args` against `url`, as the admin of `dir`.

@@ -159,3 +159,38 @@ fn top_shows_gpus_and_tenants_sorts_and_quits_on_q() {
     assert_eq!(code.trim(), "0", "tally top exit status");
     drop((a, b));
 }
+
+/// Piped, `tally top` prints one frame with rates even when the agent
+/// samples less often than top's default one-second refresh: it polls
+/// until the sample count moves. Before the fix the two polls a second
+/// apart could see one sample and print `-` for every rate.
+#[test]
+fn piped_top_waits_for_a_new_sample_to_show_rates() {
+    if !require_root() {
+        return;
+    }
+    let node = SimNode::standard();
+    let acme = Cgroup::create(&format!("{}/tally/acme/job1", unique("e2e-top")));
+    let a = acme.spawn("sleep", &["600"]);
+    node.register(a.pid(), 0, None, 8192, 0.5);
+    let agent = Agent::start(&node, CONFIG, &["--sample-interval", "3s"]);
+    agent.wait_samples(1);
+
+    let out = Command::new(tally_bin())
+        .args(["top", "--agent", &format!("http://{}", agent.addr)])
+        .output()
+        .expect("run tally top");
+    assert!(out.status.success(), "{out:?}");
+    let frame = String::from_utf8_lossy(&out.stdout);
+    let acme_row = frame
+        .lines()
+        .find(|l| l.starts_with("acme"))
+        .unwrap_or_else(|| panic!("no acme row:\n{frame}"));
+    assert!(
+        acme_row.split_whitespace().any(|w| w
+            .strip_suffix('W')
+            .is_some_and(|n| n.parse::<f64>().is_ok())),
+        "acme's power rate is known:\n{frame}"
+    );
+    drop(a);
+}

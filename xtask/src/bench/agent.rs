@@ -20,6 +20,7 @@ use super::{
     probes::{FakeCuda, fake_cuda},
     util::{self, Proc, Stats},
 };
+use crate::exec::rss_mib;
 
 /// 8 GPUs: seven H100s and an A100 80GB split into seven 1g.10gb MIG
 /// instances — 14 devices a process can sit on.
@@ -700,7 +701,7 @@ fn footprint_and_sample(
             }
             *last = count;
         }
-        let rss = (util::rss_mib(apid)?, util::rss_mib(npid)?);
+        let rss = (rss_mib(apid)?, rss_mib(npid)?);
         std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
         Ok(rss)
     };

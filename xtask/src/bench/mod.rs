@@ -9,13 +9,15 @@
 //! fails or cannot run says why in its section; the others still run.
 //! Never part of `cargo xtask test`.
 
-use std::{fmt::Write as _, path::PathBuf, process::Command, time::Instant};
+use std::{fmt::Write as _, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, bail};
 
 use crate::{
     deps,
-    exec::{cargo, caught, exec, is_root, target_dir, workspace_root},
+    exec::{
+        cargo, caught, exec, is_root, loadavg, short_commit, target_dir, utc_now, workspace_root,
+    },
 };
 
 mod agent;
@@ -181,7 +183,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     }
     let wanted = |n: &str| o.only.is_empty() || o.only.iter().any(|x| x == n);
     let started = Instant::now();
-    let load_before = util::loadavg();
+    let load_before = loadavg();
     let busy_before = util::busy_processes();
     let mut sections = Vec::new();
     let mut durations = Vec::new();
@@ -352,17 +354,8 @@ fn render(
     durations: &[(&str, std::time::Duration)],
 ) -> String {
     let mut r = String::new();
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(workspace_root())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let date = utc_now();
+    let commit = short_commit();
     let mut command = String::from("cargo xtask bench");
     if o.quick {
         command.push_str(" --quick");
@@ -387,7 +380,7 @@ fn render(
          shared with other engineers' compilers; busiest processes at the start: {busy_before}. \
          Absolute numbers move with that load; ratios measured A/B in the same run are what \
          holds.",
-        util::loadavg()
+        loadavg()
     );
     let total = started.elapsed();
     let parts: Vec<String> = durations
@@ -426,12 +419,8 @@ fn render(
 
 /// `_Measured <date>, load average <x>._`, the first line of a section.
 pub(crate) fn stamp() -> String {
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    format!("_Measured {date}, load average {}._\n\n", util::loadavg())
+    let date = utc_now();
+    format!("_Measured {date}, load average {}._\n\n", loadavg())
 }
 
 #[cfg(test)]

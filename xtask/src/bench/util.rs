@@ -127,18 +127,6 @@ pub(super) fn thread_delta(
     v
 }
 
-/// Resident set size in MiB (VmRSS).
-pub(super) fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kb / 1024.0)
-}
-
 /// The machine, for the report's header.
 pub(super) fn machine() -> String {
     let model = fs::read_to_string("/proc/cpuinfo")
@@ -166,13 +154,6 @@ pub(super) fn machine() -> String {
         .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
         .unwrap_or_default();
     format!("{nproc} CPUs ({model}), {mem} RAM, Linux {kernel}")
-}
-
-/// `/proc/loadavg`'s first three fields.
-pub(super) fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// Other busy processes right now (compilers of other engineers): the top

@@ -1,5 +1,5 @@
 //! What the soak watches while it runs: RSS and open descriptors of the
-//! agent and the aggregator (procfs), and the entry count of every BPF map
+//! agent and the aggregator (/proc), and the entry count of every BPF map
 //! the agent pinned (bpftool), sampled on a thread of its own so that a
 //! slow map dump never slows the churn.
 
@@ -7,10 +7,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -18,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::churn::Counts;
+use crate::exec::rss_mib;
 
 /// RSS (MiB) and open descriptors of one process.
 #[derive(Debug, Clone, Copy)]
@@ -28,16 +26,12 @@ pub(super) struct Footprint {
 
 impl Footprint {
     pub(super) fn of(pid: u32) -> anyhow::Result<Footprint> {
-        let p = procfs::process::Process::new(pid as i32)
-            .with_context(|| format!("process {pid} is gone"))?;
-        let kb = p
-            .status()
-            .with_context(|| format!("/proc/{pid}/status"))?
-            .vmrss
-            .context("no VmRSS")?;
-        let fds = p.fd_count().with_context(|| format!("/proc/{pid}/fd"))?;
+        let rss_mib = rss_mib(pid)?;
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("/proc/{pid}/fd"))?
+            .count();
         Ok(Footprint {
-            rss_mib: kb as f64 / 1024.0,
+            rss_mib,
             fds: fds as f64,
         })
     }
@@ -122,9 +116,9 @@ pub(super) struct Samples {
     pub errors: Vec<String>,
 }
 
-/// The sampling thread; [`Watch::finish`] stops it and hands the samples.
+/// The sampling thread; it stops when [`Targets::stop`] is set, and
+/// [`Watch::finish`] then hands the samples.
 pub(super) struct Watch<'scope> {
-    stop: Arc<AtomicBool>,
     handle: thread::ScopedJoinHandle<'scope, Samples>,
 }
 
@@ -138,6 +132,8 @@ pub(super) struct Targets<'a> {
     /// full LRU map takes a while).
     pub maps_every: u32,
     pub counts: &'a Counts,
+    /// The soak's stop flag (the churn workers' too).
+    pub stop: &'a AtomicBool,
 }
 
 impl<'scope> Watch<'scope> {
@@ -146,8 +142,7 @@ impl<'scope> Watch<'scope> {
         start: Instant,
         t: Targets<'env>,
     ) -> Watch<'scope> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let flag = t.stop;
         let handle = thread::Builder::new()
             .name("soak-watch".into())
             .spawn_scoped(scope, move || {
@@ -191,11 +186,11 @@ impl<'scope> Watch<'scope> {
                 s
             })
             .expect("spawn the soak's sampling thread");
-        Watch { stop, handle }
+        Watch { handle }
     }
 
+    /// Waits for the thread, once the stop flag is set.
     pub(super) fn finish(self) -> Samples {
-        self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("the sampling thread panicked")
     }
 }

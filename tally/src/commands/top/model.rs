@@ -5,8 +5,8 @@
 use std::{cmp::Ordering, collections::BTreeMap};
 
 use clap::ValueEnum;
-use serde::Deserialize;
 use tally_agent::snapshot::{Snapshot, TENANT_IDLE};
+use tally_aggregator::cluster::ClusterView;
 
 /// One GPU or MIG instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,76 +196,35 @@ fn entry<'a>(rows: &'a mut BTreeMap<String, TenantRow>, tenant: &str) -> &'a mut
 
 /// Keeps the quota nearest its limit.
 fn note_quota(r: &mut TenantRow, resource: &str, limit: f64, usage: Option<f64>) {
-    let Some(usage) = usage.filter(|_| limit > 0.0) else {
+    note_ratio(
+        r,
+        resource,
+        usage.filter(|_| limit > 0.0).map(|u| u / limit),
+    );
+}
+
+/// Keeps the quota nearest its limit, given as `usage / limit` (`None`
+/// when either is unknown).
+fn note_ratio(r: &mut TenantRow, resource: &str, ratio: Option<f64>) {
+    let Some(ratio) = ratio else {
         if r.quota.is_none() {
             r.quota = Some((resource.to_owned(), f64::NAN));
         }
         return;
     };
-    let ratio = usage / limit;
     if r.quota.as_ref().is_none_or(|q| q.1.is_nan() || ratio > q.1) {
         r.quota = Some((resource.to_owned(), ratio));
     }
 }
 
-/// The parts of the aggregator's `GET /api/v1/cluster` that `top` shows
-/// (docs/cluster-api.md).
-#[derive(Debug, Deserialize)]
-pub(crate) struct Cluster {
-    nodes: Vec<ClusterNode>,
-    tenants: Vec<ClusterTenant>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ClusterNode {
-    node: String,
-    stale: bool,
-    report_interval_ms: Option<i64>,
-    gpus: Vec<ClusterGpu>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ClusterGpu {
-    gpu: String,
-    state: String,
-    slice_fraction: Option<f64>,
-    utilization_ratio: Option<f64>,
-    memory_used_bytes: i64,
-    memory_total_bytes: i64,
-    tenants: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ClusterTenant {
-    tenant: String,
-    devices: Vec<ClusterDevice>,
-    quotas: Vec<ClusterQuota>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ClusterDevice {
-    node: String,
-    gpu: String,
-    memory_used_bytes: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct ClusterQuota {
-    resource: String,
-    limit: f64,
-    usage: Option<f64>,
-}
-
-impl Cluster {
-    /// The shortest report interval of the nodes: how often anything new
-    /// can arrive.
-    pub(crate) fn interval_ms(&self) -> Option<i64> {
-        self.nodes.iter().filter_map(|n| n.report_interval_ms).min()
-    }
+/// The shortest report interval of the cluster's nodes: how often
+/// anything new can arrive.
+pub(crate) fn interval_ms(c: &ClusterView) -> Option<i64> {
+    c.nodes.iter().filter_map(|n| n.report_interval_ms).min()
 }
 
 /// The view of the cluster: every node's devices, every tenant's holdings.
-pub(crate) fn from_cluster(c: &Cluster) -> View {
+pub(crate) fn from_cluster(c: &ClusterView) -> View {
     let mut fraction = BTreeMap::new();
     let mut gpus = Vec::new();
     for n in &c.nodes {
@@ -312,7 +271,7 @@ pub(crate) fn from_cluster(c: &Cluster) -> View {
                 ..TenantRow::default()
             };
             for q in &t.quotas {
-                note_quota(&mut r, &q.resource, q.limit, q.usage);
+                note_ratio(&mut r, &q.resource, q.ratio);
             }
             r
         })
@@ -436,15 +395,26 @@ mod tests {
 
     #[test]
     fn the_cluster_view_reads_the_aggregators_json() {
-        let json = r#"{"generated_at":"x","generated_at_ms":1,
-          "nodes":[{"node":"a","stale":false,"report_interval_ms":2000,"gpus":[
-            {"gpu":"0","state":"busy","slice_fraction":null,"utilization_ratio":0.5,
-             "memory_used_bytes":10,"memory_total_bytes":100,"tenants":["acme"]}]},
-           {"node":"b","stale":true,"report_interval_ms":null,"gpus":[]}],
-          "tenants":[{"tenant":"acme","devices":[{"node":"a","gpu":"0","memory_used_bytes":10}],
-            "quotas":[{"node":"a","resource":"gpus","limit":2,"usage":1,"ratio":0.5}]}]}"#;
-        let c: Cluster = serde_json::from_str(json).unwrap();
-        assert_eq!(c.interval_ms(), Some(2000));
+        let capacity = r#"{"gpus":1,"healthy_gpus":1,"free_gpus":0,"mig":{},"free_mig":{},
+            "free_memory_bytes":0,"idle":0,"unhealthy_gpus":[]}"#;
+        let json = format!(
+            r#"{{"generated_at":"x","generated_at_ms":1,
+          "nodes":[{{"node":"a","last_report":"x","last_report_ms":1,"last_interval_end_ms":1,
+            "stale_after_ms":30000,"stale":false,"reports":1,"report_interval_ms":2000,
+            "capacity":{capacity},"quotas":[],"gpus":[
+            {{"gpu":"0","uuid":"GPU-0","model":"H100","mig_mode":false,"health":"ok",
+             "state":"busy","slice_fraction":null,"utilization_ratio":0.5,
+             "memory_used_bytes":10,"memory_total_bytes":100,"memory_free_bytes":90,
+             "processes":1,"tenants":["acme"],"updated_ms":1}}]}},
+           {{"node":"b","last_report":"x","last_report_ms":1,"last_interval_end_ms":1,
+            "stale_after_ms":30000,"stale":true,"reports":1,"report_interval_ms":null,
+            "capacity":{capacity},"quotas":[],"gpus":[]}}],
+          "tenants":[{{"tenant":"acme","devices":[{{"node":"a","gpu":"0","uuid":"GPU-0",
+            "state":"busy","memory_used_bytes":10}}],
+            "quotas":[{{"node":"a","resource":"gpus","limit":2,"usage":1,"ratio":0.5}}]}}]}}"#
+        );
+        let c: ClusterView = serde_json::from_str(&json).unwrap();
+        assert_eq!(interval_ms(&c), Some(2000));
         let v = from_cluster(&c);
         assert_eq!(v.scope, "cluster (2 nodes)");
         assert_eq!(v.gpus[0].id, "a/0");
