@@ -22,7 +22,7 @@ use prometheus_client::{
 
 pub use self::scrape::accepts_gzip;
 use crate::{
-    snapshot::{GpuHealth, Latest, Snapshot},
+    snapshot::{GpuHealth, GpuSnapshot, Latest, Snapshot},
     states::GpuState,
 };
 
@@ -198,8 +198,6 @@ impl Collector for SnapshotCollector {
         .encode(e, [(NOLABELS, snap.sample_duration_seconds)])?;
 
         let gpus = &snap.gpus;
-        let id =
-            |g: &crate::snapshot::GpuSnapshot| [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())];
         gauge(
             "tally_gpu_info",
             "One series per GPU and MIG instance; always 1. MIG instances are gpu=\"<index>/<gi>/<ci>\". \
@@ -320,8 +318,12 @@ impl Collector for SnapshotCollector {
         .encode(
             e,
             gpus.iter().flat_map(|g| {
-                let tx = g.pcie_tx_bytes_total.map(|v| (dir(g, "tx"), v));
-                let rx = g.pcie_rx_bytes_total.map(|v| (dir(g, "rx"), v));
+                let tx = g
+                    .pcie_tx_bytes_total
+                    .map(|v| (with(g, "direction", "tx"), v));
+                let rx = g
+                    .pcie_rx_bytes_total
+                    .map(|v| (with(g, "direction", "rx"), v));
                 tx.into_iter().chain(rx)
             }),
         )?;
@@ -458,11 +460,17 @@ fn encode_workloads(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<()
 type NoLabels = [(&'static str, &'static str); 0];
 const NOLABELS: NoLabels = [];
 
-fn dir(g: &crate::snapshot::GpuSnapshot, direction: &str) -> [(&'static str, String); 3] {
+/// A GPU's (or MIG instance's) labels.
+fn id(g: &GpuSnapshot) -> [(&'static str, String); 2] {
+    [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())]
+}
+
+/// A GPU's labels and one more.
+fn with(g: &GpuSnapshot, key: &'static str, value: &str) -> [(&'static str, String); 3] {
     [
         ("gpu", g.gpu.clone()),
         ("uuid", g.uuid.clone()),
-        ("direction", direction.to_owned()),
+        (key, value.to_owned()),
     ]
 }
 

@@ -4,8 +4,8 @@
 
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::{counter, gauge};
-use crate::snapshot::{GpuSnapshot, Snapshot};
+use super::{counter, gauge, id, with};
+use crate::snapshot::Snapshot;
 
 /// NVML's clock throttle-reason bits and their `reason` label values: a
 /// bounded set, one series each per GPU.
@@ -20,18 +20,6 @@ pub(super) const THROTTLE_REASONS: [(&str, u64); 9] = [
     ("hw_power_brake", 0x80),
     ("display_clock", 0x100),
 ];
-
-fn with(g: &GpuSnapshot, key: &'static str, value: &str) -> [(&'static str, String); 3] {
-    [
-        ("gpu", g.gpu.clone()),
-        ("uuid", g.uuid.clone()),
-        (key, value.to_owned()),
-    ]
-}
-
-fn id(g: &GpuSnapshot) -> [(&'static str, String); 2] {
-    [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())]
-}
 
 fn flag(b: bool) -> f64 {
     f64::from(u8::from(b))
