@@ -77,11 +77,7 @@ impl Resolver {
         &mut self,
         config: &crate::kubernetes::KubernetesConfig,
     ) -> Option<crate::kubernetes::Refresher> {
-        let namespace_rules = self
-            .rules
-            .iter()
-            .any(|r| matches!(r, TenantRule::Kubernetes { .. }));
-        let (lookup, refresher) = crate::kubernetes::start(config, namespace_rules)?;
+        let (lookup, refresher) = crate::kubernetes::start(config, &self.rules)?;
         self.kubernetes = Some(lookup);
         Some(refresher)
     }
