@@ -55,6 +55,38 @@ pub(super) struct GpmSamples {
     supported: Option<bool>,
 }
 
+/// Every how many cycles a GPU's ECC counts and remapped rows are read
+/// again (10 s at the default 1 s interval).
+const HEALTH_EVERY: u64 = 10;
+
+/// What a GPU's reader thread keeps between cycles, one per GPU.
+#[derive(Default)]
+pub(super) struct ReaderState {
+    gpm: GpmSamples,
+    health: SlowHealth,
+}
+
+/// ECC counts and remapped rows: three driver calls that move only when
+/// memory fails, which is rare, so they are read on the first cycle and then
+/// every [`HEALTH_EVERY`] cycles, the last values carried in between. A new
+/// error shows within that many intervals; throttle reasons, a state that
+/// flips with the load (idle, power cap), are still read every cycle.
+#[derive(Default)]
+struct SlowHealth {
+    cycles: u64,
+    ecc_errors: Option<EccErrors>,
+    remapped_rows: Option<RemappedRows>,
+}
+
+impl SlowHealth {
+    /// Whether this cycle reads them afresh (the first does).
+    fn due(&mut self) -> bool {
+        let due = self.cycles.is_multiple_of(HEALTH_EVERY);
+        self.cycles += 1;
+        due
+    }
+}
+
 /// Everything one cycle reads of one physical GPU.
 #[derive(Debug, Clone)]
 pub(super) struct RawDevice {
@@ -87,7 +119,7 @@ pub(super) fn read_device(
     nvml: &'static Nvml,
     index: u32,
     util_cursor: u64,
-    gpm: &mut GpmSamples,
+    state: &mut ReaderState,
 ) -> Result<RawDevice, NvmlError> {
     let device = nvml.device_by_index(index)?;
     let uuid = device.uuid()?;
@@ -105,8 +137,18 @@ pub(super) fn read_device(
         .pcie_throughput(PcieUtilCounter::Send)
         .and_then(|tx| Ok((tx, device.pcie_throughput(PcieUtilCounter::Receive)?)))
         .ok();
+    let health = &mut state.health;
+    if health.due() {
+        health.ecc_errors = read_ecc(&device);
+        health.remapped_rows = remapped_rows(nvml, &device);
+    }
+    let (ecc_errors, remapped_rows) = (health.ecc_errors, health.remapped_rows);
     let (processes, sm_samples, instances) = if mig_mode {
-        (Vec::new(), Vec::new(), read_instances(nvml, &device, gpm))
+        (
+            Vec::new(),
+            Vec::new(),
+            read_instances(nvml, &device, &mut state.gpm),
+        )
     } else {
         (
             read_processes(&device),
@@ -129,8 +171,8 @@ pub(super) fn read_device(
             .map(f64::from),
         energy_mj,
         pcie_kbps,
-        ecc_errors: read_ecc(&device),
-        remapped_rows: remapped_rows(nvml, &device),
+        ecc_errors,
+        remapped_rows,
         throttle_reasons: device.current_throttle_reasons().ok().map(|r| r.bits()),
         processes,
         sm_samples,
@@ -314,8 +356,7 @@ fn remapped_rows(nvml: &Nvml, device: &Device<'_>) -> Option<RemappedRows> {
 /// GPU instance and compute instance ids of a MIG device handle.
 ///
 /// nvml-wrapper 0.13 has no safe wrapper for these two calls, so they go
-/// through its raw symbol table (as `nvmlDeviceGetRemappedRows` does):
-/// the agent crate's only `unsafe`.
+/// through its raw symbol table (as `nvmlDeviceGetRemappedRows` does).
 #[allow(unsafe_code)]
 fn mig_ids(nvml: &Nvml, mig: &Device<'_>) -> Option<(u32, u32)> {
     let lib = nvml.lib();
@@ -337,6 +378,16 @@ mod tests {
 
     fn p(pid: u32, memory_bytes: u64) -> RawProcess {
         RawProcess { pid, memory_bytes }
+    }
+
+    #[test]
+    fn health_is_read_on_the_first_cycle_then_every_few() {
+        let mut h = SlowHealth::default();
+        let due: Vec<bool> = (0..2 * HEALTH_EVERY).map(|_| h.due()).collect();
+        let expected: Vec<bool> = (0..2 * HEALTH_EVERY)
+            .map(|c| c % HEALTH_EVERY == 0)
+            .collect();
+        assert_eq!(due, expected);
     }
 
     #[test]
