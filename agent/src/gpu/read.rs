@@ -253,6 +253,8 @@ fn read_instances(
         .unwrap_or(DEFAULT_COMPUTE_SLICES);
     let max = parent.mig_device_count().unwrap_or(0);
     let mut out: Vec<RawInstance> = Vec::new();
+    // Per instance: its GPU instance and (compute, GPU instance) slices.
+    let mut slices_of: Vec<(u32, Option<(u32, u32)>)> = Vec::new();
     for i in 0..max {
         // Unpopulated indices answer NOT_FOUND: skip them.
         let Ok(mig) = parent.mig_device_by_index(i) else {
@@ -278,6 +280,12 @@ fn read_instances(
             .as_ref()
             .map(|a| a.gpu_instance_slice_count)
             .unwrap_or(0);
+        slices_of.push((
+            gi,
+            attrs
+                .as_ref()
+                .map(|a| (a.compute_instance_slice_count, a.gpu_instance_slice_count)),
+        ));
         let memory = mig.memory_info().ok();
         out.push(RawInstance {
             gi,
@@ -288,14 +296,40 @@ fn read_instances(
             memory_used: memory.as_ref().map(|m| m.used).unwrap_or(0),
             memory_total: memory.as_ref().map(|m| m.total).unwrap_or(0),
             processes: read_processes(&mig),
-            sm_activity: has_gpm
-                .then(|| mig_activity(nvml, parent, gi, gpm))
-                .flatten(),
+            sm_activity: None,
         });
+    }
+    if has_gpm {
+        // GPM measures a GPU instance, not its compute instances: one
+        // sample per GPU instance per cycle (a second one microseconds
+        // later would measure nothing and replace the sample the next cycle
+        // compares against), shared among its compute instances.
+        let mut activity: HashMap<u32, Option<f64>> = HashMap::new();
+        for (inst, share) in out.iter_mut().zip(compute_shares(&slices_of)) {
+            let gi_activity = *activity
+                .entry(inst.gi)
+                .or_insert_with(|| mig_activity(nvml, parent, inst.gi, gpm));
+            inst.sm_activity = gi_activity.map(|a| a * share);
+        }
     }
     // Instances destroyed since: their samples go.
     gpm.last.retain(|gi, _| out.iter().any(|i| i.gi == *gi));
     out
+}
+
+/// Each MIG device's share of its GPU instance, from `(gi, (compute
+/// instance slices, GPU instance slices))`: its compute slices over the GPU
+/// instance's, or an even split among the GPU instance's compute instances
+/// where the slices are unknown. One compute instance spanning its GPU
+/// instance (the usual layout) has all of it.
+fn compute_shares(instances: &[(u32, Option<(u32, u32)>)]) -> Vec<f64> {
+    instances
+        .iter()
+        .map(|&(gi, slices)| match slices {
+            Some((ci, of)) if ci > 0 && of > 0 => (f64::from(ci) / f64::from(of)).min(1.0),
+            _ => 1.0 / instances.iter().filter(|(g, _)| *g == gi).count() as f64,
+        })
+        .collect()
 }
 
 /// SM activity of GPU instance `gi` since the previous cycle's sample, and
@@ -378,6 +412,24 @@ mod tests {
 
     fn p(pid: u32, memory_bytes: u64) -> RawProcess {
         RawProcess { pid, memory_bytes }
+    }
+
+    #[test]
+    fn compute_instances_share_their_gpu_instance() {
+        // GI 1: one CI spanning it; GI 2: 1 + 2 of its 3 slices; GI 3:
+        // slices unknown, two CIs.
+        let shares = compute_shares(&[
+            (1, Some((3, 3))),
+            (2, Some((1, 3))),
+            (2, Some((2, 3))),
+            (3, None),
+            (3, None),
+        ]);
+        let expected = [1.0, 1.0 / 3.0, 2.0 / 3.0, 0.5, 0.5];
+        assert_eq!(shares.len(), expected.len());
+        for (s, e) in shares.iter().zip(expected) {
+            assert!((s - e).abs() < 1e-12, "{shares:?}");
+        }
     }
 
     #[test]
