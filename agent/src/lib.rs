@@ -7,8 +7,9 @@
 //! routes and the report sender only read the latest one. What the agent
 //! shares with the aggregator is `tally_contract`.
 // `deny`, not `forbid`: the audited exceptions are the capability calls in
-// `privileges`, the raw NVML symbols in `gpu::read` (MIG ids) and
-// `open_by_handle_at` in `probes::cgroups` (no safe wrapper exists).
+// `privileges`, the raw NVML symbols in `gpu::read` (MIG ids, remapped
+// rows) and `open_by_handle_at` in `probes::cgroups` (no safe wrapper
+// exists).
 #![deny(unsafe_code)]
 
 pub mod attribution;

@@ -22,7 +22,7 @@ use prometheus_client::{
 
 pub use self::scrape::accepts_gzip;
 use crate::{
-    snapshot::{GpuHealth, Latest, Snapshot},
+    snapshot::{GpuHealth, GpuSnapshot, Latest, Snapshot},
     states::GpuState,
 };
 
@@ -55,24 +55,33 @@ impl Metrics {
         &mut self.registry
     }
 
-    /// The sampler is about to publish `snapshot`: encodes it now, on the
-    /// sampling thread, so that scrapes only send bytes (skipped while
-    /// nobody scrapes).
-    // Out of line: `cargo xtask bench` counts instructions per call of it
-    // (callgrind), which needs the symbol.
-    #[inline(never)]
-    pub fn published(&self, snapshot: &Arc<Snapshot>) {
-        self.cache
-            .published(snapshot, encode_snapshot, || self.components());
-    }
-
-    /// The body of one scrape of the latest snapshot, gzipped when `gzip`.
-    // Out of line for the bench's instruction counts, as `published`.
-    #[inline(never)]
+    /// The body of one scrape of the latest snapshot, gzipped when `gzip`:
+    /// the first scrape of a snapshot encodes it, later ones send the bytes
+    /// cached.
     pub fn body(&self, gzip: bool) -> Bytes {
         let latest = self.latest.borrow().clone();
-        self.cache
-            .body(&latest, gzip, encode_snapshot, self.components())
+        let (snapshot, text) = match self.cache.text(&latest) {
+            Some(cached) => cached,
+            None => (latest.clone(), self.render(&latest)),
+        };
+        self.send(snapshot, text, gzip)
+    }
+
+    /// The snapshot's families, encoded: once per snapshot scraped.
+    // Out of line: `cargo xtask bench` counts instructions per call of it
+    // (callgrind), which needs the symbol; and kept apart from `send`, as
+    // callgrind's counting toggles rather than nests.
+    #[inline(never)]
+    fn render(&self, snapshot: &Arc<Snapshot>) -> Arc<str> {
+        encode_snapshot(snapshot).into()
+    }
+
+    /// One scrape's body from the snapshot's encoded families: the
+    /// components' families joined on, gzipped when asked.
+    // Out of line for the bench's instruction counts, as `render`.
+    #[inline(never)]
+    fn send(&self, snapshot: Arc<Snapshot>, text: Arc<str>, gzip: bool) -> Bytes {
+        self.cache.body(snapshot, text, self.components(), gzip)
     }
 
     /// Every family as text, as one scrape sees it.
@@ -189,8 +198,6 @@ impl Collector for SnapshotCollector {
         .encode(e, [(NOLABELS, snap.sample_duration_seconds)])?;
 
         let gpus = &snap.gpus;
-        let id =
-            |g: &crate::snapshot::GpuSnapshot| [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())];
         gauge(
             "tally_gpu_info",
             "One series per GPU and MIG instance; always 1. MIG instances are gpu=\"<index>/<gi>/<ci>\". \
@@ -311,8 +318,12 @@ impl Collector for SnapshotCollector {
         .encode(
             e,
             gpus.iter().flat_map(|g| {
-                let tx = g.pcie_tx_bytes_total.map(|v| (dir(g, "tx"), v));
-                let rx = g.pcie_rx_bytes_total.map(|v| (dir(g, "rx"), v));
+                let tx = g
+                    .pcie_tx_bytes_total
+                    .map(|v| (with(g, "direction", "tx"), v));
+                let rx = g
+                    .pcie_rx_bytes_total
+                    .map(|v| (with(g, "direction", "rx"), v));
                 tx.into_iter().chain(rx)
             }),
         )?;
@@ -449,11 +460,17 @@ fn encode_workloads(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<()
 type NoLabels = [(&'static str, &'static str); 0];
 const NOLABELS: NoLabels = [];
 
-fn dir(g: &crate::snapshot::GpuSnapshot, direction: &str) -> [(&'static str, String); 3] {
+/// A GPU's (or MIG instance's) labels.
+fn id(g: &GpuSnapshot) -> [(&'static str, String); 2] {
+    [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())]
+}
+
+/// A GPU's labels and one more.
+fn with(g: &GpuSnapshot, key: &'static str, value: &str) -> [(&'static str, String); 3] {
     [
         ("gpu", g.gpu.clone()),
         ("uuid", g.uuid.clone()),
-        ("direction", direction.to_owned()),
+        (key, value.to_owned()),
     ]
 }
 

@@ -129,7 +129,6 @@ impl Agent {
             Ok(lock) => Work::Running(Running::start(
                 settings,
                 tx,
-                metrics.clone(),
                 latest.clone(),
                 stats,
                 lock,
@@ -139,7 +138,7 @@ impl Agent {
                 let reason = busy.reason();
                 warn!(state_dir = %state_dir.display(), "{reason}: one agent per state directory; neither sampling nor reporting until it exits");
                 *waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                let (waiting, latest, metrics) = (waiting.clone(), latest.clone(), metrics.clone());
+                let (waiting, latest) = (waiting.clone(), latest.clone());
                 Work::Waiting(tokio::spawn(async move {
                     let lock = match busy.wait(&shutdown).await? {
                         Ok(l) => l,
@@ -149,8 +148,7 @@ impl Agent {
                         }
                     };
                     info!(state_dir = %state_dir.display(), "took the state directory lock over; starting");
-                    let running =
-                        Running::start(settings, tx, metrics, latest, stats, Some(lock), shutdown);
+                    let running = Running::start(settings, tx, latest, stats, Some(lock), shutdown);
                     *waiting.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     running
                         .map_err(|e| error!(error = %e, "cannot start after taking the lock"))
@@ -201,7 +199,6 @@ impl Running {
     fn start(
         settings: Settings,
         tx: watch::Sender<Arc<Snapshot>>,
-        metrics: Arc<Metrics>,
         latest: Latest,
         stats: ReportStats,
         lock: Option<StateLock>,
@@ -213,7 +210,7 @@ impl Running {
             let settings = settings.clone();
             std::thread::Builder::new()
                 .name("tally-sampler".into())
-                .spawn(move || sample_loop(settings, tx, &metrics, stop))?
+                .spawn(move || sample_loop(settings, tx, stop))?
         };
         // Reports to the aggregator (when configured); on shutdown it cuts
         // the final partial interval before the agent exits.
@@ -247,12 +244,7 @@ impl Running {
 }
 
 /// Samples every `sample_interval` on a fixed schedule until `stop`.
-fn sample_loop(
-    settings: Settings,
-    tx: watch::Sender<Arc<Snapshot>>,
-    metrics: &Metrics,
-    stop: Arc<AtomicBool>,
-) {
+fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<AtomicBool>) {
     let _span = info_span!("sampler", node = %settings.node).entered();
     let mut resolver = Resolver::new(settings.config.tenant.rules.clone());
     // Kubernetes pods: the kubelet is asked on a thread of its own; stops on drop.
@@ -305,10 +297,6 @@ fn sample_loop(
             crate::privileges::drop_after_start_up();
         }
         let snapshot = Arc::new(snapshot);
-        // The /metrics body of this snapshot, made here rather than in a
-        // scrape, and before it is published so that no scrape of it
-        // finds the body missing.
-        metrics.published(&snapshot);
         tx.send_replace(snapshot);
 
         next += settings.sample_interval;

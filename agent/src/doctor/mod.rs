@@ -8,12 +8,12 @@
 mod node;
 mod setup;
 
-use std::{io::Write, path::Path, process::ExitCode};
+use std::{io::Write, process::ExitCode};
 
 use serde::Serialize;
 
 pub use self::{
-    node::{checks, checks_lazy, effective_caps, probe_checks},
+    node::{checks_lazy, probe_checks},
     setup::{AggregatorAnswer, aggregator_verdict, config_checks},
 };
 
@@ -87,18 +87,13 @@ impl Report {
 
     /// Records a check (printing it now in text form).
     pub fn add(&mut self, check: Check) {
-        let (status, text) = check.verdict.parts();
-        match status {
-            "ok" => self.summary.ok += 1,
-            "warn" => self.summary.warn += 1,
-            _ => self.summary.fail += 1,
-        }
+        let (count, tag, text) = match &check.verdict {
+            Verdict::Ok(t) => (&mut self.summary.ok, "ok  ", t),
+            Verdict::Warn(t) => (&mut self.summary.warn, "warn", t),
+            Verdict::Fail(t) => (&mut self.summary.fail, "FAIL", t),
+        };
+        *count += 1;
         if self.format == Format::Text {
-            let tag = match status {
-                "ok" => "ok  ",
-                "warn" => "warn",
-                _ => "FAIL",
-            };
             println!("[{tag}] {:<12} {text}", check.name);
             // Each line shows up as its check finishes, piped or not.
             let _ = std::io::stdout().flush();
@@ -140,22 +135,6 @@ impl Report {
             ExitCode::SUCCESS
         }
     }
-}
-
-/// Runs the node checks and prints them; exit 1 if any failed.
-pub fn run(nvml_lib: &Path) -> ExitCode {
-    let mut r = Report::new(Format::Text);
-    r.extend(checks_lazy(nvml_lib));
-    r.finish()
-}
-
-/// The node checks, then a real load and attach of every eBPF probe as
-/// `config` sets them up (in a throwaway pin directory); exit 1 if any failed.
-pub fn run_with_probes(nvml_lib: &Path, config: &crate::probes::ProbesConfig) -> ExitCode {
-    let mut r = Report::new(Format::Text);
-    r.extend(checks_lazy(nvml_lib));
-    r.extend(probe_checks(config));
-    r.finish()
 }
 
 #[cfg(test)]

@@ -26,24 +26,24 @@ pub fn probe_checks(config: &crate::probes::ProbesConfig) -> Vec<Check> {
 /// Every node check, in the order they are printed, each run when the
 /// iterator reaches it (so a report can print it as it finishes).
 pub fn checks_lazy(nvml_lib: &Path) -> impl Iterator<Item = Check> + '_ {
-    ["nvml", "privileges", "cgroups", "btf", "bpffs"]
-        .into_iter()
-        .map(move |name| Check {
-            name,
-            verdict: match name {
-                "nvml" => nvml(nvml_lib),
-                "privileges" => privileges(),
-                "cgroups" => cgroups(),
-                "btf" => btf(),
-                _ => bpffs(),
-            },
-        })
+    NODE_CHECKS.into_iter().map(move |(name, check)| Check {
+        name,
+        verdict: check(nvml_lib),
+    })
 }
 
-/// Every node check, in the order they are printed.
-pub fn checks(nvml_lib: &Path) -> Vec<Check> {
-    checks_lazy(nvml_lib).collect()
-}
+/// One node check, given the NVML library path.
+type NodeCheck = fn(&Path) -> Verdict;
+
+/// The node checks by name, in the order they are printed (each given the
+/// NVML library path, which only `nvml` reads).
+const NODE_CHECKS: [(&str, NodeCheck); 5] = [
+    ("nvml", nvml),
+    ("privileges", |_| privileges()),
+    ("cgroups", |_| cgroups()),
+    ("btf", |_| btf()),
+    ("bpffs", |_| bpffs()),
+];
 
 fn nvml(lib: &Path) -> Verdict {
     let shown = gpu::describe_library(lib);
@@ -62,7 +62,7 @@ fn nvml(lib: &Path) -> Verdict {
 }
 
 /// Effective capabilities of this process, from `/proc/self/status`.
-pub fn effective_caps() -> u64 {
+fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -164,8 +164,7 @@ mod tests {
 
     #[test]
     fn every_check_runs() {
-        let names: Vec<_> = checks(Path::new("/nonexistent"))
-            .iter()
+        let names: Vec<_> = checks_lazy(Path::new("/nonexistent"))
             .map(|c| c.name)
             .collect();
         assert_eq!(names, ["nvml", "privileges", "cgroups", "btf", "bpffs"]);

@@ -13,7 +13,6 @@ use super::{Check, Verdict};
 use crate::{
     config::Config,
     enforce::cgroup::{Backend, Layout, TenantTree},
-    tenants::rules::TenantRule,
 };
 
 /// The config checks, in the order they are printed (the aggregator's
@@ -40,12 +39,7 @@ pub fn config_checks(config: &Config) -> Vec<Check> {
 }
 
 fn uses_kubernetes(config: &Config) -> bool {
-    config.tenant.kubernetes.workload_series
-        || config
-            .tenant
-            .rules
-            .iter()
-            .any(|r| matches!(r, TenantRule::Kubernetes { .. }))
+    crate::kubernetes::wanted(&config.tenant.kubernetes, &config.tenant.rules)
 }
 
 fn kubelet(config: &Config) -> Verdict {

@@ -23,7 +23,11 @@ use super::{
     quota::Quota,
     record::Recorder,
 };
-use crate::{cgroupfs::Cgroups, snapshot::GpuProcess};
+use crate::{
+    cgroupfs::Cgroups,
+    snapshot::GpuProcess,
+    tenants::procs::{ProcFs, ProcSource as _},
+};
 
 /// Period of the throttle duty cycle.
 pub const THROTTLE_PERIOD: Duration = Duration::from_millis(1000);
@@ -115,13 +119,11 @@ pub struct Target {
     pub cgroup: Option<String>,
 }
 
-/// Start time of a live, non-zombie process.
+/// Start time of a live, non-zombie process (the process cache's own
+/// `stat` reader: one parser of that line).
 pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = procfs::process::Process::new(pid as i32)
-        .ok()?
-        .stat()
-        .ok()?;
-    (stat.state != 'Z' && stat.state != 'X').then_some(stat.starttime)
+    let stat = ProcFs::default().stat(pid).ok()?;
+    (stat.state != b'Z' && stat.state != b'X').then_some(stat.start_time)
 }
 
 impl Target {

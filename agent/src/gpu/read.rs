@@ -55,6 +55,38 @@ pub(super) struct GpmSamples {
     supported: Option<bool>,
 }
 
+/// Every how many cycles a GPU's ECC counts and remapped rows are read
+/// again (10 s at the default 1 s interval).
+const HEALTH_EVERY: u64 = 10;
+
+/// What a GPU's reader thread keeps between cycles, one per GPU.
+#[derive(Default)]
+pub(super) struct ReaderState {
+    gpm: GpmSamples,
+    health: SlowHealth,
+}
+
+/// ECC counts and remapped rows: three driver calls that move only when
+/// memory fails, which is rare, so they are read on the first cycle and then
+/// every [`HEALTH_EVERY`] cycles, the last values carried in between. A new
+/// error shows within that many intervals; throttle reasons, a state that
+/// flips with the load (idle, power cap), are still read every cycle.
+#[derive(Default)]
+struct SlowHealth {
+    cycles: u64,
+    ecc_errors: Option<EccErrors>,
+    remapped_rows: Option<RemappedRows>,
+}
+
+impl SlowHealth {
+    /// Whether this cycle reads them afresh (the first does).
+    fn due(&mut self) -> bool {
+        let due = self.cycles.is_multiple_of(HEALTH_EVERY);
+        self.cycles += 1;
+        due
+    }
+}
+
 /// Everything one cycle reads of one physical GPU.
 #[derive(Debug, Clone)]
 pub(super) struct RawDevice {
@@ -87,7 +119,7 @@ pub(super) fn read_device(
     nvml: &'static Nvml,
     index: u32,
     util_cursor: u64,
-    gpm: &mut GpmSamples,
+    state: &mut ReaderState,
 ) -> Result<RawDevice, NvmlError> {
     let device = nvml.device_by_index(index)?;
     let uuid = device.uuid()?;
@@ -105,8 +137,18 @@ pub(super) fn read_device(
         .pcie_throughput(PcieUtilCounter::Send)
         .and_then(|tx| Ok((tx, device.pcie_throughput(PcieUtilCounter::Receive)?)))
         .ok();
+    let health = &mut state.health;
+    if health.due() {
+        health.ecc_errors = read_ecc(&device);
+        health.remapped_rows = remapped_rows(nvml, &device);
+    }
+    let (ecc_errors, remapped_rows) = (health.ecc_errors, health.remapped_rows);
     let (processes, sm_samples, instances) = if mig_mode {
-        (Vec::new(), Vec::new(), read_instances(nvml, &device, gpm))
+        (
+            Vec::new(),
+            Vec::new(),
+            read_instances(nvml, &device, &mut state.gpm),
+        )
     } else {
         (
             read_processes(&device),
@@ -129,8 +171,8 @@ pub(super) fn read_device(
             .map(f64::from),
         energy_mj,
         pcie_kbps,
-        ecc_errors: read_ecc(&device),
-        remapped_rows: remapped_rows(nvml, &device),
+        ecc_errors,
+        remapped_rows,
         throttle_reasons: device.current_throttle_reasons().ok().map(|r| r.bits()),
         processes,
         sm_samples,
@@ -211,6 +253,8 @@ fn read_instances(
         .unwrap_or(DEFAULT_COMPUTE_SLICES);
     let max = parent.mig_device_count().unwrap_or(0);
     let mut out: Vec<RawInstance> = Vec::new();
+    // Per instance: its GPU instance and (compute, GPU instance) slices.
+    let mut slices_of: Vec<(u32, Option<(u32, u32)>)> = Vec::new();
     for i in 0..max {
         // Unpopulated indices answer NOT_FOUND: skip them.
         let Ok(mig) = parent.mig_device_by_index(i) else {
@@ -236,6 +280,12 @@ fn read_instances(
             .as_ref()
             .map(|a| a.gpu_instance_slice_count)
             .unwrap_or(0);
+        slices_of.push((
+            gi,
+            attrs
+                .as_ref()
+                .map(|a| (a.compute_instance_slice_count, a.gpu_instance_slice_count)),
+        ));
         let memory = mig.memory_info().ok();
         out.push(RawInstance {
             gi,
@@ -246,14 +296,40 @@ fn read_instances(
             memory_used: memory.as_ref().map(|m| m.used).unwrap_or(0),
             memory_total: memory.as_ref().map(|m| m.total).unwrap_or(0),
             processes: read_processes(&mig),
-            sm_activity: has_gpm
-                .then(|| mig_activity(nvml, parent, gi, gpm))
-                .flatten(),
+            sm_activity: None,
         });
+    }
+    if has_gpm {
+        // GPM measures a GPU instance, not its compute instances: one
+        // sample per GPU instance per cycle (a second one microseconds
+        // later would measure nothing and replace the sample the next cycle
+        // compares against), shared among its compute instances.
+        let mut activity: HashMap<u32, Option<f64>> = HashMap::new();
+        for (inst, share) in out.iter_mut().zip(compute_shares(&slices_of)) {
+            let gi_activity = *activity
+                .entry(inst.gi)
+                .or_insert_with(|| mig_activity(nvml, parent, inst.gi, gpm));
+            inst.sm_activity = gi_activity.map(|a| a * share);
+        }
     }
     // Instances destroyed since: their samples go.
     gpm.last.retain(|gi, _| out.iter().any(|i| i.gi == *gi));
     out
+}
+
+/// Each MIG device's share of its GPU instance, from `(gi, (compute
+/// instance slices, GPU instance slices))`: its compute slices over the GPU
+/// instance's, or an even split among the GPU instance's compute instances
+/// where the slices are unknown. One compute instance spanning its GPU
+/// instance (the usual layout) has all of it.
+fn compute_shares(instances: &[(u32, Option<(u32, u32)>)]) -> Vec<f64> {
+    instances
+        .iter()
+        .map(|&(gi, slices)| match slices {
+            Some((ci, of)) if ci > 0 && of > 0 => (f64::from(ci) / f64::from(of)).min(1.0),
+            _ => 1.0 / instances.iter().filter(|(g, _)| *g == gi).count() as f64,
+        })
+        .collect()
 }
 
 /// SM activity of GPU instance `gi` since the previous cycle's sample, and
@@ -314,8 +390,7 @@ fn remapped_rows(nvml: &Nvml, device: &Device<'_>) -> Option<RemappedRows> {
 /// GPU instance and compute instance ids of a MIG device handle.
 ///
 /// nvml-wrapper 0.13 has no safe wrapper for these two calls, so they go
-/// through its raw symbol table (as `nvmlDeviceGetRemappedRows` does):
-/// the agent crate's only `unsafe`.
+/// through its raw symbol table (as `nvmlDeviceGetRemappedRows` does).
 #[allow(unsafe_code)]
 fn mig_ids(nvml: &Nvml, mig: &Device<'_>) -> Option<(u32, u32)> {
     let lib = nvml.lib();
@@ -337,6 +412,34 @@ mod tests {
 
     fn p(pid: u32, memory_bytes: u64) -> RawProcess {
         RawProcess { pid, memory_bytes }
+    }
+
+    #[test]
+    fn compute_instances_share_their_gpu_instance() {
+        // GI 1: one CI spanning it; GI 2: 1 + 2 of its 3 slices; GI 3:
+        // slices unknown, two CIs.
+        let shares = compute_shares(&[
+            (1, Some((3, 3))),
+            (2, Some((1, 3))),
+            (2, Some((2, 3))),
+            (3, None),
+            (3, None),
+        ]);
+        let expected = [1.0, 1.0 / 3.0, 2.0 / 3.0, 0.5, 0.5];
+        assert_eq!(shares.len(), expected.len());
+        for (s, e) in shares.iter().zip(expected) {
+            assert!((s - e).abs() < 1e-12, "{shares:?}");
+        }
+    }
+
+    #[test]
+    fn health_is_read_on_the_first_cycle_then_every_few() {
+        let mut h = SlowHealth::default();
+        let due: Vec<bool> = (0..2 * HEALTH_EVERY).map(|_| h.due()).collect();
+        let expected: Vec<bool> = (0..2 * HEALTH_EVERY)
+            .map(|c| c % HEALTH_EVERY == 0)
+            .collect();
+        assert_eq!(due, expected);
     }
 
     #[test]

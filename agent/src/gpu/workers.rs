@@ -11,7 +11,7 @@ use std::{
 use nvml_wrapper::{Nvml, error::NvmlError};
 use tracing::warn;
 
-use super::read::{GpmSamples, RawDevice, read_device};
+use super::read::{RawDevice, ReaderState, read_device};
 
 type Answer = Result<RawDevice, NvmlError>;
 
@@ -96,9 +96,12 @@ fn spawn(nvml: &'static Nvml, index: u32) -> Option<Worker> {
     let spawned = std::thread::Builder::new()
         .name(format!("tally-gpu{index}"))
         .spawn(move || {
-            let mut gpm = GpmSamples::default();
+            let mut state = ReaderState::default();
             for cursor in rx {
-                if tx.send(read_device(nvml, index, cursor, &mut gpm)).is_err() {
+                if tx
+                    .send(read_device(nvml, index, cursor, &mut state))
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -39,7 +39,7 @@ use tally_contract::config::Problems;
 
 pub use self::podresources::Refresher;
 use self::podresources::{NodePods, Shared};
-use crate::{paths, snapshot::Workload};
+use crate::{paths, snapshot::Workload, tenants::rules::TenantRule};
 
 /// `[tenant.kubernetes]`: where the kubelet's answers are.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -386,11 +386,20 @@ fn cgroup_exists(cgroup: &str) -> bool {
         .is_some_and(|root| root.join(cgroup.trim_start_matches('/')).exists())
 }
 
-/// Starts the refresher when Kubernetes is asked for (`namespace_rules`:
-/// a `kubernetes` tenant rule; or workload series) and returns the lookup
-/// for the resolver plus the thread's guard; `None` otherwise.
-pub fn start(config: &KubernetesConfig, namespace_rules: bool) -> Option<(Lookup, Refresher)> {
-    if !(namespace_rules || config.workload_series) {
+/// Whether the config asks for Kubernetes: a `kubernetes` tenant rule, or
+/// workload series.
+pub fn wanted(config: &KubernetesConfig, rules: &[TenantRule]) -> bool {
+    config.workload_series
+        || rules
+            .iter()
+            .any(|r| matches!(r, TenantRule::Kubernetes { .. }))
+}
+
+/// Starts the refresher when Kubernetes is asked for ([`wanted`]) and
+/// returns the lookup for the resolver plus the thread's guard; `None`
+/// otherwise.
+pub fn start(config: &KubernetesConfig, rules: &[TenantRule]) -> Option<(Lookup, Refresher)> {
+    if !wanted(config, rules) {
         return None;
     }
     let shared: Shared = Arc::new(RwLock::new(Arc::new(NodePods::default())));
@@ -428,7 +437,6 @@ mod tests {
     use crate::kubernetes::proto::{
         ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
     };
-    use crate::tenants::rules::TenantRule;
 
     const UID: &str = "2ca4a155-3599-498d-bb9d-4446693fa3ea";
     const CID: &str = "66be9b2efdf4d85288c319b8c1a2f50d2439b5617e36f45d9d0d0be1381113be";

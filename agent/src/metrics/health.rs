@@ -5,8 +5,8 @@
 use nvml_wrapper::bitmasks::device::ThrottleReasons;
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::{counter, gauge};
-use crate::snapshot::{GpuSnapshot, Snapshot};
+use super::{counter, gauge, id, with};
+use crate::snapshot::Snapshot;
 
 /// NVML's clock throttle-reason bits and their `reason` label values: a
 /// bounded set, one series each per GPU.
@@ -30,18 +30,6 @@ pub(super) const THROTTLE_REASONS: [(&str, u64); 9] = [
         ThrottleReasons::DISPLAY_CLOCK_SETTING.bits(),
     ),
 ];
-
-fn with(g: &GpuSnapshot, key: &'static str, value: &str) -> [(&'static str, String); 3] {
-    [
-        ("gpu", g.gpu.clone()),
-        ("uuid", g.uuid.clone()),
-        (key, value.to_owned()),
-    ]
-}
-
-fn id(g: &GpuSnapshot) -> [(&'static str, String); 2] {
-    [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())]
-}
 
 fn flag(b: bool) -> f64 {
     f64::from(u8::from(b))

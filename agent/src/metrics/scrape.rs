@@ -1,16 +1,14 @@
-//! The `/metrics` body, made once per snapshot: the snapshot's families
-//! are encoded when a snapshot is published (and gzipped once when
-//! scrapers ask for gzip), and every scrape until the next one sends those
-//! bytes. Only the components' own families (the report sender's counters,
-//! a few lines) are encoded per scrape; when they changed, the body is
-//! joined again from the cached snapshot text.
+//! The `/metrics` body, made once per snapshot: the first scrape of a
+//! snapshot encodes its families (outside the lock, so other scrapes are
+//! served meanwhile), later scrapes of it send those bytes, and the gzip is
+//! made once, by the first scrape that asks for it. Only the components'
+//! own families (the report sender's counters, a few lines) are encoded per
+//! scrape; when they changed, the body is joined again from the cached
+//! snapshot text. A snapshot nobody scrapes is never encoded.
 
 use std::{
     io::Write as _,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use flate2::{Compression, write::GzEncoder};
@@ -29,104 +27,83 @@ struct Rendered {
     components: String,
     body: Bytes,
     /// `body` gzipped, made on the first request for it.
-    gzip: Option<Bytes>,
+    gzip: OnceLock<Bytes>,
 }
 
-/// The cached body and what scrapers asked for lately.
+/// The latest rendering.
 #[derive(Debug, Default)]
 pub(super) struct BodyCache {
-    rendered: Mutex<Option<Rendered>>,
-    /// Whether a scrape came since the last publish: nobody scraping, no
-    /// rendering on the sampling thread.
-    scraped: AtomicBool,
-    /// Whether the last scrape accepted gzip: then the sampler gzips too.
-    gzip_wanted: AtomicBool,
+    /// Held only to clone or swap the `Arc`: encoding and gzipping happen
+    /// outside it.
+    rendered: Mutex<Option<Arc<Rendered>>>,
 }
 
 impl BodyCache {
-    /// A new snapshot is about to be published: renders it now (off the
-    /// request path) if anyone scrapes.
-    pub(super) fn published(
-        &self,
-        snapshot: &Arc<Snapshot>,
-        encode_snapshot: impl FnOnce(&Arc<Snapshot>) -> String,
-        components: impl FnOnce() -> String,
-    ) {
-        if !self.scraped.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        let gzip = self.gzip_wanted.load(Ordering::Relaxed);
-        let rendered = render(
-            snapshot.clone(),
-            encode_snapshot(snapshot).into(),
-            components(),
-            gzip,
-        );
-        *self.lock() = Some(rendered);
+    /// The encoded families to serve for a scrape of `latest`, and the
+    /// snapshot they are of: `None` when `latest` was not encoded yet (the
+    /// caller encodes it, outside the lock). A rendering of a newer
+    /// snapshot than `latest` is served too: a concurrent scrape saw the
+    /// newer one published first.
+    pub(super) fn text(&self, latest: &Arc<Snapshot>) -> Option<(Arc<Snapshot>, Arc<str>)> {
+        let slot = self.lock();
+        let r = slot.as_ref()?;
+        (Arc::ptr_eq(&r.snapshot, latest) || r.snapshot.samples > latest.samples)
+            .then(|| (r.snapshot.clone(), r.snapshot_text.clone()))
     }
 
-    /// The body for a scrape of `latest`: `gzip` when the scraper accepts
-    /// it. Returns the bytes and whether they are gzipped.
+    /// The body of `snapshot`, whose families are `snapshot_text`, joined
+    /// with `components`; gzipped when `gzip`.
     pub(super) fn body(
         &self,
-        latest: &Arc<Snapshot>,
-        gzip: bool,
-        encode_snapshot: impl FnOnce(&Arc<Snapshot>) -> String,
+        snapshot: Arc<Snapshot>,
+        snapshot_text: Arc<str>,
         components: String,
+        gzip: bool,
     ) -> Bytes {
-        self.scraped.store(true, Ordering::Relaxed);
-        self.gzip_wanted.store(gzip, Ordering::Relaxed);
-        let mut slot = self.lock();
-        // The sampler renders a snapshot just before publishing it: a
-        // newer rendering than `latest` is the one about to be published.
-        let current = slot.as_ref().is_some_and(|r| {
-            Arc::ptr_eq(&r.snapshot, latest) || r.snapshot.samples > latest.samples
-        });
-        if !current {
-            // Not rendered yet (the first scrape, or nobody scraped when it
-            // was published): once, here.
-            *slot = Some(render(
-                latest.clone(),
-                encode_snapshot(latest).into(),
-                components,
-                gzip,
-            ));
-        } else if slot.as_ref().is_some_and(|r| r.components != components) {
-            let old = slot.take().expect("checked above");
-            *slot = Some(render(old.snapshot, old.snapshot_text, components, gzip));
+        let cached = self
+            .lock()
+            .clone()
+            .filter(|r| Arc::ptr_eq(&r.snapshot, &snapshot) && r.components == components);
+        let r = match cached {
+            Some(r) => r,
+            None => {
+                let r = Arc::new(join(snapshot, snapshot_text, components));
+                let mut slot = self.lock();
+                // Two scrapes can race here: keep the newer snapshot's.
+                if slot
+                    .as_ref()
+                    .is_none_or(|o| o.snapshot.samples <= r.snapshot.samples)
+                {
+                    *slot = Some(r.clone());
+                }
+                r
+            }
+        };
+        if gzip {
+            r.gzip.get_or_init(|| gzip_bytes(&r.body)).clone()
+        } else {
+            r.body.clone()
         }
-        let r = slot.as_mut().expect("rendered above");
-        if !gzip {
-            return r.body.clone();
-        }
-        r.gzip.get_or_insert_with(|| gzip_bytes(&r.body)).clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Rendered>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Rendered>>> {
         self.rendered.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// The snapshot's families first, then the components' (sub-registries
 /// come after collectors in prometheus-client's own order), then `# EOF`.
-fn render(
-    snapshot: Arc<Snapshot>,
-    snapshot_text: Arc<str>,
-    components: String,
-    gzip: bool,
-) -> Rendered {
+fn join(snapshot: Arc<Snapshot>, snapshot_text: Arc<str>, components: String) -> Rendered {
     let mut body = Vec::with_capacity(snapshot_text.len() + components.len() + 8);
     body.extend_from_slice(snapshot_text.as_bytes());
     body.extend_from_slice(components.as_bytes());
     body.extend_from_slice(b"# EOF\n");
-    let body = Bytes::from(body);
-    let gzip = gzip.then(|| gzip_bytes(&body));
     Rendered {
         snapshot,
         snapshot_text,
         components,
-        body,
-        gzip,
+        body: Bytes::from(body),
+        gzip: OnceLock::new(),
     }
 }
 
@@ -212,37 +189,42 @@ mod tests {
             encodes.set(encodes.get() + 1);
             "# TYPE x gauge\nx 1\n".to_owned()
         };
-        let plain = cache.body(&snap, false, encode, String::new());
+        // As `Metrics::body` drives the cache.
+        let scrape = |latest: &Arc<Snapshot>, gzip: bool, components: String| {
+            let (snapshot, text) = cache
+                .text(latest)
+                .unwrap_or_else(|| (latest.clone(), encode(latest).into()));
+            cache.body(snapshot, text, components, gzip)
+        };
+        let plain = scrape(&snap, false, String::new());
         assert_eq!(&plain[..], b"# TYPE x gauge\nx 1\n# EOF\n");
-        let gz = cache.body(&snap, true, encode, String::new());
+        let gz = scrape(&snap, true, String::new());
         assert_eq!(gunzip(&gz), "# TYPE x gauge\nx 1\n# EOF\n");
-        assert_eq!(cache.body(&snap, true, encode, String::new()), gz);
+        assert_eq!(scrape(&snap, true, String::new()), gz);
         assert_eq!(encodes.get(), 1);
 
         // Components changed: joined again, the snapshot not re-encoded.
-        let body = cache.body(&snap, false, encode, "y_total 2\n".to_owned());
+        let body = scrape(&snap, false, "y_total 2\n".to_owned());
         assert_eq!(&body[..], b"# TYPE x gauge\nx 1\ny_total 2\n# EOF\n");
         assert_eq!(encodes.get(), 1);
 
-        // A new snapshot, published after scrapes asked for gzip: rendered
-        // and gzipped by the publisher, then served as is.
+        // A new snapshot: encoded by its first scrape.
         let next = Arc::new(Snapshot {
             samples: 2,
             ..Default::default()
         });
-        cache.published(&next, encode, || "y_total 2\n".to_owned());
+        let _ = scrape(&next, false, "y_total 2\n".to_owned());
         assert_eq!(encodes.get(), 2);
-        // Rendered before it is published: a scrape still seeing the older
-        // snapshot gets the newer body rather than encoding the older one.
-        let _ = cache.body(&snap, false, encode, "y_total 2\n".to_owned());
+        // A scrape still seeing the older snapshot gets the newer body
+        // rather than encoding the older one.
+        let _ = scrape(&snap, false, "y_total 2\n".to_owned());
         assert_eq!(encodes.get(), 2);
-        let gz = cache.body(&next, true, encode, "y_total 2\n".to_owned());
+        let gz = scrape(&next, true, "y_total 2\n".to_owned());
         assert_eq!(gunzip(&gz), "# TYPE x gauge\nx 1\ny_total 2\n# EOF\n");
         assert_eq!(encodes.get(), 2);
 
-        // Nobody scraped since: the next publish renders nothing.
-        let _ = cache.scraped.swap(false, Ordering::Relaxed);
-        cache.published(&Arc::new(Snapshot::default()), encode, String::new);
+        // Nobody scrapes the next one: it is never encoded.
+        let _unscraped = Arc::new(Snapshot::default());
         assert_eq!(encodes.get(), 2);
     }
 }

@@ -16,7 +16,7 @@ use std::{
 };
 
 use nix::libc;
-use tracing::info;
+use tracing::{debug, info};
 
 /// Cache of cgroup id → path relative to the v2 root (`/`, `/a/b`).
 #[derive(Debug)]
@@ -41,8 +41,9 @@ enum ByHandle {
     Found(String),
     /// The kernel knows no such cgroup (removed): a walk would not find it.
     Gone,
-    /// Handles do not work here (logged once): walk instead.
-    Unsupported,
+    /// No handle answer for this id (handles do not work here, logged
+    /// once, or the call failed this time): walk instead.
+    Walk,
 }
 
 impl CgroupPaths {
@@ -97,7 +98,7 @@ impl CgroupPaths {
         match self.by_handle(id) {
             ByHandle::Found(path) => Some(path),
             ByHandle::Gone => None,
-            ByHandle::Unsupported => {
+            ByHandle::Walk => {
                 self.walk();
                 self.by_id.get(&id).cloned()
             }
@@ -108,10 +109,12 @@ impl CgroupPaths {
     /// directory's path. Needs `CAP_DAC_READ_SEARCH` and a cgroup2 root;
     /// on the first refusal (a plain directory tree in tests, an agent
     /// without the capability, an older kernel) handles are given up for
-    /// good and the caller walks the tree, which needs neither.
+    /// good and the caller walks the tree, which needs neither. Any other
+    /// failure (out of fds or memory, an interrupted call, a cgroup
+    /// vanishing halfway) costs this call a walk and no more.
     fn by_handle(&mut self, id: u64) -> ByHandle {
         let Some(root) = &self.handles else {
-            return ByHandle::Unsupported;
+            return ByHandle::Walk;
         };
         match open_by_id(root, id) {
             Ok(Some(rel)) => {
@@ -119,14 +122,18 @@ impl CgroupPaths {
                 ByHandle::Found(rel)
             }
             Ok(None) => ByHandle::Gone,
-            Err(e) => {
+            Err(e) if refused(&e) => {
                 info!(
                     root = %self.root.display(),
                     error = %e,
                     "cgroup ids cannot be opened by handle; walking the cgroup tree instead"
                 );
                 self.handles = None;
-                ByHandle::Unsupported
+                ByHandle::Walk
+            }
+            Err(e) => {
+                debug!(id, error = %e, "cannot open a cgroup by handle this time; walking the tree");
+                ByHandle::Walk
             }
         }
     }
@@ -148,13 +155,13 @@ impl CgroupPaths {
                 match self.by_handle(id) {
                     ByHandle::Found(p) => path = Some(p),
                     ByHandle::Gone => {}
-                    ByHandle::Unsupported if !walked => {
+                    ByHandle::Walk if !walked => {
                         self.walk();
                         walked = true;
                         path = self.cached(id).map(str::to_owned);
                     }
                     // Walked already this call: the cache has it or not.
-                    ByHandle::Unsupported => {}
+                    ByHandle::Walk => {}
                 }
             }
             paths.insert(id, path);
@@ -210,7 +217,7 @@ struct KernfsHandle {
 
 /// The path below `root` of the cgroup whose id is `id`; `Ok(None)` when
 /// the kernel has no such cgroup (or it is not below `root`); `Err` when
-/// handles cannot be used here.
+/// it could not be opened ([`refused`]: handles cannot be used here).
 fn open_by_id(root: &HandleRoot, id: u64) -> io::Result<Option<String>> {
     let fd = open_by_handle(&root.dir, id);
     let fd = match fd {
@@ -224,17 +231,29 @@ fn open_by_id(root: &HandleRoot, id: u64) -> io::Result<Option<String>> {
     let dir = File::from(fd);
     // Another filesystem would read the handle differently: only a
     // directory with that inode is the cgroup asked for.
-    if dir.metadata()?.ino() != id {
-        return Err(io::Error::other(format!(
-            "handle {id} opened inode {}: not a kernfs id",
-            dir.metadata()?.ino()
-        )));
+    let ino = dir.metadata()?.ino();
+    if ino != id {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("handle {id} opened inode {ino}: not a kernfs id"),
+        ));
     }
     let full = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
     Ok(full.strip_prefix(&root.canonical).ok().map(|rel| {
         let rel = rel.to_string_lossy();
         format!("/{rel}")
     }))
+}
+
+/// Whether `e` says handles cannot work here at all (no capability, no
+/// kernfs handles on this filesystem or kernel, a bad root), rather than
+/// that this one call failed.
+fn refused(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS | libc::EBADF)
+        )
 }
 
 /// `open_by_handle_at(2)`, which neither `nix` 0.29 nor `rustix` wrap.
@@ -293,6 +312,32 @@ mod tests {
         // Removed: unknown even after a walk.
         std::fs::remove_dir(dir.path().join("a/d")).unwrap();
         assert_eq!(paths.resolve(id_b), None);
+    }
+
+    #[test]
+    fn only_a_refusal_gives_handles_up() {
+        for errno in [
+            libc::EPERM,
+            libc::EOPNOTSUPP,
+            libc::EINVAL,
+            libc::ENOSYS,
+            libc::EBADF,
+        ] {
+            assert!(refused(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::EINTR,
+            libc::ENOTDIR,
+        ] {
+            assert!(!refused(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        assert!(refused(&io::Error::new(
+            io::ErrorKind::Unsupported,
+            "not kernfs"
+        )));
     }
 
     #[test]

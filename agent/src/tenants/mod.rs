@@ -12,10 +12,7 @@ use std::{collections::HashMap, io, sync::Arc};
 pub mod procs;
 pub mod rules;
 
-use self::{
-    procs::{Facts, ProcCache},
-    rules::TenantRule,
-};
+use self::{procs::ProcCache, rules::TenantRule};
 use crate::{paths, snapshot::TENANT_UNATTRIBUTED, states::ProcObs};
 
 /// The uid that owns a process (the owner of its `/proc` directory).
@@ -80,11 +77,7 @@ impl Resolver {
         &mut self,
         config: &crate::kubernetes::KubernetesConfig,
     ) -> Option<crate::kubernetes::Refresher> {
-        let namespace_rules = self
-            .rules
-            .iter()
-            .any(|r| matches!(r, TenantRule::Kubernetes { .. }));
-        let (lookup, refresher) = crate::kubernetes::start(config, namespace_rules)?;
+        let (lookup, refresher) = crate::kubernetes::start(config, &self.rules)?;
         self.kubernetes = Some(lookup);
         Some(refresher)
     }
@@ -118,8 +111,9 @@ impl Resolver {
         self.procs.obs(pid)
     }
 
-    /// How many processes the cache holds (tests, logs).
-    pub fn cached_processes(&self) -> usize {
+    /// How many processes the cache holds.
+    #[cfg(test)]
+    fn cached_processes(&self) -> usize {
         self.procs.len()
     }
 
@@ -159,30 +153,21 @@ impl Resolver {
         // `kubernetes` rules and workloads also depend on the device and on
         // what the kubelet said lately: only the cgroup is reused for them.
         if self.kubernetes.is_none()
-            && let Some(facts) = cached
+            && let Some(attribution) = cached
         {
-            return Attribution {
-                tenant: facts.tenant,
-                cgroup: facts.cgroup,
-                workload: None,
-            };
+            return attribution;
         }
         let cgroup: Option<Arc<str>> = match cached {
-            Some(facts) => facts.cgroup,
+            Some(attribution) => attribution.cgroup,
             None => self
                 .procs
-                .read_cgroup(pid)
+                .source
+                .cgroup(pid)
                 .or_else(|| self.exited.as_mut()?.cgroup_of_exited(pid))
                 .map(Arc::from),
         };
         let attribution = self.attribute_from(pid, cgroup, device);
-        self.procs.store(
-            pid,
-            Facts {
-                tenant: attribution.tenant.clone(),
-                cgroup: attribution.cgroup.clone(),
-            },
-        );
+        self.procs.store(pid, &attribution);
         attribution
     }
 

@@ -20,8 +20,9 @@
 //! CPU ticks ([`ProcCache::obs`]), so each holder's `stat` is read once per
 //! cycle however many devices (MIG instances and their parent) it holds.
 
-use std::{collections::HashMap, io, io::Read as _, sync::Arc};
+use std::{collections::HashMap, io, io::Read as _};
 
+use super::Attribution;
 use crate::{
     paths,
     states::{ProcObs, ProcState},
@@ -99,28 +100,23 @@ pub fn parse_stat(line: &[u8]) -> Option<Stat> {
     })
 }
 
-/// What a process was attributed from, shared with every snapshot that
-/// names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Facts {
-    pub tenant: Arc<str>,
-    pub cgroup: Option<Arc<str>>,
-}
-
 #[derive(Debug)]
 struct Entry {
     /// The cycle this pid was last reported in.
     seen: u64,
     /// That cycle's `stat` (`None`: the process is gone).
     stat: Option<Stat>,
-    /// Start time and cycle of the last cgroup read, and what it gave.
-    facts: Option<(u64, u64, Facts)>,
+    /// Start time and cycle of the last cgroup read, and the attribution
+    /// it gave (without a workload, which is derived afresh each cycle).
+    facts: Option<(u64, u64, Attribution)>,
 }
 
 /// pid → what its tenant was derived from; see the module docs.
 #[derive(Debug)]
 pub struct ProcCache {
-    source: Box<dyn ProcSource>,
+    /// Where `stat` and `cgroup` are read (the resolver reads a process's
+    /// cgroup through it when the cache has none).
+    pub(super) source: Box<dyn ProcSource>,
     entries: HashMap<u32, Entry>,
     cycle: u64,
 }
@@ -152,14 +148,10 @@ impl ProcCache {
         self.entries.retain(|_, e| e.seen == cycle);
     }
 
-    /// How many processes are cached (tests, logs).
-    pub fn len(&self) -> usize {
+    /// How many processes are cached.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     fn visit(&mut self, pid: u32) -> &mut Entry {
@@ -180,7 +172,7 @@ impl ProcCache {
     /// The cached facts of `pid` when they still hold this cycle: same
     /// start time, and not due for its periodic re-read. A process that
     /// ended since keeps what it was.
-    pub fn cached(&mut self, pid: u32) -> Option<Facts> {
+    pub fn cached(&mut self, pid: u32) -> Option<Attribution> {
         let cycle = self.cycle;
         let entry = self.visit(pid);
         let (start, checked, facts) = entry.facts.as_ref()?;
@@ -195,17 +187,19 @@ impl ProcCache {
         fresh.then(|| facts.clone())
     }
 
-    /// The cgroup v2 path of `pid`, read now (the cache's source).
-    pub fn read_cgroup(&mut self, pid: u32) -> Option<String> {
-        self.source.cgroup(pid)
-    }
-
     /// Remembers what `pid` was attributed from this cycle; not kept for a
     /// process already gone (its start time is unknown).
-    pub fn store(&mut self, pid: u32, facts: Facts) {
+    pub fn store(&mut self, pid: u32, attribution: &Attribution) {
         let cycle = self.cycle;
         let entry = self.visit(pid);
-        entry.facts = entry.stat.map(|st| (st.start_time, cycle, facts));
+        entry.facts = entry.stat.map(|st| {
+            let facts = Attribution {
+                tenant: attribution.tenant.clone(),
+                cgroup: attribution.cgroup.clone(),
+                workload: None,
+            };
+            (st.start_time, cycle, facts)
+        });
     }
 
     /// The state machine's view of `pid` this cycle, from the same `stat`
@@ -235,7 +229,7 @@ impl ProcCache {
 pub(crate) mod fake {
     //! A `/proc` held in memory, shared with the test that changes it.
 
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
 

@@ -48,16 +48,16 @@ unknown cgroup id is opened by its kernfs handle instead of walking the tree \
 (`agent/src/tenants/procs.rs`, `agent/src/probes/cgroups.rs`). The instruction counts of \
 benchmarks 2 and 3 (callgrind) are the load-independent measure of that work. The rest is \
 the NVML threads, here the in-process simulator (`tests/nvml-sim`; a real driver's cost \
-cannot be measured without a GPU), the `/metrics` body encoded once per snapshot on the \
-sampling thread while someone scrapes, and this shared 2-core VM's load, which inflates CPU \
+cannot be measured without a GPU), the `/metrics` text encoded once per snapshot by its \
+first scrape, and this shared 2-core VM's load, which inflates CPU \
 time (load averages in the header).
 ";
 
 /// Where a slow scrape's time goes.
 const SCRAPE_BOTTLENECK: &str = "
-**Where a slow scrape's time goes.** A scrape no longer encodes anything: the body, and its \
-gzip, are made once per snapshot on the sampling thread (`agent/src/metrics/scrape.rs`), and \
-a scrape sends the cached bytes (instructions per scrape above). What is left is the HTTP \
+**Where a slow scrape's time goes.** Only the first scrape of a snapshot encodes it, and \
+only the first asking for gzip gzips it (`agent/src/metrics/scrape.rs`); every other scrape \
+sends the cached bytes (instructions per scrape above). What is left is the HTTP \
 exchange and the wait for a core: on this shared 2-core VM the scrapes compete with the \
 sampling thread (at this size mostly the simulator's NVML calls) and with other developers' \
 builds (load averages in the header); the profile above shows where the agent's time went \
@@ -998,13 +998,13 @@ fn sample_section(costs: &[SampleCost], errors: &[String], counted: Option<&Coun
         counted,
         &[
             ("sample cycle", callgrind::SAMPLE),
-            ("snapshot (its /metrics body)", callgrind::PUBLISH),
+            ("snapshot (its /metrics body)", callgrind::RENDER),
         ],
     ));
     if let Some(Ok(per)) = counted {
         for (key, what) in [
             (callgrind::SAMPLE, "sample cycle"),
-            (callgrind::PUBLISH, "snapshot's /metrics body"),
+            (callgrind::RENDER, "snapshot's /metrics body"),
         ] {
             if let Some(st) = per.get(key) {
                 s.checks.push(Check::new(
@@ -1132,8 +1132,8 @@ fn scrape_bench(
         b,
         "**Measured.** {} sequential `GET /metrics`, each on a new connection, 20 ms apart, \
          timed from connect to the last body byte; every other one with `Accept-Encoding: \
-         gzip`. The body of each snapshot is encoded once, on the sampling thread, and gzipped \
-         once; a scrape sends those bytes.\n",
+         gzip`. The body of each snapshot is encoded once, by its first scrape, and gzipped \
+         once, by the first asking for gzip; other scrapes send those bytes.\n",
         2 * n
     );
     let _ = writeln!(

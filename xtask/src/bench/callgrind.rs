@@ -16,17 +16,18 @@ use anyhow::Context as _;
 
 /// One sampling cycle: NVML reads joined, attribution, states.
 pub(super) const SAMPLE: &str = "Sampler::sample";
-/// The `/metrics` body of one snapshot, made once on the sampling thread.
-pub(super) const PUBLISH: &str = "Metrics::published";
-/// One scrape's body: from the cache, plus the components' few families.
-pub(super) const SCRAPE: &str = "Metrics::body";
+/// The `/metrics` text of one snapshot, encoded by its first scrape.
+pub(super) const RENDER: &str = "Metrics::render";
+/// One scrape's body: from the cache, plus the components' few families
+/// (and the gzip, made by the first scrape of a snapshot asking for it).
+pub(super) const SCRAPE: &str = "Metrics::send";
 
 /// The functions counted, as callgrind matches their demangled names (the
 /// agent keeps them out of line for this).
 const FUNCTIONS: [(&str, &str); 3] = [
     (SAMPLE, "tally_agent::gpu::sample::Sampler::sample"),
-    (PUBLISH, "tally_agent::metrics::Metrics::published"),
-    (SCRAPE, "tally_agent::metrics::Metrics::body"),
+    (RENDER, "tally_agent::metrics::Metrics::render"),
+    (SCRAPE, "tally_agent::metrics::Metrics::send"),
 ];
 
 /// A script that runs `tally` under callgrind, writing one dump per call
