@@ -39,7 +39,7 @@ pub fn config_checks(config: &Config) -> Vec<Check> {
 }
 
 fn uses_kubernetes(config: &Config) -> bool {
-    crate::kubernetes::wanted(&config.tenant.kubernetes, &config.tenant.rules)
+    crate::tenants::kubernetes_wanted(&config.tenant.kubernetes, &config.tenant.rules)
 }
 
 fn kubelet(config: &Config) -> Verdict {

@@ -39,7 +39,7 @@ use tally_contract::config::Problems;
 
 pub use self::podresources::Refresher;
 use self::podresources::{NodePods, Shared};
-use crate::{paths, snapshot::Workload, tenants::rules::TenantRule};
+use crate::{paths, snapshot::Workload};
 
 /// `[tenant.kubernetes]`: where the kubelet's answers are.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -386,22 +386,10 @@ fn cgroup_exists(cgroup: &str) -> bool {
         .is_some_and(|root| root.join(cgroup.trim_start_matches('/')).exists())
 }
 
-/// Whether the config asks for Kubernetes: a `kubernetes` tenant rule, or
-/// workload series.
-pub fn wanted(config: &KubernetesConfig, rules: &[TenantRule]) -> bool {
-    config.workload_series
-        || rules
-            .iter()
-            .any(|r| matches!(r, TenantRule::Kubernetes { .. }))
-}
-
-/// Starts the refresher when Kubernetes is asked for ([`wanted`]) and
-/// returns the lookup for the resolver plus the thread's guard; `None`
-/// otherwise.
-pub fn start(config: &KubernetesConfig, rules: &[TenantRule]) -> Option<(Lookup, Refresher)> {
-    if !wanted(config, rules) {
-        return None;
-    }
+/// Starts the refresher and returns the lookup for the resolver plus the
+/// thread's guard; `None` when the thread cannot start. The caller decides
+/// whether Kubernetes is wanted (`tenants::kubernetes_wanted`).
+pub fn start(config: &KubernetesConfig) -> Option<(Lookup, Refresher)> {
     let shared: Shared = Arc::new(RwLock::new(Arc::new(NodePods::default())));
     match podresources::spawn(config.clone(), shared.clone()) {
         Ok(refresher) => {
@@ -437,6 +425,7 @@ mod tests {
     use crate::kubernetes::proto::{
         ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
     };
+    use crate::tenants::rules::TenantRule;
 
     const UID: &str = "2ca4a155-3599-498d-bb9d-4446693fa3ea";
     const CID: &str = "66be9b2efdf4d85288c319b8c1a2f50d2439b5617e36f45d9d0d0be1381113be";

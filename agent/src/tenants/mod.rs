@@ -39,6 +39,18 @@ pub struct Attribution {
     pub workload: Option<crate::snapshot::Workload>,
 }
 
+/// Whether the config asks for Kubernetes: a `kubernetes` tenant rule, or
+/// workload series.
+pub fn kubernetes_wanted(
+    config: &crate::kubernetes::KubernetesConfig,
+    rules: &[TenantRule],
+) -> bool {
+    config.workload_series
+        || rules
+            .iter()
+            .any(|r| matches!(r, TenantRule::Kubernetes { .. }))
+}
+
 /// Applies the tenant rules; caches user names (a passwd lookup per
 /// process per sample would dominate the sampling cycle).
 #[derive(Debug)]
@@ -77,7 +89,10 @@ impl Resolver {
         &mut self,
         config: &crate::kubernetes::KubernetesConfig,
     ) -> Option<crate::kubernetes::Refresher> {
-        let (lookup, refresher) = crate::kubernetes::start(config, &self.rules)?;
+        if !kubernetes_wanted(config, &self.rules) {
+            return None;
+        }
+        let (lookup, refresher) = crate::kubernetes::start(config)?;
         self.kubernetes = Some(lookup);
         Some(refresher)
     }
