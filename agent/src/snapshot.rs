@@ -42,6 +42,12 @@ pub struct Snapshot {
     /// Enforcement actions taken since the agent started.
     #[serde(default)]
     pub enforcement_actions: Vec<EnforcementActionCount>,
+    /// When this cycle's reads were done, on the monotonic clock: the
+    /// usage counters cover time up to here, so a report cut from this
+    /// snapshot ends here (not when it is cut) and a stalled sampler's
+    /// long cycle lands in one long interval, never in a short one.
+    #[serde(skip)]
+    pub sampled_at: Option<std::time::Instant>,
 }
 
 /// Whether the NVML library is usable.

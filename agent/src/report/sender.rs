@@ -249,8 +249,13 @@ impl Sender {
         }
         let before = self.state.clone();
         let audit = self.read_audit();
-        let now = self.id.started_ms + self.started.elapsed().as_millis() as u64;
-        let report = self.state.cut(&self.id, &snap, audit, now);
+        let end = state::interval_end(
+            self.id.started_ms,
+            self.started,
+            snap.sampled_at,
+            Instant::now(),
+        );
+        let report = self.state.cut(&self.id, &snap, audit, end);
         let body = match serde_json::to_vec(&report) {
             Ok(b) => b,
             Err(e) => {

@@ -19,6 +19,7 @@ use std::{
     collections::BTreeMap,
     io::Write,
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use serde::{Deserialize, Serialize};
@@ -213,13 +214,16 @@ impl State {
     }
 
     /// Cuts the report for `snap` (plus `audit` records) and advances the
-    /// state past it. The caller persists the state, then spools the report.
+    /// state past it. The interval ends at `end_ms` (when `snap` was
+    /// sampled), or where the last one ended if that is later: a cut with
+    /// no new snapshot carries gauges over an empty interval. The caller
+    /// persists the state, then spools the report.
     pub fn cut(
         &mut self,
         id: &Identity,
         snap: &Snapshot,
         audit: Vec<super::wire::AuditRecord>,
-        now_ms: u64,
+        end_ms: u64,
     ) -> Report {
         for g in &snap.gpus {
             let parent_model = g
@@ -337,7 +341,7 @@ impl State {
         } else {
             id.started_ms
         };
-        let end = now_ms.max(start);
+        let end = end_ms.max(start);
         let report = Report {
             version: SCHEMA_VERSION,
             node: id.node.clone(),
@@ -357,6 +361,24 @@ impl State {
         self.last = Some(report.clone());
         report
     }
+}
+
+/// Where a report cut at `now` from a snapshot sampled at `sampled_at`
+/// ends, in ms since the epoch on the report clock (`started_ms` at the
+/// monotonic `started`, then monotonic time, immune to wall-clock steps).
+/// The snapshot's counters end when it was sampled: ending at the cut
+/// instead would squeeze a stalled sampler's long cycle into one short
+/// interval, which the aggregator refuses as impossible.
+pub fn interval_end(
+    started_ms: u64,
+    started: Instant,
+    sampled_at: Option<Instant>,
+    now: Instant,
+) -> u64 {
+    let on_report_clock =
+        |t: Instant| started_ms + t.saturating_duration_since(started).as_millis() as u64;
+    let cut = on_report_clock(now);
+    sampled_at.map_or(cut, |s| on_report_clock(s).min(cut))
 }
 
 /// The state file inside a state directory.
@@ -406,6 +428,8 @@ pub fn write_durably(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::snapshot::GpuSnapshot;
 
@@ -443,6 +467,37 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_stalled_sampler_gives_one_long_interval_the_aggregator_accepts() {
+        let a = id("p1", "b1");
+        let mut st = State::default().adopt(&a, 5_000);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut sampled = snap(0.9, 10);
+        sampled.sampled_at = Some(at(1_000));
+        // Cuts every 2 s while the sampler is stuck after its first cycle.
+        for cut in (2_000..=38_000).step_by(2_000) {
+            let end = interval_end(a.started_ms, t0, sampled.sampled_at, at(cut));
+            let r = st.cut(&a, &sampled, vec![], end);
+            assert_eq!(r.interval_end_ms, 2_000, "no new sample, no new time");
+            assert!(r.validate().is_ok(), "{:?}", r.validate());
+        }
+        // The stalled cycle ends 39 s later with 39 s of GPU time.
+        let mut late = snap(39.9, 20);
+        late.sampled_at = Some(at(40_000));
+        let mut by_cut_time = st.clone();
+        let end = interval_end(a.started_ms, t0, late.sampled_at, at(40_500));
+        let r = st.cut(&a, &late, vec![], end);
+        assert_eq!((r.interval_start_ms, r.interval_end_ms), (2_000, 41_000));
+        assert_eq!(r.gpu_usage[0].allocated_us, 39_000_000);
+        assert!(r.validate().is_ok(), "{:?}", r.validate());
+        // Ending at the cut instead (the old way: the last of the cuts
+        // above ended at 39 s) gives an impossible report.
+        by_cut_time.last_end_ms = 39_000;
+        let wrong = by_cut_time.cut(&a, &late, vec![], 41_500);
+        assert!(wrong.validate().is_err());
     }
 
     #[test]
