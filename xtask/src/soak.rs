@@ -195,7 +195,11 @@ cgroup = '/tally/(?P<tenant>[^/]+)/'
             agent.log_text()
         );
     }
-    let probes = probes_up(&agent.metrics());
+    // The first sample's scrape: a GPU's energy series starts at its
+    // counter's reading then (what it drew before the agent), its tenants'
+    // at 0, so the whole-run check counts growth from here.
+    let first = agent.metrics();
+    let probes = probes_up(&first);
 
     let duration = Duration::from_secs(o.minutes * 60);
     let warm_up = (duration / 3).min(Duration::from_secs(600));
@@ -318,9 +322,9 @@ cgroup = '/tally/(?P<tenant>[^/]+)/'
         limit: "tenants = observed = wall per device; tenants' energy = GPU's".into(),
         pass: devices.is_ok(),
     });
-    let whole = caught(|| Ok(conserved_since_start(&window_end.metrics)));
+    let whole = caught(|| Ok(conserved_since_start(&first, &window_end.metrics)));
     criteria.push(Criterion {
-        what: "conservation since the agent started".into(),
+        what: "conservation since the agent's first sample".into(),
         measured: match &whole {
             Ok((n, unread)) if unread.is_empty() => format!("held on {n} devices"),
             Ok((n, unread)) => format!(
@@ -463,12 +467,12 @@ fn map_criteria(out: &mut Vec<Criterion>, maps: &[(PathBuf, MapInfo)], s: &Sampl
     }
 }
 
-/// Since the agent started (every counter from 0), across every fault:
-/// each device's tenants hold its observed time, and each physical GPU's
+/// From the agent's `first` scrape to `m`, across every fault: each
+/// device's tenants hold its observed time, and each physical GPU's
 /// tenants (its MIG instances' too) its energy. A GPU unreadable at the
 /// end has no energy series then (the last window's check says so):
 /// returned with the devices checked.
-fn conserved_since_start(m: &Metrics) -> (usize, Vec<String>) {
+fn conserved_since_start(first: &Metrics, m: &Metrics) -> (usize, Vec<String>) {
     let unread: Vec<String> = m
         .select("tally_gpu_info", &[])
         .map(|s| s.labels["gpu"].clone())
@@ -479,7 +483,7 @@ fn conserved_since_start(m: &Metrics) -> (usize, Vec<String>) {
         })
         .collect();
     let skip: Vec<&str> = unread.iter().map(String::as_str).collect();
-    let devices = assert_shares(None, m, &skip);
+    let devices = assert_shares(Some(first), m, &skip);
     (devices.len(), unread)
 }
 
