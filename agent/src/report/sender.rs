@@ -38,6 +38,24 @@ const MAX_AUDIT_BYTES: u64 = 4 << 20;
 /// Time given to the last delivery attempt at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// The longest `Retry-After` obeyed: a misconfigured aggregator asking for
+/// hours would otherwise hold every report back that long.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// A `Retry-After` value (RFC 9110: whole seconds, or an HTTP date) as a
+/// wait from `now`, at most [`MAX_RETRY_AFTER`]; `None` when unreadable.
+fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -74,8 +92,9 @@ pub fn spawn(
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Delivered,
-    /// Try again later (network, 5xx, 401/403, 404, 429).
-    Retry(String),
+    /// Try again later (network, 5xx, 401/403, 404, 429), not before the
+    /// aggregator's `Retry-After` when it sent one.
+    Retry(String, Option<Duration>),
     /// The aggregator refused the report for good.
     Refused(String),
 }
@@ -98,6 +117,10 @@ struct Sender {
     unspooled: Option<(u64, Vec<u8>)>,
     /// Whether the last attempt failed (to log a failure streak once).
     failing: bool,
+    /// No delivery before this: the aggregator's `Retry-After` (a token
+    /// over its rate limit, an aggregator shedding load). Reports are
+    /// still cut into the spool meanwhile.
+    not_before: Option<Instant>,
     full_streak: u64,
     stats: ReportStats,
 }
@@ -154,6 +177,7 @@ impl Sender {
             started,
             unspooled: None,
             failing: false,
+            not_before: None,
             full_streak: 0,
             stats: ReportStats::default(),
         };
@@ -331,6 +355,10 @@ impl Sender {
         if entries.is_empty() {
             return;
         }
+        if self.not_before.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.not_before = None;
         let token = match &self.cfg.token_file {
             None => None,
             Some(f) => match read_token(f) {
@@ -365,9 +393,14 @@ impl Sender {
                                          "REPORT DROPPED: refused, and cannot be moved aside"),
                     }
                 }
-                Outcome::Retry(why) => {
+                Outcome::Retry(why, retry_after) => {
                     self.stats.failures.inc();
-                    if !self.failing {
+                    if let Some(wait) = retry_after {
+                        self.not_before = Some(Instant::now() + wait);
+                        warn!(seq = entry.seq, reason = %why, wait = ?wait,
+                              "the aggregator asks to wait (Retry-After); reports stay in the spool until then");
+                        self.failing = true;
+                    } else if !self.failing {
                         warn!(seq = entry.seq, reason = %why, "cannot deliver report; it stays in the spool and is retried each interval");
                         self.failing = true;
                     }
@@ -382,7 +415,9 @@ impl Sender {
     async fn deliver(&self, entry: &Entry, token: Option<&str>) -> Outcome {
         let body = match std::fs::read(&entry.path) {
             Ok(b) => b,
-            Err(e) => return Outcome::Retry(format!("cannot read {}: {e}", entry.path.display())),
+            Err(e) => {
+                return Outcome::Retry(format!("cannot read {}: {e}", entry.path.display()), None);
+            }
         };
         let mut req = self
             .client
@@ -399,12 +434,17 @@ impl Sender {
             req = req.bearer_auth(t);
         }
         match req.send().await {
-            Err(e) => Outcome::Retry(e.to_string()),
+            Err(e) => Outcome::Retry(e.to_string(), None),
             Ok(resp) => {
                 let status = resp.status();
                 if status.is_success() {
                     return Outcome::Delivered;
                 }
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after(v, SystemTime::now()));
                 let text = resp.text().await.unwrap_or_default();
                 let why = format!("{status}: {}", text.trim());
                 match status {
@@ -412,7 +452,7 @@ impl Sender {
                     | StatusCode::CONFLICT
                     | StatusCode::PAYLOAD_TOO_LARGE
                     | StatusCode::UNPROCESSABLE_ENTITY => Outcome::Refused(why),
-                    _ => Outcome::Retry(why),
+                    _ => Outcome::Retry(why, retry_after),
                 }
             }
         }
@@ -426,5 +466,24 @@ impl Sender {
         self.stats
             .spool_bytes
             .set(entries.iter().map(|e| e.bytes).sum::<u64>() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_is_capped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(retry_after(&later, now), Some(Duration::from_secs(90)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(retry_after("86400", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("-3", now), None);
     }
 }

@@ -2,8 +2,9 @@
 //! aggregator: a token added to a token file is accepted after SIGHUP and a
 //! removed one refused; a file edited without a signal is picked up by
 //! itself; a bad file keeps the old tokens; a runaway token gets 429 with
-//! `Retry-After` while another token is still served; and a running agent
-//! keeps reporting through a token rotation.
+//! `Retry-After` while another token is still served, and an agent given
+//! one waits as told; and a running agent keeps reporting through a token
+//! rotation.
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
@@ -11,10 +12,10 @@ use std::{fs, path::Path, time::Duration};
 
 use nix::{sys::signal, unistd::Pid};
 use tally_e2e::{
-    Agent, SimNode,
+    Agent, Metrics, SimNode,
     aggregator_support::{
-        ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, LedgerReader, agent_config, sqlite,
-        subdir,
+        ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, LedgerReader, agent_config,
+        agent_config_with, sqlite, subdir,
     },
     wait_for,
 };
@@ -133,6 +134,55 @@ fn a_runaway_token_gets_429_while_another_is_served() {
     assert_ne!(status, 429, "{body}");
     // Unauthenticated public routes are not limited.
     assert_eq!(agg.get("/healthz", None).0, 200);
+}
+
+#[test]
+fn an_agent_over_its_rate_waits_as_retry_after_says() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two reports at once, then one a minute: the third is told to wait
+    // most of a minute.
+    let agg = Aggregator::start(
+        &dir.path().join("agg"),
+        &sqlite(dir.path()),
+        "[auth]\nrate_limit = \"1/m\"\nburst = 2\n",
+    );
+    let node = SimNode::standard();
+    let state = subdir(dir.path(), "state");
+    let config = agent_config_with(
+        &agg.url(),
+        "eager",
+        &state,
+        &agg.dir,
+        "200ms",
+        "2s",
+        "[[tenant.rule]]\nuser = true\n",
+    );
+    let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
+    let limited = || {
+        Metrics::parse(&agg.get("/metrics", None).1)
+            .value(
+                "tally_aggregator_reports_total",
+                &[("result", "rate_limited")],
+            )
+            .unwrap_or(0.0)
+    };
+    wait_for("a report over the token's rate", LONG, || {
+        (limited() >= 1.0).then_some(())
+    });
+    // Retrying every 200 ms interval would bring ~25 more refusals in 5 s.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(limited(), 1.0, "the agent retried before Retry-After");
+    let spooled = agent
+        .metrics()
+        .value("tally_report_spool_reports", &[])
+        .unwrap_or(0.0);
+    assert!(spooled >= 10.0, "reports wait in the spool: {spooled}");
+    let log = agent.log_text();
+    assert!(
+        log.contains("Retry-After"),
+        "the agent says why it waits:\n{log}"
+    );
+    assert!(agent.stop().success());
 }
 
 #[test]
