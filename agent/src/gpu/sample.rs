@@ -248,6 +248,10 @@ impl Sampler {
             model: state.model.clone(),
             health,
             error: Some(reason.clone()),
+            // The energy total stays on /metrics at its last value: a
+            // series that vanished and came back would read as a reset to
+            // `increase()`, and its tenants' series stay too.
+            energy_joules_total: state.energy.total_joules(),
             ..Default::default()
         });
         out.extend(state.instances.iter().map(|i| GpuSnapshot {

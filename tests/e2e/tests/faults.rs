@@ -299,7 +299,19 @@ fn a_hung_gpu_is_marked_lost_and_never_stalls_metrics() {
         let (status, _) = http_get(agent.addr, "/readyz").expect("GET /readyz");
         assert_eq!(status, 200);
     }
-    assert_only_gpu0_accrues(&during, &agent.metrics(), "hung");
+    let still = agent.metrics();
+    assert_only_gpu0_accrues(&during, &still, "hung");
+    // Its energy series stays at its last value: gone, it would come back
+    // looking like a counter reset.
+    let energy = |m: &Metrics| m.value("tally_gpu_energy_joules_total", &[("gpu", "1")]);
+    let last = energy(&m1).expect("GPU 1's energy before the hang");
+    for m in [&during, &still] {
+        assert!(
+            energy(m).is_some_and(|e| e >= last),
+            "GPU 1's energy series while it hangs: {:?} (before: {last})",
+            energy(m)
+        );
+    }
     assert!(
         agent.log_text().contains("timed out"),
         "no log line says the GPU timed out"
