@@ -41,6 +41,13 @@
 //! [scheduler]                    # GET /api/v1/cluster, /scheduler/* (issue 6)
 //! policy = "binpack"             # binpack | spread
 //! allow_unauthenticated = true   # kube-scheduler sends no bearer token
+//! enforce_budgets = false        # filter refuses pods of a tenant over budget
+//! tenant_label = "tally.dev/tenant"  # a pod's tenant: this label, else its namespace
+//!
+//! [[budget]]                     # see crate::budgets
+//! tenant = "acme"
+//! period = "month"               # day | week | month (UTC)
+//! amount = 12000.0               # or gpu_hours = 5000
 //! ```
 
 use std::{
@@ -70,6 +77,7 @@ pub const KNOWN: &[&str] = &[
     "auth",
     "audit",
     "scheduler",
+    "budget",
 ];
 
 /// The aggregator's whole configuration.
@@ -84,6 +92,8 @@ pub struct AggregatorConfig {
     /// The keys read from `[audit] node_keys`.
     pub(crate) node_keys: NodeKeys,
     pub(crate) scheduler: SchedulerSection,
+    /// `[[budget]]`: per-tenant spending limits per period.
+    pub(crate) budgets: Vec<crate::budgets::Budget>,
 }
 
 /// How the scheduler extender ranks nodes that fit (`[scheduler] policy`).
@@ -118,6 +128,12 @@ pub(crate) struct SchedulerSection {
     /// has no token setting). A request that does carry a token must carry
     /// an admin token either way. Default true.
     pub allow_unauthenticated: bool,
+    /// Whether `/scheduler/filter` refuses every node to a pod whose
+    /// tenant is over a `[[budget]]` (the reason in `failedNodes`).
+    pub enforce_budgets: bool,
+    /// The pod label naming its tenant; a pod without it belongs to the
+    /// tenant named like its namespace. Default `tally.dev/tenant`.
+    pub tenant_label: String,
 }
 
 impl Default for SchedulerSection {
@@ -125,6 +141,8 @@ impl Default for SchedulerSection {
         Self {
             policy: "binpack".into(),
             allow_unauthenticated: true,
+            enforce_budgets: false,
+            tenant_label: "tally.dev/tenant".into(),
         }
     }
 }
@@ -308,6 +326,13 @@ impl AggregatorConfig {
                 ),
             );
         }
+        let budgets = crate::budgets::budget_section(table, problems);
+        if scheduler.enforce_budgets && budgets.is_empty() {
+            problems.push(
+                "scheduler.enforce_budgets",
+                "is true but no [[budget]] is configured: nothing would be enforced",
+            );
+        }
         Self {
             server,
             ledger,
@@ -316,6 +341,7 @@ impl AggregatorConfig {
             rate_limit,
             node_keys,
             scheduler,
+            budgets,
         }
     }
 }

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 
 mod audit_keys;
 mod auth;
+mod budgets;
 pub mod chargeback;
 pub mod cluster;
 pub mod config;
@@ -75,6 +76,7 @@ impl Aggregator {
             max_body: config.server.max_body_bytes(),
             metrics: metrics::Metrics::new(),
             scheduler: config.scheduler.clone(),
+            budgets: config.budgets.clone(),
         });
         info!(
             tokens = app.tokens.len(),
@@ -256,6 +258,43 @@ async fn reload_on_change(app: Arc<server::App>, every: Duration, shutdown: Canc
     }
 }
 
+/// Where every `[[budget]]` stands now: each period in use priced from
+/// its start (tenant lines, allocated basis, as `tally report` shows them).
+async fn budget_statuses(
+    app: &server::App,
+) -> Result<Vec<budgets::BudgetStatus>, ledger::LedgerError> {
+    let mut periods: Vec<budgets::Period> = app.budgets.iter().map(|b| b.period).collect();
+    periods.sort();
+    periods.dedup();
+    let now = time::now_ms();
+    let mut out = Vec::new();
+    for period in periods {
+        let (start, end) = period.bounds(now);
+        let (gpu, io) = tokio::try_join!(
+            app.ledger.gpu_groups(start, now + 1),
+            app.ledger.io_groups(start, now + 1)
+        )?;
+        let spent = chargeback::compute(
+            &app.prices,
+            &gpu,
+            &io,
+            budgets::GROUP_BY,
+            chargeback::Basis::Allocated,
+            time::rfc3339(start),
+            time::rfc3339(now),
+        );
+        out.extend(budgets::statuses(
+            &app.budgets,
+            period,
+            &spent,
+            &app.prices.currency,
+            (start, end),
+            now,
+        ));
+    }
+    Ok(out)
+}
+
 /// Re-reads the ledger's totals for `/metrics` every `every`.
 async fn refresh_metrics(app: Arc<server::App>, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
@@ -267,16 +306,21 @@ async fn refresh_metrics(app: Arc<server::App>, every: Duration, shutdown: Cance
             _ = tick.tick() => {}
         }
         let read = async {
-            Ok::<_, ledger::LedgerError>((app.ledger.totals().await?, app.ledger.nodes().await?))
+            Ok::<_, ledger::LedgerError>((
+                app.ledger.totals().await?,
+                app.ledger.nodes().await?,
+                budget_statuses(&app).await?,
+            ))
         };
         match read.await {
-            Ok((totals, nodes)) => {
+            Ok((totals, nodes, budgets)) => {
                 let mut c = match app.metrics.cached.write() {
                     Ok(c) => c,
                     Err(p) => p.into_inner(),
                 };
                 c.totals = totals;
                 c.nodes = nodes;
+                c.budgets = budgets;
                 c.ledger_up = true;
                 if logged {
                     info!("ledger reachable again");

@@ -42,6 +42,8 @@ pub(crate) struct Cached {
     /// `(node, last report received, ms)`.
     pub nodes: Vec<(String, i64)>,
     pub ledger_up: bool,
+    /// Where each `[[budget]]` stands.
+    pub budgets: Vec<crate::budgets::BudgetStatus>,
 }
 
 /// The aggregator's metric families.
@@ -304,7 +306,51 @@ impl Collector for ClusterCollector {
                     ]
                 })
                 .collect(),
-        )
+        )?;
+        let b = |s: &crate::budgets::BudgetStatus| {
+            [
+                ("tenant", s.tenant.clone()),
+                ("period", s.period.as_str().to_owned()),
+                ("unit", s.unit.clone()),
+            ]
+        };
+        family(
+            e,
+            "tally_tenant_budget_used",
+            "Part of the tenant's [[budget]] spent since its period (UTC day, week or month) \
+             started, up to 1: all of it (tally_tenant_budget_used over \
+             tally_tenant_budget_limit says how far over).",
+            Some(Unit::Other("ratio".into())),
+            MetricType::Gauge,
+            c.budgets.iter().map(|s| (b(s), s.used_ratio())).collect(),
+        )?;
+        for (name, help, value) in [
+            (
+                "tally_tenant_budget_used",
+                "Spent since the budget period started, in `unit` (the currency, or gpu_hours).",
+                (|s| s.used) as fn(&crate::budgets::BudgetStatus) -> f64,
+            ),
+            (
+                "tally_tenant_budget_projected",
+                "Projected spend by the end of the budget period at the pace so far, in `unit`.",
+                |s| s.projected,
+            ),
+            (
+                "tally_tenant_budget_limit",
+                "The tenant's budget for the period, in `unit`.",
+                |s| s.limit,
+            ),
+        ] {
+            family(
+                e,
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+                c.budgets.iter().map(|s| (b(s), value(s))).collect(),
+            )?;
+        }
+        Ok(())
     }
 }
 

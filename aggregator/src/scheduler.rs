@@ -109,6 +109,21 @@ pub(crate) struct ObjectMeta {
     pub name: String,
     #[serde(deserialize_with = "nullable")]
     pub namespace: String,
+    #[serde(deserialize_with = "nullable")]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// The pod's tenant: its `label`, else its namespace's name (as the
+    /// agent's `kubernetes` tenant rule names it by default).
+    pub(crate) fn tenant(&self, label: &str) -> Option<&str> {
+        self.metadata
+            .labels
+            .get(label)
+            .map(String::as_str)
+            .or(Some(self.metadata.namespace.as_str()))
+            .filter(|t| !t.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -455,6 +470,27 @@ pub fn filter_nodes(args: &ExtenderArgs, view: &ClusterView, now_ms: i64) -> Ext
         out.nodes = Some(list);
     }
     out
+}
+
+/// `result` with every candidate node refused for `why` (a tenant over
+/// budget fits nowhere, however free the node).
+pub(crate) fn refuse_all(
+    args: &ExtenderArgs,
+    mut result: ExtenderFilterResult,
+    why: &str,
+) -> ExtenderFilterResult {
+    for name in candidates(args).unwrap_or_default() {
+        if !result.failed_and_unresolvable_nodes.contains_key(&name) {
+            result.failed_nodes.insert(name, why.to_owned());
+        }
+    }
+    if let Some(names) = result.node_names.as_mut() {
+        names.clear();
+    }
+    if let Some(obj) = result.nodes.as_mut().and_then(Value::as_object_mut) {
+        obj.insert("items".into(), Value::Array(Vec::new()));
+    }
+    result
 }
 
 /// The prioritize answer for `args` against `view`.

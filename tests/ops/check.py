@@ -961,6 +961,21 @@ role = "agent"
 [[auth.token]]
 token_file = "{self.dir / 'admin.token'}"
 role = "admin"
+
+[scheduler]
+enforce_budgets = true
+
+# A tenth of a cent: acme's first priced cent (7 s of its H100) spends it,
+# so TallyTenantOverBudget fires live and the extender refuses its pods.
+[[budget]]
+tenant = "acme"
+period = "month"
+amount = 0.001
+
+[[budget]]
+tenant = "beta"
+period = "month"
+gpu_hours = 1000
 """)
         port = self.ports["aggregator"]
         self.procs.start("aggregator", [self.tally, "aggregator", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"])
@@ -1439,6 +1454,7 @@ def _live(live):
         else:
             R.ok("live: aggregator refuses a report with a wrong token (401)")
         want.add("TallyIngestErrors")
+        want.add("TallyTenantOverBudget")
     if live.quota:
         want |= {"TallyTenantOverQuota", "TallyEnforcementActions"}
     else:
@@ -1635,6 +1651,35 @@ def scheduler_extender(live):
                 bad.append(f"prioritize result is not a HostPriorityList: {str(res)[:200]}")
         return "; ".join(bad) or None
     R.check(name, shape)
+    if codes[cfg["filterVerb"]] == 200:
+        budget_refusal(f"{base}/{cfg['filterVerb']}", args)
+
+
+def budget_refusal(url, args):
+    """acme spends its tiny [[budget]] (start_aggregator) within seconds:
+    the filter then refuses its pod on every node, saying why, as
+    kube-scheduler would show it; beta's pod is not refused for budget."""
+    name = "live: scheduler extender refuses a pod of a tenant over budget (enforce_budgets)"
+
+    def failed(namespace):
+        pod = json.loads(json.dumps(args))
+        pod["Pod"]["metadata"]["namespace"] = namespace
+        code, body, _ = fetch(url, data=json.dumps(pod).encode(), method="POST",
+                              headers={"Content-Type": "application/json"})
+        return json.loads(body).get("FailedNodes") or {} if code == 200 else {"status": f"{code}: {body[:200]}"}
+
+    def acme_refused():
+        return all("tenant acme is over its month budget" in why for why in failed("acme").values()) or None
+    try:
+        wait_for("acme over budget at the extender", lambda: bool(failed("acme")) and acme_refused(), 60)
+    except TimeoutError:
+        R.fail(name, f"acme's pod was not refused for its budget: FailedNodes {failed('acme')}")
+        return
+
+    def beta_not_for_budget():
+        reasons = failed("beta")
+        return f"beta refused for budget: {reasons}" if any("budget" in w for w in reasons.values()) else None
+    R.check(name, beta_not_for_budget)
 
 
 REQUIRED_LIVE = {"TallyGPULost", "TallyGPUXidErrors", "TallyGPUXidCritical", "TallyNVMLDown", "TallyAgentDown",

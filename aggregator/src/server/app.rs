@@ -38,6 +38,9 @@ pub(crate) struct App {
     pub max_body: u64,
     pub metrics: Metrics,
     pub scheduler: SchedulerSection,
+    /// `[[budget]]`: priced in the background refresh, read from
+    /// [`Metrics::cached`].
+    pub budgets: Vec<crate::budgets::Budget>,
 }
 
 /// The credential files' paths, each with its size and modification time

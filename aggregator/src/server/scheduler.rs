@@ -14,7 +14,7 @@ use crate::{
     auth::AuthError,
     config::{Policy, Role},
     http::{self, Body},
-    scheduler::{ExtenderArgs, ExtenderFilterResult, filter_nodes, prioritize_nodes},
+    scheduler::{ExtenderArgs, ExtenderFilterResult, filter_nodes, prioritize_nodes, refuse_all},
     time::now_ms,
 };
 
@@ -70,8 +70,15 @@ pub(super) async fn filter(req: Request<Incoming>, app: &App) -> Response<Body> 
         Err(r) => return r,
     };
     let now = now_ms();
+    let over_budget = over_budget(&args, app);
     let result = match cluster::load(app, now).await {
-        Ok(view) => filter_nodes(&args, &view, now),
+        Ok(view) => {
+            let fits = filter_nodes(&args, &view, now);
+            match &over_budget {
+                Some(why) => refuse_all(&args, fits, why),
+                None => fits,
+            }
+        }
         Err(e) => {
             app.metrics.ledger_errors.inc();
             warn!(error = %e, "scheduler filter: ledger read failed");
@@ -87,6 +94,22 @@ pub(super) async fn filter(req: Request<Incoming>, app: &App) -> Response<Body> 
         "scheduler filter"
     );
     http::json(StatusCode::OK, &result)
+}
+
+/// Why the pod's tenant may not be scheduled, with `[scheduler]
+/// enforce_budgets`: the first of its budgets that is spent (as of the
+/// last `/metrics` refresh).
+fn over_budget(args: &ExtenderArgs, app: &App) -> Option<String> {
+    if !app.scheduler.enforce_budgets {
+        return None;
+    }
+    let tenant = args.pod.as_ref()?.tenant(&app.scheduler.tenant_label)?;
+    let cached = app.metrics.cached.read().unwrap_or_else(|e| e.into_inner());
+    cached
+        .budgets
+        .iter()
+        .find(|b| b.tenant == tenant && b.is_over())
+        .map(|b| b.refusal())
 }
 
 /// `POST /scheduler/prioritize`.
