@@ -44,7 +44,7 @@
 //! enforce_budgets = false        # filter refuses pods of a tenant over budget
 //! tenant_label = "tally.dev/tenant"  # a pod's tenant: this label, else its namespace
 //!
-//! [[budget]]                     # see crate::budgets
+//! [[budget]]                     # see config/budget.rs
 //! tenant = "acme"
 //! period = "month"               # day | week | month (UTC)
 //! amount = 12000.0               # or gpu_hours = 5000
@@ -61,9 +61,11 @@ use serde::Deserialize;
 use tally_contract::config::{Problems, load_with, parse_bytes, parse_with, read_table, section};
 
 mod auth;
+mod budget;
 
 use auth::{AuditSection, auth_section};
 pub(crate) use auth::{RateLimit, Role, TokenDigest, TokenSpec, reread, token_digest};
+pub(crate) use budget::{Budget, Limit, Period};
 
 use crate::audit_keys::NodeKeys;
 
@@ -93,7 +95,7 @@ pub struct AggregatorConfig {
     pub(crate) node_keys: NodeKeys,
     pub(crate) scheduler: SchedulerSection,
     /// `[[budget]]`: per-tenant spending limits per period.
-    pub(crate) budgets: Vec<crate::budgets::Budget>,
+    pub(crate) budgets: Vec<Budget>,
 }
 
 /// How the scheduler extender ranks nodes that fit (`[scheduler] policy`).
@@ -326,7 +328,7 @@ impl AggregatorConfig {
                 ),
             );
         }
-        let budgets = crate::budgets::budget_section(table, problems);
+        let budgets = budget::budget_section(table, problems);
         if scheduler.enforce_budgets && budgets.is_empty() {
             problems.push(
                 "scheduler.enforce_budgets",

@@ -263,7 +263,7 @@ async fn reload_on_change(app: Arc<server::App>, every: Duration, shutdown: Canc
 async fn budget_statuses(
     app: &server::App,
 ) -> Result<Vec<budgets::BudgetStatus>, ledger::LedgerError> {
-    let mut periods: Vec<budgets::Period> = app.budgets.iter().map(|b| b.period).collect();
+    let mut periods: Vec<config::Period> = app.budgets.iter().map(|b| b.period).collect();
     periods.sort();
     periods.dedup();
     let now = time::now_ms();

@@ -40,7 +40,7 @@ pub(crate) struct App {
     pub scheduler: SchedulerSection,
     /// `[[budget]]`: priced in the background refresh, read from
     /// [`Metrics::cached`].
-    pub budgets: Vec<crate::budgets::Budget>,
+    pub budgets: Vec<crate::config::Budget>,
 }
 
 /// The credential files' paths, each with its size and modification time
