@@ -114,7 +114,14 @@ impl Config {
                 "must be at least 100ms (NVML calls take tens of milliseconds)",
             );
         }
-        let tenant = tenant_section(table, problems);
+        let mut tenant = tenant_section(table, problems);
+        for rule in &mut tenant.rules {
+            if let rules::TenantRule::Slurm { jobs_dir } = rule
+                && jobs_dir.as_os_str().is_empty()
+            {
+                *jobs_dir = agent.state_dir.join(crate::tenants::slurm::JOBS_DIR);
+            }
+        }
         let probes = section(table, "probes", problems);
         let report: crate::report::ReportConfig = section(table, "report", problems);
         report.check(problems);

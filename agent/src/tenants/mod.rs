@@ -11,6 +11,7 @@ use std::{collections::HashMap, io, sync::Arc};
 
 pub mod procs;
 pub mod rules;
+pub mod slurm;
 
 use self::{procs::ProcCache, rules::TenantRule};
 use crate::{paths, snapshot::TENANT_UNATTRIBUTED, states::ProcObs};
@@ -145,6 +146,7 @@ impl Resolver {
         self.rules.iter().find_map(|rule| match rule {
             TenantRule::Cgroup { pattern, fixed } => cgroup_rule(pattern, fixed, cgroup),
             TenantRule::User => None,
+            TenantRule::Slurm { jobs_dir } => slurm::tenant(jobs_dir, cgroup),
             TenantRule::Kubernetes {
                 namespaces,
                 unmapped,
@@ -217,6 +219,10 @@ impl Resolver {
                         .or_insert_with(|| user_name(uid).into())
                         .clone()
                 }),
+                TenantRule::Slurm { jobs_dir } => cgroup
+                    .as_deref()
+                    .and_then(|cg| slurm::tenant(jobs_dir, cg))
+                    .map(Arc::from),
                 TenantRule::Kubernetes {
                     namespaces,
                     unmapped,

@@ -1,7 +1,7 @@
 //! `[[tenant.rule]]`: how a process's cgroup, owner or pod names its
 //! tenant, as written in the file and validated.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use regex::Regex;
 use serde::Deserialize;
@@ -29,6 +29,11 @@ pub struct TenantRuleSpec {
     /// `kubernetes` rule: what a namespace not in `namespaces` gives:
     /// `"namespace"` (its name, the default) or `"next-rule"`.
     pub unmapped: Option<Unmapped>,
+    /// Slurm jobs: the tenant is the job's account (`super::slurm`).
+    pub slurm: Option<bool>,
+    /// `slurm` rule: where the prolog records jobs; default
+    /// `<agent.state_dir>/slurm-jobs`.
+    pub jobs_dir: Option<PathBuf>,
 }
 
 /// A validated tenant rule.
@@ -42,6 +47,8 @@ pub enum TenantRule {
     },
     /// The process owner's user name.
     User,
+    /// A Slurm job's account, from the prolog's record in `jobs_dir`.
+    Slurm { jobs_dir: PathBuf },
     /// A Kubernetes pod's namespace (through `namespaces` when listed).
     Kubernetes {
         namespaces: BTreeMap<String, String>,
@@ -57,6 +64,9 @@ pub(crate) fn validate(
 ) -> Option<TenantRule> {
     if spec.kubernetes.is_some() || spec.namespaces.is_some() || spec.unmapped.is_some() {
         return validate_kubernetes(spec, key, problems);
+    }
+    if spec.slurm.is_some() || spec.jobs_dir.is_some() {
+        return validate_slurm(spec, key, problems);
     }
     match (spec.cgroup, spec.user) {
         (Some(_), Some(_)) => {
@@ -105,11 +115,48 @@ pub(crate) fn validate(
         (None, None) => {
             problems.push(
                 key,
-                "a rule needs `cgroup = '<regex>'`, `user = true` or `kubernetes = true`",
+                "a rule needs `cgroup = '<regex>'`, `user = true`, `kubernetes = true` or \
+                 `slurm = true`",
             );
             None
         }
     }
+}
+
+/// Validates a `[[tenant.rule]]` that has any of the Slurm keys. An empty
+/// `jobs_dir` is filled in from the state directory by the caller.
+fn validate_slurm(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Option<TenantRule> {
+    let mut ok = true;
+    for (present, name) in [
+        (spec.cgroup.is_some(), "cgroup"),
+        (spec.user.is_some(), "user"),
+        (spec.tenant.is_some(), "tenant"),
+    ] {
+        if present {
+            problems.push(
+                format!("{key}.{name}"),
+                "a `slurm` rule takes no `cgroup`, `user` or `tenant`: the job's account is \
+                 the tenant",
+            );
+            ok = false;
+        }
+    }
+    if spec.slurm != Some(true) {
+        problems.push(
+            format!("{key}.slurm"),
+            "`jobs_dir` belongs to a `slurm = true` rule (`slurm = false` matches nothing)",
+        );
+        ok = false;
+    }
+    if let Some(dir) = &spec.jobs_dir
+        && !dir.is_absolute()
+    {
+        problems.push(format!("{key}.jobs_dir"), "must be an absolute path");
+        ok = false;
+    }
+    ok.then(|| TenantRule::Slurm {
+        jobs_dir: spec.jobs_dir.unwrap_or_default(),
+    })
 }
 
 /// Validates a `[[tenant.rule]]` that has any of the Kubernetes keys.
