@@ -123,9 +123,14 @@ pub(crate) fn validate(
     }
 }
 
-/// Validates a `[[tenant.rule]]` that has any of the Slurm keys. An empty
-/// `jobs_dir` is filled in from the state directory by the caller.
-fn validate_slurm(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Option<TenantRule> {
+/// For rules that find the tenant themselves: a problem (`why`) for each
+/// of `cgroup`, `user` and `tenant` given; whether none was.
+fn no_own_tenant_keys(
+    spec: &TenantRuleSpec,
+    key: &str,
+    why: &str,
+    problems: &mut Problems,
+) -> bool {
     let mut ok = true;
     for (present, name) in [
         (spec.cgroup.is_some(), "cgroup"),
@@ -133,14 +138,22 @@ fn validate_slurm(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> O
         (spec.tenant.is_some(), "tenant"),
     ] {
         if present {
-            problems.push(
-                format!("{key}.{name}"),
-                "a `slurm` rule takes no `cgroup`, `user` or `tenant`: the job's account is \
-                 the tenant",
-            );
+            problems.push(format!("{key}.{name}"), why);
             ok = false;
         }
     }
+    ok
+}
+
+/// Validates a `[[tenant.rule]]` that has any of the Slurm keys. An empty
+/// `jobs_dir` is filled in from the state directory by the caller.
+fn validate_slurm(spec: TenantRuleSpec, key: &str, problems: &mut Problems) -> Option<TenantRule> {
+    let mut ok = no_own_tenant_keys(
+        &spec,
+        key,
+        "a `slurm` rule takes no `cgroup`, `user` or `tenant`: the job's account is the tenant",
+        problems,
+    );
     if spec.slurm != Some(true) {
         problems.push(
             format!("{key}.slurm"),
@@ -165,21 +178,13 @@ fn validate_kubernetes(
     key: &str,
     problems: &mut Problems,
 ) -> Option<TenantRule> {
-    let mut ok = true;
-    for (present, name) in [
-        (spec.cgroup.is_some(), "cgroup"),
-        (spec.user.is_some(), "user"),
-        (spec.tenant.is_some(), "tenant"),
-    ] {
-        if present {
-            problems.push(
-                format!("{key}.{name}"),
-                "a `kubernetes` rule takes no `cgroup`, `user` or `tenant`: the namespace \
-                 (or its `namespaces` entry) is the tenant",
-            );
-            ok = false;
-        }
-    }
+    let mut ok = no_own_tenant_keys(
+        &spec,
+        key,
+        "a `kubernetes` rule takes no `cgroup`, `user` or `tenant`: the namespace (or its \
+         `namespaces` entry) is the tenant",
+        problems,
+    );
     match spec.kubernetes {
         Some(true) => {}
         Some(false) => {
