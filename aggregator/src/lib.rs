@@ -67,6 +67,8 @@ impl Aggregator {
             }
             _ => None,
         };
+        let mut metrics = metrics::Metrics::new();
+        metrics.register_prices(&config.prices);
         let app = Arc::new(server::App {
             ledger,
             tokens: auth::Tokens::new(config.tokens.clone(), config.rate_limit),
@@ -74,7 +76,7 @@ impl Aggregator {
             credentials_seen: Mutex::default(),
             prices: config.prices.clone(),
             max_body: config.server.max_body_bytes(),
-            metrics: metrics::Metrics::new(),
+            metrics,
             scheduler: config.scheduler.clone(),
             budgets: config.budgets.clone(),
         });

@@ -140,6 +140,46 @@ impl Metrics {
         }
     }
 
+    /// Exports the `[prices]` table, so that boards and other tools price
+    /// with the aggregator's numbers instead of their own copies.
+    pub(crate) fn register_prices(&mut self, prices: &crate::config::Prices) {
+        type Labels = Vec<(&'static str, String)>;
+        let currency = || ("currency", prices.currency.clone());
+        let gpu_hour = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for (model, price) in &prices.gpu_hour {
+            gpu_hour
+                .get_or_create(&vec![("gpu_model", model.clone()), currency()])
+                .set(*price);
+        }
+        self.registry.register(
+            "tally_price_gpu_hour",
+            "Price of one GPU-hour by GPU model ([prices] gpu_hour; gpu_model=\"default\": every \
+             other model); a MIG instance costs its slice fraction of it",
+            gpu_hour,
+        );
+        for (name, help, price) in [
+            (
+                "tally_price_energy_kwh",
+                "Price of one kWh of GPU energy ([prices] energy_kwh)",
+                prices.energy_kwh,
+            ),
+            (
+                "tally_price_network_gib",
+                "Price of one GiB of network traffic, ingress plus egress ([prices] network_gib)",
+                prices.network_gib,
+            ),
+            (
+                "tally_price_pcie_gib",
+                "Price of one GiB of host-device copies ([prices] pcie_gib)",
+                prices.pcie_gib,
+            ),
+        ] {
+            let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+            family.get_or_create(&vec![currency()]).set(price);
+            self.registry.register(name, help, family);
+        }
+    }
+
     /// Records `node`'s clock skew; `Some(true)` when it has just gone
     /// skewed (beyond [`MAX_CLOCK_SKEW_MS`]), `Some(false)` when it has just
     /// come back in step. The gauge's previous value says where it was: a
@@ -368,6 +408,32 @@ mod tests {
                 help.ends_with('.') && !help.ends_with(".."),
                 "HELP line must end in one full stop: {help}"
             );
+        }
+    }
+
+    #[test]
+    fn the_price_table_is_exported_as_configured() {
+        let mut m = Metrics::new();
+        m.register_prices(&crate::config::Prices {
+            currency: "EUR".into(),
+            gpu_hour: [
+                ("NVIDIA H100 80GB HBM3".into(), 2.49),
+                ("default".into(), 1.0),
+            ]
+            .into(),
+            energy_kwh: 0.12,
+            network_gib: 0.01,
+            ..Default::default()
+        });
+        let body = m.encode();
+        for line in [
+            "tally_price_gpu_hour{gpu_model=\"NVIDIA H100 80GB HBM3\",currency=\"EUR\"} 2.49",
+            "tally_price_gpu_hour{gpu_model=\"default\",currency=\"EUR\"} 1.0",
+            "tally_price_energy_kwh{currency=\"EUR\"} 0.12",
+            "tally_price_network_gib{currency=\"EUR\"} 0.01",
+            "tally_price_pcie_gib{currency=\"EUR\"} 0.0",
+        ] {
+            assert!(body.contains(line), "{line} missing from:\n{body}");
         }
     }
 
