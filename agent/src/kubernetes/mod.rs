@@ -450,6 +450,7 @@ mod tests {
                         topology: None,
                     }],
                     cpu_ids: vec![],
+                    dynamic_resources: vec![],
                 }],
             }],
         }

@@ -18,8 +18,8 @@ use std::{
 };
 
 use tally_agent::kubernetes::proto::{
-    ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse,
-    PodResources,
+    CdiDevice, ClaimResource, ContainerDevices, ContainerResources, DynamicResource,
+    ListPodResourcesRequest, ListPodResourcesResponse, PodResources,
 };
 use tally_e2e::{Agent, Cgroup, ChildGuard, SimNode, require_root, unique, wait_for};
 use tonic::{
@@ -208,6 +208,39 @@ fn pod(ns: &str, name: &str, container: &str, resource: &str, devices: &[&str]) 
                 }]
             },
             cpu_ids: vec![],
+            dynamic_resources: vec![],
+        }],
+    }
+}
+
+/// One pod with one container holding `devices` through a DRA claim, each
+/// named by its CDI device name as NVIDIA's CDI specs name them
+/// (`nvidia.com/gpu=<uuid>`), under a claim of the pod's namespace.
+fn dra_pod(ns: &str, name: &str, container: &str, devices: &[&str]) -> PodResources {
+    PodResources {
+        name: name.into(),
+        namespace: ns.into(),
+        containers: vec![ContainerResources {
+            name: container.into(),
+            devices: vec![],
+            cpu_ids: vec![],
+            dynamic_resources: vec![DynamicResource {
+                claim_name: format!("{name}-gpu"),
+                claim_namespace: ns.into(),
+                claim_resources: devices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, uuid)| ClaimResource {
+                        cdi_devices: vec![CdiDevice {
+                            name: format!("nvidia.com/gpu={uuid}"),
+                        }],
+                        driver_name: "gpu.nvidia.com".into(),
+                        pool_name: "node-1".into(),
+                        device_name: format!("gpu-{i}"),
+                        share_id: None,
+                    })
+                    .collect(),
+            }],
         }],
     }
 }
@@ -472,6 +505,33 @@ fn pods_are_charged_to_their_namespace_tenant() {
     assert_eq!(count_lines(&agent, "pod-resources unavailable"), 0);
 }
 
+#[test]
+fn dra_devices_name_their_pods() {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let trainer = systemd_burstable_pod();
+    node.sim.register(trainer.proc.pid(), 0, None, 4096, 0.5);
+    let _kubelet = FakeKubelet::start(
+        &node.socket(),
+        Behavior::Answer(ListPodResourcesResponse {
+            pod_resources: vec![dra_pod("team-a-prod", "trainer-dra", "cuda", &[GPU0])],
+        }),
+    );
+    let agent = node.agent();
+    // Without the DRA device the pod would fall to `k8s-unknown`.
+    wait_memory(&agent, "team-a", "0", 4.0 * GIB);
+    assert_eq!(memory(&agent, "k8s-unknown", "0"), 0.0);
+    assert_eq!(
+        agent.metrics().value(
+            "tally_workload_gpu_memory_bytes",
+            &[("pod", "trainer-dra"), ("container", "cuda"), ("gpu", "0")],
+        ),
+        Some(4.0 * GIB)
+    );
+}
+
 /// The kubelet misbehaves from the start; `kind` names the way.
 fn kubelet_failure_falls_back(behavior: Option<Behavior>, reason: &str) {
     if !require_root() {
@@ -638,3 +698,4 @@ fn workload_series_are_opt_in() {
     assert_eq!(p["tenant"], "research");
     assert!(p.get("workload").is_none(), "{p}");
 }
+
