@@ -4,10 +4,14 @@ output; tests/ops/check.py fails when they differ from it).
 
     python3 dashboards/build.py
 
-Every panel queries the `${datasource}` variable; `node`, `gpu` and `tenant`
-are template variables. Metric names follow the README's metric reference.
+Every panel queries the `${datasource}` variable; `cluster`, `node`, `gpu`
+and `tenant` are template variables. Every series selector of every query
+(panels and variables) also matches `cluster=~"$cluster"`, added here, so
+one Grafana serves several clusters whose Prometheus sets a `cluster`
+label; All (`.*`) also matches series without one. Metric names follow the
+README's metric reference.
 """
-import json, os, sys
+import json, os, re, sys
 DS = {"type": "prometheus", "uid": "${datasource}"}
 OUT = os.path.dirname(os.path.abspath(__file__))
 CHECK = "--check" in sys.argv  # compare with the files instead of writing them
@@ -22,7 +26,20 @@ def textbox(name, label, value, desc):
             "current": {"text": value, "value": value}, "options": [{"selected": True, "text": value, "value": value}], "hide": 0}
 
 
-def qvar(name, label, query, multi=True, include_all=True):
+# A series selector: a metric name not followed by `(` (a function), with
+# or without its `{…}` (the ops checks find metrics the same way).
+SELECTOR = re.compile(r"\b((?:tally|process)_[a-zA-Z0-9_]+|up|ALERTS)\b(?!\s*\()(\{)?")
+
+def with_cluster(expr):
+    """`expr` with `cluster=~"$cluster"` in each series selector."""
+    return SELECTOR.sub(lambda m: m.group(1) + ('{cluster=~"$cluster", ' if m.group(2) else '{cluster=~"$cluster"}'), expr)
+
+def cluster_var():
+    return qvar("cluster", "Cluster", "label_values(tally_build_info, cluster)", scoped=False)
+
+def qvar(name, label, query, multi=True, include_all=True, scoped=True):
+    if scoped:
+        query = with_cluster(query)
     return {"type": "query", "name": name, "label": label, "datasource": DS,
             "definition": query,
             "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
@@ -46,7 +63,7 @@ class Board:
         tg = []
         for i, t in enumerate(targets):
             expr, legend = (t if isinstance(t, tuple) else (t, ""))
-            d = {"refId": chr(65 + i), "datasource": DS, "expr": expr, "legendFormat": legend or "__auto", "range": not instant, "instant": instant, "editorMode": "code"}
+            d = {"refId": chr(65 + i), "datasource": DS, "expr": with_cluster(expr), "legendFormat": legend or "__auto", "range": not instant, "instant": instant, "editorMode": "code"}
             if table: d["format"] = "table"
             tg.append(d)
         defaults = {"unit": unit} if unit else {}
@@ -87,7 +104,7 @@ PHYS = 'gpu!~".+/.+"'  # physical GPUs: MIG instances are gpu="<index>/<gi>/<ci>
 # ---------------------------------------------------------------- overview
 b = Board("tally-cluster-overview", "Tally / Cluster GPU overview",
           "Every GPU of the fleet: states, utilization, idle-but-allocated GPUs and their tenants, XID errors, agent and probe health.",
-          [ds_var(), qvar("node", "Node", "label_values(tally_gpu_info, node)"),
+          [ds_var(), cluster_var(), qvar("node", "Node", "label_values(tally_gpu_info, node)"),
            qvar("gpu", "GPU", 'label_values(tally_gpu_info{node=~"$node"}, gpu)')], ["tally", "gpu"])
 b.row("Fleet")
 b.panel("stat", "Physical GPUs", ['count(tally_gpu_info{node=~"$node", mig_profile=""})'], w=4, h=5, options=STAT)
@@ -138,7 +155,7 @@ b.dump("tally-cluster-overview.json")
 # ---------------------------------------------------------------- tenants
 t = Board("tally-tenants", "Tally / Tenants & chargeback",
           "Per-tenant GPU hours (allocated vs used), energy, PCIe and network bytes, quotas, enforcement and cost. The time range is the billing window.",
-          [ds_var(), qvar("node", "Node", "label_values(tally_gpu_info, node)"),
+          [ds_var(), cluster_var(), qvar("node", "Node", "label_values(tally_gpu_info, node)"),
            qvar("tenant", "Tenant", 'label_values(tally_tenant_gpu_allocated_seconds_total{node=~"$node"}, tenant)'),
            textbox("gpu_hour_price", "GPU-hour price", "1.00", "Flat price per GPU-hour for the estimate panel (the aggregator's price table, per model and MIG fraction, is authoritative)."),
            textbox("kwh_price", "kWh price", "0.12", "Energy price for the estimate panel."),
@@ -190,7 +207,7 @@ t.dump("tally-tenants.json")
 # ---------------------------------------------------------------- node
 n = Board("tally-node", "Tally / Node detail",
           "One node: its GPUs and MIG slices, which tenants hold them, and what the agent itself costs.",
-          [ds_var(), qvar("node", "Node", "label_values(tally_gpu_info, node)", multi=False, include_all=False),
+          [ds_var(), cluster_var(), qvar("node", "Node", "label_values(tally_gpu_info, node)", multi=False, include_all=False),
            qvar("gpu", "GPU", 'label_values(tally_gpu_info{node=~"$node"}, gpu)')], ["tally", "gpu"])
 ns = 'node=~"$node", gpu=~"$gpu"'
 n.row("GPUs")

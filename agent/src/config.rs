@@ -93,6 +93,11 @@ impl Config {
             state_dir: &self.agent.state_dir,
             pin_dir: &self.probes.pin_dir,
             node,
+            kubernetes: crate::tenants::kubernetes_wanted(
+                &self.tenant.kubernetes,
+                &self.tenant.rules,
+            ),
+            enforce_allocation: self.tenant.kubernetes.enforce_allocation,
         }
     }
 

@@ -591,6 +591,27 @@ fn encode_enforcement(
         None,
     )
     .encode(e, q.iter().filter_map(|r| Some((tr(r), r.usage?))))?;
+    gauge(
+        "tally_tenant_gpu_unallocated_use",
+        "1 while a pod of the tenant uses a GPU or MIG device the kubelet did not allocate to it.",
+        None,
+    )
+    .encode(
+        e,
+        // Once per label set: two namespaces of one tenant may reuse a pod name.
+        snap.unallocated_gpu_use
+            .iter()
+            .map(|u| {
+                [
+                    ("tenant", u.tenant.clone()),
+                    ("pod", u.pod.clone()),
+                    ("gpu", u.gpu.clone()),
+                ]
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|labels| (labels, 1.0)),
+    )?;
     counter(
         "tally_enforcement_actions",
         "Enforcement actions taken since the agent started (alert, throttle, terminate, kill).",

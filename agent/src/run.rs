@@ -286,6 +286,7 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
             ..Default::default()
         };
         snapshot.tenant_io = probes.sample(&resolver, &snapshot.gpus);
+        snapshot.unallocated_gpu_use = resolver.unallocated_gpu_use(&snapshot.gpus);
         snapshot.sampled_at = Some(Instant::now());
         snapshot.sample_duration_seconds = started.elapsed().as_secs_f64();
         let enforcement = enforcer.observe(&snapshot);

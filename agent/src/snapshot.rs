@@ -42,6 +42,10 @@ pub struct Snapshot {
     /// Enforcement actions taken since the agent started.
     #[serde(default)]
     pub enforcement_actions: Vec<EnforcementActionCount>,
+    /// Pods using a GPU the kubelet did not allocate to them, while they
+    /// do (`tally_tenant_gpu_unallocated_use`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unallocated_gpu_use: Vec<UnallocatedGpuUse>,
     /// When this cycle's reads were done, on the monotonic clock: the
     /// usage counters cover time up to here, so a report cut from this
     /// snapshot ends here (not when it is cut) and a stalled sampler's
@@ -193,6 +197,22 @@ pub struct GpuProcess {
     /// workload_series` is on and the pod is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<Workload>,
+}
+
+/// A pod running on a GPU or MIG device the kubelet did not allocate to it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UnallocatedGpuUse {
+    pub tenant: String,
+    pub namespace: String,
+    pub pod: String,
+    /// The device's `gpu` label.
+    pub gpu: String,
+    pub uuid: String,
+    /// The pod's cgroup v2 path (its container's where the pod has no
+    /// directory of its own): where `enforce_allocation` attaches.
+    pub cgroup: String,
+    /// The GPU and MIG UUIDs the kubelet did allocate to the pod.
+    pub allocated: Vec<String>,
 }
 
 /// A Kubernetes container, by name: the labels of per-workload series.

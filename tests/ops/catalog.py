@@ -15,6 +15,8 @@ PRODUCERS = [
     ("tally_tenant_pcie_", "agent eBPF probes", "issue 3 (CUDA copy uprobes) has not landed"),
     ("tally_tenant_quota_", "agent enforcement", "issue 4 (local quota enforcement) has not landed"),
     ("tally_enforcement_actions_total", "agent enforcement", "issue 4 (enforcement actions) has not landed"),
+    ("tally_tenant_gpu_unallocated_use", "agent Kubernetes allocation check",
+     "the live run has no kubelet, so no pod uses a GPU outside its allocation (tests/e2e/tests/kubernetes.rs proves it)"),
     ("tally_report_", "agent reports", "issue 5 (agent → aggregator reports) has not landed, or [report] is off"),
     ("tally_cluster_", "aggregator", "issue 5 (aggregator /metrics, tally_cluster_tenant_*) has not landed"),
     ("tally_aggregator_", "aggregator", "issue 5 (aggregator ingest/ledger metrics) has not landed"),

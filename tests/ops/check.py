@@ -470,6 +470,11 @@ def static_manifests():
                 bad.append(f"ServiceMonitor {sm['metadata']['name']} selects no Service")
                 continue
             jobs.add(target[0]["metadata"]["labels"].get(sm["spec"].get("jobLabel"), target[0]["metadata"]["name"]))
+            # The agent's workload series carry their own namespace/pod/container:
+            # without honorLabels they become exported_* and name the agent's pod.
+            if sm["metadata"]["name"] == "tally-agent" and not all(
+                    e.get("honorLabels") is True for e in sm["spec"]["endpoints"]):
+                bad.append("ServiceMonitor tally-agent needs honorLabels: true on every endpoint")
         if jobs != {"tally-agent", "tally-aggregator"}:
             bad.append(f"ServiceMonitors give jobs {sorted(jobs)}; rules need tally-agent and tally-aggregator")
         return "; ".join(bad) or None
@@ -567,9 +572,9 @@ def dashboards():
 
 
 REQUIRED_VARS = {
-    "tally-cluster-overview.json": {"datasource", "node", "gpu"},
-    "tally-tenants.json": {"datasource", "node", "tenant"},
-    "tally-node.json": {"datasource", "node", "gpu"},
+    "tally-cluster-overview.json": {"datasource", "cluster", "node", "gpu"},
+    "tally-tenants.json": {"datasource", "cluster", "node", "tenant"},
+    "tally-node.json": {"datasource", "cluster", "node", "gpu"},
 }
 
 
@@ -1164,7 +1169,7 @@ def grafana_exprs():
     return out
 
 
-TEMPLATE_VARS = ("node", "gpu", "tenant")
+TEMPLATE_VARS = ("cluster", "node", "gpu", "tenant")
 
 
 def uses_vars(expr):

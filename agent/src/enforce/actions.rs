@@ -440,7 +440,7 @@ mod tests {
     #[test]
     fn a_process_that_ignores_sigterm_is_killed_after_the_timeout() {
         let d = tempfile::tempdir().unwrap();
-        let rec = Recorder::open(d.path(), "n1", false);
+        let rec = Recorder::open(d.path(), "n1", false, false);
         let (mut child, t) = stubborn_child();
         t.signal(Signal::SIGTERM).unwrap();
         let killer = spawn_killer(
@@ -465,7 +465,7 @@ mod tests {
     #[test]
     fn a_process_that_exits_in_time_is_not_killed() {
         let d = tempfile::tempdir().unwrap();
-        let rec = Recorder::open(d.path(), "n1", false);
+        let rec = Recorder::open(d.path(), "n1", false, false);
         let (mut child, t) = stubborn_child();
         let killer = spawn_killer(rec.clone(), "a", "gpu_memory", t, Duration::from_secs(60));
         child.kill().unwrap();

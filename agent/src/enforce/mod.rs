@@ -10,6 +10,7 @@
 //! duty cycle and the SIGTERM→SIGKILL wait run on their own threads.
 
 mod actions;
+mod allocation;
 pub mod cgroup;
 pub mod devices;
 mod limits;
@@ -55,6 +56,7 @@ pub struct Enforcer {
     meter: Meter,
     breaches: Breaches,
     actions: Actions,
+    allocation: allocation::Guard,
     cycles: u64,
 }
 
@@ -70,6 +72,11 @@ pub struct Settings<'a> {
     /// `[probes] pin_dir`: the network probe's pinned token buckets.
     pub pin_dir: &'a Path,
     pub node: &'a str,
+    /// Kubernetes is on: GPU use outside allocation is audited, so without
+    /// quotas the audit log opens at its first record.
+    pub kubernetes: bool,
+    /// `[tenant.kubernetes] enforce_allocation`.
+    pub enforce_allocation: bool,
 }
 
 /// The outcome of one enforcement pass, published with the snapshot.
@@ -108,6 +115,7 @@ impl Enforcer {
             settings.state_dir,
             settings.node,
             settings.quotas.is_empty(),
+            settings.kubernetes,
         );
         let quotas = settings.quotas.clone();
         record::audit_quota_changes(&rec, settings.state_dir, &quotas);
@@ -118,6 +126,7 @@ impl Enforcer {
             meter: Meter::default(),
             breaches: Breaches::default(),
             actions: Actions::new(),
+            allocation: allocation::Guard::new(settings.enforce_allocation),
             cycles: 0,
         };
         me.limits.apply_cgroups(&me.quotas, &me.rec);
@@ -129,8 +138,13 @@ impl Enforcer {
     /// to publish with it.
     pub fn observe(&mut self, snap: &Snapshot) -> Enforcement {
         self.cycles += 1;
+        self.allocation
+            .observe(&snap.unallocated_gpu_use, &snap.gpus, &self.rec);
         if self.quotas.is_empty() {
-            return Enforcement::default();
+            return Enforcement {
+                quotas: Vec::new(),
+                actions: self.rec.counts(),
+            };
         }
         if self.cycles.is_multiple_of(REAPPLY_EVERY) {
             self.limits.apply_cgroups(&self.quotas, &self.rec);

@@ -25,27 +25,30 @@ type SharedAudit = Arc<Mutex<Option<AuditLog>>>;
 pub(crate) struct Recorder {
     audit: SharedAudit,
     counts: Counts,
+    /// `(state_dir, node)` of a log to open at the first record; taken
+    /// by the first attempt.
+    on_demand: Arc<Mutex<Option<(PathBuf, String)>>>,
 }
 
 impl Recorder {
     /// Opens `<state_dir>/audit.log`, keyed with `<state_dir>/audit.key`
     /// (made when absent), unless there are no quotas and never was a log.
+    /// With `on_demand`, such a log is opened at its first record instead
+    /// (Kubernetes allocation checks: most nodes never write one).
     /// A log that cannot open is logged; nothing is audited then.
-    pub(crate) fn open(state_dir: &Path, node: &str, no_quotas: bool) -> Recorder {
-        let audit = if no_quotas && !paths::audit_log(state_dir).exists() {
+    pub(crate) fn open(state_dir: &Path, node: &str, no_quotas: bool, on_demand: bool) -> Recorder {
+        let deferred = no_quotas && !paths::audit_log(state_dir).exists();
+        let audit = if deferred {
             None
         } else {
-            match AuditLog::open_keyed(&paths::audit_log(state_dir), node, audit_key(state_dir)) {
-                Ok(log) => Some(log),
-                Err(e) => {
-                    warn!("enforcement actions will not be audited: {e}");
-                    None
-                }
-            }
+            open_log(state_dir, node)
         };
         Recorder {
             audit: Arc::new(Mutex::new(audit)),
             counts: Arc::default(),
+            on_demand: Arc::new(Mutex::new(
+                (deferred && on_demand).then(|| (state_dir.to_path_buf(), node.to_owned())),
+            )),
         }
     }
 
@@ -59,6 +62,15 @@ impl Recorder {
     ) {
         info!(tenant, resource, action, %detail, "enforcement");
         let mut guard = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none()
+            && let Some((dir, node)) = self
+                .on_demand
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+        {
+            *guard = open_log(&dir, &node);
+        }
         if let Some(log) = guard.as_mut()
             && let Err(e) = log.append(tenant, resource, action, detail)
         {
@@ -102,6 +114,16 @@ impl Recorder {
     pub(crate) fn audit_path(&self) -> Option<PathBuf> {
         let guard = self.audit.lock().unwrap_or_else(|e| e.into_inner());
         guard.as_ref().map(|l| l.path().to_path_buf())
+    }
+}
+
+fn open_log(state_dir: &Path, node: &str) -> Option<AuditLog> {
+    match AuditLog::open_keyed(&paths::audit_log(state_dir), node, audit_key(state_dir)) {
+        Ok(log) => Some(log),
+        Err(e) => {
+            warn!("enforcement actions will not be audited: {e}");
+            None
+        }
     }
 }
 
@@ -184,7 +206,7 @@ mod tests {
     #[test]
     fn actions_are_counted_and_decisions_only_audited() {
         let d = tempfile::tempdir().unwrap();
-        let rec = Recorder::open(d.path(), "n1", false);
+        let rec = Recorder::open(d.path(), "n1", false, false);
         rec.act("a", "gpu_memory", "alert", json!({}));
         rec.record("a", "gpu_memory", "resolved", json!({}));
         rec.act("a", "gpu_memory", "alert", json!({}));
@@ -202,9 +224,21 @@ mod tests {
     #[test]
     fn no_log_is_made_without_quotas() {
         let d = tempfile::tempdir().unwrap();
-        let rec = Recorder::open(d.path(), "n1", true);
+        let rec = Recorder::open(d.path(), "n1", true, false);
         rec.record("a", "quota", "quota_removed", json!({}));
         assert_eq!(rec.audit_path(), None);
         assert!(!d.path().join("audit.log").exists());
+    }
+
+    #[test]
+    fn an_on_demand_log_opens_at_its_first_record() {
+        let d = tempfile::tempdir().unwrap();
+        let rec = Recorder::open(d.path(), "n1", true, true);
+        assert!(!d.path().join("audit.log").exists(), "nothing to say yet");
+        rec.clone()
+            .record("a", "gpus", "unallocated_use", json!({}));
+        rec.record("a", "gpus", "unallocated_use_ended", json!({}));
+        let log = rec.audit_path().unwrap();
+        assert_eq!(audit::verify(&log).unwrap(), Ok(2));
     }
 }

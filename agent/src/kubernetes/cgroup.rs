@@ -81,6 +81,24 @@ pub struct PodCgroup {
 /// Parses a cgroup path (v2 `0::` line, or a v1 controller path). `None`
 /// when the path is not a Kubernetes pod's.
 pub fn parse(path: &str) -> Option<PodCgroup> {
+    parse_at(path).map(|(_, pc)| pc)
+}
+
+/// The pod's own cgroup: `path` cut after its (innermost) pod component.
+/// `None` when the path is not a pod's, or when the pod and its container
+/// share one directory name (`<pod>.slice:cri-containerd:<id>`), which
+/// has no pod directory of its own.
+pub fn pod_dir(path: &str) -> Option<String> {
+    let (i, _) = parse_at(path)?;
+    let dirs: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if dirs.iter().any(|d| d.contains(".slice:")) {
+        return None;
+    }
+    Some(format!("/{}", dirs[..=i].join("/")))
+}
+
+/// [`parse`], with the index of the pod component among the path's parts.
+fn parse_at(path: &str) -> Option<(usize, PodCgroup)> {
     // A systemd cgroup *name* given to a runtime that manages cgroupfs
     // itself (containerd with `SystemdCgroup = false` under a systemd-driver
     // kubelet) becomes one directory `<pod>.slice:cri-containerd:<id>`.
@@ -103,12 +121,15 @@ pub fn parse(path: &str) -> Option<PodCgroup> {
         Some((id, runtime)) => (Some(id), Some(runtime)),
         None => (None, None),
     };
-    Some(PodCgroup {
-        pod_uid,
-        qos,
-        container_id,
-        runtime,
-    })
+    Some((
+        i,
+        PodCgroup {
+            pod_uid,
+            qos,
+            container_id,
+            runtime,
+        },
+    ))
 }
 
 /// `pod<uid>` (cgroupfs) or `<prefix>-pod<uid_with_underscores>.slice`
@@ -224,6 +245,30 @@ mod tests {
 
     fn pod(path: &str) -> PodCgroup {
         parse(path).unwrap_or_else(|| panic!("{path} should parse as a pod"))
+    }
+
+    #[test]
+    fn the_pod_directory_is_the_path_cut_after_the_pod() {
+        let uid = "e1465238_4518_4c21_832f_fd9f87033dad";
+        let pod_slice =
+            format!("/t/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice");
+        assert_eq!(
+            pod_dir(&format!("{pod_slice}/cri-containerd-{CTRD_ID}.scope")),
+            Some(pod_slice.clone())
+        );
+        assert_eq!(pod_dir(&pod_slice), Some(pod_slice));
+        let cgroupfs = "/kubepods/besteffort/pode1465238-4518-4c21-832f-fd9f87033dad";
+        assert_eq!(
+            pod_dir(&format!("{cgroupfs}/{CTRD_ID}")).as_deref(),
+            Some(cgroupfs)
+        );
+        assert_eq!(
+            pod_dir(&format!(
+                "/kubepods.slice/kubepods-pod{uid}.slice:cri-containerd:{CTRD_ID}"
+            )),
+            None
+        );
+        assert_eq!(pod_dir("/user.slice/user-0.slice"), None);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! The refresher ([`podresources`]) runs on its own thread; the sampler
 //! reads its latest published view. See `docs/kubernetes.md`.
 
+pub mod allocation;
 pub mod cgroup;
 pub mod podresources;
 
@@ -39,7 +40,10 @@ use tally_contract::config::Problems;
 
 pub use self::podresources::Refresher;
 use self::podresources::{NodePods, Shared};
-use crate::{paths, snapshot::Workload};
+use crate::{
+    paths,
+    snapshot::{GpuSnapshot, UnallocatedGpuUse, Workload},
+};
 
 /// `[tenant.kubernetes]`: where the kubelet's answers are.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -64,6 +68,10 @@ pub struct KubernetesConfig {
     /// process of the snapshot and `tally_workload_gpu_memory_bytes`.
     /// Default `false` (one series per pod and GPU is a cardinality choice).
     pub workload_series: bool,
+    /// Deny a pod found using a GPU it was not allocated the device nodes
+    /// of every GPU it was not allocated (a `cgroup/dev` program on the
+    /// pod's cgroup, beside the runtime's own). Default `false`: flag only.
+    pub enforce_allocation: bool,
 }
 
 impl Default for KubernetesConfig {
@@ -75,6 +83,7 @@ impl Default for KubernetesConfig {
             pod_logs_dir: PathBuf::from(paths::KUBERNETES_POD_LOGS_DIR),
             container_logs_dir: PathBuf::from(paths::KUBERNETES_CONTAINER_LOGS_DIR),
             workload_series: false,
+            enforce_allocation: false,
         }
     }
 }
@@ -326,6 +335,32 @@ impl Lookup {
         }
     }
 
+    /// Pods of `gpus`' processes running on a GPU the kubelet did not
+    /// allocate to them ([`allocation::unallocated_uses`]). Judged only
+    /// from a fresh answer, and only for pods already named (log
+    /// directories, or a device join on a GPU they hold): a pod seen only
+    /// on another pod's GPU cannot be told from that pod by the node.
+    pub fn unallocated(&self, gpus: &[GpuSnapshot]) -> Vec<UnallocatedGpuUse> {
+        let view = self.view();
+        let Some(alloc) = view.allocations.as_ref() else {
+            return Vec::new();
+        };
+        if alloc
+            .fetched_at
+            .is_none_or(|t| t.elapsed() > self.stale_after)
+        {
+            return Vec::new();
+        }
+        allocation::unallocated_uses(gpus, alloc, &mut |cg: &str| {
+            let pc = cgroup::parse(cg)?;
+            let id = self.known(&view, &pc)?;
+            Some(PodName {
+                namespace: id.namespace,
+                pod: id.pod?,
+            })
+        })
+    }
+
     /// Identity of a cgroup from what is already known (no device): for
     /// the eBPF probes, which see cgroups, not GPUs.
     pub fn identify_cgroup(&self, cgroup: &str) -> Option<Identity> {
@@ -450,6 +485,7 @@ mod tests {
                         topology: None,
                     }],
                     cpu_ids: vec![],
+                    dynamic_resources: vec![],
                 }],
             }],
         }
@@ -634,6 +670,7 @@ mod tests {
             refresh_interval = "5s"
             timeout = "500ms"
             workload_series = true
+            enforce_allocation = true
             "#,
         )
         .unwrap();
@@ -657,6 +694,7 @@ mod tests {
         assert_eq!(k.refresh_interval, Duration::from_secs(5));
         assert_eq!(k.timeout, Duration::from_millis(500));
         assert!(k.workload_series);
+        assert!(k.enforce_allocation);
         assert_eq!(k.pod_logs_dir, PathBuf::from("/var/log/pods"));
         let d = parse("").unwrap().tenant.kubernetes;
         assert_eq!(d, KubernetesConfig::default());

@@ -25,7 +25,10 @@ use tracing::{Instrument, debug, info, warn};
 use super::{
     ContainerRef, KubernetesConfig, PodName,
     cgroup::{parse_container_log_link, parse_pod_log_dir},
-    proto::{ListPodResourcesRequest, pod_resources_lister_client::PodResourcesListerClient},
+    proto::{
+        ClaimResource, ListPodResourcesRequest,
+        pod_resources_lister_client::PodResourcesListerClient,
+    },
 };
 
 /// Largest answer accepted: the kubelet's own client allows 16 MiB.
@@ -126,8 +129,12 @@ pub struct Allocations {
     pub by_device: HashMap<String, Vec<ContainerRef>>,
     /// Every pod in the answer (with or without devices).
     pub pods: HashSet<PodName>,
-    /// Every container's devices, for the snapshot and `tally doctor`.
+    /// Every container's devices, for the snapshot and `tally doctor`:
+    /// (resource name, device id); a DRA device's resource is its driver.
     pub containers: Vec<(ContainerRef, Vec<(String, String)>)>,
+    /// Pods holding a DRA device whose CDI names carry no GPU or MIG UUID:
+    /// which GPUs they may use is not known here.
+    pub opaque_dra: HashSet<PodName>,
 }
 
 impl Allocations {
@@ -165,6 +172,17 @@ impl Allocations {
                         devices.push((d.resource_name.clone(), id));
                     }
                 }
+                for claim in c.dynamic_resources.iter().flat_map(|d| &d.claim_resources) {
+                    let Some(id) = dra_device_id(claim) else {
+                        out.opaque_dra.insert(name.clone());
+                        continue;
+                    };
+                    let holders = out.by_device.entry(id.clone()).or_default();
+                    if !holders.contains(&container) {
+                        holders.push(container.clone());
+                    }
+                    devices.push((claim.driver_name.clone(), id));
+                }
                 out.containers.push((container, devices));
             }
             out.pods.insert(name);
@@ -177,6 +195,33 @@ impl Allocations {
 /// knows only `<uuid>`.
 pub fn physical_device_id(id: &str) -> &str {
     id.split_once("::").map_or(id, |(physical, _)| physical)
+}
+
+/// The GPU or MIG UUID a DRA device stands for, from its CDI device names
+/// (`vendor.com/class=name`: NVIDIA's specs name devices `GPU-<uuid>` or
+/// `MIG-<uuid>`, sometimes behind a claim prefix) or else its device name.
+/// `None` when neither carries one: a DRA driver naming devices by index
+/// (`gpu-0`) needs the API server's ResourceSlices to resolve, which the
+/// node-local join does not ask.
+pub fn dra_device_id(claim: &ClaimResource) -> Option<String> {
+    claim
+        .cdi_devices
+        .iter()
+        .filter_map(|d| d.name.split_once('=').map(|(_, name)| name))
+        .chain(std::iter::once(claim.device_name.as_str()))
+        .find_map(gpu_uuid_in)
+}
+
+/// The `GPU-…`/`MIG-…` UUID that `name` ends with, if any.
+fn gpu_uuid_in(name: &str) -> Option<String> {
+    let start = ["GPU-", "MIG-"]
+        .iter()
+        .filter_map(|prefix| name.find(prefix))
+        .min()?;
+    let uuid = &name[start..];
+    let body = &uuid[4..];
+    let ok = !body.is_empty() && body.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    ok.then(|| uuid.to_owned())
 }
 
 /// Pods and containers named by the kubelet's log directories. Missing
@@ -332,8 +377,103 @@ async fn refresh_loop(config: KubernetesConfig, shared: Shared, stop: Cancellati
 mod tests {
     use super::*;
     use crate::kubernetes::proto::{
-        ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
+        CdiDevice, ContainerDevices, ContainerResources, DynamicResource, ListPodResourcesResponse,
+        PodResources,
     };
+
+    fn claim(driver: &str, device: &str, cdi: &[&str]) -> ClaimResource {
+        ClaimResource {
+            cdi_devices: cdi
+                .iter()
+                .map(|n| CdiDevice {
+                    name: (*n).to_owned(),
+                })
+                .collect(),
+            driver_name: driver.into(),
+            pool_name: "node-1".into(),
+            device_name: device.into(),
+            share_id: None,
+        }
+    }
+
+    #[test]
+    fn dra_devices_are_indexed_like_plugin_devices() {
+        let answer = ListPodResourcesResponse {
+            pod_resources: vec![
+                PodResources {
+                    name: "infer".into(),
+                    namespace: "team-b".into(),
+                    containers: vec![ContainerResources {
+                        name: "server".into(),
+                        devices: vec![],
+                        cpu_ids: vec![],
+                        dynamic_resources: vec![DynamicResource {
+                            claim_name: "gpus".into(),
+                            claim_namespace: "team-b".into(),
+                            claim_resources: vec![
+                                claim("gpu.nvidia.com", "gpu-0", &["nvidia.com/gpu=GPU-aaaa"]),
+                                claim(
+                                    "gpu.nvidia.com",
+                                    "mig-1",
+                                    &["k8s.gpu.nvidia.com/claim=1234-MIG-cccc"],
+                                ),
+                            ],
+                        }],
+                    }],
+                },
+                PodResources {
+                    name: "by-index".into(),
+                    namespace: "team-c".into(),
+                    containers: vec![ContainerResources {
+                        name: "c".into(),
+                        devices: vec![],
+                        cpu_ids: vec![],
+                        dynamic_resources: vec![DynamicResource {
+                            claim_name: "gpu".into(),
+                            claim_namespace: "team-c".into(),
+                            claim_resources: vec![claim(
+                                "gpu.nvidia.com",
+                                "gpu-1",
+                                &["k8s.gpu.nvidia.com/claim=5678-gpu-1"],
+                            )],
+                        }],
+                    }],
+                },
+            ],
+        };
+        let a = Allocations::from_answer(answer, Instant::now());
+        assert_eq!(a.by_device["GPU-aaaa"][0].pod.pod, "infer");
+        assert_eq!(a.by_device["MIG-cccc"][0].container, "server");
+        assert_eq!(a.by_device.len(), 2, "{:?}", a.by_device);
+        let (_, devices) = &a.containers[0];
+        assert_eq!(
+            devices[0],
+            ("gpu.nvidia.com".to_owned(), "GPU-aaaa".to_owned())
+        );
+        assert!(a.opaque_dra.iter().any(|p| p.pod == "by-index"));
+        assert!(!a.opaque_dra.iter().any(|p| p.pod == "infer"));
+    }
+
+    #[test]
+    fn uuids_are_found_in_cdi_names_or_device_names() {
+        assert_eq!(
+            dra_device_id(&claim("d", "x", &["nvidia.com/gpu=GPU-12ab-cd"])).as_deref(),
+            Some("GPU-12ab-cd")
+        );
+        assert_eq!(
+            dra_device_id(&claim("d", "MIG-9f", &[])).as_deref(),
+            Some("MIG-9f")
+        );
+        assert_eq!(
+            dra_device_id(&claim("d", "gpu-0", &["nvidia.com/gpu=0"])),
+            None
+        );
+        assert_eq!(
+            dra_device_id(&claim("d", "GPU-", &["no-equals-GPU-1"])),
+            None
+        );
+        assert_eq!(dra_device_id(&claim("d", "GPU-zz", &[])), None);
+    }
 
     fn answer() -> ListPodResourcesResponse {
         ListPodResourcesResponse {
@@ -349,6 +489,7 @@ mod tests {
                             topology: None,
                         }],
                         cpu_ids: vec![],
+                        dynamic_resources: vec![],
                     }],
                 },
                 PodResources {
@@ -362,6 +503,7 @@ mod tests {
                             topology: None,
                         }],
                         cpu_ids: vec![],
+                        dynamic_resources: vec![],
                     }],
                 },
                 // Time-sliced replicas of one GPU in two pods.
@@ -376,6 +518,7 @@ mod tests {
                             topology: None,
                         }],
                         cpu_ids: vec![],
+                        dynamic_resources: vec![],
                     }],
                 },
                 PodResources {
@@ -389,6 +532,7 @@ mod tests {
                             topology: None,
                         }],
                         cpu_ids: vec![],
+                        dynamic_resources: vec![],
                     }],
                 },
                 PodResources {

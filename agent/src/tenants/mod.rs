@@ -40,13 +40,14 @@ pub struct Attribution {
     pub workload: Option<crate::snapshot::Workload>,
 }
 
-/// Whether the config asks for Kubernetes: a `kubernetes` tenant rule, or
-/// workload series.
+/// Whether the config asks for Kubernetes: a `kubernetes` tenant rule,
+/// workload series, or allocation enforcement.
 pub fn kubernetes_wanted(
     config: &crate::kubernetes::KubernetesConfig,
     rules: &[TenantRule],
 ) -> bool {
     config.workload_series
+        || config.enforce_allocation
         || rules
             .iter()
             .any(|r| matches!(r, TenantRule::Kubernetes { .. }))
@@ -96,6 +97,18 @@ impl Resolver {
         let (lookup, refresher) = crate::kubernetes::start(config)?;
         self.kubernetes = Some(lookup);
         Some(refresher)
+    }
+
+    /// Pods using a GPU the kubelet did not allocate to them; empty
+    /// without Kubernetes.
+    pub fn unallocated_gpu_use(
+        &self,
+        gpus: &[crate::snapshot::GpuSnapshot],
+    ) -> Vec<crate::snapshot::UnallocatedGpuUse> {
+        self.kubernetes
+            .as_ref()
+            .map(|k| k.unallocated(gpus))
+            .unwrap_or_default()
     }
 
     /// A Kubernetes lookup set by hand (tests).

@@ -18,10 +18,13 @@ use std::{
 };
 
 use tally_agent::kubernetes::proto::{
-    ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse,
-    PodResources,
+    CdiDevice, ClaimResource, ContainerDevices, ContainerResources, DynamicResource,
+    ListPodResourcesRequest, ListPodResourcesResponse, PodResources,
 };
-use tally_e2e::{Agent, Cgroup, ChildGuard, SimNode, require_root, unique, wait_for};
+use tally_e2e::{
+    Agent, Cgroup, ChildGuard, SimNode, enforce_support::mknod_chars, require_root, skip, unique,
+    wait_for,
+};
 use tonic::{
     codegen::{BoxFuture, Service, http},
     server::{Grpc, NamedService, UnaryService},
@@ -208,6 +211,39 @@ fn pod(ns: &str, name: &str, container: &str, resource: &str, devices: &[&str]) 
                 }]
             },
             cpu_ids: vec![],
+            dynamic_resources: vec![],
+        }],
+    }
+}
+
+/// One pod with one container holding `devices` through a DRA claim, each
+/// named by its CDI device name as NVIDIA's CDI specs name them
+/// (`nvidia.com/gpu=<uuid>`), under a claim of the pod's namespace.
+fn dra_pod(ns: &str, name: &str, container: &str, devices: &[&str]) -> PodResources {
+    PodResources {
+        name: name.into(),
+        namespace: ns.into(),
+        containers: vec![ContainerResources {
+            name: container.into(),
+            devices: vec![],
+            cpu_ids: vec![],
+            dynamic_resources: vec![DynamicResource {
+                claim_name: format!("{name}-gpu"),
+                claim_namespace: ns.into(),
+                claim_resources: devices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, uuid)| ClaimResource {
+                        cdi_devices: vec![CdiDevice {
+                            name: format!("nvidia.com/gpu={uuid}"),
+                        }],
+                        driver_name: "gpu.nvidia.com".into(),
+                        pool_name: "node-1".into(),
+                        device_name: format!("gpu-{i}"),
+                        share_id: None,
+                    })
+                    .collect(),
+            }],
         }],
     }
 }
@@ -291,7 +327,7 @@ fn ids() -> (String, String) {
 /// A process in a container cgroup named the systemd driver's way (with
 /// containerd), beneath a unique base cgroup of ours.
 struct PodProcess {
-    _cgroup: Cgroup,
+    cgroup: Cgroup,
     proc: ChildGuard,
     uid: String,
     cid: String,
@@ -306,7 +342,7 @@ fn systemd_burstable_pod() -> PodProcess {
     ));
     let proc = cgroup.spawn("sleep", &["600"]);
     PodProcess {
-        _cgroup: cgroup,
+        cgroup,
         proc,
         uid,
         cid,
@@ -322,7 +358,7 @@ fn cgroupfs_besteffort_pod() -> PodProcess {
     ));
     let proc = cgroup.spawn("sleep", &["600"]);
     PodProcess {
-        _cgroup: cgroup,
+        cgroup,
         proc,
         uid,
         cid,
@@ -470,6 +506,33 @@ fn pods_are_charged_to_their_namespace_tenant() {
         "{p}"
     );
     assert_eq!(count_lines(&agent, "pod-resources unavailable"), 0);
+}
+
+#[test]
+fn dra_devices_name_their_pods() {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let trainer = systemd_burstable_pod();
+    node.sim.register(trainer.proc.pid(), 0, None, 4096, 0.5);
+    let _kubelet = FakeKubelet::start(
+        &node.socket(),
+        Behavior::Answer(ListPodResourcesResponse {
+            pod_resources: vec![dra_pod("team-a-prod", "trainer-dra", "cuda", &[GPU0])],
+        }),
+    );
+    let agent = node.agent();
+    // Without the DRA device the pod would fall to `k8s-unknown`.
+    wait_memory(&agent, "team-a", "0", 4.0 * GIB);
+    assert_eq!(memory(&agent, "k8s-unknown", "0"), 0.0);
+    assert_eq!(
+        agent.metrics().value(
+            "tally_workload_gpu_memory_bytes",
+            &[("pod", "trainer-dra"), ("container", "cuda"), ("gpu", "0")],
+        ),
+        Some(4.0 * GIB)
+    );
 }
 
 /// The kubelet misbehaves from the start; `kind` names the way.
@@ -637,4 +700,166 @@ fn workload_series_are_opt_in() {
         .clone();
     assert_eq!(p["tenant"], "research");
     assert!(p.get("workload").is_none(), "{p}");
+}
+
+/// The audit log's records with `action`.
+fn audited(state_dir: &Path, action: &str) -> Vec<serde_json::Value> {
+    fs::read_to_string(state_dir.join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line is JSON"))
+        .filter(|r| r["action"] == action)
+        .collect()
+}
+
+/// What `cat`ting `device` from inside `cgroup` says on stderr.
+fn open_from(cgroup: &Cgroup, device: &Path) -> String {
+    let out = cgroup
+        .command("cat", &[device.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run cat in the pod's cgroup");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Issue 17, item 2: a pod on a GPU the kubelet did not allocate to it is
+/// flagged within two samples (gauge, log line, audit record), and with
+/// `enforce_allocation` its cgroup is denied the other GPUs' device nodes
+/// (real char nodes 195:N made with mknod; no driver behind them, so an
+/// allowed open gives ENXIO, a denied one EPERM).
+#[test]
+fn gpu_use_outside_allocation_is_flagged_and_denied() {
+    if !require_root() {
+        return;
+    }
+    if tally_agent::cgroupfs::unified_root().is_none() {
+        skip("no cgroup v2 hierarchy to attach the cgroup/dev program to");
+        return;
+    }
+    let node = Node::new();
+    let state = tempfile::tempdir().expect("tempdir");
+    let _kubelet = FakeKubelet::start(
+        &node.socket(),
+        Behavior::Answer(ListPodResourcesResponse {
+            pod_resources: vec![pod(
+                "research",
+                "notebook-0",
+                "jupyter",
+                "nvidia.com/gpu",
+                &[GPU0],
+            )],
+        }),
+    );
+    let notebook = notebook_with_log_dirs(&node);
+    let config = format!(
+        "[agent]\nstate_dir = \"{}\"\n{}enforce_allocation = true\n",
+        state.path().display(),
+        node.config()
+    );
+    let agent = Agent::start(&node.sim, &config, &["--sample-interval", "200ms"]);
+
+    // On its own GPU: charged, not flagged.
+    wait_memory(&agent, "research", "0", GIB);
+    wait_for("the kubelet's answer", Duration::from_secs(30), || {
+        (count_lines(&agent, "pod-resources answering") == 1).then_some(())
+    });
+    agent.wait_samples(3);
+    assert!(agent.snapshot().get("unallocated_gpu_use").is_none());
+    let flagged = |m: &tally_e2e::metrics::Metrics| {
+        m.value(
+            "tally_tenant_gpu_unallocated_use",
+            &[
+                ("tenant", "research"),
+                ("pod", "notebook-0"),
+                ("gpu", "1/3/0"),
+            ],
+        )
+    };
+    assert_eq!(flagged(&agent.metrics()), None);
+
+    // Onto MIG instance 1/3/0 of GPU 1, which nobody allocated to it.
+    let before = agent.snapshot()["samples"].as_u64().unwrap();
+    node.sim.unregister(notebook.proc.pid());
+    node.sim
+        .register(notebook.proc.pid(), 1, Some(2), 1024, 0.0);
+    let (seen_at, snap) = wait_for("the pod to be flagged", Duration::from_secs(30), || {
+        let snap = agent.snapshot();
+        let samples = snap["samples"].as_u64().unwrap();
+        snap.get("unallocated_gpu_use")
+            .is_some()
+            .then_some((samples, snap))
+    });
+    assert!(
+        seen_at <= before + 2,
+        "flagged at sample {seen_at}, moved after sample {before}"
+    );
+    let u = &snap["unallocated_gpu_use"][0];
+    assert_eq!(u["pod"], "notebook-0");
+    assert_eq!(u["namespace"], "research");
+    assert_eq!(u["gpu"], "1/3/0");
+    assert_eq!(u["allocated"], serde_json::json!([GPU0]));
+    assert_eq!(flagged(&agent.metrics()), Some(1.0));
+    assert_eq!(
+        count_lines(&agent, "pod research/notebook-0 uses GPU 1/3/0"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    let rec = wait_for("the audit record", Duration::from_secs(10), || {
+        audited(state.path(), "unallocated_use").pop()
+    });
+    assert_eq!(rec["tenant"], "research");
+    assert_eq!(rec["detail"]["pod"], "notebook-0");
+
+    // Denied the nodes of GPUs it was not allocated, allowed its own.
+    let denied = wait_for("the denial", Duration::from_secs(10), || {
+        audited(state.path(), "unallocated_denied").pop()
+    });
+    assert_eq!(denied["detail"]["allowed"], serde_json::json!(["195:0"]));
+    let pod_dir = denied["detail"]["cgroup"].as_str().unwrap().to_owned();
+    assert!(
+        pod_dir.ends_with(&format!("/kubepods/besteffort/pod{}", notebook.uid)),
+        "{pod_dir}"
+    );
+    let devs = tempfile::tempdir().unwrap();
+    mknod_chars(
+        devs.path(),
+        &[
+            ("nvidia0", 195, 0),
+            ("nvidia1", 195, 1),
+            ("nvidiactl", 195, 255),
+        ],
+    );
+    let denied_err = open_from(&notebook.cgroup, &devs.path().join("nvidia1"));
+    assert!(
+        denied_err.contains("Operation not permitted"),
+        "GPU 1 should be denied (EPERM): {denied_err:?}"
+    );
+    for dev in ["nvidia0", "nvidiactl"] {
+        let err = open_from(&notebook.cgroup, &devs.path().join(dev));
+        assert!(
+            err.contains("No such device or address"),
+            "{dev} should be allowed (ENXIO without a driver): {err:?}"
+        );
+    }
+    // This test's own cgroup is not restricted.
+    let mine = fs::File::open(devs.path().join("nvidia1")).unwrap_err();
+    assert_eq!(mine.raw_os_error(), Some(nix::libc::ENXIO), "{mine}");
+
+    // Back on its own GPU: the flag goes, and the end is audited.
+    node.sim.unregister(notebook.proc.pid());
+    node.sim.register(notebook.proc.pid(), 0, None, 1024, 0.0);
+    wait_for("the flag to clear", Duration::from_secs(30), || {
+        agent
+            .snapshot()
+            .get("unallocated_gpu_use")
+            .is_none()
+            .then_some(())
+    });
+    assert_eq!(flagged(&agent.metrics()), None);
+    assert_eq!(audited(state.path(), "unallocated_use_ended").len(), 1);
+    assert_eq!(
+        tally_contract::audit::verify(&state.path().join("audit.log")).unwrap(),
+        Ok(3)
+    );
 }
