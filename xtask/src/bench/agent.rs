@@ -307,6 +307,34 @@ pub(super) fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec
     out
 }
 
+/// `cargo xtask bench --instructions`: the callgrind counts alone, as the
+/// text benchmark 2 shows them, with where the dumps are (for
+/// `callgrind_annotate`).
+pub(super) fn instructions_only(ctx: &Ctx) -> anyhow::Result<String> {
+    let cuda = fake_cuda()
+        .map_err(|e| eprintln!("bench: no fake libcuda ({e:#}); the pcie probe has no library"))
+        .ok();
+    let (procs, tenants) = if ctx.quick {
+        (64, 16)
+    } else {
+        (BASE_PROCS, BASE_TENANTS)
+    };
+    let node = Node::build("callgrind", procs, tenants)?;
+    let counted: Counted = instructions(ctx, &node, cuda.as_ref()).map_err(|e| format!("{e:#}"));
+    Ok(format!(
+        "{procs} processes, {tenants} tenants; dumps in {}\n{}",
+        node.dir.join("callgrind").display(),
+        counted_text(
+            Some(&counted),
+            &[
+                ("sample cycle", callgrind::SAMPLE),
+                ("snapshot (its /metrics body)", callgrind::RENDER),
+                ("scrape", callgrind::SCRAPE),
+            ],
+        )
+    ))
+}
+
 /// Instructions per call of each counted function (callgrind).
 type Counted = Result<BTreeMap<&'static str, Stats>, String>;
 
