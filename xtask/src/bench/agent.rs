@@ -41,8 +41,8 @@ mig = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10g
 /// Where the agent's CPU goes when the footprint target is missed.
 const FOOTPRINT_BOTTLENECK: &str = "
 **Where the agent's CPU goes.** Tally's own work per cycle on the `tally-sampler` thread is \
-now one `/proc/<pid>/stat` read per GPU process into reused buffers (its start time checks \
-the process cache, its state and CPU ticks feed the GPU states); `/proc/<pid>/cgroup` is read \
+now one `/proc/<pid>/stat` read per GPU process, a `pread` of the file kept open from the \
+cycle before, into reused buffers (its start time checks the process cache, its state and CPU ticks feed the GPU states); `/proc/<pid>/cgroup` is read \
 for new pids and re-read for about 1/16 of the cached ones per cycle (moved processes); an \
 unknown cgroup id is opened by its kernfs handle instead of walking the tree \
 (`agent/src/tenants/procs.rs`, `agent/src/probes/cgroups.rs`). The instruction counts of \
