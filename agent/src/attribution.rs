@@ -20,7 +20,7 @@
 //!   × unoccupied fraction), so parent and instances price to one GPU. Either
 //!   way the tenants' energy sums to the device's counter delta.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::snapshot::{TENANT_IDLE, TenantGpuUsage};
 
@@ -47,17 +47,20 @@ pub struct Share {
 /// `energy_joules` is the part of the energy counter's delta that belongs
 /// to this device (for a MIG instance, its slice of the parent's delta);
 /// `idle_power_watts` is the device's idle draw when known.
-pub fn split_interval(
+///
+/// The shares borrow the holders' tenant names: a cycle splits every
+/// device, and a key copied per tenant per device was an allocation each.
+pub fn split_interval<'a>(
     seconds: f64,
-    holders: &[Holder<'_>],
+    holders: &[Holder<'a>],
     energy_joules: f64,
     idle_power_watts: Option<f64>,
     per_process_sm: bool,
-) -> BTreeMap<String, Share> {
-    let mut shares: BTreeMap<String, Share> = BTreeMap::new();
+) -> BTreeMap<&'a str, Share> {
+    let mut shares: BTreeMap<&'a str, Share> = BTreeMap::new();
     if holders.is_empty() {
         shares.insert(
-            TENANT_IDLE.to_owned(),
+            TENANT_IDLE,
             Share {
                 allocated_seconds: seconds,
                 sm_seconds: per_process_sm.then_some(0.0),
@@ -68,86 +71,111 @@ pub fn split_interval(
         return shares;
     }
 
-    // Allocation weight per tenant: memory held, or equal when none known.
-    let mut memory: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut sm: BTreeMap<&str, f64> = BTreeMap::new();
+    // Per tenant, accumulated in its share: memory held (the allocation
+    // weight, equal when none known) and SM seconds.
+    let sm_of = |share: &Share| share.sm_seconds.unwrap_or(0.0);
     for h in holders {
-        *memory.entry(h.tenant).or_default() += h.memory_bytes;
-        *sm.entry(h.tenant).or_default() += h.sm_ratio.unwrap_or(0.0) * seconds;
+        let share = shares.entry(h.tenant).or_default();
+        share.memory_bytes += h.memory_bytes;
+        *share.sm_seconds.get_or_insert(0.0) += h.sm_ratio.unwrap_or(0.0) * seconds;
     }
     // Per-process SM can over-report (sampling skew); a device cannot do
     // more than one second of SM work per second, so scale the sum down.
-    let raw_sm: f64 = sm.values().sum();
+    let raw_sm: f64 = shares.values().map(sm_of).sum();
     if raw_sm > seconds {
-        for v in sm.values_mut() {
-            *v *= seconds / raw_sm;
+        for share in shares.values_mut() {
+            share.sm_seconds = Some(sm_of(share) * (seconds / raw_sm));
         }
     }
-    let total_memory: u64 = memory.values().sum();
-    let tenants = memory.len() as f64;
-    let weight = |tenant: &str| -> f64 {
-        if total_memory == 0 {
-            1.0 / tenants
-        } else {
-            memory[tenant] as f64 / total_memory as f64
-        }
-    };
-    let total_sm: f64 = sm.values().sum();
+    let total_memory: u64 = shares.values().map(|s| s.memory_bytes).sum();
+    let tenants = shares.len() as f64;
+    let total_sm: f64 = shares.values().map(sm_of).sum();
 
     let idle_part = idle_power_watts
         .map(|w| (w * seconds).clamp(0.0, energy_joules.max(0.0)))
         .unwrap_or(0.0);
     let active_part = energy_joules - idle_part;
 
-    for (&tenant, &mem) in &memory {
-        let w = weight(tenant);
-        let active_share = if total_sm > 0.0 {
-            sm[tenant] / total_sm
+    for share in shares.values_mut() {
+        let sm = sm_of(share);
+        let w = if total_memory == 0 {
+            1.0 / tenants
         } else {
-            w
+            share.memory_bytes as f64 / total_memory as f64
         };
-        shares.insert(
-            tenant.to_owned(),
-            Share {
-                allocated_seconds: seconds * w,
-                sm_seconds: per_process_sm.then(|| sm[tenant]),
-                memory_bytes: mem,
-                energy_joules: idle_part * w + active_part * active_share,
-            },
-        );
+        let active_share = if total_sm > 0.0 { sm / total_sm } else { w };
+        share.allocated_seconds = seconds * w;
+        share.sm_seconds = per_process_sm.then_some(sm);
+        share.energy_joules = idle_part * w + active_part * active_share;
     }
     shares
 }
 
 /// Cumulative per-(tenant, device) counters; the agent's running total.
+///
+/// Found by tenant then device, so a cycle's rows are looked up by the
+/// names it already has (no key built per row) and come out in (tenant,
+/// device) order; a device remembers which tenants its last interval set
+/// a memory gauge for, so only those are zeroed, not every row scanned.
 #[derive(Debug, Default)]
 pub struct Accounts {
-    rows: BTreeMap<(String, String), TenantGpuUsage>,
-    /// Wall time accounted per device: what the allocated seconds sum to.
-    observed: BTreeMap<String, f64>,
+    rows: BTreeMap<String, BTreeMap<String, TenantGpuUsage>>,
+    devices: HashMap<String, DeviceTotals>,
+}
+
+#[derive(Debug, Default)]
+struct DeviceTotals {
+    /// Wall time accounted: what the device's allocated seconds sum to.
+    observed: f64,
+    /// The tenants of the last interval's shares, in order.
+    holders: Vec<String>,
+}
+
+/// `map[key]`, inserted empty when missing: the key is copied only then.
+fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+    if map.get(key).is_none() {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 impl Accounts {
     /// Adds one interval's shares of device `gpu` (`uuid`), and sets the
     /// memory gauge of tenants that no longer hold it to zero.
-    pub fn add(&mut self, gpu: &str, uuid: &str, seconds: f64, shares: &BTreeMap<String, Share>) {
-        *self.observed.entry(gpu.to_owned()).or_default() += seconds;
-        for ((_, g), row) in self.rows.iter_mut() {
-            if g == gpu {
+    pub fn add(&mut self, gpu: &str, uuid: &str, seconds: f64, shares: &BTreeMap<&str, Share>) {
+        if !self.devices.contains_key(gpu) {
+            self.devices.insert(gpu.to_owned(), DeviceTotals::default());
+        }
+        let device = self.devices.get_mut(gpu).expect("inserted above");
+        device.observed += seconds;
+        for tenant in &device.holders {
+            if !shares.contains_key(tenant.as_str())
+                && let Some(row) = self.rows.get_mut(tenant).and_then(|r| r.get_mut(gpu))
+            {
                 row.memory_bytes = 0;
             }
         }
-        for (tenant, share) in shares {
-            let row = self
-                .rows
-                .entry((tenant.clone(), gpu.to_owned()))
-                .or_insert_with(|| TenantGpuUsage {
-                    tenant: tenant.clone(),
+        if !device
+            .holders
+            .iter()
+            .map(String::as_str)
+            .eq(shares.keys().copied())
+        {
+            device.holders = shares.keys().map(|t| (*t).to_owned()).collect();
+        }
+        for (&tenant, share) in shares {
+            let by_gpu = slot(&mut self.rows, tenant);
+            if by_gpu.get(gpu).is_none() {
+                let row = TenantGpuUsage {
+                    tenant: tenant.to_owned(),
                     gpu: gpu.to_owned(),
                     uuid: uuid.to_owned(),
                     sm_seconds_total: share.sm_seconds.map(|_| 0.0),
                     ..Default::default()
-                });
+                };
+                by_gpu.insert(gpu.to_owned(), row);
+            }
+            let row = by_gpu.get_mut(gpu).expect("inserted above");
             row.allocated_seconds_total += share.allocated_seconds;
             if let (Some(total), Some(s)) = (row.sm_seconds_total.as_mut(), share.sm_seconds) {
                 *total += s;
@@ -159,12 +187,15 @@ impl Accounts {
     }
 
     pub fn rows(&self) -> Vec<TenantGpuUsage> {
-        self.rows.values().cloned().collect()
+        self.rows
+            .values()
+            .flat_map(|by_gpu| by_gpu.values().cloned())
+            .collect()
     }
 
     /// Wall time accounted for device `gpu` so far.
     pub fn observed_seconds(&self, gpu: &str) -> f64 {
-        self.observed.get(gpu).copied().unwrap_or(0.0)
+        self.devices.get(gpu).map_or(0.0, |d| d.observed)
     }
 }
 
@@ -180,7 +211,7 @@ mod tests {
         }
     }
 
-    fn sum<F: Fn(&Share) -> f64>(s: &BTreeMap<String, Share>, f: F) -> f64 {
+    fn sum<F: Fn(&Share) -> f64>(s: &BTreeMap<&str, Share>, f: F) -> f64 {
         s.values().map(f).sum()
     }
 

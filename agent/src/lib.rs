@@ -21,6 +21,7 @@ pub mod gpu;
 pub mod kubernetes;
 pub mod metrics;
 pub mod paths;
+pub mod pids;
 pub mod privileges;
 pub mod probes;
 pub mod report;

@@ -69,8 +69,18 @@ pub fn proc_dir(pid: u32) -> PathBuf {
 /// Writes `/proc/<pid>/stat` into `out` (cleared first): the sampler reads
 /// it for every GPU process each cycle, so the path's buffer is reused.
 pub fn proc_stat_into(out: &mut String, pid: u32) {
+    proc_file_into(out, pid, "stat");
+}
+
+/// Writes `/proc/<pid>/cgroup` into `out` (cleared first), as
+/// [`proc_stat_into`] does for the process cache's periodic re-reads.
+pub fn proc_cgroup_into(out: &mut String, pid: u32) {
+    proc_file_into(out, pid, "cgroup");
+}
+
+fn proc_file_into(out: &mut String, pid: u32, file: &str) {
     use std::fmt::Write as _;
     out.clear();
     // Writing into a String cannot fail.
-    let _ = write!(out, "/proc/{pid}/stat");
+    let _ = write!(out, "/proc/{pid}/{file}");
 }

@@ -11,6 +11,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::pids::PidMap;
+
 /// `[states]`: thresholds of the idle and stuck states.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -144,7 +146,8 @@ struct Track {
     idle_since: Option<Instant>,
     stuck_since: Option<Instant>,
     fatal_xid_at: Option<Instant>,
-    cpu: HashMap<u32, u64>,
+    cpu: PidMap<u64>,
+    cpu_before: PidMap<u64>,
 }
 
 /// Per-device memory of conditions and since when they hold.
@@ -165,16 +168,25 @@ impl Tracker {
     /// Folds one observation of device `gpu` in and returns its state.
     pub fn observe(&mut self, gpu: &str, obs: &DeviceObs, now: Instant) -> GpuState {
         let c = &self.config;
-        let t = self.devices.entry(gpu.to_owned()).or_default();
+        // Looked up before inserting: the label is copied once per device,
+        // not per cycle.
+        if !self.devices.contains_key(gpu) {
+            self.devices.insert(gpu.to_owned(), Track::default());
+        }
+        let t = self.devices.get_mut(gpu).expect("inserted above");
         if obs.fatal_xid {
             t.fatal_xid_at = Some(now);
         }
-        let cpu_before = std::mem::take(&mut t.cpu);
-        t.cpu = obs
-            .holders
-            .iter()
-            .filter_map(|p| Some((p.pid, p.cpu_ticks?)))
-            .collect();
+        // Last cycle's ticks move to `cpu_before`, whose table is refilled
+        // as this cycle's: both keep their capacity.
+        std::mem::swap(&mut t.cpu, &mut t.cpu_before);
+        t.cpu.clear();
+        t.cpu.extend(
+            obs.holders
+                .iter()
+                .filter_map(|p| Some((p.pid, p.cpu_ticks?))),
+        );
+        let cpu_before = &t.cpu_before;
 
         let xid_lost = t
             .fatal_xid_at

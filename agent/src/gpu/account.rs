@@ -9,23 +9,24 @@
 //! energy sums to the counter's delta (on a MIG GPU, parent and instances
 //! together).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::{
     attribution::{Holder, Share, split_interval},
+    pids::PidMap,
     snapshot::{GpuProcess, GpuSnapshot, TENANT_UNATTRIBUTED},
 };
 
 /// One device's part of an interval, to add to the running totals.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Charge {
+pub(super) struct Charge<'a> {
     /// Device label (`"0"`, or `"<index>/<gi>/<ci>"` for a MIG instance).
-    pub gpu: String,
-    pub uuid: String,
+    pub gpu: &'a str,
+    pub uuid: &'a str,
     /// Wall time accounted for the device (GPU-equivalent seconds for the
     /// unoccupied slices of a MIG parent).
     pub seconds: f64,
-    pub shares: BTreeMap<String, Share>,
+    pub shares: BTreeMap<&'a str, Share>,
 }
 
 /// Joules between two readings of NVML's energy counter (mJ); `None` when
@@ -116,16 +117,16 @@ impl EnergyMeter {
 /// energy is charged its time with none. Energy drawn while the device
 /// could not be read has no tenant that can be told apart, so it goes to
 /// `_unattributed` (with no time) rather than being dropped.
-pub(super) fn charges(
-    device: &GpuSnapshot,
-    instances: &[GpuSnapshot],
+pub(super) fn charges<'a>(
+    device: &'a GpuSnapshot,
+    instances: &'a [GpuSnapshot],
     seconds: Option<f64>,
     energy_joules: Option<f64>,
     idle_power_watts: Option<f64>,
-) -> Vec<Charge> {
-    let charge = |d: &GpuSnapshot, seconds: f64, shares| Charge {
-        gpu: d.gpu.clone(),
-        uuid: d.uuid.clone(),
+) -> Vec<Charge<'a>> {
+    let charge = |d: &'a GpuSnapshot, seconds: f64, shares| Charge {
+        gpu: &d.gpu,
+        uuid: &d.uuid,
         seconds,
         shares,
     };
@@ -133,7 +134,7 @@ pub(super) fn charges(
         (Some(dt), energy) => (dt, energy.unwrap_or(0.0)),
         (None, Some(energy)) => {
             let gap = BTreeMap::from([(
-                TENANT_UNATTRIBUTED.to_owned(),
+                TENANT_UNATTRIBUTED,
                 Share {
                     energy_joules: energy,
                     ..Default::default()
@@ -196,9 +197,9 @@ pub(super) fn with_instance_sm(
 /// Mean SM ratio per pid over NVML's `(pid, timestamp µs, sm)` samples,
 /// and the newest timestamp seen (at least `cursor`), so that no sample is
 /// counted twice.
-pub(super) fn mean_sm(samples: &[(u32, u64, f64)], cursor: u64) -> (HashMap<u32, f64>, u64) {
+pub(super) fn mean_sm(samples: &[(u32, u64, f64)], cursor: u64) -> (PidMap<f64>, u64) {
     let mut cursor = cursor;
-    let mut sums: HashMap<u32, (f64, u32)> = HashMap::new();
+    let mut sums: PidMap<(f64, u32)> = PidMap::default();
     for &(pid, ts, sm) in samples {
         cursor = cursor.max(ts);
         let e = sums.entry(pid).or_default();
@@ -281,11 +282,11 @@ mod tests {
         );
     }
 
-    fn allocated(c: &Charge) -> f64 {
+    fn allocated(c: &Charge<'_>) -> f64 {
         c.shares.values().map(|s| s.allocated_seconds).sum()
     }
 
-    fn energy(charges: &[Charge]) -> f64 {
+    fn energy(charges: &[Charge<'_>]) -> f64 {
         charges
             .iter()
             .flat_map(|c| c.shares.values())
@@ -293,10 +294,10 @@ mod tests {
             .sum()
     }
 
-    fn rows(charges: &[Charge]) -> Vec<TenantGpuUsage> {
+    fn rows(charges: &[Charge<'_>]) -> Vec<TenantGpuUsage> {
         let mut acc = Accounts::default();
         for c in charges {
-            acc.add(&c.gpu, &c.uuid, c.seconds, &c.shares);
+            acc.add(c.gpu, c.uuid, c.seconds, &c.shares);
         }
         acc.rows()
     }
@@ -320,7 +321,7 @@ mod tests {
         );
         let c = charges(&d, &[], Some(0.2), Some(77.0), Some(70.0));
         assert_eq!(c.len(), 1);
-        assert_eq!((c[0].gpu.as_str(), c[0].uuid.as_str()), ("0", "GPU-0"));
+        assert_eq!((c[0].gpu, c[0].uuid), ("0", "GPU-0"));
         assert_eq!(c[0].seconds, 0.2);
         close(allocated(&c[0]), 0.2, "allocated");
         close(energy(&c), 77.0, "energy");
@@ -334,9 +335,13 @@ mod tests {
 
     #[test]
     fn nobody_holding_charges_the_interval_to_idle() {
-        let c = charges(&gpu("1", vec![]), &[], Some(1.5), Some(105.0), Some(70.0));
+        let idle = gpu("1", vec![]);
+        let c = charges(&idle, &[], Some(1.5), Some(105.0), Some(70.0));
         assert_eq!(c.len(), 1);
-        assert_eq!(c[0].shares.keys().collect::<Vec<_>>(), [TENANT_IDLE]);
+        assert_eq!(
+            c[0].shares.keys().copied().collect::<Vec<_>>(),
+            [TENANT_IDLE]
+        );
         assert_eq!(c[0].shares[TENANT_IDLE].allocated_seconds, 1.5);
         assert_eq!(c[0].shares[TENANT_IDLE].energy_joules, 105.0);
     }
@@ -348,7 +353,7 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].seconds, 0.0);
         assert_eq!(
-            c[0].shares.keys().collect::<Vec<_>>(),
+            c[0].shares.keys().copied().collect::<Vec<_>>(),
             [TENANT_UNATTRIBUTED]
         );
         assert_eq!(c[0].shares[TENANT_UNATTRIBUTED].energy_joules, 42.0);
@@ -440,19 +445,25 @@ mod tests {
         let dt = 2.0;
         let c = charges(&parent, &instances, Some(dt), Some(700.0), Some(50.0));
         assert_eq!(
-            c.iter().map(|c| c.gpu.as_str()).collect::<Vec<_>>(),
+            c.iter().map(|c| c.gpu).collect::<Vec<_>>(),
             ["2/1/0", "2/2/0", "2/3/0", "2"]
         );
         // Each instance's holders plus `_idle` fill the interval.
         for inst in &c[..3] {
             assert_eq!(inst.seconds, dt);
-            close(allocated(inst), dt, &inst.gpu);
+            close(allocated(inst), dt, inst.gpu);
             assert!(inst.shares.values().all(|s| s.sm_seconds.is_none()));
         }
-        assert_eq!(c[2].shares.keys().collect::<Vec<_>>(), [TENANT_IDLE]);
+        assert_eq!(
+            c[2].shares.keys().copied().collect::<Vec<_>>(),
+            [TENANT_IDLE]
+        );
         // The parent carries the unoccupied 2/7, in GPU-equivalent seconds.
         close(c[3].seconds, dt * 2.0 / 7.0, "parent seconds");
-        assert_eq!(c[3].shares.keys().collect::<Vec<_>>(), [TENANT_IDLE]);
+        assert_eq!(
+            c[3].shares.keys().copied().collect::<Vec<_>>(),
+            [TENANT_IDLE]
+        );
         close(allocated(&c[3]), c[3].seconds, "parent allocated");
         // Energy by slice fraction, summing to the parent's delta.
         close(energy(&c), 700.0, "energy");
@@ -495,13 +506,8 @@ mod tests {
             ..gpu("2", vec![])
         };
         let instances = [instance("2/1/0", 3.0 / 7.0, vec![proc(1, "a", 1, None)])];
-        let mut all = charges(
-            &gpu("0", vec![proc(2, "b", 1, Some(0.4))]),
-            &[],
-            Some(1.0),
-            Some(100.0),
-            None,
-        );
+        let whole = gpu("0", vec![proc(2, "b", 1, Some(0.4))]);
+        let mut all = charges(&whole, &[], Some(1.0), Some(100.0), None);
         all.extend(charges(&parent, &instances, Some(1.0), Some(70.0), None));
         let rows = rows(&all);
         for c in &all {
@@ -510,7 +516,7 @@ mod tests {
                 .filter(|r| r.gpu == c.gpu)
                 .map(|r| r.allocated_seconds_total)
                 .sum();
-            close(sum, c.seconds, &c.gpu);
+            close(sum, c.seconds, c.gpu);
         }
     }
 
@@ -546,7 +552,8 @@ mod tests {
             utilization_ratio: Some(0.8),
             ..instance("2/1/0", 4.0 / 7.0, procs)
         };
-        let c = charges(&parent, &[measured], Some(2.0), Some(70.0), None);
+        let measured = [measured];
+        let c = charges(&parent, &measured, Some(2.0), Some(70.0), None);
         close(c[0].shares["a"].sm_seconds.unwrap(), 1.2, "a's SM seconds");
         close(c[0].shares["b"].sm_seconds.unwrap(), 0.4, "b's SM seconds");
         close(energy(&c), 70.0, "energy");

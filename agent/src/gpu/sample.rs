@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     attribution::Accounts,
+    pids::PidMap,
     snapshot::{EnergySource, GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TenantGpuUsage},
     states::{DeviceObs, ProcObs, StatesConfig, Tracker},
     tenants::Resolver,
@@ -54,7 +55,7 @@ struct DeviceState {
     util_cursor: u64,
     /// Last SM ratio per pid: NVML samples at its own period, so a cycle
     /// may bring no new sample; utilization is a rate, so it is held.
-    last_sm: HashMap<u32, f64>,
+    last_sm: PidMap<f64>,
     /// Last power seen while nobody held the device: its idle draw.
     idle_power_watts: Option<f64>,
     pcie_tx_bytes: f64,
@@ -377,7 +378,7 @@ impl Sampler {
             state.idle_power_watts,
         );
         for c in charges {
-            self.accounts.add(&c.gpu, &c.uuid, c.seconds, &c.shares);
+            self.accounts.add(c.gpu, c.uuid, c.seconds, &c.shares);
         }
         out.push(snap);
         out.extend(instances);

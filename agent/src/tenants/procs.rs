@@ -20,11 +20,12 @@
 //! CPU ticks ([`ProcCache::obs`]), so each holder's `stat` is read once per
 //! cycle however many devices (MIG instances and their parent) it holds.
 
-use std::{collections::HashMap, io, io::Read as _};
+use std::{fs::File, io, io::Read as _, os::unix::fs::FileExt as _};
 
 use super::Attribution;
 use crate::{
     paths,
+    pids::PidMap,
     states::{ProcObs, ProcState},
 };
 
@@ -50,53 +51,173 @@ pub trait ProcSource: Send + std::fmt::Debug {
     fn stat(&mut self, pid: u32) -> io::Result<Stat>;
     /// The cgroup v2 path of `pid`, when readable.
     fn cgroup(&mut self, pid: u32) -> Option<String>;
+    /// `pid` is no longer reported: anything kept for it can go.
+    fn forget(&mut self, _pid: u32) {}
 }
 
 /// The real `/proc`, with buffers reused between reads.
-#[derive(Debug, Default)]
+///
+/// Each process's `stat` file is kept open from one cycle to the next (up
+/// to a quarter of the descriptor limit), so a steady read is one
+/// `pread`: opening it anew walked `/proc/<pid>` in the kernel every
+/// cycle, the largest part of the sampler's kernel time in profiles. The
+/// open file follows the process, not the pid: once that process is
+/// reaped a read fails, and the pid's file is opened afresh (a reused pid
+/// then shows its new start time).
+#[derive(Debug)]
 pub struct ProcFs {
     path: String,
     buf: Vec<u8>,
+    open: PidMap<File>,
+    keep: usize,
+}
+
+impl Default for ProcFs {
+    fn default() -> Self {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        Self {
+            path: String::new(),
+            buf: Vec::new(),
+            open: PidMap::default(),
+            keep: usize::try_from(limit / 4).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// The whole of a `/proc` file from its start into `buf`.
+fn read_whole(file: &File, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.clear();
+    buf.reserve(1024);
+    loop {
+        let len = buf.len();
+        if len == buf.capacity() {
+            buf.reserve(len);
+        }
+        let room = buf.capacity() - len;
+        buf.resize(len + room, 0);
+        let n = file.read_at(&mut buf[len..], len as u64)?;
+        buf.truncate(len + n);
+        // A `/proc` file is generated whole: a short read is its end, and
+        // the extra read for an empty one is saved.
+        if n < room {
+            return Ok(());
+        }
+    }
 }
 
 impl ProcSource for ProcFs {
     fn stat(&mut self, pid: u32) -> io::Result<Stat> {
         // By hand rather than through `procfs`: its `Stat` owns the command
         // name and a path per read, an allocation per process per cycle.
-        paths::proc_stat_into(&mut self.path, pid);
-        self.buf.clear();
-        std::fs::File::open(&self.path)?.read_to_end(&mut self.buf)?;
+        let kept = self.open.get(&pid).map(|f| read_whole(f, &mut self.buf));
+        if !matches!(kept, Some(Ok(()))) {
+            // Not kept, or its process is gone: the pid's file now.
+            self.open.remove(&pid);
+            paths::proc_stat_into(&mut self.path, pid);
+            let file = File::open(&self.path)?;
+            read_whole(&file, &mut self.buf)?;
+            if self.open.len() < self.keep {
+                self.open.insert(pid, file);
+            }
+        }
         parse_stat(&self.buf).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("cannot parse {}", self.path),
+                format!("cannot parse /proc/{pid}/stat"),
             )
         })
     }
 
+    fn forget(&mut self, pid: u32) {
+        self.open.remove(&pid);
+    }
+
     fn cgroup(&mut self, pid: u32) -> Option<String> {
-        crate::cgroupfs::cgroup_of(pid).ok()
+        // By hand too: `procfs` opens `/proc/<pid>` first and owns a string
+        // per line of every hierarchy, ~30k instructions a read.
+        paths::proc_cgroup_into(&mut self.path, pid);
+        self.buf.clear();
+        File::open(&self.path)
+            .ok()?
+            .read_to_end(&mut self.buf)
+            .ok()?;
+        unified_cgroup(&self.buf).map(str::to_owned)
     }
 }
+
+/// The cgroup v2 path in a `/proc/<pid>/cgroup` text: the line with
+/// hierarchy id `0` and no controllers, `0::<path>` (the path may itself
+/// hold `:`), as [`crate::cgroupfs::Cgroups::unified`] reads it.
+pub fn unified_cgroup(text: &[u8]) -> Option<&str> {
+    text.split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"0::"))
+        .and_then(|path| std::str::from_utf8(path).ok())
+        .map(str::trim_end)
+}
+
+/// Where a `stat` line's command name ends at the latest: a pid (at most
+/// 10 digits), ` (`, the name (at most 64 bytes), `)`.
+const COMM_END_WITHIN: usize = 80;
 
 /// Fields 3 (state), 14 + 15 (utime, stime) and 22 (start time) of a
 /// `/proc/<pid>/stat` line. The command name (field 2) is in parentheses
 /// and may hold spaces and `)`, so fields are counted after the last `)`.
+/// One pass over the bytes up to field 22, digits summed as they come: it
+/// runs for every GPU process every cycle.
 pub fn parse_stat(line: &[u8]) -> Option<Stat> {
-    let close = line.iter().rposition(|&b| b == b')')?;
-    let mut fields = line[close + 1..]
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|f| !f.is_empty());
-    let number = |f: &[u8]| std::str::from_utf8(f).ok()?.parse::<u64>().ok();
-    let state = *fields.next()?.first()?;
-    // After the state (field 3): fields 4..=13 are skipped to reach 14.
-    let utime = number(fields.nth(10)?)?;
-    let stime = number(fields.next()?)?;
-    let start_time = number(fields.nth(6)?)?;
+    // The name is at most 64 bytes (the kernel's buffer for it), so its
+    // last `)` is near the start: searching back from the line's end
+    // cost most of the parse.
+    let head = &line[..line.len().min(COMM_END_WITHIN)];
+    let close = head.iter().rposition(|&b| b == b')')?;
+    let rest = &line[close + 1..];
+    // Field number of the token being read (3 is the state); its value.
+    let (mut field, mut value, mut in_token) = (2u32, 0u64, false);
+    let (mut state, mut utime, mut stime) = (None, 0u64, 0u64);
+    for &b in rest {
+        if b.is_ascii_whitespace() {
+            if in_token {
+                match field {
+                    14 => utime = value,
+                    15 => stime = value,
+                    22 => {
+                        return Some(Stat {
+                            state: state?,
+                            cpu_ticks: utime + stime,
+                            start_time: value,
+                        });
+                    }
+                    _ => {}
+                }
+                in_token = false;
+            }
+            continue;
+        }
+        if !in_token {
+            in_token = true;
+            field += 1;
+            value = 0;
+            if field == 3 {
+                state = Some(b);
+                continue;
+            }
+        }
+        if matches!(field, 14 | 15 | 22) {
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 {
+                return None;
+            }
+            value = value.checked_mul(10)?.checked_add(u64::from(digit))?;
+        }
+    }
+    // The line ended inside field 22.
+    (in_token && field == 22).then_some(())?;
     Some(Stat {
-        state,
+        state: state?,
         cpu_ticks: utime + stime,
-        start_time,
+        start_time: value,
     })
 }
 
@@ -117,7 +238,7 @@ pub struct ProcCache {
     /// Where `stat` and `cgroup` are read (the resolver reads a process's
     /// cgroup through it when the cache has none).
     pub(super) source: Box<dyn ProcSource>,
-    entries: HashMap<u32, Entry>,
+    entries: PidMap<Entry>,
     cycle: u64,
 }
 
@@ -131,7 +252,7 @@ impl ProcCache {
     pub fn new(source: Box<dyn ProcSource>) -> Self {
         Self {
             source,
-            entries: HashMap::new(),
+            entries: PidMap::default(),
             // Entries start at `seen: 0`: cycle 0 would never read them.
             cycle: 1,
         }
@@ -145,7 +266,14 @@ impl ProcCache {
     /// Ends a cycle: forgets the pids it did not report.
     pub fn end_cycle(&mut self) {
         let cycle = self.cycle;
-        self.entries.retain(|_, e| e.seen == cycle);
+        let source = &mut self.source;
+        self.entries.retain(|&pid, e| {
+            let seen = e.seen == cycle;
+            if !seen {
+                source.forget(pid);
+            }
+            seen
+        });
     }
 
     /// How many processes are cached.
@@ -229,7 +357,10 @@ impl ProcCache {
 pub(crate) mod fake {
     //! A `/proc` held in memory, shared with the test that changes it.
 
-    use std::sync::{Arc, Mutex};
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex},
+    };
 
     use super::*;
 
@@ -308,6 +439,91 @@ mod tests {
         );
         assert_eq!(parse_stat(b"1 (x) S 1 2"), None);
         assert_eq!(parse_stat(b""), None);
+    }
+
+    #[test]
+    fn stat_agrees_with_procfs_and_ends_at_field_22() {
+        let me = std::process::id();
+        let text = std::fs::read(format!("/proc/{me}/stat")).unwrap();
+        let mine = parse_stat(&text).unwrap();
+        let theirs = procfs::process::Process::myself().unwrap().stat().unwrap();
+        assert_eq!(mine.state, theirs.state as u8);
+        assert_eq!(mine.start_time, theirs.starttime);
+        // CPU ticks move while the test runs: procfs read the file later.
+        assert!(mine.cpu_ticks <= theirs.utime + theirs.stime);
+        // A line cut right after field 22 still parses; a number that is
+        // not one does not.
+        let cut = b"7 (a b) R 1 1 1 0 -1 0 0 0 0 0 5 6 0 0 20 0 1 0 99";
+        assert_eq!(
+            parse_stat(cut),
+            Some(Stat {
+                state: b'R',
+                cpu_ticks: 11,
+                start_time: 99
+            })
+        );
+        assert_eq!(
+            parse_stat(b"7 (a) R 1 1 1 0 -1 0 0 0 0 0 5 x 0 0 20 0 1 0 99 1"),
+            None
+        );
+        // The longest name the kernel writes (63 bytes, here all `)`)
+        // after the longest pid.
+        let longest = format!(
+            "4294967295 ({}) S 1 1 1 0 -1 0 0 0 0 0 5 6 0 0 20 0 1 0 99 1",
+            ")".repeat(63)
+        );
+        assert_eq!(
+            parse_stat(longest.as_bytes()).map(|s| s.start_time),
+            Some(99)
+        );
+    }
+
+    #[test]
+    fn unified_cgroup_is_the_0_line_with_colons_kept() {
+        let text = b"12:memory:/user.slice\n1:name=systemd:/init.scope\n0::/tally/a:b/job1\n";
+        assert_eq!(unified_cgroup(text), Some("/tally/a:b/job1"));
+        assert_eq!(unified_cgroup(b"0::/\n"), Some("/"));
+        assert_eq!(unified_cgroup(b"3:cpu:/x\n"), None);
+        // The same answer as the `procfs` reading for this process.
+        let me = std::process::id();
+        assert_eq!(
+            ProcFs::default().cgroup(me),
+            crate::cgroupfs::cgroup_of(me).ok()
+        );
+        assert_eq!(ProcFs::default().cgroup(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_kept_stat_file_follows_its_process_until_it_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut fs = ProcFs::default();
+        let first = fs.stat(pid).unwrap();
+        assert!(fs.open.contains_key(&pid), "the file is kept");
+        // The second read goes through the kept file and sees the same
+        // process.
+        assert_eq!(fs.stat(pid).unwrap().start_time, first.start_time);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(fs.stat(pid).is_err(), "a reaped process has no stat");
+        assert!(!fs.open.contains_key(&pid), "its file is closed");
+        // Forgetting closes a kept file.
+        fs.stat(std::process::id()).unwrap();
+        fs.forget(std::process::id());
+        assert!(fs.open.is_empty());
+    }
+
+    #[test]
+    fn no_more_files_are_kept_than_allowed() {
+        let mut fs = ProcFs {
+            keep: 0,
+            ..ProcFs::default()
+        };
+        fs.stat(std::process::id()).unwrap();
+        assert!(fs.open.is_empty());
     }
 
     #[test]

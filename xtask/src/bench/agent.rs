@@ -41,8 +41,8 @@ mig = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10g
 /// Where the agent's CPU goes when the footprint target is missed.
 const FOOTPRINT_BOTTLENECK: &str = "
 **Where the agent's CPU goes.** Tally's own work per cycle on the `tally-sampler` thread is \
-now one `/proc/<pid>/stat` read per GPU process into reused buffers (its start time checks \
-the process cache, its state and CPU ticks feed the GPU states); `/proc/<pid>/cgroup` is read \
+now one `/proc/<pid>/stat` read per GPU process, a `pread` of the file kept open from the \
+cycle before, into reused buffers (its start time checks the process cache, its state and CPU ticks feed the GPU states); `/proc/<pid>/cgroup` is read \
 for new pids and re-read for about 1/16 of the cached ones per cycle (moved processes); an \
 unknown cgroup id is opened by its kernfs handle instead of walking the tree \
 (`agent/src/tenants/procs.rs`, `agent/src/probes/cgroups.rs`). The instruction counts of \
@@ -305,6 +305,34 @@ pub(super) fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec
         }));
     }
     out
+}
+
+/// `cargo xtask bench --instructions`: the callgrind counts alone, as the
+/// text benchmark 2 shows them, with where the dumps are (for
+/// `callgrind_annotate`).
+pub(super) fn instructions_only(ctx: &Ctx) -> anyhow::Result<String> {
+    let cuda = fake_cuda()
+        .map_err(|e| eprintln!("bench: no fake libcuda ({e:#}); the pcie probe has no library"))
+        .ok();
+    let (procs, tenants) = if ctx.quick {
+        (64, 16)
+    } else {
+        (BASE_PROCS, BASE_TENANTS)
+    };
+    let node = Node::build("callgrind", procs, tenants)?;
+    let counted: Counted = instructions(ctx, &node, cuda.as_ref()).map_err(|e| format!("{e:#}"));
+    Ok(format!(
+        "{procs} processes, {tenants} tenants; dumps in {}\n{}",
+        node.dir.join("callgrind").display(),
+        counted_text(
+            Some(&counted),
+            &[
+                ("sample cycle", callgrind::SAMPLE),
+                ("snapshot (its /metrics body)", callgrind::RENDER),
+                ("scrape", callgrind::SCRAPE),
+            ],
+        )
+    ))
 }
 
 /// Instructions per call of each counted function (callgrind).

@@ -44,6 +44,11 @@ pub(crate) struct Options {
     /// Use the release binaries as they are (no `cargo build --release`).
     #[arg(long)]
     pub no_build: bool,
+    /// Only count instructions per call under callgrind at ×1 (benchmarks
+    /// 2 and 3's load-independent rows) and print them; writes no report.
+    /// A quick check of a hot-path change (minutes, not the whole run).
+    #[arg(long, conflicts_with_all = ["only", "output"])]
+    pub instructions: bool,
 }
 
 /// Every benchmark, in run order.
@@ -180,6 +185,10 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         if !p.exists() {
             bail!("{} is not built: run without --no-build", p.display());
         }
+    }
+    if o.instructions {
+        println!("{}", agent::instructions_only(&ctx)?);
+        return Ok(());
     }
     let wanted = |n: &str| o.only.is_empty() || o.only.iter().any(|x| x == n);
     let started = Instant::now();
