@@ -127,10 +127,19 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
     let pin = PathBuf::from(format!("/sys/fs/bpf/tally-soak-{}", std::process::id()));
     let started = utc_now();
+    // What was built, said at the start: main may move during an hour.
+    let built = if o.no_build {
+        format!(
+            "release binaries as found (--no-build), HEAD `{}` at the start",
+            short_commit()
+        )
+    } else {
+        format!("release build of commit `{}`", short_commit())
+    };
     let result = caught(|| soak(&o, &launch, &dir, &pin));
     let _ = fs::remove_dir_all(&pin);
     let (criteria, facts) = result?;
-    let report = render(&o, &started, &criteria, &facts);
+    let report = render(&o, &started, &built, &criteria, &facts);
     let out = dir.join("result.md");
     fs::write(&out, &report).with_context(|| format!("write {}", out.display()))?;
     println!("{report}");
@@ -508,15 +517,14 @@ fn probes_up(m: &Metrics) -> String {
 }
 
 /// The result as Markdown, for the terminal and `docs/faults.md`.
-fn render(o: &Options, started: &str, criteria: &[Criterion], facts: &str) -> String {
-    let commit = short_commit();
+fn render(o: &Options, started: &str, built: &str, criteria: &[Criterion], facts: &str) -> String {
     let load = loadavg();
     let pass = criteria.iter().all(|c| c.pass);
     let mut r = String::new();
     let _ = writeln!(
         r,
-        "`cargo xtask soak --minutes {} --rate {}`, started {started}, release build of \
-         commit `{commit}`, load average {} at the end: **{}**.\n",
+        "`cargo xtask soak --minutes {} --rate {}`, started {started}, {built}, load average \
+         {} at the end: **{}**.\n",
         o.minutes,
         o.rate,
         load,

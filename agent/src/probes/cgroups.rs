@@ -166,7 +166,19 @@ impl CgroupPaths {
             }
             paths.insert(id, path);
         }
+        self.forget_all_but(&paths);
         paths
+    }
+
+    /// Keeps the cache near the live ids: a cgroup opened by its handle
+    /// stays cached, and job cgroups come and go by the hundred thousand
+    /// an hour (the soak found +23 MiB/h). Once the cache outgrows the
+    /// ids of a sample well, only theirs are kept; the rest are found
+    /// again by handle if they are ever asked for.
+    fn forget_all_but(&mut self, live: &HashMap<u64, Option<String>>) {
+        if self.by_id.len() > 4 * live.len() + 1024 {
+            self.by_id.retain(|id, _| live.contains_key(id));
+        }
     }
 
     /// Re-reads the whole hierarchy into the cache.
@@ -338,6 +350,27 @@ mod tests {
             io::ErrorKind::Unsupported,
             "not kernfs"
         )));
+    }
+
+    #[test]
+    fn cgroups_no_sample_asks_for_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        let id_a = cgroup_id(&dir.path().join("a")).unwrap();
+        let mut paths = CgroupPaths::new(dir.path());
+        paths.walk();
+        // Job cgroups opened by handle earlier, removed since.
+        for id in 1_000_000..1_005_000 {
+            paths.by_id.insert(id, format!("/job{id}"));
+        }
+        let found = paths.resolve_all([id_a]);
+        assert_eq!(found[&id_a].as_deref(), Some("/a"));
+        assert_eq!(paths.walks(), 1, "answered from the cache");
+        assert_eq!(paths.by_id.len(), 1, "only the live id is kept");
+        // A cache no bigger than the live ids allow is left alone.
+        paths.by_id.insert(7, "/seven".into());
+        paths.resolve_all([id_a]);
+        assert!(paths.by_id.contains_key(&7));
     }
 
     #[test]
