@@ -9,7 +9,7 @@ use tally_contract::{
 
 use super::{
     Ledger, LedgerError, i,
-    rows::{MAX_ROWS, plain, values},
+    rows::{MAX_ROWS, numbered, plain, values},
 };
 use crate::audit_keys::{KeyFor, NodeKeys};
 
@@ -115,7 +115,7 @@ pub(super) async fn store(
             let sql = format!(
                 "INSERT INTO audit (report_id, node, time_ms, tenant, action, prev_sha256, \
                  sha256, problem, record) VALUES {}",
-                values(chunk.len(), &plain(9))
+                values(chunk.len(), &plain(9), numbered(conn))
             );
             let mut q = sqlx::query(&sql);
             for (a, problem, record) in chunk {

@@ -8,7 +8,7 @@ use tally_contract::wire::Report;
 
 use super::{
     Ledger, LedgerError,
-    rows::{MAX_ROWS, values},
+    rows::{MAX_ROWS, numbered, values},
 };
 
 /// One row of `nodes`.
@@ -94,7 +94,11 @@ pub(super) async fn store(
         let sql = format!(
             "INSERT INTO tenant_quota_state (node, tenant, resource, limit_value, usage_value, \
              updated_ms) VALUES {}",
-            values(chunk.len(), &["?", "?", "?", "?", "NULLIF(?, -1.0)", "?"])
+            values(
+                chunk.len(),
+                &["?", "?", "?", "?", "NULLIF(?, -1.0)", "?"],
+                numbered(conn)
+            )
         );
         let mut q = sqlx::query(&sql);
         for ((tenant, resource), quota) in chunk {

@@ -8,7 +8,7 @@ use tally_contract::wire::{GpuGauge, Report};
 
 use super::{
     Ledger, LedgerError, audit, cluster, i,
-    rows::{MAX_ROWS, plain, values},
+    rows::{MAX_ROWS, numbered, plain, values},
     totals::TenantTotals,
 };
 use crate::audit_keys::NodeKeys;
@@ -127,7 +127,7 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
             "INSERT INTO gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, \
              mig_profile, slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj) \
              VALUES {}",
-            values(chunk.len(), &plain(13))
+            values(chunk.len(), &plain(13), numbered(conn))
         );
         let mut q = sqlx::query(&sql);
         for u in chunk {
@@ -154,7 +154,7 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
              network_ingress_bytes, network_egress_bytes, network_ingress_packets, \
              network_egress_packets, network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes) \
              VALUES {}",
-            values(chunk.len(), &plain(11))
+            values(chunk.len(), &plain(11), numbered(conn))
         );
         let mut q = sqlx::query(&sql);
         for u in chunk {
@@ -248,7 +248,7 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
              used_us = gpu_usage_hourly.used_us + excluded.used_us, \
              energy_mj = gpu_usage_hourly.energy_mj + excluded.energy_mj, \
              memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds",
-            values(chunk.len(), &plain(9))
+            values(chunk.len(), &plain(9), numbered(conn))
         );
         let mut q = sqlx::query(&sql);
         for ((tenant, model, slice), h) in chunk {
@@ -275,7 +275,7 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
              network_egress_bytes = io_usage_hourly.network_egress_bytes + excluded.network_egress_bytes, \
              pcie_h2d_bytes = io_usage_hourly.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
              pcie_d2h_bytes = io_usage_hourly.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
-            values(chunk.len(), &plain(7))
+            values(chunk.len(), &plain(7), numbered(conn))
         );
         let mut q = sqlx::query(&sql);
         for (tenant, h) in chunk {
@@ -305,7 +305,7 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
              network_egress_bytes = tenant_node_totals.network_egress_bytes + excluded.network_egress_bytes, \
              pcie_h2d_bytes = tenant_node_totals.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
              pcie_d2h_bytes = tenant_node_totals.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
-            values(chunk.len(), &plain(10))
+            values(chunk.len(), &plain(10), numbered(conn))
         );
         let mut q = sqlx::query(&sql);
         for (tenant, t) in chunk {
@@ -368,7 +368,7 @@ async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(),
              processes = excluded.processes, updated_ms = excluded.updated_ms, \
              state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode \
              WHERE gpu_state.updated_ms <= excluded.updated_ms",
-            values(chunk.len(), &template)
+            values(chunk.len(), &template, numbered(conn))
         );
         let mut q = sqlx::query(&sql);
         for g in chunk {
