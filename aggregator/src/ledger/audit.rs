@@ -7,7 +7,10 @@ use tally_contract::{
     wire::{AuditRecord, GENESIS_SHA256, Report},
 };
 
-use super::{Ledger, LedgerError, i};
+use super::{
+    Ledger, LedgerError, i,
+    rows::{MAX_ROWS, numbered, plain, values},
+};
 use crate::audit_keys::{KeyFor, NodeKeys};
 
 /// One stored audit record.
@@ -96,6 +99,7 @@ pub(super) async fn store(
             None => (None, false),
         };
         let key = keys.get(&r.node);
+        let mut rows = Vec::with_capacity(r.audit.len());
         for a in &r.audit {
             let problem = chain_problem(head.as_deref(), keyed, a, &r.node, key);
             keyed |= a.rest.contains_key("hmac_sha256");
@@ -103,22 +107,30 @@ pub(super) async fn store(
                 audit_breaks.push(p.clone());
             }
             let record = serde_json::to_string(a).unwrap_or_default();
-            sqlx::query(
-                "INSERT INTO audit (report_id, node, time_ms, tenant, action, prev_sha256, \
-                     sha256, problem, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(id)
-            .bind(&r.node)
-            .bind(audit_time(a).map(i).unwrap_or(end))
-            .bind(a.tenant.clone().filter(|t| !t.is_empty()))
-            .bind(a.action.clone())
-            .bind(&a.prev_sha256)
-            .bind(&a.sha256)
-            .bind(problem)
-            .bind(record)
-            .execute(&mut *conn)
-            .await?;
+            rows.push((a, problem, record));
             head = Some(a.sha256.clone());
+        }
+        // In the report's order: the ids keep the chain's order.
+        for chunk in rows.chunks(MAX_ROWS) {
+            let sql = format!(
+                "INSERT INTO audit (report_id, node, time_ms, tenant, action, prev_sha256, \
+                 sha256, problem, record) VALUES {}",
+                values(chunk.len(), &plain(9), numbered(conn))
+            );
+            let mut q = sqlx::query(&sql);
+            for (a, problem, record) in chunk {
+                q = q
+                    .bind(id)
+                    .bind(&r.node)
+                    .bind(audit_time(a).map(i).unwrap_or(end))
+                    .bind(a.tenant.clone().filter(|t| !t.is_empty()))
+                    .bind(a.action.clone())
+                    .bind(&a.prev_sha256)
+                    .bind(&a.sha256)
+                    .bind(problem.clone())
+                    .bind(record.as_str());
+            }
+            q.execute(&mut *conn).await?;
         }
         sqlx::query(
             "INSERT INTO audit_heads (node, sha256, keyed) VALUES ($1, $2, $3) \

@@ -1,6 +1,10 @@
-//! What chargeback reads: usage summed per group over a period.
+//! What chargeback reads: usage summed per group over a period, from the
+//! hourly rollups and, for partial hours, the raw rows.
 
-use super::{Ledger, LedgerError};
+use super::{
+    Ledger, LedgerError,
+    ingest::{HOUR_MS, hour_of},
+};
 
 /// Usage of one (tenant, node, model, slice) over a period.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -28,14 +32,101 @@ pub(crate) struct IoGroup {
     pub pcie_d2h_bytes: i64,
 }
 
+/// The whole hours `[a, b)` inside `[from_ms, to_ms)`, read from the
+/// rollups; the rest of the period, `[from_ms, a)` and `[b, to_ms)`, is
+/// read from raw rows. `a == b` when the period holds no whole hour.
+fn whole_hours(from_ms: i64, to_ms: i64) -> (i64, i64) {
+    let a = hour_of(from_ms.saturating_add(HOUR_MS - 1));
+    let b = hour_of(to_ms);
+    if a < b { (a, b) } else { (to_ms, to_ms) }
+}
+
 impl Ledger {
-    /// GPU usage of reports whose interval ends in `[from_ms, to_ms)`.
+    /// GPU usage of reports whose interval ends in `[from_ms, to_ms)`:
+    /// the hourly rollup for whole hours, raw rows for partial ones. The
+    /// rollup holds the raw rows' integer sums, so the result is the same
+    /// as summing the raw rows (memory byte-seconds, summed as doubles,
+    /// exactly so while the sums stay below 2^53).
     pub(crate) async fn gpu_groups(
         &self,
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<GpuGroup>, LedgerError> {
-        Ok(sqlx::query_as(
+        let (a, b) = whole_hours(from_ms, to_ms);
+        let raw = "SELECT tenant, node, model, slice_fraction, allocated_us, \
+                   COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
+                   CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds \
+                   FROM gpu_usage";
+        Ok(sqlx::query_as(&format!(
+            "SELECT tenant, node, model, slice_fraction, \
+             CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
+             CAST(SUM(used_us) AS BIGINT) AS used_us, \
+             CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
+             CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds \
+             FROM (SELECT tenant, node, model, slice_fraction, allocated_us, used_us, energy_mj, \
+             memory_byte_seconds FROM gpu_usage_hourly WHERE hour_ms >= $3 AND hour_ms < $4 \
+             UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3 \
+             UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2) u \
+             GROUP BY tenant, node, model, slice_fraction \
+             ORDER BY tenant, node, model, slice_fraction"
+        ))
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(a)
+        .bind(b)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// I/O of reports whose interval ends in `[from_ms, to_ms)`, read as
+    /// [`Self::gpu_groups`] reads GPU usage.
+    pub(crate) async fn io_groups(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<IoGroup>, LedgerError> {
+        let (a, b) = whole_hours(from_ms, to_ms);
+        let cols = "tenant, node, network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, \
+                    pcie_d2h_bytes";
+        Ok(sqlx::query_as(&format!(
+            "SELECT tenant, node, \
+             CAST(SUM(network_ingress_bytes) AS BIGINT) AS network_ingress_bytes, \
+             CAST(SUM(network_egress_bytes) AS BIGINT) AS network_egress_bytes, \
+             CAST(SUM(pcie_h2d_bytes) AS BIGINT) AS pcie_h2d_bytes, \
+             CAST(SUM(pcie_d2h_bytes) AS BIGINT) AS pcie_d2h_bytes \
+             FROM (SELECT {cols} FROM io_usage_hourly WHERE hour_ms >= $3 AND hour_ms < $4 \
+             UNION ALL SELECT {cols} FROM io_usage \
+             WHERE interval_end_ms >= $1 AND interval_end_ms < $3 \
+             UNION ALL SELECT {cols} FROM io_usage \
+             WHERE interval_end_ms >= $4 AND interval_end_ms < $2) u \
+             GROUP BY tenant, node ORDER BY tenant, node"
+        ))
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(a)
+        .bind(b)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_contract::wire::GpuUsage;
+
+    use super::*;
+    use crate::{
+        audit_keys::NodeKeys,
+        ledger::ingest::{Ingested, tests::report},
+    };
+
+    /// An hour boundary, in ms.
+    const H: i64 = 1_800_000_000_000 / HOUR_MS * HOUR_MS;
+
+    /// GPU usage summed from raw rows alone: what chargeback read before
+    /// the rollups.
+    async fn raw_gpu(l: &Ledger, from: i64, to: i64) -> Vec<GpuGroup> {
+        sqlx::query_as(
             "SELECT tenant, node, model, slice_fraction, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT) AS used_us, \
@@ -46,19 +137,16 @@ impl Ledger {
              GROUP BY tenant, node, model, slice_fraction \
              ORDER BY tenant, node, model, slice_fraction",
         )
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(&self.pool)
-        .await?)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&l.pool)
+        .await
+        .unwrap()
     }
 
-    /// I/O of reports whose interval ends in `[from_ms, to_ms)`.
-    pub(crate) async fn io_groups(
-        &self,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<IoGroup>, LedgerError> {
-        Ok(sqlx::query_as(
+    /// I/O summed from raw rows alone.
+    async fn raw_io(l: &Ledger, from: i64, to: i64) -> Vec<IoGroup> {
+        sqlx::query_as(
             "SELECT tenant, node, \
              CAST(SUM(network_ingress_bytes) AS BIGINT) AS network_ingress_bytes, \
              CAST(SUM(network_egress_bytes) AS BIGINT) AS network_egress_bytes, \
@@ -67,9 +155,136 @@ impl Ledger {
              FROM io_usage WHERE interval_end_ms >= $1 AND interval_end_ms < $2 \
              GROUP BY tenant, node ORDER BY tenant, node",
         )
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(&self.pool)
-        .await?)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&l.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Reports of two nodes every 7 minutes over five hours, with usage of
+    /// three tenants on two models, MIG slices and GPUs without SM time.
+    async fn fill(l: &Ledger) {
+        let keys = NodeKeys::default();
+        for node in ["n1", "n2"] {
+            for seq in 1..=43u64 {
+                let mut r = report(node, seq);
+                let end = H as u64 + seq * 7 * 60_000 - 1 + u64::from(node == "n2") * 1_000;
+                r.interval_end_ms = end;
+                r.interval_start_ms = end - 7 * 60_000;
+                let template = r.gpu_usage[0].clone();
+                r.gpu_usage = (0..6u64)
+                    .map(|k| GpuUsage {
+                        tenant: format!("t{}", (seq + k) % 3),
+                        gpu: k.to_string(),
+                        uuid: format!("GPU-{k}"),
+                        model: if k % 2 == 0 { "H100" } else { "A100" }.into(),
+                        slice_fraction: if k == 5 { 3.0 / 7.0 } else { 1.0 },
+                        allocated_us: 420_000_000 - seq * 1_000 - k,
+                        sm_us: (k != 3).then_some(100_000_000 + seq * 7 + k),
+                        memory_byte_seconds: (1 << 40) + seq * 12_345 + k,
+                        energy_mj: 84_000_000 + seq + k,
+                        ..template.clone()
+                    })
+                    .collect();
+                r.io_usage[0].tenant = format!("t{}", seq % 3);
+                r.io_usage[0].network_ingress_bytes = seq * 1_000_003;
+                r.io_usage[0].pcie_h2d_bytes = seq * 77;
+                let Ingested::Stored { .. } = l.ingest(&r, &r.digest(), 1, &keys).await.unwrap()
+                else {
+                    panic!("report {node}/{seq} not stored")
+                };
+            }
+        }
+    }
+
+    /// Every kind of period: whole hours, partial hours at either edge or
+    /// both, inside one hour, empty, and everything.
+    fn periods() -> Vec<(i64, i64)> {
+        let m = 60_000;
+        vec![
+            (0, i64::MAX),
+            (H, H + 3 * HOUR_MS),
+            (H + HOUR_MS, H + 2 * HOUR_MS),
+            (H + 1, H + 3 * HOUR_MS - 1),
+            (H + 13 * m, H + 4 * HOUR_MS + 5 * m),
+            (H - HOUR_MS / 2, H + 2 * HOUR_MS + 7 * m - 1),
+            (H + 7 * m - 1, H + 14 * m - 1),
+            (H + 10 * m, H + 50 * m),
+            (H + HOUR_MS, H + HOUR_MS),
+            (H + 2 * HOUR_MS + 1, H + 5 * HOUR_MS + 31 * m),
+        ]
+    }
+
+    async fn rollups_match_raw_rows(l: &Ledger) {
+        fill(l).await;
+        for (from, to) in periods() {
+            let gpu = l.gpu_groups(from, to).await.unwrap();
+            assert_eq!(
+                gpu,
+                raw_gpu(l, from, to).await,
+                "GPU usage in [{from}, {to})"
+            );
+            let io = l.io_groups(from, to).await.unwrap();
+            assert_eq!(io, raw_io(l, from, to).await, "I/O in [{from}, {to})");
+        }
+        // Not vacuous: the whole period has every group, read from rollups.
+        let all = l.gpu_groups(H, H + 6 * HOUR_MS).await.unwrap();
+        assert_eq!(all.len(), 2 * 3 * 3, "{all:?}");
+        let hourly: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM gpu_usage_hourly")
+            .fetch_one(&l.pool)
+            .await
+            .unwrap();
+        assert!(hourly > 0);
+    }
+
+    #[tokio::test]
+    async fn rollups_give_the_raw_rows_sums_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        rollups_match_raw_rows(&Ledger::open(&url, 4).await.unwrap()).await;
+    }
+
+    /// Runs on the test PostgreSQL that `cargo xtask test` starts
+    /// (`TALLY_TEST_POSTGRES_URL`); says skipped without one.
+    #[tokio::test]
+    async fn rollups_give_the_raw_rows_sums_on_postgres() {
+        let Some(server) = std::env::var("TALLY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
+            return;
+        };
+        let name = format!(
+            "tally_rollups_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&server).await.unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let (base, _) = server.rsplit_once('/').unwrap();
+        let ledger = Ledger::open(&format!("{base}/{name}"), 4).await.unwrap();
+        rollups_match_raw_rows(&ledger).await;
+    }
+
+    #[test]
+    fn whole_hours_are_inside_the_period() {
+        assert_eq!(whole_hours(H, H + HOUR_MS), (H, H + HOUR_MS));
+        assert_eq!(
+            whole_hours(H + 1, H + 3 * HOUR_MS - 1),
+            (H + HOUR_MS, H + 2 * HOUR_MS)
+        );
+        assert_eq!(whole_hours(H + 1, H + HOUR_MS), (H + HOUR_MS, H + HOUR_MS));
+        assert_eq!(whole_hours(H + 1, H + 2), (H + 2, H + 2));
     }
 }

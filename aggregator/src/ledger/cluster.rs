@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 
 use tally_contract::wire::Report;
 
-use super::{Ledger, LedgerError, i};
+use super::{
+    Ledger, LedgerError,
+    rows::{MAX_ROWS, numbered, values},
+};
 
 /// One row of `nodes`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -63,43 +66,19 @@ pub(crate) struct ClusterRows {
     pub quotas: Vec<QuotaRow>,
 }
 
-/// Stored in the ingest transaction of a report: the GPU states, tenants
-/// and MIG mode of its gauges, its interval and quotas, where the report
-/// is the node's newest (an older report replayed from a spool changes
-/// nothing here, like it changes nothing in `gpu_state`).
+/// Stored in the ingest transaction of a report that is its node's
+/// `newest`: its tenants' quotas (an older report replayed from a spool
+/// changes nothing here, like it changes nothing in `gpu_state`, whose
+/// GPU states, tenants and MIG mode ingest writes with the gauges).
 pub(super) async fn store(
     conn: &mut sqlx::AnyConnection,
     r: &Report,
     end: i64,
+    newest: bool,
 ) -> Result<(), sqlx::Error> {
-    for g in &r.gpus {
-        let tenants = serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into());
-        sqlx::query(
-            "UPDATE gpu_state SET state = $1, tenants = $2, mig_mode = $3 \
-             WHERE node = $4 AND uuid = $5 AND updated_ms = $6",
-        )
-        .bind((!g.state.is_empty()).then(|| g.state.clone()))
-        .bind(tenants)
-        .bind(i64::from(g.mig_mode))
-        .bind(&r.node)
-        .bind(&g.uuid)
-        .bind(end)
-        .execute(&mut *conn)
-        .await?;
-    }
-    let newest: Option<i64> =
-        sqlx::query_scalar("SELECT last_interval_end_ms FROM nodes WHERE node = $1")
-            .bind(&r.node)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if newest != Some(end) {
+    if !newest {
         return Ok(());
     }
-    sqlx::query("UPDATE nodes SET report_interval_ms = $1 WHERE node = $2")
-        .bind(r.report_interval_ms.map(i))
-        .bind(&r.node)
-        .execute(&mut *conn)
-        .await?;
     sqlx::query("DELETE FROM tenant_quota_state WHERE node = $1")
         .bind(&r.node)
         .execute(&mut *conn)
@@ -110,23 +89,32 @@ pub(super) async fn store(
         .iter()
         .map(|q| ((q.tenant.as_str(), q.resource.as_str()), q))
         .collect();
-    for ((tenant, resource), q) in quotas {
-        sqlx::query(
+    let quotas: Vec<_> = quotas.into_iter().collect();
+    for chunk in quotas.chunks(MAX_ROWS) {
+        let sql = format!(
             "INSERT INTO tenant_quota_state (node, tenant, resource, limit_value, usage_value, \
-             updated_ms) VALUES ($1, $2, $3, $4, NULLIF($5, -1.0), $6)",
-        )
-        .bind(&r.node)
-        .bind(tenant)
-        .bind(resource)
-        .bind(q.limit)
-        // A NULL double from sqlx's `Any` driver reaches PostgreSQL as a
-        // float4, the prepared statement keeps that type, and the next real
-        // usage is refused: an unknown usage travels as -1 (usage is never
-        // negative) and becomes NULL in SQL.
-        .bind(q.usage.unwrap_or(-1.0))
-        .bind(end)
-        .execute(&mut *conn)
-        .await?;
+             updated_ms) VALUES {}",
+            values(
+                chunk.len(),
+                &["?", "?", "?", "?", "NULLIF(?, -1.0)", "?"],
+                numbered(conn)
+            )
+        );
+        let mut q = sqlx::query(&sql);
+        for ((tenant, resource), quota) in chunk {
+            q = q
+                .bind(&r.node)
+                .bind(*tenant)
+                .bind(*resource)
+                .bind(quota.limit)
+                // A NULL double from sqlx's `Any` driver reaches PostgreSQL
+                // as a float4, the prepared statement keeps that type, and
+                // the next real usage is refused: an unknown usage travels
+                // as -1 (usage is never negative) and becomes NULL in SQL.
+                .bind(quota.usage.unwrap_or(-1.0))
+                .bind(end);
+        }
+        q.execute(&mut *conn).await?;
     }
     Ok(())
 }

@@ -1,11 +1,25 @@
-//! Writing a report: one transaction per report (see [`super`]).
+//! Writing a report: its rows, its rollups and the node's latest state in
+//! one transaction of a few multi-row statements (see [`super`]).
 
 use std::collections::BTreeMap;
 
-use tally_contract::wire::Report;
+use sqlx::AnyConnection;
+use tally_contract::wire::{GpuGauge, Report};
 
-use super::{Ledger, LedgerError, audit, cluster, i, totals::TenantTotals};
+use super::{
+    Ledger, LedgerError, audit, cluster, i,
+    rows::{MAX_ROWS, numbered, plain, values},
+    totals::TenantTotals,
+};
 use crate::audit_keys::NodeKeys;
+
+/// Rollups are by the hour of a row's `interval_end_ms`.
+pub(super) const HOUR_MS: i64 = 3_600_000;
+
+/// The start of the hour that `ms` falls in.
+pub(super) fn hour_of(ms: i64) -> i64 {
+    ms - ms.rem_euclid(HOUR_MS)
+}
 
 /// What happened to an ingested report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +35,7 @@ pub(crate) enum Ingested {
 
 impl Ledger {
     /// Stores `r` exactly once (see the module docs), its audit records
-    /// checked with the nodes' `keys`.
+    /// checked with the nodes' `keys`. Returns once the report is durable.
     pub(crate) async fn ingest(
         &self,
         r: &Report,
@@ -29,174 +43,357 @@ impl Ledger {
         received_ms: i64,
         keys: &NodeKeys,
     ) -> Result<Ingested, LedgerError> {
+        if let Some(writer) = &self.writer {
+            return writer.ingest(r, digest, received_ms, keys).await;
+        }
         let mut tx = self.pool.begin().await?;
-        let id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO reports (node, boot_id, seq, interval_start_ms, interval_end_ms, \
-             received_ms, digest) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (node, boot_id, seq) DO NOTHING RETURNING id",
+        let out = write(&mut tx, r, digest, received_ms, keys).await?;
+        if matches!(out, Ingested::Stored { .. }) {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(out)
+    }
+}
+
+/// Writes `r` on `conn`, inside a transaction the caller commits, unless
+/// its (node, boot, seq) is claimed already: then nothing is written.
+pub(super) async fn write(
+    conn: &mut AnyConnection,
+    r: &Report,
+    digest: &str,
+    received_ms: i64,
+    keys: &NodeKeys,
+) -> Result<Ingested, sqlx::Error> {
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO reports (node, boot_id, seq, interval_start_ms, interval_end_ms, \
+         received_ms, digest) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (node, boot_id, seq) DO NOTHING RETURNING id",
+    )
+    .bind(&r.node)
+    .bind(&r.boot_id)
+    .bind(i(r.seq))
+    .bind(i(r.interval_start_ms))
+    .bind(i(r.interval_end_ms))
+    .bind(received_ms)
+    .bind(digest)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(id) = id else {
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT digest FROM reports WHERE node = $1 AND boot_id = $2 AND seq = $3",
         )
         .bind(&r.node)
         .bind(&r.boot_id)
         .bind(i(r.seq))
-        .bind(i(r.interval_start_ms))
-        .bind(i(r.interval_end_ms))
-        .bind(received_ms)
-        .bind(digest)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?;
-        let Some(id) = id else {
-            let existing: Option<String> = sqlx::query_scalar(
-                "SELECT digest FROM reports WHERE node = $1 AND boot_id = $2 AND seq = $3",
-            )
-            .bind(&r.node)
-            .bind(&r.boot_id)
-            .bind(i(r.seq))
-            .fetch_optional(&mut *tx)
-            .await?;
-            tx.rollback().await?;
-            return Ok(if existing.as_deref() == Some(digest) {
-                Ingested::Duplicate
-            } else {
-                Ingested::Conflict
-            });
-        };
-        let end = i(r.interval_end_ms);
-        let mut totals: BTreeMap<&str, TenantTotals> = BTreeMap::new();
-        for u in &r.gpu_usage {
-            sqlx::query(
-                "INSERT INTO gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, \
-                 model, mig_profile, slice_fraction, allocated_us, sm_us, memory_byte_seconds, \
-                 energy_mj) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            )
-            .bind(id)
-            .bind(&r.node)
-            .bind(end)
-            .bind(&u.tenant)
-            .bind(&u.gpu)
-            .bind(&u.uuid)
-            .bind(&u.model)
-            .bind(u.mig_profile.clone())
-            .bind(u.slice_fraction)
-            .bind(i(u.allocated_us))
-            .bind(u.sm_us.map(i))
-            .bind(i(u.memory_byte_seconds))
-            .bind(i(u.energy_mj))
-            .execute(&mut *tx)
-            .await?;
-            let t = totals.entry(u.tenant.as_str()).or_default();
-            t.allocated_us += u.allocated_us as f64;
-            t.sm_us += u.sm_us.unwrap_or(0) as f64;
-            t.memory_byte_seconds += u.memory_byte_seconds as f64;
-            t.energy_mj += u.energy_mj as f64;
-        }
-        for u in &r.io_usage {
-            sqlx::query(
-                "INSERT INTO io_usage (report_id, node, interval_end_ms, tenant, \
-                 network_ingress_bytes, network_egress_bytes, network_ingress_packets, \
-                 network_egress_packets, network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(id)
-            .bind(&r.node)
-            .bind(end)
-            .bind(&u.tenant)
-            .bind(i(u.network_ingress_bytes))
-            .bind(i(u.network_egress_bytes))
-            .bind(i(u.network_ingress_packets))
-            .bind(i(u.network_egress_packets))
-            .bind(i(u.network_dropped_packets))
-            .bind(i(u.pcie_h2d_bytes))
-            .bind(i(u.pcie_d2h_bytes))
-            .execute(&mut *tx)
-            .await?;
-            let t = totals.entry(u.tenant.as_str()).or_default();
-            t.network_ingress_bytes += u.network_ingress_bytes as f64;
-            t.network_egress_bytes += u.network_egress_bytes as f64;
-            t.pcie_h2d_bytes += u.pcie_h2d_bytes as f64;
-            t.pcie_d2h_bytes += u.pcie_d2h_bytes as f64;
-        }
-        // Sorted by tenant (BTreeMap): concurrent ingests lock rows in the
-        // same order and cannot deadlock.
-        for (tenant, t) in &totals {
-            sqlx::query(
-                "INSERT INTO tenant_totals (tenant, allocated_us, sm_us, memory_byte_seconds, \
-                 energy_mj, network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, \
-                 pcie_d2h_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (tenant) DO UPDATE SET \
-                 allocated_us = tenant_totals.allocated_us + excluded.allocated_us, \
-                 sm_us = tenant_totals.sm_us + excluded.sm_us, \
-                 memory_byte_seconds = tenant_totals.memory_byte_seconds + excluded.memory_byte_seconds, \
-                 energy_mj = tenant_totals.energy_mj + excluded.energy_mj, \
-                 network_ingress_bytes = tenant_totals.network_ingress_bytes + excluded.network_ingress_bytes, \
-                 network_egress_bytes = tenant_totals.network_egress_bytes + excluded.network_egress_bytes, \
-                 pcie_h2d_bytes = tenant_totals.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
-                 pcie_d2h_bytes = tenant_totals.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
-            )
-            .bind(*tenant)
-            .bind(t.allocated_us)
-            .bind(t.sm_us)
-            .bind(t.memory_byte_seconds)
-            .bind(t.energy_mj)
-            .bind(t.network_ingress_bytes)
-            .bind(t.network_egress_bytes)
-            .bind(t.pcie_h2d_bytes)
-            .bind(t.pcie_d2h_bytes)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for g in &r.gpus {
-            // Absent doubles travel as -1 and become NULL in SQL: sqlx's
-            // `Any` driver binds a NULL double as a float4 on PostgreSQL,
-            // the prepared statement keeps that type, and the next real
-            // double is refused ("incorrect binary data format").
-            sqlx::query(
-                "INSERT INTO gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, \
-                 slice_fraction, health, utilization_ratio, memory_used_bytes, memory_total_bytes, \
-                 processes, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, NULLIF($7, -1.0), $8, \
-                 NULLIF($9, -1.0), $10, $11, $12, $13) \
-                 ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
-                 mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
-                 slice_fraction = excluded.slice_fraction, health = excluded.health, \
-                 utilization_ratio = excluded.utilization_ratio, \
-                 memory_used_bytes = excluded.memory_used_bytes, \
-                 memory_total_bytes = excluded.memory_total_bytes, \
-                 processes = excluded.processes, updated_ms = excluded.updated_ms \
-                 WHERE gpu_state.updated_ms <= excluded.updated_ms",
-            )
-            .bind(&r.node)
-            .bind(&g.uuid)
-            .bind(&g.gpu)
-            .bind(&g.model)
-            .bind(g.mig_profile.clone())
-            .bind(g.parent_uuid.clone())
-            .bind(g.slice_fraction.unwrap_or(-1.0))
-            .bind(&g.health)
-            .bind(g.utilization_ratio.unwrap_or(-1.0))
-            .bind(i(g.memory_used_bytes))
-            .bind(i(g.memory_total_bytes))
-            .bind(i64::from(g.processes))
-            .bind(end)
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
-            "INSERT INTO nodes (node, reports, last_received_ms, last_interval_end_ms) \
-             VALUES ($1, 1, $2, $3) ON CONFLICT (node) DO UPDATE SET \
-             reports = nodes.reports + 1, last_received_ms = excluded.last_received_ms, \
-             last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > nodes.last_interval_end_ms \
-             THEN excluded.last_interval_end_ms ELSE nodes.last_interval_end_ms END",
-        )
-        .bind(&r.node)
-        .bind(received_ms)
-        .bind(end)
-        .execute(&mut *tx)
-        .await?;
+        return Ok(if existing.as_deref() == Some(digest) {
+            Ingested::Duplicate
+        } else {
+            Ingested::Conflict
+        });
+    };
+    let end = i(r.interval_end_ms);
+    usage(conn, r, id, end).await?;
+    rollups(conn, r, end).await?;
+    gpu_state(conn, r, end).await?;
+    let newest: i64 = sqlx::query_scalar(
+        "INSERT INTO nodes (node, reports, last_received_ms, last_interval_end_ms, \
+         report_interval_ms) VALUES ($1, 1, $2, $3, $4) ON CONFLICT (node) DO UPDATE SET \
+         reports = nodes.reports + 1, last_received_ms = excluded.last_received_ms, \
+         report_interval_ms = CASE WHEN excluded.last_interval_end_ms >= nodes.last_interval_end_ms \
+         THEN excluded.report_interval_ms ELSE nodes.report_interval_ms END, \
+         last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > nodes.last_interval_end_ms \
+         THEN excluded.last_interval_end_ms ELSE nodes.last_interval_end_ms END \
+         RETURNING last_interval_end_ms",
+    )
+    .bind(&r.node)
+    .bind(received_ms)
+    .bind(end)
+    .bind(r.report_interval_ms.map(i))
+    .fetch_one(&mut *conn)
+    .await?;
+    let audit_breaks = audit::store(conn, r, id, end, keys).await?;
+    cluster::store(conn, r, end, newest == end).await?;
+    Ok(Ingested::Stored { audit_breaks })
+}
 
-        let audit_breaks = audit::store(&mut tx, r, id, end, keys).await?;
-        cluster::store(&mut tx, r, end).await?;
-        tx.commit().await?;
-        Ok(Ingested::Stored { audit_breaks })
+/// The raw usage rows of report `id`.
+async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Result<(), sqlx::Error> {
+    for chunk in r.gpu_usage.chunks(MAX_ROWS) {
+        let sql = format!(
+            "INSERT INTO gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, \
+             mig_profile, slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj) \
+             VALUES {}",
+            values(chunk.len(), &plain(13), numbered(conn))
+        );
+        let mut q = sqlx::query(&sql);
+        for u in chunk {
+            q = q
+                .bind(id)
+                .bind(&r.node)
+                .bind(end)
+                .bind(&u.tenant)
+                .bind(&u.gpu)
+                .bind(&u.uuid)
+                .bind(&u.model)
+                .bind(u.mig_profile.clone())
+                .bind(u.slice_fraction)
+                .bind(i(u.allocated_us))
+                .bind(u.sm_us.map(i))
+                .bind(i(u.memory_byte_seconds))
+                .bind(i(u.energy_mj));
+        }
+        q.execute(&mut *conn).await?;
     }
+    for chunk in r.io_usage.chunks(MAX_ROWS) {
+        let sql = format!(
+            "INSERT INTO io_usage (report_id, node, interval_end_ms, tenant, \
+             network_ingress_bytes, network_egress_bytes, network_ingress_packets, \
+             network_egress_packets, network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes) \
+             VALUES {}",
+            values(chunk.len(), &plain(11), numbered(conn))
+        );
+        let mut q = sqlx::query(&sql);
+        for u in chunk {
+            q = q
+                .bind(id)
+                .bind(&r.node)
+                .bind(end)
+                .bind(&u.tenant)
+                .bind(i(u.network_ingress_bytes))
+                .bind(i(u.network_egress_bytes))
+                .bind(i(u.network_ingress_packets))
+                .bind(i(u.network_egress_packets))
+                .bind(i(u.network_dropped_packets))
+                .bind(i(u.pcie_h2d_bytes))
+                .bind(i(u.pcie_d2h_bytes));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// One hour of GPU usage of one (tenant, model, slice) on the report's
+/// node, summed as chargeback sums the raw rows.
+#[derive(Default)]
+struct GpuHour {
+    allocated_us: i64,
+    used_us: i64,
+    energy_mj: i64,
+    memory_byte_seconds: f64,
+}
+
+/// One hour of I/O of one tenant on the report's node.
+#[derive(Default)]
+struct IoHour {
+    network_ingress_bytes: i64,
+    network_egress_bytes: i64,
+    pcie_h2d_bytes: i64,
+    pcie_d2h_bytes: i64,
+}
+
+/// Adds `r` to its node's hourly rollups and running totals. Every row
+/// written is the report's own node's, each key once per statement, in
+/// key order: concurrent reports lock rows in the same order.
+async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), sqlx::Error> {
+    let hour = hour_of(end);
+    let mut gpu: BTreeMap<(&str, &str, u64), GpuHour> = BTreeMap::new();
+    let mut io: BTreeMap<&str, IoHour> = BTreeMap::new();
+    let mut totals: BTreeMap<&str, TenantTotals> = BTreeMap::new();
+    for u in &r.gpu_usage {
+        let key = (
+            u.tenant.as_str(),
+            u.model.as_str(),
+            u.slice_fraction.to_bits(),
+        );
+        let h = gpu.entry(key).or_default();
+        let allocated = i(u.allocated_us);
+        h.allocated_us = h.allocated_us.saturating_add(allocated);
+        h.used_us = h.used_us.saturating_add(u.sm_us.map_or(allocated, i));
+        h.energy_mj = h.energy_mj.saturating_add(i(u.energy_mj));
+        // As SQL's CAST(BIGINT AS DOUBLE PRECISION) of the raw row.
+        h.memory_byte_seconds += i(u.memory_byte_seconds) as f64;
+        let t = totals.entry(u.tenant.as_str()).or_default();
+        t.allocated_us += u.allocated_us as f64;
+        t.sm_us += u.sm_us.unwrap_or(0) as f64;
+        t.memory_byte_seconds += u.memory_byte_seconds as f64;
+        t.energy_mj += u.energy_mj as f64;
+    }
+    for u in &r.io_usage {
+        let h = io.entry(u.tenant.as_str()).or_default();
+        h.network_ingress_bytes = h
+            .network_ingress_bytes
+            .saturating_add(i(u.network_ingress_bytes));
+        h.network_egress_bytes = h
+            .network_egress_bytes
+            .saturating_add(i(u.network_egress_bytes));
+        h.pcie_h2d_bytes = h.pcie_h2d_bytes.saturating_add(i(u.pcie_h2d_bytes));
+        h.pcie_d2h_bytes = h.pcie_d2h_bytes.saturating_add(i(u.pcie_d2h_bytes));
+        let t = totals.entry(u.tenant.as_str()).or_default();
+        t.network_ingress_bytes += u.network_ingress_bytes as f64;
+        t.network_egress_bytes += u.network_egress_bytes as f64;
+        t.pcie_h2d_bytes += u.pcie_h2d_bytes as f64;
+        t.pcie_d2h_bytes += u.pcie_d2h_bytes as f64;
+    }
+    let gpu: Vec<_> = gpu.into_iter().collect();
+    for chunk in gpu.chunks(MAX_ROWS) {
+        let sql = format!(
+            "INSERT INTO gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, \
+             allocated_us, used_us, energy_mj, memory_byte_seconds) VALUES {} \
+             ON CONFLICT (hour_ms, tenant, node, model, slice_fraction) DO UPDATE SET \
+             allocated_us = gpu_usage_hourly.allocated_us + excluded.allocated_us, \
+             used_us = gpu_usage_hourly.used_us + excluded.used_us, \
+             energy_mj = gpu_usage_hourly.energy_mj + excluded.energy_mj, \
+             memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds",
+            values(chunk.len(), &plain(9), numbered(conn))
+        );
+        let mut q = sqlx::query(&sql);
+        for ((tenant, model, slice), h) in chunk {
+            q = q
+                .bind(hour)
+                .bind(*tenant)
+                .bind(&r.node)
+                .bind(*model)
+                .bind(f64::from_bits(*slice))
+                .bind(h.allocated_us)
+                .bind(h.used_us)
+                .bind(h.energy_mj)
+                .bind(h.memory_byte_seconds);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    let io: Vec<_> = io.into_iter().collect();
+    for chunk in io.chunks(MAX_ROWS) {
+        let sql = format!(
+            "INSERT INTO io_usage_hourly (hour_ms, tenant, node, network_ingress_bytes, \
+             network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes) VALUES {} \
+             ON CONFLICT (hour_ms, tenant, node) DO UPDATE SET \
+             network_ingress_bytes = io_usage_hourly.network_ingress_bytes + excluded.network_ingress_bytes, \
+             network_egress_bytes = io_usage_hourly.network_egress_bytes + excluded.network_egress_bytes, \
+             pcie_h2d_bytes = io_usage_hourly.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
+             pcie_d2h_bytes = io_usage_hourly.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
+            values(chunk.len(), &plain(7), numbered(conn))
+        );
+        let mut q = sqlx::query(&sql);
+        for (tenant, h) in chunk {
+            q = q
+                .bind(hour)
+                .bind(*tenant)
+                .bind(&r.node)
+                .bind(h.network_ingress_bytes)
+                .bind(h.network_egress_bytes)
+                .bind(h.pcie_h2d_bytes)
+                .bind(h.pcie_d2h_bytes);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    let totals: Vec<_> = totals.into_iter().collect();
+    for chunk in totals.chunks(MAX_ROWS) {
+        let sql = format!(
+            "INSERT INTO tenant_node_totals (tenant, node, allocated_us, sm_us, \
+             memory_byte_seconds, energy_mj, network_ingress_bytes, network_egress_bytes, \
+             pcie_h2d_bytes, pcie_d2h_bytes) VALUES {} \
+             ON CONFLICT (tenant, node) DO UPDATE SET \
+             allocated_us = tenant_node_totals.allocated_us + excluded.allocated_us, \
+             sm_us = tenant_node_totals.sm_us + excluded.sm_us, \
+             memory_byte_seconds = tenant_node_totals.memory_byte_seconds + excluded.memory_byte_seconds, \
+             energy_mj = tenant_node_totals.energy_mj + excluded.energy_mj, \
+             network_ingress_bytes = tenant_node_totals.network_ingress_bytes + excluded.network_ingress_bytes, \
+             network_egress_bytes = tenant_node_totals.network_egress_bytes + excluded.network_egress_bytes, \
+             pcie_h2d_bytes = tenant_node_totals.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
+             pcie_d2h_bytes = tenant_node_totals.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
+            values(chunk.len(), &plain(10), numbered(conn))
+        );
+        let mut q = sqlx::query(&sql);
+        for (tenant, t) in chunk {
+            q = q
+                .bind(*tenant)
+                .bind(&r.node)
+                .bind(t.allocated_us)
+                .bind(t.sm_us)
+                .bind(t.memory_byte_seconds)
+                .bind(t.energy_mj)
+                .bind(t.network_ingress_bytes)
+                .bind(t.network_egress_bytes)
+                .bind(t.pcie_h2d_bytes)
+                .bind(t.pcie_d2h_bytes);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// The gauges of the report's devices, where the report is newer than
+/// what is stored (a report replayed from a spool changes nothing).
+async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), sqlx::Error> {
+    // One row per device (the last wins), in key order.
+    let gpus: BTreeMap<&str, &GpuGauge> = r.gpus.iter().map(|g| (g.uuid.as_str(), g)).collect();
+    let gpus: Vec<_> = gpus.into_values().collect();
+    // Absent doubles travel as -1 and become NULL in SQL: sqlx's `Any`
+    // driver binds a NULL double as a float4 on PostgreSQL, the prepared
+    // statement keeps that type, and the next real double is refused
+    // ("incorrect binary data format").
+    let template = [
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "NULLIF(?, -1.0)",
+        "?",
+        "NULLIF(?, -1.0)",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+    ];
+    for chunk in gpus.chunks(MAX_ROWS) {
+        let sql = format!(
+            "INSERT INTO gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, \
+             slice_fraction, health, utilization_ratio, memory_used_bytes, memory_total_bytes, \
+             processes, updated_ms, state, tenants, mig_mode) VALUES {} \
+             ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
+             mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
+             slice_fraction = excluded.slice_fraction, health = excluded.health, \
+             utilization_ratio = excluded.utilization_ratio, \
+             memory_used_bytes = excluded.memory_used_bytes, \
+             memory_total_bytes = excluded.memory_total_bytes, \
+             processes = excluded.processes, updated_ms = excluded.updated_ms, \
+             state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode \
+             WHERE gpu_state.updated_ms <= excluded.updated_ms",
+            values(chunk.len(), &template, numbered(conn))
+        );
+        let mut q = sqlx::query(&sql);
+        for g in chunk {
+            let tenants = serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into());
+            q = q
+                .bind(&r.node)
+                .bind(&g.uuid)
+                .bind(&g.gpu)
+                .bind(&g.model)
+                .bind(g.mig_profile.clone())
+                .bind(g.parent_uuid.clone())
+                .bind(g.slice_fraction.unwrap_or(-1.0))
+                .bind(&g.health)
+                .bind(g.utilization_ratio.unwrap_or(-1.0))
+                .bind(i(g.memory_used_bytes))
+                .bind(i(g.memory_total_bytes))
+                .bind(i64::from(g.processes))
+                .bind(end)
+                .bind((!g.state.is_empty()).then(|| g.state.clone()))
+                .bind(tenants)
+                .bind(i64::from(g.mig_mode));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

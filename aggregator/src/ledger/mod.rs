@@ -7,7 +7,17 @@
 //! A report and everything in it is written in one transaction that first
 //! claims `(node, boot_id, seq)`: a retry finds the claim and is
 //! acknowledged without writing, so each report is stored exactly once,
-//! also with several aggregator replicas on one PostgreSQL.
+//! also with several aggregator replicas on one PostgreSQL. Each table
+//! gets one multi-row statement per report. On SQLite, one writer task
+//! commits every report queued meanwhile in one transaction (group
+//! commit, [`writer`]); on PostgreSQL each request writes its own, in
+//! parallel.
+//!
+//! The same transaction adds the report to hourly rollups and running
+//! totals, all keyed by node, so no row is written by every node's
+//! reports. Chargeback reads the rollups for the whole hours of a period
+//! and the raw rows only for the partial hours at its edges; `/metrics`
+//! reads the totals.
 
 use std::{path::Path, sync::Once};
 
@@ -21,7 +31,9 @@ pub(crate) mod audit;
 pub(crate) mod chargeback;
 pub(crate) mod cluster;
 pub(crate) mod ingest;
+mod rows;
 pub(crate) mod totals;
+mod writer;
 
 /// Longest wait for a PostgreSQL connection. sqlx's default, 30 s, is
 /// spent retrying a refused connection while the server is down: every
@@ -42,6 +54,14 @@ pub(crate) enum LedgerError {
     /// The schema migrations failed.
     #[error("ledger migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The group commit that carried the report failed; nothing of it
+    /// was stored.
+    #[error("ledger database (group commit): {0}")]
+    GroupCommit(std::sync::Arc<sqlx::Error>),
+    /// The SQLite writer task has stopped (the aggregator is shutting
+    /// down).
+    #[error("the ledger's writer has stopped")]
+    WriterStopped,
     /// The SQLite file's directory could not be created.
     #[error("cannot create {path}: {source}")]
     Directory {
@@ -57,11 +77,12 @@ pub(crate) enum Backend {
     Postgres,
 }
 
-/// The ledger: a connection pool.
+/// The ledger: a connection pool, and on SQLite the group-commit writer.
 #[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     pool: AnyPool,
     pub backend: Backend,
+    writer: Option<writer::Writer>,
 }
 
 /// A count from the wire as SQL's BIGINT (saturating).
@@ -133,7 +154,12 @@ impl Ledger {
             Backend::Sqlite => SQLITE.run(&pool).await?,
             Backend::Postgres => POSTGRES.run(&pool).await?,
         }
-        Ok(Self { pool, backend })
+        let writer = (backend == Backend::Sqlite).then(|| writer::Writer::start(pool.clone()));
+        Ok(Self {
+            pool,
+            backend,
+            writer,
+        })
     }
 
     /// Whether the database answers.

@@ -1,5 +1,5 @@
 //! What `/metrics` and `GET /api/v1/reports` read: running totals per
-//! tenant (kept up to date by ingest), nodes and stored reports.
+//! tenant (kept per tenant and node by ingest), nodes and stored reports.
 
 use super::{Ledger, LedgerError};
 
@@ -34,7 +34,19 @@ impl Ledger {
     /// Running totals of every tenant.
     pub(crate) async fn totals(&self) -> Result<Vec<TenantTotals>, LedgerError> {
         Ok(sqlx::query_as(
-            "SELECT tenant, CAST(allocated_us AS DOUBLE PRECISION) AS allocated_us, \
+            // tenant_totals holds what was counted before the totals were
+            // kept per node (migration 0005) and is no longer written.
+            "SELECT tenant, \
+             CAST(SUM(allocated_us) AS DOUBLE PRECISION) AS allocated_us, \
+             CAST(SUM(sm_us) AS DOUBLE PRECISION) AS sm_us, \
+             CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds, \
+             CAST(SUM(energy_mj) AS DOUBLE PRECISION) AS energy_mj, \
+             CAST(SUM(network_ingress_bytes) AS DOUBLE PRECISION) AS network_ingress_bytes, \
+             CAST(SUM(network_egress_bytes) AS DOUBLE PRECISION) AS network_egress_bytes, \
+             CAST(SUM(pcie_h2d_bytes) AS DOUBLE PRECISION) AS pcie_h2d_bytes, \
+             CAST(SUM(pcie_d2h_bytes) AS DOUBLE PRECISION) AS pcie_d2h_bytes \
+             FROM (SELECT tenant, \
+             CAST(allocated_us AS DOUBLE PRECISION) AS allocated_us, \
              CAST(sm_us AS DOUBLE PRECISION) AS sm_us, \
              CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, \
              CAST(energy_mj AS DOUBLE PRECISION) AS energy_mj, \
@@ -42,7 +54,10 @@ impl Ledger {
              CAST(network_egress_bytes AS DOUBLE PRECISION) AS network_egress_bytes, \
              CAST(pcie_h2d_bytes AS DOUBLE PRECISION) AS pcie_h2d_bytes, \
              CAST(pcie_d2h_bytes AS DOUBLE PRECISION) AS pcie_d2h_bytes \
-             FROM tenant_totals ORDER BY tenant",
+             FROM tenant_totals UNION ALL SELECT tenant, allocated_us, sm_us, \
+             memory_byte_seconds, energy_mj, network_ingress_bytes, network_egress_bytes, \
+             pcie_h2d_bytes, pcie_d2h_bytes FROM tenant_node_totals) t \
+             GROUP BY tenant ORDER BY tenant",
         )
         .fetch_all(&self.pool)
         .await?)

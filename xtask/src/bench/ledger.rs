@@ -332,10 +332,11 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
              ({} rows in each table), bulk-inserted with SQL straight into the aggregator's own \
              schema (created by the aggregator's migrations on start-up; for the load, the two \
              usage indexes are dropped and re-created after, and PostgreSQL's foreign-key \
-             triggers are off in that transaction; the rows satisfy them), then the aggregator \
-             restarted on it. (A real ledger with 10 s reports holds 8,640 reports per node and \
-             day; this one is the same month at day granularity, so every query below is a lower \
-             bound for an unrolled-up ledger.) Query: `GET /api/v1/chargeback?from=…&to=…&\
+             triggers are off in that transaction; the rows satisfy them) and rolled up into \
+             the hourly tables as ingest does, then the aggregator restarted on it. (A real \
+             ledger with 10 s reports holds 8,640 reports per node and day, and 24 hourly \
+             rollup rows per tenant and node where this one holds one: the rollup read below \
+             is a lower bound, by up to 24 times, for a real month.) Query: `GET /api/v1/chargeback?from=…&to=…&\
              group_by=tenant` over the whole month, admin token, timed end to end; one warm-up, \
              then timed runs. The SQL the handler runs is also timed alone in the database's own \
              shell to split database from aggregator time.\n",
@@ -366,27 +367,22 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
 
 /// What the profiles above show when ingest misses its target.
 const INGEST_BOTTLENECK: &str = "
-**Bottleneck (ingest).** The aggregator is mostly *waiting*, not computing: its CPU stays \
-well below the two cores, the profile is dominated by the scheduler (`finish_task_switch`), \
-and more agents add latency, not throughput. `aggregator/src/ledger/ingest.rs`, \
-`Ledger::ingest`, writes a report as ~160 single-row statements in one transaction (the \
-report, 50 `gpu_usage` and 50 `io_usage` INSERTs, 50 `tenant_totals` upserts, the GPU \
-gauges, the node row), each its own await and round trip — to the server on PostgreSQL, \
-to sqlx's worker thread on SQLite. On top of that, the `tenant_totals` upsert in the same \
-transaction makes every report update the same tenant rows: concurrent PostgreSQL \
-transactions queue on each other's row locks (`Lock:transactionid` above), and SQLite, which \
-has one writer anyway, makes the 16 pooled connections retry for the write lock \
-(`busy_timeout`), hence seconds of p99.
+**Bottleneck (ingest).** `aggregator/src/ledger/ingest.rs` writes a report as ~9 multi-row \
+statements (its rows, its node's hourly rollups and totals, gauges, node row) and no row \
+is shared between nodes, so PostgreSQL backends no longer queue on each other's row locks \
+(compare `Lock:transactionid` 96 % before). What is left: on PostgreSQL, every report is its \
+own commit and the backends wait for the WAL to be flushed (`LWLock:WALWrite`, \
+`IO:WALSync` above) on a machine whose 2 cores also run the load generator and other \
+engineers' compilers; on SQLite, one writer thread (`sqlx-sqlite-wor`) runs every insert \
+of every report, so the rate is what one shared core does with ~300 rows and upserts per \
+report.
 
-**What would fix it** (code the aggregator's owner holds; not changed here): (1) one \
-multi-row statement per table per report (`INSERT … VALUES (…), (…), …`; on PostgreSQL \
-`UNNEST` of bound arrays or `COPY`) — ~5 statements instead of ~160; (2) take \
-`tenant_totals` out of the ingest transaction (compute the `/metrics` totals from the ledger \
-on the existing refresh tick, or append per-report deltas and fold them in the background), \
-which removes the hot-row lock queue and lets PostgreSQL ingest in parallel; (3) on SQLite, \
-one writer task fed by a channel that commits every report queued so far in one transaction \
-(group commit: one fsync for many reports) instead of a pool of writers contending for the \
-lock.
+**What would fix it:** on PostgreSQL, group commit across requests as SQLite has (one \
+writer per replica batching queued reports into one transaction, or PostgreSQL's own \
+`commit_delay`, which keeps every commit durable; not `synchronous_commit = off`: an agent \
+drops a report from its spool once it is acknowledged), and `COPY` for the raw rows; on SQLite, \
+fewer rows per report (the raw I/O rows could be folded into the GPU rows' table) or a \
+second core for the writer.
 ";
 
 /// One report: 50 tenants' GPU and I/O rows, 8 GPU gauges.
@@ -690,21 +686,20 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
 
 /// What the timings above show when the chargeback query misses.
 const CHARGEBACK_BOTTLENECK: &str = "
-**Bottleneck (chargeback).** The database, not the aggregator: the handler's GPU query alone \
-takes most of the end-to-end time. `aggregator/src/ledger/chargeback.rs`, `Ledger::gpu_groups` \
-and `Ledger::io_groups`, aggregate every usage row of the month — one per tenant, node and \
-report — grouped by tenant × node × model × slice, and hand that many groups to \
-`chargeback::compute`, which folds them by tenant. The `(interval_end_ms, tenant)` index \
-does not help a whole-month range (SQLite still walks it and fetches every row from the \
-table). Work grows with nodes × reports, while the answer has one line per tenant.
+**Bottleneck (chargeback).** The rollup read, in the database: `Ledger::gpu_groups` \
+(`aggregator/src/ledger/chargeback.rs`) reads `gpu_usage_hourly` for the period's whole \
+hours and raw rows only for partial hours at its edges, but the rollup is keyed by node — \
+so that a report writes only its own node's rows and ingest never waits on another node's \
+locks — and a month is still one row per tenant, node and hour with usage (here one per \
+tenant, node and day: as many rows as the raw table), grouped into 200,000 tenant × node × \
+model × slice groups that the aggregator prices and folds by tenant.
 
-**What would fix it:** a rollup maintained at ingest — e.g. `usage_hourly(hour, tenant, \
-node, model, mig_profile, slice_fraction, sums…)` upserted in the ingest transaction (or \
-folded from new reports on a background tick) — and chargeback reading the rollup: a month \
-is then 720 hours × the tenant/model pairs present, instead of every report row; raw rows \
-stay for audit and re-computation. A covering index on `(interval_end_ms, tenant, node, \
-model, slice_fraction)` plus the summed columns would allow index-only scans, a constant \
-factor only.
+**What would fix it:** a node-less daily rollup `(day, tenant, model, slice_fraction)` for \
+`group_by=tenant` and `tenant,gpu_model`, folded from the per-node hourly rollup off the \
+ingest path (a background tick with a watermark that re-folds an hour when a late report \
+lands in it), so a month reads ~30 × tenants × models rows; `group_by=tenant,node` keeps \
+the per-node rollup. Pricing `basis=used` clamps used time to allocated time per group, so \
+the fold must keep node-level groups wherever a clamp applies for the cents to stay exact.
 ";
 
 fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String {
@@ -758,6 +753,12 @@ fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String
 {tseries} INSERT INTO io_usage (report_id, node, interval_end_ms, tenant, network_ingress_bytes, network_egress_bytes, network_ingress_packets, network_egress_packets, network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes)
   SELECT r.id, r.node, r.interval_end_ms, 'tenant-' || t.tenant, 10737418240, 5368709120, 8000000, 4000000, 0, 21474836480, 10737418240
   FROM reports r, t;
+INSERT INTO gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, allocated_us, used_us, energy_mj, memory_byte_seconds)
+  SELECT (interval_end_ms / 3600000) * 3600000, tenant, node, model, slice_fraction, CAST(SUM(allocated_us) AS BIGINT), CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT), CAST(SUM(energy_mj) AS BIGINT), SUM(CAST(memory_byte_seconds AS DOUBLE PRECISION))
+  FROM gpu_usage GROUP BY (interval_end_ms / 3600000) * 3600000, tenant, node, model, slice_fraction;
+INSERT INTO io_usage_hourly (hour_ms, tenant, node, network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes)
+  SELECT (interval_end_ms / 3600000) * 3600000, tenant, node, CAST(SUM(network_ingress_bytes) AS BIGINT), CAST(SUM(network_egress_bytes) AS BIGINT), CAST(SUM(pcie_h2d_bytes) AS BIGINT), CAST(SUM(pcie_d2h_bytes) AS BIGINT)
+  FROM io_usage GROUP BY (interval_end_ms / 3600000) * 3600000, tenant, node;
 {end}
 "
     )
@@ -809,12 +810,20 @@ fn chargeback_bench(
     // The handler's two queries, alone in the database.
     let from_ms = from * 1000;
     let to_ms = to * 1000;
+    // As `Ledger::gpu_groups` asks it: the rollup for whole hours, raw
+    // rows for the partial ones (none in a whole month).
+    let raw = "SELECT tenant, node, model, slice_fraction, allocated_us, \
+               COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
+               CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds FROM gpu_usage";
     let gpu_sql = format!(
         "SELECT tenant, node, model, slice_fraction, CAST(SUM(allocated_us) AS BIGINT), \
-         CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT), CAST(SUM(energy_mj) AS BIGINT), \
-         CAST(SUM(memory_byte_seconds) AS BIGINT) FROM gpu_usage WHERE interval_end_ms >= {from_ms} \
-         AND interval_end_ms < {to_ms} GROUP BY tenant, node, model, slice_fraction \
-         ORDER BY tenant, node, model, slice_fraction"
+         CAST(SUM(used_us) AS BIGINT), CAST(SUM(energy_mj) AS BIGINT), \
+         CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) FROM (SELECT tenant, node, model, \
+         slice_fraction, allocated_us, used_us, energy_mj, memory_byte_seconds \
+         FROM gpu_usage_hourly WHERE hour_ms >= {from_ms} AND hour_ms < {to_ms} \
+         UNION ALL {raw} WHERE interval_end_ms >= {from_ms} AND interval_end_ms < {from_ms} \
+         UNION ALL {raw} WHERE interval_end_ms >= {to_ms} AND interval_end_ms < {to_ms}) u \
+         GROUP BY tenant, node, model, slice_fraction ORDER BY tenant, node, model, slice_fraction"
     );
     let t = Instant::now();
     let groups = db.sql(&format!("{gpu_sql};"))?.lines().count();
