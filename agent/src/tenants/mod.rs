@@ -58,6 +58,9 @@ pub fn kubernetes_wanted(
 #[derive(Debug)]
 pub struct Resolver {
     rules: Vec<TenantRule>,
+    /// Per rule, the job records a `slurm` rule read lately (unused by
+    /// other rules).
+    slurm_jobs: Vec<slurm::Jobs>,
     users: HashMap<u32, Arc<str>>,
     procs: ProcCache,
     /// The cgroup of processes whose `/proc` entry is gone (eBPF probes).
@@ -76,6 +79,7 @@ pub trait ExitedCgroups: Send + std::fmt::Debug {
 impl Resolver {
     pub fn new(rules: Vec<TenantRule>) -> Self {
         Self {
+            slurm_jobs: rules.iter().map(|_| slurm::Jobs::default()).collect(),
             rules,
             users: HashMap::new(),
             procs: ProcCache::default(),
@@ -156,18 +160,23 @@ impl Resolver {
     /// rules for pods already known (the eBPF probes see cgroups, not
     /// processes or GPUs). `None` when no rule matches.
     pub fn tenant_for_cgroup(&self, cgroup: &str) -> Option<String> {
-        self.rules.iter().find_map(|rule| match rule {
-            TenantRule::Cgroup { pattern, fixed } => cgroup_rule(pattern, fixed, cgroup),
-            TenantRule::User => None,
-            TenantRule::Slurm { jobs_dir } => slurm::tenant(jobs_dir, cgroup),
-            TenantRule::Kubernetes {
-                namespaces,
-                unmapped,
-            } => {
-                let id = self.kubernetes.as_ref()?.identify_cgroup(cgroup)?;
-                crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)
-            }
-        })
+        self.rules
+            .iter()
+            .zip(&self.slurm_jobs)
+            .find_map(|(rule, jobs)| match rule {
+                TenantRule::Cgroup { pattern, fixed } => cgroup_rule(pattern, fixed, cgroup),
+                TenantRule::User => None,
+                TenantRule::Slurm { jobs_dir } => {
+                    jobs.tenant(jobs_dir, cgroup).as_deref().map(str::to_owned)
+                }
+                TenantRule::Kubernetes {
+                    namespaces,
+                    unmapped,
+                } => {
+                    let id = self.kubernetes.as_ref()?.identify_cgroup(cgroup)?;
+                    crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)
+                }
+            })
     }
 
     /// Tenant of a live process: every rule in order, first match wins.
@@ -220,7 +229,7 @@ impl Resolver {
                     .is_some_and(|k| k.workload_series())
             })
             .and_then(crate::kubernetes::Identity::workload);
-        for rule in &self.rules {
+        for (rule, jobs) in self.rules.iter().zip(&self.slurm_jobs) {
             let tenant = match rule {
                 TenantRule::Cgroup { pattern, fixed } => cgroup
                     .as_deref()
@@ -232,10 +241,9 @@ impl Resolver {
                         .or_insert_with(|| user_name(uid).into())
                         .clone()
                 }),
-                TenantRule::Slurm { jobs_dir } => cgroup
-                    .as_deref()
-                    .and_then(|cg| slurm::tenant(jobs_dir, cg))
-                    .map(Arc::from),
+                TenantRule::Slurm { jobs_dir } => {
+                    cgroup.as_deref().and_then(|cg| jobs.tenant(jobs_dir, cg))
+                }
                 TenantRule::Kubernetes {
                     namespaces,
                     unmapped,
