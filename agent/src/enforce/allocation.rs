@@ -77,16 +77,8 @@ impl Guard {
             rec.record(&u.tenant, RESOURCE, "unallocated_use", detail(u));
             self.flagged.insert(key.clone(), (*u).clone());
         }
-        let ended: Vec<_> = self
-            .flagged
-            .keys()
-            .filter(|k| !now.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in ended {
-            if let Some(u) = self.flagged.remove(&key) {
-                rec.record(&u.tenant, RESOURCE, "unallocated_use_ended", detail(&u));
-            }
+        for (_, u) in self.flagged.extract_if(.., |k, _| !now.contains_key(k)) {
+            rec.record(&u.tenant, RESOURCE, "unallocated_use_ended", detail(&u));
         }
         if self.enforce {
             self.deny(uses, gpus, rec);

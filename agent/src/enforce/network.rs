@@ -184,21 +184,13 @@ impl Buckets {
             self.written.insert(key, (*id, *rate));
             changes.push((tenant.clone(), *dir, Some(*rate)));
         }
-        let gone: Vec<(String, Direction)> = self
-            .written
-            .keys()
-            .filter(|k| !want.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            if let Some((id, _)) = self.written.remove(&key) {
-                let map = match key.1 {
-                    Direction::Egress => &mut maps.egress,
-                    Direction::Ingress => &mut maps.ingress,
-                };
-                let _ = map.remove(&id);
-                changes.push((key.0, key.1, None));
-            }
+        for ((tenant, dir), (id, _)) in self.written.extract_if(.., |k, _| !want.contains_key(k)) {
+            let map = match dir {
+                Direction::Egress => &mut maps.egress,
+                Direction::Ingress => &mut maps.ingress,
+            };
+            let _ = map.remove(&id);
+            changes.push((tenant, dir, None));
         }
         Ok(changes)
     }
