@@ -156,15 +156,10 @@ impl Sender {
         };
         let state = loaded.adopt(&id, started_ms);
         let spool = Spool::open(state_dir, cfg.spool_max_reports, cfg.spool_max_bytes())?;
-        let mut client = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .user_agent(concat!("tally-agent/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &cfg.ca_file {
-            client = client.add_root_certificate(
-                super::read_ca(ca).map_err(|e| anyhow::anyhow!("[report] ca_file: {e}"))?,
-            );
-        }
-        let client = client.build()?;
+        let client = super::client_builder(cfg.timeout, cfg.ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("[report] ca_file: {e}"))?
+            .user_agent(concat!("tally-agent/", env!("CARGO_PKG_VERSION")))
+            .build()?;
         let mut sender = Self {
             endpoint: format!("{}/api/v1/reports", url.trim_end_matches('/')),
             cfg,
