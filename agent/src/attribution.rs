@@ -20,7 +20,7 @@
 //!   × unoccupied fraction), so parent and instances price to one GPU. Either
 //!   way the tenants' energy sums to the device's counter delta.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::snapshot::{TENANT_IDLE, TenantGpuUsage};
 
@@ -120,7 +120,7 @@ pub fn split_interval<'a>(
 #[derive(Debug, Default)]
 pub struct Accounts {
     rows: BTreeMap<String, BTreeMap<String, TenantGpuUsage>>,
-    devices: HashMap<String, DeviceTotals>,
+    devices: BTreeMap<String, DeviceTotals>,
 }
 
 #[derive(Debug, Default)]
@@ -143,10 +143,7 @@ impl Accounts {
     /// Adds one interval's shares of device `gpu` (`uuid`), and sets the
     /// memory gauge of tenants that no longer hold it to zero.
     pub fn add(&mut self, gpu: &str, uuid: &str, seconds: f64, shares: &BTreeMap<&str, Share>) {
-        if !self.devices.contains_key(gpu) {
-            self.devices.insert(gpu.to_owned(), DeviceTotals::default());
-        }
-        let device = self.devices.get_mut(gpu).expect("inserted above");
+        let device = slot(&mut self.devices, gpu);
         device.observed += seconds;
         for tenant in &device.holders {
             if !shares.contains_key(tenant.as_str())
