@@ -239,6 +239,8 @@ fn chain_problem(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use serde_json::json;
     use tally_contract::audit::{AuditKey, AuditLog, Record};
 
@@ -268,7 +270,7 @@ mod tests {
         let (key, _) = AuditKey::load_or_create(&dir.path().join("audit.key")).unwrap();
         std::fs::copy(dir.path().join("audit.key"), dir.path().join("n1.key")).unwrap();
         std::fs::remove_file(dir.path().join("audit.key")).unwrap();
-        let keys = NodeKeys::load(dir.path()).unwrap();
+        let keys = Arc::new(NodeKeys::load(dir.path()).unwrap());
         let recs = records(Some(&key), 3);
         let ok = |head: Option<&str>, keyed, r: &Record, k| {
             chain_problem(head, keyed, &wire(r), "n1", k)
@@ -312,7 +314,7 @@ mod tests {
         let recs = records(Some(&key), 2);
         let mut r = report("n1", 1);
         r.audit = vec![wire(&recs[0])];
-        let keys = NodeKeys::default();
+        let keys = Arc::new(NodeKeys::default());
         let stored = ledger.ingest(&r, &r.digest(), 1, &keys).await;
         assert_eq!(
             stored.unwrap(),
@@ -339,7 +341,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url, 1).await.unwrap();
-        let keys = NodeKeys::default();
+        let keys = Arc::new(NodeKeys::default());
         let key = AuditKey::generate().unwrap();
         let keyed = records(Some(&key), 2);
         let plain = records(None, 2);

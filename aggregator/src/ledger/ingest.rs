@@ -1,7 +1,7 @@
 //! Writing a report: its rows, its rollups and the node's latest state in
 //! one transaction of a few multi-row statements (see [`super`]).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use sqlx::{AnyConnection, Arguments as _};
 use tally_contract::wire::{GpuGauge, Report};
@@ -35,13 +35,15 @@ pub(crate) enum Ingested {
 
 impl Ledger {
     /// Stores `r` exactly once (see the module docs), its audit records
-    /// checked with the nodes' `keys`. Returns once the report is durable.
+    /// checked with the nodes' `keys` (shared: the SQLite writer keeps them
+    /// with the queued report instead of copying every node's key). Returns
+    /// once the report is durable.
     pub(crate) async fn ingest(
         &self,
         r: &Report,
         digest: &str,
         received_ms: i64,
-        keys: &NodeKeys,
+        keys: &Arc<NodeKeys>,
     ) -> Result<Ingested, LedgerError> {
         if let Some(writer) = &self.writer {
             return writer.ingest(r, digest, received_ms, keys).await;
@@ -434,7 +436,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/sub/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url, 2).await.unwrap();
-        let keys = NodeKeys::default();
+        let keys = Arc::new(NodeKeys::default());
         let r = report("n1", 1);
         let d = r.digest();
         assert!(matches!(
@@ -479,7 +481,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url, 1).await.unwrap();
-        let keys = NodeKeys::default();
+        let keys = Arc::new(NodeKeys::default());
         let a = "a".repeat(64);
         let b = "b".repeat(64);
         let c = "c".repeat(64);
