@@ -531,12 +531,7 @@ pub(crate) mod tests {
         ] {
             let r = report("n1", seq, end, state);
             ledger
-                .ingest(
-                    &r,
-                    &r.digest(),
-                    50_000,
-                    &crate::audit_keys::NodeKeys::default(),
-                )
+                .ingest(&r, &r.digest(), 50_000, &Default::default())
                 .await
                 .unwrap();
         }

@@ -142,23 +142,26 @@ impl Aggregator {
 const RELOAD_POLL: Duration = Duration::from_secs(2);
 
 fn reload(app: &server::App) {
-    let mut seen = app
-        .credentials_seen
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let now = fingerprint(app);
-    reload_seen(app, &mut seen, now);
+    reload_when(app, true);
 }
 
 /// Reloads if a credential file differs from what the last reload saw.
 fn reload_if_changed(app: &server::App) {
+    reload_when(app, false);
+}
+
+/// Takes the `credentials_seen` lock and the files' fingerprint, and
+/// reloads `always`, or when the fingerprint differs from the last seen.
+fn reload_when(app: &server::App, always: bool) {
     let mut seen = app
         .credentials_seen
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let now = fingerprint(app);
-    if *seen != now {
-        info!("a credential file changed: reloading");
+    if always || *seen != now {
+        if !always {
+            info!("a credential file changed: reloading");
+        }
         reload_seen(app, &mut seen, now);
     }
 }

@@ -2,6 +2,7 @@
 //! (and, with the node's key, each record's HMAC) checked on the way in,
 //! and read back by `GET /api/v1/audit`.
 
+use sqlx::Arguments as _;
 use tally_contract::{
     audit::KeyedCheck,
     wire::{AuditRecord, GENESIS_SHA256, Report},
@@ -9,7 +10,7 @@ use tally_contract::{
 
 use super::{
     Ledger, LedgerError, i,
-    rows::{MAX_ROWS, numbered, plain, values},
+    rows::{self, plain},
 };
 use crate::audit_keys::{KeyFor, NodeKeys};
 
@@ -99,7 +100,7 @@ pub(super) async fn store(
             None => (None, false),
         };
         let key = keys.get(&r.node);
-        let mut rows = Vec::with_capacity(r.audit.len());
+        let mut records = Vec::with_capacity(r.audit.len());
         for a in &r.audit {
             let problem = chain_problem(head.as_deref(), keyed, a, &r.node, key);
             keyed |= a.rest.contains_key("hmac_sha256");
@@ -107,31 +108,30 @@ pub(super) async fn store(
                 audit_breaks.push(p.clone());
             }
             let record = serde_json::to_string(a).unwrap_or_default();
-            rows.push((a, problem, record));
+            records.push((a, problem, record));
             head = Some(a.sha256.clone());
         }
         // In the report's order: the ids keep the chain's order.
-        for chunk in rows.chunks(MAX_ROWS) {
-            let sql = format!(
-                "INSERT INTO audit (report_id, node, time_ms, tenant, action, prev_sha256, \
-                 sha256, problem, record) VALUES {}",
-                values(chunk.len(), &plain(9), numbered(conn))
-            );
-            let mut q = sqlx::query(&sql);
-            for (a, problem, record) in chunk {
-                q = q
-                    .bind(id)
-                    .bind(&r.node)
-                    .bind(audit_time(a).map(i).unwrap_or(end))
-                    .bind(a.tenant.clone().filter(|t| !t.is_empty()))
-                    .bind(a.action.clone())
-                    .bind(&a.prev_sha256)
-                    .bind(&a.sha256)
-                    .bind(problem.clone())
-                    .bind(record.as_str());
-            }
-            q.execute(&mut *conn).await?;
-        }
+        rows::insert(
+            conn,
+            "audit (report_id, node, time_ms, tenant, action, prev_sha256, sha256, problem, \
+             record)",
+            &plain(9),
+            "",
+            &records,
+            |q, (a, problem, record)| {
+                q.add(id)?;
+                q.add(&r.node)?;
+                q.add(audit_time(a).map(i).unwrap_or(end))?;
+                q.add(a.tenant.clone().filter(|t| !t.is_empty()))?;
+                q.add(a.action.clone())?;
+                q.add(&a.prev_sha256)?;
+                q.add(&a.sha256)?;
+                q.add(problem.clone())?;
+                q.add(record.as_str())
+            },
+        )
+        .await?;
         sqlx::query(
             "INSERT INTO audit_heads (node, sha256, keyed) VALUES ($1, $2, $3) \
              ON CONFLICT (node) DO UPDATE SET sha256 = excluded.sha256, keyed = excluded.keyed",
@@ -239,6 +239,8 @@ fn chain_problem(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use serde_json::json;
     use tally_contract::audit::{AuditKey, AuditLog, Record};
 
@@ -268,7 +270,7 @@ mod tests {
         let (key, _) = AuditKey::load_or_create(&dir.path().join("audit.key")).unwrap();
         std::fs::copy(dir.path().join("audit.key"), dir.path().join("n1.key")).unwrap();
         std::fs::remove_file(dir.path().join("audit.key")).unwrap();
-        let keys = NodeKeys::load(dir.path()).unwrap();
+        let keys = Arc::new(NodeKeys::load(dir.path()).unwrap());
         let recs = records(Some(&key), 3);
         let ok = |head: Option<&str>, keyed, r: &Record, k| {
             chain_problem(head, keyed, &wire(r), "n1", k)
@@ -312,7 +314,7 @@ mod tests {
         let recs = records(Some(&key), 2);
         let mut r = report("n1", 1);
         r.audit = vec![wire(&recs[0])];
-        let keys = NodeKeys::default();
+        let keys = Arc::new(NodeKeys::default());
         let stored = ledger.ingest(&r, &r.digest(), 1, &keys).await;
         assert_eq!(
             stored.unwrap(),
@@ -339,7 +341,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url, 1).await.unwrap();
-        let keys = NodeKeys::default();
+        let keys = Arc::new(NodeKeys::default());
         let key = AuditKey::generate().unwrap();
         let keyed = records(Some(&key), 2);
         let plain = records(None, 2);

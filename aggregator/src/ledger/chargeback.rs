@@ -165,7 +165,7 @@ mod tests {
     /// Reports of two nodes every 7 minutes over five hours, with usage of
     /// three tenants on two models, MIG slices and GPUs without SM time.
     async fn fill(l: &Ledger) {
-        let keys = NodeKeys::default();
+        let keys = std::sync::Arc::new(NodeKeys::default());
         for node in ["n1", "n2"] {
             for seq in 1..=43u64 {
                 let mut r = report(node, seq);

@@ -4,12 +4,10 @@
 
 use std::collections::BTreeMap;
 
+use sqlx::Arguments as _;
 use tally_contract::wire::Report;
 
-use super::{
-    Ledger, LedgerError,
-    rows::{MAX_ROWS, numbered, values},
-};
+use super::{Ledger, LedgerError, rows};
 
 /// One row of `nodes`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -90,33 +88,26 @@ pub(super) async fn store(
         .map(|q| ((q.tenant.as_str(), q.resource.as_str()), q))
         .collect();
     let quotas: Vec<_> = quotas.into_iter().collect();
-    for chunk in quotas.chunks(MAX_ROWS) {
-        let sql = format!(
-            "INSERT INTO tenant_quota_state (node, tenant, resource, limit_value, usage_value, \
-             updated_ms) VALUES {}",
-            values(
-                chunk.len(),
-                &["?", "?", "?", "?", "NULLIF(?, -1.0)", "?"],
-                numbered(conn)
-            )
-        );
-        let mut q = sqlx::query(&sql);
-        for ((tenant, resource), quota) in chunk {
-            q = q
-                .bind(&r.node)
-                .bind(*tenant)
-                .bind(*resource)
-                .bind(quota.limit)
-                // A NULL double from sqlx's `Any` driver reaches PostgreSQL
-                // as a float4, the prepared statement keeps that type, and
-                // the next real usage is refused: an unknown usage travels
-                // as -1 (usage is never negative) and becomes NULL in SQL.
-                .bind(quota.usage.unwrap_or(-1.0))
-                .bind(end);
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
+    rows::insert(
+        conn,
+        "tenant_quota_state (node, tenant, resource, limit_value, usage_value, updated_ms)",
+        &["?", "?", "?", "?", "NULLIF(?, -1.0)", "?"],
+        "",
+        &quotas,
+        |a, ((tenant, resource), quota)| {
+            a.add(&r.node)?;
+            a.add(*tenant)?;
+            a.add(*resource)?;
+            a.add(quota.limit)?;
+            // A NULL double from sqlx's `Any` driver reaches PostgreSQL as
+            // a float4, the prepared statement keeps that type, and the
+            // next real usage is refused: an unknown usage travels as -1
+            // (usage is never negative) and becomes NULL in SQL.
+            a.add(quota.usage.unwrap_or(-1.0))?;
+            a.add(end)
+        },
+    )
+    .await
 }
 
 impl Ledger {

@@ -1,14 +1,14 @@
 //! Writing a report: its rows, its rollups and the node's latest state in
 //! one transaction of a few multi-row statements (see [`super`]).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Arguments as _};
 use tally_contract::wire::{GpuGauge, Report};
 
 use super::{
     Ledger, LedgerError, audit, cluster, i,
-    rows::{MAX_ROWS, numbered, plain, values},
+    rows::{self, plain},
     totals::TenantTotals,
 };
 use crate::audit_keys::NodeKeys;
@@ -35,13 +35,15 @@ pub(crate) enum Ingested {
 
 impl Ledger {
     /// Stores `r` exactly once (see the module docs), its audit records
-    /// checked with the nodes' `keys`. Returns once the report is durable.
+    /// checked with the nodes' `keys` (shared: the SQLite writer keeps them
+    /// with the queued report instead of copying every node's key). Returns
+    /// once the report is durable.
     pub(crate) async fn ingest(
         &self,
         r: &Report,
         digest: &str,
         received_ms: i64,
-        keys: &NodeKeys,
+        keys: &Arc<NodeKeys>,
     ) -> Result<Ingested, LedgerError> {
         if let Some(writer) = &self.writer {
             return writer.ingest(r, digest, received_ms, keys).await;
@@ -122,58 +124,53 @@ pub(super) async fn write(
 
 /// The raw usage rows of report `id`.
 async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Result<(), sqlx::Error> {
-    for chunk in r.gpu_usage.chunks(MAX_ROWS) {
-        let sql = format!(
-            "INSERT INTO gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, \
-             mig_profile, slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj) \
-             VALUES {}",
-            values(chunk.len(), &plain(13), numbered(conn))
-        );
-        let mut q = sqlx::query(&sql);
-        for u in chunk {
-            q = q
-                .bind(id)
-                .bind(&r.node)
-                .bind(end)
-                .bind(&u.tenant)
-                .bind(&u.gpu)
-                .bind(&u.uuid)
-                .bind(&u.model)
-                .bind(u.mig_profile.clone())
-                .bind(u.slice_fraction)
-                .bind(i(u.allocated_us))
-                .bind(u.sm_us.map(i))
-                .bind(i(u.memory_byte_seconds))
-                .bind(i(u.energy_mj));
-        }
-        q.execute(&mut *conn).await?;
-    }
-    for chunk in r.io_usage.chunks(MAX_ROWS) {
-        let sql = format!(
-            "INSERT INTO io_usage (report_id, node, interval_end_ms, tenant, \
-             network_ingress_bytes, network_egress_bytes, network_ingress_packets, \
-             network_egress_packets, network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes) \
-             VALUES {}",
-            values(chunk.len(), &plain(11), numbered(conn))
-        );
-        let mut q = sqlx::query(&sql);
-        for u in chunk {
-            q = q
-                .bind(id)
-                .bind(&r.node)
-                .bind(end)
-                .bind(&u.tenant)
-                .bind(i(u.network_ingress_bytes))
-                .bind(i(u.network_egress_bytes))
-                .bind(i(u.network_ingress_packets))
-                .bind(i(u.network_egress_packets))
-                .bind(i(u.network_dropped_packets))
-                .bind(i(u.pcie_h2d_bytes))
-                .bind(i(u.pcie_d2h_bytes));
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
+    rows::insert(
+        conn,
+        "gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, mig_profile, \
+         slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj)",
+        &plain(13),
+        "",
+        &r.gpu_usage,
+        |a, u| {
+            a.add(id)?;
+            a.add(&r.node)?;
+            a.add(end)?;
+            a.add(&u.tenant)?;
+            a.add(&u.gpu)?;
+            a.add(&u.uuid)?;
+            a.add(&u.model)?;
+            a.add(u.mig_profile.clone())?;
+            a.add(u.slice_fraction)?;
+            a.add(i(u.allocated_us))?;
+            a.add(u.sm_us.map(i))?;
+            a.add(i(u.memory_byte_seconds))?;
+            a.add(i(u.energy_mj))
+        },
+    )
+    .await?;
+    rows::insert(
+        conn,
+        "io_usage (report_id, node, interval_end_ms, tenant, network_ingress_bytes, \
+         network_egress_bytes, network_ingress_packets, network_egress_packets, \
+         network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes)",
+        &plain(11),
+        "",
+        &r.io_usage,
+        |a, u| {
+            a.add(id)?;
+            a.add(&r.node)?;
+            a.add(end)?;
+            a.add(&u.tenant)?;
+            a.add(i(u.network_ingress_bytes))?;
+            a.add(i(u.network_egress_bytes))?;
+            a.add(i(u.network_ingress_packets))?;
+            a.add(i(u.network_egress_packets))?;
+            a.add(i(u.network_dropped_packets))?;
+            a.add(i(u.pcie_h2d_bytes))?;
+            a.add(i(u.pcie_d2h_bytes))
+        },
+    )
+    .await
 }
 
 /// One hour of GPU usage of one (tenant, model, slice) on the report's
@@ -239,91 +236,83 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
         t.pcie_d2h_bytes += u.pcie_d2h_bytes as f64;
     }
     let gpu: Vec<_> = gpu.into_iter().collect();
-    for chunk in gpu.chunks(MAX_ROWS) {
-        let sql = format!(
-            "INSERT INTO gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, \
-             allocated_us, used_us, energy_mj, memory_byte_seconds) VALUES {} \
-             ON CONFLICT (hour_ms, tenant, node, model, slice_fraction) DO UPDATE SET \
-             allocated_us = gpu_usage_hourly.allocated_us + excluded.allocated_us, \
-             used_us = gpu_usage_hourly.used_us + excluded.used_us, \
-             energy_mj = gpu_usage_hourly.energy_mj + excluded.energy_mj, \
-             memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds",
-            values(chunk.len(), &plain(9), numbered(conn))
-        );
-        let mut q = sqlx::query(&sql);
-        for ((tenant, model, slice), h) in chunk {
-            q = q
-                .bind(hour)
-                .bind(*tenant)
-                .bind(&r.node)
-                .bind(*model)
-                .bind(f64::from_bits(*slice))
-                .bind(h.allocated_us)
-                .bind(h.used_us)
-                .bind(h.energy_mj)
-                .bind(h.memory_byte_seconds);
-        }
-        q.execute(&mut *conn).await?;
-    }
+    rows::insert(
+        conn,
+        "gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, allocated_us, used_us, \
+         energy_mj, memory_byte_seconds)",
+        &plain(9),
+        "ON CONFLICT (hour_ms, tenant, node, model, slice_fraction) DO UPDATE SET \
+         allocated_us = gpu_usage_hourly.allocated_us + excluded.allocated_us, \
+         used_us = gpu_usage_hourly.used_us + excluded.used_us, \
+         energy_mj = gpu_usage_hourly.energy_mj + excluded.energy_mj, \
+         memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds",
+        &gpu,
+        |a, ((tenant, model, slice), h)| {
+            a.add(hour)?;
+            a.add(*tenant)?;
+            a.add(&r.node)?;
+            a.add(*model)?;
+            a.add(f64::from_bits(*slice))?;
+            a.add(h.allocated_us)?;
+            a.add(h.used_us)?;
+            a.add(h.energy_mj)?;
+            a.add(h.memory_byte_seconds)
+        },
+    )
+    .await?;
     let io: Vec<_> = io.into_iter().collect();
-    for chunk in io.chunks(MAX_ROWS) {
-        let sql = format!(
-            "INSERT INTO io_usage_hourly (hour_ms, tenant, node, network_ingress_bytes, \
-             network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes) VALUES {} \
-             ON CONFLICT (hour_ms, tenant, node) DO UPDATE SET \
-             network_ingress_bytes = io_usage_hourly.network_ingress_bytes + excluded.network_ingress_bytes, \
-             network_egress_bytes = io_usage_hourly.network_egress_bytes + excluded.network_egress_bytes, \
-             pcie_h2d_bytes = io_usage_hourly.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
-             pcie_d2h_bytes = io_usage_hourly.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
-            values(chunk.len(), &plain(7), numbered(conn))
-        );
-        let mut q = sqlx::query(&sql);
-        for (tenant, h) in chunk {
-            q = q
-                .bind(hour)
-                .bind(*tenant)
-                .bind(&r.node)
-                .bind(h.network_ingress_bytes)
-                .bind(h.network_egress_bytes)
-                .bind(h.pcie_h2d_bytes)
-                .bind(h.pcie_d2h_bytes);
-        }
-        q.execute(&mut *conn).await?;
-    }
+    rows::insert(
+        conn,
+        "io_usage_hourly (hour_ms, tenant, node, network_ingress_bytes, network_egress_bytes, \
+         pcie_h2d_bytes, pcie_d2h_bytes)",
+        &plain(7),
+        "ON CONFLICT (hour_ms, tenant, node) DO UPDATE SET \
+         network_ingress_bytes = io_usage_hourly.network_ingress_bytes + excluded.network_ingress_bytes, \
+         network_egress_bytes = io_usage_hourly.network_egress_bytes + excluded.network_egress_bytes, \
+         pcie_h2d_bytes = io_usage_hourly.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
+         pcie_d2h_bytes = io_usage_hourly.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
+        &io,
+        |a, (tenant, h)| {
+            a.add(hour)?;
+            a.add(*tenant)?;
+            a.add(&r.node)?;
+            a.add(h.network_ingress_bytes)?;
+            a.add(h.network_egress_bytes)?;
+            a.add(h.pcie_h2d_bytes)?;
+            a.add(h.pcie_d2h_bytes)
+        },
+    )
+    .await?;
     let totals: Vec<_> = totals.into_iter().collect();
-    for chunk in totals.chunks(MAX_ROWS) {
-        let sql = format!(
-            "INSERT INTO tenant_node_totals (tenant, node, allocated_us, sm_us, \
-             memory_byte_seconds, energy_mj, network_ingress_bytes, network_egress_bytes, \
-             pcie_h2d_bytes, pcie_d2h_bytes) VALUES {} \
-             ON CONFLICT (tenant, node) DO UPDATE SET \
-             allocated_us = tenant_node_totals.allocated_us + excluded.allocated_us, \
-             sm_us = tenant_node_totals.sm_us + excluded.sm_us, \
-             memory_byte_seconds = tenant_node_totals.memory_byte_seconds + excluded.memory_byte_seconds, \
-             energy_mj = tenant_node_totals.energy_mj + excluded.energy_mj, \
-             network_ingress_bytes = tenant_node_totals.network_ingress_bytes + excluded.network_ingress_bytes, \
-             network_egress_bytes = tenant_node_totals.network_egress_bytes + excluded.network_egress_bytes, \
-             pcie_h2d_bytes = tenant_node_totals.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
-             pcie_d2h_bytes = tenant_node_totals.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
-            values(chunk.len(), &plain(10), numbered(conn))
-        );
-        let mut q = sqlx::query(&sql);
-        for (tenant, t) in chunk {
-            q = q
-                .bind(*tenant)
-                .bind(&r.node)
-                .bind(t.allocated_us)
-                .bind(t.sm_us)
-                .bind(t.memory_byte_seconds)
-                .bind(t.energy_mj)
-                .bind(t.network_ingress_bytes)
-                .bind(t.network_egress_bytes)
-                .bind(t.pcie_h2d_bytes)
-                .bind(t.pcie_d2h_bytes);
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
+    rows::insert(
+        conn,
+        "tenant_node_totals (tenant, node, allocated_us, sm_us, memory_byte_seconds, energy_mj, \
+         network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes)",
+        &plain(10),
+        "ON CONFLICT (tenant, node) DO UPDATE SET \
+         allocated_us = tenant_node_totals.allocated_us + excluded.allocated_us, \
+         sm_us = tenant_node_totals.sm_us + excluded.sm_us, \
+         memory_byte_seconds = tenant_node_totals.memory_byte_seconds + excluded.memory_byte_seconds, \
+         energy_mj = tenant_node_totals.energy_mj + excluded.energy_mj, \
+         network_ingress_bytes = tenant_node_totals.network_ingress_bytes + excluded.network_ingress_bytes, \
+         network_egress_bytes = tenant_node_totals.network_egress_bytes + excluded.network_egress_bytes, \
+         pcie_h2d_bytes = tenant_node_totals.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
+         pcie_d2h_bytes = tenant_node_totals.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
+        &totals,
+        |a, (tenant, t)| {
+            a.add(*tenant)?;
+            a.add(&r.node)?;
+            a.add(t.allocated_us)?;
+            a.add(t.sm_us)?;
+            a.add(t.memory_byte_seconds)?;
+            a.add(t.energy_mj)?;
+            a.add(t.network_ingress_bytes)?;
+            a.add(t.network_egress_bytes)?;
+            a.add(t.pcie_h2d_bytes)?;
+            a.add(t.pcie_d2h_bytes)
+        },
+    )
+    .await
 }
 
 /// The gauges of the report's devices, where the report is newer than
@@ -354,46 +343,42 @@ async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(),
         "?",
         "?",
     ];
-    for chunk in gpus.chunks(MAX_ROWS) {
-        let sql = format!(
-            "INSERT INTO gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, \
-             slice_fraction, health, utilization_ratio, memory_used_bytes, memory_total_bytes, \
-             processes, updated_ms, state, tenants, mig_mode) VALUES {} \
-             ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
-             mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
-             slice_fraction = excluded.slice_fraction, health = excluded.health, \
-             utilization_ratio = excluded.utilization_ratio, \
-             memory_used_bytes = excluded.memory_used_bytes, \
-             memory_total_bytes = excluded.memory_total_bytes, \
-             processes = excluded.processes, updated_ms = excluded.updated_ms, \
-             state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode \
-             WHERE gpu_state.updated_ms <= excluded.updated_ms",
-            values(chunk.len(), &template, numbered(conn))
-        );
-        let mut q = sqlx::query(&sql);
-        for g in chunk {
-            let tenants = serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into());
-            q = q
-                .bind(&r.node)
-                .bind(&g.uuid)
-                .bind(&g.gpu)
-                .bind(&g.model)
-                .bind(g.mig_profile.clone())
-                .bind(g.parent_uuid.clone())
-                .bind(g.slice_fraction.unwrap_or(-1.0))
-                .bind(&g.health)
-                .bind(g.utilization_ratio.unwrap_or(-1.0))
-                .bind(i(g.memory_used_bytes))
-                .bind(i(g.memory_total_bytes))
-                .bind(i64::from(g.processes))
-                .bind(end)
-                .bind((!g.state.is_empty()).then(|| g.state.clone()))
-                .bind(tenants)
-                .bind(i64::from(g.mig_mode));
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
+    rows::insert(
+        conn,
+        "gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, slice_fraction, health, \
+         utilization_ratio, memory_used_bytes, memory_total_bytes, processes, updated_ms, state, \
+         tenants, mig_mode)",
+        &template,
+        "ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
+         mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
+         slice_fraction = excluded.slice_fraction, health = excluded.health, \
+         utilization_ratio = excluded.utilization_ratio, \
+         memory_used_bytes = excluded.memory_used_bytes, \
+         memory_total_bytes = excluded.memory_total_bytes, \
+         processes = excluded.processes, updated_ms = excluded.updated_ms, \
+         state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode \
+         WHERE gpu_state.updated_ms <= excluded.updated_ms",
+        &gpus,
+        |a, g| {
+            a.add(&r.node)?;
+            a.add(&g.uuid)?;
+            a.add(&g.gpu)?;
+            a.add(&g.model)?;
+            a.add(g.mig_profile.clone())?;
+            a.add(g.parent_uuid.clone())?;
+            a.add(g.slice_fraction.unwrap_or(-1.0))?;
+            a.add(&g.health)?;
+            a.add(g.utilization_ratio.unwrap_or(-1.0))?;
+            a.add(i(g.memory_used_bytes))?;
+            a.add(i(g.memory_total_bytes))?;
+            a.add(i64::from(g.processes))?;
+            a.add(end)?;
+            a.add((!g.state.is_empty()).then(|| g.state.clone()))?;
+            a.add(serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into()))?;
+            a.add(i64::from(g.mig_mode))
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -451,7 +436,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/sub/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url, 2).await.unwrap();
-        let keys = NodeKeys::default();
+        let keys = Arc::new(NodeKeys::default());
         let r = report("n1", 1);
         let d = r.digest();
         assert!(matches!(
@@ -496,7 +481,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/ledger.db", dir.path().display());
         let ledger = Ledger::open(&url, 1).await.unwrap();
-        let keys = NodeKeys::default();
+        let keys = Arc::new(NodeKeys::default());
         let a = "a".repeat(64);
         let b = "b".repeat(64);
         let c = "c".repeat(64);

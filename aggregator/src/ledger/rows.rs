@@ -1,15 +1,17 @@
 //! Multi-row statements: the `VALUES (…), (…)` list of an INSERT that
 //! writes many rows with one round trip, in either dialect.
 
+use sqlx::{AnyConnection, any::AnyArguments, error::BoxDynError};
+
 /// Whether `conn` takes numbered parameters (PostgreSQL) rather than
 /// plain `?` (SQLite).
-pub(super) fn numbered(conn: &sqlx::AnyConnection) -> bool {
+fn numbered(conn: &AnyConnection) -> bool {
     conn.backend_name() != "SQLite"
 }
 
 /// Most rows in one statement: keeps the bound parameters far below
 /// SQLite's 32,766 and PostgreSQL's 65,535.
-pub(super) const MAX_ROWS: usize = 1000;
+const MAX_ROWS: usize = 1000;
 
 /// `rows` tuples of `template`, whose every `?` becomes the next numbered
 /// parameter (`$1`, `$2`, …) where `numbered`: `values(2, &["?",
@@ -18,7 +20,7 @@ pub(super) const MAX_ROWS: usize = 1000;
 /// and SQLite finds a name in a list of all of them, which made binding a
 /// 650-parameter statement cost more than running it (40 % of the
 /// aggregator's CPU in `sqlite3_bind_parameter_name`, BENCHMARKS.md § 6).
-pub(super) fn values(rows: usize, template: &[&str], numbered: bool) -> String {
+fn values(rows: usize, template: &[&str], numbered: bool) -> String {
     let mut out = String::with_capacity(rows * template.len() * 6);
     let mut n = 0;
     for r in 0..rows {
@@ -50,9 +52,89 @@ pub(super) fn plain(count: usize) -> Vec<&'static str> {
     vec!["?"; count]
 }
 
+/// Writes `rows` with one `INSERT INTO {into} VALUES (…), (…) {upsert}`
+/// per [`MAX_ROWS`] of them: `template` is one row's placeholders (see
+/// [`values`]), `upsert` what follows the list (an `ON CONFLICT` clause,
+/// or nothing), and `bind` adds one row's values in the template's order.
+///
+/// The statement is not kept prepared: its text differs with every row
+/// count, and sqlx's per-connection cache (100 statements, each pool
+/// connection its own) filled with them. On SQLite, reports of 1 to 150
+/// tenants grew the aggregator by 44 MiB with the cache and by 2.4 MiB
+/// without it (the 22-minute soak's +40 MiB/h, docs/faults.md).
+pub(super) async fn insert<'a, T>(
+    conn: &mut AnyConnection,
+    into: &str,
+    template: &[&str],
+    upsert: &str,
+    rows: &'a [T],
+    bind: impl Fn(&mut AnyArguments<'a>, &'a T) -> Result<(), BoxDynError>,
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(MAX_ROWS) {
+        let sql = format!(
+            "INSERT INTO {into} VALUES {} {upsert}",
+            values(chunk.len(), template, numbered(conn))
+        );
+        let mut args = AnyArguments::default();
+        for row in chunk {
+            bind(&mut args, row).map_err(sqlx::Error::Encode)?;
+        }
+        sqlx::query_with(&sql, args)
+            .persistent(false)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use sqlx::{Arguments as _, Connection, Executor};
+
     use super::*;
+
+    /// Runs on the test PostgreSQL that `cargo xtask test` starts
+    /// (`TALLY_TEST_POSTGRES_URL`), whose `pg_prepared_statements` lists
+    /// what the connection keeps prepared; says skipped without one.
+    #[tokio::test]
+    async fn no_statement_is_kept_prepared_per_row_count() {
+        let Some(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let mut conn = AnyConnection::connect(&url).await.unwrap();
+        conn.execute("CREATE TEMP TABLE t (a BIGINT, b BIGINT)")
+            .await
+            .unwrap();
+        let prepared = async |conn: &mut AnyConnection| -> i64 {
+            sqlx::query_scalar("SELECT COUNT(*) FROM pg_prepared_statements")
+                .persistent(false)
+                .fetch_one(conn)
+                .await
+                .unwrap()
+        };
+        let before = prepared(&mut conn).await;
+        for n in 1..=40i64 {
+            let rows: Vec<i64> = (0..n).collect();
+            insert(&mut conn, "t (a, b)", &plain(2), "", &rows, |a, v| {
+                a.add(*v)?;
+                a.add(n)
+            })
+            .await
+            .unwrap();
+        }
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .persistent(false)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(stored, 40 * 41 / 2);
+        assert_eq!(prepared(&mut conn).await, before);
+    }
 
     #[test]
     fn parameters_are_numbered_across_rows() {

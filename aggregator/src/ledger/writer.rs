@@ -26,7 +26,7 @@ struct Job {
     report: Report,
     digest: String,
     received_ms: i64,
-    keys: NodeKeys,
+    keys: Arc<NodeKeys>,
     done: oneshot::Sender<Result<Ingested, LedgerError>>,
 }
 
@@ -51,7 +51,7 @@ impl Writer {
         r: &Report,
         digest: &str,
         received_ms: i64,
-        keys: &NodeKeys,
+        keys: &Arc<NodeKeys>,
     ) -> Result<Ingested, LedgerError> {
         let (done, outcome) = oneshot::channel();
         let job = Job {
