@@ -22,17 +22,10 @@ use tally_e2e::{
         NETWORK_GIB_PRICE, add_counters, agent_config, gpu_hour_price, postgres, report_state,
         reported_counters, spooled, sqlite, subdir,
     },
-    require_root, skip, tally_bin, unique, wait_for,
+    now_ms, require_root, skip, tally_bin, unique, wait_for,
 };
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// [`wait_for`], but a timeout shows the aggregator's log.
 fn wait_logged<T>(agg: &Aggregator, what: &str, mut f: impl FnMut() -> Option<T>) -> T {

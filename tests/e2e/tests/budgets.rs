@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tally_e2e::{
     Metrics,
     aggregator_support::{AGENT_TOKEN, Aggregator, sqlite},
-    http_request, wait_for,
+    http_request, now_ms, wait_for,
 };
 
 const LONG: Duration = Duration::from_secs(30);
@@ -32,13 +32,6 @@ tenant = "beta"
 period = "month"
 gpu_hours = 1.0
 "#;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// 10 s of an H100 (9000/h: 25.00) and 3 kJ (1000/kWh: 0.83) for acme,
 /// ending a second ago: 25.83 of its 20.00 day.

@@ -23,7 +23,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tally_e2e::{
@@ -35,6 +35,7 @@ use tally_e2e::{
     faults_support::WallClock,
     is_root,
     netns::{Link, Netns},
+    now_ms,
     pg_server::PgServer,
     skip, wait_for,
 };
@@ -190,13 +191,6 @@ fn wait_reports(ledger: &LedgerReader, node: &str, at_least: i64) {
     );
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 #[test]
 fn a_node_cut_off_for_several_intervals_loses_and_doubles_nothing() {
     let Some(net) = net_or_skip() else { return };
@@ -329,7 +323,7 @@ fn the_ledger_database_restarting_loses_nothing_and_is_reported() {
 fn a_node_clock_an_hour_ahead_is_reported_and_filed_by_the_aggregator_clock() {
     let Some(net) = net_or_skip() else { return };
     let started = Instant::now();
-    let started_ms = now_ms();
+    let started_ms = now_ms() as i64;
     let dir = tempfile::tempdir().unwrap();
     let clock = WallClock::build(dir.path());
     clock.set_offset(3600);
@@ -371,7 +365,7 @@ fn a_node_clock_an_hour_ahead_is_reported_and_filed_by_the_aggregator_clock() {
         n.finish(&agg, &ledger, started);
     }
     // Filed by the aggregator's clock: within the test, not an hour on.
-    let ended_ms = now_ms();
+    let ended_ms = now_ms() as i64;
     for table in ["reports", "gpu_usage"] {
         let (first, last) = {
             let r = &ledger.rows(&format!(
