@@ -92,7 +92,6 @@ fn a_tenant_over_budget_is_measured_and_refused_by_the_extender() {
     let agg = Aggregator::start(&dir.path().join("agg"), &sqlite(dir.path()), BUDGETS);
 
     // Before any usage: nothing spent, and acme's pod fits.
-    let metrics = || Metrics::parse(&agg.get("/metrics", None).1);
     let ratio = |m: &Metrics, tenant: &str, period: &str, unit: &str| {
         m.value(
             "tally_tenant_budget_used_ratio",
@@ -100,7 +99,7 @@ fn a_tenant_over_budget_is_measured_and_refused_by_the_extender() {
         )
     };
     wait_for("budgets on /metrics", LONG, || {
-        (ratio(&metrics(), "acme", "day", "USD") == Some(0.0)).then_some(())
+        (ratio(&agg.metrics(), "acme", "day", "USD") == Some(0.0)).then_some(())
     });
     let fits = filter(&agg, &args("acme", json!({})));
     assert!(
@@ -114,7 +113,7 @@ fn a_tenant_over_budget_is_measured_and_refused_by_the_extender() {
     let (status, text) = agg.post(body.as_bytes(), Some(AGENT_TOKEN));
     assert_eq!(status, 200, "{text}");
     let m = wait_for("acme's spend on /metrics", LONG, || {
-        let m = metrics();
+        let m = agg.metrics();
         (ratio(&m, "acme", "day", "USD")? > 0.0).then_some(m)
     });
     let acme = [("tenant", "acme"), ("period", "day"), ("unit", "USD")];

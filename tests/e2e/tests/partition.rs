@@ -27,7 +27,7 @@ use std::{
 };
 
 use tally_e2e::{
-    Agent, ChildGuard, Launch, Metrics, SimNode,
+    Agent, ChildGuard, Launch, SimNode,
     aggregator_support::{
         Aggregator, Backend, LedgerReader, agent_config_with, assert_ledger_exact,
         reported_counters, spooled, sqlite, subdir,
@@ -176,13 +176,6 @@ impl Node {
     }
 }
 
-/// The aggregator's `/metrics`, read from inside its host.
-fn agg_metrics(agg: &Aggregator) -> Metrics {
-    let (status, body) = agg.get_in("/metrics").expect("aggregator /metrics");
-    assert_eq!(status, 200, "/metrics: {body}");
-    Metrics::parse(&body)
-}
-
 fn wait_reports(ledger: &LedgerReader, node: &str, at_least: i64) {
     wait_for(
         &format!("{node} to have {at_least} reports stored"),
@@ -263,7 +256,8 @@ fn the_ledger_database_restarting_loses_nothing_and_is_reported() {
         wait_reports(&ledger, n.name, 2);
     }
     let ledger_up = |agg: &Aggregator| {
-        agg_metrics(agg).value("tally_aggregator_ledger_up", &[("ledger", "main")])
+        agg.metrics()
+            .value("tally_aggregator_ledger_up", &[("ledger", "main")])
     };
     assert_eq!(ledger_up(&agg), Some(1.0));
 
@@ -340,7 +334,7 @@ fn a_node_clock_an_hour_ahead_is_reported_and_filed_by_the_aggregator_clock() {
     }
 
     let skew = |node: &str| {
-        agg_metrics(&agg).value(
+        agg.metrics().value(
             "tally_aggregator_node_clock_skew_seconds",
             &[("node", node)],
         )
