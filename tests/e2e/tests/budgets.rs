@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tally_e2e::{
     Metrics,
     aggregator_support::{AGENT_TOKEN, Aggregator, sqlite},
-    http_request, now_ms, wait_for,
+    now_ms, wait_for,
 };
 
 const LONG: Duration = Duration::from_secs(30);
@@ -74,16 +74,12 @@ fn args(namespace: &str, labels: Value) -> Value {
 }
 
 fn filter(agg: &Aggregator, body: &Value) -> Value {
-    let (status, text) = http_request(
-        agg.addr,
-        "POST",
-        "/scheduler/filter",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-    .expect("POST /scheduler/filter");
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str(&text).expect("ExtenderFilterResult")
+    let r = agg
+        .client(None)
+        .post_json("/scheduler/filter", body.to_string().as_bytes())
+        .expect("POST /scheduler/filter");
+    assert_eq!(r.status, 200, "{}", r.text());
+    serde_json::from_slice(&r.body).expect("ExtenderFilterResult")
 }
 
 #[test]
