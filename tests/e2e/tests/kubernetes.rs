@@ -22,7 +22,7 @@ use tally_agent::kubernetes::proto::{
     ListPodResourcesRequest, ListPodResourcesResponse, PodResources,
 };
 use tally_e2e::{
-    Agent, Cgroup, ChildGuard, SimNode, enforce_support::mknod_chars, require_root, skip, unique,
+    Agent, Cgroup, ChildGuard, SimNode, enforce_support::nvidia_nodes, require_root, skip, unique,
     wait_for,
 };
 use tonic::{
@@ -821,15 +821,7 @@ fn gpu_use_outside_allocation_is_flagged_and_denied() {
         pod_dir.ends_with(&format!("/kubepods/besteffort/pod{}", notebook.uid)),
         "{pod_dir}"
     );
-    let devs = tempfile::tempdir().unwrap();
-    mknod_chars(
-        devs.path(),
-        &[
-            ("nvidia0", 195, 0),
-            ("nvidia1", 195, 1),
-            ("nvidiactl", 195, 255),
-        ],
-    );
+    let devs = nvidia_nodes();
     let denied_err = open_from(&notebook.cgroup, &devs.path().join("nvidia1"));
     assert!(
         denied_err.contains("Operation not permitted"),
