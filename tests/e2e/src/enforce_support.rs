@@ -147,11 +147,7 @@ impl TenantEnv {
 
     /// Every record of the audit log, parsed.
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(self.audit_log())
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-            .collect()
+        audit_records(&self.audit_log())
     }
 
     /// Waits for an audit record matching `pred`; returns it.
@@ -196,6 +192,16 @@ impl Drop for TenantEnv {
             }
         }
     }
+}
+
+/// Every record of the audit log at `path`, parsed (none while it does
+/// not exist).
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect()
 }
 
 /// Thaws, kills and removes a cgroup directory tree, deepest first.
