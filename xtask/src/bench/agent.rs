@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use tally_e2e::{Agent, Cgroup, ChildGuard, Client, Metrics, SimNode, free_port, unique};
 
 use super::{
@@ -316,17 +316,18 @@ pub(super) fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec
 
 /// `cargo xtask bench --instructions`: the callgrind counts alone, as the
 /// text benchmark 2 shows them, with where the dumps are (for
-/// `callgrind_annotate`).
+/// `callgrind_annotate`). Counts that cannot be made are an error: this
+/// mode has nothing else to say.
 pub(super) fn instructions_only(ctx: &Ctx) -> anyhow::Result<String> {
     let cuda = cuda_or_none();
     let (procs, tenants) = base_scale(ctx);
     let node = Node::build("callgrind", procs, tenants)?;
-    let counted: Counted = instructions(ctx, &node, cuda.as_ref()).map_err(|e| format!("{e:#}"));
+    let per = instructions(ctx, &node, cuda.as_ref()).context("counting instructions")?;
     Ok(format!(
         "{procs} processes, {tenants} tenants; dumps in {}\n{}",
         node.dir.join("callgrind").display(),
         counted_text(
-            Some(&counted),
+            Some(&Ok(per)),
             &[
                 ("sample cycle", callgrind::SAMPLE),
                 ("snapshot (its /metrics body)", callgrind::RENDER),
