@@ -664,6 +664,13 @@ def fetch(url, data=None, timeout=5, method=None, headers=None):
         return e.code, e.read().decode(errors="replace"), e.headers
 
 
+def post_json(url, obj, headers=None):
+    """POSTs `obj` as JSON; returns the status and the body."""
+    code, body, _ = fetch(url, data=json.dumps(obj).encode(), method="POST",
+                          headers={"Content-Type": "application/json", **(headers or {})})
+    return code, body
+
+
 def wait_for(what, fn, limit=30.0, step=0.25):
     end = time.time() + limit
     last = None
@@ -1113,9 +1120,8 @@ gpu_hours = 1000
 
     def bad_report(self):
         """POSTs a report with a wrong token to the aggregator."""
-        code, body, _ = fetch(f"http://127.0.0.1:{self.ports['aggregator']}/api/v1/reports", data=b"{}", method="POST",
-                              headers={"Authorization": "Bearer not-a-valid-token-0123456789", "Content-Type": "application/json"})
-        return code, body
+        return post_json(f"http://127.0.0.1:{self.ports['aggregator']}/api/v1/reports", {},
+                         {"Authorization": "Bearer not-a-valid-token-0123456789"})
 
     def alerts_firing(self):
         code, body, _ = fetch(f"http://127.0.0.1:{self.ports['prometheus']}/api/v1/alerts")
@@ -1529,8 +1535,7 @@ def _live(live):
         alerts = [mk({"alertname": "TallyAgentDown", "node": "ops-down", "severity": "critical", "job": "tally-agent"}),
                   mk({"alertname": "TallyGPUStuck", "node": "ops-down", "gpu": "0", "severity": "warning"}),
                   mk({"alertname": "TallyGPUStuck", "node": "ops-up", "gpu": "0", "severity": "warning"})]
-        code, body, _ = fetch(f"http://127.0.0.1:{live.ports['alertmanager']}/api/v2/alerts",
-                             data=json.dumps(alerts).encode(), method="POST", headers={"Content-Type": "application/json"})
+        code, body = post_json(f"http://127.0.0.1:{live.ports['alertmanager']}/api/v2/alerts", alerts)
         if code != 200:
             return f"POST /api/v2/alerts: {code} {body}"
 
@@ -1634,8 +1639,7 @@ def scheduler_extender(live):
     codes = {}
     bodies = {}
     for verb in (cfg["filterVerb"], cfg["prioritizeVerb"]):
-        codes[verb], bodies[verb], _ = fetch(f"{base}/{verb}", data=json.dumps(args).encode(), method="POST",
-                                             headers={"Content-Type": "application/json"})
+        codes[verb], bodies[verb] = post_json(f"{base}/{verb}", args)
     if all(c == 404 for c in codes.values()):
         R.skip(name, f"{prefix}/filter and /prioritize answer 404: the extender (issue 6) has not landed", not_landed=True)
         return
@@ -1667,16 +1671,18 @@ def budget_refusal(url, args):
     name = "live: scheduler extender refuses a pod of a tenant over budget (enforce_budgets)"
 
     def failed(namespace):
-        pod = json.loads(json.dumps(args))
+        pod = copy.deepcopy(args)
         pod["Pod"]["metadata"]["namespace"] = namespace
-        code, body, _ = fetch(url, data=json.dumps(pod).encode(), method="POST",
-                              headers={"Content-Type": "application/json"})
-        return json.loads(body).get("FailedNodes") or {} if code == 200 else {"status": f"{code}: {body[:200]}"}
+        code, body = post_json(url, pod)
+        if code != 200:
+            return {"status": f"{code}: {body[:200]}"}
+        return json.loads(body).get("FailedNodes") or {}
 
     def acme_refused():
-        return all("tenant acme is over its month budget" in why for why in failed("acme").values()) or None
+        reasons = failed("acme")
+        return bool(reasons) and all("tenant acme is over its month budget" in why for why in reasons.values())
     try:
-        wait_for("acme over budget at the extender", lambda: bool(failed("acme")) and acme_refused(), 60)
+        wait_for("acme over budget at the extender", acme_refused, 60)
     except TimeoutError:
         R.fail(name, f"acme's pod was not refused for its budget: FailedNodes {failed('acme')}")
         return

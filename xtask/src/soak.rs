@@ -128,13 +128,11 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     let pin = PathBuf::from(format!("/sys/fs/bpf/tally-soak-{}", std::process::id()));
     let started = utc_now();
     // What was built, said at the start: main may move during an hour.
+    let commit = short_commit();
     let built = if o.no_build {
-        format!(
-            "release binaries as found (--no-build), HEAD `{}` at the start",
-            short_commit()
-        )
+        format!("release binaries as found (--no-build), HEAD `{commit}` at the start")
     } else {
-        format!("release build of commit `{}`", short_commit())
+        format!("release build of commit `{commit}`")
     };
     let result = caught(|| soak(&o, &launch, &dir, &pin));
     let _ = fs::remove_dir_all(&pin);

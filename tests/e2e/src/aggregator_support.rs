@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{ChildGuard, Client, free_port, netns, tally_bin, unique};
+use crate::{ChildGuard, Client, Metrics, free_port, netns, tally_bin, unique};
 
 pub const AGENT_TOKEN: &str = "agent-token-0123456789abcdef";
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
@@ -315,6 +315,13 @@ impl Aggregator {
     /// `GET path` without a token, from inside the aggregator's namespace.
     pub fn get_in(&self, path: &str) -> std::io::Result<(u16, String)> {
         netns::http_get(self.netns.as_deref(), self.addr, path)
+    }
+
+    /// The aggregator's `/metrics`, read from inside its namespace.
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = self.get_in("/metrics").expect("aggregator /metrics");
+        assert_eq!(status, 200, "/metrics: {body}");
+        Metrics::parse(&body)
     }
 
     /// The base URL agents report to.

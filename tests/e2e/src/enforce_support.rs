@@ -147,11 +147,7 @@ impl TenantEnv {
 
     /// Every record of the audit log, parsed.
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(self.audit_log())
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-            .collect()
+        audit_records(&self.audit_log())
     }
 
     /// Waits for an audit record matching `pred`; returns it.
@@ -196,6 +192,16 @@ impl Drop for TenantEnv {
             }
         }
     }
+}
+
+/// Every record of the audit log at `path`, parsed (none while it does
+/// not exist).
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect()
 }
 
 /// Thaws, kills and removes a cgroup directory tree, deepest first.
@@ -247,16 +253,21 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Makes character device nodes `(name, major, minor)` in `dir`.
-pub fn mknod_chars(dir: &Path, nodes: &[(&str, u64, u64)]) {
+/// A temporary directory with NVIDIA's device nodes `nvidia0`, `nvidia1`
+/// and `nvidiactl`: real character nodes 195:0, 195:1 and 195:255, made
+/// with mknod. No driver is behind them, so an open the device cgroup
+/// allows fails with ENXIO, and one it denies with EPERM.
+pub fn nvidia_nodes() -> tempfile::TempDir {
     use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-    for (name, major, minor) in nodes {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, minor) in [("nvidia0", 0), ("nvidia1", 1), ("nvidiactl", 255)] {
         mknod(
-            &dir.join(name),
+            &dir.path().join(name),
             SFlag::S_IFCHR,
             Mode::from_bits_truncate(0o666),
-            makedev(*major, *minor),
+            makedev(195, minor),
         )
-        .unwrap_or_else(|e| panic!("mknod {name} c {major} {minor}: {e}"));
+        .unwrap_or_else(|e| panic!("mknod {name} c 195 {minor}: {e}"));
     }
+    dir
 }

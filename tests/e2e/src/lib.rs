@@ -36,7 +36,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 /// True when the tests run as root (CI does).
@@ -142,6 +142,15 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Milliseconds since the Unix epoch, as reports and the ledger count
+/// time.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as u64
 }
 
 static UNIQUE: AtomicU32 = AtomicU32::new(0);

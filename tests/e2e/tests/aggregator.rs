@@ -22,17 +22,10 @@ use tally_e2e::{
         NETWORK_GIB_PRICE, add_counters, agent_config, gpu_hour_price, postgres, report_state,
         reported_counters, spooled, sqlite, subdir,
     },
-    require_root, skip, tally_bin, unique, wait_for,
+    now_ms, require_root, skip, tally_bin, unique, wait_for,
 };
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// [`wait_for`], but a timeout shows the aggregator's log.
 fn wait_logged<T>(agg: &Aggregator, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -255,7 +248,7 @@ fn bad_input_is_refused(backend: Backend, dir: &Path) {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("`from` is required"), "{text}");
 
-    let m = tally_e2e::Metrics::parse(&agg.get("/metrics", None).1);
+    let m = agg.metrics();
     assert_eq!(
         m.value("tally_aggregator_reports_total", &[("result", "stored")]),
         Some(1.0)
@@ -266,7 +259,7 @@ fn bad_input_is_refused(backend: Backend, dir: &Path) {
     );
     assert!(m.sum("tally_aggregator_ingest_duration_seconds_count", &[]) >= 12.0);
     wait_for("cluster totals on /metrics", LONG, || {
-        let m = tally_e2e::Metrics::parse(&agg.get("/metrics", None).1);
+        let m = agg.metrics();
         (m.value(
             "tally_cluster_tenant_gpu_allocated_seconds_total",
             &[("tenant", "acme")],
@@ -845,7 +838,7 @@ fn audit_records_reach_the_central_store_and_breaks_are_flagged() {
     assert!(problems[0].contains("content changed"), "{problems:?}");
     assert!(problems[1].contains("chain break"), "{problems:?}");
     wait_for("chain breaks on /metrics", LONG, || {
-        let m = tally_e2e::Metrics::parse(&agg.get("/metrics", None).1);
+        let m = agg.metrics();
         (m.value(
             "tally_aggregator_audit_chain_breaks_total",
             &[("node", "n1")],

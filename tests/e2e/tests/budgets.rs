@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tally_e2e::{
     Metrics,
     aggregator_support::{AGENT_TOKEN, Aggregator, sqlite},
-    http_request, wait_for,
+    now_ms, wait_for,
 };
 
 const LONG: Duration = Duration::from_secs(30);
@@ -32,13 +32,6 @@ tenant = "beta"
 period = "month"
 gpu_hours = 1.0
 "#;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// 10 s of an H100 (9000/h: 25.00) and 3 kJ (1000/kWh: 0.83) for acme,
 /// ending a second ago: 25.83 of its 20.00 day.
@@ -81,16 +74,12 @@ fn args(namespace: &str, labels: Value) -> Value {
 }
 
 fn filter(agg: &Aggregator, body: &Value) -> Value {
-    let (status, text) = http_request(
-        agg.addr,
-        "POST",
-        "/scheduler/filter",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-    .expect("POST /scheduler/filter");
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str(&text).expect("ExtenderFilterResult")
+    let r = agg
+        .client(None)
+        .post_json("/scheduler/filter", body.to_string().as_bytes())
+        .expect("POST /scheduler/filter");
+    assert_eq!(r.status, 200, "{}", r.text());
+    serde_json::from_slice(&r.body).expect("ExtenderFilterResult")
 }
 
 #[test]
@@ -99,7 +88,6 @@ fn a_tenant_over_budget_is_measured_and_refused_by_the_extender() {
     let agg = Aggregator::start(&dir.path().join("agg"), &sqlite(dir.path()), BUDGETS);
 
     // Before any usage: nothing spent, and acme's pod fits.
-    let metrics = || Metrics::parse(&agg.get("/metrics", None).1);
     let ratio = |m: &Metrics, tenant: &str, period: &str, unit: &str| {
         m.value(
             "tally_tenant_budget_used_ratio",
@@ -107,7 +95,7 @@ fn a_tenant_over_budget_is_measured_and_refused_by_the_extender() {
         )
     };
     wait_for("budgets on /metrics", LONG, || {
-        (ratio(&metrics(), "acme", "day", "USD") == Some(0.0)).then_some(())
+        (ratio(&agg.metrics(), "acme", "day", "USD") == Some(0.0)).then_some(())
     });
     let fits = filter(&agg, &args("acme", json!({})));
     assert!(
@@ -121,7 +109,7 @@ fn a_tenant_over_budget_is_measured_and_refused_by_the_extender() {
     let (status, text) = agg.post(body.as_bytes(), Some(AGENT_TOKEN));
     assert_eq!(status, 200, "{text}");
     let m = wait_for("acme's spend on /metrics", LONG, || {
-        let m = metrics();
+        let m = agg.metrics();
         (ratio(&m, "acme", "day", "USD")? > 0.0).then_some(m)
     });
     let acme = [("tenant", "acme"), ("period", "day"), ("unit", "USD")];

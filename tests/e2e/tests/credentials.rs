@@ -12,7 +12,7 @@ use std::{fs, path::Path, time::Duration};
 
 use nix::{sys::signal, unistd::Pid};
 use tally_e2e::{
-    Agent, Metrics, SimNode,
+    Agent, SimNode,
     aggregator_support::{
         ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, LedgerReader, agent_config,
         agent_config_with, sqlite, subdir,
@@ -159,7 +159,7 @@ fn an_agent_over_its_rate_waits_as_retry_after_says() {
     );
     let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
     let limited = || {
-        Metrics::parse(&agg.get("/metrics", None).1)
+        agg.metrics()
             .value(
                 "tally_aggregator_reports_total",
                 &[("result", "rate_limited")],

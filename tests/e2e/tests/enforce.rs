@@ -15,7 +15,7 @@ use std::{
 
 use tally_e2e::{
     Agent, Metrics, SimNode,
-    enforce_support::{TenantEnv, alive, mknod_chars, remove_tree, v2_frozen},
+    enforce_support::{TenantEnv, alive, nvidia_nodes, remove_tree, v2_frozen},
     require_root, skip, tally_bin, wait_for,
 };
 
@@ -317,15 +317,7 @@ fn gpu_devices_outside_the_tenants_list_are_denied() {
             && r["detail"]["allowed"] == serde_json::json!(["195:1"])
     });
 
-    let devs = tempfile::tempdir().unwrap();
-    mknod_chars(
-        devs.path(),
-        &[
-            ("nvidia0", 195, 0),
-            ("nvidia1", 195, 1),
-            ("nvidiactl", 195, 255),
-        ],
-    );
+    let devs = nvidia_nodes();
     const DENIED: &str = "Operation not permitted";
     // No driver behind the nodes: an allowed open gets ENXIO.
     const ALLOWED: &str = "No such device or address";

@@ -22,8 +22,9 @@ use tally_agent::kubernetes::proto::{
     ListPodResourcesRequest, ListPodResourcesResponse, PodResources,
 };
 use tally_e2e::{
-    Agent, Cgroup, ChildGuard, SimNode, enforce_support::mknod_chars, require_root, skip, unique,
-    wait_for,
+    Agent, Cgroup, ChildGuard, SimNode,
+    enforce_support::{audit_records, nvidia_nodes},
+    require_root, skip, unique, wait_for,
 };
 use tonic::{
     codegen::{BoxFuture, Service, http},
@@ -704,10 +705,8 @@ fn workload_series_are_opt_in() {
 
 /// The audit log's records with `action`.
 fn audited(state_dir: &Path, action: &str) -> Vec<serde_json::Value> {
-    fs::read_to_string(state_dir.join("audit.log"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line is JSON"))
+    audit_records(&state_dir.join("audit.log"))
+        .into_iter()
         .filter(|r| r["action"] == action)
         .collect()
 }
@@ -821,15 +820,7 @@ fn gpu_use_outside_allocation_is_flagged_and_denied() {
         pod_dir.ends_with(&format!("/kubepods/besteffort/pod{}", notebook.uid)),
         "{pod_dir}"
     );
-    let devs = tempfile::tempdir().unwrap();
-    mknod_chars(
-        devs.path(),
-        &[
-            ("nvidia0", 195, 0),
-            ("nvidia1", 195, 1),
-            ("nvidiactl", 195, 255),
-        ],
-    );
+    let devs = nvidia_nodes();
     let denied_err = open_from(&notebook.cgroup, &devs.path().join("nvidia1"));
     assert!(
         denied_err.contains("Operation not permitted"),

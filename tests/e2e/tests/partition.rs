@@ -23,11 +23,11 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tally_e2e::{
-    Agent, ChildGuard, Launch, Metrics, SimNode,
+    Agent, ChildGuard, Launch, SimNode,
     aggregator_support::{
         Aggregator, Backend, LedgerReader, agent_config_with, assert_ledger_exact,
         reported_counters, spooled, sqlite, subdir,
@@ -35,6 +35,7 @@ use tally_e2e::{
     faults_support::WallClock,
     is_root,
     netns::{Link, Netns},
+    now_ms,
     pg_server::PgServer,
     skip, wait_for,
 };
@@ -175,26 +176,12 @@ impl Node {
     }
 }
 
-/// The aggregator's `/metrics`, read from inside its host.
-fn agg_metrics(agg: &Aggregator) -> Metrics {
-    let (status, body) = agg.get_in("/metrics").expect("aggregator /metrics");
-    assert_eq!(status, 200, "/metrics: {body}");
-    Metrics::parse(&body)
-}
-
 fn wait_reports(ledger: &LedgerReader, node: &str, at_least: i64) {
     wait_for(
         &format!("{node} to have {at_least} reports stored"),
         LONG,
         || (ledger.reports(node).0 >= at_least).then_some(()),
     );
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[test]
@@ -269,7 +256,8 @@ fn the_ledger_database_restarting_loses_nothing_and_is_reported() {
         wait_reports(&ledger, n.name, 2);
     }
     let ledger_up = |agg: &Aggregator| {
-        agg_metrics(agg).value("tally_aggregator_ledger_up", &[("ledger", "main")])
+        agg.metrics()
+            .value("tally_aggregator_ledger_up", &[("ledger", "main")])
     };
     assert_eq!(ledger_up(&agg), Some(1.0));
 
@@ -329,7 +317,7 @@ fn the_ledger_database_restarting_loses_nothing_and_is_reported() {
 fn a_node_clock_an_hour_ahead_is_reported_and_filed_by_the_aggregator_clock() {
     let Some(net) = net_or_skip() else { return };
     let started = Instant::now();
-    let started_ms = now_ms();
+    let started_ms = now_ms() as i64;
     let dir = tempfile::tempdir().unwrap();
     let clock = WallClock::build(dir.path());
     clock.set_offset(3600);
@@ -346,7 +334,7 @@ fn a_node_clock_an_hour_ahead_is_reported_and_filed_by_the_aggregator_clock() {
     }
 
     let skew = |node: &str| {
-        agg_metrics(&agg).value(
+        agg.metrics().value(
             "tally_aggregator_node_clock_skew_seconds",
             &[("node", node)],
         )
@@ -371,7 +359,7 @@ fn a_node_clock_an_hour_ahead_is_reported_and_filed_by_the_aggregator_clock() {
         n.finish(&agg, &ledger, started);
     }
     // Filed by the aggregator's clock: within the test, not an hour on.
-    let ended_ms = now_ms();
+    let ended_ms = now_ms() as i64;
     for table in ["reports", "gpu_usage"] {
         let (first, last) = {
             let r = &ledger.rows(&format!(

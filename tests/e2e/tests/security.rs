@@ -13,7 +13,7 @@ use tally_e2e::{
     aggregator_support::{
         ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, router_routes as routes, sqlite,
     },
-    http_request,
+    http_request, now_ms,
 };
 
 /// Who may use a route.
@@ -45,13 +45,6 @@ fn access(method: &str, path: &str) -> Access {
 }
 
 const WRONG_TOKEN: &str = "wrong-token-0123456789abcdef";
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn report(seq: u64, tenants: &[&str]) -> Report {
     let end = now_ms();

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use tally_e2e::{Agent, Cgroup, ChildGuard, Client, Metrics, SimNode, free_port, unique};
 
 use super::{
@@ -70,6 +70,23 @@ const DEVICES: usize = 14;
 /// Base scale of benchmark 1 (the issue's): 512 processes, 128 tenants.
 const BASE_PROCS: usize = 512;
 const BASE_TENANTS: usize = 128;
+
+/// The ×1 scale, `(processes, tenants)`: the base, or 64 and 16 with
+/// `--quick`.
+fn base_scale(ctx: &Ctx) -> (usize, usize) {
+    if ctx.quick {
+        (64, 16)
+    } else {
+        (BASE_PROCS, BASE_TENANTS)
+    }
+}
+
+/// The fake `libcuda.so` for the pcie probe's uprobes, or none (said why).
+fn cuda_or_none() -> Option<FakeCuda> {
+    fake_cuda()
+        .map_err(|e| eprintln!("bench: no fake libcuda ({e:#}); the pcie probe has no library"))
+        .ok()
+}
 
 /// A simulated node: scenario, state directory, tenants' processes in
 /// cgroups `…/tally/<tenant>/job<j>`.
@@ -243,19 +260,9 @@ impl Drop for RunningAgent {
 /// Runs benchmarks 1 (footprint), 2 (sample cost) and 3 (scrape) as asked.
 pub(super) fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec<Section> {
     let mut out = Vec::new();
-    let cuda = match fake_cuda() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("bench: no fake libcuda ({e:#}); the pcie probe has no library");
-            None
-        }
-    };
+    let cuda = cuda_or_none();
     let scales: &[usize] = if ctx.quick { &[1, 4] } else { &[1, 4, 16] };
-    let base = if ctx.quick {
-        (64, 16)
-    } else {
-        (BASE_PROCS, BASE_TENANTS)
-    };
+    let base = base_scale(ctx);
     let mut samples: Vec<SampleCost> = Vec::new();
     let mut sample_errors = Vec::new();
     // Instructions per call, counted once at ×1 for benchmarks 2 and 3.
@@ -309,23 +316,18 @@ pub(super) fn run(ctx: &Ctx, footprint: bool, sample: bool, scrape: bool) -> Vec
 
 /// `cargo xtask bench --instructions`: the callgrind counts alone, as the
 /// text benchmark 2 shows them, with where the dumps are (for
-/// `callgrind_annotate`).
+/// `callgrind_annotate`). Counts that cannot be made are an error: this
+/// mode has nothing else to say.
 pub(super) fn instructions_only(ctx: &Ctx) -> anyhow::Result<String> {
-    let cuda = fake_cuda()
-        .map_err(|e| eprintln!("bench: no fake libcuda ({e:#}); the pcie probe has no library"))
-        .ok();
-    let (procs, tenants) = if ctx.quick {
-        (64, 16)
-    } else {
-        (BASE_PROCS, BASE_TENANTS)
-    };
+    let cuda = cuda_or_none();
+    let (procs, tenants) = base_scale(ctx);
     let node = Node::build("callgrind", procs, tenants)?;
-    let counted: Counted = instructions(ctx, &node, cuda.as_ref()).map_err(|e| format!("{e:#}"));
+    let per = instructions(ctx, &node, cuda.as_ref()).context("counting instructions")?;
     Ok(format!(
         "{procs} processes, {tenants} tenants; dumps in {}\n{}",
         node.dir.join("callgrind").display(),
         counted_text(
-            Some(&counted),
+            Some(&Ok(per)),
             &[
                 ("sample cycle", callgrind::SAMPLE),
                 ("snapshot (its /metrics body)", callgrind::RENDER),
