@@ -226,6 +226,27 @@ impl Collector for SnapshotCollector {
             }),
         )?;
         gauge(
+            "tally_gpu_slice_fraction",
+            "What one hour of this GPU or MIG instance is charged as, in GPU-hours of gpu_model \
+             (the model the aggregator's price table is keyed by): 1 for a whole GPU, a MIG \
+             instance's compute slices over its parent's. Joined with tally_price_gpu_hour, it \
+             prices usage as the chargeback does.",
+            None,
+        )
+        .encode(
+            e,
+            gpus.iter().map(|g| {
+                (
+                    [
+                        ("gpu", g.gpu.clone()),
+                        ("uuid", g.uuid.clone()),
+                        ("gpu_model", g.priced_model(gpus)),
+                    ],
+                    g.priced_fraction(),
+                )
+            }),
+        )?;
+        gauge(
             "tally_gpu_state",
             "Current state of the GPU or MIG instance, one-hot: free (no process), busy (held and \
              working), idle (held, utilization below [states] idle_utilization for idle_after), \
@@ -750,6 +771,24 @@ mod tests {
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\""))
             .and_then(|v| v.strip_suffix('"'))
             .unwrap_or_else(|| panic!("no {key} in {labels}"))
+    }
+
+    #[test]
+    fn slice_fraction_prices_a_mig_instance_by_its_parent_model() {
+        let mut snap = snapshot();
+        // Real NVML names a MIG instance after its profile; the price table
+        // is keyed by the parent's model.
+        snap.gpus[2].model = "M MIG 3g.20gb".into();
+        snap.gpus[2].slice_fraction = Some(0.5);
+        let text = encode(snap, None);
+        assert_eq!(
+            lines(&text, "tally_gpu_slice_fraction{"),
+            [
+                r#"tally_gpu_slice_fraction{gpu="0",uuid="GPU-0",gpu_model="M"} 1.0"#,
+                r#"tally_gpu_slice_fraction{gpu="1",uuid="GPU-1",gpu_model="M"} 1.0"#,
+                r#"tally_gpu_slice_fraction{gpu="1/1/0",uuid="GPU-1/1/0",gpu_model="M"} 0.5"#,
+            ]
+        );
     }
 
     #[test]

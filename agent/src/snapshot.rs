@@ -180,6 +180,32 @@ pub struct GpuSnapshot {
     pub processes: Vec<GpuProcess>,
 }
 
+impl GpuSnapshot {
+    /// The model the aggregator prices this device's time by: a MIG
+    /// instance's parent model (NVML names an instance "<model> MIG
+    /// <profile>"), else its own; "unknown" when NVML gave none.
+    pub fn priced_model(&self, gpus: &[GpuSnapshot]) -> String {
+        let parent = self
+            .parent_uuid
+            .as_ref()
+            .and_then(|p| gpus.iter().find(|x| &x.uuid == p));
+        let model = parent.map_or(&self.model, |p| &p.model);
+        if model.is_empty() {
+            "unknown".into()
+        } else {
+            model.clone()
+        }
+    }
+
+    /// The GPU-hours of `priced_model` one hour of this device is charged
+    /// as: its slice fraction for a MIG instance, else 1.
+    pub fn priced_fraction(&self) -> f64 {
+        self.slice_fraction
+            .filter(|f| *f > 0.0 && *f <= 1.0)
+            .unwrap_or(1.0)
+    }
+}
+
 /// A process that holds memory on a GPU or MIG instance.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GpuProcess {

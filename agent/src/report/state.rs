@@ -226,20 +226,12 @@ impl State {
         end_ms: u64,
     ) -> Report {
         for g in &snap.gpus {
-            let parent_model = g
-                .parent_uuid
-                .as_ref()
-                .and_then(|p| snap.gpus.iter().find(|x| &x.uuid == p))
-                .map(|p| p.model.clone());
             self.devices.insert(
                 g.uuid.clone(),
                 DeviceInfo {
-                    model: parent_model.unwrap_or_else(|| g.model.clone()),
+                    model: g.priced_model(&snap.gpus),
                     mig_profile: g.mig_profile.clone(),
-                    slice_fraction: g
-                        .slice_fraction
-                        .filter(|f| *f > 0.0 && *f <= 1.0)
-                        .unwrap_or(1.0),
+                    slice_fraction: g.priced_fraction(),
                 },
             );
         }
@@ -262,6 +254,7 @@ impl State {
                 tenant: row.tenant.clone(),
                 gpu: row.gpu.clone(),
                 uuid: row.uuid.clone(),
+                // A device recorded by an older agent may have no model.
                 model: if dev.model.is_empty() {
                     "unknown".into()
                 } else {
