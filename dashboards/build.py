@@ -21,10 +21,6 @@ def ds_var():
     return {"type": "datasource", "name": "datasource", "label": "Data source", "query": "prometheus",
             "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [], "includeAll": False, "multi": False}
 
-def textbox(name, label, value, desc):
-    return {"type": "textbox", "name": name, "label": label, "description": desc, "query": value,
-            "current": {"text": value, "value": value}, "options": [{"selected": True, "text": value, "value": value}], "hide": 0}
-
 
 # A series selector: a metric name not followed by `(` (a function), with
 # or without its `{…}` (the ops checks find metrics the same way).
@@ -156,10 +152,7 @@ b.dump("tally-cluster-overview.json")
 t = Board("tally-tenants", "Tally / Tenants & chargeback",
           "Per-tenant GPU hours (allocated vs used), energy, PCIe and network bytes, quotas, enforcement and cost. The time range is the billing window.",
           [ds_var(), cluster_var(), qvar("node", "Node", "label_values(tally_gpu_info, node)"),
-           qvar("tenant", "Tenant", 'label_values(tally_tenant_gpu_allocated_seconds_total{node=~"$node"}, tenant)'),
-           textbox("gpu_hour_price", "GPU-hour price", "1.00", "Flat price per GPU-hour for the estimate panel (the aggregator's price table, per model and MIG fraction, is authoritative)."),
-           textbox("kwh_price", "kWh price", "0.12", "Energy price for the estimate panel."),
-           textbox("network_gib_price", "Network GiB price", "0.01", "Network price for the estimate panel.")], ["tally", "chargeback"])
+           qvar("tenant", "Tenant", 'label_values(tally_tenant_gpu_allocated_seconds_total{node=~"$node"}, tenant)')], ["tally", "chargeback"])
 sel = 'node=~"$node", tenant=~"$tenant"'
 t.row("GPU time")
 t.panel("bargauge", "GPU hours allocated (window)", [(f'sum by (tenant) (increase(tally_tenant_gpu_allocated_seconds_total{{{sel}}}[$__range])) / 3600', "{{tenant}}")], w=8, h=9, unit="h",
@@ -188,17 +181,35 @@ t.panel("bargauge", "Quota usage vs limit", [(f'max by (tenant, resource) (tally
         field={"min": 0, "max": 1, "thresholds": {"mode": "absolute", "steps": [{"color": "green", "value": None}, {"color": "orange", "value": 0.8}, {"color": "red", "value": 1}]}})
 t.panel("table", "Enforcement actions (window)", [(f'sum by (tenant, resource, action) (increase(tally_enforcement_actions_total{{{sel}}}[$__range]))', "")],
         w=12, h=8, options=TABLE, transformations=HIDE_TIME, instant=True, table=True, desc="alert / throttle / terminate actions; every one is in the audit log (GET /api/v1/audit).")
+# Priced with the aggregator's own price table (tally_price_*), as the
+# chargeback prices: GPU time per model (a MIG instance as its slice of its
+# parent's model, tally_gpu_slice_fraction), models without a price at the
+# default price, then energy, network and PCIe bytes.
+t.row("Cost (this window's usage × the aggregator's price table)")
+gpu_by_model = f'sum by (tenant, gpu_model) (increase(tally_tenant_gpu_allocated_seconds_total{{{sel}}}[$__range]) * on (instance, gpu) group_left (gpu_model) tally_gpu_slice_fraction) / 3600'
+gpu_cost = (f'({gpu_by_model}) * on (gpu_model) group_left () max by (gpu_model) (tally_price_gpu_hour) '
+            f'or on (tenant, gpu_model) ({gpu_by_model}) * on () group_left () max (tally_price_gpu_hour{{gpu_model="default"}})')
+per_byte = lambda metric, price: f'sum by (tenant) (increase({metric}{{{sel}}}[$__range])) / 1073741824 * scalar(max({price}))'
+cost_items = [("gpu", gpu_cost),
+              ("energy", f'sum by (tenant) (increase(tally_tenant_gpu_energy_joules_total{{{sel}}}[$__range])) / 3600000 * scalar(max(tally_price_energy_kwh))'),
+              ("network", per_byte("tally_tenant_network_bytes_total", "tally_price_network_gib")),
+              ("pcie", per_byte("tally_tenant_pcie_bytes_total", "tally_price_pcie_gib"))]
+by_item = " or ".join(f'label_replace({e}, "item", "{item}", "", "")' for item, e in cost_items)
+t.panel("bargauge", "Estimated cost (window)", [(f'sum by (tenant) ({by_item})', "{{tenant}}")],
+        w=8, h=9, unit="none", options=BAR, instant=True,
+        desc="The agents' counters for the window, priced with the aggregator's price table (tally_price_*) as the chargeback prices: GPU time per model and MIG fraction, energy, network and PCIe. The bill is the chargeback API (GET /api/v1/chargeback, `tally report`), which reads the ledger.")
+t.panel("table", "Cost by item (window)", [(f'sum by (tenant, item) ({by_item})', "")],
+        w=8, h=9, options=TABLE, transformations=HIDE_TIME, instant=True, table=True)
+t.panel("table", "Price table (aggregator)", [('max by (gpu_model, currency) (tally_price_gpu_hour)', "")],
+        w=8, h=9, options=TABLE, transformations=HIDE_TIME, instant=True, table=True,
+        desc="Price per GPU-hour of each model in the aggregator's [prices] table; gpu_model=\"default\" prices every other model.")
 t.row("Chargeback (aggregator ledger, whole cluster)")
 ts = 'tenant=~"$tenant"'
 gpu_h = f'sum by (tenant) (increase(tally_cluster_tenant_gpu_allocated_seconds_total{{{ts}}}[$__range])) / 3600'
 kwh = f'sum by (tenant) (increase(tally_cluster_tenant_gpu_energy_joules_total{{{ts}}}[$__range])) / 3600000'
-gib = f'sum by (tenant) (increase(tally_cluster_tenant_network_bytes_total{{{ts}}}[$__range])) / 1073741824'
-t.panel("bargauge", "Estimated cost (window)", [(f'({gpu_h}) * $gpu_hour_price + ({kwh}) * $kwh_price + (({gib}) * $network_gib_price or ({gpu_h}) * 0)', "{{tenant}}")],
-        w=6, h=9, unit="none", options=BAR, instant=True,
-        desc="Ledger totals × the flat prices of this board's variables. The chargeback API (GET /api/v1/chargeback, `tally report`) prices per GPU model and MIG fraction and is the bill.")
-t.panel("bargauge", "Cluster GPU hours allocated (window)", [(gpu_h, "{{tenant}}")], w=6, h=9, unit="h", options=BAR, instant=True)
-t.panel("bargauge", "Cluster GPU hours used, SM-weighted (window)", [(f'sum by (tenant) (increase(tally_cluster_tenant_gpu_sm_seconds_total{{{ts}}}[$__range])) / 3600', "{{tenant}}")], w=6, h=9, unit="h", options=BAR, instant=True)
-t.panel("bargauge", "Cluster energy (window)", [(kwh, "{{tenant}}")], w=6, h=9, unit="kwatth", options=BAR, instant=True)
+t.panel("bargauge", "Cluster GPU hours allocated (window)", [(gpu_h, "{{tenant}}")], w=8, h=9, unit="h", options=BAR, instant=True)
+t.panel("bargauge", "Cluster GPU hours used, SM-weighted (window)", [(f'sum by (tenant) (increase(tally_cluster_tenant_gpu_sm_seconds_total{{{ts}}}[$__range])) / 3600', "{{tenant}}")], w=8, h=9, unit="h", options=BAR, instant=True)
+t.panel("bargauge", "Cluster energy (window)", [(kwh, "{{tenant}}")], w=8, h=9, unit="kwatth", options=BAR, instant=True)
 t.panel("timeseries", "Cluster network and PCIe bytes", [(f'sum by (tenant, direction) (rate(tally_cluster_tenant_network_bytes_total{{{ts}}}[$__rate_interval]))', "{{tenant}} net {{direction}}"),
                                                          (f'sum by (tenant, direction) (rate(tally_cluster_tenant_pcie_bytes_total{{{ts}}}[$__rate_interval]))', "{{tenant}} pcie {{direction}}")],
         w=24, h=8, unit="Bps", options=TS, desc="From the ledger: every node's reports, so a node that was unreachable fills in when its spool is replayed.")
