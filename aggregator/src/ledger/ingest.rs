@@ -486,6 +486,106 @@ pub(crate) mod tests {
         assert_eq!(ledger.report_summary().await.unwrap(), s);
     }
 
+    /// A report from an agent older than workloads and clusters (its JSON
+    /// as such an agent sent it) is stored, in the `default` cluster with
+    /// no workload, and its retry is still known by its digest.
+    #[tokio::test]
+    async fn reports_without_workload_or_cluster_ingest() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url, 2).await.unwrap();
+        let keys = Arc::new(NodeKeys::default());
+        let old = r#"{"version":1,"node":"n1","boot_id":"b","seq":1,"interval_start_ms":1000000,"interval_end_ms":1010000,"gpu_usage":[{"tenant":"acme","gpu":"0","uuid":"GPU-0","model":"H100","mig_profile":null,"slice_fraction":1.0,"allocated_us":10000000,"sm_us":null,"memory_byte_seconds":1,"energy_mj":1}],"io_usage":[{"tenant":"acme","network_ingress_bytes":5,"network_egress_bytes":0,"network_ingress_packets":0,"network_egress_packets":0,"network_dropped_packets":0,"pcie_h2d_bytes":0,"pcie_d2h_bytes":0}],"gpus":[],"audit":[]}"#;
+        let r: Report = serde_json::from_str(old).unwrap();
+        r.validate().unwrap();
+        let digest = r.digest();
+        assert!(matches!(
+            ledger.ingest(&r, &digest, 1, &keys).await.unwrap(),
+            Ingested::Stored { .. }
+        ));
+        assert_eq!(
+            ledger.ingest(&r, &digest, 2, &keys).await.unwrap(),
+            Ingested::Duplicate
+        );
+        let mut new = report("n2", 1);
+        new.cluster = Some("prod-eu".into());
+        new.gpu_usage[0].workload = Some("job-7".into());
+        ledger.ingest(&new, &new.digest(), 3, &keys).await.unwrap();
+        let g = ledger.gpu_groups(0, i64::MAX, None).await.unwrap();
+        let keys: Vec<(&str, &str, &str)> = g
+            .iter()
+            .map(|g| (g.node.as_str(), g.cluster.as_str(), g.workload.as_str()))
+            .collect();
+        assert_eq!(keys, [("n1", "default", ""), ("n2", "prod-eu", "job-7")]);
+        let io = ledger
+            .io_groups(0, i64::MAX, Some("default"))
+            .await
+            .unwrap();
+        assert_eq!(io.len(), 1);
+        assert_eq!(io[0].network_ingress_bytes, 5);
+    }
+
+    /// Migration 0006 on a ledger that already holds rollups: they are
+    /// kept, in the `default` cluster with no workload.
+    #[tokio::test]
+    async fn migration_0006_keeps_the_rollups_it_rekeys() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = dir.path().join("migrations");
+        std::fs::create_dir(&before).unwrap();
+        let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        for e in std::fs::read_dir(&all).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            if name.as_str() < "0006" {
+                std::fs::copy(e.path(), before.join(&name)).unwrap();
+            }
+        }
+        let url = format!("sqlite://{}/ledger.db?mode=rwc", dir.path().display());
+        {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+            sqlx::migrate::Migrator::new(before.as_path())
+                .await
+                .unwrap()
+                .run(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, \
+                 allocated_us, used_us, energy_mj, memory_byte_seconds) \
+                 VALUES (3600000, 'acme', 'n1', 'H100', 1.0, 7, 5, 3, 2.0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO io_usage_hourly (hour_ms, tenant, node, network_ingress_bytes, \
+                 network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes) \
+                 VALUES (3600000, 'acme', 'n1', 11, 0, 0, 0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let ledger = Ledger::open(&url, 2).await.unwrap();
+        let g = ledger.gpu_groups(3_600_000, 7_200_000, None).await.unwrap();
+        assert_eq!(g.len(), 1, "{g:?}");
+        assert_eq!(
+            (
+                g[0].cluster.as_str(),
+                g[0].workload.as_str(),
+                g[0].allocated_us
+            ),
+            ("default", "", 7)
+        );
+        let io = ledger
+            .io_groups(3_600_000, 7_200_000, Some("default"))
+            .await
+            .unwrap();
+        assert_eq!(io[0].network_ingress_bytes, 11);
+    }
+
     #[tokio::test]
     async fn audit_chain_breaks_are_flagged_not_hidden() {
         let dir = tempfile::tempdir().unwrap();
