@@ -31,6 +31,8 @@ pub struct Holder<'a> {
     pub memory_bytes: u64,
     /// SM utilization 0..1, when NVML has a per-process number.
     pub sm_ratio: Option<f64>,
+    /// The workload the process is charged to, when one is named.
+    pub workload: Option<&'a str>,
 }
 
 /// One tenant's share of one device over one interval.
@@ -111,6 +113,45 @@ pub fn split_interval<'a>(
     shares
 }
 
+/// Splits one tenant's `share` of a device among the named workloads of
+/// its `holders` (the tenant's processes on the device), so that the
+/// workloads' parts never add up to more than the share and, with the
+/// part outside any named workload, to exactly it. Time and memory go by
+/// memory held (equally per process when none reports any), SM time by
+/// each workload's SM utilization, and energy as the SM time goes (as
+/// time goes where no SM time was sampled): within one tenant the idle
+/// and active energy are not told apart.
+pub fn split_workloads<'a>(share: &Share, holders: &[Holder<'a>]) -> BTreeMap<&'a str, Share> {
+    let mut out: BTreeMap<&'a str, Share> = BTreeMap::new();
+    if holders.iter().all(|h| h.workload.is_none()) {
+        return out;
+    }
+    let total_memory: u64 = holders.iter().map(|h| h.memory_bytes).sum();
+    let total_sm: f64 = holders.iter().map(|h| h.sm_ratio.unwrap_or(0.0)).sum();
+    let n = holders.len() as f64;
+    for h in holders {
+        let Some(workload) = h.workload else { continue };
+        let w = if total_memory == 0 {
+            1.0 / n
+        } else {
+            h.memory_bytes as f64 / total_memory as f64
+        };
+        let sm = if total_sm > 0.0 {
+            h.sm_ratio.unwrap_or(0.0) / total_sm
+        } else {
+            w
+        };
+        let part = out.entry(workload).or_default();
+        part.allocated_seconds += share.allocated_seconds * w;
+        part.memory_bytes += h.memory_bytes;
+        if let Some(s) = share.sm_seconds {
+            *part.sm_seconds.get_or_insert(0.0) += s * sm;
+        }
+        part.energy_joules += share.energy_joules * sm;
+    }
+    out
+}
+
 /// Cumulative per-(tenant, device) counters; the agent's running total.
 ///
 /// Found by tenant then device, so a cycle's rows are looked up by the
@@ -121,6 +162,8 @@ pub fn split_interval<'a>(
 pub struct Accounts {
     rows: BTreeMap<String, BTreeMap<String, TenantGpuUsage>>,
     devices: BTreeMap<String, DeviceTotals>,
+    /// The named workloads' part of `rows`, by (tenant, workload), device.
+    workloads: BTreeMap<(String, String), BTreeMap<String, TenantGpuUsage>>,
 }
 
 #[derive(Debug, Default)]
@@ -183,6 +226,46 @@ impl Accounts {
         }
     }
 
+    /// Adds one interval's workload parts of device `gpu` (`uuid`), keyed
+    /// by (tenant, workload), over `seconds` ([`split_workloads`]).
+    pub fn add_workloads(
+        &mut self,
+        gpu: &str,
+        uuid: &str,
+        seconds: f64,
+        parts: &BTreeMap<(&str, &str), Share>,
+    ) {
+        for (&(tenant, workload), share) in parts {
+            let key = (tenant.to_owned(), workload.to_owned());
+            let by_gpu = self.workloads.entry(key).or_default();
+            let row = by_gpu
+                .entry(gpu.to_owned())
+                .or_insert_with(|| TenantGpuUsage {
+                    tenant: tenant.to_owned(),
+                    gpu: gpu.to_owned(),
+                    uuid: uuid.to_owned(),
+                    sm_seconds_total: share.sm_seconds.map(|_| 0.0),
+                    workload: Some(workload.to_owned()),
+                    ..Default::default()
+                });
+            row.allocated_seconds_total += share.allocated_seconds;
+            if let (Some(total), Some(s)) = (row.sm_seconds_total.as_mut(), share.sm_seconds) {
+                *total += s;
+            }
+            row.memory_bytes = share.memory_bytes;
+            row.memory_byte_seconds_total += share.memory_bytes as f64 * seconds;
+            row.energy_joules_total += share.energy_joules;
+        }
+    }
+
+    /// The named workloads' cumulative rows (`Snapshot::workload_gpu`).
+    pub fn workload_rows(&self) -> Vec<TenantGpuUsage> {
+        self.workloads
+            .values()
+            .flat_map(|by_gpu| by_gpu.values().cloned())
+            .collect()
+    }
+
     pub fn rows(&self) -> Vec<TenantGpuUsage> {
         self.rows
             .values()
@@ -205,6 +288,7 @@ mod tests {
             tenant,
             memory_bytes,
             sm_ratio: Some(sm),
+            workload: None,
         }
     }
 
@@ -287,5 +371,43 @@ mod tests {
         assert_eq!(acc.observed_seconds("0"), 2.0);
         assert_eq!(acc.observed_seconds("1"), 0.0);
         assert_eq!(idle.energy_joules_total, 5.0);
+    }
+
+    /// A tenant's named workloads take their part of its share by memory
+    /// (SM and energy by SM work); with the part outside them, they add up
+    /// to the share.
+    #[test]
+    fn workloads_split_their_tenants_share() {
+        let share = Share {
+            allocated_seconds: 6.0,
+            sm_seconds: Some(3.0),
+            memory_bytes: 6,
+            energy_joules: 90.0,
+        };
+        let holder = |w: Option<&'static str>, memory_bytes, sm| Holder {
+            tenant: "a",
+            memory_bytes,
+            sm_ratio: Some(sm),
+            workload: w,
+        };
+        let parts = split_workloads(
+            &share,
+            &[
+                holder(Some("j1"), 1, 0.1),
+                holder(Some("j2"), 3, 0.2),
+                holder(Some("j1"), 1, 0.1),
+                holder(None, 1, 0.6),
+            ],
+        );
+        assert_eq!(parts.keys().copied().collect::<Vec<_>>(), ["j1", "j2"]);
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-9, "{a} != {b}");
+        close(parts["j1"].allocated_seconds, 2.0);
+        close(parts["j2"].allocated_seconds, 3.0);
+        close(parts["j1"].sm_seconds.unwrap(), 0.6);
+        close(parts["j2"].sm_seconds.unwrap(), 0.6);
+        close(parts["j1"].energy_joules, 18.0);
+        close(parts["j2"].energy_joules, 18.0);
+        assert_eq!(parts["j1"].memory_bytes, 2);
+        assert!(split_workloads(&share, &[holder(None, 1, 0.5)]).is_empty());
     }
 }

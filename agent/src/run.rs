@@ -280,6 +280,7 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
             nvml: sample.nvml,
             gpus: sample.gpus,
             tenant_gpu: sample.tenant_gpu,
+            workload_gpu: sample.workload_gpu,
             tenant_io: Vec::new(),
             probes: probes.statuses(),
             sample_duration_seconds: 0.0,

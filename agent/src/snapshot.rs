@@ -30,6 +30,11 @@ pub struct Snapshot {
     pub gpus: Vec<GpuSnapshot>,
     /// Cumulative per-(tenant, gpu) counters since the agent started.
     pub tenant_gpu: Vec<TenantGpuUsage>,
+    /// The part of `tenant_gpu` that named workloads used: per (tenant,
+    /// workload, gpu), `workload` set. What a tenant used outside them is
+    /// its `tenant_gpu` row less these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workload_gpu: Vec<TenantGpuUsage>,
     /// Cumulative per-tenant counters from the eBPF probes.
     pub tenant_io: Vec<TenantIoUsage>,
     /// State of each eBPF probe.
@@ -223,6 +228,9 @@ pub struct GpuProcess {
     /// workload_series` is on and the pod is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<Workload>,
+    /// The workload its usage is charged to (`crate::tenants::Attribution`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_id: Option<Arc<str>>,
 }
 
 /// A pod running on a GPU or MIG device the kubelet did not allocate to it.
@@ -266,6 +274,9 @@ pub struct TenantGpuUsage {
     /// Integral of memory held over time.
     pub memory_byte_seconds_total: f64,
     pub energy_joules_total: f64,
+    /// Set on `Snapshot::workload_gpu` rows only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 /// Cumulative eBPF-counted I/O of one tenant.

@@ -136,6 +136,8 @@ mod tests {
         let gpu = [crate::ledger::chargeback::GpuGroup {
             tenant: "acme".into(),
             node: "n1".into(),
+            cluster: "default".into(),
+            workload: String::new(),
             model: "H100".into(),
             slice_fraction: 1.0,
             allocated_us: 6 * 3_600_000_000,

@@ -516,6 +516,7 @@ pub(crate) mod tests {
                 limit: 1.0,
                 usage: Some(seq as f64),
             }],
+            cluster: None,
         }
     }
 

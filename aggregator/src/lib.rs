@@ -276,8 +276,8 @@ async fn budget_statuses(
     for period in periods {
         let (start, end) = period.bounds(now);
         let (gpu, io) = tokio::try_join!(
-            app.ledger.gpu_groups(start, now + 1),
-            app.ledger.io_groups(start, now + 1)
+            app.ledger.gpu_groups(start, now + 1, None),
+            app.ledger.io_groups(start, now + 1, None)
         )?;
         let spent = chargeback::compute(
             &app.prices,

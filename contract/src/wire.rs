@@ -52,6 +52,21 @@ pub struct Report {
     /// interval (enforcement), for the cluster view.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tenant_quotas: Vec<TenantQuota>,
+    /// The agent's `[report] cluster`: which cluster the node belongs to,
+    /// so one ledger serves several. Absent from older agents, which the
+    /// aggregator files under [`DEFAULT_CLUSTER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+}
+
+/// The cluster of a report that names none (`[report] cluster`'s default).
+pub const DEFAULT_CLUSTER: &str = "default";
+
+impl Report {
+    /// The report's cluster, [`DEFAULT_CLUSTER`] when it names none.
+    pub fn cluster(&self) -> &str {
+        self.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER)
+    }
 }
 
 /// One quota of one tenant on the node at the end of the interval.
@@ -93,6 +108,12 @@ pub struct GpuUsage {
     pub memory_byte_seconds: u64,
     /// The tenant's share of the device's energy, millijoules.
     pub energy_mj: u64,
+    /// The workload within the tenant (a `workload` capture of a `cgroup`
+    /// rule, `<namespace>/<pod>` on Kubernetes, the job id on Slurm);
+    /// absent for usage no workload was named for, and from older agents.
+    /// A tenant's rows, with and without a workload, sum to its usage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 /// One tenant's I/O over the interval.
@@ -186,6 +207,9 @@ impl Report {
         }
         name(&mut p, "node", &self.node);
         name(&mut p, "boot_id", &self.boot_id);
+        if let Some(c) = &self.cluster {
+            name(&mut p, "cluster", c);
+        }
         if self.seq > i64::MAX as u64 {
             p.push("seq is out of range".into());
         }
@@ -217,6 +241,9 @@ impl Report {
             name(&mut p, &format!("{at}.model"), &u.model);
             if let Some(profile) = &u.mig_profile {
                 name(&mut p, &format!("{at}.mig_profile"), profile);
+            }
+            if let Some(w) = &u.workload {
+                name(&mut p, &format!("{at}.workload"), w);
             }
             if !(u.slice_fraction > 0.0 && u.slice_fraction <= 1.0) {
                 p.push(format!(
@@ -400,13 +427,49 @@ mod tests {
                 sm_us: Some(5_000_000),
                 memory_byte_seconds: 1 << 30,
                 energy_mj: 3_000_000,
+                workload: None,
             }],
             io_usage: vec![],
             gpus: vec![],
             audit: vec![],
             report_interval_ms: None,
             tenant_quotas: vec![],
+            cluster: None,
         }
+    }
+
+    /// A report written before `workload` and `cluster` existed parses,
+    /// validates, falls in the default cluster, and keeps its digest (the
+    /// aggregator tells a retry from a conflict by it); the new fields
+    /// round-trip and change the digest.
+    #[test]
+    fn reports_without_workload_or_cluster_still_verify() {
+        let old = r#"{"version":1,"node":"n1","boot_id":"b","seq":7,"interval_start_ms":1000000,"interval_end_ms":1010000,"gpu_usage":[{"tenant":"acme","gpu":"0","uuid":"GPU-0","model":"NVIDIA H100 80GB HBM3","mig_profile":null,"slice_fraction":1.0,"allocated_us":10000000,"sm_us":5000000,"memory_byte_seconds":1073741824,"energy_mj":3000000}],"io_usage":[],"gpus":[],"audit":[]}"#;
+        let r: Report = serde_json::from_str(old).unwrap();
+        r.validate().unwrap();
+        assert_eq!(r, sample());
+        assert_eq!(r.cluster(), DEFAULT_CLUSTER);
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
+        assert_eq!(
+            r.digest(),
+            hex::encode(Sha256::digest(old.as_bytes())),
+            "an old report's digest is that of its own bytes"
+        );
+
+        let mut new = sample();
+        new.cluster = Some("prod-eu".into());
+        new.gpu_usage[0].workload = Some("job-1".into());
+        new.validate().unwrap();
+        let back: Report = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+        assert_ne!(new.digest(), r.digest());
+
+        new.cluster = Some(String::new());
+        new.gpu_usage[0].workload = Some("a\nb".into());
+        let errs = new.validate().unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("cluster "), "{errs:?}");
+        assert!(errs[1].starts_with("gpu_usage[0].workload "), "{errs:?}");
     }
 
     #[test]

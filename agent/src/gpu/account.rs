@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    attribution::{Holder, Share, split_interval},
+    attribution::{Holder, Share, split_interval, split_workloads},
     pids::PidMap,
     snapshot::{GpuProcess, GpuSnapshot, TENANT_UNATTRIBUTED},
 };
@@ -27,6 +27,9 @@ pub(super) struct Charge<'a> {
     /// unoccupied slices of a MIG parent).
     pub seconds: f64,
     pub shares: BTreeMap<&'a str, Share>,
+    /// The part of `shares` each named workload used, by (tenant,
+    /// workload) ([`split_workloads`]).
+    pub workloads: BTreeMap<(&'a str, &'a str), Share>,
 }
 
 /// Joules between two readings of NVML's energy counter (mJ); `None` when
@@ -124,10 +127,11 @@ pub(super) fn charges<'a>(
     energy_joules: Option<f64>,
     idle_power_watts: Option<f64>,
 ) -> Vec<Charge<'a>> {
-    let charge = |d: &'a GpuSnapshot, seconds: f64, shares| Charge {
+    let charge = |d: &'a GpuSnapshot, seconds: f64, shares: BTreeMap<&'a str, Share>| Charge {
         gpu: &d.gpu,
         uuid: &d.uuid,
         seconds,
+        workloads: workload_parts(&d.processes, &shares),
         shares,
     };
     let (dt, energy) = match (seconds, energy_joules) {
@@ -167,6 +171,28 @@ pub(super) fn charges<'a>(
     let unoccupied = (1.0 - occupied).max(0.0);
     let idle = split_interval(dt * unoccupied, &[], energy * unoccupied, None, false);
     out.push(charge(device, dt * unoccupied, idle));
+    out
+}
+
+/// Each tenant's share split among its named workloads, by (tenant,
+/// workload); empty when no process names one.
+fn workload_parts<'a>(
+    processes: &'a [GpuProcess],
+    shares: &BTreeMap<&'a str, Share>,
+) -> BTreeMap<(&'a str, &'a str), Share> {
+    let mut out = BTreeMap::new();
+    if processes.iter().all(|p| p.workload_id.is_none()) {
+        return out;
+    }
+    for (&tenant, share) in shares {
+        let holders: Vec<Holder<'a>> = holders_of(processes)
+            .into_iter()
+            .filter(|h| h.tenant == tenant)
+            .collect();
+        for (workload, part) in split_workloads(share, &holders) {
+            out.insert((tenant, workload), part);
+        }
+    }
     out
 }
 
@@ -231,6 +257,7 @@ fn holders_of(processes: &[GpuProcess]) -> Vec<Holder<'_>> {
             tenant: &p.tenant,
             memory_bytes: p.memory_bytes,
             sm_ratio: p.sm_ratio,
+            workload: p.workload_id.as_deref(),
         })
         .collect()
 }
@@ -251,6 +278,7 @@ mod tests {
             memory_bytes,
             sm_ratio: sm,
             workload: None,
+            workload_id: None,
         }
     }
 

@@ -43,6 +43,8 @@ pub struct Sample {
     pub nvml: NvmlStatus,
     pub gpus: Vec<GpuSnapshot>,
     pub tenant_gpu: Vec<TenantGpuUsage>,
+    /// The named workloads' part of `tenant_gpu`.
+    pub workload_gpu: Vec<TenantGpuUsage>,
 }
 
 /// Per-device memory between cycles.
@@ -224,6 +226,7 @@ impl Sampler {
             nvml,
             gpus,
             tenant_gpu: self.accounts.rows(),
+            workload_gpu: self.accounts.workload_rows(),
         }
     }
 
@@ -379,6 +382,8 @@ impl Sampler {
         );
         for c in charges {
             self.accounts.add(c.gpu, c.uuid, c.seconds, &c.shares);
+            self.accounts
+                .add_workloads(c.gpu, c.uuid, c.seconds, &c.workloads);
         }
         out.push(snap);
         out.extend(instances);
@@ -453,6 +458,7 @@ fn attribute(processes: &[RawProcess], device: &str, resolver: &mut Resolver) ->
                 memory_bytes: p.memory_bytes,
                 sm_ratio: None,
                 workload: attribution.workload,
+                workload_id: attribution.workload_id,
             }
         })
         .collect()

@@ -187,6 +187,7 @@ mod tests {
             memory_bytes: 1,
             sm_ratio: None,
             workload: None,
+            workload_id: None,
         }
     }
 

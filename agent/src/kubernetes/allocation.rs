@@ -99,6 +99,7 @@ mod tests {
                     memory_bytes: 1,
                     sm_ratio: None,
                     workload: None,
+                    workload_id: None,
                 })
                 .collect(),
             ..Default::default()

@@ -782,6 +782,31 @@ mod tests {
             "unmapped namespace goes to the next rule"
         );
         assert_eq!(r.tenant_for_cgroup("/system.slice/x.service"), None);
+
+        // A known pod's process is charged to the workload
+        // `<namespace>/<pod>`, whether or not workload series are on.
+        let fake = crate::tenants::procs::fake::FakeProc::default();
+        let mut r = crate::tenants::Resolver::new(c.tenant.rules.clone()).with_procs(
+            crate::tenants::procs::ProcCache::new(Box::new(fake.clone())),
+        );
+        r.set_kubernetes(lookup_with(NodePods::default(), &c.tenant.kubernetes));
+        fake.set(7, 1, &cgroup());
+        let a = r.attribute_on(7, None);
+        assert_eq!(&*a.tenant, "k8s-other", "pod not known yet");
+        assert_eq!(a.workload_id, None);
+        let mut v = NodePods::default();
+        v.uids.insert(
+            UID.into(),
+            PodName {
+                namespace: "team-a-prod".into(),
+                pod: "trainer-0".into(),
+            },
+        );
+        r.set_kubernetes(lookup_with(v, &c.tenant.kubernetes));
+        let a = r.attribute_on(7, None);
+        assert_eq!(&*a.tenant, "team-a");
+        assert_eq!(a.workload_id.as_deref(), Some("team-a-prod/trainer-0"));
+        assert_eq!(a.workload, None, "series stay off");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct ReportConfig {
     pub ca_file: Option<PathBuf>,
     /// Node name in reports. Default: `[agent] node`, else the host name.
     pub node: Option<String>,
+    /// The cluster this node belongs to, in every report, so one
+    /// aggregator serves several clusters. Default `default`.
+    pub cluster: String,
     /// Time between reports. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
@@ -56,6 +59,7 @@ impl Default for ReportConfig {
             token_file: None,
             ca_file: None,
             node: None,
+            cluster: wire::DEFAULT_CLUSTER.into(),
             interval: Duration::from_secs(10),
             timeout: Duration::from_secs(10),
             spool_max_reports: 8640,
@@ -99,6 +103,12 @@ impl ReportConfig {
             && (node.is_empty() || node.len() > wire::MAX_NAME || node.contains(char::is_control))
         {
             problems.push("report.node", "must be 1..=256 printable characters");
+        }
+        if self.cluster.is_empty()
+            || self.cluster.len() > wire::MAX_NAME
+            || self.cluster.contains(char::is_control)
+        {
+            problems.push("report.cluster", "must be 1..=256 printable characters");
         }
         if let Some(file) = &self.ca_file
             && let Err(e) = read_ca(file)
@@ -147,9 +157,10 @@ mod tests {
         let c = Config::parse("", Path::new("t.toml")).unwrap();
         assert_eq!(c.report.interval, Duration::from_secs(10));
         assert!(c.report.aggregator.is_none());
+        assert_eq!(c.report.cluster, "default");
 
         let p = Config::parse(
-            "[report]\naggregator = \"ftp://x\"\ninterval = \"1ms\"\nspool_max_bytes = \"lots\"\nca_file = \"/nonexistent/ca.pem\"\n",
+            "[report]\naggregator = \"ftp://x\"\ninterval = \"1ms\"\ncluster = \"\"\nspool_max_bytes = \"lots\"\nca_file = \"/nonexistent/ca.pem\"\n",
             Path::new("t.toml"),
         )
         .unwrap_err();
@@ -160,6 +171,7 @@ mod tests {
                 "report.interval",
                 "report.spool_max_bytes",
                 "report.aggregator",
+                "report.cluster",
                 "report.ca_file"
             ]
         );

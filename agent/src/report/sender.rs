@@ -141,6 +141,7 @@ impl Sender {
             instance: format!("{}-{started_ms}", std::process::id()),
             started_ms,
             report_interval_ms: cfg.interval.as_millis() as u64,
+            cluster: cfg.cluster.clone(),
         };
         let state_file = state::state_file(state_dir);
         let loaded = match state::load(&state_file) {

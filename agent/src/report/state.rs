@@ -88,7 +88,8 @@ pub struct State {
     pub next_seq: u64,
     /// End of the last report of `instance`, ms since the epoch.
     pub last_end_ms: u64,
-    /// GPU counters already reported, by `tenant\tuuid`.
+    /// GPU counters already reported, by `tenant\tuuid` (the tenant's
+    /// usage outside named workloads) and `tenant\tuuid\tworkload`.
     pub gpu_base: BTreeMap<String, GpuCounters>,
     /// I/O counters already reported, by tenant.
     pub io_base: BTreeMap<String, IoCounters>,
@@ -137,6 +138,30 @@ impl GpuCounters {
             sm_us: self.sm_us.map(|s| delta(s, base.sm_us.unwrap_or(0))),
             memory_byte_seconds: delta(self.memory_byte_seconds, base.memory_byte_seconds),
             energy_mj: delta(self.energy_mj, base.energy_mj),
+        }
+    }
+
+    /// `self − other`, each counter at least 0.
+    fn less(&self, other: &Self) -> Self {
+        Self {
+            allocated_us: self.allocated_us.saturating_sub(other.allocated_us),
+            sm_us: self
+                .sm_us
+                .map(|s| s.saturating_sub(other.sm_us.unwrap_or(0))),
+            memory_byte_seconds: self
+                .memory_byte_seconds
+                .saturating_sub(other.memory_byte_seconds),
+            energy_mj: self.energy_mj.saturating_sub(other.energy_mj),
+        }
+    }
+
+    /// Each counter raised to `floor`'s where below it.
+    fn at_least(&self, floor: &Self) -> Self {
+        Self {
+            allocated_us: self.allocated_us.max(floor.allocated_us),
+            sm_us: self.sm_us.map(|s| s.max(floor.sm_us.unwrap_or(0))),
+            memory_byte_seconds: self.memory_byte_seconds.max(floor.memory_byte_seconds),
+            energy_mj: self.energy_mj.max(floor.energy_mj),
         }
     }
 
@@ -191,6 +216,8 @@ pub struct Identity {
     pub started_ms: u64,
     /// `[report] interval` in ms (0: unknown), carried in every report.
     pub report_interval_ms: u64,
+    /// `[report] cluster`, carried in every report.
+    pub cluster: String,
 }
 
 impl State {
@@ -235,38 +262,40 @@ impl State {
                 },
             );
         }
+        // The named workloads' rows of each (tenant, device); the tenant's
+        // own row is what is left of its counters: the rows of one tenant
+        // still sum to its counter (exactly without workloads; within a
+        // microsecond per workload with them, each rounded on its own).
+        let mut parts: BTreeMap<(&str, &str), Vec<&TenantGpuUsage>> = BTreeMap::new();
+        for row in &snap.workload_gpu {
+            parts
+                .entry((row.tenant.as_str(), row.uuid.as_str()))
+                .or_default()
+                .push(row);
+        }
         let mut gpu_usage = Vec::new();
         for row in &snap.tenant_gpu {
-            let key = format!("{}\t{}", row.tenant, row.uuid);
-            let now = GpuCounters::of(row);
-            let base = self.gpu_base.get(&key).copied().unwrap_or_default();
-            let d = now.minus(&base);
-            self.gpu_base.insert(key, now);
-            if d.is_zero() {
-                continue;
+            let mut rest = GpuCounters::of(row);
+            for part in parts
+                .get(&(row.tenant.as_str(), row.uuid.as_str()))
+                .into_iter()
+                .flatten()
+            {
+                let now = GpuCounters::of(part);
+                rest = rest.less(&now);
+                let key = format!(
+                    "{}\t{}\t{}",
+                    row.tenant,
+                    row.uuid,
+                    part.workload.as_deref().unwrap_or("")
+                );
+                self.push_usage(&mut gpu_usage, key, now, row, part.workload.clone());
             }
-            let dev = self.devices.get(&row.uuid).cloned().unwrap_or(DeviceInfo {
-                model: "unknown".into(),
-                mig_profile: None,
-                slice_fraction: 1.0,
-            });
-            gpu_usage.push(GpuUsage {
-                tenant: row.tenant.clone(),
-                gpu: row.gpu.clone(),
-                uuid: row.uuid.clone(),
-                // A device recorded by an older agent may have no model.
-                model: if dev.model.is_empty() {
-                    "unknown".into()
-                } else {
-                    dev.model
-                },
-                mig_profile: dev.mig_profile,
-                slice_fraction: dev.slice_fraction,
-                allocated_us: d.allocated_us,
-                sm_us: d.sm_us,
-                memory_byte_seconds: d.memory_byte_seconds,
-                energy_mj: d.energy_mj,
-            });
+            let key = format!("{}\t{}", row.tenant, row.uuid);
+            // Rounding each workload on its own may take a microsecond
+            // more than the whole had: the rest never goes below its base.
+            let base = self.gpu_base.get(&key).copied().unwrap_or_default();
+            self.push_usage(&mut gpu_usage, key, rest.at_least(&base), row, None);
         }
         let mut io_usage = Vec::new();
         for row in &snap.tenant_io {
@@ -348,11 +377,54 @@ impl State {
             audit,
             report_interval_ms: (id.report_interval_ms > 0).then_some(id.report_interval_ms),
             tenant_quotas,
+            cluster: Some(id.cluster.clone()),
         };
         self.next_seq += 1;
         self.last_end_ms = end;
         self.last = Some(report.clone());
         report
+    }
+}
+
+impl State {
+    /// Adds the usage of counters `now` (of `row`'s device) since their
+    /// base `key`, unless nothing was used, and advances the base.
+    fn push_usage(
+        &mut self,
+        out: &mut Vec<GpuUsage>,
+        key: String,
+        now: GpuCounters,
+        row: &TenantGpuUsage,
+        workload: Option<String>,
+    ) {
+        let base = self.gpu_base.get(&key).copied().unwrap_or_default();
+        let d = now.minus(&base);
+        self.gpu_base.insert(key, now);
+        if d.is_zero() {
+            return;
+        }
+        let dev = self.devices.get(&row.uuid).cloned().unwrap_or(DeviceInfo {
+            model: "unknown".into(),
+            mig_profile: None,
+            slice_fraction: 1.0,
+        });
+        out.push(GpuUsage {
+            tenant: row.tenant.clone(),
+            gpu: row.gpu.clone(),
+            uuid: row.uuid.clone(),
+            model: if dev.model.is_empty() {
+                "unknown".into()
+            } else {
+                dev.model
+            },
+            mig_profile: dev.mig_profile,
+            slice_fraction: dev.slice_fraction,
+            allocated_us: d.allocated_us,
+            sm_us: d.sm_us,
+            memory_byte_seconds: d.memory_byte_seconds,
+            energy_mj: d.energy_mj,
+            workload,
+        });
     }
 }
 
@@ -433,6 +505,7 @@ mod tests {
             instance: instance.into(),
             started_ms: 1_000,
             report_interval_ms: 10_000,
+            cluster: "default".into(),
         }
     }
 
@@ -460,6 +533,61 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// A tenant's named workloads get rows of their own, the rest of its
+    /// counters one without a workload: the rows of the tenant sum to its
+    /// counter's growth (within the microsecond each workload is rounded
+    /// to), and the report names the cluster.
+    #[test]
+    fn workload_rows_and_the_rest_sum_to_the_tenant() {
+        let p1 = id("p1", "b1");
+        let mut st = State::default().adopt(&p1, 5_000);
+        let with = |alloc: f64, w1: f64, w2: f64| {
+            let mut s = snap(alloc, 0);
+            let part = |w: &str, a: f64| TenantGpuUsage {
+                workload: Some(w.into()),
+                allocated_seconds_total: a,
+                sm_seconds_total: Some(a / 2.0),
+                energy_joules_total: a * 100.0,
+                ..s.tenant_gpu[0].clone()
+            };
+            s.workload_gpu = vec![part("j1", w1), part("j2", w2)];
+            s
+        };
+        let rows = |r: &Report| -> Vec<(Option<String>, u64)> {
+            // (Other counters round apart too: a row may hold only those.)
+            r.gpu_usage
+                .iter()
+                .filter(|u| u.allocated_us > 0)
+                .map(|u| (u.workload.clone(), u.allocated_us))
+                .collect()
+        };
+        let r = st.cut(&p1, &with(10.0, 4.0, 3.0), vec![], 6_000);
+        assert_eq!(r.cluster.as_deref(), Some("default"));
+        assert_eq!(
+            rows(&r),
+            [
+                (Some("j1".into()), 4_000_000),
+                (Some("j2".into()), 3_000_000),
+                (None, 3_000_000)
+            ]
+        );
+        r.validate().unwrap();
+        // Rounded apart, the workloads may exceed the whole by a
+        // microsecond each: the rest does not go back for it.
+        let r = st.cut(&p1, &with(20.0000012, 11.0000006, 6.0000006), vec![], 7_000);
+        assert_eq!(
+            rows(&r),
+            [
+                (Some("j1".into()), 7_000_001),
+                (Some("j2".into()), 3_000_001),
+            ]
+        );
+        let r = st.cut(&p1, &with(30.0, 11.0000006, 6.0000006), vec![], 8_000);
+        assert_eq!(rows(&r), [(None, 9_999_998)]);
+        let r = st.cut(&p1, &with(30.0, 11.0000006, 6.0000006), vec![], 8_000);
+        assert!(r.gpu_usage.is_empty(), "{:?}", r.gpu_usage);
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub struct Attribution {
     pub cgroup: Option<Arc<str>>,
     /// Kubernetes namespace/pod/container, when workload series are on.
     pub workload: Option<crate::snapshot::Workload>,
+    /// The workload the tenant's usage is charged to, by the rule that
+    /// named the tenant: a `cgroup` rule's `workload` capture, a Slurm
+    /// job id, a pod as `<namespace>/<pod>`. `None`: the tenant's usage
+    /// outside any named workload.
+    pub workload_id: Option<Arc<str>>,
 }
 
 /// Whether the config asks for Kubernetes: a `kubernetes` tenant rule,
@@ -164,7 +169,9 @@ impl Resolver {
             .iter()
             .zip(&self.slurm_jobs)
             .find_map(|(rule, jobs)| match rule {
-                TenantRule::Cgroup { pattern, fixed } => cgroup_rule(pattern, fixed, cgroup),
+                TenantRule::Cgroup { pattern, fixed } => {
+                    cgroup_rule(pattern, fixed, cgroup).map(|(tenant, _)| tenant)
+                }
                 TenantRule::User => None,
                 TenantRule::Slurm { jobs_dir } => {
                     jobs.tenant(jobs_dir, cgroup).as_deref().map(str::to_owned)
@@ -230,35 +237,51 @@ impl Resolver {
             })
             .and_then(crate::kubernetes::Identity::workload);
         for (rule, jobs) in self.rules.iter().zip(&self.slurm_jobs) {
-            let tenant = match rule {
+            let (tenant, workload_id): (Option<Arc<str>>, Option<Arc<str>>) = match rule {
                 TenantRule::Cgroup { pattern, fixed } => cgroup
                     .as_deref()
                     .and_then(|cg| cgroup_rule(pattern, fixed, cg))
-                    .map(Arc::from),
-                TenantRule::User => uid_of(pid).ok().map(|uid| {
-                    self.users
-                        .entry(uid)
-                        .or_insert_with(|| user_name(uid).into())
-                        .clone()
-                }),
-                TenantRule::Slurm { jobs_dir } => {
-                    cgroup.as_deref().and_then(|cg| jobs.tenant(jobs_dir, cg))
-                }
+                    .map_or((None, None), |(t, w)| {
+                        (Some(Arc::from(t)), w.map(Arc::from))
+                    }),
+                TenantRule::User => (
+                    uid_of(pid).ok().map(|uid| {
+                        self.users
+                            .entry(uid)
+                            .or_insert_with(|| user_name(uid).into())
+                            .clone()
+                    }),
+                    None,
+                ),
+                TenantRule::Slurm { jobs_dir } => cgroup
+                    .as_deref()
+                    .and_then(|cg| Some((jobs.tenant(jobs_dir, cg)?, slurm::job_id(cg)?)))
+                    .map_or((None, None), |(t, job)| {
+                        (Some(t), Some(Arc::from(job.to_string())))
+                    }),
                 TenantRule::Kubernetes {
                     namespaces,
                     unmapped,
                 } => identity
                     .as_ref()
                     .and_then(|id| {
-                        crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)
+                        let tenant =
+                            crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)?;
+                        let pod = id
+                            .pod
+                            .as_ref()
+                            .map(|p| format!("{}/{p}", id.namespace))
+                            .filter(|w| is_workload_name(w));
+                        Some((Some(Arc::from(tenant)), pod.map(Arc::from)))
                     })
-                    .map(Arc::from),
+                    .unwrap_or((None, None)),
             };
             if let Some(tenant) = tenant {
                 return Attribution {
                     tenant,
                     cgroup,
                     workload,
+                    workload_id,
                 };
             }
         }
@@ -266,17 +289,37 @@ impl Resolver {
             tenant: TENANT_UNATTRIBUTED.into(),
             cgroup,
             workload,
+            workload_id: None,
         }
     }
 }
 
-fn cgroup_rule(pattern: &regex::Regex, fixed: &Option<String>, cgroup: &str) -> Option<String> {
+/// The tenant a `cgroup` rule gives `cgroup`, and the workload its
+/// `workload` group captured (none when empty or absent).
+fn cgroup_rule(
+    pattern: &regex::Regex,
+    fixed: &Option<String>,
+    cgroup: &str,
+) -> Option<(String, Option<String>)> {
     let caps = pattern.captures(cgroup)?;
-    match caps.name("tenant") {
-        Some(m) if !m.as_str().is_empty() => Some(m.as_str().to_owned()),
-        Some(_) => None,
-        None => fixed.clone(),
-    }
+    let tenant = match caps.name("tenant") {
+        Some(m) if !m.as_str().is_empty() => m.as_str().to_owned(),
+        Some(_) => return None,
+        None => fixed.clone()?,
+    };
+    let workload = caps
+        .name("workload")
+        .map(|m| m.as_str())
+        .filter(|w| is_workload_name(w))
+        .map(str::to_owned);
+    Some((tenant, workload))
+}
+
+/// Whether `w` can name a workload in a report (1..=256 bytes, no control
+/// characters): one that cannot is charged to the tenant alone rather than
+/// have the aggregator refuse the whole report.
+fn is_workload_name(w: &str) -> bool {
+    !w.is_empty() && w.len() <= tally_contract::wire::MAX_NAME && !w.contains(char::is_control)
 }
 
 #[cfg(test)]
@@ -381,6 +424,57 @@ mod tests {
             .collect();
         r.end_cycle();
         tenants
+    }
+
+    /// A `cgroup` rule's `workload` group names the workload, kept with
+    /// the cached attribution; a `slurm` rule's is the job id; a rule
+    /// without one, or an empty capture, names none.
+    #[test]
+    fn rules_name_the_workload_they_match() {
+        let fake = procs::fake::FakeProc::default();
+        let jobs = tempfile::tempdir().unwrap();
+        std::fs::write(jobs.path().join("4242"), "account = \"physics\"\n").unwrap();
+        let mut r = resolver(&format!(
+            r#"
+            [[tenant.rule]]
+            cgroup = '^/tally/(?P<tenant>[^/]+)/(?P<workload>[^/]*)'
+            [[tenant.rule]]
+            slurm = true
+            jobs_dir = "{}"
+            [[tenant.rule]]
+            cgroup = '^/team/(?P<tenant>[^/]+)'
+            "#,
+            jobs.path().display()
+        ))
+        .with_procs(ProcCache::new(Box::new(fake.clone())));
+        fake.set(1, 10, "/tally/acme/train-1/x");
+        fake.set(
+            2,
+            10,
+            "/system.slice/slurmstepd.scope/job_4242/step_0/user/task_0",
+        );
+        fake.set(3, 10, "/team/beta/whatever");
+        fake.set(4, 10, "/tally/acme//x");
+        let mut workloads = || {
+            r.begin_cycle();
+            let w: Vec<(String, Option<String>)> = [1, 2, 3, 4]
+                .iter()
+                .map(|&pid| {
+                    let a = r.attribute_on(pid, None);
+                    (a.tenant.to_string(), a.workload_id.map(|w| w.to_string()))
+                })
+                .collect();
+            r.end_cycle();
+            w
+        };
+        let expected = vec![
+            ("acme".to_owned(), Some("train-1".to_owned())),
+            ("physics".to_owned(), Some("4242".to_owned())),
+            ("beta".to_owned(), None),
+            ("acme".to_owned(), None),
+        ];
+        assert_eq!(workloads(), expected);
+        assert_eq!(workloads(), expected, "from the cache");
     }
 
     #[test]

@@ -325,6 +325,7 @@ impl ProcCache {
                 tenant: attribution.tenant.clone(),
                 cgroup: attribution.cgroup.clone(),
                 workload: None,
+                workload_id: attribution.workload_id.clone(),
             };
             (st.start_time, cycle, facts)
         });

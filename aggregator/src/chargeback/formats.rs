@@ -14,7 +14,11 @@ use crate::config::Prices;
 /// to the grouping are left out of the file, not written empty.
 #[derive(Serialize)]
 struct CsvRow<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<&'a str>,
     tenant: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     gpu_model: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -77,6 +81,12 @@ struct FocusRow<'a> {
     service_subcategory: &'static str,
     sku_price_id: &'a str,
     sub_account_name: &'a str,
+    /// Grouped by cluster: the cluster, as FOCUS's region (the columns
+    /// are left out of the file otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region_name: Option<&'a str>,
 }
 
 /// What kind of resource an item is, by its SKU: one type per kind.
@@ -118,7 +128,9 @@ impl Chargeback {
         let by = GroupBy::parse(&self.group_by).unwrap_or(GroupBy::Tenant);
         fn row<'a>(l: &'a Line, currency: &'a str) -> CsvRow<'a> {
             CsvRow {
+                cluster: l.cluster.as_deref(),
                 tenant: &l.tenant,
+                workload: l.workload.as_deref(),
                 gpu_model: l.gpu_model.as_deref(),
                 node: l.node.as_deref(),
                 gpu_hours: format!("{:.6}", l.gpu_hours),
@@ -134,7 +146,9 @@ impl Chargeback {
             }
         }
         let empty = Line {
+            cluster: by.by_cluster().then(String::new),
             tenant: String::new(),
+            workload: by.by_workload().then(String::new),
             gpu_model: (by == GroupBy::TenantModel).then(String::new),
             node: (by == GroupBy::TenantNode).then(String::new),
             gpu_hours: 0.0,
@@ -163,12 +177,24 @@ impl Chargeback {
             .iter()
             .flat_map(|l| l.items.iter().map(move |i| (l, i)))
             .map(|(l, i)| self.focus_row(billing, l, i));
-        write(rows, FocusRow::default())
+        let by_cluster = GroupBy::parse(&self.group_by).is_some_and(GroupBy::by_cluster);
+        let empty = FocusRow {
+            region_id: by_cluster.then_some(""),
+            region_name: by_cluster.then_some(""),
+            ..FocusRow::default()
+        };
+        write(rows, empty)
     }
 
     fn focus_row<'a>(&'a self, billing: &'a Prices, l: &'a Line, item: &'a Item) -> FocusRow<'a> {
         let mut tags = serde_json::Map::new();
+        if let Some(c) = &l.cluster {
+            tags.insert("cluster".into(), c.clone().into());
+        }
         tags.insert("tenant".into(), l.tenant.clone().into());
+        if let Some(w) = l.workload.as_deref().filter(|w| !w.is_empty()) {
+            tags.insert("workload".into(), w.into());
+        }
         if let Some(m) = &l.gpu_model {
             tags.insert("gpu_model".into(), m.clone().into());
         }
@@ -177,11 +203,19 @@ impl Chargeback {
         }
         // What a line's items were used on: the tenant's share of a node,
         // of a GPU model, or of the cluster.
-        let resource_id = match (&l.node, &l.gpu_model) {
+        let mut resource_id = match (&l.node, &l.gpu_model) {
             (Some(n), _) => format!("{n}/{}", l.tenant),
             (None, Some(m)) => format!("{}/{m}", l.tenant),
             (None, None) => l.tenant.clone(),
         };
+        // A workload is a part of its tenant; a cluster holds the tenant's
+        // share of it.
+        if let Some(w) = l.workload.as_deref().filter(|w| !w.is_empty()) {
+            resource_id = format!("{resource_id}/{w}");
+        }
+        if let Some(c) = &l.cluster {
+            resource_id = format!("{c}/{resource_id}");
+        }
         let quantity = format!("{:.9}", item.quantity);
         let price = format!("{}", item.unit_price);
         FocusRow {
@@ -222,6 +256,8 @@ impl Chargeback {
             service_subcategory: "Other (AI and Machine Learning)",
             sku_price_id: &item.sku,
             sub_account_name: &l.tenant,
+            region_id: l.cluster.as_deref(),
+            region_name: l.cluster.as_deref(),
         }
     }
 }
@@ -279,7 +315,9 @@ mod tests {
         assert_eq!(resource_type("network-gib"), "Network");
         assert_eq!(resource_type("pcie-gib"), "PCIe");
         let line = Line {
+            cluster: None,
             tenant: "acme".into(),
+            workload: None,
             gpu_model: None,
             node: Some("rack 1, \"n1\"".into()),
             gpu_hours: 0.0,

@@ -14,6 +14,12 @@
 //! NVML has no per-process utilization); the held-but-unused remainder goes
 //! to `_idle`, so the lines still add up to the fleet's cost.
 //!
+//! **Workloads.** Grouped by workload, a tenant's item costs are first
+//! rounded for the tenant as a whole, then shared among its workload lines
+//! by largest remainder, so the workload lines of a tenant sum to its
+//! tenant line to the cent. The empty workload is the tenant's usage
+//! outside any named workload (and all of its I/O, which is per tenant).
+//!
 //! **Period.** A report belongs to the period that contains its interval's
 //! end: `from ≤ interval_end < to`.
 
@@ -38,14 +44,27 @@ pub(crate) enum GroupBy {
     TenantModel,
     #[serde(rename = "tenant,node")]
     TenantNode,
+    #[serde(rename = "tenant,workload")]
+    TenantWorkload,
+    #[serde(rename = "cluster,tenant")]
+    ClusterTenant,
+    #[serde(rename = "cluster,tenant,workload")]
+    ClusterTenantWorkload,
 }
 
 impl GroupBy {
+    /// Every grouping, as `group_by` spells it.
+    pub(crate) const ALL: &'static str = "tenant, tenant,gpu_model, tenant,node, tenant,workload, cluster,tenant or \
+         cluster,tenant,workload";
+
     pub(crate) fn parse(s: &str) -> Option<Self> {
         match s.replace(' ', "").as_str() {
             "tenant" => Some(Self::Tenant),
             "tenant,gpu_model" | "tenant,model" => Some(Self::TenantModel),
             "tenant,node" => Some(Self::TenantNode),
+            "tenant,workload" => Some(Self::TenantWorkload),
+            "cluster,tenant" => Some(Self::ClusterTenant),
+            "cluster,tenant,workload" => Some(Self::ClusterTenantWorkload),
             _ => None,
         }
     }
@@ -54,7 +73,16 @@ impl GroupBy {
             Self::Tenant => "tenant",
             Self::TenantModel => "tenant,gpu_model",
             Self::TenantNode => "tenant,node",
+            Self::TenantWorkload => "tenant,workload",
+            Self::ClusterTenant => "cluster,tenant",
+            Self::ClusterTenantWorkload => "cluster,tenant,workload",
         }
+    }
+    pub(crate) fn by_cluster(self) -> bool {
+        matches!(self, Self::ClusterTenant | Self::ClusterTenantWorkload)
+    }
+    pub(crate) fn by_workload(self) -> bool {
+        matches!(self, Self::TenantWorkload | Self::ClusterTenantWorkload)
     }
 }
 
@@ -93,7 +121,13 @@ pub(crate) struct Item {
 /// One chargeback line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Line {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cluster: Option<String>,
     pub tenant: String,
+    /// Grouped by workload: the workload, empty for the tenant's usage
+    /// outside any named workload.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub workload: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub gpu_model: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -151,7 +185,15 @@ pub(crate) fn format_minor(minor: i64, decimals: u32) -> String {
     )
 }
 
-type Key = (String, Option<String>, Option<String>);
+/// A line's group: (cluster, tenant, model, node, workload), each `None`
+/// where the grouping does not have it.
+type Key = (
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 #[derive(Default)]
 struct Acc {
@@ -160,6 +202,102 @@ struct Acc {
     energy_mj: i64,
     network_bytes: i64,
     pcie_bytes: i64,
+}
+
+/// One item of a line before it is rounded.
+struct Priced {
+    sku: String,
+    unit: &'static str,
+    quantity: f64,
+    unit_price: f64,
+    minor: i64,
+}
+
+/// The items of one line, each rounded on its own.
+fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
+    let d = prices.decimals;
+    let mut items = Vec::new();
+    for (model, weighted_us) in &a.gpu_weighted_us {
+        if *weighted_us <= 0.0 {
+            continue;
+        }
+        let hours = weighted_us / US_PER_HOUR;
+        let price = prices.gpu_hour(model);
+        items.push(Priced {
+            sku: format!("gpu-hour:{model}"),
+            unit: "GPU-Hours",
+            quantity: hours,
+            unit_price: price,
+            minor: to_minor(hours * price, d),
+        });
+    }
+    for (sku, unit, quantity, price) in [
+        (
+            "energy-kwh",
+            "kWh",
+            a.energy_mj as f64 / MJ_PER_KWH,
+            prices.energy_kwh,
+        ),
+        (
+            "network-gib",
+            "GiB",
+            a.network_bytes as f64 / BYTES_PER_GIB,
+            prices.network_gib,
+        ),
+        (
+            "pcie-gib",
+            "GiB",
+            a.pcie_bytes as f64 / BYTES_PER_GIB,
+            prices.pcie_gib,
+        ),
+    ] {
+        if quantity > 0.0 {
+            items.push(Priced {
+                sku: sku.into(),
+                unit,
+                quantity,
+                unit_price: price,
+                minor: to_minor(quantity * price, d),
+            });
+        }
+    }
+    items
+}
+
+/// Re-rounds the items of lines that share a parent (the key without its
+/// workload), SKU by SKU: the parent's cost is rounded once and shared by
+/// largest remainder, so the lines sum to it exactly.
+fn apportion(lines: &mut BTreeMap<Key, Vec<Priced>>, decimals: u32) {
+    // (parent, SKU) → (line, item index, exact minor units) of each part.
+    type Parts = BTreeMap<(Key, String), Vec<(Key, usize, f64)>>;
+    let mut parts: Parts = BTreeMap::new();
+    for (key, items) in lines.iter() {
+        let mut parent = key.clone();
+        parent.4 = None;
+        for (n, it) in items.iter().enumerate() {
+            let exact = it.quantity * it.unit_price * 10f64.powi(decimals as i32);
+            parts
+                .entry((parent.clone(), it.sku.clone()))
+                .or_default()
+                .push((key.clone(), n, exact));
+        }
+    }
+    for mut shares in parts.into_values() {
+        let whole = shares.iter().map(|s| s.2).sum::<f64>().round() as i64;
+        let mut given: i64 = shares.iter().map(|s| s.2.floor() as i64).sum();
+        // Largest fraction first; ties in key order, so answers repeat.
+        shares.sort_by(|a, b| (b.2 - b.2.floor()).total_cmp(&(a.2 - a.2.floor())));
+        for (key, n, exact) in shares {
+            let mut minor = exact.floor() as i64;
+            if given < whole {
+                minor += 1;
+                given += 1;
+            }
+            if let Some(it) = lines.get_mut(&key).and_then(|v| v.get_mut(n)) {
+                it.minor = minor;
+            }
+        }
+    }
 }
 
 /// Prices the usage groups of a period.
@@ -172,17 +310,16 @@ pub(crate) fn compute(
     from: String,
     to: String,
 ) -> Chargeback {
-    let key = |tenant: &str, model: Option<&str>, node: &str| -> Key {
-        match group_by {
-            GroupBy::Tenant => (tenant.to_owned(), None, None),
-            GroupBy::TenantModel => (
+    let key =
+        |cluster: &str, tenant: &str, model: Option<&str>, node: &str, workload: &str| -> Key {
+            (
+                group_by.by_cluster().then(|| cluster.to_owned()),
                 tenant.to_owned(),
-                Some(model.unwrap_or("-").to_owned()),
-                None,
-            ),
-            GroupBy::TenantNode => (tenant.to_owned(), None, Some(node.to_owned())),
-        }
-    };
+                (group_by == GroupBy::TenantModel).then(|| model.unwrap_or("-").to_owned()),
+                (group_by == GroupBy::TenantNode).then(|| node.to_owned()),
+                group_by.by_workload().then(|| workload.to_owned()),
+            )
+        };
     let mut acc: BTreeMap<Key, Acc> = BTreeMap::new();
     for g in gpu {
         let (charged, remainder) = match basis {
@@ -194,74 +331,74 @@ pub(crate) fn compute(
             }
         };
         let a = acc
-            .entry(key(&g.tenant, Some(&g.model), &g.node))
+            .entry(key(
+                &g.cluster,
+                &g.tenant,
+                Some(&g.model),
+                &g.node,
+                &g.workload,
+            ))
             .or_default();
         *a.gpu_weighted_us.entry(g.model.clone()).or_default() += charged as f64 * g.slice_fraction;
         a.energy_mj += g.energy_mj;
         if remainder > 0 {
             let idle = acc
-                .entry(key(TENANT_IDLE, Some(&g.model), &g.node))
+                .entry(key(&g.cluster, TENANT_IDLE, Some(&g.model), &g.node, ""))
                 .or_default();
             *idle.gpu_weighted_us.entry(g.model.clone()).or_default() +=
                 remainder as f64 * g.slice_fraction;
         }
     }
     for r in io {
-        let a = acc.entry(key(&r.tenant, None, &r.node)).or_default();
+        let a = acc
+            .entry(key(&r.cluster, &r.tenant, None, &r.node, ""))
+            .or_default();
         a.network_bytes += r.network_ingress_bytes + r.network_egress_bytes;
         a.pcie_bytes += r.pcie_h2d_bytes + r.pcie_d2h_bytes;
     }
     let d = prices.decimals;
+    let mut items: BTreeMap<Key, Vec<Priced>> = acc
+        .iter()
+        .map(|(k, a)| (k.clone(), priced(prices, a)))
+        .collect();
+    if group_by.by_workload() {
+        apportion(&mut items, d);
+    }
     let mut lines = Vec::new();
-    for ((tenant, gpu_model, node), a) in acc {
-        let mut items = Vec::new();
-        let mut gpu_hours = 0.0;
-        let mut gpu_minor = 0;
-        for (model, weighted_us) in &a.gpu_weighted_us {
-            let hours = weighted_us / US_PER_HOUR;
-            if *weighted_us <= 0.0 {
-                continue;
-            }
-            let price = prices.gpu_hour(model);
-            let minor = to_minor(hours * price, d);
-            gpu_hours += hours;
-            gpu_minor += minor;
-            items.push(Item {
-                sku: format!("gpu-hour:{model}"),
-                quantity: hours,
-                unit: "GPU-Hours".into(),
-                unit_price: price,
-                cost_minor: minor,
-                cost: format_minor(minor, d),
-            });
-        }
-        let mut simple = |sku: &str, unit: &str, quantity: f64, price: f64| -> i64 {
-            if quantity <= 0.0 {
-                return 0;
-            }
-            let minor = to_minor(quantity * price, d);
-            items.push(Item {
-                sku: sku.into(),
-                quantity,
-                unit: unit.into(),
-                unit_price: price,
-                cost_minor: minor,
-                cost: format_minor(minor, d),
-            });
-            minor
-        };
-        let energy_kwh = a.energy_mj as f64 / MJ_PER_KWH;
-        let network_gib = a.network_bytes as f64 / BYTES_PER_GIB;
-        let pcie_gib = a.pcie_bytes as f64 / BYTES_PER_GIB;
-        let energy_minor = simple("energy-kwh", "kWh", energy_kwh, prices.energy_kwh);
-        let network_minor = simple("network-gib", "GiB", network_gib, prices.network_gib);
-        let pcie_minor = simple("pcie-gib", "GiB", pcie_gib, prices.pcie_gib);
-        if items.is_empty() {
+    for ((cluster, tenant, gpu_model, node, workload), priced) in items {
+        if priced.is_empty() {
             continue;
         }
+        let (mut gpu_hours, mut gpu_minor) = (0.0, 0);
+        let (mut energy_kwh, mut energy_minor) = (0.0, 0);
+        let (mut network_gib, mut network_minor) = (0.0, 0);
+        let (mut pcie_gib, mut pcie_minor) = (0.0, 0);
+        for p in &priced {
+            let (q, m) = match p.sku.as_str() {
+                "energy-kwh" => (&mut energy_kwh, &mut energy_minor),
+                "network-gib" => (&mut network_gib, &mut network_minor),
+                "pcie-gib" => (&mut pcie_gib, &mut pcie_minor),
+                _ => (&mut gpu_hours, &mut gpu_minor),
+            };
+            *q += p.quantity;
+            *m += p.minor;
+        }
+        let items = priced
+            .into_iter()
+            .map(|p| Item {
+                sku: p.sku,
+                quantity: p.quantity,
+                unit: p.unit.into(),
+                unit_price: p.unit_price,
+                cost_minor: p.minor,
+                cost: format_minor(p.minor, d),
+            })
+            .collect();
         let cost_minor = gpu_minor + energy_minor + network_minor + pcie_minor;
         lines.push(Line {
+            cluster,
             tenant,
+            workload,
             gpu_model,
             node,
             gpu_hours,
@@ -304,12 +441,22 @@ impl Chargeback {
         match GroupBy::parse(&self.group_by) {
             Some(GroupBy::TenantModel) => vec!["tenant", "gpu_model"],
             Some(GroupBy::TenantNode) => vec!["tenant", "node"],
+            Some(GroupBy::TenantWorkload) => vec!["tenant", "workload"],
+            Some(GroupBy::ClusterTenant) => vec!["cluster", "tenant"],
+            Some(GroupBy::ClusterTenantWorkload) => vec!["cluster", "tenant", "workload"],
             _ => vec!["tenant"],
         }
     }
 
     fn group_values<'a>(&self, l: &'a Line) -> Vec<&'a str> {
-        let mut v = vec![l.tenant.as_str()];
+        let mut v = Vec::new();
+        if let Some(c) = &l.cluster {
+            v.push(c.as_str());
+        }
+        v.push(l.tenant.as_str());
+        if let Some(w) = &l.workload {
+            v.push(w);
+        }
         if let Some(m) = &l.gpu_model {
             v.push(m);
         }
@@ -404,6 +551,8 @@ mod tests {
         GpuGroup {
             tenant: tenant.into(),
             node: "n1".into(),
+            cluster: "default".into(),
+            workload: String::new(),
             model: model.into(),
             slice_fraction: slice,
             allocated_us: (alloc_h * 3.6e9) as i64,
@@ -433,6 +582,7 @@ mod tests {
         ];
         let io = [IoGroup {
             tenant: "beta".into(),
+            cluster: "default".into(),
             node: "n1".into(),
             network_egress_bytes: 100 << 30,
             ..Default::default()
@@ -522,5 +672,118 @@ mod tests {
         let t = c.only_tenant("beta");
         assert_eq!(t.lines.len(), 1);
         assert_eq!(t.total, "3.12");
+    }
+
+    /// Three workloads of a third of an hour at 1.00: rounded apart, each
+    /// would be 0.33 (0.99 in all, the tenant's line 1.00); shared by
+    /// largest remainder, they sum to the tenant's line exactly. Clusters
+    /// give lines of their own.
+    #[test]
+    fn workload_lines_sum_to_their_tenant_line_to_the_cent() {
+        let third = |workload: &str, cluster: &str| GpuGroup {
+            workload: workload.into(),
+            cluster: cluster.into(),
+            energy_mj: 1_234_567,
+            ..g("acme", "T4", 1.0, 1.0 / 3.0, 0.0)
+        };
+        let gpu = [
+            third("", "default"),
+            third("job-1", "default"),
+            third("job-2", "prod-eu"),
+            g("beta", "H100", 1.0, 0.5, 0.5),
+        ];
+        let io = [IoGroup {
+            tenant: "acme".into(),
+            cluster: "prod-eu".into(),
+            network_egress_bytes: 7 << 30,
+            ..Default::default()
+        }];
+        let run = |by| {
+            compute(
+                &prices(),
+                &gpu,
+                &io,
+                by,
+                Basis::Allocated,
+                "2026-11-01T00:00:00Z".into(),
+                "2026-12-01T00:00:00Z".into(),
+            )
+        };
+        let tenant = run(GroupBy::Tenant);
+        let acme = tenant.lines.iter().find(|l| l.tenant == "acme").unwrap();
+        let by_workload = run(GroupBy::TenantWorkload);
+        let parts: Vec<&Line> = by_workload
+            .lines
+            .iter()
+            .filter(|l| l.tenant == "acme")
+            .collect();
+        assert_eq!(
+            parts
+                .iter()
+                .map(|l| l.workload.as_deref().unwrap())
+                .collect::<Vec<_>>(),
+            ["", "job-1", "job-2"]
+        );
+        assert_eq!(
+            parts.iter().map(|l| l.cost_minor).sum::<i64>(),
+            acme.cost_minor,
+            "{parts:?} vs {acme:?}"
+        );
+        assert_eq!(acme.gpu_cost, "1.00");
+        for sku in ["gpu-hour:T4", "energy-kwh", "network-gib"] {
+            let item = |l: &Line| {
+                l.items
+                    .iter()
+                    .find(|i| i.sku == sku)
+                    .map_or(0, |i| i.cost_minor)
+            };
+            assert_eq!(
+                parts.iter().map(|l| item(l)).sum::<i64>(),
+                item(acme),
+                "{sku}"
+            );
+        }
+        assert_eq!(by_workload.total_minor, tenant.total_minor);
+        assert!(
+            by_workload
+                .to_csv()
+                .starts_with("tenant,workload,gpu_hours")
+        );
+
+        let by_cluster = run(GroupBy::ClusterTenant);
+        let clusters: Vec<(&str, &str)> = by_cluster
+            .lines
+            .iter()
+            .map(|l| (l.cluster.as_deref().unwrap(), l.tenant.as_str()))
+            .collect();
+        assert_eq!(
+            clusters,
+            [
+                ("default", "acme"),
+                ("default", "beta"),
+                ("prod-eu", "acme")
+            ]
+        );
+        let focus = by_cluster.to_focus(&prices());
+        assert!(
+            focus
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with(",RegionId,RegionName"),
+            "{focus}"
+        );
+        assert!(focus.contains(",prod-eu,prod-eu"), "{focus}");
+        assert!(
+            !run(GroupBy::Tenant)
+                .to_focus(&prices())
+                .contains("RegionId")
+        );
+        let both = run(GroupBy::ClusterTenantWorkload);
+        assert_eq!(both.total_minor, tenant.total_minor);
+        assert_eq!(
+            GroupBy::parse("cluster, tenant, workload"),
+            Some(GroupBy::ClusterTenantWorkload)
+        );
     }
 }

@@ -6,11 +6,15 @@ use super::{
     ingest::{HOUR_MS, hour_of},
 };
 
-/// Usage of one (tenant, node, model, slice) over a period.
+/// Usage of one (tenant, node, model, slice, cluster, workload) over a
+/// period.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub(crate) struct GpuGroup {
     pub tenant: String,
     pub node: String,
+    pub cluster: String,
+    /// Empty for usage outside any named workload.
+    pub workload: String,
     pub model: String,
     pub slice_fraction: f64,
     pub allocated_us: i64,
@@ -21,11 +25,12 @@ pub(crate) struct GpuGroup {
     pub memory_byte_seconds: f64,
 }
 
-/// I/O of one (tenant, node) over a period.
+/// I/O of one (tenant, node, cluster) over a period.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub(crate) struct IoGroup {
     pub tenant: String,
     pub node: String,
+    pub cluster: String,
     pub network_ingress_bytes: i64,
     pub network_egress_bytes: i64,
     pub pcie_h2d_bytes: i64,
@@ -41,41 +46,57 @@ fn whole_hours(from_ms: i64, to_ms: i64) -> (i64, i64) {
     if a < b { (a, b) } else { (to_ms, to_ms) }
 }
 
+/// The condition that keeps only `cluster`'s rows (its parameter is `$5`).
+fn in_cluster(cluster: Option<&str>) -> &'static str {
+    if cluster.is_some() {
+        " AND cluster = $5"
+    } else {
+        ""
+    }
+}
+
 impl Ledger {
     /// GPU usage of reports whose interval ends in `[from_ms, to_ms)`:
     /// the hourly rollup for whole hours, raw rows for partial ones. The
     /// rollup holds the raw rows' integer sums, so the result is the same
     /// as summing the raw rows (memory byte-seconds, summed as doubles,
     /// exactly so while the sums stay below 2^53).
+    /// Only `cluster`'s, when given.
     pub(crate) async fn gpu_groups(
         &self,
         from_ms: i64,
         to_ms: i64,
+        cluster: Option<&str>,
     ) -> Result<Vec<GpuGroup>, LedgerError> {
         let (a, b) = whole_hours(from_ms, to_ms);
-        let raw = "SELECT tenant, node, model, slice_fraction, allocated_us, \
+        let only = in_cluster(cluster);
+        let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
                    COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
                    CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds \
                    FROM gpu_usage";
-        Ok(sqlx::query_as(&format!(
-            "SELECT tenant, node, model, slice_fraction, \
+        let query = format!(
+            "SELECT tenant, node, cluster, workload, model, slice_fraction, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(used_us) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
              CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds \
-             FROM (SELECT tenant, node, model, slice_fraction, allocated_us, used_us, energy_mj, \
-             memory_byte_seconds FROM gpu_usage_hourly WHERE hour_ms >= $3 AND hour_ms < $4 \
-             UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3 \
-             UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2) u \
-             GROUP BY tenant, node, model, slice_fraction \
-             ORDER BY tenant, node, model, slice_fraction"
-        ))
-        .bind(from_ms)
-        .bind(to_ms)
-        .bind(a)
-        .bind(b)
-        .fetch_all(&self.pool)
-        .await?)
+             FROM (SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
+             used_us, energy_mj, memory_byte_seconds FROM gpu_usage_hourly \
+             WHERE hour_ms >= $3 AND hour_ms < $4{only} \
+             UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} \
+             UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
+             GROUP BY tenant, node, cluster, workload, model, slice_fraction \
+             ORDER BY tenant, node, cluster, workload, model, slice_fraction"
+        );
+        let mut q = sqlx::query_as(&query)
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(a)
+            .bind(b);
+        if let Some(c) = cluster {
+            q = q.bind(c);
+        }
+        Ok(q.fetch_all(&self.pool).await?)
     }
 
     /// I/O of reports whose interval ends in `[from_ms, to_ms)`, read as
@@ -84,29 +105,34 @@ impl Ledger {
         &self,
         from_ms: i64,
         to_ms: i64,
+        cluster: Option<&str>,
     ) -> Result<Vec<IoGroup>, LedgerError> {
         let (a, b) = whole_hours(from_ms, to_ms);
-        let cols = "tenant, node, network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, \
-                    pcie_d2h_bytes";
-        Ok(sqlx::query_as(&format!(
-            "SELECT tenant, node, \
+        let only = in_cluster(cluster);
+        let cols = "tenant, node, cluster, network_ingress_bytes, network_egress_bytes, \
+                    pcie_h2d_bytes, pcie_d2h_bytes";
+        let query = format!(
+            "SELECT tenant, node, cluster, \
              CAST(SUM(network_ingress_bytes) AS BIGINT) AS network_ingress_bytes, \
              CAST(SUM(network_egress_bytes) AS BIGINT) AS network_egress_bytes, \
              CAST(SUM(pcie_h2d_bytes) AS BIGINT) AS pcie_h2d_bytes, \
              CAST(SUM(pcie_d2h_bytes) AS BIGINT) AS pcie_d2h_bytes \
-             FROM (SELECT {cols} FROM io_usage_hourly WHERE hour_ms >= $3 AND hour_ms < $4 \
+             FROM (SELECT {cols} FROM io_usage_hourly WHERE hour_ms >= $3 AND hour_ms < $4{only} \
              UNION ALL SELECT {cols} FROM io_usage \
-             WHERE interval_end_ms >= $1 AND interval_end_ms < $3 \
+             WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} \
              UNION ALL SELECT {cols} FROM io_usage \
-             WHERE interval_end_ms >= $4 AND interval_end_ms < $2) u \
-             GROUP BY tenant, node ORDER BY tenant, node"
-        ))
-        .bind(from_ms)
-        .bind(to_ms)
-        .bind(a)
-        .bind(b)
-        .fetch_all(&self.pool)
-        .await?)
+             WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
+             GROUP BY tenant, node, cluster ORDER BY tenant, node, cluster"
+        );
+        let mut q = sqlx::query_as(&query)
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(a)
+            .bind(b);
+        if let Some(c) = cluster {
+            q = q.bind(c);
+        }
+        Ok(q.fetch_all(&self.pool).await?)
     }
 }
 
@@ -127,15 +153,15 @@ mod tests {
     /// the rollups.
     async fn raw_gpu(l: &Ledger, from: i64, to: i64) -> Vec<GpuGroup> {
         sqlx::query_as(
-            "SELECT tenant, node, model, slice_fraction, \
+            "SELECT tenant, node, cluster, workload, model, slice_fraction, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
              CAST(SUM(CAST(memory_byte_seconds AS DOUBLE PRECISION)) AS DOUBLE PRECISION) \
              AS memory_byte_seconds \
              FROM gpu_usage WHERE interval_end_ms >= $1 AND interval_end_ms < $2 \
-             GROUP BY tenant, node, model, slice_fraction \
-             ORDER BY tenant, node, model, slice_fraction",
+             GROUP BY tenant, node, cluster, workload, model, slice_fraction \
+             ORDER BY tenant, node, cluster, workload, model, slice_fraction",
         )
         .bind(from)
         .bind(to)
@@ -147,13 +173,13 @@ mod tests {
     /// I/O summed from raw rows alone.
     async fn raw_io(l: &Ledger, from: i64, to: i64) -> Vec<IoGroup> {
         sqlx::query_as(
-            "SELECT tenant, node, \
+            "SELECT tenant, node, cluster, \
              CAST(SUM(network_ingress_bytes) AS BIGINT) AS network_ingress_bytes, \
              CAST(SUM(network_egress_bytes) AS BIGINT) AS network_egress_bytes, \
              CAST(SUM(pcie_h2d_bytes) AS BIGINT) AS pcie_h2d_bytes, \
              CAST(SUM(pcie_d2h_bytes) AS BIGINT) AS pcie_d2h_bytes \
              FROM io_usage WHERE interval_end_ms >= $1 AND interval_end_ms < $2 \
-             GROUP BY tenant, node ORDER BY tenant, node",
+             GROUP BY tenant, node, cluster ORDER BY tenant, node, cluster",
         )
         .bind(from)
         .bind(to)
@@ -169,6 +195,9 @@ mod tests {
         for node in ["n1", "n2"] {
             for seq in 1..=43u64 {
                 let mut r = report(node, seq);
+                // Two clusters, and workloads on some rows: the rollups
+                // are keyed by both.
+                r.cluster = (node == "n2").then(|| "prod-eu".to_owned());
                 let end = H as u64 + seq * 7 * 60_000 - 1 + u64::from(node == "n2") * 1_000;
                 r.interval_end_ms = end;
                 r.interval_start_ms = end - 7 * 60_000;
@@ -184,6 +213,7 @@ mod tests {
                         sm_us: (k != 3).then_some(100_000_000 + seq * 7 + k),
                         memory_byte_seconds: (1 << 40) + seq * 12_345 + k,
                         energy_mj: 84_000_000 + seq + k,
+                        workload: (k % 3 != 0).then(|| format!("w{}", (seq + k) % 2)),
                         ..template.clone()
                     })
                     .collect();
@@ -219,18 +249,30 @@ mod tests {
     async fn rollups_match_raw_rows(l: &Ledger) {
         fill(l).await;
         for (from, to) in periods() {
-            let gpu = l.gpu_groups(from, to).await.unwrap();
+            let gpu = l.gpu_groups(from, to, None).await.unwrap();
             assert_eq!(
                 gpu,
                 raw_gpu(l, from, to).await,
                 "GPU usage in [{from}, {to})"
             );
-            let io = l.io_groups(from, to).await.unwrap();
+            let io = l.io_groups(from, to, None).await.unwrap();
             assert_eq!(io, raw_io(l, from, to).await, "I/O in [{from}, {to})");
+            let mut eu = raw_gpu(l, from, to).await;
+            eu.retain(|g| g.cluster == "prod-eu");
+            assert_eq!(l.gpu_groups(from, to, Some("prod-eu")).await.unwrap(), eu);
+            let mut eu = raw_io(l, from, to).await;
+            eu.retain(|g| g.cluster == "prod-eu");
+            assert_eq!(l.io_groups(from, to, Some("prod-eu")).await.unwrap(), eu);
         }
         // Not vacuous: the whole period has every group, read from rollups.
-        let all = l.gpu_groups(H, H + 6 * HOUR_MS).await.unwrap();
-        assert_eq!(all.len(), 2 * 3 * 3, "{all:?}");
+        let all = l.gpu_groups(H, H + 6 * HOUR_MS, None).await.unwrap();
+        // Per node (each its own cluster), tenant and model: the rows
+        // without a workload, and two workloads on the rest.
+        assert!(all.len() > 2 * 3 * 3, "{all:?}");
+        assert!(
+            all.iter()
+                .any(|g| g.cluster == "prod-eu" && g.workload == "w1")
+        );
         let hourly: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM gpu_usage_hourly")
             .fetch_one(&l.pool)
             .await

@@ -70,7 +70,7 @@ pub(super) async fn write(
 ) -> Result<Ingested, sqlx::Error> {
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO reports (node, boot_id, seq, interval_start_ms, interval_end_ms, \
-         received_ms, digest) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         received_ms, digest, cluster) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
          ON CONFLICT (node, boot_id, seq) DO NOTHING RETURNING id",
     )
     .bind(&r.node)
@@ -80,6 +80,7 @@ pub(super) async fn write(
     .bind(i(r.interval_end_ms))
     .bind(received_ms)
     .bind(digest)
+    .bind(r.cluster())
     .fetch_optional(&mut *conn)
     .await?;
     let Some(id) = id else {
@@ -127,8 +128,8 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
     rows::insert(
         conn,
         "gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, mig_profile, \
-         slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj)",
-        &plain(13),
+         slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload)",
+        &plain(15),
         "",
         &r.gpu_usage,
         |a, u| {
@@ -144,7 +145,9 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
             a.add(i(u.allocated_us))?;
             a.add(u.sm_us.map(i))?;
             a.add(i(u.memory_byte_seconds))?;
-            a.add(i(u.energy_mj))
+            a.add(i(u.energy_mj))?;
+            a.add(r.cluster())?;
+            a.add(u.workload.as_deref().unwrap_or(""))
         },
     )
     .await?;
@@ -152,8 +155,8 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
         conn,
         "io_usage (report_id, node, interval_end_ms, tenant, network_ingress_bytes, \
          network_egress_bytes, network_ingress_packets, network_egress_packets, \
-         network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes)",
-        &plain(11),
+         network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes, cluster)",
+        &plain(12),
         "",
         &r.io_usage,
         |a, u| {
@@ -167,14 +170,15 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
             a.add(i(u.network_egress_packets))?;
             a.add(i(u.network_dropped_packets))?;
             a.add(i(u.pcie_h2d_bytes))?;
-            a.add(i(u.pcie_d2h_bytes))
+            a.add(i(u.pcie_d2h_bytes))?;
+            a.add(r.cluster())
         },
     )
     .await
 }
 
-/// One hour of GPU usage of one (tenant, model, slice) on the report's
-/// node, summed as chargeback sums the raw rows.
+/// One hour of GPU usage of one (tenant, model, slice, workload) on the
+/// report's node (and its cluster), summed as chargeback sums the raw rows.
 #[derive(Default)]
 struct GpuHour {
     allocated_us: i64,
@@ -197,7 +201,7 @@ struct IoHour {
 /// key order: concurrent reports lock rows in the same order.
 async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), sqlx::Error> {
     let hour = hour_of(end);
-    let mut gpu: BTreeMap<(&str, &str, u64), GpuHour> = BTreeMap::new();
+    let mut gpu: BTreeMap<(&str, &str, u64, &str), GpuHour> = BTreeMap::new();
     let mut io: BTreeMap<&str, IoHour> = BTreeMap::new();
     let mut totals: BTreeMap<&str, TenantTotals> = BTreeMap::new();
     for u in &r.gpu_usage {
@@ -205,6 +209,7 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
             u.tenant.as_str(),
             u.model.as_str(),
             u.slice_fraction.to_bits(),
+            u.workload.as_deref().unwrap_or(""),
         );
         let h = gpu.entry(key).or_default();
         let allocated = i(u.allocated_us);
@@ -239,15 +244,15 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
     rows::insert(
         conn,
         "gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, allocated_us, used_us, \
-         energy_mj, memory_byte_seconds)",
-        &plain(9),
-        "ON CONFLICT (hour_ms, tenant, node, model, slice_fraction) DO UPDATE SET \
+         energy_mj, memory_byte_seconds, cluster, workload)",
+        &plain(11),
+        "ON CONFLICT (hour_ms, tenant, node, model, slice_fraction, cluster, workload) DO UPDATE SET \
          allocated_us = gpu_usage_hourly.allocated_us + excluded.allocated_us, \
          used_us = gpu_usage_hourly.used_us + excluded.used_us, \
          energy_mj = gpu_usage_hourly.energy_mj + excluded.energy_mj, \
          memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds",
         &gpu,
-        |a, ((tenant, model, slice), h)| {
+        |a, ((tenant, model, slice, workload), h)| {
             a.add(hour)?;
             a.add(*tenant)?;
             a.add(&r.node)?;
@@ -256,7 +261,9 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
             a.add(h.allocated_us)?;
             a.add(h.used_us)?;
             a.add(h.energy_mj)?;
-            a.add(h.memory_byte_seconds)
+            a.add(h.memory_byte_seconds)?;
+            a.add(r.cluster())?;
+            a.add(*workload)
         },
     )
     .await?;
@@ -264,9 +271,9 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
     rows::insert(
         conn,
         "io_usage_hourly (hour_ms, tenant, node, network_ingress_bytes, network_egress_bytes, \
-         pcie_h2d_bytes, pcie_d2h_bytes)",
-        &plain(7),
-        "ON CONFLICT (hour_ms, tenant, node) DO UPDATE SET \
+         pcie_h2d_bytes, pcie_d2h_bytes, cluster)",
+        &plain(8),
+        "ON CONFLICT (hour_ms, tenant, node, cluster) DO UPDATE SET \
          network_ingress_bytes = io_usage_hourly.network_ingress_bytes + excluded.network_ingress_bytes, \
          network_egress_bytes = io_usage_hourly.network_egress_bytes + excluded.network_egress_bytes, \
          pcie_h2d_bytes = io_usage_hourly.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
@@ -279,7 +286,8 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
             a.add(h.network_ingress_bytes)?;
             a.add(h.network_egress_bytes)?;
             a.add(h.pcie_h2d_bytes)?;
-            a.add(h.pcie_d2h_bytes)
+            a.add(h.pcie_d2h_bytes)?;
+            a.add(r.cluster())
         },
     )
     .await?;
@@ -407,6 +415,7 @@ pub(crate) mod tests {
                 sm_us: Some(4_000_000),
                 memory_byte_seconds: 1 << 33,
                 energy_mj: 2_000_000,
+                workload: None,
             }],
             io_usage: vec![IoUsage {
                 tenant: "acme".into(),
@@ -417,6 +426,7 @@ pub(crate) mod tests {
             audit: vec![],
             report_interval_ms: None,
             tenant_quotas: vec![],
+            cluster: None,
         }
     }
 
@@ -460,11 +470,11 @@ pub(crate) mod tests {
             .ingest(&report("n1", 2), &report("n1", 2).digest(), 4, &keys)
             .await
             .unwrap();
-        let g = ledger.gpu_groups(0, i64::MAX).await.unwrap();
+        let g = ledger.gpu_groups(0, i64::MAX, None).await.unwrap();
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].allocated_us, 20_000_000);
         assert_eq!(g[0].used_us, 8_000_000);
-        let io = ledger.io_groups(0, i64::MAX).await.unwrap();
+        let io = ledger.io_groups(0, i64::MAX, None).await.unwrap();
         assert_eq!(io[0].network_egress_bytes, 2 << 30);
         let t = ledger.totals().await.unwrap();
         assert_eq!(t[0].energy_mj, 4_000_000.0);
@@ -474,6 +484,106 @@ pub(crate) mod tests {
         drop(ledger);
         let ledger = Ledger::open(&url, 2).await.unwrap();
         assert_eq!(ledger.report_summary().await.unwrap(), s);
+    }
+
+    /// A report from an agent older than workloads and clusters (its JSON
+    /// as such an agent sent it) is stored, in the `default` cluster with
+    /// no workload, and its retry is still known by its digest.
+    #[tokio::test]
+    async fn reports_without_workload_or_cluster_ingest() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url, 2).await.unwrap();
+        let keys = Arc::new(NodeKeys::default());
+        let old = r#"{"version":1,"node":"n1","boot_id":"b","seq":1,"interval_start_ms":1000000,"interval_end_ms":1010000,"gpu_usage":[{"tenant":"acme","gpu":"0","uuid":"GPU-0","model":"H100","mig_profile":null,"slice_fraction":1.0,"allocated_us":10000000,"sm_us":null,"memory_byte_seconds":1,"energy_mj":1}],"io_usage":[{"tenant":"acme","network_ingress_bytes":5,"network_egress_bytes":0,"network_ingress_packets":0,"network_egress_packets":0,"network_dropped_packets":0,"pcie_h2d_bytes":0,"pcie_d2h_bytes":0}],"gpus":[],"audit":[]}"#;
+        let r: Report = serde_json::from_str(old).unwrap();
+        r.validate().unwrap();
+        let digest = r.digest();
+        assert!(matches!(
+            ledger.ingest(&r, &digest, 1, &keys).await.unwrap(),
+            Ingested::Stored { .. }
+        ));
+        assert_eq!(
+            ledger.ingest(&r, &digest, 2, &keys).await.unwrap(),
+            Ingested::Duplicate
+        );
+        let mut new = report("n2", 1);
+        new.cluster = Some("prod-eu".into());
+        new.gpu_usage[0].workload = Some("job-7".into());
+        ledger.ingest(&new, &new.digest(), 3, &keys).await.unwrap();
+        let g = ledger.gpu_groups(0, i64::MAX, None).await.unwrap();
+        let keys: Vec<(&str, &str, &str)> = g
+            .iter()
+            .map(|g| (g.node.as_str(), g.cluster.as_str(), g.workload.as_str()))
+            .collect();
+        assert_eq!(keys, [("n1", "default", ""), ("n2", "prod-eu", "job-7")]);
+        let io = ledger
+            .io_groups(0, i64::MAX, Some("default"))
+            .await
+            .unwrap();
+        assert_eq!(io.len(), 1);
+        assert_eq!(io[0].network_ingress_bytes, 5);
+    }
+
+    /// Migration 0006 on a ledger that already holds rollups: they are
+    /// kept, in the `default` cluster with no workload.
+    #[tokio::test]
+    async fn migration_0006_keeps_the_rollups_it_rekeys() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = dir.path().join("migrations");
+        std::fs::create_dir(&before).unwrap();
+        let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        for e in std::fs::read_dir(&all).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            if name.as_str() < "0006" {
+                std::fs::copy(e.path(), before.join(&name)).unwrap();
+            }
+        }
+        let url = format!("sqlite://{}/ledger.db?mode=rwc", dir.path().display());
+        {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+            sqlx::migrate::Migrator::new(before.as_path())
+                .await
+                .unwrap()
+                .run(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, \
+                 allocated_us, used_us, energy_mj, memory_byte_seconds) \
+                 VALUES (3600000, 'acme', 'n1', 'H100', 1.0, 7, 5, 3, 2.0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO io_usage_hourly (hour_ms, tenant, node, network_ingress_bytes, \
+                 network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes) \
+                 VALUES (3600000, 'acme', 'n1', 11, 0, 0, 0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let ledger = Ledger::open(&url, 2).await.unwrap();
+        let g = ledger.gpu_groups(3_600_000, 7_200_000, None).await.unwrap();
+        assert_eq!(g.len(), 1, "{g:?}");
+        assert_eq!(
+            (
+                g[0].cluster.as_str(),
+                g[0].workload.as_str(),
+                g[0].allocated_us
+            ),
+            ("default", "", 7)
+        );
+        let io = ledger
+            .io_groups(3_600_000, 7_200_000, Some("default"))
+            .await
+            .unwrap();
+        assert_eq!(io[0].network_ingress_bytes, 11);
     }
 
     #[tokio::test]

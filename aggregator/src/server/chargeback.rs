@@ -56,7 +56,7 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
     let Some(group_by) = GroupBy::parse(q.get("group_by").map_or("tenant", String::as_str)) else {
         return problem(
             StatusCode::BAD_REQUEST,
-            "group_by must be tenant, tenant,gpu_model or tenant,node",
+            format!("group_by must be {}", GroupBy::ALL),
         );
     };
     let Some(basis) = Basis::parse(q.get("basis").map_or("allocated", String::as_str)) else {
@@ -66,9 +66,18 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
     if !matches!(format, "json" | "csv" | "focus") {
         return problem(StatusCode::BAD_REQUEST, "format must be json, csv or focus");
     }
+    let cluster = q.get("cluster").map(String::as_str);
+    if let Some(c) = cluster
+        && (c.is_empty() || c.len() > tally_contract::wire::MAX_NAME)
+    {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "cluster must be a cluster name (1..=256 bytes)",
+        );
+    }
     let (gpu, io) = match tokio::try_join!(
-        app.ledger.gpu_groups(from, to),
-        app.ledger.io_groups(from, to)
+        app.ledger.gpu_groups(from, to, cluster),
+        app.ledger.io_groups(from, to, cluster)
     ) {
         Ok(x) => x,
         Err(e) => {

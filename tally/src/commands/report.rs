@@ -44,6 +44,9 @@ pub(crate) struct ReportArgs {
     /// Only this tenant's lines.
     #[arg(long)]
     pub(crate) tenant: Option<String>,
+    /// Only this cluster's usage (`[report] cluster` of its agents).
+    #[arg(long)]
+    pub(crate) cluster: Option<String>,
     /// File holding a reader token (admin or tenant).
     #[arg(long, env = "TALLY_TOKEN_FILE")]
     pub(crate) token_file: Option<PathBuf>,
@@ -80,6 +83,16 @@ pub(crate) enum GroupBy {
     /// Per tenant and node.
     #[value(name = "tenant,node", alias = "tenant, node")]
     TenantNode,
+    /// Per tenant and workload (job, pod); a tenant's workload lines sum
+    /// to its tenant line.
+    #[value(name = "tenant,workload", alias = "tenant, workload")]
+    TenantWorkload,
+    /// Per cluster and tenant.
+    #[value(name = "cluster,tenant", alias = "cluster, tenant")]
+    ClusterTenant,
+    /// Per cluster, tenant and workload.
+    #[value(name = "cluster,tenant,workload", alias = "cluster, tenant, workload")]
+    ClusterTenantWorkload,
 }
 
 /// `--basis`.
@@ -196,6 +209,9 @@ pub(crate) fn run(args: ReportArgs) -> ExitCode {
     ];
     if let Some(t) = &args.tenant {
         query.push(("tenant", t.clone()));
+    }
+    if let Some(c) = &args.cluster {
+        query.push(("cluster", c.clone()));
     }
     let timeout = args.timeout;
     let Some(result) = runtime::block_on(async {
@@ -357,6 +373,12 @@ mod tests {
         assert_eq!(wire(a.basis), "used");
         assert_eq!(wire(a.format), "focus");
         assert_eq!(wire(GroupBy::TenantNode), "tenant,node");
+        assert_eq!(wire(GroupBy::TenantWorkload), "tenant,workload");
+        assert_eq!(wire(GroupBy::ClusterTenant), "cluster,tenant");
+        assert_eq!(
+            wire(GroupBy::ClusterTenantWorkload),
+            "cluster,tenant,workload"
+        );
         for bad in [
             &["--format", "jsno"][..],
             &["--group-by", "node"],

@@ -72,6 +72,7 @@ fn report(node: &str, seq: u64) -> Report {
             sm_us: Some(5_000_000),
             memory_byte_seconds: 10 << 30,
             energy_mj: 3_000_000,
+            workload: None,
         }],
         io_usage: vec![],
         // Absent values (NULLs in the ledger) on purpose: PostgreSQL must
@@ -91,6 +92,7 @@ fn report(node: &str, seq: u64) -> Report {
             limit: 1e9,
             usage: None,
         }],
+        cluster: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn usage(tenant: &str, uuid: &str, model: &str, slice: f64, seconds: u64) -> Gpu
         sm_us: Some(seconds * 400_000),
         memory_byte_seconds: seconds << 30,
         energy_mj: seconds * 300_000,
+        workload: None,
     }
 }
 
@@ -54,7 +55,8 @@ fn io(tenant: &str, network: u64, pcie: u64) -> IoUsage {
     }
 }
 
-/// Two nodes, two tenants, full GPUs and a MIG slice, network and PCIe.
+/// Two nodes in two clusters, two tenants, full GPUs and a MIG slice, a
+/// named workload, network and PCIe.
 fn reports() -> Vec<Report> {
     let h100 = "NVIDIA H100 80GB HBM3";
     let a100 = "NVIDIA A100-SXM4-40GB";
@@ -69,7 +71,11 @@ fn reports() -> Vec<Report> {
             interval_start_ms: start,
             interval_end_ms: start + 60_000,
             gpu_usage: vec![
-                usage("acme", "GPU-n1-0", h100, 1.0, 60),
+                GpuUsage {
+                    workload: Some("train-1".into()),
+                    ..usage("acme", "GPU-n1-0", h100, 1.0, 40)
+                },
+                usage("acme", "GPU-n1-0", h100, 1.0, 20),
                 usage("beta", "MIG-n1-1-0", a100, 3.0 / 7.0, 45),
             ],
             io_usage: vec![io("acme", 3 << 30, 5 << 30), io("beta", 1 << 29, 0)],
@@ -83,6 +89,7 @@ fn reports() -> Vec<Report> {
             audit: vec![],
             report_interval_ms: Some(60_000),
             tenant_quotas: vec![],
+            cluster: None,
         });
     }
     out.push(Report {
@@ -98,6 +105,7 @@ fn reports() -> Vec<Report> {
         audit: vec![],
         report_interval_ms: Some(120_000),
         tenant_quotas: vec![],
+        cluster: Some("prod-us".into()),
     });
     out
 }
@@ -172,6 +180,13 @@ fn formats_agree(json: &serde_json::Value, csv: &str, focus: &str, what: &str) {
         );
         if let Some(node) = line["node"].as_str() {
             assert!(row["ResourceId"].starts_with(node), "{what}: {row:?}");
+        }
+        if let Some(cluster) = line["cluster"].as_str() {
+            assert_eq!(
+                row["RegionId"], cluster,
+                "{what}: the cluster is the region"
+            );
+            assert!(row["ResourceId"].starts_with(cluster), "{what}: {row:?}");
         }
         for col in [
             "BillingAccountId",
@@ -355,7 +370,14 @@ fn focus_validates_and_every_format_agrees_to_the_cent() {
             "focus-validator unavailable ({why}); only the formats were compared"
         ));
     }
-    for group_by in ["tenant", "tenant,gpu_model", "tenant,node"] {
+    for group_by in [
+        "tenant",
+        "tenant,gpu_model",
+        "tenant,node",
+        "tenant,workload",
+        "cluster,tenant",
+        "cluster,tenant,workload",
+    ] {
         for basis in ["allocated", "used"] {
             let what = format!("group_by={group_by} basis={basis}");
             let q = format!("{period}&group_by={group_by}&basis={basis}");

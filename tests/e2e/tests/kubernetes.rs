@@ -701,6 +701,16 @@ fn workload_series_are_opt_in() {
         .clone();
     assert_eq!(p["tenant"], "research");
     assert!(p.get("workload").is_none(), "{p}");
+    // Chargeback's workload is not a series: the pod is named all the
+    // same, and its usage counted apart.
+    assert_eq!(p["workload_id"], "research/notebook-0", "{p}");
+    let rows = snap["workload_gpu"].as_array().expect("workload_gpu rows");
+    assert!(
+        rows.iter().any(|r| r["tenant"] == "research"
+            && r["workload"] == "research/notebook-0"
+            && r["allocated_seconds_total"].as_f64().unwrap() > 0.0),
+        "{rows:?}"
+    );
 }
 
 /// The audit log's records with `action`.

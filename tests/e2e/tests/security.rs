@@ -68,6 +68,7 @@ fn report(seq: u64, tenants: &[&str]) -> Report {
                 sm_us: Some(1_000_000),
                 memory_byte_seconds: 1 << 30,
                 energy_mj: 1_000_000,
+                workload: None,
             })
             .collect(),
         io_usage: vec![],
@@ -75,6 +76,7 @@ fn report(seq: u64, tenants: &[&str]) -> Report {
         audit: vec![],
         report_interval_ms: None,
         tenant_quotas: vec![],
+        cluster: None,
     }
 }
 

@@ -2,8 +2,9 @@
 //! (beneath this test's own cgroup): `deploy/slurm/prolog.sh` records each
 //! job's account and user, the agent's `slurm = true` rule charges the
 //! job's GPU use to its account (its user without one) in either slurmd
-//! layout, a job without a record falls to the next rule, and the epilog
-//! removes the record.
+//! layout, with the job id as the workload in the aggregator's
+//! chargeback, a job without a record falls to the next rule, and the
+//! epilog removes the record.
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
@@ -13,7 +14,11 @@ use std::{
     time::Duration,
 };
 
-use tally_e2e::{Agent, Cgroup, Metrics, SimNode, require_root, unique, wait_for};
+use tally_e2e::{
+    Agent, Cgroup, Metrics, SimNode,
+    aggregator_support::{Aggregator, agent_config, sqlite},
+    now_ms, require_root, unique, wait_for,
+};
 
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../deploy/slurm/{name}"))
@@ -106,10 +111,15 @@ fn a_job_is_charged_to_its_account_in_both_slurmd_layouts() {
     for (p, gpu) in procs.iter().zip([0, 1, 1]) {
         node.register(p.pid(), gpu, None, 4096, 0.3);
     }
-    let config = format!(
-        "[agent]\nstate_dir = \"{}\"\n\n[[tenant.rule]]\nslurm = true\n\n\
+    let agg_dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(&agg_dir.path().join("agg"), &sqlite(agg_dir.path()), "");
+    let config = agent_config(
+        &agg.url(),
+        "n1",
+        state.path(),
+        &agg_dir.path().join("agg"),
+        "\n[[tenant.rule]]\nslurm = true\n\n\
          [[tenant.rule]]\ncgroup = '/job_(?P<tenant>4244)/'\n",
-        state.path().display()
     );
     let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
     let m = wait_for(
@@ -142,4 +152,30 @@ fn a_job_is_charged_to_its_account_in_both_slurmd_layouts() {
     assert!(!jobs.join("4242").exists());
     assert!(jobs.join("4243").exists());
     assert!(agent.stop().success());
+
+    // The job id is the workload of the job's usage; a tenant from
+    // another rule has none.
+    let c = agg.chargeback(&format!(
+        "from=0&to={}&group_by=tenant,workload",
+        now_ms() / 1000 + 3600
+    ));
+    let mut lines: Vec<(String, String)> = c["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["gpu_hours"].as_f64().unwrap() > 0.0)
+        .map(|l| {
+            (
+                l["tenant"].as_str().unwrap().to_owned(),
+                l["workload"].as_str().unwrap().to_owned(),
+            )
+        })
+        .filter(|(t, _)| ["physics", "bob", "4244"].contains(&t.as_str()))
+        .collect();
+    lines.sort();
+    let expected: Vec<(String, String)> = [("4244", ""), ("bob", "4243"), ("physics", "4242")]
+        .iter()
+        .map(|(t, w)| ((*t).to_owned(), (*w).to_owned()))
+        .collect();
+    assert_eq!(lines, expected, "{c}");
 }
