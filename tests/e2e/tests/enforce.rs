@@ -1130,7 +1130,7 @@ fn rule_matched_cgroups_share_their_tenants_network_rate() {
         "{}[tenant.quota.qnet]\nnetwork_egress = '8Mbit'\n",
         team.rule()
     );
-    let Some((_pin, (env, _node, agent, cfg))) = start_policing(&quotas, "qnet", "network_egress")
+    let Some((pin, (env, _node, agent, cfg))) = start_policing(&quotas, "qnet", "network_egress")
     else {
         return;
     };
@@ -1197,5 +1197,27 @@ fn rule_matched_cgroups_share_their_tenants_network_rate() {
          (one bucket per tenant)"
     );
     wait_drops(&agent, "qnet", "egress");
+
+    // Churn: the matched cgroup's entry goes with it, and comes back with
+    // a new one; only `tally/qnet` and `team/qnet` are ever entries (the
+    // pods beneath are covered by their ancestor).
+    assert_eq!(policed_cgroups(&pin), 2, "tally/qnet and team/qnet");
+    drop((pod_b, pod_a));
+    agent.wait_samples(3);
+    assert_eq!(policed_cgroups(&pin), 1, "team/qnet is gone, its entry too");
+    let again = team.create("qnet/pod-c");
+    agent.wait_samples(3);
+    assert_eq!(policed_cgroups(&pin), 2, "a new team/qnet is policed");
+    drop(again);
     verify_audit(&env.audit_log());
+}
+
+/// Entries of the network policer's pinned `tally_cgroup_tenant` map.
+fn policed_cgroups(pin: &tally_e2e::probes_support::PinDir) -> usize {
+    use aya::maps::{HashMap, Map, MapData};
+
+    let data = MapData::from_pin(pin.0.join("tally_cgroup_tenant")).expect("open the pinned map");
+    let map: HashMap<MapData, u64, u64> =
+        HashMap::try_from(Map::from_map_data(data).expect("map")).expect("a u64 → u64 hash map");
+    map.keys().flatten().count()
 }
