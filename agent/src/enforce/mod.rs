@@ -63,6 +63,9 @@ pub struct Enforcer {
     /// Cgroups the rules attribute to tenants with eBPF quotas, as of the
     /// last [`Enforcer::attribute_cgroups`].
     attributed: attributed::Attributed,
+    /// When the last walk started and how long it took (see
+    /// [`attributed::WALK_SHARE`]).
+    walked: Option<(std::time::Instant, std::time::Duration)>,
     cycles: u64,
 }
 
@@ -136,6 +139,7 @@ impl Enforcer {
             actions: Actions::new(),
             allocation: allocation::Guard::new(settings.enforce_allocation),
             attributed: attributed::Attributed::new(),
+            walked: None,
             cycles: 0,
         };
         me.limits.apply_cgroups(&me.quotas, &me.rec);
@@ -147,8 +151,17 @@ impl Enforcer {
     /// attribute to tenants with a `gpus` or network quota, for the next
     /// [`Enforcer::observe`] to attach to: pods, Slurm jobs and any
     /// rule-matched cgroup get their tenant's device and network quotas.
+    /// On a host whose tree takes long to walk, walks are spaced so that
+    /// they cost at most [`attributed::WALK_SHARE`] of the time.
     pub fn attribute_cgroups(&mut self, tenant_of: &dyn Fn(&str) -> Option<String>) {
+        let now = std::time::Instant::now();
+        if let Some((at, took)) = self.walked
+            && now.duration_since(at) < took * attributed::WALK_SHARE
+        {
+            return;
+        }
         self.attributed = self.limits.attributed(&self.quotas, tenant_of);
+        self.walked = Some((now, now.elapsed()));
     }
 
     /// Enforces against one snapshot; returns the quota and action series

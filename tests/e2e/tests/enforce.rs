@@ -1165,7 +1165,10 @@ fn rule_matched_cgroups_share_their_tenants_network_rate() {
     assert!(status.success(), "sender failed: {status}");
     server.finish();
     agent.wait_samples(2);
-    let alone = sampler.steady_rate(BYTES);
+    // The sampler's first poll may come after the senders started (under
+    // load): it must see most of the bytes, and rates are taken over the
+    // middle of what it saw.
+    let alone = sampler.steady_rate(BYTES * 9 / 10);
 
     // Two at once: another matched cgroup and Tally's own tenant cgroup.
     let (s1, s2) = (
@@ -1185,7 +1188,7 @@ fn rule_matched_cgroups_share_their_tenants_network_rate() {
     s1.finish();
     s2.finish();
     agent.wait_samples(2);
-    let together = sampler.steady_rate(2 * BYTES);
+    let together = sampler.steady_rate(2 * BYTES * 9 / 10);
     eprintln!("one cgroup: {alone:.0} B/s; two cgroups together: {together:.0} B/s");
     assert!(
         (0.85 * RATE..=1.15 * RATE).contains(&alone),
@@ -1203,11 +1206,14 @@ fn rule_matched_cgroups_share_their_tenants_network_rate() {
     // pods beneath are covered by their ancestor).
     assert_eq!(policed_cgroups(&pin), 2, "tally/qnet and team/qnet");
     drop((pod_b, pod_a));
-    agent.wait_samples(3);
-    assert_eq!(policed_cgroups(&pin), 1, "team/qnet is gone, its entry too");
+    // Walks are spaced on a host with a big tree: wait, do not count samples.
+    wait_for("team/qnet's entry to go", LONG, || {
+        (policed_cgroups(&pin) == 1).then_some(())
+    });
     let again = team.create("qnet/pod-c");
-    agent.wait_samples(3);
-    assert_eq!(policed_cgroups(&pin), 2, "a new team/qnet is policed");
+    wait_for("the new team/qnet's entry", LONG, || {
+        (policed_cgroups(&pin) == 2).then_some(())
+    });
     drop(again);
     verify_audit(&env.audit_log());
 }
