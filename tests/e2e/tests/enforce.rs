@@ -1044,8 +1044,9 @@ fn open_in(cgroup: &tally_e2e::Cgroup, path: &Path) -> String {
 /// Issue 17, item 1: a tenant matched only by a `cgroup` rule, with
 /// `gpus`, gets EPERM on the other GPU's device node in every cgroup the
 /// rule gives it (a job and a nested step alike), opens its own GPU, and
-/// the denials are counted for it; a rule-matched tenant without `gpus` is
-/// not restricted.
+/// each denial is counted once for it; a tenant whose first cgroup appears
+/// after the agent started is covered too; a rule-matched tenant without
+/// `gpus` is not restricted.
 #[test]
 fn rule_matched_cgroups_get_their_tenants_gpus() {
     if !require_root() {
@@ -1059,7 +1060,10 @@ fn rule_matched_cgroups_get_their_tenants_gpus() {
     let job = team.create("qgpu/job1");
     let step = team.create("qgpu/job2/step0");
     let free = team.create("qfree/job1");
-    let quotas = format!("{}[tenant.quota.qgpu]\ngpus = ['{UUID1}']\n", team.rule());
+    let quotas = format!(
+        "{}[tenant.quota.qgpu]\ngpus = ['{UUID1}']\n[tenant.quota.qlate]\ngpus = ['{UUID1}']\n",
+        team.rule()
+    );
     let (env, _node, agent, _cfg) = enforcing(&quotas);
     env.wait_audit("the device allow-list from the snapshot", |r| {
         r["tenant"] == "qgpu"
@@ -1092,21 +1096,27 @@ fn rule_matched_cgroups_get_their_tenants_gpus() {
         let err = open_in(cgroup, &devs.path().join(device));
         assert!(err.contains(want), "{why}: {err:?}");
     }
-    wait_for("the denials counted for qgpu", LONG, || {
-        let m = agent.metrics();
-        (m.sum(
-            "tally_tenant_gpu_device_denied_total",
-            &[("tenant", "qgpu")],
-        ) >= 2.0)
-            .then_some(())
-    });
-    // A cgroup made after the agent started is covered within a few samples.
-    let late = team.create("qgpu/late");
-    wait_for("the late cgroup denied GPU 0", LONG, || {
+    // A tenant's first cgroup made after the agent started is attached to
+    // within a few walks (its own program: `qlate` has a `gpus` list too).
+    let late = team.create("qlate/job");
+    wait_for("the late tenant's cgroup denied GPU 0", LONG, || {
         open_in(&late, &devs.path().join("nvidia0"))
             .contains(DENIED)
             .then_some(())
     });
+    // Exactly one denial per denied open: one program per cgroup, never a
+    // second link where the tenant's own cgroup is also rule-matched.
+    let denied = |tenant: &str| {
+        agent.metrics().sum(
+            "tally_tenant_gpu_device_denied_total",
+            &[("tenant", tenant)],
+        )
+    };
+    wait_for("the denials counted", LONG, || {
+        (denied("qgpu") >= 2.0 && denied("qlate") >= 1.0).then_some(())
+    });
+    agent.wait_samples(2);
+    assert_eq!((denied("qgpu"), denied("qlate")), (2.0, 1.0));
     verify_audit(&env.audit_log());
 }
 
