@@ -16,7 +16,7 @@ use std::{
 
 use tally_e2e::{
     Agent, Metrics, SimNode,
-    enforce_support::{TenantEnv, alive, nvidia_nodes, remove_tree, v2_frozen},
+    enforce_support::{ByteSampler, TenantEnv, alive, nvidia_nodes, remove_tree, v2_frozen},
     require_root, skip, tally_bin, wait_for,
 };
 
@@ -651,71 +651,6 @@ pids = 100
     );
 }
 
-/// Samples a tenant's network byte counter (`field` of its `tenant_io`
-/// row) with the agent's sample times, while a transfer runs.
-struct ByteSampler {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(u64, u64)>>,
-}
-
-impl ByteSampler {
-    fn start(addr: std::net::SocketAddr, tenant: &'static str, field: &'static str) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut seen: Vec<(u64, u64)> = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Ok((200, body)) = tally_e2e::http_get(addr, "/api/v1/snapshot") {
-                        let snap: serde_json::Value =
-                            serde_json::from_str(&body).unwrap_or_default();
-                        let at = snap["taken_at_ms"].as_u64().unwrap_or(0);
-                        let bytes = snap["tenant_io"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .find(|r| r["tenant"] == tenant)
-                            .and_then(|r| r[field].as_u64())
-                            .unwrap_or(0);
-                        if seen.last().is_none_or(|l| l.0 != at) {
-                            seen.push((at, bytes));
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                seen
-            })
-        };
-        ByteSampler { stop, thread }
-    }
-
-    /// Stops sampling; the rate (bytes/s, skb lengths as the policer
-    /// counts them) over the steady middle of the transfer, 10 %..90 % of
-    /// its bytes: away from process start-up, the initial burst and the
-    /// tail.
-    fn steady_rate(self, at_least: u64) -> f64 {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let seen = self.thread.join().expect("sampler thread");
-        let (b0, b1) = (seen.first().unwrap().1, seen.last().unwrap().1);
-        assert!(
-            b1 - b0 >= at_least,
-            "counted {} bytes of {at_least}: {seen:?}",
-            b1 - b0
-        );
-        let total = (b1 - b0) as f64;
-        let middle: Vec<&(u64, u64)> = seen
-            .iter()
-            .filter(|(_, b)| (0.1..=0.9).contains(&((b - b0) as f64 / total)))
-            .collect();
-        assert!(
-            middle.len() >= 4,
-            "too few samples in the transfer: {seen:?}"
-        );
-        let (first, last) = (middle[0], middle[middle.len() - 1]);
-        (last.1 - first.1) as f64 / ((last.0 - first.0) as f64 / 1000.0)
-    }
-}
-
 /// The 8 Mbit/s both network tests police at, in bytes/s.
 const RATE: f64 = 1_000_000.0;
 
@@ -1214,26 +1149,16 @@ fn rule_matched_cgroups_share_their_tenants_network_rate() {
     // Churn: the matched cgroup's entry goes with it, and comes back with
     // a new one; only `tally/qnet` and `team/qnet` are ever entries (the
     // pods beneath are covered by their ancestor).
-    assert_eq!(policed_cgroups(&pin), 2, "tally/qnet and team/qnet");
+    assert_eq!(pin.policed_cgroups(), 2, "tally/qnet and team/qnet");
     drop((pod_b, pod_a));
     // Walks are spaced on a host with a big tree: wait, do not count samples.
     wait_for("team/qnet's entry to go", LONG, || {
-        (policed_cgroups(&pin) == 1).then_some(())
+        (pin.policed_cgroups() == 1).then_some(())
     });
     let again = team.create("qnet/pod-c");
     wait_for("the new team/qnet's entry", LONG, || {
-        (policed_cgroups(&pin) == 2).then_some(())
+        (pin.policed_cgroups() == 2).then_some(())
     });
     drop(again);
     verify_audit(&env.audit_log());
-}
-
-/// Entries of the network policer's pinned `tally_cgroup_tenant` map.
-fn policed_cgroups(pin: &tally_e2e::probes_support::PinDir) -> usize {
-    use aya::maps::{HashMap, Map, MapData};
-
-    let data = MapData::from_pin(pin.0.join("tally_cgroup_tenant")).expect("open the pinned map");
-    let map: HashMap<MapData, u64, u64> =
-        HashMap::try_from(Map::from_map_data(data).expect("map")).expect("a u64 → u64 hash map");
-    map.keys().flatten().count()
 }
