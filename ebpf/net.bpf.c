@@ -2,8 +2,9 @@
 /* Network bytes and packets per cgroup v2 id.
  *
  * Attached at the root of the cgroup v2 hierarchy, so every socket on the
- * host passes through; the cgroup of the socket's owner is the key. Counting
- * only: both programs always let the packet through. */
+ * host passes through; the cgroup of the socket's owner is the key. They
+ * drop packets only for a tenant's network rate quota (below), and count
+ * those drops. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 

@@ -1,7 +1,8 @@
 //! Limits the kernel enforces, kept in line with the quotas: tenant
 //! cgroups with their cpu / memory / pids limits, device programs and
-//! their allow-lists, and the network probe's token buckets. Each change of
-//! outcome is audited once.
+//! their allow-lists, and the network probe's token buckets; the last two
+//! also on every cgroup the tenant rules attribute to the tenant. Each
+//! change of a limit's outcome is audited once.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
