@@ -976,6 +976,23 @@ fn open_in(cgroup: &tally_e2e::Cgroup, path: &Path) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The `cgroup/dev` links process `pid` holds (`attach_type` 6 is
+/// `BPF_CGROUP_DEVICE` in the fdinfo of a bpf link).
+fn device_links(pid: u32) -> usize {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter_map(|f| fs::read_to_string(f.path()).ok())
+        .filter(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().eq(["link_type:", "cgroup"]))
+                && t.lines()
+                    .any(|l| l.split_whitespace().eq(["attach_type:", "6"]))
+        })
+        .count()
+}
+
 /// Issue 17, item 1: a tenant matched only by a `cgroup` rule, with
 /// `gpus`, gets EPERM on the other GPU's device node in every cgroup the
 /// rule gives it (a job and a nested step alike), opens its own GPU, and
@@ -1052,6 +1069,15 @@ fn rule_matched_cgroups_get_their_tenants_gpus() {
     });
     agent.wait_samples(2);
     assert_eq!((denied("qgpu"), denied("qlate")), (2.0, 1.0));
+
+    // The links go with their cgroups: tally/<tenant> and team/<tenant>
+    // for both tenants, then one fewer once team/qlate is removed.
+    let pid = agent.child.pid();
+    assert_eq!(device_links(pid), 4, "tally/ and team/ of qgpu and qlate");
+    drop(late);
+    wait_for("the late cgroup's device link detached", LONG, || {
+        (device_links(pid) == 3).then_some(())
+    });
     verify_audit(&env.audit_log());
 }
 
