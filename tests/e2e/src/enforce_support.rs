@@ -273,7 +273,9 @@ pub fn nvidia_nodes() -> tempfile::TempDir {
 }
 
 /// Samples a tenant's network byte counter (`field` of its `tenant_io`
-/// row) with the agent's sample times, while a transfer runs.
+/// row) with the agent's sample times, while a transfer runs. `start`
+/// returns once the first reading is in, so a transfer started after it is
+/// seen whole however loaded the machine is.
 pub struct ByteSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<Vec<(u64, u64)>>,
@@ -282,6 +284,7 @@ pub struct ByteSampler {
 impl ByteSampler {
     pub fn start(addr: std::net::SocketAddr, tenant: &'static str, field: &'static str) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (first_tx, first) = std::sync::mpsc::channel();
         let thread = {
             let stop = stop.clone();
             std::thread::spawn(move || {
@@ -300,6 +303,7 @@ impl ByteSampler {
                             .unwrap_or(0);
                         if seen.last().is_none_or(|l| l.0 != at) {
                             seen.push((at, bytes));
+                            let _ = first_tx.send(());
                         }
                     }
                     std::thread::sleep(Duration::from_millis(50));
@@ -307,6 +311,9 @@ impl ByteSampler {
                 seen
             })
         };
+        first
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a first reading of the agent's snapshot");
         ByteSampler { stop, thread }
     }
 
