@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
-/* GPU device access of one tenant (enforcement, issue 4).
+/* GPU device access of one tenant (enforcement, issues 4 and 17).
  *
  * A `cgroup/dev` program, loaded once per tenant that has a `gpus` quota and
- * attached to the tenant's cgroup v2 directory (`<parent>/tally/<tenant>`),
- * so it governs every job beneath it. The kernel runs it before the v1
+ * attached (as a link, beside the owner's own programs) to the tenant's
+ * cgroup v2 directory (`<parent>/tally/<tenant>`) and to every cgroup the
+ * tenant rules attribute to the tenant, so it governs everything beneath
+ * them. Denials are counted in `tally_dev_denied`. The kernel runs it before the v1
  * devices controller, so it works the same on hybrid and pure v2 hosts.
  *
  * Only NVIDIA character devices are judged: major 195 (`/dev/nvidiaN`, minor
@@ -35,6 +37,14 @@ struct {
 	__type(value, __u8);
 } tally_dev_allowed SEC(".maps");
 
+/* Key `0`: opens denied so far (per CPU). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} tally_dev_denied SEC(".maps");
+
 SEC("cgroup/dev")
 int tally_dev(struct bpf_cgroup_dev_ctx *ctx)
 {
@@ -55,7 +65,12 @@ int tally_dev(struct bpf_cgroup_dev_ctx *ctx)
 		return 1;
 	}
 	key = ((__u64)major << 32) | minor;
-	return bpf_map_lookup_elem(&tally_dev_allowed, &key) ? 1 : 0;
+	if (bpf_map_lookup_elem(&tally_dev_allowed, &key))
+		return 1;
+	__u64 *denied = bpf_map_lookup_elem(&tally_dev_denied, &zero);
+	if (denied)
+		*denied += 1;
+	return 0;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -2,8 +2,9 @@
 /* Network bytes and packets per cgroup v2 id.
  *
  * Attached at the root of the cgroup v2 hierarchy, so every socket on the
- * host passes through; the cgroup of the socket's owner is the key. Counting
- * only: both programs always let the packet through. */
+ * host passes through; the cgroup of the socket's owner is the key. They
+ * drop packets only for a tenant's network rate quota (below), and count
+ * those drops. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
@@ -28,11 +29,15 @@ static __always_inline struct tally_net_value *entry(__u64 id)
 	return bpf_map_lookup_elem(&tally_net, &id);
 }
 
-/* Network rate quota (enforcement): one token bucket per tenant cgroup and
- * direction. A packet of a cgroup below a tenant's cgroup spends skb->len
- * tokens; without enough it is dropped (return 0) and counted as dropped.
- * Key 0 of `tally_bucket_conf`: the level of tenant cgroups in the v2
- * hierarchy (0 = no quota anywhere). */
+/* Network rate quota (enforcement): one token bucket per tenant and
+ * direction, whatever cgroup the packet comes from. `tally_cgroup_tenant`
+ * maps the cgroups the tenant rules attribute to a tenant (and Tally's own
+ * `<parent>/tally/<tenant>`) to the tenant's key; a packet's tenant is the
+ * entry of its deepest ancestor (itself included) found there, so a pod's
+ * containers and a job's steps share their tenant's bucket. It spends
+ * skb->len tokens; without enough it is dropped (return 0) and counted as
+ * dropped. Key 0 of `tally_bucket_conf`: the deepest level of a cgroup in
+ * `tally_cgroup_tenant` (0 = no quota anywhere: nothing is looked up). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -41,6 +46,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tally_bucket_conf SEC(".maps");
 
+/* Key: cgroup v2 id; value: the tenant key of the bucket maps. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TALLY_MAX_CGROUPS);
+	__type(key, __u64);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tally_cgroup_tenant SEC(".maps");
+
+/* Key: tenant key (from `tally_cgroup_tenant`). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -57,6 +72,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tally_bucket_ingress SEC(".maps");
 
+/* The tenant key of the packet's cgroup, 0 when it has none. */
+static __always_inline __u64 tenant_of(struct __sk_buff *skb, __u32 deepest)
+{
+	__u64 tenant = 0;
+	for (int l = 1; l <= TALLY_MAX_CGROUP_LEVEL; l++) {
+		if (l > (int)deepest)
+			break;
+		__u64 id = bpf_skb_ancestor_cgroup_id(skb, l);
+		/* Past the packet's own cgroup. */
+		if (id == 0)
+			break;
+		__u64 *t = bpf_map_lookup_elem(&tally_cgroup_tenant, &id);
+		if (t)
+			tenant = *t;
+	}
+	return tenant;
+}
+
 /* 1 to pass the packet, 0 to drop it. */
 static __always_inline int police(struct __sk_buff *skb, void *buckets)
 {
@@ -64,7 +97,7 @@ static __always_inline int police(struct __sk_buff *skb, void *buckets)
 	__u32 *level = bpf_map_lookup_elem(&tally_bucket_conf, &zero);
 	if (!level || *level == 0)
 		return 1;
-	__u64 tenant = bpf_skb_ancestor_cgroup_id(skb, *level);
+	__u64 tenant = tenant_of(skb, *level);
 	if (tenant == 0)
 		return 1;
 	struct tally_bucket *b = bpf_map_lookup_elem(buckets, &tenant);

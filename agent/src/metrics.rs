@@ -634,6 +634,18 @@ fn encode_enforcement(
             .map(|labels| (labels, 1.0)),
     )?;
     counter(
+        "tally_tenant_gpu_device_denied",
+        "GPU device opens denied to the tenant's cgroups by its gpus quota (Tally's tenant cgroups \
+         and every cgroup its rules match), since the agent started.",
+        None,
+    )
+    .encode(
+        e,
+        snap.device_denials
+            .iter()
+            .map(|d| ([("tenant", d.tenant.clone())], d.total as f64)),
+    )?;
+    counter(
         "tally_enforcement_actions",
         "Enforcement actions taken since the agent started (alert, throttle, terminate, kill).",
         None,

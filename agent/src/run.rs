@@ -290,9 +290,11 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
         snapshot.unallocated_gpu_use = resolver.unallocated_gpu_use(&snapshot.gpus);
         snapshot.sampled_at = Some(Instant::now());
         snapshot.sample_duration_seconds = started.elapsed().as_secs_f64();
+        enforcer.attribute_cgroups(&|cgroup| resolver.tenant_for_cgroup(cgroup));
         let enforcement = enforcer.observe(&snapshot);
         snapshot.tenant_quotas = enforcement.quotas;
         snapshot.enforcement_actions = enforcement.actions;
+        snapshot.device_denials = enforcement.device_denials;
         if samples == 1 {
             // Start-up is over (probes attached, cgroups opened, first
             // enforcement pass done): keep only what running needs, before

@@ -47,6 +47,9 @@ pub struct Snapshot {
     /// Enforcement actions taken since the agent started.
     #[serde(default)]
     pub enforcement_actions: Vec<EnforcementActionCount>,
+    /// GPU device opens the tenants' device programs denied since start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_denials: Vec<TenantDeviceDenials>,
     /// Pods using a GPU the kubelet did not allocate to them, while they
     /// do (`tally_tenant_gpu_unallocated_use`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -317,6 +320,14 @@ pub struct TenantQuotaStatus {
     pub limit: f64,
     /// `None` where the agent cannot read it.
     pub usage: Option<f64>,
+}
+
+/// GPU device opens denied to one tenant's cgroups since start (its
+/// `gpus` quota).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TenantDeviceDenials {
+    pub tenant: String,
+    pub total: u64,
 }
 
 /// How often one enforcement action was taken since start.

@@ -13,6 +13,9 @@
  * vanished cgroups into their tenant and deletes the entry, so this bounds
  * the number of cgroups alive (with traffic) between two samples. */
 #define TALLY_MAX_CGROUPS 65536
+/* Deepest cgroup v2 level the network policer looks at for a packet's
+ * tenant (the kernel's own nesting limit is far above real trees). */
+#define TALLY_MAX_CGROUP_LEVEL 32
 /* Recently exec'd / exited processes remembered (LRU). */
 #define TALLY_MAX_PROCS 32768
 
@@ -51,9 +54,9 @@ struct tally_proc {
 };
 
 /* Value of maps `tally_bucket_egress` / `tally_bucket_ingress` (hash, key:
- * __u64 cgroup v2 id of a tenant's cgroup `<parent>/tally/<tenant>`): the
- * tenant's token bucket (enforcement, network rate). Written by the agent
- * when the quota or the cgroup changes; refilled and spent by net.bpf.c
+ * __u64 tenant key, the value of `tally_cgroup_tenant` for every cgroup the
+ * agent attributes to the tenant): the tenant's token bucket (enforcement, network rate). Written by the agent
+ * when the quota changes; refilled and spent by net.bpf.c
  * under `lock`. `tokens` and `last_ns` start at burst and 0. */
 struct tally_bucket {
 	struct bpf_spin_lock lock;

@@ -20,10 +20,14 @@ pub const MAP_PROCS: &str = "tally_procs";
 pub const PROG_DEV: &str = "tally_dev";
 pub const MAP_DEV_CONF: &str = "tally_dev_conf";
 pub const MAP_DEV_ALLOWED: &str = "tally_dev_allowed";
+/// `dev.bpf.c`: per-CPU array, key 0: the opens the program denied.
+pub const MAP_DEV_DENIED: &str = "tally_dev_denied";
 /// `net.bpf.c` network rate quota (enforcement): key 0 of the config
-/// array is the level of tenant cgroups in the v2 hierarchy; the bucket maps
-/// are keyed by the tenant cgroup's v2 id. All three are pinned by name.
+/// array is the deepest level of a cgroup in `tally_cgroup_tenant` (cgroup
+/// v2 id → tenant key); the bucket maps are keyed by tenant key. All four
+/// are pinned by name.
 pub const MAP_BUCKET_CONF: &str = "tally_bucket_conf";
+pub const MAP_CGROUP_TENANT: &str = "tally_cgroup_tenant";
 pub const MAP_BUCKET_EGRESS: &str = "tally_bucket_egress";
 pub const MAP_BUCKET_INGRESS: &str = "tally_bucket_ingress";
 

@@ -1,7 +1,10 @@
 //! GPU device access: which NVIDIA character devices a tenant may open.
 //!
 //! One `cgroup/dev` program (`ebpf/dev.bpf.c`) per tenant with a `gpus`
-//! quota, attached to the tenant's cgroup v2 directory. It is attached with
+//! quota, attached to the tenant's cgroup v2 directory and to every cgroup
+//! the tenant rules attribute to the tenant (pods, Slurm jobs, …), each
+//! through a link that runs beside the owner's own programs, and detached
+//! from a cgroup when it goes. It is attached with
 //! an empty allow-list (every GPU denied) before the first snapshot, and
 //! its allow-list map is updated in place as snapshots map UUIDs to device
 //! numbers: no detach/re-attach window. The kernel checks it before the v1
@@ -11,15 +14,15 @@
 //! cannot pin `cgroup/dev` links).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap as BpfHashMap},
-    programs::{CgroupAttachMode, CgroupDevice},
+    maps::{Array, HashMap as BpfHashMap, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupDevice, cgroup_device::CgroupDeviceLinkId},
 };
 
 use crate::snapshot::GpuSnapshot;
@@ -137,6 +140,8 @@ pub struct TenantDevices {
     ebpf: Ebpf,
     cgroup: PathBuf,
     allowed: BTreeSet<Dev>,
+    /// Cgroups attached besides `cgroup` (v2 directories) and their links.
+    more: BTreeMap<PathBuf, CgroupDeviceLinkId>,
 }
 
 impl TenantDevices {
@@ -160,16 +165,74 @@ impl TenantDevices {
             })?
             .try_into()?;
         prog.load()?;
+        let mut me = Self {
+            ebpf,
+            cgroup: cgroup.to_path_buf(),
+            allowed: BTreeSet::new(),
+            more: BTreeMap::new(),
+        };
+        me.link(cgroup)?;
+        Ok(me)
+    }
+
+    fn link(&mut self, cgroup: &Path) -> Result<CgroupDeviceLinkId, DeviceError> {
         let fd = File::open(cgroup).map_err(|source| DeviceError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        prog.attach(&fd, CgroupAttachMode::Single)?;
-        Ok(Self {
-            ebpf,
-            cgroup: cgroup.to_path_buf(),
-            allowed: BTreeSet::new(),
-        })
+        let prog: &mut CgroupDevice = self
+            .ebpf
+            .program_mut(tally_ebpf::PROG_DEV)
+            .ok_or(DeviceError::Missing {
+                name: tally_ebpf::PROG_DEV,
+            })?
+            .try_into()?;
+        // Single: the only mode aya 0.14 gets through on this kernel (aya
+        // #1078); a link still runs beside the cgroup's other programs.
+        Ok(prog.attach(&fd, CgroupAttachMode::Single)?)
+    }
+
+    /// Attaches the same program (one allow-list) to another cgroup.
+    pub fn attach_also(&mut self, cgroup: &Path) -> Result<(), DeviceError> {
+        if cgroup == self.cgroup || self.more.contains_key(cgroup) {
+            return Ok(());
+        }
+        let link = self.link(cgroup)?;
+        self.more.insert(cgroup.to_path_buf(), link);
+        Ok(())
+    }
+
+    /// The cgroups attached besides the first.
+    pub fn also(&self) -> impl Iterator<Item = &Path> {
+        self.more.keys().map(PathBuf::as_path)
+    }
+
+    /// Detaches the program from a cgroup [`Self::attach_also`] added.
+    pub fn detach_also(&mut self, cgroup: &Path) -> Result<(), DeviceError> {
+        let Some(link) = self.more.remove(cgroup) else {
+            return Ok(());
+        };
+        let prog: &mut CgroupDevice = self
+            .ebpf
+            .program_mut(tally_ebpf::PROG_DEV)
+            .ok_or(DeviceError::Missing {
+                name: tally_ebpf::PROG_DEV,
+            })?
+            .try_into()?;
+        prog.detach(link)?;
+        Ok(())
+    }
+
+    /// Opens the program denied since it was loaded, on every cgroup.
+    pub fn denied(&self) -> Result<u64, DeviceError> {
+        let map = self
+            .ebpf
+            .map(tally_ebpf::MAP_DEV_DENIED)
+            .ok_or(DeviceError::Missing {
+                name: tally_ebpf::MAP_DEV_DENIED,
+            })?;
+        let counts: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        Ok(counts.get(&0, 0)?.iter().sum())
     }
 
     pub fn cgroup(&self) -> &Path {

@@ -1,14 +1,19 @@
 //! Limits the kernel enforces, kept in line with the quotas: tenant
 //! cgroups with their cpu / memory / pids limits, device programs and
-//! their allow-lists, and the network probe's token buckets. Each change of
-//! outcome is audited once.
+//! their allow-lists, and the network probe's token buckets; the last two
+//! also on every cgroup the tenant rules attribute to the tenant. Each
+//! change of a limit's outcome is audited once.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use serde_json::json;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
+    attributed::{self, Attributed},
     cgroup::{Layout, TenantTree},
     devices::{self, CapsSource, TenantDevices},
     network,
@@ -160,16 +165,51 @@ impl Limits {
         }
     }
 
+    /// The cgroups the tenant rules attribute to tenants with a `gpus` or
+    /// network quota, plus each such tenant's `tally/<tenant>`: walked on
+    /// the v2 hierarchy each cycle (see `attributed`).
+    pub(crate) fn attributed(
+        &self,
+        quotas: &BTreeMap<String, Quota>,
+        tenant_of: &dyn Fn(&str) -> Option<String>,
+    ) -> Attributed {
+        let Some(tree) = &self.tree else {
+            return Attributed::new();
+        };
+        let Some(h) = tree.layout.unified.as_ref() else {
+            return Attributed::new();
+        };
+        let ebpf = |q: &Quota| q.gpus.is_some() || network::rated(q);
+        if !quotas.values().any(ebpf) {
+            return Attributed::new();
+        }
+        let fixed: BTreeMap<String, String> = quotas
+            .iter()
+            .filter(|(_, q)| ebpf(q))
+            .map(|(t, _)| (tree.tenant_path(h, t), t.clone()))
+            .collect();
+        let wanted = |t: &str| quotas.get(t).is_some_and(ebpf);
+        attributed::walk(h, &fixed, &wanted, tenant_of)
+    }
+
     /// Writes the token buckets of network rate quotas into the network
-    /// probe's pinned maps (once they exist); audits every change.
-    pub(crate) fn sync_buckets(&mut self, quotas: &BTreeMap<String, Quota>, rec: &Recorder) {
+    /// probe's pinned maps (once they exist), with every attributed cgroup
+    /// of their tenants; audits every change of a bucket.
+    pub(crate) fn sync_buckets(
+        &mut self,
+        quotas: &BTreeMap<String, Quota>,
+        cgroups: &Attributed,
+        rec: &Recorder,
+    ) {
         let Some(tree) = &self.tree else { return };
-        let rated = |q: &Quota| q.network_egress.is_some() || q.network_ingress.is_some();
-        if !quotas.values().any(rated) {
+        if !quotas.values().any(network::rated) {
             return;
         }
-        let (want, level) = network::wanted(tree, quotas);
-        match self.buckets.sync(&want, level) {
+        let members = match tree.layout.unified.as_ref() {
+            Some(h) => network::members(h, cgroups, quotas),
+            None => network::Members::new(),
+        };
+        match self.buckets.sync(&network::wanted(quotas), &members) {
             Ok(changes) => {
                 self.bucket_error = None;
                 for (tenant, dir, rate) in changes {
@@ -191,13 +231,64 @@ impl Limits {
                 let msg = format!("token buckets not written (is the network probe loaded?): {e}");
                 if self.bucket_error.as_deref() != Some(msg.as_str()) {
                     warn!("{msg}");
-                    for (tenant, _) in quotas.iter().filter(|(_, q)| rated(q)) {
+                    for (tenant, _) in quotas.iter().filter(|(_, q)| network::rated(q)) {
                         rec.record(tenant, "network", "limit_error", json!({ "error": msg }));
                     }
                     self.bucket_error = Some(msg);
                 }
             }
         }
+    }
+
+    /// Attaches each tenant's device program to the cgroups attributed to
+    /// it, and detaches it from those that went.
+    pub(crate) fn sync_device_cgroups(&mut self, cgroups: &Attributed) {
+        let Some(h) = self.tree.as_ref().and_then(|t| t.layout.unified.as_ref()) else {
+            return;
+        };
+        for (tenant, dev) in &mut self.devices {
+            let want: BTreeSet<PathBuf> = cgroups
+                .iter()
+                .filter(|(_, t)| *t == tenant)
+                .map(|(p, _)| h.dir(p))
+                .collect();
+            let gone: Vec<PathBuf> = dev
+                .also()
+                .filter(|p| !want.contains(*p))
+                .map(Path::to_path_buf)
+                .collect();
+            for dir in gone {
+                if let Err(e) = dev.detach_also(&dir) {
+                    debug!(
+                        tenant,
+                        "detaching the device program from {}: {e}",
+                        dir.display()
+                    );
+                }
+            }
+            for dir in want {
+                if dir == dev.cgroup() || dev.also().any(|p| p == dir) {
+                    continue;
+                }
+                match dev.attach_also(&dir) {
+                    Ok(()) => debug!(tenant, "device program attached to {}", dir.display()),
+                    // Removed since the walk, or refused: tried again next cycle.
+                    Err(e) => debug!(
+                        tenant,
+                        "cannot attach the device program to {}: {e}",
+                        dir.display()
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Device opens denied so far, per tenant with a device program.
+    pub(crate) fn device_denials(&self) -> Vec<(String, u64)> {
+        self.devices
+            .iter()
+            .filter_map(|(t, d)| Some((t.clone(), d.denied().ok()?)))
+            .collect()
     }
 
     /// Updates device allow-lists from the snapshot's UUID → index map.

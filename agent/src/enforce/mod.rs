@@ -11,6 +11,7 @@
 
 mod actions;
 mod allocation;
+mod attributed;
 pub mod cgroup;
 pub mod devices;
 mod limits;
@@ -42,7 +43,9 @@ pub use self::{
     limits::under_kubernetes,
     policy::GpuResource,
 };
-use crate::snapshot::{EnforcementActionCount, GpuProcess, Snapshot, TenantQuotaStatus};
+use crate::snapshot::{
+    EnforcementActionCount, GpuProcess, Snapshot, TenantDeviceDenials, TenantQuotaStatus,
+};
 
 /// Sampling cycles between two re-applications of cgroup limits.
 const REAPPLY_EVERY: u64 = 10;
@@ -57,6 +60,12 @@ pub struct Enforcer {
     breaches: Breaches,
     actions: Actions,
     allocation: allocation::Guard,
+    /// Cgroups the rules attribute to tenants with eBPF quotas, as of the
+    /// last [`Enforcer::attribute_cgroups`].
+    attributed: attributed::Attributed,
+    /// When the last walk started and how long it took (see
+    /// [`attributed::WALK_SHARE`]).
+    walked: Option<(std::time::Instant, std::time::Duration)>,
     cycles: u64,
 }
 
@@ -86,6 +95,8 @@ pub struct Enforcement {
     pub quotas: Vec<TenantQuotaStatus>,
     /// Actions taken so far, counted (`tally_enforcement_actions_total`).
     pub actions: Vec<EnforcementActionCount>,
+    /// Device opens denied so far (`tally_tenant_gpu_device_denied_total`).
+    pub device_denials: Vec<TenantDeviceDenials>,
 }
 
 impl Enforcer {
@@ -127,11 +138,30 @@ impl Enforcer {
             breaches: Breaches::default(),
             actions: Actions::new(),
             allocation: allocation::Guard::new(settings.enforce_allocation),
+            attributed: attributed::Attributed::new(),
+            walked: None,
             cycles: 0,
         };
         me.limits.apply_cgroups(&me.quotas, &me.rec);
         me.limits.attach_devices(&me.quotas, &me.rec);
         me
+    }
+
+    /// Finds the cgroups the tenant rules (`tenant_of`, by cgroup v2 path)
+    /// attribute to tenants with a `gpus` or network quota, for the next
+    /// [`Enforcer::observe`] to attach to: pods, Slurm jobs and any
+    /// rule-matched cgroup get their tenant's device and network quotas.
+    /// On a host whose tree takes long to walk, walks are spaced so that
+    /// they cost at most [`attributed::WALK_SHARE`] of the time.
+    pub fn attribute_cgroups(&mut self, tenant_of: &dyn Fn(&str) -> Option<String>) {
+        let now = std::time::Instant::now();
+        if let Some((at, took)) = self.walked
+            && now.duration_since(at) < took * attributed::WALK_SHARE
+        {
+            return;
+        }
+        self.attributed = self.limits.attributed(&self.quotas, tenant_of);
+        self.walked = Some((now, now.elapsed()));
     }
 
     /// Enforces against one snapshot; returns the quota and action series
@@ -144,6 +174,7 @@ impl Enforcer {
             return Enforcement {
                 quotas: Vec::new(),
                 actions: self.rec.counts(),
+                device_denials: Vec::new(),
             };
         }
         if self.cycles.is_multiple_of(REAPPLY_EVERY) {
@@ -151,7 +182,9 @@ impl Enforcer {
             self.limits.attach_devices(&self.quotas, &self.rec);
         }
         self.limits.update_devices(&self.quotas, snap, &self.rec);
-        self.limits.sync_buckets(&self.quotas, &self.rec);
+        self.limits.sync_device_cgroups(&self.attributed);
+        self.limits
+            .sync_buckets(&self.quotas, &self.attributed, &self.rec);
         let now = snap.taken_at_ms;
 
         let live: BTreeSet<u32> = snap
@@ -201,6 +234,12 @@ impl Enforcer {
         Enforcement {
             quotas: status,
             actions: self.rec.counts(),
+            device_denials: self
+                .limits
+                .device_denials()
+                .into_iter()
+                .map(|(tenant, total)| TenantDeviceDenials { tenant, total })
+                .collect(),
         }
     }
 

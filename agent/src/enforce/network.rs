@@ -1,14 +1,16 @@
 //! Network rate quotas: the token buckets of `ebpf/net.bpf.c`.
 //!
 //! The network probe (`crate::probes`) loads `net.bpf.c` and pins its maps
-//! by name in `[probes] pin_dir`; the enforcer opens the bucket maps there
-//! and keeps one entry per tenant and direction, keyed by the tenant
-//! cgroup's v2 id, plus the level of tenant cgroups in the hierarchy. An
-//! entry is rewritten only when the rate or the cgroup changes (a rewrite
-//! refills the bucket).
+//! by name in `[probes] pin_dir`; the enforcer opens them there and keeps
+//! one bucket per tenant and direction, keyed by a tenant key of its own,
+//! and one `tally_cgroup_tenant` entry per cgroup attributed to such a
+//! tenant (its `tally/<tenant>` and every cgroup the rules match), so every
+//! cgroup of a tenant spends from the same bucket. A bucket is rewritten
+//! only when its rate changes (a rewrite refills it); a cgroup's entry is
+//! removed when the cgroup goes.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -16,7 +18,7 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
 use tally_ebpf::NetBucket;
 
-use crate::enforce::{cgroup::TenantTree, quota::Quota};
+use crate::enforce::{attributed::Attributed, cgroup::Hierarchy, quota::Quota};
 
 /// Smallest burst: loopback GSO skbs reach ~64 KiB, and a bucket that
 /// cannot hold a few of them collapses TCP far below the rate (FIELD-NOTES:
@@ -44,38 +46,53 @@ impl Direction {
     }
 }
 
-/// The buckets the enforcer wants: `(tenant, direction) → (cgroup id, rate)`.
-pub type Wanted = BTreeMap<(String, Direction), (u64, u64)>;
+/// The buckets the enforcer wants: `(tenant, direction) → rate`.
+pub type Wanted = BTreeMap<(String, Direction), u64>;
+
+/// The cgroups whose packets are policed: `v2 id → (tenant, level)`.
+pub type Members = BTreeMap<u64, (String, u32)>;
 
 /// Level of a cgroup path in its hierarchy (`/` = 0, `/a/b` = 2).
 pub fn level(path: &str) -> u32 {
     path.split('/').filter(|c| !c.is_empty()).count() as u32
 }
 
-/// What the tree and the quotas ask for; tenants whose v2 cgroup does not
-/// exist (yet) are left out.
-pub fn wanted(tree: &TenantTree, quotas: &BTreeMap<String, Quota>) -> (Wanted, Option<u32>) {
+/// Whether a quota asks for a network rate.
+pub fn rated(q: &Quota) -> bool {
+    q.network_egress.is_some() || q.network_ingress.is_some()
+}
+
+/// The buckets the quotas ask for.
+pub fn wanted(quotas: &BTreeMap<String, Quota>) -> Wanted {
     let mut out = Wanted::new();
-    let mut lvl = None;
-    let Some(h) = tree.layout.unified.as_ref() else {
-        return (out, None);
-    };
     for (tenant, q) in quotas {
         for (dir, rate) in [
             (Direction::Egress, q.network_egress),
             (Direction::Ingress, q.network_ingress),
         ] {
-            let Some(rate) = rate else { continue };
-            let path = tree.tenant_path(h, tenant);
-            let Ok(meta) = std::fs::metadata(h.dir(&path)) else {
-                continue;
-            };
-            lvl = Some(level(&path));
-            out.insert((tenant.clone(), dir), (meta.ino(), rate));
+            if let Some(rate) = rate {
+                out.insert((tenant.clone(), dir), rate);
+            }
         }
     }
-    (out, lvl)
+    out
 }
+
+/// The attributed cgroups (of the v2 hierarchy `h`) of tenants with a
+/// rate; cgroups that vanished since the walk are left out.
+pub fn members(h: &Hierarchy, cgroups: &Attributed, quotas: &BTreeMap<String, Quota>) -> Members {
+    cgroups
+        .iter()
+        .filter(|(_, t)| quotas.get(*t).is_some_and(rated))
+        .filter_map(|(path, t)| {
+            let meta = std::fs::metadata(h.dir(path)).ok()?;
+            Some((meta.ino(), (t.clone(), level(path))))
+        })
+        .collect()
+}
+
+/// A bucket written (`Some(rate)`) or removed (`None`).
+pub type Change = (String, Direction, Option<u64>);
 
 /// The pinned bucket maps, once the network probe has pinned them.
 #[derive(Debug)]
@@ -83,18 +100,23 @@ pub struct Buckets {
     pin_dir: PathBuf,
     maps: Option<Maps>,
     written: Wanted,
+    /// Cgroup id → tenant key, as written.
+    members: BTreeMap<u64, u64>,
+    /// Tenant → its key in the maps (0 means "no tenant" to the program).
+    keys: BTreeMap<String, u64>,
     level: Option<u32>,
 }
 
 struct Maps {
     conf: Array<MapData, u32>,
+    cgroups: BpfHashMap<MapData, u64, u64>,
     egress: BpfHashMap<MapData, u64, NetBucket>,
     ingress: BpfHashMap<MapData, u64, NetBucket>,
 }
 
 impl std::fmt::Debug for Maps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Maps { conf, egress, ingress }")
+        f.write_str("Maps { conf, cgroups, egress, ingress }")
     }
 }
 
@@ -103,12 +125,21 @@ fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T, 
     T::try_from(Map::from_map_data(data)?)
 }
 
+fn clear<V: aya::Pod>(m: &mut BpfHashMap<MapData, u64, V>) {
+    let stale: Vec<u64> = m.keys().flatten().collect();
+    for k in stale {
+        let _ = m.remove(&k);
+    }
+}
+
 impl Buckets {
     pub fn new(pin_dir: &Path) -> Self {
         Self {
             pin_dir: pin_dir.to_path_buf(),
             maps: None,
             written: Wanted::new(),
+            members: BTreeMap::new(),
+            keys: BTreeMap::new(),
             level: None,
         }
     }
@@ -118,79 +149,101 @@ impl Buckets {
         self.maps.is_some()
     }
 
-    /// Makes the maps hold exactly `want`; returns the buckets written or
-    /// removed as `(tenant, direction, Some(rate) | None)`. `Err` when the
-    /// maps are not pinned (yet) or cannot be written.
-    #[allow(clippy::type_complexity)]
-    pub fn sync(
-        &mut self,
-        want: &Wanted,
-        level: Option<u32>,
-    ) -> Result<Vec<(String, Direction, Option<u64>)>, MapError> {
+    /// How many cgroups are policed now.
+    pub fn members(&self) -> usize {
+        self.members.len()
+    }
+
+    fn key(&mut self, tenant: &str) -> u64 {
+        let next = self.keys.len() as u64 + 1;
+        *self.keys.entry(tenant.to_owned()).or_insert(next)
+    }
+
+    /// Makes the maps hold exactly `want` and `members`; returns the
+    /// buckets written or removed, as `(tenant, direction, Some(rate) |
+    /// None)`. `Err` when the maps are not pinned (yet)
+    /// or cannot be written.
+    pub fn sync(&mut self, want: &Wanted, members: &Members) -> Result<Vec<Change>, MapError> {
         if self.maps.is_none() {
-            let conf = open(&self.pin_dir, tally_ebpf::MAP_BUCKET_CONF)?;
-            let egress = open(&self.pin_dir, tally_ebpf::MAP_BUCKET_EGRESS)?;
-            let ingress = open(&self.pin_dir, tally_ebpf::MAP_BUCKET_INGRESS)?;
             let mut maps = Maps {
-                conf,
-                egress,
-                ingress,
+                conf: open(&self.pin_dir, tally_ebpf::MAP_BUCKET_CONF)?,
+                cgroups: open(&self.pin_dir, tally_ebpf::MAP_CGROUP_TENANT)?,
+                egress: open(&self.pin_dir, tally_ebpf::MAP_BUCKET_EGRESS)?,
+                ingress: open(&self.pin_dir, tally_ebpf::MAP_BUCKET_INGRESS)?,
             };
-            // Buckets of an earlier run are not ours any more.
-            for m in [&mut maps.egress, &mut maps.ingress] {
-                let stale: Vec<u64> = m.keys().flatten().collect();
-                for k in stale {
-                    let _ = m.remove(&k);
-                }
-            }
+            // Entries of an earlier run are not ours any more.
+            clear(&mut maps.cgroups);
+            clear(&mut maps.egress);
+            clear(&mut maps.ingress);
             self.maps = Some(maps);
             self.written.clear();
+            self.members.clear();
             self.level = None;
         }
+        let keys: BTreeMap<String, u64> = want
+            .keys()
+            .map(|(t, _)| t.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(|t| {
+                let k = self.key(&t);
+                (t, k)
+            })
+            .collect();
         let Some(maps) = self.maps.as_mut() else {
             return Ok(Vec::new());
         };
         let mut changes = Vec::new();
-        let lvl = level.unwrap_or(0);
-        if self.level != Some(lvl) {
-            maps.conf.set(0, lvl, 0)?;
-            self.level = Some(lvl);
-        }
-        for ((tenant, dir), (id, rate)) in want {
+        for ((tenant, dir), rate) in want {
             let key = (tenant.clone(), *dir);
-            if self.written.get(&key) == Some(&(*id, *rate)) {
+            if self.written.get(&key) == Some(rate) {
                 continue;
             }
             let map = match dir {
                 Direction::Egress => &mut maps.egress,
                 Direction::Ingress => &mut maps.ingress,
             };
-            if let Some((old_id, _)) = self.written.get(&key)
-                && old_id != id
-            {
-                let _ = map.remove(old_id);
-            }
             let burst = burst_for(*rate);
-            map.insert(
-                *id,
-                NetBucket {
-                    rate: *rate,
-                    burst,
-                    tokens: burst,
-                    ..NetBucket::default()
-                },
-                0,
-            )?;
-            self.written.insert(key, (*id, *rate));
+            let bucket = NetBucket {
+                rate: *rate,
+                burst,
+                tokens: burst,
+                ..NetBucket::default()
+            };
+            map.insert(keys[tenant], bucket, 0)?;
+            self.written.insert(key, *rate);
             changes.push((tenant.clone(), *dir, Some(*rate)));
         }
-        for ((tenant, dir), (id, _)) in self.written.extract_if(.., |k, _| !want.contains_key(k)) {
+        for ((tenant, dir), _) in self.written.extract_if(.., |k, _| !want.contains_key(k)) {
             let map = match dir {
                 Direction::Egress => &mut maps.egress,
                 Direction::Ingress => &mut maps.ingress,
             };
-            let _ = map.remove(&id);
+            if let Some(k) = self.keys.get(&tenant) {
+                let _ = map.remove(k);
+            }
             changes.push((tenant, dir, None));
+        }
+        // Members: new ones are written before the level that reaches them.
+        let deepest = members.values().map(|(_, l)| *l).max().unwrap_or(0);
+        for (id, (tenant, _)) in members {
+            let Some(&k) = keys.get(tenant) else { continue };
+            if self.members.get(id) != Some(&k) {
+                maps.cgroups.insert(*id, k, 0)?;
+                self.members.insert(*id, k);
+            }
+        }
+        let lvl = deepest.min(super::attributed::MAX_LEVEL);
+        if self.level != Some(lvl) {
+            maps.conf.set(0, lvl, 0)?;
+            self.level = Some(lvl);
+        }
+        for (id, _) in self
+            .members
+            .extract_if(.., |id, _| !members.contains_key(id))
+        {
+            // Already gone (the kernel frees nothing here) is fine.
+            let _ = maps.cgroups.remove(&id);
         }
         Ok(changes)
     }

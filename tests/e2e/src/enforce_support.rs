@@ -271,3 +271,75 @@ pub fn nvidia_nodes() -> tempfile::TempDir {
     }
     dir
 }
+
+/// Samples a tenant's network byte counter (`field` of its `tenant_io`
+/// row) with the agent's sample times, while a transfer runs. `start`
+/// returns once the first reading is in, so a transfer started after it is
+/// seen whole however loaded the machine is.
+pub struct ByteSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(u64, u64)>>,
+}
+
+impl ByteSampler {
+    pub fn start(addr: std::net::SocketAddr, tenant: &'static str, field: &'static str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (first_tx, first) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen: Vec<(u64, u64)> = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok((200, body)) = crate::http_get(addr, "/api/v1/snapshot") {
+                        let snap: serde_json::Value =
+                            serde_json::from_str(&body).unwrap_or_default();
+                        let at = snap["taken_at_ms"].as_u64().unwrap_or(0);
+                        let bytes = snap["tenant_io"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|r| r["tenant"] == tenant)
+                            .and_then(|r| r[field].as_u64())
+                            .unwrap_or(0);
+                        if seen.last().is_none_or(|l| l.0 != at) {
+                            seen.push((at, bytes));
+                            let _ = first_tx.send(());
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                seen
+            })
+        };
+        first
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a first reading of the agent's snapshot");
+        ByteSampler { stop, thread }
+    }
+
+    /// Stops sampling; the rate (bytes/s, skb lengths as the policer
+    /// counts them) over the steady middle of the transfer, 10 %..90 % of
+    /// its bytes: away from process start-up, the initial burst and the
+    /// tail.
+    pub fn steady_rate(self, at_least: u64) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = self.thread.join().expect("sampler thread");
+        let (b0, b1) = (seen.first().unwrap().1, seen.last().unwrap().1);
+        assert!(
+            b1 - b0 >= at_least,
+            "counted {} bytes of {at_least}: {seen:?}",
+            b1 - b0
+        );
+        let total = (b1 - b0) as f64;
+        let middle: Vec<&(u64, u64)> = seen
+            .iter()
+            .filter(|(_, b)| (0.1..=0.9).contains(&((b - b0) as f64 / total)))
+            .collect();
+        assert!(
+            middle.len() >= 4,
+            "too few samples in the transfer: {seen:?}"
+        );
+        let (first, last) = (middle[0], middle[middle.len() - 1]);
+        (last.1 - first.1) as f64 / ((last.0 - first.0) as f64 / 1000.0)
+    }
+}

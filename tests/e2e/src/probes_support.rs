@@ -130,6 +130,19 @@ impl PinDir {
     pub fn new() -> PinDir {
         PinDir(PathBuf::from("/sys/fs/bpf").join(unique("tally-e2e")))
     }
+
+    /// Entries of the network policer's pinned `tally_cgroup_tenant` map:
+    /// the cgroups whose packets spend a tenant's bucket.
+    pub fn policed_cgroups(&self) -> usize {
+        use aya::maps::{HashMap, Map, MapData};
+
+        let data =
+            MapData::from_pin(self.0.join("tally_cgroup_tenant")).expect("open the pinned map");
+        let map: HashMap<MapData, u64, u64> =
+            HashMap::try_from(Map::from_map_data(data).expect("map"))
+                .expect("a u64 → u64 hash map");
+        map.keys().flatten().count()
+    }
 }
 
 impl Default for PinDir {

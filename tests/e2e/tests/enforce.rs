@@ -2,7 +2,8 @@
 //! the NVML simulator, real processes started with `tally run` in real
 //! tenant cgroups beneath our own (v2 for attribution and BPF, v1 for limits
 //! on this hybrid host), a real `cgroup/dev` program, real signals, and the
-//! audit log checked with `tally audit verify`.
+//! audit log checked with `tally audit verify`. Issue 17: the same device
+//! and network quotas on cgroups that only a tenant rule attributes.
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
@@ -15,7 +16,7 @@ use std::{
 
 use tally_e2e::{
     Agent, Metrics, SimNode,
-    enforce_support::{TenantEnv, alive, nvidia_nodes, remove_tree, v2_frozen},
+    enforce_support::{ByteSampler, TenantEnv, alive, nvidia_nodes, remove_tree, v2_frozen},
     require_root, skip, tally_bin, wait_for,
 };
 
@@ -650,71 +651,6 @@ pids = 100
     );
 }
 
-/// Samples a tenant's network byte counter (`field` of its `tenant_io`
-/// row) with the agent's sample times, while a transfer runs.
-struct ByteSampler {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(u64, u64)>>,
-}
-
-impl ByteSampler {
-    fn start(addr: std::net::SocketAddr, tenant: &'static str, field: &'static str) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut seen: Vec<(u64, u64)> = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Ok((200, body)) = tally_e2e::http_get(addr, "/api/v1/snapshot") {
-                        let snap: serde_json::Value =
-                            serde_json::from_str(&body).unwrap_or_default();
-                        let at = snap["taken_at_ms"].as_u64().unwrap_or(0);
-                        let bytes = snap["tenant_io"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .find(|r| r["tenant"] == tenant)
-                            .and_then(|r| r[field].as_u64())
-                            .unwrap_or(0);
-                        if seen.last().is_none_or(|l| l.0 != at) {
-                            seen.push((at, bytes));
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                seen
-            })
-        };
-        ByteSampler { stop, thread }
-    }
-
-    /// Stops sampling; the rate (bytes/s, skb lengths as the policer
-    /// counts them) over the steady middle of the transfer, 10 %..90 % of
-    /// its bytes: away from process start-up, the initial burst and the
-    /// tail.
-    fn steady_rate(self, at_least: u64) -> f64 {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let seen = self.thread.join().expect("sampler thread");
-        let (b0, b1) = (seen.first().unwrap().1, seen.last().unwrap().1);
-        assert!(
-            b1 - b0 >= at_least,
-            "counted {} bytes of {at_least}: {seen:?}",
-            b1 - b0
-        );
-        let total = (b1 - b0) as f64;
-        let middle: Vec<&(u64, u64)> = seen
-            .iter()
-            .filter(|(_, b)| (0.1..=0.9).contains(&((b - b0) as f64 / total)))
-            .collect();
-        assert!(
-            middle.len() >= 4,
-            "too few samples in the transfer: {seen:?}"
-        );
-        let (first, last) = (middle[0], middle[middle.len() - 1]);
-        (last.1 - first.1) as f64 / ((last.0 - first.0) as f64 / 1000.0)
-    }
-}
-
 /// The 8 Mbit/s both network tests police at, in bytes/s.
 const RATE: f64 = 1_000_000.0;
 
@@ -990,5 +926,262 @@ fn network_ingress_rate_is_policed() {
         "receiver got {rate:.0} B/s, not 1 MB/s ±15 %"
     );
     wait_drops(&agent, "netin", "ingress");
+    verify_audit(&env.audit_log());
+}
+
+/// Issue 17: cgroups that only a tenant rule attributes (not Tally's own
+/// tree), shaped as the issue's `cgroup = '^/team/(?P<tenant>[^/]+)'`
+/// beneath a unique base in our own cgroup. Dropped (removing the cgroups
+/// and killing what is in them) after the agent.
+struct TeamCgroups {
+    /// The rule's regex prefix: `<own cgroup>/<unique base>`.
+    prefix: String,
+    base: tally_e2e::Cgroup,
+}
+
+impl TeamCgroups {
+    fn new() -> TeamCgroups {
+        let base = tally_e2e::Cgroup::create(&tally_e2e::unique("e2e-quota"));
+        TeamCgroups {
+            prefix: base.path.trim_end_matches('/').to_owned(),
+            base,
+        }
+    }
+
+    /// `[[tenant.rule]]` attributing `<prefix>/team/<tenant>…` to `<tenant>`.
+    fn rule(&self) -> String {
+        format!(
+            "[[tenant.rule]]\ncgroup = '^{}/team/(?P<tenant>[^/]+)'\n\n",
+            regex::escape(&self.prefix)
+        )
+    }
+
+    /// `<prefix>/team/<rest>`.
+    fn create(&self, rest: &str) -> tally_e2e::Cgroup {
+        self.base.child(&format!("team/{rest}"))
+    }
+}
+
+/// Opens `path` from a process in `cgroup`; the shell's error text (empty
+/// when the open succeeded).
+fn open_in(cgroup: &tally_e2e::Cgroup, path: &Path) -> String {
+    let out = cgroup
+        .command(
+            "/bin/sh",
+            &["-c", "exec 3<\"$0\"", &path.display().to_string()],
+        )
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the opener");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The `cgroup/dev` links process `pid` holds (`attach_type` 6 is
+/// `BPF_CGROUP_DEVICE` in the fdinfo of a bpf link).
+fn device_links(pid: u32) -> usize {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter_map(|f| fs::read_to_string(f.path()).ok())
+        .filter(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().eq(["link_type:", "cgroup"]))
+                && t.lines()
+                    .any(|l| l.split_whitespace().eq(["attach_type:", "6"]))
+        })
+        .count()
+}
+
+/// Issue 17, item 1: a tenant matched only by a `cgroup` rule, with
+/// `gpus`, gets EPERM on the other GPU's device node in every cgroup the
+/// rule gives it (a job and a nested step alike), opens its own GPU, and
+/// each denial is counted once for it; a tenant whose first cgroup appears
+/// after the agent started is covered too; a rule-matched tenant without
+/// `gpus` is not restricted.
+#[test]
+fn rule_matched_cgroups_get_their_tenants_gpus() {
+    if !require_root() {
+        return;
+    }
+    if tally_agent::cgroupfs::unified_root().is_none() {
+        skip("no cgroup v2 hierarchy to attach the cgroup/dev program to");
+        return;
+    }
+    let team = TeamCgroups::new();
+    let job = team.create("qgpu/job1");
+    let step = team.create("qgpu/job2/step0");
+    let free = team.create("qfree/job1");
+    let quotas = format!(
+        "{}[tenant.quota.qgpu]\ngpus = ['{UUID1}']\n[tenant.quota.qlate]\ngpus = ['{UUID1}']\n",
+        team.rule()
+    );
+    let (env, _node, agent, _cfg) = enforcing(&quotas);
+    env.wait_audit("the device allow-list from the snapshot", |r| {
+        r["tenant"] == "qgpu"
+            && r["action"] == "devices_allowed"
+            && r["detail"]["allowed"] == serde_json::json!(["195:1"])
+    });
+    // The walk that attaches to rule-matched cgroups runs every sample.
+    agent.wait_samples(2);
+
+    let devs = nvidia_nodes();
+    const DENIED: &str = "Operation not permitted";
+    const ALLOWED: &str = "No such device or address";
+    for (cgroup, device, want, why) in [
+        (&job, "nvidia0", DENIED, "GPU 0 should be denied in the job"),
+        (
+            &step,
+            "nvidia0",
+            DENIED,
+            "GPU 0 should be denied in a nested step",
+        ),
+        (&job, "nvidia1", ALLOWED, "GPU 1 should be allowed (ENXIO)"),
+        (&step, "nvidiactl", ALLOWED, "nvidiactl is always allowed"),
+        (
+            &free,
+            "nvidia0",
+            ALLOWED,
+            "a tenant without `gpus` opens every GPU",
+        ),
+    ] {
+        let err = open_in(cgroup, &devs.path().join(device));
+        assert!(err.contains(want), "{why}: {err:?}");
+    }
+    // A tenant's first cgroup made after the agent started is attached to
+    // within a few walks (its own program: `qlate` has a `gpus` list too).
+    let late = team.create("qlate/job");
+    wait_for("the late tenant's cgroup denied GPU 0", LONG, || {
+        open_in(&late, &devs.path().join("nvidia0"))
+            .contains(DENIED)
+            .then_some(())
+    });
+    // Exactly one denial per denied open: one program per cgroup, never a
+    // second link where the tenant's own cgroup is also rule-matched.
+    let denied = |tenant: &str| {
+        agent.metrics().sum(
+            "tally_tenant_gpu_device_denied_total",
+            &[("tenant", tenant)],
+        )
+    };
+    wait_for("the denials counted", LONG, || {
+        (denied("qgpu") >= 2.0 && denied("qlate") >= 1.0).then_some(())
+    });
+    agent.wait_samples(2);
+    assert_eq!((denied("qgpu"), denied("qlate")), (2.0, 1.0));
+
+    // The links go with their cgroups: tally/<tenant> and team/<tenant>
+    // for both tenants, then one fewer once team/qlate is removed.
+    let pid = agent.child.pid();
+    assert_eq!(device_links(pid), 4, "tally/ and team/ of qgpu and qlate");
+    drop(late);
+    wait_for("the late cgroup's device link detached", LONG, || {
+        (device_links(pid) == 3).then_some(())
+    });
+    verify_audit(&env.audit_log());
+}
+
+/// Issue 17, item 1: a tenant's network rate holds across all its cgroups
+/// together. A sender in a rule-matched cgroup is held near 8 Mbit/s; then
+/// two senders at once, one in another rule-matched cgroup and one in
+/// Tally's own tenant cgroup (`tally run`), share the one bucket: together
+/// near the rate, not twice it.
+#[test]
+fn rule_matched_cgroups_share_their_tenants_network_rate() {
+    use tally_e2e::probes_support::{TcpServer, fake_cuda};
+
+    if !require_root() {
+        return;
+    }
+    const BYTES: u64 = 6_000_000;
+    let team = TeamCgroups::new();
+    let pod_a = team.create("qnet/pod-a");
+    let pod_b = team.create("qnet/pod-b/ctr");
+    let quotas = format!(
+        "{}[tenant.quota.qnet]\nnetwork_egress = '8Mbit'\n",
+        team.rule()
+    );
+    let Some((pin, (env, _node, agent, cfg))) = start_policing(&quotas, "qnet", "network_egress")
+    else {
+        return;
+    };
+    agent.wait_samples(2);
+    let netload = fake_cuda().netload.display().to_string();
+    let client = |port: u16, bytes: u64| {
+        vec![
+            "tcp-client".to_owned(),
+            "127.0.0.1".to_owned(),
+            port.to_string(),
+            bytes.to_string(),
+            "0".to_owned(),
+        ]
+    };
+    let run = |mut cmd: Command| {
+        let mut child = tally_e2e::ChildGuard(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn sender"),
+        );
+        std::thread::spawn(move || child.0.wait().expect("wait sender"))
+    };
+
+    // One sender, in a rule-matched cgroup.
+    let server = TcpServer::start_with(&fake_cuda().netload, BYTES, 0);
+    let args = client(server.addr.port(), BYTES);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sampler = ByteSampler::start(agent.addr, "qnet", "network_egress_bytes_total");
+    let sender = run(pod_a.command(&netload, &args));
+    let status = sender.join().expect("sender thread");
+    assert!(status.success(), "sender failed: {status}");
+    server.finish();
+    agent.wait_samples(2);
+    let alone = sampler.steady_rate(BYTES);
+
+    // Two at once: another matched cgroup and Tally's own tenant cgroup.
+    let (s1, s2) = (
+        TcpServer::start_with(&fake_cuda().netload, BYTES, 0),
+        TcpServer::start_with(&fake_cuda().netload, BYTES, 0),
+    );
+    let (a1, a2) = (client(s1.addr.port(), BYTES), client(s2.addr.port(), BYTES));
+    let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    let sampler = ByteSampler::start(agent.addr, "qnet", "network_egress_bytes_total");
+    let t1 = run(pod_b.command(&netload, &a1));
+    let t2 = run(env.run_command(&cfg, "qnet", &tally_e2e::unique("send"), &netload, &a2));
+    for t in [t1, t2] {
+        let status = t.join().expect("sender thread");
+        assert!(status.success(), "sender failed: {status}");
+    }
+    s1.finish();
+    s2.finish();
+    agent.wait_samples(2);
+    let together = sampler.steady_rate(2 * BYTES);
+    eprintln!("one cgroup: {alone:.0} B/s; two cgroups together: {together:.0} B/s");
+    assert!(
+        (0.85 * RATE..=1.15 * RATE).contains(&alone),
+        "a rule-matched cgroup sent at {alone:.0} B/s, not 1 MB/s ±15 %"
+    );
+    assert!(
+        (0.85 * RATE..=1.15 * RATE).contains(&together),
+        "two cgroups of one tenant sent at {together:.0} B/s together, not 1 MB/s ±15 % \
+         (one bucket per tenant)"
+    );
+    wait_drops(&agent, "qnet", "egress");
+
+    // Churn: the matched cgroup's entry goes with it, and comes back with
+    // a new one; only `tally/qnet` and `team/qnet` are ever entries (the
+    // pods beneath are covered by their ancestor).
+    assert_eq!(pin.policed_cgroups(), 2, "tally/qnet and team/qnet");
+    drop((pod_b, pod_a));
+    // Walks are spaced on a host with a big tree: wait, do not count samples.
+    wait_for("team/qnet's entry to go", LONG, || {
+        (pin.policed_cgroups() == 1).then_some(())
+    });
+    let again = team.create("qnet/pod-c");
+    wait_for("the new team/qnet's entry", LONG, || {
+        (pin.policed_cgroups() == 2).then_some(())
+    });
+    drop(again);
     verify_audit(&env.audit_log());
 }

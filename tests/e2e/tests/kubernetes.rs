@@ -864,3 +864,96 @@ fn gpu_use_outside_allocation_is_flagged_and_denied() {
         Ok(3)
     );
 }
+
+/// Issue 17, item 1: two pods of one tenant (namespace `team-net`, named by
+/// their pod log directories) share the tenant's one network rate: senders
+/// in both at once are held near 8 Mbit/s together, not twice it. Tenant
+/// cgroups go beneath a unique parent of ours ([`TenantEnv`]).
+#[test]
+fn two_pods_of_one_tenant_share_its_network_rate() {
+    use tally_e2e::{
+        enforce_support::{ByteSampler, TenantEnv},
+        probes_support::{PinDir, TcpServer, fake_cuda},
+    };
+
+    if !require_root() {
+        return;
+    }
+    if tally_agent::cgroupfs::unified_root().is_none() {
+        skip("no cgroup v2 hierarchy for the cgroup_skb programs");
+        return;
+    }
+    const BYTES: u64 = 5_000_000;
+    const RATE: f64 = 1_000_000.0;
+    let node = Node::new();
+    let base = unique("e2e-k8s");
+    let mut pods = Vec::new();
+    for (name, shape) in [("sender-a", "besteffort"), ("sender-b", "burstable")] {
+        let (uid, cid) = ids();
+        let pod = Cgroup::create(&format!("{base}/kubepods/{shape}/pod{uid}"));
+        let ctr = pod.child(&cid);
+        fs::create_dir_all(
+            node.pod_logs()
+                .join(format!("team-net_{name}_{uid}/netload")),
+        )
+        .unwrap();
+        pods.push((pod, ctr));
+    }
+    let env = TenantEnv::named("e2e-k8s-enf");
+    let pin = PinDir::new();
+    let config = format!(
+        "{}\n{}\n[probes]\npin_dir = '{}'\npcie = false\nprocess = false\n",
+        env.config("[tenant.quota.team-net]\nnetwork_egress = '8Mbit'\n"),
+        node.config(),
+        pin.0.display()
+    );
+    let agent = Agent::start(&node.sim, &config, &["--sample-interval", "200ms"]);
+    env.wait_audit("the token bucket", |r| {
+        r["tenant"] == "team-net" && r["action"] == "limit_applied"
+    });
+    // The pods are attributed once the pod log directories are read:
+    // tally/team-net and the two pod cgroups (their containers are covered
+    // by them).
+    wait_for("the pods' cgroups policed", Duration::from_secs(60), || {
+        (pin.policed_cgroups() == 3).then_some(())
+    });
+
+    let netload = fake_cuda().netload.display().to_string();
+    let servers: Vec<TcpServer> = (0..2)
+        .map(|_| TcpServer::start_with(&fake_cuda().netload, BYTES, 0))
+        .collect();
+    let sampler = ByteSampler::start(agent.addr, "team-net", "network_egress_bytes_total");
+    let senders: Vec<_> = pods
+        .iter()
+        .zip(&servers)
+        .map(|((_, ctr), server)| {
+            let port = server.addr.port().to_string();
+            let child = ctr
+                .command(
+                    &netload,
+                    &["tcp-client", "127.0.0.1", &port, &BYTES.to_string(), "0"],
+                )
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn sender");
+            ChildGuard(child)
+        })
+        .collect();
+    for mut s in senders {
+        let status = s.0.wait().expect("wait sender");
+        assert!(status.success(), "sender failed: {status}");
+    }
+    for s in servers {
+        s.finish();
+    }
+    agent.wait_samples(2);
+    let together = sampler.steady_rate(2 * BYTES);
+    eprintln!("two pods of team-net together: {together:.0} B/s");
+    assert!(
+        (0.85 * RATE..=1.15 * RATE).contains(&together),
+        "two pods of one tenant sent at {together:.0} B/s together, not 1 MB/s ±15 %"
+    );
+    drop(agent);
+    drop(pods);
+}
