@@ -66,10 +66,26 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
     if !matches!(format, "json" | "csv" | "focus") {
         return problem(StatusCode::BAD_REQUEST, "format must be json, csv or focus");
     }
-    let (gpu, io) = match tokio::try_join!(
-        app.ledger.gpu_groups(from, to),
-        app.ledger.io_groups(from, to)
-    ) {
+    // Past raw retention the partial hours at the edges are gone: read
+    // whole hours, and say so.
+    let cutoff = crate::time::now_ms()
+        .saturating_sub(i64::try_from(app.raw_retention.as_millis()).unwrap_or(i64::MAX));
+    let rounded = chargeback::hour_bounds(from, to, cutoff);
+    let (read_from, read_to) = rounded.unwrap_or((from, to));
+    let reads = async {
+        if group_by == GroupBy::TenantNode {
+            tokio::try_join!(
+                app.ledger.gpu_groups(read_from, read_to),
+                app.ledger.io_groups(read_from, read_to)
+            )
+        } else {
+            tokio::try_join!(
+                app.ledger.gpu_groups_by_tenant(read_from, read_to),
+                app.ledger.io_groups_by_tenant(read_from, read_to)
+            )
+        }
+    };
+    let (gpu, io) = match reads.await {
         Ok(x) => x,
         Err(e) => {
             app.metrics.ledger_errors.inc();
@@ -89,6 +105,12 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
         rfc3339(from),
         rfc3339(to),
     );
+    c.rounded = rounded.map(|(f, t)| chargeback::Rounded {
+        granularity: "hour".into(),
+        from: rfc3339(f),
+        to: rfc3339(t),
+        raw_retention_cutoff: rfc3339(cutoff.max(0)),
+    });
     if let Some(t) = &only {
         c = c.only_tenant(t);
     }
