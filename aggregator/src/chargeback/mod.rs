@@ -431,6 +431,13 @@ impl Chargeback {
                 Basis::Used => "used",
             }
         );
+        if let Some(r) = &self.rounded {
+            let _ = writeln!(
+                out,
+                "read {} .. {} in whole hours: raw rows before {} are past retention",
+                r.from, r.to, r.raw_retention_cutoff
+            );
+        }
         out
     }
 }

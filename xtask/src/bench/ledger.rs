@@ -841,6 +841,7 @@ fn chargeback_bench(
     let from_ms = from * 1000;
     let to_ms = to * 1000;
     let sums = "allocated_us, used_us, energy_mj, memory_byte_seconds";
+    let node_sums = "h.allocated_us, h.used_us, h.energy_mj, h.memory_byte_seconds";
     let raw = "SELECT tenant, node, model, slice_fraction, allocated_us, \
                COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
                CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds FROM gpu_usage";
@@ -848,9 +849,9 @@ fn chargeback_bench(
     let gpu_sql = format!(
         "WITH dirty AS (SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms \
          FROM reports WHERE received_ms >= (SELECT received_ms FROM rollup_watermark \
-         WHERE name = 'tenant_hourly') AND interval_end_ms >= {from_ms} AND interval_end_ms < {to_ms}), \
-         pieces AS (SELECT tenant, node, model, slice_fraction, {sums} FROM gpu_usage_hourly \
-         WHERE hour_ms IN (SELECT hour_ms FROM dirty) \
+         WHERE name = 'tenant_hourly') AND +interval_end_ms >= {from_ms} AND +interval_end_ms < {to_ms}), \
+         pieces AS (SELECT tenant, node, model, slice_fraction, {sums} \
+         FROM dirty d CROSS JOIN gpu_usage_hourly h WHERE h.hour_ms = d.hour_ms \
          UNION ALL {raw} WHERE interval_end_ms >= {from_ms} AND interval_end_ms < {from_ms} \
          UNION ALL {raw} WHERE interval_end_ms >= {to_ms} AND interval_end_ms < {to_ms}), \
          folded AS (SELECT tenant, model, slice_fraction, {sums}, over_rows \
@@ -865,9 +866,11 @@ fn chargeback_bench(
          WHERE {key} NOT IN (SELECT * FROM over) \
          UNION ALL SELECT tenant, CASE WHEN {key} IN (SELECT * FROM over) THEN node ELSE '' END, \
          model, slice_fraction, {sums} FROM pieces \
-         UNION ALL SELECT tenant, node, model, slice_fraction, {sums} FROM gpu_usage_hourly \
-         WHERE hour_ms >= {from_ms} AND hour_ms < {to_ms} AND hour_ms NOT IN (SELECT hour_ms FROM dirty) \
-         AND {key} IN (SELECT * FROM over)) u \
+         UNION ALL SELECT h.tenant, h.node, h.model, h.slice_fraction, {node_sums} \
+         FROM over o CROSS JOIN gpu_usage_hourly h WHERE h.tenant = o.tenant \
+         AND h.model = o.model AND h.slice_fraction = o.slice_fraction \
+         AND h.hour_ms >= {from_ms} AND h.hour_ms < {to_ms} \
+         AND h.hour_ms NOT IN (SELECT hour_ms FROM dirty)) u \
          GROUP BY tenant, node, model, slice_fraction ORDER BY tenant, node, model, slice_fraction"
     );
     let t = Instant::now();
