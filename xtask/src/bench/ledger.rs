@@ -691,20 +691,16 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
 
 /// What the timings above show when the chargeback query misses.
 const CHARGEBACK_BOTTLENECK: &str = "
-**Bottleneck (chargeback).** The rollup read, in the database: `Ledger::gpu_groups` \
-(`aggregator/src/ledger/chargeback.rs`) reads `gpu_usage_hourly` for the period's whole \
-hours and raw rows only for partial hours at its edges, but the rollup is keyed by node — \
-so that a report writes only its own node's rows and ingest never waits on another node's \
-locks — and a month is still one row per tenant, node and hour with usage (here one per \
-tenant, node and day: as many rows as the raw table), grouped into 200,000 tenant × node × \
-model × slice groups that the aggregator prices and folds by tenant.
+**Bottleneck (chargeback).** By tenant and by tenant and GPU model, \
+`Ledger::gpu_groups_by_tenant` (`aggregator/src/ledger/chargeback.rs`) reads the node-less \
+hourly rollup, plus the per-node rollup for hours not folded yet and for keys where \
+`basis=used` clamps; the plan above shows whether the database keeps to those small sets \
+(`SEARCH`, not `SCAN gpu_usage_hourly`). By tenant and node it reads the per-node rollup: \
+one row per tenant, node and hour, 200,000 groups for the month, priced in the aggregator.
 
-**What would fix it:** a node-less daily rollup `(day, tenant, model, slice_fraction)` for \
-`group_by=tenant` and `tenant,gpu_model`, folded from the per-node hourly rollup off the \
-ingest path (a background tick with a watermark that re-folds an hour when a late report \
-lands in it), so a month reads ~30 × tenants × models rows; `group_by=tenant,node` keeps \
-the per-node rollup. Pricing `basis=used` clamps used time to allocated time per group, so \
-the fold must keep node-level groups wherever a clamp applies for the cents to stay exact.
+**What would fix it:** for `tenant,node`, a per-node daily rollup folded like the \
+node-less one (30 rows per group for a real month instead of 720) and a profile of the \
+aggregator's pricing of 200,000 groups.
 ";
 
 fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String {
