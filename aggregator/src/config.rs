@@ -9,6 +9,8 @@
 //! [ledger]
 //! url = "sqlite:///var/lib/tally/ledger.db"   # or postgres://user@host/db
 //! max_connections = 8
+//! raw_retention = "35d"          # raw usage rows older than this are removed
+//! rollup_retention = "400d"      # hourly rollups likewise; unset: kept forever
 //!
 //! [prices]
 //! currency = "USD"
@@ -192,6 +194,13 @@ pub(crate) struct LedgerSection {
     /// `sqlite://PATH` or `postgres://…`.
     pub url: String,
     pub max_connections: u32,
+    /// Raw usage rows older than this are removed; chargeback reaching
+    /// further back is read from the hourly rollups.
+    #[serde(with = "humantime_serde")]
+    pub raw_retention: Duration,
+    /// Rollup rows older than this are removed; `None`: kept forever.
+    #[serde(with = "humantime_serde")]
+    pub rollup_retention: Option<Duration>,
 }
 
 impl Default for LedgerSection {
@@ -199,9 +208,15 @@ impl Default for LedgerSection {
         Self {
             url: DEFAULT_LEDGER_URL.into(),
             max_connections: 8,
+            raw_retention: DEFAULT_RAW_RETENTION,
+            rollup_retention: None,
         }
     }
 }
+
+/// `[ledger] raw_retention` by default: a month's bill can still be
+/// re-read from raw rows for a few days after the month ends.
+pub(crate) const DEFAULT_RAW_RETENTION: Duration = Duration::from_secs(35 * 86_400);
 
 /// `[prices]` as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -304,6 +319,22 @@ impl AggregatorConfig {
         }
         if ledger.max_connections == 0 {
             problems.push("ledger.max_connections", "must be at least 1");
+        }
+        // Raw rows must outlive the partial hours chargeback reads from
+        // them, and rollups the raw rows they stand in for.
+        if ledger.raw_retention < Duration::from_secs(2 * 3600) {
+            problems.push("ledger.raw_retention", "must be at least 2h");
+        }
+        if let Some(r) = ledger.rollup_retention
+            && r < ledger.raw_retention
+        {
+            problems.push(
+                "ledger.rollup_retention",
+                format!(
+                    "must not be shorter than raw_retention ({})",
+                    humantime::format_duration(ledger.raw_retention)
+                ),
+            );
         }
         let prices: Prices = section(table, "prices", problems);
         check_prices(&prices, problems);
@@ -469,6 +500,43 @@ mod tests {
             ],
             "{err}"
         );
+    }
+
+    #[test]
+    fn retention_defaults_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents");
+        std::fs::write(&agents, "abcdefghijklmnopqrstuvwxyz\n").unwrap();
+        let with = |ledger: &str| {
+            format!(
+                "[ledger]\n{ledger}\n[[auth.token]]\ntoken_file = \"{}\"\nrole = \"agent\"\n",
+                agents.display()
+            )
+        };
+        let c = AggregatorConfig::parse(&with(""), Path::new("a.toml")).unwrap();
+        assert_eq!(c.ledger.raw_retention, Duration::from_secs(35 * 86_400));
+        assert_eq!(c.ledger.rollup_retention, None);
+        let c = AggregatorConfig::parse(
+            &with("raw_retention = \"7d\"\nrollup_retention = \"400d\""),
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.ledger.raw_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(
+            c.ledger.rollup_retention,
+            Some(Duration::from_secs(400 * 86_400))
+        );
+        for (text, key) in [
+            ("raw_retention = \"1h\"", "ledger.raw_retention"),
+            ("rollup_retention = \"30d\"", "ledger.rollup_retention"),
+            ("raw_retention = \"soon\"", "ledger"),
+        ] {
+            let err = AggregatorConfig::parse(&with(text), Path::new("a.toml")).unwrap_err();
+            assert!(
+                err.problems.iter().any(|p| p.key.starts_with(key)),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

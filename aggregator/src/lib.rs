@@ -47,6 +47,8 @@ pub struct Aggregator {
     refresher: JoinHandle<()>,
     /// Looks for changed credential files.
     change_poll: JoinHandle<()>,
+    /// Folds rollups and applies retention ([`maintain_ledger`]).
+    maintainer: JoinHandle<()>,
 }
 
 impl Aggregator {
@@ -79,6 +81,7 @@ impl Aggregator {
             metrics,
             scheduler: config.scheduler.clone(),
             budgets: config.budgets.clone(),
+            raw_retention: config.ledger.raw_retention,
         });
         info!(
             tokens = app.tokens.len(),
@@ -94,12 +97,18 @@ impl Aggregator {
         *app.credentials_seen
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = fingerprint(&app);
+        let maintainer = tokio::spawn(maintain_ledger(
+            app.ledger.clone(),
+            config.ledger.clone(),
+            shutdown.clone(),
+        ));
         let change_poll = tokio::spawn(reload_on_change(app.clone(), RELOAD_POLL, shutdown));
         Ok(Aggregator {
             app,
             tls,
             refresher,
             change_poll,
+            maintainer,
         })
     }
 
@@ -134,6 +143,7 @@ impl Aggregator {
     pub async fn stopped(self) {
         let _ = self.refresher.await;
         let _ = self.change_poll.await;
+        let _ = self.maintainer.await;
         info!("aggregator stopped");
     }
 }
@@ -276,8 +286,8 @@ async fn budget_statuses(
     for period in periods {
         let (start, end) = period.bounds(now);
         let (gpu, io) = tokio::try_join!(
-            app.ledger.gpu_groups(start, now + 1, None),
-            app.ledger.io_groups(start, now + 1, None)
+            app.ledger.gpu_groups_by_tenant(start, now + 1, None),
+            app.ledger.io_groups_by_tenant(start, now + 1, None)
         )?;
         let spent = chargeback::compute(
             &app.prices,
@@ -298,6 +308,48 @@ async fn budget_statuses(
         ));
     }
     Ok(out)
+}
+
+/// How often the ledger is maintained: the node-less rollups folded,
+/// rows past retention removed. Chargeback is exact between passes
+/// (hours not yet folded are read per node); only its speed waits.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(60);
+
+/// Maintains the ledger every [`MAINTAIN_EVERY`] until `shutdown`.
+async fn maintain_ledger(
+    ledger: ledger::Ledger,
+    config: config::LedgerSection,
+    shutdown: CancellationToken,
+) {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = time::now_ms();
+        let raw_before = now.saturating_sub(ms(config.raw_retention));
+        let rollup_before = config.rollup_retention.map(|r| now.saturating_sub(ms(r)));
+        let pass = ledger.maintain(now, raw_before, rollup_before);
+        // Shutdown does not wait for a long first fold: the next start
+        // resumes from the watermark.
+        let done = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            done = pass => done,
+        };
+        match done {
+            Ok(m) if m != ledger::Maintained::default() => info!(
+                folded_hours = m.folded_hours,
+                raw_rows_removed = m.raw_rows,
+                rollup_rows_removed = m.rollup_rows,
+                "ledger maintained"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "ledger maintenance failed; retrying next pass"),
+        }
+    }
 }
 
 /// Re-reads the ledger's totals for `/metrics` every `every`.

@@ -278,6 +278,7 @@ mod tests {
             lines,
             total: "0.00".into(),
             total_minor: 0,
+            rounded: None,
         }
     }
 

@@ -157,6 +157,42 @@ pub struct Chargeback {
     pub(crate) lines: Vec<Line>,
     pub(crate) total: String,
     pub(crate) total_minor: i64,
+    /// Set when the period reaches past `[ledger] raw_retention`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) rounded: Option<Rounded>,
+}
+
+/// How a period reaching past raw retention was read: from the hourly
+/// rollups, its edges rounded down to whole hours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Rounded {
+    /// Always `hour`.
+    pub granularity: String,
+    /// The period actually read, `[from, to)`.
+    pub from: String,
+    pub to: String,
+    /// Raw rows before this time may have been removed.
+    pub raw_retention_cutoff: String,
+}
+
+/// Milliseconds per hour: the rollups' granularity.
+const HOUR_MS: i64 = 3_600_000;
+
+/// The period to read for `[from_ms, to_ms)` when raw rows before
+/// `raw_cutoff_ms` may be gone: an edge whose partial hour would be read
+/// from such rows is rounded down to its hour. `None`: read as asked.
+pub(crate) fn hour_bounds(from_ms: i64, to_ms: i64, raw_cutoff_ms: i64) -> Option<(i64, i64)> {
+    let hour = |t: i64| t - t.rem_euclid(HOUR_MS);
+    let from_gone = from_ms < raw_cutoff_ms && from_ms != hour(from_ms);
+    // The end's partial hour is read from raw rows from its hour's start,
+    // or from the period's start when that is later.
+    let to_gone = hour(to_ms).max(from_ms) < raw_cutoff_ms && to_ms != hour(to_ms);
+    (from_gone || to_gone).then(|| {
+        (
+            if from_gone { hour(from_ms) } else { from_ms },
+            if to_gone { hour(to_ms) } else { to_ms },
+        )
+    })
 }
 
 /// Microseconds per hour, millijoules per kWh, bytes per GiB.
@@ -197,8 +233,10 @@ type Key = (
 
 #[derive(Default)]
 struct Acc {
-    /// Per model: Σ charged µs × slice fraction.
-    gpu_weighted_us: BTreeMap<String, f64>,
+    /// Per model and slice fraction (its bits): Σ charged µs, summed as
+    /// integers, so the cents do not depend on how the ledger split the
+    /// sums into groups (per node, or over nodes).
+    gpu_us: BTreeMap<String, BTreeMap<u64, i64>>,
     energy_mj: i64,
     network_bytes: i64,
     pcie_bytes: i64,
@@ -217,8 +255,12 @@ struct Priced {
 fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
     let d = prices.decimals;
     let mut items = Vec::new();
-    for (model, weighted_us) in &a.gpu_weighted_us {
-        if *weighted_us <= 0.0 {
+    for (model, by_slice) in &a.gpu_us {
+        let weighted_us: f64 = by_slice
+            .iter()
+            .map(|(slice, us)| *us as f64 * f64::from_bits(*slice))
+            .sum();
+        if weighted_us <= 0.0 {
             continue;
         }
         let hours = weighted_us / US_PER_HOUR;
@@ -339,14 +381,22 @@ pub(crate) fn compute(
                 &g.workload,
             ))
             .or_default();
-        *a.gpu_weighted_us.entry(g.model.clone()).or_default() += charged as f64 * g.slice_fraction;
+        let slice = g.slice_fraction.to_bits();
+        let us = a.gpu_us.entry(g.model.clone()).or_default();
+        let sum = us.entry(slice).or_default();
+        *sum = sum.saturating_add(charged);
         a.energy_mj += g.energy_mj;
         if remainder > 0 {
             let idle = acc
                 .entry(key(&g.cluster, TENANT_IDLE, Some(&g.model), &g.node, ""))
                 .or_default();
-            *idle.gpu_weighted_us.entry(g.model.clone()).or_default() +=
-                remainder as f64 * g.slice_fraction;
+            let sum = idle
+                .gpu_us
+                .entry(g.model.clone())
+                .or_default()
+                .entry(slice)
+                .or_default();
+            *sum = sum.saturating_add(remainder);
         }
     }
     for r in io {
@@ -425,6 +475,7 @@ pub(crate) fn compute(
         lines,
         total: format_minor(total_minor, d),
         total_minor,
+        rounded: None,
     }
 }
 
@@ -527,6 +578,13 @@ impl Chargeback {
                 Basis::Used => "used",
             }
         );
+        if let Some(r) = &self.rounded {
+            let _ = writeln!(
+                out,
+                "read {} .. {} in whole hours: raw rows before {} are past retention",
+                r.from, r.to, r.raw_retention_cutoff
+            );
+        }
         out
     }
 }
@@ -534,6 +592,30 @@ impl Chargeback {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn edges_past_raw_retention_are_rounded_down_to_hours() {
+        let h = 1_800_000_000_000 / HOUR_MS * HOUR_MS;
+        let m = 60_000;
+        // Everything after the cutoff, or hour-aligned: read as asked.
+        assert_eq!(hour_bounds(h + 5 * m, h + 9 * HOUR_MS + m, h), None);
+        assert_eq!(hour_bounds(h - 9 * HOUR_MS, h + 7 * m, h), None);
+        assert_eq!(hour_bounds(h - 9 * HOUR_MS, h - HOUR_MS, h), None);
+        // The start's partial hour is before the cutoff.
+        assert_eq!(
+            hour_bounds(h - 9 * HOUR_MS + 5 * m, h + 7 * m, h),
+            Some((h - 9 * HOUR_MS, h + 7 * m))
+        );
+        // Both edges' partial hours are.
+        assert_eq!(
+            hour_bounds(h - 9 * HOUR_MS + 5 * m, h - HOUR_MS + m, h + m),
+            Some((h - 9 * HOUR_MS, h - HOUR_MS))
+        );
+        // Inside one hour: read as asked while the start is after the
+        // cutoff, else nothing whole is left.
+        assert_eq!(hour_bounds(h + 20 * m, h + 30 * m, h + 10 * m), None);
+        assert_eq!(hour_bounds(h + m, h + 30 * m, h + 10 * m), Some((h, h)));
+    }
 
     fn prices() -> Prices {
         Prices {

@@ -17,7 +17,9 @@
 //! totals, all keyed by node, so no row is written by every node's
 //! reports. Chargeback reads the rollups for the whole hours of a period
 //! and the raw rows only for the partial hours at its edges; `/metrics`
-//! reads the totals.
+//! reads the totals. A background tick ([`Ledger::maintain`]) folds the
+//! per-node hourly rollups into node-less ones for chargeback by tenant
+//! ([`fold`]) and removes rows past their retention ([`retention`]).
 
 use std::{path::Path, sync::Once};
 
@@ -30,10 +32,14 @@ use sqlx::{
 pub(crate) mod audit;
 pub(crate) mod chargeback;
 pub(crate) mod cluster;
+mod fold;
 pub(crate) mod ingest;
+mod retention;
 mod rows;
 pub(crate) mod totals;
 mod writer;
+
+pub(crate) use retention::Maintained;
 
 /// Longest wait for a PostgreSQL connection. sqlx's default, 30 s, is
 /// spent retrying a refused connection while the server is down: every

@@ -41,6 +41,8 @@ pub(crate) struct App {
     /// `[[budget]]`: priced in the background refresh, read from
     /// [`Metrics::cached`].
     pub budgets: Vec<crate::config::Budget>,
+    /// `[ledger] raw_retention`: chargeback further back reads whole hours.
+    pub raw_retention: std::time::Duration,
 }
 
 /// The credential files' paths, each with its size and modification time

@@ -75,10 +75,26 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
             "cluster must be a cluster name (1..=256 bytes)",
         );
     }
-    let (gpu, io) = match tokio::try_join!(
-        app.ledger.gpu_groups(from, to, cluster),
-        app.ledger.io_groups(from, to, cluster)
-    ) {
+    // Past raw retention the partial hours at the edges are gone: read
+    // whole hours, and say so.
+    let cutoff = crate::time::now_ms()
+        .saturating_sub(i64::try_from(app.raw_retention.as_millis()).unwrap_or(i64::MAX));
+    let rounded = chargeback::hour_bounds(from, to, cutoff);
+    let (read_from, read_to) = rounded.unwrap_or((from, to));
+    let reads = async {
+        if group_by == GroupBy::TenantNode {
+            tokio::try_join!(
+                app.ledger.gpu_groups(read_from, read_to, cluster),
+                app.ledger.io_groups(read_from, read_to, cluster)
+            )
+        } else {
+            tokio::try_join!(
+                app.ledger.gpu_groups_by_tenant(read_from, read_to, cluster),
+                app.ledger.io_groups_by_tenant(read_from, read_to, cluster)
+            )
+        }
+    };
+    let (gpu, io) = match reads.await {
         Ok(x) => x,
         Err(e) => {
             app.metrics.ledger_errors.inc();
@@ -98,6 +114,12 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
         rfc3339(from),
         rfc3339(to),
     );
+    c.rounded = rounded.map(|(f, t)| chargeback::Rounded {
+        granularity: "hour".into(),
+        from: rfc3339(f),
+        to: rfc3339(t),
+        raw_retention_cutoff: rfc3339(cutoff.max(0)),
+    });
     if let Some(t) = &only {
         c = c.only_tenant(t);
     }

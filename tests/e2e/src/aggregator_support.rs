@@ -236,6 +236,9 @@ metrics_refresh = "200ms"
 [ledger]
 url = "{url}"
 max_connections = 4
+# Tests post reports with fixed times years back: keep their raw rows
+# (retention itself is tested in the aggregator's ledger::retention).
+raw_retention = "36500d"
 {PRICES}
 [[auth.token]]
 token_file = "{dir}/agent.token"

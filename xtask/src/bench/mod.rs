@@ -350,7 +350,13 @@ pub(crate) fn failed(title: &str, e: &anyhow::Error) -> Section {
     Section {
         title: title.to_owned(),
         body: format!("The benchmark failed: `{e:#}`\n"),
-        checks: vec![Check::new(title, "", format!("{e:#}"), Verdict::Failed)],
+        // One line: the summary is a table.
+        checks: vec![Check::new(
+            title,
+            "",
+            format!("{e:#}").replace('\n', " "),
+            Verdict::Failed,
+        )],
     }
 }
 

@@ -1,0 +1,152 @@
+//! Folding the per-node hourly rollups into the node-less ones that
+//! chargeback by tenant reads, off the ingest path.
+//!
+//! Ingest never touches the node-less rows (every node's reports would
+//! update them). A background tick re-folds each hour in which a report
+//! arrived since the watermark: the hour's node-less rows are deleted
+//! and summed again from the per-node rows, in one transaction, so a
+//! re-fold is idempotent and a late report is counted by the next tick.
+//! Replicas on PostgreSQL take turns per hour (an advisory lock), so the
+//! last fold of an hour always saw the newest rows.
+//!
+//! The watermark promises: every report received before it is folded.
+//! Chargeback reads the hours of reports received since, per node
+//! ([`super::chargeback`]), so its answer never waits for a tick.
+
+use sqlx::{Acquire, AnyConnection};
+
+use super::{Backend, Ledger, LedgerError};
+
+/// A report is taken to be committed this long after it was received
+/// (ingest gives up far sooner: `POSTGRES_ACQUIRE_TIMEOUT`, the agents'
+/// timeout); the slack also covers clock skew between replicas.
+const COMMIT_LAG_MS: i64 = 10 * 60_000;
+
+/// The node-less GPU rollup's key besides the hour: the per-node
+/// rollup's less the node. A new dimension is one more name here, with
+/// its column in a migration.
+const GPU_KEY: &str = "tenant, model, slice_fraction, cluster, workload";
+/// The node-less I/O rollup's key besides the hour.
+const IO_KEY: &str = "tenant, cluster";
+
+/// The watermark's row in `rollup_watermark`.
+pub(super) const WATERMARK: &str = "tenant_hourly";
+
+/// PostgreSQL advisory lock key of the fold (any constant unique to it).
+const FOLD_LOCK: i64 = 0x7a11_f01d;
+
+impl Ledger {
+    /// Re-folds every hour in which a report arrived since the watermark
+    /// and moves the watermark up to `now_ms` less the commit lag.
+    /// Returns how many hours were folded.
+    pub(crate) async fn fold(&self, now_ms: i64) -> Result<usize, LedgerError> {
+        let since: i64 =
+            sqlx::query_scalar("SELECT received_ms FROM rollup_watermark WHERE name = $1")
+                .bind(WATERMARK)
+                .fetch_one(&self.pool)
+                .await?;
+        let hours: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms FROM reports \
+             WHERE received_ms >= $1 ORDER BY hour_ms",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut conn = self.pool.acquire().await?;
+        stage_tables(&mut conn).await?;
+        for &hour in &hours {
+            self.fold_hour(&mut conn, hour).await?;
+        }
+        // Monotonic: a replica with a slow clock never moves it back.
+        sqlx::query(
+            "UPDATE rollup_watermark SET received_ms = $1 WHERE name = $2 AND received_ms < $1",
+        )
+        .bind(now_ms - COMMIT_LAG_MS)
+        .bind(WATERMARK)
+        .execute(&mut *conn)
+        .await?;
+        Ok(hours.len())
+    }
+
+    /// Replaces `hour`'s node-less rows with the sums of its per-node rows.
+    /// The sums are staged in temporary tables first; on SQLite outside
+    /// the write transaction, so the writer (ingest) waits only for the
+    /// short delete and copy, never for the summing.
+    async fn fold_hour(&self, conn: &mut AnyConnection, hour: i64) -> Result<(), LedgerError> {
+        if self.backend == Backend::Sqlite {
+            stage(conn, hour).await?;
+        }
+        let mut tx = conn.begin().await?;
+        if self.backend == Backend::Postgres {
+            // Inside the lock, so the replica folding last summed last.
+            sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) l")
+                .bind(FOLD_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            stage(&mut tx, hour).await?;
+        }
+        for table in ["gpu_usage_hourly_tenant", "io_usage_hourly_tenant"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE hour_ms = $1"))
+                .bind(hour)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("INSERT INTO gpu_usage_hourly_tenant SELECT * FROM fold_gpu")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO io_usage_hourly_tenant SELECT * FROM fold_io")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The connection's staging tables, shaped as the node-less rollups.
+async fn stage_tables(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    for (stage, table) in [
+        ("fold_gpu", "gpu_usage_hourly_tenant"),
+        ("fold_io", "io_usage_hourly_tenant"),
+    ] {
+        sqlx::query(&format!(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} AS SELECT * FROM {table} WHERE 1 = 0"
+        ))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Sums `hour`'s per-node rows into the staging tables.
+async fn stage(conn: &mut AnyConnection, hour: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM fold_gpu")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM fold_io")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(&format!(
+        "INSERT INTO fold_gpu (hour_ms, {GPU_KEY}, allocated_us, used_us, energy_mj, \
+         memory_byte_seconds, over_rows) \
+         SELECT hour_ms, {GPU_KEY}, CAST(SUM(allocated_us) AS BIGINT), \
+         CAST(SUM(used_us) AS BIGINT), CAST(SUM(energy_mj) AS BIGINT), \
+         CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION), \
+         CAST(SUM(CASE WHEN used_us > allocated_us THEN 1 ELSE 0 END) AS BIGINT) \
+         FROM gpu_usage_hourly WHERE hour_ms = $1 GROUP BY hour_ms, {GPU_KEY}"
+    ))
+    .bind(hour)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(&format!(
+        "INSERT INTO fold_io (hour_ms, {IO_KEY}, network_ingress_bytes, network_egress_bytes, \
+         pcie_h2d_bytes, pcie_d2h_bytes) \
+         SELECT hour_ms, {IO_KEY}, CAST(SUM(network_ingress_bytes) AS BIGINT), \
+         CAST(SUM(network_egress_bytes) AS BIGINT), CAST(SUM(pcie_h2d_bytes) AS BIGINT), \
+         CAST(SUM(pcie_d2h_bytes) AS BIGINT) \
+         FROM io_usage_hourly WHERE hour_ms = $1 GROUP BY hour_ms, {IO_KEY}"
+    ))
+    .bind(hour)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
