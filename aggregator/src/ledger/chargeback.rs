@@ -553,7 +553,10 @@ pub(crate) mod tests {
         prices_match(l, "folded").await;
         // Read from the fold: clean keys summed over nodes, the clamped
         // key per node.
-        let g = l.gpu_groups_by_tenant(H, H + 5 * HOUR_MS, None).await.unwrap();
+        let g = l
+            .gpu_groups_by_tenant(H, H + 5 * HOUR_MS, None)
+            .await
+            .unwrap();
         assert!(
             g.iter().any(|g| g.node.is_empty() && g.tenant == "t0"),
             "{g:?}"
