@@ -158,13 +158,7 @@ impl TenantDevices {
             let mut conf: Array<_, u32> = Array::try_from(map)?;
             conf.set(0, caps_major.unwrap_or(0), 0)?;
         }
-        let prog: &mut CgroupDevice = ebpf
-            .program_mut(tally_ebpf::PROG_DEV)
-            .ok_or(DeviceError::Missing {
-                name: tally_ebpf::PROG_DEV,
-            })?
-            .try_into()?;
-        prog.load()?;
+        program(&mut ebpf)?.load()?;
         let mut me = Self {
             ebpf,
             cgroup: cgroup.to_path_buf(),
@@ -180,13 +174,7 @@ impl TenantDevices {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        let prog: &mut CgroupDevice = self
-            .ebpf
-            .program_mut(tally_ebpf::PROG_DEV)
-            .ok_or(DeviceError::Missing {
-                name: tally_ebpf::PROG_DEV,
-            })?
-            .try_into()?;
+        let prog = program(&mut self.ebpf)?;
         // Single: the only mode aya 0.14 gets through on this kernel (aya
         // #1078); a link still runs beside the cgroup's other programs.
         Ok(prog.attach(&fd, CgroupAttachMode::Single)?)
@@ -212,14 +200,7 @@ impl TenantDevices {
         let Some(link) = self.more.remove(cgroup) else {
             return Ok(());
         };
-        let prog: &mut CgroupDevice = self
-            .ebpf
-            .program_mut(tally_ebpf::PROG_DEV)
-            .ok_or(DeviceError::Missing {
-                name: tally_ebpf::PROG_DEV,
-            })?
-            .try_into()?;
-        prog.detach(link)?;
+        program(&mut self.ebpf)?.detach(link)?;
         Ok(())
     }
 
@@ -265,6 +246,16 @@ impl TenantDevices {
         self.allowed = want.clone();
         Ok(true)
     }
+}
+
+/// The device program in `ebpf`.
+fn program(ebpf: &mut Ebpf) -> Result<&mut CgroupDevice, DeviceError> {
+    Ok(ebpf
+        .program_mut(tally_ebpf::PROG_DEV)
+        .ok_or(DeviceError::Missing {
+            name: tally_ebpf::PROG_DEV,
+        })?
+        .try_into()?)
 }
 
 #[cfg(test)]
