@@ -228,7 +228,7 @@ impl Limits {
                 }
             }
             Err(e) => {
-                let msg = format!("token buckets not written (is the network probe loaded?): {e}");
+                let msg = format!("token buckets not written: {e}");
                 if self.bucket_error.as_deref() != Some(msg.as_str()) {
                     warn!("{msg}");
                     for (tenant, _) in quotas.iter().filter(|(_, q)| network::rated(q)) {

@@ -120,9 +120,40 @@ impl std::fmt::Debug for Maps {
     }
 }
 
-fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T, MapError> {
-    let data = MapData::from_pin(dir.join(name))?;
-    T::try_from(Map::from_map_data(data)?)
+/// Why the buckets were not written.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The network probe has not pinned its maps there (not loaded yet,
+    /// or loaded with another `pin_dir`).
+    #[error("map {name} is not pinned in {} (is the network probe loaded?): {source}", dir.display())]
+    NotPinned {
+        dir: PathBuf,
+        name: &'static str,
+        source: MapError,
+    },
+    /// A map refused an entry: most likely full (`TALLY_MAX_CGROUPS`
+    /// attributed cgroups, 4,096 tenant buckets a direction).
+    #[error("map {name} refused an entry (full?): {source}")]
+    Write {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, SyncError> {
+    let not_pinned = |source| SyncError::NotPinned {
+        dir: dir.to_path_buf(),
+        name,
+        source,
+    };
+    let data = MapData::from_pin(dir.join(name)).map_err(not_pinned)?;
+    Map::from_map_data(data)
+        .and_then(T::try_from)
+        .map_err(not_pinned)
+}
+
+fn write(name: &'static str) -> impl Fn(MapError) -> SyncError {
+    move |source| SyncError::Write { name, source }
 }
 
 fn clear<V: aya::Pod>(m: &mut BpfHashMap<MapData, u64, V>) {
@@ -163,7 +194,7 @@ impl Buckets {
     /// buckets written or removed, as `(tenant, direction, Some(rate) |
     /// None)`. `Err` when the maps are not pinned (yet)
     /// or cannot be written.
-    pub fn sync(&mut self, want: &Wanted, members: &Members) -> Result<Vec<Change>, MapError> {
+    pub fn sync(&mut self, want: &Wanted, members: &Members) -> Result<Vec<Change>, SyncError> {
         if self.maps.is_none() {
             let mut maps = Maps {
                 conf: open(&self.pin_dir, tally_ebpf::MAP_BUCKET_CONF)?,
@@ -199,9 +230,9 @@ impl Buckets {
             if self.written.get(&key) == Some(rate) {
                 continue;
             }
-            let map = match dir {
-                Direction::Egress => &mut maps.egress,
-                Direction::Ingress => &mut maps.ingress,
+            let (map, name) = match dir {
+                Direction::Egress => (&mut maps.egress, tally_ebpf::MAP_BUCKET_EGRESS),
+                Direction::Ingress => (&mut maps.ingress, tally_ebpf::MAP_BUCKET_INGRESS),
             };
             let burst = burst_for(*rate);
             let bucket = NetBucket {
@@ -210,7 +241,7 @@ impl Buckets {
                 tokens: burst,
                 ..NetBucket::default()
             };
-            map.insert(keys[tenant], bucket, 0)?;
+            map.insert(keys[tenant], bucket, 0).map_err(write(name))?;
             self.written.insert(key, *rate);
             changes.push((tenant.clone(), *dir, Some(*rate)));
         }
@@ -224,26 +255,31 @@ impl Buckets {
             }
             changes.push((tenant, dir, None));
         }
-        // Members: new ones are written before the level that reaches them.
-        let deepest = members.values().map(|(_, l)| *l).max().unwrap_or(0);
-        for (id, (tenant, _)) in members {
-            let Some(&k) = keys.get(tenant) else { continue };
-            if self.members.get(id) != Some(&k) {
-                maps.cgroups.insert(*id, k, 0)?;
-                self.members.insert(*id, k);
-            }
-        }
-        let lvl = deepest.min(super::attributed::MAX_LEVEL);
-        if self.level != Some(lvl) {
-            maps.conf.set(0, lvl, 0)?;
-            self.level = Some(lvl);
-        }
+        // Members: the gone ones first, so a full map makes room; new ones
+        // are written before the level that reaches them.
         for (id, _) in self
             .members
             .extract_if(.., |id, _| !members.contains_key(id))
         {
             // Already gone (the kernel frees nothing here) is fine.
             let _ = maps.cgroups.remove(&id);
+        }
+        let deepest = members.values().map(|(_, l)| *l).max().unwrap_or(0);
+        for (id, (tenant, _)) in members {
+            let Some(&k) = keys.get(tenant) else { continue };
+            if self.members.get(id) != Some(&k) {
+                maps.cgroups
+                    .insert(*id, k, 0)
+                    .map_err(write(tally_ebpf::MAP_CGROUP_TENANT))?;
+                self.members.insert(*id, k);
+            }
+        }
+        let lvl = deepest.min(super::attributed::MAX_LEVEL);
+        if self.level != Some(lvl) {
+            maps.conf
+                .set(0, lvl, 0)
+                .map_err(write(tally_ebpf::MAP_BUCKET_CONF))?;
+            self.level = Some(lvl);
         }
         Ok(changes)
     }
