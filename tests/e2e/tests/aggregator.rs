@@ -882,3 +882,66 @@ fn replicas_on_one_postgres_store_each_report_once() {
         20 * 10_000_000
     );
 }
+
+/// A chargeback reaching past `[ledger] raw_retention` is read from the
+/// hourly rollups, its edges rounded down to whole hours, and says so in
+/// `rounded`; within retention it is read as asked, without `rounded`.
+#[test]
+fn past_raw_retention_chargeback_is_read_by_the_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = sqlite(dir.path());
+    let mut agg = Aggregator::start(dir.path(), &backend, "");
+    let ledger = LedgerReader::new(&backend);
+    const HOUR_MS: u64 = 3_600_000;
+    const MIN_MS: u64 = 60_000;
+    // An hour five hours back: past the 2 h retention set below.
+    let h = (now_ms() - 5 * HOUR_MS) / HOUR_MS * HOUR_MS;
+    // 600 s held in its first 10 minutes, 1,200 s from then to :50.
+    for (seq, start, end, held_s) in [(1, 0, 10, 600), (2, 10, 50, 1_200)] {
+        let mut r = report("n1", seq);
+        r.interval_start_ms = h + start * MIN_MS;
+        r.interval_end_ms = h + end * MIN_MS;
+        r.gpu_usage[0].allocated_us = held_s * 1_000_000;
+        let (status, body) = agg.post(&serde_json::to_vec(&r).unwrap(), Some(AGENT_TOKEN));
+        assert_eq!(status, 200, "{body}");
+    }
+    let secs = |ms: u64| ms / 1_000;
+    // From :30 of that hour: only the second report ends inside.
+    let query = format!(
+        "from={}&to={}&group_by=tenant",
+        secs(h + 30 * MIN_MS),
+        secs(h + 2 * HOUR_MS)
+    );
+    let hours = |c: &serde_json::Value| c["lines"][0]["gpu_hours"].as_f64().unwrap();
+    let asked = agg.chargeback(&query);
+    assert!(asked.get("rounded").is_none(), "{asked}");
+    assert!((hours(&asked) - 1_200.0 / 3_600.0).abs() < 1e-9, "{asked}");
+
+    agg.stop();
+    let config = std::fs::read_to_string(dir.path().join("aggregator.toml")).unwrap();
+    assert!(config.contains("raw_retention = \"36500d\""));
+    std::fs::write(
+        dir.path().join("aggregator.toml"),
+        config.replace("raw_retention = \"36500d\"", "raw_retention = \"2h\""),
+    )
+    .unwrap();
+    agg.restart();
+    // The maintenance pass at start removes the raw rows.
+    wait_logged(&agg, "raw rows past retention removed", || {
+        (ledger.int("SELECT COUNT(*) FROM gpu_usage") == 0).then_some(())
+    });
+    let rounded = agg.chargeback(&query);
+    let r = &rounded["rounded"];
+    assert_eq!(r["granularity"], "hour", "{rounded}");
+    // `from` (…:30:00Z) down to its hour; `to` is on the hour already.
+    let from = asked["from"].as_str().unwrap();
+    assert!(from.ends_with(":30:00Z"), "{asked}");
+    assert_eq!(r["from"], from.replace(":30:00Z", ":00:00Z"), "{rounded}");
+    assert_eq!(r["to"], asked["to"], "{rounded}");
+    assert!(r["raw_retention_cutoff"].is_string(), "{rounded}");
+    // The whole hour from its rollup: both reports, 1,800 s.
+    assert!(
+        (hours(&rounded) - 1_800.0 / 3_600.0).abs() < 1e-9,
+        "{rounded}"
+    );
+}
