@@ -424,6 +424,13 @@ pub(crate) mod tests {
     /// test` starts (`TALLY_TEST_POSTGRES_URL`); `None`, saying skipped,
     /// without one.
     pub(crate) async fn postgres_ledger(prefix: &str) -> Option<Ledger> {
+        let url = postgres_database(prefix).await?;
+        Some(Ledger::open(&url, 4).await.unwrap())
+    }
+
+    /// The URL of a new, empty database on the test PostgreSQL; `None`,
+    /// saying skipped, without one.
+    pub(crate) async fn postgres_database(prefix: &str) -> Option<String> {
         let Some(server) = std::env::var("TALLY_TEST_POSTGRES_URL")
             .ok()
             .filter(|u| !u.is_empty())
@@ -448,7 +455,7 @@ pub(crate) mod tests {
                 .unwrap();
         }
         let (base, _) = server.rsplit_once('/').unwrap();
-        Some(Ledger::open(&format!("{base}/{name}"), 4).await.unwrap())
+        Some(format!("{base}/{name}"))
     }
 
     /// Reports of node n3 whose `sm_us` exceeds `allocated_us` for one key

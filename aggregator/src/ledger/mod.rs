@@ -19,7 +19,8 @@
 //! and the raw rows only for the partial hours at its edges; `/metrics`
 //! reads the totals. A background tick ([`Ledger::maintain`]) folds the
 //! per-node hourly rollups into node-less ones for chargeback by tenant
-//! ([`fold`]) and removes rows past their retention ([`retention`]).
+//! ([`fold`]) and removes rows past their retention ([`retention`]; on
+//! PostgreSQL by dropping day partitions, [`partitions`]).
 
 use std::{path::Path, sync::Once};
 
@@ -34,6 +35,7 @@ pub(crate) mod chargeback;
 pub(crate) mod cluster;
 mod fold;
 pub(crate) mod ingest;
+mod partitions;
 mod retention;
 mod rows;
 pub(crate) mod totals;
@@ -161,11 +163,19 @@ impl Ledger {
             Backend::Postgres => POSTGRES.run(&pool).await?,
         }
         let writer = (backend == Backend::Sqlite).then(|| writer::Writer::start(pool.clone()));
-        Ok(Self {
+        let ledger = Self {
             pool,
             backend,
             writer,
-        })
+        };
+        // Today's partitions before the first report; until they exist
+        // rows wait in the default partition, so a failure only warns.
+        if backend == Backend::Postgres
+            && let Err(e) = ledger.create_partitions(crate::time::now_ms()).await
+        {
+            tracing::warn!(error = %e, "day partitions not created yet; retrying each maintenance pass");
+        }
+        Ok(ledger)
     }
 
     /// Whether the database answers.

@@ -1,6 +1,8 @@
 //! Retention: raw usage rows are removed once older than `[ledger]
 //! raw_retention`, rollups once older than `rollup_retention` (if set),
-//! in small batches so that ingest never waits for more than one.
+//! in small batches so that ingest never waits for more than one. On
+//! PostgreSQL raw rows go a whole day at a time, by dropping the day's
+//! partition once all of it is past retention ([`super::partitions`]).
 
 use super::{Backend, Ledger, LedgerError};
 
@@ -31,10 +33,19 @@ impl Ledger {
     ) -> Result<Maintained, LedgerError> {
         let folded_hours = self.fold(now_ms).await?;
         let mut raw_rows = 0;
-        for table in ["gpu_usage", "io_usage"] {
-            raw_rows += self
-                .delete_before(table, "interval_end_ms", raw_before_ms)
-                .await?;
+        match self.backend {
+            // Whole days at once ([`super::partitions`]).
+            Backend::Postgres => {
+                self.create_partitions(now_ms).await?;
+                raw_rows = self.drop_partitions(raw_before_ms).await?;
+            }
+            Backend::Sqlite => {
+                for table in ["gpu_usage", "io_usage"] {
+                    raw_rows += self
+                        .delete_before(table, "interval_end_ms", raw_before_ms)
+                        .await?;
+                }
+            }
         }
         let mut rollup_rows = 0;
         if let Some(before) = rollup_before_ms {
@@ -55,8 +66,9 @@ impl Ledger {
     }
 
     /// Deletes `table`'s rows whose `column` is below `before`, [`BATCH`]
-    /// at a time.
-    async fn delete_before(
+    /// at a time. `table` is not a partitioned one: a `ctid` is unique
+    /// only within one table.
+    pub(super) async fn delete_before(
         &self,
         table: &str,
         column: &str,
