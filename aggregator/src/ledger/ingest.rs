@@ -525,31 +525,40 @@ pub(crate) mod tests {
         assert_eq!(io[0].network_ingress_bytes, 5);
     }
 
+    /// A pool on `url` with `dialect`'s migrations applied up to, not
+    /// including, `version` (`"0006"`): a ledger as an older aggregator
+    /// left it.
+    pub(crate) async fn migrated_before(url: &str, dialect: &str, version: &str) -> sqlx::AnyPool {
+        let dir = tempfile::tempdir().unwrap();
+        let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(dialect);
+        for e in std::fs::read_dir(&all).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            if name.as_str() < version {
+                std::fs::copy(e.path(), dir.path().join(&name)).unwrap();
+            }
+        }
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(url).await.unwrap();
+        sqlx::migrate::Migrator::new(dir.path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        pool
+    }
+
     /// Migration 0006 on a ledger that already holds rollups: they are
     /// kept, in the `default` cluster with no workload.
     #[tokio::test]
     async fn migration_0006_keeps_the_rollups_it_rekeys() {
         let dir = tempfile::tempdir().unwrap();
-        let before = dir.path().join("migrations");
-        std::fs::create_dir(&before).unwrap();
-        let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
-        for e in std::fs::read_dir(&all).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().into_string().unwrap();
-            if name.as_str() < "0006" {
-                std::fs::copy(e.path(), before.join(&name)).unwrap();
-            }
-        }
         let url = format!("sqlite://{}/ledger.db?mode=rwc", dir.path().display());
         {
-            sqlx::any::install_default_drivers();
-            let pool = sqlx::AnyPool::connect(&url).await.unwrap();
-            sqlx::migrate::Migrator::new(before.as_path())
-                .await
-                .unwrap()
-                .run(&pool)
-                .await
-                .unwrap();
+            let pool = migrated_before(&url, "sqlite", "0006").await;
             sqlx::query(
                 "INSERT INTO gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, \
                  allocated_us, used_us, energy_mj, memory_byte_seconds) \

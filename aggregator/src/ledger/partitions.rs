@@ -188,7 +188,7 @@ mod tests {
         audit_keys::NodeKeys,
         ledger::{
             chargeback::tests::{postgres_database, postgres_ledger},
-            ingest::tests::report,
+            ingest::tests::{migrated_before, report},
         },
     };
 
@@ -293,24 +293,8 @@ mod tests {
         let Some(url) = postgres_database("migration0010").await else {
             return;
         };
-        let dir = tempfile::tempdir().unwrap();
-        let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
-        for e in std::fs::read_dir(&all).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().into_string().unwrap();
-            if name.as_str() < "0010" {
-                std::fs::copy(e.path(), dir.path().join(&name)).unwrap();
-            }
-        }
         {
-            sqlx::any::install_default_drivers();
-            let pool = sqlx::AnyPool::connect(&url).await.unwrap();
-            sqlx::migrate::Migrator::new(dir.path())
-                .await
-                .unwrap()
-                .run(&pool)
-                .await
-                .unwrap();
+            let pool = migrated_before(&url, "postgres", "0010").await;
             let before = Ledger {
                 pool,
                 backend: super::super::Backend::Postgres,
