@@ -416,6 +416,7 @@ pub(crate) mod tests {
                 memory_byte_seconds: 1 << 33,
                 energy_mj: 2_000_000,
                 workload: None,
+                idle_us: 0,
             }],
             io_usage: vec![IoUsage {
                 tenant: "acme".into(),

@@ -41,6 +41,7 @@ fn usage(tenant: &str, uuid: &str, model: &str, slice: f64, seconds: u64) -> Gpu
         memory_byte_seconds: seconds << 30,
         energy_mj: seconds * 300_000,
         workload: None,
+        idle_us: 0,
     }
 }
 
