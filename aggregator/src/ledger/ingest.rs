@@ -128,8 +128,9 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
     rows::insert(
         conn,
         "gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, mig_profile, \
-         slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload)",
-        &plain(15),
+         slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload, \
+         idle_us)",
+        &plain(16),
         "",
         &r.gpu_usage,
         |a, u| {
@@ -147,7 +148,8 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
             a.add(i(u.memory_byte_seconds))?;
             a.add(i(u.energy_mj))?;
             a.add(r.cluster())?;
-            a.add(u.workload.as_deref().unwrap_or(""))
+            a.add(u.workload.as_deref().unwrap_or(""))?;
+            a.add(i(u.idle_us))
         },
     )
     .await?;
@@ -185,6 +187,7 @@ struct GpuHour {
     used_us: i64,
     energy_mj: i64,
     memory_byte_seconds: f64,
+    idle_us: i64,
 }
 
 /// One hour of I/O of one tenant on the report's node.
@@ -216,6 +219,7 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
         h.allocated_us = h.allocated_us.saturating_add(allocated);
         h.used_us = h.used_us.saturating_add(u.sm_us.map_or(allocated, i));
         h.energy_mj = h.energy_mj.saturating_add(i(u.energy_mj));
+        h.idle_us = h.idle_us.saturating_add(i(u.idle_us));
         // As SQL's CAST(BIGINT AS DOUBLE PRECISION) of the raw row.
         h.memory_byte_seconds += i(u.memory_byte_seconds) as f64;
         let t = totals.entry(u.tenant.as_str()).or_default();
@@ -244,13 +248,14 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
     rows::insert(
         conn,
         "gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, allocated_us, used_us, \
-         energy_mj, memory_byte_seconds, cluster, workload)",
-        &plain(11),
+         energy_mj, memory_byte_seconds, cluster, workload, idle_us)",
+        &plain(12),
         "ON CONFLICT (hour_ms, tenant, node, model, slice_fraction, cluster, workload) DO UPDATE SET \
          allocated_us = gpu_usage_hourly.allocated_us + excluded.allocated_us, \
          used_us = gpu_usage_hourly.used_us + excluded.used_us, \
          energy_mj = gpu_usage_hourly.energy_mj + excluded.energy_mj, \
-         memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds",
+         memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds, \
+         idle_us = gpu_usage_hourly.idle_us + excluded.idle_us",
         &gpu,
         |a, ((tenant, model, slice, workload), h)| {
             a.add(hour)?;
@@ -263,7 +268,8 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
             a.add(h.energy_mj)?;
             a.add(h.memory_byte_seconds)?;
             a.add(r.cluster())?;
-            a.add(*workload)
+            a.add(*workload)?;
+            a.add(h.idle_us)
         },
     )
     .await?;
@@ -416,7 +422,7 @@ pub(crate) mod tests {
                 memory_byte_seconds: 1 << 33,
                 energy_mj: 2_000_000,
                 workload: None,
-                idle_us: 0,
+                idle_us: 3_000_000,
             }],
             io_usage: vec![IoUsage {
                 tenant: "acme".into(),
