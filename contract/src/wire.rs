@@ -168,6 +168,18 @@ pub struct GpuGauge {
     /// absent unless `state` is `idle`, and from older agents.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_since_ms: Option<u64>,
+    /// The named workloads holding the device, by tenant, sorted and
+    /// distinct; absent when none is named, and from older agents.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<HeldBy>,
+}
+
+/// A named workload of a tenant holding a device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldBy {
+    pub tenant: String,
+    pub workload: String,
 }
 
 /// One record of a node's append-only audit log (enforcement actions), as
@@ -344,6 +356,18 @@ impl Report {
             for (j, t) in g.tenants.iter().enumerate() {
                 name(&mut p, &format!("gpus[{i}].tenants[{j}]"), t);
             }
+            for (j, h) in g.workloads.iter().enumerate() {
+                name(
+                    &mut p,
+                    &format!("gpus[{i}].workloads[{j}].tenant"),
+                    &h.tenant,
+                );
+                name(
+                    &mut p,
+                    &format!("gpus[{i}].workloads[{j}].workload"),
+                    &h.workload,
+                );
+            }
         }
         if self.report_interval_ms == Some(0) {
             p.push("report_interval_ms must be above 0".into());
@@ -490,6 +514,10 @@ mod tests {
         new.gpus = vec![GpuGauge {
             state: "idle".into(),
             idle_since_ms: Some(1_005_000),
+            workloads: vec![HeldBy {
+                tenant: "acme".into(),
+                workload: "job-1".into(),
+            }],
             ..Default::default()
         }];
         new.validate().unwrap();

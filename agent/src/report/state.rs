@@ -24,7 +24,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::{GpuGauge, GpuUsage, IoUsage, Report, SCHEMA_VERSION};
+use super::wire::{GpuGauge, GpuUsage, HeldBy, IoUsage, Report, SCHEMA_VERSION};
 use crate::snapshot::{GpuHealth, Snapshot, TenantGpuUsage, TenantIoUsage};
 
 /// Why the state could not be read or written.
@@ -355,6 +355,18 @@ impl State {
                     .into_iter()
                     .collect(),
                 idle_since_ms: g.idle_since_ms,
+                workloads: g
+                    .processes
+                    .iter()
+                    .filter_map(|p| {
+                        Some(HeldBy {
+                            tenant: p.tenant.to_string(),
+                            workload: p.workload_id.as_deref()?.to_owned(),
+                        })
+                    })
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
             })
             .collect();
         let tenant_quotas = snap
@@ -741,6 +753,7 @@ mod tests {
             .iter()
             .map(|t| GpuProcess {
                 tenant: (*t).into(),
+                workload_id: (*t == "beta").then(|| "job-1".into()),
                 ..Default::default()
             })
             .collect();
@@ -755,6 +768,13 @@ mod tests {
         assert_eq!(r.gpus[0].state, "idle");
         assert_eq!(r.gpus[0].idle_since_ms, Some(5_500));
         assert_eq!(r.gpus[0].tenants, ["acme", "beta"]);
+        assert_eq!(
+            r.gpus[0].workloads,
+            [HeldBy {
+                tenant: "beta".into(),
+                workload: "job-1".into()
+            }]
+        );
         assert_eq!(r.gpus[0].processes, 3);
         assert_eq!(r.tenant_quotas[0].limit, 2.0);
         assert_eq!(r.report_interval_ms, Some(10_000));

@@ -6,3 +6,9 @@
 ALTER TABLE gpu_usage ADD COLUMN idle_us BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE gpu_usage_hourly ADD COLUMN idle_us BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE gpu_usage_hourly_tenant ADD COLUMN idle_us BIGINT NOT NULL DEFAULT 0;
+
+-- The cluster view's reclaimable GPUs: since when an idle device is idle
+-- (node clock, ms; NULL unless idle) and the named workloads holding it
+-- (a JSON array of {tenant, workload}).
+ALTER TABLE gpu_state ADD COLUMN idle_since_ms BIGINT;
+ALTER TABLE gpu_state ADD COLUMN workloads TEXT;

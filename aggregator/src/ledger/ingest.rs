@@ -356,12 +356,14 @@ async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(),
         "?",
         "?",
         "?",
+        "NULLIF(?, -1)",
+        "?",
     ];
     rows::insert(
         conn,
         "gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, slice_fraction, health, \
          utilization_ratio, memory_used_bytes, memory_total_bytes, processes, updated_ms, state, \
-         tenants, mig_mode)",
+         tenants, mig_mode, idle_since_ms, workloads)",
         &template,
         "ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
          mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
@@ -370,7 +372,8 @@ async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(),
          memory_used_bytes = excluded.memory_used_bytes, \
          memory_total_bytes = excluded.memory_total_bytes, \
          processes = excluded.processes, updated_ms = excluded.updated_ms, \
-         state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode \
+         state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode, \
+         idle_since_ms = excluded.idle_since_ms, workloads = excluded.workloads \
          WHERE gpu_state.updated_ms <= excluded.updated_ms",
         &gpus,
         |a, g| {
@@ -389,7 +392,10 @@ async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(),
             a.add(end)?;
             a.add((!g.state.is_empty()).then(|| g.state.clone()))?;
             a.add(serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into()))?;
-            a.add(i64::from(g.mig_mode))
+            a.add(i64::from(g.mig_mode))?;
+            // Absent travels as -1, NULL in SQL (as the doubles above).
+            a.add(g.idle_since_ms.map_or(-1, i))?;
+            a.add(serde_json::to_string(&g.workloads).unwrap_or_else(|_| "[]".into()))
         },
     )
     .await
