@@ -42,6 +42,9 @@ pub struct Share {
     pub sm_seconds: Option<f64>,
     pub memory_bytes: u64,
     pub energy_joules: f64,
+    /// The part of `allocated_seconds` the device spent `idle` (see
+    /// `crate::states`): set by the sampler, which knows the state.
+    pub idle_seconds: f64,
 }
 
 /// Splits one interval of one device among its holders.
@@ -68,6 +71,7 @@ pub fn split_interval<'a>(
                 sm_seconds: per_process_sm.then_some(0.0),
                 memory_bytes: 0,
                 energy_joules,
+                idle_seconds: 0.0,
             },
         );
         return shares;
@@ -143,6 +147,7 @@ pub fn split_workloads<'a>(share: &Share, holders: &[Holder<'a>]) -> BTreeMap<&'
         };
         let part = out.entry(workload).or_default();
         part.allocated_seconds += share.allocated_seconds * w;
+        part.idle_seconds += share.idle_seconds * w;
         part.memory_bytes += h.memory_bytes;
         if let Some(s) = share.sm_seconds {
             *part.sm_seconds.get_or_insert(0.0) += s * sm;
@@ -220,6 +225,7 @@ impl Accounts {
             if let (Some(total), Some(s)) = (row.sm_seconds_total.as_mut(), share.sm_seconds) {
                 *total += s;
             }
+            row.idle_allocated_seconds_total += share.idle_seconds;
             row.memory_bytes = share.memory_bytes;
             row.memory_byte_seconds_total += share.memory_bytes as f64 * seconds;
             row.energy_joules_total += share.energy_joules;
@@ -252,6 +258,7 @@ impl Accounts {
             if let (Some(total), Some(s)) = (row.sm_seconds_total.as_mut(), share.sm_seconds) {
                 *total += s;
             }
+            row.idle_allocated_seconds_total += share.idle_seconds;
             row.memory_bytes = share.memory_bytes;
             row.memory_byte_seconds_total += share.memory_bytes as f64 * seconds;
             row.energy_joules_total += share.energy_joules;
@@ -383,6 +390,7 @@ mod tests {
             sm_seconds: Some(3.0),
             memory_bytes: 6,
             energy_joules: 90.0,
+            idle_seconds: 3.0,
         };
         let holder = |w: Option<&'static str>, memory_bytes, sm| Holder {
             tenant: "a",
@@ -407,6 +415,9 @@ mod tests {
         close(parts["j2"].sm_seconds.unwrap(), 0.6);
         close(parts["j1"].energy_joules, 18.0);
         close(parts["j2"].energy_joules, 18.0);
+        // Idle time goes as the held time goes.
+        close(parts["j1"].idle_seconds, 1.0);
+        close(parts["j2"].idle_seconds, 1.5);
         assert_eq!(parts["j1"].memory_bytes, 2);
         assert!(split_workloads(&share, &[holder(None, 1, 0.5)]).is_empty());
     }

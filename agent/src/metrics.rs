@@ -414,6 +414,18 @@ impl Collector for SnapshotCollector {
         )
         .encode(e, rows.iter().map(|r| (tg(r), r.allocated_seconds_total)))?;
         counter(
+            "tally_tenant_gpu_idle_allocated",
+            "The part of the tenant's allocated time during which the device was idle: held, \
+             doing nothing past [states] idle_after. Wasted GPU time, priced as idle_cost.",
+            Some(Unit::Seconds),
+        )
+        .encode(
+            e,
+            rows.iter()
+                .filter(|r| r.tenant != crate::snapshot::TENANT_IDLE)
+                .map(|r| (tg(r), r.idle_allocated_seconds_total)),
+        )?;
+        counter(
             "tally_tenant_gpu_sm",
             "SM work of the tenant: its processes' SM utilization × wall time (a device sums to \
              at most its wall time). Absent for MIG instances: NVML \
@@ -898,6 +910,21 @@ mod tests {
                 r#"tally_tenant_gpu_allocated_seconds_total{tenant="_idle",gpu="0"} 2.5"#,
                 r#"tally_tenant_gpu_allocated_seconds_total{tenant="_idle",gpu="1"} 2.0"#,
                 r#"tally_tenant_gpu_allocated_seconds_total{tenant="beta",gpu="1/1/0"} 10.0"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn idle_allocated_seconds_are_a_counter_per_tenant() {
+        let mut snap = snapshot();
+        snap.tenant_gpu[0].idle_allocated_seconds_total = 4.0;
+        let text = encode(snap, None);
+        assert!(text.contains("# TYPE tally_tenant_gpu_idle_allocated_seconds counter\n"));
+        assert_eq!(
+            lines(&text, "tally_tenant_gpu_idle_allocated_seconds_total"),
+            [
+                r#"tally_tenant_gpu_idle_allocated_seconds_total{tenant="acme",gpu="0"} 4.0"#,
+                r#"tally_tenant_gpu_idle_allocated_seconds_total{tenant="beta",gpu="1/1/0"} 0.0"#,
             ]
         );
     }

@@ -184,6 +184,10 @@ pub struct GpuSnapshot {
     pub xid_errors_by_tenant: BTreeMap<String, BTreeMap<u64, u64>>,
     /// free, busy, idle, stuck or lost (see `crate::states`).
     pub state: crate::states::GpuState,
+    /// When the device entered the `idle` state, ms since the Unix epoch;
+    /// set only while it is `idle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since_ms: Option<u64>,
     /// Processes on this device at the sample.
     pub processes: Vec<GpuProcess>,
 }
@@ -277,6 +281,10 @@ pub struct TenantGpuUsage {
     /// Integral of memory held over time.
     pub memory_byte_seconds_total: f64,
     pub energy_joules_total: f64,
+    /// The part of `allocated_seconds_total` during which the device was
+    /// `idle`: held, doing nothing past `[states] idle_after`.
+    #[serde(default)]
+    pub idle_allocated_seconds_total: f64,
     /// Set on `Snapshot::workload_gpu` rows only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,

@@ -247,6 +247,14 @@ impl Tracker {
             GpuState::Busy
         }
     }
+
+    /// When device `gpu` entered (or enters) the `idle` state: `idle_after`
+    /// past the first sample that saw it held and doing nothing. `None`
+    /// while it is not doing nothing.
+    pub fn idle_state_since(&self, gpu: &str) -> Option<Instant> {
+        let since = self.devices.get(gpu)?.idle_since?;
+        Some(since + self.config.idle_after)
+    }
 }
 
 #[cfg(test)]
@@ -302,12 +310,14 @@ mod tests {
             t.observe("0", &held(), t0 + Duration::from_secs(10)),
             GpuState::Idle
         );
+        assert_eq!(t.idle_state_since("0"), Some(t0 + Duration::from_secs(10)));
         // Work resumes: busy at once, and the idle clock restarts.
         let working = obs(0.5, vec![proc(1, ProcState::Alive, 11)]);
         assert_eq!(
             t.observe("0", &working, t0 + Duration::from_secs(11)),
             GpuState::Busy
         );
+        assert_eq!(t.idle_state_since("0"), None);
         assert_eq!(
             t.observe("0", &held(), t0 + Duration::from_secs(12)),
             GpuState::Busy

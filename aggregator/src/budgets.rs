@@ -144,6 +144,7 @@ mod tests {
             used_us: 0,
             energy_mj: 0,
             memory_byte_seconds: 0.0,
+            idle_us: 0,
         }];
         let spent = crate::chargeback::compute(
             &prices,

@@ -8,6 +8,11 @@
 //! replica behind a Service answers the same. The schema is in
 //! `docs/cluster-api.md`.
 //!
+//! *Reclaimable* lists every device that is `idle` (held, doing nothing
+//! past the agent's `[states] idle_after`) with who holds it, since when,
+//! and what its idle time cost so far: evidence a scheduler or queue can
+//! preempt on.
+//!
 //! A node is *stale* when nothing arrived from it for three of its report
 //! intervals: its data is shown as it was, flagged, and the extender does
 //! not place pods on it.
@@ -15,8 +20,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use tally_contract::wire::HeldBy;
 
-use crate::{ledger::cluster::ClusterRows, time::rfc3339};
+use crate::{
+    chargeback::{format_minor, to_minor},
+    config::Prices,
+    ledger::cluster::ClusterRows,
+    time::rfc3339,
+};
 
 /// Missed report intervals after which a node is stale.
 pub(crate) const STALE_INTERVALS: i64 = 3;
@@ -34,6 +45,39 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
     /// Every tenant holding a device or having a quota somewhere.
     pub tenants: Vec<TenantView>,
+    /// Every idle device, by node and label: held and wasted.
+    #[serde(default)]
+    pub reclaimable: Vec<Reclaimable>,
+}
+
+/// A device held but idle, with what its idle time cost so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reclaimable {
+    pub node: String,
+    pub gpu: String,
+    pub uuid: String,
+    /// The model its time is priced by (a MIG instance's parent's).
+    pub model: String,
+    pub mig_profile: Option<String>,
+    /// GPU-hours one hour of it is charged as (a MIG slice's fraction).
+    pub slice_fraction: f64,
+    /// Tenants holding it. For a tenant-scoped reader: only its own.
+    pub tenants: Vec<String>,
+    /// The named workloads holding it, by tenant.
+    pub workloads: Vec<HeldBy>,
+    /// When it entered the `idle` state (node clock).
+    pub idle_since: String,
+    pub idle_since_ms: i64,
+    /// Idle time up to its node's last report (`updated_ms`), seconds.
+    pub idle_seconds: f64,
+    /// `idle_seconds` in GPU-hours (× `slice_fraction`).
+    pub idle_gpu_hours: f64,
+    /// `idle_gpu_hours` at the model's GPU-hour price, as chargeback
+    /// prices it (`idle_cost`); absent until priced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_so_far: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
 }
 
 /// One node.
@@ -88,6 +132,13 @@ pub struct GpuView {
     pub other_tenants: Option<usize>,
     /// End of the report interval these values are from (node clock).
     pub updated_ms: i64,
+    /// When it entered the `idle` state (node clock); only while idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since_ms: Option<i64>,
+    /// The named workloads holding it. For a tenant-scoped reader: only
+    /// its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<HeldBy>,
 }
 
 /// What a node can take now: the numbers the extender filters and scores by.
@@ -268,6 +319,11 @@ impl ClusterView {
                     .unwrap_or_default(),
                 other_tenants: None,
                 updated_ms: row.updated_ms,
+                idle_since_ms: row.idle_since_ms,
+                workloads: row
+                    .workloads
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
             };
             gpus.entry(row.node).or_default().push(g);
         }
@@ -307,13 +363,70 @@ impl ClusterView {
             });
         }
         let tenants = tenants_of(&nodes);
+        let reclaimable = reclaimable(&nodes);
         ClusterView {
             generated_at: rfc3339(now_ms),
             generated_at_ms: now_ms,
             nodes,
             tenants,
+            reclaimable,
         }
     }
+
+    /// Prices each reclaimable device's idle time as chargeback does.
+    pub(crate) fn priced(mut self, prices: &Prices) -> Self {
+        for r in &mut self.reclaimable {
+            let minor = to_minor(
+                r.idle_gpu_hours * prices.gpu_hour(&r.model),
+                prices.decimals,
+            );
+            r.cost_so_far = Some(format_minor(minor, prices.decimals));
+            r.currency = Some(prices.currency.clone());
+        }
+        self
+    }
+}
+
+/// The idle devices of `nodes` that someone holds.
+fn reclaimable(nodes: &[NodeView]) -> Vec<Reclaimable> {
+    let mut out = Vec::new();
+    for n in nodes {
+        for g in n.gpus.iter().filter(|g| g.state == "idle") {
+            // Agents that predate `idle_since_ms` say only that it is idle.
+            let since = g.idle_since_ms.unwrap_or(g.updated_ms);
+            let parent = g
+                .parent_uuid
+                .as_ref()
+                .and_then(|p| n.gpus.iter().find(|x| &x.uuid == p));
+            let model = parent.map_or(&g.model, |p| &p.model);
+            let slice = g
+                .slice_fraction
+                .filter(|f| *f > 0.0 && *f <= 1.0)
+                .unwrap_or(1.0);
+            let idle_seconds = (g.updated_ms - since).max(0) as f64 / 1000.0;
+            out.push(Reclaimable {
+                node: n.node.clone(),
+                gpu: g.gpu.clone(),
+                uuid: g.uuid.clone(),
+                model: if model.is_empty() {
+                    "unknown".into()
+                } else {
+                    model.clone()
+                },
+                mig_profile: g.mig_profile.clone(),
+                slice_fraction: slice,
+                tenants: g.tenants.clone(),
+                workloads: g.workloads.clone(),
+                idle_since: rfc3339(since),
+                idle_since_ms: since,
+                idle_seconds,
+                idle_gpu_hours: idle_seconds / 3600.0 * slice,
+                cost_so_far: None,
+                currency: None,
+            });
+        }
+    }
+    out
 }
 
 fn tenants_of(nodes: &[NodeView]) -> Vec<TenantView> {
@@ -361,10 +474,17 @@ impl ClusterView {
                 let others = g.tenants.iter().filter(|t| *t != tenant).count();
                 g.tenants.retain(|t| t == tenant);
                 g.other_tenants = Some(others);
+                g.workloads.retain(|w| w.tenant == tenant);
             }
             n.quotas.retain(|q| q.tenant == tenant);
         }
         self.tenants.retain(|t| t.tenant == tenant);
+        self.reclaimable
+            .retain(|r| r.tenants.iter().any(|t| t == tenant));
+        for r in &mut self.reclaimable {
+            r.tenants.retain(|t| t == tenant);
+            r.workloads.retain(|w| w.tenant == tenant);
+        }
         self
     }
 }
@@ -396,6 +516,8 @@ pub(crate) mod tests {
             tenants: tenants.iter().map(|t| t.to_string()).collect(),
             other_tenants: None,
             updated_ms: 0,
+            idle_since_ms: None,
+            workloads: vec![],
         }
     }
 
@@ -472,9 +594,11 @@ pub(crate) mod tests {
             generated_at: String::new(),
             generated_at_ms: 0,
             tenants: tenants_of(&nodes),
+            reclaimable: reclaimable(&nodes),
             nodes,
         };
         assert_eq!(view.tenants.len(), 2);
+        assert_eq!(view.reclaimable[0].tenants, ["beta"]);
         assert_eq!(view.tenants[1].devices.len(), 2);
         assert_eq!(view.tenants[0].quotas[0].ratio, Some(0.5));
         let acme = view.for_tenant("acme");
@@ -484,6 +608,7 @@ pub(crate) mod tests {
         assert_eq!(acme.nodes[0].gpus[1].other_tenants, Some(1));
         assert_eq!(acme.nodes[0].quotas.len(), 1);
         assert_eq!(acme.tenants.len(), 1);
+        assert!(acme.reclaimable.is_empty(), "beta's idle GPU is not acme's");
     }
 
     fn report(node: &str, seq: u64, end: u64, state: &str) -> Report {
@@ -554,5 +679,93 @@ pub(crate) mod tests {
         assert_eq!(v.tenants[0].devices[0].state, "stuck");
         let v = ClusterView::build(ledger.cluster_rows().await.unwrap(), 53_001);
         assert!(v.nodes[0].stale);
+    }
+
+    /// An idle device is reclaimable, with its holders, since when, and
+    /// its idle time priced as chargeback prices it: a MIG instance by its
+    /// parent's model and its slice.
+    #[tokio::test]
+    async fn idle_devices_are_reclaimable_with_their_cost_so_far() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url, 2).await.unwrap();
+        let mut r = report("n1", 1, 7_210_000, "idle");
+        r.gpus[0].idle_since_ms = Some(10_000);
+        r.gpus[0].workloads = vec![HeldBy {
+            tenant: "acme".into(),
+            workload: "job-1".into(),
+        }];
+        r.gpus.push(GpuGauge {
+            gpu: "1".into(),
+            uuid: "GPU-1".into(),
+            model: "A100".into(),
+            mig_mode: true,
+            health: "ok".into(),
+            state: "busy".into(),
+            ..Default::default()
+        });
+        r.gpus.push(GpuGauge {
+            gpu: "1/1/0".into(),
+            uuid: "MIG-1".into(),
+            model: "A100 MIG 3g.20gb".into(),
+            mig_mode: true,
+            mig_profile: Some("3g.20gb".into()),
+            parent_uuid: Some("GPU-1".into()),
+            slice_fraction: Some(0.5),
+            health: "ok".into(),
+            state: "idle".into(),
+            tenants: vec!["beta".into()],
+            idle_since_ms: Some(3_610_000),
+            ..Default::default()
+        });
+        ledger
+            .ingest(&r, &r.digest(), 7_300_000, &Default::default())
+            .await
+            .unwrap();
+        let prices = Prices {
+            gpu_hour: [("H100".to_owned(), 2.0), ("A100".to_owned(), 1.5)].into(),
+            ..Prices::default()
+        };
+        let v = ClusterView::build(ledger.cluster_rows().await.unwrap(), 7_300_000).priced(&prices);
+        let got: Vec<_> = v
+            .reclaimable
+            .iter()
+            .map(|r| {
+                (
+                    r.gpu.as_str(),
+                    r.model.as_str(),
+                    r.tenants.clone(),
+                    r.idle_seconds,
+                    r.cost_so_far.clone().unwrap(),
+                )
+            })
+            .collect();
+        // 2 h of an H100 at 2.00; 1 h of half an A100 at 1.50.
+        assert_eq!(
+            got,
+            [
+                (
+                    "0",
+                    "H100",
+                    vec!["acme".to_owned()],
+                    7200.0,
+                    "4.00".to_owned()
+                ),
+                (
+                    "1/1/0",
+                    "A100",
+                    vec!["beta".to_owned()],
+                    3600.0,
+                    "0.75".to_owned()
+                ),
+            ]
+        );
+        assert_eq!(v.reclaimable[0].workloads[0].workload, "job-1");
+        assert_eq!(v.reclaimable[0].idle_since, rfc3339(10_000));
+        assert_eq!(v.nodes[0].gpus[0].idle_since_ms, Some(10_000));
+        assert_eq!(v.nodes[0].gpus[1].idle_since_ms, None, "busy");
+        let beta = v.for_tenant("beta");
+        assert_eq!(beta.reclaimable.len(), 1);
+        assert!(!serde_json::to_string(&beta).unwrap().contains("job-1"));
     }
 }

@@ -657,6 +657,7 @@ mod tests {
                 ),
             ],
             tenants: vec![],
+            reclaimable: vec![],
         }
     }
 

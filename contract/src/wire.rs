@@ -114,6 +114,15 @@ pub struct GpuUsage {
     /// A tenant's rows, with and without a workload, sum to its usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// The part of `allocated_us` during which the device was `idle` (held,
+    /// doing nothing past `[states] idle_after`), microseconds. Absent when
+    /// 0, and from older agents.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub idle_us: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One tenant's I/O over the interval.
@@ -155,6 +164,22 @@ pub struct GpuGauge {
     /// Tenants of the processes holding the device, sorted, distinct.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<String>,
+    /// When the device entered the `idle` state, ms since the Unix epoch;
+    /// absent unless `state` is `idle`, and from older agents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_since_ms: Option<u64>,
+    /// The named workloads holding the device, by tenant, sorted and
+    /// distinct; absent when none is named, and from older agents.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<HeldBy>,
+}
+
+/// A named workload of a tenant holding a device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldBy {
+    pub tenant: String,
+    pub workload: String,
 }
 
 /// One record of a node's append-only audit log (enforcement actions), as
@@ -268,6 +293,15 @@ impl Report {
                     "{at}.sm_us {sm} exceeds the interval ({span_us} us)"
                 ));
             }
+            // Bounded by the interval, not by `allocated_us`: the two are
+            // rounded from separate counters (and per workload), so idle
+            // time may pass the allocation by a few microseconds.
+            if u.idle_us > max_us {
+                p.push(format!(
+                    "{at}.idle_us {} exceeds the interval ({span_us} us)",
+                    u.idle_us
+                ));
+            }
             // 10 kW for the whole interval is beyond any GPU.
             if u.energy_mj > max_us.saturating_mul(10) {
                 p.push(format!("{at}.energy_mj {} is impossible", u.energy_mj));
@@ -322,6 +356,18 @@ impl Report {
             for (j, t) in g.tenants.iter().enumerate() {
                 name(&mut p, &format!("gpus[{i}].tenants[{j}]"), t);
             }
+            for (j, h) in g.workloads.iter().enumerate() {
+                name(
+                    &mut p,
+                    &format!("gpus[{i}].workloads[{j}].tenant"),
+                    &h.tenant,
+                );
+                name(
+                    &mut p,
+                    &format!("gpus[{i}].workloads[{j}].workload"),
+                    &h.workload,
+                );
+            }
         }
         if self.report_interval_ms == Some(0) {
             p.push("report_interval_ms must be above 0".into());
@@ -355,6 +401,10 @@ impl Report {
                 format!("gpus[{i}].memory_total_bytes"),
                 g.memory_total_bytes,
             ));
+            wide.extend(
+                g.idle_since_ms
+                    .map(|v| (format!("gpus[{i}].idle_since_ms"), v)),
+            );
         }
         for (i, a) in self.audit.iter().enumerate() {
             wide.extend(a.time_ms.map(|v| (format!("audit[{i}].time_ms"), v)));
@@ -428,6 +478,7 @@ mod tests {
                 memory_byte_seconds: 1 << 30,
                 energy_mj: 3_000_000,
                 workload: None,
+                idle_us: 0,
             }],
             io_usage: vec![],
             gpus: vec![],
@@ -438,7 +489,7 @@ mod tests {
         }
     }
 
-    /// A report written before `workload` and `cluster` existed parses,
+    /// A report written before `workload`, `cluster` and idle time existed parses,
     /// validates, falls in the default cluster, and keeps its digest (the
     /// aggregator tells a retry from a conflict by it); the new fields
     /// round-trip and change the digest.
@@ -459,6 +510,16 @@ mod tests {
         let mut new = sample();
         new.cluster = Some("prod-eu".into());
         new.gpu_usage[0].workload = Some("job-1".into());
+        new.gpu_usage[0].idle_us = 4_000_000;
+        new.gpus = vec![GpuGauge {
+            state: "idle".into(),
+            idle_since_ms: Some(1_005_000),
+            workloads: vec![HeldBy {
+                tenant: "acme".into(),
+                workload: "job-1".into(),
+            }],
+            ..Default::default()
+        }];
         new.validate().unwrap();
         let back: Report = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
         assert_eq!(back, new);

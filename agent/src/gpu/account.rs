@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use crate::{
     attribution::{Holder, Share, split_interval, split_workloads},
     pids::PidMap,
-    snapshot::{GpuProcess, GpuSnapshot, TENANT_UNATTRIBUTED},
+    snapshot::{GpuProcess, GpuSnapshot, TENANT_IDLE, TENANT_UNATTRIBUTED},
 };
 
 /// One device's part of an interval, to add to the running totals.
@@ -174,6 +174,20 @@ pub(super) fn charges<'a>(
     out
 }
 
+/// Marks all of `charge`'s held time as idle time: the sampler calls it
+/// for a device that was `idle` when the interval began. `_idle`'s time
+/// is nobody's holding, so it is left out.
+pub(super) fn mark_idle(charge: &mut Charge<'_>) {
+    for (tenant, share) in &mut charge.shares {
+        if *tenant != TENANT_IDLE {
+            share.idle_seconds = share.allocated_seconds;
+        }
+    }
+    for part in charge.workloads.values_mut() {
+        part.idle_seconds = part.allocated_seconds;
+    }
+}
+
 /// Each tenant's share split among its named workloads, by (tenant,
 /// workload); empty when no process names one.
 fn workload_parts<'a>(
@@ -265,10 +279,7 @@ fn holders_of(processes: &[GpuProcess]) -> Vec<Holder<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        attribution::Accounts,
-        snapshot::{TENANT_IDLE, TenantGpuUsage},
-    };
+    use crate::{attribution::Accounts, snapshot::TenantGpuUsage};
 
     fn proc(pid: u32, tenant: &str, memory_bytes: u64, sm: Option<f64>) -> GpuProcess {
         GpuProcess {
@@ -359,6 +370,28 @@ mod tests {
             "acme",
         );
         assert!(c[0].shares["acme"].sm_seconds.is_some());
+    }
+
+    /// An idle device's interval is idle time for its holders and their
+    /// workloads, all of their held time; `_idle` holds nothing.
+    #[test]
+    fn marking_idle_makes_the_held_time_idle_time() {
+        let mut p = proc(1, "acme", 8 << 30, Some(0.0));
+        p.workload_id = Some("j1".into());
+        let d = gpu("0", vec![p, proc(2, "beta", 4 << 30, Some(0.0))]);
+        let mut c = charges(&d, &[], Some(3.0), Some(30.0), Some(70.0));
+        for share in c[0].shares.values() {
+            assert_eq!(share.idle_seconds, 0.0, "not idle until marked");
+        }
+        mark_idle(&mut c[0]);
+        close(c[0].shares["acme"].idle_seconds, 2.0, "acme");
+        close(c[0].shares["beta"].idle_seconds, 1.0, "beta");
+        close(c[0].workloads[&("acme", "j1")].idle_seconds, 2.0, "j1");
+
+        let nobody = gpu("1", vec![]);
+        let mut c = charges(&nobody, &[], Some(3.0), Some(30.0), Some(70.0));
+        mark_idle(&mut c[0]);
+        assert_eq!(c[0].shares[TENANT_IDLE].idle_seconds, 0.0);
     }
 
     #[test]

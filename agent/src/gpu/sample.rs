@@ -24,7 +24,7 @@ use crate::{
     attribution::Accounts,
     pids::PidMap,
     snapshot::{EnergySource, GpuHealth, GpuProcess, GpuSnapshot, NvmlStatus, TenantGpuUsage},
-    states::{DeviceObs, ProcObs, StatesConfig, Tracker},
+    states::{DeviceObs, GpuState, ProcObs, StatesConfig, Tracker},
     tenants::Resolver,
 };
 
@@ -86,6 +86,9 @@ pub struct Sampler {
     stop: Arc<AtomicBool>,
     states: Tracker,
     tenant_xids: TenantXids,
+    /// Devices that were `idle` at the last sample: the interval that
+    /// follows is charged as idle time ([`account::mark_idle`]).
+    idle: HashSet<String>,
 }
 
 impl Sampler {
@@ -103,6 +106,7 @@ impl Sampler {
             stop,
             tenant_xids: TenantXids::new(states.fatal_xids.clone()),
             states: Tracker::new(states),
+            idle: HashSet::new(),
         }
     }
 
@@ -380,7 +384,10 @@ impl Sampler {
             energy_joules,
             state.idle_power_watts,
         );
-        for c in charges {
+        for mut c in charges {
+            if self.idle.contains(c.gpu) {
+                account::mark_idle(&mut c);
+            }
             self.accounts.add(c.gpu, c.uuid, c.seconds, &c.shares);
             self.accounts
                 .add_workloads(c.gpu, c.uuid, c.seconds, &c.workloads);
@@ -427,8 +434,27 @@ impl Sampler {
             };
             states.push(self.states.observe(&g.gpu, &obs, now));
         }
+        // Wall time of `now`, to say since when a device is idle.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         for (g, state) in gpus.iter_mut().zip(states) {
             g.state = state;
+            if state == GpuState::Idle {
+                g.idle_since_ms = self.states.idle_state_since(&g.gpu).map(|since| {
+                    now_ms.saturating_sub(now.saturating_duration_since(since).as_millis() as u64)
+                });
+            }
+        }
+        // Kept, not rebuilt, so a label is copied once per idle spell.
+        self.idle.retain(|gpu| {
+            gpus.iter()
+                .any(|g| &g.gpu == gpu && g.state == GpuState::Idle)
+        });
+        for g in gpus.iter().filter(|g| g.state == GpuState::Idle) {
+            if !self.idle.contains(&g.gpu) {
+                self.idle.insert(g.gpu.clone());
+            }
         }
     }
 }

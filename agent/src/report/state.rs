@@ -24,7 +24,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::{GpuGauge, GpuUsage, IoUsage, Report, SCHEMA_VERSION};
+use super::wire::{GpuGauge, GpuUsage, HeldBy, IoUsage, Report, SCHEMA_VERSION};
 use crate::snapshot::{GpuHealth, Snapshot, TenantGpuUsage, TenantIoUsage};
 
 /// Why the state could not be read or written.
@@ -51,6 +51,9 @@ pub struct GpuCounters {
     pub sm_us: Option<u64>,
     pub memory_byte_seconds: u64,
     pub energy_mj: u64,
+    /// Absent from state files written before idle time was reported.
+    #[serde(default)]
+    pub idle_us: u64,
 }
 
 /// Cumulative I/O counters of one tenant.
@@ -129,6 +132,7 @@ impl GpuCounters {
             sm_us: row.sm_seconds_total.map(micros),
             memory_byte_seconds: units(row.memory_byte_seconds_total, 1.0),
             energy_mj: units(row.energy_joules_total, 1e3),
+            idle_us: micros(row.idle_allocated_seconds_total),
         }
     }
 
@@ -138,6 +142,7 @@ impl GpuCounters {
             sm_us: self.sm_us.map(|s| delta(s, base.sm_us.unwrap_or(0))),
             memory_byte_seconds: delta(self.memory_byte_seconds, base.memory_byte_seconds),
             energy_mj: delta(self.energy_mj, base.energy_mj),
+            idle_us: delta(self.idle_us, base.idle_us),
         }
     }
 
@@ -152,6 +157,7 @@ impl GpuCounters {
                 .memory_byte_seconds
                 .saturating_sub(other.memory_byte_seconds),
             energy_mj: self.energy_mj.saturating_sub(other.energy_mj),
+            idle_us: self.idle_us.saturating_sub(other.idle_us),
         }
     }
 
@@ -162,6 +168,7 @@ impl GpuCounters {
             sm_us: self.sm_us.map(|s| s.max(floor.sm_us.unwrap_or(0))),
             memory_byte_seconds: self.memory_byte_seconds.max(floor.memory_byte_seconds),
             energy_mj: self.energy_mj.max(floor.energy_mj),
+            idle_us: self.idle_us.max(floor.idle_us),
         }
     }
 
@@ -170,6 +177,7 @@ impl GpuCounters {
             && self.sm_us.unwrap_or(0) == 0
             && self.memory_byte_seconds == 0
             && self.energy_mj == 0
+            && self.idle_us == 0
     }
 }
 
@@ -346,6 +354,19 @@ impl State {
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
                     .collect(),
+                idle_since_ms: g.idle_since_ms,
+                workloads: g
+                    .processes
+                    .iter()
+                    .filter_map(|p| {
+                        Some(HeldBy {
+                            tenant: p.tenant.to_string(),
+                            workload: p.workload_id.as_deref()?.to_owned(),
+                        })
+                    })
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
             })
             .collect();
         let tenant_quotas = snap
@@ -424,6 +445,7 @@ impl State {
             memory_byte_seconds: d.memory_byte_seconds,
             energy_mj: d.energy_mj,
             workload,
+            idle_us: d.idle_us,
         });
     }
 }
@@ -590,6 +612,41 @@ mod tests {
         assert!(r.gpu_usage.is_empty(), "{:?}", r.gpu_usage);
     }
 
+    /// Idle time travels as the other counters do: each report carries
+    /// its growth, the workload rows and the rest sum to the tenant's.
+    #[test]
+    fn idle_time_is_reported_as_a_delta_and_split_by_workload() {
+        let p1 = id("p1", "b1");
+        let mut st = State::default().adopt(&p1, 5_000);
+        let with = |alloc: f64, idle: f64, w_idle: f64| {
+            let mut s = snap(alloc, 0);
+            s.tenant_gpu[0].idle_allocated_seconds_total = idle;
+            s.workload_gpu = vec![TenantGpuUsage {
+                workload: Some("j1".into()),
+                allocated_seconds_total: alloc / 2.0,
+                idle_allocated_seconds_total: w_idle,
+                ..s.tenant_gpu[0].clone()
+            }];
+            s
+        };
+        let idle = |r: &Report| -> Vec<(Option<String>, u64)> {
+            r.gpu_usage
+                .iter()
+                .map(|u| (u.workload.clone(), u.idle_us))
+                .collect()
+        };
+        let r = st.cut(&p1, &with(10.0, 0.0, 0.0), vec![], 6_000);
+        assert_eq!(idle(&r), [(Some("j1".into()), 0), (None, 0)]);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("idle_us"), "absent when 0: {json}");
+        let r = st.cut(&p1, &with(20.0, 6.0, 2.5), vec![], 20_000);
+        assert_eq!(
+            idle(&r),
+            [(Some("j1".into()), 2_500_000), (None, 3_500_000)]
+        );
+        r.validate().unwrap();
+    }
+
     #[test]
     fn a_stalled_sampler_gives_one_long_interval_the_aggregator_accepts() {
         let a = id("p1", "b1");
@@ -696,6 +753,7 @@ mod tests {
             .iter()
             .map(|t| GpuProcess {
                 tenant: (*t).into(),
+                workload_id: (*t == "beta").then(|| "job-1".into()),
                 ..Default::default()
             })
             .collect();
@@ -705,9 +763,18 @@ mod tests {
             limit: 2.0,
             usage: Some(1.0),
         }];
+        s.gpus[0].idle_since_ms = Some(5_500);
         let r = st.cut(&p1, &s, vec![], 6_000);
         assert_eq!(r.gpus[0].state, "idle");
+        assert_eq!(r.gpus[0].idle_since_ms, Some(5_500));
         assert_eq!(r.gpus[0].tenants, ["acme", "beta"]);
+        assert_eq!(
+            r.gpus[0].workloads,
+            [HeldBy {
+                tenant: "beta".into(),
+                workload: "job-1".into()
+            }]
+        );
         assert_eq!(r.gpus[0].processes, 3);
         assert_eq!(r.tenant_quotas[0].limit, 2.0);
         assert_eq!(r.report_interval_ms, Some(10_000));

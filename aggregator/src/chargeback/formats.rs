@@ -33,6 +33,10 @@ struct CsvRow<'a> {
     pcie_cost: &'a str,
     cost: &'a str,
     currency: &'a str,
+    /// Parts of `gpu_hours` and `gpu_cost`: last, so that readers of the
+    /// earlier columns by position keep working.
+    idle_gpu_hours: String,
+    idle_cost: &'a str,
 }
 
 /// One FOCUS 1.2 row: a priced item of a line. Columns in the order the
@@ -81,6 +85,13 @@ struct FocusRow<'a> {
     service_subcategory: &'static str,
     sku_price_id: &'a str,
     sub_account_name: &'a str,
+    /// GPU rows: the GPU-hours held idle and their cost, parts of the
+    /// row's quantity and cost (FOCUS custom columns take `x_`); empty on
+    /// other rows.
+    #[serde(rename = "x_IdleGpuHours")]
+    x_idle_gpu_hours: String,
+    #[serde(rename = "x_IdleCost")]
+    x_idle_cost: &'a str,
     /// Grouped by cluster: the cluster, as FOCUS's region (the columns
     /// are left out of the file otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,6 +154,8 @@ impl Chargeback {
                 pcie_cost: &l.pcie_cost,
                 cost: &l.cost,
                 currency,
+                idle_gpu_hours: format!("{:.6}", l.idle_gpu_hours),
+                idle_cost: &l.idle_cost,
             }
         }
         let empty = Line {
@@ -161,6 +174,8 @@ impl Chargeback {
             pcie_cost: String::new(),
             cost: String::new(),
             cost_minor: 0,
+            idle_gpu_hours: 0.0,
+            idle_cost: String::new(),
             items: vec![],
         };
         write(
@@ -258,6 +273,10 @@ impl Chargeback {
             sub_account_name: &l.tenant,
             region_id: l.cluster.as_deref(),
             region_name: l.cluster.as_deref(),
+            x_idle_gpu_hours: item
+                .idle_quantity
+                .map_or_else(String::new, |q| format!("{q:.9}")),
+            x_idle_cost: item.idle_cost.as_deref().unwrap_or(""),
         }
     }
 }
@@ -290,6 +309,9 @@ mod tests {
             unit_price: 0.1,
             cost_minor: 15,
             cost: cost.into(),
+            idle_quantity: None,
+            idle_cost_minor: None,
+            idle_cost: None,
         }
     }
 
@@ -299,7 +321,7 @@ mod tests {
         assert_eq!(
             c.to_csv(),
             "tenant,node,gpu_hours,energy_kwh,network_gib,pcie_gib,gpu_cost,energy_cost,\
-             network_cost,pcie_cost,cost,currency\n"
+             network_cost,pcie_cost,cost,currency,idle_gpu_hours,idle_cost\n"
         );
         let focus = c.to_focus(&Prices::default());
         assert_eq!(focus.lines().count(), 1);
@@ -331,6 +353,8 @@ mod tests {
             pcie_cost: "0.15".into(),
             cost: "0.30".into(),
             cost_minor: 30,
+            idle_gpu_hours: 0.0,
+            idle_cost: "0.00".into(),
             items: vec![item("network-gib", "0.15"), item("pcie-gib", "0.15")],
         };
         let c = chargeback(GroupBy::TenantNode, vec![line]);
@@ -355,5 +379,6 @@ mod tests {
         assert_eq!(&rows[1][col("ProviderName")], "Lab, IT");
         assert_eq!(&rows[1][col("BilledCost")], "0.15");
         assert_eq!(&rows[1][col("ChargeClass")], "");
+        assert_eq!(&rows[1][col("x_IdleCost")], "", "not a GPU row");
     }
 }

@@ -14,6 +14,13 @@
 //! NVML has no per-process utilization); the held-but-unused remainder goes
 //! to `_idle`, so the lines still add up to the fleet's cost.
 //!
+//! **Waste.** GPU time a tenant held while the device was `idle` (the
+//! agent's state: held, doing nothing past `[states] idle_after`) is
+//! shown on every line and GPU item as `idle_gpu_hours` and `idle_cost`:
+//! a part of the GPU time and cost, never added to them, priced as the
+//! item is (per model and slice). Under `basis=used` idle time is unused
+//! time, so it moves to `_idle` with the rest of the unused remainder.
+//!
 //! **Workloads.** Grouped by workload, a tenant's item costs are first
 //! rounded for the tenant as a whole, then shared among its workload lines
 //! by largest remainder, so the workload lines of a tenant sum to its
@@ -116,6 +123,14 @@ pub(crate) struct Item {
     /// Cost in minor units (cents).
     pub cost_minor: i64,
     pub cost: String,
+    /// GPU items: the part of `quantity` held idle, and its part of the
+    /// cost (minor units, and as a decimal).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub idle_quantity: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub idle_cost_minor: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub idle_cost: Option<String>,
 }
 
 /// One chargeback line.
@@ -142,6 +157,12 @@ pub(crate) struct Line {
     pub pcie_cost: String,
     pub cost: String,
     pub cost_minor: i64,
+    /// GPU-hours held idle: a part of `gpu_hours`.
+    #[serde(default)]
+    pub idle_gpu_hours: f64,
+    /// What the idle GPU-hours cost: a part of `gpu_cost`.
+    #[serde(default)]
+    pub idle_cost: String,
     pub items: Vec<Item>,
 }
 
@@ -237,6 +258,8 @@ struct Acc {
     /// integers, so the cents do not depend on how the ledger split the
     /// sums into groups (per node, or over nodes).
     gpu_us: BTreeMap<String, BTreeMap<u64, i64>>,
+    /// The idle part of `gpu_us`, keyed alike.
+    idle_us: BTreeMap<String, BTreeMap<u64, i64>>,
     energy_mj: i64,
     network_bytes: i64,
     pcie_bytes: i64,
@@ -249,21 +272,29 @@ struct Priced {
     quantity: f64,
     unit_price: f64,
     minor: i64,
+    /// GPU items: the idle part of `quantity` and of `minor`.
+    idle: Option<(f64, i64)>,
 }
 
 /// The items of one line, each rounded on its own.
 fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
     let d = prices.decimals;
     let mut items = Vec::new();
-    for (model, by_slice) in &a.gpu_us {
-        let weighted_us: f64 = by_slice
-            .iter()
+    let weighted = |by_slice: Option<&BTreeMap<u64, i64>>| -> f64 {
+        by_slice
+            .into_iter()
+            .flatten()
             .map(|(slice, us)| *us as f64 * f64::from_bits(*slice))
-            .sum();
+            // From +0: an empty `sum()` of floats is -0.
+            .fold(0.0, |sum, x| sum + x)
+    };
+    for (model, by_slice) in &a.gpu_us {
+        let weighted_us = weighted(Some(by_slice));
         if weighted_us <= 0.0 {
             continue;
         }
         let hours = weighted_us / US_PER_HOUR;
+        let idle_hours = weighted(a.idle_us.get(model)) / US_PER_HOUR;
         let price = prices.gpu_hour(model);
         items.push(Priced {
             sku: format!("gpu-hour:{model}"),
@@ -271,6 +302,9 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
             quantity: hours,
             unit_price: price,
             minor: to_minor(hours * price, d),
+            // Idle time is a part of the charged time (see `compute`), so
+            // rounded alike it is a part of the cost.
+            idle: Some((idle_hours, to_minor(idle_hours * price, d))),
         });
     }
     for (sku, unit, quantity, price) in [
@@ -300,6 +334,7 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
                 quantity,
                 unit_price: price,
                 minor: to_minor(quantity * price, d),
+                idle: None,
             });
         }
     }
@@ -310,6 +345,33 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
 /// workload), SKU by SKU: the parent's cost is rounded once and shared by
 /// largest remainder, so the lines sum to it exactly.
 fn apportion(lines: &mut BTreeMap<Key, Vec<Priced>>, decimals: u32) {
+    share_out(
+        lines,
+        decimals,
+        |it| Some(it.quantity),
+        |it, m| it.minor = m,
+    );
+    // The idle parts likewise, so they too sum to the tenant's.
+    share_out(
+        lines,
+        decimals,
+        |it| it.idle.map(|i| i.0),
+        |it, m| {
+            if let Some(i) = it.idle.as_mut() {
+                i.1 = m;
+            }
+        },
+    );
+}
+
+/// [`apportion`] of one amount of the items: `quantity` gives it (priced
+/// at the item's unit price), `set` stores its minor units.
+fn share_out(
+    lines: &mut BTreeMap<Key, Vec<Priced>>,
+    decimals: u32,
+    quantity: impl Fn(&Priced) -> Option<f64>,
+    set: impl Fn(&mut Priced, i64),
+) {
     // (parent, SKU) → (line, item index, exact minor units) of each part.
     type Parts = BTreeMap<(Key, String), Vec<(Key, usize, f64)>>;
     let mut parts: Parts = BTreeMap::new();
@@ -317,7 +379,8 @@ fn apportion(lines: &mut BTreeMap<Key, Vec<Priced>>, decimals: u32) {
         let mut parent = key.clone();
         parent.4 = None;
         for (n, it) in items.iter().enumerate() {
-            let exact = it.quantity * it.unit_price * 10f64.powi(decimals as i32);
+            let Some(q) = quantity(it) else { continue };
+            let exact = q * it.unit_price * 10f64.powi(decimals as i32);
             parts
                 .entry((parent.clone(), it.sku.clone()))
                 .or_default()
@@ -336,9 +399,22 @@ fn apportion(lines: &mut BTreeMap<Key, Vec<Priced>>, decimals: u32) {
                 given += 1;
             }
             if let Some(it) = lines.get_mut(&key).and_then(|v| v.get_mut(n)) {
-                it.minor = minor;
+                set(it, minor);
             }
         }
+    }
+}
+
+/// Adds `us` of idle time on `model` at `slice` (its bits) to `a`.
+fn add_idle(a: &mut Acc, model: &str, slice: u64, us: i64) {
+    if us > 0 {
+        let sum = a
+            .idle_us
+            .entry(model.to_owned())
+            .or_default()
+            .entry(slice)
+            .or_default();
+        *sum = sum.saturating_add(us);
     }
 }
 
@@ -364,6 +440,7 @@ pub(crate) fn compute(
         };
     let mut acc: BTreeMap<Key, Acc> = BTreeMap::new();
     for g in gpu {
+        let idle_us = g.idle_us.clamp(0, g.allocated_us);
         let (charged, remainder) = match basis {
             Basis::Allocated => (g.allocated_us, 0),
             Basis::Used if g.tenant == TENANT_IDLE => (g.allocated_us, 0),
@@ -385,6 +462,10 @@ pub(crate) fn compute(
         let us = a.gpu_us.entry(g.model.clone()).or_default();
         let sum = us.entry(slice).or_default();
         *sum = sum.saturating_add(charged);
+        // Idle time is unused time: under `used` it goes with the unused
+        // remainder, so each line's idle time stays a part of its own.
+        let moved = idle_us.min(remainder);
+        add_idle(a, &g.model, slice, idle_us - moved);
         a.energy_mj += g.energy_mj;
         if remainder > 0 {
             let idle = acc
@@ -397,6 +478,7 @@ pub(crate) fn compute(
                 .entry(slice)
                 .or_default();
             *sum = sum.saturating_add(remainder);
+            add_idle(idle, &g.model, slice, moved);
         }
     }
     for r in io {
@@ -420,6 +502,7 @@ pub(crate) fn compute(
             continue;
         }
         let (mut gpu_hours, mut gpu_minor) = (0.0, 0);
+        let (mut idle_gpu_hours, mut idle_minor) = (0.0, 0);
         let (mut energy_kwh, mut energy_minor) = (0.0, 0);
         let (mut network_gib, mut network_minor) = (0.0, 0);
         let (mut pcie_gib, mut pcie_minor) = (0.0, 0);
@@ -432,6 +515,10 @@ pub(crate) fn compute(
             };
             *q += p.quantity;
             *m += p.minor;
+            if let Some((hours, minor)) = p.idle {
+                idle_gpu_hours += hours;
+                idle_minor += minor;
+            }
         }
         let items = priced
             .into_iter()
@@ -442,6 +529,9 @@ pub(crate) fn compute(
                 unit_price: p.unit_price,
                 cost_minor: p.minor,
                 cost: format_minor(p.minor, d),
+                idle_quantity: p.idle.map(|i| i.0),
+                idle_cost_minor: p.idle.map(|i| i.1),
+                idle_cost: p.idle.map(|i| format_minor(i.1, d)),
             })
             .collect();
         let cost_minor = gpu_minor + energy_minor + network_minor + pcie_minor;
@@ -461,6 +551,8 @@ pub(crate) fn compute(
             pcie_cost: format_minor(pcie_minor, d),
             cost: format_minor(cost_minor, d),
             cost_minor,
+            idle_gpu_hours,
+            idle_cost: format_minor(idle_minor, d),
             items,
         });
     }
@@ -641,6 +733,7 @@ mod tests {
             used_us: (used_h * 3.6e9) as i64,
             energy_mj: 3_600_000_000, // 1 kWh
             memory_byte_seconds: 0.0,
+            idle_us: 0,
         }
     }
 
@@ -754,6 +847,74 @@ mod tests {
         let t = c.only_tenant("beta");
         assert_eq!(t.lines.len(), 1);
         assert_eq!(t.total, "3.12");
+    }
+
+    /// Idle time is shown as a part of the GPU time and cost, priced per
+    /// model and slice; under `basis=used` it moves to `_idle` with the
+    /// unused time; workload lines' idle costs sum to the tenant's.
+    #[test]
+    fn idle_time_is_a_priced_part_of_the_gpu_cost() {
+        let idle = |h: f64| (h * 3.6e9) as i64;
+        let gpu = [
+            GpuGroup {
+                idle_us: idle(4.0),
+                ..g("acme", "H100", 1.0, 10.0, 5.0)
+            },
+            GpuGroup {
+                idle_us: idle(7.0),
+                workload: "job-1".into(),
+                ..g("acme", "H100", 3.0 / 7.0, 7.0, 7.0)
+            },
+            g("beta", "T4", 1.0, 2.0, 1.0),
+        ];
+        let run = |by, basis| {
+            compute(
+                &prices(),
+                &gpu,
+                &[],
+                by,
+                basis,
+                "2026-11-01T00:00:00Z".into(),
+                "2026-12-01T00:00:00Z".into(),
+            )
+        };
+        let line = |c: &Chargeback, t: &str| c.lines.iter().find(|l| l.tenant == t).cloned();
+        let c = run(GroupBy::Tenant, Basis::Allocated);
+        let acme = line(&c, "acme").unwrap();
+        // 4 h + 3/7 of 7 h = 7 idle GPU-hours of 13, at 2.49.
+        assert!((acme.idle_gpu_hours - 7.0).abs() < 1e-9, "{acme:?}");
+        assert_eq!(acme.idle_cost, "17.43");
+        assert_eq!(acme.gpu_cost, "32.37", "idle is a part, not added");
+        let item = &acme.items[0];
+        assert_eq!(item.idle_cost.as_deref(), Some("17.43"));
+        assert_eq!(line(&c, "beta").unwrap().idle_cost, "0.00");
+        assert!(
+            c.to_csv()
+                .lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(",7.000000,17.43")
+        );
+        assert!(c.to_focus(&prices()).contains(",7.000000000,17.43\n"));
+        assert!(!c.to_focus(&prices()).contains("-0.0"));
+
+        // basis=used: acme is charged 5 h + 3 h; its 4 h idle of the 5 h
+        // unused on the whole H100 moves to _idle, the MIG hours stay.
+        let u = run(GroupBy::Tenant, Basis::Used);
+        let acme = line(&u, "acme").unwrap();
+        assert!((acme.idle_gpu_hours - 3.0).abs() < 1e-9, "{acme:?}");
+        let moved = line(&u, TENANT_IDLE).unwrap();
+        assert!((moved.idle_gpu_hours - 4.0).abs() < 1e-9, "{moved:?}");
+
+        let w = run(GroupBy::TenantWorkload, Basis::Allocated);
+        let parts: i64 = w
+            .lines
+            .iter()
+            .filter(|l| l.tenant == "acme")
+            .flat_map(|l| &l.items)
+            .filter_map(|i| i.idle_cost_minor)
+            .sum();
+        assert_eq!(parts, 1743);
     }
 
     /// Three workloads of a third of an hour at 1.00: rounded apart, each

@@ -29,6 +29,8 @@ pub(crate) struct GpuGroup {
     pub energy_mj: i64,
     /// Summed as a double: a long period outgrows 64-bit integers.
     pub memory_byte_seconds: f64,
+    /// The part of `allocated_us` the device was idle (held, unused).
+    pub idle_us: i64,
 }
 
 /// I/O of one (tenant, node, cluster) over a period.
@@ -78,16 +80,17 @@ impl Ledger {
         let only = in_cluster(cluster);
         let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
                    COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
-                   CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds \
+                   CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \
                    FROM gpu_usage";
         let query = format!(
             "SELECT tenant, node, cluster, workload, model, slice_fraction, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(used_us) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
-             CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds \
+             CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds, \
+             CAST(SUM(idle_us) AS BIGINT) AS idle_us \
              FROM (SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
-             used_us, energy_mj, memory_byte_seconds FROM gpu_usage_hourly \
+             used_us, energy_mj, memory_byte_seconds, idle_us FROM gpu_usage_hourly \
              WHERE hour_ms >= $3 AND hour_ms < $4{only} \
              UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} \
              UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
@@ -167,11 +170,11 @@ impl Ledger {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
         let h_only = only.replace("cluster", "h.cluster");
-        let sums = "allocated_us, used_us, energy_mj, memory_byte_seconds";
-        let node_sums = "h.allocated_us, h.used_us, h.energy_mj, h.memory_byte_seconds";
+        let sums = "allocated_us, used_us, energy_mj, memory_byte_seconds, idle_us";
+        let node_sums = "h.allocated_us, h.used_us, h.energy_mj, h.memory_byte_seconds, h.idle_us";
         let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
                    COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
-                   CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds \
+                   CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \
                    FROM gpu_usage";
         let cols = "tenant, cluster, workload, model, slice_fraction";
         let key = "(tenant, cluster, workload, model, slice_fraction)";
@@ -190,7 +193,8 @@ impl Ledger {
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(used_us) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
-             CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds \
+             CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds, \
+             CAST(SUM(idle_us) AS BIGINT) AS idle_us \
              FROM (SELECT tenant, '' AS node, {cols_rest}, {sums} FROM folded \
              WHERE {key} NOT IN (SELECT * FROM over) \
              UNION ALL SELECT tenant, CASE WHEN {key} IN (SELECT * FROM over) THEN node ELSE '' END, \
@@ -281,7 +285,7 @@ pub(crate) mod tests {
              CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
              CAST(SUM(CAST(memory_byte_seconds AS DOUBLE PRECISION)) AS DOUBLE PRECISION) \
-             AS memory_byte_seconds \
+             AS memory_byte_seconds, CAST(SUM(idle_us) AS BIGINT) AS idle_us \
              FROM gpu_usage WHERE interval_end_ms >= $1 AND interval_end_ms < $2 \
              GROUP BY tenant, node, cluster, workload, model, slice_fraction \
              ORDER BY tenant, node, cluster, workload, model, slice_fraction",
@@ -337,6 +341,13 @@ pub(crate) mod tests {
                         memory_byte_seconds: (1 << 40) + seq * 12_345 + k,
                         energy_mj: 84_000_000 + seq + k,
                         workload: (k % 3 != 0).then(|| format!("w{}", (seq + k) % 2)),
+                        // Idle on some devices only, and none from older
+                        // agents' rows.
+                        idle_us: if k % 2 == 1 {
+                            60_000_000 + seq * 11 + k
+                        } else {
+                            0
+                        },
                         ..template.clone()
                     })
                     .collect();
@@ -396,6 +407,7 @@ pub(crate) mod tests {
             all.iter()
                 .any(|g| g.cluster == "prod-eu" && g.workload == "w1")
         );
+        assert!(all.iter().any(|g| g.idle_us > 0), "idle time is summed");
         let hourly: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM gpu_usage_hourly")
             .fetch_one(&l.pool)
             .await

@@ -41,6 +41,10 @@ pub(crate) struct GpuRow {
     pub tenants: Option<String>,
     /// 0 or 1; NULL from agents that do not send it.
     pub mig_mode: Option<i64>,
+    /// Since when the device is idle (node clock); NULL unless idle.
+    pub idle_since_ms: Option<i64>,
+    /// The named workloads holding it, a JSON array of `{tenant, workload}`.
+    pub workloads: Option<String>,
 }
 
 /// One row of `tenant_quota_state`.
@@ -124,7 +128,7 @@ impl Ledger {
         let gpus = sqlx::query_as(
             "SELECT g.node, g.uuid, g.gpu, g.model, g.mig_profile, g.parent_uuid, g.slice_fraction, \
              g.health, g.utilization_ratio, g.memory_used_bytes, g.memory_total_bytes, g.processes, \
-             g.updated_ms, g.state, g.tenants, g.mig_mode \
+             g.updated_ms, g.state, g.tenants, g.mig_mode, g.idle_since_ms, g.workloads \
              FROM gpu_state g JOIN nodes n ON n.node = g.node \
              WHERE g.updated_ms >= n.last_interval_end_ms",
         )

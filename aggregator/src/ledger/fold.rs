@@ -127,11 +127,12 @@ async fn stage(conn: &mut AnyConnection, hour: i64) -> Result<(), sqlx::Error> {
         .await?;
     sqlx::query(&format!(
         "INSERT INTO fold_gpu (hour_ms, {GPU_KEY}, allocated_us, used_us, energy_mj, \
-         memory_byte_seconds, over_rows) \
+         memory_byte_seconds, over_rows, idle_us) \
          SELECT hour_ms, {GPU_KEY}, CAST(SUM(allocated_us) AS BIGINT), \
          CAST(SUM(used_us) AS BIGINT), CAST(SUM(energy_mj) AS BIGINT), \
          CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION), \
-         CAST(SUM(CASE WHEN used_us > allocated_us THEN 1 ELSE 0 END) AS BIGINT) \
+         CAST(SUM(CASE WHEN used_us > allocated_us THEN 1 ELSE 0 END) AS BIGINT), \
+         CAST(SUM(idle_us) AS BIGINT) \
          FROM gpu_usage_hourly WHERE hour_ms = $1 GROUP BY hour_ms, {GPU_KEY}"
     ))
     .bind(hour)

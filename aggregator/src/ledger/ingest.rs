@@ -128,8 +128,9 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
     rows::insert(
         conn,
         "gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, mig_profile, \
-         slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload)",
-        &plain(15),
+         slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload, \
+         idle_us)",
+        &plain(16),
         "",
         &r.gpu_usage,
         |a, u| {
@@ -147,7 +148,8 @@ async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Resul
             a.add(i(u.memory_byte_seconds))?;
             a.add(i(u.energy_mj))?;
             a.add(r.cluster())?;
-            a.add(u.workload.as_deref().unwrap_or(""))
+            a.add(u.workload.as_deref().unwrap_or(""))?;
+            a.add(i(u.idle_us))
         },
     )
     .await?;
@@ -185,6 +187,7 @@ struct GpuHour {
     used_us: i64,
     energy_mj: i64,
     memory_byte_seconds: f64,
+    idle_us: i64,
 }
 
 /// One hour of I/O of one tenant on the report's node.
@@ -216,6 +219,7 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
         h.allocated_us = h.allocated_us.saturating_add(allocated);
         h.used_us = h.used_us.saturating_add(u.sm_us.map_or(allocated, i));
         h.energy_mj = h.energy_mj.saturating_add(i(u.energy_mj));
+        h.idle_us = h.idle_us.saturating_add(i(u.idle_us));
         // As SQL's CAST(BIGINT AS DOUBLE PRECISION) of the raw row.
         h.memory_byte_seconds += i(u.memory_byte_seconds) as f64;
         let t = totals.entry(u.tenant.as_str()).or_default();
@@ -244,13 +248,14 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
     rows::insert(
         conn,
         "gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, allocated_us, used_us, \
-         energy_mj, memory_byte_seconds, cluster, workload)",
-        &plain(11),
+         energy_mj, memory_byte_seconds, cluster, workload, idle_us)",
+        &plain(12),
         "ON CONFLICT (hour_ms, tenant, node, model, slice_fraction, cluster, workload) DO UPDATE SET \
          allocated_us = gpu_usage_hourly.allocated_us + excluded.allocated_us, \
          used_us = gpu_usage_hourly.used_us + excluded.used_us, \
          energy_mj = gpu_usage_hourly.energy_mj + excluded.energy_mj, \
-         memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds",
+         memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds, \
+         idle_us = gpu_usage_hourly.idle_us + excluded.idle_us",
         &gpu,
         |a, ((tenant, model, slice, workload), h)| {
             a.add(hour)?;
@@ -263,7 +268,8 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
             a.add(h.energy_mj)?;
             a.add(h.memory_byte_seconds)?;
             a.add(r.cluster())?;
-            a.add(*workload)
+            a.add(*workload)?;
+            a.add(h.idle_us)
         },
     )
     .await?;
@@ -350,12 +356,14 @@ async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(),
         "?",
         "?",
         "?",
+        "NULLIF(?, -1)",
+        "?",
     ];
     rows::insert(
         conn,
         "gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, slice_fraction, health, \
          utilization_ratio, memory_used_bytes, memory_total_bytes, processes, updated_ms, state, \
-         tenants, mig_mode)",
+         tenants, mig_mode, idle_since_ms, workloads)",
         &template,
         "ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
          mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
@@ -364,7 +372,8 @@ async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(),
          memory_used_bytes = excluded.memory_used_bytes, \
          memory_total_bytes = excluded.memory_total_bytes, \
          processes = excluded.processes, updated_ms = excluded.updated_ms, \
-         state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode \
+         state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode, \
+         idle_since_ms = excluded.idle_since_ms, workloads = excluded.workloads \
          WHERE gpu_state.updated_ms <= excluded.updated_ms",
         &gpus,
         |a, g| {
@@ -383,7 +392,10 @@ async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(),
             a.add(end)?;
             a.add((!g.state.is_empty()).then(|| g.state.clone()))?;
             a.add(serde_json::to_string(&g.tenants).unwrap_or_else(|_| "[]".into()))?;
-            a.add(i64::from(g.mig_mode))
+            a.add(i64::from(g.mig_mode))?;
+            // Absent travels as -1, NULL in SQL (as the doubles above).
+            a.add(g.idle_since_ms.map_or(-1, i))?;
+            a.add(serde_json::to_string(&g.workloads).unwrap_or_else(|_| "[]".into()))
         },
     )
     .await
@@ -416,6 +428,7 @@ pub(crate) mod tests {
                 memory_byte_seconds: 1 << 33,
                 energy_mj: 2_000_000,
                 workload: None,
+                idle_us: 3_000_000,
             }],
             io_usage: vec![IoUsage {
                 tenant: "acme".into(),

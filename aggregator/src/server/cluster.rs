@@ -29,6 +29,7 @@ pub(super) async fn handle(req: Request<Incoming>, app: &App) -> Response<Body> 
     };
     match load(app, now_ms()).await {
         Ok(view) => {
+            let view = view.priced(&app.prices);
             let view = match &only {
                 Some(t) => view.for_tenant(t),
                 None => view,

@@ -73,6 +73,7 @@ fn report(node: &str, seq: u64) -> Report {
             memory_byte_seconds: 10 << 30,
             energy_mj: 3_000_000,
             workload: None,
+            idle_us: 0,
         }],
         io_usage: vec![],
         // Absent values (NULLs in the ledger) on purpose: PostgreSQL must

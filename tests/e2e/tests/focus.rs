@@ -41,6 +41,8 @@ fn usage(tenant: &str, uuid: &str, model: &str, slice: f64, seconds: u64) -> Gpu
         memory_byte_seconds: seconds << 30,
         energy_mj: seconds * 300_000,
         workload: None,
+        // A quarter held idle: the idle columns are validated too.
+        idle_us: seconds * 250_000,
     }
 }
 
@@ -171,6 +173,11 @@ fn formats_agree(json: &serde_json::Value, csv: &str, focus: &str, what: &str) {
             line["tenant"]
         );
         assert_eq!(row["BilledCost"], item["cost"].as_str().unwrap());
+        assert_eq!(
+            row["x_IdleCost"],
+            item["idle_cost"].as_str().unwrap_or(""),
+            "{what}: idle cost of {sku}"
+        );
         assert_eq!(row["EffectiveCost"], row["BilledCost"]);
         assert_eq!(row["SubAccountId"], line["tenant"].as_str().unwrap());
         assert_eq!(row["ResourceType"], expected_resource_type(sku), "{what}");
@@ -207,9 +214,22 @@ fn formats_agree(json: &serde_json::Value, csv: &str, focus: &str, what: &str) {
             "network_cost",
             "pcie_cost",
             "cost",
+            "idle_cost",
         ] {
             assert_eq!(row[col], line[col].as_str().unwrap(), "{what}: {col}");
         }
+        let idle_cents: i64 = items
+            .iter()
+            .zip(&focus)
+            .filter(|((l, _), _)| std::ptr::eq(*l, line))
+            .filter(|(_, r)| !r["x_IdleCost"].is_empty())
+            .map(|(_, r)| cents(&r["x_IdleCost"]))
+            .sum();
+        assert_eq!(
+            cents(&row["idle_cost"]),
+            idle_cents,
+            "{what}: the CSV line's idle cost is the sum of its FOCUS rows'"
+        );
         let focus_cents: i64 = items
             .iter()
             .zip(&focus)

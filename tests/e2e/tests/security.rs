@@ -69,6 +69,7 @@ fn report(seq: u64, tenants: &[&str]) -> Report {
                 memory_byte_seconds: 1 << 30,
                 energy_mj: 1_000_000,
                 workload: None,
+                idle_us: 0,
             })
             .collect(),
         io_usage: vec![],
