@@ -149,6 +149,7 @@ mod tests {
             &prices,
             &gpu,
             &[],
+            None,
             GROUP_BY,
             crate::chargeback::Basis::Allocated,
             String::new(),
