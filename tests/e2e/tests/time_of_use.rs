@@ -3,14 +3,18 @@
 //! in Europe/Paris, and reports whose intervals end on either side of
 //! 22:00 Paris time. Each hour's energy is charged at that hour's price,
 //! to the cent, in every grouping, in JSON, CSV and FOCUS, for periods of
-//! whole hours (rollups) and with partial hours at the edges (raw rows).
+//! whole hours (rollups) and with partial hours at the edges (raw rows);
+//! a day budget spends each hour's energy at its price too.
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
-use std::{collections::BTreeMap, fs};
+use std::{collections::BTreeMap, fs, time::Duration};
 
 use tally_contract::wire::{GpuUsage, Report, SCHEMA_VERSION};
-use tally_e2e::aggregator_support::{ADMIN_TOKEN, AGENT_TOKEN, Aggregator, sqlite};
+use tally_e2e::{
+    aggregator_support::{ADMIN_TOKEN, AGENT_TOKEN, Aggregator, sqlite},
+    now_ms, wait_for,
+};
 
 /// 2023-11-14T20:00:00Z: 21:00 in Paris (UTC+1 in November).
 const T20_MS: u64 = 1_699_992_000_000;
@@ -30,6 +34,51 @@ const USAGE: [(u64, &str, f64); 5] = [
     (130, "train", 2.0),
 ];
 
+/// A report of `kwh` of acme's energy (and no GPU time) over the half
+/// hour ending at `end` (the aggregator refuses more than 10 kW).
+fn energy_report(seq: u64, end: u64, kwh: f64) -> Report {
+    Report {
+        version: SCHEMA_VERSION,
+        node: "n1".into(),
+        boot_id: "boot-1".into(),
+        seq,
+        interval_start_ms: end - 30 * MIN_MS,
+        interval_end_ms: end,
+        gpu_usage: vec![GpuUsage {
+            tenant: "acme".into(),
+            gpu: "0".into(),
+            uuid: "GPU-n1-0".into(),
+            model: "Tesla T4".into(),
+            mig_profile: None,
+            slice_fraction: 1.0,
+            allocated_us: 0,
+            sm_us: None,
+            memory_byte_seconds: 0,
+            energy_mj: (kwh * MJ_PER_KWH) as u64,
+            workload: None,
+        }],
+        io_usage: vec![],
+        gpus: vec![],
+        audit: vec![],
+        report_interval_ms: Some(30 * MIN_MS),
+        tenant_quotas: vec![],
+        cluster: None,
+    }
+}
+
+/// Switches a stopped aggregator's energy price to `table` in `zone`.
+fn price_by_time_of_day(agg: &mut Aggregator, table: &str, zone: &str) {
+    agg.stop();
+    let config = fs::read_to_string(&agg.config).unwrap();
+    assert!(config.contains("energy_kwh = 1000.0"), "{config}");
+    let config = config.replace(
+        "energy_kwh = 1000.0",
+        &format!("energy_kwh = {table}\ntimezone = \"{zone}\""),
+    );
+    fs::write(&agg.config, config).unwrap();
+    agg.restart();
+}
+
 fn reports() -> Vec<Report> {
     let mut start = T20_MS;
     USAGE
@@ -37,33 +86,11 @@ fn reports() -> Vec<Report> {
         .zip(1u64..)
         .map(|((end_min, workload, kwh), seq)| {
             let end = T20_MS + end_min * MIN_MS;
-            let r = Report {
-                version: SCHEMA_VERSION,
-                node: "n1".into(),
-                boot_id: "boot-1".into(),
-                seq,
-                interval_start_ms: start,
-                interval_end_ms: end,
-                gpu_usage: vec![GpuUsage {
-                    tenant: "acme".into(),
-                    gpu: "0".into(),
-                    uuid: "GPU-n1-0".into(),
-                    model: "Tesla T4".into(),
-                    mig_profile: None,
-                    slice_fraction: 1.0,
-                    allocated_us: (end - start) * 1000,
-                    sm_us: None,
-                    memory_byte_seconds: 0,
-                    energy_mj: (kwh * MJ_PER_KWH) as u64,
-                    workload: Some((*workload).into()),
-                }],
-                io_usage: vec![],
-                gpus: vec![],
-                audit: vec![],
-                report_interval_ms: Some(end - start),
-                tenant_quotas: vec![],
-                cluster: None,
-            };
+            let mut r = energy_report(seq, end, *kwh);
+            r.interval_start_ms = start;
+            r.report_interval_ms = Some(end - start);
+            r.gpu_usage[0].allocated_us = (end - start) * 1000;
+            r.gpu_usage[0].workload = Some((*workload).into());
             start = end;
             r
         })
@@ -131,18 +158,11 @@ fn energy_across_a_price_boundary_is_priced_hour_by_hour() {
     assert_eq!(flat["lines"][0]["energy_cost"], "3875.00", "{flat}");
 
     // The same ledger, priced by time of day.
-    agg.stop();
-    let config = fs::read_to_string(&agg.config).unwrap();
-    assert!(config.contains("energy_kwh = 1000.0"), "{config}");
-    let config = config.replace(
-        "energy_kwh = 1000.0",
-        &format!(
-            "energy_kwh = {{ default = {DAY_PRICE:.1}, \"22:00-06:00\" = {NIGHT_PRICE:.1} }}\n\
-             timezone = \"Europe/Paris\""
-        ),
+    price_by_time_of_day(
+        &mut agg,
+        &format!("{{ default = {DAY_PRICE:.1}, \"22:00-06:00\" = {NIGHT_PRICE:.1} }}"),
+        "Europe/Paris",
     );
-    fs::write(&agg.config, config).unwrap();
-    agg.restart();
 
     // Whole hours (20:00Z–23:00Z), and partial hours at both edges
     // (20:30Z–22:30Z: 20:40 at the day price, 22:10 at night's, from raw
@@ -213,4 +233,46 @@ fn energy_across_a_price_boundary_is_priced_hour_by_hour() {
         .value("tally_price_energy_kwh", &[("currency", "USD")])
         .expect("tally_price_energy_kwh");
     assert!(now == DAY_PRICE || now == NIGHT_PRICE, "{now}");
+}
+
+/// A day budget prices energy as chargeback does: 1 kWh in the current
+/// UTC hour, which a window covers (400), and 1 kWh in the hour before,
+/// at the default price (1000), unless that hour was yesterday.
+#[test]
+fn budgets_spend_each_hours_energy_at_its_price() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = "[[budget]]\ntenant = \"acme\"\nperiod = \"day\"\namount = 10000.0\n";
+    let mut agg = Aggregator::start(&dir.path().join("agg"), &sqlite(dir.path()), budget);
+    let end = now_ms() - 1_000;
+    let hour = end / 3_600_000 % 24;
+    price_by_time_of_day(
+        &mut agg,
+        &format!(
+            "{{ default = {DAY_PRICE:.1}, \"{hour:02}:00-{:02}:00\" = {NIGHT_PRICE:.1} }}",
+            (hour + 1) % 24
+        ),
+        "UTC",
+    );
+    let mut reports = vec![];
+    if hour > 0 {
+        reports.push(energy_report(1, end - 3_600_000, 1.0));
+    }
+    reports.push(energy_report(2, end, 1.0));
+    let want = NIGHT_PRICE + if hour > 0 { DAY_PRICE } else { 0.0 };
+    for r in &reports {
+        let (status, body) = agg.post(&serde_json::to_vec(r).unwrap(), Some(AGENT_TOKEN));
+        assert_eq!(status, 200, "report {}: {body}", r.seq);
+    }
+    let acme = [("tenant", "acme"), ("period", "day"), ("unit", "USD")];
+    let used = wait_for("acme's spend on /metrics", Duration::from_secs(30), || {
+        agg.metrics()
+            .value("tally_tenant_budget_used", &acme)
+            .filter(|v| *v > 0.0)
+    });
+    assert_eq!(
+        used,
+        want,
+        "hour {hour}: flat pricing would say {}",
+        DAY_PRICE * reports.len() as f64
+    );
 }
