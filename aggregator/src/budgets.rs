@@ -150,6 +150,7 @@ mod tests {
             &prices,
             &gpu,
             &[],
+            None,
             GROUP_BY,
             crate::chargeback::Basis::Allocated,
             String::new(),

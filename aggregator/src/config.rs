@@ -17,7 +17,9 @@
 //! decimals = 2                   # minor unit of the currency (JPY: 0)
 //! gpu_hour = { "NVIDIA H100 80GB HBM3" = 2.49, default = 1.00 }
 //! network_gib = 0.01             # ingress + egress
-//! energy_kwh = 0.12
+//! energy_kwh = 0.12               # or by local time of day (config/energy.rs):
+//!                                # { default = 0.12, "22:00-06:00" = 0.07 }
+//! timezone = "UTC"               # IANA zone of energy_kwh's windows
 //! pcie_gib = 0.0
 //! billing_account = "tally"      # FOCUS BillingAccountId
 //! billing_account_name = "Tally GPU cluster"
@@ -64,10 +66,12 @@ use tally_contract::config::{Problems, load_with, parse_bytes, parse_with, read_
 
 mod auth;
 mod budget;
+mod energy;
 
 use auth::{AuditSection, auth_section};
 pub(crate) use auth::{RateLimit, Role, TokenDigest, TokenSpec, reread, token_digest};
 pub(crate) use budget::{Budget, Limit, Period};
+pub(crate) use energy::TimeOfUse;
 
 use crate::audit_keys::NodeKeys;
 
@@ -231,8 +235,14 @@ pub(crate) struct Prices {
     pub gpu_hour: BTreeMap<String, f64>,
     /// Per GiB of network traffic (ingress + egress).
     pub network_gib: f64,
-    /// Per kWh of GPU energy.
+    /// Per kWh of GPU energy; with [`Self::energy_tou`], the `default`
+    /// price outside its windows.
     pub energy_kwh: f64,
+    /// IANA time zone of `energy_kwh`'s windows. Default `UTC`.
+    pub timezone: String,
+    /// `energy_kwh` written as a table of prices by local time of day.
+    #[serde(skip)]
+    pub energy_tou: Option<TimeOfUse>,
     /// Per GiB of host↔device copies.
     pub pcie_gib: f64,
     /// FOCUS `BillingAccountId`: the account the usage is billed to.
@@ -255,6 +265,8 @@ impl Default for Prices {
             gpu_hour: BTreeMap::new(),
             network_gib: 0.0,
             energy_kwh: 0.0,
+            timezone: "UTC".into(),
+            energy_tou: None,
             pcie_gib: 0.0,
             billing_account: "tally".into(),
             billing_account_name: "Tally GPU cluster".into(),
@@ -273,6 +285,17 @@ impl Prices {
             .or_else(|| self.gpu_hour.get("default"))
             .copied()
             .unwrap_or(0.0)
+    }
+
+    /// Price of a kWh drawn by reports whose interval ends at `ms`: with a
+    /// time-of-use table, the price in force when that UTC hour began
+    /// (the ledger's hourly rollups keep no finer time).
+    pub(crate) fn energy_kwh_at(&self, ms: i64) -> f64 {
+        let hour = ms - ms.rem_euclid(3_600_000);
+        self.energy_tou
+            .as_ref()
+            .and_then(|t| t.price_at(hour))
+            .unwrap_or(self.energy_kwh)
     }
 }
 
@@ -336,8 +359,27 @@ impl AggregatorConfig {
                 ),
             );
         }
-        let prices: Prices = section(table, "prices", problems);
+        // A table of energy prices is read apart: serde's "a number or a
+        // table" would lose the key of a bad window.
+        let energy_table = table
+            .get_mut("prices")
+            .and_then(toml::Value::as_table_mut)
+            .filter(|p| p.get("energy_kwh").is_some_and(toml::Value::is_table))
+            .and_then(|p| p.remove("energy_kwh"));
+        let mut prices: Prices = section(table, "prices", problems);
         check_prices(&prices, problems);
+        // With a bad zone the windows are still checked (in UTC), so that
+        // every problem is told at once.
+        let zone = energy::zone(&prices.timezone).unwrap_or_else(|e| {
+            problems.push("prices.timezone", e);
+            jiff::tz::TimeZone::UTC
+        });
+        if let Some(t) = energy_table.as_ref().and_then(toml::Value::as_table)
+            && let Some((default, tou)) = energy::time_of_use(t, zone, problems)
+        {
+            prices.energy_kwh = default;
+            prices.energy_tou = Some(tou);
+        }
         let (tokens, rate_limit) = auth_section(table, problems);
         let audit: AuditSection = section(table, "audit", problems);
         let node_keys = match &audit.node_keys {
@@ -500,6 +542,60 @@ mod tests {
             ],
             "{err}"
         );
+    }
+
+    #[test]
+    fn energy_may_be_priced_by_local_time_of_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents");
+        std::fs::write(&agents, "abcdefghijklmnopqrstuvwxyz\n").unwrap();
+        let with = |prices: &str| {
+            format!(
+                "[prices]\n{prices}\n[[auth.token]]\ntoken_file = \"{}\"\nrole = \"agent\"\n",
+                agents.display()
+            )
+        };
+        // The plain number: one price at every hour.
+        let c = AggregatorConfig::parse(&with("energy_kwh = 0.12"), Path::new("a.toml")).unwrap();
+        assert!(c.prices.energy_tou.is_none());
+        assert_eq!(c.prices.timezone, "UTC");
+        assert_eq!(c.prices.energy_kwh_at(1_800_000_000_000), 0.12);
+        // The issue's table: 2026-11-30T21:30Z is 22:30 in Paris.
+        let c = AggregatorConfig::parse(
+            &with(
+                "energy_kwh = { default = 0.12, \"22:00-06:00\" = 0.07 }\n\
+                 timezone = \"Europe/Paris\"",
+            ),
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.prices.energy_kwh, 0.12, "the default");
+        let paris_2230 = 1_796_074_200_000;
+        assert_eq!(c.prices.energy_kwh_at(paris_2230), 0.07);
+        assert_eq!(c.prices.energy_kwh_at(paris_2230 - 3_600_000), 0.12);
+        // Every problem at once, each under its key.
+        let err = AggregatorConfig::parse(
+            &with(
+                "energy_kwh = { default = -1, \"22:00-06:00\" = 0.07, \"23:00-01:00\" = 0.05 }\n\
+                 timezone = \"Europe/Pariss\"",
+            ),
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "prices.timezone",
+                "prices.energy_kwh.\"23:00-01:00\"",
+                "prices.energy_kwh.default"
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("Europe/Pariss"), "{err}");
+        let err = AggregatorConfig::parse(&with("energy_kwh = \"cheap\""), Path::new("a.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("prices"), "{err}");
     }
 
     #[test]

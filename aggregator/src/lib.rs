@@ -285,14 +285,26 @@ async fn budget_statuses(
     let mut out = Vec::new();
     for period in periods {
         let (start, end) = period.bounds(now);
-        let (gpu, io) = tokio::try_join!(
+        let energy = async {
+            match app.prices.energy_tou {
+                Some(_) => app
+                    .ledger
+                    .energy_hours_by_tenant(start, now + 1, None)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        };
+        let (gpu, io, energy) = tokio::try_join!(
             app.ledger.gpu_groups_by_tenant(start, now + 1, None),
-            app.ledger.io_groups_by_tenant(start, now + 1, None)
+            app.ledger.io_groups_by_tenant(start, now + 1, None),
+            energy
         )?;
         let spent = chargeback::compute(
             &app.prices,
             &gpu,
             &io,
+            energy.as_deref(),
             budgets::GROUP_BY,
             chargeback::Basis::Allocated,
             time::rfc3339(start),

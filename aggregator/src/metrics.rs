@@ -157,12 +157,10 @@ impl Metrics {
              other model); a MIG instance costs its slice fraction of it",
             gpu_hour,
         );
+        // Read at each scrape: with time of use, the price changes by hour.
+        self.registry
+            .register_collector(Box::new(EnergyPriceCollector(prices.clone())));
         for (name, help, price) in [
-            (
-                "tally_price_energy_kwh",
-                "Price of one kWh of GPU energy ([prices] energy_kwh)",
-                prices.energy_kwh,
-            ),
             (
                 "tally_price_network_gib",
                 "Price of one GiB of network traffic, ingress plus egress ([prices] network_gib)",
@@ -224,6 +222,28 @@ impl Metrics {
 
 #[derive(Debug)]
 struct ClusterCollector(Arc<RwLock<Cached>>);
+
+/// `tally_price_energy_kwh`: the price this hour's energy is charged at.
+#[derive(Debug)]
+struct EnergyPriceCollector(crate::config::Prices);
+
+impl Collector for EnergyPriceCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let p = &self.0;
+        family(
+            &mut e,
+            "tally_price_energy_kwh",
+            "Price of one kWh of GPU energy in force now ([prices] energy_kwh): with a \
+             time-of-use table, the price of the current hour's window, else the one price.",
+            None,
+            MetricType::Gauge,
+            vec![(
+                [("currency", p.currency.clone())],
+                p.energy_kwh_at(crate::time::now_ms()),
+            )],
+        )
+    }
+}
 
 fn family<L: EncodeLabelSet>(
     e: &mut DescriptorEncoder<'_>,
@@ -434,6 +454,42 @@ mod tests {
             "tally_price_pcie_gib{currency=\"EUR\"} 0.0",
         ] {
             assert!(body.contains(line), "{line} missing from:\n{body}");
+        }
+    }
+
+    /// A window covers the whole day but this hour: the gauge shows the
+    /// default, then the window's price once the hour is inside it.
+    #[test]
+    fn the_energy_price_is_the_one_in_force_now() {
+        let utc_hour = || crate::time::now_ms() / 3_600_000 % 24;
+        let scrape = |window: String| {
+            let (default, tou) = crate::config::TimeOfUse::parse(
+                &format!("{{ default = 0.25, \"{window}\" = 0.07 }}"),
+                "UTC",
+            );
+            let mut m = Metrics::new();
+            m.register_prices(&crate::config::Prices {
+                currency: "EUR".into(),
+                energy_kwh: default,
+                energy_tou: Some(tou),
+                ..Default::default()
+            });
+            m.encode()
+        };
+        loop {
+            let hour = utc_hour();
+            let outside = scrape(format!("{:02}:00-{hour:02}:00", (hour + 1) % 24));
+            let inside = scrape(format!("{hour:02}:00-{:02}:00", (hour + 1) % 24));
+            if utc_hour() != hour {
+                continue; // the hour turned while scraping
+            }
+            let line = |v: &str| format!("tally_price_energy_kwh{{currency=\"EUR\"}} {v}");
+            assert!(outside.contains(&line("0.25")), "{outside}");
+            assert!(inside.contains(&line("0.07")), "{inside}");
+            assert!(inside.contains(
+                "# HELP tally_price_energy_kwh Price of one kWh of GPU energy in force now"
+            ));
+            break;
         }
     }
 

@@ -83,7 +83,9 @@ struct FocusRow<'a> {
     publisher_name: &'a str,
     resource_name: String,
     service_subcategory: &'static str,
-    sku_price_id: &'a str,
+    /// The SKU; with time-of-use energy, `energy-kwh@<unit price>`: each
+    /// price of the SKU is a price of its own.
+    sku_price_id: String,
     sub_account_name: &'a str,
     /// GPU rows: the GPU-hours held idle and their cost, parts of the
     /// row's quantity and cost (FOCUS custom columns take `x_`); empty on
@@ -269,7 +271,11 @@ impl Chargeback {
             provider_name: &billing.provider,
             publisher_name: &billing.publisher,
             service_subcategory: "Other (AI and Machine Learning)",
-            sku_price_id: &item.sku,
+            sku_price_id: if billing.energy_tou.is_some() && item.sku == "energy-kwh" {
+                format!("{}@{}", item.sku, item.unit_price)
+            } else {
+                item.sku.clone()
+            },
             sub_account_name: &l.tenant,
             region_id: l.cluster.as_deref(),
             region_name: l.cluster.as_deref(),

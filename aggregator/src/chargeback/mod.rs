@@ -9,6 +9,12 @@
 //! cost is the sum of its rounded items and the total is the sum of the
 //! lines, so every figure adds up to the cent in every format.
 //!
+//! **Time-of-use energy.** When `[prices] energy_kwh` is a table of
+//! prices by local time of day, each UTC hour's energy is charged at the
+//! price in force when that hour began (see `config/energy.rs`), and a
+//! line has one `energy-kwh` item per price, each with its `unit_price`,
+//! summed as integers per price and rounded once.
+//!
 //! **Basis.** `allocated` charges the time a tenant held a device.
 //! `used` charges SM-weighted time (allocated time on MIG instances, where
 //! NVML has no per-process utilization); the held-but-unused remainder goes
@@ -36,7 +42,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Prices,
-    ledger::chargeback::{GpuGroup, IoGroup},
+    ledger::{
+        chargeback::{GpuGroup, IoGroup},
+        energy::EnergyHour,
+    },
 };
 use tally_contract::tenant::TENANT_IDLE;
 
@@ -260,7 +269,9 @@ struct Acc {
     gpu_us: BTreeMap<String, BTreeMap<u64, i64>>,
     /// The idle part of `gpu_us`, keyed alike.
     idle_us: BTreeMap<String, BTreeMap<u64, i64>>,
-    energy_mj: i64,
+    /// Per price per kWh (its bits: prices are ≥ 0, so bits sort as the
+    /// prices do): Σ millijoules.
+    energy_mj: BTreeMap<u64, i64>,
     network_bytes: i64,
     pcie_bytes: i64,
 }
@@ -307,13 +318,15 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
             idle: Some((idle_hours, to_minor(idle_hours * price, d))),
         });
     }
-    for (sku, unit, quantity, price) in [
+    let energy = a.energy_mj.iter().map(|(price, mj)| {
         (
             "energy-kwh",
             "kWh",
-            a.energy_mj as f64 / MJ_PER_KWH,
-            prices.energy_kwh,
-        ),
+            *mj as f64 / MJ_PER_KWH,
+            f64::from_bits(*price),
+        )
+    });
+    for (sku, unit, quantity, price) in energy.chain([
         (
             "network-gib",
             "GiB",
@@ -326,7 +339,7 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
             a.pcie_bytes as f64 / BYTES_PER_GIB,
             prices.pcie_gib,
         ),
-    ] {
+    ]) {
         if quantity > 0.0 {
             items.push(Priced {
                 sku: sku.into(),
@@ -342,8 +355,8 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
 }
 
 /// Re-rounds the items of lines that share a parent (the key without its
-/// workload), SKU by SKU: the parent's cost is rounded once and shared by
-/// largest remainder, so the lines sum to it exactly.
+/// workload), SKU by SKU and price by price: the parent's cost is rounded
+/// once and shared by largest remainder, so the lines sum to it exactly.
 fn apportion(lines: &mut BTreeMap<Key, Vec<Priced>>, decimals: u32) {
     share_out(
         lines,
@@ -372,8 +385,10 @@ fn share_out(
     quantity: impl Fn(&Priced) -> Option<f64>,
     set: impl Fn(&mut Priced, i64),
 ) {
-    // (parent, SKU) → (line, item index, exact minor units) of each part.
-    type Parts = BTreeMap<(Key, String), Vec<(Key, usize, f64)>>;
+    // (parent, SKU, unit price) → (line, item index, exact minor units)
+    // of each part.
+    type Parts = BTreeMap<(Key, String, u64), Vec<(Key, usize, f64)>>;
+
     let mut parts: Parts = BTreeMap::new();
     for (key, items) in lines.iter() {
         let mut parent = key.clone();
@@ -382,7 +397,7 @@ fn share_out(
             let Some(q) = quantity(it) else { continue };
             let exact = q * it.unit_price * 10f64.powi(decimals as i32);
             parts
-                .entry((parent.clone(), it.sku.clone()))
+                .entry((parent.clone(), it.sku.clone(), it.unit_price.to_bits()))
                 .or_default()
                 .push((key.clone(), n, exact));
         }
@@ -418,11 +433,18 @@ fn add_idle(a: &mut Acc, model: &str, slice: u64, us: i64) {
     }
 }
 
-/// Prices the usage groups of a period.
+/// Prices the usage groups of a period. `energy`: the period's energy per
+/// hour, read when `[prices] energy_kwh` is a time-of-use table; it then
+/// replaces the energy of the GPU groups. `None`: the groups' energy, at
+/// the one price.
+// The inputs are read apart (and `energy` only with time of use); a struct
+// of them would only be built to be taken apart here.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn compute(
     prices: &Prices,
     gpu: &[GpuGroup],
     io: &[IoGroup],
+    energy: Option<&[EnergyHour]>,
     group_by: GroupBy,
     basis: Basis,
     from: String,
@@ -466,7 +488,9 @@ pub(crate) fn compute(
         // remainder, so each line's idle time stays a part of its own.
         let moved = idle_us.min(remainder);
         add_idle(a, &g.model, slice, idle_us - moved);
-        a.energy_mj += g.energy_mj;
+        if energy.is_none() {
+            *a.energy_mj.entry(prices.energy_kwh.to_bits()).or_default() += g.energy_mj;
+        }
         if remainder > 0 {
             let idle = acc
                 .entry(key(&g.cluster, TENANT_IDLE, Some(&g.model), &g.node, ""))
@@ -487,6 +511,24 @@ pub(crate) fn compute(
             .or_default();
         a.network_bytes += r.network_ingress_bytes + r.network_egress_bytes;
         a.pcie_bytes += r.pcie_h2d_bytes + r.pcie_d2h_bytes;
+    }
+    // An hour's price, looked up once: a month has 720 hours, and many
+    // groups in each.
+    let mut hour_price: BTreeMap<i64, u64> = BTreeMap::new();
+    for h in energy.unwrap_or_default() {
+        let price = *hour_price
+            .entry(h.hour_ms)
+            .or_insert_with(|| prices.energy_kwh_at(h.hour_ms).to_bits());
+        let a = acc
+            .entry(key(
+                &h.cluster,
+                &h.tenant,
+                Some(&h.model),
+                &h.node,
+                &h.workload,
+            ))
+            .or_default();
+        *a.energy_mj.entry(price).or_default() += h.energy_mj;
     }
     let d = prices.decimals;
     let mut items: BTreeMap<Key, Vec<Priced>> = acc
@@ -766,6 +808,7 @@ mod tests {
             &prices(),
             &gpu,
             &io,
+            None,
             GroupBy::Tenant,
             Basis::Allocated,
             "2026-11-01T00:00:00Z".into(),
@@ -799,6 +842,7 @@ mod tests {
             &prices(),
             &gpu,
             &io,
+            None,
             GroupBy::Tenant,
             Basis::Used,
             "2026-11-01T00:00:00Z".into(),
@@ -823,6 +867,7 @@ mod tests {
             &prices(),
             &gpu,
             &io,
+            None,
             GroupBy::TenantModel,
             Basis::Allocated,
             "2026-11-01T00:00:00Z".into(),
@@ -872,6 +917,7 @@ mod tests {
                 &prices(),
                 &gpu,
                 &[],
+                None,
                 by,
                 basis,
                 "2026-11-01T00:00:00Z".into(),
@@ -917,6 +963,81 @@ mod tests {
         assert_eq!(parts, 1743);
     }
 
+    /// Energy in a cheap hour and a dear one: one `energy-kwh` item per
+    /// price, each at its own; the groups' own energy is not counted
+    /// again; workload lines still sum to their tenant's, price by price.
+    #[test]
+    fn time_of_use_energy_is_priced_hour_by_hour() {
+        // 2026-11-30T21:00Z is 22:00 in Paris: the night window.
+        let night = 1_796_072_400_000;
+        let (default, tou) = crate::config::TimeOfUse::parse(
+            r#"{ default = 0.12, "22:00-06:00" = 0.07 }"#,
+            "Europe/Paris",
+        );
+        let prices = Prices {
+            energy_kwh: default,
+            energy_tou: Some(tou),
+            ..prices()
+        };
+        let hour = |workload: &str, hour_ms: i64, kwh: f64| EnergyHour {
+            tenant: "acme".into(),
+            node: String::new(),
+            cluster: "default".into(),
+            workload: workload.into(),
+            model: "T4".into(),
+            hour_ms,
+            energy_mj: (kwh * MJ_PER_KWH) as i64,
+        };
+        let energy = [
+            hour("a", night - HOUR_MS, 1.0 / 3.0),
+            hour("b", night - HOUR_MS, 1.0 / 3.0),
+            hour("c", night - HOUR_MS, 1.0 / 3.0),
+            hour("a", night, 2.0),
+            hour("b", night + 8 * HOUR_MS, 10.0),
+        ];
+        let gpu = [g("acme", "T4", 1.0, 1.0, 1.0)];
+        let run = |by| {
+            compute(
+                &prices,
+                &gpu,
+                &[],
+                Some(&energy),
+                by,
+                Basis::Allocated,
+                "f".into(),
+                "t".into(),
+            )
+        };
+        let tenant = run(GroupBy::Tenant);
+        let items: Vec<(f64, f64, &str)> = tenant.lines[0]
+            .items
+            .iter()
+            .filter(|i| i.sku == "energy-kwh")
+            .map(|i| (i.unit_price, i.quantity, i.cost.as_str()))
+            .collect();
+        // 2 kWh at night (0.14); 1 kWh before it and 10 after 06:00
+        // (11 × 0.12 = 1.32).
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert_eq!((items[0].0, items[0].2), (0.07, "0.14"));
+        assert_eq!((items[1].0, items[1].2), (0.12, "1.32"));
+        assert!((items[1].1 - 11.0).abs() < 1e-9);
+        assert_eq!(tenant.lines[0].energy_cost, "1.46");
+        let by_workload = run(GroupBy::TenantWorkload);
+        assert_eq!(by_workload.total_minor, tenant.total_minor);
+        // The workload lines share each price item of their tenant line.
+        let energy_minor: i64 = by_workload
+            .lines
+            .iter()
+            .flat_map(|l| &l.items)
+            .filter(|i| i.sku == "energy-kwh")
+            .map(|i| i.cost_minor)
+            .sum();
+        assert_eq!(energy_minor, 146);
+        let focus = tenant.to_focus(&prices);
+        assert!(focus.contains(",energy-kwh@0.07,"), "{focus}");
+        assert!(focus.contains(",energy-kwh@0.12,"), "{focus}");
+    }
+
     /// Three workloads of a third of an hour at 1.00: rounded apart, each
     /// would be 0.33 (0.99 in all, the tenant's line 1.00); shared by
     /// largest remainder, they sum to the tenant's line exactly. Clusters
@@ -946,6 +1067,7 @@ mod tests {
                 &prices(),
                 &gpu,
                 &io,
+                None,
                 by,
                 Basis::Allocated,
                 "2026-11-01T00:00:00Z".into(),

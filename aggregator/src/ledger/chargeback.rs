@@ -48,14 +48,14 @@ pub(crate) struct IoGroup {
 /// The whole hours `[a, b)` inside `[from_ms, to_ms)`, read from the
 /// rollups; the rest of the period, `[from_ms, a)` and `[b, to_ms)`, is
 /// read from raw rows. `a == b` when the period holds no whole hour.
-fn whole_hours(from_ms: i64, to_ms: i64) -> (i64, i64) {
+pub(super) fn whole_hours(from_ms: i64, to_ms: i64) -> (i64, i64) {
     let a = hour_of(from_ms.saturating_add(HOUR_MS - 1));
     let b = hour_of(to_ms);
     if a < b { (a, b) } else { (to_ms, to_ms) }
 }
 
 /// The condition that keeps only `cluster`'s rows (its parameter is `$5`).
-fn in_cluster(cluster: Option<&str>) -> &'static str {
+pub(super) fn in_cluster(cluster: Option<&str>) -> &'static str {
     if cluster.is_some() {
         " AND cluster = $5"
     } else {
@@ -153,7 +153,7 @@ impl Ledger {
 /// clamped keys) into the per-node rollup: SQLite keeps that order, and
 /// with `IN (…)` it scanned the whole month of the per-node rollup
 /// (1.5 s of the 2 s per chargeback on the benchmark's month).
-const DIRTY: &str = "dirty AS (SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms \
+pub(super) const DIRTY: &str = "dirty AS (SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms \
      FROM reports WHERE received_ms >= (SELECT received_ms FROM rollup_watermark \
      WHERE name = 'tenant_hourly') AND +interval_end_ms >= $3 AND +interval_end_ms < $4)";
 
@@ -270,7 +270,10 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         audit_keys::NodeKeys,
-        ledger::ingest::{Ingested, tests::report},
+        ledger::{
+            energy::{EnergyHour, tests::raw_energy},
+            ingest::{Ingested, tests::report},
+        },
     };
 
     /// An hour boundary, in ms.
@@ -391,6 +394,13 @@ pub(crate) mod tests {
             );
             let io = l.io_groups(from, to, None).await.unwrap();
             assert_eq!(io, raw_io(l, from, to).await, "I/O in [{from}, {to})");
+            for c in [None, Some("prod-eu")] {
+                assert_eq!(
+                    l.energy_hours(from, to, c).await.unwrap(),
+                    raw_energy(l, from, to, c, true).await,
+                    "energy per hour in [{from}, {to}) of {c:?}"
+                );
+            }
             let mut eu = raw_gpu(l, from, to).await;
             eu.retain(|g| g.cluster == "prod-eu");
             assert_eq!(l.gpu_groups(from, to, Some("prod-eu")).await.unwrap(), eu);
@@ -519,7 +529,18 @@ pub(crate) mod tests {
             pcie_gib: 0.007,
             ..Default::default()
         };
-        let mut priced = 0;
+        // Time of use in a zone half an hour off UTC; H is 13:30 there, so
+        // the window holds two of the filled hours.
+        let (default, tou) = crate::config::TimeOfUse::parse(
+            r#"{ default = 0.123, "15:00-17:00" = 0.05 }"#,
+            "Asia/Kolkata",
+        );
+        let tou_prices = crate::config::Prices {
+            energy_kwh: default,
+            energy_tou: Some(tou),
+            ..prices.clone()
+        };
+        let (mut priced, mut tou_differs) = (0, false);
         for ((from, to), cluster) in periods()
             .into_iter()
             .flat_map(|p| [(p, None), (p, Some("prod-eu"))])
@@ -531,6 +552,12 @@ pub(crate) mod tests {
             }
             let by_tenant = l.gpu_groups_by_tenant(from, to, cluster).await.unwrap();
             let io_by_tenant = l.io_groups_by_tenant(from, to, cluster).await.unwrap();
+            let hours = raw_energy(l, from, to, cluster, false).await;
+            let hours_by_tenant = l.energy_hours_by_tenant(from, to, cluster).await.unwrap();
+            assert_eq!(
+                hours_by_tenant, hours,
+                "{when}: energy per hour in [{from}, {to}) of {cluster:?}"
+            );
             for group_by in [
                 GroupBy::Tenant,
                 GroupBy::TenantModel,
@@ -540,7 +567,16 @@ pub(crate) mod tests {
             ] {
                 for basis in [Basis::Allocated, Basis::Used] {
                     let price = |gpu: &[GpuGroup], io: &[IoGroup]| {
-                        compute(&prices, gpu, io, group_by, basis, "f".into(), "t".into())
+                        compute(
+                            &prices,
+                            gpu,
+                            io,
+                            None,
+                            group_by,
+                            basis,
+                            "f".into(),
+                            "t".into(),
+                        )
                     };
                     let want = price(&gpu, &io);
                     assert_eq!(
@@ -549,10 +585,23 @@ pub(crate) mod tests {
                         "{when}: {group_by:?} {basis:?} in [{from}, {to}) of {cluster:?}"
                     );
                     priced += want.total_minor;
+                    let tou = |gpu: &[GpuGroup], io: &[IoGroup], hours: &[EnergyHour]| {
+                        let (f, t) = ("f".into(), "t".into());
+                        compute(&tou_prices, gpu, io, Some(hours), group_by, basis, f, t)
+                    };
+                    let want_tou = tou(&gpu, &io, &hours);
+                    assert_eq!(
+                        tou(&by_tenant, &io_by_tenant, &hours_by_tenant),
+                        want_tou,
+                        "{when}: time of use, {group_by:?} {basis:?} in [{from}, {to}) of \
+                         {cluster:?}"
+                    );
+                    tou_differs |= want_tou.total_minor != want.total_minor;
                 }
             }
         }
         assert!(priced > 0, "{when}: nothing was priced");
+        assert!(tou_differs, "{when}: no energy fell in the cheap window");
     }
 
     /// The node-less read prices every period, grouping and basis to the
@@ -612,6 +661,7 @@ pub(crate) mod tests {
                 &prices,
                 gpu,
                 &[],
+                None,
                 GroupBy::Tenant,
                 Basis::Used,
                 "f".into(),

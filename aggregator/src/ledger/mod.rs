@@ -33,6 +33,7 @@ use sqlx::{
 pub(crate) mod audit;
 pub(crate) mod chargeback;
 pub(crate) mod cluster;
+pub(crate) mod energy;
 mod fold;
 pub(crate) mod ingest;
 mod partitions;

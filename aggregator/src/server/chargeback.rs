@@ -94,7 +94,23 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
             )
         }
     };
-    let (gpu, io) = match reads.await {
+    // Time of use prices each hour's energy apart: read it per hour.
+    let energy = async {
+        match (app.prices.energy_tou.is_some(), group_by) {
+            (false, _) => Ok(None),
+            (true, GroupBy::TenantNode) => app
+                .ledger
+                .energy_hours(read_from, read_to, cluster)
+                .await
+                .map(Some),
+            (true, _) => app
+                .ledger
+                .energy_hours_by_tenant(read_from, read_to, cluster)
+                .await
+                .map(Some),
+        }
+    };
+    let ((gpu, io), energy) = match tokio::try_join!(reads, energy) {
         Ok(x) => x,
         Err(e) => {
             app.metrics.ledger_errors.inc();
@@ -109,6 +125,7 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
         &app.prices,
         &gpu,
         &io,
+        energy.as_deref(),
         group_by,
         basis,
         rfc3339(from),

@@ -1,8 +1,8 @@
 //! The chargeback as FinOps tools take it: a real `tally aggregator` on
 //! SQLite with a few reports ingested; its `format=focus` passes the FinOps
 //! `focus-validator` (FOCUS 1.2) with no failed mandatory rule, for every
-//! grouping, and its CSV and JSON lines equal the FOCUS rows item by item,
-//! to the cent.
+//! grouping and with time-of-use energy prices, and its CSV and JSON lines
+//! equal the FOCUS rows item by item, to the cent.
 //!
 //! The validator is installed into a venv under `target/focus/` when
 //! missing (as `tests/ops/run.sh` installs its tools); when no Python
@@ -378,7 +378,7 @@ fn validate(v: &Validator, file: &Path) -> (String, Vec<String>) {
 #[test]
 fn focus_validates_and_every_format_agrees_to_the_cent() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start(&dir.path().join("agg"), &sqlite(dir.path()), "");
+    let mut agg = Aggregator::start(&dir.path().join("agg"), &sqlite(dir.path()), "");
     for r in reports() {
         let (status, body) = agg.post(&serde_json::to_vec(&r).unwrap(), Some(AGENT_TOKEN));
         assert_eq!(status, 200, "report {} {}: {body}", r.node, r.seq);
@@ -432,5 +432,56 @@ fn focus_validates_and_every_format_agrees_to_the_cent() {
                 file.display()
             );
         }
+    }
+
+    // Time-of-use energy: a report an hour later, after midnight in Paris,
+    // priced at the night's price; each price is an item (and a FOCUS
+    // SkuPriceId) of its own.
+    let mut late = reports().remove(2);
+    late.seq = 4;
+    late.interval_start_ms += 60_000;
+    late.interval_end_ms += 3_600_000;
+    let (status, body) = agg.post(&serde_json::to_vec(&late).unwrap(), Some(AGENT_TOKEN));
+    assert_eq!(status, 200, "late report: {body}");
+    agg.stop();
+    let config = fs::read_to_string(&agg.config).unwrap();
+    fs::write(
+        &agg.config,
+        config.replace(
+            "energy_kwh = 1000.0",
+            "energy_kwh = { default = 1000.0, \"00:00-06:00\" = 400.0 }\ntimezone = \"Europe/Paris\"",
+        ),
+    )
+    .unwrap();
+    agg.restart();
+    let q = format!(
+        "from={}&to={}&group_by=tenant",
+        T0_MS / 1000 - 60,
+        T0_MS / 1000 + 7200
+    );
+    let json = agg.chargeback(&q);
+    let get = |format: &str| {
+        let (status, body) = agg.get(
+            &format!("/api/v1/chargeback?{q}&format={format}"),
+            Some(ADMIN_TOKEN),
+        );
+        assert_eq!(status, 200, "time of use, format={format}: {body}");
+        body
+    };
+    let (csv, focus) = (get("csv"), get("focus"));
+    formats_agree(&json, &csv, &focus, "time of use");
+    for price in ["energy-kwh@1000", "energy-kwh@400"] {
+        assert!(focus.contains(price), "{price} missing:\n{focus}");
+    }
+    if let Ok(v) = &validator {
+        let file = dir.path().join("focus-time-of-use.csv");
+        fs::write(&file, &focus).unwrap();
+        let (total, failed) = validate(v, &file);
+        eprintln!("focus-validator, time of use: {total}");
+        assert!(
+            failed.is_empty(),
+            "time of use: FOCUS 1.2 mandatory rules failed ({total}):\n{}\n{focus}",
+            failed.join("\n")
+        );
     }
 }
