@@ -109,6 +109,64 @@ pub fn node_name(config: &KubernetesConfig) -> String {
         })
 }
 
+/// A Kubernetes label key: `[prefix/]name`, the prefix a DNS subdomain,
+/// the name 1..=63 of `[A-Za-z0-9._-]` starting and ending alphanumeric.
+pub(crate) fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix
+        && !is_dns_subdomain(p)
+    {
+        return Err(format!(
+            "label prefix {p:?} is not a DNS subdomain (lower-case letters, digits, `-` and `.`)"
+        ));
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "label name {name:?} must be 1..=63 letters, digits, `-`, `_` or `.`, starting and \
+             ending with a letter or digit"
+        ))
+    }
+}
+
+/// RFC 1123 subdomain: what a label prefix and a node name are.
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+/// `api_server`: an `http` or `https` URL with a host.
+pub(crate) fn check_api_server(url: &str) -> Result<(), String> {
+    let uri = url
+        .parse::<hyper::Uri>()
+        .map_err(|e| format!("not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(()),
+        _ => Err(format!(
+            "{url:?} must be an http:// or https:// URL with a host"
+        )),
+    }
+}
+
 /// A client for `api_server` (without credentials), else as kube's
 /// `Config::infer` finds one: in a pod, its service account token and CA
 /// with `KUBERNETES_SERVICE_HOST`.
