@@ -194,6 +194,16 @@ fn tenant_section(table: &mut toml::Table, problems: &mut Problems) -> TenantSec
         }
     };
     let kubernetes = crate::kubernetes::parse_section(tenant.remove("kubernetes"), problems);
+    if kubernetes.tenant_label.is_some()
+        && !rules
+            .iter()
+            .any(|r| matches!(r, rules::TenantRule::Kubernetes { .. }))
+    {
+        problems.push(
+            "tenant.kubernetes.tenant_label",
+            "names tenants only through a `kubernetes = true` [[tenant.rule]]; add one",
+        );
+    }
     reject_unknown(
         &tenant,
         "tenant",

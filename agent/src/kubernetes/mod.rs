@@ -14,11 +14,16 @@
 //!   association is remembered, so the pod's other processes and its
 //!   network cgroups resolve too.
 //!
-//! The refresher ([`podresources`]) runs on its own thread; the sampler
-//! reads its latest published view. See `docs/kubernetes.md`.
+//! With `tenant_label` set, the API server is a fourth source: a watch of
+//! this node's pods and of namespaces ([`labels`]) names pods by UID and
+//! gives the tenant a pod's or its namespace's label names.
+//!
+//! The refresher ([`podresources`]) and the watch run on their own thread;
+//! the sampler reads their latest published view. See `docs/kubernetes.md`.
 
 pub mod allocation;
 pub mod cgroup;
+pub mod labels;
 pub mod podresources;
 
 /// Messages and client generated from `agent/proto/podresources/v1`.
@@ -39,7 +44,10 @@ use serde::Deserialize;
 use tally_contract::config::Problems;
 
 pub use self::podresources::Refresher;
-use self::podresources::{NodePods, Shared};
+use self::{
+    labels::ApiLabels,
+    podresources::{NodePods, Shared},
+};
 use crate::{
     paths,
     snapshot::{GpuSnapshot, UnallocatedGpuUse, Workload},
@@ -72,6 +80,18 @@ pub struct KubernetesConfig {
     /// of every GPU it was not allocated (a `cgroup/dev` program on the
     /// pod's cgroup, beside the runtime's own). Default `false`: flag only.
     pub enforce_allocation: bool,
+    /// The pod label, then namespace label, naming a pod's tenant (e.g.
+    /// `tally.dev/tenant`), read through a watch of this node's pods and
+    /// of namespaces. Default: none (no API server is asked).
+    pub tenant_label: Option<String>,
+    /// The API server to watch, reached without credentials (a `kubectl
+    /// proxy`, a test's fake). Default: in-cluster (the pod's service
+    /// account token and CA, `KUBERNETES_SERVICE_HOST`), else kubeconfig.
+    pub api_server: Option<String>,
+    /// This node's name in Kubernetes (the pods watched are those with
+    /// `spec.nodeName` equal to it). Default: `$NODE_NAME`, else the host
+    /// name.
+    pub node_name: Option<String>,
 }
 
 impl Default for KubernetesConfig {
@@ -84,6 +104,9 @@ impl Default for KubernetesConfig {
             container_logs_dir: PathBuf::from(paths::KUBERNETES_CONTAINER_LOGS_DIR),
             workload_series: false,
             enforce_allocation: false,
+            tenant_label: None,
+            api_server: None,
+            node_name: None,
         }
     }
 }
@@ -121,6 +144,26 @@ pub fn parse_section(value: Option<toml::Value>, problems: &mut Problems) -> Kub
         problems.push(
             "tenant.kubernetes.pod_resources_socket",
             "must be an absolute path",
+        );
+    }
+    if let Some(label) = &config.tenant_label
+        && let Err(why) = labels::check_label_key(label)
+    {
+        problems.push("tenant.kubernetes.tenant_label", why);
+    }
+    if let Some(url) = &config.api_server
+        && let Err(why) = labels::check_api_server(url)
+    {
+        problems.push("tenant.kubernetes.api_server", why);
+    }
+    if config
+        .node_name
+        .as_deref()
+        .is_some_and(|n| !labels::is_dns_subdomain(n))
+    {
+        problems.push(
+            "tenant.kubernetes.node_name",
+            "not a Kubernetes node name (lower-case letters, digits, `-` and `.`, at most 253)",
         );
     }
     config
@@ -183,9 +226,23 @@ pub struct Identity {
     /// several pods of one namespace).
     pub pod: Option<String>,
     pub container: Option<String>,
+    /// The tenant the pod's `tenant_label`, else its namespace's, names.
+    pub label_tenant: Option<String>,
 }
 
 impl Identity {
+    /// The tenant a `kubernetes` rule gives this process: its pod's or
+    /// namespace's label, else [`tenant_of`] its namespace.
+    pub fn tenant(
+        &self,
+        namespaces: &BTreeMap<String, String>,
+        unmapped: Unmapped,
+    ) -> Option<String> {
+        self.label_tenant
+            .clone()
+            .or_else(|| tenant_of(&self.namespace, namespaces, unmapped))
+    }
+
     /// Workload labels; `None` unless the pod is known.
     pub fn workload(&self) -> Option<Workload> {
         Some(Workload {
@@ -222,6 +279,8 @@ pub struct Lookup {
     conflicted: HashSet<PodName>,
     /// The allocations last pruned against (pointer identity).
     pruned_for: Option<Arc<podresources::Allocations>>,
+    /// What the API server's watch last said (`tenant_label` set).
+    labels: Option<Arc<ApiLabels>>,
 }
 
 impl Lookup {
@@ -237,7 +296,14 @@ impl Lookup {
             learned_containers: HashMap::new(),
             conflicted: HashSet::new(),
             pruned_for: None,
+            labels: None,
         }
+    }
+
+    /// Reads pods and tenant labels from the API server's watch too.
+    pub fn with_labels(mut self, labels: Arc<ApiLabels>) -> Lookup {
+        self.labels = Some(labels);
+        self
     }
 
     /// Whether processes carry workload labels.
@@ -319,6 +385,7 @@ impl Lookup {
                     namespace: one.pod.namespace.clone(),
                     pod: Some(one.pod.pod.clone()),
                     container: Some(one.container.clone()),
+                    label_tenant: self.label_tenant(&pc.pod_uid, &one.pod.namespace),
                 })
             }
             [first, rest @ ..] => {
@@ -330,6 +397,7 @@ impl Lookup {
                         namespace: first.pod.namespace.clone(),
                         pod: None,
                         container: None,
+                        label_tenant: self.label_tenant(&pc.pod_uid, &first.pod.namespace),
                     })
             }
         }
@@ -369,10 +437,18 @@ impl Lookup {
     }
 
     fn known(&self, view: &NodePods, pc: &cgroup::PodCgroup) -> Option<Identity> {
-        let pod = self
+        let from_api;
+        let pod = match self
             .learned_pods
             .get(&pc.pod_uid)
-            .or_else(|| view.uids.get(&pc.pod_uid))?;
+            .or_else(|| view.uids.get(&pc.pod_uid))
+        {
+            Some(pod) => pod,
+            None => {
+                from_api = self.labels.as_ref()?.pod(&pc.pod_uid)?.pod;
+                &from_api
+            }
+        };
         let container =
             pc.container_id
                 .as_ref()
@@ -388,7 +464,17 @@ impl Lookup {
             namespace: pod.namespace.clone(),
             pod: Some(pod.pod.clone()),
             container,
+            label_tenant: self.label_tenant(&pc.pod_uid, &pod.namespace),
         })
+    }
+
+    /// The tenant label of pod `uid`, else of `namespace`, as last watched.
+    fn label_tenant(&self, uid: &str, namespace: &str) -> Option<String> {
+        let labels = self.labels.as_ref()?;
+        labels
+            .pod(uid)
+            .and_then(|p| p.tenant)
+            .or_else(|| labels.namespace_tenant(namespace))
     }
 
     /// Forgets pods that left the node, each time a new answer arrives.
@@ -426,7 +512,11 @@ fn cgroup_exists(cgroup: &str) -> bool {
 /// whether Kubernetes is wanted (`tenants::kubernetes_wanted`).
 pub fn start(config: &KubernetesConfig) -> Option<(Lookup, Refresher)> {
     let shared: Shared = Arc::new(RwLock::new(Arc::new(NodePods::default())));
-    match podresources::spawn(config.clone(), shared.clone()) {
+    let labels = config
+        .tenant_label
+        .is_some()
+        .then(|| Arc::new(ApiLabels::default()));
+    match podresources::spawn(config.clone(), shared.clone(), labels.clone()) {
         Ok(refresher) => {
             tracing::info!(
                 socket = %config.pod_resources_socket.display(),
@@ -434,7 +524,12 @@ pub fn start(config: &KubernetesConfig) -> Option<(Lookup, Refresher)> {
                 timeout = ?config.timeout,
                 "Kubernetes tenants: asking the kubelet which pod holds which GPU"
             );
-            Some((Lookup::new(shared, config), refresher))
+            let lookup = Lookup::new(shared, config);
+            let lookup = match labels {
+                Some(labels) => lookup.with_labels(labels),
+                None => lookup,
+            };
+            Some((lookup, refresher))
         }
         Err(e) => {
             tracing::warn!(
@@ -807,6 +902,134 @@ mod tests {
         assert_eq!(&*a.tenant, "team-a");
         assert_eq!(a.workload_id.as_deref(), Some("team-a-prod/trainer-0"));
         assert_eq!(a.workload, None, "series stay off");
+    }
+
+    #[test]
+    fn a_pod_label_wins_over_its_namespace_label_which_wins_over_the_name() {
+        use labels::LabelledPod;
+
+        let c = parse(
+            r#"
+            [[tenant.rule]]
+            kubernetes = true
+            namespaces = { "team-a-prod" = "team-a" }
+            [tenant.kubernetes]
+            tenant_label = "tally.dev/tenant"
+            "#,
+        )
+        .unwrap();
+        let uid2 = "11111111-2222-3333-4444-555555555555";
+        let other = format!("/kubepods/burstable/pod{uid2}/{CID}");
+        let api = Arc::new(ApiLabels::default());
+        let set = |pod_label: Option<&str>, ns_label: Option<&str>| {
+            let pod = |uid: &str, ns: &str, tenant: Option<&str>| {
+                let pod = LabelledPod {
+                    pod: PodName {
+                        namespace: ns.into(),
+                        pod: "p".into(),
+                    },
+                    tenant: tenant.map(str::to_owned),
+                };
+                (uid.to_owned(), pod)
+            };
+            api.set(
+                HashMap::from([
+                    pod(UID, "team-a-prod", pod_label),
+                    pod(uid2, "research", None),
+                ]),
+                ns_label
+                    .map(|t| ("team-a-prod".to_owned(), t.to_owned()))
+                    .into_iter()
+                    .collect(),
+            );
+        };
+        let mut r = crate::tenants::Resolver::new(c.tenant.rules.clone());
+        r.set_kubernetes(
+            lookup_with(NodePods::default(), &c.tenant.kubernetes).with_labels(api.clone()),
+        );
+        // Named by the API server alone; no label: the `namespaces` map,
+        // else the namespace's name.
+        set(None, None);
+        assert_eq!(r.tenant_for_cgroup(&cgroup()).as_deref(), Some("team-a"));
+        assert_eq!(r.tenant_for_cgroup(&other).as_deref(), Some("research"));
+        set(None, Some("ns-tenant"));
+        assert_eq!(r.tenant_for_cgroup(&cgroup()).as_deref(), Some("ns-tenant"));
+        assert_eq!(r.tenant_for_cgroup(&other).as_deref(), Some("research"));
+        set(Some("pod-tenant"), Some("ns-tenant"));
+        assert_eq!(
+            r.tenant_for_cgroup(&cgroup()).as_deref(),
+            Some("pod-tenant")
+        );
+        // GPU processes too, with the pod as workload.
+        let fake = crate::tenants::procs::fake::FakeProc::default();
+        let mut r = crate::tenants::Resolver::new(c.tenant.rules.clone()).with_procs(
+            crate::tenants::procs::ProcCache::new(Box::new(fake.clone())),
+        );
+        r.set_kubernetes(
+            lookup_with(NodePods::default(), &c.tenant.kubernetes).with_labels(api.clone()),
+        );
+        fake.set(7, 1, &cgroup());
+        let a = r.attribute_on(7, None);
+        assert_eq!(&*a.tenant, "pod-tenant");
+        assert_eq!(a.workload_id.as_deref(), Some("team-a-prod/p"));
+        // The label changes: the next attribution follows.
+        set(Some("other-tenant"), None);
+        assert_eq!(&*r.attribute_on(7, None).tenant, "other-tenant");
+    }
+
+    #[test]
+    fn label_watch_keys_parse_and_are_checked() {
+        let c = parse(
+            r#"
+            [[tenant.rule]]
+            kubernetes = true
+            [tenant.kubernetes]
+            tenant_label = "tally.dev/tenant"
+            api_server = "http://127.0.0.1:8001"
+            node_name = "gpu-node-1.example"
+            "#,
+        )
+        .unwrap();
+        let k = &c.tenant.kubernetes;
+        assert_eq!(k.tenant_label.as_deref(), Some("tally.dev/tenant"));
+        assert_eq!(k.api_server.as_deref(), Some("http://127.0.0.1:8001"));
+        assert_eq!(labels::node_name(k), "gpu-node-1.example");
+        let rule = "[[tenant.rule]]\nkubernetes = true\n";
+        assert!(
+            parse(&format!(
+                "{rule}[tenant.kubernetes]\ntenant_label = 'tenant'\n"
+            ))
+            .is_ok()
+        );
+        // A label with nothing to name tenants through.
+        let err = parse("[tenant.kubernetes]\ntenant_label = 'tenant'\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "tenant.kubernetes.tenant_label");
+        assert!(err.to_string().contains("kubernetes = true"), "{err}");
+        for (text, key, says) in [
+            (
+                "tenant_label = 'Tally.dev/tenant'",
+                "tenant_label",
+                "prefix",
+            ),
+            ("tenant_label = 'tally.dev/'", "tenant_label", "label name"),
+            (
+                "tenant_label = 'tally.dev/-x'",
+                "tenant_label",
+                "label name",
+            ),
+            ("api_server = '127.0.0.1:8001'", "api_server", "http"),
+            ("api_server = 'ftp://h'", "api_server", "http"),
+            ("node_name = 'GPU_1'", "node_name", "node name"),
+        ] {
+            let err = parse(&format!("{rule}[tenant.kubernetes]\n{text}\n")).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{text}: {err}");
+            assert_eq!(
+                err.problems[0].key,
+                format!("tenant.kubernetes.{key}"),
+                "{text}: {err}"
+            );
+            assert!(err.to_string().contains(says), "{text}: {err}");
+        }
     }
 
     #[test]

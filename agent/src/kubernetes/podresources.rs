@@ -25,6 +25,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::{
     ContainerRef, KubernetesConfig, PodName,
     cgroup::{parse_container_log_link, parse_pod_log_dir},
+    labels::ApiLabels,
     proto::{
         ClaimResource, ListPodResourcesRequest,
         pod_resources_lister_client::PodResourcesListerClient,
@@ -290,8 +291,13 @@ impl Drop for Refresher {
     }
 }
 
-/// Starts the thread that keeps `shared` current.
-pub fn spawn(config: KubernetesConfig, shared: Shared) -> std::io::Result<Refresher> {
+/// Starts the thread that keeps `shared` current, and `labels` when given
+/// (the API server's watch, [`super::labels`]).
+pub fn spawn(
+    config: KubernetesConfig,
+    shared: Shared,
+    labels: Option<Arc<ApiLabels>>,
+) -> std::io::Result<Refresher> {
     let stop = CancellationToken::new();
     let thread = {
         let stop = stop.clone();
@@ -308,9 +314,20 @@ pub fn spawn(config: KubernetesConfig, shared: Shared) -> std::io::Result<Refres
                         return;
                     }
                 };
-                runtime.block_on(
-                    refresh_loop(config, shared, stop).instrument(tracing::info_span!("kubelet")),
-                );
+                let watch = labels.map(|labels| {
+                    super::labels::watch(config.clone(), labels, stop.clone())
+                        .instrument(tracing::info_span!("kube_api"))
+                });
+                let kubelet =
+                    refresh_loop(config, shared, stop).instrument(tracing::info_span!("kubelet"));
+                runtime.block_on(async move {
+                    match watch {
+                        Some(watch) => {
+                            tokio::join!(kubelet, watch);
+                        }
+                        None => kubelet.await,
+                    }
+                });
             })?
     };
     Ok(Refresher {

@@ -181,7 +181,7 @@ impl Resolver {
                     unmapped,
                 } => {
                     let id = self.kubernetes.as_ref()?.identify_cgroup(cgroup)?;
-                    crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)
+                    id.tenant(namespaces, *unmapped)
                 }
             })
     }
@@ -265,8 +265,7 @@ impl Resolver {
                 } => identity
                     .as_ref()
                     .and_then(|id| {
-                        let tenant =
-                            crate::kubernetes::tenant_of(&id.namespace, namespaces, *unmapped)?;
+                        let tenant = id.tenant(namespaces, *unmapped)?;
                         let pod = id
                             .pod
                             .as_ref()

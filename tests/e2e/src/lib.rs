@@ -17,6 +17,7 @@ pub mod conservation;
 pub mod enforce_support;
 pub mod faults_support;
 pub mod http;
+pub mod kubernetes_support;
 pub mod metrics;
 pub mod netns;
 pub mod other_user;

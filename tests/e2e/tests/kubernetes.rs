@@ -24,6 +24,7 @@ use tally_agent::kubernetes::proto::{
 use tally_e2e::{
     Agent, Cgroup, ChildGuard, SimNode,
     enforce_support::{audit_records, nvidia_nodes},
+    kubernetes_support::{PodProcess, cgroupfs_besteffort_pod, pod_ids, systemd_burstable_pod},
     require_root, skip, unique, wait_for,
 };
 use tonic::{
@@ -311,58 +312,6 @@ workload_series = {workload_series}
 
     fn agent(&self) -> Agent {
         Agent::start(&self.sim, &self.config(), &["--sample-interval", "200ms"])
-    }
-}
-
-/// A pod UID and a container id, unique per call.
-fn ids() -> (String, String) {
-    let n = unique("k8s");
-    let digits: String = n.chars().filter(char::is_ascii_digit).collect();
-    let tail = format!("{digits:0>12}");
-    let tail = &tail[tail.len() - 12..];
-    let uid = format!("7e9b4c9a-1d2e-4f60-8a7b-{tail}");
-    let cid = format!("{:0>64}", format!("c0{digits}"));
-    (uid, cid)
-}
-
-/// A process in a container cgroup named the systemd driver's way (with
-/// containerd), beneath a unique base cgroup of ours.
-struct PodProcess {
-    cgroup: Cgroup,
-    proc: ChildGuard,
-    uid: String,
-    cid: String,
-}
-
-fn systemd_burstable_pod() -> PodProcess {
-    let (uid, cid) = ids();
-    let cgroup = Cgroup::create(&format!(
-        "{}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{cid}.scope",
-        unique("e2e-k8s"),
-        uid.replace('-', "_")
-    ));
-    let proc = cgroup.spawn("sleep", &["600"]);
-    PodProcess {
-        cgroup,
-        proc,
-        uid,
-        cid,
-    }
-}
-
-/// The cgroupfs driver's naming: `kubepods/besteffort/pod<uid>/<id>`.
-fn cgroupfs_besteffort_pod() -> PodProcess {
-    let (uid, cid) = ids();
-    let cgroup = Cgroup::create(&format!(
-        "{}/kubepods/besteffort/pod{uid}/{cid}",
-        unique("e2e-k8s")
-    ));
-    let proc = cgroup.spawn("sleep", &["600"]);
-    PodProcess {
-        cgroup,
-        proc,
-        uid,
-        cid,
     }
 }
 
@@ -889,7 +838,7 @@ fn two_pods_of_one_tenant_share_its_network_rate() {
     let base = unique("e2e-k8s");
     let mut pods = Vec::new();
     for (name, shape) in [("sender-a", "besteffort"), ("sender-b", "burstable")] {
-        let (uid, cid) = ids();
+        let (uid, cid) = pod_ids();
         let pod = Cgroup::create(&format!("{base}/kubepods/{shape}/pod{uid}"));
         let ctr = pod.child(&cid);
         fs::create_dir_all(
