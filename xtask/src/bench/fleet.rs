@@ -225,10 +225,14 @@ async fn agent(
     let start_ms = unix_ms() + first.saturating_duration_since(Instant::now()).as_millis() as u64
         - INTERVAL.as_millis() as u64;
     let mut turn = node;
+    let mut due = first;
     loop {
         tick.tick().await;
         let now = Instant::now();
-        if now < stop_making {
+        // The agent cuts a report every interval whatever its sender is
+        // doing: a try that hung past a tick still yields one report per
+        // interval, made late.
+        while due <= now && due < stop_making {
             let seq = log.created;
             let r = report(
                 node,
@@ -240,10 +244,12 @@ async fn agent(
             log.created += 1;
             spool.push_back(Spooled {
                 body: serde_json::to_vec(&r)?,
-                made: now,
+                made: due,
                 tries: 0,
             });
-        } else if spool.is_empty() || now >= give_up {
+            due += INTERVAL;
+        }
+        if now >= stop_making && (spool.is_empty() || now >= give_up) {
             break;
         }
         if not_before.is_some_and(|t| now < t) {
@@ -702,8 +708,12 @@ pub(super) fn run(ctx: &Ctx, scale: Scale) -> anyhow::Result<Section> {
         (&[50.0, 100.0, 200.0], Duration::from_secs(3))
     } else {
         (
-            &[100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0, 6400.0],
-            Duration::from_secs(15),
+            // Steps of √2: the ceiling is known to within 41 %.
+            &[
+                100.0, 141.0, 200.0, 283.0, 400.0, 566.0, 800.0, 1131.0, 1600.0, 2263.0, 3200.0,
+                4525.0, 6400.0,
+            ],
+            Duration::from_secs(10),
         )
     };
     let _ = writeln!(
@@ -818,6 +828,14 @@ fn fleet_figures(
         .map(|w| w.iter().sum::<u64>() as f64 / 10.0)
         .collect();
     let win = Stats::of(&windows);
+    // Windows far below the offered rate: outages (the SIGKILL's, or any
+    // other), by their start in seconds from the start of the run.
+    let low: Vec<String> = windows
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| **w < 0.5 * offered)
+        .map(|(i, _)| format!("{}", 10 + i * 10))
+        .collect();
     let kill_window = windows
         .get((f.kill_at_s as usize).saturating_sub(10) / 10)
         .copied()
@@ -832,6 +850,7 @@ fn fleet_figures(
          | reports/s, whole run (stored ÷ {:.0} s) | {:.1} |\n\
          | reports/s per 10-s window: median (min–max) | {} |\n\
          | window holding the SIGKILL | {kill_window:.1} reports/s |\n\
+         | windows below half the offered rate (start, s) | {} |\n\
          | ingest latency p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |\n\
          | aggregator down (SIGKILL at {:.0} s → `/readyz` 200) | {:.1} s |\n\
          | failed tries, resent later | {failures} |\n\
@@ -847,6 +866,11 @@ fn fleet_figures(
         f.secs,
         delivered as f64 / f.secs,
         win.show(1),
+        if low.is_empty() {
+            "none".to_owned()
+        } else {
+            low.join(", ")
+        },
         lat.median,
         lat.p99,
         lat.max,
