@@ -19,13 +19,16 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use tally_contract::wire::{GpuGauge, GpuUsage, IoUsage, Report, SCHEMA_VERSION};
-use tokio::{runtime::Runtime, sync::Semaphore};
+use tokio::runtime::Runtime;
 
 use super::{
-    Check, Ctx, Section, Verdict,
-    ledger::{Aggregator, Backend, Db, start_aggregator, write_config},
-    util::{self, Stats},
+    Ctx, Section,
+    ledger::{Db, start_aggregator, write_config},
+    util,
 };
+
+mod ceiling;
+mod figures;
 
 pub(super) const TITLE: &str = "9. Fleet load";
 
@@ -506,144 +509,6 @@ fn table_sizes(db: &Db) -> anyhow::Result<Vec<(&'static str, u64, u64)>> {
     Ok(out)
 }
 
-/// One step of a ceiling run: an offered rate held for a while.
-struct Step {
-    offered: f64,
-    ok: u64,
-    failed: u64,
-    secs: f64,
-    /// Scheduled send → 2xx (or failure), s: queueing in the generator
-    /// counts, so an overloaded aggregator cannot hide it.
-    latency: Stats,
-    loadgen_cpu: f64,
-}
-
-impl Step {
-    fn passes(&self) -> bool {
-        self.failed == 0
-            && self.latency.p99 <= CEILING_P99_S
-            && self.ok as f64 >= 0.95 * self.offered * self.secs
-    }
-}
-
-/// A ceiling run on `backend` with `replicas` aggregators behind a
-/// round-robin generator: open-loop steps of `rates`, each for `step`,
-/// until one fails; then the ledger is counted.
-fn ceiling(
-    ctx: &Ctx,
-    rt: &Runtime,
-    backend: Backend,
-    replicas: usize,
-    rates: &[f64],
-    step: Duration,
-) -> anyhow::Result<(Vec<Step>, String)> {
-    let dir = util::scratch(&format!("fleet-ceiling-{}-{replicas}", backend.name()))?;
-    let db = match backend {
-        Backend::Sqlite => Db::sqlite(&dir),
-        Backend::Postgres => Db::postgres()?,
-    };
-    let nodes = 1000;
-    let tokens = tokens(nodes);
-    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
-    let config = write_config(&dir, &db, CONNECTIONS, &refs, AUTH)?;
-    let mut aggs: Vec<Aggregator> = Vec::new();
-    for r in 0..replicas {
-        let addr = SocketAddr::from(([127, 0, 0, 1], tally_e2e::free_port()));
-        aggs.push(start_aggregator(
-            ctx,
-            &config,
-            addr,
-            &dir.join(format!("aggregator-{r}.log")),
-        )?);
-    }
-    let urls: Arc<[String]> = aggs
-        .iter()
-        .map(|a| format!("http://{}/api/v1/reports", a.addr))
-        .collect();
-    let tokens: Arc<[String]> = tokens.into();
-    let boot: Arc<str> = format!("ceiling-{}", std::process::id()).into();
-    let seqs: Arc<[AtomicU64]> = (0..nodes).map(|_| AtomicU64::new(0)).collect();
-    // Intervals a day back: a node sends faster than real time here.
-    let base_ms = unix_ms() - 86_400_000;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(MAX_IN_FLIGHT)
-        .build()?;
-    let mut steps = Vec::new();
-    for &rate in rates {
-        eprintln!(
-            "bench: ceiling on {} × {replicas}: {rate:.0} reports/s",
-            backend.name()
-        );
-        let gen0 = util::cpu_seconds(std::process::id(), ctx.tck)?;
-        let total = (rate * step.as_secs_f64()) as u64;
-        let results: Vec<(f64, bool)> = rt.block_on(async {
-            let gate = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-            let start = tokio::time::Instant::now();
-            let mut handles = Vec::with_capacity(total as usize);
-            for k in 0..total {
-                let at = start + Duration::from_secs_f64(k as f64 / rate);
-                tokio::time::sleep_until(at).await;
-                let node = k as usize % nodes;
-                let seq = seqs[node].fetch_add(1, Ordering::Relaxed);
-                let (client, gate, boot) = (client.clone(), gate.clone(), boot.clone());
-                let url = urls[k as usize % urls.len()].clone();
-                let token = tokens[node].clone();
-                handles.push(tokio::spawn(async move {
-                    let _permit = gate.acquire_owned().await;
-                    let r = report(node, &boot, seq, base_ms + seq * 10_000);
-                    let ok = match serde_json::to_vec(&r) {
-                        Ok(body) => client
-                            .post(url)
-                            .bearer_auth(token)
-                            .header(reqwest::header::CONTENT_TYPE, "application/json")
-                            .body(body)
-                            .send()
-                            .await
-                            .is_ok_and(|a| a.status().is_success()),
-                        Err(_) => false,
-                    };
-                    (at.elapsed().as_secs_f64(), ok)
-                }));
-            }
-            let mut out = Vec::with_capacity(handles.len());
-            for h in handles {
-                out.push(h.await.unwrap_or((f64::INFINITY, false)));
-            }
-            out
-        });
-        let secs = step.as_secs_f64();
-        let ok = results.iter().filter(|r| r.1).count() as u64;
-        let latencies: Vec<f64> = results.iter().map(|r| r.0).collect();
-        let s = Step {
-            offered: rate,
-
-            ok,
-            failed: total - ok,
-            secs,
-            latency: Stats::of(&latencies),
-            loadgen_cpu: (util::cpu_seconds(std::process::id(), ctx.tck)? - gen0) / secs * 100.0,
-        };
-        let pass = s.passes();
-        steps.push(s);
-        if !pass {
-            break;
-        }
-    }
-    let ok: u64 = steps.iter().map(|s| s.ok).sum();
-    let stored = db.count("reports")?;
-    drop(aggs);
-    let ledger = if stored == ok {
-        format!("{stored} reports in the ledger, one per 2xx answer: complete")
-    } else {
-        format!(
-            "{stored} reports in the ledger for {ok} 2xx answers (the difference: requests \
-             that timed out after the aggregator had stored them)"
-        )
-    };
-    Ok((steps, ledger))
-}
-
 /// Runs the fleet and the ceilings; each part that fails says so in the
 /// section and the others still run.
 pub(super) fn run(ctx: &Ctx, scale: Scale) -> anyhow::Result<Section> {
@@ -696,7 +561,7 @@ pub(super) fn run(ctx: &Ctx, scale: Scale) -> anyhow::Result<Section> {
         let f = fleet_run(ctx, &rt, &dir, &db, scale)?;
         let problems = check_ledger(&db, &f.logs)?;
         let sizes = table_sizes(&db)?;
-        fleet_figures(&mut s, &f, &problems, &sizes, scale, &load_before);
+        figures::fleet_figures(&mut s, &f, &problems, &sizes, scale, &load_before);
         Ok(())
     })();
     if let Err(e) = fleet {
@@ -704,259 +569,33 @@ pub(super) fn run(ctx: &Ctx, scale: Scale) -> anyhow::Result<Section> {
         s.body.push_str(&f.body);
         s.checks.extend(f.checks);
     }
-    let (rates, step): (&[f64], _) = if ctx.quick {
-        (&[50.0, 100.0, 200.0], Duration::from_secs(3))
-    } else {
-        (
-            // Steps of √2: the ceiling is known to within 41 %.
-            &[
-                100.0, 141.0, 200.0, 283.0, 400.0, 566.0, 800.0, 1131.0, 1600.0, 2263.0, 3200.0,
-                4525.0, 6400.0,
-            ],
-            Duration::from_secs(10),
-        )
-    };
-    let _ = writeln!(
-        s.body,
-        "\n**Ingest ceiling.** The same reports from 1,000 nodes (one token each), sent open \
-         loop at a fixed rate for {} s per step (rates {}; at most {MAX_IN_FLIGHT} requests \
-         in flight), latency from each report's scheduled send to its 2xx, so a backlog in the \
-         generator counts; the steps stop at the first where p99 passes {CEILING_P99_S} s, a \
-         request fails or fewer than 95 % of the offered reports are stored. Each backend \
-         fresh; two replicas share one PostgreSQL, the generator alternates between them.\n\n\
-         | backend | offered reports/s | stored reports/s | p50 ms | p99 ms | max ms | failed \
-         | load generator CPU % |\n| --- | --- | --- | --- | --- | --- | --- | --- |",
-        step.as_secs(),
-        rates
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let mut ceilings = Vec::new();
-    for (backend, replicas, target) in [
-        (Backend::Sqlite, 1, "≥ 2,000 reports/s"),
-        (Backend::Postgres, 1, "≥ 1,000 reports/s"),
-        (Backend::Postgres, 2, "more than one replica"),
-    ] {
-        let label = if replicas == 1 {
-            backend.name().to_owned()
-        } else {
-            format!("{} × {replicas} replicas", backend.name())
-        };
-        let what = format!("9. ingest ceiling ({label})");
-        match ceiling(ctx, &rt, backend, replicas, rates, step) {
-            Ok((steps, ledger)) => {
-                for st in &steps {
-                    let _ = writeln!(
-                        s.body,
-                        "| {label} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} |",
-                        st.offered,
-                        st.ok as f64 / st.secs,
-                        st.latency.median * 1000.0,
-                        st.latency.p99 * 1000.0,
-                        st.latency.max * 1000.0,
-                        st.failed,
-                        st.loadgen_cpu
-                    );
-                }
-                let best = steps
-                    .iter()
-                    .filter(|s| s.passes())
-                    .map(|s| s.offered)
-                    .fold(0.0, f64::max);
-                let past = steps.iter().find(|s| !s.passes());
-                let measured = match past {
-                    Some(p) => format!(
-                        "p99 ≤ 1 s up to {best:.0} reports/s; at {:.0}: p99 {:.2} s, {} failed; {ledger}",
-                        p.offered, p.latency.p99, p.failed
-                    ),
-                    None => format!(
-                        "p99 ≤ 1 s at every step, up to {best:.0} reports/s (the generator's \
-                         highest); {ledger}"
-                    ),
-                };
-                ceilings.push(best);
-                let pass = match (backend, replicas) {
-                    (Backend::Sqlite, _) => best >= 2000.0,
-                    (Backend::Postgres, 1) => best >= 1000.0,
-                    _ => ceilings.get(1).is_some_and(|&one| best > one),
-                };
-                s.checks
-                    .push(Check::new(what, target, measured, Verdict::of(pass)));
-            }
-            Err(e) => {
-                ceilings.push(0.0);
-                let f = super::failed(&what, &e);
-                let _ = writeln!(s.body, "| {label} | failed: {} |", f.checks[0].measured);
-                s.checks.extend(f.checks);
-            }
-        }
-    }
+    ceiling::section(ctx, &rt, &mut s);
     s.body.push('\n');
     Ok(s)
 }
 
-/// The fleet run's table, notes and checks.
-fn fleet_figures(
-    s: &mut Section,
-    f: &FleetRun,
-    problems: &[String],
-    sizes: &[(&str, u64, u64)],
-    scale: Scale,
-    load_before: &str,
-) {
-    let offered = scale.agents as f64 / INTERVAL.as_secs_f64();
-    let made: u64 = f.logs.iter().map(|l| l.created).sum();
-    let delivered: u64 = f.logs.iter().map(|l| l.delivered).sum();
-    let failures: u64 = f.logs.iter().map(|l| l.failures).sum();
-    let refused: Vec<&String> = f.logs.iter().flat_map(|l| &l.refused).collect();
-    let unsent: usize = f.logs.iter().map(|l| l.unsent).sum();
-    let sent_us: u64 = f.logs.iter().map(|l| l.allocated_us).sum();
-    let lat: Vec<f64> = f.logs.iter().flat_map(|l| l.latency_ms.clone()).collect();
-    let delayed: Vec<f64> = f.logs.iter().flat_map(|l| l.delayed_s.clone()).collect();
-    let lat = Stats::of(&lat);
-    let delayed_st = Stats::of(&delayed);
-    // Whole 10-s windows from the first full interval to the end of making.
-    let making_s = scale.minutes * 60.0;
-    let end = (making_s as usize).min(f.per_second.len());
-    let windows: Vec<f64> = f
-        .per_second
-        .get(10..end)
-        .unwrap_or_default()
-        .chunks_exact(10)
-        .map(|w| w.iter().sum::<u64>() as f64 / 10.0)
-        .collect();
-    let win = Stats::of(&windows);
-    // Windows far below the offered rate: outages (the SIGKILL's, or any
-    // other), by their start in seconds from the start of the run.
-    let low: Vec<String> = windows
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| **w < 0.5 * offered)
-        .map(|(i, _)| format!("{}", 10 + i * 10))
-        .collect();
-    let kill_window = windows
-        .get((f.kill_at_s as usize).saturating_sub(10) / 10)
-        .copied()
-        .unwrap_or(0.0);
-    let per_core_agg = delivered as f64 / f.aggregator_cpu_s.max(1e-9);
-    let per_core_all = delivered as f64 / (f.aggregator_cpu_s + f.postgres_cpu_s).max(1e-9);
-    let _ = writeln!(
-        s.body,
-        "\n**Fleet run** ({} agents, {} min; load average {load_before} before, {} after):\n\n\
-         | measure | value |\n| --- | --- |\n\
-         | reports made / stored (2xx) | {made} / {delivered} |\n\
-         | reports/s, whole run (stored ÷ {:.0} s) | {:.1} |\n\
-         | reports/s per 10-s window: median (min–max) | {} |\n\
-         | window holding the SIGKILL | {kill_window:.1} reports/s |\n\
-         | windows below half the offered rate (start, s) | {} |\n\
-         | ingest latency p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |\n\
-         | aggregator down (SIGKILL at {:.0} s → `/readyz` 200) | {:.1} s |\n\
-         | failed tries, resent later | {failures} |\n\
-         | reports stored only on a later try: count, made → stored median / max | {} , {:.1} / {:.1} s |\n\
-         | refused for good / left unsent | {} / {unsent} |\n\
-         | aggregator CPU | {:.0} s ({:.1} % of one core) |\n\
-         | PostgreSQL CPU (postmaster and backends) | {:.0} s ({:.1} % of one core) |\n\
-         | load generator CPU | {:.0} s ({:.1} % of one core) |\n\
-         | reports per CPU second: aggregator alone / with PostgreSQL | {per_core_agg:.0} / {per_core_all:.0} |\n",
-        scale.agents,
-        scale.minutes,
-        crate::exec::loadavg(),
-        f.secs,
-        delivered as f64 / f.secs,
-        win.show(1),
-        if low.is_empty() {
-            "none".to_owned()
-        } else {
-            low.join(", ")
-        },
-        lat.median,
-        lat.p99,
-        lat.max,
-        f.kill_at_s,
-        f.down_s,
-        delayed.len(),
-        delayed_st.median,
-        delayed_st.max,
-        refused.len(),
-        f.aggregator_cpu_s,
-        f.aggregator_cpu_s / f.secs * 100.0,
-        f.postgres_cpu_s,
-        f.postgres_cpu_s / f.secs * 100.0,
-        f.loadgen_cpu_s,
-        f.loadgen_cpu_s / f.secs * 100.0,
-    );
-    if let Some(r) = refused.first() {
-        let _ = writeln!(s.body, "First refusal: `{r}`\n");
-    }
-    // Per node and day, from the rows the run wrote over its making time.
-    let node_days = scale.agents as f64 * making_s / 86_400.0;
-    let _ = writeln!(
-        s.body,
-        "Ledger after the run (PostgreSQL, rows and bytes of table, indexes and partitions; \
-         per node and day scaled from {making_s:.0} s of {} nodes; the hourly rollups grow \
-         per hour, not per report: a node writes 24 × (8 + 4) rollup rows a day whatever \
-         the run's length):\n\n\
-         | table | rows | bytes | bytes per row | rows per node and day | bytes per node and day |\n\
-         | --- | --- | --- | --- | --- | --- |",
-        scale.agents
-    );
-    for (t, rows, bytes) in sizes {
-        let per_row = *bytes as f64 / (*rows).max(1) as f64;
-        let (rpd, bpd) = if t.ends_with("_hourly") {
-            let r = 24.0 * if *t == "gpu_usage_hourly" { 8.0 } else { 4.0 };
-            (r, r * per_row)
-        } else {
-            (*rows as f64 / node_days, *bytes as f64 / node_days)
-        };
-        let _ = writeln!(
-            s.body,
-            "| `{t}` | {rows} | {bytes} | {per_row:.0} | {rpd:.0} | {:.1} MB |",
-            bpd / 1e6
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_reports_are_valid_and_vary() {
+        let a = report(3, "boot", 7, 1_790_812_800_000);
+        assert_eq!(a.validate(), Ok(()));
+        assert_eq!(
+            (a.gpu_usage.len(), a.io_usage.len(), a.gpus.len()),
+            (8, 4, 8)
         );
+        // A lost or doubled report must show in the GPU sums.
+        let b = report(3, "boot", 8, 1_790_812_810_000);
+        assert_ne!(allocated_us(&a), allocated_us(&b));
+        assert!(allocated_us(&a) <= 8 * 10_000_000);
     }
-    let verdict = if problems.is_empty() {
-        format!(
-            "every report exactly once ({delivered} of {made}); GPU time {:.0} s in raw rows and \
-             rollups, as sent",
-            sent_us as f64 / 1e6
-        )
-    } else {
-        format!(
-            "{} problems, first: {}",
-            problems.len(),
-            problems
-                .iter()
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    };
-    let _ = writeln!(s.body, "\nLedger check: {verdict}.");
-    s.checks.push(Check::new(
-        format!(
-            "9. fleet, {} agents × 1 report/{} s, {} min, PostgreSQL, one SIGKILL",
-            scale.agents,
-            INTERVAL.as_secs(),
-            scale.minutes
-        ),
-        format!("the offered {offered:.0} reports/s sustained, p99 ≤ 1 s"),
-        format!(
-            "{:.1} reports/s (10-s windows {}), p50 {:.1} ms, p99 {:.1} ms; down {:.1} s",
-            delivered as f64 / f.secs,
-            win.show(1),
-            lat.median,
-            lat.p99,
-            f.down_s
-        ),
-        Verdict::of(win.median >= 0.95 * offered && lat.p99 <= CEILING_P99_S * 1000.0),
-    ));
-    s.checks.push(Check::new(
-        "9. fleet ledger after the SIGKILL",
-        "every report exactly once, GPU seconds equal to what was sent",
-        verdict,
-        Verdict::of(problems.is_empty() && unsent == 0 && refused.is_empty()),
-    ));
+
+    #[test]
+    fn psql_rows_by_node() {
+        let m = by_node("fleet-00001|3|3|0|2\nfleet-00002|5\n");
+        assert_eq!(m["fleet-00001"], vec![3, 3, 0, 2]);
+        assert_eq!(m["fleet-00002"], vec![5]);
+    }
 }
