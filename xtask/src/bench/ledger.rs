@@ -28,13 +28,13 @@ const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 const MONTH_START_S: i64 = 1_790_812_800;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Backend {
+pub(super) enum Backend {
     Sqlite,
     Postgres,
 }
 
 impl Backend {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Backend::Sqlite => "SQLite",
             Backend::Postgres => "PostgreSQL",
@@ -43,15 +43,15 @@ impl Backend {
 }
 
 /// A ledger database and how to run SQL on it from the shell.
-struct Db {
-    backend: Backend,
-    url: String,
+pub(super) struct Db {
+    pub backend: Backend,
+    pub url: String,
     sqlite_file: Option<PathBuf>,
     pg: Option<Postgres>,
 }
 
 impl Db {
-    fn sqlite(dir: &Path) -> Db {
+    pub(super) fn sqlite(dir: &Path) -> Db {
         let file = dir.join("ledger.db");
         Db {
             backend: Backend::Sqlite,
@@ -61,7 +61,7 @@ impl Db {
         }
     }
 
-    fn postgres() -> anyhow::Result<Db> {
+    pub(super) fn postgres() -> anyhow::Result<Db> {
         let pg = Postgres::start()?;
         Ok(Db {
             backend: Backend::Postgres,
@@ -72,7 +72,7 @@ impl Db {
     }
 
     /// Runs `sql` with the backend's shell client; returns its stdout.
-    fn sql(&self, sql: &str) -> anyhow::Result<String> {
+    pub(super) fn sql(&self, sql: &str) -> anyhow::Result<String> {
         let out = match (&self.sqlite_file, &self.pg) {
             (Some(f), _) => Command::new("sqlite3")
                 .arg(f)
@@ -108,7 +108,19 @@ impl Db {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    fn count(&self, table: &str) -> anyhow::Result<u64> {
+    /// The PostgreSQL server's postmaster, to read its CPU time.
+    pub(super) fn postmaster_pid(&self) -> Option<u32> {
+        let pg = self.pg.as_ref()?;
+        fs::read_to_string(pg.dir.join("data/postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub(super) fn count(&self, table: &str) -> anyhow::Result<u64> {
         let out = self.sql(&format!("SELECT COUNT(*) FROM {table};"))?;
         out.lines()
             .last()
@@ -189,13 +201,33 @@ impl Drop for Postgres {
 }
 
 /// A running `tally aggregator`.
-struct Aggregator {
-    proc: Proc,
-    addr: SocketAddr,
+pub(super) struct Aggregator {
+    pub proc: Proc,
+    pub addr: SocketAddr,
 }
 
 fn aggregator(ctx: &Ctx, dir: &Path, db: &Db, connections: u32) -> anyhow::Result<Aggregator> {
-    fs::write(dir.join("agent.token"), AGENT_TOKEN)?;
+    let config = write_config(dir, db, connections, &[AGENT_TOKEN], "")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], tally_e2e::free_port()));
+    start_aggregator(
+        ctx,
+        &config,
+        addr,
+        &dir.join(format!("aggregator-{}.log", db.backend.name())),
+    )
+}
+
+/// Writes `dir/aggregator.toml` for `db`: the benchmarks' prices, the
+/// admin token, `agent_tokens` (one per line of one token file) and
+/// `auth`, further keys of the `[auth]` table (e.g. a rate limit).
+pub(super) fn write_config(
+    dir: &Path,
+    db: &Db,
+    connections: u32,
+    agent_tokens: &[&str],
+    auth: &str,
+) -> anyhow::Result<PathBuf> {
+    fs::write(dir.join("agent.token"), agent_tokens.join("\n") + "\n")?;
     fs::write(dir.join("admin.token"), ADMIN_TOKEN)?;
     let config = format!(
         r#"
@@ -210,6 +242,9 @@ gpu_hour = {{ "NVIDIA H100 80GB HBM3" = 2.50, "NVIDIA A100-SXM4-80GB" = 1.20, de
 energy_kwh = 0.12
 network_gib = 0.01
 
+[auth]
+{auth}
+
 [[auth.token]]
 role = "agent"
 token_file = "{dir}/agent.token"
@@ -223,20 +258,28 @@ token_file = "{dir}/admin.token"
     );
     let file = dir.join("aggregator.toml");
     fs::write(&file, config)?;
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], tally_e2e::free_port()));
+    Ok(file)
+}
+
+/// Starts the release aggregator with `config` on `addr`, its log to
+/// `log`; returns once `/readyz` answers 200.
+pub(super) fn start_aggregator(
+    ctx: &Ctx,
+    config: &Path,
+    addr: SocketAddr,
+    log: &Path,
+) -> anyhow::Result<Aggregator> {
     let mut proc = Proc::spawn(
         "tally aggregator",
         Command::new(&ctx.tally)
             .arg("aggregator")
             .arg("--config")
-            .arg(&file)
+            .arg(config)
             .arg("--listen")
             .arg(addr.to_string())
             .env("TALLY_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(fs::File::create(
-                dir.join(format!("aggregator-{}.log", db.backend.name())),
-            )?),
+            .stderr(fs::OpenOptions::new().create(true).append(true).open(log)?),
     )?;
     let started = Instant::now();
     loop {
@@ -247,12 +290,12 @@ token_file = "{dir}/admin.token"
         if started.elapsed() > Duration::from_secs(60) {
             bail!("aggregator not ready after 60 s");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Whether this build has the aggregator role.
-fn has_aggregator(ctx: &Ctx) -> bool {
+pub(super) fn has_aggregator(ctx: &Ctx) -> bool {
     Command::new(&ctx.tally)
         .args(["aggregator", "--help"])
         .stdout(Stdio::null())

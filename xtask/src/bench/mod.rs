@@ -22,6 +22,7 @@ use crate::{
 
 mod agent;
 mod callgrind;
+mod fleet;
 mod ledger;
 mod probes;
 mod sim;
@@ -34,7 +35,7 @@ pub(crate) struct Options {
     #[arg(long)]
     pub quick: bool,
     /// Run only these benchmarks (repeatable): footprint, sample, scrape,
-    /// network, uprobe, ingest, chargeback, sim.
+    /// network, uprobe, ingest, chargeback, sim, fleet.
     #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(NAMES))]
     pub only: Vec<String>,
     /// Where the report goes [default: BENCHMARKS.md at the workspace root,
@@ -44,6 +45,13 @@ pub(crate) struct Options {
     /// Use the release binaries as they are (no `cargo build --release`).
     #[arg(long)]
     pub no_build: bool,
+    /// Simulated agents in the fleet run (benchmark 9) [default: 1000, 20
+    /// with --quick].
+    #[arg(long, value_name = "N")]
+    pub fleet_agents: Option<usize>,
+    /// Minutes of the fleet run [default: 10, 0.5 with --quick].
+    #[arg(long, value_name = "MINUTES")]
+    pub fleet_minutes: Option<f64>,
     /// Only count instructions per call under callgrind at ×1 (benchmarks
     /// 2 and 3's load-independent rows) and print them; writes no report.
     /// A quick check of a hot-path change (minutes, not the whole run).
@@ -61,6 +69,7 @@ pub(crate) const NAMES: &[&str] = &[
     "ingest",
     "chargeback",
     "sim",
+    "fleet",
 ];
 
 /// How a measurement compares with its target.
@@ -243,6 +252,17 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         sections.push(s);
         durations.push(("sim", t.elapsed()));
     }
+    if wanted("fleet") {
+        let t = Instant::now();
+        let scale = fleet::Scale {
+            agents: o.fleet_agents.unwrap_or(if o.quick { 20 } else { 1000 }),
+            minutes: o.fleet_minutes.unwrap_or(if o.quick { 0.5 } else { 10.0 }),
+        };
+        let mut s = guard(fleet::TITLE, || fleet::run(&ctx, scale));
+        s.body.insert_str(0, &stamp());
+        sections.push(s);
+        durations.push(("fleet", t.elapsed()));
+    }
 
     let out = o.output.clone().unwrap_or_else(|| {
         if o.quick {
@@ -380,6 +400,12 @@ fn render(
     }
     if o.no_build {
         command.push_str(" --no-build");
+    }
+    if let Some(n) = o.fleet_agents {
+        command.push_str(&format!(" --fleet-agents {n}"));
+    }
+    if let Some(m) = o.fleet_minutes {
+        command.push_str(&format!(" --fleet-minutes {m}"));
     }
     let _ = writeln!(r, "# Tally benchmarks\n");
     let _ = writeln!(
