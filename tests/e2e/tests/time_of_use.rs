@@ -56,6 +56,7 @@ fn energy_report(seq: u64, end: u64, kwh: f64) -> Report {
             memory_byte_seconds: 0,
             energy_mj: (kwh * MJ_PER_KWH) as u64,
             workload: None,
+            idle_us: 0,
         }],
         io_usage: vec![],
         gpus: vec![],

@@ -97,6 +97,7 @@ fn report(node: usize, boot: &str, seq: u64, start_ms: u64) -> Report {
                 memory_byte_seconds: 40 << 30,
                 energy_mj: 3_500_000,
                 workload: None,
+                idle_us: 0,
             }
         })
         .collect();
