@@ -16,7 +16,7 @@ use std::{
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use kube::{
     Api, Client,
@@ -54,6 +54,9 @@ pub struct LabelledPod {
     pub pod: PodName,
     /// Its `tenant_label` value, when set and a valid tenant name.
     pub tenant: Option<String>,
+    /// `<kind>/<name>` of its controller (a Job, a ReplicaSet, a
+    /// StatefulSet…): its pods' usage is one workload.
+    pub owner: Option<String>,
 }
 
 /// What the watch last saw. Each lock is held only for one map operation
@@ -228,11 +231,21 @@ pub async fn watch(config: KubernetesConfig, labels: Arc<ApiLabels>, stop: Cance
 fn pod_entry(pod: Pod, label: &str, warned: &mut Warned) -> Option<(String, Option<LabelledPod>)> {
     let tenant = tenant_label(&pod.metadata, label, warned);
     let meta = pod.metadata;
+    let owner = controller(meta.owner_references.as_deref().unwrap_or_default());
     let pod = PodName {
         namespace: meta.namespace?,
         pod: meta.name?,
     };
-    Some((meta.uid?, Some(LabelledPod { pod, tenant })))
+    Some((meta.uid?, Some(LabelledPod { pod, tenant, owner })))
+}
+
+/// `<kind>/<name>` of the owner that controls a pod (at most one has
+/// `controller: true`); `None` for a bare pod.
+fn controller(owners: &[OwnerReference]) -> Option<String> {
+    owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| format!("{}/{}", o.kind, o.name))
 }
 
 /// A namespace's entry: its name → its tenant label (`None`: not kept).
@@ -380,6 +393,25 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn the_controlling_owner_names_the_workload() {
+        let owner = |kind: &str, name: &str, controller: Option<bool>| OwnerReference {
+            kind: kind.into(),
+            name: name.into(),
+            controller,
+            ..Default::default()
+        };
+        assert_eq!(
+            controller(&[
+                owner("ConfigMap", "c", None),
+                owner("Job", "train", Some(true))
+            ]),
+            Some("Job/train".into())
+        );
+        assert_eq!(controller(&[owner("ReplicaSet", "r", Some(false))]), None);
+        assert_eq!(controller(&[]), None);
+    }
 
     fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
         ObjectMeta {

@@ -228,6 +228,8 @@ pub struct Identity {
     pub container: Option<String>,
     /// The tenant the pod's `tenant_label`, else its namespace's, names.
     pub label_tenant: Option<String>,
+    /// `<kind>/<name>` of the pod's controller, when the label watch saw it.
+    pub owner: Option<String>,
 }
 
 impl Identity {
@@ -386,6 +388,7 @@ impl Lookup {
                     pod: Some(one.pod.pod.clone()),
                     container: Some(one.container.clone()),
                     label_tenant: self.label_tenant(&pc.pod_uid, &one.pod.namespace),
+                    owner: self.owner(&pc.pod_uid),
                 })
             }
             [first, rest @ ..] => {
@@ -398,6 +401,7 @@ impl Lookup {
                         pod: None,
                         container: None,
                         label_tenant: self.label_tenant(&pc.pod_uid, &first.pod.namespace),
+                        owner: None,
                     })
             }
         }
@@ -465,7 +469,13 @@ impl Lookup {
             pod: Some(pod.pod.clone()),
             container,
             label_tenant: self.label_tenant(&pc.pod_uid, &pod.namespace),
+            owner: self.owner(&pc.pod_uid),
         })
+    }
+
+    /// The controller of pod `uid`, as last watched.
+    fn owner(&self, uid: &str) -> Option<String> {
+        self.labels.as_ref()?.pod(uid)?.owner
     }
 
     /// The tenant label of pod `uid`, else of `namespace`, as last watched.
@@ -929,6 +939,7 @@ mod tests {
                         pod: "p".into(),
                     },
                     tenant: tenant.map(str::to_owned),
+                    owner: None,
                 };
                 (uid.to_owned(), pod)
             };
@@ -975,6 +986,23 @@ mod tests {
         // The label changes: the next attribution follows.
         set(Some("other-tenant"), None);
         assert_eq!(&*r.attribute_on(7, None).tenant, "other-tenant");
+        // A pod of a Job: the Job is the workload.
+        api.set(
+            HashMap::from([(
+                UID.to_owned(),
+                LabelledPod {
+                    pod: PodName {
+                        namespace: "team-a-prod".into(),
+                        pod: "train-x7k2p".into(),
+                    },
+                    tenant: None,
+                    owner: Some("Job/train".into()),
+                },
+            )]),
+            HashMap::new(),
+        );
+        let a = r.attribute_on(7, None);
+        assert_eq!(a.workload_id.as_deref(), Some("team-a-prod/Job/train"));
     }
 
     #[test]

@@ -266,9 +266,14 @@ impl Resolver {
                     .as_ref()
                     .and_then(|id| {
                         let tenant = id.tenant(namespaces, *unmapped)?;
+                        // A controller's pods are one workload (a Job's
+                        // retries, a StatefulSet's replicas); a bare pod
+                        // is its own.
                         let pod = id
-                            .pod
+                            .owner
                             .as_ref()
+                            .or(id.pod.as_ref())
+                            .filter(|_| id.pod.is_some())
                             .map(|p| format!("{}/{p}", id.namespace))
                             .filter(|w| is_workload_name(w));
                         Some((Some(Arc::from(tenant)), pod.map(Arc::from)))

@@ -260,6 +260,26 @@ impl FakeApiServer {
         });
     }
 
+    /// Makes `kind`/`name` pod `uid`'s controller: one `MODIFIED` event.
+    pub fn set_pod_controller(&self, uid: &str, kind: &str, name: &str) {
+        self.change(|s| {
+            let mut object = s
+                .objects
+                .get(&(Kind::Pods, uid.to_owned()))
+                .unwrap_or_else(|| panic!("no pod {uid}"))
+                .clone();
+            object["metadata"]["ownerReferences"] = json!([{
+                "apiVersion": "batch/v1",
+                "kind": kind,
+                "name": name,
+                "uid": format!("owner-of-{uid}"),
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }]);
+            s.put(Kind::Pods, uid, object, "MODIFIED");
+        });
+    }
+
     /// How many list (`watch` false) or watch requests of `kind` came.
     pub fn requests(&self, kind: Kind, watch: bool) -> usize {
         let state = self.shared.0.lock().unwrap();

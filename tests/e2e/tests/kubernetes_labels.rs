@@ -180,6 +180,14 @@ node_name = "{NODE}"
         "moved by the watch event, not by a new list"
     );
 
+    // A pod of a Job: the Job is its workload.
+    api.set_pod_controller(&eval.uid, "Job", "eval");
+    wait_for(
+        "the Job to name the workload",
+        Duration::from_secs(30),
+        || (process_tenant(&agent, eval.proc.pid()).1 == "team-b-dev/Job/eval").then_some(()),
+    );
+
     // An outage: the last answer stays, with one line per watch.
     api.stop();
     wait_for("the outage to be logged", Duration::from_secs(30), || {
