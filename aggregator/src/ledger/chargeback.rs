@@ -64,6 +64,30 @@ pub(super) fn in_cluster(cluster: Option<&str>) -> &'static str {
 }
 
 impl Ledger {
+    /// Runs a period read: `$1`/`$2` the period, `$3`/`$4` its whole
+    /// hours (`(a, b)` of [`whole_hours`]), `$5` the cluster when given.
+    pub(super) async fn period_query<T>(
+        &self,
+        query: &str,
+        from_ms: i64,
+        to_ms: i64,
+        (a, b): (i64, i64),
+        cluster: Option<&str>,
+    ) -> Result<Vec<T>, LedgerError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+    {
+        let mut q = sqlx::query_as(query)
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(a)
+            .bind(b);
+        if let Some(c) = cluster {
+            q = q.bind(c);
+        }
+        Ok(q.fetch_all(&self.pool).await?)
+    }
+
     /// GPU usage of reports whose interval ends in `[from_ms, to_ms)`:
     /// the hourly rollup for whole hours, raw rows for partial ones. The
     /// rollup holds the raw rows' integer sums, so the result is the same
@@ -97,15 +121,8 @@ impl Ledger {
              GROUP BY tenant, node, cluster, workload, model, slice_fraction \
              ORDER BY tenant, node, cluster, workload, model, slice_fraction"
         );
-        let mut q = sqlx::query_as(&query)
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(a)
-            .bind(b);
-        if let Some(c) = cluster {
-            q = q.bind(c);
-        }
-        Ok(q.fetch_all(&self.pool).await?)
+        self.period_query(&query, from_ms, to_ms, (a, b), cluster)
+            .await
     }
 
     /// I/O of reports whose interval ends in `[from_ms, to_ms)`, read as
@@ -133,15 +150,8 @@ impl Ledger {
              WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
              GROUP BY tenant, node, cluster ORDER BY tenant, node, cluster"
         );
-        let mut q = sqlx::query_as(&query)
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(a)
-            .bind(b);
-        if let Some(c) = cluster {
-            q = q.bind(c);
-        }
-        Ok(q.fetch_all(&self.pool).await?)
+        self.period_query(&query, from_ms, to_ms, (a, b), cluster)
+            .await
     }
 }
 
@@ -209,15 +219,8 @@ impl Ledger {
              ORDER BY tenant, node, {cols_rest}",
             cols_rest = "cluster, workload, model, slice_fraction",
         );
-        let mut q = sqlx::query_as(&query)
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(a)
-            .bind(b);
-        if let Some(c) = cluster {
-            q = q.bind(c);
-        }
-        Ok(q.fetch_all(&self.pool).await?)
+        self.period_query(&query, from_ms, to_ms, (a, b), cluster)
+            .await
     }
 
     /// As [`Self::io_groups`], summed over nodes: every group's `node` is
@@ -251,15 +254,8 @@ impl Ledger {
              WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
              GROUP BY tenant, cluster ORDER BY tenant, cluster"
         );
-        let mut q = sqlx::query_as(&query)
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(a)
-            .bind(b);
-        if let Some(c) = cluster {
-            q = q.bind(c);
-        }
-        Ok(q.fetch_all(&self.pool).await?)
+        self.period_query(&query, from_ms, to_ms, (a, b), cluster)
+            .await
     }
 }
 

@@ -57,7 +57,7 @@ impl Ledger {
              HAVING SUM(energy_mj) <> 0 \
              ORDER BY tenant, node, cluster, workload, model, hour_ms"
         );
-        self.energy_query(&query, from_ms, to_ms, (a, b), cluster)
+        self.period_query(&query, from_ms, to_ms, (a, b), cluster)
             .await
     }
 
@@ -91,27 +91,8 @@ impl Ledger {
              HAVING SUM(energy_mj) <> 0 \
              ORDER BY tenant, cluster, workload, model, hour_ms"
         );
-        self.energy_query(&query, from_ms, to_ms, (a, b), cluster)
+        self.period_query(&query, from_ms, to_ms, (a, b), cluster)
             .await
-    }
-
-    async fn energy_query(
-        &self,
-        query: &str,
-        from_ms: i64,
-        to_ms: i64,
-        (a, b): (i64, i64),
-        cluster: Option<&str>,
-    ) -> Result<Vec<EnergyHour>, LedgerError> {
-        let mut q = sqlx::query_as(query)
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(a)
-            .bind(b);
-        if let Some(c) = cluster {
-            q = q.bind(c);
-        }
-        Ok(q.fetch_all(&self.pool).await?)
     }
 }
 
