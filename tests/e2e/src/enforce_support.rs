@@ -278,17 +278,20 @@ pub fn nvidia_nodes() -> tempfile::TempDir {
 /// seen whole however loaded the machine is.
 pub struct ByteSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(u64, u64)>>,
+    /// The readings so far: (sample time, bytes).
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl ByteSampler {
     pub fn start(addr: std::net::SocketAddr, tenant: &'static str, field: &'static str) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, u64)>::new()));
         let (first_tx, first) = std::sync::mpsc::channel();
         let thread = {
             let stop = stop.clone();
+            let seen = seen.clone();
             std::thread::spawn(move || {
-                let mut seen: Vec<(u64, u64)> = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     if let Ok((200, body)) = crate::http_get(addr, "/api/v1/snapshot") {
                         let snap: serde_json::Value =
@@ -301,6 +304,7 @@ impl ByteSampler {
                             .find(|r| r["tenant"] == tenant)
                             .and_then(|r| r[field].as_u64())
                             .unwrap_or(0);
+                        let mut seen = seen.lock().unwrap();
                         if seen.last().is_none_or(|l| l.0 != at) {
                             seen.push((at, bytes));
                             let _ = first_tx.send(());
@@ -308,13 +312,12 @@ impl ByteSampler {
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                seen
             })
         };
         first
             .recv_timeout(Duration::from_secs(60))
             .expect("a first reading of the agent's snapshot");
-        ByteSampler { stop, thread }
+        ByteSampler { stop, seen, thread }
     }
 
     /// Stops sampling; the rate (bytes/s, skb lengths as the policer
@@ -322,8 +325,20 @@ impl ByteSampler {
     /// its bytes: away from process start-up, the initial burst and the
     /// tail.
     pub fn steady_rate(self, at_least: u64) -> f64 {
+        // A sender may exit with its last segments still queued (and, being
+        // policed, retransmitted): wait, bounded, for the count to reach
+        // the payload rather than a fixed number of samples.
+        let reached = || {
+            let seen = self.seen.lock().unwrap();
+            matches!((seen.first(), seen.last()), (Some(f), Some(l)) if l.1 - f.1 >= at_least)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !reached() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let seen = self.thread.join().expect("sampler thread");
+        self.thread.join().expect("sampler thread");
+        let seen = std::mem::take(&mut *self.seen.lock().unwrap());
         let (b0, b1) = (seen.first().unwrap().1, seen.last().unwrap().1);
         assert!(
             b1 - b0 >= at_least,
