@@ -20,7 +20,10 @@
 //!   × unoccupied fraction), so parent and instances price to one GPU. Either
 //!   way the tenants' energy sums to the device's counter delta.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use crate::snapshot::{TENANT_IDLE, TenantGpuUsage};
 
@@ -157,79 +160,178 @@ pub fn split_workloads<'a>(share: &Share, holders: &[Holder<'a>]) -> BTreeMap<&'
     out
 }
 
+/// A map keyed by a name, hashed with foldhash (see `crate::pids`): the
+/// accounts look a row up per tenant per device every cycle.
+type NameMap<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
+
 /// Cumulative per-(tenant, device) counters; the agent's running total.
 ///
-/// Found by tenant then device, so a cycle's rows are looked up by the
-/// names it already has (no key built per row) and come out in (tenant,
-/// device) order; a device remembers which tenants its last interval set
-/// a memory gauge for, so only those are zeroed, not every row scanned.
+/// Each device finds its rows by tenant name in a hashed index, so a
+/// cycle's shares are looked up by the names they already have (no key
+/// built per row, no string compares down a tree). The rows keep their
+/// names as `Arc<str>`, made once per tenant and device: the snapshot's
+/// copy of every row each cycle copies pointers, not text. A device
+/// remembers which rows its last interval set a memory gauge for, so only
+/// those are zeroed, not every row scanned.
 #[derive(Debug, Default)]
 pub struct Accounts {
-    rows: BTreeMap<String, BTreeMap<String, TenantGpuUsage>>,
-    devices: BTreeMap<String, DeviceTotals>,
-    /// The named workloads' part of `rows`, by (tenant, workload), device.
-    workloads: BTreeMap<(String, String), BTreeMap<String, TenantGpuUsage>>,
+    /// Per (tenant, device); `mark` beside it.
+    rows: Table,
+    /// The `add` call that last set each row's shares (`marked`).
+    mark: Vec<u64>,
+    marked: u64,
+    /// The named workloads' part of `rows`, per (tenant, workload, device).
+    workloads: Table,
+    devices: NameMap<DeviceTotals>,
+    /// Each tenant and workload name once, shared by its rows.
+    names: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    /// The holders list being built, kept for its capacity.
+    spare: Vec<usize>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct DeviceTotals {
+    /// The device label and UUID, shared by its rows.
+    gpu: Arc<str>,
+    uuid: Arc<str>,
     /// Wall time accounted: what the device's allocated seconds sum to.
     observed: f64,
-    /// The tenants of the last interval's shares, in order.
-    holders: Vec<String>,
+    /// Its rows in `Accounts::rows`, by tenant.
+    tenants: NameMap<usize>,
+    /// Its rows in `Accounts::workloads`, by tenant then workload.
+    workloads: NameMap<NameMap<usize>>,
+    /// The rows of the last interval's shares.
+    holders: Vec<usize>,
 }
 
-/// `map[key]`, inserted empty when missing: the key is copied only then.
-fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
-    if map.get(key).is_none() {
-        map.insert(key.to_owned(), V::default());
+/// Rows with stable indices, listed in (tenant, workload, device) order:
+/// the order of the snapshot, hence of `/metrics` and the reports.
+#[derive(Debug, Default)]
+struct Table {
+    rows: Vec<TenantGpuUsage>,
+    /// Indices into `rows`, in order once `sort` ran.
+    order: Vec<usize>,
+    unsorted: bool,
+}
+
+impl Table {
+    fn push(&mut self, row: TenantGpuUsage) -> usize {
+        let i = self.rows.len();
+        self.rows.push(row);
+        self.order.push(i);
+        self.unsorted = true;
+        i
     }
-    map.get_mut(key).expect("inserted above")
+
+    /// Orders the rows pushed since the last call among the others; a
+    /// no-op on a steady node, where no row is new.
+    fn sort(&mut self) {
+        if !self.unsorted {
+            return;
+        }
+        let rows = &self.rows;
+        let key = |i: usize| {
+            let r = &rows[i];
+            (&*r.tenant, r.workload.as_deref(), &*r.gpu)
+        };
+        // Stable and adaptive: the sorted run plus the new tail is merged.
+        self.order.sort_by(|&a, &b| key(a).cmp(&key(b)));
+        self.unsorted = false;
+    }
+
+    fn listed(&self) -> Vec<TenantGpuUsage> {
+        debug_assert!(!self.unsorted, "sorted by every add");
+        self.order.iter().map(|&i| self.rows[i].clone()).collect()
+    }
+}
+
+/// `name` as shared by earlier rows, made once when new.
+fn intern(names: &mut HashSet<Arc<str>, foldhash::fast::RandomState>, name: &str) -> Arc<str> {
+    if let Some(n) = names.get(name) {
+        return n.clone();
+    }
+    let n: Arc<str> = Arc::from(name);
+    names.insert(n.clone());
+    n
+}
+
+/// Adds one interval's `share` over `seconds` to a cumulative row.
+fn accumulate(row: &mut TenantGpuUsage, share: &Share, seconds: f64) {
+    row.allocated_seconds_total += share.allocated_seconds;
+    if let (Some(total), Some(s)) = (row.sm_seconds_total.as_mut(), share.sm_seconds) {
+        *total += s;
+    }
+    row.idle_allocated_seconds_total += share.idle_seconds;
+    row.memory_bytes = share.memory_bytes;
+    row.memory_byte_seconds_total += share.memory_bytes as f64 * seconds;
+    row.energy_joules_total += share.energy_joules;
 }
 
 impl Accounts {
+    /// Device `gpu`'s totals, made on its first interval; its rows get
+    /// `uuid` from the interval that makes them.
+    fn device<'m>(
+        devices: &'m mut NameMap<DeviceTotals>,
+        gpu: &str,
+        uuid: &str,
+    ) -> &'m mut DeviceTotals {
+        if !devices.contains_key(gpu) {
+            let gpu: Arc<str> = Arc::from(gpu);
+            devices.insert(
+                gpu.clone(),
+                DeviceTotals {
+                    gpu,
+                    uuid: Arc::from(uuid),
+                    observed: 0.0,
+                    tenants: NameMap::default(),
+                    workloads: NameMap::default(),
+                    holders: Vec::new(),
+                },
+            );
+        }
+        let device = devices.get_mut(gpu).expect("inserted above");
+        if *device.uuid != *uuid {
+            device.uuid = Arc::from(uuid);
+        }
+        device
+    }
+
     /// Adds one interval's shares of device `gpu` (`uuid`), and sets the
     /// memory gauge of tenants that no longer hold it to zero.
     pub fn add(&mut self, gpu: &str, uuid: &str, seconds: f64, shares: &BTreeMap<&str, Share>) {
-        let device = slot(&mut self.devices, gpu);
+        let device = Self::device(&mut self.devices, gpu, uuid);
         device.observed += seconds;
-        for tenant in &device.holders {
-            if !shares.contains_key(tenant.as_str())
-                && let Some(row) = self.rows.get_mut(tenant).and_then(|r| r.get_mut(gpu))
-            {
-                row.memory_bytes = 0;
-            }
-        }
-        if !device
-            .holders
-            .iter()
-            .map(String::as_str)
-            .eq(shares.keys().copied())
-        {
-            device.holders = shares.keys().map(|t| (*t).to_owned()).collect();
-        }
+        self.marked += 1;
+        let mut holders = std::mem::take(&mut self.spare);
+        holders.clear();
         for (&tenant, share) in shares {
-            let by_gpu = slot(&mut self.rows, tenant);
-            if by_gpu.get(gpu).is_none() {
-                let row = TenantGpuUsage {
-                    tenant: tenant.to_owned(),
-                    gpu: gpu.to_owned(),
-                    uuid: uuid.to_owned(),
-                    sm_seconds_total: share.sm_seconds.map(|_| 0.0),
-                    ..Default::default()
-                };
-                by_gpu.insert(gpu.to_owned(), row);
-            }
-            let row = by_gpu.get_mut(gpu).expect("inserted above");
-            row.allocated_seconds_total += share.allocated_seconds;
-            if let (Some(total), Some(s)) = (row.sm_seconds_total.as_mut(), share.sm_seconds) {
-                *total += s;
-            }
-            row.idle_allocated_seconds_total += share.idle_seconds;
-            row.memory_bytes = share.memory_bytes;
-            row.memory_byte_seconds_total += share.memory_bytes as f64 * seconds;
-            row.energy_joules_total += share.energy_joules;
+            let i = match device.tenants.get(tenant) {
+                Some(&i) => i,
+                None => {
+                    let tenant = intern(&mut self.names, tenant);
+                    let i = self.rows.push(TenantGpuUsage {
+                        tenant: tenant.clone(),
+                        gpu: device.gpu.clone(),
+                        uuid: device.uuid.clone(),
+                        sm_seconds_total: share.sm_seconds.map(|_| 0.0),
+                        ..Default::default()
+                    });
+                    self.mark.push(0);
+                    device.tenants.insert(tenant, i);
+                    i
+                }
+            };
+            accumulate(&mut self.rows.rows[i], share, seconds);
+            self.mark[i] = self.marked;
+            holders.push(i);
         }
+        for &i in &device.holders {
+            if self.mark[i] != self.marked {
+                self.rows.rows[i].memory_bytes = 0;
+            }
+        }
+        self.spare = std::mem::replace(&mut device.holders, holders);
+        self.rows.sort();
     }
 
     /// Adds one interval's workload parts of device `gpu` (`uuid`), keyed
@@ -241,43 +343,47 @@ impl Accounts {
         seconds: f64,
         parts: &BTreeMap<(&str, &str), Share>,
     ) {
-        for (&(tenant, workload), share) in parts {
-            let key = (tenant.to_owned(), workload.to_owned());
-            let by_gpu = self.workloads.entry(key).or_default();
-            let row = by_gpu
-                .entry(gpu.to_owned())
-                .or_insert_with(|| TenantGpuUsage {
-                    tenant: tenant.to_owned(),
-                    gpu: gpu.to_owned(),
-                    uuid: uuid.to_owned(),
-                    sm_seconds_total: share.sm_seconds.map(|_| 0.0),
-                    workload: Some(workload.to_owned()),
-                    ..Default::default()
-                });
-            row.allocated_seconds_total += share.allocated_seconds;
-            if let (Some(total), Some(s)) = (row.sm_seconds_total.as_mut(), share.sm_seconds) {
-                *total += s;
-            }
-            row.idle_allocated_seconds_total += share.idle_seconds;
-            row.memory_bytes = share.memory_bytes;
-            row.memory_byte_seconds_total += share.memory_bytes as f64 * seconds;
-            row.energy_joules_total += share.energy_joules;
+        if parts.is_empty() {
+            return;
         }
+        let device = Self::device(&mut self.devices, gpu, uuid);
+        for (&(tenant, workload), share) in parts {
+            let found = device.workloads.get(tenant).and_then(|w| w.get(workload));
+            let i = match found {
+                Some(&i) => i,
+                None => {
+                    let tenant = intern(&mut self.names, tenant);
+                    let workload = intern(&mut self.names, workload);
+                    let i = self.workloads.push(TenantGpuUsage {
+                        tenant: tenant.clone(),
+                        gpu: device.gpu.clone(),
+                        uuid: device.uuid.clone(),
+                        sm_seconds_total: share.sm_seconds.map(|_| 0.0),
+                        workload: Some(workload.clone()),
+                        ..Default::default()
+                    });
+                    device
+                        .workloads
+                        .entry(tenant)
+                        .or_default()
+                        .insert(workload, i);
+                    i
+                }
+            };
+            accumulate(&mut self.workloads.rows[i], share, seconds);
+        }
+        self.workloads.sort();
     }
 
-    /// The named workloads' cumulative rows (`Snapshot::workload_gpu`).
+    /// The named workloads' cumulative rows (`Snapshot::workload_gpu`),
+    /// in (tenant, workload, device) order.
     pub fn workload_rows(&self) -> Vec<TenantGpuUsage> {
-        self.workloads
-            .values()
-            .flat_map(|by_gpu| by_gpu.values().cloned())
-            .collect()
+        self.workloads.listed()
     }
 
+    /// Every (tenant, device) row, in (tenant, device) order.
     pub fn rows(&self) -> Vec<TenantGpuUsage> {
-        self.rows
-            .values()
-            .flat_map(|by_gpu| by_gpu.values().cloned())
-            .collect()
+        self.rows.listed()
     }
 
     /// Wall time accounted for device `gpu` so far.
@@ -369,15 +475,84 @@ mod tests {
         let s2 = split_interval(1.0, &[], 5.0, None, true);
         acc.add("0", "GPU-x", 1.0, &s2);
         let rows = acc.rows();
-        let a = rows.iter().find(|r| r.tenant == "a").unwrap();
+        let a = rows.iter().find(|r| &*r.tenant == "a").unwrap();
         assert_eq!(a.memory_bytes, 0);
         assert_eq!(a.memory_byte_seconds_total, 100.0);
         assert_eq!(a.allocated_seconds_total, 1.0);
-        let idle = rows.iter().find(|r| r.tenant == TENANT_IDLE).unwrap();
+        let idle = rows.iter().find(|r| &*r.tenant == TENANT_IDLE).unwrap();
         assert_eq!(idle.allocated_seconds_total, 1.0);
         assert_eq!(acc.observed_seconds("0"), 2.0);
         assert_eq!(acc.observed_seconds("1"), 0.0);
         assert_eq!(idle.energy_joules_total, 5.0);
+    }
+
+    /// Rows come out in (tenant, device) order however they were made
+    /// (the order of `/metrics`), share one name per tenant, and keep
+    /// accumulating in place once the index is rebuilt around new rows.
+    #[test]
+    fn rows_are_listed_by_tenant_then_device() {
+        let mut acc = Accounts::default();
+        let one = |tenant| split_interval(1.0, &[h(tenant, 1, 0.5)], 2.0, None, true);
+        acc.add("1", "GPU-1", 1.0, &one("b"));
+        acc.add("0", "GPU-0", 1.0, &one("c"));
+        acc.add("1/1/0", "MIG-1", 1.0, &one("a"));
+        acc.add("0", "GPU-0", 1.0, &one("b"));
+        acc.add("1", "GPU-1", 1.0, &one("b"));
+        let rows = acc.rows();
+        let keys: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (&*r.tenant, &*r.gpu, &*r.uuid))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("a", "1/1/0", "MIG-1"),
+                ("b", "0", "GPU-0"),
+                ("b", "1", "GPU-1"),
+                ("c", "0", "GPU-0"),
+            ]
+        );
+        assert_eq!(rows[2].allocated_seconds_total, 2.0);
+        assert_eq!(rows[2].energy_joules_total, 4.0);
+        // "c" left device 0 when "b" came: its gauge is zero, b's is not.
+        assert_eq!((rows[3].memory_bytes, rows[1].memory_bytes), (0, 1));
+        assert!(Arc::ptr_eq(&rows[1].tenant, &rows[2].tenant));
+        assert_eq!(acc.observed_seconds("0"), 2.0);
+    }
+
+    /// Workload rows come out by (tenant, workload, device) and add up
+    /// per row across intervals.
+    #[test]
+    fn workload_rows_are_listed_by_tenant_workload_then_device() {
+        let mut acc = Accounts::default();
+        let share = Share {
+            allocated_seconds: 1.0,
+            ..Default::default()
+        };
+        let parts = |keys: &[(&'static str, &'static str)]| {
+            keys.iter()
+                .map(|&k| (k, share.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        acc.add_workloads("1", "GPU-1", 1.0, &parts(&[("a", "j2"), ("b", "j1")]));
+        acc.add_workloads("0", "GPU-0", 1.0, &parts(&[("a", "j2"), ("a", "j1")]));
+        acc.add_workloads("1", "GPU-1", 1.0, &parts(&[("a", "j2")]));
+        let rows = acc.workload_rows();
+        let keys: Vec<(&str, Option<&str>, &str)> = rows
+            .iter()
+            .map(|r| (&*r.tenant, r.workload.as_deref(), &*r.gpu))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("a", Some("j1"), "0"),
+                ("a", Some("j2"), "0"),
+                ("a", Some("j2"), "1"),
+                ("b", Some("j1"), "1"),
+            ]
+        );
+        assert_eq!(rows[2].allocated_seconds_total, 2.0);
+        assert!(acc.rows().is_empty());
     }
 
     /// A tenant's named workloads take their part of its share by memory

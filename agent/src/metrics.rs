@@ -403,9 +403,9 @@ impl Collector for SnapshotCollector {
         )?;
 
         let rows = &snap.tenant_gpu;
-        let tg = |r: &crate::snapshot::TenantGpuUsage| {
-            [("tenant", r.tenant.clone()), ("gpu", r.gpu.clone())]
-        };
+        fn tg(r: &crate::snapshot::TenantGpuUsage) -> [(&'static str, &str); 2] {
+            [("tenant", &r.tenant), ("gpu", &r.gpu)]
+        }
         counter(
             "tally_tenant_gpu_allocated",
             "Wall time the tenant held the GPU or MIG instance (shared devices split by memory \
@@ -422,7 +422,7 @@ impl Collector for SnapshotCollector {
         .encode(
             e,
             rows.iter()
-                .filter(|r| r.tenant != crate::snapshot::TENANT_IDLE)
+                .filter(|r| &*r.tenant != crate::snapshot::TENANT_IDLE)
                 .map(|r| (tg(r), r.idle_allocated_seconds_total)),
         )?;
         counter(
@@ -445,7 +445,7 @@ impl Collector for SnapshotCollector {
         .encode(
             e,
             rows.iter()
-                .filter(|r| r.tenant != crate::snapshot::TENANT_IDLE)
+                .filter(|r| &*r.tenant != crate::snapshot::TENANT_IDLE)
                 .map(|r| (tg(r), r.memory_bytes as f64)),
         )?;
         counter(
@@ -727,7 +727,7 @@ mod tests {
         let row = |tenant: &str, gpu: &str, allocated| TenantGpuUsage {
             tenant: tenant.into(),
             gpu: gpu.into(),
-            uuid: format!("GPU-{gpu}"),
+            uuid: format!("GPU-{gpu}").into(),
             allocated_seconds_total: allocated,
             energy_joules_total: 1.0,
             ..Default::default()

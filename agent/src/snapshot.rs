@@ -268,9 +268,12 @@ pub struct Workload {
 /// Cumulative usage of one tenant on one GPU (or MIG instance).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TenantGpuUsage {
-    pub tenant: String,
-    pub gpu: String,
-    pub uuid: String,
+    /// Shared with the sampler's running totals
+    /// (`crate::attribution::Accounts`): a cycle's snapshot copies a
+    /// pointer per row, not the text.
+    pub tenant: Arc<str>,
+    pub gpu: Arc<str>,
+    pub uuid: Arc<str>,
     /// Wall time the tenant held the device (its share when shared).
     pub allocated_seconds_total: f64,
     /// Allocated time weighted by SM utilization. `None` on MIG instances,
@@ -287,7 +290,7 @@ pub struct TenantGpuUsage {
     pub idle_allocated_seconds_total: f64,
     /// Set on `Snapshot::workload_gpu` rows only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
+    pub workload: Option<Arc<str>>,
 }
 
 /// Cumulative eBPF-counted I/O of one tenant.

@@ -31,7 +31,7 @@ impl Meter {
         let total: f64 = snap
             .tenant_gpu
             .iter()
-            .filter(|r| r.tenant == tenant)
+            .filter(|r| &*r.tenant == tenant)
             .map(|r| r.allocated_seconds_total)
             .sum();
         let q = self.gpu_time.entry(tenant.to_owned()).or_default();

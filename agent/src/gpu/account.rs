@@ -574,7 +574,7 @@ mod tests {
         for c in &all {
             let sum: f64 = rows
                 .iter()
-                .filter(|r| r.gpu == c.gpu)
+                .filter(|r| &*r.gpu == c.gpu)
                 .map(|r| r.allocated_seconds_total)
                 .sum();
             close(sum, c.seconds, c.gpu);

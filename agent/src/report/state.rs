@@ -277,18 +277,14 @@ impl State {
         let mut parts: BTreeMap<(&str, &str), Vec<&TenantGpuUsage>> = BTreeMap::new();
         for row in &snap.workload_gpu {
             parts
-                .entry((row.tenant.as_str(), row.uuid.as_str()))
+                .entry((&*row.tenant, &*row.uuid))
                 .or_default()
                 .push(row);
         }
         let mut gpu_usage = Vec::new();
         for row in &snap.tenant_gpu {
             let mut rest = GpuCounters::of(row);
-            for part in parts
-                .get(&(row.tenant.as_str(), row.uuid.as_str()))
-                .into_iter()
-                .flatten()
-            {
+            for part in parts.get(&(&*row.tenant, &*row.uuid)).into_iter().flatten() {
                 let now = GpuCounters::of(part);
                 rest = rest.less(&now);
                 let key = format!(
@@ -297,7 +293,13 @@ impl State {
                     row.uuid,
                     part.workload.as_deref().unwrap_or("")
                 );
-                self.push_usage(&mut gpu_usage, key, now, row, part.workload.clone());
+                self.push_usage(
+                    &mut gpu_usage,
+                    key,
+                    now,
+                    row,
+                    part.workload.as_deref().map(str::to_owned),
+                );
             }
             let key = format!("{}\t{}", row.tenant, row.uuid);
             // Rounding each workload on its own may take a microsecond
@@ -424,15 +426,15 @@ impl State {
         if d.is_zero() {
             return;
         }
-        let dev = self.devices.get(&row.uuid).cloned().unwrap_or(DeviceInfo {
+        let dev = self.devices.get(&*row.uuid).cloned().unwrap_or(DeviceInfo {
             model: "unknown".into(),
             mig_profile: None,
             slice_fraction: 1.0,
         });
         out.push(GpuUsage {
-            tenant: row.tenant.clone(),
-            gpu: row.gpu.clone(),
-            uuid: row.uuid.clone(),
+            tenant: row.tenant.to_string(),
+            gpu: row.gpu.to_string(),
+            uuid: row.uuid.to_string(),
             model: if dev.model.is_empty() {
                 "unknown".into()
             } else {

@@ -147,7 +147,7 @@ pub(crate) fn from_snapshot(prev: Option<&Snapshot>, cur: &Snapshot) -> View {
         .collect();
 
     let mut rows: BTreeMap<String, TenantRow> = BTreeMap::new();
-    for u in cur.tenant_gpu.iter().filter(|u| u.tenant != TENANT_IDLE) {
+    for u in cur.tenant_gpu.iter().filter(|u| &*u.tenant != TENANT_IDLE) {
         let r = entry(&mut rows, &u.tenant);
         r.memory += u.memory_bytes;
         if let Some((p, secs)) = dt {
@@ -159,7 +159,7 @@ pub(crate) fn from_snapshot(prev: Option<&Snapshot>, cur: &Snapshot) -> View {
                 (b.allocated_seconds_total, b.energy_joules_total)
             });
             let share = rate(u.allocated_seconds_total, alloc, secs)
-                * fraction.get(u.gpu.as_str()).copied().unwrap_or(1.0);
+                * fraction.get(&*u.gpu).copied().unwrap_or(1.0);
             *r.gpu_share.get_or_insert(0.0) += share;
             *r.power_watts.get_or_insert(0.0) += rate(u.energy_joules_total, energy, secs);
         }
