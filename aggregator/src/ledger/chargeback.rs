@@ -6,9 +6,15 @@
 //! per-node sums: hours with reports received since the fold's watermark, and keys
 //! where pricing `basis=used` clamps a node's used time to its allocated
 //! time (a piece with `used_us > allocated_us`), which are read per node.
+//!
+//! By node, whole UTC days come from the per-node daily rollups (one
+//! month bucket at a time, in the order they are grouped by), except days
+//! not folded yet or with reports received since the watermark, whose
+//! hours come from the per-node hourly rollups.
 
 use super::{
     Ledger, LedgerError,
+    fold::{DAILY, DAY_MS, day_of, month_of},
     ingest::{HOUR_MS, hour_of},
 };
 
@@ -89,10 +95,11 @@ impl Ledger {
     }
 
     /// GPU usage of reports whose interval ends in `[from_ms, to_ms)`:
-    /// the hourly rollup for whole hours, raw rows for partial ones. The
-    /// rollup holds the raw rows' integer sums, so the result is the same
-    /// as summing the raw rows (memory byte-seconds, summed as doubles,
-    /// exactly so while the sums stay below 2^53).
+    /// the daily rollup for whole days, the hourly one for the other
+    /// whole hours, raw rows for partial ones. The rollups hold the raw
+    /// rows' integer sums, so the result is the same as summing the raw
+    /// rows (memory byte-seconds, summed as doubles, exactly so while the
+    /// sums stay below 2^53).
     /// Only `cluster`'s, when given.
     pub(crate) async fn gpu_groups(
         &self,
@@ -102,24 +109,36 @@ impl Ledger {
     ) -> Result<Vec<GpuGroup>, LedgerError> {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
+        let key = "tenant, node, cluster, workload, model, slice_fraction";
+        let sums = "allocated_us, used_us, energy_mj, memory_byte_seconds, idle_us";
+        let daily = self
+            .daily_parts(
+                "gpu_usage_daily",
+                key,
+                "SUM(allocated_us) AS allocated_us, SUM(used_us) AS used_us, \
+                 SUM(energy_mj) AS energy_mj, SUM(memory_byte_seconds) AS memory_byte_seconds, \
+                 SUM(idle_us) AS idle_us",
+                (a, b),
+                only,
+            )
+            .await?;
         let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
                    COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
                    CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \
                    FROM gpu_usage";
         let query = format!(
-            "SELECT tenant, node, cluster, workload, model, slice_fraction, \
+            "WITH {DIRTY}, {DIRTY_DAYS} \
+             SELECT {key}, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(used_us) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
              CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds, \
              CAST(SUM(idle_us) AS BIGINT) AS idle_us \
-             FROM (SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
-             used_us, energy_mj, memory_byte_seconds, idle_us FROM gpu_usage_hourly \
-             WHERE hour_ms >= $3 AND hour_ms < $4{only} \
+             FROM ({parts} \
              UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} \
              UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
-             GROUP BY tenant, node, cluster, workload, model, slice_fraction \
-             ORDER BY tenant, node, cluster, workload, model, slice_fraction"
+             GROUP BY {key} ORDER BY {key}",
+            parts = daily.with_hours("gpu_usage_hourly", key, sums, only),
         );
         self.period_query(&query, from_ms, to_ms, (a, b), cluster)
             .await
@@ -135,23 +154,136 @@ impl Ledger {
     ) -> Result<Vec<IoGroup>, LedgerError> {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
-        let cols = "tenant, node, cluster, network_ingress_bytes, network_egress_bytes, \
-                    pcie_h2d_bytes, pcie_d2h_bytes";
+        let key = "tenant, node, cluster";
+        let sums = "network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes";
+        let daily = self
+            .daily_parts(
+                "io_usage_daily",
+                key,
+                "SUM(network_ingress_bytes) AS network_ingress_bytes, \
+                 SUM(network_egress_bytes) AS network_egress_bytes, \
+                 SUM(pcie_h2d_bytes) AS pcie_h2d_bytes, SUM(pcie_d2h_bytes) AS pcie_d2h_bytes",
+                (a, b),
+                only,
+            )
+            .await?;
         let query = format!(
-            "SELECT tenant, node, cluster, \
+            "WITH {DIRTY}, {DIRTY_DAYS} \
+             SELECT {key}, \
              CAST(SUM(network_ingress_bytes) AS BIGINT) AS network_ingress_bytes, \
              CAST(SUM(network_egress_bytes) AS BIGINT) AS network_egress_bytes, \
              CAST(SUM(pcie_h2d_bytes) AS BIGINT) AS pcie_h2d_bytes, \
              CAST(SUM(pcie_d2h_bytes) AS BIGINT) AS pcie_d2h_bytes \
-             FROM (SELECT {cols} FROM io_usage_hourly WHERE hour_ms >= $3 AND hour_ms < $4{only} \
-             UNION ALL SELECT {cols} FROM io_usage \
+             FROM ({parts} \
+             UNION ALL SELECT {key}, {sums} FROM io_usage \
              WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} \
-             UNION ALL SELECT {cols} FROM io_usage \
+             UNION ALL SELECT {key}, {sums} FROM io_usage \
              WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
-             GROUP BY tenant, node, cluster ORDER BY tenant, node, cluster"
+             GROUP BY {key} ORDER BY {key}",
+            parts = daily.with_hours("io_usage_hourly", key, sums, only),
         );
         self.period_query(&query, from_ms, to_ms, (a, b), cluster)
             .await
+    }
+
+    /// The daily rollup `table`'s part of a read of the whole hours
+    /// `(a, b)`: its group `key` and `sums` (as the sums are named) over
+    /// the whole days it holds, one month bucket at a time.
+    async fn daily_parts(
+        &self,
+        table: &str,
+        key: &str,
+        sums: &str,
+        (a, b): (i64, i64),
+        only: &str,
+    ) -> Result<Daily, LedgerError> {
+        let (through, first, last): (i64, Option<i64>, Option<i64>) = sqlx::query_as(&format!(
+            "SELECT (SELECT received_ms FROM rollup_watermark WHERE name = $1), \
+             (SELECT MIN(day_ms) FROM {table}), (SELECT MAX(day_ms) FROM {table})"
+        ))
+        .bind(DAILY)
+        .fetch_one(&self.pool)
+        .await?;
+        let (days_from, days_to) = whole_days(a, b, through);
+        let mut parts = Vec::new();
+        // Only the buckets that hold rows: a period from 0 would otherwise
+        // name every month since 1970.
+        if let (Some(first), Some(last)) = (first, last) {
+            let (lo, hi) = (days_from.max(first), days_to.min(last + DAY_MS));
+            let dirty = "day_ms NOT IN (SELECT day_ms FROM dirty_days)";
+            let part = |bucket: &str, from: i64, to: i64| {
+                format!(
+                    "SELECT {key}, {sums} FROM {table} WHERE {bucket}day_ms >= {from} \
+                     AND day_ms < {to} AND {dirty}{only} GROUP BY {key}"
+                )
+            };
+            let mut month = month_of(lo);
+            while month < hi && parts.len() <= MAX_BUCKETS {
+                let next = month_of(month + 32 * DAY_MS);
+                parts.push(part(
+                    &format!("month_ms = {month} AND "),
+                    lo.max(month),
+                    hi.min(next),
+                ));
+                month = next;
+            }
+            if parts.len() > MAX_BUCKETS {
+                // Years: one read, sorted into groups by the database.
+                parts = vec![part("", lo, hi)];
+            }
+        }
+        Ok(Daily {
+            parts,
+            days: (days_from, days_to),
+        })
+    }
+}
+
+/// Month buckets read one by one; a longer period is read at once.
+const MAX_BUCKETS: usize = 24;
+
+/// The whole UTC days inside the whole hours `[a, b)` that the daily
+/// rollups hold: those before `through`. `(b, b)` when there are none.
+pub(super) fn whole_days(a: i64, b: i64, through: i64) -> (i64, i64) {
+    let from = day_of(a.saturating_add(DAY_MS - 1));
+    let to = day_of(b).min(through);
+    if from < to { (from, to) } else { (b, b) }
+}
+
+/// What a read by node takes from a daily rollup.
+struct Daily {
+    /// One `SELECT` per month bucket, each summed per group.
+    parts: Vec<String>,
+    /// The whole days `[A, B)` those cover, but for dirty days.
+    days: (i64, i64),
+}
+
+impl Daily {
+    /// The parts of the read of whole hours `[$3, $4)`: the daily ones,
+    /// then the hourly rollup `table` for the hours outside the days and
+    /// for every hour of the dirty days inside them.
+    fn with_hours(&self, table: &str, key: &str, sums: &str, only: &str) -> String {
+        let (from, to) = self.days;
+        let h_only = only.replace("cluster", "h.cluster");
+        let h_key = key
+            .split(", ")
+            .chain(sums.split(", "))
+            .map(|c| format!("h.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut parts = self.parts.clone();
+        parts.push(format!(
+            "SELECT {key}, {sums} FROM {table} WHERE hour_ms >= $3 AND hour_ms < {from}{only}"
+        ));
+        parts.push(format!(
+            "SELECT {key}, {sums} FROM {table} WHERE hour_ms >= {to} AND hour_ms < $4{only}"
+        ));
+        parts.push(format!(
+            "SELECT {h_key} FROM dirty_days d CROSS JOIN {table} h \
+             WHERE h.hour_ms >= d.day_ms AND h.hour_ms < d.day_ms + {DAY_MS} \
+             AND d.day_ms >= {from} AND d.day_ms < {to}{h_only}"
+        ));
+        parts.join(" UNION ALL ")
     }
 }
 
@@ -166,6 +298,10 @@ impl Ledger {
 pub(super) const DIRTY: &str = "dirty AS (SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms \
      FROM reports WHERE received_ms >= (SELECT received_ms FROM rollup_watermark \
      WHERE name = 'tenant_hourly') AND +interval_end_ms >= $3 AND +interval_end_ms < $4)";
+
+/// The days of [`DIRTY`]'s hours: read from the hourly rollups by node.
+const DIRTY_DAYS: &str =
+    "dirty_days AS (SELECT DISTINCT (hour_ms / 86400000) * 86400000 AS day_ms FROM dirty)";
 
 impl Ledger {
     /// As [`Self::gpu_groups`], but summed over nodes wherever that
@@ -317,16 +453,21 @@ pub(crate) mod tests {
     /// Reports of two nodes every 7 minutes over five hours, with usage of
     /// three tenants on two models, MIG slices and GPUs without SM time.
     async fn fill(l: &Ledger) {
+        fill_from(l, H, 7 * 60_000, 43).await;
+    }
+
+    /// As [`fill`]: `count` reports per node, `step_ms` apart from `start`.
+    async fn fill_from(l: &Ledger, start: i64, step_ms: u64, count: u64) {
         let keys = std::sync::Arc::new(NodeKeys::default());
         for node in ["n1", "n2"] {
-            for seq in 1..=43u64 {
+            for seq in 1..=count {
                 let mut r = report(node, seq);
                 // Two clusters, and workloads on some rows: the rollups
                 // are keyed by both.
                 r.cluster = (node == "n2").then(|| "prod-eu".to_owned());
-                let end = H as u64 + seq * 7 * 60_000 - 1 + u64::from(node == "n2") * 1_000;
+                let end = start as u64 + seq * step_ms - 1 + u64::from(node == "n2") * 1_000;
                 r.interval_end_ms = end;
-                r.interval_start_ms = end - 7 * 60_000;
+                r.interval_start_ms = end - step_ms.min(7 * 60_000);
                 let template = r.gpu_usage[0].clone();
                 r.gpu_usage = (0..6u64)
                     .map(|k| GpuUsage {
@@ -694,6 +835,133 @@ pub(crate) mod tests {
             return;
         };
         node_less_reads_price_as_raw_rows(&ledger).await;
+    }
+
+    /// 2027-01-30T08:00:00Z: reports from here cross a month's end.
+    const M: i64 = 1_801_296_000_000;
+
+    /// The reads by node give the raw rows' sums for every period.
+    async fn by_node_matches_raw_rows(l: &Ledger, periods: &[(i64, i64)], when: &str) {
+        for &(from, to) in periods {
+            let raw = raw_gpu(l, from, to).await;
+            assert_eq!(
+                l.gpu_groups(from, to, None).await.unwrap(),
+                raw,
+                "{when}: GPU usage in [{from}, {to})"
+            );
+            assert_eq!(
+                l.io_groups(from, to, None).await.unwrap(),
+                raw_io(l, from, to).await,
+                "{when}: I/O in [{from}, {to})"
+            );
+            let mut eu = raw;
+            eu.retain(|g| g.cluster == "prod-eu");
+            assert_eq!(
+                l.gpu_groups(from, to, Some("prod-eu")).await.unwrap(),
+                eu,
+                "{when}: prod-eu's GPU usage in [{from}, {to})"
+            );
+        }
+    }
+
+    /// The per-node daily rollups: every period reads as the raw rows
+    /// before any fold, with days folded (across a month's end), with a
+    /// late report into a folded day, and after folding again.
+    async fn daily_reads_match_raw_rows(l: &Ledger) {
+        // Every 97 minutes for four and a half days.
+        fill_from(l, M, 97 * 60_000 + 13, 68).await;
+        let d0 = day_of(M);
+        let m = 60_000;
+        let periods = [
+            (0, i64::MAX),
+            (d0, d0 + 6 * DAY_MS),
+            (d0 + DAY_MS, d0 + 3 * DAY_MS),
+            (d0 + DAY_MS + HOUR_MS, d0 + 4 * DAY_MS - HOUR_MS),
+            (d0 + DAY_MS + 1, d0 + 4 * DAY_MS - 1),
+            (M + 13 * m, M + 3 * DAY_MS + 5 * m),
+            (d0 + 2 * DAY_MS + 5, d0 + 2 * DAY_MS + 7 * HOUR_MS),
+            (d0 + 2 * DAY_MS, d0 + 3 * DAY_MS),
+        ];
+        by_node_matches_raw_rows(l, &periods, "nothing folded").await;
+        // Folded through Feb 1: Jan 30 and 31 in January's bucket, Feb 1
+        // in February's; later days are read per hour.
+        let now = d0 + 3 * DAY_MS + COMMIT;
+        l.fold(now).await.unwrap();
+        let days: Vec<i64> =
+            sqlx::query_scalar("SELECT DISTINCT day_ms FROM gpu_usage_daily ORDER BY day_ms")
+                .fetch_all(&l.pool)
+                .await
+                .unwrap();
+        assert_eq!(days, [d0, d0 + DAY_MS, d0 + 2 * DAY_MS]);
+        let months: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT month_ms) FROM io_usage_daily")
+            .fetch_one(&l.pool)
+            .await
+            .unwrap();
+        assert_eq!(months, 2);
+        by_node_matches_raw_rows(l, &periods, "folded through Feb 1").await;
+        // Not vacuous: the whole days are read from the daily rollup.
+        let (from, to) = (d0 + DAY_MS, d0 + 3 * DAY_MS);
+        sqlx::query("UPDATE gpu_usage_daily SET allocated_us = allocated_us + 1")
+            .execute(&l.pool)
+            .await
+            .unwrap();
+        assert_ne!(
+            l.gpu_groups(from, to, None).await.unwrap(),
+            raw_gpu(l, from, to).await
+        );
+        sqlx::query("UPDATE gpu_usage_daily SET allocated_us = allocated_us - 1")
+            .execute(&l.pool)
+            .await
+            .unwrap();
+        // A late report into a folded day, received after the watermark:
+        // its day is read per hour until the next fold.
+        let keys = std::sync::Arc::new(NodeKeys::default());
+        let mut late = report("n1", 999);
+        late.interval_end_ms = (d0 + DAY_MS + 5 * HOUR_MS + 7) as u64;
+        late.interval_start_ms = late.interval_end_ms - 60_000;
+        l.ingest(&late, &late.digest(), now, &keys).await.unwrap();
+        by_node_matches_raw_rows(l, &periods, "late report, not folded").await;
+        l.fold(now + 3 * DAY_MS).await.unwrap();
+        l.fold(now + 3 * DAY_MS).await.unwrap();
+        let days: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT day_ms) FROM gpu_usage_daily")
+            .fetch_one(&l.pool)
+            .await
+            .unwrap();
+        assert_eq!(days, 5, "every day folded once over");
+        by_node_matches_raw_rows(l, &periods, "folded again").await;
+    }
+
+    #[tokio::test]
+    async fn daily_reads_give_the_raw_rows_sums_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        daily_reads_match_raw_rows(&Ledger::open(&url, 4).await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn daily_reads_give_the_raw_rows_sums_on_postgres() {
+        let Some(ledger) = postgres_ledger("daily").await else {
+            return;
+        };
+        daily_reads_match_raw_rows(&ledger).await;
+    }
+
+    #[test]
+    fn months_and_days_are_utc() {
+        // 2027-01-30T08:00Z: January 1st and the 30th, midnight.
+        assert_eq!(month_of(day_of(M)), 1_798_761_600_000);
+        assert_eq!(day_of(M), 1_801_267_200_000);
+        // The 32 days after a month's first are in the next month.
+        assert_eq!(month_of(1_798_761_600_000 + 32 * DAY_MS), 1_801_440_000_000);
+        assert_eq!(
+            whole_days(M, M + 3 * DAY_MS, i64::MAX),
+            (M - 8 * HOUR_MS + DAY_MS, M - 8 * HOUR_MS + 3 * DAY_MS)
+        );
+        // Nothing folded yet: every hour is read from the hourly rollup.
+        assert_eq!(
+            whole_days(M, M + 3 * DAY_MS, 0),
+            (M + 3 * DAY_MS, M + 3 * DAY_MS)
+        );
     }
 
     #[test]

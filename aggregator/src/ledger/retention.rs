@@ -4,7 +4,7 @@
 //! PostgreSQL raw rows go a whole day at a time, by dropping the day's
 //! partition once all of it is past retention ([`super::partitions`]).
 
-use super::{Backend, Ledger, LedgerError};
+use super::{Backend, Ledger, LedgerError, fold::day_of};
 
 /// Rows removed per statement (each its own transaction): on SQLite the
 /// writer waits for at most one such batch.
@@ -57,6 +57,10 @@ impl Ledger {
             ] {
                 rollup_rows += self.delete_before(table, "hour_ms", before).await?;
             }
+            // Days wholly before: a day's row holds all of its hours.
+            for table in ["gpu_usage_daily", "io_usage_daily"] {
+                rollup_rows += self.delete_before(table, "day_ms", day_of(before)).await?;
+            }
         }
         Ok(Maintained {
             folded_hours,
@@ -74,14 +78,20 @@ impl Ledger {
         column: &str,
         before: i64,
     ) -> Result<u64, LedgerError> {
-        // A row's address: SQLite's rowid, PostgreSQL's ctid.
-        let id = match self.backend {
-            Backend::Sqlite => "rowid",
-            Backend::Postgres => "ctid",
+        // A row's address: SQLite's rowid (the key, in a table without
+        // one), PostgreSQL's ctid.
+        let id = match (self.backend, table) {
+            (Backend::Postgres, _) => "ctid",
+            (Backend::Sqlite, "gpu_usage_daily") => {
+                "(month_ms, tenant, node, cluster, workload, model, slice_fraction, day_ms)"
+            }
+            (Backend::Sqlite, "io_usage_daily") => "(month_ms, tenant, node, cluster, day_ms)",
+            (Backend::Sqlite, _) => "rowid",
         };
         let sql = format!(
             "DELETE FROM {table} WHERE {id} IN \
-             (SELECT {id} FROM {table} WHERE {column} < $1 LIMIT $2)"
+             (SELECT {cols} FROM {table} WHERE {column} < $1 LIMIT $2)",
+            cols = id.trim_matches(['(', ')'])
         );
         let mut total = 0;
         loop {
@@ -138,6 +148,7 @@ mod tests {
         }
         let now = D + 11 * DAY;
         let before = l.gpu_groups_by_tenant(D, D + 11 * DAY, None).await.unwrap();
+        let by_node = l.gpu_groups(D, D + 11 * DAY, None).await.unwrap();
         let hourly = count(l, "gpu_usage_hourly").await;
         let m = l.maintain(now, D + 5 * DAY, None).await.unwrap();
         // Reports of days 0–4 (20 per node), a GPU and an I/O row each.
@@ -155,6 +166,7 @@ mod tests {
             l.gpu_groups_by_tenant(D, D + 11 * DAY, None).await.unwrap(),
             before
         );
+        assert_eq!(l.gpu_groups(D, D + 11 * DAY, None).await.unwrap(), by_node);
         // Again: nothing left to remove.
         let m = l.maintain(now, D + 5 * DAY, None).await.unwrap();
         assert_eq!((m.raw_rows, m.rollup_rows), (0, 0));
@@ -164,14 +176,16 @@ mod tests {
             .await
             .unwrap();
         // 12 hours with reports before day 3: GPU and I/O rows per node
-        // (two) and node-less.
-        assert_eq!(m.rollup_rows, 12 * 2 * 2 + 12 * 2, "{m:?}");
-        for table in [
-            "gpu_usage_hourly",
-            "gpu_usage_hourly_tenant",
-            "io_usage_hourly_tenant",
+        // (two) and node-less; and days 0–2 per node, GPU and I/O.
+        assert_eq!(m.rollup_rows, 12 * 2 * 2 + 12 * 2 + 3 * 2 * 2, "{m:?}");
+        for (table, column) in [
+            ("gpu_usage_hourly", "hour_ms"),
+            ("gpu_usage_hourly_tenant", "hour_ms"),
+            ("io_usage_hourly_tenant", "hour_ms"),
+            ("gpu_usage_daily", "day_ms"),
+            ("io_usage_daily", "day_ms"),
         ] {
-            let oldest: i64 = sqlx::query_scalar(&format!("SELECT MIN(hour_ms) FROM {table}"))
+            let oldest: i64 = sqlx::query_scalar(&format!("SELECT MIN({column}) FROM {table}"))
                 .fetch_one(&l.pool)
                 .await
                 .unwrap();

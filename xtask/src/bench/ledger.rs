@@ -379,11 +379,11 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
              usage indexes are dropped and re-created after, and PostgreSQL's foreign-key \
              triggers are off in that transaction; the rows satisfy them) and rolled up into \
              the per-node hourly tables as ingest does, then the aggregator restarted on it \
-             (it folds the node-less rollup on start; the timings wait for that). (A real \
+             (it folds the node-less and the per-node daily rollups on start; the timings wait for that). (A real \
              ledger with 10 s reports holds 8,640 reports per node and day, and 24 hourly \
-             rollup rows per tenant and node where this one holds one: the rollup read below \
-             is a lower bound, by up to 24 times, for a real month; the node-less rollup read \
-             by tenant holds one row per tenant, model and hour with usage either way.) Query: \
+             rollup rows per tenant and node where this one holds one; the per-node daily \
+             rollup read by tenant and node holds one row per tenant, node and day either way, \
+             and the node-less rollup read by tenant one row per tenant, model and hour.) Query: \
              `GET /api/v1/chargeback?from=…&to=…&group_by=tenant` (then `tenant,gpu_model` and \
              `tenant,node`) over the whole month, admin token, timed end to end; one warm-up, \
              then timed runs. The SQL the handler runs is also timed alone in the database's own \
@@ -738,12 +738,10 @@ const CHARGEBACK_BOTTLENECK: &str = "
 `Ledger::gpu_groups_by_tenant` (`aggregator/src/ledger/chargeback.rs`) reads the node-less \
 hourly rollup, plus the per-node rollup for hours not folded yet and for keys where \
 `basis=used` clamps; the plan above shows whether the database keeps to those small sets \
-(`SEARCH`, not `SCAN gpu_usage_hourly`). By tenant and node it reads the per-node rollup: \
-one row per tenant, node and hour, 200,000 groups for the month, priced in the aggregator.
-
-**What would fix it:** for `tenant,node`, a per-node daily rollup folded like the \
-node-less one (30 rows per group for a real month instead of 720) and a profile of the \
-aggregator's pricing of 200,000 groups.
+(`SEARCH`, not `SCAN gpu_usage_hourly`). By tenant and node, `Ledger::gpu_groups` reads the \
+per-node daily rollup one month bucket at a time, in the order it groups by (no sort of the \
+month's rows), and the per-node hourly rollup for the other hours: one row per tenant, node \
+and day, 200,000 groups for the month, priced in the aggregator.
 ";
 
 fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String {
@@ -931,7 +929,7 @@ fn chargeback_bench(
          fold into the node-less rollup took {fold_s:.0} s ({folded} rows). Chargeback for the \
          month by tenant: **{:.2} s** median (min–max {:.2}–{:.2} s, {} runs), {lines} lines; \
          by tenant and GPU model: **{:.2} s** ({:.2}–{:.2} s), {model_lines} lines; by tenant \
-         and node (the per-node rollup): **{:.2} s** ({:.2}–{:.2} s, {} runs), {node_lines} \
+         and node (the per-node daily rollup): **{:.2} s** ({:.2}–{:.2} s, {} runs), {node_lines} \
          lines. The GPU query by tenant alone in the `{}` shell: {sql_s:.2} s, {groups} groups \
          handed to the aggregator to price. Plan:\n\n```\n{plan}\n```\n",
         backend.name(),
