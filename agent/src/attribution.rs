@@ -204,6 +204,26 @@ struct DeviceTotals {
     holders: Vec<usize>,
 }
 
+impl DeviceTotals {
+    /// A new, empty row of this device; SM time is counted where `share`
+    /// (the row's first) has it.
+    fn new_row(
+        &self,
+        tenant: Arc<str>,
+        workload: Option<Arc<str>>,
+        share: &Share,
+    ) -> TenantGpuUsage {
+        TenantGpuUsage {
+            tenant,
+            gpu: self.gpu.clone(),
+            uuid: self.uuid.clone(),
+            sm_seconds_total: share.sm_seconds.map(|_| 0.0),
+            workload,
+            ..Default::default()
+        }
+    }
+}
+
 /// Rows with stable indices, listed in (tenant, workload, device) order:
 /// the order of the snapshot, hence of `/metrics` and the reports.
 #[derive(Debug, Default)]
@@ -309,13 +329,7 @@ impl Accounts {
                 Some(&i) => i,
                 None => {
                     let tenant = intern(&mut self.names, tenant);
-                    let i = self.rows.push(TenantGpuUsage {
-                        tenant: tenant.clone(),
-                        gpu: device.gpu.clone(),
-                        uuid: device.uuid.clone(),
-                        sm_seconds_total: share.sm_seconds.map(|_| 0.0),
-                        ..Default::default()
-                    });
+                    let i = self.rows.push(device.new_row(tenant.clone(), None, share));
                     self.mark.push(0);
                     device.tenants.insert(tenant, i);
                     i
@@ -354,14 +368,8 @@ impl Accounts {
                 None => {
                     let tenant = intern(&mut self.names, tenant);
                     let workload = intern(&mut self.names, workload);
-                    let i = self.workloads.push(TenantGpuUsage {
-                        tenant: tenant.clone(),
-                        gpu: device.gpu.clone(),
-                        uuid: device.uuid.clone(),
-                        sm_seconds_total: share.sm_seconds.map(|_| 0.0),
-                        workload: Some(workload.clone()),
-                        ..Default::default()
-                    });
+                    let row = device.new_row(tenant.clone(), Some(workload.clone()), share);
+                    let i = self.workloads.push(row);
                     device
                         .workloads
                         .entry(tenant)
