@@ -11,6 +11,27 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds per day.
+pub(crate) const DAY_MS: i64 = 86_400_000;
+
+/// The start of `ms`'s UTC day.
+pub(crate) fn day_of(ms: i64) -> i64 {
+    ms - ms.rem_euclid(DAY_MS)
+}
+
+/// The first instant of `ms`'s UTC month, in ms (the month after a
+/// month's first is `month_of(first + 32 * DAY_MS)`).
+pub(crate) fn month_of(ms: i64) -> i64 {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| t.date().replace_day(1).ok())
+        // Beyond year ±9999: a bucket per day, found the same way.
+        .map_or_else(
+            || day_of(ms),
+            |d| d.midnight().assume_utc().unix_timestamp() * 1000,
+        )
+}
+
 /// A node clock further than this from the aggregator's is skewed: its
 /// reports are filed by the aggregator's clock. `Date` has whole seconds
 /// and NTP keeps clocks within milliseconds, so this is far above noise and

@@ -5,6 +5,8 @@ use serde::Deserialize;
 use tally_contract::{config::Problems, tenant::check_tenant_name};
 use time::{Duration, OffsetDateTime, Time};
 
+use crate::time::{DAY_MS, month_of};
+
 /// A calendar period, in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Period {
@@ -45,15 +47,8 @@ impl Period {
                 (monday, monday + Duration::weeks(1))
             }
             Self::Month => {
-                let first = midnight.replace_day(1).unwrap_or(midnight);
-                let next = match first.month() {
-                    time::Month::December => first
-                        .replace_year(first.year() + 1)
-                        .and_then(|d| d.replace_month(time::Month::January)),
-                    m => first.replace_month(m.next()),
-                }
-                .unwrap_or(first + Duration::days(31));
-                (first, next)
+                let first = month_of(now_ms);
+                return (first, month_of(first + 32 * DAY_MS));
             }
         };
         let ms = |t: OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;

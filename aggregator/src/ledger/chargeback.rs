@@ -14,9 +14,10 @@
 
 use super::{
     Ledger, LedgerError,
-    fold::{DAILY, DAY_MS, day_of, month_of},
+    fold::{DAILY, GPU_NODE_KEY, IO_NODE_KEY},
     ingest::{HOUR_MS, hour_of},
 };
+use crate::time::{DAY_MS, day_of, month_of};
 
 /// Usage of one (tenant, node, model, slice, cluster, workload) over a
 /// period.
@@ -109,19 +110,8 @@ impl Ledger {
     ) -> Result<Vec<GpuGroup>, LedgerError> {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
-        let key = "tenant, node, cluster, workload, model, slice_fraction";
-        let sums = "allocated_us, used_us, energy_mj, memory_byte_seconds, idle_us";
-        let daily = self
-            .daily_parts(
-                "gpu_usage_daily",
-                key,
-                "SUM(allocated_us) AS allocated_us, SUM(used_us) AS used_us, \
-                 SUM(energy_mj) AS energy_mj, SUM(memory_byte_seconds) AS memory_byte_seconds, \
-                 SUM(idle_us) AS idle_us",
-                (a, b),
-                only,
-            )
-            .await?;
+        let key = GPU_BY_NODE.key;
+        let parts = self.rollup_parts(&GPU_BY_NODE, (a, b), only).await?;
         let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
                    COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
                    CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \
@@ -137,8 +127,7 @@ impl Ledger {
              FROM ({parts} \
              UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} \
              UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
-             GROUP BY {key} ORDER BY {key}",
-            parts = daily.with_hours("gpu_usage_hourly", key, sums, only),
+             GROUP BY {key} ORDER BY {key}"
         );
         self.period_query(&query, from_ms, to_ms, (a, b), cluster)
             .await
@@ -154,19 +143,8 @@ impl Ledger {
     ) -> Result<Vec<IoGroup>, LedgerError> {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
-        let key = "tenant, node, cluster";
-        let sums = "network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes";
-        let daily = self
-            .daily_parts(
-                "io_usage_daily",
-                key,
-                "SUM(network_ingress_bytes) AS network_ingress_bytes, \
-                 SUM(network_egress_bytes) AS network_egress_bytes, \
-                 SUM(pcie_h2d_bytes) AS pcie_h2d_bytes, SUM(pcie_d2h_bytes) AS pcie_d2h_bytes",
-                (a, b),
-                only,
-            )
-            .await?;
+        let ByNode { key, sums, .. } = IO_BY_NODE;
+        let parts = self.rollup_parts(&IO_BY_NODE, (a, b), only).await?;
         let query = format!(
             "WITH {DIRTY}, {DIRTY_DAYS} \
              SELECT {key}, \
@@ -179,27 +157,32 @@ impl Ledger {
              WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} \
              UNION ALL SELECT {key}, {sums} FROM io_usage \
              WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}) u \
-             GROUP BY {key} ORDER BY {key}",
-            parts = daily.with_hours("io_usage_hourly", key, sums, only),
+             GROUP BY {key} ORDER BY {key}"
         );
         self.period_query(&query, from_ms, to_ms, (a, b), cluster)
             .await
     }
 
-    /// The daily rollup `table`'s part of a read of the whole hours
-    /// `(a, b)`: its group `key` and `sums` (as the sums are named) over
-    /// the whole days it holds, one month bucket at a time.
-    async fn daily_parts(
+    /// The rollups' part of a read by node of the whole hours `[$3, $4)`
+    /// (`(a, b)`), summed per group of `read.key`: the whole days its
+    /// daily rollup holds, one month bucket at a time, then the hourly
+    /// rollup for the hours outside those days and for every hour of the
+    /// dirty days inside them.
+    async fn rollup_parts(
         &self,
-        table: &str,
-        key: &str,
-        sums: &str,
+        read: &ByNode,
         (a, b): (i64, i64),
         only: &str,
-    ) -> Result<Daily, LedgerError> {
+    ) -> Result<String, LedgerError> {
+        let ByNode {
+            daily,
+            hourly,
+            key,
+            sums,
+        } = *read;
         let (through, first, last): (i64, Option<i64>, Option<i64>) = sqlx::query_as(&format!(
             "SELECT (SELECT received_ms FROM rollup_watermark WHERE name = $1), \
-             (SELECT MIN(day_ms) FROM {table}), (SELECT MAX(day_ms) FROM {table})"
+             (SELECT MIN(day_ms) FROM {daily}), (SELECT MAX(day_ms) FROM {daily})"
         ))
         .bind(DAILY)
         .fetch_one(&self.pool)
@@ -210,10 +193,15 @@ impl Ledger {
         // name every month since 1970.
         if let (Some(first), Some(last)) = (first, last) {
             let (lo, hi) = (days_from.max(first), days_to.min(last + DAY_MS));
+            let summed = sums
+                .split(", ")
+                .map(|c| format!("SUM({c}) AS {c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
             let dirty = "day_ms NOT IN (SELECT day_ms FROM dirty_days)";
             let part = |bucket: &str, from: i64, to: i64| {
                 format!(
-                    "SELECT {key}, {sums} FROM {table} WHERE {bucket}day_ms >= {from} \
+                    "SELECT {key}, {summed} FROM {daily} WHERE {bucket}day_ms >= {from} \
                      AND day_ms < {to} AND {dirty}{only} GROUP BY {key}"
                 )
             };
@@ -232,12 +220,52 @@ impl Ledger {
                 parts = vec![part("", lo, hi)];
             }
         }
-        Ok(Daily {
-            parts,
-            days: (days_from, days_to),
-        })
+        let (from, to) = (days_from, days_to);
+        let h_only = only.replace("cluster", "h.cluster");
+        let h_cols = key
+            .split(", ")
+            .chain(sums.split(", "))
+            .map(|c| format!("h.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        parts.push(format!(
+            "SELECT {key}, {sums} FROM {hourly} WHERE hour_ms >= $3 AND hour_ms < {from}{only}"
+        ));
+        parts.push(format!(
+            "SELECT {key}, {sums} FROM {hourly} WHERE hour_ms >= {to} AND hour_ms < $4{only}"
+        ));
+        parts.push(format!(
+            "SELECT {h_cols} FROM dirty_days d CROSS JOIN {hourly} h \
+             WHERE h.hour_ms >= d.day_ms AND h.hour_ms < d.day_ms + {DAY_MS} \
+             AND d.day_ms >= {from} AND d.day_ms < {to}{h_only}"
+        ));
+        Ok(parts.join(" UNION ALL "))
     }
 }
+
+/// A read by node: its daily and hourly rollups, the group key they
+/// share and the columns it sums.
+#[derive(Clone, Copy)]
+struct ByNode {
+    daily: &'static str,
+    hourly: &'static str,
+    key: &'static str,
+    sums: &'static str,
+}
+
+const GPU_BY_NODE: ByNode = ByNode {
+    daily: "gpu_usage_daily",
+    hourly: "gpu_usage_hourly",
+    key: GPU_NODE_KEY,
+    sums: "allocated_us, used_us, energy_mj, memory_byte_seconds, idle_us",
+};
+
+const IO_BY_NODE: ByNode = ByNode {
+    daily: "io_usage_daily",
+    hourly: "io_usage_hourly",
+    key: IO_NODE_KEY,
+    sums: "network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes",
+};
 
 /// Month buckets read one by one; a longer period is read at once.
 const MAX_BUCKETS: usize = 24;
@@ -248,43 +276,6 @@ pub(super) fn whole_days(a: i64, b: i64, through: i64) -> (i64, i64) {
     let from = day_of(a.saturating_add(DAY_MS - 1));
     let to = day_of(b).min(through);
     if from < to { (from, to) } else { (b, b) }
-}
-
-/// What a read by node takes from a daily rollup.
-struct Daily {
-    /// One `SELECT` per month bucket, each summed per group.
-    parts: Vec<String>,
-    /// The whole days `[A, B)` those cover, but for dirty days.
-    days: (i64, i64),
-}
-
-impl Daily {
-    /// The parts of the read of whole hours `[$3, $4)`: the daily ones,
-    /// then the hourly rollup `table` for the hours outside the days and
-    /// for every hour of the dirty days inside them.
-    fn with_hours(&self, table: &str, key: &str, sums: &str, only: &str) -> String {
-        let (from, to) = self.days;
-        let h_only = only.replace("cluster", "h.cluster");
-        let h_key = key
-            .split(", ")
-            .chain(sums.split(", "))
-            .map(|c| format!("h.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut parts = self.parts.clone();
-        parts.push(format!(
-            "SELECT {key}, {sums} FROM {table} WHERE hour_ms >= $3 AND hour_ms < {from}{only}"
-        ));
-        parts.push(format!(
-            "SELECT {key}, {sums} FROM {table} WHERE hour_ms >= {to} AND hour_ms < $4{only}"
-        ));
-        parts.push(format!(
-            "SELECT {h_key} FROM dirty_days d CROSS JOIN {table} h \
-             WHERE h.hour_ms >= d.day_ms AND h.hour_ms < d.day_ms + {DAY_MS} \
-             AND d.day_ms >= {from} AND d.day_ms < {to}{h_only}"
-        ));
-        parts.join(" UNION ALL ")
-    }
 }
 
 /// The hours of `[$3, $4)` with reports received since the fold's

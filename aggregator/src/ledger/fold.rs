@@ -25,27 +25,7 @@ use std::collections::BTreeSet;
 use sqlx::{Acquire, AnyConnection};
 
 use super::{Backend, Ledger, LedgerError};
-
-/// Milliseconds per day: the daily rollups' granularity.
-pub(super) const DAY_MS: i64 = 86_400_000;
-
-/// The start of `ms`'s UTC day.
-pub(super) fn day_of(ms: i64) -> i64 {
-    ms - ms.rem_euclid(DAY_MS)
-}
-
-/// The first day of `day_ms`'s UTC month, in ms: the daily rollups'
-/// leading key.
-pub(super) fn month_of(day_ms: i64) -> i64 {
-    time::OffsetDateTime::from_unix_timestamp(day_ms.div_euclid(1000))
-        .ok()
-        .and_then(|t| t.date().replace_day(1).ok())
-        // Beyond year ±9999: a bucket per day, found the same way.
-        .map_or_else(
-            || day_of(day_ms),
-            |d| d.midnight().assume_utc().unix_timestamp() * 1000,
-        )
-}
+use crate::time::{DAY_MS, day_of, month_of};
 
 /// A report is taken to be committed this long after it was received
 /// (ingest gives up far sooner: `POSTGRES_ACQUIRE_TIMEOUT`, the agents'
@@ -58,6 +38,11 @@ const COMMIT_LAG_MS: i64 = 10 * 60_000;
 const GPU_KEY: &str = "tenant, model, slice_fraction, cluster, workload";
 /// The node-less I/O rollup's key besides the hour.
 const IO_KEY: &str = "tenant, cluster";
+
+/// The per-node rollups' keys besides the hour or day (the daily ones
+/// also lead with the month).
+pub(super) const GPU_NODE_KEY: &str = "tenant, node, cluster, workload, model, slice_fraction";
+pub(super) const IO_NODE_KEY: &str = "tenant, node, cluster";
 
 /// The watermark's row in `rollup_watermark`.
 pub(super) const WATERMARK: &str = "tenant_hourly";
@@ -89,7 +74,7 @@ impl Ledger {
         let mut conn = self.pool.acquire().await?;
         stage_tables(&mut conn).await?;
         for &hour in &hours {
-            self.fold_hour(&mut conn, hour).await?;
+            self.replace(&mut conn, Grain::Hour, hour).await?;
         }
         // Days: those of the hours above, and those over since the last
         // tick (all of them on the first), once the commit lag is past.
@@ -105,12 +90,12 @@ impl Ledger {
             .filter(|&d| d < new_through)
             .collect();
         if new_through > through {
-            let over: Vec<i64> = sqlx::query_scalar(
-                "SELECT DISTINCT (hour_ms / 86400000) * 86400000 AS day_ms FROM gpu_usage_hourly \
-                 WHERE hour_ms >= $1 AND hour_ms < $2 \
-                 UNION SELECT DISTINCT (hour_ms / 86400000) * 86400000 AS day_ms \
-                 FROM io_usage_hourly WHERE hour_ms >= $1 AND hour_ms < $2",
-            )
+            let over: Vec<i64> = sqlx::query_scalar(&format!(
+                "SELECT DISTINCT (hour_ms / {DAY_MS}) * {DAY_MS} AS day_ms \
+                     FROM gpu_usage_hourly WHERE hour_ms >= $1 AND hour_ms < $2 \
+                     UNION SELECT DISTINCT (hour_ms / {DAY_MS}) * {DAY_MS} AS day_ms \
+                     FROM io_usage_hourly WHERE hour_ms >= $1 AND hour_ms < $2"
+            ))
             .bind(through)
             .bind(new_through)
             .fetch_all(&mut *conn)
@@ -118,7 +103,7 @@ impl Ledger {
             days.extend(over);
         }
         for &day in &days {
-            self.fold_day(&mut conn, day).await?;
+            self.replace(&mut conn, Grain::Day, day).await?;
         }
         // Monotonic: a replica with a slow clock never moves them back.
         for (name, to) in [(DAILY, new_through), (WATERMARK, now_ms - COMMIT_LAG_MS)] {
@@ -133,26 +118,33 @@ impl Ledger {
         Ok(hours.len())
     }
 
-    /// Replaces `day`'s per-node daily rows with the sums of its per-node
-    /// hourly rows, staged as [`Self::fold_hour`] stages an hour's.
-    async fn fold_day(&self, conn: &mut AnyConnection, day: i64) -> Result<(), LedgerError> {
+    /// Replaces the rows of `grain`'s rollups at `at` (an hour's
+    /// node-less rows, a day's per-node daily rows) with their sums.
+    /// The sums are staged in temporary tables first; on SQLite outside
+    /// the write transaction, so the writer (ingest) waits only for the
+    /// short delete and copy, never for the summing.
+    async fn replace(
+        &self,
+        conn: &mut AnyConnection,
+        grain: Grain,
+        at: i64,
+    ) -> Result<(), LedgerError> {
         if self.backend == Backend::Sqlite {
-            stage_day(conn, day).await?;
+            grain.stage(conn, at).await?;
         }
         let mut tx = conn.begin().await?;
         if self.backend == Backend::Postgres {
+            // Inside the lock, so the replica folding last summed last.
             sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) l")
                 .bind(FOLD_LOCK)
                 .execute(&mut *tx)
                 .await?;
-            stage_day(&mut tx, day).await?;
+            grain.stage(&mut tx, at).await?;
         }
-        for (table, stage) in [
-            ("gpu_usage_daily", "fold_gpu_daily"),
-            ("io_usage_daily", "fold_io_daily"),
-        ] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE day_ms = $1"))
-                .bind(day)
+        let (column, tables) = grain.tables();
+        for (table, stage) in tables {
+            sqlx::query(&format!("DELETE FROM {table} WHERE {column} = $1"))
+                .bind(at)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(&format!("INSERT INTO {table} SELECT * FROM {stage}"))
@@ -162,38 +154,49 @@ impl Ledger {
         tx.commit().await?;
         Ok(())
     }
+}
 
-    /// Replaces `hour`'s node-less rows with the sums of its per-node rows.
-    /// The sums are staged in temporary tables first; on SQLite outside
-    /// the write transaction, so the writer (ingest) waits only for the
-    /// short delete and copy, never for the summing.
-    async fn fold_hour(&self, conn: &mut AnyConnection, hour: i64) -> Result<(), LedgerError> {
-        if self.backend == Backend::Sqlite {
-            stage(conn, hour).await?;
+/// What one fold replaces: the node-less rollups of an hour, or the
+/// per-node daily rollups of a day.
+#[derive(Debug, Clone, Copy)]
+enum Grain {
+    Hour,
+    Day,
+}
+
+impl Grain {
+    /// The column naming the hour or day, and each rollup with its
+    /// staging table.
+    fn tables(self) -> (&'static str, [(&'static str, &'static str); 2]) {
+        match self {
+            Self::Hour => (
+                "hour_ms",
+                [
+                    ("gpu_usage_hourly_tenant", "fold_gpu"),
+                    ("io_usage_hourly_tenant", "fold_io"),
+                ],
+            ),
+            Self::Day => (
+                "day_ms",
+                [
+                    ("gpu_usage_daily", "fold_gpu_daily"),
+                    ("io_usage_daily", "fold_io_daily"),
+                ],
+            ),
         }
-        let mut tx = conn.begin().await?;
-        if self.backend == Backend::Postgres {
-            // Inside the lock, so the replica folding last summed last.
-            sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) l")
-                .bind(FOLD_LOCK)
-                .execute(&mut *tx)
+    }
+
+    /// Sums the rows at `at` into the staging tables, emptied first.
+    async fn stage(self, conn: &mut AnyConnection, at: i64) -> Result<(), sqlx::Error> {
+        for (_, stage) in self.tables().1 {
+            sqlx::query(&format!("DELETE FROM {stage}"))
+                .execute(&mut *conn)
                 .await?;
-            stage(&mut tx, hour).await?;
         }
-        for table in ["gpu_usage_hourly_tenant", "io_usage_hourly_tenant"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE hour_ms = $1"))
-                .bind(hour)
-                .execute(&mut *tx)
-                .await?;
+        match self {
+            Self::Hour => stage_hour(conn, at).await,
+            Self::Day => stage_day(conn, at).await,
         }
-        sqlx::query("INSERT INTO gpu_usage_hourly_tenant SELECT * FROM fold_gpu")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO io_usage_hourly_tenant SELECT * FROM fold_io")
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
     }
 }
 
@@ -214,14 +217,8 @@ async fn stage_tables(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Sums `hour`'s per-node rows into the staging tables.
-async fn stage(conn: &mut AnyConnection, hour: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM fold_gpu")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM fold_io")
-        .execute(&mut *conn)
-        .await?;
+/// Sums `hour`'s per-node rows into the (empty) staging tables.
+async fn stage_hour(conn: &mut AnyConnection, hour: i64) -> Result<(), sqlx::Error> {
     sqlx::query(&format!(
         "INSERT INTO fold_gpu (hour_ms, {GPU_KEY}, allocated_us, used_us, energy_mj, \
          memory_byte_seconds, over_rows, idle_us) \
@@ -249,36 +246,29 @@ async fn stage(conn: &mut AnyConnection, hour: i64) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Sums `day`'s per-node hourly rows into the daily staging tables.
+/// Sums `day`'s per-node hourly rows into the (empty) daily staging
+/// tables.
 async fn stage_day(conn: &mut AnyConnection, day: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM fold_gpu_daily")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM fold_io_daily")
-        .execute(&mut *conn)
-        .await?;
-    let key = "tenant, node, cluster, workload, model, slice_fraction";
     sqlx::query(&format!(
-        "INSERT INTO fold_gpu_daily (month_ms, {key}, day_ms, allocated_us, used_us, energy_mj, \
+        "INSERT INTO fold_gpu_daily (month_ms, {GPU_NODE_KEY}, day_ms, allocated_us, used_us, energy_mj, \
          memory_byte_seconds, idle_us) \
-         SELECT $1, {key}, $2, CAST(SUM(allocated_us) AS BIGINT), CAST(SUM(used_us) AS BIGINT), \
+         SELECT $1, {GPU_NODE_KEY}, $2, CAST(SUM(allocated_us) AS BIGINT), CAST(SUM(used_us) AS BIGINT), \
          CAST(SUM(energy_mj) AS BIGINT), CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION), \
          CAST(SUM(idle_us) AS BIGINT) \
-         FROM gpu_usage_hourly WHERE hour_ms >= $2 AND hour_ms < $3 GROUP BY {key}"
+         FROM gpu_usage_hourly WHERE hour_ms >= $2 AND hour_ms < $3 GROUP BY {GPU_NODE_KEY}"
     ))
     .bind(month_of(day))
     .bind(day)
     .bind(day + DAY_MS)
     .execute(&mut *conn)
     .await?;
-    let key = "tenant, node, cluster";
     sqlx::query(&format!(
-        "INSERT INTO fold_io_daily (month_ms, {key}, day_ms, network_ingress_bytes, \
+        "INSERT INTO fold_io_daily (month_ms, {IO_NODE_KEY}, day_ms, network_ingress_bytes, \
          network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes) \
-         SELECT $1, {key}, $2, CAST(SUM(network_ingress_bytes) AS BIGINT), \
+         SELECT $1, {IO_NODE_KEY}, $2, CAST(SUM(network_ingress_bytes) AS BIGINT), \
          CAST(SUM(network_egress_bytes) AS BIGINT), CAST(SUM(pcie_h2d_bytes) AS BIGINT), \
          CAST(SUM(pcie_d2h_bytes) AS BIGINT) \
-         FROM io_usage_hourly WHERE hour_ms >= $2 AND hour_ms < $3 GROUP BY {key}"
+         FROM io_usage_hourly WHERE hour_ms >= $2 AND hour_ms < $3 GROUP BY {IO_NODE_KEY}"
     ))
     .bind(month_of(day))
     .bind(day)

@@ -9,11 +9,10 @@
 use sqlx::{Acquire, AnyConnection};
 
 use super::{Ledger, LedgerError};
+use crate::time::DAY_MS;
 
 /// The partitioned raw tables.
 const TABLES: [&str; 2] = ["gpu_usage", "io_usage"];
-
-const DAY_MS: i64 = 86_400_000;
 
 /// Days past today that already have their partition.
 const AHEAD_DAYS: i64 = 3;

@@ -4,7 +4,11 @@
 //! PostgreSQL raw rows go a whole day at a time, by dropping the day's
 //! partition once all of it is past retention ([`super::partitions`]).
 
-use super::{Backend, Ledger, LedgerError, fold::day_of};
+use super::{
+    Backend, Ledger, LedgerError,
+    fold::{GPU_NODE_KEY, IO_NODE_KEY},
+};
+use crate::time::day_of;
 
 /// Rows removed per statement (each its own transaction): on SQLite the
 /// writer waits for at most one such batch.
@@ -78,20 +82,17 @@ impl Ledger {
         column: &str,
         before: i64,
     ) -> Result<u64, LedgerError> {
-        // A row's address: SQLite's rowid (the key, in a table without
-        // one), PostgreSQL's ctid.
-        let id = match (self.backend, table) {
-            (Backend::Postgres, _) => "ctid",
-            (Backend::Sqlite, "gpu_usage_daily") => {
-                "(month_ms, tenant, node, cluster, workload, model, slice_fraction, day_ms)"
-            }
-            (Backend::Sqlite, "io_usage_daily") => "(month_ms, tenant, node, cluster, day_ms)",
-            (Backend::Sqlite, _) => "rowid",
+        // A row's address: PostgreSQL's ctid; SQLite's rowid, or the
+        // primary key of the daily rollups (tables without a rowid).
+        let key = match (self.backend, table) {
+            (Backend::Postgres, _) => "ctid".to_owned(),
+            (Backend::Sqlite, "gpu_usage_daily") => format!("month_ms, {GPU_NODE_KEY}, day_ms"),
+            (Backend::Sqlite, "io_usage_daily") => format!("month_ms, {IO_NODE_KEY}, day_ms"),
+            (Backend::Sqlite, _) => "rowid".to_owned(),
         };
         let sql = format!(
-            "DELETE FROM {table} WHERE {id} IN \
-             (SELECT {cols} FROM {table} WHERE {column} < $1 LIMIT $2)",
-            cols = id.trim_matches(['(', ')'])
+            "DELETE FROM {table} WHERE ({key}) IN \
+             (SELECT {key} FROM {table} WHERE {column} < $1 LIMIT $2)"
         );
         let mut total = 0;
         loop {
