@@ -494,7 +494,7 @@ pub(crate) mod tests {
     use tally_contract::wire::{GpuGauge, Report, SCHEMA_VERSION, TenantQuota};
 
     use super::*;
-    use crate::ledger::Ledger;
+    use crate::ledger::chargeback::tests::sqlite_ledger;
 
     pub(crate) fn gpu(label: &str, state: &str, tenants: &[&str]) -> GpuView {
         let parent = label.contains('/');
@@ -647,9 +647,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn the_view_follows_the_newest_report_and_goes_stale() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        let ledger = Ledger::open(&url, 2).await.unwrap();
+        let (_dir, ledger) = sqlite_ledger(2).await;
         for (seq, end, state) in [
             (1, 10_000, "busy"),
             (3, 30_000, "stuck"),
@@ -686,9 +684,7 @@ pub(crate) mod tests {
     /// parent's model and its slice.
     #[tokio::test]
     async fn idle_devices_are_reclaimable_with_their_cost_so_far() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        let ledger = Ledger::open(&url, 2).await.unwrap();
+        let (_dir, ledger) = sqlite_ledger(2).await;
         let mut r = report("n1", 1, 7_210_000, "idle");
         r.gpus[0].idle_since_ms = Some(10_000);
         r.gpus[0].workloads = vec![HeldBy {

@@ -245,7 +245,10 @@ mod tests {
     use tally_contract::audit::{AuditKey, AuditLog, Record};
 
     use super::*;
-    use crate::ledger::ingest::{Ingested, tests::report};
+    use crate::ledger::{
+        chargeback::tests::sqlite_ledger,
+        ingest::{Ingested, tests::report},
+    };
 
     /// `n` records of a log written with `key`, as the agent sends them.
     fn records(key: Option<&AuditKey>, n: usize) -> Vec<Record> {
@@ -307,9 +310,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unkeyed_record_after_stored_keyed_ones_is_flagged() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        let ledger = Ledger::open(&url, 1).await.unwrap();
+        let (_dir, ledger) = sqlite_ledger(1).await;
         let key = AuditKey::generate().unwrap();
         let recs = records(Some(&key), 2);
         let mut r = report("n1", 1);

@@ -555,9 +555,8 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn rollups_give_the_raw_rows_sums_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        rollups_match_raw_rows(&Ledger::open(&url, 4).await.unwrap()).await;
+        let (_dir, ledger) = sqlite_ledger(4).await;
+        rollups_match_raw_rows(&ledger).await;
     }
 
     /// Runs on the test PostgreSQL that `cargo xtask test` starts
@@ -568,6 +567,14 @@ pub(crate) mod tests {
             return;
         };
         rollups_match_raw_rows(&ledger).await;
+    }
+
+    /// A ledger in a new SQLite file, kept as long as the directory.
+    pub(crate) async fn sqlite_ledger(max_connections: u32) -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db", dir.path().display());
+        let ledger = Ledger::open(&url, max_connections).await.unwrap();
+        (dir, ledger)
     }
 
     /// A ledger in a new database on the test PostgreSQL that `cargo xtask
@@ -815,9 +822,8 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn node_less_reads_price_as_raw_rows_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        node_less_reads_price_as_raw_rows(&Ledger::open(&url, 4).await.unwrap()).await;
+        let (_dir, ledger) = sqlite_ledger(4).await;
+        node_less_reads_price_as_raw_rows(&ledger).await;
     }
 
     #[tokio::test]
@@ -924,9 +930,8 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn daily_reads_give_the_raw_rows_sums_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        daily_reads_match_raw_rows(&Ledger::open(&url, 4).await.unwrap()).await;
+        let (_dir, ledger) = sqlite_ledger(4).await;
+        daily_reads_match_raw_rows(&ledger).await;
     }
 
     #[tokio::test]

@@ -406,7 +406,7 @@ pub(crate) mod tests {
     use tally_contract::wire::{AuditRecord, GENESIS_SHA256, GpuUsage, IoUsage, SCHEMA_VERSION};
 
     use super::*;
-    use crate::ledger::audit::AuditQuery;
+    use crate::ledger::{audit::AuditQuery, chargeback::tests::sqlite_ledger};
 
     pub(crate) fn report(node: &str, seq: u64) -> Report {
         Report {
@@ -504,9 +504,7 @@ pub(crate) mod tests {
     /// no workload, and its retry is still known by its digest.
     #[tokio::test]
     async fn reports_without_workload_or_cluster_ingest() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        let ledger = Ledger::open(&url, 2).await.unwrap();
+        let (_dir, ledger) = sqlite_ledger(2).await;
         let keys = Arc::new(NodeKeys::default());
         let old = r#"{"version":1,"node":"n1","boot_id":"b","seq":1,"interval_start_ms":1000000,"interval_end_ms":1010000,"gpu_usage":[{"tenant":"acme","gpu":"0","uuid":"GPU-0","model":"H100","mig_profile":null,"slice_fraction":1.0,"allocated_us":10000000,"sm_us":null,"memory_byte_seconds":1,"energy_mj":1}],"io_usage":[{"tenant":"acme","network_ingress_bytes":5,"network_egress_bytes":0,"network_ingress_packets":0,"network_egress_packets":0,"network_dropped_packets":0,"pcie_h2d_bytes":0,"pcie_d2h_bytes":0}],"gpus":[],"audit":[]}"#;
         let r: Report = serde_json::from_str(old).unwrap();
@@ -610,9 +608,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn audit_chain_breaks_are_flagged_not_hidden() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        let ledger = Ledger::open(&url, 1).await.unwrap();
+        let (_dir, ledger) = sqlite_ledger(1).await;
         let keys = Arc::new(NodeKeys::default());
         let a = "a".repeat(64);
         let b = "b".repeat(64);

@@ -118,7 +118,7 @@ mod tests {
     use crate::{
         audit_keys::NodeKeys,
         ledger::{
-            chargeback::tests::postgres_ledger,
+            chargeback::tests::{postgres_ledger, sqlite_ledger},
             ingest::{HOUR_MS, tests::report},
         },
     };
@@ -196,9 +196,8 @@ mod tests {
 
     #[tokio::test]
     async fn retention_removes_old_rows_on_sqlite() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/ledger.db", dir.path().display());
-        retention_removes_old_rows(&Ledger::open(&url, 4).await.unwrap()).await;
+        let (_dir, ledger) = sqlite_ledger(4).await;
+        retention_removes_old_rows(&ledger).await;
     }
 
     #[tokio::test]
