@@ -104,6 +104,14 @@ fn running(bin: &Path, data: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a server accepts connections on 127.0.0.1:`port`.
+fn answers(bin: &Path, port: u16) -> bool {
+    Command::new(bin.join("pg_isready"))
+        .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Makes sure a test PostgreSQL runs and returns its URL
 /// (`postgres://postgres@127.0.0.1:PORT/tally_test`).
 pub(crate) fn ensure() -> anyhow::Result<String> {
@@ -120,7 +128,16 @@ pub(crate) fn ensure() -> anyhow::Result<String> {
         && let Ok(port) = port.trim().parse::<u16>()
         && running(&bin, &data)
     {
-        return Ok(url(port));
+        // A server started by hand on this directory with another port
+        // runs, but the tests would all fail to connect: start over.
+        if answers(&bin, port) {
+            return Ok(url(port));
+        }
+        eprintln!(
+            "xtask: the test PostgreSQL in {} runs but does not answer on 127.0.0.1:{port} \
+             (its port file); restarting it",
+            data.display()
+        );
     }
     // Start over: a stale directory from a crashed run is of no use.
     if data.exists() {
@@ -172,14 +189,10 @@ mod tests {
         let url = ensure().expect("a test PostgreSQL");
         let port = url
             .rsplit_once(':')
-            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
             .expect("a port in the URL");
         let bin = debian_bin().expect("installed by ensure");
-        let out = Command::new(bin.join("pg_isready"))
-            .args(["-h", "127.0.0.1", "-p", port])
-            .output()
-            .expect("pg_isready runs");
-        assert!(out.status.success(), "{url}: {out:?}");
+        assert!(answers(&bin, port), "{url} does not answer");
         assert_eq!(ensure().unwrap(), url, "a second call reuses the server");
     }
 }
