@@ -12,6 +12,7 @@
 use std::{
     ffi::{CStr, c_char, c_int, c_uint, c_ulonglong, c_void},
     panic::{AssertUnwindSafe, catch_unwind},
+    path::Path,
     ptr,
     thread::sleep,
     time::{Duration, Instant},
@@ -20,6 +21,7 @@ use std::{
 use crate::{
     sim::{self, Code, Handle, NO_INSTANCE, Sim, View, code, driver, event},
     state::{ProcKind, THROTTLE_GPU_IDLE},
+    xid_wait::XidChanges,
 };
 
 pub(crate) type Ret = c_uint;
@@ -952,12 +954,15 @@ device_getters! {
     };
 }
 
-/// Polls the state directory every 20 ms until an XID for a registered GPU
-/// is claimed or `timeout_ms` passes. The driver lock is not held while
-/// sleeping.
+/// Looks for an XID for a registered GPU to claim, and sleeps until `xid/`
+/// changes ([`XidChanges`]) to look again, until `timeout_ms` passes. The
+/// driver lock is not held while sleeping.
 fn wait_event(set: EventSet, timeout_ms: c_uint) -> Result<sim::Event, Code> {
     let id = set_id(set)?;
     let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+    // Watching before the first look: an XID written after it wakes us.
+    let state_dir = driver().sim()?.state_dir().map(Path::to_path_buf);
+    let mut changes = state_dir.as_deref().map(XidChanges::new);
     loop {
         if let Some(ev) = driver().sim()?.poll_xid(id)? {
             return Ok(ev);
@@ -966,7 +971,11 @@ fn wait_event(set: EventSet, timeout_ms: c_uint) -> Result<sim::Event, Code> {
         if now >= deadline {
             return Err(code::TIMEOUT);
         }
-        sleep((deadline - now).min(Duration::from_millis(20)));
+        match &mut changes {
+            Some(c) => c.wait(deadline - now),
+            // No state directory: nothing can ever come.
+            None => sleep(deadline - now),
+        }
     }
 }
 

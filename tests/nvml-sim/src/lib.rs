@@ -24,5 +24,6 @@ pub mod scenario;
 mod sim;
 pub mod state;
 mod watch;
+mod xid_wait;
 
 pub use state::{Health, ProcKind, Registration, XidFault, register, unregister};

@@ -507,6 +507,11 @@ impl Sim {
         Ok(())
     }
 
+    /// The state directory, when the scenario has one.
+    pub(crate) fn state_dir(&self) -> Option<&Path> {
+        self.state.as_deref()
+    }
+
     /// Claims the first pending XID for a GPU that `set` watches. Claiming is
     /// a rename to `*.delivered`, so each XID goes to exactly one waiter,
     /// across processes too.
