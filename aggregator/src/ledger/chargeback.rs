@@ -963,6 +963,19 @@ pub(crate) mod tests {
             return;
         };
         daily_reads_match_raw_rows(&ledger).await;
+        // The two folds that folded days vacuumed the daily rollups (their
+        // reads scan the keys alone only on pages marked all-visible); the
+        // repeated fold, with no day to fold, did not.
+        for table in ["gpu_usage_daily", "io_usage_daily"] {
+            let vacuums: i64 = sqlx::query_scalar(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = $1",
+            )
+            .bind(table)
+            .fetch_one(&ledger.pool)
+            .await
+            .unwrap();
+            assert_eq!(vacuums, 2, "{table}");
+        }
     }
 
     #[test]
