@@ -3,13 +3,21 @@
 //! sender's counters), plus one [`Collector`] that encodes a [`Snapshot`]:
 //! no second copy of the numbers, and no NVML call on the scrape path. The
 //! snapshot's text is encoded once per snapshot and served from a cache
-//! ([`scrape`]). Units are declared so the encoder appends them
+//! ([`scrape`]), ahead of the scrape when one is expected ([`ahead`],
+//! [`encode_ahead`]). Units are declared so the encoder appends them
 //! (`tally_gpu_energy` + joules + counter → `tally_gpu_energy_joules_total`).
 
+mod ahead;
 mod health;
 mod scrape;
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use hyper::body::Bytes;
 
@@ -38,6 +46,9 @@ pub struct Metrics {
     registry: Registry,
     latest: Latest,
     cache: scrape::BodyCache,
+    clock: Mutex<ahead::ScrapeClock>,
+    /// Snapshots encoded, ahead or by a scrape.
+    renders: AtomicU64,
 }
 
 impl Metrics {
@@ -47,6 +58,8 @@ impl Metrics {
             registry: Registry::default(),
             latest,
             cache: scrape::BodyCache::default(),
+            clock: Mutex::default(),
+            renders: AtomicU64::new(0),
         }
     }
 
@@ -56,9 +69,10 @@ impl Metrics {
     }
 
     /// The body of one scrape of the latest snapshot, gzipped when `gzip`:
-    /// the first scrape of a snapshot encodes it, later ones send the bytes
-    /// cached.
+    /// the bytes cached when the snapshot was encoded ahead or scraped
+    /// before, else encoded now.
     pub fn body(&self, gzip: bool) -> Bytes {
+        self.clock().scraped(Instant::now(), gzip);
         let latest = self.latest.borrow().clone();
         let (snapshot, text) = match self.cache.text(&latest) {
             Some(cached) => cached,
@@ -73,7 +87,31 @@ impl Metrics {
     // callgrind's counting toggles rather than nests.
     #[inline(never)]
     fn render(&self, snapshot: &Arc<Snapshot>) -> Arc<str> {
+        self.renders.fetch_add(1, Ordering::Relaxed);
         encode_snapshot(snapshot).into()
+    }
+
+    /// Whether a snapshot published now, replaced an `interval` later, is
+    /// to be encoded ahead of its scrape: `Some(gzip)` if so.
+    fn ahead(&self, interval: Duration) -> Option<bool> {
+        self.clock().ahead(Instant::now(), interval)
+    }
+
+    /// Encodes `snapshot` (and gzips it, when scrapers ask for gzip) into
+    /// the cache before any scrape of it; `false` when it was already.
+    fn prepare(&self, snapshot: &Arc<Snapshot>, gzip: bool) -> bool {
+        if self.cache.text(snapshot).is_some() {
+            return false;
+        }
+        let text = self.render(snapshot);
+        // Not through `send`: the bench counts that one per scrape.
+        self.cache
+            .body(snapshot.clone(), text, self.components(), gzip);
+        true
+    }
+
+    fn clock(&self) -> std::sync::MutexGuard<'_, ahead::ScrapeClock> {
+        self.clock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One scrape's body from the snapshot's encoded families: the
@@ -95,6 +133,31 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
         out
     }
+}
+
+/// Encodes each new snapshot of `latest` on a blocking thread, off the
+/// request path, when a scrape is expected before the one after it
+/// ([`ahead`]); ends when the sampler stops publishing.
+pub fn encode_ahead(
+    metrics: Arc<Metrics>,
+    mut latest: Latest,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while latest.changed().await.is_ok() {
+            let snapshot = latest.borrow_and_update().clone();
+            let Some(gzip) = metrics.ahead(interval) else {
+                continue;
+            };
+            let m = metrics.clone();
+            if tokio::task::spawn_blocking(move || m.prepare(&snapshot, gzip))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
 }
 
 /// The snapshot's families, without the closing `# EOF`.
@@ -979,5 +1042,51 @@ mod tests {
             assert!(text.contains(meta), "{meta}");
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Waits until `n` snapshots were encoded.
+    async fn encoded(metrics: &Metrics, n: u64) {
+        for _ in 0..500 {
+            if metrics.renders.load(Ordering::Relaxed) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("snapshot {n} was not encoded ahead");
+    }
+
+    #[tokio::test]
+    async fn a_scraped_agent_encodes_new_snapshots_ahead_of_the_scrape() {
+        let (tx, latest) = watch::channel(Arc::new(snapshot()));
+        let metrics = Arc::new(Metrics::new(latest.clone()));
+        let task = encode_ahead(metrics.clone(), latest, Duration::from_secs(1));
+        let publish = |samples| {
+            tx.send_replace(Arc::new(Snapshot {
+                samples,
+                ..snapshot()
+            }))
+        };
+
+        // Nobody scraped yet: a new snapshot waits for its first scrape.
+        publish(2);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(metrics.renders.load(Ordering::Relaxed), 0);
+        let first = metrics.body(true);
+        assert_eq!(metrics.renders.load(Ordering::Relaxed), 1);
+
+        // Scraped: the next snapshot is encoded (and gzipped) before any
+        // scrape asks, and the scrape sends those bytes.
+        publish(3);
+        encoded(&metrics, 2).await;
+        let gz = metrics.body(true);
+        assert_ne!(gz, first);
+        assert!(
+            String::from_utf8_lossy(&metrics.body(false)).contains("tally_samples_total{} 3.0\n")
+        );
+        assert_eq!(metrics.renders.load(Ordering::Relaxed), 2);
+
+        // The sampler stops: so does the encoder.
+        drop(tx);
+        task.await.unwrap();
     }
 }

@@ -106,6 +106,7 @@ impl Agent {
             stats.register(metrics.registry());
         }
         let metrics = Arc::new(metrics);
+        metrics::encode_ahead(metrics.clone(), latest.clone(), settings.sample_interval);
         let state_dir = settings.config.agent.state_dir.clone();
         // Only an agent that writes shared state there (the report spool and
         // state, the enforcement audit log) needs the directory to itself;

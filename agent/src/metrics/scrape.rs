@@ -1,10 +1,11 @@
-//! The `/metrics` body, made once per snapshot: the first scrape of a
-//! snapshot encodes its families (outside the lock, so other scrapes are
-//! served meanwhile), later scrapes of it send those bytes, and the gzip is
-//! made once, by the first scrape that asks for it. Only the components'
-//! own families (the report sender's counters, a few lines) are encoded per
-//! scrape; when they changed, the body is joined again from the cached
-//! snapshot text. A snapshot nobody scrapes is never encoded.
+//! The `/metrics` body, made once per snapshot: encoded ahead of its scrape
+//! when one is expected (`ahead`), else by the first scrape of the
+//! snapshot (outside the lock, so other scrapes are served meanwhile);
+//! later scrapes send those bytes, and the gzip is made once, ahead or by
+//! the first scrape that asks for it. Only the components' own families
+//! (the report sender's counters, a few lines) are encoded per scrape; when
+//! they changed, the body is joined again from the cached snapshot text. A
+//! snapshot nobody is expected to scrape is never encoded.
 
 use std::{
     io::Write as _,

@@ -265,11 +265,18 @@ fn budgets_spend_each_hours_energy_at_its_price() {
         assert_eq!(status, 200, "report {}: {body}", r.seq);
     }
     let acme = [("tenant", "acme"), ("period", "day"), ("unit", "USD")];
-    let used = wait_for("acme's spend on /metrics", Duration::from_secs(30), || {
-        agg.metrics()
-            .value("tally_tenant_budget_used", &acme)
-            .filter(|v| *v > 0.0)
-    });
+    // Spend is refreshed off the ingest path: one refresh may have seen
+    // only the first report. Wait for both (an undercount times out here),
+    // then check the price (flat pricing would overshoot).
+    let used = wait_for(
+        &format!("acme's spend on /metrics to reach {want}"),
+        Duration::from_secs(30),
+        || {
+            agg.metrics()
+                .value("tally_tenant_budget_used", &acme)
+                .filter(|v| *v >= want)
+        },
+    );
     assert_eq!(
         used,
         want,

@@ -55,13 +55,14 @@ time (load averages in the header).
 
 /// Where a slow scrape's time goes.
 const SCRAPE_BOTTLENECK: &str = "
-**Where a slow scrape's time goes.** Only the first scrape of a snapshot encodes it, and \
-only the first asking for gzip gzips it (`agent/src/metrics/scrape.rs`); every other scrape \
-sends the cached bytes (instructions per scrape above). What is left is the HTTP \
-exchange and the wait for a core: on this shared 2-core VM the scrapes compete with the \
-sampling thread (at this size mostly the simulator's NVML calls) and with other developers' \
-builds (load averages in the header); the profile above shows where the agent's time went \
-during back-to-back scrapes.
+**Where a slow scrape's time goes.** No scrape here encodes: a scraped agent encodes each \
+snapshot it expects to be scraped as it is published, off the request path \
+(`agent/src/metrics/ahead.rs`), and every scrape sends the cached bytes (instructions per \
+scrape above). What is left is the HTTP exchange and the wait for a core: on this shared \
+2-core VM the scrapes compete with the sampling thread (at this size mostly the simulator's \
+NVML calls), with the encoding of the next snapshot and with other developers' builds (load \
+averages in the header); the profile above shows where the agent's time went during \
+back-to-back scrapes.
 ";
 
 /// Devices a process can be registered on: GPUs 0–6, then GPU 7's MIG 0–6.
@@ -340,42 +341,45 @@ pub(super) fn instructions_only(ctx: &Ctx) -> anyhow::Result<String> {
 /// Instructions per call of each counted function (callgrind).
 type Counted = Result<BTreeMap<&'static str, Stats>, String>;
 
-/// Runs the agent under callgrind on `node` (1 s schedule, scraped twice a
-/// second, every other scrape asking for gzip) and counts instructions per
-/// call, leaving out the first calls (start-up, the cache filling).
+/// Runs the agent under callgrind on `node` (3 s schedule, scraped twice
+/// per half second, once asking for gzip), once per counted function, and
+/// counts instructions per call, leaving out the first calls (start-up,
+/// the cache filling).
 fn instructions(
     ctx: &Ctx,
     node: &Node,
     cuda: Option<&FakeCuda>,
 ) -> anyhow::Result<BTreeMap<&'static str, Stats>> {
-    let dir = node.dir.join("callgrind");
-    let _ = fs::remove_dir_all(&dir);
-    let script = callgrind::wrapper(&ctx.tally, &dir)?;
-    // Everything runs ~50× slower under valgrind: a longer interval keeps
-    // cycles from running back to back.
-    let agent = node.agent_with(ctx, "3s", cuda, &script, Duration::from_secs(900))?;
     let (warm, cycles) = if ctx.quick { (2, 3) } else { (3, 10) };
-    let gzip = [("Accept-Encoding", "gzip")];
-    tally_e2e::wait_for("cycles under callgrind", Duration::from_secs(1800), || {
-        let m = agent.metrics().ok()?;
-        let _ = agent.client.request("GET", "/metrics", &gzip, b"");
-        std::thread::sleep(Duration::from_millis(500));
-        let n = m.value("tally_samples_total", &[]).unwrap_or(0.0);
-        (n >= (warm + cycles) as f64).then_some(())
-    });
-    drop(agent);
-    let per = callgrind::per_call(&dir)?;
-    if !per.contains_key(callgrind::SAMPLE) {
-        bail!(
-            "callgrind wrote no dump for {} in {}: the function was not matched",
-            callgrind::SAMPLE,
-            dir.display()
-        );
+    let mut out = BTreeMap::new();
+    for (key, function) in callgrind::FUNCTIONS {
+        let dir = node
+            .dir
+            .join("callgrind")
+            .join(key.replace(|c: char| !c.is_ascii_alphanumeric(), "-"));
+        let _ = fs::remove_dir_all(&dir);
+        let script = callgrind::wrapper(&ctx.tally, &dir, function)?;
+        // Everything runs ~50× slower under valgrind: a longer interval
+        // keeps cycles from running back to back.
+        let agent = node.agent_with(ctx, "3s", cuda, &script, Duration::from_secs(900))?;
+        let gzip = [("Accept-Encoding", "gzip")];
+        tally_e2e::wait_for("cycles under callgrind", Duration::from_secs(1800), || {
+            let m = agent.metrics().ok()?;
+            let _ = agent.client.request("GET", "/metrics", &gzip, b"");
+            std::thread::sleep(Duration::from_millis(500));
+            let n = m.value("tally_samples_total", &[]).unwrap_or(0.0);
+            (n >= (warm + cycles) as f64).then_some(())
+        });
+        drop(agent);
+        let Some(calls) = callgrind::per_call(&dir)?.remove(key) else {
+            bail!(
+                "callgrind wrote no dump for {function} in {}: the function was not matched",
+                dir.display()
+            );
+        };
+        out.insert(key, Stats::of(&calls[warm.min(calls.len())..]));
     }
-    Ok(per
-        .into_iter()
-        .map(|(k, v)| (k, Stats::of(&v[warm.min(v.len())..])))
-        .collect())
+    Ok(out)
 }
 
 /// One line per counted function, for a section's text.
@@ -1105,7 +1109,7 @@ fn scrape_bench(
     // Plain and gzip scrapes alternate (Prometheus asks for gzip).
     let (mut lat, mut lat_gz) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut size, mut size_gz) = (0, 0);
-    let mut series = 0;
+    let mut last_plain = Vec::new();
     for i in 0..2 * n {
         let gzip = i % 2 == 1;
         let headers: &[(&str, &str)] = if gzip {
@@ -1113,27 +1117,25 @@ fn scrape_bench(
         } else {
             &[]
         };
-        let t = Instant::now();
-        let r = Client::new(agent.agent.addr).request("GET", "/metrics", headers, b"")?;
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        if r.status != 200 {
-            bail!("/metrics answered {}", r.status);
-        }
+        let r = util::timed_get(agent.agent.addr, "/metrics", headers)?;
         if gzip {
             if !r.head.contains("content-encoding: gzip") {
                 bail!("/metrics ignored Accept-Encoding: gzip:\n{}", r.head);
             }
-            lat_gz.push(ms);
+            lat_gz.push(r.ms);
             size_gz = r.body.len();
         } else {
-            lat.push(ms);
+            lat.push(r.ms);
             size = r.body.len();
-            series = Metrics::try_parse(&r.text())
-                .map_err(anyhow::Error::msg)?
-                .len();
+            last_plain = r.body;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Parsed once, after the timed scrapes: the debug-built parser takes
+    // seconds over 20,000 series.
+    let series = Metrics::try_parse(&String::from_utf8_lossy(&last_plain))
+        .map_err(anyhow::Error::msg)?
+        .len();
     let st = Stats::of(&lat);
     let st_gz = Stats::of(&lat_gz);
     let p50 = st.median;
@@ -1148,11 +1150,9 @@ fn scrape_bench(
         b,
         "**Set-up.** Same simulated node, {procs} GPU processes across {tenants} tenants (4 \
          processes per tenant on 4 different devices): {series} series, counted once the count held \
-         still (within 1 %) from one cycle to the next. The agent keeps sampling every 1 s during the scrapes; at this \
-         size a cycle of the in-process simulator takes seconds of CPU (benchmark 2) and runs \
-         back to back, so the scrapes compete with it for the 2 cores (agent CPU during the \
-         scrapes: {busy:.0} % of one core). A scrape only encodes the latest snapshot and never \
-         waits on sampling. \
+         still (within 1 %) from one cycle to the next. The agent keeps sampling every 1 s during the \
+         scrapes (benchmark 2 has the cycle's cost at this size; agent CPU during the scrapes: \
+         {busy:.0} % of one core). A scrape never waits on sampling. \
          Workload series (`[tenant.kubernetes] workload_series`) add one series per container \
          and GPU but need the kubelet's pod-resources socket or pod log directories, which \
          this machine does not have; the series count comes from tenants × devices instead \
@@ -1161,9 +1161,11 @@ fn scrape_bench(
     let _ = writeln!(
         b,
         "**Measured.** {} sequential `GET /metrics`, each on a new connection, 20 ms apart, \
-         timed from connect to the last body byte; every other one with `Accept-Encoding: \
-         gzip`. The body of each snapshot is encoded once, by its first scrape, and gzipped \
-         once, by the first asking for gzip; other scrapes send those bytes.\n",
+         timed from connect to the last body byte by a plain client (std's reader: the test \
+         kit's ureq, built unoptimised in `cargo xtask`, took longer to read 1.7 MiB than the \
+         agent took to send it); every other one with `Accept-Encoding: gzip`. Scraped faster \
+         than it samples, the agent encodes (and gzips) each snapshot as it is published, on a \
+         blocking thread (`agent/src/metrics/ahead.rs`): every scrape sends cached bytes.\n",
         2 * n
     );
     let _ = writeln!(

@@ -1,6 +1,11 @@
 //! Instruction counts per call from `valgrind --tool=callgrind`: the
-//! agent runs under callgrind, which counts only inside the functions named
-//! here and dumps (and zeroes) its counters after each of their calls. An
+//! agent runs under callgrind, which counts only inside one of the
+//! functions named here and dumps (and zeroes) its counters after each of
+//! its calls. One function per run: a dump writes and zeroes every
+//! thread's counters, so with two functions counted on two threads (the
+//! sampler's cycle, a scrape on the runtime) each dump took part of the
+//! other's count, and the per-call figures came out as 0 or as the other's
+//! (benchmark 3 showed 0 instructions per encode). An
 //! instruction count repeats run to run whatever else the shared machine
 //! does, so a regression shows as a number where wall and CPU time drown
 //! in the load.
@@ -24,25 +29,23 @@ pub(super) const SCRAPE: &str = "Metrics::send";
 
 /// The functions counted, as callgrind matches their demangled names (the
 /// agent keeps them out of line for this).
-const FUNCTIONS: [(&str, &str); 3] = [
+pub(super) const FUNCTIONS: [(&str, &str); 3] = [
     (SAMPLE, "tally_agent::gpu::sample::Sampler::sample"),
     (RENDER, "tally_agent::metrics::Metrics::render"),
     (SCRAPE, "tally_agent::metrics::Metrics::send"),
 ];
 
 /// A script that runs `tally` under callgrind, writing one dump per call
-/// of each counted function into `dir`.
-pub(super) fn wrapper(tally: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+/// of `function` (a full name from [`FUNCTIONS`]) into `dir`.
+pub(super) fn wrapper(tally: &Path, dir: &Path, function: &str) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(dir)?;
-    let mut args = vec![
+    let args = [
         "--tool=callgrind".to_owned(),
         format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()),
         "--collect-atstart=no".to_owned(),
+        format!("--toggle-collect={function}"),
+        format!("--dump-after={function}"),
     ];
-    for (_, name) in FUNCTIONS {
-        args.push(format!("--toggle-collect={name}"));
-        args.push(format!("--dump-after={name}"));
-    }
     let script = dir.join("tally-under-callgrind");
     fs::write(
         &script,

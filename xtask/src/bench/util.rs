@@ -173,6 +173,63 @@ pub(super) fn busy_processes() -> String {
         .unwrap_or_default()
 }
 
+// ------------------------------------------------------------------- HTTP
+
+/// One `GET` timed from connect to the last body byte.
+#[derive(Debug)]
+pub(super) struct Timed {
+    pub ms: f64,
+    /// The status line and headers, names lower-cased.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+/// `GET path` on a new connection, timed. The test kit's client (ureq) is
+/// built without optimisation in `cargo xtask`, and at megabyte bodies its
+/// reading took more time than the server's answer: the timing would have
+/// measured the client. This one asks with `Connection: close` and reads
+/// the answer to the end with std's reader (std ships optimised), so what
+/// it times is the server and the socket.
+pub(super) fn timed_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Timed> {
+    use std::io::{Read as _, Write as _};
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut answer = Vec::with_capacity(4 << 20);
+    let t = Instant::now();
+    let mut conn = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    conn.write_all(request.as_bytes())?;
+    conn.read_to_end(&mut answer)?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("GET {path}: no end of headers in {} bytes", answer.len()))?;
+    let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
+    let body = answer.split_off(end + 4);
+    if !head.starts_with("http/1.1 200") {
+        bail!("GET {path} answered {}", head.lines().next().unwrap_or(""));
+    }
+    // The whole body came, not a connection cut short.
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if length != Some(body.len()) {
+        bail!(
+            "GET {path}: content-length {length:?}, got {} bytes",
+            body.len()
+        );
+    }
+    Ok(Timed { ms, head, body })
+}
+
 // -------------------------------------------------------------- processes
 
 /// A child process: SIGTERM, then SIGKILL after a grace period, on drop.
