@@ -222,12 +222,7 @@ impl Ledger {
         }
         let (from, to) = (days_from, days_to);
         let h_only = only.replace("cluster", "h.cluster");
-        let h_cols = key
-            .split(", ")
-            .chain(sums.split(", "))
-            .map(|c| format!("h.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let h_cols = qualified("h", &format!("{key}, {sums}"));
         parts.push(format!(
             "SELECT {key}, {sums} FROM {hourly} WHERE hour_ms >= $3 AND hour_ms < {from}{only}"
         ));
@@ -241,6 +236,22 @@ impl Ledger {
         ));
         Ok(parts.join(" UNION ALL "))
     }
+}
+
+/// `cols` (a comma-separated list) each prefixed with `alias.`.
+fn qualified(alias: &str, cols: &str) -> String {
+    cols.split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The join condition of `a` and `b` on every column of `cols`.
+fn same_key(a: &str, b: &str, cols: &str) -> String {
+    cols.split(", ")
+        .map(|c| format!("{a}.{c} = {b}.{c}"))
+        .collect::<Vec<_>>()
+        .join(" AND ")
 }
 
 /// A read by node: its daily and hourly rollups, the group key they
@@ -308,16 +319,28 @@ impl Ledger {
         let only = in_cluster(cluster);
         let h_only = only.replace("cluster", "h.cluster");
         let sums = "allocated_us, used_us, energy_mj, memory_byte_seconds, idle_us";
-        let node_sums = "h.allocated_us, h.used_us, h.energy_mj, h.memory_byte_seconds, h.idle_us";
         let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
                    COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
                    CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \
                    FROM gpu_usage";
         let cols = "tenant, cluster, workload, model, slice_fraction";
-        let key = "(tenant, cluster, workload, model, slice_fraction)";
+        let rest = "cluster, workload, model, slice_fraction";
+        let (f, p, h) = (
+            qualified("f", &format!("{rest}, {sums}")),
+            qualified("p", &format!("{rest}, {sums}")),
+            qualified("h", &format!("tenant, node, {rest}, {sums}")),
+        );
+        let over = |t: &str| same_key(t, "o", cols);
+        // Joins to `over`, not `IN (SELECT * FROM over)`: PostgreSQL
+        // cannot estimate a CTE's rows, and where its guess outgrew
+        // work_mem it tested every row against every key of `over`
+        // instead of hashing them. The per-node branch only runs where
+        // `over` has a key (a one-time filter on PostgreSQL): otherwise
+        // PostgreSQL sorted the month of the per-node rollup to join it
+        // with nothing.
         let query = format!(
             "WITH {DIRTY}, \
-             pieces AS (SELECT tenant, node, {cols_rest}, {sums} \
+             pieces AS (SELECT tenant, node, {rest}, {sums} \
              FROM dirty d CROSS JOIN gpu_usage_hourly h WHERE h.hour_ms = d.hour_ms{h_only} \
              UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} \
              UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only}), \
@@ -326,25 +349,25 @@ impl Ledger {
              AND hour_ms NOT IN (SELECT hour_ms FROM dirty)), \
              over AS (SELECT {cols} FROM folded WHERE over_rows > 0 \
              UNION SELECT {cols} FROM pieces WHERE used_us > allocated_us) \
-             SELECT tenant, node, {cols_rest}, \
+             SELECT tenant, node, {rest}, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(used_us) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
              CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION) AS memory_byte_seconds, \
              CAST(SUM(idle_us) AS BIGINT) AS idle_us \
-             FROM (SELECT tenant, '' AS node, {cols_rest}, {sums} FROM folded \
-             WHERE {key} NOT IN (SELECT * FROM over) \
-             UNION ALL SELECT tenant, CASE WHEN {key} IN (SELECT * FROM over) THEN node ELSE '' END, \
-             {cols_rest}, {sums} FROM pieces \
-             UNION ALL SELECT h.tenant, h.node, h.cluster, h.workload, h.model, h.slice_fraction, \
-             {node_sums} FROM over o CROSS JOIN gpu_usage_hourly h WHERE h.tenant = o.tenant \
-             AND h.cluster = o.cluster AND h.workload = o.workload \
-             AND h.model = o.model AND h.slice_fraction = o.slice_fraction \
+             FROM (SELECT f.tenant, '' AS node, {f} FROM folded f \
+             LEFT JOIN over o ON {over_f} WHERE o.tenant IS NULL \
+             UNION ALL SELECT p.tenant, CASE WHEN o.tenant IS NULL THEN '' ELSE p.node END, {p} \
+             FROM pieces p LEFT JOIN over o ON {over_p} \
+             UNION ALL SELECT {h} FROM over o CROSS JOIN gpu_usage_hourly h WHERE {over_h} \
              AND h.hour_ms >= $3 AND h.hour_ms < $4 \
-             AND h.hour_ms NOT IN (SELECT hour_ms FROM dirty)) u \
-             GROUP BY tenant, node, {cols_rest} \
-             ORDER BY tenant, node, {cols_rest}",
-            cols_rest = "cluster, workload, model, slice_fraction",
+             AND h.hour_ms NOT IN (SELECT hour_ms FROM dirty) \
+             AND EXISTS (SELECT 1 FROM over)) u \
+             GROUP BY tenant, node, {rest} \
+             ORDER BY tenant, node, {rest}",
+            over_f = over("f"),
+            over_p = over("p"),
+            over_h = over("h"),
         );
         self.period_query(&query, from_ms, to_ms, (a, b), cluster)
             .await
@@ -940,6 +963,19 @@ pub(crate) mod tests {
             return;
         };
         daily_reads_match_raw_rows(&ledger).await;
+        // The two folds that folded days vacuumed the daily rollups (their
+        // reads scan the keys alone only on pages marked all-visible); the
+        // repeated fold, with no day to fold, did not.
+        for table in ["gpu_usage_daily", "io_usage_daily"] {
+            let vacuums: i64 = sqlx::query_scalar(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = $1",
+            )
+            .bind(table)
+            .fetch_one(&ledger.pool)
+            .await
+            .unwrap();
+            assert_eq!(vacuums, 2, "{table}");
+        }
     }
 
     #[test]
