@@ -442,7 +442,7 @@ fn tenants_seen(m: &Metrics) -> usize {
 fn thread_role(group: &str) -> &'static str {
     match group {
         "tally-gpu" => "NVML calls, one thread per GPU (here: the simulator)",
-        "tally-xid" => "NVML event wait (here: the simulator polls every 20 ms)",
+        "tally-xid" => "NVML event wait (here: the simulator, woken by inotify)",
         "tally-sampler" => "sampler: attribution, cgroup reads, eBPF maps, states",
         "tally-rt" => "async runtime: HTTP (scrapes)",
         _ => "other",
@@ -857,9 +857,10 @@ fn footprint_and_sample(
         "\nAgent CPU per sampling cycle (all threads, incl. the in-process NVML simulator and \
          the scrapes): {cpu_per_sample:.1} ms over {cycles:.0} cycles. By thread (`/proc/<pid>/task/*/stat`, \
          CPU seconds over the {total:.0} s): {}.\n\n\
-         The NVML threads run the simulator in-process (`tests/nvml-sim`), whose every device \
-         query re-reads the state directory and rewrites its energy file under `flock`: a real \
-         driver's cost is different and not measurable here. **Without the NVML threads the \
+         The NVML threads run the simulator in-process (`tests/nvml-sim`), which answers from \
+         memory and re-reads only what inotify says changed in its state directory (benchmark 8 \
+         has its cost per call): a real driver's cost is different and not measurable here. \
+         **Without the NVML threads the \
          agent used {without_nvml:.2} % of one core.**\n",
         show_threads(&threads, "s")
     );
