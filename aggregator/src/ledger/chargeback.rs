@@ -212,9 +212,9 @@ impl Ledger {
                 .collect::<Vec<_>>()
                 .join(", ");
             let dirty = "day_ms NOT IN (SELECT day_ms FROM dirty_days)";
-            let part = |bucket: &str, from: i64, to: i64| {
+            let part = |source: &str, bucket: &str, from: i64, to: i64| {
                 format!(
-                    "SELECT {key}, {summed} FROM {daily} WHERE {bucket}day_ms >= {from} \
+                    "SELECT {key}, {summed} FROM {source} WHERE {bucket}day_ms >= {from} \
                      AND day_ms < {to} AND {dirty}{only} GROUP BY {key}"
                 )
             };
@@ -232,13 +232,21 @@ impl Ledger {
                 let next = month_of(month + 32 * DAY_MS);
                 let bucket = format!("month_ms = {month} AND ");
                 if month >= months_from && next <= months_to {
-                    // Its days only when it has a dirty day: `{month} IN`
-                    // is a constant condition, tested once, not per row.
                     let dirty_month = dirty_month(&month.to_string());
                     parts.push(whole(&format!("month_ms = {month}"), dirty_month.clone()));
-                    parts.push(part(&format!("{bucket}{dirty_month} AND "), month, next));
+                    // Its days only when it is dirty, without reading
+                    // them otherwise: SQLite tested the condition on each
+                    // of the month's daily rows, but reads a `CROSS JOIN`
+                    // from its left, here nothing; PostgreSQL tests the
+                    // constant condition once, before the join.
+                    let source = format!(
+                        "(SELECT DISTINCT month_ms FROM dirty_months WHERE month_ms = {month}) x \
+                         CROSS JOIN {daily}"
+                    );
+                    let on = format!("{daily}.month_ms = x.month_ms AND {dirty_month} AND ");
+                    parts.push(part(&source, &on, month, next));
                 } else {
-                    parts.push(part(&bucket, lo.max(month), hi.min(next)));
+                    parts.push(part(daily, &bucket, lo.max(month), hi.min(next)));
                 }
                 buckets += 1;
                 month = next;
@@ -250,6 +258,7 @@ impl Ledger {
                 parts = vec![
                     whole(&months, dirty_month("month_ms")),
                     part(
+                        daily,
                         &format!("NOT ({months} AND NOT {}) AND ", dirty_month("month_ms")),
                         lo,
                         hi,
