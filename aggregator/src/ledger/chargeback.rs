@@ -7,14 +7,16 @@
 //! where pricing `basis=used` clamps a node's used time to its allocated
 //! time (a piece with `used_us > allocated_us`), which are read per node.
 //!
-//! By node, whole UTC days come from the per-node daily rollups (one
+//! By node, whole UTC calendar months come from the per-node monthly
+//! rollups and the other whole UTC days from the per-node daily ones (one
 //! month bucket at a time, in the order they are grouped by), except days
 //! not folded yet or with reports received since the watermark, whose
-//! hours come from the per-node hourly rollups.
+//! hours come from the per-node hourly rollups; a month with such a day
+//! is read by day.
 
 use super::{
     Ledger, LedgerError,
-    fold::{DAILY, GPU_NODE_KEY, IO_NODE_KEY},
+    fold::{DAILY, GPU_NODE_KEY, GPU_NODE_SUMS, IO_NODE_KEY, IO_NODE_SUMS, MONTHLY},
     ingest::{HOUR_MS, hour_of},
 };
 use crate::time::{DAY_MS, day_of, month_of};
@@ -96,7 +98,8 @@ impl Ledger {
     }
 
     /// GPU usage of reports whose interval ends in `[from_ms, to_ms)`:
-    /// the daily rollup for whole days, the hourly one for the other
+    /// the monthly rollup for whole months, the daily one for the other
+    /// whole days, the hourly one for the other
     /// whole hours, raw rows for partial ones. The rollups hold the raw
     /// rows' integer sums, so the result is the same as summing the raw
     /// rows (memory byte-seconds, summed as doubles, exactly so while the
@@ -111,13 +114,14 @@ impl Ledger {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
         let key = GPU_BY_NODE.key;
+        let ctes = GPU_BY_NODE.ctes();
         let parts = self.rollup_parts(&GPU_BY_NODE, (a, b), only).await?;
         let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
                    COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
                    CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \
                    FROM gpu_usage";
         let query = format!(
-            "WITH {DIRTY}, {DIRTY_DAYS} \
+            "WITH {ctes} \
              SELECT {key}, \
              CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(used_us) AS BIGINT) AS used_us, \
@@ -144,9 +148,10 @@ impl Ledger {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
         let ByNode { key, sums, .. } = IO_BY_NODE;
+        let ctes = IO_BY_NODE.ctes();
         let parts = self.rollup_parts(&IO_BY_NODE, (a, b), only).await?;
         let query = format!(
-            "WITH {DIRTY}, {DIRTY_DAYS} \
+            "WITH {ctes} \
              SELECT {key}, \
              CAST(SUM(network_ingress_bytes) AS BIGINT) AS network_ingress_bytes, \
              CAST(SUM(network_egress_bytes) AS BIGINT) AS network_egress_bytes, \
@@ -165,9 +170,10 @@ impl Ledger {
 
     /// The rollups' part of a read by node of the whole hours `[$3, $4)`
     /// (`(a, b)`), summed per group of `read.key`: the whole days its
-    /// daily rollup holds, one month bucket at a time, then the hourly
-    /// rollup for the hours outside those days and for every hour of the
-    /// dirty days inside them.
+    /// daily rollup holds, one month bucket at a time, each whole month
+    /// its monthly rollup holds taken from there instead (unless it has
+    /// a dirty day), then the hourly rollup for the hours outside those
+    /// days and for every hour of the dirty days inside them.
     async fn rollup_parts(
         &self,
         read: &ByNode,
@@ -175,49 +181,89 @@ impl Ledger {
         only: &str,
     ) -> Result<String, LedgerError> {
         let ByNode {
+            monthly,
             daily,
             hourly,
             key,
             sums,
         } = *read;
-        let (through, first, last): (i64, Option<i64>, Option<i64>) = sqlx::query_as(&format!(
-            "SELECT (SELECT received_ms FROM rollup_watermark WHERE name = $1), \
-             (SELECT MIN(day_ms) FROM {daily}), (SELECT MAX(day_ms) FROM {daily})"
-        ))
-        .bind(DAILY)
-        .fetch_one(&self.pool)
-        .await?;
+        let (through, months_through, first, last): (i64, i64, Option<i64>, Option<i64>) =
+            sqlx::query_as(&format!(
+                "SELECT (SELECT received_ms FROM rollup_watermark WHERE name = $1), \
+                 (SELECT received_ms FROM rollup_watermark WHERE name = $2), \
+                 (SELECT MIN(day_ms) FROM {daily}), (SELECT MAX(day_ms) FROM {daily})"
+            ))
+            .bind(DAILY)
+            .bind(MONTHLY)
+            .fetch_one(&self.pool)
+            .await?;
         let (days_from, days_to) = whole_days(a, b, through);
+        let (months_from, months_to) = whole_months(days_from, days_to, months_through);
         let mut parts = Vec::new();
         // Only the buckets that hold rows: a period from 0 would otherwise
         // name every month since 1970.
         if let (Some(first), Some(last)) = (first, last) {
-            let (lo, hi) = (days_from.max(first), days_to.min(last + DAY_MS));
+            // From the first month with rows: its monthly row outlives
+            // the days that rollup retention removes first.
+            let (lo, hi) = (days_from.max(month_of(first)), days_to.min(last + DAY_MS));
             let summed = sums
                 .split(", ")
                 .map(|c| format!("SUM({c}) AS {c}"))
                 .collect::<Vec<_>>()
                 .join(", ");
             let dirty = "day_ms NOT IN (SELECT day_ms FROM dirty_days)";
-            let part = |bucket: &str, from: i64, to: i64| {
+            let part = |source: &str, bucket: &str, from: i64, to: i64| {
                 format!(
-                    "SELECT {key}, {summed} FROM {daily} WHERE {bucket}day_ms >= {from} \
+                    "SELECT {key}, {summed} FROM {source} WHERE {bucket}day_ms >= {from} \
                      AND day_ms < {to} AND {dirty}{only} GROUP BY {key}"
                 )
             };
+            // A folded month's rows, unless one of its days is dirty: one
+            // row per group, so no GROUP BY.
+            let whole = |months: &str, dirty_month: String| {
+                format!(
+                    "SELECT {key}, {sums} FROM {monthly} WHERE {months} \
+                     AND NOT {dirty_month}{only}"
+                )
+            };
             let mut month = month_of(lo);
-            while month < hi && parts.len() <= MAX_BUCKETS {
+            let mut buckets = 0;
+            while month < hi && buckets <= MAX_BUCKETS {
                 let next = month_of(month + 32 * DAY_MS);
-                parts.push(part(
-                    &format!("month_ms = {month} AND "),
-                    lo.max(month),
-                    hi.min(next),
-                ));
+                let bucket = format!("month_ms = {month} AND ");
+                if month >= months_from && next <= months_to {
+                    let dirty_month = dirty_month(&month.to_string());
+                    parts.push(whole(&format!("month_ms = {month}"), dirty_month.clone()));
+                    // Its days only when it is dirty, without reading
+                    // them otherwise: SQLite tested the condition on each
+                    // of the month's daily rows, but reads a `CROSS JOIN`
+                    // from its left, here nothing; PostgreSQL tests the
+                    // constant condition once, before the join.
+                    let source = format!(
+                        "(SELECT DISTINCT month_ms FROM dirty_months WHERE month_ms = {month}) x \
+                         CROSS JOIN {daily}"
+                    );
+                    let on = format!("{daily}.month_ms = x.month_ms AND {dirty_month} AND ");
+                    parts.push(part(&source, &on, month, next));
+                } else {
+                    parts.push(part(daily, &bucket, lo.max(month), hi.min(next)));
+                }
+                buckets += 1;
                 month = next;
             }
-            if parts.len() > MAX_BUCKETS {
-                // Years: one read, sorted into groups by the database.
-                parts = vec![part("", lo, hi)];
+            if buckets > MAX_BUCKETS {
+                // Years: one read of each rollup, sorted into groups by
+                // the database.
+                let months = format!("month_ms >= {months_from} AND month_ms < {months_to}");
+                parts = vec![
+                    whole(&months, dirty_month("month_ms")),
+                    part(
+                        daily,
+                        &format!("NOT ({months} AND NOT {}) AND ", dirty_month("month_ms")),
+                        lo,
+                        hi,
+                    ),
+                ];
             }
         }
         let (from, to) = (days_from, days_to);
@@ -254,10 +300,11 @@ fn same_key(a: &str, b: &str, cols: &str) -> String {
         .join(" AND ")
 }
 
-/// A read by node: its daily and hourly rollups, the group key they
-/// share and the columns it sums.
+/// A read by node: its monthly, daily and hourly rollups, the group key
+/// they share and the columns it sums.
 #[derive(Clone, Copy)]
 struct ByNode {
+    monthly: &'static str,
     daily: &'static str,
     hourly: &'static str,
     key: &'static str,
@@ -265,18 +312,44 @@ struct ByNode {
 }
 
 const GPU_BY_NODE: ByNode = ByNode {
+    monthly: "gpu_usage_monthly",
     daily: "gpu_usage_daily",
     hourly: "gpu_usage_hourly",
     key: GPU_NODE_KEY,
-    sums: "allocated_us, used_us, energy_mj, memory_byte_seconds, idle_us",
+    sums: GPU_NODE_SUMS,
 };
 
 const IO_BY_NODE: ByNode = ByNode {
+    monthly: "io_usage_monthly",
     daily: "io_usage_daily",
     hourly: "io_usage_hourly",
     key: IO_NODE_KEY,
-    sums: "network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes",
+    sums: IO_NODE_SUMS,
 };
+
+impl ByNode {
+    /// The read's common table expressions: [`DIRTY`], [`DIRTY_DAYS`]
+    /// and the months (`dirty_months`) the monthly rollup holds stale or
+    /// incomplete sums of while their dirty days are not re-folded.
+    fn ctes(&self) -> String {
+        // A dirty day without daily rows (a late first report of the
+        // day) is in none of the month's sums: only days with rows make
+        // a month dirty. LIMIT 1: one key lookup per dirty day, not the
+        // day's rows; no NULLs, which would make `NOT IN` no row at all.
+        let daily = self.daily;
+        format!(
+            "{DIRTY}, {DIRTY_DAYS}, dirty_months AS (SELECT month_ms FROM \
+             (SELECT (SELECT y.month_ms FROM {daily} y WHERE y.day_ms = d.day_ms LIMIT 1) \
+             AS month_ms FROM dirty_days d) m WHERE month_ms IS NOT NULL)"
+        )
+    }
+}
+
+/// Whether `month` (a column or a constant) is read by day, its monthly
+/// rows stale: see [`ByNode::ctes`].
+fn dirty_month(month: &str) -> String {
+    format!("({month} IN (SELECT month_ms FROM dirty_months))")
+}
 
 /// Month buckets read one by one; a longer period is read at once.
 const MAX_BUCKETS: usize = 24;
@@ -287,6 +360,23 @@ pub(super) fn whole_days(a: i64, b: i64, through: i64) -> (i64, i64) {
     let from = day_of(a.saturating_add(DAY_MS - 1));
     let to = day_of(b).min(through);
     if from < to { (from, to) } else { (b, b) }
+}
+
+/// The whole UTC calendar months inside the whole days `[from, to)`
+/// that the monthly rollups hold: those before `through`. `(to, to)`
+/// when there are none.
+pub(super) fn whole_months(from: i64, to: i64, through: i64) -> (i64, i64) {
+    let first = match month_of(from) {
+        m if m == from => m,
+        // No whole day: `from` may be near `i64::MAX`.
+        m => month_of(m.saturating_add(32 * DAY_MS)),
+    };
+    let last = month_of(to).min(through);
+    if first < last {
+        (first, last)
+    } else {
+        (to, to)
+    }
 }
 
 /// The hours of `[$3, $4)` with reports received since the fold's
@@ -919,6 +1009,14 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(months, 2);
         by_node_matches_raw_rows(l, &periods, "folded through Feb 1").await;
+        // January is over: folded from its days, not read (no whole
+        // month in these periods).
+        let months: Vec<i64> =
+            sqlx::query_scalar("SELECT DISTINCT month_ms FROM gpu_usage_monthly")
+                .fetch_all(&l.pool)
+                .await
+                .unwrap();
+        assert_eq!(months, [month_of(d0)]);
         // Not vacuous: the whole days are read from the daily rollup.
         let (from, to) = (d0 + DAY_MS, d0 + 3 * DAY_MS);
         sqlx::query("UPDATE gpu_usage_daily SET allocated_us = allocated_us + 1")
@@ -978,6 +1076,129 @@ pub(crate) mod tests {
         }
     }
 
+    /// 2027-02-01 and 2027-03-01, midnight UTC.
+    const FEB: i64 = 1_801_440_000_000;
+    const MAR: i64 = 1_803_859_200_000;
+
+    /// The per-node monthly rollups: periods with a whole month and
+    /// partial days and hours at both ends read as the raw rows before
+    /// any fold, with months folded, with a late report into a folded
+    /// month, after its re-fold, and after rollup retention removed the
+    /// month's first days.
+    async fn monthly_reads_match_raw_rows(l: &Ledger) {
+        // Every 7 h 13 min from Jan 30 08:00 to Mar 4: all of February.
+        fill_from(l, M, 433 * 60_000 + 13, 110).await;
+        let (d0, m) = (day_of(M), 60_000);
+        let periods = [
+            (0, i64::MAX),
+            (FEB, MAR),
+            (FEB - HOUR_MS, MAR + HOUR_MS),
+            (M + 13 * m + 7, MAR + 2 * DAY_MS + 5 * HOUR_MS + 7 * m),
+            (d0 + DAY_MS, MAR + DAY_MS),
+            (FEB + 1, MAR - 1),
+            (FEB + 9 * DAY_MS, FEB + 11 * DAY_MS + 3),
+        ];
+        by_node_matches_raw_rows(l, &periods, "nothing folded").await;
+        // Days folded through Mar 3, months through February.
+        let now = MAR + 3 * DAY_MS + COMMIT;
+        l.fold(now).await.unwrap();
+        let months = |l: &Ledger| {
+            let pool = l.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT DISTINCT month_ms FROM io_usage_monthly ORDER BY month_ms",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(months(l).await, [month_of(d0), FEB]);
+        let through: i64 = sqlx::query_scalar(
+            "SELECT received_ms FROM rollup_watermark WHERE name = 'node_monthly'",
+        )
+        .fetch_one(&l.pool)
+        .await
+        .unwrap();
+        assert_eq!(through, MAR);
+        by_node_matches_raw_rows(l, &periods, "folded through February").await;
+        // Not vacuous: February is read from the monthly rollup.
+        let bump = |by: i64| {
+            let pool = l.pool.clone();
+            async move {
+                sqlx::query("UPDATE gpu_usage_monthly SET allocated_us = allocated_us + $1")
+                    .bind(by)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        };
+        bump(1).await;
+        assert_ne!(
+            l.gpu_groups(FEB, MAR, None).await.unwrap(),
+            raw_gpu(l, FEB, MAR).await
+        );
+        bump(-1).await;
+        // A late report into a folded day of February, received after the
+        // watermark: February is read by day until the next fold.
+        let keys = std::sync::Arc::new(NodeKeys::default());
+        let mut late = report("n1", 999);
+        late.interval_end_ms = (FEB + 9 * DAY_MS + 5 * HOUR_MS + 7) as u64;
+        late.interval_start_ms = late.interval_end_ms - 60_000;
+        l.ingest(&late, &late.digest(), now, &keys).await.unwrap();
+        by_node_matches_raw_rows(l, &periods, "late report, not folded").await;
+        l.fold(now + DAY_MS).await.unwrap();
+        l.fold(now + DAY_MS).await.unwrap();
+        by_node_matches_raw_rows(l, &periods, "re-folded").await;
+        // February's monthly rows hold the late report now.
+        bump(1).await;
+        assert_ne!(
+            l.gpu_groups(FEB, MAR, None).await.unwrap(),
+            raw_gpu(l, FEB, MAR).await
+        );
+        bump(-1).await;
+        // Rollup retention from Feb 15: January's month goes, with the
+        // days before; February's month stays and still answers for all
+        // of February (raw rows kept).
+        let m = l.maintain(now + DAY_MS, 0, Some(FEB + 14 * DAY_MS)).await;
+        assert!(m.unwrap().rollup_rows > 0);
+        assert_eq!(months(l).await, [FEB]);
+        let first: i64 = sqlx::query_scalar("SELECT MIN(day_ms) FROM gpu_usage_daily")
+            .fetch_one(&l.pool)
+            .await
+            .unwrap();
+        assert_eq!(first, FEB + 14 * DAY_MS);
+        by_node_matches_raw_rows(l, &[(FEB, MAR), (FEB, MAR + DAY_MS)], "after retention").await;
+    }
+
+    #[tokio::test]
+    async fn monthly_reads_give_the_raw_rows_sums_on_sqlite() {
+        let (_dir, ledger) = sqlite_ledger(4).await;
+        monthly_reads_match_raw_rows(&ledger).await;
+    }
+
+    #[tokio::test]
+    async fn monthly_reads_give_the_raw_rows_sums_on_postgres() {
+        let Some(ledger) = postgres_ledger("monthly").await else {
+            return;
+        };
+        monthly_reads_match_raw_rows(&ledger).await;
+        // The fold that folded January and February and the one that
+        // re-folded February vacuumed the monthly rollups; the repeated
+        // fold and the one under retention, with no month to fold, did
+        // not.
+        for table in ["gpu_usage_monthly", "io_usage_monthly"] {
+            let vacuums: i64 = sqlx::query_scalar(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = $1",
+            )
+            .bind(table)
+            .fetch_one(&ledger.pool)
+            .await
+            .unwrap();
+            assert_eq!(vacuums, 2, "{table}");
+        }
+    }
+
     #[test]
     fn months_and_days_are_utc() {
         // 2027-01-30T08:00Z: January 1st and the 30th, midnight.
@@ -994,6 +1215,12 @@ pub(crate) mod tests {
             whole_days(M, M + 3 * DAY_MS, 0),
             (M + 3 * DAY_MS, M + 3 * DAY_MS)
         );
+        // February whole; January's end and March's start are days.
+        assert_eq!(whole_months(day_of(M), MAR + DAY_MS, i64::MAX), (FEB, MAR));
+        assert_eq!(whole_months(FEB, MAR, i64::MAX), (FEB, MAR));
+        assert_eq!(whole_months(FEB + DAY_MS, MAR, i64::MAX), (MAR, MAR));
+        // Not folded yet: read by day.
+        assert_eq!(whole_months(FEB, MAR, FEB), (MAR, MAR));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::{
     Backend, Ledger, LedgerError,
     fold::{GPU_NODE_KEY, IO_NODE_KEY},
 };
-use crate::time::day_of;
+use crate::time::{day_of, month_of};
 
 /// Rows removed per statement (each its own transaction): on SQLite the
 /// writer waits for at most one such batch.
@@ -65,6 +65,12 @@ impl Ledger {
             for table in ["gpu_usage_daily", "io_usage_daily"] {
                 rollup_rows += self.delete_before(table, "day_ms", day_of(before)).await?;
             }
+            // Months wholly before, likewise.
+            for table in ["gpu_usage_monthly", "io_usage_monthly"] {
+                rollup_rows += self
+                    .delete_before(table, "month_ms", month_of(before))
+                    .await?;
+            }
         }
         Ok(Maintained {
             folded_hours,
@@ -83,11 +89,14 @@ impl Ledger {
         before: i64,
     ) -> Result<u64, LedgerError> {
         // A row's address: PostgreSQL's ctid; SQLite's rowid, or the
-        // primary key of the daily rollups (tables without a rowid).
+        // primary key of the daily and monthly rollups (tables without a
+        // rowid).
         let key = match (self.backend, table) {
             (Backend::Postgres, _) => "ctid".to_owned(),
             (Backend::Sqlite, "gpu_usage_daily") => format!("month_ms, {GPU_NODE_KEY}, day_ms"),
             (Backend::Sqlite, "io_usage_daily") => format!("month_ms, {IO_NODE_KEY}, day_ms"),
+            (Backend::Sqlite, "gpu_usage_monthly") => format!("month_ms, {GPU_NODE_KEY}"),
+            (Backend::Sqlite, "io_usage_monthly") => format!("month_ms, {IO_NODE_KEY}"),
             (Backend::Sqlite, _) => "rowid".to_owned(),
         };
         let sql = format!(
