@@ -1049,6 +1049,20 @@ pub(crate) mod tests {
         by_node_matches_raw_rows(l, &periods, "folded again").await;
     }
 
+    /// PostgreSQL vacuumed each of `tables` `times` times.
+    async fn assert_vacuumed(ledger: &Ledger, tables: [&str; 2], times: i64) {
+        for table in tables {
+            let vacuums: i64 = sqlx::query_scalar(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = $1",
+            )
+            .bind(table)
+            .fetch_one(&ledger.pool)
+            .await
+            .unwrap();
+            assert_eq!(vacuums, times, "{table}");
+        }
+    }
+
     #[tokio::test]
     async fn daily_reads_give_the_raw_rows_sums_on_sqlite() {
         let (_dir, ledger) = sqlite_ledger(4).await;
@@ -1064,16 +1078,7 @@ pub(crate) mod tests {
         // The two folds that folded days vacuumed the daily rollups (their
         // reads scan the keys alone only on pages marked all-visible); the
         // repeated fold, with no day to fold, did not.
-        for table in ["gpu_usage_daily", "io_usage_daily"] {
-            let vacuums: i64 = sqlx::query_scalar(
-                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = $1",
-            )
-            .bind(table)
-            .fetch_one(&ledger.pool)
-            .await
-            .unwrap();
-            assert_eq!(vacuums, 2, "{table}");
-        }
+        assert_vacuumed(&ledger, ["gpu_usage_daily", "io_usage_daily"], 2).await;
     }
 
     /// 2027-02-01 and 2027-03-01, midnight UTC.
@@ -1187,16 +1192,7 @@ pub(crate) mod tests {
         // re-folded February vacuumed the monthly rollups; the repeated
         // fold and the one under retention, with no month to fold, did
         // not.
-        for table in ["gpu_usage_monthly", "io_usage_monthly"] {
-            let vacuums: i64 = sqlx::query_scalar(
-                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = $1",
-            )
-            .bind(table)
-            .fetch_one(&ledger.pool)
-            .await
-            .unwrap();
-            assert_eq!(vacuums, 2, "{table}");
-        }
+        assert_vacuumed(&ledger, ["gpu_usage_monthly", "io_usage_monthly"], 2).await;
     }
 
     #[test]
