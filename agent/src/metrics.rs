@@ -14,7 +14,7 @@ mod scrape;
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -49,6 +49,8 @@ pub struct Metrics {
     clock: Mutex<ahead::ScrapeClock>,
     /// Snapshots encoded, ahead or by a scrape.
     renders: AtomicU64,
+    /// Length of the last snapshot's text.
+    last_len: AtomicUsize,
 }
 
 impl Metrics {
@@ -60,6 +62,7 @@ impl Metrics {
             cache: scrape::BodyCache::default(),
             clock: Mutex::default(),
             renders: AtomicU64::new(0),
+            last_len: AtomicUsize::new(0),
         }
     }
 
@@ -88,7 +91,11 @@ impl Metrics {
     #[inline(never)]
     fn render(&self, snapshot: &Arc<Snapshot>) -> Arc<str> {
         self.renders.fetch_add(1, Ordering::Relaxed);
-        encode_snapshot(snapshot).into()
+        // Sized as the last one: growing the text by doubling copied it
+        // over and over (3 % of an encode in reallocations alone).
+        let text = encode_snapshot(snapshot, self.last_len.load(Ordering::Relaxed));
+        self.last_len.store(text.len(), Ordering::Relaxed);
+        text.into()
     }
 
     /// Whether a snapshot published now, replaced an `interval` later, is
@@ -160,11 +167,12 @@ pub fn encode_ahead(
     })
 }
 
-/// The snapshot's families, without the closing `# EOF`.
-fn encode_snapshot(snapshot: &Arc<Snapshot>) -> String {
+/// The snapshot's families, without the closing `# EOF`, in a string
+/// made with room for `expected` bytes and then some.
+fn encode_snapshot(snapshot: &Arc<Snapshot>, expected: usize) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
-    let mut out = String::with_capacity(64 * 1024);
+    let mut out = String::with_capacity((expected + expected / 8).max(64 * 1024));
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode_registry(&mut out, &registry);
     out
