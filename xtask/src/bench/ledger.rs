@@ -382,7 +382,7 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
              usage indexes are dropped and re-created after, and PostgreSQL's foreign-key \
              triggers are off in that transaction; the rows satisfy them) and rolled up into \
              the per-node hourly tables as ingest does, then the aggregator restarted on it \
-             (it folds the node-less and the per-node daily rollups on start; the timings wait for that). (A real \
+             (it folds the node-less and the per-node daily and monthly rollups on start; the timings wait for that). (A real \
              ledger with 10 s reports holds 8,640 reports per node and day, and 24 hourly \
              rollup rows per tenant and node where this one holds one; the per-node daily \
              rollup read by tenant and node holds one row per tenant, node and day either way, \
@@ -742,9 +742,10 @@ const CHARGEBACK_BOTTLENECK: &str = "
 hourly rollup, plus the per-node rollup for hours not folded yet and for keys where \
 `basis=used` clamps; the plan above shows whether the database keeps to those small sets \
 (`SEARCH`, not `SCAN gpu_usage_hourly`). By tenant and node, `Ledger::gpu_groups` reads the \
-per-node daily rollup one month bucket at a time, in the order it groups by (no sort of the \
-month's rows), and the per-node hourly rollup for the other hours: one row per tenant, node \
-and day, 200,000 groups for the month, priced in the aggregator.
+per-node monthly rollup for whole folded calendar months, the daily rollup for other whole \
+days (one month bucket at a time, in the order it groups by) and the hourly rollup for the \
+other hours: here one row per tenant and node, 200,000 groups for the month, priced in the \
+aggregator.
 ";
 
 fn generate_sql(backend: Backend, days: u64, nodes: u64, tenants: u64) -> String {
@@ -945,7 +946,7 @@ fn chargeback_bench(
          fold into the node-less rollup took {fold_s:.0} s ({folded} rows). Chargeback for the \
          month by tenant: **{:.2} s** median (min–max {:.2}–{:.2} s, {} runs), {lines} lines; \
          by tenant and GPU model: **{:.2} s** ({:.2}–{:.2} s), {model_lines} lines; by tenant \
-         and node (the per-node daily rollup): **{:.2} s** ({:.2}–{:.2} s, {} runs), {node_lines} \
+         and node (the per-node rollups): **{:.2} s** ({:.2}–{:.2} s, {} runs), {node_lines} \
          lines. The GPU query by tenant alone in the `{}` shell: {sql_s:.2} s, {groups} groups \
          handed to the aggregator to price. Plan:\n\n```\n{plan}\n```\n",
         backend.name(),
