@@ -14,7 +14,7 @@ mod scrape;
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -49,8 +49,6 @@ pub struct Metrics {
     clock: Mutex<ahead::ScrapeClock>,
     /// Snapshots encoded, ahead or by a scrape.
     renders: AtomicU64,
-    /// Length of the last snapshot's text.
-    last_len: AtomicUsize,
 }
 
 impl Metrics {
@@ -62,7 +60,6 @@ impl Metrics {
             cache: scrape::BodyCache::default(),
             clock: Mutex::default(),
             renders: AtomicU64::new(0),
-            last_len: AtomicUsize::new(0),
         }
     }
 
@@ -91,11 +88,7 @@ impl Metrics {
     #[inline(never)]
     fn render(&self, snapshot: &Arc<Snapshot>) -> Arc<str> {
         self.renders.fetch_add(1, Ordering::Relaxed);
-        // Sized as the last one: growing the text by doubling copied it
-        // over and over (3 % of an encode in reallocations alone).
-        let text = encode_snapshot(snapshot, self.last_len.load(Ordering::Relaxed));
-        self.last_len.store(text.len(), Ordering::Relaxed);
-        text.into()
+        encode_snapshot(snapshot).into()
     }
 
     /// Whether a snapshot published now, replaced an `interval` later, is
@@ -167,12 +160,11 @@ pub fn encode_ahead(
     })
 }
 
-/// The snapshot's families, without the closing `# EOF`, in a string
-/// made with room for `expected` bytes and then some.
-fn encode_snapshot(snapshot: &Arc<Snapshot>, expected: usize) -> String {
+/// The snapshot's families, without the closing `# EOF`.
+fn encode_snapshot(snapshot: &Arc<Snapshot>) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
-    let mut out = String::with_capacity((expected + expected / 8).max(64 * 1024));
+    let mut out = String::with_capacity(64 * 1024);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode_registry(&mut out, &registry);
     out
