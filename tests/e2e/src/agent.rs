@@ -184,6 +184,18 @@ impl Agent {
         });
     }
 
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the agent process.
+    pub fn freeze(&self, frozen: bool) {
+        use nix::sys::signal::{Signal, kill};
+        let pid = nix::unistd::Pid::from_raw(self.child.pid() as i32);
+        let signal = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(pid, signal).expect("signal the agent");
+    }
+
     /// Stops the agent with SIGTERM and waits for it to exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.pid() as i32);

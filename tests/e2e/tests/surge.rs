@@ -78,9 +78,16 @@ fn a_second_agent_on_one_state_dir_waits_then_takes_over_exactly() {
 
     // The first is stopped (SIGTERM): it delivers its last interval, and
     // the second takes the directory over and reports from there on.
+    // The second is held still meanwhile: it takes the lock over the
+    // moment the first exits and rewrites the report state, and the
+    // first's final counters are read from that state. (On a loaded
+    // machine the second won that race once: the first's counters were
+    // lost from `expected`, the second's counted twice.)
+    second.freeze(true);
     assert!(first.stop().success());
     let mut expected = BTreeMap::new();
     add_counters(&mut expected, reported_counters(&state));
+    second.freeze(false);
     // (On a loaded machine its final report may still be spooled: the
     // second delivers it, and the ledger check below counts it either way.)
     let handed_over = ledger.reports("surge").0;
