@@ -98,16 +98,15 @@ impl Metrics {
     }
 
     /// Encodes `snapshot` (and gzips it, when scrapers ask for gzip) into
-    /// the cache before any scrape of it; `false` when it was already.
-    fn prepare(&self, snapshot: &Arc<Snapshot>, gzip: bool) -> bool {
+    /// the cache before any scrape of it, unless a scrape already did.
+    fn prepare(&self, snapshot: &Arc<Snapshot>, gzip: bool) {
         if self.cache.text(snapshot).is_some() {
-            return false;
+            return;
         }
         let text = self.render(snapshot);
         // Not through `send`: the bench counts that one per scrape.
         self.cache
             .body(snapshot.clone(), text, self.components(), gzip);
-        true
     }
 
     fn clock(&self) -> std::sync::MutexGuard<'_, ahead::ScrapeClock> {
