@@ -408,7 +408,7 @@ impl Ledger {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
         let h_only = only.replace("cluster", "h.cluster");
-        let sums = "allocated_us, used_us, energy_mj, memory_byte_seconds, idle_us";
+        let sums = GPU_NODE_SUMS;
         let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
                    COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
                    CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \

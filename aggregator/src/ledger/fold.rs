@@ -332,14 +332,8 @@ impl Grain {
 
 /// The connection's staging tables, shaped as the rollups they replace.
 async fn stage_tables(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-    for (stage, table) in [
-        ("fold_gpu", "gpu_usage_hourly_tenant"),
-        ("fold_io", "io_usage_hourly_tenant"),
-        ("fold_gpu_daily", "gpu_usage_daily"),
-        ("fold_io_daily", "io_usage_daily"),
-        ("fold_gpu_monthly", "gpu_usage_monthly"),
-        ("fold_io_monthly", "io_usage_monthly"),
-    ] {
+    let grains = [Grain::Hour, Grain::Day, Grain::Month];
+    for (table, stage) in grains.into_iter().flat_map(|g| g.tables().1) {
         sqlx::query(&format!(
             "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} AS SELECT * FROM {table} WHERE 1 = 0"
         ))
