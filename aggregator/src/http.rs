@@ -26,9 +26,10 @@ pub(crate) fn respond(
     r
 }
 
-/// A JSON response.
+/// A JSON response, compact: a month's chargeback by node is 200,000
+/// lines, and indentation doubled its bytes and its encoding time.
 pub(crate) fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    match serde_json::to_vec_pretty(value) {
+    match serde_json::to_vec(value) {
         Ok(body) => respond(status, "application/json", body),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -274,7 +274,7 @@ impl Chargeback {
             sku_price_id: if billing.energy_tou.is_some() && item.sku == "energy-kwh" {
                 format!("{}@{}", item.sku, item.unit_price)
             } else {
-                item.sku.clone()
+                item.sku.to_string()
             },
             sub_account_name: &l.tenant,
             region_id: l.cluster.as_deref(),
@@ -309,7 +309,7 @@ mod tests {
 
     fn item(sku: &str, cost: &str) -> Item {
         Item {
-            sku: sku.into(),
+            sku: sku.to_owned().into(),
             quantity: 1.5,
             unit: "GiB".into(),
             unit_price: 0.1,

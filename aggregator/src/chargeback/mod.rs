@@ -36,7 +36,11 @@
 //! **Period.** A report belongs to the period that contains its interval's
 //! end: `from ≤ interval_end < to`.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -124,10 +128,11 @@ impl Basis {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Item {
     /// `gpu-hour:<model>`, `energy-kwh`, `network-gib`, `pcie-gib`.
-    pub sku: String,
+    /// (`Cow`: most are constants, and a month by node has 800,000.)
+    pub sku: Cow<'static, str>,
     /// In `unit`s; GPU-hours are slice-weighted (a 3/7 MIG hour is 3/7).
     pub quantity: f64,
-    pub unit: String,
+    pub unit: Cow<'static, str>,
     pub unit_price: f64,
     /// Cost in minor units (cents).
     pub cost_minor: i64,
@@ -236,29 +241,41 @@ pub(crate) fn to_minor(amount: f64, decimals: u32) -> i64 {
 }
 
 /// Formats minor units as a decimal amount (`1234`, 2 → `"12.34"`).
+/// Digit by digit: a month by node formats two million amounts, and the
+/// `format!` machinery was a tenth of the pricing.
 pub(crate) fn format_minor(minor: i64, decimals: u32) -> String {
-    if decimals == 0 {
-        return minor.to_string();
+    // Digits from the last: 19 for |i64::MIN| (more for zeros after a
+    // point past them: decimals are 0..=6), the point, the sign.
+    let mut digits = [0u8; 48];
+    let mut at = digits.len();
+    let mut m = minor.unsigned_abs();
+    let mut places = 0;
+    while m > 0 || places <= decimals {
+        if places == decimals && decimals > 0 {
+            at -= 1;
+            digits[at] = b'.';
+        }
+        at -= 1;
+        digits[at] = b'0' + (m % 10) as u8;
+        m /= 10;
+        places += 1;
     }
-    let scale = 10i64.pow(decimals);
-    let sign = if minor < 0 { "-" } else { "" };
-    let m = minor.unsigned_abs();
-    format!(
-        "{sign}{}.{:0width$}",
-        m / scale as u64,
-        m % scale as u64,
-        width = decimals as usize
-    )
+    if minor < 0 {
+        at -= 1;
+        digits[at] = b'-';
+    }
+    String::from_utf8_lossy(&digits[at..]).into_owned()
 }
 
 /// A line's group: (cluster, tenant, model, node, workload), each `None`
-/// where the grouping does not have it.
-type Key = (
-    Option<String>,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
+/// where the grouping does not have it; borrowed from the ledger's rows,
+/// copied only into the answer's lines.
+type Key<'a> = (
+    Option<&'a str>,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
 );
 
 #[derive(Default)]
@@ -278,7 +295,7 @@ struct Acc {
 
 /// One item of a line before it is rounded.
 struct Priced {
-    sku: String,
+    sku: Cow<'static, str>,
     unit: &'static str,
     quantity: f64,
     unit_price: f64,
@@ -308,7 +325,7 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
         let idle_hours = weighted(a.idle_us.get(model)) / US_PER_HOUR;
         let price = prices.gpu_hour(model);
         items.push(Priced {
-            sku: format!("gpu-hour:{model}"),
+            sku: format!("gpu-hour:{model}").into(),
             unit: "GPU-Hours",
             quantity: hours,
             unit_price: price,
@@ -342,7 +359,7 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
     ]) {
         if quantity > 0.0 {
             items.push(Priced {
-                sku: sku.into(),
+                sku: Cow::Borrowed(sku),
                 unit,
                 quantity,
                 unit_price: price,
@@ -357,7 +374,7 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
 /// Re-rounds the items of lines that share a parent (the key without its
 /// workload), SKU by SKU and price by price: the parent's cost is rounded
 /// once and shared by largest remainder, so the lines sum to it exactly.
-fn apportion(lines: &mut BTreeMap<Key, Vec<Priced>>, decimals: u32) {
+fn apportion(lines: &mut BTreeMap<Key<'_>, Vec<Priced>>, decimals: u32) {
     share_out(
         lines,
         decimals,
@@ -380,26 +397,26 @@ fn apportion(lines: &mut BTreeMap<Key, Vec<Priced>>, decimals: u32) {
 /// [`apportion`] of one amount of the items: `quantity` gives it (priced
 /// at the item's unit price), `set` stores its minor units.
 fn share_out(
-    lines: &mut BTreeMap<Key, Vec<Priced>>,
+    lines: &mut BTreeMap<Key<'_>, Vec<Priced>>,
     decimals: u32,
     quantity: impl Fn(&Priced) -> Option<f64>,
     set: impl Fn(&mut Priced, i64),
 ) {
     // (parent, SKU, unit price) → (line, item index, exact minor units)
     // of each part.
-    type Parts = BTreeMap<(Key, String, u64), Vec<(Key, usize, f64)>>;
+    type Parts<'k> = BTreeMap<(Key<'k>, String, u64), Vec<(Key<'k>, usize, f64)>>;
 
-    let mut parts: Parts = BTreeMap::new();
+    let mut parts: Parts<'_> = BTreeMap::new();
     for (key, items) in lines.iter() {
-        let mut parent = key.clone();
+        let mut parent = *key;
         parent.4 = None;
         for (n, it) in items.iter().enumerate() {
             let Some(q) = quantity(it) else { continue };
             let exact = q * it.unit_price * 10f64.powi(decimals as i32);
             parts
-                .entry((parent.clone(), it.sku.clone(), it.unit_price.to_bits()))
+                .entry((parent, it.sku.to_string(), it.unit_price.to_bits()))
                 .or_default()
-                .push((key.clone(), n, exact));
+                .push((*key, n, exact));
         }
     }
     for mut shares in parts.into_values() {
@@ -423,14 +440,20 @@ fn share_out(
 /// Adds `us` of idle time on `model` at `slice` (its bits) to `a`.
 fn add_idle(a: &mut Acc, model: &str, slice: u64, us: i64) {
     if us > 0 {
-        let sum = a
-            .idle_us
-            .entry(model.to_owned())
-            .or_default()
-            .entry(slice)
-            .or_default();
+        let sum = by_model(&mut a.idle_us, model).entry(slice).or_default();
         *sum = sum.saturating_add(us);
     }
+}
+
+/// `model`'s sums in `m`, made empty if new (the name copied only then).
+fn by_model<'a>(
+    m: &'a mut BTreeMap<String, BTreeMap<u64, i64>>,
+    model: &str,
+) -> &'a mut BTreeMap<u64, i64> {
+    if !m.contains_key(model) {
+        m.insert(model.to_owned(), BTreeMap::new());
+    }
+    m.get_mut(model).expect("inserted above")
 }
 
 /// Prices the usage groups of a period. `energy`: the period's energy per
@@ -450,17 +473,30 @@ pub(crate) fn compute(
     from: String,
     to: String,
 ) -> Chargeback {
-    let key =
-        |cluster: &str, tenant: &str, model: Option<&str>, node: &str, workload: &str| -> Key {
-            (
-                group_by.by_cluster().then(|| cluster.to_owned()),
-                tenant.to_owned(),
-                (group_by == GroupBy::TenantModel).then(|| model.unwrap_or("-").to_owned()),
-                (group_by == GroupBy::TenantNode).then(|| node.to_owned()),
-                group_by.by_workload().then(|| workload.to_owned()),
-            )
-        };
-    let mut acc: BTreeMap<Key, Acc> = BTreeMap::new();
+    fn key<'a>(
+        group_by: GroupBy,
+        cluster: &'a str,
+        tenant: &'a str,
+        model: Option<&'a str>,
+        node: &'a str,
+        workload: &'a str,
+    ) -> Key<'a> {
+        (
+            group_by.by_cluster().then_some(cluster),
+            tenant,
+            (group_by == GroupBy::TenantModel).then_some(model.unwrap_or("-")),
+            (group_by == GroupBy::TenantNode).then_some(node),
+            group_by.by_workload().then_some(workload),
+        )
+    }
+    let key = |cluster, tenant, model, node, workload| {
+        key(group_by, cluster, tenant, model, node, workload)
+    };
+    // Hashed while summing, sorted once after: a month by node is 200,000
+    // keys, and a B-tree compared strings ~17 times per row to find each.
+    // Sized up front: growing it reallocated the table as a large block
+    // between millions of small ones, which glibc's allocator paid for.
+    let mut acc: HashMap<Key<'_>, Acc> = HashMap::with_capacity(gpu.len().max(io.len()));
     for g in gpu {
         let idle_us = g.idle_us.clamp(0, g.allocated_us);
         let (charged, remainder) = match basis {
@@ -481,8 +517,7 @@ pub(crate) fn compute(
             ))
             .or_default();
         let slice = g.slice_fraction.to_bits();
-        let us = a.gpu_us.entry(g.model.clone()).or_default();
-        let sum = us.entry(slice).or_default();
+        let sum = by_model(&mut a.gpu_us, &g.model).entry(slice).or_default();
         *sum = sum.saturating_add(charged);
         // Idle time is unused time: under `used` it goes with the unused
         // remainder, so each line's idle time stays a part of its own.
@@ -495,10 +530,7 @@ pub(crate) fn compute(
             let idle = acc
                 .entry(key(&g.cluster, TENANT_IDLE, Some(&g.model), &g.node, ""))
                 .or_default();
-            let sum = idle
-                .gpu_us
-                .entry(g.model.clone())
-                .or_default()
+            let sum = by_model(&mut idle.gpu_us, &g.model)
                 .entry(slice)
                 .or_default();
             *sum = sum.saturating_add(remainder);
@@ -531,14 +563,17 @@ pub(crate) fn compute(
         *a.energy_mj.entry(price).or_default() += h.energy_mj;
     }
     let d = prices.decimals;
-    let mut items: BTreeMap<Key, Vec<Priced>> = acc
-        .iter()
-        .map(|(k, a)| (k.clone(), priced(prices, a)))
+    let mut items: Vec<(Key<'_>, Vec<Priced>)> = acc
+        .into_iter()
+        .map(|(k, a)| (k, priced(prices, &a)))
         .collect();
+    items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     if group_by.by_workload() {
-        apportion(&mut items, d);
+        let mut by_key = items.into_iter().collect();
+        apportion(&mut by_key, d);
+        items = by_key.into_iter().collect();
     }
-    let mut lines = Vec::new();
+    let mut lines = Vec::with_capacity(items.len());
     for ((cluster, tenant, gpu_model, node, workload), priced) in items {
         if priced.is_empty() {
             continue;
@@ -549,7 +584,7 @@ pub(crate) fn compute(
         let (mut network_gib, mut network_minor) = (0.0, 0);
         let (mut pcie_gib, mut pcie_minor) = (0.0, 0);
         for p in &priced {
-            let (q, m) = match p.sku.as_str() {
+            let (q, m) = match p.sku.as_ref() {
                 "energy-kwh" => (&mut energy_kwh, &mut energy_minor),
                 "network-gib" => (&mut network_gib, &mut network_minor),
                 "pcie-gib" => (&mut pcie_gib, &mut pcie_minor),
@@ -567,7 +602,7 @@ pub(crate) fn compute(
             .map(|p| Item {
                 sku: p.sku,
                 quantity: p.quantity,
-                unit: p.unit.into(),
+                unit: Cow::Borrowed(p.unit),
                 unit_price: p.unit_price,
                 cost_minor: p.minor,
                 cost: format_minor(p.minor, d),
@@ -578,11 +613,11 @@ pub(crate) fn compute(
             .collect();
         let cost_minor = gpu_minor + energy_minor + network_minor + pcie_minor;
         lines.push(Line {
-            cluster,
-            tenant,
-            workload,
-            gpu_model,
-            node,
+            cluster: cluster.map(str::to_owned),
+            tenant: tenant.to_owned(),
+            workload: workload.map(str::to_owned),
+            gpu_model: gpu_model.map(str::to_owned),
+            node: node.map(str::to_owned),
             gpu_hours,
             energy_kwh,
             network_gib,
@@ -785,6 +820,12 @@ mod tests {
         assert_eq!(format_minor(5, 2), "0.05");
         assert_eq!(format_minor(-5, 2), "-0.05");
         assert_eq!(format_minor(7, 0), "7");
+        assert_eq!(format_minor(0, 0), "0");
+        assert_eq!(format_minor(100, 2), "1.00");
+        assert_eq!(format_minor(-120, 0), "-120");
+        assert_eq!(format_minor(1, 6), "0.000001");
+        assert_eq!(format_minor(i64::MAX, 2), "92233720368547758.07");
+        assert_eq!(format_minor(i64::MIN, 3), "-9223372036854775.808");
         assert_eq!(to_minor(0.125, 2), 13, "half away from zero");
         assert_eq!(to_minor(2.49 * 10.0, 2), 2490);
     }

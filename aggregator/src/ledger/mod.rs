@@ -67,6 +67,10 @@ pub(crate) enum LedgerError {
     /// was stored.
     #[error("ledger database (group commit): {0}")]
     GroupCommit(std::sync::Arc<sqlx::Error>),
+    /// A sum over the period does not fit in 64 bits (the database
+    /// refuses the same when it sums).
+    #[error("a sum over the period is out of range of 64-bit integers")]
+    SumOverflow,
     /// The SQLite writer task has stopped (the aggregator is shutting
     /// down).
     #[error("the ledger's writer has stopped")]

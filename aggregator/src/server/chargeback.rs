@@ -2,7 +2,7 @@
 //! ([`crate::chargeback`]), as JSON, CSV or FOCUS.
 
 use hyper::{Request, Response, StatusCode, body::Incoming};
-use tracing::error;
+use tracing::{debug, error};
 
 use super::{
     app::{App, problem, reader},
@@ -110,6 +110,7 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
                 .map(Some),
         }
     };
+    let started = std::time::Instant::now();
     let ((gpu, io), energy) = match tokio::try_join!(reads, energy) {
         Ok(x) => x,
         Err(e) => {
@@ -121,6 +122,7 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
             );
         }
     };
+    let read = started.elapsed();
     let mut c = chargeback::compute(
         &app.prices,
         &gpu,
@@ -140,7 +142,8 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
     if let Some(t) = &only {
         c = c.only_tenant(t);
     }
-    match format {
+    let priced = started.elapsed();
+    let answer = match format {
         "csv" => http::respond(StatusCode::OK, "text/csv; charset=utf-8", c.to_csv()),
         "focus" => http::respond(
             StatusCode::OK,
@@ -148,7 +151,19 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
             c.to_focus(&app.prices),
         ),
         _ => http::json(StatusCode::OK, &c),
-    }
+    };
+    // Where a slow answer's time went: the ledger, pricing, or encoding.
+    debug!(
+        lines = c.lines.len(),
+        gpu_groups = gpu.len(),
+        read_s = read.as_secs_f64(),
+        priced_s = (priced - read).as_secs_f64(),
+        encoded_s = (started.elapsed() - priced).as_secs_f64(),
+        "chargeback answered"
+    );
+    // Freed off the request: a month by node is millions of allocations.
+    tokio::task::spawn_blocking(move || drop((c, gpu, io, energy)));
+    answer
 }
 
 #[cfg(test)]
