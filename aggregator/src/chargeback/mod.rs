@@ -494,8 +494,7 @@ pub(crate) fn compute(
     };
     // Hashed while summing, sorted once after: a month by node is 200,000
     // keys, and a B-tree compared strings ~17 times per row to find each.
-    // Sized up front: growing it reallocated the table as a large block
-    // between millions of small ones, which glibc's allocator paid for.
+    // Sized up front (rows bound the keys): each growth rehashed them all.
     let mut acc: HashMap<Key<'_>, Acc> = HashMap::with_capacity(gpu.len().max(io.len()));
     for g in gpu {
         let idle_us = g.idle_us.clamp(0, g.allocated_us);

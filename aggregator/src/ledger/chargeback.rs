@@ -114,27 +114,13 @@ impl Ledger {
         to_ms: i64,
         cluster: Option<&str>,
     ) -> Result<Vec<GpuGroup>, LedgerError> {
-        let (a, b) = whole_hours(from_ms, to_ms);
-        let only = in_cluster(cluster);
-        let key = GPU_BY_NODE.key;
-        let ctes = GPU_BY_NODE.ctes();
-        let parts = self.rollup_parts(&GPU_BY_NODE, (a, b), only).await?;
-        let raw = format!(
-            "SELECT {key}, CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
+        let raw_sums = "CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
              CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT) AS used_us, \
              CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
              CAST(SUM(CAST(memory_byte_seconds AS DOUBLE PRECISION)) AS DOUBLE PRECISION) \
-             AS memory_byte_seconds, CAST(SUM(idle_us) AS BIGINT) AS idle_us FROM gpu_usage"
-        );
-        let query = format!(
-            "WITH {ctes} {parts} \
-             UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} GROUP BY {key} \
-             UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only} GROUP BY {key}"
-        );
-        merged(
-            self.period_query(&query, from_ms, to_ms, (a, b), cluster)
-                .await?,
-        )
+             AS memory_byte_seconds, CAST(SUM(idle_us) AS BIGINT) AS idle_us";
+        self.by_node(&GPU_BY_NODE, raw_sums, from_ms, to_ms, cluster)
+            .await
     }
 
     /// I/O of reports whose interval ends in `[from_ms, to_ms)`, read as
@@ -145,12 +131,30 @@ impl Ledger {
         to_ms: i64,
         cluster: Option<&str>,
     ) -> Result<Vec<IoGroup>, LedgerError> {
+        let raw_sums = summed("", IO_BY_NODE.sums);
+        self.by_node(&IO_BY_NODE, &raw_sums, from_ms, to_ms, cluster)
+            .await
+    }
+
+    /// A read by node of `[from_ms, to_ms)`: the rollups' parts, the raw
+    /// rows' (`raw_sums` of `read.raw`) for the partial hours, each summed
+    /// per group, added up ([`merged`]).
+    async fn by_node<T>(
+        &self,
+        read: &ByNode,
+        raw_sums: &str,
+        from_ms: i64,
+        to_ms: i64,
+        cluster: Option<&str>,
+    ) -> Result<Vec<T>, LedgerError>
+    where
+        T: PartSum + for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+    {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
-        let ByNode { key, sums, .. } = IO_BY_NODE;
-        let ctes = IO_BY_NODE.ctes();
-        let parts = self.rollup_parts(&IO_BY_NODE, (a, b), only).await?;
-        let raw = format!("SELECT {key}, {} FROM io_usage", summed("", sums));
+        let (key, ctes) = (read.key, read.ctes());
+        let parts = self.rollup_parts(read, (a, b), only).await?;
+        let raw = format!("SELECT {key}, {raw_sums} FROM {}", read.raw);
         let query = format!(
             "WITH {ctes} {parts} \
              UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} GROUP BY {key} \
@@ -180,6 +184,7 @@ impl Ledger {
             hourly,
             key,
             sums,
+            ..
         } = *read;
         let (through, months_through, first, last): (i64, i64, Option<i64>, Option<i64>) =
             sqlx::query_as(&format!(
@@ -384,10 +389,11 @@ fn same_key(a: &str, b: &str, cols: &str) -> String {
         .join(" AND ")
 }
 
-/// A read by node: its monthly, daily and hourly rollups, the group key
-/// they share and the columns it sums.
+/// A read by node: its raw table, its monthly, daily and hourly rollups,
+/// the group key they share and the columns it sums.
 #[derive(Clone, Copy)]
 struct ByNode {
+    raw: &'static str,
     monthly: &'static str,
     daily: &'static str,
     hourly: &'static str,
@@ -396,6 +402,7 @@ struct ByNode {
 }
 
 const GPU_BY_NODE: ByNode = ByNode {
+    raw: "gpu_usage",
     monthly: "gpu_usage_monthly",
     daily: "gpu_usage_daily",
     hourly: "gpu_usage_hourly",
@@ -404,6 +411,7 @@ const GPU_BY_NODE: ByNode = ByNode {
 };
 
 const IO_BY_NODE: ByNode = ByNode {
+    raw: "io_usage",
     monthly: "io_usage_monthly",
     daily: "io_usage_daily",
     hourly: "io_usage_hourly",
