@@ -429,8 +429,8 @@ of every report, so the rate is what one shared core does with ~300 rows and ups
 report.
 
 **What would fix it:** on PostgreSQL, less database work per report: `COPY`, or one \
-`UNNEST` statement per table for many reports. Group commit alone did not help here: the \
-branch `pgcommit` (one writer per node shard batching queued reports into one transaction, \
+`UNNEST` statement per table for many reports. Group commit alone did not help here: an experiment \
+(one writer per node shard batching queued reports into one transaction, \
 per-node advisory locks across replicas) removed the WAL waits and stayed at the same \
 rate, one backend spending ~9 ms of CPU per report (2026-12-01). Not \
 `synchronous_commit = off`: an agent drops a report from its spool once it is \
