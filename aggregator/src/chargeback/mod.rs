@@ -473,7 +473,7 @@ pub(crate) fn compute(
     from: String,
     to: String,
 ) -> Chargeback {
-    fn key<'a>(
+    fn line_key<'a>(
         group_by: GroupBy,
         cluster: &'a str,
         tenant: &'a str,
@@ -490,7 +490,7 @@ pub(crate) fn compute(
         )
     }
     let key = |cluster, tenant, model, node, workload| {
-        key(group_by, cluster, tenant, model, node, workload)
+        line_key(group_by, cluster, tenant, model, node, workload)
     };
     // Hashed while summing, sorted once after: a month by node is 200,000
     // keys, and a B-tree compared strings ~17 times per row to find each.

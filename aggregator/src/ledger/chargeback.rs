@@ -114,13 +114,7 @@ impl Ledger {
         to_ms: i64,
         cluster: Option<&str>,
     ) -> Result<Vec<GpuGroup>, LedgerError> {
-        let raw_sums = "CAST(SUM(allocated_us) AS BIGINT) AS allocated_us, \
-             CAST(SUM(COALESCE(sm_us, allocated_us)) AS BIGINT) AS used_us, \
-             CAST(SUM(energy_mj) AS BIGINT) AS energy_mj, \
-             CAST(SUM(CAST(memory_byte_seconds AS DOUBLE PRECISION)) AS DOUBLE PRECISION) \
-             AS memory_byte_seconds, CAST(SUM(idle_us) AS BIGINT) AS idle_us";
-        self.by_node(&GPU_BY_NODE, raw_sums, from_ms, to_ms, cluster)
-            .await
+        self.by_node(&GPU_BY_NODE, from_ms, to_ms, cluster).await
     }
 
     /// I/O of reports whose interval ends in `[from_ms, to_ms)`, read as
@@ -131,18 +125,15 @@ impl Ledger {
         to_ms: i64,
         cluster: Option<&str>,
     ) -> Result<Vec<IoGroup>, LedgerError> {
-        let raw_sums = summed("", IO_BY_NODE.sums);
-        self.by_node(&IO_BY_NODE, &raw_sums, from_ms, to_ms, cluster)
-            .await
+        self.by_node(&IO_BY_NODE, from_ms, to_ms, cluster).await
     }
 
-    /// A read by node of `[from_ms, to_ms)`: the rollups' parts, the raw
-    /// rows' (`raw_sums` of `read.raw`) for the partial hours, each summed
-    /// per group, added up ([`merged`]).
+    /// A read by node of `[from_ms, to_ms)`: the rollups' parts and the
+    /// raw rows of the partial hours, each summed per group, added up
+    /// ([`merged`]).
     async fn by_node<T>(
         &self,
         read: &ByNode,
-        raw_sums: &str,
         from_ms: i64,
         to_ms: i64,
         cluster: Option<&str>,
@@ -152,13 +143,18 @@ impl Ledger {
     {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);
-        let (key, ctes) = (read.key, read.ctes());
+        let (key, ctes, summed) = (read.key, read.ctes(), summed("", read.sums));
         let parts = self.rollup_parts(read, (a, b), only).await?;
-        let raw = format!("SELECT {key}, {raw_sums} FROM {}", read.raw);
+        let raw = |ends: &str| {
+            format!(
+                "SELECT {key}, {summed} FROM ({} WHERE {ends}{only}) r GROUP BY {key}",
+                read.raw
+            )
+        };
         let query = format!(
-            "WITH {ctes} {parts} \
-             UNION ALL {raw} WHERE interval_end_ms >= $1 AND interval_end_ms < $3{only} GROUP BY {key} \
-             UNION ALL {raw} WHERE interval_end_ms >= $4 AND interval_end_ms < $2{only} GROUP BY {key}"
+            "WITH {ctes} {parts} UNION ALL {} UNION ALL {}",
+            raw("interval_end_ms >= $1 AND interval_end_ms < $3"),
+            raw("interval_end_ms >= $4 AND interval_end_ms < $2"),
         );
         merged(
             self.period_query(&query, from_ms, to_ms, (a, b), cluster)
@@ -389,8 +385,9 @@ fn same_key(a: &str, b: &str, cols: &str) -> String {
         .join(" AND ")
 }
 
-/// A read by node: its raw table, its monthly, daily and hourly rollups,
-/// the group key they share and the columns it sums.
+/// A read by node: its raw rows (shaped as the rollups' rows), its
+/// monthly, daily and hourly rollups, the group key they share and the
+/// columns it sums.
 #[derive(Clone, Copy)]
 struct ByNode {
     raw: &'static str,
@@ -402,7 +399,12 @@ struct ByNode {
 }
 
 const GPU_BY_NODE: ByNode = ByNode {
-    raw: "gpu_usage",
+    // Used time is SM-weighted time where the device has it, allocated
+    // time where it has none (MIG), as the rollups hold it.
+    raw: "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
+          COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
+          CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \
+          FROM gpu_usage",
     monthly: "gpu_usage_monthly",
     daily: "gpu_usage_daily",
     hourly: "gpu_usage_hourly",
@@ -411,7 +413,8 @@ const GPU_BY_NODE: ByNode = ByNode {
 };
 
 const IO_BY_NODE: ByNode = ByNode {
-    raw: "io_usage",
+    raw: "SELECT tenant, node, cluster, network_ingress_bytes, network_egress_bytes, \
+          pcie_h2d_bytes, pcie_d2h_bytes FROM io_usage",
     monthly: "io_usage_monthly",
     daily: "io_usage_daily",
     hourly: "io_usage_hourly",
@@ -501,10 +504,7 @@ impl Ledger {
         let only = in_cluster(cluster);
         let h_only = only.replace("cluster", "h.cluster");
         let sums = GPU_NODE_SUMS;
-        let raw = "SELECT tenant, node, cluster, workload, model, slice_fraction, allocated_us, \
-                   COALESCE(sm_us, allocated_us) AS used_us, energy_mj, \
-                   CAST(memory_byte_seconds AS DOUBLE PRECISION) AS memory_byte_seconds, idle_us \
-                   FROM gpu_usage";
+        let raw = GPU_BY_NODE.raw;
         let cols = "tenant, cluster, workload, model, slice_fraction";
         let rest = "cluster, workload, model, slice_fraction";
         let (f, p, h) = (
