@@ -12,7 +12,6 @@
 use std::{
     ffi::{CStr, c_char, c_int, c_uint, c_ulonglong, c_void},
     panic::{AssertUnwindSafe, catch_unwind},
-    path::Path,
     ptr,
     thread::sleep,
     time::{Duration, Instant},
@@ -21,7 +20,6 @@ use std::{
 use crate::{
     sim::{self, Code, Handle, NO_INSTANCE, Sim, View, code, driver, event},
     state::{ProcKind, THROTTLE_GPU_IDLE},
-    xid_wait::XidChanges,
 };
 
 pub(crate) type Ret = c_uint;
@@ -955,14 +953,13 @@ device_getters! {
 }
 
 /// Looks for an XID for a registered GPU to claim, and sleeps until `xid/`
-/// changes ([`XidChanges`]) to look again, until `timeout_ms` passes. The
+/// changes (the set's [`crate::xid_wait::XidChanges`]) to look again, until `timeout_ms` passes. The
 /// driver lock is not held while sleeping.
 fn wait_event(set: EventSet, timeout_ms: c_uint) -> Result<sim::Event, Code> {
     let id = set_id(set)?;
     let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
-    // Watching before the first look: an XID written after it wakes us.
-    let state_dir = driver().sim()?.state_dir().map(Path::to_path_buf);
-    let mut changes = state_dir.as_deref().map(XidChanges::new);
+    // Watched since the set was made: an XID written after a look wakes us.
+    let changes = driver().sim()?.xid_changes(id)?;
     loop {
         if let Some(ev) = driver().sim()?.poll_xid(id)? {
             return Ok(ev);
@@ -971,7 +968,7 @@ fn wait_event(set: EventSet, timeout_ms: c_uint) -> Result<sim::Event, Code> {
         if now >= deadline {
             return Err(code::TIMEOUT);
         }
-        match &mut changes {
+        match &changes {
             Some(c) => c.wait(deadline - now),
             // No state directory: nothing can ever come.
             None => sleep(deadline - now),

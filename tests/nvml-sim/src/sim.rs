@@ -15,6 +15,7 @@ use crate::{
     scenario::{self, COMPUTE_SLICES, Gpu, MigInstance, Scenario},
     state::{self, Registration, XidFault},
     watch::Watched,
+    xid_wait::XidChanges,
 };
 
 /// Most GPUs a scenario may have (handles encode the index in 12 bits).
@@ -200,10 +201,12 @@ pub(crate) struct Sample {
     pub mem_pct: u32,
 }
 
-/// An event set: which GPUs registered which event types.
+/// An event set: which GPUs registered which event types, and what wakes
+/// its waiters (with a state directory).
 #[derive(Debug, Default)]
 struct EventSet {
     registered: HashMap<u32, u64>,
+    changes: Option<Arc<XidChanges>>,
 }
 
 /// A delivered event.
@@ -475,7 +478,14 @@ impl Sim {
     pub(crate) fn event_set_create(&mut self) -> usize {
         self.next_set += 1;
         let id = self.next_set;
-        self.event_sets.insert(id, EventSet::default());
+        let changes = self.state.as_deref().map(|d| Arc::new(XidChanges::new(d)));
+        self.event_sets.insert(
+            id,
+            EventSet {
+                changes,
+                ..EventSet::default()
+            },
+        );
         id
     }
 
@@ -507,9 +517,11 @@ impl Sim {
         Ok(())
     }
 
-    /// The state directory, when the scenario has one.
-    pub(crate) fn state_dir(&self) -> Option<&Path> {
-        self.state.as_deref()
+    /// What wakes `set`'s waiters when an XID may have come; `None`
+    /// without a state directory, where none ever comes.
+    pub(crate) fn xid_changes(&self, set: usize) -> Result<Option<Arc<XidChanges>>, Code> {
+        let set = self.event_sets.get(&set).ok_or(code::INVALID_ARGUMENT)?;
+        Ok(set.changes.clone())
     }
 
     /// Claims the first pending XID for a GPU that `set` watches. Claiming is

@@ -7,6 +7,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
     thread::sleep,
     time::Duration,
 };
@@ -29,23 +30,27 @@ const CHANGES: WatchFlags = WatchFlags::CREATE
     .union(WatchFlags::CLOSE_WRITE);
 
 /// Wakes a waiter when `xid/` (or, until it exists, the state directory,
-/// where `xid/` will be made) changes.
+/// where `xid/` will be made) changes. One per event set, made with it:
+/// the agent waits 500 ms at a time, and each wait would otherwise open
+/// and close an inotify instance.
+#[derive(Debug)]
 pub(crate) struct XidChanges {
     fd: Option<OwnedFd>,
     xid: PathBuf,
     /// Whether `xid/` itself is watched yet.
-    watching_xid: bool,
+    watching_xid: AtomicBool,
 }
 
 impl XidChanges {
     /// Watches from now: a change after this call wakes [`Self::wait`],
-    /// whatever the waiter looked at in between.
+    /// whatever the waiter looked at in between (changes between waits
+    /// are kept for the next one).
     pub(crate) fn new(state_dir: &Path) -> XidChanges {
         let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC).ok();
         let mut w = XidChanges {
             fd,
             xid: state::xid_dir(state_dir),
-            watching_xid: false,
+            watching_xid: AtomicBool::new(false),
         };
         if let Some(fd) = &w.fd
             && inotify::add_watch(fd, state_dir, WatchFlags::CREATE | WatchFlags::MOVED_TO).is_err()
@@ -56,16 +61,18 @@ impl XidChanges {
         w
     }
 
-    fn watch_xid(&mut self) {
+    fn watch_xid(&self) {
         if let Some(fd) = &self.fd
-            && !self.watching_xid
+            && !self.watching_xid.load(Ordering::Relaxed)
+            // Watching a path twice is one watch: waiters may race here.
+            && inotify::add_watch(fd, &self.xid, CHANGES).is_ok()
         {
-            self.watching_xid = inotify::add_watch(fd, &self.xid, CHANGES).is_ok();
+            self.watching_xid.store(true, Ordering::Relaxed);
         }
     }
 
     /// Sleeps until something changed or `left` passed.
-    pub(crate) fn wait(&mut self, left: Duration) {
+    pub(crate) fn wait(&self, left: Duration) {
         let Some(fd) = &self.fd else {
             sleep(left.min(POLL));
             return;
@@ -95,14 +102,15 @@ mod tests {
     use super::*;
 
     /// The wait ends on the change, not at its 60 s timeout: first when
-    /// `xid/` is made, then when an XID file appears in it.
+    /// `xid/` is made, then when an XID file appears in it, then for a
+    /// file written between waits.
     #[test]
     fn a_waiter_wakes_when_xid_changes() {
         let state = tempfile::tempdir().unwrap();
-        let mut changes = XidChanges::new(state.path());
+        let changes = XidChanges::new(state.path());
         assert!(changes.fd.is_some(), "inotify is available here");
         let xid = state::xid_dir(state.path());
-        let woke = |changes: &mut XidChanges, change: &(dyn Fn() + Sync)| {
+        let woke = |changes: &XidChanges, change: &(dyn Fn() + Sync)| {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     std::thread::sleep(Duration::from_millis(100));
@@ -113,12 +121,22 @@ mod tests {
                 t.elapsed()
             })
         };
-        let first = woke(&mut changes, &|| fs::create_dir(&xid).unwrap());
+        let first = woke(&changes, &|| fs::create_dir(&xid).unwrap());
         assert!(first < Duration::from_secs(30), "slept {first:?}");
-        assert!(changes.watching_xid);
-        let second = woke(&mut changes, &|| {
+        assert!(changes.watching_xid.load(Ordering::Relaxed));
+        let second = woke(&changes, &|| {
             fs::write(xid.join("x.toml"), "gpu = 0\nxid = 79\n").unwrap()
         });
         assert!(second < Duration::from_secs(30), "slept {second:?}");
+        // One watcher serves every wait of its set: a change while nobody
+        // waited ends the next wait at once.
+        fs::write(xid.join("y.toml"), "gpu = 0\nxid = 31\n").unwrap();
+        let t = Instant::now();
+        changes.wait(Duration::from_secs(60));
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "slept {:?}",
+            t.elapsed()
+        );
     }
 }
