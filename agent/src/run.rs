@@ -238,6 +238,8 @@ impl Running {
             error!("the report sender panicked");
         }
         self.stop.store(true, Ordering::Relaxed);
+        // It sleeps parked between cycles: wake it to see `stop`.
+        self.sampler.thread().unpark();
         if self.sampler.join().is_err() {
             error!("the sampling thread panicked");
         }
@@ -264,6 +266,9 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
     // means "probes started or said why not"; failures are statuses.
     let mut probes =
         crate::probes::Probes::start(&settings.config.probes, &settings.config.agent.state_dir);
+    if let Some(stats) = probes.take_process_stats() {
+        resolver.set_proc_source(Box::new(stats));
+    }
     if let Some(exited) = probes.take_exited() {
         resolver.set_exited(Box::new(exited));
     }
@@ -311,8 +316,10 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
             // Fell behind (a slow driver): restart the schedule from now.
             next = now;
         }
+        // Parked, not polled: one wake-up per cycle, and `stopped` unparks
+        // it at once (a spurious wake-up just parks again).
         while Instant::now() < next && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+            std::thread::park_timeout(next - Instant::now());
         }
     }
 }

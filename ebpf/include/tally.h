@@ -53,6 +53,26 @@ struct tally_proc {
 	__u64 exit_ns;
 };
 
+/* Record `task.bpf.c` writes, one per thread of a watched process (map
+ * `tally_watched`, key: __u32 thread group id), from the task iterator.
+ * User space sums a process's threads as /proc/<pid>/stat does. */
+struct tally_task {
+	__u64 tgid;
+	/* Thread id; == tgid for the group leader, whose state is the
+	 * process's. */
+	__u64 tid;
+	/* task->__state and task->exit_state, mapped to the /proc letter in
+	 * user space. */
+	__u64 state;
+	__u64 exit_state;
+	/* Nanoseconds after boot (suspend included) the thread started:
+	 * /proc/<pid>/stat field 22 before the conversion to clock ticks. */
+	__u64 start_boottime;
+	/* CPU time the thread ran, in ns; the leader's record adds what the
+	 * process's exited threads ran (signal->sum_sched_runtime). */
+	__u64 runtime_ns;
+};
+
 /* Value of maps `tally_bucket_egress` / `tally_bucket_ingress` (hash, key:
  * __u64 tenant key, the value of `tally_cgroup_tenant` for every cgroup the
  * agent attributes to the tenant): the tenant's token bucket (enforcement, network rate). Written by the agent

@@ -14,6 +14,10 @@ pub const MAP_NET: &str = "tally_net";
 pub const MAP_PCIE: &str = "tally_pcie";
 /// Name of the recent-process map (`proc.bpf.c`).
 pub const MAP_PROCS: &str = "tally_procs";
+/// `task.bpf.c`: the task iterator program and the map of thread group ids
+/// it reports on (key: pid, value: unused byte).
+pub const PROG_TASK_DUMP: &str = "tally_task_dump";
+pub const MAP_WATCHED: &str = "tally_watched";
 /// `dev.bpf.c` (enforcement): the `cgroup/dev` program, its config array
 /// (key 0: the `nvidia-caps` major) and its allow-list (key
 /// `major << 32 | minor`, value 1). Keys and values are plain integers.
@@ -85,6 +89,47 @@ pub struct ProcRecord {
     pub exit_ns: u64,
 }
 
+/// `struct tally_task`: one thread of a watched process, as the task
+/// iterator writes it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub tgid: u64,
+    /// Thread id; equal to `tgid` for the group leader.
+    pub tid: u64,
+    /// `task->__state`.
+    pub state: u64,
+    /// `task->exit_state`.
+    pub exit_state: u64,
+    /// Nanoseconds after boot the thread started.
+    pub start_boottime: u64,
+    /// CPU time the thread ran, in ns; the leader's adds the exited
+    /// threads'.
+    pub runtime_ns: u64,
+}
+
+impl TaskRecord {
+    /// Size of one record in the iterator's output.
+    pub const SIZE: usize = 48;
+
+    /// The record at the start of `bytes` (native byte order, as the
+    /// kernel wrote it); `None` when fewer than [`Self::SIZE`] bytes remain.
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        let field = |i: usize| {
+            let b = bytes.get(i * 8..i * 8 + 8)?;
+            Some(u64::from_ne_bytes(b.try_into().ok()?))
+        };
+        Some(Self {
+            tgid: field(0)?,
+            tid: field(1)?,
+            state: field(2)?,
+            exit_state: field(3)?,
+            start_boottime: field(4)?,
+            runtime_ns: field(5)?,
+        })
+    }
+}
+
 // SAFETY: plain `#[repr(C)]` structs of u64 fields: no padding, no pointers,
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for NetValue {}
@@ -150,6 +195,16 @@ mod tests {
         assert_eq!(size_of::<NetValue>(), 48);
         assert_eq!(size_of::<PcieValue>(), 48);
         assert_eq!(size_of::<ProcRecord>(), 24);
+        assert_eq!(size_of::<TaskRecord>(), 8 * u64_fields("tally_task"));
+        assert_eq!(size_of::<TaskRecord>(), TaskRecord::SIZE);
+    }
+
+    #[test]
+    fn a_task_record_reads_back_in_field_order() {
+        let bytes: Vec<u8> = (1..=6u64).flat_map(u64::to_ne_bytes).collect();
+        let r = TaskRecord::read(&bytes).unwrap();
+        assert_eq!((r.tgid, r.tid, r.runtime_ns), (1, 2, 6));
+        assert_eq!(TaskRecord::read(&bytes[..47]), None);
     }
 
     #[test]
@@ -165,7 +220,7 @@ mod tests {
     #[test]
     fn every_source_is_embedded() {
         let names: Vec<_> = OBJECTS.iter().map(|(n, _)| *n).collect();
-        for want in ["net", "pcie", "proc"] {
+        for want in ["net", "pcie", "proc", "task"] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
         for (name, bytes) in OBJECTS {

@@ -31,6 +31,7 @@ mod net;
 mod pcie;
 mod pin;
 pub mod state;
+mod tasks;
 mod totals;
 mod trial;
 
@@ -45,7 +46,9 @@ use self::{
     cgroups::CgroupPaths, exits::ProcProbe, net::NetProbe, pcie::PcieProbe, pin::PinDir,
     totals::Totals,
 };
-pub use self::{config::ProbesConfig, error::ProbeError, exits::ExitedProcs, trial::trial};
+pub use self::{
+    config::ProbesConfig, error::ProbeError, exits::ExitedProcs, tasks::ProcessStats, trial::trial,
+};
 use crate::{
     paths,
     snapshot::{GpuSnapshot, ProbeStatus, TenantIoUsage},
@@ -58,14 +61,16 @@ pub const PROBE_NET_EGRESS: &str = "network_egress";
 pub const PROBE_PCIE: &str = "pcie_uprobes";
 pub const PROBE_EXEC: &str = "process_exec";
 pub const PROBE_EXIT: &str = "process_exit";
+pub const PROBE_STAT: &str = "process_stat";
 
 /// Every probe name, in the order [`Probes::statuses`] lists them.
-pub const PROBE_NAMES: [&str; 5] = [
+pub const PROBE_NAMES: [&str; 6] = [
     PROBE_NET_INGRESS,
     PROBE_NET_EGRESS,
     PROBE_PCIE,
     PROBE_EXEC,
     PROBE_EXIT,
+    PROBE_STAT,
 ];
 
 /// The running probes and the per-tenant totals derived from them.
@@ -74,6 +79,7 @@ pub struct Probes {
     pcie: Option<PcieProbe>,
     _procs: Option<ProcProbe>,
     exited: Option<ExitedProcs>,
+    stats: Option<ProcessStats>,
     statuses: Vec<ProbeStatus>,
     cgroups: Arc<Mutex<CgroupPaths>>,
     totals: Totals,
@@ -132,6 +138,7 @@ impl Probes {
             pcie: None,
             _procs: None,
             exited: None,
+            stats: None,
             statuses: Vec::new(),
             cgroups,
             totals: Totals::load(state_dir),
@@ -150,6 +157,7 @@ impl Probes {
                 (PROBE_PCIE, config.pcie, "pcie"),
                 (PROBE_EXEC, config.process, "process"),
                 (PROBE_EXIT, config.process, "process"),
+                (PROBE_STAT, config.process, "process"),
             ] {
                 probes.statuses.push(ProbeStatus {
                     probe: probe.to_owned(),
@@ -202,6 +210,13 @@ impl Probes {
             probes
                 .statuses
                 .extend(family_statuses([PROBE_EXEC, PROBE_EXIT], procs));
+            let stats = match pin {
+                Some(pin) if config.process => tasks::start(pin).map(|stats| {
+                    probes.stats = Some(stats);
+                }),
+                _ => Err(ProbeError::Disabled { key: "process" }),
+            };
+            probes.statuses.push(status(PROBE_STAT, &stats));
         }
 
         for s in &probes.statuses {
@@ -223,6 +238,12 @@ impl Probes {
     /// The exited-process lookup for [`Resolver`], once (it moves out).
     pub fn take_exited(&mut self) -> Option<ExitedProcs> {
         self.exited.take()
+    }
+
+    /// The task iterator as the process cache's source of `stat`, once (it
+    /// moves out); `None` when it did not start (the cache reads `/proc`).
+    pub fn take_process_stats(&mut self) -> Option<ProcessStats> {
+        self.stats.take()
     }
 
     /// Reads the maps and returns cumulative per-tenant counters; folds and

@@ -155,6 +155,12 @@ impl Resolver {
         self.procs.len()
     }
 
+    /// Reads processes' `stat` through `source` (the task iterator) instead
+    /// of `/proc`; set before the first cycle, as the cache starts empty.
+    pub fn set_proc_source(&mut self, source: Box<dyn procs::ProcSource>) {
+        self.procs = ProcCache::new(source);
+    }
+
     /// Consults `exited` for processes whose `/proc/PID/cgroup` is gone, so
     /// a process that ended between two samples keeps its tenant.
     pub fn set_exited(&mut self, exited: Box<dyn ExitedCgroups>) {

@@ -19,6 +19,9 @@
 //! The same `stat` read gives the state machine the process state and its
 //! CPU ticks ([`ProcCache::obs`]), so each holder's `stat` is read once per
 //! cycle however many devices (MIG instances and their parent) it holds.
+//! Where the eBPF task iterator runs (`probes::ProcessStats`), it is the
+//! cache's [`ProcSource`] and answers every followed pid's `stat` from one
+//! read per cycle.
 
 use std::{fs::File, io, io::Read as _, os::unix::fs::FileExt as _};
 
@@ -47,6 +50,8 @@ pub struct Stat {
 /// Where the cache learns about processes: `/proc` ([`ProcFs`]), or a fake
 /// in tests.
 pub trait ProcSource: Send + std::fmt::Debug {
+    /// A sampling cycle starts: each pid's `stat` is asked for once.
+    fn begin_cycle(&mut self) {}
     /// `/proc/<pid>/stat`; an error when the process is gone.
     fn stat(&mut self, pid: u32) -> io::Result<Stat>;
     /// The cgroup v2 path of `pid`, when readable.
@@ -363,6 +368,7 @@ impl ProcCache {
     /// Starts a sampling cycle: each pid's `stat` is read afresh once.
     pub fn begin_cycle(&mut self) {
         self.cycle += 1;
+        self.source.begin_cycle();
     }
 
     /// Ends a cycle: forgets the pids it did not report.

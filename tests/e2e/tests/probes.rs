@@ -41,12 +41,13 @@ use tally_e2e::{
 };
 
 const LONG: Duration = Duration::from_secs(60);
-const PROBES: [&str; 5] = [
+const PROBES: [&str; 6] = [
     "network_ingress",
     "network_egress",
     "pcie_uprobes",
     "process_exec",
     "process_exit",
+    "process_stat",
 ];
 
 /// IPv4 + UDP header bytes per datagram.

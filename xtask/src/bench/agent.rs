@@ -40,17 +40,18 @@ mig = ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10g
 
 /// Where the agent's CPU goes when the footprint target is missed.
 const FOOTPRINT_BOTTLENECK: &str = "
-**Where the agent's CPU goes.** Tally's own work per cycle on the `tally-sampler` thread is \
-now one `/proc/<pid>/stat` read per GPU process, a `pread` of the file kept open from the \
-cycle before, into reused buffers (its start time checks the process cache, its state and CPU ticks feed the GPU states); `/proc/<pid>/cgroup` is read \
-for new pids and re-read for about 1/16 of the cached ones per cycle (moved processes); an \
-unknown cgroup id is opened by its kernfs handle instead of walking the tree \
-(`agent/src/tenants/procs.rs`, `agent/src/probes/cgroups.rs`). The instruction counts of \
-benchmarks 2 and 3 (callgrind) are the load-independent measure of that work. The rest is \
-the NVML threads, here the in-process simulator (`tests/nvml-sim`; a real driver's cost \
-cannot be measured without a GPU), the `/metrics` text encoded once per snapshot by its \
-first scrape, and this shared 2-core VM's load, which inflates CPU \
-time (load averages in the header).
+**Where the agent's CPU goes.** Tally's own work per cycle on the `tally-sampler` thread: \
+the state, CPU time and start time of every GPU process from one read of the eBPF task \
+iterator (`process_stat`, `ebpf/task.bpf.c`; without it, one `/proc/<pid>/stat` read per \
+process), `/proc/<pid>/cgroup` read for new pids and re-read for about 1/16 of the cached \
+ones per cycle (moved processes), the per-cgroup counter maps read by key (the kernel walks \
+every bucket of a 65,536-entry hash map per full read, `htab_map_get_next_key` in the \
+profile), attribution and the GPU states (`agent/src/tenants/procs.rs`, \
+`agent/src/probes/`). The instruction counts of benchmarks 2 and 3 (callgrind) are the \
+load-independent measure of the user-space part. The rest is the NVML threads, here the \
+in-process simulator (`tests/nvml-sim`; a real driver's cost cannot be measured without a \
+GPU), the `/metrics` text encoded once per snapshot by its first scrape, and this shared \
+2-core VM's load, which inflates CPU time (load averages in the header).
 ";
 
 /// Where a slow scrape's time goes.

@@ -1,0 +1,412 @@
+//! The process-stat probe: a task iterator (`task.bpf.c`) that tells the
+//! state, CPU time and start time of every GPU process in one `read` per
+//! cycle, where `/proc` takes one `stat` read per process, each a pid
+//! lookup, a ptrace access check and 52 printed fields in the kernel (the
+//! largest part of the sampler's CPU in benchmark 1's profile).
+//!
+//! It is a [`ProcSource`] for the process cache: the pids the cache asks
+//! about are put in the kernel's `tally_watched` map, and each cycle starts
+//! with one pass of the iterator over them. A pid asked about for the
+//! first time is read from `/proc` that once; a watched pid the pass did
+//! not meet has been reaped, as a failed `/proc` read would say. The
+//! `cgroup` of a process is still read from `/proc` (the cache needs it
+//! only for new and revalidated pids).
+//!
+//! The numbers are `/proc/<pid>/stat`'s: the state letter is the kernel's
+//! `task_state_index` of the group leader, the CPU time is the threads'
+//! run time summed as `thread_group_cputime` does (the kernel scales utime
+//! and stime to add up to it), and the start time is field 22's clock
+//! ticks after boot.
+
+use std::{io, io::Read as _};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::Iter,
+};
+use tally_ebpf::TaskRecord;
+use tracing::{debug, warn};
+
+use super::{
+    PinDir,
+    error::{ProbeError, chain, load_error},
+    load::{load_object, program, take_map},
+};
+use crate::{
+    pids::PidMap,
+    tenants::procs::{ProcFs, ProcSource, Stat},
+};
+
+const OBJECT: &str = "task";
+
+/// Nanoseconds per clock tick of `/proc` (`USER_HZ`).
+fn ns_per_tick() -> u64 {
+    1_000_000_000 / rustix::param::clock_ticks_per_second().max(1)
+}
+
+/// `/proc`'s state letter for a task's `__state` and `exit_state`, as the
+/// kernel's `__task_state_index` picks it.
+fn state_letter(state: u64, exit_state: u64) -> u8 {
+    // include/linux/sched.h: the reported states, then the special cases.
+    const TASK_REPORT: u64 = 0x7f;
+    const TASK_UNINTERRUPTIBLE: u64 = 0x2;
+    const TASK_IDLE: u64 = 0x402;
+    const TASK_RTLOCK_WAIT: u64 = 0x1000;
+    const TASK_FROZEN: u64 = 0x8000;
+    const TASK_REPORT_IDLE: u64 = TASK_REPORT + 1;
+    let mut reported = (state | exit_state) & TASK_REPORT;
+    if state & TASK_IDLE == TASK_IDLE {
+        reported = TASK_REPORT_IDLE;
+    }
+    if state & (TASK_RTLOCK_WAIT | TASK_FROZEN) != 0 {
+        reported = TASK_UNINTERRUPTIBLE;
+    }
+    // fls(): 0 for none, else the highest set bit's place from 1.
+    let index = (u64::BITS - reported.leading_zeros()) as usize;
+    b"RSDTtXZPI".get(index).copied().unwrap_or(b'?')
+}
+
+/// One process as a pass of the iterator met it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Met {
+    /// State letter and start time, from the group leader's record.
+    leader: Option<(u8, u64)>,
+    runtime_ns: u64,
+}
+
+/// The iterator and the pids it watches; a [`ProcSource`].
+pub struct ProcessStats {
+    ebpf: Ebpf,
+    watched: BpfHashMap<MapData, u32, u8>,
+    /// The keys of `watched`, as this side put them there, each with the
+    /// number of passes that had run when it was put: later passes cover it.
+    watching: PidMap<u64>,
+    /// Passes run so far.
+    passes: u64,
+    /// This cycle's pass, when it ran.
+    met: Option<PidMap<Met>>,
+    buf: Vec<u8>,
+    ns_per_tick: u64,
+    proc_fs: ProcFs,
+}
+
+impl std::fmt::Debug for ProcessStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessStats")
+            .field("watching", &self.watching.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads `task.bpf.o` and its iterator program. The pids its records name
+/// are the initial pid namespace's, so an agent in another one (a
+/// container without the host's pids) gets an error and stays on `/proc`.
+pub(super) fn start(pin: &PinDir) -> Result<ProcessStats, ProbeError> {
+    if !in_initial_pid_namespace() {
+        return Err(ProbeError::Load {
+            object: OBJECT,
+            message: "the agent is not in the host's pid namespace (/proc/self/status \
+                      NSpid has more than one pid), so the kernel's pids are not its own"
+                .into(),
+        });
+    }
+    let (mut ebpf, _) = load_object(pin, OBJECT, tally_ebpf::TASK, tally_ebpf::MAP_WATCHED)?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Load {
+        object: OBJECT,
+        message: format!("kernel BTF (/sys/kernel/btf/vmlinux): {}", chain(&e)),
+    })?;
+    let prog: &mut Iter = program(&mut ebpf, OBJECT, tally_ebpf::PROG_TASK_DUMP)?;
+    prog.load("task", &btf)
+        .map_err(|e| load_error(tally_ebpf::PROG_TASK_DUMP, e))?;
+    let watched = take_map(&mut ebpf, OBJECT, tally_ebpf::MAP_WATCHED)?;
+    let mut stats = ProcessStats {
+        ebpf,
+        watched,
+        watching: PidMap::default(),
+        passes: 0,
+        met: None,
+        buf: Vec::new(),
+        ns_per_tick: ns_per_tick(),
+        proc_fs: ProcFs::default(),
+    };
+    // One pass now, so that a kernel that loads the program but cannot run
+    // it is found at start, not in the first cycle.
+    stats.pass().map_err(|e| ProbeError::Attach {
+        program: tally_ebpf::PROG_TASK_DUMP,
+        target: "the task iterator".into(),
+        message: e.to_string(),
+    })?;
+    Ok(stats)
+}
+
+fn in_initial_pid_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|pids| pids.split_whitespace().count() == 1)
+    })
+}
+
+impl ProcessStats {
+    /// Runs the iterator once: every watched process it meets.
+    fn pass(&mut self) -> io::Result<PidMap<Met>> {
+        let prog: &mut Iter = self
+            .ebpf
+            .program_mut(tally_ebpf::PROG_TASK_DUMP)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| io::Error::other("the task iterator program is missing"))?;
+        let link = prog
+            .attach()
+            .and_then(|id| prog.take_link(id))
+            .map_err(|e| io::Error::other(chain(&e)))?;
+        let mut file = link.into_file().map_err(|e| io::Error::other(chain(&e)))?;
+        self.buf.clear();
+        file.read_to_end(&mut self.buf)?;
+        let mut met = self.met.take().unwrap_or_default();
+        met.clear();
+        for chunk in self.buf.chunks_exact(TaskRecord::SIZE) {
+            let Some(r) = TaskRecord::read(chunk) else {
+                continue;
+            };
+            let Ok(tgid) = u32::try_from(r.tgid) else {
+                continue;
+            };
+            let m = met.entry(tgid).or_default();
+            m.runtime_ns = m.runtime_ns.saturating_add(r.runtime_ns);
+            if r.tid == r.tgid {
+                m.leader = Some((
+                    state_letter(r.state, r.exit_state),
+                    r.start_boottime / self.ns_per_tick,
+                ));
+            }
+        }
+        Ok(met)
+    }
+}
+
+impl ProcSource for ProcessStats {
+    fn begin_cycle(&mut self) {
+        if self.watching.is_empty() {
+            self.met = None;
+            return;
+        }
+        match self.pass() {
+            Ok(met) => {
+                self.passes += 1;
+                self.met = Some(met);
+            }
+            Err(e) => {
+                // This cycle reads `/proc` instead.
+                warn!("task iterator failed, reading /proc this cycle: {e}");
+                self.met = None;
+            }
+        }
+    }
+
+    fn stat(&mut self, pid: u32) -> io::Result<Stat> {
+        let watched_since = self.watching.get(&pid).copied();
+        if let (Some(since), Some(met)) = (watched_since, &self.met)
+            && since < self.passes
+        {
+            match met.get(&pid) {
+                Some(Met {
+                    leader: Some((state, start_time)),
+                    runtime_ns,
+                }) => {
+                    return Ok(Stat {
+                        state: *state,
+                        cpu_ticks: runtime_ns / self.ns_per_tick,
+                        start_time: *start_time,
+                    });
+                }
+                // Threads without their leader's record: ask `/proc`.
+                Some(_) => {}
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("process {pid} is gone"),
+                    ));
+                }
+            }
+        } else if watched_since.is_none() {
+            match self.watched.insert(pid, 0, 0) {
+                Ok(()) => {
+                    self.watching.insert(pid, self.passes);
+                }
+                Err(e) => debug!(pid, "not watched by the task iterator: {}", chain(&e)),
+            }
+        }
+        self.proc_fs.stat(pid)
+    }
+
+    fn cgroup(&mut self, pid: u32) -> Option<String> {
+        self.proc_fs.cgroup(pid)
+    }
+
+    fn forget(&mut self, pid: u32) {
+        if self.watching.remove(&pid).is_some() {
+            let _ = self.watched.remove(&pid);
+        }
+        self.proc_fs.forget(pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::Path,
+        process::{Child, Command},
+        time::Duration,
+    };
+
+    use rustix::process::{Pid, Signal, kill_process};
+
+    use super::*;
+
+    fn spawn(script: &str) -> Child {
+        Command::new("sh").args(["-c", script]).spawn().unwrap()
+    }
+
+    /// Kills and reaps its children and removes the pin directory, even
+    /// when an assertion fails first.
+    struct CleanUp(Vec<u32>, std::path::PathBuf);
+
+    impl Drop for CleanUp {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                if let Some(pid) = Pid::from_raw(pid as i32) {
+                    let _ = kill_process(pid, Signal::KILL);
+                    let _ =
+                        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+                }
+            }
+            let _ = std::fs::remove_dir(&self.1);
+        }
+    }
+
+    fn pid_of(c: &Child) -> Pid {
+        Pid::from_raw(c.id() as i32).unwrap()
+    }
+
+    /// `/proc`'s own answer, through the cache's reader.
+    fn proc_stat(pid: u32) -> Stat {
+        ProcFs::default().stat(pid).unwrap()
+    }
+
+    /// One cycle's answer from the iterator for each of `pids`.
+    fn cycle(stats: &mut ProcessStats, pids: &[u32]) -> Vec<io::Result<Stat>> {
+        stats.begin_cycle();
+        pids.iter().map(|&p| stats.stat(p)).collect()
+    }
+
+    #[test]
+    fn the_iterator_says_what_proc_stat_says() {
+        // Needs root (CAP_BPF and CAP_PERFMON for a tracing program).
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: loading the task iterator needs root");
+            return;
+        }
+        let dir = Path::new("/sys/fs/bpf").join(format!("tally-task-test-{}", std::process::id()));
+        let mut clean_up = CleanUp(Vec::new(), dir.clone());
+        let pin = PinDir::open(&dir).unwrap();
+        let mut stats = start(&pin).unwrap();
+
+        let sleeping = spawn("exec sleep 60");
+        let stopped = spawn("exec sleep 60");
+        kill_process(pid_of(&stopped), Signal::STOP).unwrap();
+        let mut zombie = spawn("exit 0");
+        let spinning = spawn("while :; do :; done");
+        let mut reaped = spawn("exec sleep 60");
+        let children = [sleeping, stopped, spinning];
+        let pids: Vec<u32> = children
+            .iter()
+            .chain([&zombie, &reaped])
+            .map(Child::id)
+            .collect();
+        clean_up.0.clone_from(&pids);
+        // Until the zombie is one and the stopped one stopped.
+        for _ in 0..100 {
+            let states = [proc_stat(pids[1]).state, proc_stat(pids[3]).state];
+            if states == [b'T', b'Z'] {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        // First asked: read from `/proc`, and watched from then on.
+        let first = cycle(&mut stats, &pids);
+        assert!(first.iter().all(Result::is_ok), "{first:?}");
+        assert_eq!(stats.watching.len(), pids.len());
+        assert_eq!(stats.passes, 0, "nothing watched yet, no pass");
+
+        let (from_iter, from_proc): (Vec<Stat>, Vec<Stat>) = {
+            let it = cycle(&mut stats, &pids);
+            let proc: Vec<Stat> = pids.iter().map(|&p| proc_stat(p)).collect();
+            (it.into_iter().map(Result::unwrap).collect(), proc)
+        };
+        assert_eq!(stats.passes, 1);
+        for (i, (it, proc)) in from_iter.iter().zip(&from_proc).enumerate() {
+            let pid = pids[i];
+            assert_eq!(it.state as char, proc.state as char, "state of {pid}");
+            assert_eq!(it.start_time, proc.start_time, "start time of {pid}");
+            // /proc rounds utime and stime down each; the spinner also ran
+            // between the two reads.
+            let slack = if i == 2 { 20 } else { 1 };
+            assert!(
+                it.cpu_ticks <= proc.cpu_ticks + 1 && proc.cpu_ticks <= it.cpu_ticks + slack,
+                "CPU ticks of {pid}: iterator {} /proc {}",
+                it.cpu_ticks,
+                proc.cpu_ticks
+            );
+        }
+        assert_eq!((from_iter[1].state, from_iter[3].state), (b'T', b'Z'));
+
+        // The spinner's CPU time moves, the sleeper's does not.
+        std::thread::sleep(Duration::from_millis(300));
+        let later = cycle(&mut stats, &pids);
+        let later: Vec<Stat> = later.into_iter().map(Result::unwrap).collect();
+        assert!(
+            later[2].cpu_ticks >= from_iter[2].cpu_ticks + 10,
+            "{later:?}"
+        );
+        assert_eq!(later[0].cpu_ticks, from_iter[0].cpu_ticks);
+
+        // Reaped: gone, as a failed `/proc` read says; forgotten, unwatched.
+        reaped.kill().unwrap();
+        reaped.wait().unwrap();
+        zombie.wait().unwrap();
+        let after = cycle(&mut stats, &pids);
+        for i in [3, 4] {
+            let e = after[i].as_ref().unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{}: {e}", pids[i]);
+        }
+        stats.forget(pids[4]);
+        assert!(!stats.watching.contains_key(&pids[4]));
+        assert!(
+            stats.watched.get(&pids[4], 0).is_err(),
+            "removed from the kernel map"
+        );
+
+        drop(stats);
+        drop(pin);
+        drop(children);
+    }
+
+    #[test]
+    fn state_letters_follow_the_kernel() {
+        assert_eq!(state_letter(0, 0), b'R');
+        assert_eq!(state_letter(0x1, 0), b'S');
+        assert_eq!(state_letter(0x2, 0), b'D');
+        // TASK_KILLABLE (wake-kill + uninterruptible) is D too.
+        assert_eq!(state_letter(0x102, 0), b'D');
+        assert_eq!(state_letter(0x4, 0), b'T');
+        assert_eq!(state_letter(0x8, 0), b't');
+        assert_eq!(state_letter(0x80, 0x20), b'Z');
+        assert_eq!(state_letter(0x80, 0x10), b'X');
+        assert_eq!(state_letter(0x40, 0), b'P');
+        assert_eq!(state_letter(0x402, 0), b'I');
+        assert_eq!(state_letter(0x8001, 0), b'D');
+        assert_eq!(state_letter(0x1000, 0), b'D');
+    }
+}
