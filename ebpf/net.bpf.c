@@ -12,7 +12,8 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, TALLY_MAX_CGROUPS);
+	__uint(max_entries, TALLY_MAX_NET_CGROUPS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct tally_net_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

@@ -14,7 +14,7 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, TALLY_MAX_CGROUPS);
+	__uint(max_entries, TALLY_MAX_PCIE_CGROUPS);
 	__type(key, __u64);
 	__type(value, struct tally_pcie_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

@@ -9,10 +9,21 @@
 
 #include <linux/types.h>
 
-/* Entries of the per-cgroup counter maps. User space folds the counters of
- * vanished cgroups into their tenant and deletes the entry, so this bounds
- * the number of cgroups alive (with traffic) between two samples. */
+/* Entries of the cgroup → tenant map of the network policer. */
 #define TALLY_MAX_CGROUPS 65536
+/* Entries of the per-cgroup counter maps. User space folds the counters of
+ * vanished cgroups into their tenant and deletes the entry, so these bound
+ * the number of cgroups alive (with traffic, with CUDA copies) at once.
+ * The sampler reads every entry each cycle, and the kernel walks every
+ * bucket of a hash map (one per entry it can hold) to find them, so they
+ * are no larger than a node needs. A per-CPU hash also preallocates one
+ * value per entry per CPU unless BPF_F_NO_PREALLOC: 65,536 entries were
+ * 600 MB of kernel memory per map on a 192-CPU node. The network map
+ * allocates per entry; the PCIe map, read by uprobes, stays preallocated
+ * (before 6.1 the kernel warns about tracing programs with run-time
+ * allocated maps) and holds the cgroups of CUDA callers, a few per job. */
+#define TALLY_MAX_NET_CGROUPS 16384
+#define TALLY_MAX_PCIE_CGROUPS 4096
 /* Deepest cgroup v2 level the network policer looks at for a packet's
  * tenant (the kernel's own nesting limit is far above real trees). */
 #define TALLY_MAX_CGROUP_LEVEL 32
