@@ -194,13 +194,27 @@ impl Family<'_> {
             encoder.encode_descriptor(self.name, self.help, self.unit.as_ref(), self.kind)?;
         for (labels, value) in samples {
             let family = metric.encode_family(&labels)?;
-            match self.kind {
-                MetricType::Counter => ConstCounter::new(value).encode(family)?,
-                _ => ConstGauge::new(value).encode(family)?,
+            // Whole numbers (counts, bytes, one-hot states) are written as
+            // integers: formatting every value as a float (dtoa) was a
+            // quarter of the encoding's instructions.
+            match (self.kind, whole(value)) {
+                (MetricType::Counter, Some(v)) if v >= 0 => {
+                    ConstCounter::new(v.unsigned_abs()).encode(family)?;
+                }
+                (MetricType::Counter, _) => ConstCounter::new(value).encode(family)?,
+                (_, Some(v)) => ConstGauge::new(v).encode(family)?,
+                (_, None) => ConstGauge::new(value).encode(family)?,
             }
         }
         Ok(())
     }
+}
+
+/// `value` as an integer when it is one that an `f64` holds exactly.
+fn whole(value: f64) -> Option<i64> {
+    const EXACT: f64 = (1u64 << 53) as f64;
+    // NaN and the infinities have no whole part (`fract` is NaN).
+    (value.fract() == 0.0 && value.abs() <= EXACT).then_some(value as i64)
 }
 
 const fn gauge(name: &'static str, help: &'static str, unit: Option<Unit>) -> Family<'static> {
@@ -860,6 +874,18 @@ mod tests {
     }
 
     #[test]
+    fn whole_values_are_written_as_integers_and_the_rest_as_floats() {
+        assert_eq!(whole(3.0), Some(3));
+        assert_eq!(whole(-2.0), Some(-2));
+        assert_eq!(whole(-0.0), Some(0));
+        assert_eq!(whole(9_007_199_254_740_992.0), Some(1 << 53));
+        assert_eq!(whole(1.5), None);
+        assert_eq!(whole(1e300), None);
+        assert_eq!(whole(f64::NAN), None);
+        assert_eq!(whole(f64::INFINITY), None);
+    }
+
+    #[test]
     fn slice_fraction_prices_a_mig_instance_by_its_parent_model() {
         let mut snap = snapshot();
         // Real NVML names a MIG instance after its profile; the price table
@@ -870,8 +896,8 @@ mod tests {
         assert_eq!(
             lines(&text, "tally_gpu_slice_fraction{"),
             [
-                r#"tally_gpu_slice_fraction{gpu="0",uuid="GPU-0",gpu_model="M"} 1.0"#,
-                r#"tally_gpu_slice_fraction{gpu="1",uuid="GPU-1",gpu_model="M"} 1.0"#,
+                r#"tally_gpu_slice_fraction{gpu="0",uuid="GPU-0",gpu_model="M"} 1"#,
+                r#"tally_gpu_slice_fraction{gpu="1",uuid="GPU-1",gpu_model="M"} 1"#,
                 r#"tally_gpu_slice_fraction{gpu="1/1/0",uuid="GPU-1/1/0",gpu_model="M"} 0.5"#,
             ]
         );
@@ -883,9 +909,9 @@ mod tests {
         assert_eq!(
             lines(&text, "tally_gpu_info"),
             [
-                r#"tally_gpu_info{gpu="0",uuid="GPU-0",model="M",mig_mode="false",mig_profile="",energy_source="counter"} 1.0"#,
-                r#"tally_gpu_info{gpu="1",uuid="GPU-1",model="M",mig_mode="true",mig_profile="",energy_source="power"} 1.0"#,
-                r#"tally_gpu_info{gpu="1/1/0",uuid="GPU-1/1/0",model="M",mig_mode="true",mig_profile="3g.20gb",energy_source="power"} 1.0"#,
+                r#"tally_gpu_info{gpu="0",uuid="GPU-0",model="M",mig_mode="false",mig_profile="",energy_source="counter"} 1"#,
+                r#"tally_gpu_info{gpu="1",uuid="GPU-1",model="M",mig_mode="true",mig_profile="",energy_source="power"} 1"#,
+                r#"tally_gpu_info{gpu="1/1/0",uuid="GPU-1/1/0",model="M",mig_mode="true",mig_profile="3g.20gb",energy_source="power"} 1"#,
             ]
         );
         assert!(text.contains(
@@ -913,16 +939,16 @@ mod tests {
         assert_eq!(
             lines(&text, "tally_gpu_ecc_errors_total"),
             [
-                r#"tally_gpu_ecc_errors_total{gpu="0",uuid="GPU-0",type="corrected"} 12.0"#,
-                r#"tally_gpu_ecc_errors_total{gpu="0",uuid="GPU-0",type="uncorrected"} 1.0"#,
+                r#"tally_gpu_ecc_errors_total{gpu="0",uuid="GPU-0",type="corrected"} 12"#,
+                r#"tally_gpu_ecc_errors_total{gpu="0",uuid="GPU-0",type="uncorrected"} 1"#,
             ]
         );
         assert!(text.contains("# TYPE tally_gpu_ecc_errors counter"));
         assert!(text.contains(
-            r#"tally_gpu_remapped_rows{gpu="0",uuid="GPU-0",cause="uncorrectable"} 2.0"#
+            r#"tally_gpu_remapped_rows{gpu="0",uuid="GPU-0",cause="uncorrectable"} 2"#
         ));
-        assert!(text.contains(r#"tally_gpu_row_remap_pending{gpu="0",uuid="GPU-0"} 1.0"#));
-        assert!(text.contains(r#"tally_gpu_row_remap_failed{gpu="0",uuid="GPU-0"} 0.0"#));
+        assert!(text.contains(r#"tally_gpu_row_remap_pending{gpu="0",uuid="GPU-0"} 1"#));
+        assert!(text.contains(r#"tally_gpu_row_remap_failed{gpu="0",uuid="GPU-0"} 0"#));
         let throttled: Vec<_> = samples(&text, "tally_gpu_throttle_reasons")
             .into_iter()
             .filter(|(_, v)| *v == 1.0)
@@ -939,11 +965,11 @@ mod tests {
         assert_eq!(
             lines(&text, r#"tally_gpu_state{gpu="1/1/0""#),
             [
-                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="free"} 0.0"#,
-                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="busy"} 0.0"#,
-                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="idle"} 1.0"#,
-                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="stuck"} 0.0"#,
-                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="lost"} 0.0"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="free"} 0"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="busy"} 0"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="idle"} 1"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="stuck"} 0"#,
+                r#"tally_gpu_state{gpu="1/1/0",uuid="GPU-1/1/0",state="lost"} 0"#,
             ]
         );
         let states = samples(&text, "tally_gpu_state");
@@ -970,8 +996,8 @@ mod tests {
             [
                 r#"tally_tenant_gpu_allocated_seconds_total{tenant="acme",gpu="0"} 7.5"#,
                 r#"tally_tenant_gpu_allocated_seconds_total{tenant="_idle",gpu="0"} 2.5"#,
-                r#"tally_tenant_gpu_allocated_seconds_total{tenant="_idle",gpu="1"} 2.0"#,
-                r#"tally_tenant_gpu_allocated_seconds_total{tenant="beta",gpu="1/1/0"} 10.0"#,
+                r#"tally_tenant_gpu_allocated_seconds_total{tenant="_idle",gpu="1"} 2"#,
+                r#"tally_tenant_gpu_allocated_seconds_total{tenant="beta",gpu="1/1/0"} 10"#,
             ]
         );
     }
@@ -985,8 +1011,8 @@ mod tests {
         assert_eq!(
             lines(&text, "tally_tenant_gpu_idle_allocated_seconds_total"),
             [
-                r#"tally_tenant_gpu_idle_allocated_seconds_total{tenant="acme",gpu="0"} 4.0"#,
-                r#"tally_tenant_gpu_idle_allocated_seconds_total{tenant="beta",gpu="1/1/0"} 0.0"#,
+                r#"tally_tenant_gpu_idle_allocated_seconds_total{tenant="acme",gpu="0"} 4"#,
+                r#"tally_tenant_gpu_idle_allocated_seconds_total{tenant="beta",gpu="1/1/0"} 0"#,
             ]
         );
     }
@@ -1080,7 +1106,7 @@ mod tests {
         let gz = metrics.body(true);
         assert_ne!(gz, first);
         assert!(
-            String::from_utf8_lossy(&metrics.body(false)).contains("tally_samples_total{} 3.0\n")
+            String::from_utf8_lossy(&metrics.body(false)).contains("tally_samples_total{} 3\n")
         );
         assert_eq!(metrics.renders.load(Ordering::Relaxed), 2);
 
