@@ -944,9 +944,11 @@ mod tests {
             ]
         );
         assert!(text.contains("# TYPE tally_gpu_ecc_errors counter"));
-        assert!(text.contains(
-            r#"tally_gpu_remapped_rows{gpu="0",uuid="GPU-0",cause="uncorrectable"} 2"#
-        ));
+        assert!(
+            text.contains(
+                r#"tally_gpu_remapped_rows{gpu="0",uuid="GPU-0",cause="uncorrectable"} 2"#
+            )
+        );
         assert!(text.contains(r#"tally_gpu_row_remap_pending{gpu="0",uuid="GPU-0"} 1"#));
         assert!(text.contains(r#"tally_gpu_row_remap_failed{gpu="0",uuid="GPU-0"} 0"#));
         let throttled: Vec<_> = samples(&text, "tally_gpu_throttle_reasons")

@@ -86,6 +86,8 @@ pub struct ProcessStats {
     passes: u64,
     /// This cycle's pass, when it ran.
     met: Option<PidMap<Met>>,
+    /// The last pass failed (and said so).
+    failing: bool,
     buf: Vec<u8>,
     ns_per_tick: u64,
     proc_fs: ProcFs,
@@ -126,6 +128,7 @@ pub(super) fn start(pin: &PinDir) -> Result<ProcessStats, ProbeError> {
         watching: PidMap::default(),
         passes: 0,
         met: None,
+        failing: false,
         buf: Vec::new(),
         ns_per_tick: ns_per_tick(),
         proc_fs: ProcFs::default(),
@@ -195,10 +198,15 @@ impl ProcSource for ProcessStats {
             Ok(met) => {
                 self.passes += 1;
                 self.met = Some(met);
+                self.failing = false;
             }
             Err(e) => {
-                // This cycle reads `/proc` instead.
-                warn!("task iterator failed, reading /proc this cycle: {e}");
+                // This cycle reads `/proc` instead; said once per run of
+                // failures, not every cycle.
+                if !self.failing {
+                    warn!("task iterator failed, reading /proc until it works again: {e}");
+                }
+                self.failing = true;
                 self.met = None;
             }
         }
@@ -233,6 +241,10 @@ impl ProcSource for ProcessStats {
             match self.watched.insert(pid, 0, 0) {
                 Ok(()) => {
                     self.watching.insert(pid, self.passes);
+                    // Read once: its `stat` file need not stay open.
+                    let stat = self.proc_fs.stat(pid);
+                    self.proc_fs.forget(pid);
+                    return stat;
                 }
                 Err(e) => debug!(pid, "not watched by the task iterator: {}", chain(&e)),
             }
