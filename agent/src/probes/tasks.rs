@@ -251,6 +251,12 @@ impl ProcessStats {
 impl ProcSource for ProcessStats {
     fn begin_cycle(&mut self) {
         let followed = self.watching.len() as u64;
+        if followed == 0 {
+            // Nothing to ask about: no pass, and no count of the node's
+            // tasks to flip the choice back and forth on.
+            self.met = None;
+            return;
+        }
         if let Some(tasks) = self.tasks.count() {
             let passing = pass_pays(self.passing, tasks, followed, self.thresholds);
             if passing != self.passing {
@@ -267,7 +273,7 @@ impl ProcSource for ProcessStats {
             }
             self.passing = passing;
         }
-        if followed == 0 || !self.passing {
+        if !self.passing {
             self.met = None;
             return;
         }
