@@ -44,8 +44,8 @@ const FOOTPRINT_BOTTLENECK: &str = "
 the state, CPU time and start time of every GPU process from one read of the eBPF task \
 iterator (`process_stat`, `ebpf/task.bpf.c`; without it, one `/proc/<pid>/stat` read per \
 process), `/proc/<pid>/cgroup` read for new pids and re-read for about 1/16 of the cached \
-ones per cycle (moved processes), the per-cgroup counter maps read by key (the kernel walks \
-every bucket of a 65,536-entry hash map per full read, `htab_map_get_next_key` in the \
+ones per cycle (moved processes), the per-cgroup counter maps listed in full (the kernel walks \
+every bucket: 16,384 for the network map, 4,096 for PCIe; `htab_map_get_next_key` in the \
 profile), attribution and the GPU states (`agent/src/tenants/procs.rs`, \
 `agent/src/probes/`). The instruction counts of benchmarks 2 and 3 (callgrind) are the \
 load-independent measure of the user-space part. The rest is the NVML threads, here the \
