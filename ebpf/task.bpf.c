@@ -23,6 +23,24 @@ struct signal_struct {
 	__u64 sum_sched_runtime;
 } __attribute__((preserve_access_index));
 
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+
+struct cgroup {
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+
+struct css_set {
+	struct cgroup *dfl_cgrp;
+} __attribute__((preserve_access_index));
+
+struct cred {
+	struct {
+		__u32 val;
+	} euid;
+} __attribute__((preserve_access_index));
+
 struct task_struct {
 	unsigned int __state;
 	int exit_state;
@@ -31,6 +49,8 @@ struct task_struct {
 	__u64 start_boottime;
 	struct sched_entity se;
 	struct signal_struct *signal;
+	struct css_set *cgroups;
+	const struct cred *cred;
 } __attribute__((preserve_access_index));
 
 struct bpf_iter_meta {
@@ -72,6 +92,15 @@ int tally_task_dump(struct bpf_iter__task *ctx)
 		struct signal_struct *signal = task->signal;
 		if (signal)
 			rec.runtime_ns += signal->sum_sched_runtime;
+		/* Only the leader's: /proc/<pid>/cgroup and /proc/<pid>'s
+		 * owner are the leader's too. The iterator runs under RCU,
+		 * which keeps css_set and cred alive while read. */
+		struct css_set *cgroups = task->cgroups;
+		if (cgroups && cgroups->dfl_cgrp && cgroups->dfl_cgrp->kn)
+			rec.cgroup_id = cgroups->dfl_cgrp->kn->id;
+		const struct cred *cred = task->cred;
+		if (cred)
+			rec.euid = cred->euid.val;
 	}
 	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
 	return 0;

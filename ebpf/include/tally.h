@@ -82,6 +82,12 @@ struct tally_task {
 	/* CPU time the thread ran, in ns; the leader's record adds what the
 	 * process's exited threads ran (signal->sum_sched_runtime). */
 	__u64 runtime_ns;
+	/* The thread's cgroup v2 id (task->cgroups->dfl_cgrp->kn->id, the
+	 * inode of the directory /proc/<pid>/cgroup's `0::` line names) and
+	 * effective uid as the kernel holds it: user space only compares
+	 * them from cycle to cycle, to see a process move or change user. */
+	__u64 cgroup_id;
+	__u64 euid;
 };
 
 /* Value of maps `tally_bucket_egress` / `tally_bucket_ingress` (hash, key:

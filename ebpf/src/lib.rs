@@ -106,11 +106,16 @@ pub struct TaskRecord {
     /// CPU time the thread ran, in ns; the leader's adds the exited
     /// threads'.
     pub runtime_ns: u64,
+    /// The leader's cgroup v2 id (0 in other threads' records).
+    pub cgroup_id: u64,
+    /// The leader's effective uid, as the kernel holds it (0 in other
+    /// threads' records).
+    pub euid: u64,
 }
 
 impl TaskRecord {
     /// Size of one record in the iterator's output.
-    pub const SIZE: usize = 48;
+    pub const SIZE: usize = 64;
 
     /// The record at the start of `bytes` (native byte order, as the
     /// kernel wrote it); `None` when fewer than [`Self::SIZE`] bytes remain.
@@ -126,6 +131,8 @@ impl TaskRecord {
             exit_state: field(3)?,
             start_boottime: field(4)?,
             runtime_ns: field(5)?,
+            cgroup_id: field(6)?,
+            euid: field(7)?,
         })
     }
 }

@@ -9,8 +9,9 @@
 //! with one pass of the iterator over them. A pid asked about for the
 //! first time is read from `/proc` that once; a watched pid the pass did
 //! not meet has been reaped, as a failed `/proc` read would say. The
-//! `cgroup` of a process is still read from `/proc` (the cache needs it
-//! only for new and revalidated pids).
+//! `cgroup` of a process is still read from `/proc`, but only for a new
+//! pid or when the pass says its cgroup id or effective uid changed
+//! ([`Placement`]): no periodic re-reads.
 //!
 //! The iterator visits every task on the node, so it pays only where the
 //! GPU processes are a good part of them ([`pass_pays`]); elsewhere each
@@ -39,7 +40,7 @@ use super::{
 };
 use crate::{
     pids::PidMap,
-    tenants::procs::{ProcFs, ProcSource, Stat},
+    tenants::procs::{Placement, ProcFs, ProcSource, Stat},
 };
 
 const OBJECT: &str = "task";
@@ -121,8 +122,9 @@ impl NodeTasks {
 /// One process as a pass of the iterator met it.
 #[derive(Debug, Default, Clone, Copy)]
 struct Met {
-    /// State letter and start time, from the group leader's record.
-    leader: Option<(u8, u64)>,
+    /// State letter, start time and placement, from the group leader's
+    /// record.
+    leader: Option<(u8, u64, Placement)>,
     runtime_ns: u64,
 }
 
@@ -212,6 +214,15 @@ fn in_initial_pid_namespace() -> bool {
 }
 
 impl ProcessStats {
+    /// What this cycle's pass says of `pid`: `None` when no pass covers it
+    /// (none ran, or it was not watched yet), `Some(None)` when the pass
+    /// did not meet it (reaped).
+    fn this_pass(&self, pid: u32) -> Option<Option<&Met>> {
+        let since = *self.watching.get(&pid)?;
+        let met = self.met.as_ref()?;
+        (since < self.passes).then(|| met.get(&pid))
+    }
+
     /// Runs the iterator once: every watched process it meets.
     fn pass(&mut self) -> io::Result<PidMap<Met>> {
         let prog: &mut Iter = self
@@ -241,6 +252,10 @@ impl ProcessStats {
                 m.leader = Some((
                     state_letter(r.state, r.exit_state),
                     r.start_boottime / self.ns_per_tick,
+                    Placement {
+                        cgroup_id: r.cgroup_id,
+                        euid: r.euid,
+                    },
                 ));
             }
         }
@@ -297,12 +312,10 @@ impl ProcSource for ProcessStats {
 
     fn stat(&mut self, pid: u32) -> io::Result<Stat> {
         let watched_since = self.watching.get(&pid).copied();
-        if let (Some(since), Some(met)) = (watched_since, &self.met)
-            && since < self.passes
-        {
-            match met.get(&pid) {
+        if let Some(met) = self.this_pass(pid) {
+            match met {
                 Some(Met {
-                    leader: Some((state, start_time)),
+                    leader: Some((state, start_time, _)),
                     runtime_ns,
                 }) => {
                     return Ok(Stat {
@@ -335,6 +348,16 @@ impl ProcSource for ProcessStats {
         self.proc_fs.stat(pid)
     }
 
+    fn placement(&mut self, pid: u32) -> Option<Placement> {
+        match self.this_pass(pid)? {
+            Some(Met {
+                leader: Some((_, _, placement)),
+                ..
+            }) => Some(*placement),
+            _ => None,
+        }
+    }
+
     fn cgroup(&mut self, pid: u32) -> Option<String> {
         self.proc_fs.cgroup(pid)
     }
@@ -350,6 +373,7 @@ impl ProcSource for ProcessStats {
 #[cfg(test)]
 mod tests {
     use std::{
+        os::unix::fs::MetadataExt as _,
         path::Path,
         process::{Child, Command},
         time::Duration,
@@ -363,9 +387,9 @@ mod tests {
         Command::new("sh").args(["-c", script]).spawn().unwrap()
     }
 
-    /// Kills and reaps its children and removes the pin directory, even
-    /// when an assertion fails first.
-    struct CleanUp(Vec<u32>, std::path::PathBuf);
+    /// Kills and reaps its children and removes the pin directory and the
+    /// test's cgroup, even when an assertion fails first.
+    struct CleanUp(Vec<u32>, std::path::PathBuf, Option<std::path::PathBuf>);
 
     impl Drop for CleanUp {
         fn drop(&mut self) {
@@ -377,6 +401,9 @@ mod tests {
                 }
             }
             let _ = std::fs::remove_dir(&self.1);
+            if let Some(cgroup) = &self.2 {
+                let _ = std::fs::remove_dir(cgroup);
+            }
         }
     }
 
@@ -403,7 +430,7 @@ mod tests {
             return;
         }
         let dir = Path::new("/sys/fs/bpf").join(format!("tally-task-test-{}", std::process::id()));
-        let mut clean_up = CleanUp(Vec::new(), dir.clone());
+        let mut clean_up = CleanUp(Vec::new(), dir.clone(), None);
         let pin = PinDir::open(&dir).unwrap();
         let mut stats = start(&pin).unwrap();
         // Five processes on a machine of hundreds of tasks: passes anyway.
@@ -458,6 +485,38 @@ mod tests {
             );
         }
         assert_eq!((from_iter[1].state, from_iter[3].state), (b'T', b'Z'));
+
+        // Placement: the inode of the cgroup v2 directory /proc/<pid>/cgroup
+        // names, and the owner of /proc/<pid>.
+        let root = crate::cgroupfs::unified_root().expect("a cgroup v2 hierarchy");
+        let cgroup_dir = |pid: u32| {
+            let cgroup = crate::cgroupfs::cgroup_of(pid).unwrap();
+            root.join(cgroup.trim_start_matches('/'))
+        };
+        for &pid in &pids[..3] {
+            let placement = stats.placement(pid).expect("placed by the pass");
+            let owner = std::fs::metadata(format!("/proc/{pid}")).unwrap().uid();
+            assert_eq!(
+                placement,
+                Placement {
+                    cgroup_id: std::fs::metadata(cgroup_dir(pid)).unwrap().ino(),
+                    euid: u64::from(owner),
+                },
+                "placement of {pid}"
+            );
+        }
+        // Moved to a cgroup of its own (beneath this test's): the next
+        // pass says so.
+        let moved = cgroup_dir(std::process::id()).join(format!("tally-task-test-{}", pids[0]));
+        std::fs::create_dir(&moved).unwrap();
+        clean_up.2 = Some(moved.clone());
+        std::fs::write(moved.join("cgroup.procs"), pids[0].to_string()).unwrap();
+        cycle(&mut stats, &pids[..1]);
+        assert_eq!(
+            stats.placement(pids[0]).map(|p| p.cgroup_id),
+            Some(std::fs::metadata(&moved).unwrap().ino()),
+            "the move is seen"
+        );
 
         // The spinner's CPU time moves, the sleeper's does not.
         std::thread::sleep(Duration::from_millis(300));

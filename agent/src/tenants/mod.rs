@@ -534,6 +534,30 @@ mod tests {
         assert_eq!(fake.reads().1, 2);
     }
 
+    /// Where the source says where a process is (the task iterator), a
+    /// move is seen the cycle it happens, and a process that stays is not
+    /// read again however many cycles pass.
+    #[test]
+    fn a_placed_process_is_read_again_only_when_it_moves() {
+        let (mut r, fake) = cached_resolver();
+        fake.place(10, 500, "/tally/acme/job1", 7);
+        assert_eq!(cycle(&mut r, &[10]), ["acme"]);
+        for _ in 0..2 * procs::REVALIDATE_EVERY {
+            assert_eq!(cycle(&mut r, &[10]), ["acme"]);
+        }
+        assert_eq!(fake.reads().1, 1, "no periodic re-read");
+        fake.place(10, 500, "/tally/beta/job1", 8);
+        assert_eq!(cycle(&mut r, &[10]), ["beta"], "seen the next cycle");
+        assert_eq!(fake.reads().1, 2);
+        // A change of user is a move too.
+        fake.0.lock().unwrap().procs.get_mut(&10).unwrap().placement = Some(procs::Placement {
+            cgroup_id: 8,
+            euid: 1000,
+        });
+        cycle(&mut r, &[10]);
+        assert_eq!(fake.reads().1, 3);
+    }
+
     #[test]
     fn pids_no_longer_reported_are_evicted() {
         let (mut r, fake) = cached_resolver();

@@ -6,13 +6,16 @@
 //!   start time in that cycle's `stat` (field 22): a different start time
 //!   is another process, read afresh.
 //! - **Moved processes.** A process moved to another cgroup (or that
-//!   changed its uid) keeps its pid and start time, and nothing cheap
-//!   tells that it moved: inotify does not watch `/proc/<pid>/cgroup`, and
-//!   its old cgroup directory may well still exist. So every entry re-reads
-//!   `/proc/<pid>/cgroup` once every [`REVALIDATE_EVERY`] cycles, spread over
-//!   pids so each cycle re-reads about 1/16 of them: a move is seen within
-//!   that many intervals (16 s at the default 1 s), and meanwhile the
-//!   process is charged to the tenant it had.
+//!   changed its uid) keeps its pid and start time. Where the eBPF task
+//!   iterator runs, it says each process's cgroup id and effective uid
+//!   every cycle ([`Placement`]): a change is a move, read afresh that
+//!   cycle, and nothing else is re-read. From `/proc` nothing cheap tells
+//!   that a process moved: inotify does not watch `/proc/<pid>/cgroup`,
+//!   and its old cgroup directory may well still exist. So there every
+//!   entry re-reads `/proc/<pid>/cgroup` once every [`REVALIDATE_EVERY`]
+//!   cycles, spread over pids so each cycle re-reads about 1/16 of them: a
+//!   move is seen within that many intervals (16 s at the default 1 s),
+//!   and meanwhile the process is charged to the tenant it had.
 //! - **Gone pids.** Entries of pids not reported in a cycle are evicted at
 //!   its end ([`ProcCache::end_cycle`]).
 //!
@@ -47,13 +50,28 @@ pub struct Stat {
     pub start_time: u64,
 }
 
-/// Where the cache learns about processes: `/proc` ([`ProcFs`]), or a fake
-/// in tests.
+/// Where a process is, as far as its tenant goes: its cgroup v2 id and
+/// effective uid, as the kernel holds them. Only compared from one cycle
+/// to the next, never turned into a path or a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub cgroup_id: u64,
+    pub euid: u64,
+}
+
+/// Where the cache learns about processes: `/proc` ([`ProcFs`]), the task
+/// iterator, or a fake in tests.
 pub trait ProcSource: Send + std::fmt::Debug {
     /// A sampling cycle starts: each pid's `stat` is asked for once.
     fn begin_cycle(&mut self) {}
     /// `/proc/<pid>/stat`; an error when the process is gone.
     fn stat(&mut self, pid: u32) -> io::Result<Stat>;
+    /// `pid`'s [`Placement`] this cycle, asked right after its `stat`,
+    /// where the source knows it without another read; `None` leaves the
+    /// cache to its periodic cgroup re-reads.
+    fn placement(&mut self, _pid: u32) -> Option<Placement> {
+        None
+    }
     /// The cgroup v2 path of `pid`, when readable.
     fn cgroup(&mut self, pid: u32) -> Option<String>;
     /// `pid` is no longer reported: anything kept for it can go.
@@ -334,9 +352,22 @@ struct Entry {
     seen: u64,
     /// That cycle's `stat` (`None`: the process is gone).
     stat: Option<Stat>,
-    /// Start time and cycle of the last cgroup read, and the attribution
-    /// it gave (without a workload, which is derived afresh each cycle).
-    facts: Option<(u64, u64, Attribution)>,
+    /// That cycle's placement, where the source knows it.
+    placement: Option<Placement>,
+    /// What the last cgroup read was made of and gave.
+    facts: Option<Facts>,
+}
+
+/// A cgroup read and the attribution it gave (without a workload, which
+/// is derived afresh each cycle).
+#[derive(Debug)]
+struct Facts {
+    start_time: u64,
+    /// The cycle it was read in.
+    cycle: u64,
+    /// The process's placement in that cycle, where known.
+    placement: Option<Placement>,
+    attribution: Attribution,
 }
 
 /// pid → what its tenant was derived from; see the module docs.
@@ -396,31 +427,39 @@ impl ProcCache {
         let entry = self.entries.entry(pid).or_insert_with(|| Entry {
             seen: 0,
             stat: None,
+            placement: None,
             facts: None,
         });
         if entry.seen != cycle {
             entry.seen = cycle;
             entry.stat = source.stat(pid).ok();
+            entry.placement = entry.stat.and_then(|_| source.placement(pid));
         }
         entry
     }
 
     /// The cached facts of `pid` when they still hold this cycle: same
-    /// start time, and not due for its periodic re-read. A process that
-    /// ended since keeps what it was.
+    /// start time, and the same placement or, where the placement is not
+    /// known, not due for its periodic re-read. A process that ended since
+    /// keeps what it was.
     pub fn cached(&mut self, pid: u32) -> Option<Attribution> {
         let cycle = self.cycle;
         let entry = self.visit(pid);
-        let (start, checked, facts) = entry.facts.as_ref()?;
+        let facts = entry.facts.as_ref()?;
         let fresh = match entry.stat {
             None => true,
             Some(st) => {
-                st.start_time == *start
-                    && (*checked == cycle
-                        || !(cycle + u64::from(pid)).is_multiple_of(REVALIDATE_EVERY))
+                st.start_time == facts.start_time
+                    && match (entry.placement, facts.placement) {
+                        (Some(now), Some(then)) => now == then,
+                        _ => {
+                            facts.cycle == cycle
+                                || !(cycle + u64::from(pid)).is_multiple_of(REVALIDATE_EVERY)
+                        }
+                    }
             }
         };
-        fresh.then(|| facts.clone())
+        fresh.then(|| facts.attribution.clone())
     }
 
     /// Remembers what `pid` was attributed from this cycle; not kept for a
@@ -428,14 +467,17 @@ impl ProcCache {
     pub fn store(&mut self, pid: u32, attribution: &Attribution) {
         let cycle = self.cycle;
         let entry = self.visit(pid);
-        entry.facts = entry.stat.map(|st| {
-            let facts = Attribution {
+        let placement = entry.placement;
+        entry.facts = entry.stat.map(|st| Facts {
+            start_time: st.start_time,
+            cycle,
+            placement,
+            attribution: Attribution {
                 tenant: attribution.tenant.clone(),
                 cgroup: attribution.cgroup.clone(),
                 workload: None,
                 workload_id: attribution.workload_id.clone(),
-            };
-            (st.start_time, cycle, facts)
+            },
         });
     }
 
@@ -479,6 +521,8 @@ pub(crate) mod fake {
         pub(crate) start_time: u64,
         pub(crate) state: u8,
         pub(crate) cgroup: String,
+        /// Said by `placement`, as the task iterator would.
+        pub(crate) placement: Option<Placement>,
     }
 
     #[derive(Debug, Default)]
@@ -499,6 +543,21 @@ pub(crate) mod fake {
                     start_time,
                     state: b'S',
                     cgroup: cgroup.to_owned(),
+                    placement: None,
+                },
+            );
+        }
+
+        /// Moves `pid` to `cgroup` and says where it is, as the task
+        /// iterator does; `cgroup_id` stands for the directory.
+        pub(crate) fn place(&self, pid: u32, start_time: u64, cgroup: &str, cgroup_id: u64) {
+            self.0.lock().unwrap().procs.insert(
+                pid,
+                Proc {
+                    start_time,
+                    state: b'S',
+                    cgroup: cgroup.to_owned(),
+                    placement: Some(Placement { cgroup_id, euid: 0 }),
                 },
             );
         }
@@ -519,6 +578,10 @@ pub(crate) mod fake {
                 cpu_ticks: 0,
                 start_time: p.start_time,
             })
+        }
+
+        fn placement(&mut self, pid: u32) -> Option<Placement> {
+            self.0.lock().unwrap().procs.get(&pid)?.placement
         }
 
         fn cgroup(&mut self, pid: u32) -> Option<String> {
