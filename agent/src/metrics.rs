@@ -10,6 +10,7 @@
 mod ahead;
 mod health;
 mod scrape;
+mod tenant_gpu;
 
 use std::{
     sync::{
@@ -161,16 +162,26 @@ pub fn encode_ahead(
 
 /// The snapshot's families, without the closing `# EOF`.
 fn encode_snapshot(snapshot: &Arc<Snapshot>) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
-    let mut out = String::with_capacity(64 * 1024);
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode_registry(&mut out, &registry);
+    let mut out = String::with_capacity(64 * 1024 + tenant_gpu::size_hint(&snapshot.tenant_gpu));
+    encode_collector(&mut out, SnapshotHead(snapshot.clone()));
+    tenant_gpu::write(&mut out, &snapshot.tenant_gpu);
+    encode_collector(&mut out, SnapshotTail(snapshot.clone()));
     out
 }
 
+fn encode_collector(out: &mut String, collector: impl Collector) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode_registry(out, &registry);
+}
+
+/// The snapshot's families before the per-tenant GPU ones, which
+/// [`tenant_gpu`] writes, and those after.
 #[derive(Debug)]
-struct SnapshotCollector(Arc<Snapshot>);
+struct SnapshotHead(Arc<Snapshot>);
+#[derive(Debug)]
+struct SnapshotTail(Arc<Snapshot>);
 
 /// One metric family: a descriptor and its samples.
 struct Family<'a> {
@@ -239,7 +250,7 @@ fn other(unit: &str) -> Option<Unit> {
     Some(Unit::Other(unit.to_owned()))
 }
 
-impl Collector for SnapshotCollector {
+impl Collector for SnapshotHead {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let snap = &self.0;
         let e = &mut enc;
@@ -478,60 +489,14 @@ impl Collector for SnapshotCollector {
             }),
         )?;
 
-        let rows = &snap.tenant_gpu;
-        fn tg(r: &crate::snapshot::TenantGpuUsage) -> [(&'static str, &str); 2] {
-            [("tenant", &r.tenant), ("gpu", &r.gpu)]
-        }
-        counter(
-            "tally_tenant_gpu_allocated",
-            "Wall time the tenant held the GPU or MIG instance (shared devices split by memory \
-             held). tenant=\"_idle\" is time nobody held it; the sum over tenants is wall time.",
-            Some(Unit::Seconds),
-        )
-        .encode(e, rows.iter().map(|r| (tg(r), r.allocated_seconds_total)))?;
-        counter(
-            "tally_tenant_gpu_idle_allocated",
-            "The part of the tenant's allocated time during which the device was idle: held, \
-             doing nothing past [states] idle_after. Wasted GPU time, priced as idle_cost.",
-            Some(Unit::Seconds),
-        )
-        .encode(
-            e,
-            rows.iter()
-                .filter(|r| &*r.tenant != crate::snapshot::TENANT_IDLE)
-                .map(|r| (tg(r), r.idle_allocated_seconds_total)),
-        )?;
-        counter(
-            "tally_tenant_gpu_sm",
-            "SM work of the tenant: its processes' SM utilization × wall time (a device sums to \
-             at most its wall time). Absent for MIG instances: NVML \
-             has no per-process utilization there.",
-            Some(Unit::Seconds),
-        )
-        .encode(
-            e,
-            rows.iter()
-                .filter_map(|r| Some((tg(r), r.sm_seconds_total?))),
-        )?;
-        gauge(
-            "tally_tenant_gpu_memory",
-            "GPU memory the tenant holds now.",
-            Some(Unit::Bytes),
-        )
-        .encode(
-            e,
-            rows.iter()
-                .filter(|r| &*r.tenant != crate::snapshot::TENANT_IDLE)
-                .map(|r| (tg(r), r.memory_bytes as f64)),
-        )?;
-        counter(
-            "tally_tenant_gpu_energy",
-            "The tenant's share of the GPU's energy: idle draw by allocation, the rest by SM time \
-             (MIG: the parent's energy by compute-slice fraction). Sums to the GPU's counter.",
-            Some(Unit::Joules),
-        )
-        .encode(e, rows.iter().map(|r| (tg(r), r.energy_joules_total)))?;
+        Ok(())
+    }
+}
 
+impl Collector for SnapshotTail {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let snap = &self.0;
+        let e = &mut enc;
         encode_workloads(snap, e)?;
         health::encode(snap, e)?;
         encode_io(snap, e)?;
