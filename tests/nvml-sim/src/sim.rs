@@ -56,7 +56,7 @@ pub(crate) mod event {
 pub(crate) type Code = u32;
 
 /// A device handle: a physical GPU or one of its MIG instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Handle {
     Gpu(u32),
     Mig(u32, u32),
@@ -104,7 +104,9 @@ pub(crate) struct Proc {
     pub compute_instance_id: u32,
 }
 
-/// Everything a device query can answer, computed at one instant.
+/// Everything a device query can answer, computed at one instant: a pure
+/// function of the handle, its GPU's live registrations and its health
+/// (see [`View::new`]), so one view serves every query while those hold.
 #[derive(Debug, Clone)]
 pub(crate) struct View {
     /// Shared with the simulator: a view costs no copy of the GPU's strings.
@@ -127,6 +129,60 @@ pub(crate) struct View {
 }
 
 impl View {
+    /// The view of `h` (a handle of `gpu`) with `all`, the live
+    /// registrations on `gpu`, and its health.
+    fn new(
+        gpu: Arc<Gpu>,
+        h: Handle,
+        all: &Arc<[Proc]>,
+        (health, health_throttle): (Arc<state::Health>, u64),
+    ) -> Result<View, Code> {
+        let gpu_util = match &gpu.mig {
+            None => all.iter().map(|p| p.reg.sm).sum::<f64>().min(1.0),
+            Some(mig) => {
+                mig.iter()
+                    .map(|m| instance_util(all, m.index) * f64::from(m.compute_slices))
+                    .sum::<f64>()
+                    .min(f64::from(COMPUTE_SLICES))
+                    / f64::from(COMPUTE_SLICES)
+            }
+        };
+        let gpu_mem_util = all
+            .iter()
+            .map(|p| f64::from(mem_pct(p.reg.sm)) / 100.0)
+            .sum::<f64>()
+            .min(1.0);
+        let power_mw = gpu.power_idle_mw
+            + ((gpu.power_max_mw - gpu.power_idle_mw) as f64 * gpu_util).round() as u64;
+        let (mig, procs, mem_total_mib) = match h {
+            Handle::Gpu(_) => (None, Arc::clone(all), gpu.memory_mib),
+            Handle::Mig(_, m) => {
+                let inst = gpu.mig.as_ref().and_then(|v| v.get(m as usize)).cloned();
+                let inst = inst.ok_or(code::INVALID_ARGUMENT)?;
+                let procs = all
+                    .iter()
+                    .filter(|p| p.reg.mig == Some(m))
+                    .cloned()
+                    .collect();
+                let total = inst.memory_mib;
+                (Some(inst), procs, total)
+            }
+        };
+        let used: u64 = procs.iter().map(|p: &Proc| p.reg.memory_mib).sum();
+        Ok(View {
+            health,
+            health_throttle,
+            mem_used_mib: used.min(mem_total_mib),
+            gpu,
+            mig,
+            procs,
+            gpu_util,
+            gpu_mem_util,
+            mem_total_mib,
+            power_mw,
+        })
+    }
+
     pub(crate) fn is_mig_handle(&self) -> bool {
         self.mig.is_some()
     }
@@ -217,6 +273,16 @@ pub(crate) struct Event {
     pub data: u64,
 }
 
+/// A handle's last view and the registrations it was computed from.
+#[derive(Debug)]
+struct Memo {
+    /// `procs_on`'s list for the handle's GPU. Holding it keeps its
+    /// allocation from being freed and reused, so a list at the same
+    /// address is this list: the same registrations.
+    all: Arc<[Proc]>,
+    view: Arc<View>,
+}
+
 /// The initialized simulator.
 #[derive(Debug)]
 pub(crate) struct Sim {
@@ -227,6 +293,11 @@ pub(crate) struct Sim {
     /// The state directory as last read (with a state directory).
     watched: Option<Watched>,
     energy: Energy,
+    /// Per handle, its view as last computed: the agent asks about 20
+    /// questions per device per cycle, and recomputing utilization and the
+    /// MIG instances' process lists from every registration for each was a
+    /// visible part of its CPU in benchmarks.
+    views: HashMap<Handle, Memo>,
     event_sets: HashMap<usize, EventSet>,
     next_set: usize,
     /// Allocated GPM samples by id (`crate::gpm`); `None` until filled.
@@ -276,20 +347,7 @@ impl Driver {
         let state = std::env::var_os(state::STATE_ENV)
             .filter(|s| !s.is_empty())
             .map(PathBuf::from);
-        let watched = state
-            .clone()
-            .map(|dir| Watched::new(dir, scenario.gpus.len()));
-        self.sim = Some(Sim {
-            gpus: scenario.gpus.iter().cloned().map(Arc::new).collect(),
-            energy: Energy::new(state.clone()),
-            watched,
-            scenario,
-            state,
-            event_sets: HashMap::new(),
-            next_set: 0,
-            gpm_samples: HashMap::new(),
-            next_gpm: 0,
-        });
+        self.sim = Some(Sim::new(scenario, state));
         self.refcount = 1;
         Ok(())
     }
@@ -323,6 +381,25 @@ fn now_ns() -> u128 {
 }
 
 impl Sim {
+    /// The simulator of `scenario`, with the state directory `state`.
+    fn new(scenario: Scenario, state: Option<PathBuf>) -> Sim {
+        let watched = state
+            .clone()
+            .map(|dir| Watched::new(dir, scenario.gpus.len()));
+        Sim {
+            gpus: scenario.gpus.iter().cloned().map(Arc::new).collect(),
+            energy: Energy::new(state.clone()),
+            watched,
+            scenario,
+            state,
+            views: HashMap::new(),
+            event_sets: HashMap::new(),
+            next_set: 0,
+            gpm_samples: HashMap::new(),
+            next_gpm: 0,
+        }
+    }
+
     pub(crate) fn gpu_count(&self) -> u32 {
         self.gpus.len() as u32
     }
@@ -387,67 +464,45 @@ impl Sim {
     /// Reads the state (as of the last refresh) for the device behind `h`,
     /// advances the GPU's energy integral, and returns every reading.
     /// GPU_IS_LOST for a lost GPU.
-    pub(crate) fn observe(&mut self, h: Handle) -> Result<View, Code> {
-        let gpu = Arc::clone(self.gpu(h.gpu())?);
-        self.lost_as_read(gpu.index)?;
+    ///
+    /// The view is computed again only when the GPU's live registrations
+    /// (`procs_on` hands out the same list while they hold) or its health
+    /// changed since the handle's last one; the energy integral advances
+    /// on every call, at the view's power.
+    pub(crate) fn observe(&mut self, h: Handle) -> Result<Arc<View>, Code> {
+        let g = h.gpu();
+        self.gpu(g)?;
+        self.lost_as_read(g)?;
+        // Without a state directory, each call has a new empty list (and
+        // default health): never the memo's, and nothing to save anyway.
         let all = match &mut self.watched {
-            Some(w) => w.procs_on(gpu.index, &self.scenario),
+            Some(w) => w.procs_on(g, &self.scenario),
             None => Arc::from([]),
         };
-        let gpu_util = match &gpu.mig {
-            None => all.iter().map(|p| p.reg.sm).sum::<f64>().min(1.0),
-            Some(mig) => {
-                mig.iter()
-                    .map(|m| instance_util(&all, m.index) * f64::from(m.compute_slices))
-                    .sum::<f64>()
-                    .min(f64::from(COMPUTE_SLICES))
-                    / f64::from(COMPUTE_SLICES)
-            }
-        };
-        let gpu_mem_util = all
-            .iter()
-            .map(|p| f64::from(mem_pct(p.reg.sm)) / 100.0)
-            .sum::<f64>()
-            .min(1.0);
-        let power_mw = gpu.power_idle_mw
-            + ((gpu.power_max_mw - gpu.power_idle_mw) as f64 * gpu_util).round() as u64;
-        let reset = self
+        let health = self
             .watched
             .as_ref()
-            .is_some_and(|w| w.reset_pending(gpu.index));
-        self.energy.advance(gpu.index, power_mw, reset)?;
-        let (mig, procs, mem_total_mib) = match h {
-            Handle::Gpu(_) => (None, all, gpu.memory_mib),
-            Handle::Mig(_, m) => {
-                let inst = gpu.mig.as_ref().and_then(|v| v.get(m as usize)).cloned();
-                let inst = inst.ok_or(code::INVALID_ARGUMENT)?;
-                let procs = all
-                    .iter()
-                    .filter(|p| p.reg.mig == Some(m))
-                    .cloned()
-                    .collect();
-                let total = inst.memory_mib;
-                (Some(inst), procs, total)
-            }
-        };
-        let used: u64 = procs.iter().map(|p: &Proc| p.reg.memory_mib).sum();
-        let (health, health_throttle) = self
-            .watched
-            .as_ref()
-            .map(|w| w.health(gpu.index))
+            .map(|w| w.health(g))
             .unwrap_or_default();
-        Ok(View {
-            health,
-            health_throttle,
-            mem_used_mib: used.min(mem_total_mib),
-            gpu,
-            mig,
-            procs,
-            gpu_util,
-            gpu_mem_util,
-            mem_total_mib,
-            power_mw,
-        })
+        let view = match self.views.get(&h) {
+            // The health file's throttle bits come and go with its Arc.
+            Some(m) if Arc::ptr_eq(&m.all, &all) && Arc::ptr_eq(&m.view.health, &health.0) => {
+                Arc::clone(&m.view)
+            }
+            _ => {
+                let gpu = Arc::clone(self.gpu(g)?);
+                let view = Arc::new(View::new(gpu, h, &all, health)?);
+                let memo = Memo {
+                    all,
+                    view: Arc::clone(&view),
+                };
+                self.views.insert(h, memo);
+                view
+            }
+        };
+        let reset = self.watched.as_ref().is_some_and(|w| w.reset_pending(g));
+        self.energy.advance(g, view.power_mw, reset)?;
+        Ok(view)
     }
 
     /// GPU `gpu`'s energy counter, mJ, right after `observe` read `power_mw`.
@@ -623,5 +678,238 @@ mod tests {
         assert_eq!(Handle::from_raw(0), None);
         assert_eq!(Handle::from_raw(HANDLE_BASE + 8), None);
         assert_eq!(Handle::from_raw(HANDLE_BASE + 64 * 16), None);
+    }
+
+    const SCENARIO: &str = r#"
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+memory_mib = 81559
+power_idle_w = 70
+power_max_w = 700
+mig = ["3g.40gb", "2g.20gb", "1g.10gb"]
+"#;
+
+    /// A simulator over a temporary state directory.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        sim: Sim,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let scenario = scenario::parse(Path::new("scenario.toml"), SCENARIO).unwrap();
+            let sim = Sim::new(scenario, Some(dir.path().to_owned()));
+            Fixture { dir, sim }
+        }
+
+        fn register(&self, pid: u32, gpu: u32, mig: Option<u32>, sm: f64, memory_mib: u64) {
+            let reg = Registration {
+                gpu,
+                mig,
+                memory_mib,
+                sm,
+                kind: state::ProcKind::Compute,
+            };
+            crate::register(self.dir.path(), pid, &reg).unwrap();
+        }
+
+        /// One device query's view, as `ffi::with_view` takes it.
+        fn observe(&mut self, h: Handle) -> Arc<View> {
+            self.sim.refresh();
+            self.sim.observe(h).unwrap()
+        }
+    }
+
+    fn pids(v: &View) -> Vec<u32> {
+        v.procs.iter().map(|p| p.pid).collect()
+    }
+
+    /// `sleep 60`, killed and reaped on drop.
+    struct Sleep(std::process::Child);
+
+    impl Sleep {
+        fn new() -> Sleep {
+            let child = std::process::Command::new("sleep")
+                .arg("60")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            Sleep(child)
+        }
+
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+    }
+
+    impl Drop for Sleep {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Idle 70 W, max 700 W: the power at `util`, mW.
+    fn power_mw(util: f64) -> u64 {
+        70_000 + (630_000.0 * util).round() as u64
+    }
+
+    #[test]
+    fn a_view_is_shared_until_registrations_or_health_change() {
+        let mut f = Fixture::new();
+        let (a, b) = (Sleep::new(), Sleep::new());
+        let gpu = Handle::Gpu(0);
+        f.register(a.pid(), 0, None, 0.25, 1000);
+        let v1 = f.observe(gpu);
+        let v2 = f.observe(gpu);
+        assert!(Arc::ptr_eq(&v1, &v2), "nothing changed: the same view");
+        assert!(Arc::ptr_eq(&v1.procs, &v2.procs));
+        assert_eq!(pids(&v2), vec![a.pid()]);
+        assert_eq!(
+            (v2.gpu_util, v2.gpu_mem_util, v2.mem_used_mib, v2.power_mw),
+            (0.25, 0.15, 1000, power_mw(0.25))
+        );
+
+        // sm and memory changed: seen by the very next call.
+        f.register(a.pid(), 0, None, 0.5, 2000);
+        let v = f.observe(gpu);
+        assert!(!Arc::ptr_eq(&v, &v2));
+        assert_eq!(
+            (v.gpu_util, v.mem_used_mib, v.power_mw),
+            (0.5, 2000, power_mw(0.5))
+        );
+
+        // Only the memory changed.
+        f.register(a.pid(), 0, None, 0.5, 3000);
+        assert_eq!(f.observe(gpu).mem_used_mib, 3000);
+
+        // Rewritten in place, same size: seen too.
+        let file = state::proc_file(f.dir.path(), a.pid());
+        let text = fs::read_to_string(&file).unwrap();
+        assert!(text.contains("sm = 0.5\n"), "{text}");
+        fs::write(&file, text.replace("sm = 0.5\n", "sm = 0.7\n")).unwrap();
+        let v = f.observe(gpu);
+        assert_eq!((v.gpu_util, v.power_mw), (0.7, power_mw(0.7)));
+
+        // Another process added, on the same GPU.
+        f.register(b.pid(), 0, None, 0.25, 500);
+        let v = f.observe(gpu);
+        let mut both = vec![a.pid(), b.pid()];
+        both.sort_unstable();
+        assert_eq!(pids(&v), both);
+        assert_eq!((v.mem_used_mib, v.power_mw), (3500, power_mw(0.95)));
+        assert!(Arc::ptr_eq(&v, &f.observe(gpu)));
+
+        // Registrations on another GPU leave this one's numbers alone.
+        let c = Sleep::new();
+        f.register(c.pid(), 1, Some(0), 1.0, 100);
+        let after = f.observe(gpu);
+        assert_eq!(pids(&after), both);
+        assert_eq!((after.mem_used_mib, after.power_mw), (3500, power_mw(0.95)));
+
+        // A reaped process is gone from the next call.
+        drop(b);
+        let v = f.observe(gpu);
+        assert_eq!(pids(&v), vec![a.pid()]);
+        assert_eq!((v.mem_used_mib, v.power_mw), (3000, power_mw(0.7)));
+
+        // A health change: a new view, the same process list.
+        let health = state::Health {
+            ecc_uncorrected: 3,
+            ..Default::default()
+        };
+        state::set_health(f.dir.path(), 0, &health).unwrap();
+        let h = f.observe(gpu);
+        assert!(!Arc::ptr_eq(&h, &v));
+        assert!(Arc::ptr_eq(&h.procs, &v.procs));
+        assert_eq!(h.health.ecc_uncorrected, 3);
+        assert!(Arc::ptr_eq(&h, &f.observe(gpu)));
+    }
+
+    #[test]
+    fn mig_handles_have_their_instances_processes() {
+        let mut f = Fixture::new();
+        let (c, d, e) = (Sleep::new(), Sleep::new(), Sleep::new());
+        f.register(c.pid(), 1, Some(0), 0.5, 3000);
+        f.register(d.pid(), 1, Some(2), 1.0, 500);
+        f.register(e.pid(), 1, Some(0), 0.75, 100);
+        let (gpu, m0, m1, m2) = (
+            Handle::Gpu(1),
+            Handle::Mig(1, 0),
+            Handle::Mig(1, 1),
+            Handle::Mig(1, 2),
+        );
+        let mut on_0 = vec![c.pid(), e.pid()];
+        on_0.sort_unstable();
+        let mut all = vec![c.pid(), d.pid(), e.pid()];
+        all.sort_unstable();
+        // Instance 0 is busy (capped at 1) on 3 slices, instance 2 on 1.
+        let util = 4.0 / 7.0;
+        let first = f.observe(m0);
+        for _ in 0..2 {
+            let v = f.observe(m0);
+            assert!(Arc::ptr_eq(&v, &first), "each handle keeps its own view");
+            assert_eq!(pids(&v), on_0);
+            assert_eq!((v.mem_used_mib, v.power_mw), (3100, power_mw(util)));
+            let v = f.observe(m1);
+            assert_eq!(pids(&v), Vec::<u32>::new());
+            assert_eq!(v.mem_used_mib, 0);
+            let v = f.observe(m2);
+            assert_eq!(pids(&v), vec![d.pid()]);
+            assert_eq!((v.mem_used_mib, v.power_mw), (500, power_mw(util)));
+            let v = f.observe(gpu);
+            assert_eq!(pids(&v), all);
+            assert_eq!((v.gpu_util, v.mem_used_mib), (util, 3600));
+            assert!(v.mig.is_none());
+        }
+
+        // A registration on instance 2 changed: instance 0's processes are
+        // the same, but the GPU's load (and power) is not.
+        f.register(d.pid(), 1, Some(2), 0.5, 500);
+        let v = f.observe(m0);
+        assert!(!Arc::ptr_eq(&v, &first));
+        assert_eq!(pids(&v), on_0);
+        assert_eq!(v.power_mw, power_mw(3.5 / 7.0));
+        let v = f.observe(m2);
+        assert_eq!(v.procs[0].reg.sm, 0.5);
+    }
+
+    #[test]
+    fn energy_advances_on_every_call() {
+        let mut f = Fixture::new();
+        let a = Sleep::new();
+        f.register(a.pid(), 0, None, 0.5, 1000);
+        let gpu = Handle::Gpu(0);
+        let v1 = f.observe(gpu);
+        let e1 = f.sim.energy_mj(0, v1.power_mw).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let v2 = f.observe(gpu);
+        assert!(Arc::ptr_eq(&v1, &v2));
+        let e2 = f.sim.energy_mj(0, v2.power_mw).unwrap();
+        // 385 W for 50 ms at least: 19 250 mJ.
+        assert!(e2 >= e1 + 19_250, "{e1} -> {e2}");
+
+        // The reset marker is taken by the next call, memoized or not:
+        // the counter restarts from 0.
+        state::reset_energy(f.dir.path(), 0).unwrap();
+        let v3 = f.observe(gpu);
+        assert!(Arc::ptr_eq(&v3, &v2));
+        assert!(!state::reset_file(f.dir.path(), 0).exists());
+        let e3 = f.sim.energy_mj(0, v3.power_mw).unwrap();
+        assert!(e3 < e2, "{e2} -> {e3}");
+
+        // A MIG handle's call advances its GPU's counter too.
+        let file = state::energy_file(f.dir.path(), 1);
+        f.observe(Handle::Mig(1, 0));
+        let stored = fs::read_to_string(&file).unwrap();
+        let power: Vec<&str> = stored.split_whitespace().collect();
+        assert_eq!(power[2], power_mw(0.0).to_string());
     }
 }
