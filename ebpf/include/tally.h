@@ -29,6 +29,9 @@
 #define TALLY_MAX_CGROUP_LEVEL 32
 /* Recently exec'd / exited processes remembered (LRU). */
 #define TALLY_MAX_PROCS 32768
+/* Words of the task iterator's pid bitmap (`tally_watched`): one bit per
+ * pid up to the kernel's PID_MAX_LIMIT (4,194,304), 512 KiB. */
+#define TALLY_WATCHED_WORDS (4194304 / 64)
 
 /* Value of map `tally_net` (per-CPU hash, key: __u64 cgroup v2 id).
  * Bytes are skb->len: IP header + L4 header + payload. The dropped counters

@@ -27,7 +27,7 @@ use std::{fs::File, io, io::Read as _, os::unix::fs::FileExt as _};
 
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData},
+    maps::{Array, MapData, MapError},
     programs::Iter,
 };
 use tally_ebpf::TaskRecord;
@@ -128,10 +128,41 @@ struct Met {
     runtime_ns: u64,
 }
 
+/// `tally_watched`: one bit per pid, and this side's copy of the words it
+/// set, so that setting or clearing a bit is one map update and no read.
+struct PidBits {
+    map: Array<MapData, u64>,
+    words: PidMap<u64>,
+}
+
+impl PidBits {
+    fn set(&mut self, pid: u32, on: bool) -> Result<(), MapError> {
+        let (word, bit) = (pid / 64, 1u64 << (pid % 64));
+        let old = self.words.get(&word).copied().unwrap_or(0);
+        let new = if on { old | bit } else { old & !bit };
+        // Fails for a pid beyond the map (none: it covers PID_MAX_LIMIT).
+        self.map.set(word, new, 0)?;
+        if new == 0 {
+            self.words.remove(&word);
+        } else {
+            self.words.insert(word, new);
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel's copy has `pid`'s bit.
+    #[cfg(test)]
+    fn has(&self, pid: u32) -> bool {
+        self.map
+            .get(&(pid / 64), 0)
+            .is_ok_and(|w| w & (1 << (pid % 64)) != 0)
+    }
+}
+
 /// The iterator and the pids it watches; a [`ProcSource`].
 pub struct ProcessStats {
     ebpf: Ebpf,
-    watched: BpfHashMap<MapData, u32, u8>,
+    watched: PidBits,
     /// The keys of `watched`, as this side put them there, each with the
     /// number of passes that had run when it was put: later passes cover it.
     watching: PidMap<u64>,
@@ -180,7 +211,10 @@ pub(super) fn start(pin: &PinDir) -> Result<ProcessStats, ProbeError> {
     let prog: &mut Iter = program(&mut ebpf, OBJECT, tally_ebpf::PROG_TASK_DUMP)?;
     prog.load("task", &btf)
         .map_err(|e| load_error(tally_ebpf::PROG_TASK_DUMP, e))?;
-    let watched = take_map(&mut ebpf, OBJECT, tally_ebpf::MAP_WATCHED)?;
+    let watched = PidBits {
+        map: take_map(&mut ebpf, OBJECT, tally_ebpf::MAP_WATCHED)?,
+        words: PidMap::default(),
+    };
     let mut stats = ProcessStats {
         ebpf,
         watched,
@@ -334,7 +368,7 @@ impl ProcSource for ProcessStats {
                 }
             }
         } else if watched_since.is_none() {
-            match self.watched.insert(pid, 0, 0) {
+            match self.watched.set(pid, true) {
                 Ok(()) => {
                     self.watching.insert(pid, self.passes);
                     // Read once: its `stat` file need not stay open.
@@ -364,7 +398,7 @@ impl ProcSource for ProcessStats {
 
     fn forget(&mut self, pid: u32) {
         if self.watching.remove(&pid).is_some() {
-            let _ = self.watched.remove(&pid);
+            let _ = self.watched.set(pid, false);
         }
         self.proc_fs.forget(pid);
     }
@@ -540,7 +574,7 @@ mod tests {
         stats.forget(pids[4]);
         assert!(!stats.watching.contains_key(&pids[4]));
         assert!(
-            stats.watched.get(&pids[4], 0).is_err(),
+            !stats.watched.has(pids[4]) && stats.watched.has(pids[0]),
             "removed from the kernel map"
         );
 
