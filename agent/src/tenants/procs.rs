@@ -537,29 +537,24 @@ pub(crate) mod fake {
 
     impl FakeProc {
         pub(crate) fn set(&self, pid: u32, start_time: u64, cgroup: &str) {
-            self.0.lock().unwrap().procs.insert(
-                pid,
-                Proc {
-                    start_time,
-                    state: b'S',
-                    cgroup: cgroup.to_owned(),
-                    placement: None,
-                },
-            );
+            self.insert(pid, start_time, cgroup, None);
         }
 
         /// Moves `pid` to `cgroup` and says where it is, as the task
         /// iterator does; `cgroup_id` stands for the directory.
         pub(crate) fn place(&self, pid: u32, start_time: u64, cgroup: &str, cgroup_id: u64) {
-            self.0.lock().unwrap().procs.insert(
-                pid,
-                Proc {
-                    start_time,
-                    state: b'S',
-                    cgroup: cgroup.to_owned(),
-                    placement: Some(Placement { cgroup_id, euid: 0 }),
-                },
-            );
+            let placement = Placement { cgroup_id, euid: 0 };
+            self.insert(pid, start_time, cgroup, Some(placement));
+        }
+
+        fn insert(&self, pid: u32, start_time: u64, cgroup: &str, placement: Option<Placement>) {
+            let proc = Proc {
+                start_time,
+                state: b'S',
+                cgroup: cgroup.to_owned(),
+                placement,
+            };
+            self.0.lock().unwrap().procs.insert(pid, proc);
         }
 
         pub(crate) fn reads(&self) -> (u64, u64) {
