@@ -208,10 +208,11 @@ mod tests {
 
     #[test]
     fn a_task_record_reads_back_in_field_order() {
-        let bytes: Vec<u8> = (1..=6u64).flat_map(u64::to_ne_bytes).collect();
+        let bytes: Vec<u8> = (1..=8u64).flat_map(u64::to_ne_bytes).collect();
         let r = TaskRecord::read(&bytes).unwrap();
         assert_eq!((r.tgid, r.tid, r.runtime_ns), (1, 2, 6));
-        assert_eq!(TaskRecord::read(&bytes[..47]), None);
+        assert_eq!((r.cgroup_id, r.euid), (7, 8));
+        assert_eq!(TaskRecord::read(&bytes[..TaskRecord::SIZE - 1]), None);
     }
 
     #[test]

@@ -61,9 +61,12 @@ pub(crate) fn run(args: AgentArgs) -> ExitCode {
         let shutdown = signal::shutdown_token()?;
         let listener = serve::bind(settings.listen).await?;
         let agent = Agent::start(settings, shutdown.clone())?;
-        tokio::spawn(notify::agent(agent.latest(), shutdown.clone()));
+        let notified = tokio::spawn(notify::agent(agent.latest(), shutdown.clone()));
         serve::serve(listener, None, agent.route(), shutdown).await;
         agent.stopped().await;
+        // Its `STOPPING=1`, sent once shutdown began, goes out before the
+        // runtime is dropped: on a busy machine the task may not have run yet.
+        let _ = notified.await;
         anyhow::Ok(())
     });
     match result {

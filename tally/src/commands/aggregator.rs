@@ -35,9 +35,11 @@ pub(crate) fn run(args: AggregatorArgs) -> ExitCode {
         let aggregator = Aggregator::start(&config, shutdown.clone()).await?;
         signal::on_hangup(aggregator.reloader(), shutdown.clone())?;
         tracing::info!(%listen, "aggregator listening");
-        tokio::spawn(notify::aggregator(shutdown.clone()));
+        let notified = tokio::spawn(notify::aggregator(shutdown.clone()));
         serve::serve(listener, aggregator.tls(), aggregator.route(), shutdown).await;
         aggregator.stopped().await;
+        // As the agent's: `STOPPING=1` is out before the runtime is dropped.
+        let _ = notified.await;
         anyhow::Ok(())
     });
     match result {
