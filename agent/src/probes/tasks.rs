@@ -128,43 +128,28 @@ struct Met {
     runtime_ns: u64,
 }
 
-/// `tally_watched`: one bit per pid, and this side's copy of the words it
-/// set, so that setting or clearing a bit is one map update and no read.
-struct PidBits {
-    map: Array<MapData, u64>,
-    words: PidMap<u64>,
-}
-
-impl PidBits {
-    fn set(&mut self, pid: u32, on: bool) -> Result<(), MapError> {
-        let (word, bit) = (pid / 64, 1u64 << (pid % 64));
-        let old = self.words.get(&word).copied().unwrap_or(0);
-        let new = if on { old | bit } else { old & !bit };
-        // Fails for a pid beyond the map (none: it covers PID_MAX_LIMIT).
-        self.map.set(word, new, 0)?;
-        if new == 0 {
-            self.words.remove(&word);
-        } else {
-            self.words.insert(word, new);
-        }
-        Ok(())
-    }
-
-    /// Whether the kernel's copy has `pid`'s bit.
-    #[cfg(test)]
-    fn has(&self, pid: u32) -> bool {
-        self.map
-            .get(&(pid / 64), 0)
-            .is_ok_and(|w| w & (1 << (pid % 64)) != 0)
-    }
+/// Writes the word of `tally_watched` (one bit per pid) that holds
+/// `pid`'s bit, as `watching` has it now: one map update, no read.
+fn write_word(
+    map: &mut Array<MapData, u64>,
+    watching: &PidMap<u64>,
+    pid: u32,
+) -> Result<(), MapError> {
+    let first = pid / 64 * 64;
+    let bits = (0..64)
+        .filter(|b| watching.contains_key(&(first + b)))
+        .fold(0u64, |w, b| w | 1 << b);
+    // Fails for a pid beyond the map (none: it covers PID_MAX_LIMIT).
+    map.set(pid / 64, bits, 0)
 }
 
 /// The iterator and the pids it watches; a [`ProcSource`].
 pub struct ProcessStats {
     ebpf: Ebpf,
-    watched: PidBits,
-    /// The keys of `watched`, as this side put them there, each with the
-    /// number of passes that had run when it was put: later passes cover it.
+    /// `tally_watched`: the bits of `watching`'s pids.
+    watched: Array<MapData, u64>,
+    /// The pids whose bits are set in `watched`, each with the number of
+    /// passes that had run when it was set: later passes cover it.
     watching: PidMap<u64>,
     /// Passes run so far.
     passes: u64,
@@ -211,10 +196,7 @@ pub(super) fn start(pin: &PinDir) -> Result<ProcessStats, ProbeError> {
     let prog: &mut Iter = program(&mut ebpf, OBJECT, tally_ebpf::PROG_TASK_DUMP)?;
     prog.load("task", &btf)
         .map_err(|e| load_error(tally_ebpf::PROG_TASK_DUMP, e))?;
-    let watched = PidBits {
-        map: take_map(&mut ebpf, OBJECT, tally_ebpf::MAP_WATCHED)?,
-        words: PidMap::default(),
-    };
+    let watched = take_map(&mut ebpf, OBJECT, tally_ebpf::MAP_WATCHED)?;
     let mut stats = ProcessStats {
         ebpf,
         watched,
@@ -349,13 +331,14 @@ impl ProcSource for ProcessStats {
         if let Some(met) = self.this_pass(pid) {
             match met {
                 Some(Met {
-                    leader: Some((state, start_time, _)),
+                    leader: Some((state, start_time, placement)),
                     runtime_ns,
                 }) => {
                     return Ok(Stat {
                         state: *state,
                         cpu_ticks: runtime_ns / self.ns_per_tick,
                         start_time: *start_time,
+                        placement: Some(*placement),
                     });
                 }
                 // Threads without their leader's record: ask `/proc`.
@@ -368,28 +351,21 @@ impl ProcSource for ProcessStats {
                 }
             }
         } else if watched_since.is_none() {
-            match self.watched.set(pid, true) {
+            self.watching.insert(pid, self.passes);
+            match write_word(&mut self.watched, &self.watching, pid) {
                 Ok(()) => {
-                    self.watching.insert(pid, self.passes);
                     // Read once: its `stat` file need not stay open.
                     let stat = self.proc_fs.stat(pid);
                     self.proc_fs.forget(pid);
                     return stat;
                 }
-                Err(e) => debug!(pid, "not watched by the task iterator: {}", chain(&e)),
+                Err(e) => {
+                    self.watching.remove(&pid);
+                    debug!(pid, "not watched by the task iterator: {}", chain(&e));
+                }
             }
         }
         self.proc_fs.stat(pid)
-    }
-
-    fn placement(&mut self, pid: u32) -> Option<Placement> {
-        match self.this_pass(pid)? {
-            Some(Met {
-                leader: Some((_, _, placement)),
-                ..
-            }) => Some(*placement),
-            _ => None,
-        }
     }
 
     fn cgroup(&mut self, pid: u32) -> Option<String> {
@@ -398,7 +374,7 @@ impl ProcSource for ProcessStats {
 
     fn forget(&mut self, pid: u32) {
         if self.watching.remove(&pid).is_some() {
-            let _ = self.watched.set(pid, false);
+            let _ = write_word(&mut self.watched, &self.watching, pid);
         }
         self.proc_fs.forget(pid);
     }
@@ -443,6 +419,14 @@ mod tests {
 
     fn pid_of(c: &Child) -> Pid {
         Pid::from_raw(c.id() as i32).unwrap()
+    }
+
+    /// Whether the kernel's `tally_watched` has `pid`'s bit.
+    fn watched_in_kernel(stats: &ProcessStats, pid: u32) -> bool {
+        stats
+            .watched
+            .get(&(pid / 64), 0)
+            .is_ok_and(|w| w & (1 << (pid % 64)) != 0)
     }
 
     /// `/proc`'s own answer, through the cache's reader.
@@ -527,8 +511,8 @@ mod tests {
             let cgroup = crate::cgroupfs::cgroup_of(pid).unwrap();
             root.join(cgroup.trim_start_matches('/'))
         };
-        for &pid in &pids[..3] {
-            let placement = stats.placement(pid).expect("placed by the pass");
+        for (&pid, it) in pids[..3].iter().zip(&from_iter) {
+            let placement = it.placement.expect("placed by the pass");
             let owner = std::fs::metadata(format!("/proc/{pid}")).unwrap().uid();
             assert_eq!(
                 placement,
@@ -545,9 +529,9 @@ mod tests {
         std::fs::create_dir(&moved).unwrap();
         clean_up.2 = Some(moved.clone());
         std::fs::write(moved.join("cgroup.procs"), pids[0].to_string()).unwrap();
-        cycle(&mut stats, &pids[..1]);
+        let after_move = cycle(&mut stats, &pids[..1]).remove(0).unwrap();
         assert_eq!(
-            stats.placement(pids[0]).map(|p| p.cgroup_id),
+            after_move.placement.map(|p| p.cgroup_id),
             Some(std::fs::metadata(&moved).unwrap().ino()),
             "the move is seen"
         );
@@ -574,7 +558,7 @@ mod tests {
         stats.forget(pids[4]);
         assert!(!stats.watching.contains_key(&pids[4]));
         assert!(
-            !stats.watched.has(pids[4]) && stats.watched.has(pids[0]),
+            !watched_in_kernel(&stats, pids[4]) && watched_in_kernel(&stats, pids[0]),
             "removed from the kernel map"
         );
 

@@ -48,6 +48,10 @@ pub struct Stat {
     /// Start time after boot, in clock ticks: with the pid, a process's
     /// identity.
     pub start_time: u64,
+    /// Where the process is, where the source knows it without another
+    /// read (the task iterator); `None` from `/proc`, which leaves the
+    /// cache to its periodic cgroup re-reads.
+    pub placement: Option<Placement>,
 }
 
 /// Where a process is, as far as its tenant goes: its cgroup v2 id and
@@ -66,12 +70,6 @@ pub trait ProcSource: Send + std::fmt::Debug {
     fn begin_cycle(&mut self) {}
     /// `/proc/<pid>/stat`; an error when the process is gone.
     fn stat(&mut self, pid: u32) -> io::Result<Stat>;
-    /// `pid`'s [`Placement`] this cycle, asked right after its `stat`,
-    /// where the source knows it without another read; `None` leaves the
-    /// cache to its periodic cgroup re-reads.
-    fn placement(&mut self, _pid: u32) -> Option<Placement> {
-        None
-    }
     /// The cgroup v2 path of `pid`, when readable.
     fn cgroup(&mut self, pid: u32) -> Option<String>;
     /// `pid` is no longer reported: anything kept for it can go.
@@ -281,6 +279,7 @@ fn fields_by_words(rest: &[u8]) -> Option<Option<Stat>> {
             state,
             cpu_ticks: utime + stime,
             start_time: number(&rest[start..end])?,
+            placement: None,
         })
     };
     Some(read())
@@ -312,6 +311,7 @@ fn fields_by_bytes(rest: &[u8]) -> Option<Stat> {
                             state: state?,
                             cpu_ticks: utime + stime,
                             start_time: value,
+                            placement: None,
                         });
                     }
                     _ => {}
@@ -343,6 +343,7 @@ fn fields_by_bytes(rest: &[u8]) -> Option<Stat> {
         state: state?,
         cpu_ticks: utime + stime,
         start_time: value,
+        placement: None,
     })
 }
 
@@ -352,8 +353,6 @@ struct Entry {
     seen: u64,
     /// That cycle's `stat` (`None`: the process is gone).
     stat: Option<Stat>,
-    /// That cycle's placement, where the source knows it.
-    placement: Option<Placement>,
     /// What the last cgroup read was made of and gave.
     facts: Option<Facts>,
 }
@@ -427,13 +426,11 @@ impl ProcCache {
         let entry = self.entries.entry(pid).or_insert_with(|| Entry {
             seen: 0,
             stat: None,
-            placement: None,
             facts: None,
         });
         if entry.seen != cycle {
             entry.seen = cycle;
             entry.stat = source.stat(pid).ok();
-            entry.placement = entry.stat.and_then(|_| source.placement(pid));
         }
         entry
     }
@@ -450,7 +447,7 @@ impl ProcCache {
             None => true,
             Some(st) => {
                 st.start_time == facts.start_time
-                    && match (entry.placement, facts.placement) {
+                    && match (st.placement, facts.placement) {
                         (Some(now), Some(then)) => now == then,
                         _ => {
                             facts.cycle == cycle
@@ -467,11 +464,10 @@ impl ProcCache {
     pub fn store(&mut self, pid: u32, attribution: &Attribution) {
         let cycle = self.cycle;
         let entry = self.visit(pid);
-        let placement = entry.placement;
         entry.facts = entry.stat.map(|st| Facts {
             start_time: st.start_time,
             cycle,
-            placement,
+            placement: st.placement,
             attribution: Attribution {
                 tenant: attribution.tenant.clone(),
                 cgroup: attribution.cgroup.clone(),
@@ -521,7 +517,7 @@ pub(crate) mod fake {
         pub(crate) start_time: u64,
         pub(crate) state: u8,
         pub(crate) cgroup: String,
-        /// Said by `placement`, as the task iterator would.
+        /// Said with the `stat`, as the task iterator does.
         pub(crate) placement: Option<Placement>,
     }
 
@@ -572,11 +568,8 @@ pub(crate) mod fake {
                 state: p.state,
                 cpu_ticks: 0,
                 start_time: p.start_time,
+                placement: p.placement,
             })
-        }
-
-        fn placement(&mut self, pid: u32) -> Option<Placement> {
-            self.0.lock().unwrap().procs.get(&pid)?.placement
         }
 
         fn cgroup(&mut self, pid: u32) -> Option<String> {
@@ -601,7 +594,8 @@ mod tests {
             Some(Stat {
                 state: b'S',
                 cpu_ticks: 100,
-                start_time: 987654
+                start_time: 987654,
+                placement: None,
             })
         );
         assert_eq!(parse_stat(b"1 (x) S 1 2"), None);
@@ -626,7 +620,8 @@ mod tests {
             Some(Stat {
                 state: b'R',
                 cpu_ticks: 11,
-                start_time: 99
+                start_time: 99,
+                placement: None,
             })
         );
         assert_eq!(
