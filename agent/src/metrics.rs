@@ -205,19 +205,36 @@ impl Family<'_> {
             encoder.encode_descriptor(self.name, self.help, self.unit.as_ref(), self.kind)?;
         for (labels, value) in samples {
             let family = metric.encode_family(&labels)?;
-            // Whole numbers (counts, bytes, one-hot states) are written as
-            // integers: formatting every value as a float (dtoa) was a
-            // quarter of the encoding's instructions.
-            match (self.kind, whole(value)) {
-                (MetricType::Counter, Some(v)) if v >= 0 => {
-                    ConstCounter::new(v.unsigned_abs()).encode(family)?;
-                }
-                (MetricType::Counter, _) => ConstCounter::new(value).encode(family)?,
-                (_, Some(v)) => ConstGauge::new(v).encode(family)?,
-                (_, None) => ConstGauge::new(value).encode(family)?,
+            let counter = matches!(self.kind, MetricType::Counter);
+            match (counter, Number::of(counter, value)) {
+                (true, Number::Unsigned(v)) => ConstCounter::new(v).encode(family)?,
+                (true, _) => ConstCounter::new(value).encode(family)?,
+                (false, Number::Signed(v)) => ConstGauge::new(v).encode(family)?,
+                (false, _) => ConstGauge::new(value).encode(family)?,
             }
         }
         Ok(())
+    }
+}
+
+/// How a sample's value is written: whole numbers (counts, bytes, one-hot
+/// states) as integers, since formatting every value as a float (dtoa) was
+/// a quarter of the encoding's instructions; a counter's as unsigned, as
+/// prometheus-client's counters take them.
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    Unsigned(u64),
+    Signed(i64),
+    Float(f64),
+}
+
+impl Number {
+    fn of(counter: bool, value: f64) -> Self {
+        match whole(value) {
+            Some(v) if counter && v >= 0 => Number::Unsigned(v.unsigned_abs()),
+            Some(v) if !counter => Number::Signed(v),
+            _ => Number::Float(value),
+        }
     }
 }
 

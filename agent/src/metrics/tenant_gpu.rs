@@ -11,7 +11,7 @@
 
 use prometheus_client::{metrics::MetricType, registry::Unit};
 
-use super::whole;
+use super::Number;
 use crate::snapshot::{TENANT_IDLE, TenantGpuUsage};
 
 /// One family: its descriptor, and the value of a row (`None`: no sample).
@@ -116,11 +116,10 @@ pub(super) fn write(out: &mut String, rows: &[TenantGpuUsage]) {
             out.push_str("\",gpu=\"");
             out.push_str(&r.gpu);
             out.push_str("\"} ");
-            // As `super::Family::encode` picks the value's encoding.
-            out.push_str(match (counter, whole(value)) {
-                (true, Some(v)) if v >= 0 => ints.format(v.unsigned_abs()),
-                (false, Some(v)) => ints.format(v),
-                _ => floats.format(value),
+            out.push_str(match Number::of(counter, value) {
+                Number::Unsigned(v) => ints.format(v),
+                Number::Signed(v) => ints.format(v),
+                Number::Float(v) => floats.format(v),
             });
             out.push('\n');
         }
