@@ -84,12 +84,15 @@ fn top_shows_gpus_and_tenants_sorts_and_quits_on_q() {
     let agent = Agent::start(&node, CONFIG, &["--sample-interval", "300ms"]);
     agent.wait_samples(2);
 
+    // The status goes to a side file renamed into place: `echo $? > f`
+    // creates `f` empty before it writes, and a poll in between read "".
     let exit_file: PathBuf = node.dir.path().join("top.exit");
     let script = format!(
-        "{} top --agent http://{}; echo $? > {}",
+        "{} top --agent http://{}; echo $? > {tmp} && mv {tmp} {}",
         shell_quote(&tally_bin()),
         agent.addr,
-        shell_quote(&exit_file)
+        shell_quote(&exit_file),
+        tmp = shell_quote(&node.dir.path().join("top.exit.tmp")),
     );
     let tmux = Tmux {
         socket: unique("tally-top"),
