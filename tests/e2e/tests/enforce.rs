@@ -1162,9 +1162,12 @@ fn rule_matched_cgroups_share_their_tenants_network_rate() {
         (0.85 * RATE..=1.15 * RATE).contains(&alone),
         "a rule-matched cgroup sent at {alone:.0} B/s, not 1 MB/s ±15 %"
     );
+    // Two flows behind one dropping bucket wait out retransmission timers
+    // together, below the rate on a loaded machine: the floor only catches
+    // a bucket charged twice (~0.5); the ceiling is the contract.
     assert!(
-        (0.85 * RATE..=1.15 * RATE).contains(&together),
-        "two cgroups of one tenant sent at {together:.0} B/s together, not 1 MB/s ±15 % \
+        (0.7 * RATE..=1.15 * RATE).contains(&together),
+        "two cgroups of one tenant sent at {together:.0} B/s together, not 0.7-1.15 MB/s \
          (one bucket per tenant)"
     );
     wait_drops(&agent, "qnet", "egress");
