@@ -87,9 +87,10 @@ impl Metrics {
     // (callgrind), which needs the symbol; and kept apart from `send`, as
     // callgrind's counting toggles rather than nests.
     #[inline(never)]
-    fn render(&self, snapshot: &Arc<Snapshot>) -> Arc<str> {
+    fn render(&self, snapshot: &Arc<Snapshot>) -> Bytes {
         self.renders.fetch_add(1, Ordering::Relaxed);
-        encode_snapshot(snapshot).into()
+        // The String's buffer becomes the Bytes, not a copy of it.
+        Bytes::from(encode_snapshot(snapshot))
     }
 
     /// Whether a snapshot published now, replaced an `interval` later, is
@@ -118,7 +119,7 @@ impl Metrics {
     /// components' families joined on, gzipped when asked.
     // Out of line for the bench's instruction counts, as `render`.
     #[inline(never)]
-    fn send(&self, snapshot: Arc<Snapshot>, text: Arc<str>, gzip: bool) -> Bytes {
+    fn send(&self, snapshot: Arc<Snapshot>, text: Bytes, gzip: bool) -> Bytes {
         self.cache.body(snapshot, text, self.components(), gzip)
     }
 

@@ -23,7 +23,7 @@ struct Rendered {
     /// The snapshot it was made from (compared by pointer).
     snapshot: Arc<Snapshot>,
     /// The snapshot's families, as encoded.
-    snapshot_text: Arc<str>,
+    snapshot_text: Bytes,
     /// The components' families it was joined with.
     components: String,
     body: Bytes,
@@ -45,7 +45,7 @@ impl BodyCache {
     /// caller encodes it, outside the lock). A rendering of a newer
     /// snapshot than `latest` is served too: a concurrent scrape saw the
     /// newer one published first.
-    pub(super) fn text(&self, latest: &Arc<Snapshot>) -> Option<(Arc<Snapshot>, Arc<str>)> {
+    pub(super) fn text(&self, latest: &Arc<Snapshot>) -> Option<(Arc<Snapshot>, Bytes)> {
         let slot = self.lock();
         let r = slot.as_ref()?;
         (Arc::ptr_eq(&r.snapshot, latest) || r.snapshot.samples > latest.samples)
@@ -57,7 +57,7 @@ impl BodyCache {
     pub(super) fn body(
         &self,
         snapshot: Arc<Snapshot>,
-        snapshot_text: Arc<str>,
+        snapshot_text: Bytes,
         components: String,
         gzip: bool,
     ) -> Bytes {
@@ -94,9 +94,9 @@ impl BodyCache {
 
 /// The snapshot's families first, then the components' (sub-registries
 /// come after collectors in prometheus-client's own order), then `# EOF`.
-fn join(snapshot: Arc<Snapshot>, snapshot_text: Arc<str>, components: String) -> Rendered {
+fn join(snapshot: Arc<Snapshot>, snapshot_text: Bytes, components: String) -> Rendered {
     let mut body = Vec::with_capacity(snapshot_text.len() + components.len() + 8);
-    body.extend_from_slice(snapshot_text.as_bytes());
+    body.extend_from_slice(&snapshot_text);
     body.extend_from_slice(components.as_bytes());
     body.extend_from_slice(b"# EOF\n");
     Rendered {
