@@ -474,7 +474,7 @@ fn show_threads(threads: &[(String, f64)], unit: &str) -> String {
         .filter(|t| t.1 > 0.0)
         .map(|(g, v)| {
             format!(
-                "`{g}` ({}) {v:.1} {unit} ({:.0} %)",
+                "`{g}` ({}) {v:.3} {unit} ({:.0} %)",
                 thread_role(g),
                 v / total.max(1e-12) * 100.0
             )
@@ -856,8 +856,8 @@ fn footprint_and_sample(
     let _ = writeln!(
         b,
         "\nAgent CPU per sampling cycle (all threads, incl. the in-process NVML simulator and \
-         the scrapes): {cpu_per_sample:.1} ms over {cycles:.0} cycles. By thread (`/proc/<pid>/task/*/stat`, \
-         CPU seconds over the {total:.0} s): {}.\n\n\
+         the scrapes): {cpu_per_sample:.1} ms over {cycles:.0} cycles. By thread (scheduler run time, `/proc/<pid>/task/*/schedstat`, \
+         CPU seconds over the {total:.0} s; the split of the total from `/proc/<pid>/stat`): {}.\n\n\
          The NVML threads run the simulator in-process (`tests/nvml-sim`), which answers from \
          memory and re-reads only what inotify says changed in its state directory (benchmark 8 \
          has its cost per call): a real driver's cost is different and not measurable here. \

@@ -91,7 +91,11 @@ pub(super) fn cpu_seconds(pid: u32, tck: f64) -> anyhow::Result<f64> {
 }
 
 /// CPU seconds per thread group of a process: threads named alike but for
-/// a trailing number (`tally-gpu0`, `tally-gpu1`, …) are added up.
+/// a trailing number (`tally-gpu0`, `tally-gpu1`, …) are added up. Each
+/// thread's time is its scheduler run time in nanoseconds
+/// (`task/<tid>/schedstat`): its `stat` gives whole 10 ms ticks, and a
+/// split over eight GPU threads that each run a few milliseconds a minute
+/// was mostly rounding. The `stat` ticks where `schedstat` is missing.
 pub(super) fn thread_cpu(pid: u32, tck: f64) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -100,16 +104,25 @@ pub(super) fn thread_cpu(pid: u32, tck: f64) -> BTreeMap<String, f64> {
     for t in tasks.flatten() {
         let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         let group = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
-        let Ok(stat) = fs::read_to_string(t.path().join("stat")) else {
-            continue;
+        let run_ns = fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+        let secs = match run_ns {
+            Some(ns) => ns / 1e9,
+            None => {
+                let Ok(stat) = fs::read_to_string(t.path().join("stat")) else {
+                    continue;
+                };
+                let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks: f64 = [11, 12]
+                    .iter()
+                    .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+                    .sum();
+                ticks / tck
+            }
         };
-        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
-            .sum();
-        *out.entry(group.to_owned()).or_insert(0.0) += ticks / tck;
+        *out.entry(group.to_owned()).or_insert(0.0) += secs;
     }
     out
 }
