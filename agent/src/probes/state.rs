@@ -312,11 +312,19 @@ mod tests {
             if n > 0 {
                 let previous: State =
                     serde_json::from_str(&std::fs::read_to_string(&spare).unwrap()).unwrap();
-                assert_eq!(previous.residual_h2d_bytes, n - 1, "the spare is one write behind");
+                assert_eq!(
+                    previous.residual_h2d_bytes,
+                    n - 1,
+                    "the spare is one write behind"
+                );
                 inodes.insert(inode(&spare));
             }
         }
-        assert_eq!(inodes.len(), 2, "two inodes in turn, none made after the first two");
+        assert_eq!(
+            inodes.len(),
+            2,
+            "two inodes in turn, none made after the first two"
+        );
     }
 
     fn c(egress: u64, h2d: u64) -> Counters {
