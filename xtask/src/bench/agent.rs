@@ -425,6 +425,8 @@ struct SampleCost {
     threads: Vec<(String, f64)>,
     /// Tenants with GPU series at the end (checks attribution kept up).
     tenants_seen: usize,
+    /// Resident set (VmRSS) after the measured cycles, in MiB.
+    rss_mib: f64,
     profile: Option<String>,
 }
 
@@ -702,6 +704,7 @@ fn footprint_and_sample(
                 cpu_per_sample_ms: cpu,
                 threads,
                 tenants_seen: tenants_seen(&agent.metrics()?),
+                rss_mib: rss_mib(agent.pid())?,
                 profile: None,
             },
         ));
@@ -913,6 +916,7 @@ fn footprint_and_sample(
                 .map(|(g, v)| (g.clone(), v / cycles * 1000.0))
                 .collect(),
             tenants_seen,
+            rss_mib: a_rss.iter().copied().fold(0.0, f64::max),
             profile: None,
         },
     ))
@@ -936,6 +940,7 @@ fn sample_only(
     };
     let (durations_ms, cpu, threads) = collect_samples(ctx, &agent, n, Duration::from_secs(420))?;
     let seen = tenants_seen(&agent.metrics()?);
+    let rss = rss_mib(agent.pid())?;
     let profile =
         with_profile.then(|| profile(agent.pid(), if ctx.quick { 5 } else { 15 }, &node.dir));
     Ok(SampleCost {
@@ -946,6 +951,7 @@ fn sample_only(
         cpu_per_sample_ms: cpu,
         threads,
         tenants_seen: seen,
+        rss_mib: rss,
         profile,
     })
 }
@@ -966,21 +972,22 @@ fn sample_section(costs: &[SampleCost], errors: &[String], counted: Option<&Coun
          300 s (`[agent] nvml_timeout`): at ×4 and ×16 one simulator call takes seconds, and \
          at the default 5 s the GPUs are marked hung and no process is attributed (the first \
          run of this benchmark measured exactly that). The tenant count in brackets is how \
-         many tenants had series at the end: attribution kept up when it equals the tenants.\n"
+         many tenants had series at the end: attribution kept up when it equals the tenants. \
+         RSS is the agent's VmRSS after the measured cycles.\n"
     );
     let _ = writeln!(
         b,
-        "| scale | processes | tenants (with series) | cycles | cycle ms, median (min–max) | p99 ms | CPU ms per cycle | of which NVML threads | sampler thread | cycle ms per 100 processes |"
+        "| scale | processes | tenants (with series) | cycles | cycle ms, median (min–max) | p99 ms | CPU ms per cycle | of which NVML threads | sampler thread | cycle ms per 100 processes | RSS MiB |"
     );
     let _ = writeln!(
         b,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for c in costs {
         let st = Stats::of(&c.durations_ms);
         let _ = writeln!(
             b,
-            "| ×{} | {} | {} ({}) | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            "| ×{} | {} | {} ({}) | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |",
             c.scale,
             c.procs,
             c.tenants,
@@ -999,7 +1006,8 @@ fn sample_section(costs: &[SampleCost], errors: &[String], counted: Option<&Coun
                 .filter(|t| t.0 == "tally-sampler")
                 .map(|t| t.1)
                 .sum::<f64>(),
-            st.median / c.procs as f64 * 100.0
+            st.median / c.procs as f64 * 100.0,
+            c.rss_mib
         );
         s.checks.push(Check::new(
             format!(
@@ -1011,6 +1019,18 @@ fn sample_section(costs: &[SampleCost], errors: &[String], counted: Option<&Coun
             format!("≤ {:.0} ms", cycle_target_ms(c.procs)),
             format!("{} ms", st.show(1)),
             Verdict::of(st.median <= cycle_target_ms(c.procs)),
+        ));
+    }
+    // The issue's memory target is at the largest scale it names (×16).
+    if let Some(z) = costs.iter().max_by_key(|c| c.scale) {
+        s.checks.push(Check::new(
+            format!(
+                "2. agent RSS ×{} ({} procs, {} tenants)",
+                z.scale, z.procs, z.tenants
+            ),
+            "≤ 25 MiB",
+            format!("{:.1} MiB", z.rss_mib),
+            Verdict::of(z.rss_mib <= 25.0),
         ));
     }
     if let (Some(a), Some(z)) = (costs.first(), costs.last())
