@@ -195,8 +195,6 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
     // and the median of more of them moves less with this VM's noise.
     let (pairs, secs) = if ctx.quick { (2, 2) } else { (16, 3) };
     let mut arms = vec![Arm::NoAgent, Arm::Without, Arm::With];
-    let mut bpf = (0u64, 0u64);
-    let mut stats_runs = 0u64;
     // Per counting arm: program runs and nanoseconds in the statistics pass.
     let mut per_arm: Vec<(Arm, u64, u64)> = Vec::new();
     if policer_landed {
@@ -314,13 +312,15 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
             iperf(secs)?;
             let (c1, t1) = stats.read("cgroup_skb");
             let (runs, ns) = (c1.saturating_sub(c0), t1.saturating_sub(t0));
-            bpf.0 += runs;
-            bpf.1 += ns;
             per_arm.push((*arm, runs, ns));
-            stats_runs += 1;
         }
     }
     drop(server);
+    // Over the whole pass: runs and nanoseconds, and how many client runs.
+    let bpf = per_arm
+        .iter()
+        .fold((0u64, 0u64), |(c, t), (_, runs, ns)| (c + runs, t + ns));
+    let stats_runs = per_arm.len() as u64;
 
     let stats = |arm: Arm| {
         Stats::of(

@@ -81,13 +81,19 @@ pub(super) fn clk_tck() -> f64 {
 pub(super) fn cpu_seconds(pid: u32, tck: f64) -> anyhow::Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("process {pid} is gone"))?;
+    Ok(stat_ticks(&stat) / tck)
+}
+
+/// utime + stime, in ticks, of a `stat` line (a process's or a thread's).
+fn stat_ticks(stat: &str) -> f64 {
     // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
-    let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    Ok((utime + stime) / tck)
+    [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+        .sum()
 }
 
 /// CPU seconds per thread group of a process: threads named alike but for
@@ -113,13 +119,7 @@ pub(super) fn thread_cpu(pid: u32, tck: f64) -> BTreeMap<String, f64> {
                 let Ok(stat) = fs::read_to_string(t.path().join("stat")) else {
                     continue;
                 };
-                let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ticks: f64 = [11, 12]
-                    .iter()
-                    .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
-                    .sum();
-                ticks / tck
+                stat_ticks(&stat) / tck
             }
         };
         *out.entry(group.to_owned()).or_insert(0.0) += secs;
