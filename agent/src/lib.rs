@@ -8,10 +8,11 @@
 //! shares with the aggregator is `tally_contract`.
 // `deny`, not `forbid`: the audited exceptions are the capability calls in
 // `privileges`, the raw NVML symbols in `gpu::read` (MIG ids, remapped
-// rows) and `open_by_handle_at` in `probes::cgroups` (no safe wrapper
-// exists).
+// rows), `open_by_handle_at` in `probes::cgroups` (no safe wrapper
+// exists) and glibc's `mallopt` in `allocator`.
 #![deny(unsafe_code)]
 
+pub mod allocator;
 pub mod attribution;
 pub mod cgroupfs;
 pub mod config;

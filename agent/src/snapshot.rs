@@ -232,9 +232,10 @@ pub struct GpuProcess {
     /// NVML has none (MIG instances) or no sample arrived this interval.
     pub sm_ratio: Option<f64>,
     /// The Kubernetes pod and container, when `[tenant.kubernetes]
-    /// workload_series` is on and the pod is known.
+    /// workload_series` is on and the pod is known. Boxed: a snapshot
+    /// holds a row per process, most of them without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<Workload>,
+    pub workload: Option<Box<Workload>>,
     /// The workload its usage is charged to (`crate::tenants::Attribution`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_id: Option<Arc<str>>,

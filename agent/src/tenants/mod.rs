@@ -37,7 +37,7 @@ pub struct Attribution {
     pub tenant: Arc<str>,
     pub cgroup: Option<Arc<str>>,
     /// Kubernetes namespace/pod/container, when workload series are on.
-    pub workload: Option<crate::snapshot::Workload>,
+    pub workload: Option<Box<crate::snapshot::Workload>>,
     /// The workload the tenant's usage is charged to, by the rule that
     /// named the tenant: a `cgroup` rule's `workload` capture, a Slurm
     /// job id, a pod as `<namespace>/<pod>`. `None`: the tenant's usage
@@ -241,7 +241,8 @@ impl Resolver {
                     .as_ref()
                     .is_some_and(|k| k.workload_series())
             })
-            .and_then(crate::kubernetes::Identity::workload);
+            .and_then(crate::kubernetes::Identity::workload)
+            .map(Box::new);
         for (rule, jobs) in self.rules.iter().zip(&self.slurm_jobs) {
             let (tenant, workload_id): (Option<Arc<str>>, Option<Arc<str>>) = match rule {
                 TenantRule::Cgroup { pattern, fixed } => cgroup

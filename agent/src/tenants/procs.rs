@@ -26,7 +26,7 @@
 //! cache's [`ProcSource`] and answers every followed pid's `stat` from one
 //! read per cycle.
 
-use std::{fs::File, io, io::Read as _, os::unix::fs::FileExt as _};
+use std::{fs::File, io, io::Read as _, os::unix::fs::FileExt as _, sync::Arc};
 
 use super::Attribution;
 use crate::{
@@ -353,8 +353,9 @@ struct Entry {
     seen: u64,
     /// That cycle's `stat` (`None`: the process is gone).
     stat: Option<Stat>,
-    /// What the last cgroup read was made of and gave.
-    facts: Option<Facts>,
+    /// What the last cgroup read was made of and gave; boxed, as the
+    /// table keeps up to twice as many slots as pids.
+    facts: Option<Box<Facts>>,
 }
 
 /// A cgroup read and the attribution it gave (without a workload, which
@@ -366,7 +367,10 @@ struct Facts {
     cycle: u64,
     /// The process's placement in that cycle, where known.
     placement: Option<Placement>,
-    attribution: Attribution,
+    /// [`Attribution`]'s fields but the workload.
+    tenant: Arc<str>,
+    cgroup: Option<Arc<str>>,
+    workload_id: Option<Arc<str>>,
 }
 
 /// pid → what its tenant was derived from; see the module docs.
@@ -456,7 +460,12 @@ impl ProcCache {
                     }
             }
         };
-        fresh.then(|| facts.attribution.clone())
+        fresh.then(|| Attribution {
+            tenant: facts.tenant.clone(),
+            cgroup: facts.cgroup.clone(),
+            workload: None,
+            workload_id: facts.workload_id.clone(),
+        })
     }
 
     /// Remembers what `pid` was attributed from this cycle; not kept for a
@@ -464,17 +473,23 @@ impl ProcCache {
     pub fn store(&mut self, pid: u32, attribution: &Attribution) {
         let cycle = self.cycle;
         let entry = self.visit(pid);
-        entry.facts = entry.stat.map(|st| Facts {
+        let Some(st) = entry.stat else {
+            entry.facts = None;
+            return;
+        };
+        let facts = Facts {
             start_time: st.start_time,
             cycle,
             placement: st.placement,
-            attribution: Attribution {
-                tenant: attribution.tenant.clone(),
-                cgroup: attribution.cgroup.clone(),
-                workload: None,
-                workload_id: attribution.workload_id.clone(),
-            },
-        });
+            tenant: attribution.tenant.clone(),
+            cgroup: attribution.cgroup.clone(),
+            workload_id: attribution.workload_id.clone(),
+        };
+        // A re-read reuses the box: no allocation for a pid already known.
+        match &mut entry.facts {
+            Some(old) => **old = facts,
+            none => *none = Some(Box::new(facts)),
+        }
     }
 
     /// The state machine's view of `pid` this cycle, from the same `stat`

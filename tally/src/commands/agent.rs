@@ -40,6 +40,7 @@ pub(crate) fn load_optional(file: Option<&PathBuf>) -> Result<Config, ExitCode> 
 }
 
 pub(crate) fn run(args: AgentArgs) -> ExitCode {
+    tally_agent::allocator::tune();
     let config = match load_optional(args.config.as_ref()) {
         Ok(c) => c,
         Err(code) => return code,
