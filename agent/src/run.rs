@@ -306,6 +306,7 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
             // enforcement pass done): keep only what running needs, before
             // readiness flips with the first snapshot.
             crate::privileges::drop_after_start_up();
+            crate::allocator::release_start_up_scratch();
         }
         let snapshot = Arc::new(snapshot);
         tx.send_replace(snapshot);
