@@ -425,7 +425,8 @@ struct SampleCost {
     threads: Vec<(String, f64)>,
     /// Tenants with GPU series at the end (checks attribution kept up).
     tenants_seen: usize,
-    /// Resident set (VmRSS) after the measured cycles, in MiB.
+    /// The largest resident set (VmRSS) read during the measured cycles,
+    /// in MiB.
     rss_mib: f64,
     profile: Option<String>,
 }
@@ -485,14 +486,26 @@ fn show_threads(threads: &[(String, f64)], unit: &str) -> String {
         .join("; ")
 }
 
-/// Collects `n` distinct cycles' durations and CPU per cycle.
+/// What [`collect_samples`] measured.
+struct Collected {
+    durations_ms: Vec<f64>,
+    cpu_per_sample_ms: f64,
+    threads: ThreadCpu,
+    /// The largest VmRSS read at the polls (every 200 ms), in MiB: the
+    /// moments a snapshot's body is replaced included.
+    rss_max_mib: f64,
+}
+
+/// Collects `n` distinct cycles' durations, CPU per cycle and the largest
+/// RSS seen meanwhile.
 fn collect_samples(
     ctx: &Ctx,
     agent: &RunningAgent,
     n: usize,
     limit: Duration,
-) -> anyhow::Result<(Vec<f64>, f64, ThreadCpu)> {
+) -> anyhow::Result<Collected> {
     let pid = agent.pid();
+    let mut rss_max_mib: f64 = 0.0;
     let mut threads0 = None;
     let mut threads1 = None;
     let mut durations = Vec::new();
@@ -503,6 +516,7 @@ fn collect_samples(
     while durations.len() < n && started.elapsed() < limit {
         let body = agent.metrics()?;
         let cpu = util::cpu_seconds(pid, ctx.tck)?;
+        rss_max_mib = rss_max_mib.max(rss_mib(pid)?);
         let count = body.value("tally_samples_total", &[]).unwrap_or(-1.0);
         if count != last_seen {
             if let Some(d) = body.value("tally_sample_duration_seconds", &[]) {
@@ -539,7 +553,12 @@ fn collect_samples(
             .collect(),
         _ => Vec::new(),
     };
-    Ok((durations, per, threads))
+    Ok(Collected {
+        durations_ms: durations,
+        cpu_per_sample_ms: per,
+        threads,
+        rss_max_mib,
+    })
 }
 
 /// Profile of one thread (by name) of `pid` with DWARF call graphs:
@@ -692,19 +711,18 @@ fn footprint_and_sample(
     let agent = node.agent(ctx, "1s", cuda)?;
     if !footprint {
         let n = if ctx.quick { 5 } else { 20 };
-        let (durations_ms, cpu, threads) =
-            collect_samples(ctx, &agent, n, Duration::from_secs(120))?;
+        let c = collect_samples(ctx, &agent, n, Duration::from_secs(120))?;
         return Ok((
             None,
             SampleCost {
                 scale: 1,
                 procs,
                 tenants,
-                durations_ms,
-                cpu_per_sample_ms: cpu,
-                threads,
+                durations_ms: c.durations_ms,
+                cpu_per_sample_ms: c.cpu_per_sample_ms,
+                threads: c.threads,
                 tenants_seen: tenants_seen(&agent.metrics()?),
-                rss_mib: rss_mib(agent.pid())?,
+                rss_mib: c.rss_max_mib,
                 profile: None,
             },
         ));
@@ -938,20 +956,19 @@ fn sample_only(
         (false, s) if s >= 4 => 4,
         _ => 15,
     };
-    let (durations_ms, cpu, threads) = collect_samples(ctx, &agent, n, Duration::from_secs(420))?;
+    let c = collect_samples(ctx, &agent, n, Duration::from_secs(420))?;
     let seen = tenants_seen(&agent.metrics()?);
-    let rss = rss_mib(agent.pid())?;
     let profile =
         with_profile.then(|| profile(agent.pid(), if ctx.quick { 5 } else { 15 }, &node.dir));
     Ok(SampleCost {
         scale,
         procs: node.procs,
         tenants: node.tenants,
-        durations_ms,
-        cpu_per_sample_ms: cpu,
-        threads,
+        durations_ms: c.durations_ms,
+        cpu_per_sample_ms: c.cpu_per_sample_ms,
+        threads: c.threads,
         tenants_seen: seen,
-        rss_mib: rss,
+        rss_mib: c.rss_max_mib,
         profile,
     })
 }
@@ -973,7 +990,7 @@ fn sample_section(costs: &[SampleCost], errors: &[String], counted: Option<&Coun
          at the default 5 s the GPUs are marked hung and no process is attributed (the first \
          run of this benchmark measured exactly that). The tenant count in brackets is how \
          many tenants had series at the end: attribution kept up when it equals the tenants. \
-         RSS is the agent's VmRSS after the measured cycles.\n"
+         RSS is the largest of the agent's VmRSS read every 200 ms during the measured cycles.\n"
     );
     let _ = writeln!(
         b,
