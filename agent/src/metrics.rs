@@ -207,11 +207,12 @@ impl Family<'_> {
         for (labels, value) in samples {
             let family = metric.encode_family(&labels)?;
             let counter = matches!(self.kind, MetricType::Counter);
-            match (counter, Number::of(counter, value)) {
-                (true, Number::Unsigned(v)) => ConstCounter::new(v).encode(family)?,
-                (true, _) => ConstCounter::new(value).encode(family)?,
-                (false, Number::Signed(v)) => ConstGauge::new(v).encode(family)?,
-                (false, _) => ConstGauge::new(value).encode(family)?,
+            // `of` gives `Unsigned` to counters only and `Signed` to gauges only.
+            match Number::of(counter, value) {
+                Number::Unsigned(v) => ConstCounter::new(v).encode(family)?,
+                Number::Signed(v) => ConstGauge::new(v).encode(family)?,
+                Number::Float(v) if counter => ConstCounter::new(v).encode(family)?,
+                Number::Float(v) => ConstGauge::new(v).encode(family)?,
             }
         }
         Ok(())

@@ -183,13 +183,17 @@ pub enum StateError {
 #[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
+    /// Where the next write goes before it trades names with `path`.
+    spare: PathBuf,
     written: Option<String>,
 }
 
 impl StateFile {
     pub fn new(state_dir: &Path) -> Self {
+        let path = state_dir.join(FILE_NAME);
         Self {
-            path: state_dir.join(FILE_NAME),
+            spare: path.with_extension("json.spare"),
+            path,
             written: None,
         }
     }
@@ -243,14 +247,13 @@ impl StateFile {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let spare = self.path.with_extension("json.spare");
-        std::fs::write(&spare, &text).map_err(io)?;
+        std::fs::write(&self.spare, &text).map_err(io)?;
         let cwd = rustix::fs::CWD;
-        match rustix::fs::renameat_with(cwd, &spare, cwd, &self.path, RenameFlags::EXCHANGE) {
+        match rustix::fs::renameat_with(cwd, &self.spare, cwd, &self.path, RenameFlags::EXCHANGE) {
             Ok(()) => {}
             // No state file yet, or a filesystem without the exchange.
             Err(Errno::NOENT | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
-                std::fs::rename(&spare, &self.path).map_err(io)?;
+                std::fs::rename(&self.spare, &self.path).map_err(io)?;
             }
             Err(e) => return Err(io(e.into())),
         }
