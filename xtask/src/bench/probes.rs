@@ -302,12 +302,16 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
             .filter(|a| matches!(a, Arm::With | Arm::Policer))
         {
             let quota = if *arm == Arm::Policer { quota } else { "" };
-            let _agent = probe_agent(
+            let agent = probe_agent(
                 ctx,
                 &dir,
                 "network = true\npcie = false\nprocess = false",
                 quota,
             )?;
+            // A probe that failed to attach would read as 0 ns, not an error.
+            if !probe_up(&agent, "network_egress") {
+                bail!("the agent's network probes are not up in the statistics pass");
+            }
             let (c0, t0) = stats.read("cgroup_skb");
             iperf(secs)?;
             let (c1, t1) = stats.read("cgroup_skb");
