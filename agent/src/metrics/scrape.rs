@@ -96,18 +96,28 @@ impl BodyCache {
 
 /// The snapshot's families first, then the components' (sub-registries
 /// come after collectors in prometheus-client's own order), then `# EOF`.
-/// The encoded text is copied once, into an exact-size body, and dropped:
-/// the rendering keeps one copy and none of the encoder's spare capacity.
+/// A freshly encoded text is extended in place, so there is never a second
+/// copy of it, not even while the body is made (2.9 MiB at 8,192
+/// processes); a text cut from an earlier body is copied.
 fn join(snapshot: Arc<Snapshot>, snapshot_text: Bytes, components: String) -> Rendered {
-    let mut body = Vec::with_capacity(snapshot_text.len() + components.len() + 8);
-    body.extend_from_slice(&snapshot_text);
+    let text_len = snapshot_text.len();
+    let mut body: Vec<u8> = match snapshot_text.try_into_mut() {
+        Ok(unique) => unique.into(),
+        Err(shared) => {
+            let mut body = Vec::with_capacity(shared.len() + components.len() + 8);
+            body.extend_from_slice(&shared);
+            body
+        }
+    };
     body.extend_from_slice(components.as_bytes());
     body.extend_from_slice(b"# EOF\n");
+    // The encoder's spare capacity goes back to the allocator.
+    body.shrink_to_fit();
     Rendered {
         snapshot,
         components,
         body: Bytes::from(body),
-        text_len: snapshot_text.len(),
+        text_len,
         gzip: OnceLock::new(),
     }
 }
