@@ -28,6 +28,7 @@ use tally_e2e::{
         ACME_TOKEN, ADMIN_TOKEN, AGENT_TOKEN, Aggregator, Backend, agent_config, postgres, sqlite,
         subdir,
     },
+    enforce_support::TenantEnv,
     http_request, require_root, skip, unique,
 };
 
@@ -300,7 +301,10 @@ fn small_cluster(backend: &Backend, dir: &Path) {
     let acme_mig = acme.spawn("sleep", &["600"]);
     sim_a.register(acme_mig.pid(), 2, Some(0), 1024, 0.5);
 
-    // gpu-b: GPU 0 held by a stopped process pinned at 100 %: stuck.
+    // gpu-b: GPU 0 held by a stopped process pinned at 100 %: stuck. Its
+    // quota makes the enforcer's tenant cgroups: beneath a parent of this
+    // test's own, removed when `quota_tree` drops (after the agents).
+    let quota_tree = TenantEnv::named("e2e-cluster-quota");
     let sim_b = SimNode::new(&H100.repeat(2));
     let state_b = subdir(dir, "state-b");
     let agent_b = Agent::start(
@@ -310,7 +314,10 @@ fn small_cluster(backend: &Backend, dir: &Path) {
             "gpu-b",
             &state_b,
             "2s",
-            "\n[tenant.quota.acme]\ngpu_memory = \"8GiB\"\n",
+            &format!(
+                "\n[tenant]\ncgroup_parent = '{}'\n\n[tenant.quota.acme]\ngpu_memory = \"8GiB\"\n",
+                quota_tree.parent
+            ),
         ),
         &["--sample-interval", "200ms"],
     );
