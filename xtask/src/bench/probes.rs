@@ -13,7 +13,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tally_e2e::{Agent, Cgroup, Client, Metrics, SimNode, free_port, unique};
+use tally_e2e::{
+    Agent, Cgroup, Client, Metrics, SimNode, enforce_support::TenantEnv, free_port, unique,
+};
 
 use super::{
     Check, Ctx, Section, Verdict,
@@ -187,7 +189,14 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
     let policer_src =
         fs::read_to_string(workspace_root().join("ebpf/net.bpf.c")).unwrap_or_default();
     let policer_landed = policer_src.contains("bucket") || policer_src.contains("police");
-    let quota = "\n[tenant.quota.net-client]\nnetwork_egress = \"100Gbit\"\nnetwork_ingress = \"100Gbit\"\n";
+    // The quota makes the enforcer's tenant cgroups on every hierarchy:
+    // beneath a parent of the bench's own, removed when `quota_tree` drops.
+    let quota_tree = TenantEnv::named("tally-bench-quota");
+    let quota = &format!(
+        "\n[tenant]\ncgroup_parent = '{}'\n\n[tenant.quota.net-client]\n\
+         network_egress = \"100Gbit\"\nnetwork_ingress = \"100Gbit\"\n",
+        quota_tree.parent
+    );
 
     // At least ten rounds: each gives one A/B pair per arm, and the median
     // of the paired ratios is what the verdict reads (the issue's rule).
