@@ -17,8 +17,9 @@ const MMAP_THRESHOLD: i32 = 128 * 1024;
 /// per cycle, so contention is not the cost that matters here.
 const ARENAS: i32 = 2;
 
-/// Applies the settings above, unless the environment tunes the allocator; call
-/// before any thread starts. A no-op off glibc.
+/// Applies the settings above, unless the environment tunes the
+/// allocator; call before any thread starts. A no-op off glibc.
+#[allow(unsafe_code)]
 pub fn tune() {
     if std::env::vars_os().any(|(k, _)| {
         let k = k.to_string_lossy();
@@ -26,41 +27,24 @@ pub fn tune() {
     }) {
         return;
     }
-    set();
+    // SAFETY: mallopt takes two integers and only changes the allocator's
+    // parameters; called before other threads exist.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, ARENAS);
+    }
 }
 
 /// Hands the free pages inside the arenas back to the kernel: once, after
 /// start-up, whose scratch (kernel BTF parsed for the probes: ~15 MiB in
 /// ~900,000 small blocks) leaves holes under blocks that stay. Not per
-/// cycle: a cycle's pages would only be faulted in again.
+/// cycle: a cycle's pages would only be faulted in again. A no-op off glibc.
+#[allow(unsafe_code)]
 pub fn release_start_up_scratch() {
-    trim();
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn trim() {
-    use nix::libc;
     // SAFETY: malloc_trim takes an integer and only returns free pages.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
-        libc::malloc_trim(0);
+        nix::libc::malloc_trim(0);
     }
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn set() {
-    use nix::libc;
-    // SAFETY: mallopt takes two integers and only changes the allocator's
-    // parameters; called before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_ARENA_MAX, ARENAS);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn set() {}

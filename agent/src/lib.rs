@@ -9,7 +9,7 @@
 // `deny`, not `forbid`: the audited exceptions are the capability calls in
 // `privileges`, the raw NVML symbols in `gpu::read` (MIG ids, remapped
 // rows), `open_by_handle_at` in `probes::cgroups` (no safe wrapper
-// exists) and glibc's `mallopt` in `allocator`.
+// exists) and glibc's `mallopt` and `malloc_trim` in `allocator`.
 #![deny(unsafe_code)]
 
 pub mod allocator;

@@ -244,10 +244,17 @@ impl StateFile {
             path: self.path.clone(),
             source,
         };
-        if let Some(dir) = self.path.parent() {
+        // The directory is made when a write finds it missing (the first,
+        // or after someone removed it), not asked for on every write.
+        if let Err(e) = std::fs::write(&self.spare, &text) {
+            let dir = self
+                .path
+                .parent()
+                .filter(|_| e.kind() == io::ErrorKind::NotFound);
+            let Some(dir) = dir else { return Err(io(e)) };
             std::fs::create_dir_all(dir).map_err(io)?;
+            std::fs::write(&self.spare, &text).map_err(io)?;
         }
-        std::fs::write(&self.spare, &text).map_err(io)?;
         let cwd = rustix::fs::CWD;
         match rustix::fs::renameat_with(cwd, &self.spare, cwd, &self.path, RenameFlags::EXCHANGE) {
             Ok(()) => {}
@@ -291,6 +298,24 @@ mod tests {
         );
         let mut again = StateFile::new(dir.path());
         assert_eq!(again.load().unwrap(), state);
+    }
+
+    /// The directory is made by the first write, and again by a write
+    /// that finds it removed.
+    #[test]
+    fn a_missing_directory_is_made_by_the_write() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b");
+        let mut file = StateFile::new(&dir);
+        for n in 1..3 {
+            let state = State {
+                residual_h2d_bytes: n,
+                ..Default::default()
+            };
+            file.save(&state).unwrap();
+            assert_eq!(StateFile::new(&dir).load().unwrap(), state);
+            std::fs::remove_dir_all(root.path().join("a")).unwrap();
+        }
     }
 
     /// Later writes swap the state file with the spare: the two inodes

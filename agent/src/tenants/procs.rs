@@ -26,7 +26,7 @@
 //! cache's [`ProcSource`] and answers every followed pid's `stat` from one
 //! read per cycle.
 
-use std::{fs::File, io, io::Read as _, os::unix::fs::FileExt as _, sync::Arc};
+use std::{fs::File, io, io::Read as _, os::unix::fs::FileExt as _};
 
 use super::Attribution;
 use crate::{
@@ -367,10 +367,7 @@ struct Facts {
     cycle: u64,
     /// The process's placement in that cycle, where known.
     placement: Option<Placement>,
-    /// [`Attribution`]'s fields but the workload.
-    tenant: Arc<str>,
-    cgroup: Option<Arc<str>>,
-    workload_id: Option<Arc<str>>,
+    attribution: Attribution,
 }
 
 /// pid → what its tenant was derived from; see the module docs.
@@ -460,12 +457,7 @@ impl ProcCache {
                     }
             }
         };
-        fresh.then(|| Attribution {
-            tenant: facts.tenant.clone(),
-            cgroup: facts.cgroup.clone(),
-            workload: None,
-            workload_id: facts.workload_id.clone(),
-        })
+        fresh.then(|| facts.attribution.clone())
     }
 
     /// Remembers what `pid` was attributed from this cycle; not kept for a
@@ -481,9 +473,10 @@ impl ProcCache {
             start_time: st.start_time,
             cycle,
             placement: st.placement,
-            tenant: attribution.tenant.clone(),
-            cgroup: attribution.cgroup.clone(),
-            workload_id: attribution.workload_id.clone(),
+            attribution: Attribution {
+                workload: None,
+                ..attribution.clone()
+            },
         };
         // A re-read reuses the box: no allocation for a pid already known.
         match &mut entry.facts {
