@@ -50,11 +50,18 @@ impl TenantEnv {
     /// our parent, then `quotas` (`[tenant.quota.x]` tables).
     pub fn config(&self, quotas: &str) -> String {
         format!(
-            "[agent]\nstate_dir = '{}'\nnode = 'e2e-node'\n\n[tenant]\ncgroup_parent = '{}'\n\n\
-             [[tenant.rule]]\ncgroup = '/tally/(?P<tenant>[^/]+)/'\n\n{quotas}",
+            "[agent]\nstate_dir = '{}'\nnode = 'e2e-node'\n\n\
+             [[tenant.rule]]\ncgroup = '/tally/(?P<tenant>[^/]+)/'\n{}",
             self.state_dir().display(),
-            self.parent
+            self.tenant_section(quotas)
         )
+    }
+
+    /// `[tenant] cgroup_parent` set to our parent, then `quotas`: what any
+    /// agent config with quotas appends, so that the enforcer's tenant
+    /// cgroups land in this tree and go with it.
+    pub fn tenant_section(&self, quotas: &str) -> String {
+        format!("\n[tenant]\ncgroup_parent = '{}'\n\n{quotas}", self.parent)
     }
 
     /// Writes `config(quotas)` to a file and returns its path.

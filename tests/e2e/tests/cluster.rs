@@ -314,10 +314,7 @@ fn small_cluster(backend: &Backend, dir: &Path) {
             "gpu-b",
             &state_b,
             "2s",
-            &format!(
-                "\n[tenant]\ncgroup_parent = '{}'\n\n[tenant.quota.acme]\ngpu_memory = \"8GiB\"\n",
-                quota_tree.parent
-            ),
+            &quota_tree.tenant_section("[tenant.quota.acme]\ngpu_memory = \"8GiB\"\n"),
         ),
         &["--sample-interval", "200ms"],
     );

@@ -192,10 +192,8 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
     // The quota makes the enforcer's tenant cgroups on every hierarchy:
     // beneath a parent of the bench's own, removed when `quota_tree` drops.
     let quota_tree = TenantEnv::named("tally-bench-quota");
-    let quota = &format!(
-        "\n[tenant]\ncgroup_parent = '{}'\n\n[tenant.quota.net-client]\n\
-         network_egress = \"100Gbit\"\nnetwork_ingress = \"100Gbit\"\n",
-        quota_tree.parent
+    let quota = &quota_tree.tenant_section(
+        "[tenant.quota.net-client]\nnetwork_egress = \"100Gbit\"\nnetwork_ingress = \"100Gbit\"\n",
     );
 
     // At least ten rounds: each gives one A/B pair per arm, and the median
