@@ -282,10 +282,13 @@ impl Node {
     /// Namespace → tenant for `team-a-prod`, the namespace's name for the
     /// others, and pods nobody can name fall back to `k8s-unknown`.
     fn config(&self) -> String {
-        self.config_with(true)
+        self.config_with(true, "500ms")
     }
 
-    fn config_with(&self, workload_series: bool) -> String {
+    /// `timeout` also sets how long an answer stays fresh (two refreshes
+    /// plus the timeout): a test that counts samples from a fresh answer
+    /// gives it room, as a loaded CI machine can starve the refresher.
+    fn config_with(&self, workload_series: bool, timeout: &str) -> String {
         format!(
             r#"
 [[tenant.rule]]
@@ -301,7 +304,7 @@ pod_resources_socket = "{}"
 pod_logs_dir = "{}"
 container_logs_dir = "{}"
 refresh_interval = "300ms"
-timeout = "500ms"
+timeout = "{timeout}"
 workload_series = {workload_series}
 "#,
             self.socket().display(),
@@ -634,7 +637,7 @@ fn workload_series_are_opt_in() {
     let notebook = notebook_with_log_dirs(&node);
     let agent = Agent::start(
         &node.sim,
-        &node.config_with(false),
+        &node.config_with(false, "500ms"),
         &["--sample-interval", "200ms"],
     );
     wait_memory(&agent, "research", "0", GIB);
@@ -712,7 +715,8 @@ fn gpu_use_outside_allocation_is_flagged_and_denied() {
     let config = format!(
         "[agent]\nstate_dir = \"{}\"\n{}enforce_allocation = true\n",
         state.path().display(),
-        node.config()
+        // Counts samples from the move: the answer must stay fresh.
+        node.config_with(true, "2s")
     );
     let agent = Agent::start(&node.sim, &config, &["--sample-interval", "200ms"]);
 
