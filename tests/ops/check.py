@@ -812,8 +812,49 @@ def unified_root():
     return None
 
 
+def own_cgroup_dirs(pattern):
+    """Directories matching `pattern` beneath our own cgroup, on every
+    mounted hierarchy (v2 and each v1 controller)."""
+    own = [line.rstrip("\n").split(":", 2)[2] for line in open("/proc/self/cgroup")]
+    mounts = set()
+    for line in open("/proc/self/mountinfo"):
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        if fstype in ("cgroup", "cgroup2"):
+            mounts.add(pathlib.Path(fields[4]))
+    found = set()
+    for mount in mounts:
+        for path in set(own):
+            base = mount / path.lstrip("/")
+            if base.is_dir():
+                found.update(d for d in base.glob(pattern) if d.is_dir())
+    return sorted(found)
+
+
+def remove_cgroup_tree(d, retries=50):
+    """Removes cgroup directory `d`, deepest first, killing what still runs
+    in it (only what we started runs beneath our own cgroup)."""
+    for sub in d.iterdir():
+        if sub.is_dir():
+            remove_cgroup_tree(sub, retries)
+    procs = d / "cgroup.procs"
+    for _ in range(retries):
+        try:
+            for pid in procs.read_text().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            d.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 class Cgroups:
-    """Tenant cgroups beneath our own cgroup v2 (never beside or above it)."""
+    """Tenant cgroups beneath our own cgroup v2 (never beside or above it),
+    and the parent beneath our own cgroup on every hierarchy where the
+    live agent's enforcer makes its `tally/<tenant>` tree."""
 
     def __init__(self):
         self.root = None
@@ -824,20 +865,12 @@ class Cgroups:
         if own is None:
             return
         base = mount / own.lstrip("/")
-        # Leftovers of an earlier run that was killed: ours by name, and empty.
-        for old in base.glob("tally-ops-*"):
+        # Leftovers of an earlier run that was killed: ours by name, on
+        # every hierarchy (the enforcer's tree too).
+        for old in own_cgroup_dirs("tally-ops-*"):
             pid = old.name.rpartition("-")[2]
             if pid.isdigit() and not pathlib.Path(f"/proc/{pid}").exists():
-                for sub in old.iterdir():
-                    if sub.is_dir():
-                        try:
-                            sub.rmdir()
-                        except OSError:
-                            pass
-                try:
-                    old.rmdir()
-                except OSError:
-                    pass
+                remove_cgroup_tree(old, retries=1)
         parent = base / f"tally-ops-{os.getpid()}"
         try:
             parent.mkdir()
@@ -845,6 +878,9 @@ class Cgroups:
             return
         self.root = parent
         self.rel = "/" + str(parent.relative_to(mount))
+        # `[tenant] cgroup_parent`, relative: the agent, started by us, makes
+        # it beneath its own (our) cgroup on each hierarchy.
+        self.enforce_parent = f"tally-ops-enforce-{os.getpid()}"
 
     def spawn(self, tenant, cmd):
         if self.root is None:
@@ -858,27 +894,11 @@ class Cgroups:
     def cleanup(self):
         if self.root is None:
             return
-        for d in sorted(self.root.iterdir(), reverse=True):
-            if d.is_dir():
-                # Whatever still runs in our tenant cgroups was started by us
-                # (workloads and their children): stop it by pid.
-                for pid in (d / "cgroup.procs").read_text().split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                for _ in range(50):
-                    try:
-                        d.rmdir()
-                        break
-                    except OSError:
-                        time.sleep(0.1)
-        for _ in range(50):
-            try:
-                self.root.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        # Whatever still runs in these trees was started by us (workloads
+        # and their children): stopped by pid, then the trees removed.
+        remove_cgroup_tree(self.root)
+        for d in own_cgroup_dirs(self.enforce_parent):
+            remove_cgroup_tree(d)
 
 
 class Live:
@@ -915,6 +935,10 @@ class Live:
         node = NODE if probes else NODE_NO_NVML
         text = f'[agent]\nnode = "{node}"\nlisten = "127.0.0.1:{port}"\nsample_interval = "500ms"\nstate_dir = "{self.dir / ("agent-state-" + str(port))}"\n\n{rule}'
         if probes and self.quota:
+            if self.cgroups.root is not None:
+                # The enforcer's tenant cgroups go in a tree of ours, removed
+                # after the run; by default they would land beside us.
+                text += f"\n[tenant]\ncgroup_parent = '{self.cgroups.enforce_parent}'\n"
             text += QUOTA
         if probes:
             # Own bpffs pin directory: never share counters with another agent.
