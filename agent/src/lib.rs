@@ -9,12 +9,14 @@
 // `deny`, not `forbid`: the audited exceptions are the capability calls in
 // `privileges`, the raw NVML symbols in `gpu::read` (MIG ids, remapped
 // rows), `open_by_handle_at` in `probes::cgroups` (no safe wrapper
-// exists) and glibc's `mallopt` and `malloc_trim` in `allocator`.
+// exists), glibc's `mallopt` and `malloc_trim` in `allocator` and
+// `madvise` in `code_pages`.
 #![deny(unsafe_code)]
 
 pub mod allocator;
 pub mod attribution;
 pub mod cgroupfs;
+pub mod code_pages;
 pub mod config;
 pub mod doctor;
 pub mod enforce;

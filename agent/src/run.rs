@@ -22,7 +22,7 @@ use hyper::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use crate::{
     config::Config,
@@ -307,6 +307,9 @@ fn sample_loop(settings: Settings, tx: watch::Sender<Arc<Snapshot>>, stop: Arc<A
             // readiness flips with the first snapshot.
             crate::privileges::drop_after_start_up();
             crate::allocator::release_start_up_scratch();
+            if let Err(e) = crate::code_pages::release_start_up_code() {
+                debug!("start-up code stays resident: {e}");
+            }
         }
         let snapshot = Arc::new(snapshot);
         tx.send_replace(snapshot);
