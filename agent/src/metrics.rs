@@ -818,7 +818,8 @@ mod tests {
                 row(TENANT_IDLE, "0", 2.5),
                 row(TENANT_IDLE, "1", 2.0),
                 row("beta", "1/1/0", 10.0),
-            ],
+            ]
+            .into(),
             ..Default::default()
         }
     }
@@ -991,7 +992,7 @@ mod tests {
     #[test]
     fn idle_allocated_seconds_are_a_counter_per_tenant() {
         let mut snap = snapshot();
-        snap.tenant_gpu[0].idle_allocated_seconds_total = 4.0;
+        Arc::make_mut(&mut snap.tenant_gpu)[0].idle_allocated_seconds_total = 4.0;
         let text = encode(snap, None);
         assert!(text.contains("# TYPE tally_tenant_gpu_idle_allocated_seconds counter\n"));
         assert_eq!(

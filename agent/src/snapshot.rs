@@ -28,8 +28,10 @@ pub struct Snapshot {
     pub nvml: NvmlStatus,
     /// Every physical GPU and every MIG instance, physical GPUs first.
     pub gpus: Vec<GpuSnapshot>,
-    /// Cumulative per-(tenant, gpu) counters since the agent started.
-    pub tenant_gpu: Vec<TenantGpuUsage>,
+    /// Cumulative per-(tenant, gpu) counters since the agent started;
+    /// shared with the sampler's running totals until its next cycle
+    /// (`crate::attribution::Accounts`).
+    pub tenant_gpu: Arc<Vec<TenantGpuUsage>>,
     /// The part of `tenant_gpu` that named workloads used: per (tenant,
     /// workload, gpu), `workload` set. What a tenant used outside them is
     /// its `tenant_gpu` row less these.

@@ -186,7 +186,8 @@ pub(super) mod tests {
                 tenant: "a".into(),
                 allocated_seconds_total: total,
                 ..Default::default()
-            }],
+            }]
+            .into(),
             ..Default::default()
         };
         assert_eq!(m.gpu_seconds_last_hour(&snap(100.0), "a", 1_000), 0.0);

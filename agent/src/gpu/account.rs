@@ -338,7 +338,7 @@ mod tests {
         for c in charges {
             acc.add(c.gpu, c.uuid, c.seconds, &c.shares);
         }
-        acc.rows()
+        acc.rows().to_vec()
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub fn open(library: &Path) -> Result<Nvml, NvmlError> {
 pub struct Sample {
     pub nvml: NvmlStatus,
     pub gpus: Vec<GpuSnapshot>,
-    pub tenant_gpu: Vec<TenantGpuUsage>,
+    pub tenant_gpu: Arc<Vec<TenantGpuUsage>>,
     /// The named workloads' part of `tenant_gpu`.
     pub workload_gpu: Vec<TenantGpuUsage>,
 }

@@ -282,7 +282,7 @@ impl State {
                 .push(row);
         }
         let mut gpu_usage = Vec::new();
-        for row in &snap.tenant_gpu {
+        for row in snap.tenant_gpu.iter() {
             let mut rest = GpuCounters::of(row);
             for part in parts.get(&(&*row.tenant, &*row.uuid)).into_iter().flatten() {
                 let now = GpuCounters::of(part);
@@ -549,7 +549,8 @@ mod tests {
                 sm_seconds_total: Some(alloc / 2.0),
                 energy_joules_total: alloc * 100.0,
                 ..Default::default()
-            }],
+            }]
+            .into(),
             tenant_io: vec![TenantIoUsage {
                 tenant: "acme".into(),
                 network_egress_bytes_total: net,
@@ -622,7 +623,7 @@ mod tests {
         let mut st = State::default().adopt(&p1, 5_000);
         let with = |alloc: f64, idle: f64, w_idle: f64| {
             let mut s = snap(alloc, 0);
-            s.tenant_gpu[0].idle_allocated_seconds_total = idle;
+            std::sync::Arc::make_mut(&mut s.tenant_gpu)[0].idle_allocated_seconds_total = idle;
             s.workload_gpu = vec![TenantGpuUsage {
                 workload: Some("j1".into()),
                 allocated_seconds_total: alloc / 2.0,

@@ -316,7 +316,7 @@ mod tests {
                     ..GpuSnapshot::default()
                 },
             ],
-            tenant_gpu: usages,
+            tenant_gpu: usages.into(),
             tenant_io: vec![TenantIoUsage {
                 tenant: "acme".into(),
                 pcie_h2d_bytes_total: pcie,
