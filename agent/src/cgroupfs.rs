@@ -109,7 +109,7 @@ pub fn unified_root() -> Option<&'static Path> {
     hybrid.join("cgroup.procs").exists().then_some(hybrid)
 }
 
-fn proc_error(e: procfs::ProcError) -> io::Error {
+pub(crate) fn proc_error(e: procfs::ProcError) -> io::Error {
     match e {
         procfs::ProcError::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, e.to_string()),
         procfs::ProcError::PermissionDenied(_) => {

@@ -12,60 +12,38 @@
 //! the next cycle needs them. Mappings holding copied-on-write pages
 //! (relocated constants) are left alone: reclaiming those would mean swap.
 
-use std::{fs, io, ops::Range, path::Path};
+use std::{io, ops::Range, path::Path};
 
+use procfs::process::{MMPermissions, MMapPath, MemoryMap, Process};
 use tracing::debug;
+
+use crate::cgroupfs::proc_error;
 
 /// Pages out the executable's read-only mappings that hold no anonymous
 /// pages; returns how many bytes of address space were advised. Once,
 /// after start-up: per cycle the hot pages would only fault in again.
 pub fn release_start_up_code() -> io::Result<usize> {
-    let exe = fs::read_link("/proc/self/exe")?;
-    let smaps = fs::read_to_string("/proc/self/smaps")?;
+    let me = Process::myself().map_err(proc_error)?;
+    let exe = me.exe().map_err(proc_error)?;
     let mut advised = 0;
-    for range in clean_read_only_mappings(&smaps, &exe) {
-        page_out(&range)?;
-        advised += range.len();
+    for map in &me.smaps().map_err(proc_error)? {
+        if is_clean_read_only_of(map, &exe) {
+            let range = map.address.0 as usize..map.address.1 as usize;
+            page_out(&range)?;
+            advised += range.len();
+        }
     }
     debug!(bytes = advised, "start-up code paged out");
     Ok(advised)
 }
 
-/// Address ranges of `file`'s mappings in `smaps` (`/proc/<pid>/smaps`)
-/// that are not writable and hold no anonymous (copied) pages.
-fn clean_read_only_mappings(smaps: &str, file: &Path) -> Vec<Range<usize>> {
-    let file = file.as_os_str().to_string_lossy();
-    let mut out = Vec::new();
-    let mut current: Option<Range<usize>> = None;
-    for line in smaps.lines() {
-        if let Some(anon) = line.strip_prefix("Anonymous:") {
-            let clean = anon.trim().strip_suffix("kB").map(str::trim) == Some("0");
-            if let Some(range) = current.take().filter(|_| clean) {
-                out.push(range);
-            }
-            continue;
-        }
-        // A mapping's header: "start-end perms offset dev inode path".
-        let mut fields = line.split_whitespace();
-        let (Some(span), Some(perms)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        let Some((start, end)) = span.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (
-            usize::from_str_radix(start, 16),
-            usize::from_str_radix(end, 16),
-        ) else {
-            continue;
-        };
-        // The path is the rest after offset, device and inode; it may
-        // hold spaces.
-        let path = line.splitn(6, char::is_whitespace).nth(5).map(str::trim);
-        current = (perms.starts_with('r') && !perms.contains('w') && path == Some(&*file))
-            .then_some(start..end);
-    }
-    out
+/// Whether `map` is one of `file`'s mappings, not writable, and holds no
+/// anonymous (copied) pages.
+fn is_clean_read_only_of(map: &MemoryMap, file: &Path) -> bool {
+    map.perms.contains(MMPermissions::READ)
+        && !map.perms.contains(MMPermissions::WRITE)
+        && matches!(&map.pathname, MMapPath::Path(p) if p == file)
+        && map.extension.map.get("Anonymous") == Some(&0)
 }
 
 /// `madvise(MADV_PAGEOUT)` over `range`; a kernel without it (before
@@ -117,46 +95,42 @@ Anonymous:           100 kB
 
     #[test]
     fn only_the_executables_clean_read_only_mappings_are_chosen() {
-        let ranges = clean_read_only_mappings(SMAPS, Path::new("/opt/tally bin/tally"));
+        use procfs::{FromBufRead as _, process::MemoryMaps};
+        let maps = MemoryMaps::from_buf_read(SMAPS.as_bytes()).unwrap();
+        let chosen = |file: &str| -> Vec<(u64, u64)> {
+            maps.iter()
+                .filter(|m| is_clean_read_only_of(m, Path::new(file)))
+                .map(|m| m.address)
+                .collect()
+        };
         assert_eq!(
-            ranges,
+            chosen("/opt/tally bin/tally"),
             vec![
-                0x55d0c0000000..0x55d0c0200000,
-                0x55d0c0200000..0x55d0c0800000,
+                (0x55d0c0000000, 0x55d0c0200000),
+                (0x55d0c0200000, 0x55d0c0800000),
             ]
         );
-        assert!(clean_read_only_mappings(SMAPS, Path::new("/opt/other")).is_empty());
+        assert!(chosen("/opt/other").is_empty());
     }
 
-    /// Resident kB of `file`'s read-only mappings in this process.
+    /// Resident kB of this process's read-only mappings of `file`.
     fn resident_kb(file: &Path) -> u64 {
-        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
-        let file = file.to_string_lossy();
-        let mut mine = false;
-        let mut total = 0;
-        for line in smaps.lines() {
-            if let Some(rss) = line.strip_prefix("Rss:") {
-                if mine {
-                    total += rss
-                        .trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap();
-                }
-            } else if line.contains('-') && line.split_whitespace().count() >= 5 {
-                let perms = line.split_whitespace().nth(1).unwrap_or("");
-                mine = !perms.contains('w') && line.trim_end().ends_with(&*file);
-            }
-        }
-        total
+        let maps = Process::myself().unwrap().smaps().unwrap();
+        maps.iter()
+            .filter(|m| {
+                !m.perms.contains(MMPermissions::WRITE)
+                    && matches!(&m.pathname, MMapPath::Path(p) if p == file)
+            })
+            .filter_map(|m| m.extension.map.get("Rss"))
+            .sum::<u64>()
+            / 1024
     }
 
     /// The real thing on this test binary: its code leaves memory (what
     /// other tests run meanwhile comes back, far less than all of it).
     #[test]
     fn the_executables_code_leaves_memory() {
-        let exe = fs::read_link("/proc/self/exe").unwrap();
+        let exe = Process::myself().unwrap().exe().unwrap();
         let before = resident_kb(&exe);
         match release_start_up_code() {
             Ok(advised) => assert!(advised > 0),
