@@ -45,6 +45,19 @@ pub struct Attribution {
     pub workload_id: Option<Arc<str>>,
 }
 
+impl Attribution {
+    /// This attribution without its workload: the names shared, the
+    /// workload (three `String`s when set) neither copied nor kept.
+    pub fn without_workload(&self) -> Self {
+        Self {
+            tenant: self.tenant.clone(),
+            cgroup: self.cgroup.clone(),
+            workload: None,
+            workload_id: self.workload_id.clone(),
+        }
+    }
+}
+
 /// Whether the config asks for Kubernetes: a `kubernetes` tenant rule,
 /// workload series, or allocation enforcement.
 pub fn kubernetes_wanted(

@@ -473,10 +473,7 @@ impl ProcCache {
             start_time: st.start_time,
             cycle,
             placement: st.placement,
-            attribution: Attribution {
-                workload: None,
-                ..attribution.clone()
-            },
+            attribution: attribution.without_workload(),
         };
         // A re-read reuses the box: no allocation for a pid already known.
         match &mut entry.facts {
