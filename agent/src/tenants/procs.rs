@@ -609,10 +609,34 @@ mod tests {
 
     #[test]
     fn stat_agrees_with_procfs_and_ends_at_field_22() {
-        let me = std::process::id();
-        let text = std::fs::read(format!("/proc/{me}/stat")).unwrap();
-        let mine = parse_stat(&text).unwrap();
-        let theirs = procfs::process::Process::myself().unwrap().stat().unwrap();
+        // A sleeping child, not this process: the test harness's main
+        // thread flips between running and sleeping between two reads.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let read = || {
+            let text = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
+            let mine = parse_stat(&text).unwrap();
+            let theirs = procfs::process::Process::new(pid as i32)
+                .unwrap()
+                .stat()
+                .unwrap();
+            (mine, theirs)
+        };
+        // Until the exec'd `sleep` sleeps, it may still be running.
+        let mut tries = 0;
+        let (mine, theirs) = loop {
+            let (mine, theirs) = read();
+            tries += 1;
+            if (mine.state == b'S' && theirs.state == 'S') || tries == 200 {
+                break (mine, theirs);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
         assert_eq!(mine.state, theirs.state as u8);
         assert_eq!(mine.start_time, theirs.starttime);
         // CPU ticks move while the test runs: procfs read the file later.
