@@ -91,6 +91,58 @@ static __always_inline __u64 tenant_of(struct __sk_buff *skb, __u32 deepest)
 	return tenant;
 }
 
+/* Bumped by the agent after every change to `tally_cgroup_tenant` or to
+ * the level in `tally_bucket_conf`: tenants resolved before it are stale. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tally_tenant_generation SEC(".maps");
+
+/* A socket's tenant, resolved once: a socket keeps the cgroup it was made
+ * in, so the walk of `tenant_of` (a hash lookup per level, most of the
+ * policer's cost) is done again only when the generation moves. One word,
+ * stored whole, so a reader on another CPU never pairs one walk's tenant
+ * with another's generation: the tenant key (< 2^32) in the low half, the
+ * generation's low 31 bits and a set top bit in the high half (so 0, a new
+ * socket's value, is never a resolved tenant).
+ * The kernel frees it with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} tally_socket_tenant SEC(".maps");
+
+/* `tenant_of`, remembered per socket where the packet has a full one. */
+static __always_inline __u64 tenant_of_socket(struct __sk_buff *skb, __u32 deepest)
+{
+	__u32 zero = 0;
+	__u64 *generation = bpf_map_lookup_elem(&tally_tenant_generation, &zero);
+	struct bpf_sock *sk = skb->sk;
+	if (!generation || !sk)
+		return tenant_of(skb, deepest);
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return tenant_of(skb, deepest);
+	__u64 *memo = bpf_sk_storage_get(&tally_socket_tenant, sk, 0,
+					 BPF_SK_STORAGE_GET_F_CREATE);
+	if (!memo)
+		return tenant_of(skb, deepest);
+	/* Read before the walk: a bump during it makes the next packet walk
+	 * again. */
+	__u64 stamp = (0x80000000ULL | (*(volatile __u64 *)generation & 0x7fffffffULL)) << 32;
+	__u64 seen = *(volatile __u64 *)memo;
+	if ((seen & ~0xffffffffULL) == stamp)
+		return seen & 0xffffffffULL;
+	__u64 tenant = tenant_of(skb, deepest);
+	if (tenant <= 0xffffffffULL)
+		*(volatile __u64 *)memo = stamp | tenant;
+	return tenant;
+}
+
 /* 1 to pass the packet, 0 to drop it. */
 static __always_inline int police(struct __sk_buff *skb, void *buckets)
 {
@@ -98,24 +150,30 @@ static __always_inline int police(struct __sk_buff *skb, void *buckets)
 	__u32 *level = bpf_map_lookup_elem(&tally_bucket_conf, &zero);
 	if (!level || *level == 0)
 		return 1;
-	__u64 tenant = tenant_of(skb, *level);
+	__u64 tenant = tenant_of_socket(skb, *level);
 	if (tenant == 0)
 		return 1;
 	struct tally_bucket *b = bpf_map_lookup_elem(buckets, &tenant);
 	if (!b)
 		return 1;
-	__u64 now = bpf_ktime_get_ns();
+	/* A tick's resolution is plenty for a bucket holding 100 ms of its
+	 * rate, and the coarse clock costs a fraction of the precise one. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u64 len = skb->len;
 	int pass;
 	bpf_spin_lock(&b->lock);
 	__u64 elapsed = now - b->last_ns;
-	b->last_ns = now;
-	if (elapsed >= 1000000000ULL || b->rate > TALLY_BUCKET_MAX_RATE)
-		b->tokens = b->burst;
-	else
-		b->tokens += elapsed * b->rate / 1000000000ULL;
-	if (b->tokens > b->burst)
-		b->tokens = b->burst;
+	/* The coarse clock moves once a tick: most packets find the bucket
+	 * refilled already and skip the division. */
+	if (elapsed) {
+		b->last_ns = now;
+		if (elapsed >= 1000000000ULL || b->rate > TALLY_BUCKET_MAX_RATE)
+			b->tokens = b->burst;
+		else
+			b->tokens += elapsed * b->rate / 1000000000ULL;
+		if (b->tokens > b->burst)
+			b->tokens = b->burst;
+	}
 	pass = b->tokens >= len;
 	if (pass)
 		b->tokens -= len;

@@ -104,7 +104,7 @@ struct tally_bucket {
 	__u64 rate;    /* bytes per second */
 	__u64 burst;   /* bytes */
 	__u64 tokens;  /* bytes */
-	__u64 last_ns; /* bpf_ktime_get_ns() of the last refill */
+	__u64 last_ns; /* bpf_ktime_get_coarse_ns() of the last refill */
 };
 
 /* Largest rate a bucket takes (bytes/s): keeps elapsed_ns * rate in 64 bits

@@ -34,6 +34,10 @@ pub const MAP_BUCKET_CONF: &str = "tally_bucket_conf";
 pub const MAP_CGROUP_TENANT: &str = "tally_cgroup_tenant";
 pub const MAP_BUCKET_EGRESS: &str = "tally_bucket_egress";
 pub const MAP_BUCKET_INGRESS: &str = "tally_bucket_ingress";
+/// `net.bpf.c`: array, key 0: a `u64` the agent bumps after every change
+/// to `tally_cgroup_tenant` or the level, so the tenants the program
+/// remembers per socket are resolved again. Pinned by name.
+pub const MAP_TENANT_GENERATION: &str = "tally_tenant_generation";
 
 /// `struct tally_bucket`: one tenant's token bucket in one direction. The
 /// kernel ignores `lock` on updates from user space.

@@ -8,6 +8,9 @@
 //! cgroup of a tenant spends from the same bucket. A bucket is rewritten
 //! only when its rate changes (a rewrite refills it); a cgroup's entry is
 //! removed when the cgroup goes.
+//! The program remembers each socket's tenant; after the entries or the
+//! level change, the enforcer bumps `tally_tenant_generation` so sockets
+//! resolve theirs again.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -105,10 +108,14 @@ pub struct Buckets {
     /// Tenant → its key in the maps (0 means "no tenant" to the program).
     keys: BTreeMap<String, u64>,
     level: Option<u32>,
+    /// Members or level written since the generation was last bumped (kept
+    /// across a failed sync, so the next one bumps it).
+    unannounced: bool,
 }
 
 struct Maps {
     conf: Array<MapData, u32>,
+    generation: Array<MapData, u64>,
     cgroups: BpfHashMap<MapData, u64, u64>,
     egress: BpfHashMap<MapData, u64, NetBucket>,
     ingress: BpfHashMap<MapData, u64, NetBucket>,
@@ -116,7 +123,7 @@ struct Maps {
 
 impl std::fmt::Debug for Maps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Maps { conf, cgroups, egress, ingress }")
+        f.write_str("Maps { conf, generation, cgroups, egress, ingress }")
     }
 }
 
@@ -172,6 +179,7 @@ impl Buckets {
             members: BTreeMap::new(),
             keys: BTreeMap::new(),
             level: None,
+            unannounced: false,
         }
     }
 
@@ -198,6 +206,7 @@ impl Buckets {
         if self.maps.is_none() {
             let mut maps = Maps {
                 conf: open(&self.pin_dir, tally_ebpf::MAP_BUCKET_CONF)?,
+                generation: open(&self.pin_dir, tally_ebpf::MAP_TENANT_GENERATION)?,
                 cgroups: open(&self.pin_dir, tally_ebpf::MAP_CGROUP_TENANT)?,
                 egress: open(&self.pin_dir, tally_ebpf::MAP_BUCKET_EGRESS)?,
                 ingress: open(&self.pin_dir, tally_ebpf::MAP_BUCKET_INGRESS)?,
@@ -210,6 +219,7 @@ impl Buckets {
             self.written.clear();
             self.members.clear();
             self.level = None;
+            self.unannounced = true;
         }
         let keys: BTreeMap<String, u64> = want
             .keys()
@@ -263,6 +273,7 @@ impl Buckets {
         {
             // Already gone (the kernel frees nothing here) is fine.
             let _ = maps.cgroups.remove(&id);
+            self.unannounced = true;
         }
         let deepest = members.values().map(|(_, l)| *l).max().unwrap_or(0);
         for (id, (tenant, _)) in members {
@@ -272,6 +283,7 @@ impl Buckets {
                     .insert(*id, k, 0)
                     .map_err(write(tally_ebpf::MAP_CGROUP_TENANT))?;
                 self.members.insert(*id, k);
+                self.unannounced = true;
             }
         }
         let lvl = deepest.min(super::attributed::MAX_LEVEL);
@@ -280,6 +292,16 @@ impl Buckets {
                 .set(0, lvl, 0)
                 .map_err(write(tally_ebpf::MAP_BUCKET_CONF))?;
             self.level = Some(lvl);
+            self.unannounced = true;
+        }
+        // After the writes: the program reads the generation before it
+        // walks, so a socket resolved during them walks again.
+        if self.unannounced {
+            let next = maps.generation.get(&0, 0).unwrap_or(0).wrapping_add(1);
+            maps.generation
+                .set(0, next, 0)
+                .map_err(write(tally_ebpf::MAP_TENANT_GENERATION))?;
+            self.unannounced = false;
         }
         Ok(changes)
     }

@@ -1188,3 +1188,50 @@ fn rule_matched_cgroups_share_their_tenants_network_rate() {
     drop(again);
     verify_audit(&env.audit_log());
 }
+
+/// The policer resolves a socket's tenant once and remembers it until the
+/// agent changes the cgroup → tenant entries. A sender policed in
+/// `team/qgone/pod` is moved out and both cgroups removed: its socket
+/// stays in the (dying) pod cgroup, which belongs to no tenant now, so the
+/// rest of its 200 MB goes unpoliced in seconds. A socket that kept the
+/// tenant it remembered would need 200 s at 1 MB/s.
+#[test]
+fn a_socket_is_released_when_its_cgroup_leaves_the_tenant() {
+    use tally_e2e::probes_support::{TcpServer, fake_cuda};
+
+    if !require_root() {
+        return;
+    }
+    const BYTES: u64 = 200_000_000;
+    let team = TeamCgroups::new();
+    let pod = team.create("qgone/pod");
+    let elsewhere = team.base.child("elsewhere");
+    let quotas = format!(
+        "{}[tenant.quota.qgone]\nnetwork_egress = '8Mbit'\n",
+        team.rule()
+    );
+    let Some((pin, (_env, _node, agent, _cfg))) =
+        start_policing(&quotas, "qgone", "network_egress")
+    else {
+        return;
+    };
+    let server = TcpServer::start_with(&fake_cuda().netload, BYTES, 0);
+    let netload = fake_cuda().netload.display().to_string();
+    let port = server.addr.port().to_string();
+    let bytes = BYTES.to_string();
+    let mut sender = pod.spawn(&netload, &["tcp-client", "127.0.0.1", &port, &bytes, "0"]);
+    wait_drops(&agent, "qgone", "egress");
+    let policed = pin.policed_cgroups();
+
+    fs::write(elsewhere.dir.join("cgroup.procs"), sender.pid().to_string())
+        .expect("move the sender out of its pod");
+    drop(pod);
+    wait_for("team/qgone's entry to go", LONG, || {
+        (pin.policed_cgroups() == policed - 1).then_some(())
+    });
+    let status = wait_for("the released sender to finish", LONG, || {
+        sender.0.try_wait().expect("wait the sender")
+    });
+    assert!(status.success(), "sender failed: {status}");
+    server.finish();
+}
