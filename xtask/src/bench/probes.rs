@@ -150,6 +150,26 @@ fn probe_up(agent: &ProbeAgent, probe: &str) -> bool {
 
 // ------------------------------------------------------------- 4. network
 
+/// Waits until the policer polices: the client's cgroup is in the map its
+/// program reads (the enforcer writes it after a walk of the tree, a
+/// sample or two after start), so no policer run measures the counters
+/// alone.
+fn wait_policing(agent: &ProbeAgent) -> anyhow::Result<()> {
+    // `tally_ebpf::MAP_CGROUP_TENANT`; xtask does not build the BPF crate.
+    let map = agent.pin.join("tally_cgroup_tenant");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while util::pinned_map_entries(&map).unwrap_or(0) == 0 {
+        if Instant::now() > deadline {
+            bail!(
+                "the policer's cgroup entries never appeared in {}",
+                map.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Arm {
     NoAgent,
@@ -220,6 +240,11 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
                     &port.to_string(),
                     "-t",
                     &secs.to_string(),
+                    // Client on CPU 0, server on CPU 1, in every run: where
+                    // the scheduler puts the two ends (apart or together)
+                    // moved a run's rate more than any probe.
+                    "-A",
+                    "0,1",
                     "-J",
                 ],
             )
@@ -284,6 +309,9 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
             {
                 bail!("the agent's network probes are not up (tally_probe_up)");
             }
+            if let (Some(a), Arm::Policer) = (&agent, arm) {
+                wait_policing(a)?;
+            }
             let programs = util::root_programs(tree.mount());
             attached.push((arm, programs));
             results.push((round, arm, iperf(secs)?));
@@ -318,6 +346,9 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
             // A probe that failed to attach would read as 0 ns, not an error.
             if !probe_up(&agent, "network_egress") {
                 bail!("the agent's network probes are not up in the statistics pass");
+            }
+            if *arm == Arm::Policer {
+                wait_policing(&agent)?;
             }
             let (c0, t0) = stats.read("cgroup_skb");
             iperf(secs)?;
@@ -366,7 +397,9 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
     let _ = writeln!(
         b,
         "**Set-up.** `iperf3` (Debian) server and client over loopback TCP, each in its own \
-         tenant cgroup. Arms: the release agent with every probe off (the baseline: same \
+         tenant cgroup, the client on CPU 0 and the server on CPU 1 in every run (`-A 0,1`: \
+         left to the scheduler, the two ends sharing a CPU or not moved a run's rate by up \
+         to half). Arms: the release agent with every probe off (the baseline: same \
          processes and threads running, no programs attached); the agent with only the network \
          probe (`cgroup_skb` ingress + egress at the cgroup v2 root, counting per cgroup in a \
          per-CPU hash map){}; and, for reference, no agent at all. {pairs} rounds of {secs} s \
@@ -379,7 +412,7 @@ pub(super) fn network(ctx: &Ctx) -> anyhow::Result<Section> {
          the `cgroup_skb` programs {} times at **{:.0} ns per run** on average ({}).\n",
         if policer_landed {
             "; the same plus a 100 Gbit/s egress/ingress quota for the client's tenant (policer \
-             on, never limiting)"
+             on, never limiting; measured once the client's cgroup is in the policer's map)"
         } else {
             ""
         },
