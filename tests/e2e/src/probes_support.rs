@@ -131,18 +131,21 @@ impl PinDir {
         PinDir(PathBuf::from("/sys/fs/bpf").join(unique("tally-e2e")))
     }
 
-    /// Entries of the network policer's pinned `tally_cgroup_tenant` map:
-    /// the cgroups whose packets spend a tenant's bucket.
+    /// [`policed_cgroups`] in this directory, which must hold the map.
     pub fn policed_cgroups(&self) -> usize {
-        use aya::maps::{HashMap, Map, MapData};
-
-        let data =
-            MapData::from_pin(self.0.join("tally_cgroup_tenant")).expect("open the pinned map");
-        let map: HashMap<MapData, u64, u64> =
-            HashMap::try_from(Map::from_map_data(data).expect("map"))
-                .expect("a u64 → u64 hash map");
-        map.keys().flatten().count()
+        policed_cgroups(&self.0).expect("open the pinned tally_cgroup_tenant map")
     }
+}
+
+/// Entries of the network policer's `tally_cgroup_tenant` map pinned in
+/// `pin_dir`: the cgroups whose packets spend a tenant's bucket. `None`
+/// while the map is not pinned there (or is not that map).
+pub fn policed_cgroups(pin_dir: &Path) -> Option<usize> {
+    use aya::maps::{HashMap, Map, MapData};
+
+    let data = MapData::from_pin(pin_dir.join("tally_cgroup_tenant")).ok()?;
+    let map: HashMap<MapData, u64, u64> = HashMap::try_from(Map::from_map_data(data).ok()?).ok()?;
+    Some(map.keys().flatten().count())
 }
 
 impl Default for PinDir {

@@ -155,14 +155,12 @@ fn probe_up(agent: &ProbeAgent, probe: &str) -> bool {
 /// sample or two after start), so no policer run measures the counters
 /// alone.
 fn wait_policing(agent: &ProbeAgent) -> anyhow::Result<()> {
-    // `tally_ebpf::MAP_CGROUP_TENANT`; xtask does not build the BPF crate.
-    let map = agent.pin.join("tally_cgroup_tenant");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while util::pinned_map_entries(&map).unwrap_or(0) == 0 {
+    while tally_e2e::probes_support::policed_cgroups(&agent.pin).unwrap_or(0) == 0 {
         if Instant::now() > deadline {
             bail!(
                 "the policer's cgroup entries never appeared in {}",
-                map.display()
+                agent.pin.display()
             );
         }
         std::thread::sleep(Duration::from_millis(100));

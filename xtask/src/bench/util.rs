@@ -324,23 +324,6 @@ pub(super) fn root_programs(mount: &Path) -> Option<usize> {
     })
 }
 
-/// Entries of the pinned map at `path` (`bpftool map dump`), `None` when it
-/// cannot be read.
-pub(super) fn pinned_map_entries(path: &Path) -> Option<usize> {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()?
-        .as_array()
-        .map(Vec::len)
-}
-
 /// Kernel BPF run-time statistics (`kernel.bpf_stats_enabled`) switched on
 /// while alive; the previous setting is restored on drop.
 pub(super) struct BpfStats {
