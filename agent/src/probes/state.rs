@@ -11,12 +11,15 @@
 
 use std::{
     collections::BTreeMap,
+    fs::{File, OpenOptions},
     io,
+    os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
 };
 
 use rustix::{fs::RenameFlags, io::Errno};
 use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
 
 use crate::snapshot::TenantIoUsage;
 
@@ -186,7 +189,58 @@ pub struct StateFile {
     /// Where the next write goes before it trades names with `path`.
     spare: PathBuf,
     written: Option<String>,
+    /// Both files, kept open once a write by name has left them in place.
+    open: Option<Pair>,
+    /// Writes in place since the last one whose data went to disk first.
+    unsynced: u32,
 }
+
+/// The state file and the spare, open: a write rewrites the spare's
+/// blocks in place and trades names, with no open, truncation or close.
+#[derive(Debug)]
+struct Pair {
+    /// Named `path` now.
+    current: Slot,
+    /// Named `spare` now: the next write goes here.
+    spare: Slot,
+}
+
+#[derive(Debug)]
+struct Slot {
+    file: File,
+    /// Device and inode: the name must still lead to this file.
+    id: (u64, u64),
+    len: u64,
+}
+
+impl Slot {
+    fn open(path: &Path) -> io::Result<Slot> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let meta = file.metadata()?;
+        Ok(Slot {
+            id: (meta.dev(), meta.ino()),
+            len: meta.len(),
+            file,
+        })
+    }
+
+    /// Whether `path` still leads to this file.
+    fn named(&self, path: &Path) -> io::Result<bool> {
+        let st = rustix::fs::stat(path)?;
+        Ok((st.st_dev, st.st_ino) == self.id)
+    }
+}
+
+/// One write in place in this many goes to disk (`fdatasync`) before the
+/// names trade: after a power loss the state file is then at most about
+/// twice this many writes old (the two files take turns, and an odd count
+/// syncs each in turn), where a write by name is bounded by the journal's
+/// commit interval.
+const SYNC_EVERY: u32 = 3;
+
+/// Written state is padded with spaces (which JSON ignores) to a multiple
+/// of this, so a write in place keeps the file's length and blocks.
+const BLOCK: usize = 4096;
 
 impl StateFile {
     pub fn new(state_dir: &Path) -> Self {
@@ -195,6 +249,8 @@ impl StateFile {
             spare: path.with_extension("json.spare"),
             path,
             written: None,
+            open: None,
+            unsynced: 0,
         }
     }
 
@@ -202,7 +258,9 @@ impl StateFile {
         &self.path
     }
 
-    /// The saved state; default when there is no file yet.
+    /// The saved state; default when there is no file yet. A state file
+    /// that does not parse (a write in place torn by a power loss) gives
+    /// way to the spare, the write before it, when that one parses.
     pub fn load(&mut self) -> Result<State, StateError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -214,11 +272,27 @@ impl StateFile {
                 });
             }
         };
-        let state = serde_json::from_str(&text).map_err(|source| StateError::Parse {
-            path: self.path.clone(),
-            source,
-        })?;
-        self.written = Some(text);
+        let (state, text) = match serde_json::from_str(&text) {
+            Ok(state) => (state, text),
+            Err(source) => {
+                let spare = std::fs::read_to_string(&self.spare)
+                    .ok()
+                    .and_then(|t| Some((serde_json::from_str(&t).ok()?, t)));
+                let Some(spare) = spare else {
+                    return Err(StateError::Parse {
+                        path: self.path.clone(),
+                        source,
+                    });
+                };
+                warn!(
+                    "{}: not a probes state file ({source}); read the write before it, {}",
+                    self.path.display(),
+                    self.spare.display()
+                );
+                spare
+            }
+        };
+        self.written = Some(text.trim_end().to_owned());
         Ok(state)
     }
 
@@ -226,34 +300,104 @@ impl StateFile {
     /// (`probes-state.json.spare`), which then trades names with the state
     /// file in one step (`renameat2(RENAME_EXCHANGE)`), so the two files
     /// take turns and no write creates or deletes an inode. The agent
-    /// writes every cycle, and a new inode and the old one's deletion on
-    /// each rename were most of the sampler thread's kernel time after the
-    /// task iterator (ext4 searching its bitmaps for a free inode).
+    /// writes every cycle.
     ///
-    /// Crash safety is the rename-over's: truncating a non-empty file and
-    /// closing it makes ext4 start its writeback (`auto_da_alloc`), and in
-    /// `data=ordered` newly allocated blocks reach the disk before the
-    /// journal commit that carries the exchange. Where the exchange is not
-    /// supported (or there is no state file yet), a plain rename.
+    /// Once both files exist they stay open, and a write rewrites the
+    /// spare's blocks in place ([`Self::save_in_place`]): in `perf`, the
+    /// open with truncation, the truncation's freeing of the block and the
+    /// writeback ext4 starts at the close (`auto_da_alloc`) were a fifth of
+    /// the sampler thread's CPU. A write by name ([`Self::save_by_name`])
+    /// is the way back whenever that fails: no files yet, a file replaced or
+    /// removed behind the agent's back, a filesystem without the exchange.
     pub fn save(&mut self, state: &State) -> Result<(), StateError> {
         let text = serde_json::to_string_pretty(state).expect("plain data serializes");
         if self.written.as_deref() == Some(text.as_str()) {
             return Ok(());
         }
+        if let Some(pair) = self.open.take() {
+            match self.save_in_place(pair, &text) {
+                Ok(pair) => {
+                    self.open = Some(pair);
+                    self.written = Some(text);
+                    return Ok(());
+                }
+                Err(e) => debug!(
+                    path = %self.path.display(),
+                    error = %e,
+                    "state written in place failed; writing it by name"
+                ),
+            }
+        }
+        self.save_by_name(&text)?;
+        self.written = Some(text);
+        // Both files in place: the next write goes into the spare as it is.
+        self.open = match (Slot::open(&self.path), Slot::open(&self.spare)) {
+            (Ok(current), Ok(spare)) => Some(Pair { current, spare }),
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// `text`, padded, over the spare's bytes, then the names traded.
+    ///
+    /// Crash safety: the spare is the file nobody reads, and the names
+    /// trade only after the write, so an agent killed at any point leaves
+    /// the state file whole. A power loss can find a block rewritten in
+    /// place older than its name (ordered mode orders only newly allocated
+    /// blocks before the journal commit): one write in [`SYNC_EVERY`] goes
+    /// to disk first, which bounds how far behind; a block torn mid-write
+    /// does not parse, and [`Self::load`] then reads the spare.
+    fn save_in_place(&mut self, mut pair: Pair, text: &str) -> io::Result<Pair> {
+        // Someone else's file at the spare's name is never traded in.
+        if !pair.spare.named(&self.spare)? {
+            return Err(io::Error::other("the spare was replaced"));
+        }
+        let len = (text.len() + 1).div_ceil(BLOCK) * BLOCK;
+        let mut padded = String::with_capacity(len);
+        padded.push_str(text);
+        padded.push('\n');
+        padded.extend(std::iter::repeat_n(' ', len - padded.len()));
+        pair.spare.file.write_all_at(padded.as_bytes(), 0)?;
+        if pair.spare.len != len as u64 {
+            pair.spare.file.set_len(len as u64)?;
+            pair.spare.len = len as u64;
+        }
+        self.unsynced += 1;
+        if self.unsynced >= SYNC_EVERY {
+            pair.spare.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        let cwd = rustix::fs::CWD;
+        rustix::fs::renameat_with(cwd, &self.spare, cwd, &self.path, RenameFlags::EXCHANGE)?;
+        Ok(Pair {
+            current: pair.spare,
+            spare: pair.current,
+        })
+    }
+
+    /// `text` into a new spare file's content (truncated, then closed,
+    /// which makes ext4 start its writeback: `auto_da_alloc`), which then
+    /// trades names with the state file; where the exchange is not
+    /// supported (or there is no state file yet), a plain rename.
+    ///
+    /// Crash safety is the rename-over's: in `data=ordered` newly allocated
+    /// blocks reach the disk before the journal commit that carries the
+    /// exchange.
+    fn save_by_name(&mut self, text: &str) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: self.path.clone(),
             source,
         };
         // The directory is made when a write finds it missing (the first,
         // or after someone removed it), not asked for on every write.
-        if let Err(e) = std::fs::write(&self.spare, &text) {
+        if let Err(e) = std::fs::write(&self.spare, text) {
             let dir = self
                 .path
                 .parent()
                 .filter(|_| e.kind() == io::ErrorKind::NotFound);
             let Some(dir) = dir else { return Err(io(e)) };
             std::fs::create_dir_all(dir).map_err(io)?;
-            std::fs::write(&self.spare, &text).map_err(io)?;
+            std::fs::write(&self.spare, text).map_err(io)?;
         }
         let cwd = rustix::fs::CWD;
         match rustix::fs::renameat_with(cwd, &self.spare, cwd, &self.path, RenameFlags::EXCHANGE) {
@@ -264,7 +408,6 @@ impl StateFile {
             }
             Err(e) => return Err(io(e.into())),
         }
-        self.written = Some(text);
         Ok(())
     }
 }
@@ -353,6 +496,65 @@ mod tests {
             2,
             "two inodes in turn, none made after the first two"
         );
+    }
+
+    /// Once both files exist, writes go into the spare in place, padded
+    /// to whole blocks; a spare replaced behind the agent's back is never
+    /// traded in, and the write goes by name instead.
+    #[test]
+    fn writes_in_place_and_by_name_when_the_spare_was_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = StateFile::new(dir.path());
+        let spare = file.path().with_extension("json.spare");
+        let state = |n| State {
+            residual_h2d_bytes: n,
+            ..Default::default()
+        };
+        for n in 0..5 {
+            file.save(&state(n)).unwrap();
+            assert_eq!(StateFile::new(dir.path()).load().unwrap(), state(n));
+        }
+        for p in [file.path(), &spare] {
+            let len = std::fs::metadata(p).unwrap().len();
+            assert_eq!(len % BLOCK as u64, 0, "{} padded: {len}", p.display());
+        }
+        std::fs::remove_file(&spare).unwrap();
+        std::fs::write(&spare, "someone else's").unwrap();
+        file.save(&state(5)).unwrap();
+        assert_eq!(StateFile::new(dir.path()).load().unwrap(), state(5));
+        // And in place again after it.
+        file.save(&state(6)).unwrap();
+        assert_eq!(StateFile::new(dir.path()).load().unwrap(), state(6));
+        let previous: State =
+            serde_json::from_str(&std::fs::read_to_string(&spare).unwrap()).unwrap();
+        assert_eq!(previous, state(5));
+    }
+
+    /// A state file that does not parse (a block torn by a power loss)
+    /// gives way to the spare, the write before it; with neither, an error.
+    #[test]
+    fn a_torn_state_file_gives_way_to_the_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = StateFile::new(dir.path());
+        let state = |n| State {
+            residual_h2d_bytes: n,
+            ..Default::default()
+        };
+        for n in 0..4 {
+            file.save(&state(n)).unwrap();
+        }
+        std::fs::write(file.path(), "{\"boot_id\": \"b").unwrap();
+        let mut again = StateFile::new(dir.path());
+        assert_eq!(again.load().unwrap(), state(2));
+        // Its next write is whole again.
+        again.save(&state(9)).unwrap();
+        assert_eq!(StateFile::new(dir.path()).load().unwrap(), state(9));
+        std::fs::write(file.path(), "{").unwrap();
+        std::fs::write(file.path().with_extension("json.spare"), "[").unwrap();
+        assert!(matches!(
+            StateFile::new(dir.path()).load(),
+            Err(StateError::Parse { .. })
+        ));
     }
 
     fn c(egress: u64, h2d: u64) -> Counters {
