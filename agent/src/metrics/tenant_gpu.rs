@@ -107,11 +107,7 @@ pub(super) fn write(out: &mut String, rows: &[TenantGpuUsage]) {
             out.push('\n');
         }
         let counter = matches!(column.kind, MetricType::Counter);
-        let (mut ints, mut floats, mut odd) = (
-            itoa::Buffer::new(),
-            zmij::Buffer::new(),
-            dtoa::Buffer::new(),
-        );
+        let (mut ints, mut floats) = (itoa::Buffer::new(), zmij::Buffer::new());
         for (r, value) in samples {
             out.push_str(column.name);
             out.push('_');
@@ -127,9 +123,9 @@ pub(super) fn write(out: &mut String, rows: &[TenantGpuUsage]) {
             out.push_str(match Number::of(counter, value) {
                 Number::Unsigned(v) => ints.format(v),
                 Number::Signed(v) => ints.format(v),
-                Number::Float(v) if v.is_finite() => floats.format_finite(v),
-                // NaN and infinities as prometheus-client spells them.
-                Number::Float(v) => odd.format(v),
+                // NaN and infinities spelled as prometheus-client's dtoa
+                // spells them (`NaN`, `inf`, `-inf`).
+                Number::Float(v) => floats.format(v),
             });
             out.push('\n');
         }

@@ -369,8 +369,7 @@ impl StateFile {
             pair.spare.file.sync_data()?;
             self.unsynced = 0;
         }
-        let cwd = rustix::fs::CWD;
-        rustix::fs::renameat_with(cwd, &self.spare, cwd, &self.path, RenameFlags::EXCHANGE)?;
+        self.exchange()?;
         Ok(Pair {
             current: pair.spare,
             spare: pair.current,
@@ -401,8 +400,7 @@ impl StateFile {
             std::fs::create_dir_all(dir).map_err(io)?;
             std::fs::write(&self.spare, text).map_err(io)?;
         }
-        let cwd = rustix::fs::CWD;
-        match rustix::fs::renameat_with(cwd, &self.spare, cwd, &self.path, RenameFlags::EXCHANGE) {
+        match self.exchange() {
             Ok(()) => {}
             // No state file yet, or a filesystem without the exchange.
             Err(Errno::NOENT | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
@@ -411,6 +409,12 @@ impl StateFile {
             Err(e) => return Err(io(e.into())),
         }
         Ok(())
+    }
+
+    /// The spare and the state file trade names in one step.
+    fn exchange(&self) -> rustix::io::Result<()> {
+        let cwd = rustix::fs::CWD;
+        rustix::fs::renameat_with(cwd, &self.spare, cwd, &self.path, RenameFlags::EXCHANGE)
     }
 }
 
