@@ -380,7 +380,7 @@ impl ClusterView {
                 r.idle_gpu_hours * prices.gpu_hour(&r.model),
                 prices.decimals,
             );
-            r.cost_so_far = Some(format_minor(minor, prices.decimals));
+            r.cost_so_far = Some(format_minor(minor, prices.decimals).to_string());
             r.currency = Some(prices.currency.clone());
         }
         self

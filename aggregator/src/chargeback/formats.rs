@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use super::{Chargeback, GroupBy, Item, Line};
+use super::{Chargeback, GroupBy, Item, Line, Money};
 use crate::config::Prices;
 
 /// One CSV row: a chargeback line. The group columns that do not apply
@@ -170,14 +170,14 @@ impl Chargeback {
             energy_kwh: 0.0,
             network_gib: 0.0,
             pcie_gib: 0.0,
-            gpu_cost: String::new(),
-            energy_cost: String::new(),
-            network_cost: String::new(),
-            pcie_cost: String::new(),
-            cost: String::new(),
+            gpu_cost: Money::default(),
+            energy_cost: Money::default(),
+            network_cost: Money::default(),
+            pcie_cost: Money::default(),
+            cost: Money::default(),
             cost_minor: 0,
             idle_gpu_hours: 0.0,
-            idle_cost: String::new(),
+            idle_cost: Money::default(),
             items: vec![],
         };
         write(
@@ -271,7 +271,7 @@ impl Chargeback {
             provider_name: &billing.provider,
             publisher_name: &billing.publisher,
             service_subcategory: "Other (AI and Machine Learning)",
-            sku_price_id: if billing.energy_tou.is_some() && item.sku == "energy-kwh" {
+            sku_price_id: if billing.energy_tou.is_some() && &*item.sku == "energy-kwh" {
                 format!("{}@{}", item.sku, item.unit_price)
             } else {
                 item.sku.to_string()
@@ -301,7 +301,7 @@ mod tests {
             from: "2026-11-01T00:00:00Z".into(),
             to: "2026-12-01T00:00:00Z".into(),
             lines,
-            total: "0.00".into(),
+            total: "0.00".parse().unwrap(),
             total_minor: 0,
             rounded: None,
         }
@@ -314,7 +314,7 @@ mod tests {
             unit: "GiB".into(),
             unit_price: 0.1,
             cost_minor: 15,
-            cost: cost.into(),
+            cost: cost.parse().unwrap(),
             idle_quantity: None,
             idle_cost_minor: None,
             idle_cost: None,
@@ -353,14 +353,14 @@ mod tests {
             energy_kwh: 0.0,
             network_gib: 1.5,
             pcie_gib: 1.5,
-            gpu_cost: "0.00".into(),
-            energy_cost: "0.00".into(),
-            network_cost: "0.15".into(),
-            pcie_cost: "0.15".into(),
-            cost: "0.30".into(),
+            gpu_cost: "0.00".parse().unwrap(),
+            energy_cost: "0.00".parse().unwrap(),
+            network_cost: "0.15".parse().unwrap(),
+            pcie_cost: "0.15".parse().unwrap(),
+            cost: "0.30".parse().unwrap(),
             cost_minor: 30,
             idle_gpu_hours: 0.0,
-            idle_cost: "0.00".into(),
+            idle_cost: "0.00".parse().unwrap(),
             items: vec![item("network-gib", "0.15"), item("pcie-gib", "0.15")],
         };
         let c = chargeback(GroupBy::TenantNode, vec![line]);

@@ -40,6 +40,7 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,9 @@ use crate::{
 use tally_contract::tenant::TENANT_IDLE;
 
 mod formats;
+mod money;
+
+pub(crate) use money::{Money, format_minor, to_minor};
 
 /// How lines are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,15 +132,15 @@ impl Basis {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Item {
     /// `gpu-hour:<model>`, `energy-kwh`, `network-gib`, `pcie-gib`.
-    /// (`Cow`: most are constants, and a month by node has 800,000.)
-    pub sku: Cow<'static, str>,
+    /// (Shared: a month by node has 800,000 items and a handful of SKUs.)
+    pub sku: Arc<str>,
     /// In `unit`s; GPU-hours are slice-weighted (a 3/7 MIG hour is 3/7).
     pub quantity: f64,
     pub unit: Cow<'static, str>,
     pub unit_price: f64,
     /// Cost in minor units (cents).
     pub cost_minor: i64,
-    pub cost: String,
+    pub cost: Money,
     /// GPU items: the part of `quantity` held idle, and its part of the
     /// cost (minor units, and as a decimal).
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -144,7 +148,7 @@ pub(crate) struct Item {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub idle_cost_minor: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub idle_cost: Option<String>,
+    pub idle_cost: Option<Money>,
 }
 
 /// One chargeback line.
@@ -165,18 +169,18 @@ pub(crate) struct Line {
     pub energy_kwh: f64,
     pub network_gib: f64,
     pub pcie_gib: f64,
-    pub gpu_cost: String,
-    pub energy_cost: String,
-    pub network_cost: String,
-    pub pcie_cost: String,
-    pub cost: String,
+    pub gpu_cost: Money,
+    pub energy_cost: Money,
+    pub network_cost: Money,
+    pub pcie_cost: Money,
+    pub cost: Money,
     pub cost_minor: i64,
     /// GPU-hours held idle: a part of `gpu_hours`.
     #[serde(default)]
     pub idle_gpu_hours: f64,
     /// What the idle GPU-hours cost: a part of `gpu_cost`.
     #[serde(default)]
-    pub idle_cost: String,
+    pub idle_cost: Money,
     pub items: Vec<Item>,
 }
 
@@ -190,7 +194,7 @@ pub struct Chargeback {
     pub(crate) from: String,
     pub(crate) to: String,
     pub(crate) lines: Vec<Line>,
-    pub(crate) total: String,
+    pub(crate) total: Money,
     pub(crate) total_minor: i64,
     /// Set when the period reaches past `[ledger] raw_retention`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -235,38 +239,6 @@ const US_PER_HOUR: f64 = 3.6e9;
 const MJ_PER_KWH: f64 = 3.6e9;
 const BYTES_PER_GIB: f64 = 1_073_741_824.0;
 
-/// Rounds `amount` (in currency units) to minor units, half away from zero.
-pub(crate) fn to_minor(amount: f64, decimals: u32) -> i64 {
-    (amount * 10f64.powi(decimals as i32)).round() as i64
-}
-
-/// Formats minor units as a decimal amount (`1234`, 2 → `"12.34"`).
-/// Digit by digit: a month by node formats two million amounts, and the
-/// `format!` machinery was a tenth of the pricing.
-pub(crate) fn format_minor(minor: i64, decimals: u32) -> String {
-    // Digits from the last: 19 for |i64::MIN| (more for zeros after a
-    // point past them: decimals are 0..=6), the point, the sign.
-    let mut digits = [0u8; 48];
-    let mut at = digits.len();
-    let mut m = minor.unsigned_abs();
-    let mut places = 0;
-    while m > 0 || places <= decimals {
-        if places == decimals && decimals > 0 {
-            at -= 1;
-            digits[at] = b'.';
-        }
-        at -= 1;
-        digits[at] = b'0' + (m % 10) as u8;
-        m /= 10;
-        places += 1;
-    }
-    if minor < 0 {
-        at -= 1;
-        digits[at] = b'-';
-    }
-    String::from_utf8_lossy(&digits[at..]).into_owned()
-}
-
 /// A line's group: (cluster, tenant, model, node, workload), each `None`
 /// where the grouping does not have it; borrowed from the ledger's rows,
 /// copied only into the answer's lines.
@@ -278,24 +250,93 @@ type Key<'a> = (
     Option<&'a str>,
 );
 
+/// A line's sums. Small vectors searched in turn, not maps: a line has
+/// one model and one price or a few, and a month by node 200,000 lines.
 #[derive(Default)]
-struct Acc {
-    /// Per model and slice fraction (its bits): Σ charged µs, summed as
-    /// integers, so the cents do not depend on how the ledger split the
-    /// sums into groups (per node, or over nodes).
-    gpu_us: BTreeMap<String, BTreeMap<u64, i64>>,
-    /// The idle part of `gpu_us`, keyed alike.
-    idle_us: BTreeMap<String, BTreeMap<u64, i64>>,
+struct Acc<'a> {
+    /// Per model and slice fraction: Σ charged and Σ idle µs (the idle
+    /// time a part of the charged), summed as integers, so the cents do
+    /// not depend on how the ledger split the sums into groups (per node,
+    /// or over nodes).
+    gpu: Vec<GpuSums<'a>>,
     /// Per price per kWh (its bits: prices are ≥ 0, so bits sort as the
     /// prices do): Σ millijoules.
-    energy_mj: BTreeMap<u64, i64>,
+    energy_mj: Vec<(u64, i64)>,
     network_bytes: i64,
     pcie_bytes: i64,
 }
 
+struct GpuSums<'a> {
+    model: &'a str,
+    /// The slice fraction's bits.
+    slice: u64,
+    charged_us: i64,
+    idle_us: i64,
+}
+
+impl<'a> Acc<'a> {
+    /// The sums of `model` at `slice` (its bits), made empty if new.
+    fn gpu(&mut self, model: &'a str, slice: u64) -> &mut GpuSums<'a> {
+        let at = match self
+            .gpu
+            .iter()
+            .position(|g| g.slice == slice && g.model == model)
+        {
+            Some(at) => at,
+            None => {
+                self.gpu.push(GpuSums {
+                    model,
+                    slice,
+                    charged_us: 0,
+                    idle_us: 0,
+                });
+                self.gpu.len() - 1
+            }
+        };
+        &mut self.gpu[at]
+    }
+
+    /// `mj` more at `price` (its bits).
+    fn energy(&mut self, price: u64, mj: i64) {
+        match self.energy_mj.iter_mut().find(|(p, _)| *p == price) {
+            Some((_, sum)) => *sum += mj,
+            None => self.energy_mj.push((price, mj)),
+        }
+    }
+}
+
+/// The SKU names of one answer, made once each and shared by its items.
+struct Skus<'a> {
+    /// Per model: its SKU and its price per GPU-hour.
+    gpu_hour: HashMap<&'a str, (Arc<str>, f64)>,
+    energy: Arc<str>,
+    network: Arc<str>,
+    pcie: Arc<str>,
+}
+
+impl<'a> Skus<'a> {
+    fn new() -> Self {
+        Self {
+            gpu_hour: HashMap::new(),
+            energy: "energy-kwh".into(),
+            network: "network-gib".into(),
+            pcie: "pcie-gib".into(),
+        }
+    }
+
+    /// `gpu-hour:<model>`, and the model's price.
+    fn gpu_hour(&mut self, prices: &Prices, model: &'a str) -> (Arc<str>, f64) {
+        let (sku, price) = self
+            .gpu_hour
+            .entry(model)
+            .or_insert_with(|| (format!("gpu-hour:{model}").into(), prices.gpu_hour(model)));
+        (sku.clone(), *price)
+    }
+}
+
 /// One item of a line before it is rounded.
 struct Priced {
-    sku: Cow<'static, str>,
+    sku: Arc<str>,
     unit: &'static str,
     quantity: f64,
     unit_price: f64,
@@ -305,27 +346,30 @@ struct Priced {
 }
 
 /// The items of one line, each rounded on its own.
-fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
+fn priced<'a>(prices: &Prices, skus: &mut Skus<'a>, mut a: Acc<'a>) -> Vec<Priced> {
     let d = prices.decimals;
-    let mut items = Vec::new();
-    let weighted = |by_slice: Option<&BTreeMap<u64, i64>>| -> f64 {
-        by_slice
-            .into_iter()
-            .flatten()
-            .map(|(slice, us)| *us as f64 * f64::from_bits(*slice))
-            // From +0: an empty `sum()` of floats is -0.
-            .fold(0.0, |sum, x| sum + x)
-    };
-    for (model, by_slice) in &a.gpu_us {
-        let weighted_us = weighted(Some(by_slice));
+    let mut items = Vec::with_capacity(a.gpu.len() + a.energy_mj.len() + 2);
+    // Models in name order, each model's slices summed in the order of
+    // their fractions' bits (as the B-trees these were summed in).
+    a.gpu
+        .sort_unstable_by(|x, y| (x.model, x.slice).cmp(&(y.model, y.slice)));
+    for same in a.gpu.chunk_by(|x, y| x.model == y.model) {
+        let weighted = |us: fn(&GpuSums<'_>) -> i64| {
+            same.iter()
+                .map(|g| us(g) as f64 * f64::from_bits(g.slice))
+                // From +0: an empty `sum()` of floats is -0.
+                .fold(0.0, |sum, x| sum + x)
+        };
+        let weighted_us = weighted(|g| g.charged_us);
         if weighted_us <= 0.0 {
             continue;
         }
+        let model = same[0].model;
         let hours = weighted_us / US_PER_HOUR;
-        let idle_hours = weighted(a.idle_us.get(model)) / US_PER_HOUR;
-        let price = prices.gpu_hour(model);
+        let idle_hours = weighted(|g| g.idle_us) / US_PER_HOUR;
+        let (sku, price) = skus.gpu_hour(prices, model);
         items.push(Priced {
-            sku: format!("gpu-hour:{model}").into(),
+            sku,
             unit: "GPU-Hours",
             quantity: hours,
             unit_price: price,
@@ -335,9 +379,10 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
             idle: Some((idle_hours, to_minor(idle_hours * price, d))),
         });
     }
+    a.energy_mj.sort_unstable_by_key(|(price, _)| *price);
     let energy = a.energy_mj.iter().map(|(price, mj)| {
         (
-            "energy-kwh",
+            &skus.energy,
             "kWh",
             *mj as f64 / MJ_PER_KWH,
             f64::from_bits(*price),
@@ -345,13 +390,13 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
     });
     for (sku, unit, quantity, price) in energy.chain([
         (
-            "network-gib",
+            &skus.network,
             "GiB",
             a.network_bytes as f64 / BYTES_PER_GIB,
             prices.network_gib,
         ),
         (
-            "pcie-gib",
+            &skus.pcie,
             "GiB",
             a.pcie_bytes as f64 / BYTES_PER_GIB,
             prices.pcie_gib,
@@ -359,7 +404,7 @@ fn priced(prices: &Prices, a: &Acc) -> Vec<Priced> {
     ]) {
         if quantity > 0.0 {
             items.push(Priced {
-                sku: Cow::Borrowed(sku),
+                sku: sku.clone(),
                 unit,
                 quantity,
                 unit_price: price,
@@ -404,7 +449,7 @@ fn share_out(
 ) {
     // (parent, SKU, unit price) → (line, item index, exact minor units)
     // of each part.
-    type Parts<'k> = BTreeMap<(Key<'k>, String, u64), Vec<(Key<'k>, usize, f64)>>;
+    type Parts<'k> = BTreeMap<(Key<'k>, Arc<str>, u64), Vec<(Key<'k>, usize, f64)>>;
 
     let mut parts: Parts<'_> = BTreeMap::new();
     for (key, items) in lines.iter() {
@@ -414,7 +459,7 @@ fn share_out(
             let Some(q) = quantity(it) else { continue };
             let exact = q * it.unit_price * 10f64.powi(decimals as i32);
             parts
-                .entry((parent, it.sku.to_string(), it.unit_price.to_bits()))
+                .entry((parent, it.sku.clone(), it.unit_price.to_bits()))
                 .or_default()
                 .push((*key, n, exact));
         }
@@ -435,25 +480,6 @@ fn share_out(
             }
         }
     }
-}
-
-/// Adds `us` of idle time on `model` at `slice` (its bits) to `a`.
-fn add_idle(a: &mut Acc, model: &str, slice: u64, us: i64) {
-    if us > 0 {
-        let sum = by_model(&mut a.idle_us, model).entry(slice).or_default();
-        *sum = sum.saturating_add(us);
-    }
-}
-
-/// `model`'s sums in `m`, made empty if new (the name copied only then).
-fn by_model<'a>(
-    m: &'a mut BTreeMap<String, BTreeMap<u64, i64>>,
-    model: &str,
-) -> &'a mut BTreeMap<u64, i64> {
-    if !m.contains_key(model) {
-        m.insert(model.to_owned(), BTreeMap::new());
-    }
-    m.get_mut(model).expect("inserted above")
 }
 
 /// Prices the usage groups of a period. `energy`: the period's energy per
@@ -495,7 +521,10 @@ pub(crate) fn compute(
     // Hashed while summing, sorted once after: a month by node is 200,000
     // keys, and a B-tree compared strings ~17 times per row to find each.
     // Sized up front (rows bound the keys): each growth rehashed them all.
-    let mut acc: HashMap<Key<'_>, Acc> = HashMap::with_capacity(gpu.len().max(io.len()));
+    // (foldhash: SipHash's defence against chosen keys is not needed for
+    // the ledger's own names, and was a tenth of the summing.)
+    let mut acc: HashMap<Key<'_>, Acc<'_>, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(gpu.len().max(io.len()), Default::default());
     for g in gpu {
         let idle_us = g.idle_us.clamp(0, g.allocated_us);
         let (charged, remainder) = match basis {
@@ -516,24 +545,22 @@ pub(crate) fn compute(
             ))
             .or_default();
         let slice = g.slice_fraction.to_bits();
-        let sum = by_model(&mut a.gpu_us, &g.model).entry(slice).or_default();
-        *sum = sum.saturating_add(charged);
         // Idle time is unused time: under `used` it goes with the unused
         // remainder, so each line's idle time stays a part of its own.
         let moved = idle_us.min(remainder);
-        add_idle(a, &g.model, slice, idle_us - moved);
+        let sums = a.gpu(&g.model, slice);
+        sums.charged_us = sums.charged_us.saturating_add(charged);
+        sums.idle_us = sums.idle_us.saturating_add(idle_us - moved);
         if energy.is_none() {
-            *a.energy_mj.entry(prices.energy_kwh.to_bits()).or_default() += g.energy_mj;
+            a.energy(prices.energy_kwh.to_bits(), g.energy_mj);
         }
         if remainder > 0 {
             let idle = acc
                 .entry(key(&g.cluster, TENANT_IDLE, Some(&g.model), &g.node, ""))
                 .or_default();
-            let sum = by_model(&mut idle.gpu_us, &g.model)
-                .entry(slice)
-                .or_default();
-            *sum = sum.saturating_add(remainder);
-            add_idle(idle, &g.model, slice, moved);
+            let sums = idle.gpu(&g.model, slice);
+            sums.charged_us = sums.charged_us.saturating_add(remainder);
+            sums.idle_us = sums.idle_us.saturating_add(moved);
         }
     }
     for r in io {
@@ -559,12 +586,13 @@ pub(crate) fn compute(
                 &h.workload,
             ))
             .or_default();
-        *a.energy_mj.entry(price).or_default() += h.energy_mj;
+        a.energy(price, h.energy_mj);
     }
     let d = prices.decimals;
+    let mut skus = Skus::new();
     let mut items: Vec<(Key<'_>, Vec<Priced>)> = acc
         .into_iter()
-        .map(|(k, a)| (k, priced(prices, &a)))
+        .map(|(k, a)| (k, priced(prices, &mut skus, a)))
         .collect();
     items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     if group_by.by_workload() {
@@ -814,22 +842,6 @@ mod tests {
     }
 
     #[test]
-    fn money_formats_exactly() {
-        assert_eq!(format_minor(1234, 2), "12.34");
-        assert_eq!(format_minor(5, 2), "0.05");
-        assert_eq!(format_minor(-5, 2), "-0.05");
-        assert_eq!(format_minor(7, 0), "7");
-        assert_eq!(format_minor(0, 0), "0");
-        assert_eq!(format_minor(100, 2), "1.00");
-        assert_eq!(format_minor(-120, 0), "-120");
-        assert_eq!(format_minor(1, 6), "0.000001");
-        assert_eq!(format_minor(i64::MAX, 2), "92233720368547758.07");
-        assert_eq!(format_minor(i64::MIN, 3), "-9223372036854775.808");
-        assert_eq!(to_minor(0.125, 2), 13, "half away from zero");
-        assert_eq!(to_minor(2.49 * 10.0, 2), 2490);
-    }
-
-    #[test]
     fn mig_is_priced_by_slice_and_lines_add_up() {
         let gpu = [
             g("acme", "H100", 1.0, 10.0, 5.0),
@@ -1052,8 +1064,8 @@ mod tests {
         let items: Vec<(f64, f64, &str)> = tenant.lines[0]
             .items
             .iter()
-            .filter(|i| i.sku == "energy-kwh")
-            .map(|i| (i.unit_price, i.quantity, i.cost.as_str()))
+            .filter(|i| &*i.sku == "energy-kwh")
+            .map(|i| (i.unit_price, i.quantity, &*i.cost))
             .collect();
         // 2 kWh at night (0.14); 1 kWh before it and 10 after 06:00
         // (11 × 0.12 = 1.32).
@@ -1069,7 +1081,7 @@ mod tests {
             .lines
             .iter()
             .flat_map(|l| &l.items)
-            .filter(|i| i.sku == "energy-kwh")
+            .filter(|i| &*i.sku == "energy-kwh")
             .map(|i| i.cost_minor)
             .sum();
         assert_eq!(energy_minor, 146);
@@ -1139,7 +1151,7 @@ mod tests {
             let item = |l: &Line| {
                 l.items
                     .iter()
-                    .find(|i| i.sku == sku)
+                    .find(|i| &*i.sku == sku)
                     .map_or(0, |i| i.cost_minor)
             };
             assert_eq!(
