@@ -946,6 +946,71 @@ mod tests {
         assert_eq!(t.total, "3.12");
     }
 
+    /// An answer encoded in halves is byte for byte serde_json's of the
+    /// whole, however the lines split, with and without `rounded`.
+    #[test]
+    fn json_in_halves_is_the_whole_answers() {
+        let gpu: Vec<GpuGroup> = (0..9)
+            .map(|n| GpuGroup {
+                node: format!("n{n}"),
+                idle_us: n * 1_000_000_000,
+                ..g(
+                    ["acme", "beta", "\"q\""][n as usize % 3],
+                    "H100",
+                    1.0,
+                    1.0 + n as f64,
+                    0.5,
+                )
+            })
+            .collect();
+        let io: Vec<IoGroup> = (0..9)
+            .map(|n| IoGroup {
+                tenant: "acme".into(),
+                node: format!("n{n}"),
+                cluster: "default".into(),
+                network_ingress_bytes: n << 30,
+                ..IoGroup::default()
+            })
+            .collect();
+        for basis in [Basis::Allocated, Basis::Used] {
+            let mut c = compute(
+                &prices(),
+                &gpu,
+                &io,
+                None,
+                GroupBy::TenantNode,
+                basis,
+                "2026-11-01T00:00:00Z".into(),
+                "2026-12-01T00:00:00Z".into(),
+            );
+            assert!(c.lines.len() >= 15, "{:?}", c.lines);
+            for rounded in [
+                None,
+                Some(Rounded {
+                    granularity: "hour".into(),
+                    from: "a".into(),
+                    to: "b".into(),
+                    raw_retention_cutoff: "c".into(),
+                }),
+            ] {
+                c.rounded = rounded;
+                let whole = serde_json::to_vec(&c).unwrap();
+                for parallel_from in [1, 2, 5, usize::MAX] {
+                    assert_eq!(
+                        String::from_utf8(c.to_json_in_halves(parallel_from)).unwrap(),
+                        String::from_utf8(whole.clone()).unwrap(),
+                    );
+                }
+                let mut empty = c.clone();
+                empty.lines.clear();
+                assert_eq!(
+                    empty.to_json_in_halves(1),
+                    serde_json::to_vec(&empty).unwrap()
+                );
+            }
+        }
+    }
+
     /// Idle time is shown as a part of the GPU time and cost, priced per
     /// model and slice; under `basis=used` it moves to `_idle` with the
     /// unused time; workload lines' idle costs sum to the tenant's.

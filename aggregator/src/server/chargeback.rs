@@ -1,7 +1,10 @@
 //! `GET /api/v1/chargeback`: the ledger's usage over a period, priced
 //! ([`crate::chargeback`]), as JSON, CSV or FOCUS.
 
-use hyper::{Request, Response, StatusCode, body::Incoming};
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error};
 
@@ -135,47 +138,62 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
         }
     };
     let read = started.elapsed();
-    let mut c = chargeback::compute(
-        &app.prices,
-        &gpu,
-        &io,
-        energy.as_deref(),
-        group_by,
-        basis,
-        rfc3339(from),
-        rfc3339(to),
-    );
-    c.rounded = rounded.map(|(f, t)| chargeback::Rounded {
+    let rounded = rounded.map(|(f, t)| chargeback::Rounded {
         granularity: "hour".into(),
         from: rfc3339(f),
         to: rfc3339(t),
         raw_retention_cutoff: rfc3339(cutoff.max(0)),
     });
-    if let Some(t) = &only {
-        c = c.only_tenant(t);
-    }
-    let priced = started.elapsed();
-    let answer = match format {
-        "csv" => http::respond(StatusCode::OK, "text/csv; charset=utf-8", c.to_csv()),
-        "focus" => http::respond(
-            StatusCode::OK,
-            "text/csv; charset=utf-8",
-            c.to_focus(&app.prices),
+    let (prices, format) = (app.prices.clone(), format.to_owned());
+    // Pricing and encoding a month by node take seconds of CPU: on a
+    // blocking thread, so the runtime's threads go on taking reports.
+    let span = tracing::Span::current();
+    let work = tokio::task::spawn_blocking(move || {
+        let _request = span.enter();
+        let mut c = chargeback::compute(
+            &prices,
+            &gpu,
+            &io,
+            energy.as_deref(),
+            group_by,
+            basis,
+            rfc3339(from),
+            rfc3339(to),
+        );
+        c.rounded = rounded;
+        if let Some(t) = &only {
+            c = c.only_tenant(t);
+        }
+        let priced = started.elapsed();
+        let answer = match format.as_str() {
+            "csv" => ("text/csv; charset=utf-8", Bytes::from(c.to_csv())),
+            "focus" => ("text/csv; charset=utf-8", c.to_focus(&prices).into()),
+            _ => ("application/json", c.to_json().into()),
+        };
+        // Where a slow answer's time went: the ledger, pricing, or encoding.
+        debug!(
+            lines = c.lines.len(),
+            gpu_groups = gpu.len(),
+            read_s = read.as_secs_f64(),
+            priced_s = (priced - read).as_secs_f64(),
+            encoded_s = (started.elapsed() - priced).as_secs_f64(),
+            "chargeback answered"
+        );
+        (answer, (c, gpu, io, energy))
+    });
+    match work.await {
+        Ok(((content_type, body), rest)) => {
+            // Freed after the answer, off the runtime: a month by node is
+            // millions of allocations.
+            tokio::task::spawn_blocking(move || drop(rest));
+            http::respond(StatusCode::OK, content_type, body)
+        }
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("chargeback not priced: {e}"),
         ),
-        _ => http::json(StatusCode::OK, &c),
-    };
-    // Where a slow answer's time went: the ledger, pricing, or encoding.
-    debug!(
-        lines = c.lines.len(),
-        gpu_groups = gpu.len(),
-        read_s = read.as_secs_f64(),
-        priced_s = (priced - read).as_secs_f64(),
-        encoded_s = (started.elapsed() - priced).as_secs_f64(),
-        "chargeback answered"
-    );
-    // Freed off the request: a month by node is millions of allocations.
-    tokio::task::spawn_blocking(move || drop((c, gpu, io, energy)));
-    answer
+    }
 }
 
 #[cfg(test)]
