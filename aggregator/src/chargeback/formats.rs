@@ -8,33 +8,13 @@
 
 use serde::Serialize;
 
-use super::{Chargeback, GroupBy, Item, Line, Money, Rounded};
+use super::{Chargeback, GroupBy, Item, Line, Money};
 use crate::config::Prices;
 
 /// Answers with this many lines are encoded in two halves at once: a
 /// month by node is 200,000 lines (150 MB), and the second core took a
 /// quarter off the encoding's 0.5-0.7 s.
 const JSON_HALVES_FROM: usize = 20_000;
-
-/// The JSON object's members before `lines`, in [`Chargeback`]'s order.
-#[derive(Serialize)]
-struct JsonHead<'a> {
-    currency: &'a str,
-    decimals: u32,
-    basis: super::Basis,
-    group_by: &'a str,
-    from: &'a str,
-    to: &'a str,
-}
-
-/// The members after `lines`.
-#[derive(Serialize)]
-struct JsonTail<'a> {
-    total: &'a Money,
-    total_minor: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rounded: Option<&'a Rounded>,
-}
 
 /// `lines` as JSON, comma-separated, after `out`.
 fn json_lines(out: &mut Vec<u8>, lines: &[Line]) {
@@ -180,28 +160,35 @@ impl Chargeback {
     }
 
     pub(super) fn to_json_in_halves(&self, parallel_from: usize) -> Vec<u8> {
-        // Strings, numbers and an enum: nothing that fails to encode.
-        fn object(v: &impl Serialize) -> Vec<u8> {
-            serde_json::to_vec(v).expect("a flat object encodes")
-        }
-        let head = object(&JsonHead {
-            currency: &self.currency,
+        // The answer without its lines, as serde writes it (every field
+        // named: a new one is written here too), split where its lines go:
+        // `{…,"lines":[` and `],…}`. Inside a JSON string a quote is
+        // escaped, so the key is the one place `"lines":[]` can be.
+        let shell = serde_json::to_vec(&Chargeback {
+            currency: self.currency.clone(),
             decimals: self.decimals,
             basis: self.basis,
-            group_by: &self.group_by,
-            from: &self.from,
-            to: &self.to,
-        });
-        let tail = object(&JsonTail {
-            total: &self.total,
+            group_by: self.group_by.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            lines: Vec::new(),
+            total: self.total,
             total_minor: self.total_minor,
-            rounded: self.rounded.as_ref(),
-        });
-        // `{head…}` + `,"lines":[` + lines + `]` + `,tail…}`; the second
-        // half of the lines on another thread, then copied after the first.
-        let mut out = Vec::with_capacity(head.len() + tail.len() + 16 + self.lines.len() * 800);
-        out.extend_from_slice(&head[..head.len() - 1]);
-        out.extend_from_slice(b",\"lines\":[");
+            rounded: self.rounded.clone(),
+        })
+        .expect("strings, numbers and an enum encode");
+        const EMPTY: &[u8] = b"\"lines\":[]";
+        let at = shell
+            .windows(EMPTY.len())
+            .position(|w| w == EMPTY)
+            .expect("the answer has its lines")
+            + EMPTY.len()
+            - 1;
+        let (head, tail) = shell.split_at(at);
+        // The second half of the lines on another thread, then copied
+        // after the first.
+        let mut out = Vec::with_capacity(shell.len() + self.lines.len() * 800);
+        out.extend_from_slice(head);
         let split = if self.lines.len() >= parallel_from.max(2) {
             self.lines.len() / 2
         } else {
@@ -225,8 +212,7 @@ impl Chargeback {
                 }
             }
         });
-        out.extend_from_slice(b"],");
-        out.extend_from_slice(&tail[1..]);
+        out.extend_from_slice(tail);
         out
     }
 

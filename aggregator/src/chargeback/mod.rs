@@ -275,8 +275,9 @@ struct GpuSums<'a> {
 }
 
 impl<'a> Acc<'a> {
-    /// The sums of `model` at `slice` (its bits), made empty if new.
-    fn gpu(&mut self, model: &'a str, slice: u64) -> &mut GpuSums<'a> {
+    /// `charged_us` more on `model` at `slice` (its bits), `idle_us` of
+    /// it idle.
+    fn add_gpu(&mut self, model: &'a str, slice: u64, charged_us: i64, idle_us: i64) {
         let at = match self
             .gpu
             .iter()
@@ -293,7 +294,9 @@ impl<'a> Acc<'a> {
                 self.gpu.len() - 1
             }
         };
-        &mut self.gpu[at]
+        let sums = &mut self.gpu[at];
+        sums.charged_us = sums.charged_us.saturating_add(charged_us);
+        sums.idle_us = sums.idle_us.saturating_add(idle_us);
     }
 
     /// `mj` more at `price` (its bits).
@@ -548,9 +551,7 @@ pub(crate) fn compute(
         // Idle time is unused time: under `used` it goes with the unused
         // remainder, so each line's idle time stays a part of its own.
         let moved = idle_us.min(remainder);
-        let sums = a.gpu(&g.model, slice);
-        sums.charged_us = sums.charged_us.saturating_add(charged);
-        sums.idle_us = sums.idle_us.saturating_add(idle_us - moved);
+        a.add_gpu(&g.model, slice, charged, idle_us - moved);
         if energy.is_none() {
             a.energy(prices.energy_kwh.to_bits(), g.energy_mj);
         }
@@ -558,9 +559,7 @@ pub(crate) fn compute(
             let idle = acc
                 .entry(key(&g.cluster, TENANT_IDLE, Some(&g.model), &g.node, ""))
                 .or_default();
-            let sums = idle.gpu(&g.model, slice);
-            sums.charged_us = sums.charged_us.saturating_add(remainder);
-            sums.idle_us = sums.idle_us.saturating_add(moved);
+            idle.add_gpu(&g.model, slice, remainder, moved);
         }
     }
     for r in io {

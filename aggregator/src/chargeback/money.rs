@@ -125,7 +125,7 @@ impl Serialize for Money {
 
 impl<'de> Deserialize<'de> for Money {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
     }
 }

@@ -75,9 +75,6 @@ pub(crate) enum LedgerError {
     /// down).
     #[error("the ledger's writer has stopped")]
     WriterStopped,
-    /// A read's task was cancelled (the aggregator is shutting down).
-    #[error("the ledger read was cancelled")]
-    ReadCancelled,
     /// The SQLite file's directory could not be created.
     #[error("cannot create {path}: {source}")]
     Directory {

@@ -5,7 +5,6 @@ use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
 };
-use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error};
 
 use super::{
@@ -15,7 +14,6 @@ use super::{
 use crate::{
     chargeback::{self, Basis, GroupBy},
     http::{self, Body},
-    ledger::LedgerError,
     time::{parse_time, rfc3339},
 };
 
@@ -88,20 +86,10 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
     let (read_from, read_to) = rounded.unwrap_or((from, to));
     let reads = async {
         if group_by == GroupBy::TenantNode {
-            // A month by node decodes 200,000 rows of each, on the
-            // runtime's threads: the I/O rows on a task of their own, so
-            // on the other core. (Aborted if this request is dropped.)
-            let (ledger, only) = (app.ledger.clone(), cluster.map(str::to_owned));
-            let io = AbortOnDropHandle::new(tokio::spawn(async move {
-                ledger.io_groups(read_from, read_to, only.as_deref()).await
-            }));
-            let gpu = app.ledger.gpu_groups(read_from, read_to, cluster).await;
-            let io = match io.await {
-                Ok(io) => io,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => Err(LedgerError::ReadCancelled),
-            };
-            Ok((gpu?, io?))
+            tokio::try_join!(
+                app.ledger.gpu_groups(read_from, read_to, cluster),
+                app.ledger.io_groups(read_from, read_to, cluster)
+            )
         } else {
             tokio::try_join!(
                 app.ledger.gpu_groups_by_tenant(read_from, read_to, cluster),
