@@ -52,12 +52,28 @@ impl BodyCache {
     /// caller encodes it, outside the lock). A rendering of a newer
     /// snapshot than `latest` is served too: a concurrent scrape saw the
     /// newer one published first.
+    ///
+    /// A rendering of an older snapshot is dropped here, before the caller
+    /// encodes `latest`: no scrape can be served from it any more, and
+    /// keeping it through the encoding would hold two bodies at once (the
+    /// agent's peak RSS: 2.9 MiB each at 8,192 processes).
     pub(super) fn text(&self, latest: &Arc<Snapshot>) -> Option<(Arc<Snapshot>, Bytes)> {
-        let slot = self.lock();
+        let mut slot = self.lock();
         let r = slot.as_ref()?;
-        let snapshot = r.snapshot.upgrade()?;
-        (Arc::ptr_eq(&snapshot, latest) || r.samples > latest.samples)
-            .then(|| (snapshot, r.body.slice(..r.text_len)))
+        let snapshot = r.snapshot.upgrade();
+        match snapshot {
+            Some(s) if Arc::ptr_eq(&s, latest) || r.samples > latest.samples => {
+                let text = r.body.slice(..r.text_len);
+                Some((s, text))
+            }
+            _ => {
+                let stale = slot.take();
+                // Freed outside the lock.
+                drop(slot);
+                drop(stale);
+                None
+            }
+        }
     }
 
     /// The body of `snapshot`, whose families are `snapshot_text`, joined
@@ -200,27 +216,52 @@ mod tests {
 
     /// The cache holds the body, not the snapshot: once the sampler's
     /// channel lets a snapshot go, its rows go, and a scrape of the next
-    /// one encodes that.
+    /// one encodes that, the old body freed first.
     #[test]
     fn the_cache_does_not_keep_a_snapshot_alive() {
         let cache = BodyCache::default();
         let snap = Arc::new(Snapshot::default());
         let _ = cache.body(
             snap.clone(),
-            Bytes::from_static(b"x 1\n"),
+            Bytes::from(b"x 1\n".to_vec()),
             String::new(),
             false,
         );
         assert_eq!(Arc::strong_count(&snap), 1);
-        assert!(cache.text(&snap).is_some());
-        let gone = Arc::downgrade(&snap);
+        // A scrape's share of the body; the other owner is the cache.
+        let (_, old_body) = cache.text(&snap).unwrap();
         drop(snap);
-        assert!(gone.upgrade().is_none());
         let next = Arc::new(Snapshot {
             samples: 2,
             ..Default::default()
         });
         assert!(cache.text(&next).is_none());
+        let unique = old_body.try_into_mut();
+        assert!(
+            unique.is_ok(),
+            "the cache still holds the old body while the next is encoded"
+        );
+    }
+
+    /// A snapshot still alive but older than the latest (a slow scrape
+    /// holds it) is not served, and its body is let go too.
+    #[test]
+    fn an_older_snapshots_body_is_let_go() {
+        let cache = BodyCache::default();
+        let old = Arc::new(Snapshot::default());
+        let _ = cache.body(
+            old.clone(),
+            Bytes::from_static(b"x 1\n"),
+            String::new(),
+            false,
+        );
+        let next = Arc::new(Snapshot {
+            samples: 2,
+            ..Default::default()
+        });
+        assert!(cache.text(&next).is_none());
+        assert!(cache.lock().is_none());
+        assert!(cache.text(&old).is_none());
     }
 
     #[test]

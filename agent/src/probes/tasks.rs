@@ -119,13 +119,32 @@ impl NodeTasks {
     }
 }
 
-/// One process as a pass of the iterator met it.
+/// One process as a pass of the iterator met it: its threads' run time,
+/// and from the group leader's record its state letter, start time and
+/// placement. Flat rather than an `Option` of a tuple: 32 bytes, not 48,
+/// in a table of twice as many slots as processes (16,384 at 8,192).
 #[derive(Debug, Default, Clone, Copy)]
 struct Met {
-    /// State letter, start time and placement, from the group leader's
-    /// record.
-    leader: Option<(u8, u64, Placement)>,
     runtime_ns: u64,
+    start_time: u64,
+    cgroup_id: u64,
+    /// A kernel uid is 32 bits; the record carries it in 64.
+    euid: u32,
+    /// The leader's state letter; 0 while its record was not met.
+    state: u8,
+}
+
+impl Met {
+    /// State letter, start time and placement, when the leader was met.
+    fn leader(&self) -> Option<(u8, u64, Placement)> {
+        (self.state != 0).then(|| {
+            let placement = Placement {
+                cgroup_id: self.cgroup_id,
+                euid: u64::from(self.euid),
+            };
+            (self.state, self.start_time, placement)
+        })
+    }
 }
 
 /// Writes the word of `tally_watched` (one bit per pid) that holds
@@ -264,14 +283,10 @@ impl ProcessStats {
             let m = met.entry(tgid).or_default();
             m.runtime_ns = m.runtime_ns.saturating_add(r.runtime_ns);
             if r.tid == r.tgid {
-                m.leader = Some((
-                    state_letter(r.state, r.exit_state),
-                    r.start_boottime / ns_per_tick,
-                    Placement {
-                        cgroup_id: r.cgroup_id,
-                        euid: r.euid,
-                    },
-                ));
+                m.state = state_letter(r.state, r.exit_state);
+                m.start_time = r.start_boottime / ns_per_tick;
+                m.cgroup_id = r.cgroup_id;
+                m.euid = u32::try_from(r.euid).unwrap_or(u32::MAX);
             }
         })?;
         Ok(met)
@@ -360,16 +375,13 @@ impl ProcSource for ProcessStats {
     fn stat(&mut self, pid: u32) -> io::Result<Stat> {
         let watched_since = self.watching.get(&pid).copied();
         if let Some(met) = self.this_pass(pid) {
-            match met {
-                Some(Met {
-                    leader: Some((state, start_time, placement)),
-                    runtime_ns,
-                }) => {
+            match met.map(|m| (m.leader(), m.runtime_ns)) {
+                Some((Some((state, start_time, placement)), runtime_ns)) => {
                     return Ok(Stat {
-                        state: *state,
+                        state,
                         cpu_ticks: runtime_ns / self.ns_per_tick,
-                        start_time: *start_time,
-                        placement: Some(*placement),
+                        start_time,
+                        placement: Some(placement),
                     });
                 }
                 // Threads without their leader's record: ask `/proc`.
@@ -443,6 +455,21 @@ mod tests {
             self.at += n;
             Ok(n)
         }
+    }
+
+    /// The pass's table holds a `Met` per slot, twice as many slots as
+    /// processes: its size is the agent's RSS at scale.
+    #[test]
+    fn a_met_process_takes_32_bytes() {
+        assert_eq!(std::mem::size_of::<Met>(), 32);
+        let mut m = Met::default();
+        assert_eq!(m.leader(), None);
+        (m.state, m.start_time, m.cgroup_id, m.euid) = (b'S', 7, 9, 1000);
+        let placement = Placement {
+            cgroup_id: 9,
+            euid: 1000,
+        };
+        assert_eq!(m.leader(), Some((b'S', 7, placement)));
     }
 
     #[test]
