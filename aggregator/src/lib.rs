@@ -76,7 +76,7 @@ impl Aggregator {
             tokens: auth::Tokens::new(config.tokens.clone(), config.rate_limit),
             audit_keys: RwLock::new(Arc::new(config.node_keys.clone())),
             credentials_seen: Mutex::default(),
-            prices: config.prices.clone(),
+            prices: Arc::new(config.prices.clone()),
             max_body: config.server.max_body_bytes(),
             metrics,
             scheduler: config.scheduler.clone(),

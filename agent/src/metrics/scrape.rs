@@ -60,20 +60,15 @@ impl BodyCache {
     pub(super) fn text(&self, latest: &Arc<Snapshot>) -> Option<(Arc<Snapshot>, Bytes)> {
         let mut slot = self.lock();
         let r = slot.as_ref()?;
-        let snapshot = r.snapshot.upgrade();
-        match snapshot {
-            Some(s) if Arc::ptr_eq(&s, latest) || r.samples > latest.samples => {
-                let text = r.body.slice(..r.text_len);
-                Some((s, text))
-            }
-            _ => {
-                let stale = slot.take();
-                // Freed outside the lock.
-                drop(slot);
-                drop(stale);
-                None
-            }
+        let current = r.snapshot.upgrade();
+        if let Some(s) = current.filter(|s| Arc::ptr_eq(s, latest) || r.samples > latest.samples) {
+            return Some((s, r.body.slice(..r.text_len)));
         }
+        let stale = slot.take();
+        // Freed outside the lock.
+        drop(slot);
+        drop(stale);
+        None
     }
 
     /// The body of `snapshot`, whose families are `snapshot_text`, joined
@@ -217,16 +212,17 @@ mod tests {
     /// The cache holds the body, not the snapshot: once the sampler's
     /// channel lets a snapshot go, its rows go, and a scrape of the next
     /// one encodes that, the old body freed first.
-    #[test]
-    fn the_cache_does_not_keep_a_snapshot_alive() {
+    /// A cache holding `text` as the body of a first snapshot.
+    fn cached(text: Bytes) -> (BodyCache, Arc<Snapshot>) {
         let cache = BodyCache::default();
         let snap = Arc::new(Snapshot::default());
-        let _ = cache.body(
-            snap.clone(),
-            Bytes::from(b"x 1\n".to_vec()),
-            String::new(),
-            false,
-        );
+        let _ = cache.body(snap.clone(), text, String::new(), false);
+        (cache, snap)
+    }
+
+    #[test]
+    fn the_cache_does_not_keep_a_snapshot_alive() {
+        let (cache, snap) = cached(Bytes::from(b"x 1\n".to_vec()));
         assert_eq!(Arc::strong_count(&snap), 1);
         // A scrape's share of the body; the other owner is the cache.
         let (_, old_body) = cache.text(&snap).unwrap();
@@ -247,14 +243,7 @@ mod tests {
     /// holds it) is not served, and its body is let go too.
     #[test]
     fn an_older_snapshots_body_is_let_go() {
-        let cache = BodyCache::default();
-        let old = Arc::new(Snapshot::default());
-        let _ = cache.body(
-            old.clone(),
-            Bytes::from_static(b"x 1\n"),
-            String::new(),
-            false,
-        );
+        let (cache, old) = cached(Bytes::from_static(b"x 1\n"));
         let next = Arc::new(Snapshot {
             samples: 2,
             ..Default::default()

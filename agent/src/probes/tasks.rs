@@ -135,14 +135,17 @@ struct Met {
 }
 
 impl Met {
-    /// State letter, start time and placement, when the leader was met.
-    fn leader(&self) -> Option<(u8, u64, Placement)> {
-        (self.state != 0).then(|| {
-            let placement = Placement {
+    /// The process's `stat`, CPU time in ticks of `ns_per_tick`; `None`
+    /// when the pass met its threads but not its leader.
+    fn stat(&self, ns_per_tick: u64) -> Option<Stat> {
+        (self.state != 0).then(|| Stat {
+            state: self.state,
+            cpu_ticks: self.runtime_ns / ns_per_tick,
+            start_time: self.start_time,
+            placement: Some(Placement {
                 cgroup_id: self.cgroup_id,
                 euid: u64::from(self.euid),
-            };
-            (self.state, self.start_time, placement)
+            }),
         })
     }
 }
@@ -375,17 +378,13 @@ impl ProcSource for ProcessStats {
     fn stat(&mut self, pid: u32) -> io::Result<Stat> {
         let watched_since = self.watching.get(&pid).copied();
         if let Some(met) = self.this_pass(pid) {
-            match met.map(|m| (m.leader(), m.runtime_ns)) {
-                Some((Some((state, start_time, placement)), runtime_ns)) => {
-                    return Ok(Stat {
-                        state,
-                        cpu_ticks: runtime_ns / self.ns_per_tick,
-                        start_time,
-                        placement: Some(placement),
-                    });
+            match met {
+                Some(m) => {
+                    if let Some(stat) = m.stat(self.ns_per_tick) {
+                        return Ok(stat);
+                    }
+                    // Threads without their leader's record: ask `/proc`.
                 }
-                // Threads without their leader's record: ask `/proc`.
-                Some(_) => {}
                 None => {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
@@ -462,14 +461,22 @@ mod tests {
     #[test]
     fn a_met_process_takes_32_bytes() {
         assert_eq!(std::mem::size_of::<Met>(), 32);
-        let mut m = Met::default();
-        assert_eq!(m.leader(), None);
+        let mut m = Met {
+            runtime_ns: 30,
+            ..Met::default()
+        };
+        assert_eq!(m.stat(10), None);
         (m.state, m.start_time, m.cgroup_id, m.euid) = (b'S', 7, 9, 1000);
         let placement = Placement {
             cgroup_id: 9,
             euid: 1000,
         };
-        assert_eq!(m.leader(), Some((b'S', 7, placement)));
+        let stat = m.stat(10).unwrap();
+        assert_eq!(
+            (stat.state, stat.start_time, stat.placement),
+            (b'S', 7, Some(placement))
+        );
+        assert_eq!(stat.cpu_ticks, 3);
     }
 
     #[test]

@@ -34,7 +34,9 @@ pub(crate) struct App {
     /// Every reload, SIGHUP or change poll, sets it under this lock, so a
     /// change is reloaded once whichever notices it first.
     pub credentials_seen: Mutex<CredentialFiles>,
-    pub prices: Prices,
+    /// Shared with the chargeback's pricing thread: one copy per request
+    /// would clone every string and table of `[prices]`.
+    pub prices: Arc<Prices>,
     pub max_body: u64,
     pub metrics: Metrics,
     pub scheduler: SchedulerSection,
