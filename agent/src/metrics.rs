@@ -1,7 +1,8 @@
 //! Prometheus exposition of the agent (OpenMetrics text): one registry,
 //! into which each component registers its own typed families (the report
-//! sender's counters), plus one [`Collector`] that encodes a [`Snapshot`]:
-//! no second copy of the numbers, and no NVML call on the scrape path. The
+//! sender's counters), plus the families of a [`Snapshot`], written by hand
+//! ([`text`]): no second copy of the numbers, and no NVML call on the
+//! scrape path. The
 //! snapshot's text is encoded once per snapshot and served from a cache
 //! ([`scrape`]), ahead of the scrape when one is expected ([`ahead`],
 //! [`encode_ahead`]). Units are declared so the encoder appends them
@@ -11,8 +12,10 @@ mod ahead;
 mod health;
 mod scrape;
 mod tenant_gpu;
+mod text;
 
 use std::{
+    borrow::Cow,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -23,13 +26,12 @@ use std::{
 use hyper::body::Bytes;
 
 use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    metrics::MetricType,
     registry::{Registry, Unit},
 };
 
 pub use self::scrape::accepts_gzip;
+use self::text::{Labels, Sink};
 use crate::{
     snapshot::{GpuHealth, GpuSnapshot, Latest, Snapshot},
     states::GpuState,
@@ -162,27 +164,14 @@ pub fn encode_ahead(
 }
 
 /// The snapshot's families, without the closing `# EOF`.
-fn encode_snapshot(snapshot: &Arc<Snapshot>) -> String {
+fn encode_snapshot(snapshot: &Snapshot) -> String {
     let mut out = String::with_capacity(64 * 1024 + tenant_gpu::size_hint(&snapshot.tenant_gpu));
-    encode_collector(&mut out, SnapshotHead(snapshot.clone()));
+    // Writing into a String cannot fail.
+    let _ = encode_head(snapshot, &mut out);
     tenant_gpu::write(&mut out, &snapshot.tenant_gpu);
-    encode_collector(&mut out, SnapshotTail(snapshot.clone()));
+    let _ = encode_tail(snapshot, &mut out);
     out
 }
-
-fn encode_collector(out: &mut String, collector: impl Collector) {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(collector));
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode_registry(out, &registry);
-}
-
-/// The snapshot's families before the per-tenant GPU ones, which
-/// [`tenant_gpu`] writes, and those after.
-#[derive(Debug)]
-struct SnapshotHead(Arc<Snapshot>);
-#[derive(Debug)]
-struct SnapshotTail(Arc<Snapshot>);
 
 /// One metric family: a descriptor and its samples.
 struct Family<'a> {
@@ -193,29 +182,12 @@ struct Family<'a> {
 }
 
 impl Family<'_> {
-    fn encode<L: EncodeLabelSet>(
+    fn encode<L: Labels>(
         &self,
-        encoder: &mut DescriptorEncoder<'_>,
+        sink: &mut impl Sink,
         samples: impl IntoIterator<Item = (L, f64)>,
-    ) -> Result<(), std::fmt::Error> {
-        let mut samples = samples.into_iter().peekable();
-        if samples.peek().is_none() {
-            return Ok(());
-        }
-        let mut metric =
-            encoder.encode_descriptor(self.name, self.help, self.unit.as_ref(), self.kind)?;
-        for (labels, value) in samples {
-            let family = metric.encode_family(&labels)?;
-            let counter = matches!(self.kind, MetricType::Counter);
-            // `of` gives `Unsigned` to counters only and `Signed` to gauges only.
-            match Number::of(counter, value) {
-                Number::Unsigned(v) => ConstCounter::new(v).encode(family)?,
-                Number::Signed(v) => ConstGauge::new(v).encode(family)?,
-                Number::Float(v) if counter => ConstCounter::new(v).encode(family)?,
-                Number::Float(v) => ConstGauge::new(v).encode(family)?,
-            }
-        }
-        Ok(())
+    ) -> std::fmt::Result {
+        sink.family(self, samples.into_iter())
     }
 }
 
@@ -243,8 +215,11 @@ impl Number {
 /// `value` as an integer when it is one that an `f64` holds exactly.
 fn whole(value: f64) -> Option<i64> {
     const EXACT: f64 = (1u64 << 53) as f64;
-    // NaN and the infinities have no whole part (`fract` is NaN).
-    (value.fract() == 0.0 && value.abs() <= EXACT).then_some(value as i64)
+    // A round trip through the integer, not `fract`: that is a libm call
+    // (`trunc`) on baseline x86-64, a tenth of the encoding. NaN becomes 0
+    // and the infinities saturate, so neither comes back equal.
+    let integer = value as i64;
+    (integer as f64 == value && value.abs() <= EXACT).then_some(integer)
 }
 
 const fn gauge(name: &'static str, help: &'static str, unit: Option<Unit>) -> Family<'static> {
@@ -269,42 +244,40 @@ fn other(unit: &str) -> Option<Unit> {
     Some(Unit::Other(unit.to_owned()))
 }
 
-impl Collector for SnapshotHead {
-    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let snap = &self.0;
-        let e = &mut enc;
+/// The snapshot's families before the per-tenant GPU ones, which
+/// [`tenant_gpu`] writes.
+fn encode_head(snap: &Snapshot, e: &mut impl Sink) -> std::fmt::Result {
+    gauge("tally_build_info", "Tally build; always 1.", None)
+        .encode(e, [([("version", env!("CARGO_PKG_VERSION"))], 1.0)])?;
+    gauge(
+        "tally_nvml_up",
+        "1 when the NVML library is open and answering.",
+        None,
+    )
+    .encode(
+        e,
+        [(
+            [("library", snap.nvml.library.as_str())],
+            f64::from(u8::from(snap.nvml.up)),
+        )],
+    )?;
+    gauge(
+        "tally_last_sample_timestamp",
+        "Unix time at which the last sampling cycle started.",
+        Some(Unit::Seconds),
+    )
+    .encode(e, [(NOLABELS, snap.taken_at_ms as f64 / 1000.0)])?;
+    counter("tally_samples", "Sampling cycles completed.", None)
+        .encode(e, [(NOLABELS, snap.samples as f64)])?;
+    gauge(
+        "tally_sample_duration",
+        "Duration of the last sampling cycle (NVML, probes, attribution).",
+        Some(Unit::Seconds),
+    )
+    .encode(e, [(NOLABELS, snap.sample_duration_seconds)])?;
 
-        gauge("tally_build_info", "Tally build; always 1.", None)
-            .encode(e, [([("version", env!("CARGO_PKG_VERSION"))], 1.0)])?;
-        gauge(
-            "tally_nvml_up",
-            "1 when the NVML library is open and answering.",
-            None,
-        )
-        .encode(
-            e,
-            [(
-                [("library", snap.nvml.library.as_str())],
-                f64::from(u8::from(snap.nvml.up)),
-            )],
-        )?;
-        gauge(
-            "tally_last_sample_timestamp",
-            "Unix time at which the last sampling cycle started.",
-            Some(Unit::Seconds),
-        )
-        .encode(e, [(NOLABELS, snap.taken_at_ms as f64 / 1000.0)])?;
-        counter("tally_samples", "Sampling cycles completed.", None)
-            .encode(e, [(NOLABELS, snap.samples as f64)])?;
-        gauge(
-            "tally_sample_duration",
-            "Duration of the last sampling cycle (NVML, probes, attribution).",
-            Some(Unit::Seconds),
-        )
-        .encode(e, [(NOLABELS, snap.sample_duration_seconds)])?;
-
-        let gpus = &snap.gpus;
-        gauge(
+    let gpus = &snap.gpus;
+    gauge(
             "tally_gpu_info",
             "One series per GPU and MIG instance; always 1. MIG instances are gpu=\"<index>/<gi>/<ci>\". \
              energy_source: counter (NVML's energy counter) or power (integrated power readings: \
@@ -316,227 +289,218 @@ impl Collector for SnapshotHead {
             gpus.iter().map(|g| {
                 (
                     [
-                        ("gpu", g.gpu.clone()),
-                        ("uuid", g.uuid.clone()),
-                        ("model", g.model.clone()),
-                        ("mig_mode", g.mig_mode.to_string()),
-                        ("mig_profile", g.mig_profile.clone().unwrap_or_default()),
+                        ("gpu", &*g.gpu),
+                        ("uuid", &*g.uuid),
+                        ("model", &*g.model),
+                        ("mig_mode", if g.mig_mode { "true" } else { "false" }),
+                        ("mig_profile", g.mig_profile.as_deref().unwrap_or_default()),
                         (
                             "energy_source",
-                            g.energy_source
-                                .map_or(String::new(), |s| s.as_str().to_owned()),
+                            g.energy_source.map_or("", |s| s.as_str()),
                         ),
                     ],
                     1.0,
                 )
             }),
         )?;
-        gauge(
-            "tally_gpu_slice_fraction",
-            "What one hour of this GPU or MIG instance is charged as, in GPU-hours of gpu_model \
+    gauge(
+        "tally_gpu_slice_fraction",
+        "What one hour of this GPU or MIG instance is charged as, in GPU-hours of gpu_model \
              (the model the aggregator's price table is keyed by): 1 for a whole GPU, a MIG \
              instance's compute slices over its parent's. Joined with tally_price_gpu_hour, it \
              prices usage as the chargeback does.",
-            None,
-        )
-        .encode(
-            e,
-            gpus.iter().map(|g| {
-                (
-                    [
-                        ("gpu", g.gpu.clone()),
-                        ("uuid", g.uuid.clone()),
-                        ("gpu_model", g.priced_model(gpus)),
-                    ],
-                    g.priced_fraction(),
-                )
-            }),
-        )?;
-        gauge(
-            "tally_gpu_state",
-            "Current state of the GPU or MIG instance, one-hot: free (no process), busy (held and \
+        None,
+    )
+    .encode(
+        e,
+        gpus.iter().map(|g| {
+            (
+                [
+                    ("gpu", &*g.gpu),
+                    ("uuid", &*g.uuid),
+                    ("gpu_model", g.priced_model(gpus)),
+                ],
+                g.priced_fraction(),
+            )
+        }),
+    )?;
+    gauge(
+        "tally_gpu_state",
+        "Current state of the GPU or MIG instance, one-hot: free (no process), busy (held and \
              working), idle (held, utilization below [states] idle_utilization for idle_after), \
              stuck (holders gone, zombie or in D state, or spinning without CPU progress, for \
              stuck_after), lost (fell off the bus, NVML failing, or a fatal XID).",
-            None,
-        )
-        .encode(
-            e,
-            gpus.iter().flat_map(|g| {
-                GpuState::ALL.into_iter().map(move |s| {
-                    (
-                        [
-                            ("gpu", g.gpu.clone()),
-                            ("uuid", g.uuid.clone()),
-                            ("state", s.as_str().to_owned()),
-                        ],
-                        f64::from(u8::from(s == g.state)),
-                    )
-                })
-            }),
-        )?;
-        gauge(
-            "tally_gpu_utilization",
-            "GPU utilization 0..1 (physical GPUs; MIG instances where GPM measures their SM \
+        None,
+    )
+    .encode(
+        e,
+        gpus.iter().flat_map(|g| {
+            GpuState::ALL.into_iter().map(move |s| {
+                (
+                    [("gpu", &*g.gpu), ("uuid", &*g.uuid), ("state", s.as_str())],
+                    f64::from(u8::from(s == g.state)),
+                )
+            })
+        }),
+    )?;
+    gauge(
+        "tally_gpu_utilization",
+        "GPU utilization 0..1 (physical GPUs; MIG instances where GPM measures their SM \
              activity, Hopper and later).",
-            other("ratio"),
-        )
-        .encode(
-            e,
-            gpus.iter()
-                .filter_map(|g| Some((id(g), g.utilization_ratio?))),
-        )?;
-        gauge(
-            "tally_gpu_memory_used",
-            "GPU memory in use.",
-            Some(Unit::Bytes),
-        )
-        .encode(
-            e,
-            gpus.iter()
-                .filter(|g| g.health == GpuHealth::Ok)
-                .map(|g| (id(g), g.memory_used_bytes as f64)),
-        )?;
-        gauge(
-            "tally_gpu_memory_total",
-            "GPU memory installed.",
-            Some(Unit::Bytes),
-        )
-        .encode(
-            e,
-            gpus.iter()
-                .filter(|g| g.health == GpuHealth::Ok)
-                .map(|g| (id(g), g.memory_total_bytes as f64)),
-        )?;
-        gauge(
-            "tally_gpu_power",
-            "Power draw (physical GPUs).",
-            other("watts"),
-        )
-        .encode(e, gpus.iter().filter_map(|g| Some((id(g), g.power_watts?))))?;
-        gauge(
-            "tally_gpu_temperature",
-            "GPU core temperature.",
-            Some(Unit::Celsius),
-        )
-        .encode(
-            e,
-            gpus.iter()
-                .filter_map(|g| Some((id(g), g.temperature_celsius?))),
-        )?;
-        counter(
-            "tally_gpu_energy",
-            "Energy drawn by the GPU: NVML's total-energy counter, carried on across counter \
+        other("ratio"),
+    )
+    .encode(
+        e,
+        gpus.iter()
+            .filter_map(|g| Some((id(g), g.utilization_ratio?))),
+    )?;
+    gauge(
+        "tally_gpu_memory_used",
+        "GPU memory in use.",
+        Some(Unit::Bytes),
+    )
+    .encode(
+        e,
+        gpus.iter()
+            .filter(|g| g.health == GpuHealth::Ok)
+            .map(|g| (id(g), g.memory_used_bytes as f64)),
+    )?;
+    gauge(
+        "tally_gpu_memory_total",
+        "GPU memory installed.",
+        Some(Unit::Bytes),
+    )
+    .encode(
+        e,
+        gpus.iter()
+            .filter(|g| g.health == GpuHealth::Ok)
+            .map(|g| (id(g), g.memory_total_bytes as f64)),
+    )?;
+    gauge(
+        "tally_gpu_power",
+        "Power draw (physical GPUs).",
+        other("watts"),
+    )
+    .encode(e, gpus.iter().filter_map(|g| Some((id(g), g.power_watts?))))?;
+    gauge(
+        "tally_gpu_temperature",
+        "GPU core temperature.",
+        Some(Unit::Celsius),
+    )
+    .encode(
+        e,
+        gpus.iter()
+            .filter_map(|g| Some((id(g), g.temperature_celsius?))),
+    )?;
+    counter(
+        "tally_gpu_energy",
+        "Energy drawn by the GPU: NVML's total-energy counter, carried on across counter \
              resets, or the integral of its power where it has no counter (tally_gpu_info \
              energy_source).",
-            Some(Unit::Joules),
-        )
-        .encode(
-            e,
-            gpus.iter()
-                .filter_map(|g| Some((id(g), g.energy_joules_total?))),
-        )?;
-        counter(
-            "tally_gpu_pcie",
-            "PCIe bytes of the GPU, integrated from NVML's throughput samples (tx: device to \
+        Some(Unit::Joules),
+    )
+    .encode(
+        e,
+        gpus.iter()
+            .filter_map(|g| Some((id(g), g.energy_joules_total?))),
+    )?;
+    counter(
+        "tally_gpu_pcie",
+        "PCIe bytes of the GPU, integrated from NVML's throughput samples (tx: device to \
              host, rx: host to device).",
-            Some(Unit::Bytes),
-        )
-        .encode(
-            e,
-            gpus.iter().flat_map(|g| {
-                let tx = g
-                    .pcie_tx_bytes_total
-                    .map(|v| (with(g, "direction", "tx"), v));
-                let rx = g
-                    .pcie_rx_bytes_total
-                    .map(|v| (with(g, "direction", "rx"), v));
-                tx.into_iter().chain(rx)
-            }),
-        )?;
-        counter(
-            "tally_gpu_observed",
-            "Wall time the agent accounted for this GPU or MIG instance: what \
+        Some(Unit::Bytes),
+    )
+    .encode(
+        e,
+        gpus.iter().flat_map(|g| {
+            let tx = g
+                .pcie_tx_bytes_total
+                .map(|v| (with(g, "direction", "tx"), v));
+            let rx = g
+                .pcie_rx_bytes_total
+                .map(|v| (with(g, "direction", "rx"), v));
+            tx.into_iter().chain(rx)
+        }),
+    )?;
+    counter(
+        "tally_gpu_observed",
+        "Wall time the agent accounted for this GPU or MIG instance: what \
              sum by (gpu) (tally_tenant_gpu_allocated_seconds_total) adds up to.",
-            Some(Unit::Seconds),
-        )
-        .encode(e, gpus.iter().map(|g| (id(g), g.observed_seconds_total)))?;
-        counter(
-            "tally_tenant_gpu_xid_errors",
-            "XID errors by the tenants holding the GPU when they came (a shared GPU's XID counts \
+        Some(Unit::Seconds),
+    )
+    .encode(e, gpus.iter().map(|g| (id(g), g.observed_seconds_total)))?;
+    counter(
+        "tally_tenant_gpu_xid_errors",
+        "XID errors by the tenants holding the GPU when they came (a shared GPU's XID counts \
              for each of its tenants).",
-            None,
-        )
-        .encode(
-            e,
-            gpus.iter().flat_map(|g| {
-                g.xid_errors_by_tenant
-                    .iter()
-                    .flat_map(move |(tenant, counts)| {
-                        counts.iter().map(move |(xid, n)| {
-                            (
-                                [
-                                    ("tenant", tenant.clone()),
-                                    ("gpu", g.gpu.clone()),
-                                    ("uuid", g.uuid.clone()),
-                                    ("xid", xid.to_string()),
-                                ],
-                                *n as f64,
-                            )
-                        })
+        None,
+    )
+    .encode(
+        e,
+        gpus.iter().flat_map(|g| {
+            g.xid_errors_by_tenant
+                .iter()
+                .flat_map(move |(tenant, counts)| {
+                    counts.iter().map(move |(xid, n)| {
+                        (
+                            [
+                                ("tenant", Cow::from(tenant.as_str())),
+                                ("gpu", Cow::from(g.gpu.as_str())),
+                                ("uuid", Cow::from(g.uuid.as_str())),
+                                ("xid", Cow::from(xid.to_string())),
+                            ],
+                            *n as f64,
+                        )
                     })
-            }),
-        )?;
-        counter(
-            "tally_gpu_xid_errors",
-            "XID errors reported by the driver, by XID code.",
-            None,
-        )
-        .encode(
-            e,
-            gpus.iter().flat_map(|g| {
-                g.xid_errors_total.iter().map(|(xid, n)| {
-                    (
-                        [
-                            ("gpu", g.gpu.clone()),
-                            ("uuid", g.uuid.clone()),
-                            ("xid", xid.to_string()),
-                        ],
-                        *n as f64,
-                    )
                 })
-            }),
-        )?;
+        }),
+    )?;
+    counter(
+        "tally_gpu_xid_errors",
+        "XID errors reported by the driver, by XID code.",
+        None,
+    )
+    .encode(
+        e,
+        gpus.iter().flat_map(|g| {
+            g.xid_errors_total.iter().map(|(xid, n)| {
+                (
+                    [
+                        ("gpu", Cow::from(g.gpu.as_str())),
+                        ("uuid", Cow::from(g.uuid.as_str())),
+                        ("xid", Cow::from(xid.to_string())),
+                    ],
+                    *n as f64,
+                )
+            })
+        }),
+    )?;
 
-        Ok(())
-    }
+    Ok(())
 }
 
-impl Collector for SnapshotTail {
-    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let snap = &self.0;
-        let e = &mut enc;
-        encode_workloads(snap, e)?;
-        health::encode(snap, e)?;
-        encode_io(snap, e)?;
-        encode_enforcement(snap, e)?;
-        encode_process(e)
-    }
+/// The snapshot's families after the per-tenant GPU ones.
+fn encode_tail(snap: &Snapshot, e: &mut impl Sink) -> std::fmt::Result {
+    encode_workloads(snap, e)?;
+    health::encode(snap, e)?;
+    encode_io(snap, e)?;
+    encode_enforcement(snap, e)?;
+    encode_process(e)
 }
 
 /// Per-workload GPU memory (opt-in: `[tenant.kubernetes] workload_series`;
 /// processes carry a workload only then).
-fn encode_workloads(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-    let mut memory: std::collections::BTreeMap<[(&str, String); 5], u64> = Default::default();
+fn encode_workloads(snap: &Snapshot, e: &mut impl Sink) -> Result<(), std::fmt::Error> {
+    let mut memory: std::collections::BTreeMap<[(&str, &str); 5], u64> = Default::default();
     for g in &snap.gpus {
         for p in &g.processes {
             let Some(w) = &p.workload else { continue };
             let labels = [
-                ("tenant", p.tenant.to_string()),
-                ("namespace", w.namespace.clone()),
-                ("pod", w.pod.clone()),
-                ("container", w.container.clone()),
-                ("gpu", g.gpu.clone()),
+                ("tenant", &*p.tenant),
+                ("namespace", &*w.namespace),
+                ("pod", &*w.pod),
+                ("container", &*w.container),
+                ("gpu", &*g.gpu),
             ];
             *memory.entry(labels).or_default() += p.memory_bytes;
         }
@@ -554,21 +518,17 @@ type NoLabels = [(&'static str, &'static str); 0];
 const NOLABELS: NoLabels = [];
 
 /// A GPU's (or MIG instance's) labels.
-fn id(g: &GpuSnapshot) -> [(&'static str, String); 2] {
-    [("gpu", g.gpu.clone()), ("uuid", g.uuid.clone())]
+fn id(g: &GpuSnapshot) -> [(&'static str, &str); 2] {
+    [("gpu", &*g.gpu), ("uuid", &*g.uuid)]
 }
 
 /// A GPU's labels and one more.
-fn with(g: &GpuSnapshot, key: &'static str, value: &str) -> [(&'static str, String); 3] {
-    [
-        ("gpu", g.gpu.clone()),
-        ("uuid", g.uuid.clone()),
-        (key, value.to_owned()),
-    ]
+fn with<'a>(g: &'a GpuSnapshot, key: &'static str, value: &'a str) -> [(&'static str, &'a str); 3] {
+    [("gpu", &*g.gpu), ("uuid", &*g.uuid), (key, value)]
 }
 
 /// eBPF-derived families: probe health and per-tenant I/O.
-fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+fn encode_io(snap: &Snapshot, e: &mut impl Sink) -> Result<(), std::fmt::Error> {
     gauge(
         "tally_probe_up",
         "1 when the eBPF program is loaded and attached.",
@@ -578,10 +538,12 @@ fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::
         e,
         snap.probes
             .iter()
-            .map(|p| ([("probe", p.probe.clone())], f64::from(u8::from(p.up)))),
+            .map(|p| ([("probe", &*p.probe)], f64::from(u8::from(p.up)))),
     )?;
     let io = &snap.tenant_io;
-    let t = |tenant: &str, d: &str| [("tenant", tenant.to_owned()), ("direction", d.to_owned())];
+    fn t<'a>(tenant: &'a str, direction: &'a str) -> [(&'static str, &'a str); 2] {
+        [("tenant", tenant), ("direction", direction)]
+    }
     counter(
         "tally_tenant_network",
         "Bytes the tenant's cgroups sent and received (IP packets incl. headers), from cgroup_skb.",
@@ -659,17 +621,11 @@ fn encode_io(snap: &Snapshot, e: &mut DescriptorEncoder<'_>) -> Result<(), std::
 }
 
 /// Quota limits, usage and enforcement actions (`crate::enforce`).
-fn encode_enforcement(
-    snap: &Snapshot,
-    e: &mut DescriptorEncoder<'_>,
-) -> Result<(), std::fmt::Error> {
+fn encode_enforcement(snap: &Snapshot, e: &mut impl Sink) -> Result<(), std::fmt::Error> {
     let q = &snap.tenant_quotas;
-    let tr = |r: &crate::snapshot::TenantQuotaStatus| {
-        [
-            ("tenant", r.tenant.clone()),
-            ("resource", r.resource.clone()),
-        ]
-    };
+    fn tr(r: &crate::snapshot::TenantQuotaStatus) -> [(&'static str, &str); 2] {
+        [("tenant", &r.tenant), ("resource", &r.resource)]
+    }
     gauge(
         "tally_tenant_quota_limit",
         "The tenant's quota on this node, by resource: cpu_cores (cores), memory and gpu_memory \
@@ -694,13 +650,7 @@ fn encode_enforcement(
         // Once per label set: two namespaces of one tenant may reuse a pod name.
         snap.unallocated_gpu_use
             .iter()
-            .map(|u| {
-                [
-                    ("tenant", u.tenant.clone()),
-                    ("pod", u.pod.clone()),
-                    ("gpu", u.gpu.clone()),
-                ]
-            })
+            .map(|u| [("tenant", &*u.tenant), ("pod", &*u.pod), ("gpu", &*u.gpu)])
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .map(|labels| (labels, 1.0)),
@@ -715,7 +665,7 @@ fn encode_enforcement(
         e,
         snap.device_denials
             .iter()
-            .map(|d| ([("tenant", d.tenant.clone())], d.total as f64)),
+            .map(|d| ([("tenant", &*d.tenant)], d.total as f64)),
     )?;
     counter(
         "tally_enforcement_actions",
@@ -727,9 +677,9 @@ fn encode_enforcement(
         snap.enforcement_actions.iter().map(|a| {
             (
                 [
-                    ("tenant", a.tenant.clone()),
-                    ("resource", a.resource.clone()),
-                    ("action", a.action.clone()),
+                    ("tenant", &*a.tenant),
+                    ("resource", &*a.resource),
+                    ("action", &*a.action),
                 ],
                 a.total as f64,
             )
@@ -738,7 +688,7 @@ fn encode_enforcement(
 }
 
 /// The agent's own footprint, under the standard `process_` names.
-fn encode_process(e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+fn encode_process(e: &mut impl Sink) -> Result<(), std::fmt::Error> {
     let Ok(me) = procfs::process::Process::myself() else {
         return Ok(());
     };
@@ -856,6 +806,140 @@ mod tests {
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\""))
             .and_then(|v| v.strip_suffix('"'))
             .unwrap_or_else(|| panic!("no {key} in {labels}"))
+    }
+
+    /// The snapshot's families but the per-tenant GPU ones (whose own test
+    /// compares them), through prometheus-client's encoder.
+    #[derive(Debug)]
+    struct Reference(Snapshot);
+
+    impl prometheus_client::collector::Collector for Reference {
+        fn encode(
+            &self,
+            mut e: prometheus_client::encoding::DescriptorEncoder<'_>,
+        ) -> std::fmt::Result {
+            encode_head(&self.0, &mut e)?;
+            encode_tail(&self.0, &mut e)
+        }
+    }
+
+    /// A snapshot with a sample in every family.
+    fn every_family() -> Snapshot {
+        let mut snap = snapshot();
+        snap.nvml.up = true;
+        snap.nvml.library = "libnvidia-ml.so.1".into();
+        snap.taken_at_ms = 1_700_000_000_123;
+        snap.sample_duration_seconds = 0.0034;
+        let g = &mut snap.gpus[0];
+        g.utilization_ratio = Some(0.1 + 0.2);
+        g.memory_used_bytes = 3 << 30;
+        g.memory_total_bytes = 80 << 30;
+        g.power_watts = Some(312.25);
+        g.temperature_celsius = Some(61.0);
+        g.energy_joules_total = Some(3349.0717240570357);
+        g.ecc_errors = Some(crate::snapshot::EccErrors {
+            corrected: 12,
+            uncorrected: 1,
+        });
+        g.remapped_rows = Some(crate::snapshot::RemappedRows {
+            correctable: 1,
+            uncorrectable: 2,
+            pending: true,
+            failed: false,
+        });
+        g.throttle_reasons = Some(0x9);
+        g.pcie_tx_bytes_total = Some(1e12);
+        g.pcie_rx_bytes_total = Some(2.5);
+        g.xid_errors_total = [(79, 1), (13, 4)].into();
+        g.xid_errors_by_tenant = [("acme".to_owned(), [(13, 4)].into())].into();
+        g.processes = vec![crate::snapshot::GpuProcess {
+            pid: 7,
+            tenant: "acme".into(),
+            memory_bytes: 1 << 20,
+            workload: Some(Box::new(crate::snapshot::Workload {
+                namespace: "ml".into(),
+                pod: "train-0".into(),
+                container: "main".into(),
+            })),
+            ..Default::default()
+        }];
+        snap.gpus[2].slice_fraction = Some(3.0 / 7.0);
+        snap.probes = vec![crate::snapshot::ProbeStatus {
+            probe: "network".into(),
+            up: true,
+            error: None,
+        }];
+        snap.tenant_io = vec![crate::snapshot::TenantIoUsage {
+            tenant: "acme".into(),
+            network_ingress_bytes_total: 1,
+            network_egress_bytes_total: 2,
+            network_ingress_packets_total: 3,
+            network_egress_packets_total: 4,
+            network_ingress_dropped_packets_total: 5,
+            network_egress_dropped_packets_total: 6,
+            pcie_h2d_bytes_total: 7,
+            pcie_d2h_bytes_total: u64::MAX,
+            pcie_other_bytes_total: 9,
+        }];
+        snap.tenant_quotas = vec![crate::snapshot::TenantQuotaStatus {
+            tenant: "acme".into(),
+            resource: "cpu_cores".into(),
+            limit: 1.5,
+            usage: Some(-0.25),
+        }];
+        snap.enforcement_actions = vec![crate::snapshot::EnforcementActionCount {
+            tenant: "acme".into(),
+            resource: "memory".into(),
+            action: "throttle".into(),
+            total: 3,
+        }];
+        snap.device_denials = vec![crate::snapshot::TenantDeviceDenials {
+            tenant: "beta".into(),
+            total: 2,
+        }];
+        let unallocated = crate::snapshot::UnallocatedGpuUse {
+            tenant: "beta".into(),
+            pod: "p".into(),
+            gpu: "0".into(),
+            ..Default::default()
+        };
+        snap.unallocated_gpu_use = vec![unallocated.clone(), unallocated];
+        snap
+    }
+
+    #[test]
+    fn the_text_is_prometheus_clients() {
+        let snap = every_family();
+        let mut mine = String::new();
+        encode_head(&snap, &mut mine).unwrap();
+        encode_tail(&snap, &mut mine).unwrap();
+        let mut theirs = String::new();
+        text::reference::encode_collector(&mut theirs, Reference(snap.clone()));
+        // The agent's own CPU time and memory move between the two reads.
+        let steady = |text: &str| {
+            text.lines()
+                .map(|l| match l.rsplit_once(' ') {
+                    Some((series, _)) if l.starts_with("process_") => format!("{series} 0\n"),
+                    _ => format!("{l}\n"),
+                })
+                .collect::<String>()
+        };
+        text::reference::same_samples(&steady(&mine), &steady(&theirs));
+
+        // Every family of the snapshot but the per-tenant GPU ones.
+        let families = mine.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(families, 36, "{mine}");
+        for line in [
+            "tally_samples_total{} 7\n",
+            "tally_gpu_utilization_ratio{gpu=\"0\",uuid=\"GPU-0\"} 0.30000000000000004\n",
+            "tally_tenant_gpu_xid_errors_total{tenant=\"acme\",gpu=\"0\",uuid=\"GPU-0\",xid=\"13\"} 4\n",
+            "tally_tenant_pcie_bytes_total{tenant=\"acme\",direction=\"h2d\"} 7\n",
+            "tally_tenant_gpu_unallocated_use{tenant=\"beta\",pod=\"p\",gpu=\"0\"} 1\n",
+        ] {
+            assert!(mine.contains(line), "{line} in {mine}");
+        }
+        // One series per label set.
+        assert_eq!(lines(&mine, "tally_tenant_gpu_unallocated_use{").len(), 1);
     }
 
     #[test]

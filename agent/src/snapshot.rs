@@ -198,17 +198,13 @@ impl GpuSnapshot {
     /// The model the aggregator prices this device's time by: a MIG
     /// instance's parent model (NVML names an instance "<model> MIG
     /// <profile>"), else its own; "unknown" when NVML gave none.
-    pub fn priced_model(&self, gpus: &[GpuSnapshot]) -> String {
+    pub fn priced_model<'a>(&'a self, gpus: &'a [GpuSnapshot]) -> &'a str {
         let parent = self
             .parent_uuid
             .as_ref()
             .and_then(|p| gpus.iter().find(|x| &x.uuid == p));
         let model = parent.map_or(&self.model, |p| &p.model);
-        if model.is_empty() {
-            "unknown".into()
-        } else {
-            model.clone()
-        }
+        if model.is_empty() { "unknown" } else { model }
     }
 
     /// The GPU-hours of `priced_model` one hour of this device is charged

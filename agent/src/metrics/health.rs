@@ -2,11 +2,9 @@
 //! remapped and pending rows, clock throttle reasons (physical GPUs, where
 //! NVML has them).
 
-use nvml_wrapper::bitmasks::device::ThrottleReasons;
-use prometheus_client::encoding::DescriptorEncoder;
-
-use super::{counter, gauge, id, with};
+use super::{counter, gauge, id, text::Sink, with};
 use crate::snapshot::Snapshot;
+use nvml_wrapper::bitmasks::device::ThrottleReasons;
 
 /// NVML's clock throttle-reason bits and their `reason` label values: a
 /// bounded set, one series each per GPU.
@@ -35,10 +33,7 @@ fn flag(b: bool) -> f64 {
     f64::from(u8::from(b))
 }
 
-pub(super) fn encode(
-    snap: &Snapshot,
-    e: &mut DescriptorEncoder<'_>,
-) -> Result<(), std::fmt::Error> {
+pub(super) fn encode(snap: &Snapshot, e: &mut impl Sink) -> std::fmt::Result {
     let gpus = &snap.gpus;
     counter(
         "tally_gpu_ecc_errors",

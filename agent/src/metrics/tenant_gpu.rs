@@ -1,21 +1,11 @@
-//! The five `tally_tenant_gpu_*` families, written by hand.
-//!
-//! They are nearly all of a node's series (one per tenant per device per
-//! family: 2,600 of benchmark 1's 2,650), and prometheus-client writes
-//! each sample as a dozen `fmt::Write` calls through `dyn Write` (name,
-//! unit, suffix, `{`, each label key, `="`, value, `"`, …): most of a
-//! snapshot's encoding in benchmark 1's profile. Here a sample is a few
-//! `push_str`s into a string sized up front. The text is prometheus-client's
-//! (the test below encodes the same rows both ways), label values included,
-//! which it writes as they are, but for the digits of fractional values:
-//! zmij writes the shortest digits that read back as the same number, where
-//! prometheus-client's dtoa (Grisu2) sometimes writes a longer string of
-//! them, and at a third of dtoa's instructions (dtoa was two fifths of a
-//! snapshot's encoding in benchmark 2's counts).
+//! The five `tally_tenant_gpu_*` families, written by hand as [`text`]
+//! writes the others, but column by column over the rows, with no label
+//! arrays: they are nearly all of a node's series (one per tenant per
+//! device per family: 2,600 of benchmark 1's 2,650).
 
 use prometheus_client::{metrics::MetricType, registry::Unit};
 
-use super::Number;
+use super::text::{self, Numbers};
 use crate::snapshot::{TENANT_IDLE, TenantGpuUsage};
 
 /// One family: its descriptor, and the value of a row (`None`: no sample).
@@ -91,42 +81,21 @@ pub(super) fn write(out: &mut String, rows: &[TenantGpuUsage]) {
         if samples.peek().is_none() {
             continue;
         }
-        let unit = column.unit.as_str();
-        let kind = column.kind.as_str();
-        for (line, tail) in [
-            ("# HELP ", column.help),
-            ("# TYPE ", kind),
-            ("# UNIT ", unit),
-        ] {
-            out.push_str(line);
-            out.push_str(column.name);
-            out.push('_');
-            out.push_str(unit);
-            out.push(' ');
-            out.push_str(tail);
-            out.push('\n');
-        }
+        let unit = Some(column.unit.as_str());
+        text::descriptor(out, column.name, column.help, unit, column.kind);
         let counter = matches!(column.kind, MetricType::Counter);
-        let (mut ints, mut floats) = (itoa::Buffer::new(), zmij::Buffer::new());
+        // What every sample of the column starts with, written once.
+        let mut head = String::with_capacity(64);
+        text::series(&mut head, column.name, unit, counter);
+        head.push_str("{tenant=\"");
+        let mut numbers = Numbers::default();
         for (r, value) in samples {
-            out.push_str(column.name);
-            out.push('_');
-            out.push_str(unit);
-            if counter {
-                out.push_str("_total");
-            }
-            out.push_str("{tenant=\"");
+            out.push_str(&head);
             out.push_str(&r.tenant);
             out.push_str("\",gpu=\"");
             out.push_str(&r.gpu);
             out.push_str("\"} ");
-            out.push_str(match Number::of(counter, value) {
-                Number::Unsigned(v) => ints.format(v),
-                Number::Signed(v) => ints.format(v),
-                // NaN and infinities spelled as prometheus-client's dtoa
-                // spells them (`NaN`, `inf`, `-inf`).
-                Number::Float(v) => floats.format(v),
-            });
+            numbers.push(out, counter, value);
             out.push('\n');
         }
     }
@@ -139,7 +108,10 @@ mod tests {
     use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
     use super::*;
-    use crate::metrics::{Family, encode_collector};
+    use crate::metrics::{
+        Family,
+        text::reference::{encode_collector, same_samples},
+    };
 
     /// The same rows through prometheus-client's encoder.
     #[derive(Debug)]
@@ -178,25 +150,6 @@ mod tests {
             energy_joules_total: value * 3.5,
             idle_allocated_seconds_total: -value,
             workload: None,
-        }
-    }
-
-    /// The same lines, each sample's value the same number (NaN for NaN),
-    /// however its digits are written.
-    fn same_samples(mine: &str, theirs: &str) {
-        let (mine, theirs): (Vec<&str>, Vec<&str>) =
-            (mine.lines().collect(), theirs.lines().collect());
-        assert_eq!(mine.len(), theirs.len(), "{mine:#?}\n{theirs:#?}");
-        for (m, t) in mine.iter().zip(&theirs) {
-            if m.starts_with('#') {
-                assert_eq!(m, t);
-                continue;
-            }
-            let (m_series, m_value) = m.rsplit_once(' ').expect("a sample line");
-            let (t_series, t_value) = t.rsplit_once(' ').expect("a sample line");
-            assert_eq!(m_series, t_series);
-            let (a, b): (f64, f64) = (m_value.parse().unwrap(), t_value.parse().unwrap());
-            assert!(a == b || (a.is_nan() && b.is_nan()), "{m} against {t}");
         }
     }
 

@@ -264,7 +264,7 @@ impl State {
             self.devices.insert(
                 g.uuid.clone(),
                 DeviceInfo {
-                    model: g.priced_model(&snap.gpus),
+                    model: g.priced_model(&snap.gpus).to_owned(),
                     mig_profile: g.mig_profile.clone(),
                     slice_fraction: g.priced_fraction(),
                 },
