@@ -2,9 +2,10 @@
 //! remapped and pending rows, clock throttle reasons (physical GPUs, where
 //! NVML has them).
 
+use nvml_wrapper::bitmasks::device::ThrottleReasons;
+
 use super::{counter, gauge, id, text::Sink, with};
 use crate::snapshot::Snapshot;
-use nvml_wrapper::bitmasks::device::ThrottleReasons;
 
 /// NVML's clock throttle-reason bits and their `reason` label values: a
 /// bounded set, one series each per GPU.
