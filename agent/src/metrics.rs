@@ -182,12 +182,18 @@ struct Family<'a> {
 }
 
 impl Family<'_> {
+    /// Writes the family and its samples into `sink`; nothing at all when
+    /// it has no samples, as prometheus-client leaves such a family out.
     fn encode<L: Labels>(
         &self,
         sink: &mut impl Sink,
         samples: impl IntoIterator<Item = (L, f64)>,
     ) -> std::fmt::Result {
-        sink.family(self, samples.into_iter())
+        let mut samples = samples.into_iter().peekable();
+        if samples.peek().is_none() {
+            return Ok(());
+        }
+        sink.family(self, samples)
     }
 }
 
@@ -940,6 +946,12 @@ mod tests {
         }
         // One series per label set.
         assert_eq!(lines(&mine, "tally_tenant_gpu_unallocated_use{").len(), 1);
+
+        // A family without samples is left out, descriptor and all.
+        let mut bare = String::new();
+        encode_head(&snapshot(), &mut bare).unwrap();
+        assert!(bare.contains("# TYPE tally_gpu_observed_seconds counter\n"));
+        assert!(!bare.contains("tally_gpu_power"), "{bare}");
     }
 
     #[test]

@@ -31,8 +31,9 @@ impl<V: AsRef<str>, const N: usize> Labels for [(&'static str, V); N] {
 
 /// Where families are written.
 pub(super) trait Sink {
-    /// Writes `family` with its samples, unless it has none (as
-    /// prometheus-client leaves such families out).
+    /// Writes `family` with its samples, of which there is at least one
+    /// ([`Family::encode`] leaves out a family without samples, as
+    /// prometheus-client does).
     fn family<L: Labels>(
         &mut self,
         family: &Family<'_>,
@@ -46,10 +47,6 @@ impl Sink for String {
         family: &Family<'_>,
         samples: impl Iterator<Item = (L, f64)>,
     ) -> std::fmt::Result {
-        let mut samples = samples.peekable();
-        if samples.peek().is_none() {
-            return Ok(());
-        }
         let unit = family.unit.as_ref().map(Unit::as_str);
         descriptor(self, family.name, family.help, unit, family.kind);
         let counter = matches!(family.kind, MetricType::Counter);
@@ -153,10 +150,6 @@ pub(super) mod reference {
             family: &Family<'_>,
             samples: impl Iterator<Item = (L, f64)>,
         ) -> std::fmt::Result {
-            let mut samples = samples.peekable();
-            if samples.peek().is_none() {
-                return Ok(());
-            }
             let mut metric = self.encode_descriptor(
                 family.name,
                 family.help,
