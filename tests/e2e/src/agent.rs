@@ -88,6 +88,7 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let log = node.dir.path().join(unique("agent") + ".log");
+        node.pin_here(config);
         // In a network namespace: `ip netns exec NS tally …`.
         let tally = netns::command(how.netns.as_deref(), &how.tally);
         let mut cmd = match &how.cgroup {

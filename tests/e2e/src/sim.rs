@@ -15,6 +15,18 @@ pub struct SimNode {
     pub dir: tempfile::TempDir,
     pub scenario: PathBuf,
     pub state: PathBuf,
+    /// Where an agent on this node pins its maps when its config names no
+    /// `pin_dir` ([`crate::Agent::launch`] adds it), not the production
+    /// default `/sys/fs/bpf/tally`, which an agent of the machine may hold;
+    /// removed with the node.
+    pub pin_dir: PathBuf,
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        // Gone already when no agent pinned anything.
+        let _ = fs::remove_dir_all(&self.pin_dir);
+    }
 }
 
 impl SimNode {
@@ -43,7 +55,28 @@ impl SimNode {
             dir,
             scenario,
             state,
+            pin_dir: Path::new("/sys/fs/bpf").join(unique("tally-e2e-node")),
         }
+    }
+
+    /// Gives the agent of `config` this node's [`SimNode::pin_dir`] when
+    /// the config names none, as `[probes] pin_dir` (added to its `[probes]`
+    /// table, or as one at the end): a test's agent must not take the
+    /// machine's maps. [`crate::Agent::launch`] calls it; a test that
+    /// spawns `tally agent` itself calls it on its config first.
+    pub fn pin_here(&self, config: &Path) {
+        let Ok(text) = fs::read_to_string(config) else {
+            return;
+        };
+        if text.contains("pin_dir") || text.contains("probes.") {
+            return;
+        }
+        let line = format!("pin_dir = {:?}\n", self.pin_dir.display().to_string());
+        let text = match text.split_once("[probes]\n") {
+            Some((before, after)) => format!("{before}[probes]\n{line}{after}"),
+            None => format!("{text}\n[probes]\n{line}"),
+        };
+        fs::write(config, text).expect("write agent config");
     }
 
     /// Two H100s and an A100 in MIG mode (3g.20gb, 2g.10gb, 1g.5gb, 1g.5gb).
@@ -164,3 +197,37 @@ power_idle_w = 50
 power_max_w = 400
 mig = ["3g.20gb", "2g.10gb", "1g.5gb", "1g.5gb"]
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `config` as the agent reads it once the node has had its say.
+    fn pinned(node: &SimNode, config: &str) -> PathBuf {
+        let file = node.dir.path().join(unique("agent") + ".toml");
+        fs::write(&file, config).unwrap();
+        node.pin_here(&file);
+        let parsed = tally_agent::config::Config::load(&file)
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", fs::read_to_string(&file).unwrap()));
+        parsed.probes.pin_dir
+    }
+
+    #[test]
+    fn an_agent_without_a_pin_dir_pins_on_its_node() {
+        let node = SimNode::standard();
+        assert!(
+            node.pin_dir
+                .to_string_lossy()
+                .starts_with("/sys/fs/bpf/tally-e2e-node")
+        );
+        let rule = "[[tenant.rule]]\ncgroup = '/tally/(?P<tenant>[^/]+)/'\n";
+        assert_eq!(pinned(&node, ""), node.pin_dir);
+        assert_eq!(pinned(&node, rule), node.pin_dir);
+        let probes = format!("[probes]\nnetwork = false\n\n{rule}");
+        assert_eq!(pinned(&node, &probes), node.pin_dir);
+        // A config that names its own keeps it.
+        let own = "[probes]\npin_dir = \"/sys/fs/bpf/mine\"\n";
+        assert_eq!(pinned(&node, own), Path::new("/sys/fs/bpf/mine"));
+        assert_ne!(SimNode::standard().pin_dir, node.pin_dir);
+    }
+}

@@ -29,6 +29,7 @@ fn spawn_notified(
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = node.dir.path().join("agent.toml");
     fs::write(&config, "").unwrap();
+    node.pin_here(&config);
     let log = node.dir.path().join("agent.log");
     let mut cmd = Command::new(tally_bin());
     cmd.args(["agent", "--config"])
@@ -132,6 +133,7 @@ fn a_closed_log_pipe_stops_neither_sampling_nor_shutdown() {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = node.dir.path().join("agent.toml");
     fs::write(&config, "").unwrap();
+    node.pin_here(&config);
     let mut agent = ChildGuard(
         Command::new(tally_bin())
             .args(["--log-format", "json", "agent", "--config"])

@@ -202,6 +202,7 @@ fn without_setpcap_the_agent_still_lowers_every_thread() {
     let node = SimNode::standard();
     let config = node.dir.path().join("agent.toml");
     fs::write(&config, CONFIG).unwrap();
+    node.pin_here(&config);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log = node.dir.path().join("agent-nosetpcap.log");
     let child = ChildGuard(

@@ -356,6 +356,7 @@ fn without_nvml_the_agent_still_serves_its_health() {
     let addr = format!("127.0.0.1:{}", tally_e2e::free_port());
     let config = node.dir.path().join("a.toml");
     std::fs::write(&config, CONFIG).unwrap();
+    node.pin_here(&config);
     let log = node.dir.path().join("a.log");
     let child = Command::new(tally_bin())
         .args(["agent", "--config"])
@@ -506,7 +507,7 @@ fn doctor_names_what_is_missing() {
     let out = Command::new(tally_bin())
         .args(["doctor", "--nvml-lib"])
         .arg(sim_lib())
-        .env("TALLY_SIM_SCENARIO", SimNode::standard().scenario)
+        .env("TALLY_SIM_SCENARIO", &SimNode::standard().scenario)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -528,4 +529,26 @@ fn log_format_json_writes_one_object_per_line() {
             "{line}"
         );
     }
+}
+
+/// A test's agent pins its maps beneath its node, not in the machine's
+/// `/sys/fs/bpf/tally` (an agent of the machine may hold that one), and
+/// the node takes them away with it.
+#[test]
+fn a_test_agent_pins_on_its_node_and_the_node_removes_them() {
+    if !require_root() {
+        return;
+    }
+    let node = SimNode::standard();
+    let pins = node.pin_dir.clone();
+    let agent = Agent::start(&node, CONFIG, &[]);
+    agent.wait_samples(1);
+    assert!(
+        pins.join("tally_net").exists(),
+        "no maps in {}",
+        pins.display()
+    );
+    drop(agent);
+    drop(node);
+    assert!(!pins.exists(), "{} left behind", pins.display());
 }
