@@ -2,11 +2,11 @@
 //! into which each component registers its own typed families (the report
 //! sender's counters), plus the families of a [`Snapshot`], written by hand
 //! ([`text`]): no second copy of the numbers, and no NVML call on the
-//! scrape path. The
-//! snapshot's text is encoded once per snapshot and served from a cache
-//! ([`scrape`]), ahead of the scrape when one is expected ([`ahead`],
-//! [`encode_ahead`]). Units are declared so the encoder appends them
-//! (`tally_gpu_energy` + joules + counter → `tally_gpu_energy_joules_total`).
+//! scrape path. The snapshot's text is encoded once per snapshot and served
+//! from a cache ([`scrape`]), ahead of the scrape when one is expected
+//! ([`ahead`], [`encode_ahead`]). Units are declared so the encoder
+//! appends them (`tally_gpu_energy` + joules + counter →
+//! `tally_gpu_energy_joules_total`).
 
 mod ahead;
 mod health;

@@ -209,9 +209,6 @@ mod tests {
         out
     }
 
-    /// The cache holds the body, not the snapshot: once the sampler's
-    /// channel lets a snapshot go, its rows go, and a scrape of the next
-    /// one encodes that, the old body freed first.
     /// A cache holding `text` as the body of a first snapshot.
     fn cached(text: Bytes) -> (BodyCache, Arc<Snapshot>) {
         let cache = BodyCache::default();
@@ -220,6 +217,9 @@ mod tests {
         (cache, snap)
     }
 
+    /// The cache holds the body, not the snapshot: once the sampler's
+    /// channel lets a snapshot go, its rows go, and a scrape of the next
+    /// one encodes that, the old body freed first.
     #[test]
     fn the_cache_does_not_keep_a_snapshot_alive() {
         let (cache, snap) = cached(Bytes::from(b"x 1\n".to_vec()));

@@ -16,7 +16,7 @@
 
 use prometheus_client::{metrics::MetricType, registry::Unit};
 
-use super::Family;
+use super::{Family, Number};
 
 /// A sample's labels: `(key, value)` pairs, written in order.
 pub(super) trait Labels {
@@ -118,14 +118,14 @@ pub(super) struct Numbers {
 }
 
 impl Numbers {
-    /// Appends `value` as [`super::Number::of`] says it is written.
+    /// Appends `value` as [`Number::of`] says it is written.
     pub(super) fn push(&mut self, out: &mut String, counter: bool, value: f64) {
-        out.push_str(match super::Number::of(counter, value) {
-            super::Number::Unsigned(v) => self.ints.format(v),
-            super::Number::Signed(v) => self.ints.format(v),
+        out.push_str(match Number::of(counter, value) {
+            Number::Unsigned(v) => self.ints.format(v),
+            Number::Signed(v) => self.ints.format(v),
             // NaN and infinities spelled as prometheus-client's dtoa
             // spells them (`NaN`, `inf`, `-inf`).
-            super::Number::Float(v) => self.floats.format(v),
+            Number::Float(v) => self.floats.format(v),
         });
     }
 }
@@ -141,8 +141,7 @@ pub(super) mod reference {
         registry::Registry,
     };
 
-    use super::{Family, Labels, Sink};
-    use crate::metrics::Number;
+    use super::{Family, Labels, Number, Sink};
 
     impl Sink for DescriptorEncoder<'_> {
         fn family<L: Labels>(
