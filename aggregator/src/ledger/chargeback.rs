@@ -21,6 +21,7 @@ use super::{
     Ledger, LedgerError,
     fold::{DAILY, GPU_NODE_KEY, GPU_NODE_SUMS, IO_NODE_KEY, IO_NODE_SUMS, MONTHLY},
     ingest::{HOUR_MS, hour_of},
+    sqlite::{Decode, PeriodParams, decoded_by_name},
 };
 use crate::time::{DAY_MS, day_of, month_of};
 
@@ -45,6 +46,20 @@ pub(crate) struct GpuGroup {
     pub idle_us: i64,
 }
 
+decoded_by_name!(GpuGroup {
+    tenant,
+    node,
+    cluster,
+    workload,
+    model,
+    slice_fraction,
+    allocated_us,
+    used_us,
+    energy_mj,
+    memory_byte_seconds,
+    idle_us,
+});
+
 /// I/O of one (tenant, node, cluster) over a period.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub(crate) struct IoGroup {
@@ -56,6 +71,16 @@ pub(crate) struct IoGroup {
     pub pcie_h2d_bytes: i64,
     pub pcie_d2h_bytes: i64,
 }
+
+decoded_by_name!(IoGroup {
+    tenant,
+    node,
+    cluster,
+    network_ingress_bytes,
+    network_egress_bytes,
+    pcie_h2d_bytes,
+    pcie_d2h_bytes,
+});
 
 /// The whole hours `[a, b)` inside `[from_ms, to_ms)`, read from the
 /// rollups; the rest of the period, `[from_ms, a)` and `[b, to_ms)`, is
@@ -87,8 +112,15 @@ impl Ledger {
         cluster: Option<&str>,
     ) -> Result<Vec<T>, LedgerError>
     where
-        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Decode + Send + Unpin + 'static,
     {
+        if let Some(reads) = &self.reads {
+            let params = PeriodParams {
+                range: [from_ms, to_ms, a, b],
+                cluster: cluster.map(str::to_owned),
+            };
+            return reads.period(query.to_owned(), params).await;
+        }
         let mut q = sqlx::query_as(query)
             .bind(from_ms)
             .bind(to_ms)
@@ -139,7 +171,7 @@ impl Ledger {
         cluster: Option<&str>,
     ) -> Result<Vec<T>, LedgerError>
     where
-        T: PartSum + for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+        T: PartSum + for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Decode + Send + Unpin + 'static,
     {
         let (a, b) = whole_hours(from_ms, to_ms);
         let only = in_cluster(cluster);

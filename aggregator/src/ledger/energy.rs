@@ -11,6 +11,7 @@
 use super::{
     Ledger, LedgerError,
     chargeback::{DIRTY, in_cluster, whole_hours},
+    sqlite::decoded_by_name,
 };
 
 /// Energy of one (tenant, node, model, cluster, workload) in one UTC hour.
@@ -26,6 +27,16 @@ pub(crate) struct EnergyHour {
     pub hour_ms: i64,
     pub energy_mj: i64,
 }
+
+decoded_by_name!(EnergyHour {
+    tenant,
+    node,
+    cluster,
+    workload,
+    model,
+    hour_ms,
+    energy_mj,
+});
 
 /// A raw row's hour, as the rollups key it.
 const RAW_HOUR: &str = "(interval_end_ms / 3600000) * 3600000";

@@ -22,7 +22,10 @@
 //! ([`fold`]) and removes rows past their retention ([`retention`]; on
 //! PostgreSQL by dropping day partitions, [`partitions`]).
 
-use std::{path::Path, sync::Once};
+use std::{
+    path::{Path, PathBuf},
+    sync::Once,
+};
 
 use sqlx::{
     AnyPool, Executor,
@@ -39,6 +42,7 @@ pub(crate) mod ingest;
 mod partitions;
 mod retention;
 mod rows;
+mod sqlite;
 pub(crate) mod totals;
 mod writer;
 
@@ -60,6 +64,12 @@ pub(crate) enum LedgerError {
     /// The database could not be reached or refused a statement.
     #[error("ledger database: {0}")]
     Database(#[from] sqlx::Error),
+    /// SQLite refused a read decoded in place ([`sqlite`]).
+    #[error("ledger database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The blocking task of a SQLite read panicked or was cancelled.
+    #[error("ledger read task: {0}")]
+    ReadTask(String),
     /// The schema migrations failed.
     #[error("ledger migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -75,6 +85,12 @@ pub(crate) enum LedgerError {
     /// down).
     #[error("the ledger's writer has stopped")]
     WriterStopped,
+    /// A SQLite ledger must be a file: the period reads open it again
+    /// ([`sqlite`]), and an in-memory database would not be durable.
+    #[error(
+        "ledger url {0:?}: a SQLite ledger needs a file, e.g. sqlite:///var/lib/tally/ledger.db"
+    )]
+    NotAFile(String),
     /// The SQLite file's directory could not be created.
     #[error("cannot create {path}: {source}")]
     Directory {
@@ -90,12 +106,14 @@ pub(crate) enum Backend {
     Postgres,
 }
 
-/// The ledger: a connection pool, and on SQLite the group-commit writer.
+/// The ledger: a connection pool, and on SQLite the group-commit writer
+/// and the file the period reads open.
 #[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     pool: AnyPool,
     pub backend: Backend,
     writer: Option<writer::Writer>,
+    reads: Option<sqlite::Reads>,
 }
 
 /// A count from the wire as SQL's BIGINT (saturating).
@@ -103,14 +121,16 @@ pub(super) fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// A URL sqlx accepts: SQLite files are created (with their directory).
-fn prepare_url(url: &str) -> Result<(String, Backend), LedgerError> {
+/// A URL sqlx accepts, its backend and, on SQLite, its file: SQLite
+/// files are created (with their directory).
+fn prepare_url(url: &str) -> Result<(String, Backend, Option<PathBuf>), LedgerError> {
     if let Some(rest) = url.strip_prefix("sqlite:") {
         let path = rest.strip_prefix("//").unwrap_or(rest);
         let file = path.split('?').next().unwrap_or(path);
-        if !file.is_empty()
-            && file != ":memory:"
-            && let Some(dir) = Path::new(file).parent()
+        if file.is_empty() || file == ":memory:" || url.contains("mode=memory") {
+            return Err(LedgerError::NotAFile(url.to_owned()));
+        }
+        if let Some(dir) = Path::new(file).parent()
             && !dir.as_os_str().is_empty()
         {
             std::fs::create_dir_all(dir).map_err(|source| LedgerError::Directory {
@@ -125,9 +145,9 @@ fn prepare_url(url: &str) -> Result<(String, Backend), LedgerError> {
         } else {
             format!("{url}?mode=rwc")
         };
-        Ok((url, Backend::Sqlite))
+        Ok((url, Backend::Sqlite, Some(PathBuf::from(file))))
     } else {
-        Ok((url.to_owned(), Backend::Postgres))
+        Ok((url.to_owned(), Backend::Postgres, None))
     }
 }
 
@@ -145,7 +165,7 @@ impl Ledger {
     pub(crate) async fn open(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
-        let (url, backend) = prepare_url(url)?;
+        let (url, backend, file) = prepare_url(url)?;
         let options: AnyConnectOptions = url.parse()?;
         let pool = pool_options(backend, max_connections)
             .after_connect(move |conn, _| {
@@ -178,6 +198,7 @@ impl Ledger {
             pool,
             backend,
             writer,
+            reads: file.map(sqlite::Reads::new),
         };
         // Today's partitions before the first report; until they exist
         // rows wait in the default partition, so a failure only warns.
@@ -199,6 +220,31 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SQLite ledger is a file, which the period reads open again; an
+    /// in-memory one is refused by name, not opened empty.
+    #[test]
+    fn a_sqlite_ledger_must_be_a_file() {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite:",
+            "sqlite://x.db?mode=memory",
+        ] {
+            let e = prepare_url(url).unwrap_err();
+            assert!(matches!(e, LedgerError::NotAFile(_)), "{url}: {e}");
+            assert!(e.to_string().contains("needs a file"), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub/ledger.db");
+        let (url, backend, at) = prepare_url(&format!("sqlite://{}", file.display())).unwrap();
+        assert_eq!(backend, Backend::Sqlite);
+        assert_eq!(at.as_deref(), Some(file.as_path()));
+        assert!(url.ends_with("?mode=rwc"), "{url}");
+        assert!(file.parent().unwrap().is_dir());
+        let (_, backend, at) = prepare_url("postgres://h/db").unwrap();
+        assert_eq!((backend, at), (Backend::Postgres, None));
+    }
 
     /// A PostgreSQL that is down must get a 503 to agents well within
     /// their `[report] timeout` (10 s by default), not hang every request

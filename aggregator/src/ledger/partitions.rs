@@ -298,6 +298,7 @@ mod tests {
                 pool,
                 backend: super::super::Backend::Postgres,
                 writer: None,
+                reads: None,
             };
             put(&before, 1, 1_000_000).await;
             put(&before, 2, D + 400 * DAY_MS).await;
