@@ -2,7 +2,6 @@
 //! (and, with the node's key, each record's HMAC) checked on the way in,
 //! and read back by `GET /api/v1/audit`.
 
-use sqlx::Arguments as _;
 use tally_contract::{
     audit::KeyedCheck,
     wire::{AuditRecord, GENESIS_SHA256, Report},
@@ -11,6 +10,7 @@ use tally_contract::{
 use super::{
     Ledger, LedgerError, i,
     rows::{self, plain},
+    tx::{Tx, args},
 };
 use crate::audit_keys::{KeyFor, NodeKeys};
 
@@ -77,24 +77,24 @@ pub(crate) struct AuditQuery {
 /// each checked against its node's chain and key. Returns why each record
 /// that does not follow the chain does not.
 pub(super) async fn store(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut impl Tx,
     r: &Report,
     id: i64,
     end: i64,
     keys: &NodeKeys,
-) -> Result<Vec<String>, sqlx::Error> {
+) -> Result<Vec<String>, LedgerError> {
     let mut audit_breaks = Vec::new();
     if !r.audit.is_empty() {
         // The node's last stored hash, and whether its chain has carried an
         // HMAC: an unkeyed record after that was rewritten by someone
         // without the key.
         // (sqlx's Any driver decodes no SQLite BOOLEAN column: read 0 or 1.)
-        let stored: Option<(String, i64)> = sqlx::query_as(
-            "SELECT sha256, CASE WHEN keyed THEN 1 ELSE 0 END FROM audit_heads WHERE node = $1",
-        )
-        .bind(&r.node)
-        .fetch_optional(&mut *conn)
-        .await?;
+        let stored: Option<(String, i64)> = conn
+            .fetch_optional(
+                "SELECT sha256, CASE WHEN keyed THEN 1 ELSE 0 END FROM audit_heads WHERE node = $1",
+                args([r.node.as_str().into()]),
+            )
+            .await?;
         let (mut head, mut keyed) = match stored {
             Some((h, k)) => (Some(h), k != 0),
             None => (None, false),
@@ -132,14 +132,11 @@ pub(super) async fn store(
             },
         )
         .await?;
-        sqlx::query(
+        conn.execute(
             "INSERT INTO audit_heads (node, sha256, keyed) VALUES ($1, $2, $3) \
              ON CONFLICT (node) DO UPDATE SET sha256 = excluded.sha256, keyed = excluded.keyed",
+            args([r.node.as_str().into(), head.into(), keyed.into()]),
         )
-        .bind(&r.node)
-        .bind(head)
-        .bind(keyed)
-        .execute(&mut *conn)
         .await?;
     }
     Ok(audit_breaks)

@@ -4,10 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::Arguments as _;
 use tally_contract::wire::Report;
 
-use super::{Ledger, LedgerError, rows};
+use super::{
+    Ledger, LedgerError, rows,
+    tx::{Tx, args},
+};
 
 /// One row of `nodes`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -73,18 +75,19 @@ pub(crate) struct ClusterRows {
 /// changes nothing here, like it changes nothing in `gpu_state`, whose
 /// GPU states, tenants and MIG mode ingest writes with the gauges).
 pub(super) async fn store(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut impl Tx,
     r: &Report,
     end: i64,
     newest: bool,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), LedgerError> {
     if !newest {
         return Ok(());
     }
-    sqlx::query("DELETE FROM tenant_quota_state WHERE node = $1")
-        .bind(&r.node)
-        .execute(&mut *conn)
-        .await?;
+    conn.execute(
+        "DELETE FROM tenant_quota_state WHERE node = $1",
+        args([r.node.as_str().into()]),
+    )
+    .await?;
     // One row per (tenant, resource): the last one wins.
     let quotas: BTreeMap<(&str, &str), _> = r
         .tenant_quotas

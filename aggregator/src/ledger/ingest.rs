@@ -3,13 +3,13 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use sqlx::{AnyConnection, Arguments as _};
 use tally_contract::wire::{GpuGauge, Report};
 
 use super::{
     Ledger, LedgerError, audit, cluster, i,
     rows::{self, plain},
     totals::TenantTotals,
+    tx::{Tx, args},
 };
 use crate::audit_keys::NodeKeys;
 
@@ -49,7 +49,7 @@ impl Ledger {
             return writer.ingest(r, digest, received_ms, keys).await;
         }
         let mut tx = self.pool.begin().await?;
-        let out = write(&mut tx, r, digest, received_ms, keys).await?;
+        let out = write(&mut *tx, r, digest, received_ms, keys).await?;
         if matches!(out, Ingested::Stored { .. }) {
             tx.commit().await?;
         } else {
@@ -62,36 +62,40 @@ impl Ledger {
 /// Writes `r` on `conn`, inside a transaction the caller commits, unless
 /// its (node, boot, seq) is claimed already: then nothing is written.
 pub(super) async fn write(
-    conn: &mut AnyConnection,
+    conn: &mut impl Tx,
     r: &Report,
     digest: &str,
     received_ms: i64,
     keys: &NodeKeys,
-) -> Result<Ingested, sqlx::Error> {
-    let id: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO reports (node, boot_id, seq, interval_start_ms, interval_end_ms, \
-         received_ms, digest, cluster) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (node, boot_id, seq) DO NOTHING RETURNING id",
-    )
-    .bind(&r.node)
-    .bind(&r.boot_id)
-    .bind(i(r.seq))
-    .bind(i(r.interval_start_ms))
-    .bind(i(r.interval_end_ms))
-    .bind(received_ms)
-    .bind(digest)
-    .bind(r.cluster())
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(id) = id else {
-        let existing: Option<String> = sqlx::query_scalar(
-            "SELECT digest FROM reports WHERE node = $1 AND boot_id = $2 AND seq = $3",
+) -> Result<Ingested, LedgerError> {
+    let id: Option<i64> = conn
+        .fetch_optional(
+            "INSERT INTO reports (node, boot_id, seq, interval_start_ms, interval_end_ms, \
+             received_ms, digest, cluster) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (node, boot_id, seq) DO NOTHING RETURNING id",
+            args([
+                r.node.as_str().into(),
+                r.boot_id.as_str().into(),
+                i(r.seq).into(),
+                i(r.interval_start_ms).into(),
+                i(r.interval_end_ms).into(),
+                received_ms.into(),
+                digest.into(),
+                r.cluster().into(),
+            ]),
         )
-        .bind(&r.node)
-        .bind(&r.boot_id)
-        .bind(i(r.seq))
-        .fetch_optional(&mut *conn)
         .await?;
+    let Some(id) = id else {
+        let existing: Option<String> = conn
+            .fetch_optional(
+                "SELECT digest FROM reports WHERE node = $1 AND boot_id = $2 AND seq = $3",
+                args([
+                    r.node.as_str().into(),
+                    r.boot_id.as_str().into(),
+                    i(r.seq).into(),
+                ]),
+            )
+            .await?;
         return Ok(if existing.as_deref() == Some(digest) {
             Ingested::Duplicate
         } else {
@@ -102,29 +106,31 @@ pub(super) async fn write(
     usage(conn, r, id, end).await?;
     rollups(conn, r, end).await?;
     gpu_state(conn, r, end).await?;
-    let newest: i64 = sqlx::query_scalar(
-        "INSERT INTO nodes (node, reports, last_received_ms, last_interval_end_ms, \
-         report_interval_ms) VALUES ($1, 1, $2, $3, $4) ON CONFLICT (node) DO UPDATE SET \
-         reports = nodes.reports + 1, last_received_ms = excluded.last_received_ms, \
-         report_interval_ms = CASE WHEN excluded.last_interval_end_ms >= nodes.last_interval_end_ms \
-         THEN excluded.report_interval_ms ELSE nodes.report_interval_ms END, \
-         last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > nodes.last_interval_end_ms \
-         THEN excluded.last_interval_end_ms ELSE nodes.last_interval_end_ms END \
-         RETURNING last_interval_end_ms",
-    )
-    .bind(&r.node)
-    .bind(received_ms)
-    .bind(end)
-    .bind(r.report_interval_ms.map(i))
-    .fetch_one(&mut *conn)
-    .await?;
+    let newest: Option<i64> = conn
+        .fetch_optional(
+            "INSERT INTO nodes (node, reports, last_received_ms, last_interval_end_ms, \
+             report_interval_ms) VALUES ($1, 1, $2, $3, $4) ON CONFLICT (node) DO UPDATE SET \
+             reports = nodes.reports + 1, last_received_ms = excluded.last_received_ms, \
+             report_interval_ms = CASE WHEN excluded.last_interval_end_ms >= nodes.last_interval_end_ms \
+             THEN excluded.report_interval_ms ELSE nodes.report_interval_ms END, \
+             last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > nodes.last_interval_end_ms \
+             THEN excluded.last_interval_end_ms ELSE nodes.last_interval_end_ms END \
+             RETURNING last_interval_end_ms",
+            args([
+                r.node.as_str().into(),
+                received_ms.into(),
+                end.into(),
+                r.report_interval_ms.map(i).into(),
+            ]),
+        )
+        .await?;
     let audit_breaks = audit::store(conn, r, id, end, keys).await?;
-    cluster::store(conn, r, end, newest == end).await?;
+    cluster::store(conn, r, end, newest == Some(end)).await?;
     Ok(Ingested::Stored { audit_breaks })
 }
 
 /// The raw usage rows of report `id`.
-async fn usage(conn: &mut AnyConnection, r: &Report, id: i64, end: i64) -> Result<(), sqlx::Error> {
+async fn usage(conn: &mut impl Tx, r: &Report, id: i64, end: i64) -> Result<(), LedgerError> {
     rows::insert(
         conn,
         "gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, mig_profile, \
@@ -202,7 +208,7 @@ struct IoHour {
 /// Adds `r` to its node's hourly rollups and running totals. Every row
 /// written is the report's own node's, each key once per statement, in
 /// key order: concurrent reports lock rows in the same order.
-async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), sqlx::Error> {
+async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerError> {
     let hour = hour_of(end);
     let mut gpu: BTreeMap<(&str, &str, u64, &str), GpuHour> = BTreeMap::new();
     let mut io: BTreeMap<&str, IoHour> = BTreeMap::new();
@@ -331,7 +337,7 @@ async fn rollups(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), s
 
 /// The gauges of the report's devices, where the report is newer than
 /// what is stored (a report replayed from a spool changes nothing).
-async fn gpu_state(conn: &mut AnyConnection, r: &Report, end: i64) -> Result<(), sqlx::Error> {
+async fn gpu_state(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerError> {
     // One row per device (the last wins), in key order.
     let gpus: BTreeMap<&str, &GpuGauge> = r.gpus.iter().map(|g| (g.uuid.as_str(), g)).collect();
     let gpus: Vec<_> = gpus.into_values().collect();

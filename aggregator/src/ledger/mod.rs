@@ -8,10 +8,10 @@
 //! claims `(node, boot_id, seq)`: a retry finds the claim and is
 //! acknowledged without writing, so each report is stored exactly once,
 //! also with several aggregator replicas on one PostgreSQL. Each table
-//! gets one multi-row statement per report. On SQLite, one writer task
+//! gets one multi-row statement per report. On SQLite, one writer thread
 //! commits every report queued meanwhile in one transaction (group
-//! commit, [`writer`]); on PostgreSQL each request writes its own, in
-//! parallel.
+//! commit, [`writer`], on rusqlite: [`tx`]); on PostgreSQL each request
+//! writes its own, in parallel.
 //!
 //! The same transaction adds the report to hourly rollups and running
 //! totals, all keyed by node, so no row is written by every node's
@@ -44,6 +44,7 @@ mod retention;
 mod rows;
 mod sqlite;
 pub(crate) mod totals;
+mod tx;
 mod writer;
 
 pub(crate) use retention::Maintained;
@@ -67,16 +68,16 @@ pub(crate) enum LedgerError {
     /// SQLite refused a read decoded in place ([`sqlite`]).
     #[error("ledger database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// The blocking task of a SQLite read panicked or was cancelled.
-    #[error("ledger read task: {0}")]
-    ReadTask(String),
+    /// The thread of a SQLite read or of the writer could not run.
+    #[error("ledger thread: {0}")]
+    Thread(String),
     /// The schema migrations failed.
     #[error("ledger migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The group commit that carried the report failed; nothing of it
     /// was stored.
-    #[error("ledger database (group commit): {0}")]
-    GroupCommit(std::sync::Arc<sqlx::Error>),
+    #[error("group commit: {0}")]
+    GroupCommit(std::sync::Arc<LedgerError>),
     /// A sum over the period does not fit in 64 bits (the database
     /// refuses the same when it sums).
     #[error("a sum over the period is out of range of 64-bit integers")]
@@ -193,7 +194,10 @@ impl Ledger {
             Backend::Sqlite => SQLITE.run(&pool).await?,
             Backend::Postgres => POSTGRES.run(&pool).await?,
         }
-        let writer = (backend == Backend::Sqlite).then(|| writer::Writer::start(pool.clone()));
+        let writer = match &file {
+            Some(file) => Some(writer::Writer::start(file)?),
+            None => None,
+        };
         let ledger = Self {
             pool,
             backend,

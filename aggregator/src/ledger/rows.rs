@@ -1,13 +1,12 @@
 //! Multi-row statements: the `VALUES (…), (…)` list of an INSERT that
 //! writes many rows with one round trip, in either dialect.
 
-use sqlx::{AnyConnection, any::AnyArguments, error::BoxDynError};
+use std::convert::Infallible;
 
-/// Whether `conn` takes numbered parameters (PostgreSQL) rather than
-/// plain `?` (SQLite).
-fn numbered(conn: &AnyConnection) -> bool {
-    conn.backend_name() != "SQLite"
-}
+use super::{
+    LedgerError,
+    tx::{Args, Tx},
+};
 
 /// Most rows in one statement: keeps the bound parameters far below
 /// SQLite's 32,766 and PostgreSQL's 65,535.
@@ -20,7 +19,7 @@ const MAX_ROWS: usize = 1000;
 /// and SQLite finds a name in a list of all of them, which made binding a
 /// 650-parameter statement cost more than running it (40 % of the
 /// aggregator's CPU in `sqlite3_bind_parameter_name`, BENCHMARKS.md § 6).
-fn values(rows: usize, template: &[&str], numbered: bool) -> String {
+pub(super) fn values(rows: usize, template: &[&str], numbered: bool) -> String {
     let mut out = String::with_capacity(rows * template.len() * 6);
     let mut n = 0;
     for r in 0..rows {
@@ -57,31 +56,26 @@ pub(super) fn plain(count: usize) -> Vec<&'static str> {
 /// [`values`]), `upsert` what follows the list (an `ON CONFLICT` clause,
 /// or nothing), and `bind` adds one row's values in the template's order.
 ///
-/// The statement is not kept prepared: its text differs with every row
-/// count, and sqlx's per-connection cache (100 statements, each pool
-/// connection its own) filled with them. On SQLite, reports of 1 to 150
-/// tenants grew the aggregator by 44 MiB with the cache and by 2.4 MiB
-/// without it (the 22-minute soak's +40 MiB/h, docs/faults.md).
+/// Through sqlx the statement is not kept prepared: its text differs with
+/// every row count, and sqlx's per-connection cache (100 statements, each
+/// pool connection its own) filled with them. On SQLite, reports of 1 to
+/// 150 tenants grew the aggregator by 44 MiB with the cache and by 2.4 MiB
+/// without it (the 22-minute soak's +40 MiB/h, docs/faults.md). The SQLite
+/// writer runs the one-row statement once per row instead ([`Tx`]).
 pub(super) async fn insert<'a, T>(
-    conn: &mut AnyConnection,
+    conn: &mut impl Tx,
     into: &str,
     template: &[&str],
     upsert: &str,
     rows: &'a [T],
-    bind: impl Fn(&mut AnyArguments<'a>, &'a T) -> Result<(), BoxDynError>,
-) -> Result<(), sqlx::Error> {
+    bind: impl Fn(&mut Args<'a>, &'a T) -> Result<(), Infallible>,
+) -> Result<(), LedgerError> {
     for chunk in rows.chunks(MAX_ROWS) {
-        let sql = format!(
-            "INSERT INTO {into} VALUES {} {upsert}",
-            values(chunk.len(), template, numbered(conn))
-        );
-        let mut args = AnyArguments::default();
+        let mut args = Args::with_capacity(chunk.len() * template.len());
         for row in chunk {
-            bind(&mut args, row).map_err(sqlx::Error::Encode)?;
+            let Ok(()) = bind(&mut args, row);
         }
-        sqlx::query_with(&sql, args)
-            .persistent(false)
-            .execute(&mut *conn)
+        conn.insert(into, template, upsert, chunk.len(), args)
             .await?;
     }
     Ok(())
@@ -89,7 +83,7 @@ pub(super) async fn insert<'a, T>(
 
 #[cfg(test)]
 mod tests {
-    use sqlx::{Arguments as _, Connection, Executor};
+    use sqlx::{AnyConnection, Connection, Executor};
 
     use super::*;
 
@@ -107,7 +101,7 @@ mod tests {
         };
         sqlx::any::install_default_drivers();
         let mut conn = AnyConnection::connect(&url).await.unwrap();
-        conn.execute("CREATE TEMP TABLE t (a BIGINT, b BIGINT)")
+        Executor::execute(&mut conn, "CREATE TEMP TABLE t (a BIGINT, b BIGINT)")
             .await
             .unwrap();
         let prepared = async |conn: &mut AnyConnection| -> i64 {

@@ -7,8 +7,9 @@
 //! again on the runtime thread; a month's chargeback by node (400,000
 //! rows) spent about half of its time there. rusqlite reads each column
 //! straight from the statement into the group's fields, through the same
-//! SQLite library sqlx links (one `libsqlite3-sys`). Writes, migrations
-//! and the small reads stay on sqlx.
+//! SQLite library sqlx links (one `libsqlite3-sys`). Reports are written
+//! on rusqlite too, for the same reason ([`super::writer`]); migrations,
+//! maintenance and the small reads stay on sqlx.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -16,9 +17,9 @@ use rusqlite::{Connection, OpenFlags, Row, Statement};
 
 use super::LedgerError;
 
-/// A value sqlx's SQLite driver would also wait this long to read past
-/// a writer's lock (the pool's `busy_timeout`).
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a statement waits for another connection's lock, as the
+/// pool's connections do (`busy_timeout`).
+pub(super) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A type read from a row by column name: its fields' names and how to
 /// build it from the columns at those names' positions.
@@ -79,7 +80,7 @@ impl Reads {
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || read(&file, &query, &params))
             .await
-            .map_err(|e| LedgerError::ReadTask(e.to_string()))?
+            .map_err(|e| LedgerError::Thread(e.to_string()))?
     }
 }
 

@@ -1,12 +1,19 @@
-//! Group commit on SQLite: one task writes every report, committing all
+//! Group commit on SQLite: one thread writes every report, committing all
 //! the reports queued meanwhile in one transaction (one fsync for many),
 //! instead of a pool of connections queueing for SQLite's single write
 //! lock. Each caller is answered only once its report's transaction has
-//! committed.
+//! committed. The thread has its own rusqlite connection: the statements
+//! run where they are made ([`super::tx`]).
 
-use std::sync::Arc;
+use std::{
+    future::Future,
+    path::Path,
+    pin::pin,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+};
 
-use sqlx::{Acquire, AnyPool};
+use rusqlite::Connection;
 use tally_contract::wire::Report;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
@@ -38,11 +45,24 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task on `pool`.
-    pub(super) fn start(pool: AnyPool) -> Self {
+    /// Opens `file` for writing and starts the writer thread on it.
+    pub(super) fn start(file: &Path) -> Result<Self, LedgerError> {
+        let conn = Connection::open(file)?;
+        // As the pool's connections (`Ledger::open`): a committed report
+        // survives power loss; a reader or the maintenance pass holding
+        // the lock is waited for; rows refer to their report.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )?;
+        conn.busy_timeout(super::sqlite::BUSY_TIMEOUT)?;
+        // Every statement of a report's write, kept prepared.
+        conn.set_prepared_statement_cache_capacity(64);
         let (jobs, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(pool, rx));
-        Self { jobs }
+        std::thread::Builder::new()
+            .name("tally-ledger".into())
+            .spawn(move || run(conn, rx))
+            .map_err(|e| LedgerError::Thread(format!("cannot start the ledger writer: {e}")))?;
+        Ok(Self { jobs })
     }
 
     /// Queues `r` and waits until it is durable (or refused).
@@ -69,44 +89,66 @@ impl Writer {
     }
 }
 
-async fn run(pool: AnyPool, mut rx: mpsc::Receiver<Job>) {
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        commit(&pool, &mut batch).await;
+    while let Some(job) = rx.blocking_recv() {
+        batch.push(job);
+        while batch.len() < MAX_BATCH
+            && let Ok(job) = rx.try_recv()
+        {
+            batch.push(job);
+        }
+        commit(&mut conn, &mut batch);
     }
+}
+
+/// Runs `f`, whose every await is a rusqlite statement (synchronous): it
+/// is done on its first poll.
+fn at_once<T>(f: impl Future<Output = T>) -> T {
+    match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("a rusqlite statement never waits"),
+    }
+}
+
+/// Runs one of the transaction's own statements.
+fn run_sql(conn: &Connection, sql: &str) -> Result<(), LedgerError> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
 }
 
 /// Writes every job of `batch` in one transaction and answers each one.
 /// A report whose statements fail is rolled back to its savepoint and
 /// answered with the error; the others still commit.
-async fn commit(pool: &AnyPool, batch: &mut Vec<Job>) {
+fn commit(conn: &mut Connection, batch: &mut Vec<Job>) {
     let mut outcomes: Vec<Result<Ingested, LedgerError>> = Vec::with_capacity(batch.len());
-    let result: Result<(), sqlx::Error> = async {
-        let mut tx = pool.begin().await?;
+    let result = (|| {
+        // The write lock now, not at the first write: a reader's lock is
+        // waited for here rather than turned into a busy error mid-way.
+        run_sql(conn, "BEGIN IMMEDIATE")?;
         for job in batch.iter() {
-            let mut savepoint = tx.begin().await?;
-            let written = super::ingest::write(
-                &mut savepoint,
+            run_sql(conn, "SAVEPOINT report")?;
+            let written = at_once(super::ingest::write(
+                conn,
                 &job.report,
                 &job.digest,
                 job.received_ms,
                 &job.keys,
-            )
-            .await;
+            ));
             match written {
                 Ok(out) => {
-                    savepoint.commit().await?;
+                    run_sql(conn, "RELEASE report")?;
                     outcomes.push(Ok(out));
                 }
                 Err(e) => {
-                    savepoint.rollback().await?;
-                    outcomes.push(Err(e.into()));
+                    run_sql(conn, "ROLLBACK TO report")?;
+                    run_sql(conn, "RELEASE report")?;
+                    outcomes.push(Err(e));
                 }
             }
         }
-        tx.commit().await
-    }
-    .await;
+        run_sql(conn, "COMMIT")
+    })();
     match result {
         Ok(()) => {
             for (job, out) in batch.drain(..).zip(outcomes) {
@@ -114,6 +156,11 @@ async fn commit(pool: &AnyPool, batch: &mut Vec<Job>) {
             }
         }
         Err(e) => {
+            if !conn.is_autocommit()
+                && let Err(r) = run_sql(conn, "ROLLBACK")
+            {
+                warn!(error = %r, "group commit: rollback failed");
+            }
             warn!(error = %e, reports = batch.len(), "group commit failed");
             let e = Arc::new(e);
             for job in batch.drain(..) {

@@ -1,0 +1,302 @@
+//! Where a report's statements run: one trait, [`Tx`], over the two
+//! drivers, so [`super::ingest::write`] is written once.
+//!
+//! - **sqlx** (`AnyConnection`): PostgreSQL, each request its own
+//!   transaction.
+//! - **rusqlite** (`rusqlite::Connection`): the SQLite writer's thread
+//!   ([`super::writer`]). Through sqlx every statement was a round trip
+//!   to its worker thread and back, with each value copied on the way:
+//!   the writer's core idled between statements while the runtime built
+//!   the next. Here the statements run where they are made, prepared once
+//!   and kept (a multi-row insert is its one-row statement run per row,
+//!   which SQLite does not parse again).
+
+use std::{borrow::Cow, convert::Infallible, future::Future};
+
+use sqlx::{AnyConnection, Arguments as _, Row as _, any::AnyArguments};
+
+use super::LedgerError;
+
+/// One value bound to a statement. Nulls keep their type: PostgreSQL
+/// holds a prepared statement to the types it was first given.
+#[derive(Debug, Clone)]
+pub(super) enum Arg<'a> {
+    Int(Option<i64>),
+    Float(f64),
+    Bool(bool),
+    Text(Option<Cow<'a, str>>),
+}
+
+impl From<i64> for Arg<'_> {
+    fn from(v: i64) -> Self {
+        Arg::Int(Some(v))
+    }
+}
+
+impl From<Option<i64>> for Arg<'_> {
+    fn from(v: Option<i64>) -> Self {
+        Arg::Int(v)
+    }
+}
+
+impl From<f64> for Arg<'_> {
+    fn from(v: f64) -> Self {
+        Arg::Float(v)
+    }
+}
+
+impl From<bool> for Arg<'_> {
+    fn from(v: bool) -> Self {
+        Arg::Bool(v)
+    }
+}
+
+impl<'a> From<&'a str> for Arg<'a> {
+    fn from(v: &'a str) -> Self {
+        Arg::Text(Some(Cow::Borrowed(v)))
+    }
+}
+
+impl<'a> From<&'a String> for Arg<'a> {
+    fn from(v: &'a String) -> Self {
+        Arg::Text(Some(Cow::Borrowed(v)))
+    }
+}
+
+impl From<String> for Arg<'_> {
+    fn from(v: String) -> Self {
+        Arg::Text(Some(Cow::Owned(v)))
+    }
+}
+
+impl From<Option<String>> for Arg<'_> {
+    fn from(v: Option<String>) -> Self {
+        Arg::Text(v.map(Cow::Owned))
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Arg<'a> {
+    fn from(v: Option<&'a str>) -> Self {
+        Arg::Text(v.map(Cow::Borrowed))
+    }
+}
+
+/// A statement's values, in parameter order (`$1`, `$2`, … or, for a
+/// multi-row insert, row after row).
+#[derive(Debug, Default)]
+pub(super) struct Args<'a>(Vec<Arg<'a>>);
+
+impl<'a> Args<'a> {
+    pub(super) fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    /// Adds the next value. Never fails: a `Result` so that a row's
+    /// values read `a.add(x)?; …; a.add(z)`.
+    pub(super) fn add(&mut self, v: impl Into<Arg<'a>>) -> Result<(), Infallible> {
+        self.0.push(v.into());
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// `args`, each added.
+pub(super) fn args<'a, const N: usize>(values: [Arg<'a>; N]) -> Args<'a> {
+    Args(values.into())
+}
+
+/// A row's column read from either driver.
+pub(super) trait Out: Sized + Send {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error>;
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
+}
+
+impl Out for i64 {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        row.try_get(0)
+    }
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        row.get(0)
+    }
+}
+
+impl Out for String {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        row.try_get(0)
+    }
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        row.get(0)
+    }
+}
+
+impl Out for (String, i64) {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok((row.get(0)?, row.get(1)?))
+    }
+}
+
+/// The statements a report's write needs, inside a transaction the
+/// caller owns.
+pub(super) trait Tx: Send {
+    /// Runs `sql`, whose parameters are `$1`, `$2`, ….
+    fn execute(
+        &mut self,
+        sql: &str,
+        args: Args<'_>,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+
+    /// The first row `sql` returns, if any.
+    fn fetch_optional<T: Out>(
+        &mut self,
+        sql: &str,
+        args: Args<'_>,
+    ) -> impl Future<Output = Result<Option<T>, LedgerError>> + Send;
+
+    /// `INSERT INTO {into} VALUES {rows tuples of template} {upsert}`:
+    /// `template` is one row's placeholders, each `?` a value of `args`,
+    /// row after row.
+    fn insert(
+        &mut self,
+        into: &str,
+        template: &[&str],
+        upsert: &str,
+        rows: usize,
+        args: Args<'_>,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+}
+
+/// `args` as sqlx's.
+fn any_args(args: Args<'_>) -> Result<AnyArguments<'_>, sqlx::Error> {
+    let mut out = AnyArguments::default();
+    for a in args.0 {
+        match a {
+            Arg::Int(v) => out.add(v),
+            Arg::Float(v) => out.add(v),
+            Arg::Bool(v) => out.add(v),
+            Arg::Text(Some(Cow::Borrowed(v))) => out.add(v),
+            Arg::Text(Some(Cow::Owned(v))) => out.add(v),
+            Arg::Text(None) => out.add(None::<String>),
+        }
+        .map_err(sqlx::Error::Encode)?;
+    }
+    Ok(out)
+}
+
+impl Tx for AnyConnection {
+    async fn execute(&mut self, sql: &str, args: Args<'_>) -> Result<(), LedgerError> {
+        sqlx::query_with(sql, any_args(args)?).execute(self).await?;
+        Ok(())
+    }
+
+    async fn fetch_optional<T: Out>(
+        &mut self,
+        sql: &str,
+        args: Args<'_>,
+    ) -> Result<Option<T>, LedgerError> {
+        let row = sqlx::query_with(sql, any_args(args)?)
+            .fetch_optional(self)
+            .await?;
+        Ok(row.as_ref().map(T::from_any).transpose()?)
+    }
+
+    async fn insert(
+        &mut self,
+        into: &str,
+        template: &[&str],
+        upsert: &str,
+        rows: usize,
+        args: Args<'_>,
+    ) -> Result<(), LedgerError> {
+        let numbered = self.backend_name() != "SQLite";
+        let sql = format!(
+            "INSERT INTO {into} VALUES {} {upsert}",
+            super::rows::values(rows, template, numbered)
+        );
+        // Not kept prepared: see `rows::insert`.
+        sqlx::query_with(&sql, any_args(args)?)
+            .persistent(false)
+            .execute(self)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Binds `a` as parameter `i` (1-based).
+fn bind_sqlite(stmt: &mut rusqlite::Statement<'_>, i: usize, a: &Arg<'_>) -> rusqlite::Result<()> {
+    use rusqlite::types::Null;
+    match a {
+        Arg::Int(Some(v)) => stmt.raw_bind_parameter(i, v),
+        Arg::Float(v) => stmt.raw_bind_parameter(i, v),
+        Arg::Bool(v) => stmt.raw_bind_parameter(i, v),
+        Arg::Text(Some(v)) => stmt.raw_bind_parameter(i, v.as_ref()),
+        Arg::Int(None) | Arg::Text(None) => stmt.raw_bind_parameter(i, Null),
+    }
+}
+
+/// Binds `args` to `$1`, `$2`, … by name: SQLite numbers named
+/// parameters in the order they first appear in the text.
+fn bind_numbered(stmt: &mut rusqlite::Statement<'_>, args: &Args<'_>) -> rusqlite::Result<()> {
+    for (n, a) in args.0.iter().enumerate() {
+        let name = format!("${}", n + 1);
+        let i = stmt
+            .parameter_index(&name)?
+            .ok_or(rusqlite::Error::InvalidParameterName(name))?;
+        bind_sqlite(stmt, i, a)?;
+    }
+    Ok(())
+}
+
+impl Tx for rusqlite::Connection {
+    async fn execute(&mut self, sql: &str, args: Args<'_>) -> Result<(), LedgerError> {
+        let mut stmt = self.prepare_cached(sql)?;
+        bind_numbered(&mut stmt, &args)?;
+        stmt.raw_execute()?;
+        Ok(())
+    }
+
+    async fn fetch_optional<T: Out>(
+        &mut self,
+        sql: &str,
+        args: Args<'_>,
+    ) -> Result<Option<T>, LedgerError> {
+        let mut stmt = self.prepare_cached(sql)?;
+        bind_numbered(&mut stmt, &args)?;
+        let mut rows = stmt.raw_query();
+        Ok(match rows.next()? {
+            Some(row) => Some(T::from_sqlite(row)?),
+            None => None,
+        })
+    }
+
+    async fn insert(
+        &mut self,
+        into: &str,
+        template: &[&str],
+        upsert: &str,
+        rows: usize,
+        args: Args<'_>,
+    ) -> Result<(), LedgerError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let per_row = args.len() / rows;
+        let sql = format!(
+            "INSERT INTO {into} VALUES {} {upsert}",
+            super::rows::values(1, template, false)
+        );
+        let mut stmt = self.prepare_cached(&sql)?;
+        for row in args.0.chunks(per_row) {
+            for (i, a) in row.iter().enumerate() {
+                bind_sqlite(&mut stmt, i + 1, a)?;
+            }
+            stmt.raw_execute()?;
+        }
+        Ok(())
+    }
+}
