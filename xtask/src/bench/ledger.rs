@@ -424,9 +424,9 @@ is shared between nodes, so PostgreSQL backends no longer queue on each other's 
 (compare `Lock:transactionid` 96 % before). What is left: on PostgreSQL, every report is its \
 own commit and the backends wait for the WAL to be flushed (`LWLock:WALWrite`, \
 `IO:WALSync` above) on a machine whose 2 cores also run the load generator and other \
-engineers' compilers; on SQLite, one writer thread (`sqlx-sqlite-wor`) runs every insert \
-of every report, so the rate is what one shared core does with ~300 rows and upserts per \
-report.
+engineers' compilers; on SQLite, one writer thread (`tally-ledger`, its own rusqlite \
+connection, statements kept prepared) runs every statement of every report, so the rate is \
+what one core does with ~300 rows and upserts per report.
 
 **What would fix it:** on PostgreSQL, less database work per report: `COPY`, or one \
 `UNNEST` statement per table for many reports. Group commit alone did not help here: an experiment \
@@ -434,8 +434,9 @@ report.
 per-node advisory locks across replicas) removed the WAL waits and stayed at the same \
 rate, one backend spending ~9 ms of CPU per report (2026-12-01). Not \
 `synchronous_commit = off`: an agent drops a report from its spool once it is \
-acknowledged. On SQLite, fewer rows per report (the raw I/O rows could be folded into the \
-GPU rows' table) or a second core for the writer.
+acknowledged. On SQLite, less B-tree work per report (the top symbols above are SQLite's \
+own): fewer rows per report (the raw I/O rows could be folded into the GPU rows' table), \
+fewer indexes to keep, or a second core for the writer.
 ";
 
 /// One report: 50 tenants' GPU and I/O rows, 8 GPU gauges.
