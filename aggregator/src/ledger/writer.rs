@@ -169,3 +169,60 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Job>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ledger::{chargeback::tests::sqlite_ledger, ingest::tests::report};
+
+    /// Reports queued together commit together; one whose statements fail
+    /// is rolled back to its savepoint, answered with the error, and the
+    /// others of its transaction are stored all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_report_leaves_the_rest_of_its_batch_stored() {
+        let (dir, ledger) = sqlite_ledger(2).await;
+        sqlx::query(
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON gpu_usage WHEN NEW.tenant = 'boom' \
+             BEGIN SELECT RAISE(ABORT, 'boom is refused'); END",
+        )
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+        let keys = Arc::new(NodeKeys::default());
+        // Hold the write lock so that the writer waits on its first
+        // batch while the next three reports queue behind it.
+        let file = dir.path().join("ledger.db");
+        let holder = Connection::open(&file).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let send = |r: Report| {
+            let (ledger, keys) = (ledger.clone(), keys.clone());
+            tokio::spawn(async move { ledger.ingest(&r, &r.digest(), 1, &keys).await })
+        };
+        let first = send(report("n0", 1));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut boom = report("n2", 1);
+        boom.gpu_usage[0].tenant = "boom".into();
+        let queued = [send(report("n1", 1)), send(boom), send(report("n3", 1))];
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        holder.execute_batch("COMMIT").unwrap();
+        assert!(matches!(first.await.unwrap(), Ok(Ingested::Stored { .. })));
+        let [a, b, c] = queued;
+        assert!(matches!(a.await.unwrap(), Ok(Ingested::Stored { .. })));
+        let e = b.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("boom is refused"), "{e}");
+        assert!(matches!(c.await.unwrap(), Ok(Ingested::Stored { .. })));
+        let nodes: Vec<String> = sqlx::query_scalar("SELECT node FROM reports ORDER BY node")
+            .fetch_all(&ledger.pool)
+            .await
+            .unwrap();
+        // The refused report's claim of its (node, boot, seq) went with it.
+        assert_eq!(nodes, ["n0", "n1", "n3"]);
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM io_usage")
+            .fetch_one(&ledger.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 3);
+    }
+}
