@@ -82,7 +82,7 @@ pub(crate) enum LedgerError {
     /// refuses the same when it sums).
     #[error("a sum over the period is out of range of 64-bit integers")]
     SumOverflow,
-    /// The SQLite writer task has stopped (the aggregator is shutting
+    /// The SQLite writer thread has stopped (the aggregator is shutting
     /// down).
     #[error("the ledger's writer has stopped")]
     WriterStopped,
