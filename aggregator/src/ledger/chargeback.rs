@@ -21,7 +21,8 @@ use super::{
     Ledger, LedgerError,
     fold::{DAILY, GPU_NODE_KEY, GPU_NODE_SUMS, IO_NODE_KEY, IO_NODE_SUMS, MONTHLY},
     ingest::{HOUR_MS, hour_of},
-    sqlite::{Decode, PeriodParams, decoded_by_name},
+    sqlite::{Decode, decoded_by_name},
+    tx::{Args, args},
 };
 use crate::time::{DAY_MS, day_of, month_of};
 
@@ -114,12 +115,13 @@ impl Ledger {
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Decode + Send + Unpin + 'static,
     {
-        if let Some(reads) = &self.reads {
-            let params = PeriodParams {
-                range: [from_ms, to_ms, a, b],
-                cluster: cluster.map(str::to_owned),
-            };
-            return reads.period(query.to_owned(), params).await;
+        if let Some(sqlite) = &self.sqlite {
+            let mut params: Args<'static> =
+                args([from_ms.into(), to_ms.into(), a.into(), b.into()]);
+            if let Some(c) = cluster {
+                let Ok(()) = params.add(c.to_owned());
+            }
+            return sqlite.reads.period(query.to_owned(), params).await;
         }
         let mut q = sqlx::query_as(query)
             .bind(from_ms)

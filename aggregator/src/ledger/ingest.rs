@@ -45,8 +45,8 @@ impl Ledger {
         received_ms: i64,
         keys: &Arc<NodeKeys>,
     ) -> Result<Ingested, LedgerError> {
-        if let Some(writer) = &self.writer {
-            return writer.ingest(r, digest, received_ms, keys).await;
+        if let Some(sqlite) = &self.sqlite {
+            return sqlite.writer.ingest(r, digest, received_ms, keys).await;
         }
         let mut tx = self.pool.begin().await?;
         let out = write(&mut *tx, r, digest, received_ms, keys).await?;

@@ -65,7 +65,8 @@ pub(crate) enum LedgerError {
     /// The database could not be reached or refused a statement.
     #[error("ledger database: {0}")]
     Database(#[from] sqlx::Error),
-    /// SQLite refused a read decoded in place ([`sqlite`]).
+    /// SQLite refused a statement of the writer or of a period read
+    /// (rusqlite: [`writer`], [`sqlite`]).
     #[error("ledger database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The thread of a SQLite read or of the writer could not run.
@@ -107,14 +108,21 @@ pub(crate) enum Backend {
     Postgres,
 }
 
-/// The ledger: a connection pool, and on SQLite the group-commit writer
-/// and the file the period reads open.
+/// The ledger: a connection pool, and on SQLite what goes past it.
 #[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     pool: AnyPool,
     pub backend: Backend,
-    writer: Option<writer::Writer>,
-    reads: Option<sqlite::Reads>,
+    /// On SQLite only.
+    sqlite: Option<SqliteSide>,
+}
+
+/// What a SQLite ledger does on rusqlite rather than on the pool: write
+/// reports (the group-commit writer) and read periods.
+#[derive(Debug, Clone)]
+struct SqliteSide {
+    writer: writer::Writer,
+    reads: sqlite::Reads,
 }
 
 /// A count from the wire as SQL's BIGINT (saturating).
@@ -194,15 +202,17 @@ impl Ledger {
             Backend::Sqlite => SQLITE.run(&pool).await?,
             Backend::Postgres => POSTGRES.run(&pool).await?,
         }
-        let writer = match &file {
-            Some(file) => Some(writer::Writer::start(file)?),
+        let sqlite = match file {
+            Some(file) => Some(SqliteSide {
+                writer: writer::Writer::start(&file)?,
+                reads: sqlite::Reads::new(file),
+            }),
             None => None,
         };
         let ledger = Self {
             pool,
             backend,
-            writer,
-            reads: file.map(sqlite::Reads::new),
+            sqlite,
         };
         // Today's partitions before the first report; until they exist
         // rows wait in the default partition, so a failure only warns.

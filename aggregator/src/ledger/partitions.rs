@@ -297,8 +297,7 @@ mod tests {
             let before = Ledger {
                 pool,
                 backend: super::super::Backend::Postgres,
-                writer: None,
-                reads: None,
+                sqlite: None,
             };
             put(&before, 1, 1_000_000).await;
             put(&before, 2, D + 400 * DAY_MS).await;

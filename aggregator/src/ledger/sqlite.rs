@@ -15,7 +15,10 @@ use std::{path::PathBuf, sync::Arc};
 
 use rusqlite::{Connection, OpenFlags, Row, Statement};
 
-use super::LedgerError;
+use super::{
+    LedgerError,
+    tx::{Args, bind_numbered},
+};
 
 /// How long a statement waits for another connection's lock, as the
 /// pool's connections do (`busy_timeout`).
@@ -48,13 +51,6 @@ macro_rules! decoded_by_name {
 }
 pub(crate) use decoded_by_name;
 
-/// The parameters of a period read: `$1`/`$2` the period, `$3`/`$4` its
-/// whole hours, `$5` the cluster when given (see `Ledger::period_query`).
-pub(super) struct PeriodParams {
-    pub range: [i64; 4],
-    pub cluster: Option<String>,
-}
-
 /// The ledger's SQLite file, opened afresh by each period read.
 #[derive(Debug, Clone)]
 pub(super) struct Reads {
@@ -68,11 +64,12 @@ impl Reads {
         }
     }
 
-    /// Runs `query` with `params` and decodes every row as `T`.
+    /// Runs `query` with `params` (`$1`, `$2`, …) and decodes every row
+    /// as `T`.
     pub(super) async fn period<T>(
         &self,
         query: String,
-        params: PeriodParams,
+        params: Args<'static>,
     ) -> Result<Vec<T>, LedgerError>
     where
         T: Decode + Send + 'static,
@@ -87,7 +84,7 @@ impl Reads {
 fn read<T: Decode>(
     file: &std::path::Path,
     query: &str,
-    params: &PeriodParams,
+    params: &Args<'_>,
 ) -> Result<Vec<T>, LedgerError> {
     // Read-only, and without SQLite's per-connection mutex: the
     // connection lives on this one thread.
@@ -97,7 +94,7 @@ fn read<T: Decode>(
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mut stmt = conn.prepare(query)?;
-    bind(&mut stmt, params)?;
+    bind_numbered(&mut stmt, params)?;
     let at = positions::<T>(&stmt)?;
     let mut rows = stmt.raw_query();
     let mut out = Vec::new();
@@ -105,23 +102,6 @@ fn read<T: Decode>(
         out.push(T::decode(row, &at)?);
     }
     Ok(out)
-}
-
-/// Binds each of `$1`…`$5` the statement names. SQLite numbers named
-/// parameters in the order they first appear, so they are bound by name.
-fn bind(stmt: &mut Statement<'_>, p: &PeriodParams) -> rusqlite::Result<()> {
-    for (name, value) in ["$1", "$2", "$3", "$4"].into_iter().zip(p.range) {
-        if let Some(i) = stmt.parameter_index(name)? {
-            stmt.raw_bind_parameter(i, value)?;
-        }
-    }
-    if let Some(i) = stmt.parameter_index("$5")? {
-        match &p.cluster {
-            Some(c) => stmt.raw_bind_parameter(i, c.as_str())?,
-            None => stmt.raw_bind_parameter(i, rusqlite::types::Null)?,
-        }
-    }
-    Ok(())
 }
 
 /// Where each of `T`'s columns is in the statement's result.
@@ -135,6 +115,7 @@ fn positions<T: Decode>(stmt: &Statement<'_>) -> rusqlite::Result<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::tx::args;
 
     #[derive(Debug, PartialEq)]
     struct Pair {
@@ -162,9 +143,12 @@ mod tests {
     #[tokio::test]
     async fn rows_are_decoded_by_column_name_and_bound_by_parameter_name() {
         let (_dir, reads) = file_with_rows();
-        let params = |cluster: Option<&str>| PeriodParams {
-            range: [10, 31, 20, 30],
-            cluster: cluster.map(str::to_owned),
+        let params = |cluster: Option<&str>| {
+            let mut p = args([10.into(), 31.into(), 20.into(), 30.into()]);
+            if let Some(c) = cluster {
+                let Ok(()) = p.add(c.to_owned());
+            }
+            p
         };
         let query = "SELECT count * 1.5 AS share, count, name FROM t \
                      WHERE at >= $3 AND at < $2 AND at >= $1 AND at <> $4 ORDER BY name";
@@ -190,10 +174,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_column_or_null_is_an_error() {
         let (dir, reads) = file_with_rows();
-        let params = || PeriodParams {
-            range: [0, 100, 0, 100],
-            cluster: None,
-        };
+        let params = || args([0.into(), 100.into(), 0.into(), 100.into()]);
         let e = reads
             .period::<Pair>("SELECT name, count FROM t".into(), params())
             .await

@@ -239,15 +239,18 @@ fn bind_sqlite(stmt: &mut rusqlite::Statement<'_>, i: usize, a: &Arg<'_>) -> rus
     }
 }
 
-/// Binds `args` to `$1`, `$2`, … by name: SQLite numbers named
-/// parameters in the order they first appear in the text.
-fn bind_numbered(stmt: &mut rusqlite::Statement<'_>, args: &Args<'_>) -> rusqlite::Result<()> {
+/// Binds `args` to `$1`, `$2`, … by name (SQLite numbers named
+/// parameters in the order they first appear in the text); a number the
+/// statement does not name is left out, as a period read names `$5` only
+/// when it keeps one cluster.
+pub(super) fn bind_numbered(
+    stmt: &mut rusqlite::Statement<'_>,
+    args: &Args<'_>,
+) -> rusqlite::Result<()> {
     for (n, a) in args.0.iter().enumerate() {
-        let name = format!("${}", n + 1);
-        let i = stmt
-            .parameter_index(&name)?
-            .ok_or(rusqlite::Error::InvalidParameterName(name))?;
-        bind_sqlite(stmt, i, a)?;
+        if let Some(i) = stmt.parameter_index(&format!("${}", n + 1))? {
+            bind_sqlite(stmt, i, a)?;
+        }
     }
     Ok(())
 }
