@@ -60,23 +60,29 @@ impl SimNode {
     }
 
     /// Gives the agent of `config` this node's [`SimNode::pin_dir`] when
-    /// the config names none, as `[probes] pin_dir` (added to its `[probes]`
-    /// table, or as one at the end): a test's agent must not take the
-    /// machine's maps. [`crate::Agent::launch`] calls it; a test that
+    /// the config names none, as `[probes] pin_dir`: a test's agent must
+    /// not take the machine's maps. [`crate::Agent::launch`] calls it; a test that
     /// spawns `tally agent` itself calls it on its config first.
     pub fn pin_here(&self, config: &Path) {
         let Ok(text) = fs::read_to_string(config) else {
             return;
         };
-        if text.contains("pin_dir") || text.contains("probes.") {
+        // A config the agent would refuse is left for the agent to refuse.
+        let Ok(mut table) = text.parse::<toml::Table>() else {
+            return;
+        };
+        let probes = table
+            .entry("probes")
+            .or_insert_with(|| toml::Table::new().into());
+        let Some(probes) = probes.as_table_mut() else {
+            return;
+        };
+        if probes.contains_key("pin_dir") {
             return;
         }
-        let line = format!("pin_dir = {:?}\n", self.pin_dir.display().to_string());
-        let text = match text.split_once("[probes]\n") {
-            Some((before, after)) => format!("{before}[probes]\n{line}{after}"),
-            None => format!("{text}\n[probes]\n{line}"),
-        };
-        fs::write(config, text).expect("write agent config");
+        let dir = self.pin_dir.display().to_string();
+        probes.insert("pin_dir".into(), dir.into());
+        fs::write(config, table.to_string()).expect("write agent config");
     }
 
     /// Two H100s and an A100 in MIG mode (3g.20gb, 2g.10gb, 1g.5gb, 1g.5gb).
@@ -225,6 +231,11 @@ mod tests {
         assert_eq!(pinned(&node, rule), node.pin_dir);
         let probes = format!("[probes]\nnetwork = false\n\n{rule}");
         assert_eq!(pinned(&node, &probes), node.pin_dir);
+        // Read as TOML, not as text: a comment naming the key, or the
+        // table's keys written dotted.
+        let comment = format!("# the default pin_dir is fine\n{rule}");
+        assert_eq!(pinned(&node, &comment), node.pin_dir);
+        assert_eq!(pinned(&node, "probes.network = false\n"), node.pin_dir);
         // A config that names its own keeps it.
         let own = "[probes]\npin_dir = \"/sys/fs/bpf/mine\"\n";
         assert_eq!(pinned(&node, own), Path::new("/sys/fs/bpf/mine"));
