@@ -421,35 +421,17 @@ const INGEST_BOTTLENECK: &str = "
 **Bottleneck (ingest).** `aggregator/src/ledger/ingest.rs` writes a report as ~9 multi-row \
 statements (its rows, its node's hourly rollups and totals, gauges, node row) and no row \
 is shared between nodes, so PostgreSQL backends no longer queue on each other's row locks \
-(compare `Lock:transactionid` 96 % before). What is left is the database's own work per row: \
-~250 rows and upserts per report.
-
-- **PostgreSQL.** The server log of a 1-agent run (`log_min_duration_statement = 0`, \
-2026-12-03) puts a report at ~4.5 ms of statement execution: 50 GPU rows 1.1 ms, 50 I/O \
-rows 0.8 ms, the two hourly rollups 0.65 + 0.45 ms, the node's totals 0.5 ms, gauges \
-0.3 ms, its commit 0.9 ms. Parsing and binding are ~0.04 ms a statement. Each raw row's \
-foreign-key check costs ~7 µs (`pgbench`, 50 rows with and without it).
-- **SQLite.** One writer thread (`tally-ledger`, its own rusqlite connection, statements \
-kept prepared) runs every statement of every report. At 16 agents it runs 85 % of the \
-time and waits for a core 4 % (`/proc/…/schedstat`); its profile is SQLite's own B-tree \
-and page work.
-
-**Tried on 2026-12-03, each measured side by side and not kept:** one fixed-text \
-`UNNEST` statement per table on PostgreSQL, prepared once (263 reports/s against \
-212–265 without it); with it, PostgreSQL's `commit_delay`, then also a 1 GiB \
-`shared_buffers` and 64 MiB `wal_buffers` (291 and 268: one run each, at most a tenth \
-above the noise); no savepoint per report in the SQLite writer's batch \
-(its sub-journal left the profile, the writer's user-space instructions per report fell \
-0.9 % under callgrind, the rate stayed within the noise); a load generator with its HTTP \
-client optimised (its CPU halved, the rates unchanged). Group commit on PostgreSQL did not \
-help either (2026-12-01: one writer per node shard batching queued reports into one \
-transaction removed the WAL waits and stayed at the same rate). Not \
-`synchronous_commit = off`: an agent drops a report from its spool once it is \
-acknowledged.
+(compare `Lock:transactionid` 96 % before). What is left is the database's own work per row, \
+~250 rows and upserts per report: on PostgreSQL in executing the statements (parsing and \
+binding one is ~0.04 ms), on SQLite in one writer thread (`tally-ledger`, its own rusqlite \
+connection, statements kept prepared) whose profile is SQLite's own B-tree and page work. \
+The notes above give the time of each statement and what was tried without moving the rate.
 
 **What would fix it:** fewer rows per report. A report's raw rows stored as one row \
 (arrays or a compact blob per report, unpacked by the partial-hour reads) and the I/O \
-hourly rollup folded into the GPU one would take ~250 row writes to ~60.
+hourly rollup folded into the GPU one would take ~250 row writes to ~60. Not \
+`synchronous_commit = off`: an agent drops a report from its spool once it is \
+acknowledged.
 ";
 
 /// One report: 50 tenants' GPU and I/O rows, 8 GPU gauges.
@@ -1018,4 +1000,27 @@ fn chargeback_bench(
         ),
     ];
     Ok((b, checks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bottleneck text is Markdown written with `\` line continuations,
+    /// which also swallow a blank line after them: each paragraph must
+    /// still begin on a line of its own, after a blank one.
+    #[test]
+    fn the_ingest_bottleneck_keeps_its_paragraphs() {
+        for paragraph in ["**Bottleneck (ingest).**", "**What would fix it:**"] {
+            assert!(
+                INGEST_BOTTLENECK.contains(&format!("\n\n{paragraph}"))
+                    || INGEST_BOTTLENECK.starts_with(&format!("\n{paragraph}")),
+                "{paragraph} runs into the text before it"
+            );
+        }
+        assert!(
+            !INGEST_BOTTLENECK.lines().any(|l| l.ends_with(' ')),
+            "a line ends in a space"
+        );
+    }
 }
