@@ -9,7 +9,7 @@
 //! [ledger]
 //! url = "sqlite:///var/lib/tally/ledger.db"   # or postgres://user@host/db
 //! max_connections = 8
-//! raw_retention = "35d"          # raw usage rows older than this are removed
+//! raw_retention = "35d"          # raw usage rows and report claims older than this are removed
 //! rollup_retention = "400d"      # hourly rollups likewise; unset: kept forever
 //!
 //! [prices]

@@ -355,6 +355,7 @@ async fn maintain_ledger(
             Ok(m) if m != ledger::Maintained::default() => info!(
                 folded_hours = m.folded_hours,
                 raw_rows_removed = m.raw_rows,
+                claims_removed = m.claims,
                 rollup_rows_removed = m.rollup_rows,
                 "ledger maintained"
             ),

@@ -31,6 +31,9 @@ pub(crate) enum Ingested {
     Duplicate,
     /// A different report was stored under the same (node, boot, seq).
     Conflict,
+    /// Its (node, boot, seq) is at or below claims that retention removed
+    /// (`claims_removed`): stored once already, or too late to tell.
+    Expired,
 }
 
 impl Ledger {
@@ -102,6 +105,18 @@ pub(super) async fn write(
             Ingested::Conflict
         });
     };
+    // Read after claiming, in a statement of its own: a retention pass
+    // removing this very claim meanwhile has either committed (its
+    // `claims_removed` is seen here) or made the claim above wait for it.
+    let removed_through: Option<i64> = conn
+        .fetch_optional(
+            "SELECT last_seq FROM claims_removed WHERE node = $1 AND boot_id = $2",
+            args([r.node.as_str().into(), r.boot_id.as_str().into()]),
+        )
+        .await?;
+    if removed_through.is_some_and(|last| i(r.seq) <= last) {
+        return Ok(Ingested::Expired);
+    }
     let end = i(r.interval_end_ms);
     usage(conn, r, id, end).await?;
     rollups(conn, r, end).await?;

@@ -293,15 +293,29 @@ mod tests {
             return;
         };
         {
+            // Rows as an aggregator before 0010 wrote them (by hand: this
+            // aggregator's ingest reads tables of later migrations).
             let pool = migrated_before(&url, "postgres", "0010").await;
-            let before = Ledger {
-                pool,
-                backend: super::super::Backend::Postgres,
-                sqlite: None,
-            };
-            put(&before, 1, 1_000_000).await;
-            put(&before, 2, D + 400 * DAY_MS).await;
-            before.pool.close().await;
+            for (seq, end) in [(1, 1_000_000), (2, D + 400 * DAY_MS)] {
+                sqlx::query(
+                    "WITH r AS (INSERT INTO reports (node, boot_id, seq, interval_start_ms, \
+                     interval_end_ms, received_ms, digest) VALUES ('n1', 'boot', $1, $2 - 60000, \
+                     $2, 1, 'd') RETURNING id), \
+                     g AS (INSERT INTO gpu_usage (report_id, node, interval_end_ms, tenant, gpu, \
+                     uuid, model, slice_fraction, allocated_us, memory_byte_seconds, energy_mj) \
+                     SELECT id, 'n1', $2, 'acme', '0', 'GPU-0', 'H100', 1.0, 1, 1, 1 FROM r) \
+                     INSERT INTO io_usage (report_id, node, interval_end_ms, tenant, \
+                     network_ingress_bytes, network_egress_bytes, network_ingress_packets, \
+                     network_egress_packets, network_dropped_packets, pcie_h2d_bytes, \
+                     pcie_d2h_bytes) SELECT id, 'n1', $2, 'acme', 1, 0, 0, 0, 0, 0, 0 FROM r",
+                )
+                .bind(seq)
+                .bind(end)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
         }
         let l = Ledger::open(&url, 4).await.unwrap();
         assert_eq!(count(&l, "gpu_usage").await, 2);
@@ -320,6 +334,16 @@ mod tests {
         put(&l, 3, tomorrow + 1).await;
         assert_eq!(count(&l, &day_name("gpu_usage", tomorrow)).await, 1);
         assert_eq!(count(&l, "gpu_usage").await, 3);
+        // Migration 0014 dropped every raw table's key to `reports`, the
+        // legacy partitions' own ones (from 0001) too.
+        let refs: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT CAST(conrelid::regclass AS TEXT) FROM pg_constraint \
+             WHERE contype = 'f' AND confrelid = 'reports'::regclass",
+        )
+        .fetch_all(&l.pool)
+        .await
+        .unwrap();
+        assert_eq!(refs, ["audit"]);
     }
 
     #[test]

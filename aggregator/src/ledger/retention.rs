@@ -3,10 +3,20 @@
 //! in small batches so that ingest never waits for more than one. On
 //! PostgreSQL raw rows go a whole day at a time, by dropping the day's
 //! partition once all of it is past retention ([`super::partitions`]).
+//!
+//! Report claims (`reports`) follow the raw rows, so that the ledger's
+//! size is bounded: what each (node, boot) lost is kept in
+//! `claims_removed`, one row per boot, and ingest refuses a report at or
+//! below it ([`super::ingest`]), so that none is stored twice. A claim
+//! stays while an audit record refers to it, or while its report is not
+//! yet folded into the node-less rollups (the fold finds its hours by the
+//! claims received since its watermark).
+
+use std::collections::BTreeMap;
 
 use super::{
     Backend, Ledger, LedgerError,
-    fold::{GPU_NODE_KEY, IO_NODE_KEY},
+    fold::{GPU_NODE_KEY, IO_NODE_KEY, WATERMARK},
 };
 use crate::time::{day_of, month_of};
 
@@ -21,14 +31,16 @@ pub(crate) struct Maintained {
     pub folded_hours: usize,
     /// Raw usage rows removed.
     pub raw_rows: u64,
+    /// Report claims removed.
+    pub claims: u64,
     /// Rollup rows removed.
     pub rollup_rows: u64,
 }
 
 impl Ledger {
     /// One maintenance pass at `now_ms`: folds the node-less rollups, then
-    /// removes raw rows whose interval ended before `raw_before_ms` and
-    /// rollup rows of hours before `rollup_before_ms`.
+    /// removes raw rows and report claims whose interval ended before
+    /// `raw_before_ms` and rollup rows of hours before `rollup_before_ms`.
     pub(crate) async fn maintain(
         &self,
         now_ms: i64,
@@ -51,6 +63,7 @@ impl Ledger {
                 }
             }
         }
+        let claims = self.remove_claims(raw_before_ms).await?;
         let mut rollup_rows = 0;
         if let Some(before) = rollup_before_ms {
             for table in [
@@ -75,8 +88,72 @@ impl Ledger {
         Ok(Maintained {
             folded_hours,
             raw_rows,
+            claims,
             rollup_rows,
         })
+    }
+
+    /// Removes the claims of reports whose interval ended before `before`,
+    /// [`BATCH`] per transaction, adding each batch to `claims_removed` in
+    /// the same transaction. Not those an audit record refers to, nor
+    /// those received since the fold's watermark.
+    async fn remove_claims(&self, before: i64) -> Result<u64, LedgerError> {
+        /// Per (node, boot): claims removed, first and last seq, last end.
+        type Removed = BTreeMap<(String, String), (i64, i64, i64, i64)>;
+        let mut total = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let gone: Vec<(String, String, i64, i64)> = sqlx::query_as(
+                "DELETE FROM reports WHERE id IN (SELECT r.id FROM reports r \
+                 WHERE r.interval_end_ms < $1 \
+                 AND r.received_ms < (SELECT received_ms FROM rollup_watermark WHERE name = $2) \
+                 AND NOT EXISTS (SELECT 1 FROM audit a WHERE a.report_id = r.id) LIMIT $3) \
+                 RETURNING node, boot_id, seq, interval_end_ms",
+            )
+            .bind(before)
+            .bind(WATERMARK)
+            .bind(BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut removed = Removed::new();
+            for (node, boot, seq, end) in &gone {
+                let e = removed
+                    .entry((node.clone(), boot.clone()))
+                    .or_insert((0, *seq, *seq, *end));
+                e.0 += 1;
+                e.1 = e.1.min(*seq);
+                e.2 = e.2.max(*seq);
+                e.3 = e.3.max(*end);
+            }
+            for ((node, boot), (n, first, last, end)) in removed {
+                sqlx::query(
+                    "INSERT INTO claims_removed (node, boot_id, reports, first_seq, last_seq, \
+                     last_interval_end_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (node, boot_id) DO UPDATE SET \
+                     reports = claims_removed.reports + excluded.reports, \
+                     first_seq = CASE WHEN excluded.first_seq < claims_removed.first_seq \
+                     THEN excluded.first_seq ELSE claims_removed.first_seq END, \
+                     last_seq = CASE WHEN excluded.last_seq > claims_removed.last_seq \
+                     THEN excluded.last_seq ELSE claims_removed.last_seq END, \
+                     last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > \
+                     claims_removed.last_interval_end_ms THEN excluded.last_interval_end_ms \
+                     ELSE claims_removed.last_interval_end_ms END",
+                )
+                .bind(node)
+                .bind(boot)
+                .bind(n)
+                .bind(first)
+                .bind(last)
+                .bind(end)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            total += gone.len() as u64;
+            if gone.len() < BATCH as usize {
+                return Ok(total);
+            }
+        }
     }
 
     /// Deletes `table`'s rows whose `column` is below `before`, [`BATCH`]
@@ -123,12 +200,14 @@ impl Ledger {
 mod tests {
     use std::sync::Arc;
 
+    use tally_contract::wire::{AuditRecord, GENESIS_SHA256};
+
     use super::*;
     use crate::{
         audit_keys::NodeKeys,
         ledger::{
-            chargeback::tests::{postgres_ledger, sqlite_ledger},
-            ingest::{HOUR_MS, tests::report},
+            chargeback::tests::{postgres_database, postgres_ledger, sqlite_ledger},
+            ingest::{HOUR_MS, Ingested, tests::report},
         },
     };
 
@@ -201,6 +280,251 @@ mod tests {
                 .unwrap();
             assert!(oldest >= D + 3 * DAY, "{table}: {oldest}");
         }
+    }
+
+    /// Claims past raw retention go, counted per (node, boot) in
+    /// `claims_removed`: the reports' summary does not change, a removed
+    /// report sent again is refused (nothing counted twice), a newer one
+    /// of the same boot is stored. A claim an audit record refers to, or
+    /// one received since the fold's watermark, stays.
+    async fn retention_removes_old_claims(l: &Ledger) {
+        let keys = Arc::new(NodeKeys::default());
+        let now = D + 11 * DAY;
+        // A report every six hours from D; n1's seq 2 carries an audit
+        // record.
+        let old = |node: &str, seq: u64| {
+            let mut r = report(node, seq);
+            r.interval_end_ms = (D + seq as i64 * 6 * HOUR_MS - 1) as u64;
+            r.interval_start_ms = r.interval_end_ms - 60_000;
+            if (node, seq) == ("n1", 2) {
+                r.audit = vec![AuditRecord {
+                    time_ms: Some(5),
+                    tenant: Some("acme".into()),
+                    action: Some("alert".into()),
+                    prev_sha256: GENESIS_SHA256.into(),
+                    sha256: "a".repeat(64),
+                    rest: Default::default(),
+                }];
+            }
+            r
+        };
+        for node in ["n1", "n2"] {
+            for seq in 1..=40u64 {
+                let r = old(node, seq);
+                // n2's seq 3 arrives late: after the fold's watermark.
+                let received = if (node, seq) == ("n2", 3) { now } else { 1 };
+                let out = l.ingest(&r, &r.digest(), received, &keys).await.unwrap();
+                assert!(matches!(out, Ingested::Stored { .. }), "{out:?}");
+            }
+        }
+        let summary = l.report_summary().await.unwrap();
+        let by_tenant = l.gpu_groups_by_tenant(D, now, None).await.unwrap();
+        let m = l.maintain(now, D + 5 * DAY, None).await.unwrap();
+        // Days 0–4: 20 reports per node, less n1's audited one and n2's
+        // late one.
+        assert_eq!(m.claims, 2 * 20 - 2, "{m:?}");
+        assert_eq!(count(l, "reports").await, 2 * 40 - 38);
+        let removed: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT node, reports, first_seq, last_seq, last_interval_end_ms \
+             FROM claims_removed ORDER BY node",
+        )
+        .fetch_all(&l.pool)
+        .await
+        .unwrap();
+        let end = |seq: i64| D + seq * 6 * HOUR_MS - 1;
+        assert_eq!(
+            removed,
+            [
+                ("n1".into(), 19, 1, 20, end(20)),
+                ("n2".into(), 19, 1, 20, end(20))
+            ]
+        );
+        assert_eq!(l.report_summary().await.unwrap(), summary);
+        // A removed report again: refused, nothing written.
+        let r = old("n1", 7);
+        assert_eq!(
+            l.ingest(&r, &r.digest(), now, &keys).await.unwrap(),
+            Ingested::Expired
+        );
+        assert_eq!(count(l, "reports").await, 42);
+        // Kept claims still answer as before.
+        for (node, seq) in [("n1", 2), ("n2", 3), ("n1", 21)] {
+            let r = old(node, seq);
+            assert_eq!(
+                l.ingest(&r, &r.digest(), now, &keys).await.unwrap(),
+                Ingested::Duplicate,
+                "{node} {seq}"
+            );
+        }
+        assert_eq!(
+            l.gpu_groups_by_tenant(D, now, None).await.unwrap(),
+            by_tenant
+        );
+        // The boot's next report is stored, however old its interval.
+        let r = old("n1", 41);
+        assert!(matches!(
+            l.ingest(&r, &r.digest(), now, &keys).await.unwrap(),
+            Ingested::Stored { .. }
+        ));
+        // Again: nothing left to remove; the counts add up.
+        let m = l.maintain(now, D + 5 * DAY, None).await.unwrap();
+        assert_eq!(m.claims, 0);
+        let s = l.report_summary().await.unwrap();
+        assert_eq!(
+            s.iter()
+                .map(|s| (s.node.as_str(), s.reports, s.first_seq, s.last_seq))
+                .collect::<Vec<_>>(),
+            [("n1", 41, 1, 41), ("n2", 40, 1, 40)]
+        );
+    }
+
+    #[tokio::test]
+    async fn retention_removes_old_claims_on_sqlite() {
+        let (_dir, ledger) = sqlite_ledger(4).await;
+        retention_removes_old_claims(&ledger).await;
+        // Nothing refers to a claim but audit records (migration 0014).
+        let refs: Vec<String> = sqlx::query_scalar(
+            "SELECT m.name FROM sqlite_master m, pragma_foreign_key_list(m.name) f \
+             WHERE m.type = 'table' AND f.\"table\" = 'reports' ORDER BY m.name",
+        )
+        .fetch_all(&ledger.pool)
+        .await
+        .unwrap();
+        assert_eq!(refs, ["audit"]);
+    }
+
+    /// Migration 0014 on SQLite rebuilds the raw tables without their
+    /// key to `reports`: their rows, rowids and indexes as they were.
+    #[tokio::test]
+    async fn migration_0014_keeps_the_raw_rows_it_rebuilds_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db?mode=rwc", dir.path().display());
+        let before = {
+            let pool = crate::ledger::ingest::tests::migrated_before(&url, "sqlite", "0014").await;
+            sqlx::query(
+                "INSERT INTO reports (id, node, boot_id, seq, interval_start_ms, interval_end_ms, \
+                 received_ms, digest) VALUES (7, 'n1', 'boot', 1, 0, 60000, 1, 'd')",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO gpu_usage (rowid, report_id, node, interval_end_ms, tenant, gpu, uuid, \
+                 model, mig_profile, slice_fraction, allocated_us, sm_us, memory_byte_seconds, \
+                 energy_mj, cluster, workload, idle_us) \
+                 VALUES (40, 7, 'n1', 60000, 'acme', '0', 'GPU-0', 'H100', '1g.10gb', 0.25, 9, 8, \
+                 7, 6, 'prod', 'job', 5)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO io_usage (rowid, report_id, node, interval_end_ms, tenant, \
+                 network_ingress_bytes, network_egress_bytes, network_ingress_packets, \
+                 network_egress_packets, network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes, \
+                 cluster) VALUES (41, 7, 'n1', 60000, 'acme', 1, 2, 3, 4, 5, 6, 7, 'prod')",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            let rows: Vec<String> = sqlx::query_scalar(
+                "SELECT (SELECT json_group_array(json_array(rowid, report_id, node, \
+                 interval_end_ms, tenant, gpu, uuid, model, mig_profile, slice_fraction, \
+                 allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload, idle_us)) \
+                 FROM gpu_usage) UNION ALL SELECT (SELECT json_group_array(json_array(rowid, \
+                 report_id, node, interval_end_ms, tenant, network_ingress_bytes, \
+                 network_egress_bytes, network_ingress_packets, network_egress_packets, \
+                 network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes, cluster)) FROM io_usage)",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            rows
+        };
+        let l = Ledger::open(&url, 2).await.unwrap();
+        let after: Vec<String> = sqlx::query_scalar(
+            "SELECT (SELECT json_group_array(json_array(rowid, report_id, node, \
+             interval_end_ms, tenant, gpu, uuid, model, mig_profile, slice_fraction, \
+             allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload, idle_us)) \
+             FROM gpu_usage) UNION ALL SELECT (SELECT json_group_array(json_array(rowid, \
+             report_id, node, interval_end_ms, tenant, network_ingress_bytes, \
+             network_egress_bytes, network_ingress_packets, network_egress_packets, \
+             network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes, cluster)) FROM io_usage)",
+        )
+        .fetch_all(&l.pool)
+        .await
+        .unwrap();
+        assert_eq!(after, before);
+        assert!(after[0].contains("[40,7,"), "{after:?}");
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'index' \
+             AND tbl_name IN ('gpu_usage', 'io_usage') ORDER BY name",
+        )
+        .fetch_all(&l.pool)
+        .await
+        .unwrap();
+        assert_eq!(indexes, ["gpu_usage_end", "gpu_usage_node", "io_usage_end"]);
+        // Its claim can go while its raw rows are still there.
+        sqlx::query("DELETE FROM reports WHERE id = 7")
+            .execute(&l.pool)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn retention_removes_old_claims_on_postgres() {
+        let Some(ledger) = postgres_ledger("claims").await else {
+            return;
+        };
+        retention_removes_old_claims(&ledger).await;
+        let refs: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT CAST(conrelid::regclass AS TEXT) FROM pg_constraint \
+             WHERE contype = 'f' AND confrelid = 'reports'::regclass",
+        )
+        .fetch_all(&ledger.pool)
+        .await
+        .unwrap();
+        assert_eq!(refs, ["audit"]);
+    }
+
+    /// A report sent again while a retention pass removes its claim on
+    /// PostgreSQL: its claim waits for the pass, then ingest sees the
+    /// pass's `claims_removed` and refuses it, rather than storing it a
+    /// second time.
+    #[tokio::test]
+    async fn a_claim_removed_meanwhile_is_not_stored_twice_on_postgres() {
+        use sqlx::Connection;
+        let Some(url) = postgres_database("claimrace").await else {
+            return;
+        };
+        let l = Ledger::open(&url, 4).await.unwrap();
+        let keys = Arc::new(NodeKeys::default());
+        let r = report("n1", 1);
+        l.ingest(&r, &r.digest(), 1, &keys).await.unwrap();
+        // The pass's transaction, held open after its writes.
+        let mut pass = sqlx::PgConnection::connect(&url).await.unwrap();
+        let mut tx = pass.begin().await.unwrap();
+        sqlx::query("DELETE FROM reports WHERE node = 'n1'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO claims_removed (node, boot_id, reports, first_seq, last_seq, \
+             last_interval_end_ms) VALUES ('n1', 'boot', 1, 1, 1, 0)",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let again = {
+            let (l, keys, r) = (l.clone(), keys.clone(), r.clone());
+            tokio::spawn(async move { l.ingest(&r, &r.digest(), 2, &keys).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!again.is_finished(), "the claim did not wait for the pass");
+        tx.commit().await.unwrap();
+        assert_eq!(again.await.unwrap().unwrap(), Ingested::Expired);
+        assert_eq!(count(&l, "reports").await, 0);
     }
 
     #[tokio::test]

@@ -72,12 +72,18 @@ impl Ledger {
         )
     }
 
-    /// The stored reports, per (node, boot).
+    /// The stored reports, per (node, boot): the claims kept and those
+    /// retention removed.
     pub(crate) async fn report_summary(&self) -> Result<Vec<ReportSummary>, LedgerError> {
         Ok(sqlx::query_as(
-            "SELECT node, boot_id, COUNT(*) AS reports, MIN(seq) AS first_seq, \
+            "SELECT node, boot_id, CAST(SUM(reports) AS BIGINT) AS reports, \
+             MIN(first_seq) AS first_seq, MAX(last_seq) AS last_seq, MAX(last_end) AS last_end \
+             FROM (SELECT node, boot_id, COUNT(*) AS reports, MIN(seq) AS first_seq, \
              MAX(seq) AS last_seq, MAX(interval_end_ms) AS last_end \
-             FROM reports GROUP BY node, boot_id ORDER BY node, boot_id",
+             FROM reports GROUP BY node, boot_id \
+             UNION ALL SELECT node, boot_id, reports, first_seq, last_seq, \
+             last_interval_end_ms FROM claims_removed) s \
+             GROUP BY node, boot_id ORDER BY node, boot_id",
         )
         .fetch_all(&self.pool)
         .await?)

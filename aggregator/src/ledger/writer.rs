@@ -118,8 +118,9 @@ fn run_sql(conn: &Connection, sql: &str) -> Result<(), LedgerError> {
 }
 
 /// Writes every job of `batch` in one transaction and answers each one.
-/// A report whose statements fail is rolled back to its savepoint and
-/// answered with the error; the others still commit.
+/// A report whose statements fail, or that is not stored, is rolled back
+/// to its savepoint and answered with the error or outcome; the others
+/// still commit.
 fn commit(conn: &mut Connection, batch: &mut Vec<Job>) {
     let mut outcomes: Vec<Result<Ingested, LedgerError>> = Vec::with_capacity(batch.len());
     let result = (|| {
@@ -135,17 +136,13 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Job>) {
                 job.received_ms,
                 &job.keys,
             ));
-            match written {
-                Ok(out) => {
-                    run_sql(conn, "RELEASE report")?;
-                    outcomes.push(Ok(out));
-                }
-                Err(e) => {
-                    run_sql(conn, "ROLLBACK TO report")?;
-                    run_sql(conn, "RELEASE report")?;
-                    outcomes.push(Err(e));
-                }
+            // Only a stored report keeps what it wrote: an expired one
+            // has claimed its (node, boot, seq) before it was refused.
+            if !matches!(written, Ok(Ingested::Stored { .. })) {
+                run_sql(conn, "ROLLBACK TO report")?;
             }
+            run_sql(conn, "RELEASE report")?;
+            outcomes.push(written);
         }
         run_sql(conn, "COMMIT")
     })();

@@ -150,6 +150,19 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
                 ),
             )
         }
+        Ok(Ingested::Expired) => {
+            app.metrics.report("expired");
+            warn!(node = %report.node, boot_id = %report.boot_id, seq = report.seq,
+                  "report refused: its claim is past raw retention and was removed");
+            problem(
+                StatusCode::CONFLICT,
+                format!(
+                    "node {} boot {} seq {} is at or below the claims removed by raw retention: \
+                     stored once already, or too late to be counted",
+                    report.node, report.boot_id, report.seq
+                ),
+            )
+        }
         Err(e) => {
             app.metrics.report("error");
             app.metrics.ledger_errors.inc();

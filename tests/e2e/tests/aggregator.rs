@@ -884,6 +884,50 @@ fn replicas_on_one_postgres_store_each_report_once() {
     );
 }
 
+/// A report at or below the claims that raw retention removed of its
+/// (node, boot) is answered 409, counted as `expired`, and changes
+/// nothing; `GET /api/v1/reports` counts the removed claims with the kept
+/// ones; the boot's next report is stored.
+#[test]
+fn a_report_below_removed_claims_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = sqlite(dir.path());
+    let agg = Aggregator::start(dir.path(), &backend, "");
+    let ledger = LedgerReader::new(&backend);
+    let post = |r: &Report| agg.post(&serde_json::to_vec(r).unwrap(), Some(AGENT_TOKEN));
+    assert_eq!(post(&report("n1", 4)).0, 200);
+    // As a retention pass leaves it after removing seqs 1-3 of boot-1.
+    ledger.rows(
+        "INSERT INTO claims_removed (node, boot_id, reports, first_seq, last_seq, \
+         last_interval_end_ms) VALUES ('n1', 'boot-1', 3, 1, 3, 1700000010000)",
+    );
+    let (status, body) = post(&report("n1", 2));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("removed by raw retention"), "{body}");
+    assert_eq!(ledger.reports("n1"), (1, 4, 4));
+    assert_eq!(post(&report("n1", 4)).0, 208);
+    assert_eq!(post(&report("n1", 5)).0, 200);
+    let (status, body) = agg.get("/api/v1/reports", Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let n1 = &v["reports"][0];
+    assert_eq!(
+        (
+            &n1["node"],
+            &n1["reports"],
+            &n1["first_seq"],
+            &n1["last_seq"]
+        ),
+        (&"n1".into(), &5.into(), &1.into(), &5.into()),
+        "{body}"
+    );
+    let m = agg.metrics();
+    assert_eq!(
+        m.value("tally_aggregator_reports_total", &[("result", "expired")]),
+        Some(1.0)
+    );
+}
+
 /// A chargeback reaching past `[ledger] raw_retention` is read from the
 /// hourly rollups, its edges rounded down to whole hours, and says so in
 /// `rounded`; within retention it is read as asked, without `rounded`.
