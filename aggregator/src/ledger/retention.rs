@@ -197,7 +197,7 @@ impl Ledger {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use tally_contract::wire::{AuditRecord, GENESIS_SHA256};
@@ -383,14 +383,32 @@ mod tests {
         let (_dir, ledger) = sqlite_ledger(4).await;
         retention_removes_old_claims(&ledger).await;
         // Nothing refers to a claim but audit records (migration 0014).
-        let refs: Vec<String> = sqlx::query_scalar(
-            "SELECT m.name FROM sqlite_master m, pragma_foreign_key_list(m.name) f \
-             WHERE m.type = 'table' AND f.\"table\" = 'reports' ORDER BY m.name",
-        )
-        .fetch_all(&ledger.pool)
-        .await
-        .unwrap();
-        assert_eq!(refs, ["audit"]);
+        assert_eq!(tables_referring_to_reports(&ledger).await, ["audit"]);
+    }
+
+    /// Every raw row of SQLite's two raw tables, rowid and all, as JSON:
+    /// one text per table.
+    const RAW_ROWS: &str = "SELECT (SELECT json_group_array(json_array(rowid, report_id, node, \
+         interval_end_ms, tenant, gpu, uuid, model, mig_profile, slice_fraction, allocated_us, \
+         sm_us, memory_byte_seconds, energy_mj, cluster, workload, idle_us)) FROM gpu_usage) \
+         UNION ALL SELECT (SELECT json_group_array(json_array(rowid, report_id, node, \
+         interval_end_ms, tenant, network_ingress_bytes, network_egress_bytes, \
+         network_ingress_packets, network_egress_packets, network_dropped_packets, \
+         pcie_h2d_bytes, pcie_d2h_bytes, cluster)) FROM io_usage)";
+
+    /// The tables with a foreign key to `reports`.
+    pub(crate) async fn tables_referring_to_reports(l: &Ledger) -> Vec<String> {
+        let sql = match l.backend {
+            Backend::Sqlite => {
+                "SELECT DISTINCT m.name FROM sqlite_master m, pragma_foreign_key_list(m.name) f \
+                 WHERE m.type = 'table' AND f.\"table\" = 'reports' ORDER BY m.name"
+            }
+            Backend::Postgres => {
+                "SELECT DISTINCT CAST(conrelid::regclass AS TEXT) AS t FROM pg_constraint \
+                 WHERE contype = 'f' AND confrelid = 'reports'::regclass ORDER BY t"
+            }
+        };
+        sqlx::query_scalar(sql).fetch_all(&l.pool).await.unwrap()
     }
 
     /// Migration 0014 on SQLite rebuilds the raw tables without their
@@ -427,34 +445,15 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-            let rows: Vec<String> = sqlx::query_scalar(
-                "SELECT (SELECT json_group_array(json_array(rowid, report_id, node, \
-                 interval_end_ms, tenant, gpu, uuid, model, mig_profile, slice_fraction, \
-                 allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload, idle_us)) \
-                 FROM gpu_usage) UNION ALL SELECT (SELECT json_group_array(json_array(rowid, \
-                 report_id, node, interval_end_ms, tenant, network_ingress_bytes, \
-                 network_egress_bytes, network_ingress_packets, network_egress_packets, \
-                 network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes, cluster)) FROM io_usage)",
-            )
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+            let rows: Vec<String> = sqlx::query_scalar(RAW_ROWS).fetch_all(&pool).await.unwrap();
             pool.close().await;
             rows
         };
         let l = Ledger::open(&url, 2).await.unwrap();
-        let after: Vec<String> = sqlx::query_scalar(
-            "SELECT (SELECT json_group_array(json_array(rowid, report_id, node, \
-             interval_end_ms, tenant, gpu, uuid, model, mig_profile, slice_fraction, \
-             allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload, idle_us)) \
-             FROM gpu_usage) UNION ALL SELECT (SELECT json_group_array(json_array(rowid, \
-             report_id, node, interval_end_ms, tenant, network_ingress_bytes, \
-             network_egress_bytes, network_ingress_packets, network_egress_packets, \
-             network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes, cluster)) FROM io_usage)",
-        )
-        .fetch_all(&l.pool)
-        .await
-        .unwrap();
+        let after: Vec<String> = sqlx::query_scalar(RAW_ROWS)
+            .fetch_all(&l.pool)
+            .await
+            .unwrap();
         assert_eq!(after, before);
         assert!(after[0].contains("[40,7,"), "{after:?}");
         let indexes: Vec<String> = sqlx::query_scalar(
@@ -478,14 +477,7 @@ mod tests {
             return;
         };
         retention_removes_old_claims(&ledger).await;
-        let refs: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT CAST(conrelid::regclass AS TEXT) FROM pg_constraint \
-             WHERE contype = 'f' AND confrelid = 'reports'::regclass",
-        )
-        .fetch_all(&ledger.pool)
-        .await
-        .unwrap();
-        assert_eq!(refs, ["audit"]);
+        assert_eq!(tables_referring_to_reports(&ledger).await, ["audit"]);
     }
 
     /// A report sent again while a retention pass removes its claim on
