@@ -98,8 +98,6 @@ impl Ledger {
     /// the same transaction. Not those an audit record refers to, nor
     /// those received since the fold's watermark.
     async fn remove_claims(&self, before: i64) -> Result<u64, LedgerError> {
-        /// Per (node, boot): claims removed, first and last seq, last end.
-        type Removed = BTreeMap<(String, String), (i64, i64, i64, i64)>;
         let mut total = 0;
         loop {
             let mut tx = self.pool.begin().await?;
@@ -115,17 +113,19 @@ impl Ledger {
             .bind(BATCH)
             .fetch_all(&mut *tx)
             .await?;
-            let mut removed = Removed::new();
+            let mut removed: BTreeMap<(&str, &str), Removed> = BTreeMap::new();
             for (node, boot, seq, end) in &gone {
-                let e = removed
-                    .entry((node.clone(), boot.clone()))
-                    .or_insert((0, *seq, *seq, *end));
-                e.0 += 1;
-                e.1 = e.1.min(*seq);
-                e.2 = e.2.max(*seq);
-                e.3 = e.3.max(*end);
+                removed
+                    .entry((node, boot))
+                    .and_modify(|r| r.add(*seq, *end))
+                    .or_insert(Removed {
+                        claims: 1,
+                        first_seq: *seq,
+                        last_seq: *seq,
+                        last_end_ms: *end,
+                    });
             }
-            for ((node, boot), (n, first, last, end)) in removed {
+            for ((node, boot), r) in removed {
                 sqlx::query(
                     "INSERT INTO claims_removed (node, boot_id, reports, first_seq, last_seq, \
                      last_interval_end_ms) VALUES ($1, $2, $3, $4, $5, $6) \
@@ -141,10 +141,10 @@ impl Ledger {
                 )
                 .bind(node)
                 .bind(boot)
-                .bind(n)
-                .bind(first)
-                .bind(last)
-                .bind(end)
+                .bind(r.claims)
+                .bind(r.first_seq)
+                .bind(r.last_seq)
+                .bind(r.last_end_ms)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -193,6 +193,24 @@ impl Ledger {
                 return Ok(total);
             }
         }
+    }
+}
+
+/// What one batch removed of one (node, boot)'s claims: a row of
+/// `claims_removed`, added to the stored one.
+struct Removed {
+    claims: i64,
+    first_seq: i64,
+    last_seq: i64,
+    last_end_ms: i64,
+}
+
+impl Removed {
+    fn add(&mut self, seq: i64, end_ms: i64) {
+        self.claims += 1;
+        self.first_seq = self.first_seq.min(seq);
+        self.last_seq = self.last_seq.max(seq);
+        self.last_end_ms = self.last_end_ms.max(end_ms);
     }
 }
 
