@@ -954,6 +954,33 @@ mod tests {
         assert!(!bare.contains("tally_gpu_power"), "{bare}");
     }
 
+    /// Tenant names are checked for control characters only: a quote or a
+    /// backslash (a systemd unit's `\x2d`) is written escaped, on both
+    /// paths (the per-tenant GPU families and every other one).
+    #[test]
+    fn quotes_and_backslashes_in_names_are_escaped() {
+        const NAME: &str = r#"svc\x2dblue "q""#;
+        const WRITTEN: &str = r#"svc\\x2dblue \"q\""#;
+        let mut snap = every_family();
+        Arc::make_mut(&mut snap.tenant_gpu)[0].tenant = NAME.into();
+        snap.tenant_io[0].tenant = NAME.into();
+        let text = encode(snap, None);
+        assert_eq!(
+            lines(
+                &text,
+                "tally_tenant_gpu_allocated_seconds_total{tenant=\"svc"
+            ),
+            [format!(
+                r#"tally_tenant_gpu_allocated_seconds_total{{tenant="{WRITTEN}",gpu="0"}} 7.5"#
+            )]
+        );
+        assert_eq!(
+            lines(&text, "tally_tenant_pcie_bytes_total{tenant=\"svc")[0],
+            format!(r#"tally_tenant_pcie_bytes_total{{tenant="{WRITTEN}",direction="h2d"}} 7"#)
+        );
+        assert!(!text.contains(NAME), "{text}");
+    }
+
     #[test]
     fn whole_values_are_written_as_integers_and_the_rest_as_floats() {
         assert_eq!(whole(3.0), Some(3));

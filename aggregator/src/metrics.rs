@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock, atomic::AtomicU64};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
@@ -32,7 +34,26 @@ pub(crate) struct ResultLabel {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct NodeLabel {
-    pub node: String,
+    pub node: LabelValue,
+}
+
+/// A label value that came from outside (a node, a tenant, a GPU model, a
+/// currency), written escaped: prometheus-client 0.23 writes label values
+/// as given, and a name with a quote would make the whole scrape
+/// unreadable.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub(crate) struct LabelValue(pub String);
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        tally_contract::tenant::write_label_value(e, &self.0)
+    }
+}
+
+impl From<&str> for LabelValue {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
 }
 
 /// What `/metrics` reads from the ledger, refreshed in the background.
@@ -143,12 +164,15 @@ impl Metrics {
     /// Exports the `[prices]` table, so that boards and other tools price
     /// with the aggregator's numbers instead of their own copies.
     pub(crate) fn register_prices(&mut self, prices: &crate::config::Prices) {
-        type Labels = Vec<(&'static str, String)>;
-        let currency = || ("currency", prices.currency.clone());
+        type Labels = Vec<(&'static str, LabelValue)>;
+        let currency = || ("currency", LabelValue::from(prices.currency.as_str()));
         let gpu_hour = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         for (model, price) in &prices.gpu_hour {
             gpu_hour
-                .get_or_create(&vec![("gpu_model", model.clone()), currency()])
+                .get_or_create(&vec![
+                    ("gpu_model", LabelValue::from(model.as_str())),
+                    currency(),
+                ])
                 .set(*price);
         }
         self.registry.register(
@@ -238,7 +262,7 @@ impl Collector for EnergyPriceCollector {
             None,
             MetricType::Gauge,
             vec![(
-                [("currency", p.currency.clone())],
+                [("currency", LabelValue::from(p.currency.as_str()))],
                 p.energy_kwh_at(crate::time::now_ms()),
             )],
         )
@@ -290,12 +314,21 @@ impl Collector for ClusterCollector {
             MetricType::Gauge,
             c.nodes
                 .iter()
-                .map(|(n, ms)| ([("node", n.clone())], *ms as f64 / 1000.0))
+                .map(|(n, ms)| {
+                    (
+                        [("node", LabelValue::from(n.as_str()))],
+                        *ms as f64 / 1000.0,
+                    )
+                })
                 .collect(),
         )?;
-        let t = |r: &TenantTotals| [("tenant", r.tenant.clone())];
-        let td =
-            |r: &TenantTotals, d: &str| [("tenant", r.tenant.clone()), ("direction", d.to_owned())];
+        let t = |r: &TenantTotals| [("tenant", LabelValue::from(r.tenant.as_str()))];
+        let td = |r: &TenantTotals, d: &str| {
+            [
+                ("tenant", LabelValue::from(r.tenant.as_str())),
+                ("direction", d.into()),
+            ]
+        };
         family(
             e,
             "tally_cluster_tenant_gpu_allocated",
@@ -369,9 +402,9 @@ impl Collector for ClusterCollector {
         )?;
         let b = |s: &crate::budgets::BudgetStatus| {
             [
-                ("tenant", s.tenant.clone()),
-                ("period", s.period.as_str().to_owned()),
-                ("unit", s.unit.clone()),
+                ("tenant", LabelValue::from(s.tenant.as_str())),
+                ("period", s.period.as_str().into()),
+                ("unit", LabelValue::from(s.unit.as_str())),
             ]
         };
         family(
@@ -491,6 +524,39 @@ mod tests {
             ));
             break;
         }
+    }
+
+    /// Names are checked for control characters only; a tenant or a node
+    /// with a quote or a backslash is written escaped, not as a scrape no
+    /// parser reads.
+    #[test]
+    fn quotes_and_backslashes_in_names_are_escaped() {
+        const NAME: &str = r#"svc\x2dblue "q""#;
+        const WRITTEN: &str = r#"svc\\x2dblue \"q\""#;
+        let m = Metrics::new();
+        m.clock_skew(NAME, 1_000);
+        {
+            let mut c = m.cached.write().unwrap();
+            c.nodes = vec![(NAME.into(), 5_000)];
+            c.totals = vec![TenantTotals {
+                tenant: NAME.into(),
+                allocated_us: 2e6,
+                ..Default::default()
+            }];
+        }
+        let body = m.encode();
+        for line in [
+            format!("tally_aggregator_node_clock_skew_seconds{{node=\"{WRITTEN}\"}} 1.0\n"),
+            format!(
+                "tally_aggregator_node_last_report_timestamp_seconds{{node=\"{WRITTEN}\"}} 5.0\n"
+            ),
+            format!(
+                "tally_cluster_tenant_gpu_allocated_seconds_total{{tenant=\"{WRITTEN}\"}} 2.0\n"
+            ),
+        ] {
+            assert!(body.contains(&line), "{line} missing from:\n{body}");
+        }
+        assert!(!body.contains(NAME), "{body}");
     }
 
     #[test]

@@ -25,9 +25,44 @@ pub fn check_tenant_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes `value` into a metrics exposition as a label value, escaped as
+/// the Prometheus text format and OpenMetrics require: `\\`, `\"` and
+/// `\n`. Names are checked for control characters only, so a tenant or a
+/// node may carry a quote or a backslash (a cgroup named after a systemd
+/// unit carries `\x2d`); unescaped, one such name makes the whole scrape
+/// unreadable.
+pub fn write_label_value(out: &mut impl std::fmt::Write, value: &str) -> std::fmt::Result {
+    let mut rest = value;
+    while let Some(at) = rest.find(['\\', '"', '\n']) {
+        out.write_str(&rest[..at])?;
+        out.write_str(match rest.as_bytes()[at] {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            _ => "\\n",
+        })?;
+        rest = &rest[at + 1..];
+    }
+    out.write_str(rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let written = |value: &str| {
+            let mut out = String::new();
+            write_label_value(&mut out, value).unwrap();
+            out
+        };
+        assert_eq!(written("plain-name"), "plain-name");
+        assert_eq!(written(""), "");
+        assert_eq!(
+            written("dev-disk-by\\x2duuid \"q\"\nend\\"),
+            r#"dev-disk-by\\x2duuid \"q\"\nend\\"#
+        );
+    }
 
     #[test]
     fn reserved_tenant_names_are_refused() {

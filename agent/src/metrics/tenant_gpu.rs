@@ -91,9 +91,10 @@ pub(super) fn write(out: &mut String, rows: &[TenantGpuUsage]) {
         let mut numbers = Numbers::default();
         for (r, value) in samples {
             out.push_str(&head);
-            out.push_str(&r.tenant);
+            // Writing into a String cannot fail.
+            let _ = text::write_label_value(out, &r.tenant);
             out.push_str("\",gpu=\"");
-            out.push_str(&r.gpu);
+            let _ = text::write_label_value(out, &r.gpu);
             out.push_str("\"} ");
             numbers.push(out, counter, value);
             out.push('\n');

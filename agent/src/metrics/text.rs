@@ -12,9 +12,13 @@
 //! for a whole snapshot. The text is the same but for the digits of
 //! fractional values: zmij writes the shortest digits that read back as
 //! the same number, where prometheus-client's dtoa (Grisu2) sometimes
-//! writes a longer string of them, and at a third of dtoa's instructions.
+//! writes a longer string of them, and at a third of dtoa's instructions;
+//! and for label values with a quote or a backslash, which
+//! prometheus-client 0.23 writes unescaped (unreadable) and these are
+//! escaped.
 
 use prometheus_client::{metrics::MetricType, registry::Unit};
+pub(super) use tally_contract::tenant::write_label_value;
 
 use super::{Family, Number};
 
@@ -60,7 +64,7 @@ impl Sink for String {
                 }
                 self.push_str(key);
                 self.push_str("=\"");
-                self.push_str(value);
+                write_label_value(self, value)?;
                 self.push('"');
             }
             self.push_str("} ");

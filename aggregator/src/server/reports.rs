@@ -117,7 +117,7 @@ async fn ingest_inner(req: Request<Incoming>, app: &App) -> Response<Body> {
                 app.metrics
                     .audit_chain_breaks
                     .get_or_create(&NodeLabel {
-                        node: report.node.clone(),
+                        node: report.node.as_str().into(),
                     })
                     .inc_by(audit_breaks.len() as u64);
                 for b in &audit_breaks {

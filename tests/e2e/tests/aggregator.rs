@@ -851,6 +851,60 @@ fn audit_records_reach_the_central_store_and_breaks_are_flagged() {
     drop(agent);
 }
 
+/// Tenant names are checked for control characters only: one with a quote
+/// and a backslash (as a cgroup named after a systemd unit has) reaches the
+/// agent's and the aggregator's `/metrics` escaped, and openmetrics-parser
+/// reads both scrapes back to the same name.
+#[test]
+fn a_tenant_named_with_quotes_and_backslashes_reaches_both_scrapes() {
+    if !require_root() {
+        return;
+    }
+    const TENANT: &str = r#"svc\x2dblue "q""#;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = sqlite(dir.path());
+    let agg = Aggregator::start(&dir.path().join("agg"), &backend, "");
+    let node = SimNode::standard();
+    let cgroup = Cgroup::create(&format!("{}/tally/{TENANT}/job1", unique("e2e-quoted")));
+    let process = cgroup.spawn("sleep", &["600"]);
+    node.register(process.pid(), 0, None, 4096, 0.5);
+    let config = agent_config(
+        &agg.url(),
+        "n1",
+        &subdir(dir.path(), "state"),
+        &dir.path().join("agg"),
+        "[[tenant.rule]]\ncgroup = '/tally/(?P<tenant>[^/]+)/'\n",
+    );
+    let agent = Agent::start(&node, &config, &["--sample-interval", "200ms"]);
+    // `metrics()` panics on a scrape the parser cannot read.
+    wait_for(
+        "the tenant's GPU time on the agent's /metrics",
+        LONG,
+        || {
+            agent
+                .metrics()
+                .value(
+                    "tally_tenant_gpu_allocated_seconds_total",
+                    &[("tenant", TENANT), ("gpu", "0")],
+                )
+                .filter(|&v| v > 0.0)
+        },
+    );
+    wait_logged(
+        &agg,
+        "the tenant's GPU time on the aggregator's /metrics",
+        || {
+            agg.metrics()
+                .value(
+                    "tally_cluster_tenant_gpu_allocated_seconds_total",
+                    &[("tenant", TENANT)],
+                )
+                .filter(|&v| v > 0.0)
+        },
+    );
+    drop(agent);
+}
+
 // --------------------------------------------- replicas on one PostgreSQL
 
 /// Two aggregators on one PostgreSQL get the same reports at the same time
