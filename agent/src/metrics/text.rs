@@ -13,9 +13,9 @@
 //! fractional values: zmij writes the shortest digits that read back as
 //! the same number, where prometheus-client's dtoa (Grisu2) sometimes
 //! writes a longer string of them, and at a third of dtoa's instructions;
-//! and for label values with a quote or a backslash, which
-//! prometheus-client 0.23 writes unescaped (unreadable) and these are
-//! escaped.
+//! and for label values with a quote or a backslash, escaped here
+//! where prometheus-client 0.23 writes them as given (a text no parser
+//! reads).
 
 use prometheus_client::{metrics::MetricType, registry::Unit};
 pub(super) use tally_contract::tenant::write_label_value;
