@@ -11,6 +11,7 @@
 //! max_connections = 8
 //! raw_retention = "35d"          # raw usage rows and report claims older than this are removed
 //! rollup_retention = "400d"      # hourly rollups likewise; unset: kept forever
+//! audit_retention = "400d"       # audit records likewise, by their time; unset: kept forever
 //!
 //! [prices]
 //! currency = "USD"
@@ -205,6 +206,10 @@ pub(crate) struct LedgerSection {
     /// Rollup rows older than this are removed; `None`: kept forever.
     #[serde(with = "humantime_serde")]
     pub rollup_retention: Option<Duration>,
+    /// Audit records older than this (by their own time) are removed;
+    /// `None`: kept forever.
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Option<Duration>,
 }
 
 impl Default for LedgerSection {
@@ -214,6 +219,7 @@ impl Default for LedgerSection {
             max_connections: 8,
             raw_retention: DEFAULT_RAW_RETENTION,
             rollup_retention: None,
+            audit_retention: None,
         }
     }
 }
@@ -344,20 +350,26 @@ impl AggregatorConfig {
             problems.push("ledger.max_connections", "must be at least 1");
         }
         // Raw rows must outlive the partial hours chargeback reads from
-        // them, and rollups the raw rows they stand in for.
+        // them, rollups the raw rows they stand in for, and an audit
+        // record the usage it explains.
         if ledger.raw_retention < Duration::from_secs(2 * 3600) {
             problems.push("ledger.raw_retention", "must be at least 2h");
         }
-        if let Some(r) = ledger.rollup_retention
-            && r < ledger.raw_retention
-        {
-            problems.push(
-                "ledger.rollup_retention",
-                format!(
-                    "must not be shorter than raw_retention ({})",
-                    humantime::format_duration(ledger.raw_retention)
-                ),
-            );
+        for (key, retention) in [
+            ("ledger.rollup_retention", ledger.rollup_retention),
+            ("ledger.audit_retention", ledger.audit_retention),
+        ] {
+            if let Some(r) = retention
+                && r < ledger.raw_retention
+            {
+                problems.push(
+                    key,
+                    format!(
+                        "must not be shorter than raw_retention ({})",
+                        humantime::format_duration(ledger.raw_retention)
+                    ),
+                );
+            }
         }
         // A table of energy prices is read apart: serde's "a number or a
         // table" would lose the key of a bad window.
@@ -612,8 +624,9 @@ mod tests {
         let c = AggregatorConfig::parse(&with(""), Path::new("a.toml")).unwrap();
         assert_eq!(c.ledger.raw_retention, Duration::from_secs(35 * 86_400));
         assert_eq!(c.ledger.rollup_retention, None);
+        assert_eq!(c.ledger.audit_retention, None);
         let c = AggregatorConfig::parse(
-            &with("raw_retention = \"7d\"\nrollup_retention = \"400d\""),
+            &with("raw_retention = \"7d\"\nrollup_retention = \"400d\"\naudit_retention = \"7d\""),
             Path::new("a.toml"),
         )
         .unwrap();
@@ -622,9 +635,15 @@ mod tests {
             c.ledger.rollup_retention,
             Some(Duration::from_secs(400 * 86_400))
         );
+        assert_eq!(
+            c.ledger.audit_retention,
+            Some(Duration::from_secs(7 * 86_400))
+        );
         for (text, key) in [
             ("raw_retention = \"1h\"", "ledger.raw_retention"),
             ("rollup_retention = \"30d\"", "ledger.rollup_retention"),
+            ("audit_retention = \"30d\"", "ledger.audit_retention"),
+            ("audit_retention = \"a year\"", "ledger"),
             ("raw_retention = \"soon\"", "ledger"),
         ] {
             let err = AggregatorConfig::parse(&with(text), Path::new("a.toml")).unwrap_err();

@@ -342,9 +342,13 @@ async fn maintain_ledger(
             _ = tick.tick() => {}
         }
         let now = time::now_ms();
-        let raw_before = now.saturating_sub(ms(config.raw_retention));
-        let rollup_before = config.rollup_retention.map(|r| now.saturating_sub(ms(r)));
-        let pass = ledger.maintain(now, raw_before, rollup_before);
+        let before = |r: Duration| now.saturating_sub(ms(r));
+        let cutoffs = ledger::Cutoffs {
+            raw: before(config.raw_retention),
+            rollup: config.rollup_retention.map(before),
+            audit: config.audit_retention.map(before),
+        };
+        let pass = ledger.maintain(now, cutoffs);
         // Shutdown does not wait for a long first fold: the next start
         // resumes from the watermark.
         let done = tokio::select! {
@@ -357,6 +361,7 @@ async fn maintain_ledger(
                 raw_rows_removed = m.raw_rows,
                 claims_removed = m.claims,
                 rollup_rows_removed = m.rollup_rows,
+                audit_records_removed = m.audit_records,
                 "ledger maintained"
             ),
             Ok(_) => {}

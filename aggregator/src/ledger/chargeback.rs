@@ -633,6 +633,7 @@ pub(crate) mod tests {
     use crate::{
         audit_keys::NodeKeys,
         ledger::{
+            Cutoffs,
             energy::{EnergyHour, tests::raw_energy},
             ingest::{Ingested, tests::report},
         },
@@ -1310,7 +1311,15 @@ pub(crate) mod tests {
         // Rollup retention from Feb 15: January's month goes, with the
         // days before; February's month stays and still answers for all
         // of February (raw rows kept).
-        let m = l.maintain(now + DAY_MS, 0, Some(FEB + 14 * DAY_MS)).await;
+        let m = l
+            .maintain(
+                now + DAY_MS,
+                Cutoffs {
+                    rollup: Some(FEB + 14 * DAY_MS),
+                    ..Cutoffs::default()
+                },
+            )
+            .await;
         assert!(m.unwrap().rollup_rows > 0);
         assert_eq!(months(l).await, [FEB]);
         let first: i64 = sqlx::query_scalar("SELECT MIN(day_ms) FROM gpu_usage_daily")

@@ -47,7 +47,7 @@ pub(crate) mod totals;
 mod tx;
 mod writer;
 
-pub(crate) use retention::Maintained;
+pub(crate) use retention::{Cutoffs, Maintained};
 
 /// Longest wait for a PostgreSQL connection. sqlx's default, 30 s, is
 /// spent retrying a refused connection while the server is down: every

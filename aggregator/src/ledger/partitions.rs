@@ -188,6 +188,7 @@ mod tests {
         ledger::{
             chargeback::tests::{postgres_database, postgres_ledger},
             ingest::tests::{migrated_before, report},
+            retention::tests::raw,
         },
     };
 
@@ -249,7 +250,7 @@ mod tests {
         // Retention ends six hours into day 5: days 0–4 go whole, day 5
         // stays whole (its first report is older than the cut).
         let cut = D + 5 * DAY_MS + 6 * 3_600_000;
-        let m = l.maintain(D + 11 * DAY_MS, cut, None).await.unwrap();
+        let m = l.maintain(D + 11 * DAY_MS, raw(cut)).await.unwrap();
         assert_eq!(m.raw_rows, 2 * 5 * 4, "{m:?}");
         assert_eq!(count(&l, "gpu_usage").await, 41 - 20);
         let oldest: i64 = sqlx::query_scalar("SELECT MIN(interval_end_ms) FROM io_usage")
@@ -268,7 +269,7 @@ mod tests {
         );
         // Nothing more to remove.
         assert_eq!(
-            l.maintain(D + 11 * DAY_MS, cut, None)
+            l.maintain(D + 11 * DAY_MS, raw(cut))
                 .await
                 .unwrap()
                 .raw_rows,

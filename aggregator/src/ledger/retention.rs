@@ -1,6 +1,7 @@
 //! Retention: raw usage rows are removed once older than `[ledger]
-//! raw_retention`, rollups once older than `rollup_retention` (if set),
-//! in small batches so that ingest never waits for more than one. On
+//! raw_retention`, rollups once older than `rollup_retention` and audit
+//! records once older than `audit_retention` (each if set), in small
+//! batches so that ingest never waits for more than one. On
 //! PostgreSQL raw rows go a whole day at a time, by dropping the day's
 //! partition once all of it is past retention ([`super::partitions`]).
 //!
@@ -24,6 +25,17 @@ use crate::time::{day_of, month_of};
 /// writer waits for at most one such batch.
 const BATCH: i64 = 5_000;
 
+/// What a maintenance pass removes: rows from before these times (ms).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cutoffs {
+    /// Raw usage rows and report claims, by interval end (`raw_retention`).
+    pub raw: i64,
+    /// Rollup rows, by hour (`rollup_retention`); `None`: kept.
+    pub rollup: Option<i64>,
+    /// Audit records, by their time (`audit_retention`); `None`: kept.
+    pub audit: Option<i64>,
+}
+
 /// What one maintenance pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Maintained {
@@ -35,18 +47,24 @@ pub(crate) struct Maintained {
     pub claims: u64,
     /// Rollup rows removed.
     pub rollup_rows: u64,
+    /// Audit records removed.
+    pub audit_records: u64,
 }
 
 impl Ledger {
     /// One maintenance pass at `now_ms`: folds the node-less rollups, then
-    /// removes raw rows and report claims whose interval ended before
-    /// `raw_before_ms` and rollup rows of hours before `rollup_before_ms`.
+    /// removes what is older than `cutoffs`. Audit records go before the
+    /// claims, so a claim kept for its audit record goes in the same pass.
     pub(crate) async fn maintain(
         &self,
         now_ms: i64,
-        raw_before_ms: i64,
-        rollup_before_ms: Option<i64>,
+        cutoffs: Cutoffs,
     ) -> Result<Maintained, LedgerError> {
+        let Cutoffs {
+            raw: raw_before_ms,
+            rollup: rollup_before_ms,
+            audit: audit_before_ms,
+        } = cutoffs;
         let folded_hours = self.fold(now_ms).await?;
         let mut raw_rows = 0;
         match self.backend {
@@ -63,6 +81,10 @@ impl Ledger {
                 }
             }
         }
+        let audit_records = match audit_before_ms {
+            Some(before) => self.delete_before("audit", "time_ms", before).await?,
+            None => 0,
+        };
         let claims = self.remove_claims(raw_before_ms).await?;
         let mut rollup_rows = 0;
         if let Some(before) = rollup_before_ms {
@@ -90,6 +112,7 @@ impl Ledger {
             raw_rows,
             claims,
             rollup_rows,
+            audit_records,
         })
     }
 
@@ -224,6 +247,7 @@ pub(crate) mod tests {
     use crate::{
         audit_keys::NodeKeys,
         ledger::{
+            audit::AuditQuery,
             chargeback::tests::{postgres_database, postgres_ledger, sqlite_ledger},
             ingest::{HOUR_MS, Ingested, tests::report},
         },
@@ -232,6 +256,14 @@ pub(crate) mod tests {
     const DAY: i64 = 24 * HOUR_MS;
     /// Midnight of a day, in ms.
     const D: i64 = 1_800_000_000_000 / DAY * DAY;
+
+    /// Raw rows and claims before `before`; rollups and audit kept.
+    pub(crate) fn raw(before: i64) -> Cutoffs {
+        Cutoffs {
+            raw: before,
+            ..Cutoffs::default()
+        }
+    }
 
     async fn count(l: &Ledger, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
@@ -257,7 +289,7 @@ pub(crate) mod tests {
         let before = l.gpu_groups_by_tenant(D, D + 11 * DAY, None).await.unwrap();
         let by_node = l.gpu_groups(D, D + 11 * DAY, None).await.unwrap();
         let hourly = count(l, "gpu_usage_hourly").await;
-        let m = l.maintain(now, D + 5 * DAY, None).await.unwrap();
+        let m = l.maintain(now, raw(D + 5 * DAY)).await.unwrap();
         // Reports of days 0–4 (20 per node), a GPU and an I/O row each.
         assert_eq!(m.raw_rows, 2 * 20 * 2, "{m:?}");
         assert_eq!(m.rollup_rows, 0);
@@ -275,11 +307,17 @@ pub(crate) mod tests {
         );
         assert_eq!(l.gpu_groups(D, D + 11 * DAY, None).await.unwrap(), by_node);
         // Again: nothing left to remove.
-        let m = l.maintain(now, D + 5 * DAY, None).await.unwrap();
+        let m = l.maintain(now, raw(D + 5 * DAY)).await.unwrap();
         assert_eq!((m.raw_rows, m.rollup_rows), (0, 0));
         // Rollups older than day 3 go, from both kinds of rollup.
         let m = l
-            .maintain(now, D + 5 * DAY, Some(D + 3 * DAY))
+            .maintain(
+                now,
+                Cutoffs {
+                    rollup: Some(D + 3 * DAY),
+                    ..raw(D + 5 * DAY)
+                },
+            )
             .await
             .unwrap();
         // 12 hours with reports before day 3: GPU and I/O rows per node
@@ -337,7 +375,7 @@ pub(crate) mod tests {
         }
         let summary = l.report_summary().await.unwrap();
         let by_tenant = l.gpu_groups_by_tenant(D, now, None).await.unwrap();
-        let m = l.maintain(now, D + 5 * DAY, None).await.unwrap();
+        let m = l.maintain(now, raw(D + 5 * DAY)).await.unwrap();
         // Days 0–4: 20 reports per node, less n1's audited one and n2's
         // late one.
         assert_eq!(m.claims, 2 * 20 - 2, "{m:?}");
@@ -385,7 +423,7 @@ pub(crate) mod tests {
             Ingested::Stored { .. }
         ));
         // Again: nothing left to remove; the counts add up.
-        let m = l.maintain(now, D + 5 * DAY, None).await.unwrap();
+        let m = l.maintain(now, raw(D + 5 * DAY)).await.unwrap();
         assert_eq!(m.claims, 0);
         let s = l.report_summary().await.unwrap();
         assert_eq!(
@@ -393,6 +431,46 @@ pub(crate) mod tests {
                 .map(|s| (s.node.as_str(), s.reports, s.first_seq, s.last_seq))
                 .collect::<Vec<_>>(),
             [("n1", 41, 1, 41), ("n2", 40, 1, 40)]
+        );
+
+        // Audit records under `audit_retention`: n1's old record goes, and
+        // the claim it kept goes with it in the same pass; a record of
+        // today stays as it was stored.
+        let mut r = old("n1", 42);
+        r.audit = vec![AuditRecord {
+            time_ms: Some(now as u64),
+            tenant: Some("acme".into()),
+            action: Some("alert".into()),
+            prev_sha256: "a".repeat(64),
+            sha256: "b".repeat(64),
+            rest: Default::default(),
+        }];
+        l.ingest(&r, &r.digest(), now, &keys).await.unwrap();
+        let every = AuditQuery {
+            to_ms: i64::MAX,
+            limit: 10,
+            ..AuditQuery::default()
+        };
+        let records = l.audit(&every).await.unwrap();
+        assert_eq!(records.len(), 2, "{records:?}");
+        let audit_cut = Cutoffs {
+            audit: Some(now - DAY),
+            ..raw(D + 5 * DAY)
+        };
+        let m = l.maintain(now, audit_cut).await.unwrap();
+        assert_eq!((m.audit_records, m.claims), (1, 1), "{m:?}");
+        assert_eq!(l.audit(&every).await.unwrap(), records[1..]);
+        let r = old("n1", 2);
+        assert_eq!(
+            l.ingest(&r, &r.digest(), now, &keys).await.unwrap(),
+            Ingested::Expired
+        );
+        let m = l.maintain(now, audit_cut).await.unwrap();
+        assert_eq!((m.audit_records, m.claims), (0, 0), "{m:?}");
+        assert_eq!(
+            l.report_summary().await.unwrap()[0].reports,
+            42,
+            "n1's claims, kept and removed"
         );
     }
 

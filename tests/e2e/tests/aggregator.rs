@@ -14,7 +14,9 @@
 
 use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
-use tally_contract::wire::{GpuGauge, GpuUsage, Report, SCHEMA_VERSION, TenantQuota};
+use tally_contract::wire::{
+    AuditRecord, GENESIS_SHA256, GpuGauge, GpuUsage, Report, SCHEMA_VERSION, TenantQuota,
+};
 use tally_e2e::{
     Agent, Cgroup, ChildGuard, SimNode,
     aggregator_support::{
@@ -980,6 +982,67 @@ fn a_report_below_removed_claims_is_refused() {
         m.value("tally_aggregator_reports_total", &[("result", "expired")]),
         Some(1.0)
     );
+}
+
+/// `[ledger] audit_retention`: the maintenance pass removes audit records
+/// older than it, by their own time, and keeps the rest as stored.
+#[test]
+fn audit_records_past_audit_retention_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = sqlite(dir.path());
+    let mut agg = Aggregator::start(dir.path(), &backend, "");
+    const HOUR_MS: u64 = 3_600_000;
+    let record = |time_ms: u64, prev: &str, sha: &str| AuditRecord {
+        time_ms: Some(time_ms),
+        tenant: Some("acme".into()),
+        action: Some("alert".into()),
+        prev_sha256: prev.into(),
+        sha256: sha.repeat(64),
+        rest: Default::default(),
+    };
+    let (old, new) = (now_ms() - 5 * HOUR_MS, now_ms());
+    let mut r = report("n1", 1);
+    r.audit = vec![record(old, GENESIS_SHA256, "a")];
+    assert_eq!(
+        agg.post(&serde_json::to_vec(&r).unwrap(), Some(AGENT_TOKEN))
+            .0,
+        200
+    );
+    let mut r = report("n1", 2);
+    r.audit = vec![record(new, &"a".repeat(64), "b")];
+    assert_eq!(
+        agg.post(&serde_json::to_vec(&r).unwrap(), Some(AGENT_TOKEN))
+            .0,
+        200
+    );
+    let records = |agg: &Aggregator| {
+        let (status, body) = agg.get("/api/v1/audit", Some(ADMIN_TOKEN));
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["records"].as_array().unwrap().clone()
+    };
+    let before = records(&agg);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    agg.stop();
+    let path = dir.path().join("aggregator.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains("raw_retention = \"36500d\""));
+    std::fs::write(
+        &path,
+        config.replace(
+            "raw_retention = \"36500d\"",
+            "raw_retention = \"2h\"\naudit_retention = \"2h\"",
+        ),
+    )
+    .unwrap();
+    agg.restart();
+    // The maintenance pass at start removes the old record.
+    let after = wait_logged(&agg, "the old audit record removed", || {
+        let r = records(&agg);
+        (r.len() == 1).then_some(r)
+    });
+    assert_eq!(after[..], before[1..]);
 }
 
 /// A chargeback reaching past `[ledger] raw_retention` is read from the
