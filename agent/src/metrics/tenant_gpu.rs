@@ -3,7 +3,10 @@
 //! arrays: they are nearly all of a node's series (one per tenant per
 //! device per family: 2,600 of benchmark 1's 2,650).
 
+use std::borrow::Cow;
+
 use prometheus_client::{metrics::MetricType, registry::Unit};
+use tally_contract::tenant::escape_label_value;
 
 use super::text::{self, Numbers};
 use crate::snapshot::{TENANT_IDLE, TenantGpuUsage};
@@ -73,10 +76,16 @@ pub(super) fn size_hint(rows: &[TenantGpuUsage]) -> usize {
 
 /// Appends the families that have samples, in order.
 pub(super) fn write(out: &mut String, rows: &[TenantGpuUsage]) {
+    // Each row's label values escaped once, not once per column.
+    let labels: Vec<[Cow<'_, str>; 2]> = rows
+        .iter()
+        .map(|r| [escape_label_value(&r.tenant), escape_label_value(&r.gpu)])
+        .collect();
     for column in &COLUMNS {
         let mut samples = rows
             .iter()
-            .filter_map(|r| Some((r, (column.value)(r)?)))
+            .zip(&labels)
+            .filter_map(|(r, labels)| Some((labels, (column.value)(r)?)))
             .peekable();
         if samples.peek().is_none() {
             continue;
@@ -89,12 +98,11 @@ pub(super) fn write(out: &mut String, rows: &[TenantGpuUsage]) {
         text::series(&mut head, column.name, unit, counter);
         head.push_str("{tenant=\"");
         let mut numbers = Numbers::default();
-        for (r, value) in samples {
+        for ([tenant, gpu], value) in samples {
             out.push_str(&head);
-            // Writing into a String cannot fail.
-            let _ = text::write_label_value(out, &r.tenant);
+            out.push_str(tenant);
             out.push_str("\",gpu=\"");
-            let _ = text::write_label_value(out, &r.gpu);
+            out.push_str(gpu);
             out.push_str("\"} ");
             numbers.push(out, counter, value);
             out.push('\n');

@@ -18,7 +18,7 @@
 //! reads).
 
 use prometheus_client::{metrics::MetricType, registry::Unit};
-pub(super) use tally_contract::tenant::write_label_value;
+use tally_contract::tenant::write_label_value;
 
 use super::{Family, Number};
 
