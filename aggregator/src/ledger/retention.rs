@@ -60,34 +60,29 @@ impl Ledger {
         now_ms: i64,
         cutoffs: Cutoffs,
     ) -> Result<Maintained, LedgerError> {
-        let Cutoffs {
-            raw: raw_before_ms,
-            rollup: rollup_before_ms,
-            audit: audit_before_ms,
-        } = cutoffs;
         let folded_hours = self.fold(now_ms).await?;
         let mut raw_rows = 0;
         match self.backend {
             // Whole days at once ([`super::partitions`]).
             Backend::Postgres => {
                 self.create_partitions(now_ms).await?;
-                raw_rows = self.drop_partitions(raw_before_ms).await?;
+                raw_rows = self.drop_partitions(cutoffs.raw).await?;
             }
             Backend::Sqlite => {
                 for table in ["gpu_usage", "io_usage"] {
                     raw_rows += self
-                        .delete_before(table, "interval_end_ms", raw_before_ms)
+                        .delete_before(table, "interval_end_ms", cutoffs.raw)
                         .await?;
                 }
             }
         }
-        let audit_records = match audit_before_ms {
+        let audit_records = match cutoffs.audit {
             Some(before) => self.delete_before("audit", "time_ms", before).await?,
             None => 0,
         };
-        let claims = self.remove_claims(raw_before_ms).await?;
+        let claims = self.remove_claims(cutoffs.raw).await?;
         let mut rollup_rows = 0;
-        if let Some(before) = rollup_before_ms {
+        if let Some(before) = cutoffs.rollup {
             for table in [
                 "gpu_usage_hourly",
                 "io_usage_hourly",

@@ -382,6 +382,16 @@ impl Aggregator {
         }
     }
 
+    /// Stops, replaces `from` (which its config must hold) with `to` in
+    /// its config file, and starts again.
+    pub fn restart_with(&mut self, from: &str, to: &str) {
+        self.stop();
+        let config = fs::read_to_string(&self.config).expect("aggregator config");
+        assert!(config.contains(from), "{from} in:\n{config}");
+        fs::write(&self.config, config.replace(from, to)).expect("aggregator config");
+        self.restart();
+    }
+
     /// SIGTERM, and wait.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1024,19 +1024,10 @@ fn audit_records_past_audit_retention_are_removed() {
     let before = records(&agg);
     assert_eq!(before.len(), 2, "{before:?}");
 
-    agg.stop();
-    let path = dir.path().join("aggregator.toml");
-    let config = std::fs::read_to_string(&path).unwrap();
-    assert!(config.contains("raw_retention = \"36500d\""));
-    std::fs::write(
-        &path,
-        config.replace(
-            "raw_retention = \"36500d\"",
-            "raw_retention = \"2h\"\naudit_retention = \"2h\"",
-        ),
-    )
-    .unwrap();
-    agg.restart();
+    agg.restart_with(
+        "raw_retention = \"36500d\"",
+        "raw_retention = \"2h\"\naudit_retention = \"2h\"",
+    );
     // The maintenance pass at start removes the old record.
     let after = wait_logged(&agg, "the old audit record removed", || {
         let r = records(&agg);
@@ -1079,15 +1070,7 @@ fn past_raw_retention_chargeback_is_read_by_the_hour() {
     assert!(asked.get("rounded").is_none(), "{asked}");
     assert!((hours(&asked) - 1_200.0 / 3_600.0).abs() < 1e-9, "{asked}");
 
-    agg.stop();
-    let config = std::fs::read_to_string(dir.path().join("aggregator.toml")).unwrap();
-    assert!(config.contains("raw_retention = \"36500d\""));
-    std::fs::write(
-        dir.path().join("aggregator.toml"),
-        config.replace("raw_retention = \"36500d\"", "raw_retention = \"2h\""),
-    )
-    .unwrap();
-    agg.restart();
+    agg.restart_with("raw_retention = \"36500d\"", "raw_retention = \"2h\"");
     // The maintenance pass at start removes the raw rows.
     wait_logged(&agg, "raw rows past retention removed", || {
         (ledger.int("SELECT COUNT(*) FROM gpu_usage") == 0).then_some(())
