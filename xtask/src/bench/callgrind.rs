@@ -5,7 +5,10 @@
 //! thread's counters, so with two functions counted on two threads (the
 //! sampler's cycle, a scrape on the runtime) each dump took part of the
 //! other's count, and the per-call figures came out as 0 or as the other's
-//! (benchmark 3 showed 0 instructions per encode). An
+//! (benchmark 3 showed 0 instructions per encode). The aggregator's
+//! ledger writer is counted over a whole run instead
+//! ([`whole_run_wrapper`]): its transaction is inlined into the thread's
+//! loop, which never returns while the aggregator runs. An
 //! instruction count repeats run to run whatever else the shared machine
 //! does, so a regression shows as a number where wall and CPU time drown
 //! in the load.
@@ -38,14 +41,59 @@ pub(super) const FUNCTIONS: [(&str, &str); 3] = [
 /// A script that runs `tally` under callgrind, writing one dump per call
 /// of `function` (a full name from [`FUNCTIONS`]) into `dir`.
 pub(super) fn wrapper(tally: &Path, dir: &Path, function: &str) -> anyhow::Result<PathBuf> {
+    script(
+        tally,
+        dir,
+        &[
+            format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()),
+            "--collect-atstart=no".to_owned(),
+            format!("--toggle-collect={function}"),
+            format!("--dump-after={function}"),
+        ],
+    )
+}
+
+/// A script that runs `tally` under callgrind, counting only inside
+/// `function` (and what it calls) over the whole run, the count written
+/// to [`whole_run_total`]'s file in `dir` when `tally` exits.
+pub(super) fn whole_run_wrapper(
+    tally: &Path,
+    dir: &Path,
+    function: &str,
+) -> anyhow::Result<PathBuf> {
+    script(
+        tally,
+        dir,
+        &[
+            format!("--callgrind-out-file={}/callgrind.out", dir.display()),
+            "--collect-atstart=no".to_owned(),
+            format!("--toggle-collect={function}"),
+        ],
+    )
+}
+
+/// The instructions counted by a [`whole_run_wrapper`] run in `dir`.
+pub(super) fn whole_run_total(dir: &Path) -> anyhow::Result<f64> {
+    let file = dir.join("callgrind.out");
+    let text = fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+    total(&text).with_context(|| format!("{} holds no total", file.display()))
+}
+
+/// The `totals:` (or `summary:`) line of one dump.
+fn total(dump: &str) -> Option<f64> {
+    dump.lines()
+        .find_map(|l| l.strip_prefix("totals: "))
+        .or_else(|| dump.lines().find_map(|l| l.strip_prefix("summary: ")))
+        .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+}
+
+/// Writes `dir/tally-under-callgrind`, which runs `tally` under callgrind
+/// with `args`.
+fn script(tally: &Path, dir: &Path, args: &[String]) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(dir)?;
-    let args = [
-        "--tool=callgrind".to_owned(),
-        format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()),
-        "--collect-atstart=no".to_owned(),
-        format!("--toggle-collect={function}"),
-        format!("--dump-after={function}"),
-    ];
+    let args: Vec<String> = std::iter::once("--tool=callgrind".to_owned())
+        .chain(args.iter().cloned())
+        .collect();
     let script = dir.join("tally-under-callgrind");
     fs::write(
         &script,
@@ -81,11 +129,7 @@ pub(super) fn per_call(dir: &Path) -> anyhow::Result<BTreeMap<&'static str, Vec<
         let trigger = text
             .lines()
             .find_map(|l| l.strip_prefix("desc: Trigger: --dump-after="));
-        let total = text
-            .lines()
-            .find_map(|l| l.strip_prefix("totals: "))
-            .or_else(|| text.lines().find_map(|l| l.strip_prefix("summary: ")))
-            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
+        let total = total(&text);
         let key = trigger.and_then(|t| {
             FUNCTIONS
                 .iter()

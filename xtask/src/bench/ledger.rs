@@ -21,7 +21,7 @@ use super::{
     util::{self, Proc, Stats},
 };
 
-const AGENT_TOKEN: &str = "bench-agent-token-0123456789";
+pub(super) const AGENT_TOKEN: &str = "bench-agent-token-0123456789";
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 
 /// 2026-11-01T00:00:00Z: the generated month starts here. November has
@@ -342,7 +342,7 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
              with a bearer token. The load generator shares the 2 cores with the aggregator \
              and the database (its CPU is shown). After all levels the ledger is counted: \
              every stored report and every one of its rows must be there.\n",
-            report_body("n", "b", 0, 0, 0).len() / 1024
+            ReportTemplate::new("n", "b").body(0, 0, 0).len() / 1024
         );
         for backend in [Backend::Sqlite, Backend::Postgres] {
             match ingest_bench(ctx, backend) {
@@ -357,6 +357,9 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
                 }
             }
         }
+        let counted = super::ingest_instructions::section(ctx);
+        s.body.push_str(&counted.body);
+        s.checks.extend(counted.checks);
         if s.checks.iter().any(|c| c.verdict == Verdict::Miss) {
             s.body.push_str(INGEST_BOTTLENECK);
         }
@@ -435,32 +438,59 @@ whose 2 cores the load generator shares. Not `synchronous_commit = off`: an agen
 report from its spool once it is acknowledged.
 ";
 
-/// One report: 50 tenants' GPU and I/O rows, 8 GPU gauges.
-fn report_body(node: &str, boot: &str, seq: u64, start_ms: u64, end_ms: u64) -> String {
-    let mut gpu = Vec::with_capacity(50);
-    let mut io = Vec::with_capacity(50);
-    for t in 0..50 {
-        let g = t % 8;
-        gpu.push(format!(
-            r#"{{"tenant":"tenant-{t:02}","gpu":"{g}","uuid":"GPU-{node}-{g}","model":"NVIDIA H100 80GB HBM3","slice_fraction":1.0,"allocated_us":1000000,"sm_us":500000,"memory_byte_seconds":4294967296,"energy_mj":250000}}"#
-        ));
-        io.push(format!(
-            r#"{{"tenant":"tenant-{t:02}","network_ingress_bytes":1048576,"network_egress_bytes":524288,"network_ingress_packets":800,"network_egress_packets":400,"network_dropped_packets":0,"pcie_h2d_bytes":8388608,"pcie_d2h_bytes":4194304}}"#
-        ));
+/// One simulated agent's reports (50 tenants' GPU and I/O rows, 8 GPU
+/// gauges): the JSON around the fields that change from one report to
+/// the next is built once. The load generator shares the aggregator's 2
+/// cores, so what it spends per report is taken from the rate measured.
+pub(super) struct ReportTemplate {
+    /// Up to the `seq` value.
+    head: String,
+    /// From the rows on.
+    tail: String,
+}
+
+impl ReportTemplate {
+    pub(super) fn new(node: &str, boot: &str) -> Self {
+        let mut gpu = Vec::with_capacity(50);
+        let mut io = Vec::with_capacity(50);
+        for t in 0..50 {
+            let g = t % 8;
+            gpu.push(format!(
+                r#"{{"tenant":"tenant-{t:02}","gpu":"{g}","uuid":"GPU-{node}-{g}","model":"NVIDIA H100 80GB HBM3","slice_fraction":1.0,"allocated_us":1000000,"sm_us":500000,"memory_byte_seconds":4294967296,"energy_mj":250000}}"#
+            ));
+            io.push(format!(
+                r#"{{"tenant":"tenant-{t:02}","network_ingress_bytes":1048576,"network_egress_bytes":524288,"network_ingress_packets":800,"network_egress_packets":400,"network_dropped_packets":0,"pcie_h2d_bytes":8388608,"pcie_d2h_bytes":4194304}}"#
+            ));
+        }
+        let gauges: Vec<String> = (0..8)
+            .map(|g| {
+                format!(
+                    r#"{{"gpu":"{g}","uuid":"GPU-{node}-{g}","model":"NVIDIA H100 80GB HBM3","mig_mode":false,"health":"ok","utilization_ratio":0.5,"memory_used_bytes":1073741824,"memory_total_bytes":85520809984,"processes":6}}"#
+                )
+            })
+            .collect();
+        Self {
+            head: format!(r#"{{"version":1,"node":"{node}","boot_id":"{boot}","seq":"#),
+            tail: format!(
+                r#","gpu_usage":[{}],"io_usage":[{}],"gpus":[{}]}}"#,
+                gpu.join(","),
+                io.join(","),
+                gauges.join(",")
+            ),
+        }
     }
-    let gauges: Vec<String> = (0..8)
-        .map(|g| {
-            format!(
-                r#"{{"gpu":"{g}","uuid":"GPU-{node}-{g}","model":"NVIDIA H100 80GB HBM3","mig_mode":false,"health":"ok","utilization_ratio":0.5,"memory_used_bytes":1073741824,"memory_total_bytes":85520809984,"processes":6}}"#
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"version":1,"node":"{node}","boot_id":"{boot}","seq":{seq},"interval_start_ms":{start_ms},"interval_end_ms":{end_ms},"gpu_usage":[{}],"io_usage":[{}],"gpus":[{}]}}"#,
-        gpu.join(","),
-        io.join(","),
-        gauges.join(",")
-    )
+
+    /// The report `seq`, covering `start_ms..end_ms`.
+    pub(super) fn body(&self, seq: u64, start_ms: u64, end_ms: u64) -> String {
+        let mut b = String::with_capacity(self.head.len() + self.tail.len() + 80);
+        b.push_str(&self.head);
+        let _ = write!(
+            b,
+            r#"{seq},"interval_start_ms":{start_ms},"interval_end_ms":{end_ms}"#
+        );
+        b.push_str(&self.tail);
+        b
+    }
 }
 
 struct Level {
@@ -500,6 +530,7 @@ fn level(
         threads.push(std::thread::spawn(
             move || -> anyhow::Result<(u64, u64, Vec<f64>)> {
                 let node = format!("ingest-{tag}-{a:03}");
+                let reports = ReportTemplate::new(&node, &boot);
                 // One keep-alive connection per simulated agent.
                 let conn = Client::new(addr).bearer(AGENT_TOKEN);
                 let mut lat = Vec::new();
@@ -511,7 +542,7 @@ fn level(
                 let start0 = now_ms - 400_000_000;
                 while Instant::now() < end {
                     let s = start0 + seq * 10_000;
-                    let body = report_body(&node, &boot, seq, s, s + 10_000);
+                    let body = reports.body(seq, s, s + 10_000);
                     let t = Instant::now();
                     match conn.post_json("/api/v1/reports", body.as_bytes()) {
                         Ok(r) if r.status == 200 => stored += 1,
@@ -1005,6 +1036,24 @@ fn chargeback_bench(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report from the template is one the aggregator takes: the wire
+    /// format's own type reads it back, fields and rows as generated.
+    #[test]
+    fn a_templated_report_is_a_valid_report() {
+        let body = ReportTemplate::new("node-7", "boot-1").body(42, 1_000, 11_000);
+        let r: tally_contract::wire::Report = serde_json::from_str(&body).unwrap();
+        assert_eq!((r.node.as_str(), r.boot_id.as_str()), ("node-7", "boot-1"));
+        assert_eq!(
+            (r.seq, r.interval_start_ms, r.interval_end_ms),
+            (42, 1_000, 11_000)
+        );
+        assert_eq!(
+            (r.gpu_usage.len(), r.io_usage.len(), r.gpus.len()),
+            (50, 50, 8)
+        );
+        assert_eq!(r.validate(), Ok(()));
+    }
 
     /// The bottleneck text is Markdown written with `\` line continuations,
     /// which also swallow a blank line after them: each paragraph must

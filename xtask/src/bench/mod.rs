@@ -23,6 +23,7 @@ use crate::{
 mod agent;
 mod callgrind;
 mod fleet;
+mod ingest_instructions;
 mod ledger;
 mod probes;
 mod sim;
@@ -52,9 +53,10 @@ pub(crate) struct Options {
     /// Minutes of the fleet run [default: 10, 0.5 with --quick].
     #[arg(long, value_name = "MINUTES")]
     pub fleet_minutes: Option<f64>,
-    /// Only count instructions per call under callgrind at ×1 (benchmarks
-    /// 2 and 3's load-independent rows) and print them; writes no report.
-    /// A quick check of a hot-path change (minutes, not the whole run).
+    /// Only count instructions under callgrind (benchmarks 2 and 3's
+    /// load-independent rows at ×1, and benchmark 6's SQLite writer per
+    /// report) and print them; writes no report. A quick check of a
+    /// hot-path change (minutes, not the whole run).
     #[arg(long, conflicts_with_all = ["only", "output"])]
     pub instructions: bool,
 }
@@ -197,6 +199,11 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     }
     if o.instructions {
         println!("{}", agent::instructions_only(&ctx)?);
+        let per = ingest_instructions::sqlite_writer(&ctx)?;
+        println!(
+            "ingest: {} per report in the SQLite writer",
+            callgrind::show(per)
+        );
         return Ok(());
     }
     let wanted = |n: &str| o.only.is_empty() || o.only.iter().any(|x| x == n);
