@@ -98,7 +98,7 @@ impl Aggregator {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = fingerprint(&app);
         let maintainer = tokio::spawn(maintain_ledger(
-            app.ledger.clone(),
+            app.clone(),
             config.ledger.clone(),
             shutdown.clone(),
         ));
@@ -329,7 +329,7 @@ const MAINTAIN_EVERY: Duration = Duration::from_secs(60);
 
 /// Maintains the ledger every [`MAINTAIN_EVERY`] until `shutdown`.
 async fn maintain_ledger(
-    ledger: ledger::Ledger,
+    app: Arc<server::App>,
     config: config::LedgerSection,
     shutdown: CancellationToken,
 ) {
@@ -348,13 +348,14 @@ async fn maintain_ledger(
             rollup: config.rollup_retention.map(before),
             audit: config.audit_retention.map(before),
         };
-        let pass = ledger.maintain(now, cutoffs);
+        let pass = app.ledger.maintain(now, cutoffs);
         // Shutdown does not wait for a long first fold: the next start
         // resumes from the watermark.
         let done = tokio::select! {
             _ = shutdown.cancelled() => return,
             done = pass => done,
         };
+        app.metrics.maintained(done.as_ref());
         match done {
             Ok(m) if m != ledger::Maintained::default() => info!(
                 folded_hours = m.folded_hours,

@@ -32,6 +32,12 @@ pub(crate) struct ResultLabel {
     pub result: String,
 }
 
+/// What a maintenance pass removed: a fixed set of words.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    pub kind: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct NodeLabel {
     pub node: LabelValue,
@@ -77,6 +83,11 @@ pub(crate) struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     pub ingest_duration: Histogram,
     pub ledger_errors: Counter,
+    /// Ledger maintenance passes by result: ok, error.
+    maintenance: Family<ResultLabel, Counter>,
+    /// Rows the maintenance passes removed, by kind: raw, claims,
+    /// rollup, audit.
+    rows_removed: Family<KindLabel, Counter>,
     pub audit_chain_breaks: Family<NodeLabel, Counter>,
     /// Each node's clock minus the aggregator's, at its last report; also
     /// what tells whether a node has just gone skewed or back in step.
@@ -129,6 +140,27 @@ impl Metrics {
             "Ledger statements that failed (the request got 503 and is retried by the agent)",
             ledger_errors.clone(),
         );
+        let maintenance = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tally_aggregator_ledger_maintenance_passes",
+            "Ledger maintenance passes (fold the rollups, then remove what is past retention), \
+             by result: ok, or error (retried on the next pass, a minute later)",
+            maintenance.clone(),
+        );
+        // Both results from the start: an alert compares them.
+        for result in ["ok", "error"] {
+            let _ = maintenance.get_or_create(&ResultLabel {
+                result: result.into(),
+            });
+        }
+        let rows_removed = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "tally_aggregator_ledger_rows_removed",
+            "Ledger rows removed past their retention, by kind: raw (usage rows, raw_retention), \
+             claims (reports' claims, raw_retention), rollup (rollup_retention), audit \
+             (audit_retention)",
+            rows_removed.clone(),
+        );
         let audit_chain_breaks = Family::<NodeLabel, Counter>::default();
         registry.register(
             "tally_aggregator_audit_chain_breaks",
@@ -155,6 +187,8 @@ impl Metrics {
             reloads,
             ingest_duration,
             ledger_errors,
+            maintenance,
+            rows_removed,
             audit_chain_breaks,
             clock_skew,
             cached,
@@ -225,6 +259,31 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// Counts one ledger maintenance pass and what it removed.
+    pub(crate) fn maintained(
+        &self,
+        pass: Result<&crate::ledger::Maintained, &crate::ledger::LedgerError>,
+    ) {
+        let result = if pass.is_ok() { "ok" } else { "error" };
+        self.maintenance
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+        if let Ok(m) = pass {
+            for (kind, rows) in [
+                ("raw", m.raw_rows),
+                ("claims", m.claims),
+                ("rollup", m.rollup_rows),
+                ("audit", m.audit_records),
+            ] {
+                self.rows_removed
+                    .get_or_create(&KindLabel { kind })
+                    .inc_by(rows);
+            }
+        }
     }
 
     /// Counts one credential reload.
@@ -450,6 +509,69 @@ impl Collector for ClusterCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Maintenance passes are counted by result, both from the start, and
+    /// what each removed is added up by kind.
+    #[test]
+    fn maintenance_passes_and_rows_removed_are_counted() {
+        let m = Metrics::new();
+        let line = |body: &str, prefix: &str| -> Option<String> {
+            body.lines()
+                .find(|l| l.starts_with(prefix))
+                .map(str::to_owned)
+        };
+        let body = m.encode();
+        for result in ["ok", "error"] {
+            let series =
+                format!("tally_aggregator_ledger_maintenance_passes_total{{result=\"{result}\"}}");
+            assert_eq!(line(&body, &series), Some(format!("{series} 0")), "{body}");
+        }
+        let removed = crate::ledger::Maintained {
+            raw_rows: 5,
+            claims: 2,
+            audit_records: 1,
+            ..Default::default()
+        };
+        m.maintained(Ok(&removed));
+        m.maintained(Ok(&crate::ledger::Maintained {
+            raw_rows: 3,
+            ..Default::default()
+        }));
+        m.maintained(Err(&crate::ledger::LedgerError::Thread("gone".into())));
+        let body = m.encode();
+        for (series, value) in [
+            (
+                "tally_aggregator_ledger_maintenance_passes_total{result=\"ok\"}",
+                2,
+            ),
+            (
+                "tally_aggregator_ledger_maintenance_passes_total{result=\"error\"}",
+                1,
+            ),
+            (
+                "tally_aggregator_ledger_rows_removed_total{kind=\"raw\"}",
+                8,
+            ),
+            (
+                "tally_aggregator_ledger_rows_removed_total{kind=\"claims\"}",
+                2,
+            ),
+            (
+                "tally_aggregator_ledger_rows_removed_total{kind=\"rollup\"}",
+                0,
+            ),
+            (
+                "tally_aggregator_ledger_rows_removed_total{kind=\"audit\"}",
+                1,
+            ),
+        ] {
+            assert_eq!(
+                line(&body, series),
+                Some(format!("{series} {value}")),
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn every_help_text_ends_in_one_full_stop() {

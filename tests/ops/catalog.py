@@ -35,6 +35,7 @@ AGGREGATOR_METRICS = [
     "tally_aggregator_ingest_duration_seconds_bucket",
     "tally_aggregator_ledger_errors_total",
     "tally_aggregator_ledger_up",
+    "tally_aggregator_ledger_maintenance_passes_total",
     "tally_aggregator_node_clock_skew_seconds",
 ]
 

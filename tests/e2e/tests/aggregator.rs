@@ -1034,6 +1034,30 @@ fn audit_records_past_audit_retention_are_removed() {
         (r.len() == 1).then_some(r)
     });
     assert_eq!(after[..], before[1..]);
+    // What the passes did, on /metrics once the pass has ended: the one
+    // record removed, no pass failed. The restart began the counts afresh.
+    let removed = |m: &tally_e2e::Metrics, kind| {
+        m.value(
+            "tally_aggregator_ledger_rows_removed_total",
+            &[("kind", kind)],
+        )
+    };
+    let m = tally_e2e::wait_for("the pass counted", Duration::from_secs(30), || {
+        let m = agg.metrics();
+        removed(&m, "audit").is_some().then_some(m)
+    });
+    assert_eq!(removed(&m, "audit"), Some(1.0));
+    for kind in ["raw", "claims", "rollup"] {
+        assert!(removed(&m, kind).is_some(), "no {kind} count");
+    }
+    let passes = |result| {
+        m.value(
+            "tally_aggregator_ledger_maintenance_passes_total",
+            &[("result", result)],
+        )
+    };
+    assert!(passes("ok").is_some_and(|n| n >= 1.0), "{:?}", passes("ok"));
+    assert_eq!(passes("error"), Some(0.0));
 }
 
 /// A chargeback reaching past `[ledger] raw_retention` is read from the
