@@ -333,7 +333,6 @@ async fn maintain_ledger(
     config: config::LedgerSection,
     shutdown: CancellationToken,
 ) {
-    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let mut tick = tokio::time::interval(MAINTAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -342,7 +341,7 @@ async fn maintain_ledger(
             _ = tick.tick() => {}
         }
         let now = time::now_ms();
-        let before = |r: Duration| now.saturating_sub(ms(r));
+        let before = |age| time::before(now, age);
         let cutoffs = ledger::Cutoffs {
             raw: before(config.raw_retention),
             rollup: config.rollup_retention.map(before),

@@ -11,6 +11,13 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The instant `age` before `now_ms` (a retention's cutoff), without
+/// overflow: an age beyond an `i64` of milliseconds counts as the
+/// longest one, a cutoff before anything stored.
+pub(crate) fn before(now_ms: i64, age: std::time::Duration) -> i64 {
+    now_ms.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Milliseconds per day.
 pub(crate) const DAY_MS: i64 = 86_400_000;
 
@@ -95,6 +102,17 @@ pub(crate) fn rfc3339(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cutoff_is_the_age_before_now_and_saturates() {
+        use std::time::Duration;
+        assert_eq!(before(10_000, Duration::from_secs(3)), 7_000);
+        assert_eq!(
+            before(10_000, Duration::from_secs(u64::MAX)),
+            10_000 - i64::MAX
+        );
+        assert_eq!(before(-10, Duration::from_secs(u64::MAX)), i64::MIN);
+    }
 
     /// schemathesis finding: RFC 3339 times with a numeric offset or in
     /// lower case were refused as "not an RFC 3339 time".

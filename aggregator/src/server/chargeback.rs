@@ -80,8 +80,7 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
     }
     // Past raw retention the partial hours at the edges are gone: read
     // whole hours, and say so.
-    let cutoff = crate::time::now_ms()
-        .saturating_sub(i64::try_from(app.raw_retention.as_millis()).unwrap_or(i64::MAX));
+    let cutoff = crate::time::before(crate::time::now_ms(), app.raw_retention);
     let rounded = chargeback::hour_bounds(from, to, cutoff);
     let (read_from, read_to) = rounded.unwrap_or((from, to));
     let reads = async {
