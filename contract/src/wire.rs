@@ -230,10 +230,10 @@ impl Report {
                 self.version
             ));
         }
-        name(&mut p, "node", &self.node);
-        name(&mut p, "boot_id", &self.boot_id);
+        name(&mut p, format_args!("node"), &self.node);
+        name(&mut p, format_args!("boot_id"), &self.boot_id);
         if let Some(c) = &self.cluster {
-            name(&mut p, "cluster", c);
+            name(&mut p, format_args!("cluster"), c);
         }
         if self.seq > i64::MAX as u64 {
             p.push("seq is out of range".into());
@@ -259,16 +259,18 @@ impl Report {
             .saturating_add(5_000_000);
         let mut per_device: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
         for (i, u) in self.gpu_usage.iter().enumerate() {
-            let at = format!("gpu_usage[{i}]");
-            name(&mut p, &format!("{at}.tenant"), &u.tenant);
-            name(&mut p, &format!("{at}.gpu"), &u.gpu);
-            name(&mut p, &format!("{at}.uuid"), &u.uuid);
-            name(&mut p, &format!("{at}.model"), &u.model);
+            // Paths are written only for a problem: a valid report's
+            // hundreds of fields format nothing.
+            let at = format_args!("gpu_usage[{i}]");
+            name(&mut p, format_args!("{at}.tenant"), &u.tenant);
+            name(&mut p, format_args!("{at}.gpu"), &u.gpu);
+            name(&mut p, format_args!("{at}.uuid"), &u.uuid);
+            name(&mut p, format_args!("{at}.model"), &u.model);
             if let Some(profile) = &u.mig_profile {
-                name(&mut p, &format!("{at}.mig_profile"), profile);
+                name(&mut p, format_args!("{at}.mig_profile"), profile);
             }
             if let Some(w) = &u.workload {
-                name(&mut p, &format!("{at}.workload"), w);
+                name(&mut p, format_args!("{at}.workload"), w);
             }
             if !(u.slice_fraction > 0.0 && u.slice_fraction <= 1.0) {
                 p.push(format!(
@@ -325,7 +327,7 @@ impl Report {
             }
         }
         for (i, u) in self.io_usage.iter().enumerate() {
-            name(&mut p, &format!("io_usage[{i}].tenant"), &u.tenant);
+            name(&mut p, format_args!("io_usage[{i}].tenant"), &u.tenant);
             for (key, v) in [
                 ("network_ingress_bytes", u.network_ingress_bytes),
                 ("network_egress_bytes", u.network_egress_bytes),
@@ -354,17 +356,17 @@ impl Report {
                 p.push(format!("gpus[{i}].state `{}` is not a GPU state", g.state));
             }
             for (j, t) in g.tenants.iter().enumerate() {
-                name(&mut p, &format!("gpus[{i}].tenants[{j}]"), t);
+                name(&mut p, format_args!("gpus[{i}].tenants[{j}]"), t);
             }
             for (j, h) in g.workloads.iter().enumerate() {
                 name(
                     &mut p,
-                    &format!("gpus[{i}].workloads[{j}].tenant"),
+                    format_args!("gpus[{i}].workloads[{j}].tenant"),
                     &h.tenant,
                 );
                 name(
                     &mut p,
-                    &format!("gpus[{i}].workloads[{j}].workload"),
+                    format_args!("gpus[{i}].workloads[{j}].workload"),
                     &h.workload,
                 );
             }
@@ -375,16 +377,15 @@ impl Report {
         // The ledger's integers are signed 64-bit: a larger value would be
         // stored as another number (a schemathesis finding: a
         // report_interval_ms of 2^63 was stored as 2^63 - 1 and answered 200).
-        let mut wide: Vec<(String, u64)> = Vec::new();
-        wide.extend(
-            self.report_interval_ms
-                .map(|v| ("report_interval_ms".into(), v)),
-        );
+        if let Some(v) = self.report_interval_ms {
+            signed(&mut p, format_args!("report_interval_ms"), v);
+        }
         for (i, u) in self.gpu_usage.iter().enumerate() {
-            wide.push((
-                format!("gpu_usage[{i}].memory_byte_seconds"),
+            signed(
+                &mut p,
+                format_args!("gpu_usage[{i}].memory_byte_seconds"),
                 u.memory_byte_seconds,
-            ));
+            );
         }
         for (i, u) in self.io_usage.iter().enumerate() {
             for (key, v) in [
@@ -392,31 +393,36 @@ impl Report {
                 ("network_egress_packets", u.network_egress_packets),
                 ("network_dropped_packets", u.network_dropped_packets),
             ] {
-                wide.push((format!("io_usage[{i}].{key}"), v));
+                signed(&mut p, format_args!("io_usage[{i}].{key}"), v);
             }
         }
         for (i, g) in self.gpus.iter().enumerate() {
-            wide.push((format!("gpus[{i}].memory_used_bytes"), g.memory_used_bytes));
-            wide.push((
-                format!("gpus[{i}].memory_total_bytes"),
-                g.memory_total_bytes,
-            ));
-            wide.extend(
-                g.idle_since_ms
-                    .map(|v| (format!("gpus[{i}].idle_since_ms"), v)),
+            signed(
+                &mut p,
+                format_args!("gpus[{i}].memory_used_bytes"),
+                g.memory_used_bytes,
             );
+            signed(
+                &mut p,
+                format_args!("gpus[{i}].memory_total_bytes"),
+                g.memory_total_bytes,
+            );
+            if let Some(v) = g.idle_since_ms {
+                signed(&mut p, format_args!("gpus[{i}].idle_since_ms"), v);
+            }
         }
         for (i, a) in self.audit.iter().enumerate() {
-            wide.extend(a.time_ms.map(|v| (format!("audit[{i}].time_ms"), v)));
-        }
-        for (key, v) in wide {
-            if v > i64::MAX as u64 {
-                p.push(format!("{key} is out of range"));
+            if let Some(v) = a.time_ms {
+                signed(&mut p, format_args!("audit[{i}].time_ms"), v);
             }
         }
         for (i, q) in self.tenant_quotas.iter().enumerate() {
-            name(&mut p, &format!("tenant_quotas[{i}].tenant"), &q.tenant);
-            name(&mut p, &format!("tenant_quotas[{i}].resource"), &q.resource);
+            name(&mut p, format_args!("tenant_quotas[{i}].tenant"), &q.tenant);
+            name(
+                &mut p,
+                format_args!("tenant_quotas[{i}].resource"),
+                &q.resource,
+            );
             if !q.limit.is_finite() || q.usage.is_some_and(|u| !u.is_finite()) {
                 p.push(format!("tenant_quotas[{i}] limit and usage must be finite"));
             }
@@ -434,7 +440,7 @@ impl Report {
                 p.push(format!("audit[{i}].hmac_sha256 is not a hex HMAC-SHA256"));
             }
             if let Some(t) = &a.tenant {
-                name(&mut p, &format!("audit[{i}].tenant"), t);
+                name(&mut p, format_args!("audit[{i}].tenant"), t);
             }
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
@@ -446,11 +452,21 @@ fn is_hex_sha256(h: &str) -> bool {
     h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn name(p: &mut Vec<String>, key: &str, value: &str) {
+/// A name's problem, if any, under the field path `key` (formatted only
+/// then).
+fn name(p: &mut Vec<String>, key: std::fmt::Arguments<'_>, value: &str) {
     if value.is_empty() || value.len() > MAX_NAME {
         p.push(format!("{key} must be 1..={MAX_NAME} bytes"));
     } else if value.chars().any(char::is_control) {
         p.push(format!("{key} contains a control character"));
+    }
+}
+
+/// `value`'s problem, if any, where the ledger stores it as a signed
+/// 64-bit integer.
+fn signed(p: &mut Vec<String>, key: std::fmt::Arguments<'_>, value: u64) {
+    if value > i64::MAX as u64 {
+        p.push(format!("{key} is out of range"));
     }
 }
 
@@ -637,6 +653,56 @@ mod tests {
         r.report_interval_ms = Some(i64::MAX as u64);
         r.gpu_usage[0].memory_byte_seconds = i64::MAX as u64;
         r.validate().unwrap();
+    }
+
+    /// Each problem names its field by path, in the order the fields are
+    /// checked (the paths are formatted only for a problem).
+    #[test]
+    fn every_problem_names_its_field_path() {
+        let mut r = sample();
+        r.gpu_usage.push(r.gpu_usage[0].clone());
+        r.gpu_usage[1].uuid = "GPU-1".into();
+        r.gpu_usage[1].tenant = String::new();
+        r.gpu_usage[1].mig_profile = Some("1g\t10gb".into());
+        r.gpu_usage[1].memory_byte_seconds = u64::MAX;
+        r.io_usage = vec![IoUsage {
+            tenant: "x".repeat(MAX_NAME + 1),
+            network_dropped_packets: u64::MAX,
+            ..Default::default()
+        }];
+        r.gpus = vec![GpuGauge {
+            tenants: vec!["ok".into(), "\u{7}".into()],
+            workloads: vec![HeldBy {
+                tenant: "acme".into(),
+                workload: String::new(),
+            }],
+            memory_total_bytes: u64::MAX,
+            idle_since_ms: Some(u64::MAX),
+            ..Default::default()
+        }];
+        r.report_interval_ms = Some(u64::MAX);
+        r.tenant_quotas = vec![TenantQuota {
+            tenant: "acme".into(),
+            resource: "\n".into(),
+            limit: 1.0,
+            usage: None,
+        }];
+        assert_eq!(
+            r.validate().unwrap_err(),
+            [
+                "gpu_usage[1].tenant must be 1..=256 bytes",
+                "gpu_usage[1].mig_profile contains a control character",
+                "io_usage[0].tenant must be 1..=256 bytes",
+                "gpus[0].tenants[1] contains a control character",
+                "gpus[0].workloads[0].workload must be 1..=256 bytes",
+                "report_interval_ms is out of range",
+                "gpu_usage[1].memory_byte_seconds is out of range",
+                "io_usage[0].network_dropped_packets is out of range",
+                "gpus[0].memory_total_bytes is out of range",
+                "gpus[0].idle_since_ms is out of range",
+                "tenant_quotas[0].resource contains a control character",
+            ]
+        );
     }
 
     /// Fuzz regression (tests/fuzz `report`): two usages of one device whose
