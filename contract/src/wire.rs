@@ -235,9 +235,7 @@ impl Report {
         if let Some(c) = &self.cluster {
             name(&mut p, format_args!("cluster"), c);
         }
-        if self.seq > i64::MAX as u64 {
-            p.push("seq is out of range".into());
-        }
+        signed(&mut p, format_args!("seq"), self.seq);
         if self.interval_end_ms < self.interval_start_ms {
             p.push(format!(
                 "interval_end_ms {} is before interval_start_ms {}",
@@ -334,9 +332,7 @@ impl Report {
                 ("pcie_h2d_bytes", u.pcie_h2d_bytes),
                 ("pcie_d2h_bytes", u.pcie_d2h_bytes),
             ] {
-                if v > i64::MAX as u64 {
-                    p.push(format!("io_usage[{i}].{key} is out of range"));
-                }
+                signed(&mut p, format_args!("io_usage[{i}].{key}"), v);
             }
         }
         for (i, g) in self.gpus.iter().enumerate() {
@@ -665,8 +661,10 @@ mod tests {
         r.gpu_usage[1].tenant = String::new();
         r.gpu_usage[1].mig_profile = Some("1g\t10gb".into());
         r.gpu_usage[1].memory_byte_seconds = u64::MAX;
+        r.seq = u64::MAX;
         r.io_usage = vec![IoUsage {
             tenant: "x".repeat(MAX_NAME + 1),
+            network_ingress_bytes: u64::MAX,
             network_dropped_packets: u64::MAX,
             ..Default::default()
         }];
@@ -690,9 +688,11 @@ mod tests {
         assert_eq!(
             r.validate().unwrap_err(),
             [
+                "seq is out of range",
                 "gpu_usage[1].tenant must be 1..=256 bytes",
                 "gpu_usage[1].mig_profile contains a control character",
                 "io_usage[0].tenant must be 1..=256 bytes",
+                "io_usage[0].network_ingress_bytes is out of range",
                 "gpus[0].tenants[1] contains a control character",
                 "gpus[0].workloads[0].workload must be 1..=256 bytes",
                 "report_interval_ms is out of range",
