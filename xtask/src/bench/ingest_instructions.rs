@@ -76,12 +76,7 @@ fn per_report([short, long]: [f64; 2]) -> anyhow::Result<f64> {
 /// posted by each of [`NODES`] nodes; the writer's instructions.
 fn counted_run(ctx: &Ctx, reports: u64) -> anyhow::Result<f64> {
     let dir = util::scratch(&format!("ingest-callgrind-{reports}"))?;
-    let counted = Ctx {
-        quick: ctx.quick,
-        tally: callgrind::whole_run_wrapper(&ctx.tally, &dir, WRITER)?,
-        sim_lib: ctx.sim_lib.clone(),
-        tck: ctx.tck,
-    };
+    let counted = callgrind::whole_run_wrapper(&ctx.tally, &dir, WRITER)?;
     let db = Db::sqlite(&dir);
     let config = write_config(&dir, &db, 4, &[AGENT_TOKEN], "")?;
     let addr = SocketAddr::from(([127, 0, 0, 1], tally_e2e::free_port()));

@@ -213,7 +213,7 @@ fn aggregator(ctx: &Ctx, dir: &Path, db: &Db, connections: u32) -> anyhow::Resul
     let config = write_config(dir, db, connections, &[AGENT_TOKEN], "")?;
     let addr = SocketAddr::from(([127, 0, 0, 1], tally_e2e::free_port()));
     start_aggregator(
-        ctx,
+        &ctx.tally,
         &config,
         addr,
         &dir.join(format!("aggregator-{}.log", db.backend.name())),
@@ -264,17 +264,18 @@ token_file = "{dir}/admin.token"
     Ok(file)
 }
 
-/// Starts the release aggregator with `config` on `addr`, its log to
-/// `log`; returns once `/readyz` answers 200.
+/// Starts `tally` (the release build, or a script that runs it) as the
+/// aggregator with `config` on `addr`, its log to `log`; returns once
+/// `/readyz` answers 200.
 pub(super) fn start_aggregator(
-    ctx: &Ctx,
+    tally: &Path,
     config: &Path,
     addr: SocketAddr,
     log: &Path,
 ) -> anyhow::Result<Aggregator> {
     let mut proc = Proc::spawn(
         "tally aggregator",
-        Command::new(&ctx.tally)
+        Command::new(tally)
             .arg("aggregator")
             .arg("--config")
             .arg(config)

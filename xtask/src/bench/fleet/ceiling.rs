@@ -64,7 +64,7 @@ fn ceiling(
     for r in 0..replicas {
         let addr = SocketAddr::from(([127, 0, 0, 1], tally_e2e::free_port()));
         aggs.push(start_aggregator(
-            ctx,
+            &ctx.tally,
             &config,
             addr,
             &dir.join(format!("aggregator-{r}.log")),

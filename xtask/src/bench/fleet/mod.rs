@@ -356,7 +356,7 @@ fn fleet_run(
     let config = write_config(dir, db, CONNECTIONS, &refs, AUTH)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], tally_e2e::free_port()));
     let log = dir.join("aggregator.log");
-    let mut agg = start_aggregator(ctx, &config, addr, &log)?;
+    let mut agg = start_aggregator(&ctx.tally, &config, addr, &log)?;
     let urls: Arc<[String]> = vec![format!("http://{addr}/api/v1/reports")].into();
     let boot: Arc<str> = format!("fleet-{}", std::process::id()).into();
     let run = Duration::from_secs_f64(scale.minutes * 60.0);
@@ -396,7 +396,7 @@ fn fleet_run(
     agg.proc.child.kill().context("SIGKILL the aggregator")?;
     agg.proc.child.wait()?;
     drop(agg);
-    agg = start_aggregator(ctx, &config, addr, &log)?;
+    agg = start_aggregator(&ctx.tally, &config, addr, &log)?;
     let down_s = killed.elapsed().as_secs_f64();
     eprintln!(
         "bench: fleet: aggregator SIGKILLed at {:.0} s, serving again after {down_s:.1} s",
