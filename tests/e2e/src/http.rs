@@ -7,7 +7,13 @@ use std::{fs, io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use ureq::{
     Agent,
+    config::Config,
+    http::Uri,
     tls::{Certificate, RootCerts, TlsConfig},
+    unversioned::{
+        resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver},
+        transport::{DefaultConnector, NextTimeout},
+    },
 };
 
 /// Bodies up to this size are read (a `/metrics` at ~20k series is ~1.4 MiB).
@@ -54,11 +60,52 @@ fn config() -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
         .output_buffer_size(OUTPUT_BUFFER)
 }
 
+/// ureq's resolver, except that an address written as an IP needs no
+/// lookup. ureq looks every request's host up again, kept connection or
+/// not, and with a timeout set it does so on a thread of its own: the
+/// bench's load generator started a thread per report it posted (strace:
+/// ~3,000 in 5 s), on the 2 cores it shares with the aggregator it
+/// measures.
+#[derive(Debug, Default)]
+struct IpFirst(DefaultResolver);
+
+impl Resolver for IpFirst {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let ip = uri.authority().and_then(|a| {
+            let host = a.host().trim_start_matches('[').trim_end_matches(']');
+            let port = a.port_u16().or(match uri.scheme_str()? {
+                "http" => Some(80),
+                "https" => Some(443),
+                _ => None,
+            })?;
+            Some(SocketAddr::new(host.parse().ok()?, port))
+        });
+        match ip {
+            Some(addr) => {
+                let mut out = self.empty();
+                out.push(addr);
+                Ok(out)
+            }
+            None => self.0.resolve(uri, config, timeout),
+        }
+    }
+}
+
+/// An agent of `config` that resolves through [`IpFirst`].
+fn agent(config: Config) -> Agent {
+    Agent::with_parts(config, DefaultConnector::default(), IpFirst::default())
+}
+
 impl Client {
     /// Plain HTTP to `addr`.
     pub fn new(addr: SocketAddr) -> Client {
         Client {
-            agent: config().build().into(),
+            agent: agent(config().build()),
             base: format!("http://{addr}"),
             token: None,
         }
@@ -73,7 +120,7 @@ impl Client {
             .root_certs(RootCerts::Specific(Arc::new(vec![cert])))
             .build();
         Ok(Client {
-            agent: config().tls_config(tls).build().into(),
+            agent: agent(config().tls_config(tls).build()),
             base: base.trim_end_matches('/').to_owned(),
             token: None,
         })
@@ -205,4 +252,53 @@ pub fn http_exchange(
 ) -> io::Result<(u16, String, String)> {
     let r = Client::new(addr).request(method, path, headers, body)?;
     Ok((r.status, r.head.clone(), r.text()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ureq::unversioned::transport::time;
+
+    use super::*;
+
+    fn resolve(uri: &str, timeout: Duration) -> Result<Vec<SocketAddr>, ureq::Error> {
+        let timeout = NextTimeout {
+            after: time::Duration::from(timeout),
+            ..NextTimeout::default()
+        };
+        let config = Agent::config_builder().build();
+        let uri: Uri = uri.parse().unwrap();
+        Ok(IpFirst::default()
+            .resolve(&uri, &config, timeout)?
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    /// An IP is its own address, with no lookup to time out; a name is
+    /// still looked up.
+    #[test]
+    fn an_ip_needs_no_lookup_and_a_name_still_gets_one() {
+        let none = Duration::ZERO;
+        assert_eq!(
+            resolve("http://127.0.0.1:9445/x", none).unwrap(),
+            ["127.0.0.1:9445".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolve("https://[::1]:8443/", none).unwrap(),
+            ["[::1]:8443".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolve("http://10.1.2.3/", none).unwrap(),
+            ["10.1.2.3:80".parse::<SocketAddr>().unwrap()]
+        );
+        let named = resolve("http://localhost:9445/", Duration::from_secs(10)).unwrap();
+        assert!(
+            named
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 9445)
+        );
+        assert!(!named.is_empty());
+    }
 }
