@@ -83,6 +83,12 @@ pub(crate) enum LedgerError {
     /// refuses the same when it sums).
     #[error("a sum over the period is out of range of 64-bit integers")]
     SumOverflow,
+    /// The SQLite write-ahead log could not be flushed to disk: what
+    /// was committed since the last flush may not survive a power loss,
+    /// and nothing is acknowledged until the aggregator restarts (after
+    /// a failed flush, the next can succeed without the lost pages).
+    #[error("the ledger's log could not be made durable ({0}); restart the aggregator")]
+    NotDurable(std::sync::Arc<std::io::Error>),
     /// The SQLite writer thread has stopped (the aggregator is shutting
     /// down).
     #[error("the ledger's writer has stopped")]

@@ -4,19 +4,30 @@
 //! lock. Each caller is answered only once its report's transaction has
 //! committed. The thread has its own rusqlite connection: the statements
 //! run where they are made ([`super::tx`]).
+//!
+//! Two more threads take work off the writer's path:
+//! - the syncer flushes the write-ahead log to disk after each commit and
+//!   only then answers the batch's callers, while the writer already
+//!   writes the next batch (SQLite would flush inside the commit: a
+//!   fifth of the writer's time went waiting on it, BENCHMARKS.md § 6);
+//! - the checkpointer copies the committed log into the database file,
+//!   which SQLite would otherwise do inside a commit every 1,000 pages.
 
 use std::{
     future::Future,
-    path::Path,
+    path::{Path, PathBuf},
     pin::pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        mpsc::{Receiver, SyncSender},
+    },
     task::{Context, Poll, Waker},
 };
 
 use rusqlite::Connection;
 use tally_contract::wire::Report;
 use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::{LedgerError, ingest::Ingested};
 use crate::audit_keys::NodeKeys;
@@ -48,9 +59,13 @@ impl Writer {
     /// Opens `file` for writing and starts the writer thread on it.
     pub(super) fn start(file: &Path) -> Result<Self, LedgerError> {
         let conn = Connection::open(file)?;
-        // As the pool's connections (`Ledger::open`): a committed report
-        // survives power loss; a reader or the maintenance pass holding
-        // the lock is waited for; rows refer to their report.
+        // As the pool's connections (`Ledger::open`): a reader or the
+        // maintenance pass holding the lock is waited for; rows refer to
+        // their report. A committed report survives power loss as there
+        // (`synchronous = FULL`), but through the syncer: with `NORMAL`
+        // SQLite writes the log without flushing it, and the syncer
+        // flushes it before anyone is answered. (A reader may see a
+        // report some milliseconds before it is durable.)
         //
         // And the sub-journal in memory: each report's savepoint copies
         // every page it changes first, and past 64 KiB SQLite spilled
@@ -59,16 +74,34 @@ impl Writer {
         // report changes a few hundred KiB; nothing there needs to
         // survive a crash, as the WAL holds what commits.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
              PRAGMA temp_store = MEMORY;",
         )?;
         conn.busy_timeout(super::sqlite::BUSY_TIMEOUT)?;
+        // Checkpoints are the checkpointer's; the writer's own, past
+        // `WAL_LIMIT` pages, only bounds the log should the checkpointer
+        // fall behind. The log is written from its start again once a
+        // checkpoint has copied all of it.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_LIMIT)?;
         // Every statement of a report's write, kept prepared.
         conn.set_prepared_statement_cache_capacity(64);
+        let checkpointer = Connection::open(file)?;
+        checkpointer.execute_batch("PRAGMA synchronous = FULL;")?;
+        let (kick, kicked) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("tally-checkpoint".into())
+            .spawn(move || checkpoints(&checkpointer, &kicked))
+            .map_err(|e| LedgerError::Thread(format!("cannot start the checkpointer: {e}")))?;
+        let wal = wal_file(file);
+        let (committed, to_sync) = std::sync::mpsc::sync_channel(SYNC_QUEUE);
+        std::thread::Builder::new()
+            .name("tally-sync".into())
+            .spawn(move || syncs(&wal, &to_sync))
+            .map_err(|e| LedgerError::Thread(format!("cannot start the ledger syncer: {e}")))?;
         let (jobs, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("tally-ledger".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, rx, &committed, &kick))
             .map_err(|e| LedgerError::Thread(format!("cannot start the ledger writer: {e}")))?;
         Ok(Self { jobs })
     }
@@ -97,7 +130,43 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
+/// The write-ahead log's pages past which the writer checkpoints itself
+/// (SQLite's default is 1,000): 16 MiB of 4 KiB pages.
+const WAL_LIMIT: i64 = 4096;
+
+/// How often at most the checkpointer copies the log: SQLite's default
+/// checkpoint came every 1,000 pages, ~10 times a second at § 6's rates.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Committed batches waiting for the syncer; a full queue makes the
+/// writer wait.
+const SYNC_QUEUE: usize = 4;
+
+/// A committed batch's callers, each with its report's outcome.
+type Answers = Vec<(
+    oneshot::Sender<Result<Ingested, LedgerError>>,
+    Result<Ingested, LedgerError>,
+)>;
+
+/// The write-ahead log of the SQLite database `file`.
+fn wal_file(file: &Path) -> PathBuf {
+    let mut wal = file.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
+
+/// The writer: commits what is queued, batch after batch, hands each
+/// committed batch to the syncer (`committed`) and tells the
+/// checkpointer (`kick`) that the log grew. Both end with it, when their
+/// channels close. Not inlined: BENCHMARKS.md § 6 counts the
+/// instructions inside it.
+#[inline(never)]
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    committed: &SyncSender<Answers>,
+    kick: &SyncSender<()>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(job) = rx.blocking_recv() {
         batch.push(job);
@@ -106,7 +175,55 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
         {
             batch.push(job);
         }
-        commit(&mut conn, &mut batch);
+        if let Some(answers) = commit(&mut conn, &mut batch) {
+            // Fails only if the syncer is gone (it panicked): its
+            // callers then see the writer stopped.
+            let _ = committed.send(answers);
+            // Full: a checkpoint is due already, and will see this commit.
+            let _ = kick.try_send(());
+        }
+    }
+}
+
+/// The syncer: flushes the write-ahead log `wal` to disk (its data, as
+/// SQLite's own commit does) and only then answers a committed batch;
+/// one flush covers every batch committed before it. After a failed
+/// flush every later batch is answered with that error: Linux may have
+/// dropped the pages it could not write, and a later flush would not
+/// say so.
+fn syncs(wal: &Path, committed: &Receiver<Answers>) {
+    let mut failed: Option<Arc<std::io::Error>> = None;
+    while let Ok(answers) = committed.recv() {
+        if failed.is_none()
+            && let Err(e) = std::fs::File::open(wal).and_then(|f| f.sync_data())
+        {
+            error!(
+                error = %e,
+                wal = %wal.display(),
+                "the ledger's log could not be made durable; no report is acknowledged until \
+                 the aggregator restarts"
+            );
+            failed = Some(Arc::new(e));
+        }
+        for (done, out) in answers {
+            let _ = done.send(match &failed {
+                Some(e) => Err(LedgerError::NotDurable(e.clone())),
+                None => out,
+            });
+        }
+    }
+}
+
+/// The checkpointer: after each commit it is told of, and at most every
+/// [`CHECKPOINT_EVERY`], copies the committed log into the database file
+/// (`PASSIVE`: the writer's commits go on meanwhile; what a reader still
+/// reads from the log stays for the next one).
+fn checkpoints(conn: &Connection, kicked: &Receiver<()>) {
+    while kicked.recv().is_ok() {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            warn!(error = %e, "ledger checkpoint failed; the writer's own bounds the log");
+        }
+        std::thread::sleep(CHECKPOINT_EVERY);
     }
 }
 
@@ -135,7 +252,10 @@ fn run_sql(conn: &Connection, sql: &str) -> Result<(), LedgerError> {
 /// a batch is first written without them, and only one in which a
 /// report left something to undo (an error, or an expired claim) is
 /// rolled back whole and written again, each report under its own.
-fn commit(conn: &mut Connection, batch: &mut Vec<Job>) {
+///
+/// Returns the committed batch's answers, for the syncer to send; a batch
+/// that failed to commit is answered here, with the error.
+fn commit(conn: &mut Connection, batch: &mut Vec<Job>) -> Option<Answers> {
     let result = match transaction(conn, batch, false) {
         Ok(Some(outcomes)) => Ok(outcomes),
         Ok(None) => transaction(conn, batch, true)
@@ -143,17 +263,14 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Job>) {
         Err(e) => Err(e),
     };
     match result {
-        Ok(outcomes) => {
-            for (job, out) in batch.drain(..).zip(outcomes) {
-                let _ = job.done.send(out);
-            }
-        }
+        Ok(outcomes) => Some(batch.drain(..).map(|job| job.done).zip(outcomes).collect()),
         Err(e) => {
             warn!(error = %e, reports = batch.len(), "group commit failed");
             let e = Arc::new(e);
             for job in batch.drain(..) {
                 let _ = job.done.send(Err(LedgerError::GroupCommit(e.clone())));
             }
+            None
         }
     }
 }
@@ -275,6 +392,81 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rows, 3);
+    }
+
+    /// The checkpointer copies what the writer commits into the database
+    /// file itself, far below the writer's own bound: read as an
+    /// immutable file (the log ignored), the file holds every report.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn committed_reports_reach_the_database_file() {
+        let (dir, ledger) = sqlite_ledger(2).await;
+        let keys = Arc::new(NodeKeys::default());
+        for seq in 1..=20 {
+            let r = report("n1", seq);
+            ledger.ingest(&r, &r.digest(), 1, &keys).await.unwrap();
+        }
+        let file = format!(
+            "file:{}?immutable=1",
+            dir.path().join("ledger.db").display()
+        );
+        let in_file = || -> i64 {
+            let conn = Connection::open_with_flags(
+                &file,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )
+            .unwrap();
+            // No table yet where the migrations are still in the log.
+            conn.query_row("SELECT COUNT(*) FROM reports", [], |r| r.get(0))
+                .unwrap_or(-1)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while in_file() < 20 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(in_file(), 20);
+    }
+
+    /// The syncer answers a batch once the log is flushed. Once a flush
+    /// has failed (here: no log to flush), that batch and every later
+    /// one are answered with the failure, even where the log is back.
+    #[test]
+    fn nothing_is_answered_as_stored_after_a_failed_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("ledger.db-wal");
+        let (committed, to_sync) = std::sync::mpsc::sync_channel(4);
+        let syncer = {
+            let wal = wal.clone();
+            std::thread::spawn(move || syncs(&wal, &to_sync))
+        };
+        let batch = || {
+            let (done, answer) = oneshot::channel();
+            let stored = Ingested::Stored {
+                audit_breaks: vec![],
+            };
+            (vec![(done, Ok(stored))], answer)
+        };
+        std::fs::write(&wal, b"frames").unwrap();
+        let (answers, flushed) = batch();
+        committed.send(answers).unwrap();
+        assert!(matches!(
+            flushed.blocking_recv().unwrap(),
+            Ok(Ingested::Stored { .. })
+        ));
+        std::fs::remove_file(&wal).unwrap();
+        let (answers, lost) = batch();
+        committed.send(answers).unwrap();
+        let e = lost.blocking_recv().unwrap().unwrap_err();
+        assert!(matches!(e, LedgerError::NotDurable(_)), "{e}");
+        assert!(e.to_string().contains("restart the aggregator"), "{e}");
+        std::fs::write(&wal, b"frames").unwrap();
+        let (answers, later) = batch();
+        committed.send(answers).unwrap();
+        assert!(matches!(
+            later.blocking_recv().unwrap(),
+            Err(LedgerError::NotDurable(_))
+        ));
+        drop(committed);
+        syncer.join().unwrap();
     }
 
     /// One batch of every outcome: stored, duplicate, conflict and
