@@ -210,6 +210,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let load_before = loadavg();
     let busy_before = util::busy_processes();
+    let cpu_before = util::CpuTime::now();
     let mut sections = Vec::new();
     let mut durations = Vec::new();
 
@@ -284,6 +285,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         &sections,
         &load_before,
         &busy_before,
+        util::CpuTime::now().stolen_since(&cpu_before),
         started,
         &durations,
     );
@@ -450,6 +452,7 @@ fn render(
     sections: &[Section],
     load_before: &str,
     busy_before: &str,
+    stolen: f64,
     started: Instant,
     durations: &[(&str, std::time::Duration)],
 ) -> String {
@@ -484,10 +487,11 @@ fn render(
     let _ = writeln!(r, "- **Machine:** {}", util::machine());
     let _ = writeln!(
         r,
-        "- **Load:** load average {load_before} at the start, {} at the end. The machine is \
-         shared with other engineers' compilers; busiest processes at the start: {busy_before}. \
-         Absolute numbers move with that load; ratios measured A/B in the same run are what \
-         holds.",
+        "- **Load:** load average {load_before} at the start, {} at the end; the hypervisor \
+         took {stolen:.0} % of the machine's CPU time during the run (steal, `/proc/stat`). The \
+         machine is shared with other engineers' compilers and other guests; busiest processes \
+         at the start: {busy_before}. Absolute numbers move with that load; ratios measured A/B \
+         in the same run are what holds.",
         loadavg()
     );
     let total = started.elapsed();
