@@ -95,6 +95,10 @@ pub(crate) struct Metrics {
     pub cached: Arc<RwLock<Cached>>,
 }
 
+/// The kinds of `tally_aggregator_ledger_rows_removed`, in the order
+/// [`Metrics::maintained`] adds them.
+const REMOVED_KINDS: [&str; 4] = ["raw", "claims", "rollup", "audit"];
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
@@ -161,6 +165,11 @@ impl Metrics {
              (audit_retention)",
             rows_removed.clone(),
         );
+        // Every kind from the start, at 0: the first pass's removals (an
+        // upgrade's backlog, say) then show in `increase()` too.
+        for kind in REMOVED_KINDS {
+            let _ = rows_removed.get_or_create(&KindLabel { kind });
+        }
         let audit_chain_breaks = Family::<NodeLabel, Counter>::default();
         registry.register(
             "tally_aggregator_audit_chain_breaks",
@@ -273,12 +282,8 @@ impl Metrics {
             })
             .inc();
         if let Ok(m) = pass {
-            for (kind, rows) in [
-                ("raw", m.raw_rows),
-                ("claims", m.claims),
-                ("rollup", m.rollup_rows),
-                ("audit", m.audit_records),
-            ] {
+            let rows = [m.raw_rows, m.claims, m.rollup_rows, m.audit_records];
+            for (kind, rows) in REMOVED_KINDS.into_iter().zip(rows) {
                 self.rows_removed
                     .get_or_create(&KindLabel { kind })
                     .inc_by(rows);
@@ -510,8 +515,8 @@ impl Collector for ClusterCollector {
 mod tests {
     use super::*;
 
-    /// Maintenance passes are counted by result, both from the start, and
-    /// what each removed is added up by kind.
+    /// Maintenance passes are counted by result and what each removed by
+    /// kind, every series from the start, and added up.
     #[test]
     fn maintenance_passes_and_rows_removed_are_counted() {
         let m = Metrics::new();
@@ -524,6 +529,10 @@ mod tests {
         for result in ["ok", "error"] {
             let series =
                 format!("tally_aggregator_ledger_maintenance_passes_total{{result=\"{result}\"}}");
+            assert_eq!(line(&body, &series), Some(format!("{series} 0")), "{body}");
+        }
+        for kind in REMOVED_KINDS {
+            let series = format!("tally_aggregator_ledger_rows_removed_total{{kind=\"{kind}\"}}");
             assert_eq!(line(&body, &series), Some(format!("{series} 0")), "{body}");
         }
         let removed = crate::ledger::Maintained {
