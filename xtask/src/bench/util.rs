@@ -89,27 +89,41 @@ pub(super) struct CpuTime {
 
 impl CpuTime {
     pub(super) fn now() -> CpuTime {
-        fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| CpuTime::parse(&s))
+        use procfs::CurrentSI as _;
+        procfs::KernelStats::current()
+            .map(|k| CpuTime::of(&k.total))
             .unwrap_or_default()
     }
 
-    /// The `cpu` line of `/proc/stat`: user nice system idle iowait irq
-    /// softirq steal (then guest and guest_nice, already in user and nice).
+    /// Every state a CPU's time is in (user nice system idle iowait irq
+    /// softirq steal; guest time is already in user and nice), and steal.
+    fn of(t: &procfs::CpuTime) -> CpuTime {
+        let steal = t.steal.unwrap_or(0);
+        let total = [t.iowait, t.irq, t.softirq]
+            .into_iter()
+            .flatten()
+            .fold(t.user + t.nice + t.system + t.idle + steal, |sum, v| {
+                sum + v
+            });
+        CpuTime {
+            total: total as f64,
+            steal: steal as f64,
+        }
+    }
+
+    /// `stat` read as `/proc/stat` is.
+    #[cfg(test)]
     fn parse(stat: &str) -> Option<CpuTime> {
-        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-        let ticks: Vec<f64> = line
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .ok()?;
-        (ticks.len() == 8).then(|| CpuTime {
-            total: ticks.iter().sum(),
-            steal: ticks[7],
-        })
+        use procfs::FromReadSI as _;
+        let system = procfs::ExplicitSystemInfo {
+            boot_time_secs: 0,
+            ticks_per_second: 100,
+            page_size: 4096,
+            is_little_endian: true,
+        };
+        procfs::KernelStats::from_read(stat.as_bytes(), &system)
+            .ok()
+            .map(|k| CpuTime::of(&k.total))
     }
 
     /// Percent of the CPU time since `earlier` that was stolen.
@@ -424,16 +438,19 @@ pub(super) fn remove_pins(dir: &Path) {
 mod tests {
     #[test]
     fn steal_is_the_stolen_share_of_the_cpu_time_between_readings() {
-        let before =
-            CpuTime::parse("cpu  100 0 50 800 10 0 0 40 7 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
-                .unwrap();
-        let after = CpuTime::parse("cpu  160 0 60 880 10 0 0 90 9 0\n").unwrap();
+        // The lines /proc/stat always has besides the CPUs'.
+        let stat = |cpus: &str| format!("{cpus}ctxt 1\nbtime 1\nprocesses 1\n");
+        let before = CpuTime::parse(&stat(
+            "cpu  100 0 50 800 10 0 0 40 7 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n",
+        ))
+        .unwrap();
+        let after = CpuTime::parse(&stat("cpu  160 0 60 880 10 0 0 90 9 0\n")).unwrap();
         // 200 ticks passed, 50 of them stolen; guest time is not counted
         // twice.
         assert_eq!(after.stolen_since(&before), 25.0);
         assert_eq!(before.stolen_since(&before), 0.0);
-        assert_eq!(CpuTime::parse("cpu0 1 2 3\n"), None);
-        assert_eq!(CpuTime::parse("cpu  1 2 x 4 5 6 7 8\n"), None);
+        assert_eq!(CpuTime::parse(&stat("cpu0 1 2 3\n")), None);
+        assert_eq!(CpuTime::parse(&stat("cpu  1 2 x 4 5 6 7 8\n")), None);
     }
 
     use super::*;
