@@ -207,10 +207,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         return Ok(());
     }
     let wanted = |n: &str| o.only.is_empty() || o.only.iter().any(|x| x == n);
-    let started = Instant::now();
-    let load_before = loadavg();
-    let busy_before = util::busy_processes();
-    let cpu_before = util::CpuTime::now();
+    let start = Start::now();
     let mut sections = Vec::new();
     let mut durations = Vec::new();
 
@@ -280,15 +277,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         }
     });
     let previous = std::fs::read_to_string(&out).ok();
-    let mut report = render(
-        &o,
-        &sections,
-        &load_before,
-        &busy_before,
-        util::CpuTime::now().stolen_since(&cpu_before),
-        started,
-        &durations,
-    );
+    let mut report = render(&o, &sections, &start, &durations);
     if let Some(prev) = previous {
         // `--only` refreshes those benchmarks' sections and keeps the
         // others; every run keeps the hand-written notes.
@@ -447,13 +436,29 @@ pub(crate) fn failed(title: &str, e: &anyhow::Error) -> Section {
     }
 }
 
+/// The machine as the run found it, for the header.
+struct Start {
+    at: Instant,
+    load: String,
+    busiest: String,
+    cpu: util::CpuTime,
+}
+
+impl Start {
+    fn now() -> Start {
+        Start {
+            at: Instant::now(),
+            load: loadavg(),
+            busiest: util::busy_processes(),
+            cpu: util::CpuTime::now(),
+        }
+    }
+}
+
 fn render(
     o: &Options,
     sections: &[Section],
-    load_before: &str,
-    busy_before: &str,
-    stolen: f64,
-    started: Instant,
+    start: &Start,
     durations: &[(&str, std::time::Duration)],
 ) -> String {
     let mut r = String::new();
@@ -487,14 +492,17 @@ fn render(
     let _ = writeln!(r, "- **Machine:** {}", util::machine());
     let _ = writeln!(
         r,
-        "- **Load:** load average {load_before} at the start, {} at the end; the hypervisor \
-         took {stolen:.0} % of the machine's CPU time during the run (steal, `/proc/stat`). The \
-         machine is shared with other engineers' compilers and other guests; busiest processes \
-         at the start: {busy_before}. Absolute numbers move with that load; ratios measured A/B \
-         in the same run are what holds.",
-        loadavg()
+        "- **Load:** load average {} at the start, {} at the end; the hypervisor took {:.0} % \
+         of the machine's CPU time during the run (steal, `/proc/stat`). The machine is shared \
+         with other engineers' compilers and other guests; busiest processes at the start: {}. \
+         Absolute numbers move with that load; ratios measured A/B in the same run are what \
+         holds.",
+        start.load,
+        loadavg(),
+        util::CpuTime::now().stolen_since(&start.cpu),
+        start.busiest,
     );
-    let total = started.elapsed();
+    let total = start.at.elapsed();
     let parts: Vec<String> = durations
         .iter()
         .map(|(n, d)| format!("{n} {:.0} s", d.as_secs_f64()))
