@@ -88,21 +88,14 @@ impl Writer {
         let checkpointer = Connection::open(file)?;
         checkpointer.execute_batch("PRAGMA synchronous = FULL;")?;
         let (kick, kicked) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("tally-checkpoint".into())
-            .spawn(move || checkpoints(&checkpointer, &kicked))
-            .map_err(|e| LedgerError::Thread(format!("cannot start the checkpointer: {e}")))?;
+        spawn("tally-checkpoint", move || {
+            checkpoints(&checkpointer, &kicked)
+        })?;
         let wal = wal_file(file);
         let (committed, to_sync) = std::sync::mpsc::sync_channel(SYNC_QUEUE);
-        std::thread::Builder::new()
-            .name("tally-sync".into())
-            .spawn(move || syncs(&wal, &to_sync))
-            .map_err(|e| LedgerError::Thread(format!("cannot start the ledger syncer: {e}")))?;
+        spawn("tally-sync", move || syncs(&wal, &to_sync))?;
         let (jobs, rx) = mpsc::channel(QUEUE);
-        std::thread::Builder::new()
-            .name("tally-ledger".into())
-            .spawn(move || run(conn, rx, &committed, &kick))
-            .map_err(|e| LedgerError::Thread(format!("cannot start the ledger writer: {e}")))?;
+        spawn("tally-ledger", move || run(conn, rx, &committed, &kick))?;
         Ok(Self { jobs })
     }
 
@@ -147,6 +140,15 @@ type Answers = Vec<(
     oneshot::Sender<Result<Ingested, LedgerError>>,
     Result<Ingested, LedgerError>,
 )>;
+
+/// Starts the thread `name` running `f`.
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), LedgerError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| LedgerError::Thread(format!("cannot start the ledger's {name} thread: {e}")))
+}
 
 /// The write-ahead log of the SQLite database `file`.
 fn wal_file(file: &Path) -> PathBuf {
@@ -243,9 +245,9 @@ fn run_sql(conn: &Connection, sql: &str) -> Result<(), LedgerError> {
 }
 
 /// Writes every job of `batch` in one transaction and answers each one.
-/// A report whose statements fail, or that is not stored, is rolled back
-/// to its savepoint and answered with the error or outcome; the others
-/// still commit.
+/// A report whose statements fail, or that is refused as expired, is
+/// rolled back to its savepoint and answered with the error or outcome;
+/// the others still commit.
 ///
 /// Savepoints are not free: each copies every page its report changes
 /// before changing it (7 % of the writer's time, BENCHMARKS.md § 6). So
