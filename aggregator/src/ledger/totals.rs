@@ -1,5 +1,6 @@
 //! What `/metrics` and `GET /api/v1/reports` read: running totals per
-//! tenant (kept per tenant and node by ingest), nodes and stored reports.
+//! tenant (kept per tenant and node by ingest), nodes and stored reports
+//! (kept per node and boot by ingest).
 
 use super::{Ledger, LedgerError};
 
@@ -72,20 +73,115 @@ impl Ledger {
         )
     }
 
-    /// The stored reports, per (node, boot): the claims kept and those
-    /// retention removed.
+    /// The stored reports, per (node, boot), counted by ingest as it
+    /// stored them (claims that retention removed included).
     pub(crate) async fn report_summary(&self) -> Result<Vec<ReportSummary>, LedgerError> {
         Ok(sqlx::query_as(
-            "SELECT node, boot_id, CAST(SUM(reports) AS BIGINT) AS reports, \
-             MIN(first_seq) AS first_seq, MAX(last_seq) AS last_seq, MAX(last_end) AS last_end \
-             FROM (SELECT node, boot_id, COUNT(*) AS reports, MIN(seq) AS first_seq, \
-             MAX(seq) AS last_seq, MAX(interval_end_ms) AS last_end \
-             FROM reports GROUP BY node, boot_id \
-             UNION ALL SELECT node, boot_id, reports, first_seq, last_seq, \
-             last_interval_end_ms FROM claims_removed) s \
-             GROUP BY node, boot_id ORDER BY node, boot_id",
+            "SELECT node, boot_id, reports, first_seq, last_seq, \
+             last_interval_end_ms AS last_end FROM boot_reports ORDER BY node, boot_id",
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        audit_keys::NodeKeys,
+        ledger::{
+            chargeback::tests::postgres_database,
+            ingest::tests::{migrated_before, report},
+        },
+    };
+
+    /// Migration 0016 on a ledger with kept and removed claims: the summary
+    /// counts both, as it did when every request grouped them, and ingest
+    /// goes on counting from there.
+    async fn migration_0016_counts_kept_and_removed_claims(url: &str, dialect: &str) {
+        {
+            let pool = migrated_before(url, dialect, "0016").await;
+            // n1: seqs 1-3 removed, 4, 5 and 7 kept; n2: all removed; n3:
+            // all kept.
+            for (node, seq) in [("n1", 4), ("n1", 5), ("n1", 7), ("n3", 9)] {
+                sqlx::query(
+                    "INSERT INTO reports (node, boot_id, seq, interval_start_ms, \
+                     interval_end_ms, received_ms, digest) VALUES ($1, 'boot', $2, 0, $3, 1, 'd')",
+                )
+                .bind(node)
+                .bind(seq)
+                .bind(seq * 1000)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            for (node, reports, last) in [("n1", 3, 3), ("n2", 2, 2)] {
+                sqlx::query(
+                    "INSERT INTO claims_removed (node, boot_id, reports, first_seq, last_seq, \
+                     last_interval_end_ms) VALUES ($1, 'boot', $2, 1, $3, $4)",
+                )
+                .bind(node)
+                .bind(reports)
+                .bind(last)
+                .bind(last * 1000)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        let l = Ledger::open(url, 2).await.unwrap();
+        let summary = |node: &str, reports, first_seq, last_seq| ReportSummary {
+            node: node.into(),
+            boot_id: "boot".into(),
+            reports,
+            first_seq,
+            last_seq,
+            last_interval_end_ms: last_seq * 1000,
+        };
+        assert_eq!(
+            l.report_summary().await.unwrap(),
+            [
+                summary("n1", 6, 1, 7),
+                summary("n2", 2, 1, 2),
+                summary("n3", 1, 9, 9)
+            ]
+        );
+        // A report of n1 after the upgrade, and one before its first
+        // (sent late from a spool), are counted once each; a duplicate is
+        // not counted.
+        let keys = Arc::new(NodeKeys::default());
+        for seq in [8, 6, 8] {
+            let mut r = report("n1", seq);
+            r.interval_start_ms = 0;
+            r.interval_end_ms = seq * 1000;
+            l.ingest(&r, &r.digest(), 2, &keys).await.unwrap();
+        }
+        let mut n1 = summary("n1", 8, 1, 8);
+        assert_eq!(l.report_summary().await.unwrap()[0], n1);
+        let r = report("n4", 3);
+        l.ingest(&r, &r.digest(), 2, &keys).await.unwrap();
+        n1.node = "n4".into();
+        (n1.reports, n1.first_seq, n1.last_seq) = (1, 3, 3);
+        n1.last_interval_end_ms = r.interval_end_ms as i64;
+        assert_eq!(l.report_summary().await.unwrap()[3], n1);
+    }
+
+    #[tokio::test]
+    async fn migration_0016_counts_kept_and_removed_claims_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/ledger.db?mode=rwc", dir.path().display());
+        migration_0016_counts_kept_and_removed_claims(&url, "sqlite").await;
+    }
+
+    #[tokio::test]
+    async fn migration_0016_counts_kept_and_removed_claims_on_postgres() {
+        let Some(url) = postgres_database("migration0016").await else {
+            return;
+        };
+        migration_0016_counts_kept_and_removed_claims(&url, "postgres").await;
     }
 }

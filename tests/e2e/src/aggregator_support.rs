@@ -192,7 +192,10 @@ impl LedgerReader {
         ]
         .iter()
         .map(|t| self.int(&format!("SELECT COUNT(*) FROM {t}")))
-        .chain([self.int("SELECT CAST(COALESCE(SUM(allocated_us), 0) AS BIGINT) FROM gpu_usage")])
+        .chain([
+            self.int("SELECT CAST(COALESCE(SUM(allocated_us), 0) AS BIGINT) FROM gpu_usage"),
+            self.int("SELECT CAST(COALESCE(SUM(reports), 0) AS BIGINT) FROM boot_reports"),
+        ])
         .collect()
     }
 }
@@ -430,6 +433,25 @@ impl Aggregator {
     pub fn get(&self, path: &str, token: Option<&str>) -> (u16, String) {
         let r = self.client(token).get(path).expect("GET");
         (r.status, r.text())
+    }
+
+    /// `GET /api/v1/reports` for `node`, which has one boot: (reports,
+    /// first seq, last seq), zeros if it has none.
+    pub fn report_summary(&self, node: &str) -> (i64, i64, i64) {
+        let (status, body) = self.get("/api/v1/reports", Some(ADMIN_TOKEN));
+        assert_eq!(status, 200, "GET /api/v1/reports answered {status}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let boots: Vec<_> = v["reports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["node"] == node)
+            .collect();
+        assert!(boots.len() <= 1, "{node} has several boots: {body}");
+        boots.first().map_or((0, 0, 0), |b| {
+            let n = |k: &str| b[k].as_i64().unwrap();
+            (n("reports"), n("first_seq"), n("last_seq"))
+        })
     }
 
     /// The chargeback JSON (admin).
