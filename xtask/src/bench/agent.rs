@@ -497,12 +497,7 @@ struct Collected {
 
 /// Collects `n` distinct cycles' durations, CPU per cycle and the largest
 /// RSS seen meanwhile.
-fn collect_samples(
-    ctx: &Ctx,
-    agent: &RunningAgent,
-    n: usize,
-    limit: Duration,
-) -> anyhow::Result<Collected> {
+fn collect_samples(agent: &RunningAgent, n: usize, limit: Duration) -> anyhow::Result<Collected> {
     let pid = agent.pid();
     let mut rss_max_mib: f64 = 0.0;
     let mut threads0 = None;
@@ -514,7 +509,7 @@ fn collect_samples(
     let started = Instant::now();
     while durations.len() < n && started.elapsed() < limit {
         let body = agent.metrics()?;
-        let cpu = util::cpu_seconds(pid, ctx.tck)?;
+        let cpu = util::cpu_seconds(pid)?;
         rss_max_mib = rss_max_mib.max(rss_mib(pid)?);
         let count = body.value("tally_samples_total", &[]).unwrap_or(-1.0);
         if count != last_seen {
@@ -527,10 +522,10 @@ fn collect_samples(
             last_seen = count;
             if first.is_none() {
                 first = Some((count, cpu));
-                threads0 = Some(util::thread_cpu(pid, ctx.tck));
+                threads0 = Some(util::thread_cpu(pid));
             }
             last = Some((count, cpu));
-            threads1 = Some(util::thread_cpu(pid, ctx.tck));
+            threads1 = Some(util::thread_cpu(pid));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -710,7 +705,7 @@ fn footprint_and_sample(
     let agent = node.agent(ctx, "1s", cuda)?;
     if !footprint {
         let n = if ctx.quick { 5 } else { 20 };
-        let c = collect_samples(ctx, &agent, n, Duration::from_secs(120))?;
+        let c = collect_samples(&agent, n, Duration::from_secs(120))?;
         return Ok((
             None,
             SampleCost {
@@ -765,38 +760,32 @@ fn footprint_and_sample(
     durations.clear();
     let (mut a_rss, mut n_rss, mut a_cpu, mut n_cpu) = (vec![], vec![], vec![], vec![]);
     let t_start = Instant::now();
-    let (a0, n0) = (
-        util::cpu_seconds(apid, ctx.tck)?,
-        util::cpu_seconds(npid, ctx.tck)?,
-    );
+    let (a0, n0) = (util::cpu_seconds(apid)?, util::cpu_seconds(npid)?);
     let samples0 = agent
         .metrics()?
         .value("tally_samples_total", &[])
         .unwrap_or(0.0);
-    let threads0 = util::thread_cpu(apid, ctx.tck);
+    let threads0 = util::thread_cpu(apid);
     for _ in 0..windows {
         let w = Instant::now();
-        let (a, n) = (
-            util::cpu_seconds(apid, ctx.tck)?,
-            util::cpu_seconds(npid, ctx.tck)?,
-        );
+        let (a, n) = (util::cpu_seconds(apid)?, util::cpu_seconds(npid)?);
         for _ in 0..window {
             let (ar, nr) = tick(&mut durations, &mut last)?;
             a_rss.push(ar);
             n_rss.push(nr);
         }
         let secs = w.elapsed().as_secs_f64();
-        a_cpu.push((util::cpu_seconds(apid, ctx.tck)? - a) / secs * 100.0);
-        n_cpu.push((util::cpu_seconds(npid, ctx.tck)? - n) / secs * 100.0);
+        a_cpu.push((util::cpu_seconds(apid)? - a) / secs * 100.0);
+        n_cpu.push((util::cpu_seconds(npid)? - n) / secs * 100.0);
     }
     let total = t_start.elapsed().as_secs_f64();
-    let a_total = (util::cpu_seconds(apid, ctx.tck)? - a0) / total * 100.0;
-    let n_total = (util::cpu_seconds(npid, ctx.tck)? - n0) / total * 100.0;
+    let a_total = (util::cpu_seconds(apid)? - a0) / total * 100.0;
+    let n_total = (util::cpu_seconds(npid)? - n0) / total * 100.0;
     let samples1 = agent
         .metrics()?
         .value("tally_samples_total", &[])
         .unwrap_or(0.0);
-    let threads = util::thread_delta(&threads0, &util::thread_cpu(apid, ctx.tck));
+    let threads = util::thread_delta(&threads0, &util::thread_cpu(apid));
     let cycles = (samples1 - samples0).max(1.0);
     let share = nvml_share(&threads);
     let without_nvml = a_total * (1.0 - share);
@@ -954,7 +943,7 @@ fn sample_only(
         (false, s) if s >= 4 => 4,
         _ => 15,
     };
-    let c = collect_samples(ctx, &agent, n, Duration::from_secs(420))?;
+    let c = collect_samples(&agent, n, Duration::from_secs(420))?;
     let seen = tenants_seen(&agent.metrics()?);
     let profile =
         with_profile.then(|| profile(agent.pid(), if ctx.quick { 5 } else { 15 }, &node.dir));
@@ -1141,7 +1130,7 @@ fn scrape_bench(
             (samples >= 2.0 && stable >= 1 && seen * 10 >= tenants * 9).then_some(())
         },
     );
-    let cpu0 = (util::cpu_seconds(agent.pid(), ctx.tck)?, Instant::now());
+    let cpu0 = (util::cpu_seconds(agent.pid())?, Instant::now());
     let n = if ctx.quick { 50 } else { 300 };
     // Plain and gzip scrapes alternate (Prometheus asks for gzip).
     let (mut lat, mut lat_gz) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -1176,8 +1165,7 @@ fn scrape_bench(
     let st = Stats::of(&lat);
     let st_gz = Stats::of(&lat_gz);
     let p50 = st.median;
-    let busy = (util::cpu_seconds(agent.pid(), ctx.tck)? - cpu0.0) / cpu0.1.elapsed().as_secs_f64()
-        * 100.0;
+    let busy = (util::cpu_seconds(agent.pid())? - cpu0.0) / cpu0.1.elapsed().as_secs_f64() * 100.0;
     let mut s = Section {
         title: "3. Scrape latency at ~20k series".into(),
         ..Default::default()

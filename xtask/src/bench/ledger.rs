@@ -515,7 +515,6 @@ struct Level {
 
 /// Runs `agents` closed-loop agents for `secs` seconds.
 fn level(
-    ctx: &Ctx,
     agg: &Aggregator,
     agents: usize,
     secs: u64,
@@ -563,10 +562,10 @@ fn level(
     }
     let self_pid = std::process::id();
     let (c0, l0) = (
-        util::cpu_seconds(agg.proc.pid(), ctx.tck)?,
-        util::cpu_seconds(self_pid, ctx.tck)?,
+        util::cpu_seconds(agg.proc.pid())?,
+        util::cpu_seconds(self_pid)?,
     );
-    let threads0 = util::thread_cpu(agg.proc.pid(), ctx.tck);
+    let threads0 = util::thread_cpu(agg.proc.pid());
     let cpu0 = util::CpuTime::now();
     let t0 = Instant::now();
     let _ = deadline.set(t0 + Duration::from_secs(secs));
@@ -596,10 +595,10 @@ fn level(
         out.latencies_ms.extend(l);
     }
     out.secs = t0.elapsed().as_secs_f64();
-    out.threads = util::thread_delta(&threads0, &util::thread_cpu(agg.proc.pid(), ctx.tck));
+    out.threads = util::thread_delta(&threads0, &util::thread_cpu(agg.proc.pid()));
     out.profile = profiler.and_then(|p| p.join().ok());
-    out.aggregator_cpu = (util::cpu_seconds(agg.proc.pid(), ctx.tck)? - c0) / out.secs * 100.0;
-    out.loadgen_cpu = (util::cpu_seconds(self_pid, ctx.tck)? - l0) / out.secs * 100.0;
+    out.aggregator_cpu = (util::cpu_seconds(agg.proc.pid())? - c0) / out.secs * 100.0;
+    out.loadgen_cpu = (util::cpu_seconds(self_pid)? - l0) / out.secs * 100.0;
     out.stolen = util::CpuTime::now().stolen_since(&cpu0);
     Ok(out)
 }
@@ -645,7 +644,7 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
                     waits
                 })
             });
-            let l = level(ctx, &agg, n, secs, &format!("{}-{n}", backend.name()), prof);
+            let l = level(&agg, n, secs, &format!("{}-{n}", backend.name()), prof);
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             (l, sampler.and_then(|s| s.join().ok()))
         });

@@ -140,7 +140,6 @@ pub(crate) struct Ctx {
     pub quick: bool,
     pub tally: PathBuf,
     pub sim_lib: PathBuf,
-    pub tck: f64,
 }
 
 impl Ctx {
@@ -190,7 +189,6 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         quick: o.quick,
         tally: release.join("tally"),
         sim_lib: release.join("libnvml_sim.so"),
-        tck: util::clk_tck(),
     };
     for p in [&ctx.tally, &ctx.sim_lib] {
         if !p.exists() {

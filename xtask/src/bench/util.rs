@@ -67,16 +67,6 @@ pub(super) fn quantile(v: &[f64], q: f64) -> f64 {
 
 // ------------------------------------------------------------------ /proc
 
-/// Clock ticks per second of /proc/<pid>/stat times.
-pub(super) fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 /// The machine's CPU time so far and the part of it the hypervisor gave
 /// to other guests (`steal`), in ticks, from `/proc/stat`. On this VM
 /// steal, not load average, is what made rates minutes apart differ by
@@ -136,51 +126,38 @@ impl CpuTime {
     }
 }
 
-/// CPU seconds (user + system, all threads) a process has used.
-pub(super) fn cpu_seconds(pid: u32, tck: f64) -> anyhow::Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    Ok(stat_ticks(&stat) / tck)
+/// Seconds of `ticks` of `/proc/<pid>/stat`.
+pub(super) fn tick_seconds(ticks: u64) -> f64 {
+    ticks as f64 / procfs::ticks_per_second() as f64
 }
 
-/// utime + stime, in ticks, of a `stat` line (a process's or a thread's).
-fn stat_ticks(stat: &str) -> f64 {
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
-    [11, 12]
-        .iter()
-        .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
-        .sum()
+/// CPU seconds (user + system, all threads) a process has used.
+pub(super) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .with_context(|| format!("process {pid} is gone"))?;
+    Ok(tick_seconds(stat.utime + stat.stime))
 }
 
 /// CPU seconds per thread group of a process: threads named alike but for
 /// a trailing number (`tally-gpu0`, `tally-gpu1`, …) are added up. Each
-/// thread's time is its scheduler run time in nanoseconds
-/// (`task/<tid>/schedstat`): its `stat` gives whole 10 ms ticks, and a
-/// split over eight GPU threads that each run a few milliseconds a minute
-/// was mostly rounding. The `stat` ticks where `schedstat` is missing.
-pub(super) fn thread_cpu(pid: u32, tck: f64) -> BTreeMap<String, f64> {
+/// thread's time is its scheduler run time (`task/<tid>/schedstat`): its
+/// `stat` gives whole 10 ms ticks, and a split over eight GPU threads that
+/// each run a few milliseconds a minute was mostly rounding. The `stat`
+/// ticks where `schedstat` is missing.
+pub(super) fn thread_cpu(pid: u32) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+    let Ok(tasks) = procfs::process::Process::new(pid as i32).and_then(|p| p.tasks()) else {
         return out;
     };
-    for t in tasks.flatten() {
-        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let group = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
-        let run_ns = fs::read_to_string(t.path().join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
-        let secs = match run_ns {
-            Some(ns) => ns / 1e9,
-            None => {
-                let Ok(stat) = fs::read_to_string(t.path().join("stat")) else {
-                    continue;
-                };
-                stat_ticks(&stat) / tck
-            }
+    for task in tasks.flatten() {
+        // A thread that ended meanwhile is left out.
+        let Ok(stat) = task.stat() else { continue };
+        let secs = match task.schedstat() {
+            Ok(s) => s.sum_exec_runtime as f64 / 1e9,
+            Err(_) => tick_seconds(stat.utime + stat.stime),
         };
+        let group = stat.comm.trim_end_matches(|c: char| c.is_ascii_digit());
         *out.entry(group.to_owned()).or_insert(0.0) += secs;
     }
     out
@@ -436,6 +413,32 @@ pub(super) fn remove_pins(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+    /// A thread that burns CPU shows in its group (the number that ends
+    /// its name dropped) and in its process's total.
+    #[test]
+    fn cpu_time_is_read_per_thread_group_and_per_process() {
+        let pid = std::process::id();
+        let before = super::cpu_seconds(pid).unwrap();
+        let burner = std::thread::Builder::new()
+            .name("xtask-burn7".into())
+            .spawn(|| {
+                let start = std::time::Instant::now();
+                while start.elapsed() < std::time::Duration::from_millis(300) {
+                    std::hint::black_box(0u64);
+                }
+                super::thread_cpu(std::process::id())
+            })
+            .unwrap();
+        let groups = burner.join().unwrap();
+        let burnt = groups.get("xtask-burn").copied().unwrap_or(0.0);
+        // Busy for 0.3 s of wall time, on a core shared with others.
+        assert!(burnt > 0.05 && burnt < 1.0, "{groups:?}");
+        let used = super::cpu_seconds(pid).unwrap() - before;
+        // Ticks are 10 ms: the total may round below the thread's own time.
+        assert!(used > burnt - 0.05, "process {used} s, thread {burnt} s");
+        assert!(super::cpu_seconds(u32::MAX).is_err());
+    }
+
     #[test]
     fn steal_is_the_stolen_share_of_the_cpu_time_between_readings() {
         // The lines /proc/stat always has besides the CPUs'.

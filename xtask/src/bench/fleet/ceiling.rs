@@ -89,7 +89,7 @@ fn ceiling(
             "bench: ceiling on {} × {replicas}: {rate:.0} reports/s",
             backend.name()
         );
-        let gen0 = util::cpu_seconds(std::process::id(), ctx.tck)?;
+        let gen0 = util::cpu_seconds(std::process::id())?;
         let total = (rate * step.as_secs_f64()) as u64;
         let results: Vec<(f64, bool)> = rt.block_on(async {
             let gate = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -136,7 +136,7 @@ fn ceiling(
             failed: total - ok,
             secs,
             latency: Stats::of(&latencies),
-            loadgen_cpu: (util::cpu_seconds(std::process::id(), ctx.tck)? - gen0) / secs * 100.0,
+            loadgen_cpu: (util::cpu_seconds(std::process::id())? - gen0) / secs * 100.0,
         };
         let pass = s.passes();
         steps.push(s);

@@ -7,7 +7,6 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     fmt::Write as _,
-    fs,
     net::SocketAddr,
     path::Path,
     sync::{
@@ -312,24 +311,23 @@ async fn agent(
 /// CPU seconds of a process, with those of its reaped children, plus
 /// those of its live children: PostgreSQL's postmaster and its backends,
 /// including the backends of a killed aggregator.
-fn tree_cpu(pid: u32, tck: f64) -> f64 {
-    let fields = |pid: &str| -> Option<(u32, f64, f64)> {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let f: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
-        let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        Some((f.get(1)?.parse().ok()?, n(11) + n(12), n(13) + n(14)))
-    };
-    let mut total = fields(&pid.to_string()).map_or(0.0, |(_, own, reaped)| own + reaped);
-    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some((ppid, own, _)) = fields(name)
-            && ppid == pid
-        {
-            total += own;
+fn tree_cpu(pid: u32) -> f64 {
+    let mut total = 0;
+    for p in procfs::process::all_processes()
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        // A process that ended meanwhile is left out.
+        let Ok(stat) = p.stat() else { continue };
+        if stat.pid == pid as i32 {
+            total += stat.utime + stat.stime;
+            total += (stat.cutime + stat.cstime).max(0) as u64;
+        } else if stat.ppid == pid as i32 {
+            total += stat.utime + stat.stime;
         }
     }
-    total / tck
+    util::tick_seconds(total)
 }
 
 /// The fleet run's findings.
@@ -366,10 +364,7 @@ fn fleet_run(
     let give_up = stop_making + 6 * INTERVAL;
     let timeline = Arc::new(Timeline::new(run.as_secs() as usize + 120));
     let pg_pid = db.postmaster_pid().context("PostgreSQL's postmaster.pid")?;
-    let (pg0, gen0) = (
-        tree_cpu(pg_pid, ctx.tck),
-        util::cpu_seconds(std::process::id(), ctx.tck)?,
-    );
+    let (pg0, gen0) = (tree_cpu(pg_pid), util::cpu_seconds(std::process::id())?);
     let mut agg_cpu = 0.0;
     let handles: Vec<_> = (0..scale.agents)
         .map(|a| {
@@ -391,7 +386,7 @@ fn fleet_run(
     // on the same database and address.
     let kill_at = run.mul_f64(0.3 + fastrand::f64() * 0.4);
     std::thread::sleep(kill_at.saturating_sub(t0.elapsed()));
-    agg_cpu += util::cpu_seconds(agg.proc.pid(), ctx.tck)?;
+    agg_cpu += util::cpu_seconds(agg.proc.pid())?;
     let killed = Instant::now();
     agg.proc.child.kill().context("SIGKILL the aggregator")?;
     agg.proc.child.wait()?;
@@ -407,9 +402,9 @@ fn fleet_run(
         logs.push(rt.block_on(h)??);
     }
     let secs = t0.elapsed().as_secs_f64();
-    agg_cpu += util::cpu_seconds(agg.proc.pid(), ctx.tck)?;
-    let postgres_cpu_s = tree_cpu(pg_pid, ctx.tck) - pg0;
-    let loadgen_cpu_s = util::cpu_seconds(std::process::id(), ctx.tck)? - gen0;
+    agg_cpu += util::cpu_seconds(agg.proc.pid())?;
+    let postgres_cpu_s = tree_cpu(pg_pid) - pg0;
+    let loadgen_cpu_s = util::cpu_seconds(std::process::id())? - gen0;
     drop(agg);
     Ok(FleetRun {
         logs,
