@@ -424,8 +424,8 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
 
 /// What the profiles above show when ingest misses its target.
 const INGEST_BOTTLENECK: &str = "
-**Bottleneck (ingest).** `aggregator/src/ledger/ingest.rs` writes a report as ~9 multi-row \
-statements (its rows, its node's hourly rollups and totals, gauges, node row) and no row \
+**Bottleneck (ingest).** `aggregator/src/ledger/ingest.rs` writes a report as ~10 multi-row \
+statements (its rows, its node's hourly rollups and totals, gauges, node and boot rows) and no row \
 is shared between nodes, so PostgreSQL backends no longer queue on each other's row locks \
 (compare `Lock:transactionid` 96 % before). What is left is the database's own work per row, \
 ~250 rows and upserts per report: on PostgreSQL in executing the statements (parsing and \
