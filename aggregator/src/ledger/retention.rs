@@ -60,6 +60,17 @@ impl Ledger {
         now_ms: i64,
         cutoffs: Cutoffs,
     ) -> Result<Maintained, LedgerError> {
+        self.maintain_claims_by(now_ms, cutoffs, BATCH).await
+    }
+
+    /// [`Self::maintain`], removing report claims `claims_batch` at a
+    /// time (tests use batches of a few).
+    async fn maintain_claims_by(
+        &self,
+        now_ms: i64,
+        cutoffs: Cutoffs,
+        claims_batch: i64,
+    ) -> Result<Maintained, LedgerError> {
         let folded_hours = self.fold(now_ms).await?;
         let mut raw_rows = 0;
         match self.backend {
@@ -80,7 +91,7 @@ impl Ledger {
             Some(before) => self.delete_before("audit", "time_ms", before).await?,
             None => 0,
         };
-        let claims = self.remove_claims(cutoffs.raw).await?;
+        let claims = self.remove_claims(cutoffs.raw, claims_batch).await?;
         let mut rollup_rows = 0;
         if let Some(before) = cutoffs.rollup {
             for table in [
@@ -112,23 +123,54 @@ impl Ledger {
     }
 
     /// Removes the claims of reports whose interval ended before `before`,
-    /// [`BATCH`] per transaction, adding each batch to `claims_removed` in
+    /// `batch` per transaction, adding each batch to `claims_removed` in
     /// the same transaction. Not those an audit record refers to, nor
     /// those received since the fold's watermark.
-    async fn remove_claims(&self, before: i64) -> Result<u64, LedgerError> {
+    ///
+    /// The claims kept for those reasons pile up at the old end (an audit
+    /// store kept forever keeps its claims forever), so a batch is found
+    /// by a read, from where the batch before it ended, and only then
+    /// deleted by id: each kept claim is looked at once per pass, not once
+    /// per batch, and on SQLite not while holding the write lock the
+    /// ledger writer waits for. The delete checks each claim again.
+    async fn remove_claims(&self, before: i64, batch: i64) -> Result<u64, LedgerError> {
+        const REMOVABLE: &str = "r.received_ms < (SELECT received_ms FROM rollup_watermark \
+             WHERE name = $1) AND NOT EXISTS (SELECT 1 FROM audit a WHERE a.report_id = r.id)";
         let mut total = 0;
+        // (interval_end_ms, id) of the last claim of the batch before.
+        let mut after = (i64::MIN, i64::MIN);
         loop {
-            let mut tx = self.pool.begin().await?;
-            let gone: Vec<(String, String, i64, i64)> = sqlx::query_as(
-                "DELETE FROM reports WHERE id IN (SELECT r.id FROM reports r \
-                 WHERE r.interval_end_ms < $1 \
-                 AND r.received_ms < (SELECT received_ms FROM rollup_watermark WHERE name = $2) \
-                 AND NOT EXISTS (SELECT 1 FROM audit a WHERE a.report_id = r.id) LIMIT $3) \
-                 RETURNING node, boot_id, seq, interval_end_ms",
-            )
-            .bind(before)
+            let found: Vec<(i64, i64)> = sqlx::query_as(&format!(
+                "SELECT r.interval_end_ms, r.id FROM reports r \
+                 WHERE r.interval_end_ms < $2 AND r.interval_end_ms >= $3 \
+                 AND (r.interval_end_ms > $3 OR r.id > $4) AND {REMOVABLE} \
+                 ORDER BY r.interval_end_ms, r.id LIMIT $5"
+            ))
             .bind(WATERMARK)
-            .bind(BATCH)
+            .bind(before)
+            .bind(after.0)
+            .bind(after.1)
+            .bind(batch)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some(&last) = found.last() else {
+                return Ok(total);
+            };
+            after = last;
+            // Integers only: the list is written into the statement (sqlx's
+            // `Any` binds no arrays).
+            let ids = found
+                .iter()
+                .map(|(_, id)| id.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut tx = self.pool.begin().await?;
+            let gone: Vec<(String, String, i64, i64)> = sqlx::query_as(&format!(
+                "DELETE FROM reports WHERE id IN (SELECT r.id FROM reports r \
+                 WHERE r.id IN ({ids}) AND {REMOVABLE}) \
+                 RETURNING node, boot_id, seq, interval_end_ms"
+            ))
+            .bind(WATERMARK)
             .fetch_all(&mut *tx)
             .await?;
             let mut removed: BTreeMap<(&str, &str), Removed> = BTreeMap::new();
@@ -168,7 +210,7 @@ impl Ledger {
             }
             tx.commit().await?;
             total += gone.len() as u64;
-            if gone.len() < BATCH as usize {
+            if found.len() < batch as usize {
                 return Ok(total);
             }
         }
@@ -370,7 +412,12 @@ pub(crate) mod tests {
         }
         let summary = l.report_summary().await.unwrap();
         let by_tenant = l.gpu_groups_by_tenant(D, now, None).await.unwrap();
-        let m = l.maintain(now, raw(D + 5 * DAY)).await.unwrap();
+        // Three at a time: the kept claims (n1's 2, n2's 3) fall inside
+        // batches, which each start where the one before ended.
+        let m = l
+            .maintain_claims_by(now, raw(D + 5 * DAY), 3)
+            .await
+            .unwrap();
         // Days 0–4: 20 reports per node, less n1's audited one and n2's
         // late one.
         assert_eq!(m.claims, 2 * 20 - 2, "{m:?}");
