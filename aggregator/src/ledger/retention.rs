@@ -158,7 +158,7 @@ impl Ledger {
             };
             after = last;
             // Integers only: the list is written into the statement (sqlx's
-            // `Any` binds no arrays).
+            // `Any` binds no arrays), which is not kept prepared.
             let ids = found
                 .iter()
                 .map(|(_, id)| id.to_string())
@@ -170,6 +170,7 @@ impl Ledger {
                  WHERE r.id IN ({ids}) AND {REMOVABLE}) \
                  RETURNING node, boot_id, seq, interval_end_ms"
             ))
+            .persistent(false)
             .bind(WATERMARK)
             .fetch_all(&mut *tx)
             .await?;
