@@ -142,19 +142,12 @@ pub(super) async fn write(
     // The boot's row of `GET /api/v1/reports`: only this node's reports
     // write it, so replicas wait on it no more than on `nodes`.
     conn.execute(
-        "INSERT INTO boot_reports (node, boot_id, reports, first_seq, last_seq, \
-         last_interval_end_ms) VALUES ($1, $2, 1, $3, $3, $4) \
-         ON CONFLICT (node, boot_id) DO UPDATE SET reports = boot_reports.reports + 1, \
-         first_seq = CASE WHEN excluded.first_seq < boot_reports.first_seq \
-         THEN excluded.first_seq ELSE boot_reports.first_seq END, \
-         last_seq = CASE WHEN excluded.last_seq > boot_reports.last_seq \
-         THEN excluded.last_seq ELSE boot_reports.last_seq END, \
-         last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > \
-         boot_reports.last_interval_end_ms THEN excluded.last_interval_end_ms \
-         ELSE boot_reports.last_interval_end_ms END",
+        add_to_boot_row!("boot_reports"),
         args([
             r.node.as_str().into(),
             r.boot_id.as_str().into(),
+            1.into(),
+            i(r.seq).into(),
             i(r.seq).into(),
             end.into(),
         ]),

@@ -33,6 +33,30 @@ use sqlx::{
     migrate::Migrator,
 };
 
+/// The statement adding `$3` reports, seqs `$4` to `$5`, last interval
+/// end `$6`, to the row of node `$1`, boot `$2` of `$table`: one of the
+/// per-boot tallies, `boot_reports` (what ingest stored) and
+/// `claims_removed` (what retention removed). Before the modules: a
+/// `macro_rules!` is seen only below it.
+macro_rules! add_to_boot_row {
+    ($table:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $table,
+            " AS t (node, boot_id, reports, first_seq, last_seq, last_interval_end_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (node, boot_id) DO UPDATE SET \
+             reports = t.reports + excluded.reports, \
+             first_seq = CASE WHEN excluded.first_seq < t.first_seq \
+             THEN excluded.first_seq ELSE t.first_seq END, \
+             last_seq = CASE WHEN excluded.last_seq > t.last_seq \
+             THEN excluded.last_seq ELSE t.last_seq END, \
+             last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > \
+             t.last_interval_end_ms THEN excluded.last_interval_end_ms \
+             ELSE t.last_interval_end_ms END"
+        )
+    };
+}
+
 pub(crate) mod audit;
 pub(crate) mod chargeback;
 pub(crate) mod cluster;

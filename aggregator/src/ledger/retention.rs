@@ -187,27 +187,15 @@ impl Ledger {
                     });
             }
             for ((node, boot), r) in removed {
-                sqlx::query(
-                    "INSERT INTO claims_removed (node, boot_id, reports, first_seq, last_seq, \
-                     last_interval_end_ms) VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (node, boot_id) DO UPDATE SET \
-                     reports = claims_removed.reports + excluded.reports, \
-                     first_seq = CASE WHEN excluded.first_seq < claims_removed.first_seq \
-                     THEN excluded.first_seq ELSE claims_removed.first_seq END, \
-                     last_seq = CASE WHEN excluded.last_seq > claims_removed.last_seq \
-                     THEN excluded.last_seq ELSE claims_removed.last_seq END, \
-                     last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > \
-                     claims_removed.last_interval_end_ms THEN excluded.last_interval_end_ms \
-                     ELSE claims_removed.last_interval_end_ms END",
-                )
-                .bind(node)
-                .bind(boot)
-                .bind(r.claims)
-                .bind(r.first_seq)
-                .bind(r.last_seq)
-                .bind(r.last_end_ms)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(add_to_boot_row!("claims_removed"))
+                    .bind(node)
+                    .bind(boot)
+                    .bind(r.claims)
+                    .bind(r.first_seq)
+                    .bind(r.last_seq)
+                    .bind(r.last_end_ms)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
             total += gone.len() as u64;
