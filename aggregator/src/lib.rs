@@ -82,6 +82,7 @@ impl Aggregator {
             scheduler: config.scheduler.clone(),
             budgets: config.budgets.clone(),
             raw_retention: config.ledger.raw_retention,
+            chargeback_turn: tokio::sync::Semaphore::new(1),
         });
         info!(
             tokens = app.tokens.len(),
@@ -468,6 +469,72 @@ mod tests {
         assert_eq!(agg.app.tokens.len(), 1);
 
         // Both background tasks end on shutdown, and are waited for.
+        shutdown.cancel();
+        agg.stopped().await;
+    }
+
+    /// A chargeback waits for the one before it to be built
+    /// (`App::chargeback_turn`), and is answered once that is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chargeback_waits_for_its_turn() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let dir = tempfile::tempdir().unwrap();
+        let admins = dir.path().join("admins");
+        std::fs::write(&admins, "admin-token-0123456789\n").unwrap();
+        let text = format!(
+            "[ledger]\nurl = \"sqlite://{}/ledger.db\"\n\
+             [[auth.token]]\ntoken_file = \"{}\"\nrole = \"admin\"\n",
+            dir.path().display(),
+            admins.display()
+        );
+        let config = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap();
+        let shutdown = CancellationToken::new();
+        let agg = Aggregator::start(&config, shutdown.clone()).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let route = agg.route();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(move |req| {
+                let answer = route(req);
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+                .unwrap();
+        });
+
+        // Another chargeback is being built.
+        let turn = agg.app.chargeback_turn.acquire().await.unwrap();
+        let mut asked = tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(
+                    b"GET /api/v1/chargeback?from=0&to=3600 HTTP/1.1\r\nHost: t\r\n\
+                      Authorization: Bearer admin-token-0123456789\r\n\
+                      Connection: close\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        });
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(500), &mut asked).await;
+        assert!(
+            waited.is_err(),
+            "answered during another's turn: {waited:?}"
+        );
+        drop(turn);
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(30), asked)
+            .await
+            .expect("answered once the turn was free")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"lines\""), "{answer}");
+
         shutdown.cancel();
         agg.stopped().await;
     }

@@ -78,6 +78,13 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
             "cluster must be a cluster name (1..=256 bytes)",
         );
     }
+    // Held until the body is built ([`App::chargeback_turn`]).
+    let queued = std::time::Instant::now();
+    let Ok(_turn) = app.chargeback_turn.acquire().await else {
+        // Only a closed semaphore refuses, and nothing closes it.
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "chargeback unavailable");
+    };
+    let waited = queued.elapsed();
     // Past raw retention the partial hours at the edges are gone: read
     // whole hours, and say so.
     let cutoff = crate::time::before(crate::time::now_ms(), app.raw_retention);
@@ -157,10 +164,12 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
             "focus" => ("text/csv; charset=utf-8", c.to_focus(&prices).into()),
             _ => ("application/json", c.to_json().into()),
         };
-        // Where a slow answer's time went: the ledger, pricing, or encoding.
+        // Where a slow answer's time went: its turn, the ledger, pricing, or
+        // encoding.
         debug!(
             lines = c.lines.len(),
             gpu_groups = gpu.len(),
+            waited_s = waited.as_secs_f64(),
             read_s = read.as_secs_f64(),
             priced_s = (priced - read).as_secs_f64(),
             encoded_s = (started.elapsed() - priced).as_secs_f64(),
