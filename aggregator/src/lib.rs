@@ -82,7 +82,7 @@ impl Aggregator {
             scheduler: config.scheduler.clone(),
             budgets: config.budgets.clone(),
             raw_retention: config.ledger.raw_retention,
-            chargeback_turn: tokio::sync::Semaphore::new(1),
+            chargeback_turn: Arc::new(tokio::sync::Semaphore::new(1)),
         });
         info!(
             tokens = app.tokens.len(),

@@ -48,7 +48,7 @@ pub(crate) struct App {
     /// Chargebacks are read, priced and encoded one at a time: a month by
     /// tenant and node at 1,000 nodes holds ~0.7–0.9 GB until its body is
     /// built, and two at once would pass the 1 GiB the deployment allows.
-    pub chargeback_turn: tokio::sync::Semaphore,
+    pub chargeback_turn: Arc<tokio::sync::Semaphore>,
 }
 
 /// The credential files' paths, each with its size and modification time

@@ -78,9 +78,11 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
             "cluster must be a cluster name (1..=256 bytes)",
         );
     }
-    // Held until the body is built ([`App::chargeback_turn`]).
+    // Held until the body is built ([`App::chargeback_turn`]), also when
+    // the client goes away meanwhile: the pricing thread goes on, and a
+    // retry must not be priced beside it.
     let queued = std::time::Instant::now();
-    let Ok(_turn) = app.chargeback_turn.acquire().await else {
+    let Ok(turn) = app.chargeback_turn.clone().acquire_owned().await else {
         // Only a closed semaphore refuses, and nothing closes it.
         return problem(StatusCode::SERVICE_UNAVAILABLE, "chargeback unavailable");
     };
@@ -143,6 +145,7 @@ pub(super) async fn chargeback(req: Request<Incoming>, app: &App) -> Response<Bo
     // blocking thread, so the runtime's threads go on taking reports.
     let span = tracing::Span::current();
     let work = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let _request = span.enter();
         let mut c = chargeback::compute(
             &prices,
