@@ -433,20 +433,31 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn a_change_reloaded_on_sighup_is_not_reloaded_again_by_the_poll() {
-        let dir = tempfile::tempdir().unwrap();
-        let agents = dir.path().join("agents");
-        std::fs::write(&agents, "agent-token-0123456789\n").unwrap();
+    /// An aggregator on a SQLite ledger in `dir`, whose one token file
+    /// (`dir/tokens`, holding `token`) has `role`.
+    async fn started(
+        dir: &Path,
+        token: &str,
+        role: &str,
+    ) -> (Aggregator, CancellationToken, std::path::PathBuf) {
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, format!("{token}\n")).unwrap();
         let text = format!(
             "[ledger]\nurl = \"sqlite://{}/ledger.db\"\n\
-             [[auth.token]]\ntoken_file = \"{}\"\nrole = \"agent\"\n",
-            dir.path().display(),
-            agents.display()
+             [[auth.token]]\ntoken_file = \"{}\"\nrole = \"{role}\"\n",
+            dir.display(),
+            tokens.display()
         );
         let config = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap();
         let shutdown = CancellationToken::new();
         let agg = Aggregator::start(&config, shutdown.clone()).await.unwrap();
+        (agg, shutdown, tokens)
+    }
+
+    #[tokio::test]
+    async fn a_change_reloaded_on_sighup_is_not_reloaded_again_by_the_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agg, shutdown, agents) = started(dir.path(), "agent-token-0123456789", "agent").await;
         // Nothing changed since the start: the poll does nothing.
         reload_if_changed(&agg.app);
         assert!(reloads(&agg).is_empty(), "{:?}", reloads(&agg));
@@ -480,17 +491,7 @@ mod tests {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
         let dir = tempfile::tempdir().unwrap();
-        let admins = dir.path().join("admins");
-        std::fs::write(&admins, "admin-token-0123456789\n").unwrap();
-        let text = format!(
-            "[ledger]\nurl = \"sqlite://{}/ledger.db\"\n\
-             [[auth.token]]\ntoken_file = \"{}\"\nrole = \"admin\"\n",
-            dir.path().display(),
-            admins.display()
-        );
-        let config = AggregatorConfig::parse(&text, Path::new("a.toml")).unwrap();
-        let shutdown = CancellationToken::new();
-        let agg = Aggregator::start(&config, shutdown.clone()).await.unwrap();
+        let (agg, shutdown, _) = started(dir.path(), "admin-token-0123456789", "admin").await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let route = agg.route();
