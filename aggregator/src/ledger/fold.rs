@@ -13,6 +13,11 @@
 //! Chargeback reads the hours of reports received since, per node
 //! ([`super::chargeback`]), so its answer never waits for a tick.
 //!
+//! Each re-fold of an hour also adds what it changed in the hour's
+//! node-less rows to the cluster-lifetime totals of `/metrics`, in its
+//! transaction ([`super::totals`]); their readers, too, read the hours
+//! received since the watermark per node.
+//!
 //! The same tick folds the per-node hourly rollups into per-node daily
 //! ones, which chargeback by node reads: a UTC day once it is over (by
 //! the commit lag), and again whenever one of its hours is re-folded.
@@ -30,7 +35,7 @@ use std::collections::BTreeSet;
 
 use sqlx::{Acquire, AnyConnection, Executor};
 
-use super::{Backend, Ledger, LedgerError};
+use super::{Backend, Ledger, LedgerError, totals};
 use crate::time::{DAY_MS, day_of, month_of};
 
 /// A report is taken to be committed this long after it was received
@@ -209,6 +214,14 @@ impl Ledger {
                 .await?;
             grain.stage(&mut tx, at).await?;
         }
+        if let Grain::Hour = grain {
+            // Before the hour's node-less rows are replaced: the totals
+            // gain what the new ones add to the old.
+            sqlx::query(&totals::add_refolded_hour())
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+        }
         let (column, tables) = grain.tables();
         for (table, stage) in tables {
             sqlx::query(&format!("DELETE FROM {table} WHERE {column} = $1"))
@@ -347,12 +360,12 @@ async fn stage_tables(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
 async fn stage_hour(conn: &mut AnyConnection, hour: i64) -> Result<(), sqlx::Error> {
     sqlx::query(&format!(
         "INSERT INTO fold_gpu (hour_ms, {GPU_KEY}, allocated_us, used_us, energy_mj, \
-         memory_byte_seconds, over_rows, idle_us) \
+         memory_byte_seconds, over_rows, idle_us, sm_us) \
          SELECT hour_ms, {GPU_KEY}, CAST(SUM(allocated_us) AS BIGINT), \
          CAST(SUM(used_us) AS BIGINT), CAST(SUM(energy_mj) AS BIGINT), \
          CAST(SUM(memory_byte_seconds) AS DOUBLE PRECISION), \
          CAST(SUM(CASE WHEN used_us > allocated_us THEN 1 ELSE 0 END) AS BIGINT), \
-         CAST(SUM(idle_us) AS BIGINT) \
+         CAST(SUM(idle_us) AS BIGINT), CAST(SUM(sm_us) AS BIGINT) \
          FROM gpu_usage_hourly WHERE hour_ms = $1 GROUP BY hour_ms, {GPU_KEY}"
     ))
     .bind(hour)

@@ -8,7 +8,6 @@ use tally_contract::wire::{GpuGauge, Report};
 use super::{
     Ledger, LedgerError, audit, cluster, i,
     rows::{self, plain},
-    totals::TenantTotals,
     tx::{Tx, args},
 };
 use crate::audit_keys::NodeKeys;
@@ -215,11 +214,13 @@ async fn usage(conn: &mut impl Tx, r: &Report, id: i64, end: i64) -> Result<(), 
 }
 
 /// One hour of GPU usage of one (tenant, model, slice, workload) on the
-/// report's node (and its cluster), summed as chargeback sums the raw rows.
+/// report's node (and its cluster), summed as chargeback sums the raw rows
+/// (`used_us`) and as the totals of `/metrics` count SM time (`sm_us`).
 #[derive(Default)]
 struct GpuHour {
     allocated_us: i64,
     used_us: i64,
+    sm_us: i64,
     energy_mj: i64,
     memory_byte_seconds: f64,
     idle_us: i64,
@@ -234,14 +235,15 @@ struct IoHour {
     pcie_d2h_bytes: i64,
 }
 
-/// Adds `r` to its node's hourly rollups and running totals. Every row
-/// written is the report's own node's, each key once per statement, in
-/// key order: concurrent reports lock rows in the same order.
+/// Adds `r` to its node's hourly rollups. Every row written is the
+/// report's own node's, each key once per statement, in key order:
+/// concurrent reports lock rows in the same order. The totals of
+/// `/metrics` are folded from these rows off the ingest path
+/// ([`super::totals`]).
 async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerError> {
     let hour = hour_of(end);
     let mut gpu: BTreeMap<(&str, &str, u64, &str), GpuHour> = BTreeMap::new();
     let mut io: BTreeMap<&str, IoHour> = BTreeMap::new();
-    let mut totals: BTreeMap<&str, TenantTotals> = BTreeMap::new();
     for u in &r.gpu_usage {
         let key = (
             u.tenant.as_str(),
@@ -253,15 +255,11 @@ async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerE
         let allocated = i(u.allocated_us);
         h.allocated_us = h.allocated_us.saturating_add(allocated);
         h.used_us = h.used_us.saturating_add(u.sm_us.map_or(allocated, i));
+        h.sm_us = h.sm_us.saturating_add(u.sm_us.map_or(0, i));
         h.energy_mj = h.energy_mj.saturating_add(i(u.energy_mj));
         h.idle_us = h.idle_us.saturating_add(i(u.idle_us));
         // As SQL's CAST(BIGINT AS DOUBLE PRECISION) of the raw row.
         h.memory_byte_seconds += i(u.memory_byte_seconds) as f64;
-        let t = totals.entry(u.tenant.as_str()).or_default();
-        t.allocated_us += u.allocated_us as f64;
-        t.sm_us += u.sm_us.unwrap_or(0) as f64;
-        t.memory_byte_seconds += u.memory_byte_seconds as f64;
-        t.energy_mj += u.energy_mj as f64;
     }
     for u in &r.io_usage {
         let h = io.entry(u.tenant.as_str()).or_default();
@@ -273,24 +271,20 @@ async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerE
             .saturating_add(i(u.network_egress_bytes));
         h.pcie_h2d_bytes = h.pcie_h2d_bytes.saturating_add(i(u.pcie_h2d_bytes));
         h.pcie_d2h_bytes = h.pcie_d2h_bytes.saturating_add(i(u.pcie_d2h_bytes));
-        let t = totals.entry(u.tenant.as_str()).or_default();
-        t.network_ingress_bytes += u.network_ingress_bytes as f64;
-        t.network_egress_bytes += u.network_egress_bytes as f64;
-        t.pcie_h2d_bytes += u.pcie_h2d_bytes as f64;
-        t.pcie_d2h_bytes += u.pcie_d2h_bytes as f64;
     }
     let gpu: Vec<_> = gpu.into_iter().collect();
     rows::insert(
         conn,
         "gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, allocated_us, used_us, \
-         energy_mj, memory_byte_seconds, cluster, workload, idle_us)",
-        &plain(12),
+         energy_mj, memory_byte_seconds, cluster, workload, idle_us, sm_us)",
+        &plain(13),
         "ON CONFLICT (hour_ms, tenant, node, model, slice_fraction, cluster, workload) DO UPDATE SET \
          allocated_us = gpu_usage_hourly.allocated_us + excluded.allocated_us, \
          used_us = gpu_usage_hourly.used_us + excluded.used_us, \
          energy_mj = gpu_usage_hourly.energy_mj + excluded.energy_mj, \
          memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds, \
-         idle_us = gpu_usage_hourly.idle_us + excluded.idle_us",
+         idle_us = gpu_usage_hourly.idle_us + excluded.idle_us, \
+         sm_us = gpu_usage_hourly.sm_us + excluded.sm_us",
         &gpu,
         |a, ((tenant, model, slice, workload), h)| {
             a.add(hour)?;
@@ -304,7 +298,8 @@ async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerE
             a.add(h.memory_byte_seconds)?;
             a.add(r.cluster())?;
             a.add(*workload)?;
-            a.add(h.idle_us)
+            a.add(h.idle_us)?;
+            a.add(h.sm_us)
         },
     )
     .await?;
@@ -329,36 +324,6 @@ async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerE
             a.add(h.pcie_h2d_bytes)?;
             a.add(h.pcie_d2h_bytes)?;
             a.add(r.cluster())
-        },
-    )
-    .await?;
-    let totals: Vec<_> = totals.into_iter().collect();
-    rows::insert(
-        conn,
-        "tenant_node_totals (tenant, node, allocated_us, sm_us, memory_byte_seconds, energy_mj, \
-         network_ingress_bytes, network_egress_bytes, pcie_h2d_bytes, pcie_d2h_bytes)",
-        &plain(10),
-        "ON CONFLICT (tenant, node) DO UPDATE SET \
-         allocated_us = tenant_node_totals.allocated_us + excluded.allocated_us, \
-         sm_us = tenant_node_totals.sm_us + excluded.sm_us, \
-         memory_byte_seconds = tenant_node_totals.memory_byte_seconds + excluded.memory_byte_seconds, \
-         energy_mj = tenant_node_totals.energy_mj + excluded.energy_mj, \
-         network_ingress_bytes = tenant_node_totals.network_ingress_bytes + excluded.network_ingress_bytes, \
-         network_egress_bytes = tenant_node_totals.network_egress_bytes + excluded.network_egress_bytes, \
-         pcie_h2d_bytes = tenant_node_totals.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
-         pcie_d2h_bytes = tenant_node_totals.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
-        &totals,
-        |a, (tenant, t)| {
-            a.add(*tenant)?;
-            a.add(&r.node)?;
-            a.add(t.allocated_us)?;
-            a.add(t.sm_us)?;
-            a.add(t.memory_byte_seconds)?;
-            a.add(t.energy_mj)?;
-            a.add(t.network_ingress_bytes)?;
-            a.add(t.network_egress_bytes)?;
-            a.add(t.pcie_h2d_bytes)?;
-            a.add(t.pcie_d2h_bytes)
         },
     )
     .await

@@ -188,7 +188,7 @@ impl LedgerReader {
             "io_usage",
             "audit",
             "gpu_state",
-            "tenant_totals",
+            "gpu_usage_hourly",
         ]
         .iter()
         .map(|t| self.int(&format!("SELECT COUNT(*) FROM {t}")))
