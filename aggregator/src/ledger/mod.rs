@@ -13,13 +13,13 @@
 //! commit, [`writer`], on rusqlite: [`tx`]); on PostgreSQL each request
 //! writes its own, in parallel.
 //!
-//! The same transaction adds the report to hourly rollups and running
-//! totals, all keyed by node, so no row is written by every node's
-//! reports. Chargeback reads the rollups for the whole hours of a period
-//! and the raw rows only for the partial hours at its edges; `/metrics`
-//! reads the totals. A background tick ([`Ledger::maintain`]) folds the
-//! per-node hourly rollups into node-less ones for chargeback by tenant
-//! ([`fold`]) and removes rows past their retention ([`retention`]; on
+//! The same transaction adds the report to hourly rollups, keyed by node,
+//! so no row is written by every node's reports. Chargeback reads the
+//! rollups for the whole hours of a period and the raw rows only for the
+//! partial hours at its edges. A background tick ([`Ledger::maintain`])
+//! folds the per-node hourly rollups into node-less ones for chargeback
+//! by tenant, and into the cluster totals `/metrics` reads ([`fold`],
+//! [`totals`]), and removes rows past their retention ([`retention`]; on
 //! PostgreSQL by dropping day partitions, [`partitions`]).
 
 use std::{
