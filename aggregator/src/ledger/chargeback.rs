@@ -516,9 +516,11 @@ pub(super) fn whole_months(from: i64, to: i64, through: i64) -> (i64, i64) {
 /// clamped keys) into the per-node rollup: SQLite keeps that order, and
 /// with `IN (…)` it scanned the whole month of the per-node rollup
 /// (1.5 s of the 2 s per chargeback on the benchmark's month).
-pub(super) const DIRTY: &str = "dirty AS (SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms \
-     FROM reports WHERE received_ms >= (SELECT received_ms FROM rollup_watermark \
-     WHERE name = 'tenant_hourly') AND +interval_end_ms >= $3 AND +interval_end_ms < $4)";
+pub(super) const DIRTY: &str = concat!(
+    "dirty AS (",
+    unfolded_hours!(),
+    " AND +interval_end_ms >= $3 AND +interval_end_ms < $4)"
+);
 
 /// The days of [`DIRTY`]'s hours: read from the hourly rollups by node.
 const DIRTY_DAYS: &str =

@@ -80,18 +80,9 @@ impl Ledger {
     /// and moves the watermark up to `now_ms` less the commit lag.
     /// Returns how many hours were folded.
     pub(crate) async fn fold(&self, now_ms: i64) -> Result<usize, LedgerError> {
-        let since: i64 =
-            sqlx::query_scalar("SELECT received_ms FROM rollup_watermark WHERE name = $1")
-                .bind(WATERMARK)
-                .fetch_one(&self.pool)
-                .await?;
-        let hours: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms FROM reports \
-             WHERE received_ms >= $1 ORDER BY hour_ms",
-        )
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
+        let hours: Vec<i64> = sqlx::query_scalar(concat!(unfolded_hours!(), " ORDER BY hour_ms"))
+            .fetch_all(&self.pool)
+            .await?;
         let mut conn = self.pool.acquire().await?;
         stage_tables(&mut conn).await?;
         for &hour in &hours {

@@ -33,6 +33,20 @@ use sqlx::{
     migrate::Migrator,
 };
 
+/// The hours with reports received since the fold's watermark (the row
+/// [`fold::WATERMARK`] names): those the next fold re-folds, and that
+/// readers read per node until then. A `SELECT` of `hour_ms`, to which a
+/// caller may add conditions with `AND`. One definition for the fold,
+/// chargeback and the totals, whose sums are exact only if they agree on
+/// it. Before the modules, as the macro below.
+macro_rules! unfolded_hours {
+    () => {
+        "SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms FROM reports \
+         WHERE received_ms >= (SELECT received_ms FROM rollup_watermark \
+         WHERE name = 'tenant_hourly')"
+    };
+}
+
 /// The statement adding `$3` reports, seqs `$4` to `$5`, last interval
 /// end `$6`, to the row of node `$1`, boot `$2` of `$table`: one of the
 /// per-boot tallies, `boot_reports` (what ingest stored) and

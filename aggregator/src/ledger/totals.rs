@@ -13,7 +13,7 @@
 //! sum is exact whenever it is read, in one statement (one snapshot), and
 //! never waits for a fold.
 
-use super::{Ledger, LedgerError, fold::WATERMARK};
+use super::{Ledger, LedgerError};
 
 /// The totals' sums, as named in `tenant_folded_totals` and the rollups.
 const GPU_SUMS: [&str; 4] = ["allocated_us", "sm_us", "memory_byte_seconds", "energy_mj"];
@@ -65,7 +65,9 @@ pub(crate) struct ReportSummary {
 }
 
 /// A row of [`Ledger::totals`]' read: folded totals, or what the hours
-/// not yet folded add to them.
+/// not yet folded add to them. The two are added in Rust, one addition
+/// per field in a set order, where SQL's `SUM` over both would add the
+/// doubles in no set order: the same ledger reads the same totals.
 #[derive(sqlx::FromRow)]
 struct Part {
     unfolded: i64,
@@ -128,12 +130,11 @@ impl Ledger {
         let columns = GPU_SUMS.iter().chain(&IO_SUMS).copied().collect::<Vec<_>>();
         let columns = columns.join(", ");
         let parts: Vec<Part> = sqlx::query_as(&format!(
-            "WITH unfolded AS (SELECT DISTINCT (interval_end_ms / 3600000) * 3600000 AS hour_ms \
-             FROM reports WHERE received_ms >= \
-             (SELECT received_ms FROM rollup_watermark WHERE name = '{WATERMARK}')) \
+            "WITH unfolded AS ({}) \
              SELECT CAST(0 AS BIGINT) AS unfolded, tenant, {columns} FROM tenant_folded_totals \
              UNION ALL SELECT CAST(1 AS BIGINT), c.* FROM ({}) c \
              ORDER BY tenant, unfolded",
+            unfolded_hours!(),
             change(
                 "gpu_usage_hourly",
                 "io_usage_hourly",
@@ -399,15 +400,12 @@ mod tests {
         )
         .await
         .unwrap();
-        for t in &mut before {
-            if let Some(new) = expected(std::slice::from_ref(&r))
-                .iter()
-                .find(|n| n.tenant == t.tenant)
-            {
-                t.add(new);
+        for new in expected(std::slice::from_ref(&r)) {
+            match before.iter_mut().find(|t| t.tenant == new.tenant) {
+                Some(t) => t.add(&new),
+                None => before.push(new),
             }
         }
-        before.push(expected(std::slice::from_ref(&r)).pop().unwrap());
         assert_eq!(l.totals().await.unwrap(), before);
     }
 
