@@ -531,10 +531,18 @@ mod spool {
             (spooled(&state) >= 25).then_some(())
         });
         // The aggregator comes back and the agent starts replaying: SIGKILL
-        // it in the middle of the replay.
+        // it in the middle of the replay. A replay of 25 reports takes a
+        // few milliseconds, so the agent runs in 2 ms slices between
+        // freezes and is killed frozen, in the slice its first report
+        // left the spool: the kill lands mid-replay by construction, not
+        // by the luck of a poll.
+        agent.freeze(true);
         let before = spooled(&state);
         agg.restart();
         wait_for("the replay to start", LONG, || {
+            agent.freeze(false);
+            std::thread::sleep(Duration::from_millis(2));
+            agent.freeze(true);
             (spooled(&state) < before).then_some(())
         });
         let mut agent = agent;
