@@ -214,19 +214,56 @@ impl Tx for AnyConnection {
         rows: usize,
         args: Args<'_>,
     ) -> Result<(), LedgerError> {
+        if rows == 0 {
+            return Ok(());
+        }
         let numbered = self.backend_name() != "SQLite";
-        let sql = format!(
-            "INSERT INTO {into} VALUES {} {upsert}",
-            super::rows::values(rows, template, numbered)
-        );
-        // Not kept prepared: see `rows::insert`.
-        sqlx::query_with(&sql, any_args(args)?)
-            .persistent(false)
-            .execute(self)
-            .await?;
+        let per_row = args.len() / rows;
+        let mut values = args.0.into_iter();
+        for (run, times) in runs(rows, PG_ROWS) {
+            let sql = format!(
+                "INSERT INTO {into} VALUES {} {upsert}",
+                super::rows::values(run, template, numbered)
+            );
+            for _ in 0..times {
+                let args = Args(values.by_ref().take(run * per_row).collect());
+                // Kept prepared: a few texts per table whatever the row
+                // count (see `PG_ROWS`).
+                sqlx::query_with(&sql, any_args(args)?)
+                    .execute(&mut *self)
+                    .await?;
+            }
+        }
         Ok(())
     }
 }
+
+/// How `rows` rows are written as statements of a power of two rows
+/// each, at most `largest` (a power of two): `(rows per statement, times
+/// it runs)`, as many of `largest` as fit, then each smaller power at
+/// most once. 50 rows with `largest` 16 are `(16, 3), (2, 1)`.
+fn runs(rows: usize, largest: usize) -> impl Iterator<Item = (usize, usize)> {
+    std::iter::successors(Some(largest), |r| (*r > 1).then_some(r / 2))
+        .map(move |r| {
+            let times = if r == largest {
+                rows / largest
+            } else {
+                usize::from(rows & r != 0)
+            };
+            (r, times)
+        })
+        .filter(|&(_, times)| times > 0)
+}
+
+/// Most rows per statement of a PostgreSQL insert. Every statement is
+/// kept prepared on its connection (sqlx's cache, 100 a connection), so
+/// that it is parsed once and sent as one round trip: a statement sqlx
+/// does not keep costs a round trip more for its parse and description,
+/// and PostgreSQL parses and plans it on every report. Runs of powers of
+/// two keep at most seven texts per table whatever a report's row count
+/// (a text per row count once filled the cache with one use each, see
+/// `rows::insert`); a fleet node's report of 8 GPUs is one run a table.
+const PG_ROWS: usize = 64;
 
 /// Binds `a` as parameter `i` (1-based).
 fn bind_sqlite(stmt: &mut rusqlite::Statement<'_>, i: usize, a: &Arg<'_>) -> rusqlite::Result<()> {
@@ -296,16 +333,11 @@ impl Tx for rusqlite::Connection {
                 super::rows::values(rows, template, false)
             )
         };
-        // Runs of 16 rows, then of 8, 4, 2 and 1 for the rest: 50 rows
-        // are 16 + 16 + 16 + 2.
         let mut rest = &args.0[..];
-        let mut run = SQLITE_ROWS;
-        while !rest.is_empty() {
-            let (runs, left) = rest.split_at(rest.len() / (run * per_row) * run * per_row);
-            if !runs.is_empty() {
-                execute_each(self, &sql(run), runs, run * per_row)?;
-            }
-            (rest, run) = (left, run / 2);
+        for (run, times) in runs(rows, SQLITE_ROWS) {
+            let (these, left) = rest.split_at(run * times * per_row);
+            execute_each(self, &sql(run), these, run * per_row)?;
+            rest = left;
         }
         Ok(())
     }
@@ -350,6 +382,23 @@ fn execute_each(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_go_in_runs_of_powers_of_two() {
+        let runs = |rows, largest| runs(rows, largest).collect::<Vec<_>>();
+        assert_eq!(runs(50, 16), [(16, 3), (2, 1)]);
+        assert_eq!(runs(8, 64), [(8, 1)]);
+        assert_eq!(runs(200, 64), [(64, 3), (8, 1)]);
+        assert_eq!(
+            runs(127, 64),
+            [(64, 1), (32, 1), (16, 1), (8, 1), (4, 1), (2, 1), (1, 1)]
+        );
+        assert_eq!(runs(0, 16), []);
+        for rows in 0..300 {
+            let written: usize = runs(rows, 16).iter().map(|(r, t)| r * t).sum();
+            assert_eq!(written, rows);
+        }
+    }
 
     /// The SQLite writer writes rows in runs of 16, 8, 4, 2 and 1 per
     /// statement, and keeps a text bound where the statement's execution
