@@ -243,13 +243,11 @@ impl Tx for AnyConnection {
 /// it runs)`, as many of `largest` as fit, then each smaller power at
 /// most once. 50 rows with `largest` 16 are `(16, 3), (2, 1)`.
 fn runs(rows: usize, largest: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut rest = rows;
     std::iter::successors(Some(largest), |r| (*r > 1).then_some(r / 2))
         .map(move |r| {
-            let times = if r == largest {
-                rows / largest
-            } else {
-                usize::from(rows & r != 0)
-            };
+            let times = rest / r;
+            rest %= r;
             (r, times)
         })
         .filter(|&(_, times)| times > 0)
