@@ -511,6 +511,9 @@ struct Level {
     profile: Option<String>,
     /// Aggregator CPU by thread group over the level, seconds.
     threads: Vec<(String, f64)>,
+    /// PostgreSQL's CPU (postmaster, backends, background processes) in
+    /// percent of one core, and the WAL it wrote per stored report.
+    database: Option<(f64, f64)>,
 }
 
 /// Runs `agents` closed-loop agents for `secs` seconds.
@@ -585,6 +588,7 @@ fn level(
         stolen: 0.0,
         profile: None,
         threads: Vec::new(),
+        database: None,
     };
     for t in threads {
         let (s, e, l) = t
@@ -601,6 +605,18 @@ fn level(
     out.loadgen_cpu = (util::cpu_seconds(self_pid)? - l0) / out.secs * 100.0;
     out.stolen = util::CpuTime::now().stolen_since(&cpu0);
     Ok(out)
+}
+
+/// PostgreSQL's CPU seconds so far and where its WAL stands (bytes):
+/// `None` on SQLite, whose database work is the aggregator's own.
+fn database_use(db: &Db) -> Option<(f64, f64)> {
+    let cpu = util::tree_cpu(db.postmaster_pid()?);
+    let wal = db
+        .sql("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0');")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some((cpu, wal))
 }
 
 fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Check>)> {
@@ -644,7 +660,16 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
                     waits
                 })
             });
-            let l = level(&agg, n, secs, &format!("{}-{n}", backend.name()), prof);
+            let before = database_use(&db);
+            let mut l = level(&agg, n, secs, &format!("{}-{n}", backend.name()), prof);
+            if let (Ok(l), Some((cpu0, wal0)), Some((cpu1, wal1))) =
+                (&mut l, before, database_use(&db))
+            {
+                l.database = Some((
+                    (cpu1 - cpu0) / l.secs * 100.0,
+                    (wal1 - wal0) / l.stored.max(1) as f64,
+                ));
+            }
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             (l, sampler.and_then(|s| s.join().ok()))
         });
@@ -676,12 +701,22 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
             Backend::Postgres => ", PostgreSQL defaults: fsync on, synchronous_commit on",
         }
     );
+    let database = backend == Backend::Postgres;
     let _ = writeln!(
         b,
         "| agents | reports/s | p50 ms | p99 ms | max ms | errors | aggregator CPU % | load generator CPU % \
-         | CPU stolen % |"
+         | CPU stolen % |{}",
+        if database {
+            " PostgreSQL CPU % | WAL KiB per report |"
+        } else {
+            ""
+        }
     );
-    let _ = writeln!(b, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        b,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |{}",
+        if database { " --- | --- |" } else { "" }
+    );
     let mut best = (0.0f64, 0usize, 0.0f64);
     for l in &results {
         let st = Stats::of(&l.latencies_ms);
@@ -691,7 +726,7 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
         }
         let _ = writeln!(
             b,
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.0} | {:.0} |{}",
             l.agents,
             rate,
             st.median,
@@ -700,7 +735,12 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
             l.errors,
             l.aggregator_cpu,
             l.loadgen_cpu,
-            l.stolen
+            l.stolen,
+            match (database, l.database) {
+                (false, _) => String::new(),
+                (true, Some((cpu, wal))) => format!(" {cpu:.0} | {:.1} |", wal / 1024.0),
+                (true, None) => " — | — |".into(),
+            }
         );
     }
     // Saturation: the fewest agents that reach 95 % of the best rate.

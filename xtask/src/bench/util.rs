@@ -139,6 +139,28 @@ pub(super) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(tick_seconds(stat.utime + stat.stime))
 }
 
+/// CPU seconds of a process, with those of its reaped children, plus
+/// those of its live children: PostgreSQL's postmaster and its backends,
+/// including the backends of a killed aggregator.
+pub(super) fn tree_cpu(pid: u32) -> f64 {
+    let mut total = 0;
+    for p in procfs::process::all_processes()
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        // A process that ended meanwhile is left out.
+        let Ok(stat) = p.stat() else { continue };
+        if stat.pid == pid as i32 {
+            total += stat.utime + stat.stime;
+            total += (stat.cutime + stat.cstime).max(0) as u64;
+        } else if stat.ppid == pid as i32 {
+            total += stat.utime + stat.stime;
+        }
+    }
+    tick_seconds(total)
+}
+
 /// CPU seconds per thread group of a process: threads named alike but for
 /// a trailing number (`tally-gpu0`, `tally-gpu1`, …) are added up. Each
 /// thread's time is its scheduler run time (`task/<tid>/schedstat`): its

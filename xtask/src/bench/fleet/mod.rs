@@ -308,28 +308,6 @@ async fn agent(
     Ok(log)
 }
 
-/// CPU seconds of a process, with those of its reaped children, plus
-/// those of its live children: PostgreSQL's postmaster and its backends,
-/// including the backends of a killed aggregator.
-fn tree_cpu(pid: u32) -> f64 {
-    let mut total = 0;
-    for p in procfs::process::all_processes()
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        // A process that ended meanwhile is left out.
-        let Ok(stat) = p.stat() else { continue };
-        if stat.pid == pid as i32 {
-            total += stat.utime + stat.stime;
-            total += (stat.cutime + stat.cstime).max(0) as u64;
-        } else if stat.ppid == pid as i32 {
-            total += stat.utime + stat.stime;
-        }
-    }
-    util::tick_seconds(total)
-}
-
 /// The fleet run's findings.
 struct FleetRun {
     logs: Vec<AgentLog>,
@@ -364,7 +342,10 @@ fn fleet_run(
     let give_up = stop_making + 6 * INTERVAL;
     let timeline = Arc::new(Timeline::new(run.as_secs() as usize + 120));
     let pg_pid = db.postmaster_pid().context("PostgreSQL's postmaster.pid")?;
-    let (pg0, gen0) = (tree_cpu(pg_pid), util::cpu_seconds(std::process::id())?);
+    let (pg0, gen0) = (
+        util::tree_cpu(pg_pid),
+        util::cpu_seconds(std::process::id())?,
+    );
     let mut agg_cpu = 0.0;
     let handles: Vec<_> = (0..scale.agents)
         .map(|a| {
@@ -403,7 +384,7 @@ fn fleet_run(
     }
     let secs = t0.elapsed().as_secs_f64();
     agg_cpu += util::cpu_seconds(agg.proc.pid())?;
-    let postgres_cpu_s = tree_cpu(pg_pid) - pg0;
+    let postgres_cpu_s = util::tree_cpu(pg_pid) - pg0;
     let loadgen_cpu_s = util::cpu_seconds(std::process::id())? - gen0;
     drop(agg);
     Ok(FleetRun {
