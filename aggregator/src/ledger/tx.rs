@@ -2,7 +2,8 @@
 //! drivers, so [`super::ingest::write`] is written once.
 //!
 //! - **sqlx** (`AnyConnection`): PostgreSQL, each request its own
-//!   transaction.
+//!   transaction. A multi-row insert of up to 64 rows is one statement,
+//!   its rows padded to a power of two (see [`PG_ROWS`]).
 //! - **rusqlite** (`rusqlite::Connection`): the SQLite writer's thread
 //!   ([`super::writer`]). Through sqlx every statement was a round trip
 //!   to its worker thread and back, with each value copied on the way:
@@ -217,26 +218,73 @@ impl Tx for AnyConnection {
         if rows == 0 {
             return Ok(());
         }
-        let numbered = self.backend_name() != "SQLite";
+        // PostgreSQL only: the ledger writes SQLite through its writer.
         let per_row = args.len() / rows;
-        let mut values = args.0.into_iter();
-        for (run, times) in runs(rows, PG_ROWS) {
-            let sql = format!(
-                "INSERT INTO {into} VALUES {} {upsert}",
-                super::rows::values(run, template, numbered)
-            );
-            for _ in 0..times {
-                let args = Args(values.by_ref().take(run * per_row).collect());
-                // Kept prepared: a few texts per table whatever the row
-                // count (see `PG_ROWS`).
-                sqlx::query_with(&sql, any_args(args)?)
-                    .execute(&mut *self)
-                    .await?;
+        for chunk in args.0.chunks(PG_ROWS * per_row) {
+            let real = chunk.len() / per_row;
+            let size = real.next_power_of_two();
+            let mut values = Vec::with_capacity(size * per_row + 1);
+            values.extend_from_slice(chunk);
+            let last = &chunk[chunk.len() - per_row..];
+            for _ in real..size {
+                values.extend_from_slice(last);
             }
+            values.push(Arg::Int(Some(i64::try_from(real).unwrap_or(i64::MAX))));
+            let sql = padded_insert(into, template, upsert, size);
+            sqlx::query_with(&sql, any_args(Args(values))?)
+                .execute(&mut *self)
+                .await?;
         }
         Ok(())
     }
 }
+
+/// The text of a PostgreSQL insert of up to `size` rows: `INSERT INTO
+/// {into} SELECT column2, … FROM (VALUES (1, $1, …), (2, …), …) v WHERE
+/// column1 <= $last {upsert}`, each row numbered by a constant of the
+/// text and each of its values a parameter, `$last` the number of rows
+/// that are real. The rows past `$last` repeat the last real one, never
+/// written: the filter is on the row's own number, whatever order the
+/// database reads the list in.
+fn padded_insert(into: &str, template: &[&str], upsert: &str, size: usize) -> String {
+    use std::fmt::Write as _;
+    let mut rows = String::with_capacity(size * template.len() * 6);
+    let mut n = 0;
+    for r in 1..=size {
+        let _ = write!(rows, "{}({r}", if r > 1 { ", " } else { "" });
+        for col in template {
+            rows.push_str(", ");
+            for (i, part) in col.split('?').enumerate() {
+                if i > 0 {
+                    n += 1;
+                    let _ = write!(rows, "${n}");
+                }
+                rows.push_str(part);
+            }
+        }
+        rows.push(')');
+    }
+    let mut columns = String::new();
+    for c in 0..template.len() {
+        let _ = write!(columns, "{}column{}", if c > 0 { ", " } else { "" }, c + 2);
+    }
+    format!(
+        "INSERT INTO {into} SELECT {columns} FROM (VALUES {rows}) v WHERE column1 <= ${} {upsert}",
+        n + 1
+    )
+}
+
+/// Most rows in one PostgreSQL insert. Each insert of up to this many
+/// rows is one statement of the next power of two rows, the rest padding
+/// that is never written ([`padded_insert`]): one round trip, and at
+/// most seven texts per table whatever a report's row count, each kept
+/// prepared (sqlx's cache, 100 a connection) so PostgreSQL parses and
+/// plans it once. A text per row count once filled the cache with texts
+/// used once (`rows::insert`); runs of powers of two without padding
+/// (50 rows as 32, 16 and 2) cost two round trips more per table, each
+/// 0.03–0.07 ms of CPU for the aggregator and the database together
+/// (BENCHMARKS.md § 6).
+const PG_ROWS: usize = 64;
 
 /// How `rows` rows are written as statements of a power of two rows
 /// each, at most `largest` (a power of two): `(rows per statement, times
@@ -252,16 +300,6 @@ fn runs(rows: usize, largest: usize) -> impl Iterator<Item = (usize, usize)> {
         })
         .filter(|&(_, times)| times > 0)
 }
-
-/// Most rows per statement of a PostgreSQL insert. Every statement is
-/// kept prepared on its connection (sqlx's cache, 100 a connection), so
-/// that it is parsed once and sent as one round trip: a statement sqlx
-/// does not keep costs a round trip more for its parse and description,
-/// and PostgreSQL parses and plans it on every report. Runs of powers of
-/// two keep at most seven texts per table whatever a report's row count
-/// (a text per row count once filled the cache with one use each, see
-/// `rows::insert`); a fleet node's report of 8 GPUs is one run a table.
-const PG_ROWS: usize = 64;
 
 /// Binds `a` as parameter `i` (1-based).
 fn bind_sqlite(stmt: &mut rusqlite::Statement<'_>, i: usize, a: &Arg<'_>) -> rusqlite::Result<()> {
@@ -328,7 +366,7 @@ impl Tx for rusqlite::Connection {
         let sql = |rows| {
             format!(
                 "INSERT INTO {into} VALUES {} {upsert}",
-                super::rows::values(rows, template, false)
+                super::rows::values(rows, template)
             )
         };
         let mut rest = &args.0[..];
@@ -380,6 +418,20 @@ fn execute_each(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_postgres_insert_numbers_its_rows_and_keeps_the_real_ones() {
+        assert_eq!(
+            padded_insert(
+                "t (a, b)",
+                &["?", "NULLIF(?, -1.0)"],
+                "ON CONFLICT DO NOTHING",
+                2
+            ),
+            "INSERT INTO t (a, b) SELECT column2, column3 FROM (VALUES (1, $1, NULLIF($2, -1.0)), \
+             (2, $3, NULLIF($4, -1.0))) v WHERE column1 <= $5 ON CONFLICT DO NOTHING"
+        );
+    }
 
     #[test]
     fn rows_go_in_runs_of_powers_of_two() {
