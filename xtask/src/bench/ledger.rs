@@ -343,9 +343,12 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
              with a bearer token. The load generator shares the 2 cores with the aggregator \
              and the database (its CPU is shown), and the machine is a VM: the share of its \
              CPU time the hypervisor gave elsewhere during each level is shown too (a level \
-             that lost a quarter of it is not a measure of the code). After all levels the \
-             ledger is counted: \
-             every stored report and every one of its rows must be there.\n",
+             that lost a quarter of it is not a measure of the code). PostgreSQL runs in \
+             processes of its own: their CPU and the write-ahead log written per stored \
+             report are shown too (a fresh cluster, so each new 16 MiB WAL file is created \
+             and zero-filled as it is reached; a server that has run a while reuses them). \
+             After all levels the ledger is counted: every stored report and every one of its \
+             rows must be there.\n",
             ReportTemplate::new("n", "b").body(0, 0, 0).len() / 1024
         );
         for backend in [Backend::Sqlite, Backend::Postgres] {
