@@ -427,21 +427,21 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
 
 /// What the profiles above show when ingest misses its target.
 const INGEST_BOTTLENECK: &str = "
-**Bottleneck (ingest).** `aggregator/src/ledger/ingest.rs` writes a report as ~10 multi-row \
-statements (its rows, its node's hourly rollups and totals, gauges, node and boot rows) and no row \
-is shared between nodes, so PostgreSQL backends no longer queue on each other's row locks \
-(compare `Lock:transactionid` 96 % before). What is left is the database's own work per row, \
-~250 rows and upserts per report: on PostgreSQL in executing the statements (parsing and \
-binding one is ~0.04 ms), on SQLite in one writer thread (`tally-ledger`, its own rusqlite \
-connection, statements kept prepared) whose profile is SQLite's own B-tree and page work. \
-The notes above give the time of each statement and what was tried without moving the rate.
+**Bottleneck (ingest).** `aggregator/src/ledger/ingest.rs` writes a report as a dozen \
+statements (its claim, its rows, its node's hourly rollups, gauges, node and boot rows; the \
+totals are folded off the ingest path) and no row is shared between nodes, so PostgreSQL \
+backends no longer queue on each other's row locks (compare `Lock:transactionid` 96 % before). \
+What is left is the database's own work per row, ~210 rows and upserts per report: on \
+PostgreSQL its CPU and WAL per report are in the table (each round trip costs the two \
+processes ~0.03–0.07 ms of CPU, an insert of up to 64 rows is one), on SQLite one writer \
+thread (`tally-ledger`, its own rusqlite connection, statements kept prepared) whose profile \
+is SQLite's own B-tree and page work. The notes above give what was tried and what moved.
 
 **What would move it:** fewer rows per report. A report's raw rows stored as one row \
-(arrays or a compact blob per report, unpacked by the partial-hour reads), the I/O hourly \
-rollup folded into the GPU one and the node totals derived off the ingest path would take \
-~250 row writes to ~60. Measured as a ceiling (the notes above: those writes left out \
-altogether), that about doubles both rates and still misses the targets on this machine, \
-whose 2 cores the load generator shares. Not `synchronous_commit = off`: an agent drops a \
+(arrays or a compact blob per report, unpacked by the partial-hour reads) and the I/O hourly \
+rollup folded into the GPU one would take ~210 row writes to ~60. Measured as a ceiling (the \
+notes above: those writes left out altogether), that about doubles both rates; the load \
+generator shares this machine's 2 cores. Not `synchronous_commit = off`: an agent drops a \
 report from its spool once it is acknowledged.
 ";
 
