@@ -12,24 +12,39 @@ use super::{
 /// SQLite's 32,766 and PostgreSQL's 65,535.
 const MAX_ROWS: usize = 1000;
 
-/// `rows` tuples of `template` for SQLite, each `?` a parameter bound by
-/// position: `values(2, &["?", "NULLIF(?, -1.0)"])` is `(?, NULLIF(?,
-/// -1.0)), (?, NULLIF(?, -1.0))`. Not numbered: binding by name, SQLite
-/// finds a name in a list of all of them, which made binding a
-/// 650-parameter statement cost more than running it (40 % of the
+/// `rows` tuples of `template`. SQLite's are positional, each `?` a
+/// parameter bound by its place: `values(2, &["?", "NULLIF(?, -1.0)"],
+/// false)` is `(?, NULLIF(?, -1.0)), (?, NULLIF(?, -1.0))` (bound by name,
+/// SQLite finds a name in a list of all of them, which made binding a
+/// 650-parameter statement cost more than running it: 40 % of the
 /// aggregator's CPU in `sqlite3_bind_parameter_name`, BENCHMARKS.md § 6).
-pub(super) fn values(rows: usize, template: &[&str]) -> String {
+/// PostgreSQL's are `numbered`: each tuple led by its row's number (see
+/// `tx::padded_insert`) and each `?` the next `$n`, so the same call is
+/// `(1, $1, NULLIF($2, -1.0)), (2, $3, NULLIF($4, -1.0))`.
+pub(super) fn values(rows: usize, template: &[&str], numbered: bool) -> String {
+    use std::fmt::Write as _;
     let mut out = String::with_capacity(rows * template.len() * 6);
-    for r in 0..rows {
-        if r > 0 {
-            out.push_str(", ");
+    let mut n = 0;
+    for r in 1..=rows {
+        out.push_str(if r > 1 { ", (" } else { "(" });
+        if numbered {
+            let _ = write!(out, "{r}, ");
         }
-        out.push('(');
         for (c, col) in template.iter().enumerate() {
             if c > 0 {
                 out.push_str(", ");
             }
-            out.push_str(col);
+            for (i, part) in col.split('?').enumerate() {
+                if i > 0 {
+                    if numbered {
+                        n += 1;
+                        let _ = write!(out, "${n}");
+                    } else {
+                        out.push('?');
+                    }
+                }
+                out.push_str(part);
+            }
         }
         out.push(')');
     }
@@ -50,11 +65,10 @@ pub(super) fn plain(count: usize) -> Vec<&'static str> {
 /// Each driver keeps a few statement texts per table, prepared, whatever
 /// the row count ([`Tx`]): PostgreSQL at most seven (one statement per
 /// 64 rows, padded to a power of two), SQLite at most five (runs of 16,
-/// 8, 4, 2 and 1 rows). A
-/// text per row count, kept, once filled sqlx's per-connection cache (100
-/// statements, each pool connection its own) with texts used once:
-/// reports of 1 to 150 tenants grew the aggregator by 44 MiB (the
-/// 22-minute soak's +40 MiB/h, docs/faults.md).
+/// 8, 4, 2 and 1 rows). A text per row count, kept, once filled sqlx's
+/// per-connection cache (100 statements, each pool connection its own)
+/// with texts used once: reports of 1 to 150 tenants grew the aggregator
+/// by 44 MiB (the 22-minute soak's +40 MiB/h, docs/faults.md).
 pub(super) async fn insert<'a, T>(
     conn: &mut impl Tx,
     into: &str,
@@ -212,9 +226,18 @@ mod tests {
     #[test]
     fn sqlite_rows_are_positional() {
         assert_eq!(
-            values(2, &["?", "NULLIF(?, -1.0)"]),
+            values(2, &["?", "NULLIF(?, -1.0)"], false),
             "(?, NULLIF(?, -1.0)), (?, NULLIF(?, -1.0))"
         );
-        assert_eq!(values(1, &plain(3)), "(?, ?, ?)");
+        assert_eq!(values(1, &plain(3), false), "(?, ?, ?)");
+    }
+
+    #[test]
+    fn postgres_rows_are_numbered_across_rows() {
+        assert_eq!(
+            values(2, &["?", "NULLIF(?, -1.0)"], true),
+            "(1, $1, NULLIF($2, -1.0)), (2, $3, NULLIF($4, -1.0))"
+        );
+        assert_eq!(values(1, &plain(3), true), "(1, $1, $2, $3)");
     }
 }

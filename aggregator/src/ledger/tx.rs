@@ -229,7 +229,7 @@ impl Tx for AnyConnection {
             for _ in real..size {
                 values.extend_from_slice(last);
             }
-            values.push(Arg::Int(Some(i64::try_from(real).unwrap_or(i64::MAX))));
+            values.push(Arg::Int(Some(real as i64)));
             let sql = padded_insert(into, template, upsert, size);
             sqlx::query_with(&sql, any_args(Args(values))?)
                 .execute(&mut *self)
@@ -247,30 +247,19 @@ impl Tx for AnyConnection {
 /// written: the filter is on the row's own number, whatever order the
 /// database reads the list in.
 fn padded_insert(into: &str, template: &[&str], upsert: &str, size: usize) -> String {
-    use std::fmt::Write as _;
-    let mut rows = String::with_capacity(size * template.len() * 6);
-    let mut n = 0;
-    for r in 1..=size {
-        let _ = write!(rows, "{}({r}", if r > 1 { ", " } else { "" });
-        for col in template {
-            rows.push_str(", ");
-            for (i, part) in col.split('?').enumerate() {
-                if i > 0 {
-                    n += 1;
-                    let _ = write!(rows, "${n}");
-                }
-                rows.push_str(part);
-            }
-        }
-        rows.push(')');
-    }
-    let mut columns = String::new();
-    for c in 0..template.len() {
-        let _ = write!(columns, "{}column{}", if c > 0 { ", " } else { "" }, c + 2);
-    }
+    let values = super::rows::values(size, template, true);
+    let last = size
+        * template
+            .iter()
+            .map(|c| c.matches('?').count())
+            .sum::<usize>()
+        + 1;
+    let columns: Vec<String> = (2..template.len() + 2)
+        .map(|c| format!("column{c}"))
+        .collect();
     format!(
-        "INSERT INTO {into} SELECT {columns} FROM (VALUES {rows}) v WHERE column1 <= ${} {upsert}",
-        n + 1
+        "INSERT INTO {into} SELECT {} FROM (VALUES {values}) v WHERE column1 <= ${last} {upsert}",
+        columns.join(", ")
     )
 }
 
@@ -366,7 +355,7 @@ impl Tx for rusqlite::Connection {
         let sql = |rows| {
             format!(
                 "INSERT INTO {into} VALUES {} {upsert}",
-                super::rows::values(rows, template)
+                super::rows::values(rows, template, false)
             )
         };
         let mut rest = &args.0[..];
