@@ -8,7 +8,7 @@
 //!
 //! [ledger]
 //! url = "sqlite:///var/lib/tally/ledger.db"   # or postgres://user@host/db
-//! max_connections = 8
+//! max_connections = 8             # per pool; on PostgreSQL, ingest has a pool of its own this size
 //! raw_retention = "35d"          # raw usage rows and report claims older than this are removed
 //! rollup_retention = "400d"      # hourly rollups likewise; unset: kept forever
 //! audit_retention = "400d"       # audit records likewise, by their time; unset: kept forever
@@ -198,6 +198,9 @@ impl ServerSection {
 pub(crate) struct LedgerSection {
     /// `sqlite://PATH` or `postgres://…`.
     pub url: String,
+    /// Connections of the ledger's pool; on PostgreSQL ingest has a pool
+    /// of its own of this size too (its inserts bind arrays, which sqlx's
+    /// `Any` pool cannot).
     pub max_connections: u32,
     /// Raw usage rows older than this are removed; chargeback reaching
     /// further back is read from the hourly rollups.

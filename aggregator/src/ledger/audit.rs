@@ -8,8 +8,7 @@ use tally_contract::{
 };
 
 use super::{
-    Ledger, LedgerError, i,
-    rows::{self, plain},
+    Ledger, LedgerError, i, rows,
     tx::{Tx, args},
 };
 use crate::audit_keys::{KeyFor, NodeKeys};
@@ -88,10 +87,11 @@ pub(super) async fn store(
         // The node's last stored hash, and whether its chain has carried an
         // HMAC: an unkeyed record after that was rewritten by someone
         // without the key.
-        // (sqlx's Any driver decodes no SQLite BOOLEAN column: read 0 or 1.)
+        // (`keyed` read as a BIGINT 0 or 1, one type on both backends.)
         let stored: Option<(String, i64)> = conn
             .fetch_optional(
-                "SELECT sha256, CASE WHEN keyed THEN 1 ELSE 0 END FROM audit_heads WHERE node = $1",
+                "SELECT sha256, CAST(CASE WHEN keyed THEN 1 ELSE 0 END AS BIGINT) FROM audit_heads \
+                 WHERE node = $1",
                 args([r.node.as_str().into()]),
             )
             .await?;
@@ -116,7 +116,7 @@ pub(super) async fn store(
             conn,
             "audit (report_id, node, time_ms, tenant, action, prev_sha256, sha256, problem, \
              record)",
-            &plain(9),
+            &["?"; 9],
             "",
             &records,
             |q, (a, problem, record)| {

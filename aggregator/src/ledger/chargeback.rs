@@ -18,7 +18,7 @@
 //! groups took three times as long as reading them.
 
 use super::{
-    Ledger, LedgerError,
+    Ledger, LedgerError, Side,
     fold::{DAILY, GPU_NODE_KEY, GPU_NODE_SUMS, IO_NODE_KEY, IO_NODE_SUMS, MONTHLY},
     ingest::{HOUR_MS, hour_of},
     sqlite::{Decode, decoded_by_name},
@@ -115,7 +115,7 @@ impl Ledger {
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Decode + Send + Unpin + 'static,
     {
-        if let Some(sqlite) = &self.sqlite {
+        if let Side::Sqlite(sqlite) = &self.side {
             let mut params: Args<'static> =
                 args([from_ms.into(), to_ms.into(), a.into(), b.into()]);
             if let Some(c) = cluster {

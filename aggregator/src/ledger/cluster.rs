@@ -8,7 +8,7 @@ use tally_contract::wire::Report;
 
 use super::{
     Ledger, LedgerError, rows,
-    tx::{Tx, args},
+    tx::{Tx, Write, args},
 };
 
 /// One row of `nodes`.
@@ -70,24 +70,26 @@ pub(crate) struct ClusterRows {
     pub quotas: Vec<QuotaRow>,
 }
 
-/// Stored in the ingest transaction of a report that is its node's
-/// `newest`: its tenants' quotas (an older report replayed from a spool
-/// changes nothing here, like it changes nothing in `gpu_state`, whose
-/// GPU states, tenants and MIG mode ingest writes with the gauges).
-pub(super) async fn store(
+/// The first write of a report that is its node's newest: its quotas
+/// replace the node's (an older report replayed from a spool changes
+/// nothing here, like it changes nothing in `gpu_state`, whose GPU
+/// states, tenants and MIG mode ingest writes with the gauges). One of
+/// the report's [`Tx::write_all`]; [`store_quotas`] follows it.
+pub(super) fn clear_quotas(r: &Report) -> Write<'_> {
+    Write::Execute {
+        sql: "DELETE FROM tenant_quota_state WHERE node = $1",
+        args: args([r.node.as_str().into()]),
+    }
+}
+
+/// The quotas of a report that is its node's newest, in a statement after
+/// [`clear_quotas`]: PostgreSQL's statements of one `write_all` do not
+/// see each other's rows.
+pub(super) async fn store_quotas(
     conn: &mut impl Tx,
     r: &Report,
     end: i64,
-    newest: bool,
 ) -> Result<(), LedgerError> {
-    if !newest {
-        return Ok(());
-    }
-    conn.execute(
-        "DELETE FROM tenant_quota_state WHERE node = $1",
-        args([r.node.as_str().into()]),
-    )
-    .await?;
     // One row per (tenant, resource): the last one wins.
     let quotas: BTreeMap<(&str, &str), _> = r
         .tenant_quotas

@@ -6,9 +6,8 @@ use std::{collections::BTreeMap, sync::Arc};
 use tally_contract::wire::{GpuGauge, Report};
 
 use super::{
-    Ledger, LedgerError, audit, cluster, i,
-    rows::{self, plain},
-    tx::{Tx, args},
+    Ledger, LedgerError, Side, audit, cluster, i, rows,
+    tx::{Tx, Write, args},
 };
 use crate::audit_keys::NodeKeys;
 
@@ -47,10 +46,13 @@ impl Ledger {
         received_ms: i64,
         keys: &Arc<NodeKeys>,
     ) -> Result<Ingested, LedgerError> {
-        if let Some(sqlite) = &self.sqlite {
-            return sqlite.writer.ingest(r, digest, received_ms, keys).await;
-        }
-        let mut tx = self.pool.begin().await?;
+        let postgres = match &self.side {
+            Side::Sqlite(sqlite) => {
+                return sqlite.writer.ingest(r, digest, received_ms, keys).await;
+            }
+            Side::Postgres(postgres) => postgres,
+        };
+        let mut tx = postgres.begin().await?;
         let out = write(&mut *tx, r, digest, received_ms, keys).await?;
         if matches!(out, Ingested::Stored { .. }) {
             tx.commit().await?;
@@ -104,23 +106,13 @@ pub(super) async fn write(
             Ingested::Conflict
         });
     };
-    // Read after claiming, in a statement of its own: a retention pass
-    // removing this very claim meanwhile has either committed (its
-    // `claims_removed` is seen here) or made the claim above wait for it.
-    let removed_through: Option<i64> = conn
-        .fetch_optional(
-            "SELECT last_seq FROM claims_removed WHERE node = $1 AND boot_id = $2",
-            args([r.node.as_str().into(), r.boot_id.as_str().into()]),
-        )
-        .await?;
-    if removed_through.is_some_and(|last| i(r.seq) <= last) {
-        return Ok(Ingested::Expired);
-    }
     let end = i(r.interval_end_ms);
-    usage(conn, r, id, end).await?;
-    rollups(conn, r, end).await?;
-    gpu_state(conn, r, end).await?;
-    let newest: Option<i64> = conn
+    // The node's row, and what retention removed of this boot's claims:
+    // read after claiming, in a statement of its own, so a retention pass
+    // removing this very claim meanwhile has either committed (its
+    // `claims_removed` row is seen here) or made the claim above wait for
+    // it.
+    let node: Option<(i64, Option<i64>)> = conn
         .fetch_optional(
             "INSERT INTO nodes (node, reports, last_received_ms, last_interval_end_ms, \
              report_interval_ms) VALUES ($1, 1, $2, $3, $4) ON CONFLICT (node) DO UPDATE SET \
@@ -129,20 +121,36 @@ pub(super) async fn write(
              THEN excluded.report_interval_ms ELSE nodes.report_interval_ms END, \
              last_interval_end_ms = CASE WHEN excluded.last_interval_end_ms > nodes.last_interval_end_ms \
              THEN excluded.last_interval_end_ms ELSE nodes.last_interval_end_ms END \
-             RETURNING last_interval_end_ms",
+             RETURNING last_interval_end_ms, \
+             (SELECT last_seq FROM claims_removed WHERE node = $1 AND boot_id = $5)",
             args([
                 r.node.as_str().into(),
                 received_ms.into(),
                 end.into(),
                 r.report_interval_ms.map(i).into(),
+                r.boot_id.as_str().into(),
             ]),
         )
         .await?;
+    let newest = node.is_some_and(|(last_end, _)| last_end == end);
+    if node.is_some_and(|(_, removed)| removed.is_some_and(|last| i(r.seq) <= last)) {
+        // The caller rolls the claim and the node's row back.
+        return Ok(Ingested::Expired);
+    }
+    // Everything else but the quotas' and audit rows, in one go: no write
+    // below reads what another writes.
+    let mut writes = Vec::with_capacity(8);
+    if newest {
+        writes.push(cluster::clear_quotas(r));
+    }
+    usage(&mut writes, r, id, end);
+    rollups(&mut writes, r, end);
+    writes.push(gpu_state(r, end));
     // The boot's row of `GET /api/v1/reports`: only this node's reports
     // write it, so replicas wait on it no more than on `nodes`.
-    conn.execute(
-        add_to_boot_row!("boot_reports"),
-        args([
+    writes.push(Write::Execute {
+        sql: add_to_boot_row!("boot_reports"),
+        args: args([
             r.node.as_str().into(),
             r.boot_id.as_str().into(),
             1.into(),
@@ -150,21 +158,22 @@ pub(super) async fn write(
             i(r.seq).into(),
             end.into(),
         ]),
-    )
-    .await?;
+    });
+    conn.write_all(writes).await?;
+    if newest {
+        cluster::store_quotas(conn, r, end).await?;
+    }
     let audit_breaks = audit::store(conn, r, id, end, keys).await?;
-    cluster::store(conn, r, end, newest == Some(end)).await?;
     Ok(Ingested::Stored { audit_breaks })
 }
 
 /// The raw usage rows of report `id`.
-async fn usage(conn: &mut impl Tx, r: &Report, id: i64, end: i64) -> Result<(), LedgerError> {
-    rows::insert(
-        conn,
+fn usage<'a>(writes: &mut Vec<Write<'a>>, r: &'a Report, id: i64, end: i64) {
+    writes.push(rows::write(
         "gpu_usage (report_id, node, interval_end_ms, tenant, gpu, uuid, model, mig_profile, \
          slice_fraction, allocated_us, sm_us, memory_byte_seconds, energy_mj, cluster, workload, \
          idle_us)",
-        &plain(16),
+        &["?"; 16],
         "",
         &r.gpu_usage,
         |a, u| {
@@ -185,14 +194,12 @@ async fn usage(conn: &mut impl Tx, r: &Report, id: i64, end: i64) -> Result<(), 
             a.add(u.workload.as_deref().unwrap_or(""))?;
             a.add(i(u.idle_us))
         },
-    )
-    .await?;
-    rows::insert(
-        conn,
+    ));
+    writes.push(rows::write(
         "io_usage (report_id, node, interval_end_ms, tenant, network_ingress_bytes, \
          network_egress_bytes, network_ingress_packets, network_egress_packets, \
          network_dropped_packets, pcie_h2d_bytes, pcie_d2h_bytes, cluster)",
-        &plain(12),
+        &["?"; 12],
         "",
         &r.io_usage,
         |a, u| {
@@ -209,8 +216,7 @@ async fn usage(conn: &mut impl Tx, r: &Report, id: i64, end: i64) -> Result<(), 
             a.add(i(u.pcie_d2h_bytes))?;
             a.add(r.cluster())
         },
-    )
-    .await
+    ));
 }
 
 /// One hour of GPU usage of one (tenant, model, slice, workload) on the
@@ -240,7 +246,7 @@ struct IoHour {
 /// concurrent reports lock rows in the same order. The totals of
 /// `/metrics` are folded from these rows off the ingest path
 /// ([`super::totals`]).
-async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerError> {
+fn rollups<'a>(writes: &mut Vec<Write<'a>>, r: &'a Report, end: i64) {
     let hour = hour_of(end);
     let mut gpu: BTreeMap<(&str, &str, u64, &str), GpuHour> = BTreeMap::new();
     let mut io: BTreeMap<&str, IoHour> = BTreeMap::new();
@@ -272,12 +278,10 @@ async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerE
         h.pcie_h2d_bytes = h.pcie_h2d_bytes.saturating_add(i(u.pcie_h2d_bytes));
         h.pcie_d2h_bytes = h.pcie_d2h_bytes.saturating_add(i(u.pcie_d2h_bytes));
     }
-    let gpu: Vec<_> = gpu.into_iter().collect();
-    rows::insert(
-        conn,
+    writes.push(rows::write(
         "gpu_usage_hourly (hour_ms, tenant, node, model, slice_fraction, allocated_us, used_us, \
          energy_mj, memory_byte_seconds, cluster, workload, idle_us, sm_us)",
-        &plain(13),
+        &["?"; 13],
         "ON CONFLICT (hour_ms, tenant, node, model, slice_fraction, cluster, workload) DO UPDATE SET \
          allocated_us = gpu_usage_hourly.allocated_us + excluded.allocated_us, \
          used_us = gpu_usage_hourly.used_us + excluded.used_us, \
@@ -285,39 +289,36 @@ async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerE
          memory_byte_seconds = gpu_usage_hourly.memory_byte_seconds + excluded.memory_byte_seconds, \
          idle_us = gpu_usage_hourly.idle_us + excluded.idle_us, \
          sm_us = gpu_usage_hourly.sm_us + excluded.sm_us",
-        &gpu,
+        gpu,
         |a, ((tenant, model, slice, workload), h)| {
             a.add(hour)?;
-            a.add(*tenant)?;
+            a.add(tenant)?;
             a.add(&r.node)?;
-            a.add(*model)?;
-            a.add(f64::from_bits(*slice))?;
+            a.add(model)?;
+            a.add(f64::from_bits(slice))?;
             a.add(h.allocated_us)?;
             a.add(h.used_us)?;
             a.add(h.energy_mj)?;
             a.add(h.memory_byte_seconds)?;
             a.add(r.cluster())?;
-            a.add(*workload)?;
+            a.add(workload)?;
             a.add(h.idle_us)?;
             a.add(h.sm_us)
         },
-    )
-    .await?;
-    let io: Vec<_> = io.into_iter().collect();
-    rows::insert(
-        conn,
+    ));
+    writes.push(rows::write(
         "io_usage_hourly (hour_ms, tenant, node, network_ingress_bytes, network_egress_bytes, \
          pcie_h2d_bytes, pcie_d2h_bytes, cluster)",
-        &plain(8),
+        &["?"; 8],
         "ON CONFLICT (hour_ms, tenant, node, cluster) DO UPDATE SET \
          network_ingress_bytes = io_usage_hourly.network_ingress_bytes + excluded.network_ingress_bytes, \
          network_egress_bytes = io_usage_hourly.network_egress_bytes + excluded.network_egress_bytes, \
          pcie_h2d_bytes = io_usage_hourly.pcie_h2d_bytes + excluded.pcie_h2d_bytes, \
          pcie_d2h_bytes = io_usage_hourly.pcie_d2h_bytes + excluded.pcie_d2h_bytes",
-        &io,
+        io,
         |a, (tenant, h)| {
             a.add(hour)?;
-            a.add(*tenant)?;
+            a.add(tenant)?;
             a.add(&r.node)?;
             a.add(h.network_ingress_bytes)?;
             a.add(h.network_egress_bytes)?;
@@ -325,46 +326,42 @@ async fn rollups(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerE
             a.add(h.pcie_d2h_bytes)?;
             a.add(r.cluster())
         },
-    )
-    .await
+    ));
 }
 
 /// The gauges of the report's devices, where the report is newer than
 /// what is stored (a report replayed from a spool changes nothing).
-async fn gpu_state(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), LedgerError> {
+fn gpu_state(r: &Report, end: i64) -> Write<'_> {
     // One row per device (the last wins), in key order.
     let gpus: BTreeMap<&str, &GpuGauge> = r.gpus.iter().map(|g| (g.uuid.as_str(), g)).collect();
-    let gpus: Vec<_> = gpus.into_values().collect();
     // Absent doubles travel as -1 and become NULL in SQL: sqlx's `Any`
     // driver binds a NULL double as a float4 on PostgreSQL, the prepared
     // statement keeps that type, and the next real double is refused
     // ("incorrect binary data format").
-    let template = [
-        "?",
-        "?",
-        "?",
-        "?",
-        "?",
-        "?",
-        "NULLIF(?, -1.0)",
-        "?",
-        "NULLIF(?, -1.0)",
-        "?",
-        "?",
-        "?",
-        "?",
-        "?",
-        "?",
-        "?",
-        "NULLIF(?, -1)",
-        "?",
-    ];
-    rows::insert(
-        conn,
+    rows::write(
         "gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, slice_fraction, health, \
          utilization_ratio, memory_used_bytes, memory_total_bytes, processes, updated_ms, state, \
          tenants, mig_mode, idle_since_ms, workloads)",
-        &template,
+        &[
+            "?",
+            "?",
+            "?",
+            "?",
+            "?",
+            "?",
+            "NULLIF(?, -1.0)",
+            "?",
+            "NULLIF(?, -1.0)",
+            "?",
+            "?",
+            "?",
+            "?",
+            "?",
+            "?",
+            "?",
+            "NULLIF(?, -1)",
+            "?",
+        ],
         "ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
          mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
          slice_fraction = excluded.slice_fraction, health = excluded.health, \
@@ -375,7 +372,7 @@ async fn gpu_state(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), Ledge
          state = excluded.state, tenants = excluded.tenants, mig_mode = excluded.mig_mode, \
          idle_since_ms = excluded.idle_since_ms, workloads = excluded.workloads \
          WHERE gpu_state.updated_ms <= excluded.updated_ms",
-        &gpus,
+        gpus.into_values(),
         |a, g| {
             a.add(&r.node)?;
             a.add(&g.uuid)?;
@@ -398,7 +395,6 @@ async fn gpu_state(conn: &mut impl Tx, r: &Report, end: i64) -> Result<(), Ledge
             a.add(serde_json::to_string(&g.workloads).unwrap_or_else(|_| "[]".into()))
         },
     )
-    .await
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 //! gets one multi-row statement per report. On SQLite, one writer thread
 //! commits every report queued meanwhile in one transaction (group
 //! commit, [`writer`], on rusqlite: [`tx`]); on PostgreSQL each request
-//! writes its own, in parallel.
+//! writes its own, in parallel, on a pool of sqlx's PostgreSQL driver:
+//! the claim, the node's row, then every other table in one statement,
+//! each column of rows one array ([`tx`]).
 //!
 //! The same transaction adds the report to hourly rollups, keyed by node,
 //! so no row is written by every node's reports. Chargeback reads the
@@ -152,13 +154,22 @@ pub(crate) enum Backend {
     Postgres,
 }
 
-/// The ledger: a connection pool, and on SQLite what goes past it.
+/// The ledger: a connection pool, and on each backend what goes past it.
 #[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     pool: AnyPool,
     pub backend: Backend,
-    /// On SQLite only.
-    sqlite: Option<SqliteSide>,
+    side: Side,
+}
+
+/// What each backend does past the pool.
+#[derive(Debug, Clone)]
+enum Side {
+    Sqlite(SqliteSide),
+    /// The pool ingest writes reports with, on sqlx's PostgreSQL driver,
+    /// which binds a column of rows as one array (`Any` binds no arrays;
+    /// see [`tx`]). As large as the other pool.
+    Postgres(sqlx::PgPool),
 }
 
 /// What a SQLite ledger does on rusqlite rather than on the pool: write
@@ -246,17 +257,22 @@ impl Ledger {
             Backend::Sqlite => SQLITE.run(&pool).await?,
             Backend::Postgres => POSTGRES.run(&pool).await?,
         }
-        let sqlite = match file {
-            Some(file) => Some(SqliteSide {
+        let side = match file {
+            Some(file) => Side::Sqlite(SqliteSide {
                 writer: writer::Writer::start(&file)?,
                 reads: sqlite::Reads::new(file),
             }),
-            None => None,
+            None => Side::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
+                    .connect_lazy(&url)?,
+            ),
         };
         let ledger = Self {
             pool,
             backend,
-            sqlite,
+            side,
         };
         // Today's partitions before the first report; until they exist
         // rows wait in the default partition, so a failure only warns.

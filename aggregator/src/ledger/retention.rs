@@ -427,13 +427,22 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(l.report_summary().await.unwrap(), summary);
-        // A removed report again: refused, nothing written.
+        // A removed report again: refused, nothing written (its claim and
+        // its node's row, written before it is known, rolled back).
+        let node_reports = || async {
+            sqlx::query_scalar::<_, i64>("SELECT reports FROM nodes WHERE node = 'n1'")
+                .fetch_one(&l.pool)
+                .await
+                .unwrap()
+        };
+        let before = node_reports().await;
         let r = old("n1", 7);
         assert_eq!(
             l.ingest(&r, &r.digest(), now, &keys).await.unwrap(),
             Ingested::Expired
         );
         assert_eq!(count(l, "reports").await, 42);
+        assert_eq!(node_reports().await, before);
         // Kept claims still answer as before.
         for (node, seq) in [("n1", 2), ("n2", 3), ("n1", 21)] {
             let r = old(node, seq);

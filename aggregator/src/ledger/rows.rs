@@ -5,92 +5,80 @@ use std::convert::Infallible;
 
 use super::{
     LedgerError,
-    tx::{Args, Tx},
+    tx::{Args, Tx, Write},
 };
 
-/// Most rows in one statement: keeps the bound parameters far below
-/// SQLite's 32,766 and PostgreSQL's 65,535.
-const MAX_ROWS: usize = 1000;
-
-/// `rows` tuples of `template`. SQLite's are positional, each `?` a
-/// parameter bound by its place: `values(2, &["?", "NULLIF(?, -1.0)"],
-/// false)` is `(?, NULLIF(?, -1.0)), (?, NULLIF(?, -1.0))` (bound by name,
-/// SQLite finds a name in a list of all of them, which made binding a
-/// 650-parameter statement cost more than running it: 40 % of the
-/// aggregator's CPU in `sqlite3_bind_parameter_name`, BENCHMARKS.md § 6).
-/// PostgreSQL's are `numbered`: each tuple led by its row's number (see
-/// `tx::padded_insert`) and each `?` the next `$n`, so the same call is
-/// `(1, $1, NULLIF($2, -1.0)), (2, $3, NULLIF($4, -1.0))`.
-pub(super) fn values(rows: usize, template: &[&str], numbered: bool) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(rows * template.len() * 6);
-    let mut n = 0;
-    for r in 1..=rows {
-        out.push_str(if r > 1 { ", (" } else { "(" });
-        if numbered {
-            let _ = write!(out, "{r}, ");
+/// `rows` tuples of `template`, for SQLite, each `?` a parameter bound
+/// by its place: `values(2, &["?", "NULLIF(?, -1.0)"])` is `(?,
+/// NULLIF(?, -1.0)), (?, NULLIF(?, -1.0))` (bound by name, SQLite finds a
+/// name in a list of all of them, which made binding a 650-parameter
+/// statement cost more than running it: 40 % of the aggregator's CPU in
+/// `sqlite3_bind_parameter_name`, BENCHMARKS.md § 6).
+pub(super) fn values(rows: usize, template: &[&str]) -> String {
+    let row = format!("({})", template.join(", "));
+    let mut out = String::with_capacity(rows * (row.len() + 2));
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
         }
-        for (c, col) in template.iter().enumerate() {
-            if c > 0 {
-                out.push_str(", ");
-            }
-            for (i, part) in col.split('?').enumerate() {
-                if i > 0 {
-                    if numbered {
-                        n += 1;
-                        let _ = write!(out, "${n}");
-                    } else {
-                        out.push('?');
-                    }
-                }
-                out.push_str(part);
-            }
-        }
-        out.push(')');
+        out.push_str(&row);
     }
     out
 }
 
-/// `count` plain placeholders: a one-row template.
-pub(super) fn plain(count: usize) -> Vec<&'static str> {
-    vec!["?"; count]
-}
-
-/// Writes `rows` into `into` (`table (columns)`), [`MAX_ROWS`] of them
-/// at a time: `template` is one row's values, each `?` a parameter
-/// (`NULLIF(?, -1.0)` for an optional double), `upsert` what follows the
-/// rows (an `ON CONFLICT` clause, or nothing), and `bind` adds one row's
-/// values in the template's order.
+/// Writes `rows` into `into` (`table (columns)`): `template` is one
+/// row's values, each `?` a parameter (`NULLIF(?, -1.0)` for an optional
+/// double), `upsert` what follows the rows (an `ON CONFLICT` clause, or
+/// nothing), and `bind` adds one row's values in the template's order.
 ///
 /// Each driver keeps a few statement texts per table, prepared, whatever
-/// the row count ([`Tx`]): PostgreSQL at most seven (one statement per
-/// 64 rows, padded to a power of two), SQLite at most five (runs of 16,
-/// 8, 4, 2 and 1 rows). A text per row count, kept, once filled sqlx's
+/// the row count ([`Tx`]): PostgreSQL one (a column of rows is one array
+/// parameter), SQLite at most five (runs of 16, 8, 4, 2 and 1 rows). A
+/// text per row count, kept, once filled sqlx's
 /// per-connection cache (100 statements, each pool connection its own)
 /// with texts used once: reports of 1 to 150 tenants grew the aggregator
 /// by 44 MiB (the 22-minute soak's +40 MiB/h, docs/faults.md).
-pub(super) async fn insert<'a, T>(
+pub(super) async fn insert<'a, T: 'a>(
     conn: &mut impl Tx,
-    into: &str,
-    template: &[&str],
-    upsert: &str,
+    into: &'static str,
+    template: &'static [&'static str],
+    upsert: &'static str,
     rows: &'a [T],
     bind: impl Fn(&mut Args<'a>, &'a T) -> Result<(), Infallible>,
 ) -> Result<(), LedgerError> {
-    for chunk in rows.chunks(MAX_ROWS) {
-        let mut args = Args::with_capacity(chunk.len() * template.len());
-        for row in chunk {
-            let Ok(()) = bind(&mut args, row);
-        }
-        conn.insert(into, template, upsert, chunk.len(), args)
-            .await?;
+    conn.write_all(vec![write(into, template, upsert, rows, bind)])
+        .await
+}
+
+/// The insert of [`insert`], to be run with others by [`Tx::write_all`].
+pub(super) fn write<'a, I: IntoIterator>(
+    into: &'static str,
+    template: &'static [&'static str],
+    upsert: &'static str,
+    rows: I,
+    bind: impl Fn(&mut Args<'a>, I::Item) -> Result<(), Infallible>,
+) -> Write<'a>
+where
+    I::IntoIter: ExactSizeIterator,
+{
+    let rows = rows.into_iter();
+    let count = rows.len();
+    let mut args = Args::with_capacity(count * template.len());
+    for row in rows {
+        let Ok(()) = bind(&mut args, row);
     }
-    Ok(())
+    Write::Insert {
+        into,
+        template,
+        upsert,
+        rows: count,
+        args,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use sqlx::{AnyConnection, Connection, Executor};
+    use sqlx::{Connection, Executor, PgConnection};
 
     use super::*;
 
@@ -98,11 +86,10 @@ mod tests {
     /// (`TALLY_TEST_POSTGRES_URL`), whose `pg_prepared_statements` lists
     /// what the connection keeps prepared; says skipped without one.
     /// Inserts of 1 to 40 rows and of 100 store every value as it was
-    /// bound (the extremes of each type, NULLs, texts with quotes) and no
-    /// padding row, and keep seven statements prepared (1, 2, 4, …, 64
-    /// rows), not one per row count.
+    /// bound (the extremes of each type, NULLs, texts with quotes), and
+    /// keep one statement prepared, not one per row count.
     #[tokio::test]
-    async fn postgres_rows_arrive_exactly_through_a_few_kept_statements() {
+    async fn postgres_rows_arrive_exactly_through_one_kept_statement() {
         let Some(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
             .ok()
             .filter(|u| !u.is_empty())
@@ -110,8 +97,7 @@ mod tests {
             eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
             return;
         };
-        sqlx::any::install_default_drivers();
-        let mut conn = AnyConnection::connect(&url).await.unwrap();
+        let mut conn = PgConnection::connect(&url).await.unwrap();
         Executor::execute(
             &mut conn,
             "CREATE TEMP TABLE t (n BIGINT, i BIGINT, v BIGINT, f DOUBLE PRECISION, s TEXT, \
@@ -119,7 +105,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let prepared = async |conn: &mut AnyConnection| -> i64 {
+        let prepared = async |conn: &mut PgConnection| -> i64 {
             sqlx::query_scalar("SELECT COUNT(*) FROM pg_prepared_statements")
                 .persistent(false)
                 .fetch_one(conn)
@@ -164,7 +150,7 @@ mod tests {
             insert(
                 &mut conn,
                 "t (n, i, v, f, s, o, b)",
-                &plain(7),
+                &["?"; 7],
                 "",
                 &rows,
                 |a, (n, i, v, f, s, o, b)| {
@@ -194,13 +180,17 @@ mod tests {
             );
             assert_eq!(s.3.to_bits(), e.3.to_bits(), "every bit of {} kept", e.3);
         }
-        assert_eq!(prepared(&mut conn).await - before, 7);
+        assert_eq!(
+            prepared(&mut conn).await - before,
+            1,
+            "one text whatever the rows"
+        );
 
         // An upsert's rows arrive the same way.
         insert(
             &mut conn,
             "t (n, i, v, f, s, o, b)",
-            &plain(7),
+            &["?"; 7],
             "ON CONFLICT (n, i) DO UPDATE SET f = t.f + excluded.f",
             &[(1i64, 0i64, 0.5)],
             |a, (n, i, f)| {
@@ -223,21 +213,121 @@ mod tests {
         assert_eq!(f, row(1, 0).3 + 0.5);
     }
 
-    #[test]
-    fn sqlite_rows_are_positional() {
+    /// A report's writes on PostgreSQL: a delete, inserts (one an upsert,
+    /// one of no rows) and a one-row statement run as one prepared
+    /// statement, every row as bound; run again, with 40 or 1,000 rows,
+    /// the same statement.
+    #[tokio::test]
+    async fn postgres_writes_of_a_report_are_one_statement() {
+        let Some(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
+            return;
+        };
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        for sql in [
+            "CREATE TEMP TABLE q (node TEXT)",
+            "INSERT INTO q VALUES ('n'), ('other')",
+            "CREATE TEMP TABLE r (k BIGINT, v DOUBLE PRECISION, s TEXT)",
+            "CREATE TEMP TABLE u (k TEXT PRIMARY KEY, n BIGINT)",
+            "CREATE TEMP TABLE b (k TEXT PRIMARY KEY, n BIGINT)",
+        ] {
+            Executor::execute(&mut conn, sql).await.unwrap();
+        }
+        let prepared = async |conn: &mut PgConnection| -> i64 {
+            sqlx::query_scalar("SELECT COUNT(*) FROM pg_prepared_statements")
+                .persistent(false)
+                .fetch_one(conn)
+                .await
+                .unwrap()
+        };
+        let raw = |from: i64, n: i64| -> Vec<(i64, f64, String)> {
+            (from..from + n)
+                .map(|k| (k, k as f64 / 3.0, format!("row '{k}'")))
+                .collect()
+        };
+        let writes = |r: &[(i64, f64, String)]| -> Vec<Write<'static>> {
+            let r: Vec<(i64, f64, String)> = r.to_vec();
+            vec![
+                Write::Execute {
+                    sql: "DELETE FROM q WHERE node = $1",
+                    args: crate::ledger::tx::args(["n".into()]),
+                },
+                write("r (k, v, s)", &["?"; 3], "", r, |a, (k, v, s)| {
+                    a.add(k)?;
+                    a.add(v)?;
+                    a.add(s)
+                }),
+                write(
+                    "u (k, n)",
+                    &["?"; 2],
+                    "ON CONFLICT (k) DO UPDATE SET n = u.n + excluded.n",
+                    [("a", 1i64), ("b", 10)],
+                    |a, (k, n)| {
+                        a.add(k)?;
+                        a.add(n)
+                    },
+                ),
+                write("r (k, v, s)", &["?"; 3], "", Vec::<i64>::new(), |a, k| {
+                    a.add(k)
+                }),
+                Write::Execute {
+                    sql: "INSERT INTO b AS t (k, n) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE \
+                          SET n = t.n + excluded.n",
+                    args: crate::ledger::tx::args(["boot".into(), 1.into()]),
+                },
+            ]
+        };
+        let before = prepared(&mut conn).await;
+        let mut expected = raw(0, 50);
+        conn.write_all(writes(&expected)).await.unwrap();
+        assert_eq!(prepared(&mut conn).await - before, 1, "one statement");
+        let more = raw(50, 40);
+        conn.write_all(writes(&more)).await.unwrap();
+        expected.extend(more);
+        assert_eq!(prepared(&mut conn).await - before, 1, "the same one again");
+        // Many rows: still the one statement.
+        let many = raw(90, 1000);
+        conn.write_all(writes(&many)).await.unwrap();
+        expected.extend(many);
+        assert_eq!(prepared(&mut conn).await - before, 1, "and for many rows");
+
+        let stored: Vec<(i64, f64, String)> = sqlx::query_as("SELECT k, v, s FROM r ORDER BY k")
+            .persistent(false)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), expected.len(), "every row once");
+        for (s, e) in stored.iter().zip(&expected) {
+            assert_eq!((s.0, &s.2), (e.0, &e.2));
+            assert_eq!(s.1.to_bits(), e.1.to_bits());
+        }
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT k, n FROM u UNION ALL SELECT k, n FROM b ORDER BY k")
+                .persistent(false)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
         assert_eq!(
-            values(2, &["?", "NULLIF(?, -1.0)"], false),
-            "(?, NULLIF(?, -1.0)), (?, NULLIF(?, -1.0))"
+            counts,
+            [("a".into(), 3), ("b".into(), 30), ("boot".into(), 3)]
         );
-        assert_eq!(values(1, &plain(3), false), "(?, ?, ?)");
+        let left: Vec<String> = sqlx::query_scalar("SELECT node FROM q")
+            .persistent(false)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, ["other"]);
     }
 
     #[test]
-    fn postgres_rows_are_numbered_across_rows() {
+    fn sqlite_rows_are_positional() {
         assert_eq!(
-            values(2, &["?", "NULLIF(?, -1.0)"], true),
-            "(1, $1, NULLIF($2, -1.0)), (2, $3, NULLIF($4, -1.0))"
+            values(2, &["?", "NULLIF(?, -1.0)"]),
+            "(?, NULLIF(?, -1.0)), (?, NULLIF(?, -1.0))"
         );
-        assert_eq!(values(1, &plain(3), true), "(1, $1, $2, $3)");
+        assert_eq!(values(1, &["?"; 3]), "(?, ?, ?)");
     }
 }

@@ -1,9 +1,11 @@
 //! Where a report's statements run: one trait, [`Tx`], over the two
 //! drivers, so [`super::ingest::write`] is written once.
 //!
-//! - **sqlx** (`AnyConnection`): PostgreSQL, each request its own
-//!   transaction. A multi-row insert of up to 64 rows is one statement,
-//!   its rows padded to a power of two (see [`PG_ROWS`]).
+//! - **sqlx** (`PgConnection`): PostgreSQL, each request its own
+//!   transaction on the ledger's ingest pool. A multi-row insert is one
+//!   statement, each column's values one array ([`unnest_insert`]), and
+//!   the writes of a report nobody reads back are one statement together
+//!   ([`Tx::write_all`]).
 //! - **rusqlite** (`rusqlite::Connection`): the SQLite writer's thread
 //!   ([`super::writer`]). Through sqlx every statement was a round trip
 //!   to its worker thread and back, with each value copied on the way:
@@ -15,7 +17,7 @@
 
 use std::{borrow::Cow, convert::Infallible, future::Future};
 
-use sqlx::{AnyConnection, Arguments as _, Row as _, any::AnyArguments};
+use sqlx::{Arguments as _, PgConnection, Row as _, postgres::PgArguments};
 
 use super::LedgerError;
 
@@ -112,12 +114,12 @@ pub(super) fn args<'a, const N: usize>(values: [Arg<'a>; N]) -> Args<'a> {
 
 /// A row's column read from either driver.
 pub(super) trait Out: Sized + Send {
-    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error>;
+    fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error>;
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
 }
 
 impl Out for i64 {
-    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+    fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
         row.try_get(0)
     }
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
@@ -126,7 +128,7 @@ impl Out for i64 {
 }
 
 impl Out for String {
-    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+    fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
         row.try_get(0)
     }
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
@@ -135,11 +137,46 @@ impl Out for String {
 }
 
 impl Out for (String, i64) {
-    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+    fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
         Ok((row.try_get(0)?, row.try_get(1)?))
     }
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         Ok((row.get(0)?, row.get(1)?))
+    }
+}
+
+impl Out for (i64, Option<i64>) {
+    fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok((row.get(0)?, row.get(1)?))
+    }
+}
+
+/// A statement of a report's write whose result nobody reads: one of
+/// [`Tx::write_all`]'s.
+#[derive(Debug)]
+pub(super) enum Write<'a> {
+    /// `sql`, its parameters `$1`, `$2`, … of its own.
+    Execute { sql: &'static str, args: Args<'a> },
+    /// `rows` rows, as [`Tx::insert`] writes them.
+    Insert {
+        into: &'static str,
+        template: &'static [&'static str],
+        upsert: &'static str,
+        rows: usize,
+        args: Args<'a>,
+    },
+}
+
+impl Write<'_> {
+    /// How many rows it writes at most: none for an insert of none.
+    fn rows(&self) -> usize {
+        match self {
+            Write::Execute { .. } => 1,
+            Write::Insert { rows, .. } => *rows,
+        }
     }
 }
 
@@ -171,28 +208,106 @@ pub(super) trait Tx: Send {
         rows: usize,
         args: Args<'_>,
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+
+    /// Runs `writes` in their order, none of which reads what another
+    /// writes (on PostgreSQL they share one snapshot). PostgreSQL runs them
+    /// as one statement, each but the last a data-modifying `WITH` of it:
+    /// a round trip for all of them, where each cost the aggregator and
+    /// the database 0.03–0.07 ms of CPU. SQLite runs them one after
+    /// another in the writer's thread.
+    fn write_all(
+        &mut self,
+        writes: Vec<Write<'_>>,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+}
+
+/// Runs `writes` one after another.
+async fn write_each(conn: &mut impl Tx, writes: Vec<Write<'_>>) -> Result<(), LedgerError> {
+    for w in writes {
+        match w {
+            Write::Execute { sql, args } => conn.execute(sql, args).await?,
+            Write::Insert {
+                into,
+                template,
+                upsert,
+                rows,
+                args,
+            } => conn.insert(into, template, upsert, rows, args).await?,
+        }
+    }
+    Ok(())
 }
 
 /// `args` as sqlx's.
-fn any_args(args: Args<'_>) -> Result<AnyArguments<'_>, sqlx::Error> {
-    let mut out = AnyArguments::default();
-    for a in args.0 {
-        match a {
-            Arg::Int(v) => out.add(v),
-            Arg::Float(v) => out.add(v),
-            Arg::Bool(v) => out.add(v),
-            Arg::Text(Some(Cow::Borrowed(v))) => out.add(v),
-            Arg::Text(Some(Cow::Owned(v))) => out.add(v),
-            Arg::Text(None) => out.add(None::<String>),
-        }
-        .map_err(sqlx::Error::Encode)?;
-    }
+fn pg_args(args: &Args<'_>) -> Result<PgArguments, sqlx::Error> {
+    let mut out = PgArguments::default();
+    add_values(&mut out, args)?;
     Ok(out)
 }
 
-impl Tx for AnyConnection {
+/// `args` onto `out`, each a value.
+fn add_values(out: &mut PgArguments, args: &Args<'_>) -> Result<(), sqlx::Error> {
+    for a in &args.0 {
+        match a {
+            Arg::Int(v) => out.add(*v),
+            Arg::Float(v) => out.add(*v),
+            Arg::Bool(v) => out.add(*v),
+            Arg::Text(v) => out.add(v.as_deref()),
+        }
+        .map_err(sqlx::Error::Encode)?;
+    }
+    Ok(())
+}
+
+/// The `rows` rows of `args` (row after row) onto `out` as one array per
+/// column, for `UNNEST` ([`unnest_insert`]).
+fn add_columns(out: &mut PgArguments, args: &Args<'_>, rows: usize) -> Result<(), sqlx::Error> {
+    let per_row = args.len() / rows;
+    for c in 0..per_row {
+        let column = || args.0.iter().skip(c).step_by(per_row);
+        let mixed = || sqlx::Error::Encode(format!("column {c} of an insert mixes types").into());
+        match &args.0[c] {
+            Arg::Int(_) => out.add(
+                column()
+                    .map(|a| match a {
+                        Arg::Int(v) => Ok(*v),
+                        _ => Err(mixed()),
+                    })
+                    .collect::<Result<Vec<Option<i64>>, _>>()?,
+            ),
+            Arg::Float(_) => out.add(
+                column()
+                    .map(|a| match a {
+                        Arg::Float(v) => Ok(*v),
+                        _ => Err(mixed()),
+                    })
+                    .collect::<Result<Vec<f64>, _>>()?,
+            ),
+            Arg::Bool(_) => out.add(
+                column()
+                    .map(|a| match a {
+                        Arg::Bool(v) => Ok(*v),
+                        _ => Err(mixed()),
+                    })
+                    .collect::<Result<Vec<bool>, _>>()?,
+            ),
+            Arg::Text(_) => out.add(
+                column()
+                    .map(|a| match a {
+                        Arg::Text(v) => Ok(v.as_deref()),
+                        _ => Err(mixed()),
+                    })
+                    .collect::<Result<Vec<Option<&str>>, _>>()?,
+            ),
+        }
+        .map_err(sqlx::Error::Encode)?;
+    }
+    Ok(())
+}
+
+impl Tx for PgConnection {
     async fn execute(&mut self, sql: &str, args: Args<'_>) -> Result<(), LedgerError> {
-        sqlx::query_with(sql, any_args(args)?).execute(self).await?;
+        sqlx::query_with(sql, pg_args(&args)?).execute(self).await?;
         Ok(())
     }
 
@@ -201,10 +316,10 @@ impl Tx for AnyConnection {
         sql: &str,
         args: Args<'_>,
     ) -> Result<Option<T>, LedgerError> {
-        let row = sqlx::query_with(sql, any_args(args)?)
+        let row = sqlx::query_with(sql, pg_args(&args)?)
             .fetch_optional(self)
             .await?;
-        Ok(row.as_ref().map(T::from_any).transpose()?)
+        Ok(row.as_ref().map(T::from_pg).transpose()?)
     }
 
     async fn insert(
@@ -218,62 +333,116 @@ impl Tx for AnyConnection {
         if rows == 0 {
             return Ok(());
         }
-        // PostgreSQL only: the ledger writes SQLite through its writer.
-        let per_row = args.len() / rows;
-        for chunk in args.0.chunks(PG_ROWS * per_row) {
-            let real = chunk.len() / per_row;
-            let size = real.next_power_of_two();
-            let mut values = Vec::with_capacity(size * per_row + 1);
-            values.extend_from_slice(chunk);
-            let last = &chunk[chunk.len() - per_row..];
-            for _ in real..size {
-                values.extend_from_slice(last);
-            }
-            values.push(Arg::Int(Some(real as i64)));
-            let sql = padded_insert(into, template, upsert, size);
-            sqlx::query_with(&sql, any_args(Args(values))?)
-                .execute(&mut *self)
-                .await?;
+        let mut values = PgArguments::default();
+        add_columns(&mut values, &args, rows)?;
+        let sql = unnest_insert(into, template, upsert);
+        sqlx::query_with(&sql, values).execute(self).await?;
+        Ok(())
+    }
+
+    async fn write_all(&mut self, writes: Vec<Write<'_>>) -> Result<(), LedgerError> {
+        let writes: Vec<Write<'_>> = writes.into_iter().filter(|w| w.rows() > 0).collect();
+        if writes.len() < 2 {
+            return write_each(self, writes).await;
         }
+        let (sql, values) = with_statement(&writes)?;
+        sqlx::query_with(&sql, values).execute(self).await?;
         Ok(())
     }
 }
 
-/// The text of a PostgreSQL insert of up to `size` rows: `INSERT INTO
-/// {into} SELECT column2, … FROM (VALUES (1, $1, …), (2, …), …) v WHERE
-/// column1 <= $last {upsert}`, each row numbered by a constant of the
-/// text and each of its values a parameter, `$last` the number of rows
-/// that are real. The rows past `$last` repeat the last real one, never
-/// written: the filter is on the row's own number, whatever order the
-/// database reads the list in.
-fn padded_insert(into: &str, template: &[&str], upsert: &str, size: usize) -> String {
-    let values = super::rows::values(size, template, true);
-    let last = size
-        * template
-            .iter()
-            .map(|c| c.matches('?').count())
-            .sum::<usize>()
-        + 1;
-    let columns: Vec<String> = (2..template.len() + 2)
-        .map(|c| format!("column{c}"))
-        .collect();
+/// The text of a PostgreSQL insert of any number of rows, each column's
+/// values one array parameter: `INSERT INTO {into} SELECT c1, NULLIF(c2,
+/// -1.0), … FROM UNNEST($1, $2, …) AS v(c1, c2, …) {upsert}`, the
+/// template's `?` named in order. One text per table, whatever the row
+/// count, kept prepared; PostgreSQL reads each array once, where a
+/// `VALUES` list of as many rows had it set up and evaluate an
+/// expression per value (BENCHMARKS.md § 6).
+fn unnest_insert(into: &str, template: &[&str], upsert: &str) -> String {
+    use std::fmt::Write as _;
+    let mut select = String::new();
+    let mut n = 0;
+    for (c, column) in template.iter().enumerate() {
+        if c > 0 {
+            select.push_str(", ");
+        }
+        for (i, part) in column.split('?').enumerate() {
+            if i > 0 {
+                n += 1;
+                let _ = write!(select, "c{n}");
+            }
+            select.push_str(part);
+        }
+    }
+    let params: Vec<String> = (1..=n).map(|k| format!("${k}")).collect();
+    let names: Vec<String> = (1..=n).map(|k| format!("c{k}")).collect();
     format!(
-        "INSERT INTO {into} SELECT {} FROM (VALUES {values}) v WHERE column1 <= ${last} {upsert}",
-        columns.join(", ")
+        "INSERT INTO {into} SELECT {select} FROM UNNEST({}) AS v({}) {upsert}",
+        params.join(", "),
+        names.join(", ")
     )
 }
 
-/// Most rows in one PostgreSQL insert. Each insert of up to this many
-/// rows is one statement of the next power of two rows, the rest padding
-/// that is never written ([`padded_insert`]): one round trip, and at
-/// most seven texts per table whatever a report's row count, each kept
-/// prepared (sqlx's cache, 100 a connection) so PostgreSQL parses and
-/// plans it once. A text per row count once filled the cache with texts
-/// used once (`rows::insert`); runs of powers of two without padding
-/// (50 rows as 32, 16 and 2) cost two round trips more per table, each
-/// 0.03–0.07 ms of CPU for the aggregator and the database together
-/// (BENCHMARKS.md § 6).
-const PG_ROWS: usize = 64;
+/// `writes` (none empty) as one PostgreSQL statement and its values:
+/// `WITH w0 AS (…), w1 AS (…) …`, the last write the statement itself,
+/// each write's parameters numbered on from the one before's.
+/// PostgreSQL runs every data-modifying `WITH` to completion whether or
+/// not anything reads it.
+fn with_statement(writes: &[Write<'_>]) -> Result<(String, PgArguments), sqlx::Error> {
+    use std::fmt::Write as _;
+    let last = writes.len().saturating_sub(1);
+    let mut sql = String::new();
+    let mut values = PgArguments::default();
+    let mut bound = 0;
+    for (n, w) in writes.iter().enumerate() {
+        let (text, count) = match w {
+            Write::Execute { sql, args } => {
+                add_values(&mut values, args)?;
+                (Cow::Borrowed(*sql), args.len())
+            }
+            Write::Insert {
+                into,
+                template,
+                upsert,
+                rows,
+                args,
+            } => {
+                add_columns(&mut values, args, *rows)?;
+                (
+                    Cow::Owned(unnest_insert(into, template, upsert)),
+                    args.len() / rows,
+                )
+            }
+        };
+        match (n, n == last) {
+            (0, false) => sql.push_str("WITH w0 AS ("),
+            (_, false) => {
+                let _ = write!(sql, "), w{n} AS (");
+            }
+            (0, true) => {}
+            (_, true) => sql.push_str(") "),
+        }
+        shift_parameters(&mut sql, &text, bound);
+        bound += count;
+    }
+    Ok((sql, values))
+}
+
+/// `text` onto `out`, each parameter `$n` as `$(n + by)`.
+fn shift_parameters(out: &mut String, text: &str, by: usize) {
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+}
 
 /// How `rows` rows are written as statements of a power of two rows
 /// each, at most `largest` (a power of two): `(rows per statement, times
@@ -355,7 +524,7 @@ impl Tx for rusqlite::Connection {
         let sql = |rows| {
             format!(
                 "INSERT INTO {into} VALUES {} {upsert}",
-                super::rows::values(rows, template, false)
+                super::rows::values(rows, template)
             )
         };
         let mut rest = &args.0[..];
@@ -365,6 +534,10 @@ impl Tx for rusqlite::Connection {
             rest = left;
         }
         Ok(())
+    }
+
+    async fn write_all(&mut self, writes: Vec<Write<'_>>) -> Result<(), LedgerError> {
+        write_each(self, writes).await
     }
 }
 
@@ -409,17 +582,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_postgres_insert_numbers_its_rows_and_keeps_the_real_ones() {
+    fn a_postgres_insert_unnests_one_array_per_column() {
         assert_eq!(
-            padded_insert(
+            unnest_insert(
                 "t (a, b)",
                 &["?", "NULLIF(?, -1.0)"],
-                "ON CONFLICT DO NOTHING",
-                2
+                "ON CONFLICT DO NOTHING"
             ),
-            "INSERT INTO t (a, b) SELECT column2, column3 FROM (VALUES (1, $1, NULLIF($2, -1.0)), \
-             (2, $3, NULLIF($4, -1.0))) v WHERE column1 <= $5 ON CONFLICT DO NOTHING"
+            "INSERT INTO t (a, b) SELECT c1, NULLIF(c2, -1.0) FROM UNNEST($1, $2) AS v(c1, c2) \
+             ON CONFLICT DO NOTHING"
         );
+    }
+
+    #[test]
+    fn parameters_are_numbered_on() {
+        let mut out = String::from("x ");
+        shift_parameters(&mut out, "$1, $12, NULLIF($3, -1.0) $ $", 10);
+        assert_eq!(out, "x $11, $22, NULLIF($13, -1.0) $ $");
+    }
+
+    /// A report's writes as one PostgreSQL statement: each but the last a
+    /// `WITH`, the parameters numbered on from write to write, an insert
+    /// one array per column whatever its rows.
+    #[test]
+    fn writes_are_one_postgres_statement() {
+        let int = |v: i64| Arg::Int(Some(v));
+        let writes = vec![
+            Write::Execute {
+                sql: "DELETE FROM q WHERE node = $1",
+                args: args(["n".into()]),
+            },
+            Write::Insert {
+                into: "t (a, b)",
+                template: &["?", "NULLIF(?, -1.0)"],
+                upsert: "",
+                rows: 3,
+                args: Args(vec![int(1), int(2), int(3), int(4), int(5), int(6)]),
+            },
+            Write::Execute {
+                sql: "INSERT INTO b AS o (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE \
+                      SET v = o.v + excluded.v",
+                args: args(["k".into(), 7.into()]),
+            },
+        ];
+        let (sql, values) = with_statement(&writes).unwrap();
+        assert_eq!(
+            sql,
+            "WITH w0 AS (DELETE FROM q WHERE node = $1), w1 AS (INSERT INTO t (a, b) SELECT \
+             c1, NULLIF(c2, -1.0) FROM UNNEST($2, $3) AS v(c1, c2) ) INSERT INTO b AS o (k, v) \
+             VALUES ($4, $5) ON CONFLICT (k) DO UPDATE SET v = o.v + excluded.v"
+        );
+        assert_eq!(values.len(), 5);
     }
 
     #[test]

@@ -427,15 +427,15 @@ pub(super) fn run(ctx: &Ctx, ingest: bool, chargeback: bool) -> Vec<Section> {
 
 /// What the profiles above show when ingest misses its target.
 const INGEST_BOTTLENECK: &str = "
-**Bottleneck (ingest).** `aggregator/src/ledger/ingest.rs` writes a report as a dozen \
-statements (its claim, its rows, its node's hourly rollups, gauges, node and boot rows; the \
-totals are folded off the ingest path) and no row is shared between nodes, so PostgreSQL \
-backends no longer queue on each other's row locks (compare `Lock:transactionid` 96 % before). \
-What is left is the database's own work per row, ~210 rows and upserts per report: on \
-PostgreSQL its CPU and WAL per report are in the table (each round trip costs the two \
-processes ~0.03–0.07 ms of CPU, an insert of up to 64 rows is one), on SQLite one writer \
-thread (`tally-ledger`, its own rusqlite connection, statements kept prepared) whose profile \
-is SQLite's own B-tree and page work. The notes above give what was tried and what moved.
+**Bottleneck (ingest).** `aggregator/src/ledger/ingest.rs` writes a report in a few \
+statements (its claim; its node's row; then its raw rows, its node's hourly rollups, gauges and \
+boot row as one statement on PostgreSQL, each column of rows one array; the totals are folded \
+off the ingest path) and no row is shared between nodes, so PostgreSQL backends no longer queue \
+on each other's row locks (compare `Lock:transactionid` 96 % before). What is left is the \
+database's own work per row, ~210 rows and upserts per report: on PostgreSQL its CPU and WAL \
+per report are in the table, on SQLite one writer thread (`tally-ledger`, its own rusqlite \
+connection, statements kept prepared) whose profile is SQLite's own B-tree and page work. The \
+notes above give what was tried and what moved.
 
 **What would move it:** fewer rows per report. A report's raw rows stored as one row \
 (arrays or a compact blob per report, unpacked by the partial-hour reads) and the I/O hourly \
