@@ -329,6 +329,16 @@ fn rollups<'a>(writes: &mut Vec<Write<'a>>, r: &'a Report, end: i64) {
     ));
 }
 
+/// One `gpu_state` row's values: absent doubles and idle times travel as
+/// -1 and become NULL (see [`gpu_state`]).
+#[rustfmt::skip]
+const GPU_STATE_ROW: &[&str] = &[
+    "?", "?", "?", "?", "?", "?",               // node … parent_uuid
+    "NULLIF(?, -1.0)", "?", "NULLIF(?, -1.0)",  // slice_fraction, health, utilization_ratio
+    "?", "?", "?", "?", "?", "?", "?",          // memory_used_bytes … mig_mode
+    "NULLIF(?, -1)", "?",                       // idle_since_ms, workloads
+];
+
 /// The gauges of the report's devices, where the report is newer than
 /// what is stored (a report replayed from a spool changes nothing).
 fn gpu_state(r: &Report, end: i64) -> Write<'_> {
@@ -342,26 +352,7 @@ fn gpu_state(r: &Report, end: i64) -> Write<'_> {
         "gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, slice_fraction, health, \
          utilization_ratio, memory_used_bytes, memory_total_bytes, processes, updated_ms, state, \
          tenants, mig_mode, idle_since_ms, workloads)",
-        &[
-            "?",
-            "?",
-            "?",
-            "?",
-            "?",
-            "?",
-            "NULLIF(?, -1.0)",
-            "?",
-            "NULLIF(?, -1.0)",
-            "?",
-            "?",
-            "?",
-            "?",
-            "?",
-            "?",
-            "?",
-            "NULLIF(?, -1)",
-            "?",
-        ],
+        GPU_STATE_ROW,
         "ON CONFLICT (node, uuid) DO UPDATE SET gpu = excluded.gpu, model = excluded.model, \
          mig_profile = excluded.mig_profile, parent_uuid = excluded.parent_uuid, \
          slice_fraction = excluded.slice_fraction, health = excluded.health, \

@@ -82,6 +82,28 @@ mod tests {
 
     use super::*;
 
+    /// A connection to the test PostgreSQL that `cargo xtask test` starts
+    /// (`TALLY_TEST_POSTGRES_URL`); says skipped without one.
+    async fn test_postgres() -> Option<PgConnection> {
+        let Some(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
+            return None;
+        };
+        Some(PgConnection::connect(&url).await.unwrap())
+    }
+
+    /// How many statements `conn` keeps prepared.
+    async fn prepared(conn: &mut PgConnection) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM pg_prepared_statements")
+            .persistent(false)
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    }
+
     /// Runs on the test PostgreSQL that `cargo xtask test` starts
     /// (`TALLY_TEST_POSTGRES_URL`), whose `pg_prepared_statements` lists
     /// what the connection keeps prepared; says skipped without one.
@@ -90,14 +112,9 @@ mod tests {
     /// keep one statement prepared, not one per row count.
     #[tokio::test]
     async fn postgres_rows_arrive_exactly_through_one_kept_statement() {
-        let Some(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
-            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
+        let Some(mut conn) = test_postgres().await else {
             return;
         };
-        let mut conn = PgConnection::connect(&url).await.unwrap();
         Executor::execute(
             &mut conn,
             "CREATE TEMP TABLE t (n BIGINT, i BIGINT, v BIGINT, f DOUBLE PRECISION, s TEXT, \
@@ -105,13 +122,6 @@ mod tests {
         )
         .await
         .unwrap();
-        let prepared = async |conn: &mut PgConnection| -> i64 {
-            sqlx::query_scalar("SELECT COUNT(*) FROM pg_prepared_statements")
-                .persistent(false)
-                .fetch_one(conn)
-                .await
-                .unwrap()
-        };
         let ints = [i64::MIN, -1, 0, 1, 9_007_199_254_740_993, i64::MAX];
         let floats = [
             0.1,
@@ -219,14 +229,9 @@ mod tests {
     /// the same statement.
     #[tokio::test]
     async fn postgres_writes_of_a_report_are_one_statement() {
-        let Some(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
-            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
+        let Some(mut conn) = test_postgres().await else {
             return;
         };
-        let mut conn = PgConnection::connect(&url).await.unwrap();
         for sql in [
             "CREATE TEMP TABLE q (node TEXT)",
             "INSERT INTO q VALUES ('n'), ('other')",
@@ -236,13 +241,6 @@ mod tests {
         ] {
             Executor::execute(&mut conn, sql).await.unwrap();
         }
-        let prepared = async |conn: &mut PgConnection| -> i64 {
-            sqlx::query_scalar("SELECT COUNT(*) FROM pg_prepared_statements")
-                .persistent(false)
-                .fetch_one(conn)
-                .await
-                .unwrap()
-        };
         let raw = |from: i64, n: i64| -> Vec<(i64, f64, String)> {
             (from..from + n)
                 .map(|k| (k, k as f64 / 3.0, format!("row '{k}'")))

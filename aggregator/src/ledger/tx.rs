@@ -264,45 +264,43 @@ fn add_values(out: &mut PgArguments, args: &Args<'_>) -> Result<(), sqlx::Error>
 fn add_columns(out: &mut PgArguments, args: &Args<'_>, rows: usize) -> Result<(), sqlx::Error> {
     let per_row = args.len() / rows;
     for c in 0..per_row {
-        let column = || args.0.iter().skip(c).step_by(per_row);
-        let mixed = || sqlx::Error::Encode(format!("column {c} of an insert mixes types").into());
-        match &args.0[c] {
-            Arg::Int(_) => out.add(
-                column()
-                    .map(|a| match a {
-                        Arg::Int(v) => Ok(*v),
-                        _ => Err(mixed()),
-                    })
-                    .collect::<Result<Vec<Option<i64>>, _>>()?,
-            ),
-            Arg::Float(_) => out.add(
-                column()
-                    .map(|a| match a {
-                        Arg::Float(v) => Ok(*v),
-                        _ => Err(mixed()),
-                    })
-                    .collect::<Result<Vec<f64>, _>>()?,
-            ),
-            Arg::Bool(_) => out.add(
-                column()
-                    .map(|a| match a {
-                        Arg::Bool(v) => Ok(*v),
-                        _ => Err(mixed()),
-                    })
-                    .collect::<Result<Vec<bool>, _>>()?,
-            ),
-            Arg::Text(_) => out.add(
-                column()
-                    .map(|a| match a {
-                        Arg::Text(v) => Ok(v.as_deref()),
-                        _ => Err(mixed()),
-                    })
-                    .collect::<Result<Vec<Option<&str>>, _>>()?,
-            ),
+        let all = &args.0[c..];
+        match &all[0] {
+            Arg::Int(_) => out.add(column(all, per_row, |a| match a {
+                Arg::Int(v) => Some(*v),
+                _ => None,
+            })?),
+            Arg::Float(_) => out.add(column(all, per_row, |a| match a {
+                Arg::Float(v) => Some(*v),
+                _ => None,
+            })?),
+            Arg::Bool(_) => out.add(column(all, per_row, |a| match a {
+                Arg::Bool(v) => Some(*v),
+                _ => None,
+            })?),
+            Arg::Text(_) => out.add(column(all, per_row, |a| match a {
+                Arg::Text(v) => Some(v.as_deref()),
+                _ => None,
+            })?),
         }
         .map_err(sqlx::Error::Encode)?;
     }
     Ok(())
+}
+
+/// Every `per_row`-th value of `values` from the first (one column of
+/// rows), each picked out by `get`: an error where one is of another
+/// type than the column's.
+fn column<'v, 'a: 'v, T>(
+    values: &'v [Arg<'a>],
+    per_row: usize,
+    get: impl Fn(&'v Arg<'a>) -> Option<T>,
+) -> Result<Vec<T>, sqlx::Error> {
+    values
+        .iter()
+        .step_by(per_row)
+        .map(|a| get(a).ok_or_else(|| sqlx::Error::Encode("an insert's column mixes types".into())))
+        .collect()
 }
 
 impl Tx for PgConnection {
