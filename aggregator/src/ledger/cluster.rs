@@ -108,10 +108,9 @@ pub(super) async fn store_quotas(
             a.add(*tenant)?;
             a.add(*resource)?;
             a.add(quota.limit)?;
-            // A NULL double from sqlx's `Any` driver reaches PostgreSQL as
-            // a float4, the prepared statement keeps that type, and the
-            // next real usage is refused: an unknown usage travels as -1
-            // (usage is never negative) and becomes NULL in SQL.
+            // A value has no NULL double (see `ingest::gpu_state`): an
+            // unknown usage travels as -1 (usage is never negative) and
+            // becomes NULL in SQL.
             a.add(quota.usage.unwrap_or(-1.0))?;
             a.add(end)
         },

@@ -344,10 +344,10 @@ const GPU_STATE_ROW: &[&str] = &[
 fn gpu_state(r: &Report, end: i64) -> Write<'_> {
     // One row per device (the last wins), in key order.
     let gpus: BTreeMap<&str, &GpuGauge> = r.gpus.iter().map(|g| (g.uuid.as_str(), g)).collect();
-    // Absent doubles travel as -1 and become NULL in SQL: sqlx's `Any`
-    // driver binds a NULL double as a float4 on PostgreSQL, the prepared
-    // statement keeps that type, and the next real double is refused
-    // ("incorrect binary data format").
+    // Absent doubles travel as -1 and become NULL in SQL: a value (`Arg`)
+    // has no NULL double, since sqlx's `Any` driver, which wrote these
+    // rows first, bound one as a float4 that the prepared statement kept,
+    // and refused the next real double ("incorrect binary data format").
     rows::write(
         "gpu_state (node, uuid, gpu, model, mig_profile, parent_uuid, slice_fraction, health, \
          utilization_ratio, memory_used_bytes, memory_total_bytes, processes, updated_ms, state, \
