@@ -260,7 +260,7 @@ fn add_values(out: &mut PgArguments, args: &Args<'_>) -> Result<(), sqlx::Error>
 }
 
 /// The `rows` rows of `args` (row after row) onto `out` as one array per
-/// column, for `UNNEST` ([`unnest_insert`]).
+/// column, for `unnest` ([`unnest_insert`]).
 fn add_columns(out: &mut PgArguments, args: &Args<'_>, rows: usize) -> Result<(), sqlx::Error> {
     let per_row = args.len() / rows;
     for c in 0..per_row {
@@ -351,11 +351,14 @@ impl Tx for PgConnection {
 
 /// The text of a PostgreSQL insert of any number of rows, each column's
 /// values one array parameter: `INSERT INTO {into} SELECT c1, NULLIF(c2,
-/// -1.0), … FROM UNNEST($1, $2, …) AS v(c1, c2, …) {upsert}`, the
-/// template's `?` named in order. One text per table, whatever the row
-/// count, kept prepared; PostgreSQL reads each array once, where a
-/// `VALUES` list of as many rows had it set up and evaluate an
-/// expression per value (BENCHMARKS.md § 6).
+/// -1.0), … FROM (SELECT unnest($1) AS c1, unnest($2) AS c2, …) v
+/// {upsert}`, the template's `?` named in order. One text per table,
+/// whatever the row count, kept prepared. PostgreSQL reads the arrays in
+/// step, a row at a time: a padded `VALUES` list had it set up and
+/// evaluate an expression per value, and `FROM UNNEST($1, $2, …)` first
+/// copied each array into a tuple store of its own (PostgreSQL's CPU per
+/// report −25 % against that, BENCHMARKS.md § 6). The arrays of one
+/// insert are as long as each other, so none is cut short or padded.
 fn unnest_insert(into: &str, template: &[&str], upsert: &str) -> String {
     use std::fmt::Write as _;
     let mut select = String::new();
@@ -372,12 +375,10 @@ fn unnest_insert(into: &str, template: &[&str], upsert: &str) -> String {
             select.push_str(part);
         }
     }
-    let params: Vec<String> = (1..=n).map(|k| format!("${k}")).collect();
-    let names: Vec<String> = (1..=n).map(|k| format!("c{k}")).collect();
+    let columns: Vec<String> = (1..=n).map(|k| format!("unnest(${k}) AS c{k}")).collect();
     format!(
-        "INSERT INTO {into} SELECT {select} FROM UNNEST({}) AS v({}) {upsert}",
-        params.join(", "),
-        names.join(", ")
+        "INSERT INTO {into} SELECT {select} FROM (SELECT {}) v {upsert}",
+        columns.join(", ")
     )
 }
 
@@ -587,8 +588,8 @@ mod tests {
                 &["?", "NULLIF(?, -1.0)"],
                 "ON CONFLICT DO NOTHING"
             ),
-            "INSERT INTO t (a, b) SELECT c1, NULLIF(c2, -1.0) FROM UNNEST($1, $2) AS v(c1, c2) \
-             ON CONFLICT DO NOTHING"
+            "INSERT INTO t (a, b) SELECT c1, NULLIF(c2, -1.0) FROM (SELECT unnest($1) AS c1, \
+             unnest($2) AS c2) v ON CONFLICT DO NOTHING"
         );
     }
 
@@ -627,8 +628,9 @@ mod tests {
         assert_eq!(
             sql,
             "WITH w0 AS (DELETE FROM q WHERE node = $1), w1 AS (INSERT INTO t (a, b) SELECT \
-             c1, NULLIF(c2, -1.0) FROM UNNEST($2, $3) AS v(c1, c2) ) INSERT INTO b AS o (k, v) \
-             VALUES ($4, $5) ON CONFLICT (k) DO UPDATE SET v = o.v + excluded.v"
+             c1, NULLIF(c2, -1.0) FROM (SELECT unnest($2) AS c1, unnest($3) AS c2) v ) INSERT \
+             INTO b AS o (k, v) VALUES ($4, $5) ON CONFLICT (k) DO UPDATE SET v = o.v + \
+             excluded.v"
         );
         assert_eq!(values.len(), 5);
     }
