@@ -160,7 +160,8 @@ impl Out for (i64, Option<i64>) {
 pub(super) enum Write<'a> {
     /// `sql`, its parameters `$1`, `$2`, … of its own.
     Execute { sql: &'static str, args: Args<'a> },
-    /// `rows` rows, as [`Tx::insert`] writes them.
+    /// `rows` rows: `template` is one row's placeholders, each `?` a value
+    /// of `args`, row after row.
     Insert {
         into: &'static str,
         template: &'static [&'static str],
@@ -197,18 +198,6 @@ pub(super) trait Tx: Send {
         args: Args<'_>,
     ) -> impl Future<Output = Result<Option<T>, LedgerError>> + Send;
 
-    /// `INSERT INTO {into} VALUES {rows tuples of template} {upsert}`:
-    /// `template` is one row's placeholders, each `?` a value of `args`,
-    /// row after row.
-    fn insert(
-        &mut self,
-        into: &str,
-        template: &[&str],
-        upsert: &str,
-        rows: usize,
-        args: Args<'_>,
-    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
-
     /// Runs `writes` in their order, none of which reads what another
     /// writes (on PostgreSQL they share one snapshot). PostgreSQL runs them
     /// as one statement, each but the last a data-modifying `WITH` of it:
@@ -219,23 +208,6 @@ pub(super) trait Tx: Send {
         &mut self,
         writes: Vec<Write<'_>>,
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
-}
-
-/// Runs `writes` one after another.
-async fn write_each(conn: &mut impl Tx, writes: Vec<Write<'_>>) -> Result<(), LedgerError> {
-    for w in writes {
-        match w {
-            Write::Execute { sql, args } => conn.execute(sql, args).await?,
-            Write::Insert {
-                into,
-                template,
-                upsert,
-                rows,
-                args,
-            } => conn.insert(into, template, upsert, rows, args).await?,
-        }
-    }
-    Ok(())
 }
 
 /// `args` as sqlx's.
@@ -320,28 +292,10 @@ impl Tx for PgConnection {
         Ok(row.as_ref().map(T::from_pg).transpose()?)
     }
 
-    async fn insert(
-        &mut self,
-        into: &str,
-        template: &[&str],
-        upsert: &str,
-        rows: usize,
-        args: Args<'_>,
-    ) -> Result<(), LedgerError> {
-        if rows == 0 {
-            return Ok(());
-        }
-        let mut values = PgArguments::default();
-        add_columns(&mut values, &args, rows)?;
-        let sql = unnest_insert(into, template, upsert);
-        sqlx::query_with(&sql, values).execute(self).await?;
-        Ok(())
-    }
-
     async fn write_all(&mut self, writes: Vec<Write<'_>>) -> Result<(), LedgerError> {
         let writes: Vec<Write<'_>> = writes.into_iter().filter(|w| w.rows() > 0).collect();
-        if writes.len() < 2 {
-            return write_each(self, writes).await;
+        if writes.is_empty() {
+            return Ok(());
         }
         let (sql, values) = with_statement(&writes)?;
         sqlx::query_with(&sql, values).execute(self).await?;
@@ -508,36 +462,52 @@ impl Tx for rusqlite::Connection {
         })
     }
 
-    async fn insert(
-        &mut self,
-        into: &str,
-        template: &[&str],
-        upsert: &str,
-        rows: usize,
-        args: Args<'_>,
-    ) -> Result<(), LedgerError> {
-        if rows == 0 {
-            return Ok(());
-        }
-        let per_row = args.len() / rows;
-        let sql = |rows| {
-            format!(
-                "INSERT INTO {into} VALUES {} {upsert}",
-                super::rows::values(rows, template)
-            )
-        };
-        let mut rest = &args.0[..];
-        for (run, times) in runs(rows, SQLITE_ROWS) {
-            let (these, left) = rest.split_at(run * times * per_row);
-            execute_each(self, &sql(run), these, run * per_row)?;
-            rest = left;
+    async fn write_all(&mut self, writes: Vec<Write<'_>>) -> Result<(), LedgerError> {
+        for w in writes {
+            match w {
+                Write::Execute { sql, args } => self.execute(sql, args).await?,
+                Write::Insert {
+                    into,
+                    template,
+                    upsert,
+                    rows,
+                    args,
+                } => sqlite_insert(self, into, template, upsert, rows, &args)?,
+            }
         }
         Ok(())
     }
+}
 
-    async fn write_all(&mut self, writes: Vec<Write<'_>>) -> Result<(), LedgerError> {
-        write_each(self, writes).await
+/// `INSERT INTO {into} VALUES {rows tuples of template} {upsert}` on the
+/// SQLite writer's connection, in runs of [`SQLITE_ROWS`], 8, 4, 2 and 1
+/// rows: `template` is one row's placeholders, each `?` a value of
+/// `args`, row after row.
+fn sqlite_insert(
+    conn: &rusqlite::Connection,
+    into: &str,
+    template: &[&str],
+    upsert: &str,
+    rows: usize,
+    args: &Args<'_>,
+) -> Result<(), LedgerError> {
+    if rows == 0 {
+        return Ok(());
     }
+    let per_row = args.len() / rows;
+    let sql = |rows| {
+        format!(
+            "INSERT INTO {into} VALUES {} {upsert}",
+            super::rows::values(rows, template)
+        )
+    };
+    let mut rest = &args.0[..];
+    for (run, times) in runs(rows, SQLITE_ROWS) {
+        let (these, left) = rest.split_at(run * times * per_row);
+        execute_each(conn, &sql(run), these, run * per_row)?;
+        rest = left;
+    }
+    Ok(())
 }
 
 /// Most rows per statement of the SQLite writer's inserts. Every
@@ -659,7 +629,7 @@ mod tests {
     /// cache by the next insert binds its first execution whole.
     #[tokio::test]
     async fn every_row_is_stored_whatever_runs_it_is_written_in() {
-        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
         conn.execute_batch("CREATE TABLE t (n INTEGER, a TEXT, b TEXT)")
             .unwrap();
         let text = |t: Option<&'static str>| Arg::Text(t.map(Cow::Borrowed));
@@ -681,9 +651,7 @@ mod tests {
                 let Ok(()) = a.add(text(x));
                 let Ok(()) = a.add(text(y));
             }
-            conn.insert("t (n, a, b)", &["?", "?", "?"], "", batch.len(), a)
-                .await
-                .unwrap();
+            sqlite_insert(&conn, "t (n, a, b)", &["?", "?", "?"], "", batch.len(), &a).unwrap();
         }
         let stored: Vec<(i64, Option<String>, Option<String>)> = conn
             .prepare("SELECT n, a, b FROM t ORDER BY rowid")
