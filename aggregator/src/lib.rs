@@ -61,7 +61,7 @@ impl Aggregator {
         let ledger = ledger::Ledger::open(&config.ledger.url, config.ledger.max_connections)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the ledger: {e}"))?;
-        info!(backend = ?ledger.backend, "ledger open, schema up to date");
+        info!(backend = ?ledger.backend(), "ledger open, schema up to date");
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
             (Some(cert), Some(key)) => {
                 info!(cert = %cert.display(), "serving HTTPS only");

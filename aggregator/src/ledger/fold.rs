@@ -148,7 +148,7 @@ impl Ledger {
         for &month in &months {
             self.replace(&mut conn, Grain::Month, month).await?;
         }
-        if self.backend == Backend::Postgres {
+        if self.backend() == Backend::Postgres {
             // The reads by node scan the rollups' keys alone (migrations
             // 0012, 0013) only on pages VACUUM marked all-visible;
             // autovacuum would come after days of inserts. ANALYZE: the
@@ -193,11 +193,11 @@ impl Ledger {
         grain: Grain,
         at: i64,
     ) -> Result<(), LedgerError> {
-        if self.backend == Backend::Sqlite {
+        if self.backend() == Backend::Sqlite {
             grain.stage(conn, at).await?;
         }
         let mut tx = conn.begin().await?;
-        if self.backend == Backend::Postgres {
+        if self.backend() == Backend::Postgres {
             // Inside the lock, so the replica folding last summed last.
             sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) l")
                 .bind(FOLD_LOCK)

@@ -158,7 +158,6 @@ pub(crate) enum Backend {
 #[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     pool: AnyPool,
-    pub backend: Backend,
     side: Side,
 }
 
@@ -269,11 +268,7 @@ impl Ledger {
                     .connect_lazy(&url)?,
             ),
         };
-        let ledger = Self {
-            pool,
-            backend,
-            side,
-        };
+        let ledger = Self { pool, side };
         // Today's partitions before the first report; until they exist
         // rows wait in the default partition, so a failure only warns.
         if backend == Backend::Postgres
@@ -282,6 +277,14 @@ impl Ledger {
             tracing::warn!(error = %e, "day partitions not created yet; retrying each maintenance pass");
         }
         Ok(ledger)
+    }
+
+    /// Which database is behind the ledger.
+    pub(crate) fn backend(&self) -> Backend {
+        match self.side {
+            Side::Sqlite(_) => Backend::Sqlite,
+            Side::Postgres(_) => Backend::Postgres,
+        }
     }
 
     /// Whether the database answers.

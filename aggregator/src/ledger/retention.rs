@@ -73,7 +73,7 @@ impl Ledger {
     ) -> Result<Maintained, LedgerError> {
         let folded_hours = self.fold(now_ms).await?;
         let mut raw_rows = 0;
-        match self.backend {
+        match self.backend() {
             // Whole days at once ([`super::partitions`]).
             Backend::Postgres => {
                 self.create_partitions(now_ms).await?;
@@ -217,7 +217,7 @@ impl Ledger {
         // A row's address: PostgreSQL's ctid; SQLite's rowid, or the
         // primary key of the daily and monthly rollups (tables without a
         // rowid).
-        let key = match (self.backend, table) {
+        let key = match (self.backend(), table) {
             (Backend::Postgres, _) => "ctid".to_owned(),
             (Backend::Sqlite, "gpu_usage_daily") => format!("month_ms, {GPU_NODE_KEY}, day_ms"),
             (Backend::Sqlite, "io_usage_daily") => format!("month_ms, {IO_NODE_KEY}, day_ms"),
@@ -534,7 +534,7 @@ pub(crate) mod tests {
 
     /// The tables with a foreign key to `reports`.
     pub(crate) async fn tables_referring_to_reports(l: &Ledger) -> Vec<String> {
-        let sql = match l.backend {
+        let sql = match l.backend() {
             Backend::Sqlite => {
                 "SELECT DISTINCT m.name FROM sqlite_master m, pragma_foreign_key_list(m.name) f \
                  WHERE m.type = 'table' AND f.\"table\" = 'reports' ORDER BY m.name"
