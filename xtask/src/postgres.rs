@@ -5,7 +5,8 @@
 //! `cargo xtask test` calls [`ensure`] and exports the URL it returns as
 //! `TALLY_TEST_POSTGRES_URL`; the PostgreSQL tests create their own
 //! database on that server. The cluster is left running for the next run,
-//! which reuses it; `pg_ctl stop -D /tmp/tally-test-postgres/data` (as the
+//! which reuses it and drops the databases of test processes that have
+//! ended; `pg_ctl stop -D /tmp/tally-test-postgres/data` (as the
 //! `postgres` user) or a reboot ends it.
 
 use std::{
@@ -112,6 +113,66 @@ fn answers(bin: &Path, port: u16) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The test process that made database `name`: the tests name theirs
+/// `tally_<what>_<pid>_<n>` (`tally_e2e::unique`, the aggregator's
+/// `postgres_database`).
+fn creator(name: &str) -> Option<u32> {
+    let mut fields = name.strip_prefix("tally_")?.rsplit('_');
+    fields.next()?.parse::<u128>().ok()?;
+    fields.next()?.parse().ok()
+}
+
+/// Drops the databases left on the reused server by test processes that
+/// have ended (the tests do not drop their own: a ledger is open until the
+/// process exits), so the server's disk does not grow with every run. A
+/// test process still running, e.g. another checkout's run, keeps its own.
+fn drop_databases_of_ended_tests(bin: &Path, port: u16) {
+    let port = port.to_string();
+    let psql = || {
+        let mut c = pg(bin, "psql");
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "tally_test",
+        ])
+        .args(["-X", "-q", "-A", "-t"]);
+        c
+    };
+    let names = match run(psql().args(["-c", "SELECT datname FROM pg_database"])) {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => {
+            eprintln!("xtask: cannot list the test PostgreSQL's databases: {e:#}");
+            return;
+        }
+    };
+    let ended: Vec<&str> = names
+        .lines()
+        .filter(|name| {
+            creator(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .collect();
+    if ended.is_empty() {
+        return;
+    }
+    let mut drop = psql();
+    for name in &ended {
+        let quoted = name.replace('"', "\"\"");
+        drop.args(["-c", &format!("DROP DATABASE IF EXISTS \"{quoted}\"")]);
+    }
+    match run(&mut drop) {
+        Ok(_) => eprintln!(
+            "xtask: dropped {} databases of ended test runs",
+            ended.len()
+        ),
+        Err(e) => eprintln!("xtask: cannot drop the databases of ended test runs: {e:#}"),
+    }
+}
+
 /// Makes sure a test PostgreSQL runs and returns its URL
 /// (`postgres://postgres@127.0.0.1:PORT/tally_test`).
 pub(crate) fn ensure() -> anyhow::Result<String> {
@@ -131,6 +192,7 @@ pub(crate) fn ensure() -> anyhow::Result<String> {
         // A server started by hand on this directory with another port
         // runs, but the tests would all fail to connect: start over.
         if answers(&bin, port) {
+            drop_databases_of_ended_tests(&bin, port);
             return Ok(url(port));
         }
         eprintln!(
@@ -180,12 +242,17 @@ pub(crate) fn ensure() -> anyhow::Result<String> {
 mod tests {
     use super::*;
 
+    /// Held by the tests that call `ensure`: two starting a server at
+    /// once would initdb the same directory.
+    static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn ensure_gives_a_server_that_answers() {
         if !is_root() && debian_bin().is_none() {
             println!("SKIPPED: not root and no PostgreSQL installed");
             return;
         }
+        let _server = SERVER.lock().unwrap_or_else(|e| e.into_inner());
         let url = ensure().expect("a test PostgreSQL");
         let port = url
             .rsplit_once(':')
@@ -194,5 +261,65 @@ mod tests {
         let bin = debian_bin().expect("installed by ensure");
         assert!(answers(&bin, port), "{url} does not answer");
         assert_eq!(ensure().unwrap(), url, "a second call reuses the server");
+    }
+
+    #[test]
+    fn a_test_database_is_known_by_the_process_that_made_it() {
+        assert_eq!(creator("tally_e2e_4242_7"), Some(4242));
+        assert_eq!(
+            creator("tally_month_reads_4242_1764000000000000000"),
+            Some(4242)
+        );
+        for other in [
+            "tally_test",
+            "postgres",
+            "tally_e2e_x_7",
+            "tally_4242",
+            "other_4242_7",
+        ] {
+            assert_eq!(creator(other), None, "{other}");
+        }
+    }
+
+    /// The databases of a test process that ended go at the next run; a
+    /// running process's stay.
+    #[test]
+    fn databases_of_ended_tests_are_dropped_and_of_running_ones_kept() {
+        if !is_root() && debian_bin().is_none() {
+            println!("SKIPPED: not root and no PostgreSQL installed");
+            return;
+        }
+        let _server = SERVER.lock().unwrap_or_else(|e| e.into_inner());
+        let url = ensure().expect("a test PostgreSQL");
+        let port: u16 = url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+            .expect("a port in the URL");
+        let bin = debian_bin().expect("installed by ensure");
+        let mut child = Command::new("true").spawn().unwrap();
+        let ended_pid = child.id();
+        child.wait().unwrap();
+        let ended = format!("tally_xtask_{ended_pid}_1");
+        let running = format!("tally_xtask_{}_1", std::process::id());
+        let psql = |sql: &str| {
+            let out = run(pg(&bin, "psql")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .args(["-d", "tally_test", "-X", "-q", "-A", "-t", "-c", sql]))
+            .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        for name in [&ended, &running] {
+            psql(&format!("CREATE DATABASE {name}"));
+        }
+        drop_databases_of_ended_tests(&bin, port);
+        let left = psql("SELECT datname FROM pg_database");
+        let left: Vec<&str> = left.lines().collect();
+        psql(&format!("DROP DATABASE {running}"));
+        assert!(!left.contains(&ended.as_str()), "{ended} left: {left:?}");
+        assert!(
+            left.contains(&running.as_str()),
+            "{running} dropped: {left:?}"
+        );
+        assert!(left.contains(&"tally_test"), "{left:?}");
     }
 }
