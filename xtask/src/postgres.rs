@@ -246,19 +246,29 @@ mod tests {
     /// once would initdb the same directory.
     static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    #[test]
-    fn ensure_gives_a_server_that_answers() {
+    /// The test server (held for the caller), its URL, port and binaries;
+    /// `None`, saying skipped, where PostgreSQL can be neither found nor
+    /// installed.
+    fn server() -> Option<(std::sync::MutexGuard<'static, ()>, String, u16, PathBuf)> {
         if !is_root() && debian_bin().is_none() {
             println!("SKIPPED: not root and no PostgreSQL installed");
-            return;
+            return None;
         }
-        let _server = SERVER.lock().unwrap_or_else(|e| e.into_inner());
+        let held = SERVER.lock().unwrap_or_else(|e| e.into_inner());
         let url = ensure().expect("a test PostgreSQL");
         let port = url
             .rsplit_once(':')
             .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
             .expect("a port in the URL");
         let bin = debian_bin().expect("installed by ensure");
+        Some((held, url, port, bin))
+    }
+
+    #[test]
+    fn ensure_gives_a_server_that_answers() {
+        let Some((_held, url, port, bin)) = server() else {
+            return;
+        };
         assert!(answers(&bin, port), "{url} does not answer");
         assert_eq!(ensure().unwrap(), url, "a second call reuses the server");
     }
@@ -285,17 +295,9 @@ mod tests {
     /// running process's stay.
     #[test]
     fn databases_of_ended_tests_are_dropped_and_of_running_ones_kept() {
-        if !is_root() && debian_bin().is_none() {
-            println!("SKIPPED: not root and no PostgreSQL installed");
+        let Some((_held, _, port, bin)) = server() else {
             return;
-        }
-        let _server = SERVER.lock().unwrap_or_else(|e| e.into_inner());
-        let url = ensure().expect("a test PostgreSQL");
-        let port: u16 = url
-            .rsplit_once(':')
-            .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
-            .expect("a port in the URL");
-        let bin = debian_bin().expect("installed by ensure");
+        };
         let mut child = Command::new("true").spawn().unwrap();
         let ended_pid = child.id();
         child.wait().unwrap();
