@@ -3,13 +3,17 @@
 //! ledger — each on SQLite and on a throwaway PostgreSQL.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Barrier},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -622,6 +626,41 @@ fn database_use(db: &Db) -> Option<(f64, f64)> {
     Some((cpu, wal))
 }
 
+/// What PostgreSQL's client backends wait on, sampled every 100 ms until
+/// `done`, over one connection kept open: a `psql` per sample started a
+/// process and a backend ten times a second, CPU taken from the level it
+/// measured. Empty if the database cannot be reached.
+fn sample_waits(url: &str, done: &AtomicBool) -> BTreeMap<String, u64> {
+    use sqlx::Connection as _;
+    let mut waits = BTreeMap::new();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return waits;
+    };
+    rt.block_on(async {
+        let Ok(mut conn) = sqlx::PgConnection::connect(url).await else {
+            return;
+        };
+        while !done.load(Ordering::Relaxed) {
+            let sampled: Result<Vec<(String,)>, _> = sqlx::query_as(
+                "SELECT COALESCE(wait_event_type, 'CPU') || ':' || \
+                 COALESCE(wait_event, 'running') FROM pg_stat_activity \
+                 WHERE state = 'active' AND backend_type = 'client backend' \
+                 AND pid <> pg_backend_pid()",
+            )
+            .fetch_all(&mut conn)
+            .await;
+            for (w,) in sampled.into_iter().flatten() {
+                *waits.entry(w).or_default() += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    waits
+}
+
 fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Check>)> {
     let dir = util::scratch(&format!("ingest-{}", backend.name()))?;
     let db = match backend {
@@ -635,34 +674,17 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
         (&[1, 4, 16, 64], 8)
     };
     let mut results = Vec::new();
-    let mut pg_waits = std::collections::BTreeMap::new();
+    let mut pg_waits = BTreeMap::new();
     for &n in levels {
         eprintln!("bench: ingest on {}: {n} agents", backend.name());
         // The busiest level is profiled.
         let last = n == *levels.last().unwrap_or(&0);
         let prof = last.then_some(dir.as_path());
-        let done = std::sync::atomic::AtomicBool::new(false);
+        let done = AtomicBool::new(false);
         let (l, waits) = std::thread::scope(|scope| {
             // What PostgreSQL's backends wait on while the busiest level runs.
-            let sampler = (last && backend == Backend::Postgres).then(|| {
-                scope.spawn(|| {
-                    let mut waits: std::collections::BTreeMap<String, u64> = Default::default();
-                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        if let Ok(out) = db.sql(
-                            "SELECT COALESCE(wait_event_type, 'CPU') || ':' || \
-                             COALESCE(wait_event, 'running') FROM pg_stat_activity \
-                             WHERE state = 'active' AND backend_type = 'client backend' \
-                             AND pid <> pg_backend_pid();",
-                        ) {
-                            for w in out.lines().filter(|l| !l.is_empty()) {
-                                *waits.entry(w.to_owned()).or_default() += 1;
-                            }
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    waits
-                })
-            });
+            let sampler = (last && backend == Backend::Postgres)
+                .then(|| scope.spawn(|| sample_waits(&db.url, &done)));
             let before = database_use(&db);
             let mut l = level(&agg, n, secs, &format!("{}-{n}", backend.name()), prof);
             if let (Ok(l), Some((cpu0, wal0)), Some((cpu1, wal1))) =
@@ -673,7 +695,7 @@ fn ingest_bench(ctx: &Ctx, backend: Backend) -> anyhow::Result<(String, Vec<Chec
                     (wal1 - wal0) / l.stored.max(1) as f64,
                 ));
             }
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            done.store(true, Ordering::Relaxed);
             (l, sampler.and_then(|s| s.join().ok()))
         });
         results.push(l?);
