@@ -112,7 +112,7 @@ pub(super) async fn write(
     // removing this very claim meanwhile has either committed (its
     // `claims_removed` row is seen here) or made the claim above wait for
     // it.
-    let node: Option<(i64, Option<i64>)> = conn
+    let (last_end, removed): (i64, Option<i64>) = conn
         .fetch_optional(
             "INSERT INTO nodes (node, reports, last_received_ms, last_interval_end_ms, \
              report_interval_ms) VALUES ($1, 1, $2, $3, $4) ON CONFLICT (node) DO UPDATE SET \
@@ -131,9 +131,11 @@ pub(super) async fn write(
                 r.boot_id.as_str().into(),
             ]),
         )
-        .await?;
-    let newest = node.is_some_and(|(last_end, _)| last_end == end);
-    if node.is_some_and(|(_, removed)| removed.is_some_and(|last| i(r.seq) <= last)) {
+        .await?
+        // An upsert returns its row, inserted or updated.
+        .ok_or(sqlx::Error::RowNotFound)?;
+    let newest = last_end == end;
+    if removed.is_some_and(|last| i(r.seq) <= last) {
         // The caller rolls the claim and the node's row back.
         return Ok(Ingested::Expired);
     }
