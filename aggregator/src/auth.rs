@@ -2,14 +2,14 @@
 //!
 //! Tokens are kept as SHA-256 digests, and a presented token is looked up
 //! by its digest in a hash map: one lookup whatever the fleet's size (the
-//! constant-time comparison with every digest it replaced was 7 % of the
-//! aggregator's CPU with 1,000 agent tokens, growing with each node). Only
-//! digests are compared, so timing can hint at most at a stored digest,
-//! from which no token can be found (SHA-256 has no known preimage
-//! attack). Tokens are never logged. The set of
-//! digests can be replaced while serving (a reload); each token's request
-//! rate is limited on its own (`[auth] rate_limit`), so one runaway client
-//! cannot starve the others.
+//! constant-time comparison with every digest it replaced took 5-7 % of
+//! the aggregator's CPU with 1,000 agent tokens, growing with each node).
+//! Only digests are compared, so timing can hint at most at a stored
+//! digest, from which no token can be found (SHA-256 has no known preimage
+//! attack). Tokens are never logged. The set of digests can be replaced
+//! while serving (a reload); each token's request rate is limited on its
+//! own (`[auth] rate_limit`), so one runaway client cannot starve the
+//! others.
 
 use std::{
     collections::HashMap,
