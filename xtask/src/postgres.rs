@@ -122,28 +122,21 @@ fn creator(name: &str) -> Option<u32> {
     fields.next()?.parse().ok()
 }
 
+/// `psql` on the server's `tally_test` database, printing bare rows;
+/// each `-c` added runs as its own statement.
+fn psql(bin: &Path, port: u16) -> Command {
+    let mut c = pg(bin, "psql");
+    c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-d", "tally_test", "-X", "-q", "-A", "-t"]);
+    c
+}
+
 /// Drops the databases left on the reused server by test processes that
 /// have ended (the tests do not drop their own: a ledger is open until the
 /// process exits), so the server's disk does not grow with every run. A
 /// test process still running, e.g. another checkout's run, keeps its own.
 fn drop_databases_of_ended_tests(bin: &Path, port: u16) {
-    let port = port.to_string();
-    let psql = || {
-        let mut c = pg(bin, "psql");
-        c.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "tally_test",
-        ])
-        .args(["-X", "-q", "-A", "-t"]);
-        c
-    };
-    let names = match run(psql().args(["-c", "SELECT datname FROM pg_database"])) {
+    let names = match run(psql(bin, port).args(["-c", "SELECT datname FROM pg_database"])) {
         Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
         Err(e) => {
             eprintln!("xtask: cannot list the test PostgreSQL's databases: {e:#}");
@@ -159,7 +152,7 @@ fn drop_databases_of_ended_tests(bin: &Path, port: u16) {
     if ended.is_empty() {
         return;
     }
-    let mut drop = psql();
+    let mut drop = psql(bin, port);
     for name in &ended {
         let quoted = name.replace('"', "\"\"");
         drop.args(["-c", &format!("DROP DATABASE IF EXISTS \"{quoted}\"")]);
@@ -303,20 +296,17 @@ mod tests {
         child.wait().unwrap();
         let ended = format!("tally_xtask_{ended_pid}_1");
         let running = format!("tally_xtask_{}_1", std::process::id());
-        let psql = |sql: &str| {
-            let out = run(pg(&bin, "psql")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-                .args(["-d", "tally_test", "-X", "-q", "-A", "-t", "-c", sql]))
-            .unwrap();
+        let sql = |sql: &str| {
+            let out = run(psql(&bin, port).args(["-c", sql])).unwrap();
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
         for name in [&ended, &running] {
-            psql(&format!("CREATE DATABASE {name}"));
+            sql(&format!("CREATE DATABASE {name}"));
         }
         drop_databases_of_ended_tests(&bin, port);
-        let left = psql("SELECT datname FROM pg_database");
+        let left = sql("SELECT datname FROM pg_database");
         let left: Vec<&str> = left.lines().collect();
-        psql(&format!("DROP DATABASE {running}"));
+        sql(&format!("DROP DATABASE {running}"));
         assert!(!left.contains(&ended.as_str()), "{ended} left: {left:?}");
         assert!(
             left.contains(&running.as_str()),

@@ -846,16 +846,22 @@ pub(crate) mod tests {
         Some(Ledger::open(&url, 4).await.unwrap())
     }
 
+    /// The URL of the test PostgreSQL that `cargo xtask test` starts
+    /// (`TALLY_TEST_POSTGRES_URL`); `None`, saying skipped, without one.
+    pub(crate) fn postgres_server() -> Option<String> {
+        let server = std::env::var("TALLY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty());
+        if server.is_none() {
+            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
+        }
+        server
+    }
+
     /// The URL of a new, empty database on the test PostgreSQL; `None`,
     /// saying skipped, without one.
     pub(crate) async fn postgres_database(prefix: &str) -> Option<String> {
-        let Some(server) = std::env::var("TALLY_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
-            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
-            return None;
-        };
+        let server = postgres_server()?;
         let name = format!(
             "tally_{prefix}_{}_{}",
             std::process::id(),

@@ -85,13 +85,7 @@ mod tests {
     /// A connection to the test PostgreSQL that `cargo xtask test` starts
     /// (`TALLY_TEST_POSTGRES_URL`); says skipped without one.
     async fn test_postgres() -> Option<PgConnection> {
-        let Some(url) = std::env::var("TALLY_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
-            eprintln!("skipped: no TALLY_TEST_POSTGRES_URL (cargo xtask test sets it)");
-            return None;
-        };
+        let url = crate::ledger::chargeback::tests::postgres_server()?;
         Some(PgConnection::connect(&url).await.unwrap())
     }
 
