@@ -5,7 +5,7 @@ use std::convert::Infallible;
 
 use super::{
     LedgerError,
-    tx::{Args, Tx, Write},
+    tx::{Args, Insert, Tx, Write},
 };
 
 /// `rows` tuples of `template`, for SQLite, each `?` a parameter bound
@@ -67,13 +67,13 @@ where
     for row in rows {
         let Ok(()) = bind(&mut args, row);
     }
-    Write::Insert {
+    Write::Insert(Insert {
         into,
         template,
         upsert,
         rows: count,
         args,
-    }
+    })
 }
 
 #[cfg(test)]

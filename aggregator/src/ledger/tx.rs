@@ -159,16 +159,22 @@ impl Out for (i64, Option<i64>) {
 #[derive(Debug)]
 pub(super) enum Write<'a> {
     /// `sql`, its parameters `$1`, `$2`, … of its own.
-    Execute { sql: &'static str, args: Args<'a> },
-    /// `rows` rows: `template` is one row's placeholders, each `?` a value
-    /// of `args`, row after row.
-    Insert {
-        into: &'static str,
-        template: &'static [&'static str],
-        upsert: &'static str,
-        rows: usize,
+    Execute {
+        sql: &'static str,
         args: Args<'a>,
     },
+    Insert(Insert<'a>),
+}
+
+/// `INSERT INTO {into} … {upsert}` of `rows` rows: `template` is one row's
+/// placeholders, each `?` a value of `args`, row after row.
+#[derive(Debug)]
+pub(super) struct Insert<'a> {
+    pub into: &'static str,
+    pub template: &'static [&'static str],
+    pub upsert: &'static str,
+    pub rows: usize,
+    pub args: Args<'a>,
 }
 
 impl Write<'_> {
@@ -176,7 +182,7 @@ impl Write<'_> {
     fn rows(&self) -> usize {
         match self {
             Write::Execute { .. } => 1,
-            Write::Insert { rows, .. } => *rows,
+            Write::Insert(i) => i.rows,
         }
     }
 }
@@ -353,17 +359,11 @@ fn with_statement(writes: &[Write<'_>]) -> Result<(String, PgArguments), sqlx::E
                 add_values(&mut values, args)?;
                 (Cow::Borrowed(*sql), args.len())
             }
-            Write::Insert {
-                into,
-                template,
-                upsert,
-                rows,
-                args,
-            } => {
-                add_columns(&mut values, args, *rows)?;
+            Write::Insert(i) => {
+                add_columns(&mut values, &i.args, i.rows)?;
                 (
-                    Cow::Owned(unnest_insert(into, template, upsert)),
-                    args.len() / rows,
+                    Cow::Owned(unnest_insert(i.into, i.template, i.upsert)),
+                    i.args.len() / i.rows,
                 )
             }
         };
@@ -466,13 +466,7 @@ impl Tx for rusqlite::Connection {
         for w in writes {
             match w {
                 Write::Execute { sql, args } => self.execute(sql, args).await?,
-                Write::Insert {
-                    into,
-                    template,
-                    upsert,
-                    rows,
-                    args,
-                } => sqlite_insert(self, into, template, upsert, rows, &args)?,
+                Write::Insert(i) => sqlite_insert(self, &i)?,
             }
         }
         Ok(())
@@ -481,16 +475,15 @@ impl Tx for rusqlite::Connection {
 
 /// `INSERT INTO {into} VALUES {rows tuples of template} {upsert}` on the
 /// SQLite writer's connection, in runs of [`SQLITE_ROWS`], 8, 4, 2 and 1
-/// rows: `template` is one row's placeholders, each `?` a value of
-/// `args`, row after row.
-fn sqlite_insert(
-    conn: &rusqlite::Connection,
-    into: &str,
-    template: &[&str],
-    upsert: &str,
-    rows: usize,
-    args: &Args<'_>,
-) -> Result<(), LedgerError> {
+/// rows.
+fn sqlite_insert(conn: &rusqlite::Connection, insert: &Insert<'_>) -> Result<(), LedgerError> {
+    let Insert {
+        into,
+        template,
+        upsert,
+        rows,
+        ref args,
+    } = *insert;
     if rows == 0 {
         return Ok(());
     }
@@ -581,13 +574,13 @@ mod tests {
                 sql: "DELETE FROM q WHERE node = $1",
                 args: args(["n".into()]),
             },
-            Write::Insert {
+            Write::Insert(Insert {
                 into: "t (a, b)",
                 template: &["?", "NULLIF(?, -1.0)"],
                 upsert: "",
                 rows: 3,
                 args: Args(vec![int(1), int(2), int(3), int(4), int(5), int(6)]),
-            },
+            }),
             Write::Execute {
                 sql: "INSERT INTO b AS o (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE \
                       SET v = o.v + excluded.v",
@@ -651,7 +644,14 @@ mod tests {
                 let Ok(()) = a.add(text(x));
                 let Ok(()) = a.add(text(y));
             }
-            sqlite_insert(&conn, "t (n, a, b)", &["?", "?", "?"], "", batch.len(), &a).unwrap();
+            let insert = Insert {
+                into: "t (n, a, b)",
+                template: &["?", "?", "?"],
+                upsert: "",
+                rows: batch.len(),
+                args: a,
+            };
+            sqlite_insert(&conn, &insert).unwrap();
         }
         let stored: Vec<(i64, Option<String>, Option<String>)> = conn
             .prepare("SELECT n, a, b FROM t ORDER BY rowid")
