@@ -55,17 +55,7 @@ pub(crate) fn cargo() -> Command {
     cmd
 }
 
-/// True when running as root.
-pub(crate) fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|v| v.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
+pub(crate) use xtask_bootstrap::is_root;
 
 /// A command's trimmed standard output; empty when it cannot run.
 fn stdout_of(cmd: &mut Command) -> String {

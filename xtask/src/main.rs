@@ -2,10 +2,10 @@
 //! doing its own set-up on a fresh machine.
 
 use clap::{Parser, Subcommand};
+use xtask_bootstrap as deps;
 
 mod bench;
 mod demo;
-mod deps;
 mod dist;
 mod exec;
 mod fuzz;

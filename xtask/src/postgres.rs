@@ -20,21 +20,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use tally_e2e::pg_server::{INITDB_ARGS, debian_bin};
 
+use crate::exec::is_root;
+
 /// Where the cluster lives (data, socket, log, port).
 fn home() -> PathBuf {
     std::env::temp_dir().join("tally-test-postgres")
-}
-
-fn is_root() -> bool {
-    // The effective uid, from /proc.
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Installs Debian's `postgresql` when no server binaries are there.
@@ -42,22 +32,7 @@ fn install() -> anyhow::Result<PathBuf> {
     if let Some(bin) = debian_bin() {
         return Ok(bin);
     }
-    if !is_root() {
-        bail!(
-            "PostgreSQL is not installed: run `sudo apt-get update && sudo apt-get install -y postgresql`"
-        );
-    }
-    eprintln!("xtask: installing postgresql");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "postgresql",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    crate::deps::install(&["postgresql"])?;
     debian_bin().context("postgresql installed, but no initdb under /usr/lib/postgresql/*/bin")
 }
 
