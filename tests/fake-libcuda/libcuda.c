@@ -8,6 +8,7 @@
  * -O0 and distinct bodies keep every symbol at its own address: a uprobe is
  * placed on an address, and folded functions would fire each other's. */
 #include <stddef.h>
+#include <time.h>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -82,3 +83,42 @@ CUresult cuCtxCreate_v2(void **ctx, unsigned int flags, int dev)
 CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t n) { *ptr = 0x1000; fake_cuda_bytes[24] += n; return 0; }
 CUresult cuMemFree_v2(CUdeviceptr ptr) { fake_cuda_bytes[25] += ptr; return 0; }
 CUresult cuCtxDestroy_v2(void *ctx) { fake_cuda_bytes[26] += ctx != NULL; return 0; }
+
+/* What gpu-hold --busy needs: a module and kernel that only exist as
+ * numbers, and a launch that "runs" for the kernel's one parameter (its
+ * nanoseconds), so that synchronizing takes as long as on a GPU. */
+static unsigned long long fake_kernel_ns;
+CUresult cuDeviceGetAttribute(int *value, int attribute, int dev)
+{
+	*value = 2; /* multiprocessors, whatever was asked */
+	fake_cuda_bytes[27] += (size_t)attribute + (size_t)dev;
+	return 0;
+}
+CUresult cuModuleLoadData(void **module, const void *image)
+{
+	*module = (void *)&fake_cuda_bytes[28];
+	fake_cuda_bytes[28] += image != NULL;
+	return 0;
+}
+CUresult cuModuleGetFunction(void **function, void *module, const char *name)
+{
+	*function = (void *)&fake_cuda_bytes[29];
+	fake_cuda_bytes[29] += module != NULL && name != NULL;
+	return 0;
+}
+CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+			unsigned bz, unsigned shared, void *stream, void **params, void **extra)
+{
+	fake_kernel_ns = *(unsigned long long *)params[0];
+	fake_cuda_bytes[30] += (size_t)gx * gy * gz * bx * by * bz + shared + (f != NULL) +
+			       (stream != NULL) + (extra != NULL);
+	return 0;
+}
+CUresult cuCtxSynchronize(void)
+{
+	struct timespec t = { (time_t)(fake_kernel_ns / 1000000000ULL),
+			      (long)(fake_kernel_ns % 1000000000ULL) };
+	nanosleep(&t, NULL);
+	fake_kernel_ns = 0;
+	return 0;
+}

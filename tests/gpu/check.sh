@@ -218,6 +218,18 @@ tenant_energy() {
 	echo "$sum"
 }
 
+# tenant_sum FILE METRIC: Σ METRIC{tenant="$TENANT",…} over its GPUs, in
+# millionths.
+tenant_sum() {
+	local line sum=0 v
+	while IFS= read -r line; do
+		[[ $line == "$2{"* && $(label "$line" tenant) == "$TENANT" ]] || continue
+		v=$(micro "${line##* }")
+		sum=$((sum + ${v:-0}))
+	done <"$1"
+	echo "$sum"
+}
+
 # http_get PATH FILE: GET from the agent over /dev/tcp; the body into FILE.
 http_get() {
 	local fd status line
@@ -325,7 +337,7 @@ if [[ -n $HOLD_CMD ]]; then
 elif [[ -z $SMI ]]; then
 	HOLD_WHY="no nvidia-smi to compare with"
 elif [[ -x $HERE/gpu-hold ]] && "$HERE/gpu-hold" --mib 1 --seconds 0 >"$WORK/probe-hold.txt" 2>&1; then
-	HOLD=("$HERE/gpu-hold" --mib 1024 --seconds "$HOLD_SECONDS")
+	HOLD=("$HERE/gpu-hold" --mib 1024 --seconds "$HOLD_SECONDS" --busy)
 elif command -v python3 >/dev/null && timeout 60 python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
 	HOLD=(python3 -c "import torch, time; x = torch.empty(1 << 30, dtype=torch.uint8, device='cuda'); time.sleep($HOLD_SECONDS)")
 else
@@ -366,6 +378,7 @@ start_hold() {
 	sh -c 'echo $$ >"$0" && exec "$@"' "$CGROUP_TOP/$TENANT/cgroup.procs" "${HOLD[@]}" \
 		</dev/null >"$OUT/hold.log" 2>&1 &
 	HOLD_PID=$!
+	HOLD_T0=$(now_ns)
 	echo "check.sh: workload pid $HOLD_PID in $CGROUP_TOP/$TENANT: ${HOLD[*]}"
 }
 
@@ -666,6 +679,61 @@ else
 		done <"$OUT/metrics-$LAST.txt"
 		((p >= copied)) && v=ok || v=MISMATCH
 		row "workload: PCIe h2d bytes of tenant $TENANT (uprobes)" "$p" "gpu-hold copied $copied" "$v"
+	fi
+	# GPU time charged to the tenant over the run, the workload being the
+	# GPU's only holder. Held time against the workload's lifetime on the
+	# script's clock: at least from its start to the last scrape that saw
+	# it alive, less one sampling interval (and on a real driver 3 s more:
+	# CUDA's start-up, before it holds the GPU); at most to the first
+	# scrape that found it gone, plus one sampling interval.
+	held=$(($(tenant_sum "$OUT/metrics-$LAST.txt" tally_tenant_gpu_allocated_seconds_total) -
+		$(tenant_sum "$OUT/metrics-$FIRST.txt" tally_tenant_gpu_allocated_seconds_total)))
+	alive_to= gone_at=
+	for ((i = 1; i < SCRAPES; i++)); do
+		if ((HOLD_ALIVE[i])); then alive_to=${WALL_NS[i]}; elif [[ -z $gone_at ]]; then gone_at=${WALL_NS[i]}; fi
+	done
+	slack=1000000
+	[[ -n $SMI ]] && slack=4000000
+	alive_lo=$(((${alive_to:-$HOLD_T0} - HOLD_T0) / 1000))
+	alive_hi=$(((${gone_at:-${WALL_NS[SCRAPES - 1]}} - HOLD_T0) / 1000))
+	lo=$((alive_lo - slack))
+	((lo < 0)) && lo=0
+	((held >= lo && held <= alive_hi + 1000000)) && v=ok || v=MISMATCH
+	row "workload: held GPU time of tenant $TENANT (its only holder)" "$(fmt_micro "$held") s allocated" \
+		"alive $(fmt_micro "$alive_lo") to $(fmt_micro "$alive_hi") s (the script's clock)" "$v"
+	# SM work against nvidia-smi's utilization integrated over the scrapes
+	# (trapezoids): gpu-hold --busy keeps the SMs busy for --hold-seconds.
+	sm=$(($(tenant_sum "$OUT/metrics-$LAST.txt" tally_tenant_gpu_sm_seconds_total) -
+		$(tenant_sum "$OUT/metrics-$FIRST.txt" tally_tenant_gpu_sm_seconds_total)))
+	busy=
+	while IFS= read -r line; do [[ $line =~ ^gpu-hold:\ (busy\ .*|no\ kernel.*) ]] && busy=${BASH_REMATCH[1]}; done <"$OUT/hold.log"
+	if [[ -n $SMI ]]; then
+		# The workload's GPU, by the UUID nvidia-smi listed it on.
+		w_uuid=
+		for ((i = 0; i < SCRAPES; i++)); do
+			while IFS= read -r line; do
+				mapfile -t f < <(csv_fields "$line")
+				[[ ${f[0]:-} == "$HOLD_PID" ]] && w_uuid=${f[1]}
+			done <"$OUT/smi-apps-$(printf '%02d' "$i").csv"
+		done
+		integral=0 prev_u= prev_t=
+		for ((i = 0; i < SCRAPES; i++)); do
+			u=
+			while IFS= read -r line; do
+				mapfile -t f < <(csv_fields "$line")
+				[[ -n $w_uuid && ${f[1]:-} == "$w_uuid" && ${f[8]:-} =~ ^[0-9]+$ ]] && u=${f[8]}
+			done <"$OUT/smi-gpu-$(printf '%02d' "$i").csv"
+			[[ -z $u ]] && { prev_u=; continue; }
+			[[ -n $prev_u ]] && integral=$((integral + (prev_u + u) * (WALL_NS[i] - prev_t) / 200000))
+			prev_u=$u prev_t=${WALL_NS[i]}
+		done
+		# integral is in millionths of a second: % × ns / 2 / 100 / 1000.
+		tol=$((integral / 5 + 2 * SCRAPE_EVERY * 1000000))
+		within "$sm" "$integral" "$tol" && v=ok || v=MISMATCH
+		row "workload: SM seconds of tenant $TENANT" "$(fmt_micro "$sm") s" \
+			"∫ utilization.gpu $(fmt_micro "$integral") s${busy:+ (gpu-hold: $busy)}" "$v"
+	else
+		row "workload: SM seconds of tenant $TENANT" "$(fmt_micro "$sm") s" "${busy:+gpu-hold: $busy}" "$NO_SMI"
 	fi
 fi
 

@@ -28,8 +28,9 @@ fn script() -> PathBuf {
 }
 
 /// Runs check.sh on `node` for 6 s (a scrape every 2 s) with the fake
-/// libcuda, and as the workload `tests/gpu/gpu-hold.c` (built here with
-/// `cc`) on that libcuda, registered on GPU 0 with 4 GiB; `extra`
+/// libcuda, and as the workload `tests/gpu/gpu-hold.c --busy` (built here
+/// with `cc`) on that libcuda, registered on GPU 0 with 4 GiB at half the
+/// SMs; `extra`
 /// arguments and `path_front` (a directory put first on PATH) as given.
 fn run_check(node: &SimNode, out: &Path, extra: &[&str], path_front: Option<&Path>) -> Output {
     let gpu_hold = node.dir.path().join("gpu-hold");
@@ -45,7 +46,7 @@ fn run_check(node: &SimNode, out: &Path, extra: &[&str], path_front: Option<&Pat
         String::from_utf8_lossy(&cc.stderr)
     );
     let hold = format!(
-        "{} --state {} --gpu 0 --memory-mib 4096 --sm 0.5 -- {} --lib {} --mib 16 --seconds 4",
+        "{} --state {} --gpu 0 --memory-mib 4096 --sm 0.5 -- {} --lib {} --mib 16 --seconds 4 --busy",
         sim_run_bin().display(),
         node.state.display(),
         gpu_hold.display(),
@@ -161,6 +162,17 @@ fn check_sh_passes_on_the_simulator_and_says_what_it_skipped() {
         .ends_with("| 16777216 | gpu-hold copied 16777216 | ok |"),
         "{report}"
     );
+    // Its held time, charged to its tenant within its lifetime; its SM
+    // seconds have no reference without nvidia-smi, but gpu-hold's busy
+    // loop (the fake kernel's launches) ran.
+    let held = row(
+        &report,
+        "workload: held GPU time of tenant gpucheck (its only holder)",
+    );
+    assert!(held.ends_with("| ok |"), "{held}");
+    let sm = row(&report, "workload: SM seconds of tenant gpucheck");
+    assert!(sm.contains("| gpu-hold: busy "), "{sm}");
+    assert!(sm.ends_with("| skipped (no nvidia-smi) |"), "{sm}");
     // Every cuMemcpy* of the fake libcuda found in its ELF symbols, and as
     // many uprobes attached.
     assert!(
