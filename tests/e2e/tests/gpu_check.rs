@@ -2,8 +2,10 @@
 //! against the NVML simulator with no nvidia-smi: every part that does not
 //! need the driver's own tools runs (doctor, agent scrapes, Tally's own
 //! sums, the workload's tenant and copies, the `cuMemcpy*` symbols of a
-//! libcuda) and the rest says skipped. A stand-in nvidia-smi that disagrees
-//! shows that a mismatch fails the check.
+//! libcuda) and the rest says skipped. With `sim-nvidia-smi` (nvidia-smi's
+//! queries answered from the same simulated driver) every comparison runs
+//! and agrees; a stand-in nvidia-smi that disagrees shows that a mismatch
+//! fails the check.
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
@@ -71,6 +73,8 @@ fn run_check(node: &SimNode, out: &Path, extra: &[&str], path_front: Option<&Pat
         .arg(hold)
         .args(extra)
         .envs(node.env())
+        // What the stand-in nvidia-smi (when PATH has it) reads.
+        .env("SIM_NVIDIA_SMI_NVML", sim_lib())
         .env("PATH", path)
         .output()
         .expect("run check.sh")
@@ -187,6 +191,54 @@ fn check_sh_passes_on_the_simulator_and_says_what_it_skipped() {
     ] {
         assert!(out.join(file).exists(), "no {file} in {}", out.display());
     }
+    assert_cleaned_up();
+}
+
+#[test]
+fn check_sh_agrees_with_nvidia_smi_answering_from_the_same_driver() {
+    if !require_root() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let node = SimNode::standard();
+    // nvidia-smi's queries answered from the simulator (src/bin/sim-nvidia-smi.rs).
+    let bin = node.dir.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sim-nvidia-smi"), bin.join("nvidia-smi"))
+        .unwrap();
+    let out = node.dir.path().join("out");
+    // A scrape every second: the SM row's tolerance is one scrape and one
+    // sampling interval at 50 %, and 20 %: 1.4 s of the 2 SM-seconds, so
+    // a tenant charged none or twice as much fails it.
+    let run = run_check(&node, &out, &["--scrape-every", "1"], Some(&bin));
+    let report = fs::read_to_string(out.join("report.md")).unwrap_or_default();
+    assert!(
+        run.status.success(),
+        "check.sh failed ({}):\n{}\n{}\nreport:\n{report}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(report.contains("Result: passed"), "{report}");
+    // Every comparison with the driver's tool ran, none skipped.
+    assert!(!report.contains("no nvidia-smi"), "{report}");
+    for check in [
+        "device count",
+        "MIG instances (UUIDs)",
+        "gpu 0 uuid",
+        "gpu 2 MIG mode",
+        "gpu 0 memory used (MiB)",
+        "gpu 0 power (W)",
+        "gpu 0 utilization (%)",
+        "workload: pid, memory, tenant gpucheck",
+        "workload: held GPU time of tenant gpucheck (its only holder)",
+        "workload: SM seconds of tenant gpucheck",
+    ] {
+        assert!(row(&report, check).contains("| ok"), "{check}: {report}");
+    }
+    // The workload ran at half the SMs for 4 s: about 2 SM-seconds each way.
+    let sm = row(&report, "workload: SM seconds of tenant gpucheck");
+    assert!(sm.contains("∫ utilization.gpu "), "{sm}");
     assert_cleaned_up();
 }
 
