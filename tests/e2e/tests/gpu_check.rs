@@ -103,6 +103,29 @@ fn assert_cleaned_up() {
     }
 }
 
+/// Runs check.sh as `run_check` does and returns its report, which must
+/// say it passed.
+fn run_passing(node: &SimNode, out: &Path, extra: &[&str], path_front: Option<&Path>) -> String {
+    let run = run_check(node, out, extra, path_front);
+    let report = fs::read_to_string(out.join("report.md")).unwrap_or_default();
+    assert!(
+        run.status.success(),
+        "check.sh failed ({}):\n{}\n{}\nreport:\n{report}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(report.contains("Result: passed"), "{report}");
+    report
+}
+
+/// A directory for a stand-in nvidia-smi, to put first on PATH.
+fn smi_dir(node: &SimNode) -> PathBuf {
+    let bin = node.dir.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    bin
+}
+
 fn row<'a>(report: &'a str, check: &str) -> &'a str {
     report
         .lines()
@@ -118,16 +141,7 @@ fn check_sh_passes_on_the_simulator_and_says_what_it_skipped() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let node = SimNode::standard();
     let out = node.dir.path().join("out");
-    let run = run_check(&node, &out, &["--no-nvidia-smi"], None);
-    let report = fs::read_to_string(out.join("report.md")).unwrap_or_default();
-    assert!(
-        run.status.success(),
-        "check.sh failed ({}):\n{}\n{}\nreport:\n{report}",
-        run.status,
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(report.contains("Result: passed"), "{report}");
+    let report = run_passing(&node, &out, &["--no-nvidia-smi"], None);
     // Driver-tool comparisons are skipped and listed as such.
     for check in ["device count", "memory used and total", "GPM support"] {
         assert!(
@@ -202,24 +216,14 @@ fn check_sh_agrees_with_nvidia_smi_answering_from_the_same_driver() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let node = SimNode::standard();
     // nvidia-smi's queries answered from the simulator (src/bin/sim-nvidia-smi.rs).
-    let bin = node.dir.path().join("bin");
-    fs::create_dir_all(&bin).unwrap();
+    let bin = smi_dir(&node);
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sim-nvidia-smi"), bin.join("nvidia-smi"))
         .unwrap();
     let out = node.dir.path().join("out");
     // A scrape every second: the SM row's tolerance is one scrape and one
     // sampling interval at 50 %, and 20 %: 1.4 s of the 2 SM-seconds, so
     // a tenant charged none or twice as much fails it.
-    let run = run_check(&node, &out, &["--scrape-every", "1"], Some(&bin));
-    let report = fs::read_to_string(out.join("report.md")).unwrap_or_default();
-    assert!(
-        run.status.success(),
-        "check.sh failed ({}):\n{}\n{}\nreport:\n{report}",
-        run.status,
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(report.contains("Result: passed"), "{report}");
+    let report = run_passing(&node, &out, &["--scrape-every", "1"], Some(&bin));
     // Every comparison with the driver's tool ran, none skipped.
     assert!(!report.contains("no nvidia-smi"), "{report}");
     for check in [
@@ -236,7 +240,7 @@ fn check_sh_agrees_with_nvidia_smi_answering_from_the_same_driver() {
     ] {
         assert!(row(&report, check).contains("| ok"), "{check}: {report}");
     }
-    // The workload ran at half the SMs for 4 s: about 2 SM-seconds each way.
+    // The SM seconds were compared with the integral, not skipped.
     let sm = row(&report, "workload: SM seconds of tenant gpucheck");
     assert!(sm.contains("∫ utilization.gpu "), "{sm}");
     assert_cleaned_up();
@@ -250,8 +254,7 @@ fn check_sh_fails_when_nvidia_smi_disagrees() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let node = SimNode::standard();
     // A stand-in nvidia-smi whose GPU 0 has another UUID.
-    let bin = node.dir.path().join("bin");
-    fs::create_dir_all(&bin).unwrap();
+    let bin = smi_dir(&node);
     let smi = bin.join("nvidia-smi");
     fs::write(
         &smi,
