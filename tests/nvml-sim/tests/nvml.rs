@@ -160,10 +160,18 @@ fn utilization_power_and_friends_are_coherent() {
 }
 
 /// Bounds of ∫ power dt given when each call may have read the clock.
+///
+/// The simulator integrates on the realtime clock (its integral is shared
+/// between processes through a file), the bounds are measured on the
+/// monotonic one. Once, in a loaded test run on these VMs, the two
+/// disagreed by 0.3 % (327,854 mJ against at most 326,693): hence 1 %
+/// besides the 2 mJ of rounding. Integrating any interval at the wrong
+/// power is off by tens of percent.
 fn between(lo: f64, hi: f64, got: u64, what: &str) {
+    let slack = 2.0 + 0.01 * hi;
     assert!(
-        (got as f64) >= lo - 2.0 && (got as f64) <= hi + 2.0,
-        "{what}: {got} mJ not within [{lo:.1}, {hi:.1}]"
+        (got as f64) >= lo - slack && (got as f64) <= hi + slack,
+        "{what}: {got} mJ not within [{lo:.1}, {hi:.1}] ± {slack:.1}"
     );
 }
 
