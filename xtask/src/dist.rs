@@ -12,10 +12,7 @@ use std::{fs, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{
-    deps,
-    exec::{cargo, exec, target_dir, workspace_root},
-};
+use crate::exec::{cargo, exec, target_dir, workspace_root};
 
 /// The bundle's size limit (25 MiB): it is copied to a lent machine.
 pub(crate) const MAX_BYTES: u64 = 25 << 20;
@@ -24,7 +21,6 @@ pub(crate) const MAX_BYTES: u64 = 25 << 20;
 pub(crate) struct Options {}
 
 pub(crate) fn run(_o: Options) -> anyhow::Result<()> {
-    deps::ensure(deps::BUILD)?;
     exec(cargo().args([
         "build",
         "--profile",

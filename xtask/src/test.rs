@@ -26,7 +26,7 @@ pub(crate) struct Options {
 }
 
 pub(crate) fn run(o: Options) -> anyhow::Result<()> {
-    deps::ensure(deps::BUILD)?;
+    // The build's packages: installed by the bootstrap (`cargo xtask`).
     deps::ensure(deps::TEST)?;
     if !o.no_lint {
         exec(cargo().args(["fmt", "--all", "--", "--check"]))

@@ -1,14 +1,15 @@
 //! Debian packages the xtask commands need, installed when missing (as
 //! root), or the exact `apt-get` line to run (otherwise).
 //!
-//! Shared by the bootstrap binary (before the xtask is compiled) and the
-//! xtask itself (packages only some commands need).
+//! Shared by the bootstrap binary ([`BUILD`], before the xtask is
+//! compiled) and the xtask itself (packages only some commands need).
 
 use std::{io, process::Command};
 
-/// Packages every build and test needs: clang and libbpf headers for the
-/// eBPF programs; a C toolchain and kernel headers for the test helpers
-/// (fake libcuda, network load); util-linux for `setpriv`.
+/// Packages every build and test needs, installed by the bootstrap before
+/// every `cargo xtask` command: clang and libbpf headers for the eBPF
+/// programs; a C toolchain and kernel headers for the test helpers (fake
+/// libcuda, network load); util-linux for `setpriv`.
 pub const BUILD: &[&str] = &[
     "clang",
     "libbpf-dev",

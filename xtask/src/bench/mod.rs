@@ -169,9 +169,8 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
             bail!("unknown benchmark `{name}`: one of {}", NAMES.join(", "));
         }
     }
-    let mut packages = deps::BUILD.to_vec();
-    packages.extend([
-        "gcc",
+    // Beyond the build's packages, which the bootstrap installed.
+    deps::ensure(&[
         "iperf3",
         "prometheus-node-exporter",
         "postgresql",
@@ -179,8 +178,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         "bpftool",
         "linux-perf",
         "valgrind",
-    ]);
-    deps::ensure(&packages)?;
+    ])?;
     if !o.no_build {
         exec(cargo().args(["build", "--release", "-p", "tally", "-p", "nvml-sim"]))?;
     }

@@ -28,10 +28,7 @@ use tally_e2e::{
     probes_support::{PinDir, fake_cuda, udp_sink},
 };
 
-use crate::{
-    deps,
-    exec::{cargo, exec, is_root, target_dir},
-};
+use crate::exec::{cargo, exec, is_root, target_dir};
 use script::{JOBS, NODE, OTHER_NODE, SCENARIO};
 
 #[derive(Debug, clap::Args)]
@@ -57,11 +54,10 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
             "the demo puts its tenants in real cgroups, which needs root: run `sudo cargo xtask demo`"
         );
     }
-    // The first line comes before anything slow (packages, the build).
+    // The first line comes before anything slow (the build).
     let tty = std::io::stdout().is_terminal();
-    println!("starting the simulated node… (checking packages, building the binaries)");
+    println!("starting the simulated node… (building the binaries)");
     if !o.no_build {
-        deps::ensure(deps::BUILD)?;
         exec(cargo().args(["build", "--workspace", "--bins", "--lib"]))?;
     }
     println!("building the fake CUDA driver and the traffic helper (cc)…");
