@@ -199,30 +199,23 @@ gpu_info() {
 		echo "$(label "$line" gpu)|$(label "$line" uuid)|$(label "$line" model)|$(label "$line" mig_mode)|$(label "$line" mig_profile)"
 	done <"$1"
 }
-# tenant_energy FILE GPU: Σ tally_tenant_gpu_energy_joules_total over GPU and
-# its MIG instances, in millionths.
-tenant_energy() {
-	local line gpu sum=0 v
+# metric_sum FILE METRIC KEY PATTERN: Σ METRIC over the lines whose label
+# KEY matches the (extglob) PATTERN, in millionths.
+metric_sum() {
+	local line sum=0 v
 	while IFS= read -r line; do
-		[[ $line == 'tally_tenant_gpu_energy_joules_total{'* ]] || continue
-		gpu=$(label "$line" gpu)
-		[[ $gpu == "$2" || $gpu == "$2/"* ]] || continue
+		[[ $line == "$2{"* ]] || continue
+		# Unquoted: PATTERN is matched as a pattern.
+		[[ $(label "$line" "$3") == $4 ]] || continue
 		v=$(micro "${line##* }")
 		sum=$((sum + ${v:-0}))
 	done <"$1"
 	echo "$sum"
 }
-
-# tenant_sum FILE METRIC: Σ METRIC{tenant="$TENANT",…} over its GPUs, in
-# millionths.
-tenant_sum() {
-	local line sum=0 v
-	while IFS= read -r line; do
-		[[ $line == "$2{"* && $(label "$line" tenant) == "$TENANT" ]] || continue
-		v=$(micro "${line##* }")
-		sum=$((sum + ${v:-0}))
-	done <"$1"
-	echo "$sum"
+# increase METRIC KEY PATTERN: metric_sum's growth from the first scrape to
+# the last.
+increase() {
+	echo $(($(metric_sum "$OUT/metrics-$LAST.txt" "$@") - $(metric_sum "$OUT/metrics-$FIRST.txt" "$@")))
 }
 
 # http_get PATH FILE: GET from the agent over /dev/tcp; the body into FILE.
@@ -581,7 +574,8 @@ for g in "${INFO[@]}"; do
 	fi
 	dev=$((b - a))
 	row "gpu $gpu energy counter monotonic" "$(fmt_micro "$a") → $(fmt_micro "$b") J" "" "$mono"
-	ten=$(($(tenant_energy "$OUT/metrics-$LAST.txt" "$gpu") - $(tenant_energy "$OUT/metrics-$FIRST.txt" "$gpu")))
+	# The tenants' energy on the GPU and on its MIG instances.
+	ten=$(increase tally_tenant_gpu_energy_joules_total gpu "@($gpu|$gpu/*)")
 	tol=$(($(abs "$dev") / 1000000 + 100))
 	within "$ten" "$dev" "$tol" && v=ok || v=MISMATCH
 	row "gpu $gpu Σ tenants' energy = counter increase" "tenants $(fmt_micro "$ten") J" "counter +$(fmt_micro "$dev") J" "$v"
@@ -681,8 +675,7 @@ else
 	# it alive, less one sampling interval (and on a real driver 3 s more:
 	# CUDA's start-up, before it holds the GPU); at most to the first
 	# scrape that found it gone, plus one sampling interval.
-	held=$(($(tenant_sum "$OUT/metrics-$LAST.txt" tally_tenant_gpu_allocated_seconds_total) -
-		$(tenant_sum "$OUT/metrics-$FIRST.txt" tally_tenant_gpu_allocated_seconds_total)))
+	held=$(increase tally_tenant_gpu_allocated_seconds_total tenant "$TENANT")
 	alive_to= gone_at=
 	for ((i = 1; i < SCRAPES; i++)); do
 		if ((HOLD_ALIVE[i])); then alive_to=${WALL_NS[i]}; elif [[ -z $gone_at ]]; then gone_at=${WALL_NS[i]}; fi
@@ -698,8 +691,7 @@ else
 		"alive $(fmt_micro "$alive_lo") to $(fmt_micro "$alive_hi") s (the script's clock)" "$v"
 	# SM work against nvidia-smi's utilization integrated over the scrapes
 	# (trapezoids): gpu-hold --busy keeps the SMs busy for --hold-seconds.
-	sm=$(($(tenant_sum "$OUT/metrics-$LAST.txt" tally_tenant_gpu_sm_seconds_total) -
-		$(tenant_sum "$OUT/metrics-$FIRST.txt" tally_tenant_gpu_sm_seconds_total)))
+	sm=$(increase tally_tenant_gpu_sm_seconds_total tenant "$TENANT")
 	busy=
 	while IFS= read -r line; do [[ $line =~ ^gpu-hold:\ (busy\ .*|no\ kernel.*) ]] && busy=${BASH_REMATCH[1]}; done <"$OUT/hold.log"
 	if [[ -n $SMI ]]; then

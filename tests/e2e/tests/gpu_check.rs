@@ -73,8 +73,6 @@ fn run_check(node: &SimNode, out: &Path, extra: &[&str], path_front: Option<&Pat
         .arg(hold)
         .args(extra)
         .envs(node.env())
-        // What the stand-in nvidia-smi (when PATH has it) reads.
-        .env("SIM_NVIDIA_SMI_NVML", sim_lib())
         .env("PATH", path)
         .output()
         .expect("run check.sh")

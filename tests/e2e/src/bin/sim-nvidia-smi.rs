@@ -1,7 +1,6 @@
 //! A stand-in `nvidia-smi` for machines without a GPU: the queries
 //! `tests/gpu/check.sh` makes, answered from NVML (the simulator library
-//! named by `SIM_NVIDIA_SMI_NVML`, else `libnvml_sim.so` beside this
-//! binary) in nvidia-smi's formats. With it the check's comparisons with
+//! the test kit finds, [`tally_e2e::sim_lib`]) in nvidia-smi's formats. With it the check's comparisons with
 //! the driver's own tool run in the tests, against the same simulated
 //! driver the agent reads, at the moments the script asks.
 //!
@@ -19,11 +18,11 @@
 // Test packages: each target uses a part of the package's dependencies.
 #![allow(unused_crate_dependencies)]
 
-use std::{env, path::PathBuf, process::ExitCode};
+use std::{env, process::ExitCode};
 
 use nvml_wrapper::{
     Device, Nvml, enum_wrappers::device::TemperatureSensor, enums::device::UsedGpuMemory,
-    error::NvmlError,
+    error::NvmlError, struct_wrappers::device::ProcessInfo,
 };
 
 const MIB: u64 = 1 << 20;
@@ -63,7 +62,7 @@ fn run(args: &[String]) -> Result<Vec<String>, String> {
         }
     }
     let nvml = Nvml::builder()
-        .lib_path(library().as_os_str())
+        .lib_path(tally_e2e::sim_lib().as_os_str())
         .init()
         .map_err(|e| format!("NVML: {e}"))?;
     let count = nvml.device_count().map_err(|e| format!("NVML: {e}"))?;
@@ -91,23 +90,13 @@ fn run(args: &[String]) -> Result<Vec<String>, String> {
             let mut lines = Vec::new();
             for d in &devices {
                 let uuid = d.uuid().map_err(|e| format!("uuid: {e}"))?;
-                for p in d
+                let procs = d
                     .running_compute_processes()
-                    .map_err(|e| format!("processes: {e}"))?
-                {
+                    .map_err(|e| format!("processes: {e}"))?;
+                for p in &procs {
                     let row = fields
                         .iter()
-                        .map(|f| match f.as_str() {
-                            "pid" => Ok(p.pid.to_string()),
-                            "gpu_uuid" => Ok(uuid.clone()),
-                            "used_memory" => Ok(match p.used_gpu_memory {
-                                UsedGpuMemory::Used(bytes) => (bytes / MIB).to_string(),
-                                UsedGpuMemory::Unavailable => NA.into(),
-                            }),
-                            other => Err(format!(
-                                "--query-compute-apps field {other}: not known here"
-                            )),
-                        })
+                        .map(|f| app_field(p, &uuid, f))
                         .collect::<Result<Vec<_>, _>>()?;
                     lines.push(row.join(", "));
                 }
@@ -121,15 +110,6 @@ fn run(args: &[String]) -> Result<Vec<String>, String> {
 enum Query {
     Gpu(Vec<String>),
     Apps(Vec<String>),
-}
-
-fn library() -> PathBuf {
-    env::var_os("SIM_NVIDIA_SMI_NVML")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = env::current_exe().unwrap_or_default();
-            exe.with_file_name("libnvml_sim.so")
-        })
 }
 
 /// `nvidia-smi -L`: a GPU's line, then one per MIG instance.
@@ -178,5 +158,22 @@ fn gpu_field(nvml: &Nvml, index: usize, d: &Device<'_>, field: &str) -> Result<S
         "temperature.gpu" => or_na(d.temperature(TemperatureSensor::Gpu).map(|t| t.to_string())),
         "utilization.gpu" => or_na(d.utilization_rates().map(|u| u.gpu.to_string())),
         other => return Err(format!("--query-gpu field {other}: not known here")),
+    })
+}
+
+/// One `--query-compute-apps` field of process `p` on the GPU `uuid`.
+fn app_field(p: &ProcessInfo, uuid: &str, field: &str) -> Result<String, String> {
+    Ok(match field {
+        "pid" => p.pid.to_string(),
+        "gpu_uuid" => uuid.to_owned(),
+        "used_memory" => match p.used_gpu_memory {
+            UsedGpuMemory::Used(bytes) => (bytes / MIB).to_string(),
+            UsedGpuMemory::Unavailable => NA.into(),
+        },
+        other => {
+            return Err(format!(
+                "--query-compute-apps field {other}: not known here"
+            ));
+        }
     })
 }
